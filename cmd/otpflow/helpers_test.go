@@ -1,0 +1,234 @@
+package main
+
+import (
+	"context"
+	"encoding/json"
+	"io"
+	"mime/quotedprintable"
+	"net/mail"
+	"regexp"
+	"strings"
+	"testing"
+	"time"
+
+	"github.com/jackc/pgx/v5/pgxpool"
+	"github.com/nats-io/nats-server/v2/server"
+	"github.com/nats-io/nats.go"
+	"github.com/nats-io/nats.go/jetstream"
+	"github.com/otpflow/otpflow/events"
+	"github.com/otpflow/otpflow/platform/keys"
+	"github.com/otpflow/otpflow/platform/testenv"
+)
+
+// world is the outside of the pipeline: a NATS server, a database, an SMTP server, and
+// the environment the services are configured from.
+type world struct {
+	nats *server.Server
+	db   string
+	smtp *testenv.SMTPServer
+	env  map[string]string
+}
+
+func newWorld(t *testing.T) *world {
+	t.Helper()
+	w := &world{nats: testenv.NATS(t), db: testenv.Database(t), smtp: testenv.StartSMTP(t)}
+	w.env = map[string]string{
+		"OTP_NATS_URL":         w.nats.ClientURL(),
+		"OTP_DATABASE_URL":     w.db,
+		"OTP_CODE_PEPPER":      keys.Generate("p1", 32),
+		"OTP_SEAL_KEY":         keys.Generate("s1", 32),
+		"OTP_AUDIT_KEY":        keys.Generate("a1", 32),
+		"OTP_PROVIDERS":        "smtp",
+		"OTP_SMTP_URL":         w.smtp.URL(),
+		"OTP_MAIL_FROM":        "Acme <no-reply@acme.example>",
+		"OTP_LOG_LEVEL":        "debug",
+		"OTP_SHUTDOWN_TIMEOUT": "20s",
+	}
+	return w
+}
+
+func (w *world) getenv(k string) string { return w.env[k] }
+
+// runInProcess runs the four services in this process until the returned stop is called.
+func (w *world) runInProcess(t *testing.T, logs *testenv.LogBuffer) (stop func()) {
+	t.Helper()
+	ctx, cancel := context.WithCancel(context.Background())
+	done := make(chan error, 1)
+	go func() { done <- runPipeline(ctx, w.getenv, logs) }()
+	stopped := false
+	stop = func() {
+		if stopped {
+			return
+		}
+		stopped = true
+		cancel()
+		select {
+		case err := <-done:
+			if err != nil {
+				t.Errorf("pipeline: %v", err)
+			}
+		case <-time.After(30 * time.Second):
+			t.Error("pipeline did not stop within 30s")
+		}
+	}
+	t.Cleanup(stop)
+	return stop
+}
+
+// app is an upstream application: it speaks raw JSON over NATS, as a non-Go app would.
+type app struct {
+	nc *nats.Conn
+	js jetstream.JetStream
+}
+
+func newApp(t *testing.T, url string) *app {
+	t.Helper()
+	nc, err := nats.Connect(url)
+	testenv.Must(t, err, "connect app")
+	t.Cleanup(nc.Close)
+	js, err := jetstream.New(nc)
+	testenv.Must(t, err, "jetstream")
+	return &app{nc: nc, js: js}
+}
+
+// request publishes a raw otp.requested body, retrying until the stream exists.
+func (a *app) request(t *testing.T, tenant, body string) {
+	t.Helper()
+	deadline := time.Now().Add(20 * time.Second)
+	for {
+		ctx, cancel := context.WithTimeout(context.Background(), 2*time.Second)
+		_, err := a.js.Publish(ctx, "otp.requested."+tenant, []byte(body))
+		cancel()
+		if err == nil {
+			return
+		}
+		if time.Now().After(deadline) {
+			t.Fatalf("publish request: %v", err)
+		}
+		time.Sleep(100 * time.Millisecond)
+	}
+}
+
+func (a *app) verify(t *testing.T, tenant, requestID, code string) events.VerifyReply {
+	t.Helper()
+	body, _ := json.Marshal(map[string]string{"request_id": requestID, "code": code})
+	var msg *nats.Msg
+	var err error
+	for range 50 {
+		msg, err = a.nc.Request("otp.verify."+tenant, body, 5*time.Second)
+		if err == nil {
+			break
+		}
+		time.Sleep(100 * time.Millisecond) // the verifier may still be starting
+	}
+	testenv.Must(t, err, "verify request")
+	var r events.VerifyReply
+	testenv.Must(t, json.Unmarshal(msg.Data, &r), "decode reply %q", msg.Data)
+	return r
+}
+
+var subjectCode = regexp.MustCompile(`\b(\d{6})\b`)
+
+// codeOf returns the code of a mail, read from its subject, and checks the body has it.
+func codeOf(t *testing.T, m testenv.Mail) string {
+	t.Helper()
+	msg, err := mail.ReadMessage(strings.NewReader(string(m.Data)))
+	testenv.Must(t, err, "parse mail")
+	sub := subjectCode.FindStringSubmatch(msg.Header.Get("Subject"))
+	if sub == nil {
+		t.Fatalf("no code in subject %q", msg.Header.Get("Subject"))
+	}
+	if strings.Count(decodedBody(t, m), sub[1]) < 2 {
+		t.Fatalf("code should appear in the text and the HTML part:\n%s", m.Data)
+	}
+	return sub[1]
+}
+
+// decodedBody is the mail's body with quoted-printable undone (both parts are QP).
+func decodedBody(t *testing.T, m testenv.Mail) string {
+	t.Helper()
+	msg, err := mail.ReadMessage(strings.NewReader(string(m.Data)))
+	testenv.Must(t, err, "parse mail")
+	b, err := io.ReadAll(quotedprintable.NewReader(msg.Body))
+	testenv.Must(t, err, "decode body")
+	return string(b)
+}
+
+// mailsTo returns the mails addressed to rcpt.
+func mailsTo(mails []testenv.Mail, rcpt string) []testenv.Mail {
+	var out []testenv.Mail
+	for _, m := range mails {
+		for _, to := range m.To {
+			if to == rcpt {
+				out = append(out, m)
+			}
+		}
+	}
+	return out
+}
+
+// containsCode reports whether code appears in s as a number of its own (not inside a
+// longer run of digits, such as a timestamp).
+func containsCode(s, code string) bool {
+	return regexp.MustCompile(`(^|\D)` + code + `(\D|$)`).MatchString(s)
+}
+
+func openDB(t *testing.T, url string) *pgxpool.Pool {
+	t.Helper()
+	pool, err := pgxpool.New(context.Background(), url)
+	testenv.Must(t, err, "open db")
+	t.Cleanup(pool.Close)
+	return pool
+}
+
+// auditTypes lists the audit log's event types for one request, in stream order.
+func auditTypes(t *testing.T, db *pgxpool.Pool, tenant, requestID string) []string {
+	t.Helper()
+	rows, err := db.Query(context.Background(),
+		`SELECT type FROM audit.events WHERE tenant = $1 AND request_id = $2 ORDER BY stream_seq`, tenant, requestID)
+	if err != nil {
+		return nil // the schema may not exist yet
+	}
+	var out []string
+	for rows.Next() {
+		var s string
+		_ = rows.Scan(&s)
+		out = append(out, s)
+	}
+	return out
+}
+
+// streamMessages reads every message stored on stream.
+func streamMessages(t *testing.T, js jetstream.JetStream, stream string) []jetstream.Msg {
+	t.Helper()
+	ctx := context.Background()
+	st, err := js.Stream(ctx, stream)
+	testenv.Must(t, err, "stream %s", stream)
+	info, err := st.Info(ctx)
+	testenv.Must(t, err, "stream info")
+	if info.State.Msgs == 0 {
+		return nil
+	}
+	oc, err := js.OrderedConsumer(ctx, stream, jetstream.OrderedConsumerConfig{})
+	testenv.Must(t, err, "ordered consumer")
+	batch, err := oc.Fetch(int(info.State.Msgs), jetstream.FetchMaxWait(5*time.Second))
+	testenv.Must(t, err, "fetch")
+	var out []jetstream.Msg
+	for m := range batch.Messages() {
+		out = append(out, m)
+	}
+	return out
+}
+
+// idle waits until the consumer has handed out and settled everything on its stream.
+func idle(t *testing.T, js jetstream.JetStream, stream, consumer string) {
+	t.Helper()
+	testenv.Eventually(t, 30*time.Second, consumer+" to be idle", func() bool {
+		c, err := js.Consumer(context.Background(), stream, consumer)
+		if err != nil {
+			return false
+		}
+		info, err := c.Info(context.Background())
+		return err == nil && info.NumPending == 0 && info.NumAckPending == 0
+	})
+}

@@ -1,0 +1,71 @@
+// Command otpflow is the developer launcher and operator CLI:
+//
+//	otpflow dev                      the whole pipeline in one process (embedded NATS, sandbox mail)
+//	otpflow request -tenant T -request-id ID -recipient ADDR -purpose P
+//	otpflow verify  -tenant T -request-id ID -code CODE
+package main
+
+import (
+	"context"
+	"errors"
+	"flag"
+	"fmt"
+	"io"
+	"os"
+	"os/signal"
+	"syscall"
+)
+
+const usage = `usage: otpflow <command> [flags]
+
+commands:
+  dev       run NATS (embedded), all four services and the sandbox mailbox in one process
+  request   publish an otp.requested event, as an upstream app does
+  verify    ask otp.verify whether a code is right
+
+run "otpflow <command> -h" for the flags of a command.
+`
+
+func main() {
+	ctx, stop := signal.NotifyContext(context.Background(), os.Interrupt, syscall.SIGTERM)
+	defer stop()
+	code, err := run(ctx, os.Args[1:], os.Getenv, os.Stdout, os.Stderr)
+	if err != nil {
+		fmt.Fprintln(os.Stderr, "otpflow:", err)
+		if code == 0 {
+			code = 1
+		}
+	}
+	os.Exit(code)
+}
+
+// run executes one command and returns the process exit code.
+func run(ctx context.Context, args []string, getenv func(string) string, stdout, stderr io.Writer) (int, error) {
+	if len(args) == 0 {
+		fmt.Fprint(stderr, usage)
+		return 2, nil
+	}
+	var err error
+	switch args[0] {
+	case "dev":
+		err = devCommand(ctx, args[1:], getenv, stdout, stderr)
+	case "request":
+		err = requestCommand(ctx, args[1:], getenv, stdout)
+	case "verify":
+		var verified bool
+		verified, err = verifyCommand(ctx, args[1:], getenv, stdout)
+		if err == nil && !verified {
+			return 3, nil
+		}
+	case "help", "-h", "--help":
+		fmt.Fprint(stdout, usage)
+		return 0, nil
+	default:
+		fmt.Fprint(stderr, usage)
+		return 2, fmt.Errorf("unknown command %q", args[0])
+	}
+	if errors.Is(err, flag.ErrHelp) {
+		return 0, nil
+	}
+	return 0, err
+}

@@ -1,0 +1,285 @@
+package events
+
+import (
+	"bytes"
+	"encoding/json"
+	"errors"
+	"fmt"
+	"io"
+	"net"
+	"net/mail"
+	"regexp"
+	"strings"
+	"unicode"
+	"unicode/utf8"
+)
+
+// Size limits of the public payloads. A larger body is refused before it is parsed.
+const (
+	MaxRequestedSize     = 8 << 10
+	MaxVerifyRequestSize = 1 << 10
+)
+
+// ValidationError says why a payload was refused. Reason is one of the contract's reject
+// reasons; Field names the offending JSON field when there is one. Detail is safe to
+// publish: it never quotes the field's value.
+type ValidationError struct {
+	Reason RejectReason
+	Field  string
+	Detail string
+}
+
+func (e *ValidationError) Error() string {
+	if e.Field != "" {
+		return fmt.Sprintf("%s: %s: %s", e.Reason, e.Field, e.Detail)
+	}
+	return fmt.Sprintf("%s: %s", e.Reason, e.Detail)
+}
+
+// Is makes errors.Is(err, &ValidationError{Reason: r}) match on the reason alone.
+func (e *ValidationError) Is(target error) bool {
+	t, ok := target.(*ValidationError)
+	return ok && t.Reason == e.Reason && (t.Field == "" || t.Field == e.Field)
+}
+
+func invalid(reason RejectReason, field, format string, args ...any) *ValidationError {
+	return &ValidationError{Reason: reason, Field: field, Detail: fmt.Sprintf(format, args...)}
+}
+
+var (
+	requestIDPattern = regexp.MustCompile(`^[!-~]{1,128}$`)
+	purposePattern   = regexp.MustCompile(`^[a-z0-9_.-]{1,32}$`)
+	localePattern    = regexp.MustCompile(`^[A-Za-z]{2,3}(-[A-Za-z0-9]{2,8})*$`)
+	dnsLabelPattern  = regexp.MustCompile(`^[A-Za-z0-9]([A-Za-z0-9-]{0,61}[A-Za-z0-9])?$`)
+)
+
+// DecodeRequested strictly decodes and validates an otp.requested body: at most
+// MaxRequestedSize bytes, one JSON object, no unknown field, required fields present, no
+// CR or LF in any field (they would reach mail headers), a bare valid recipient address.
+// Every failure is a *ValidationError.
+func DecodeRequested(data []byte) (Requested, error) {
+	var r Requested
+	if err := decodeStrict(data, MaxRequestedSize, &r); err != nil {
+		return Requested{}, err
+	}
+	if err := r.Validate(); err != nil {
+		return Requested{}, err
+	}
+	return r, nil
+}
+
+// Validate checks the fields of a decoded request.
+func (r *Requested) Validate() error {
+	fields := []struct{ name, value string }{
+		{"request_id", r.RequestID}, {"recipient", r.Recipient}, {"purpose", r.Purpose},
+		{"locale", r.Locale}, {"context.ip", r.Context.IP}, {"context.user_agent", r.Context.UserAgent},
+		{"context.session_id", r.Context.SessionID},
+	}
+	for _, f := range fields {
+		if err := checkText(f.name, f.value); err != nil {
+			return err
+		}
+	}
+	for k, v := range r.Metadata {
+		if err := checkText("metadata", k); err != nil {
+			return err
+		}
+		if err := checkText("metadata", v); err != nil {
+			return err
+		}
+	}
+	switch {
+	case r.RequestID == "":
+		return invalid(ReasonMissingField, "request_id", "required")
+	case r.Recipient == "":
+		return invalid(ReasonMissingField, "recipient", "required")
+	case r.Purpose == "":
+		return invalid(ReasonMissingField, "purpose", "required")
+	}
+	if !requestIDPattern.MatchString(r.RequestID) {
+		return invalid(ReasonInvalidField, "request_id", "must be 1-128 visible ASCII characters")
+	}
+	if err := ValidateAddress(r.Recipient); err != nil {
+		return err
+	}
+	if !purposePattern.MatchString(r.Purpose) {
+		return invalid(ReasonInvalidField, "purpose", "must be 1-32 of [a-z0-9_.-]")
+	}
+	if r.Locale != "" && (len(r.Locale) > 35 || !localePattern.MatchString(r.Locale)) {
+		return invalid(ReasonInvalidField, "locale", "must be a language tag such as en or pt-BR")
+	}
+	if r.TTLSeconds != 0 && (r.TTLSeconds < 30 || r.TTLSeconds > int(MaxCodeTTL.Seconds())) {
+		return invalid(ReasonInvalidField, "ttl_seconds", "must be between 30 and %d", int(MaxCodeTTL.Seconds()))
+	}
+	if r.Context.IP != "" && net.ParseIP(r.Context.IP) == nil {
+		return invalid(ReasonInvalidField, "context.ip", "must be an IPv4 or IPv6 address")
+	}
+	if len(r.Context.UserAgent) > 512 {
+		return invalid(ReasonInvalidField, "context.user_agent", "longer than 512 bytes")
+	}
+	if len(r.Context.SessionID) > 128 {
+		return invalid(ReasonInvalidField, "context.session_id", "longer than 128 bytes")
+	}
+	if len(r.Metadata) > 16 {
+		return invalid(ReasonInvalidField, "metadata", "more than 16 entries")
+	}
+	for k, v := range r.Metadata {
+		if k == "" || len(k) > 64 || len(v) > 256 {
+			return invalid(ReasonInvalidField, "metadata", "keys must be 1-64 bytes and values at most 256")
+		}
+	}
+	return nil
+}
+
+// ValidateAddress accepts one bare email address (addr-spec, no display name, no comments)
+// with a dotted DNS domain, at most 254 bytes.
+func ValidateAddress(s string) error {
+	if len(s) > 254 {
+		return invalid(ReasonInvalidRecipient, "recipient", "longer than 254 bytes")
+	}
+	if strings.ContainsAny(s, "\r\n") {
+		return invalid(ReasonHeaderInjection, "recipient", "contains CR or LF")
+	}
+	addr, err := mail.ParseAddress(s)
+	if err != nil || addr.Name != "" || addr.Address != s {
+		return invalid(ReasonInvalidRecipient, "recipient", "not a single bare email address")
+	}
+	at := strings.LastIndexByte(s, '@')
+	local, domain := s[:at], s[at+1:]
+	if len(local) > 64 || strings.HasPrefix(local, `"`) {
+		return invalid(ReasonInvalidRecipient, "recipient", "local part must be an unquoted 1-64 byte atom")
+	}
+	labels := strings.Split(domain, ".")
+	if len(labels) < 2 || len(domain) > 253 {
+		return invalid(ReasonInvalidRecipient, "recipient", "domain must be a dotted DNS name")
+	}
+	for _, l := range labels {
+		if !dnsLabelPattern.MatchString(l) {
+			return invalid(ReasonInvalidRecipient, "recipient", "domain must be a dotted DNS name")
+		}
+	}
+	return nil
+}
+
+// DecodeVerifyRequest strictly decodes and validates an otp.verify request body.
+func DecodeVerifyRequest(data []byte) (VerifyRequest, error) {
+	var r VerifyRequest
+	if err := decodeStrict(data, MaxVerifyRequestSize, &r); err != nil {
+		return VerifyRequest{}, err
+	}
+	switch {
+	case r.RequestID == "":
+		return VerifyRequest{}, invalid(ReasonMissingField, "request_id", "required")
+	case r.Code == "":
+		return VerifyRequest{}, invalid(ReasonMissingField, "code", "required")
+	case !requestIDPattern.MatchString(r.RequestID):
+		return VerifyRequest{}, invalid(ReasonInvalidField, "request_id", "must be 1-128 visible ASCII characters")
+	case len(r.Code) > 16 || !utf8.ValidString(r.Code) || strings.ContainsAny(r.Code, "\r\n\x00"):
+		return VerifyRequest{}, invalid(ReasonInvalidField, "code", "must be at most 16 characters")
+	case len(r.Context.SessionID) > 128:
+		return VerifyRequest{}, invalid(ReasonInvalidField, "context.session_id", "longer than 128 bytes")
+	}
+	return r, nil
+}
+
+// checkText refuses text that is not UTF-8 or that carries CR, LF or NUL.
+func checkText(field, s string) error {
+	if strings.ContainsAny(s, "\r\n") {
+		return invalid(ReasonHeaderInjection, field, "contains CR or LF")
+	}
+	if !utf8.ValidString(s) || strings.IndexByte(s, 0) >= 0 {
+		return invalid(ReasonInvalidField, field, "must be UTF-8 text without NUL")
+	}
+	return nil
+}
+
+// decodeStrict decodes exactly one JSON object into v, refusing unknown fields and
+// trailing data.
+func decodeStrict(data []byte, limit int, v any) error {
+	if len(data) > limit {
+		return invalid(ReasonTooLarge, "", "body is %d bytes; the limit is %d", len(data), limit)
+	}
+	dec := json.NewDecoder(bytes.NewReader(data))
+	dec.DisallowUnknownFields()
+	if err := dec.Decode(v); err != nil {
+		return jsonError(err)
+	}
+	if _, err := dec.Token(); !errors.Is(err, io.EOF) {
+		return invalid(ReasonMalformedJSON, "", "trailing data after the JSON object")
+	}
+	return nil
+}
+
+func jsonError(err error) error {
+	var typeErr *json.UnmarshalTypeError
+	var syntaxErr *json.SyntaxError
+	switch {
+	case errors.As(err, &typeErr):
+		field := typeErr.Field
+		if field == "" {
+			return invalid(ReasonMalformedJSON, "", "body must be a JSON object")
+		}
+		return invalid(ReasonInvalidField, field, "must be a JSON %s", jsonKind(typeErr.Type.Kind().String()))
+	case errors.As(err, &syntaxErr), errors.Is(err, io.EOF), errors.Is(err, io.ErrUnexpectedEOF):
+		return invalid(ReasonMalformedJSON, "", "not valid JSON")
+	case strings.HasPrefix(err.Error(), "json: unknown field "):
+		name := strings.Trim(strings.TrimPrefix(err.Error(), "json: unknown field "), `"`)
+		if len(name) > 64 || !utf8.ValidString(name) || strings.ContainsFunc(name, unicode.IsControl) {
+			name = "(unprintable)"
+		}
+		return invalid(ReasonUnknownField, name, "not part of the contract")
+	default:
+		return invalid(ReasonMalformedJSON, "", "not valid JSON")
+	}
+}
+
+func jsonKind(k string) string {
+	switch k {
+	case "int", "int64", "uint64", "float64":
+		return "number"
+	case "map", "struct":
+		return "object"
+	case "slice":
+		return "array"
+	case "bool":
+		return "boolean"
+	}
+	return k
+}
+
+// MaxEventSize bounds the internal messages (dispatch jobs and OTP_EVENTS bodies).
+const MaxEventSize = 64 << 10
+
+// DecodeDispatchJob decodes a dispatch job. Unknown fields are ignored, so an older
+// dispatcher keeps working while a newer issuer extends the job.
+func DecodeDispatchJob(data []byte) (DispatchJob, error) {
+	var j DispatchJob
+	if err := DecodeEvent(data, &j); err != nil {
+		return j, err
+	}
+	switch {
+	case j.ChallengeID == "":
+		return j, invalid(ReasonMissingField, "challenge_id", "required")
+	case j.CodeSeq < 1:
+		return j, invalid(ReasonInvalidField, "code_seq", "must be at least 1")
+	case j.SealKeyID == "" || len(j.SealedCode) == 0:
+		return j, invalid(ReasonMissingField, "sealed_code", "required")
+	case j.ExpiresAt.IsZero():
+		return j, invalid(ReasonMissingField, "expires_at", "required")
+	}
+	if err := ValidateAddress(j.Recipient); err != nil {
+		return j, err
+	}
+	return j, nil
+}
+
+// DecodeEvent decodes an internal message body into v, ignoring unknown fields.
+func DecodeEvent(data []byte, v any) error {
+	if len(data) > MaxEventSize {
+		return invalid(ReasonTooLarge, "", "body is %d bytes; the limit is %d", len(data), MaxEventSize)
+	}
+	if err := json.Unmarshal(data, v); err != nil {
+		return jsonError(err)
+	}
+	return nil
+}

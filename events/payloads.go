@@ -1,0 +1,246 @@
+package events
+
+import "time"
+
+// Requested is the body of otp.requested.<tenant>, published by upstream apps (any
+// language) onto OTP_REQUESTS. At-least-once: request_id is the app's idempotency key and
+// the challenge is (tenant, request_id), so publishing the same request twice sends one
+// mail unless the second carries Resend. Decode it with DecodeRequested.
+type Requested struct {
+	// RequestID is the app's idempotency key: 1-128 visible ASCII characters.
+	RequestID string `json:"request_id" jsonschema:"minLength=1,maxLength=128,pattern=^[!-~]{1\\,128}$"`
+	// Recipient is one bare email address (no display name).
+	Recipient string `json:"recipient" jsonschema:"minLength=3,maxLength=254,format=email"`
+	// Purpose names what the code is for, e.g. "login": 1-32 of [a-z0-9_.-].
+	Purpose string `json:"purpose" jsonschema:"minLength=1,maxLength=32,pattern=^[a-z0-9_.-]{1\\,32}$"`
+	// Locale picks the mail template, e.g. "en" or "pt-BR"; empty means the tenant default.
+	Locale string `json:"locale,omitempty" jsonschema:"maxLength=35,pattern=^[A-Za-z]{2\\,3}(-[A-Za-z0-9]{2\\,8})*$"`
+	// TTLSeconds is the code lifetime; 0 means the default (300).
+	TTLSeconds int `json:"ttl_seconds,omitempty" jsonschema:"minimum=0,maximum=3600"`
+	// Resend asks for a fresh code on an existing challenge.
+	Resend   bool              `json:"resend,omitempty"`
+	Context  RequestContext    `json:"context,omitzero"`
+	Metadata map[string]string `json:"metadata,omitempty" jsonschema:"maxProperties=16"`
+}
+
+// RequestContext describes the end user's client. It feeds rate limits and risk rules and
+// lets a code be bound to a session.
+type RequestContext struct {
+	IP        string `json:"ip,omitempty" jsonschema:"maxLength=45"`
+	UserAgent string `json:"user_agent,omitempty" jsonschema:"maxLength=512"`
+	SessionID string `json:"session_id,omitempty" jsonschema:"maxLength=128"`
+}
+
+// DispatchJob is the body of otp.dispatch.<tenant> on the OTP_DISPATCH work queue,
+// published by the issuer for the dispatchers. It is the only message that carries the
+// code, and only sealed: AES-256-GCM under the key SealKeyID, with ChallengeID as
+// associated data, nonce first. At-least-once; the id is "dispatch:<challenge>:<seq>".
+type DispatchJob struct {
+	ChallengeID string    `json:"challenge_id"`
+	Tenant      string    `json:"tenant"`
+	RequestID   string    `json:"request_id"`
+	CodeSeq     int       `json:"code_seq"`
+	Recipient   string    `json:"recipient"`
+	Purpose     string    `json:"purpose"`
+	Locale      string    `json:"locale,omitempty"`
+	IssuedAt    time.Time `json:"issued_at"`
+	ExpiresAt   time.Time `json:"expires_at"`
+	SealKeyID   string    `json:"seal_key_id"`
+	SealedCode  []byte    `json:"sealed_code"`
+}
+
+// Issued is the body of otp.issued.<tenant> on OTP_EVENTS: a challenge got a code. The
+// verifier projects it; it carries the code only as HMAC-SHA256(pepper, challenge_id ‖ 0 ‖
+// code) under the pepper PepperKeyID. One per (challenge, code_seq); the id is
+// "issued:<challenge>:<seq>".
+type Issued struct {
+	ChallengeID string    `json:"challenge_id"`
+	Tenant      string    `json:"tenant"`
+	RequestID   string    `json:"request_id"`
+	CodeSeq     int       `json:"code_seq"`
+	Recipient   string    `json:"recipient"`
+	Purpose     string    `json:"purpose"`
+	Locale      string    `json:"locale,omitempty"`
+	CodeLength  int       `json:"code_length"`
+	CodeHMAC    []byte    `json:"code_hmac"`
+	PepperKeyID string    `json:"pepper_key_id"`
+	MaxAttempts int       `json:"max_attempts"`
+	SessionID   string    `json:"session_id,omitempty"`
+	ClientIP    string    `json:"client_ip,omitempty"`
+	Resend      bool      `json:"resend,omitempty"`
+	IssuedAt    time.Time `json:"issued_at"`
+	ExpiresAt   time.Time `json:"expires_at"`
+}
+
+// RejectReason says why a request was refused. The values are part of the contract.
+type RejectReason string
+
+// Reject reasons.
+const (
+	ReasonMalformedJSON    RejectReason = "malformed_json"
+	ReasonTooLarge         RejectReason = "too_large"
+	ReasonUnknownField     RejectReason = "unknown_field"
+	ReasonMissingField     RejectReason = "missing_field"
+	ReasonInvalidField     RejectReason = "invalid_field"
+	ReasonHeaderInjection  RejectReason = "header_injection"
+	ReasonInvalidRecipient RejectReason = "invalid_recipient"
+	ReasonInvalidTenant    RejectReason = "invalid_tenant"
+	// ReasonRateLimited refuses a request that came too soon or too often; the event
+	// carries RetryAfterSeconds.
+	ReasonRateLimited RejectReason = "rate_limited"
+	// ReasonChallengeClosed refuses a resend for a challenge that was already verified or locked.
+	ReasonChallengeClosed RejectReason = "challenge_closed"
+)
+
+// Rejected is the body of otp.rejected.<tenant> on OTP_EVENTS: a request was refused and
+// terminated. It never echoes the recipient (the field may be what was wrong). The id is
+// "rejected:<stream sequence of the request>".
+type Rejected struct {
+	Tenant            string       `json:"tenant"`
+	RequestID         string       `json:"request_id,omitempty"`
+	Reason            RejectReason `json:"reason"`
+	Field             string       `json:"field,omitempty"`
+	Detail            string       `json:"detail"`
+	RetryAfterSeconds int          `json:"retry_after_seconds,omitempty"`
+	RequestSeq        uint64       `json:"request_seq,omitempty"`
+	RejectedAt        time.Time    `json:"rejected_at"`
+}
+
+// Superseded is the body of otp.superseded.<tenant>: a newer request for the same
+// recipient and purpose replaced this challenge, whose codes no longer verify.
+type Superseded struct {
+	ChallengeID  string    `json:"challenge_id"`
+	Tenant       string    `json:"tenant"`
+	RequestID    string    `json:"request_id"`
+	SupersededBy string    `json:"superseded_by"`
+	SupersededAt time.Time `json:"superseded_at"`
+}
+
+// Delivered is the body of otp.delivered.<tenant>: a provider accepted the mail of one
+// code. The id is "delivered:<challenge>:<seq>", so a redelivered job that was already
+// sent re-publishes the same event.
+type Delivered struct {
+	ChallengeID       string    `json:"challenge_id"`
+	Tenant            string    `json:"tenant"`
+	RequestID         string    `json:"request_id"`
+	CodeSeq           int       `json:"code_seq"`
+	Provider          string    `json:"provider"`
+	ProviderMessageID string    `json:"provider_message_id,omitempty"`
+	Attempts          int       `json:"attempts"`
+	DeliveredAt       time.Time `json:"delivered_at"`
+}
+
+// DeliveryFailed is the body of otp.delivery_failed.<tenant>: the mail of one code could
+// not be sent. Permanent failures are final; transient ones are retried and this event is
+// published only when the job gives up.
+type DeliveryFailed struct {
+	ChallengeID string    `json:"challenge_id"`
+	Tenant      string    `json:"tenant"`
+	RequestID   string    `json:"request_id"`
+	CodeSeq     int       `json:"code_seq"`
+	Provider    string    `json:"provider,omitempty"`
+	Reason      string    `json:"reason"`
+	Permanent   bool      `json:"permanent"`
+	Attempts    int       `json:"attempts"`
+	FailedAt    time.Time `json:"failed_at"`
+}
+
+// DispatchExpired is the body of otp.dispatch_expired.<tenant>: a job was still undelivered
+// when its code expired, so it was dropped unsent.
+type DispatchExpired struct {
+	ChallengeID string    `json:"challenge_id"`
+	Tenant      string    `json:"tenant"`
+	RequestID   string    `json:"request_id"`
+	CodeSeq     int       `json:"code_seq"`
+	Attempts    int       `json:"attempts"`
+	ExpiresAt   time.Time `json:"expires_at"`
+	ExpiredAt   time.Time `json:"expired_at"`
+}
+
+// Verified is the body of otp.verified.<tenant>: the right code was presented; the
+// challenge is used up. The id is "verified:<challenge>".
+type Verified struct {
+	ChallengeID string    `json:"challenge_id"`
+	Tenant      string    `json:"tenant"`
+	RequestID   string    `json:"request_id"`
+	CodeSeq     int       `json:"code_seq"`
+	Attempts    int       `json:"attempts"`
+	VerifiedAt  time.Time `json:"verified_at"`
+}
+
+// VerifyFailed is the body of otp.verify_failed.<tenant>: a verify call did not succeed;
+// Status is the reply the caller got.
+type VerifyFailed struct {
+	ChallengeID       string       `json:"challenge_id,omitempty"`
+	Tenant            string       `json:"tenant"`
+	RequestID         string       `json:"request_id"`
+	Status            VerifyStatus `json:"status"`
+	Attempts          int          `json:"attempts"`
+	AttemptsRemaining int          `json:"attempts_remaining"`
+	FailedAt          time.Time    `json:"failed_at"`
+}
+
+// Locked is the body of otp.locked.<tenant>: the challenge used up its verify attempts.
+// The id is "locked:<challenge>".
+type Locked struct {
+	ChallengeID string    `json:"challenge_id"`
+	Tenant      string    `json:"tenant"`
+	RequestID   string    `json:"request_id"`
+	Attempts    int       `json:"attempts"`
+	LockedAt    time.Time `json:"locked_at"`
+}
+
+// Alert is the body of otp.alert.<tenant>: an anomaly rule fired.
+type Alert struct {
+	Tenant    string    `json:"tenant"`
+	Rule      string    `json:"rule"`
+	Severity  string    `json:"severity"`
+	Detail    string    `json:"detail"`
+	Value     float64   `json:"value"`
+	Threshold float64   `json:"threshold"`
+	RaisedAt  time.Time `json:"raised_at"`
+}
+
+// VerifyStatus is the outcome of a verify call. The values are part of the contract.
+type VerifyStatus string
+
+// Verify statuses.
+const (
+	StatusVerified    VerifyStatus = "verified"
+	StatusInvalidCode VerifyStatus = "invalid_code"
+	StatusExpired     VerifyStatus = "expired"
+	StatusLocked      VerifyStatus = "locked"
+	StatusNotFound    VerifyStatus = "not_found"
+	StatusAlreadyUsed VerifyStatus = "already_used"
+	StatusSuperseded  VerifyStatus = "superseded"
+	StatusBadRequest  VerifyStatus = "bad_request"
+)
+
+// VerifyRequest is the request body of otp.verify.<tenant> (NATS request/reply). Decode it
+// with DecodeVerifyRequest.
+type VerifyRequest struct {
+	RequestID string        `json:"request_id" jsonschema:"minLength=1,maxLength=128"`
+	Code      string        `json:"code" jsonschema:"minLength=1,maxLength=16"`
+	Context   VerifyContext `json:"context,omitzero"`
+}
+
+// VerifyContext binds a verify call to the end user's session.
+type VerifyContext struct {
+	SessionID string `json:"session_id,omitempty" jsonschema:"maxLength=128"`
+}
+
+// VerifyReply is the reply of otp.verify.<tenant>. Every outcome, bad_request included,
+// comes in this shape. Reason explains a bad_request.
+type VerifyReply struct {
+	Status            VerifyStatus `json:"status" jsonschema:"enum=verified,enum=invalid_code,enum=expired,enum=locked,enum=not_found,enum=already_used,enum=superseded,enum=bad_request"`
+	AttemptsRemaining int          `json:"attempts_remaining"`
+	Reason            string       `json:"reason,omitempty"`
+}
+
+// DLQ headers: a dead-lettered message keeps its body and headers and gains these.
+const (
+	HeaderDLQReason    = "Otp-Dlq-Reason"
+	HeaderDLQStream    = "Otp-Dlq-Stream"
+	HeaderDLQSequence  = "Otp-Dlq-Sequence"
+	HeaderDLQDelivered = "Otp-Dlq-Deliveries"
+)

@@ -1,0 +1,197 @@
+package events
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"time"
+
+	"github.com/nats-io/nats.go/jetstream"
+)
+
+// Stream names.
+const (
+	StreamRequests = "OTP_REQUESTS"
+	StreamDispatch = "OTP_DISPATCH"
+	StreamEvents   = "OTP_EVENTS"
+	StreamDLQ      = "OTP_DLQ"
+)
+
+// Durable consumer names. Renaming one makes its service read its stream from the start.
+const (
+	ConsumerIssuer     = "issuer"
+	ConsumerDispatcher = "dispatcher"
+	ConsumerVerifier   = "verifier"
+	ConsumerAuditor    = "auditor"
+)
+
+// DuplicateWindow is the publish dedup window of every stream. It covers a publisher that
+// crashes between its database commit and its publish and is redelivered its input
+// (AckWait × a few deliveries); past it, the consumers' primary keys are the backstop.
+const DuplicateWindow = 10 * time.Minute
+
+// MaxCodeTTL is the longest lifetime a code may have; OTP_DISPATCH keeps jobs at least this long.
+const MaxCodeTTL = time.Hour
+
+// StreamOptions tune the stream configs for a deployment.
+type StreamOptions struct {
+	// Replicas is 1 on a laptop and 3 in a cluster. Zero means 1.
+	Replicas int
+}
+
+// StreamConfigs returns the configs of the four streams of the contract.
+func StreamConfigs(o StreamOptions) []jetstream.StreamConfig {
+	r := o.Replicas
+	if r <= 0 {
+		r = 1
+	}
+	events := make([]string, 0, len(EventTypes))
+	for _, t := range EventTypes {
+		events = append(events, t.Wildcard())
+	}
+	return []jetstream.StreamConfig{
+		{
+			Name:        StreamRequests,
+			Description: "otp.requested events published by upstream apps",
+			Subjects:    []string{TypeRequested.Wildcard()},
+			Retention:   jetstream.LimitsPolicy,
+			MaxAge:      24 * time.Hour,
+			Duplicates:  DuplicateWindow,
+			Storage:     jetstream.FileStorage,
+			Replicas:    r,
+		},
+		{
+			// A work queue: a job is deleted once a dispatcher acknowledges or terminates it.
+			// It holds the sealed code, so nothing sources or mirrors it.
+			Name:        StreamDispatch,
+			Description: "dispatch jobs (sealed codes) from the issuer to the dispatchers",
+			Subjects:    []string{TypeDispatch.Wildcard()},
+			Retention:   jetstream.WorkQueuePolicy,
+			MaxAge:      MaxCodeTTL + time.Hour,
+			MaxMsgs:     10_000_000,
+			Discard:     jetstream.DiscardNew,
+			Duplicates:  DuplicateWindow,
+			Storage:     jetstream.FileStorage,
+			Replicas:    r,
+		},
+		{
+			Name:        StreamEvents,
+			Description: "the audit stream: every step of every challenge, no secret",
+			Subjects:    events,
+			Retention:   jetstream.LimitsPolicy,
+			MaxAge:      400 * 24 * time.Hour,
+			Duplicates:  DuplicateWindow,
+			Storage:     jetstream.FileStorage,
+			Compression: jetstream.S2Compression,
+			DenyDelete:  true,
+			DenyPurge:   true,
+			Replicas:    r,
+		},
+		{
+			Name:        StreamDLQ,
+			Description: "messages that exhausted their deliveries or could not be decoded, with the reason",
+			Subjects:    []string{TypeDLQ.Wildcard()},
+			Retention:   jetstream.LimitsPolicy,
+			MaxAge:      30 * 24 * time.Hour,
+			Duplicates:  DuplicateWindow,
+			Storage:     jetstream.FileStorage,
+			Replicas:    r,
+		},
+	}
+}
+
+// Consumer configs of the four services. MaxDeliver is set on every one: a message that
+// keeps failing goes to OTP_DLQ instead of being redelivered forever.
+var (
+	IssuerConsumer = jetstream.ConsumerConfig{
+		Durable:       ConsumerIssuer,
+		Description:   "issuer: otp.requested -> challenge",
+		FilterSubject: TypeRequested.Wildcard(),
+		AckPolicy:     jetstream.AckExplicitPolicy,
+		DeliverPolicy: jetstream.DeliverAllPolicy,
+		AckWait:       30 * time.Second,
+		MaxDeliver:    10,
+		MaxAckPending: 2000,
+	}
+	DispatcherConsumer = jetstream.ConsumerConfig{
+		Durable:       ConsumerDispatcher,
+		Description:   "dispatcher: dispatch jobs -> mail providers",
+		FilterSubject: TypeDispatch.Wildcard(),
+		AckPolicy:     jetstream.AckExplicitPolicy,
+		DeliverPolicy: jetstream.DeliverAllPolicy,
+		// Longer than one whole pass over the provider chain; workers also signal
+		// InProgress while they send, so a slow provider never causes a redelivery.
+		AckWait:       60 * time.Second,
+		MaxDeliver:    12,
+		MaxAckPending: 2000,
+	}
+	VerifierConsumer = jetstream.ConsumerConfig{
+		Durable:        ConsumerVerifier,
+		Description:    "verifier: projection of issued and superseded challenges",
+		FilterSubjects: []string{TypeIssued.Wildcard(), TypeSuperseded.Wildcard()},
+		AckPolicy:      jetstream.AckExplicitPolicy,
+		DeliverPolicy:  jetstream.DeliverAllPolicy,
+		AckWait:        30 * time.Second,
+		MaxDeliver:     50,
+		MaxAckPending:  2000,
+	}
+	AuditorConsumer = jetstream.ConsumerConfig{
+		Durable:       ConsumerAuditor,
+		Description:   "auditor: every event into the audit log",
+		AckPolicy:     jetstream.AckExplicitPolicy,
+		DeliverPolicy: jetstream.DeliverAllPolicy,
+		AckWait:       30 * time.Second,
+		MaxDeliver:    50,
+		MaxAckPending: 2000,
+	}
+)
+
+// EnsureStreams creates or updates the four streams. Every service calls it at start, so
+// whichever starts first provisions the broker; the call is idempotent.
+func EnsureStreams(ctx context.Context, js jetstream.JetStream, o StreamOptions) error {
+	for _, cfg := range StreamConfigs(o) {
+		if err := retryUntilReady(ctx, func(ctx context.Context) error {
+			_, err := js.CreateOrUpdateStream(ctx, cfg)
+			return err
+		}); err != nil {
+			return fmt.Errorf("ensure stream %s: %w", cfg.Name, err)
+		}
+	}
+	return nil
+}
+
+// EnsureConsumer creates or updates a durable consumer on stream.
+func EnsureConsumer(ctx context.Context, js jetstream.JetStream, stream string, cfg jetstream.ConsumerConfig) (jetstream.Consumer, error) {
+	var cons jetstream.Consumer
+	err := retryUntilReady(ctx, func(ctx context.Context) error {
+		var err error
+		cons, err = js.CreateOrUpdateConsumer(ctx, stream, cfg)
+		return err
+	})
+	if err != nil {
+		return nil, fmt.Errorf("ensure consumer %s on %s: %w", cfg.Durable, stream, err)
+	}
+	return cons, nil
+}
+
+// retryUntilReady retries a JetStream API call with short per-call timeouts: a call sent
+// before a cluster has elected its meta leader may never be answered.
+func retryUntilReady(ctx context.Context, call func(context.Context) error) error {
+	for {
+		callCtx, cancel := context.WithTimeout(ctx, 5*time.Second)
+		err := call(callCtx)
+		cancel()
+		if err == nil {
+			return nil
+		}
+		var apiErr *jetstream.APIError
+		if errors.As(err, &apiErr) && apiErr.Code != 503 {
+			return err // a real answer, e.g. a config the server refuses
+		}
+		select {
+		case <-ctx.Done():
+			return errors.Join(err, ctx.Err())
+		case <-time.After(500 * time.Millisecond):
+		}
+	}
+}

@@ -1,0 +1,102 @@
+package platform
+
+import (
+	"fmt"
+	"strconv"
+	"strings"
+	"time"
+)
+
+// Getenv reads one environment variable; os.Getenv in production, a map in tests.
+type Getenv func(string) string
+
+// ConfigError names the setting that stopped a service at start.
+type ConfigError struct {
+	Var string
+	Msg string
+}
+
+func (e *ConfigError) Error() string { return e.Var + ": " + e.Msg }
+
+// Common is the configuration every service reads.
+type Common struct {
+	NATSURL     string // OTP_NATS_URL
+	NATSCreds   string // OTP_NATS_CREDS
+	NATSTLSCA   string // OTP_NATS_TLS_CA
+	NATSTLSCert string // OTP_NATS_TLS_CERT
+	NATSTLSKey  string // OTP_NATS_TLS_KEY
+	// Replicas of the streams this service may create (OTP_NATS_REPLICAS, default 1).
+	Replicas int
+	// DatabaseURL is OTP_DATABASE_URL; empty means the libpq environment and defaults.
+	DatabaseURL string
+	HTTPAddr    string // OTP_HTTP_ADDR; empty serves nothing
+	LogLevel    string // OTP_LOG_LEVEL: debug, info, warn, error
+	// ShutdownTimeout bounds the drain on SIGTERM (OTP_SHUTDOWN_TIMEOUT, default 25s).
+	ShutdownTimeout time.Duration
+}
+
+// DefaultNATSURL is used when OTP_NATS_URL is unset.
+const DefaultNATSURL = "nats://127.0.0.1:4222"
+
+// LoadCommon reads the shared settings.
+func LoadCommon(getenv Getenv) (Common, error) {
+	c := Common{
+		NATSURL:     orDefault(getenv("OTP_NATS_URL"), DefaultNATSURL),
+		NATSCreds:   getenv("OTP_NATS_CREDS"),
+		NATSTLSCA:   getenv("OTP_NATS_TLS_CA"),
+		NATSTLSCert: getenv("OTP_NATS_TLS_CERT"),
+		NATSTLSKey:  getenv("OTP_NATS_TLS_KEY"),
+		DatabaseURL: getenv("OTP_DATABASE_URL"),
+		HTTPAddr:    getenv("OTP_HTTP_ADDR"),
+		LogLevel:    orDefault(getenv("OTP_LOG_LEVEL"), "info"),
+	}
+	var err error
+	if c.Replicas, err = IntVar(getenv, "OTP_NATS_REPLICAS", 1, 1, 5); err != nil {
+		return c, err
+	}
+	if c.ShutdownTimeout, err = DurationVar(getenv, "OTP_SHUTDOWN_TIMEOUT", 25*time.Second); err != nil {
+		return c, err
+	}
+	if (c.NATSTLSCert == "") != (c.NATSTLSKey == "") {
+		return c, &ConfigError{"OTP_NATS_TLS_CERT", "OTP_NATS_TLS_CERT and OTP_NATS_TLS_KEY must be set together"}
+	}
+	switch c.LogLevel {
+	case "debug", "info", "warn", "error":
+	default:
+		return c, &ConfigError{"OTP_LOG_LEVEL", "must be debug, info, warn or error"}
+	}
+	return c, nil
+}
+
+// IntVar reads an integer variable within [min, max]; unset gives def.
+func IntVar(getenv Getenv, name string, def, min, max int) (int, error) {
+	s := strings.TrimSpace(getenv(name))
+	if s == "" {
+		return def, nil
+	}
+	n, err := strconv.Atoi(s)
+	if err != nil || n < min || n > max {
+		return 0, &ConfigError{name, fmt.Sprintf("must be an integer from %d to %d", min, max)}
+	}
+	return n, nil
+}
+
+// DurationVar reads a Go duration ("30s"); unset gives def.
+func DurationVar(getenv Getenv, name string, def time.Duration) (time.Duration, error) {
+	s := strings.TrimSpace(getenv(name))
+	if s == "" {
+		return def, nil
+	}
+	d, err := time.ParseDuration(s)
+	if err != nil || d <= 0 {
+		return 0, &ConfigError{name, "must be a positive duration such as 30s"}
+	}
+	return d, nil
+}
+
+func orDefault(s, def string) string {
+	if s == "" {
+		return def
+	}
+	return s
+}

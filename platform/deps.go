@@ -1,0 +1,101 @@
+package platform
+
+import (
+	"context"
+	"errors"
+	"log/slog"
+	"time"
+
+	"github.com/jackc/pgx/v5/pgxpool"
+	"github.com/nats-io/nats.go"
+	"github.com/nats-io/nats.go/jetstream"
+	"github.com/prometheus/client_golang/prometheus"
+	"golang.org/x/sync/errgroup"
+)
+
+// Deps are the connections one service holds: its PostgreSQL pool, its NATS connection
+// and the registry its metrics go to.
+type Deps struct {
+	Pool *pgxpool.Pool
+	NC   *nats.Conn
+	JS   jetstream.JetStream
+	Reg  *prometheus.Registry
+}
+
+// Open connects service svc to PostgreSQL and NATS.
+func Open(ctx context.Context, c Common, svc string, log *slog.Logger) (*Deps, error) {
+	pool, err := OpenPostgres(ctx, c.DatabaseURL)
+	if err != nil {
+		return nil, err
+	}
+	nc, err := ConnectNATS(c, svc, log)
+	if err != nil {
+		pool.Close()
+		return nil, err
+	}
+	js, err := jetstream.New(nc)
+	if err != nil {
+		nc.Close()
+		pool.Close()
+		return nil, err
+	}
+	return &Deps{Pool: pool, NC: nc, JS: js, Reg: NewRegistry()}, nil
+}
+
+// Close drains the NATS connection (pending publishes and replies go out) and closes the
+// pool. It is the last step of a graceful shutdown.
+func (d *Deps) Close() {
+	if d.NC != nil {
+		closed := make(chan struct{})
+		d.NC.SetClosedHandler(func(*nats.Conn) { close(closed) })
+		if err := d.NC.Drain(); err == nil {
+			select {
+			case <-closed:
+			case <-time.After(10 * time.Second):
+				d.NC.Close()
+			}
+		} else {
+			d.NC.Close()
+		}
+	}
+	if d.Pool != nil {
+		d.Pool.Close()
+	}
+}
+
+// Checks are the readiness checks of the connections.
+func (d *Deps) Checks() map[string]Check {
+	return map[string]Check{
+		"postgres": func(ctx context.Context) error { return d.Pool.Ping(ctx) },
+		"nats": func(context.Context) error {
+			if !d.NC.IsConnected() {
+				return errors.New("not connected")
+			}
+			return nil
+		},
+	}
+}
+
+// Serve runs the service's run function and, when OTP_HTTP_ADDR is set, the ops endpoint,
+// until ctx is cancelled and both have stopped. A shutdown that outlasts the configured
+// timeout is abandoned: unacknowledged messages are redelivered to another instance.
+func Serve(ctx context.Context, c Common, d *Deps, log *slog.Logger, run func(context.Context) error) error {
+	g, gctx := errgroup.WithContext(ctx)
+	g.Go(func() error { return run(gctx) })
+	if c.HTTPAddr != "" {
+		g.Go(func() error { return ServeOps(gctx, c.HTTPAddr, OpsHandler(d.Reg, d.Checks()), log, nil) })
+	}
+	done := make(chan error, 1)
+	go func() { done <- g.Wait() }()
+	select {
+	case err := <-done:
+		return err
+	case <-ctx.Done():
+	}
+	select {
+	case err := <-done:
+		return err
+	case <-time.After(c.ShutdownTimeout):
+		return errors.New("shutdown timed out; unfinished messages will be redelivered")
+	}
+}

@@ -1,0 +1,137 @@
+package platform
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"log/slog"
+	"strings"
+	"time"
+
+	"github.com/nats-io/nats.go"
+	"github.com/nats-io/nats.go/jetstream"
+	"github.com/otpflow/otpflow/events"
+)
+
+// ConnectNATS connects as service svc. Replies come to the inbox prefix "_INBOX_<svc>", so
+// the NATS permissions of each service can allow only its own inbox.
+func ConnectNATS(c Common, svc string, log *slog.Logger) (*nats.Conn, error) {
+	opts := []nats.Option{
+		nats.Name("otpflow-" + svc),
+		nats.CustomInboxPrefix("_INBOX_" + svc),
+		nats.MaxReconnects(-1),
+		nats.ReconnectWait(500 * time.Millisecond),
+		nats.Timeout(5 * time.Second),
+		nats.ErrorHandler(func(_ *nats.Conn, sub *nats.Subscription, err error) {
+			subject := ""
+			if sub != nil {
+				subject = sub.Subject
+			}
+			log.Error("nats async error", "subject", subject, "err", err)
+		}),
+		nats.DisconnectErrHandler(func(_ *nats.Conn, err error) {
+			if err != nil {
+				log.Warn("nats disconnected", "err", err)
+			}
+		}),
+		nats.ReconnectHandler(func(nc *nats.Conn) { log.Info("nats reconnected", "url", nc.ConnectedUrlRedacted()) }),
+	}
+	if c.NATSCreds != "" {
+		opts = append(opts, nats.UserCredentials(c.NATSCreds))
+	}
+	if c.NATSTLSCA != "" {
+		opts = append(opts, nats.RootCAs(c.NATSTLSCA))
+	}
+	if c.NATSTLSCert != "" {
+		opts = append(opts, nats.ClientCert(c.NATSTLSCert, c.NATSTLSKey))
+	}
+	nc, err := nats.Connect(c.NATSURL, opts...)
+	if err != nil {
+		return nil, fmt.Errorf("connect to NATS at %s: %w", redactURL(c.NATSURL), err)
+	}
+	return nc, nil
+}
+
+func redactURL(u string) string {
+	if at := strings.LastIndexByte(u, '@'); at >= 0 {
+		if scheme := strings.Index(u, "://"); scheme >= 0 && scheme < at {
+			return u[:scheme+3] + "***" + u[at:]
+		}
+	}
+	return u
+}
+
+// PublishAll publishes msgs asynchronously and waits for every PubAck. A duplicate (same
+// Nats-Msg-Id inside the window) counts as success.
+func PublishAll(ctx context.Context, js jetstream.JetStream, msgs []*nats.Msg) error {
+	if len(msgs) == 0 {
+		return nil
+	}
+	futures := make([]jetstream.PubAckFuture, 0, len(msgs))
+	var errs []error
+	for _, m := range msgs {
+		f, err := js.PublishMsgAsync(m)
+		if err != nil {
+			errs = append(errs, fmt.Errorf("publish %s: %w", m.Subject, err))
+			continue
+		}
+		futures = append(futures, f)
+	}
+	for _, f := range futures {
+		select {
+		case <-f.Ok():
+		case err := <-f.Err():
+			errs = append(errs, fmt.Errorf("publish %s: %w", f.Msg().Subject, err))
+		case <-ctx.Done():
+			errs = append(errs, fmt.Errorf("publish %s: %w", f.Msg().Subject, ctx.Err()))
+		}
+	}
+	return errors.Join(errs...)
+}
+
+// DeadLetter copies m to otp.dlq.<tenant> with the reason and its origin in headers, then
+// terminates m (on a work queue that deletes it). If the copy cannot be published, m is
+// redelivered later instead, so nothing is lost.
+func DeadLetter(ctx context.Context, js jetstream.JetStream, m jetstream.Msg, tenant, reason string) error {
+	md, err := m.Metadata()
+	if err != nil {
+		return fmt.Errorf("dead-letter: metadata: %w", err)
+	}
+	if !events.ValidTenant(tenant) {
+		tenant = "_unknown"
+	}
+	dl := nats.NewMsg(events.TypeDLQ.Subject(tenant))
+	dl.Data = m.Data()
+	dl.Header = nats.Header{}
+	for k, v := range m.Headers() {
+		dl.Header[k] = append([]string(nil), v...)
+	}
+	id := fmt.Sprintf("dlq:%s:%d", md.Stream, md.Sequence.Stream)
+	dl.Header.Set(jetstream.MsgIDHeader, id)
+	dl.Header.Set(events.HeaderDLQReason, reason)
+	dl.Header.Set(events.HeaderDLQStream, md.Stream)
+	dl.Header.Set(events.HeaderDLQSequence, fmt.Sprint(md.Sequence.Stream))
+	dl.Header.Set(events.HeaderDLQDelivered, fmt.Sprint(md.NumDelivered))
+	if _, err := js.PublishMsg(ctx, dl); err != nil {
+		_ = m.NakWithDelay(5 * time.Second)
+		return fmt.Errorf("dead-letter %s: %w", id, err)
+	}
+	return m.TermWithReason(truncate(reason, 200))
+}
+
+func truncate(s string, n int) string {
+	if len(s) <= n {
+		return s
+	}
+	return s[:n]
+}
+
+// RetryDelay is the redelivery delay after the n-th failed delivery: exponential from
+// 1 s, capped at max.
+func RetryDelay(numDelivered uint64, max time.Duration) time.Duration {
+	d := time.Second
+	for i := uint64(1); i < numDelivered && d < max; i++ {
+		d *= 2
+	}
+	return min(d, max)
+}

@@ -1,0 +1,144 @@
+// Package outbox is a transactional outbox over PostgreSQL and JetStream: a service writes
+// the messages a change must publish in the same transaction as the change, publishes them
+// after the commit and deletes them once the stream has them. A crash between commit and
+// publish leaves the rows, and a relay publishes them later under the same Nats-Msg-Id, so
+// the stream's dedup window turns the retry into a no-op.
+//
+// Each service owns one table of this shape in its own schema:
+//
+//	CREATE TABLE <schema>.outbox (
+//	    id         bigserial PRIMARY KEY,
+//	    subject    text NOT NULL,
+//	    header     jsonb NOT NULL,
+//	    data       bytea NOT NULL,
+//	    created_at timestamptz NOT NULL DEFAULT now()
+//	);
+package outbox
+
+import (
+	"context"
+	"encoding/json"
+	"fmt"
+	"log/slog"
+	"time"
+
+	"github.com/jackc/pgx/v5"
+	"github.com/jackc/pgx/v5/pgxpool"
+	"github.com/nats-io/nats.go"
+	"github.com/nats-io/nats.go/jetstream"
+	"github.com/otpflow/otpflow/platform"
+)
+
+// Entry is a message that sits in the outbox until it is published.
+type Entry struct {
+	ID  int64
+	Msg *nats.Msg
+}
+
+// Outbox is one service's outbox table.
+type Outbox struct {
+	Table string // schema-qualified, e.g. "issuer.outbox"
+	Pool  *pgxpool.Pool
+	JS    jetstream.JetStream
+	Log   *slog.Logger
+}
+
+// Add writes msgs in tx and returns their entries, to be published after the commit.
+func (o *Outbox) Add(ctx context.Context, tx pgx.Tx, msgs ...*nats.Msg) ([]Entry, error) {
+	if len(msgs) == 0 {
+		return nil, nil
+	}
+	b := &pgx.Batch{}
+	for _, m := range msgs {
+		h, err := json.Marshal(m.Header)
+		if err != nil {
+			return nil, err
+		}
+		b.Queue("INSERT INTO "+o.Table+" (subject, header, data) VALUES ($1, $2, $3) RETURNING id", m.Subject, h, m.Data)
+	}
+	res := tx.SendBatch(ctx, b)
+	defer res.Close()
+	entries := make([]Entry, len(msgs))
+	for i, m := range msgs {
+		if err := res.QueryRow().Scan(&entries[i].ID); err != nil {
+			return nil, fmt.Errorf("outbox add: %w", err)
+		}
+		entries[i].Msg = m
+	}
+	return entries, res.Close()
+}
+
+// Publish publishes entries and deletes them from the table. On error the rows that
+// remain are published again by a later Publish or by Relay.
+func (o *Outbox) Publish(ctx context.Context, entries []Entry) error {
+	if len(entries) == 0 {
+		return nil
+	}
+	msgs := make([]*nats.Msg, len(entries))
+	ids := make([]int64, len(entries))
+	for i, e := range entries {
+		msgs[i], ids[i] = e.Msg, e.ID
+	}
+	if err := platform.PublishAll(ctx, o.JS, msgs); err != nil {
+		return err
+	}
+	if _, err := o.Pool.Exec(ctx, "DELETE FROM "+o.Table+" WHERE id = ANY($1)", ids); err != nil {
+		return fmt.Errorf("outbox delete: %w", err)
+	}
+	return nil
+}
+
+// Pending reads up to limit entries older than age, oldest first.
+func (o *Outbox) Pending(ctx context.Context, age time.Duration, limit int) ([]Entry, error) {
+	rows, err := o.Pool.Query(ctx, "SELECT id, subject, header, data FROM "+o.Table+
+		" WHERE created_at < now() - $1::interval ORDER BY id LIMIT $2", age, limit)
+	if err != nil {
+		return nil, err
+	}
+	return pgx.CollectRows(rows, func(row pgx.CollectableRow) (Entry, error) {
+		var e Entry
+		var subject string
+		var header []byte
+		var data []byte
+		if err := row.Scan(&e.ID, &subject, &header, &data); err != nil {
+			return e, err
+		}
+		e.Msg = nats.NewMsg(subject)
+		e.Msg.Data = data
+		if err := json.Unmarshal(header, &e.Msg.Header); err != nil {
+			return e, err
+		}
+		return e, nil
+	})
+}
+
+// Relay publishes entries left behind by a crash: every interval, those older than age.
+// It returns when ctx is cancelled.
+func (o *Outbox) Relay(ctx context.Context, interval, age time.Duration) error {
+	t := time.NewTicker(interval)
+	defer t.Stop()
+	for {
+		select {
+		case <-ctx.Done():
+			return nil
+		case <-t.C:
+		}
+		for {
+			entries, err := o.Pending(ctx, age, 500)
+			if err != nil {
+				if ctx.Err() == nil {
+					o.Log.Warn("outbox relay: read", "table", o.Table, "err", err)
+				}
+				break
+			}
+			if len(entries) == 0 {
+				break
+			}
+			if err := o.Publish(ctx, entries); err != nil {
+				o.Log.Warn("outbox relay: publish", "table", o.Table, "err", err)
+				break
+			}
+			o.Log.Info("outbox relay: published leftovers", "table", o.Table, "count", len(entries))
+		}
+	}
+}

@@ -1,0 +1,81 @@
+package platform
+
+import (
+	"context"
+	"database/sql"
+	"errors"
+	"fmt"
+	"hash/fnv"
+	"io/fs"
+	"log/slog"
+	"time"
+
+	"github.com/jackc/pgx/v5/pgconn"
+	"github.com/jackc/pgx/v5/pgxpool"
+	"github.com/jackc/pgx/v5/stdlib"
+	"github.com/pressly/goose/v3"
+	"github.com/pressly/goose/v3/database"
+	"github.com/pressly/goose/v3/lock"
+)
+
+// OpenPostgres opens a pool on url; an empty url means the libpq environment (PGHOST,
+// PGUSER, ...) and its defaults.
+func OpenPostgres(ctx context.Context, url string) (*pgxpool.Pool, error) {
+	cfg, err := pgxpool.ParseConfig(url)
+	if err != nil {
+		return nil, &ConfigError{"OTP_DATABASE_URL", "not a PostgreSQL URL or DSN"}
+	}
+	pool, err := pgxpool.NewWithConfig(ctx, cfg)
+	if err != nil {
+		return nil, fmt.Errorf("open PostgreSQL: %w", err)
+	}
+	pingCtx, cancel := context.WithTimeout(ctx, 10*time.Second)
+	defer cancel()
+	if err := pool.Ping(pingCtx); err != nil {
+		pool.Close()
+		return nil, fmt.Errorf("connect to PostgreSQL at %s:%d/%s: %w", cfg.ConnConfig.Host, cfg.ConnConfig.Port, cfg.ConnConfig.Database, err)
+	}
+	return pool, nil
+}
+
+// Migrate brings schema up to date with the goose migrations in fsys (*.sql at its root).
+// The version table lives in the schema itself, and a session advisory lock per schema
+// lets several replicas start at once.
+func Migrate(ctx context.Context, pool *pgxpool.Pool, schema string, fsys fs.FS, log *slog.Logger) error {
+	if _, err := pool.Exec(ctx, "CREATE SCHEMA IF NOT EXISTS "+schema); err != nil {
+		var pgErr *pgconn.PgError
+		// Two replicas creating the schema at once: one of them gets a unique violation.
+		if !errors.As(err, &pgErr) || pgErr.Code != "23505" {
+			return fmt.Errorf("create schema %s: %w", schema, err)
+		}
+	}
+	db := stdlib.OpenDBFromPool(pool)
+	defer db.Close()
+	return migrate(ctx, db, schema, fsys, log)
+}
+
+func migrate(ctx context.Context, db *sql.DB, schema string, fsys fs.FS, log *slog.Logger) error {
+	store, err := database.NewStore(goose.DialectPostgres, schema+".goose_db_version")
+	if err != nil {
+		return err
+	}
+	h := fnv.New64a()
+	h.Write([]byte("otpflow-migrate-" + schema))
+	locker, err := lock.NewPostgresSessionLocker(lock.WithLockID(int64(h.Sum64() >> 1)))
+	if err != nil {
+		return err
+	}
+	p, err := goose.NewProvider("", db, fsys,
+		goose.WithStore(store), goose.WithSessionLocker(locker), goose.WithDisableGlobalRegistry(true))
+	if err != nil {
+		return fmt.Errorf("migrations of %s: %w", schema, err)
+	}
+	results, err := p.Up(ctx)
+	if err != nil {
+		return fmt.Errorf("migrate %s: %w", schema, err)
+	}
+	for _, r := range results {
+		log.Info("migrated", "schema", schema, "version", r.Source.Version, "took", r.Duration)
+	}
+	return nil
+}

@@ -1,0 +1,198 @@
+// Package auditor writes every OTP_EVENTS message into the append-only audit log in
+// schema audit, in stream order, once each.
+package auditor
+
+import (
+	"context"
+	"crypto/hmac"
+	"crypto/sha256"
+	"embed"
+	"encoding/json"
+	"errors"
+	"io/fs"
+	"log/slog"
+	"strings"
+	"time"
+
+	"github.com/jackc/pgx/v5"
+	"github.com/jackc/pgx/v5/pgxpool"
+	"github.com/nats-io/nats.go/jetstream"
+	"github.com/otpflow/otpflow/events"
+	"github.com/otpflow/otpflow/platform"
+	"github.com/prometheus/client_golang/prometheus"
+)
+
+// Schema is the PostgreSQL schema the auditor owns.
+const Schema = "audit"
+
+//go:embed migrations/*.sql
+var migrationFS embed.FS
+
+// Migrations are the goose migrations of Schema.
+func Migrations() fs.FS {
+	sub, _ := fs.Sub(migrationFS, "migrations")
+	return sub
+}
+
+// Config is the auditor's configuration.
+type Config struct {
+	// RecipientKey keys the recipient hash (OTP_AUDIT_KEY), so the log can answer "did
+	// this address get a code" without holding the address.
+	RecipientKey []byte
+	BatchSize    int
+	Streams      events.StreamOptions
+}
+
+// Service is one auditor process.
+type Service struct {
+	cfg  Config
+	pool *pgxpool.Pool
+	js   jetstream.JetStream
+	log  *slog.Logger
+
+	written *prometheus.CounterVec
+}
+
+// New returns an auditor; Run starts it. The schema must be migrated.
+func New(cfg Config, pool *pgxpool.Pool, js jetstream.JetStream, log *slog.Logger, reg prometheus.Registerer) (*Service, error) {
+	if len(cfg.RecipientKey) < 32 {
+		return nil, errors.New("auditor: recipient key of at least 32 bytes is required")
+	}
+	if cfg.BatchSize < 1 {
+		cfg.BatchSize = 200
+	}
+	s := &Service{cfg: cfg, pool: pool, js: js, log: log,
+		written: prometheus.NewCounterVec(prometheus.CounterOpts{
+			Name: "otpflow_auditor_events_total", Help: "Events written to the audit log, by type.",
+		}, []string{"type"}),
+	}
+	if reg != nil {
+		reg.MustRegister(s.written)
+	}
+	return s, nil
+}
+
+// Run consumes OTP_EVENTS until ctx is cancelled.
+func (s *Service) Run(ctx context.Context) error {
+	setupCtx, cancel := context.WithTimeout(ctx, 30*time.Second)
+	defer cancel()
+	if err := events.EnsureStreams(setupCtx, s.js, s.cfg.Streams); err != nil {
+		return err
+	}
+	cons, err := events.EnsureConsumer(setupCtx, s.js, events.StreamEvents, events.AuditorConsumer)
+	if err != nil {
+		return err
+	}
+	s.log.Info("auditor consuming", "stream", events.StreamEvents, "consumer", events.ConsumerAuditor)
+	return platform.ConsumeBatches(ctx, cons, s.cfg.BatchSize, s.handleBatch)
+}
+
+// Row is one audit log row.
+type Row struct {
+	StreamSeq       uint64
+	Subject         string
+	Type            string
+	Tenant          string
+	EventID         string
+	Source          string
+	OccurredAt      time.Time
+	RequestID       string
+	ChallengeID     string
+	RecipientHash   []byte
+	RecipientMasked string
+	Payload         json.RawMessage
+}
+
+// ToRow turns an OTP_EVENTS message into its audit row: the recipient leaves the payload
+// and is kept as HMAC-SHA256(key, lower(address)) and a masked form.
+func ToRow(key []byte, seq uint64, subject string, header map[string][]string, data []byte) (Row, error) {
+	typ, tenant, err := events.SplitSubject(subject)
+	if err != nil {
+		return Row{}, err
+	}
+	var body map[string]any
+	if err := events.DecodeEvent(data, &body); err != nil {
+		return Row{}, err
+	}
+	get := func(h string) string {
+		if v := header[h]; len(v) > 0 {
+			return v[0]
+		}
+		return ""
+	}
+	r := Row{StreamSeq: seq, Subject: subject, Type: string(typ), Tenant: tenant,
+		EventID: get(events.HeaderID), Source: get(events.HeaderSource)}
+	if r.OccurredAt, err = time.Parse(time.RFC3339Nano, get(events.HeaderTime)); err != nil {
+		r.OccurredAt = time.Now().UTC()
+	}
+	r.RequestID, _ = body["request_id"].(string)
+	r.ChallengeID, _ = body["challenge_id"].(string)
+	if rcpt, ok := body["recipient"].(string); ok {
+		delete(body, "recipient")
+		r.RecipientHash = RecipientHash(key, rcpt)
+		r.RecipientMasked = Mask(rcpt)
+	}
+	if r.Payload, err = json.Marshal(body); err != nil {
+		return Row{}, err
+	}
+	return r, nil
+}
+
+// RecipientHash is HMAC-SHA256(key, lower-cased address).
+func RecipientHash(key []byte, addr string) []byte {
+	m := hmac.New(sha256.New, key)
+	m.Write([]byte(strings.ToLower(addr)))
+	return m.Sum(nil)
+}
+
+// Mask keeps the first character of the local part and the domain: a***@example.com.
+func Mask(addr string) string {
+	at := strings.LastIndexByte(addr, '@')
+	if at < 1 {
+		return "***"
+	}
+	return addr[:1] + "***" + addr[at:]
+}
+
+func (s *Service) handleBatch(ctx context.Context, batch []jetstream.Msg) {
+	b := &pgx.Batch{}
+	var good []jetstream.Msg
+	for _, m := range batch {
+		md, err := m.Metadata()
+		if err != nil {
+			_ = m.NakWithDelay(time.Second)
+			continue
+		}
+		row, err := ToRow(s.cfg.RecipientKey, md.Sequence.Stream, m.Subject(), m.Headers(), m.Data())
+		if err != nil {
+			_, tenant, _ := events.SplitSubject(m.Subject())
+			s.log.Error("undecodable event", "seq", md.Sequence.Stream, "err", err)
+			if err := platform.DeadLetter(ctx, s.js, m, tenant, "auditor: "+err.Error()); err != nil {
+				s.log.Error("dead-letter", "err", err)
+			}
+			continue
+		}
+		b.Queue(`INSERT INTO audit.events (stream_seq, subject, type, tenant, event_id, source, occurred_at,
+			request_id, challenge_id, recipient_hash, recipient_masked, payload)
+			VALUES ($1,$2,$3,$4,$5,$6,$7,$8,$9,$10,$11,$12) ON CONFLICT (stream_seq) DO NOTHING`,
+			int64(row.StreamSeq), row.Subject, row.Type, row.Tenant, row.EventID, row.Source, row.OccurredAt,
+			row.RequestID, row.ChallengeID, row.RecipientHash, row.RecipientMasked, row.Payload)
+		good = append(good, m)
+	}
+	if len(good) == 0 {
+		return
+	}
+	if err := pgx.BeginFunc(ctx, s.pool, func(tx pgx.Tx) error { return tx.SendBatch(ctx, b).Close() }); err != nil {
+		s.log.Error("write audit batch", "events", len(good), "err", err)
+		for _, m := range good {
+			md, _ := m.Metadata()
+			_ = m.NakWithDelay(platform.RetryDelay(md.NumDelivered, 30*time.Second))
+		}
+		return
+	}
+	for _, m := range good {
+		typ, _, _ := events.SplitSubject(m.Subject())
+		s.written.WithLabelValues(string(typ)).Inc()
+		_ = m.Ack()
+	}
+}

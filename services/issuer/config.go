@@ -1,0 +1,26 @@
+package issuer
+
+import (
+	"github.com/otpflow/otpflow/events"
+	"github.com/otpflow/otpflow/platform"
+	"github.com/otpflow/otpflow/platform/keys"
+)
+
+// LoadConfig reads the issuer's settings from the environment. A missing or malformed
+// secret is an error that names its variable.
+func LoadConfig(getenv platform.Getenv, common platform.Common) (Config, error) {
+	pepper, err := keys.ParsePepper(getenv("OTP_CODE_PEPPER"))
+	if err != nil {
+		return Config{}, &platform.ConfigError{Var: "OTP_CODE_PEPPER", Msg: err.Error()}
+	}
+	sealer, err := keys.ParseSealer(getenv("OTP_SEAL_KEY"))
+	if err != nil {
+		return Config{}, &platform.ConfigError{Var: "OTP_SEAL_KEY", Msg: err.Error()}
+	}
+	batch, err := platform.IntVar(getenv, "OTP_ISSUER_BATCH", 100, 1, 1000)
+	if err != nil {
+		return Config{}, err
+	}
+	return Config{Pepper: pepper, Sealer: sealer, BatchSize: batch,
+		Streams: events.StreamOptions{Replicas: common.Replicas}}, nil
+}

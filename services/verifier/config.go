@@ -1,0 +1,16 @@
+package verifier
+
+import (
+	"github.com/otpflow/otpflow/events"
+	"github.com/otpflow/otpflow/platform"
+	"github.com/otpflow/otpflow/platform/keys"
+)
+
+// LoadConfig reads the verifier's settings from the environment.
+func LoadConfig(getenv platform.Getenv, common platform.Common) (Config, error) {
+	pepper, err := keys.ParsePepper(getenv("OTP_CODE_PEPPER"))
+	if err != nil {
+		return Config{}, &platform.ConfigError{Var: "OTP_CODE_PEPPER", Msg: err.Error()}
+	}
+	return Config{Pepper: pepper, Streams: events.StreamOptions{Replicas: common.Replicas}}, nil
+}
