@@ -1,0 +1,201 @@
+package main
+
+import (
+	"context"
+	"fmt"
+	"os"
+	"os/exec"
+	"path/filepath"
+	"strings"
+	"sync"
+	"syscall"
+	"testing"
+	"time"
+
+	"github.com/otpflow/otpflow/platform/testenv"
+)
+
+var (
+	buildOnce sync.Once
+	binDir    string
+	buildErr  error
+)
+
+// binaries builds the four service binaries once per test run.
+func binaries(t *testing.T) string {
+	t.Helper()
+	buildOnce.Do(func() {
+		binDir, buildErr = os.MkdirTemp("", "otpflow-bin-")
+		if buildErr != nil {
+			return
+		}
+		cmd := exec.Command("go", "build", "-o", binDir+string(os.PathSeparator),
+			"github.com/otpflow/otpflow/services/issuer/cmd/issuer",
+			"github.com/otpflow/otpflow/services/dispatcher/cmd/dispatcher",
+			"github.com/otpflow/otpflow/services/verifier/cmd/verifier",
+			"github.com/otpflow/otpflow/services/auditor/cmd/auditor")
+		cmd.Dir = filepath.Join("..", "..")
+		out, err := cmd.CombinedOutput()
+		if err != nil {
+			buildErr = fmt.Errorf("go build: %v\n%s", err, out)
+		}
+	})
+	if buildErr != nil {
+		t.Fatal(buildErr)
+	}
+	return binDir
+}
+
+func TestMain(m *testing.M) {
+	code := m.Run()
+	if binDir != "" {
+		os.RemoveAll(binDir)
+	}
+	os.Exit(code)
+}
+
+var serviceNames = []string{"issuer", "dispatcher", "verifier", "auditor"}
+
+// procs are the four services running as separate OS processes.
+type procs struct {
+	cmds map[string]*exec.Cmd
+	logs *testenv.LogBuffer
+}
+
+func (w *world) startProcesses(t *testing.T, logs *testenv.LogBuffer) *procs {
+	t.Helper()
+	dir := binaries(t)
+	p := &procs{cmds: map[string]*exec.Cmd{}, logs: logs}
+	env := []string{"PATH=" + os.Getenv("PATH"), "HOME=" + os.Getenv("HOME")}
+	for k, v := range w.env {
+		env = append(env, k+"="+v)
+	}
+	for _, name := range serviceNames {
+		cmd := exec.Command(filepath.Join(dir, name))
+		cmd.Env = env
+		cmd.Stdout, cmd.Stderr = logs, logs
+		testenv.Must(t, cmd.Start(), "start %s", name)
+		p.cmds[name] = cmd
+	}
+	t.Cleanup(func() {
+		for _, c := range p.cmds {
+			if c.ProcessState == nil {
+				_ = c.Process.Kill()
+				_ = c.Wait()
+			}
+		}
+	})
+	return p
+}
+
+// stop sends SIGTERM to every process and checks each drains and exits 0.
+func (p *procs) stop(t *testing.T) {
+	t.Helper()
+	for _, c := range p.cmds {
+		_ = c.Process.Signal(syscall.SIGTERM)
+	}
+	for name, c := range p.cmds {
+		done := make(chan error, 1)
+		go func() { done <- c.Wait() }()
+		select {
+		case err := <-done:
+			if err != nil {
+				t.Errorf("%s exited with %v after SIGTERM", name, err)
+			}
+		case <-time.After(30 * time.Second):
+			_ = c.Process.Kill()
+			t.Errorf("%s did not exit within 30s of SIGTERM", name)
+		}
+	}
+}
+
+func TestEndToEndBinaries(t *testing.T) {
+	w := newWorld(t)
+	logs := &testenv.LogBuffer{}
+	p := w.startProcesses(t, logs)
+	a := newApp(t, w.nats.ClientURL())
+
+	code := checkFlow(t, w, a, "acme", "proc-1", "dee@example.com")
+	p.stop(t)
+	out := logs.String()
+	for _, name := range serviceNames {
+		if !strings.Contains(out, `"svc":"`+name+`"`) {
+			t.Errorf("no log line from %s", name)
+		}
+	}
+	checkNoCodeLeak(t, w, a, code, out)
+}
+
+func TestMissingSecretStopsStartWithOneLine(t *testing.T) {
+	dir := binaries(t)
+	for _, tc := range []struct{ bin, env, missing string }{
+		{"issuer", "OTP_SEAL_KEY=" + strings.Repeat("A", 44), "OTP_CODE_PEPPER"},
+		{"dispatcher", "OTP_PROVIDERS=smtp", "OTP_SEAL_KEY"},
+		{"verifier", "", "OTP_CODE_PEPPER"},
+		{"auditor", "", "OTP_AUDIT_KEY"},
+	} {
+		cmd := exec.Command(filepath.Join(dir, tc.bin))
+		cmd.Env = []string{tc.env, "OTP_NATS_URL=nats://127.0.0.1:1"}
+		out, err := cmd.CombinedOutput()
+		if err == nil {
+			t.Errorf("%s started without %s", tc.bin, tc.missing)
+			continue
+		}
+		lines := strings.Split(strings.TrimSpace(string(out)), "\n")
+		if len(lines) != 1 || !strings.Contains(lines[0], tc.missing) {
+			t.Errorf("%s: want one line naming %s, got %q", tc.bin, tc.missing, out)
+		}
+	}
+}
+
+func TestSIGTERMDuringBurstLosesNothing(t *testing.T) {
+	w := newWorld(t)
+	logs := &testenv.LogBuffer{}
+	p := w.startProcesses(t, logs)
+	a := newApp(t, w.nats.ClientURL())
+
+	const n = 300
+	a.request(t, "acme", `{"request_id":"warmup","recipient":"warm@example.com","purpose":"login"}`)
+	w.smtp.WaitFor(t, 1, 30*time.Second)
+	for i := range n {
+		body := fmt.Sprintf(`{"request_id":"burst-%d","recipient":"user%d@example.com","purpose":"login"}`, i, i)
+		_, err := a.js.PublishAsync("otp.requested.acme", []byte(body))
+		testenv.Must(t, err, "publish")
+	}
+	select {
+	case <-a.js.PublishAsyncComplete():
+	case <-time.After(20 * time.Second):
+		t.Fatal("burst not acknowledged")
+	}
+	// Stop everything while the burst is being worked on.
+	testenv.Eventually(t, 30*time.Second, "the burst to start", func() bool { return len(w.smtp.Mails()) > 10 })
+	p.stop(t)
+	before := len(w.smtp.Mails()) - 1
+	if before >= n {
+		t.Logf("the burst finished before SIGTERM landed (%d mails)", before)
+	}
+
+	w.startProcesses(t, logs)
+	testenv.Eventually(t, 90*time.Second, "every request of the burst mailed", func() bool {
+		return len(w.smtp.Mails()) >= n+1
+	})
+	count := map[string]int{}
+	for _, m := range w.smtp.Mails() {
+		for _, to := range m.To {
+			count[to]++
+		}
+	}
+	for i := range n {
+		if c := count[fmt.Sprintf("user%d@example.com", i)]; c != 1 {
+			t.Errorf("user%d got %d mails, want 1", i, c)
+		}
+	}
+	db := openDB(t, w.db)
+	testenv.Eventually(t, 30*time.Second, "every issue and delivery audited", func() bool {
+		var issued, delivered int
+		_ = db.QueryRow(context.Background(), `SELECT count(*) FILTER (WHERE type = 'otp.issued'),
+			count(*) FILTER (WHERE type = 'otp.delivered') FROM audit.events WHERE request_id LIKE 'burst-%'`).Scan(&issued, &delivered)
+		return issued == n && delivered == n
+	})
+	t.Logf("%d of %d mailed before SIGTERM; the rest after the restart", before, n)
+}
