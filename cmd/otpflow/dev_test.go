@@ -1,0 +1,125 @@
+package main
+
+import (
+	"bytes"
+	"context"
+	"io"
+	"net"
+	"net/http"
+	"os"
+	"path/filepath"
+	"regexp"
+	"strings"
+	"testing"
+	"time"
+
+	"github.com/otpflow/otpflow/platform/testenv"
+)
+
+func freeAddr(t *testing.T) string {
+	t.Helper()
+	ln, err := net.Listen("tcp", "127.0.0.1:0")
+	testenv.Must(t, err, "listen")
+	defer ln.Close()
+	return ln.Addr().String()
+}
+
+// TestDevWalkthrough runs "otpflow dev" and the README walkthrough against it: request,
+// read the mail from the sandbox Maildir, verify; and checks the ops endpoints.
+func TestDevWalkthrough(t *testing.T) {
+	dir := t.TempDir()
+	httpAddr := freeAddr(t)
+	env := map[string]string{"OTP_DATABASE_URL": testenv.Database(t), "OTP_HTTP_ADDR": httpAddr}
+	getenv := func(k string) string { return env[k] }
+
+	ctx, cancel := context.WithCancel(context.Background())
+	var out bytes.Buffer
+	done := make(chan error, 1)
+	go func() {
+		_, err := run(ctx, []string{"dev", "-dir", dir, "-nats-port", "-1"}, getenv, &out, io.Discard)
+		done <- err
+	}()
+	defer func() {
+		cancel()
+		if err := <-done; err != nil {
+			t.Errorf("dev: %v", err)
+		}
+	}()
+	testenv.Eventually(t, 20*time.Second, "dev to write its NATS URL", func() bool {
+		_, err := os.Stat(filepath.Join(dir, "nats.url"))
+		return err == nil
+	})
+
+	cli := func(args ...string) (int, string) {
+		var stdout bytes.Buffer
+		code, err := run(context.Background(), append(args, "-dir", dir), func(string) string { return "" }, &stdout, io.Discard)
+		if err != nil {
+			t.Fatalf("otpflow %v: %v", args, err)
+		}
+		return code, stdout.String()
+	}
+	deadline := time.Now().Add(20 * time.Second)
+	for {
+		var stdout bytes.Buffer
+		_, err := run(context.Background(), []string{"request", "-dir", dir, "-tenant", "demo", "-request-id", "r1", "-recipient", "ana@example.com"},
+			func(string) string { return "" }, &stdout, io.Discard)
+		if err == nil {
+			break
+		}
+		if time.Now().After(deadline) {
+			t.Fatalf("request: %v", err)
+		}
+		time.Sleep(200 * time.Millisecond) // the streams may not exist yet
+	}
+
+	var mail []byte
+	testenv.Eventually(t, 30*time.Second, "the mail in the sandbox Maildir", func() bool {
+		files, _ := filepath.Glob(filepath.Join(dir, "mail", "new", "*"))
+		if len(files) == 0 {
+			return false
+		}
+		mail, _ = os.ReadFile(files[0])
+		return true
+	})
+	m := regexp.MustCompile(`Subject: Your verification code: (\d{6})`).FindSubmatch(mail)
+	if m == nil {
+		t.Fatalf("no code in the mail:\n%s", mail)
+	}
+	code := string(m[1])
+	wrong := "000000"
+	if code == wrong {
+		wrong = "111111"
+	}
+	var status int
+	var reply string
+	testenv.Eventually(t, 10*time.Second, "the verifier to know the challenge", func() bool {
+		status, reply = cli("verify", "-tenant", "demo", "-request-id", "r1", "-code", wrong)
+		return !strings.Contains(reply, "not_found")
+	})
+	if status != 3 || !strings.Contains(reply, `"status":"invalid_code","attempts_remaining":4`) {
+		t.Fatalf("wrong code: exit %d, %s", status, reply)
+	}
+	if status, reply = cli("verify", "-tenant", "demo", "-request-id", "r1", "-code", code); status != 0 || !strings.Contains(reply, `"verified"`) {
+		t.Fatalf("right code: exit %d, %s", status, reply)
+	}
+	if _, reply = cli("verify", "-tenant", "demo", "-request-id", "r1", "-code", code); !strings.Contains(reply, `"already_used"`) {
+		t.Fatalf("again: %s", reply)
+	}
+
+	for path, want := range map[string]string{
+		"/healthz": "ok",
+		"/readyz":  "ok",
+		"/metrics": "otpflow_verifier_verifications_total",
+	} {
+		resp, err := http.Get("http://" + httpAddr + path)
+		testenv.Must(t, err, "GET %s", path)
+		body, _ := io.ReadAll(resp.Body)
+		resp.Body.Close()
+		if resp.StatusCode != 200 || !strings.Contains(string(body), want) {
+			t.Errorf("GET %s: %d %q", path, resp.StatusCode, body)
+		}
+	}
+	if !strings.Contains(out.String(), filepath.Join(dir, "mail")) {
+		t.Errorf("dev does not say where mail lands:\n%s", out.String())
+	}
+}
