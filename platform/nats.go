@@ -61,12 +61,17 @@ func redactURL(u string) string {
 	return u
 }
 
-// PublishAll publishes msgs asynchronously and waits for every PubAck. A duplicate (same
-// Nats-Msg-Id inside the window) counts as success.
+// PublishTimeout bounds how long PublishAll waits for the stream's acknowledgements.
+const PublishTimeout = 10 * time.Second
+
+// PublishAll publishes msgs asynchronously and waits for every PubAck, at most
+// PublishTimeout. A duplicate (same Nats-Msg-Id inside the window) counts as success.
 func PublishAll(ctx context.Context, js jetstream.JetStream, msgs []*nats.Msg) error {
 	if len(msgs) == 0 {
 		return nil
 	}
+	ctx, cancel := context.WithTimeout(ctx, PublishTimeout)
+	defer cancel()
 	futures := make([]jetstream.PubAckFuture, 0, len(msgs))
 	var errs []error
 	for _, m := range msgs {

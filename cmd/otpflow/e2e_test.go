@@ -76,14 +76,14 @@ func atoi(s string) int {
 // checkNoCodeLeak fails if code appears in any OTP_EVENTS message, any audit row or logs.
 func checkNoCodeLeak(t *testing.T, w *world, a *app, code, logs string) {
 	t.Helper()
-	msgs := streamMessages(t, a.js, events.StreamEvents)
+	msgs := testenv.Messages(t, a.js, events.StreamEvents, "")
 	if len(msgs) == 0 {
 		t.Fatal("no events to search")
 	}
 	for _, m := range msgs {
-		text := string(m.Data()) + fmt.Sprint(m.Headers())
+		text := string(m.Data) + fmt.Sprint(m.Header)
 		if containsCode(text, code) {
-			t.Errorf("code appears in %s: %s", m.Subject(), text)
+			t.Errorf("code appears in %s: %s", m.Subject, text)
 		}
 	}
 	db := openDB(t, w.db)

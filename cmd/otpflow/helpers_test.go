@@ -198,28 +198,6 @@ func auditTypes(t *testing.T, db *pgxpool.Pool, tenant, requestID string) []stri
 	return out
 }
 
-// streamMessages reads every message stored on stream.
-func streamMessages(t *testing.T, js jetstream.JetStream, stream string) []jetstream.Msg {
-	t.Helper()
-	ctx := context.Background()
-	st, err := js.Stream(ctx, stream)
-	testenv.Must(t, err, "stream %s", stream)
-	info, err := st.Info(ctx)
-	testenv.Must(t, err, "stream info")
-	if info.State.Msgs == 0 {
-		return nil
-	}
-	oc, err := js.OrderedConsumer(ctx, stream, jetstream.OrderedConsumerConfig{})
-	testenv.Must(t, err, "ordered consumer")
-	batch, err := oc.Fetch(int(info.State.Msgs), jetstream.FetchMaxWait(5*time.Second))
-	testenv.Must(t, err, "fetch")
-	var out []jetstream.Msg
-	for m := range batch.Messages() {
-		out = append(out, m)
-	}
-	return out
-}
-
 // idle waits until the consumer has handed out and settled everything on its stream.
 func idle(t *testing.T, js jetstream.JetStream, stream, consumer string) {
 	t.Helper()

@@ -16,12 +16,12 @@ import (
 func rejections(t *testing.T, js jetstream.JetStream) []events.Rejected {
 	t.Helper()
 	var out []events.Rejected
-	for _, m := range streamMessages(t, js, events.StreamEvents) {
-		if !strings.HasPrefix(m.Subject(), string(events.TypeRejected)+".") {
+	for _, m := range testenv.Messages(t, js, events.StreamEvents, "") {
+		if !strings.HasPrefix(m.Subject, string(events.TypeRejected)+".") {
 			continue
 		}
 		var r events.Rejected
-		testenv.Must(t, json.Unmarshal(m.Data(), &r), "decode rejected")
+		testenv.Must(t, json.Unmarshal(m.Data, &r), "decode rejected")
 		out = append(out, r)
 	}
 	return out
@@ -113,8 +113,8 @@ func TestSameRequestTwiceSendsOneMail(t *testing.T) {
 		t.Fatalf("%d challenges and %d codes, want 1 and 1", challenges, codes)
 	}
 	var issued int
-	for _, m := range streamMessages(t, a.js, events.StreamEvents) {
-		if strings.HasPrefix(m.Subject(), "otp.issued.") {
+	for _, m := range testenv.Messages(t, a.js, events.StreamEvents, "") {
+		if strings.HasPrefix(m.Subject, "otp.issued.") {
 			issued++
 		}
 	}

@@ -121,9 +121,10 @@ type job struct {
 	providerMsg string
 
 	// What this batch decided; settle acts on it.
-	result  string // sent, failed, expired, retry
-	reason  string
-	outMsgs []*nats.Msg
+	result    string // sent, failed, expired, retry
+	reason    string
+	exhausted bool // transient failures used up MaxDeliver
+	outMsgs   []*nats.Msg
 }
 
 // Delivery row states.
@@ -296,7 +297,7 @@ func (s *Service) record(ctx context.Context, jobs []*job) error {
 	b := &pgx.Batch{}
 	for _, j := range jobs {
 		if j.result == resultRetry && j.md.NumDelivered >= uint64(events.DispatcherConsumer.MaxDeliver) {
-			j.result = stateFailed
+			j.result, j.exhausted = stateFailed, true
 			j.reason = "deliveries exhausted: " + j.reason
 		}
 		dj := j.job
@@ -308,7 +309,7 @@ func (s *Service) record(ctx context.Context, jobs []*job) error {
 		case stateFailed:
 			j.outMsgs = s.event(events.TypeDeliveryFailed, "delivery_failed", j, events.DeliveryFailed{
 				ChallengeID: dj.ChallengeID, Tenant: dj.Tenant, RequestID: dj.RequestID, CodeSeq: dj.CodeSeq,
-				Provider: j.provider, Reason: truncate(j.reason, 500), Permanent: !hasPrefix(j.reason, "deliveries exhausted"),
+				Provider: j.provider, Reason: truncate(j.reason, 500), Permanent: !j.exhausted,
 				Attempts: j.attempts, FailedAt: now})
 		case stateExpired:
 			j.outMsgs = s.event(events.TypeDispatchExpired, "dispatch_expired", j, events.DispatchExpired{
@@ -366,6 +367,14 @@ func (s *Service) settle(ctx context.Context, jobs []*job) {
 			_ = j.msg.Ack()
 		case stateFailed, stateExpired:
 			s.log.Info("dispatch settled", "challenge_id", j.job.ChallengeID, "code_seq", j.job.CodeSeq, "result", j.result)
+			if j.exhausted {
+				// Transient failures used up the deliveries: park the job with its last
+				// error in OTP_DLQ for an operator to redrive.
+				if err := platform.DeadLetter(ctx, s.js, j.msg, j.job.Tenant, j.reason); err != nil {
+					s.log.Error("dead-letter", "challenge_id", j.job.ChallengeID, "err", err)
+				}
+				continue
+			}
 			_ = j.msg.TermWithReason(j.result)
 		case resultRetry:
 			delay := platform.RetryDelay(j.md.NumDelivered, 30*time.Second)
@@ -384,5 +393,3 @@ func truncate(s string, n int) string {
 	}
 	return s[:n]
 }
-
-func hasPrefix(s, p string) bool { return len(s) >= len(p) && s[:len(p)] == p }

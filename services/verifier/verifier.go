@@ -136,31 +136,28 @@ func (s *Service) Run(ctx context.Context) error {
 	return g.Wait()
 }
 
+// serve answers one verify request. Every outcome, bad_request included, is a
+// VerifyReply; only an internal failure (the caller should retry) is a micro error reply
+// (headers Nats-Service-Error and Nats-Service-Error-Code: 500).
 func (s *Service) serve(ctx context.Context, req micro.Request) {
-	reply := s.handle(ctx, req.Subject(), req.Data())
+	_, tenant, err := events.SplitSubject(req.Subject())
+	var vr events.VerifyRequest
+	if err == nil {
+		vr, err = events.DecodeVerifyRequest(req.Data())
+	}
+	var reply events.VerifyReply
+	if err != nil {
+		reply = events.VerifyReply{Status: events.StatusBadRequest, Reason: err.Error()}
+	} else if reply, err = s.Verify(ctx, tenant, vr); err != nil {
+		s.log.Error("verify", "tenant", tenant, "request_id", vr.RequestID, "err", err)
+		s.verifies.WithLabelValues("internal_error").Inc()
+		_ = req.Error("500", "internal error; retry", nil)
+		return
+	}
 	s.verifies.WithLabelValues(string(reply.Status)).Inc()
 	if err := req.RespondJSON(reply); err != nil {
 		s.log.Warn("verify reply", "err", err)
 	}
-}
-
-// handle decodes one verify request and answers it. Every outcome is a VerifyReply; an
-// internal failure is an error reply so that callers retry.
-func (s *Service) handle(ctx context.Context, subject string, data []byte) events.VerifyReply {
-	_, tenant, err := events.SplitSubject(subject)
-	var vr events.VerifyRequest
-	if err == nil {
-		vr, err = events.DecodeVerifyRequest(data)
-	}
-	if err != nil {
-		return events.VerifyReply{Status: events.StatusBadRequest, Reason: err.Error()}
-	}
-	reply, err := s.Verify(ctx, tenant, vr)
-	if err != nil {
-		s.log.Error("verify", "tenant", tenant, "request_id", vr.RequestID, "err", err)
-		return events.VerifyReply{Status: events.StatusBadRequest, Reason: "internal error; retry"}
-	}
-	return reply
 }
 
 // Verify checks code for (tenant, request_id) in one transaction that holds the

@@ -1,0 +1,110 @@
+package testenv
+
+import (
+	"context"
+	"errors"
+	"io"
+	"io/fs"
+	"log/slog"
+	"testing"
+	"time"
+
+	"github.com/jackc/pgx/v5/pgxpool"
+	"github.com/nats-io/nats-server/v2/server"
+	"github.com/nats-io/nats.go"
+	"github.com/nats-io/nats.go/jetstream"
+	"github.com/otpflow/otpflow/events"
+	"github.com/otpflow/otpflow/platform"
+)
+
+// JetStream connects to s and returns the connection and its JetStream context, with the
+// contract's streams created.
+func JetStream(tb testing.TB, s *server.Server) (*nats.Conn, jetstream.JetStream) {
+	tb.Helper()
+	nc, err := nats.Connect(s.ClientURL())
+	Must(tb, err, "connect to NATS")
+	tb.Cleanup(nc.Close)
+	js, err := jetstream.New(nc)
+	Must(tb, err, "jetstream")
+	ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
+	defer cancel()
+	Must(tb, events.EnsureStreams(ctx, js, events.StreamOptions{}), "ensure streams")
+	return nc, js
+}
+
+// Postgres opens a pool on a fresh database with schema migrated.
+func Postgres(tb testing.TB, schema string, migrations fs.FS) *pgxpool.Pool {
+	tb.Helper()
+	url := Database(tb)
+	pool, err := pgxpool.New(context.Background(), url)
+	Must(tb, err, "open pool")
+	tb.Cleanup(pool.Close)
+	Must(tb, platform.Migrate(context.Background(), pool, schema, migrations, Logger(io.Discard)), "migrate %s", schema)
+	return pool
+}
+
+// Logger returns a debug JSON logger writing to w.
+func Logger(w io.Writer) *slog.Logger {
+	return slog.New(slog.NewJSONHandler(w, &slog.HandlerOptions{Level: slog.LevelDebug}))
+}
+
+// Start runs run in the background until the returned stop is called (also at cleanup),
+// and fails the test if it returns an error.
+func Start(tb testing.TB, run func(context.Context) error) (stop func()) {
+	tb.Helper()
+	ctx, cancel := context.WithCancel(context.Background())
+	done := make(chan error, 1)
+	go func() { done <- run(ctx) }()
+	stopped := false
+	stop = func() {
+		if stopped {
+			return
+		}
+		stopped = true
+		cancel()
+		select {
+		case err := <-done:
+			if err != nil {
+				tb.Errorf("service: %v", err)
+			}
+		case <-time.After(30 * time.Second):
+			tb.Error("service did not stop within 30s")
+		}
+	}
+	tb.Cleanup(stop)
+	return stop
+}
+
+// Messages reads every message stored on stream whose subject matches filter ("" = all),
+// in stream order, with leader reads (read-after-write coherent).
+func Messages(tb testing.TB, js jetstream.JetStream, stream, filter string) []*jetstream.RawStreamMsg {
+	tb.Helper()
+	ctx := context.Background()
+	st, err := js.Stream(ctx, stream)
+	Must(tb, err, "stream %s", stream)
+	info, err := st.Info(ctx)
+	Must(tb, err, "stream info")
+	var out []*jetstream.RawStreamMsg
+	for seq := info.State.FirstSeq; seq <= info.State.LastSeq && info.State.Msgs > 0; seq++ {
+		m, err := st.GetMsg(ctx, seq)
+		if errors.Is(err, jetstream.ErrMsgNotFound) {
+			continue
+		}
+		Must(tb, err, "get message %d", seq)
+		if filter == "" || server.SubjectsCollide(filter, m.Subject) {
+			out = append(out, m)
+		}
+	}
+	return out
+}
+
+// WaitMessages waits until stream holds at least n messages matching filter.
+func WaitMessages(tb testing.TB, js jetstream.JetStream, stream, filter string, n int, timeout time.Duration) []*jetstream.RawStreamMsg {
+	tb.Helper()
+	var got []*jetstream.RawStreamMsg
+	Eventually(tb, timeout, "messages on "+filter, func() bool {
+		got = Messages(tb, js, stream, filter)
+		return len(got) >= n
+	})
+	return got
+}

@@ -1,0 +1,189 @@
+package dispatcher
+
+import (
+	"context"
+	"encoding/json"
+	"fmt"
+	"io"
+	"strings"
+	"sync/atomic"
+	"testing"
+	"time"
+
+	gosmtp "github.com/emersion/go-smtp"
+	"github.com/nats-io/nats.go"
+	"github.com/nats-io/nats.go/jetstream"
+	"github.com/otpflow/otpflow/events"
+	"github.com/otpflow/otpflow/platform/keys"
+	"github.com/otpflow/otpflow/platform/testenv"
+	"github.com/otpflow/otpflow/services/dispatcher/maildir"
+	"github.com/otpflow/otpflow/services/dispatcher/mailer"
+	"github.com/otpflow/otpflow/services/dispatcher/smtp"
+)
+
+type harness struct {
+	js     jetstream.JetStream
+	sealer *keys.Sealer
+	smtp   *testenv.SMTPServer
+	svc    *Service
+}
+
+// newHarness runs a dispatcher against a real NATS, PostgreSQL and SMTP server. providers
+// replaces the default chain (the SMTP server) when given.
+func newHarness(t *testing.T, providers ...mailer.Provider) *harness {
+	t.Helper()
+	_, js := testenv.JetStream(t, testenv.NATS(t))
+	pool := testenv.Postgres(t, Schema, Migrations())
+	sealer, err := keys.ParseSealer(keys.Generate("s1", 32))
+	testenv.Must(t, err, "sealer")
+	srv := testenv.StartSMTP(t)
+	if len(providers) == 0 {
+		cfg, err := smtp.ParseURL(srv.URL())
+		testenv.Must(t, err, "smtp url")
+		providers = []mailer.Provider{smtp.New(cfg)}
+	}
+	svc, err := New(Config{Sealer: sealer, Providers: providers, From: "Acme <no-reply@acme.example>", Concurrency: 4}, pool, js, testenv.Logger(io.Discard), nil)
+	testenv.Must(t, err, "new dispatcher")
+	testenv.Start(t, svc.Run)
+	return &harness{js: js, sealer: sealer, smtp: srv, svc: svc}
+}
+
+// publish seals code into a job for rcpt and publishes it with Nats-Msg-Id msgID.
+func (h *harness) publish(t *testing.T, challenge, rcpt, code string, expires time.Time, msgID string) {
+	t.Helper()
+	id, sealed, err := h.sealer.Seal(challenge, code)
+	testenv.Must(t, err, "seal")
+	job := events.DispatchJob{ChallengeID: challenge, Tenant: "acme", RequestID: "r-" + challenge, CodeSeq: 1,
+		Recipient: rcpt, Purpose: "login", Locale: "en", IssuedAt: time.Now().UTC(), ExpiresAt: expires,
+		SealKeyID: id, SealedCode: sealed}
+	m, err := events.NewMsg(events.TypeDispatch, "acme", msgID, challenge, job, events.Envelope{Source: "test"})
+	testenv.Must(t, err, "msg")
+	_, err = h.js.PublishMsg(context.Background(), m)
+	testenv.Must(t, err, "publish job")
+}
+
+func decode[T any](t *testing.T, m *jetstream.RawStreamMsg) T {
+	t.Helper()
+	var v T
+	testenv.Must(t, json.Unmarshal(m.Data, &v), "decode %s", m.Subject)
+	return v
+}
+
+func TestJobIsMailedOnceEvenWhenRedelivered(t *testing.T) {
+	h := newHarness(t)
+	const challenge = "11111111-1111-4111-8111-111111111111"
+	h.publish(t, challenge, "ana@example.com", "493027", time.Now().Add(5*time.Minute), "dispatch:a:1")
+	mails := h.smtp.WaitFor(t, 1, 20*time.Second)
+	if !strings.Contains(string(mails[0].Data), "493027") {
+		t.Fatalf("mail lacks the code:\n%s", mails[0].Data)
+	}
+	delivered := testenv.WaitMessages(t, h.js, events.StreamEvents, "otp.delivered.acme", 1, 10*time.Second)
+	d := decode[events.Delivered](t, delivered[0])
+	if d.ChallengeID != challenge || d.Provider != "smtp" || d.Attempts != 1 || d.ProviderMessageID == "" {
+		t.Fatalf("delivered = %+v", d)
+	}
+
+	// The same job again, as after an acknowledgement that never reached the server.
+	h.publish(t, challenge, "ana@example.com", "493027", time.Now().Add(5*time.Minute), "dispatch:a:1-again")
+	testenv.Eventually(t, 10*time.Second, "the second job to be settled", func() bool {
+		return len(testenv.Messages(t, h.js, events.StreamDispatch, "")) == 0
+	})
+	time.Sleep(200 * time.Millisecond)
+	if n := len(h.smtp.Mails()); n != 1 {
+		t.Fatalf("%d mails for one code", n)
+	}
+	if n := len(testenv.Messages(t, h.js, events.StreamEvents, "otp.delivered.acme")); n != 1 {
+		t.Fatalf("%d delivered events; the re-report must carry the same id", n)
+	}
+}
+
+func TestExpiredJobIsDroppedUnsent(t *testing.T) {
+	h := newHarness(t)
+	h.publish(t, "22222222-2222-4222-8222-222222222222", "bo@example.com", "111111", time.Now().Add(-time.Second), "dispatch:b:1")
+	expired := testenv.WaitMessages(t, h.js, events.StreamEvents, "otp.dispatch_expired.acme", 1, 10*time.Second)
+	if e := decode[events.DispatchExpired](t, expired[0]); e.ChallengeID != "22222222-2222-4222-8222-222222222222" {
+		t.Fatalf("expired = %+v", e)
+	}
+	if n := len(h.smtp.Mails()); n != 0 {
+		t.Fatalf("an expired code was mailed (%d)", n)
+	}
+	if n := len(testenv.Messages(t, h.js, events.StreamDispatch, "")); n != 0 {
+		t.Fatalf("expired job left on the work queue (%d)", n)
+	}
+}
+
+func TestPermanentFailureIsReportedOnceWithoutRetry(t *testing.T) {
+	h := newHarness(t)
+	var rcpts atomic.Int32
+	h.smtp.Reject = func(string) error {
+		rcpts.Add(1)
+		return &gosmtp.SMTPError{Code: 550, EnhancedCode: gosmtp.EnhancedCode{5, 1, 1}, Message: "no such user"}
+	}
+	h.publish(t, "33333333-3333-4333-8333-333333333333", "gone@example.com", "222222", time.Now().Add(5*time.Minute), "dispatch:c:1")
+	failed := testenv.WaitMessages(t, h.js, events.StreamEvents, "otp.delivery_failed.acme", 1, 10*time.Second)
+	f := decode[events.DeliveryFailed](t, failed[0])
+	if !f.Permanent || f.Provider != "smtp" || f.Attempts != 1 || !strings.Contains(f.Reason, "550") {
+		t.Fatalf("delivery_failed = %+v", f)
+	}
+	time.Sleep(1500 * time.Millisecond) // a retry, if any, would come after 1 s
+	if n := rcpts.Load(); n != 1 {
+		t.Fatalf("%d RCPT attempts, want 1 (no retry on a permanent failure)", n)
+	}
+	if n := len(testenv.Messages(t, h.js, events.StreamDispatch, "")); n != 0 {
+		t.Fatalf("failed job left on the work queue (%d)", n)
+	}
+}
+
+func TestTransientFailureIsRetriedLater(t *testing.T) {
+	h := newHarness(t)
+	var tries atomic.Int32
+	h.smtp.Reject = func(string) error {
+		if tries.Add(1) == 1 {
+			return &gosmtp.SMTPError{Code: 451, EnhancedCode: gosmtp.EnhancedCode{4, 3, 0}, Message: "try later"}
+		}
+		return nil
+	}
+	h.publish(t, "44444444-4444-4444-8444-444444444444", "cy@example.com", "333333", time.Now().Add(5*time.Minute), "dispatch:d:1")
+	h.smtp.WaitFor(t, 1, 20*time.Second)
+	d := decode[events.Delivered](t, testenv.WaitMessages(t, h.js, events.StreamEvents, "otp.delivered.acme", 1, 10*time.Second)[0])
+	if d.Attempts != 2 {
+		t.Fatalf("delivered after %d attempts, want 2", d.Attempts)
+	}
+}
+
+// downProvider refuses every send as unreachable.
+type downProvider struct{ calls atomic.Int32 }
+
+func (p *downProvider) Name() string { return "down" }
+func (p *downProvider) Send(context.Context, *mailer.Message) (mailer.Receipt, error) {
+	p.calls.Add(1)
+	return mailer.Receipt{}, &mailer.SendError{Provider: "down", Class: mailer.ProviderDown, Err: fmt.Errorf("connection refused")}
+}
+
+func TestChainFailsOverToTheNextProvider(t *testing.T) {
+	dir := t.TempDir()
+	sandbox, err := maildir.New(dir)
+	testenv.Must(t, err, "maildir")
+	down := &downProvider{}
+	h := newHarness(t, down, sandbox)
+	h.publish(t, "55555555-5555-4555-8555-555555555555", "di@example.com", "444444", time.Now().Add(5*time.Minute), "dispatch:e:1")
+	d := decode[events.Delivered](t, testenv.WaitMessages(t, h.js, events.StreamEvents, "otp.delivered.acme", 1, 10*time.Second)[0])
+	if d.Provider != "sandbox" || down.calls.Load() != 1 {
+		t.Fatalf("delivered via %q after %d calls to the primary", d.Provider, down.calls.Load())
+	}
+}
+
+func TestUndecodableJobGoesToDLQ(t *testing.T) {
+	h := newHarness(t)
+	m := nats.NewMsg("otp.dispatch.acme")
+	m.Data = []byte(`{"challenge_id":`)
+	_, err := h.js.PublishMsg(context.Background(), m)
+	testenv.Must(t, err, "publish")
+	dl := testenv.WaitMessages(t, h.js, events.StreamDLQ, "otp.dlq.acme", 1, 10*time.Second)
+	if r := dl[0].Header.Get(events.HeaderDLQReason); !strings.Contains(r, "undecodable") {
+		t.Fatalf("DLQ reason = %q", r)
+	}
+	if n := len(testenv.Messages(t, h.js, events.StreamDispatch, "")); n != 0 {
+		t.Fatalf("undecodable job left on the work queue (%d)", n)
+	}
+}

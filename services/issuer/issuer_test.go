@@ -1,0 +1,154 @@
+package issuer
+
+import (
+	"context"
+	"encoding/json"
+	"io"
+	"math"
+	"strings"
+	"sync"
+	"testing"
+	"time"
+
+	"github.com/jackc/pgx/v5/pgxpool"
+	"github.com/nats-io/nats.go/jetstream"
+	"github.com/otpflow/otpflow/events"
+	"github.com/otpflow/otpflow/platform/keys"
+	"github.com/otpflow/otpflow/platform/testenv"
+)
+
+type harness struct {
+	js     jetstream.JetStream
+	pool   *pgxpool.Pool
+	pepper *keys.Pepper
+	sealer *keys.Sealer
+	mu     sync.Mutex
+	now    time.Time
+}
+
+func newHarness(t *testing.T) *harness {
+	t.Helper()
+	_, js := testenv.JetStream(t, testenv.NATS(t))
+	pool := testenv.Postgres(t, Schema, Migrations())
+	pepper, err := keys.ParsePepper(keys.Generate("p1", 32))
+	testenv.Must(t, err, "pepper")
+	sealer, err := keys.ParseSealer(keys.Generate("s1", 32))
+	testenv.Must(t, err, "sealer")
+	h := &harness{js: js, pool: pool, pepper: pepper, sealer: sealer, now: time.Now()}
+	svc, err := New(Config{Pepper: pepper, Sealer: sealer}, pool, js, testenv.Logger(io.Discard), nil)
+	testenv.Must(t, err, "new issuer")
+	svc.now = func() time.Time { h.mu.Lock(); defer h.mu.Unlock(); return h.now }
+	testenv.Start(t, svc.Run)
+	return h
+}
+
+func (h *harness) advance(d time.Duration) { h.mu.Lock(); h.now = h.now.Add(d); h.mu.Unlock() }
+
+func (h *harness) request(t *testing.T, body string) {
+	t.Helper()
+	_, err := h.js.Publish(context.Background(), "otp.requested.acme", []byte(body))
+	testenv.Must(t, err, "publish")
+}
+
+func decode[T any](t *testing.T, m *jetstream.RawStreamMsg) T {
+	t.Helper()
+	var v T
+	testenv.Must(t, json.Unmarshal(m.Data, &v), "decode %s", m.Subject)
+	return v
+}
+
+func TestIssueSealsTheCodeAndPublishesOnlyItsMAC(t *testing.T) {
+	h := newHarness(t)
+	h.request(t, `{"request_id":"r1","recipient":"ana@example.com","purpose":"login","ttl_seconds":120,"context":{"session_id":"s-1"}}`)
+	jobs := testenv.WaitMessages(t, h.js, events.StreamDispatch, "otp.dispatch.acme", 1, 10*time.Second)
+	issued := testenv.WaitMessages(t, h.js, events.StreamEvents, "otp.issued.acme", 1, 10*time.Second)
+	job := decode[events.DispatchJob](t, jobs[0])
+	is := decode[events.Issued](t, issued[0])
+
+	code, err := h.sealer.Open(job.SealKeyID, job.ChallengeID, job.SealedCode)
+	testenv.Must(t, err, "unseal")
+	if len(code) != 6 || strings.Trim(code, "0123456789") != "" {
+		t.Fatalf("code %q is not 6 digits", code)
+	}
+	if ok, _ := h.pepper.Equal(is.PepperKeyID, is.ChallengeID, code, is.CodeHMAC); !ok {
+		t.Fatal("the issued HMAC does not match the sealed code")
+	}
+	if is.ChallengeID != job.ChallengeID || is.SessionID != "s-1" || is.MaxAttempts != 5 ||
+		is.ExpiresAt.Sub(is.IssuedAt) != 120*time.Second {
+		t.Fatalf("issued = %+v", is)
+	}
+	for _, m := range append(jobs, issued...) {
+		if strings.Contains(string(m.Data), code) {
+			t.Fatalf("%s carries the code in clear", m.Subject)
+		}
+		if m.Header.Get(events.HeaderID) != m.Header.Get(jetstream.MsgIDHeader) || m.Header.Get(events.HeaderSpecVersion) != "1.0" ||
+			m.Header.Get(events.HeaderTraceParent) == "" || m.Header.Get(events.HeaderType) == "" {
+			t.Fatalf("%s lacks CloudEvents headers: %v", m.Subject, m.Header)
+		}
+	}
+	var rows int
+	testenv.Must(t, h.pool.QueryRow(context.Background(), `SELECT count(*) FROM issuer.outbox`).Scan(&rows), "outbox")
+	if rows != 0 {
+		t.Fatalf("%d outbox rows left after publishing; the sealed code must not stay at rest", rows)
+	}
+}
+
+func TestResendCooldownAndCap(t *testing.T) {
+	h := newHarness(t)
+	const body = `{"request_id":"r2","recipient":"bo@example.com","purpose":"login","resend":true}`
+	h.request(t, body) // first request: a new challenge even with resend set
+	testenv.WaitMessages(t, h.js, events.StreamEvents, "otp.issued.acme", 1, 10*time.Second)
+
+	h.request(t, body) // too soon
+	rej := decode[events.Rejected](t, testenv.WaitMessages(t, h.js, events.StreamEvents, "otp.rejected.acme", 1, 10*time.Second)[0])
+	if rej.Reason != events.ReasonRateLimited || rej.RetryAfterSeconds < 1 || rej.RetryAfterSeconds > 30 {
+		t.Fatalf("early resend: %+v", rej)
+	}
+	for i := 2; i <= 5; i++ {
+		h.advance(31 * time.Second)
+		h.request(t, body)
+		got := testenv.WaitMessages(t, h.js, events.StreamEvents, "otp.issued.acme", i, 10*time.Second)
+		if is := decode[events.Issued](t, got[i-1]); is.CodeSeq != i || !is.Resend {
+			t.Fatalf("resend %d: %+v", i, is)
+		}
+	}
+	h.advance(31 * time.Second)
+	h.request(t, body) // a sixth code: over the cap
+	rej = decode[events.Rejected](t, testenv.WaitMessages(t, h.js, events.StreamEvents, "otp.rejected.acme", 2, 10*time.Second)[1])
+	if rej.Reason != events.ReasonRateLimited || !strings.Contains(rej.Detail, "cap") {
+		t.Fatalf("sixth code: %+v", rej)
+	}
+	var challenges int
+	testenv.Must(t, h.pool.QueryRow(context.Background(), `SELECT count(*) FROM issuer.challenges`).Scan(&challenges), "count")
+	if challenges != 1 {
+		t.Fatalf("%d challenges, want 1", challenges)
+	}
+}
+
+// TestCodesAreUniform draws many codes and checks every digit position with a chi-square
+// test (9 degrees of freedom; 33.72 is the 0.01% critical value), so a modulo bias or a
+// stuck digit fails it.
+func TestCodesAreUniform(t *testing.T) {
+	const n = 60_000
+	var counts [6][10]int
+	for range n {
+		c, err := newCode(6)
+		testenv.Must(t, err, "code")
+		if len(c) != 6 {
+			t.Fatalf("code %q", c)
+		}
+		for i, d := range c {
+			counts[i][d-'0']++
+		}
+	}
+	for pos, row := range counts {
+		chi := 0.0
+		for _, k := range row {
+			e := float64(n) / 10
+			chi += math.Pow(float64(k)-e, 2) / e
+		}
+		if chi > 33.72 {
+			t.Errorf("digit %d: chi-square %.1f over 33.72: %v", pos, chi, row)
+		}
+	}
+}

@@ -1,0 +1,172 @@
+package verifier
+
+import (
+	"context"
+	"encoding/json"
+	"io"
+	"sync"
+	"testing"
+	"time"
+
+	"github.com/jackc/pgx/v5/pgxpool"
+	"github.com/nats-io/nats.go"
+	"github.com/nats-io/nats.go/jetstream"
+	"github.com/otpflow/otpflow/events"
+	"github.com/otpflow/otpflow/platform/keys"
+	"github.com/otpflow/otpflow/platform/testenv"
+)
+
+type harness struct {
+	nc     *nats.Conn
+	js     jetstream.JetStream
+	pool   *pgxpool.Pool
+	pepper *keys.Pepper
+	svc    *Service
+	clock  *clock
+}
+
+type clock struct {
+	mu sync.Mutex
+	t  time.Time
+}
+
+func (c *clock) now() time.Time { c.mu.Lock(); defer c.mu.Unlock(); return c.t }
+func (c *clock) set(t time.Time) { c.mu.Lock(); c.t = t; c.mu.Unlock() }
+
+func newHarness(t *testing.T) *harness {
+	t.Helper()
+	nc, js := testenv.JetStream(t, testenv.NATS(t))
+	pool := testenv.Postgres(t, Schema, Migrations())
+	pepper, err := keys.ParsePepper(keys.Generate("p1", 32))
+	testenv.Must(t, err, "pepper")
+	svc, err := New(Config{Pepper: pepper}, pool, nc, js, testenv.Logger(io.Discard), nil)
+	testenv.Must(t, err, "new verifier")
+	c := &clock{t: time.Now()}
+	svc.now = c.now
+	testenv.Start(t, svc.Run)
+	testenv.Eventually(t, 10*time.Second, "the verify service", func() bool {
+		_, err := nc.Request("$SRV.PING.otp-verifier", nil, time.Second)
+		return err == nil
+	})
+	return &harness{nc: nc, js: js, pool: pool, pepper: pepper, svc: svc, clock: c}
+}
+
+// issue publishes an otp.issued event for code and waits until the verifier projected it.
+func (h *harness) issue(t *testing.T, challenge, requestID string, seq int, code, session string, expires time.Time) {
+	t.Helper()
+	mac, err := h.pepper.MAC("p1", challenge, code)
+	testenv.Must(t, err, "mac")
+	e := events.Issued{ChallengeID: challenge, Tenant: "acme", RequestID: requestID, CodeSeq: seq, Recipient: "ana@example.com",
+		Purpose: "login", CodeLength: 6, CodeHMAC: mac, PepperKeyID: "p1", MaxAttempts: 5, SessionID: session,
+		IssuedAt: time.Now().UTC(), ExpiresAt: expires}
+	m, err := events.NewMsg(events.TypeIssued, "acme", "issued:"+challenge+":"+string(rune('0'+seq)), challenge, e, events.Envelope{Source: "test"})
+	testenv.Must(t, err, "msg")
+	_, err = h.js.PublishMsg(context.Background(), m)
+	testenv.Must(t, err, "publish issued")
+	testenv.Eventually(t, 10*time.Second, "projection", func() bool {
+		var n int
+		_ = h.pool.QueryRow(context.Background(), `SELECT count(*) FROM verifier.codes WHERE challenge_id = $1 AND code_seq = $2`, challenge, seq).Scan(&n)
+		return n == 1
+	})
+}
+
+func (h *harness) verify(t *testing.T, requestID, code, session string) events.VerifyReply {
+	t.Helper()
+	body, _ := json.Marshal(events.VerifyRequest{RequestID: requestID, Code: code, Context: events.VerifyContext{SessionID: session}})
+	msg, err := h.nc.Request("otp.verify.acme", body, 5*time.Second)
+	testenv.Must(t, err, "verify")
+	var r events.VerifyReply
+	testenv.Must(t, json.Unmarshal(msg.Data, &r), "reply %q", msg.Data)
+	return r
+}
+
+func TestConcurrentWrongGuessesCountExactly(t *testing.T) {
+	h := newHarness(t)
+	const challenge = "aaaaaaaa-aaaa-4aaa-8aaa-aaaaaaaaaaaa"
+	h.issue(t, challenge, "r1", 1, "493027", "", time.Now().Add(5*time.Minute))
+
+	const guesses = 20
+	replies := make(chan events.VerifyReply, guesses)
+	var wg sync.WaitGroup
+	for range guesses {
+		wg.Add(1)
+		go func() { defer wg.Done(); replies <- h.verify(t, "r1", "000000", "") }()
+	}
+	wg.Wait()
+	close(replies)
+	remaining := map[int]bool{}
+	counts := map[events.VerifyStatus]int{}
+	for r := range replies {
+		counts[r.Status]++
+		if r.Status == events.StatusInvalidCode {
+			remaining[r.AttemptsRemaining] = true
+		}
+	}
+	if counts[events.StatusInvalidCode] != 5 || counts[events.StatusLocked] != guesses-5 {
+		t.Fatalf("replies %v, want 5 invalid_code and %d locked", counts, guesses-5)
+	}
+	if len(remaining) != 5 {
+		t.Fatalf("attempts_remaining values %v, want 4,3,2,1,0 once each", remaining)
+	}
+	var attempts int
+	var status string
+	testenv.Must(t, h.pool.QueryRow(context.Background(), `SELECT attempts, status FROM verifier.challenges WHERE challenge_id = $1`, challenge).Scan(&attempts, &status), "read")
+	if attempts != 5 || status != "locked" {
+		t.Fatalf("attempts %d status %s, want 5 locked", attempts, status)
+	}
+	if r := h.verify(t, "r1", "493027", ""); r.Status != events.StatusLocked {
+		t.Fatalf("right code after lock: %+v", r)
+	}
+	testenv.WaitMessages(t, h.js, events.StreamEvents, "otp.locked.acme", 1, 10*time.Second)
+	if n := len(testenv.Messages(t, h.js, events.StreamEvents, "otp.locked.acme")); n != 1 {
+		t.Fatalf("%d locked events", n)
+	}
+}
+
+func TestExpiryBoundary(t *testing.T) {
+	h := newHarness(t)
+	expires := time.Now().Add(time.Minute).Truncate(time.Microsecond) // PostgreSQL keeps microseconds
+	h.issue(t, "bbbbbbbb-bbbb-4bbb-8bbb-bbbbbbbbbbbb", "r2", 1, "111111", "", expires)
+	h.issue(t, "cccccccc-cccc-4ccc-8ccc-cccccccccccc", "r3", 1, "222222", "", expires)
+
+	h.clock.set(expires)
+	if r := h.verify(t, "r2", "111111", ""); r.Status != events.StatusExpired {
+		t.Fatalf("at the expiry instant: %+v, want expired", r)
+	}
+	h.clock.set(expires.Add(-time.Microsecond))
+	if r := h.verify(t, "r3", "222222", ""); r.Status != events.StatusVerified {
+		t.Fatalf("just before expiry: %+v, want verified", r)
+	}
+}
+
+func TestResentCodesAndSessionBinding(t *testing.T) {
+	h := newHarness(t)
+	const challenge = "dddddddd-dddd-4ddd-8ddd-dddddddddddd"
+	h.issue(t, challenge, "r4", 1, "111111", "s-1", time.Now().Add(5*time.Minute))
+	h.issue(t, challenge, "r4", 2, "222222", "s-1", time.Now().Add(5*time.Minute))
+
+	if r := h.verify(t, "r4", "111111", "other"); r.Status != events.StatusInvalidCode || r.AttemptsRemaining != 4 {
+		t.Fatalf("right code from another session: %+v", r)
+	}
+	// The first code still works after a resend: a slow first mail is not wasted.
+	if r := h.verify(t, "r4", "111111", "s-1"); r.Status != events.StatusVerified {
+		t.Fatalf("first code after resend: %+v", r)
+	}
+	if r := h.verify(t, "r4", "222222", "s-1"); r.Status != events.StatusAlreadyUsed {
+		t.Fatalf("second code after the first verified: %+v", r)
+	}
+}
+
+func TestBadRequest(t *testing.T) {
+	h := newHarness(t)
+	msg, err := h.nc.Request("otp.verify.acme", []byte(`{"request_id":"r","code":"1","extra":true}`), 5*time.Second)
+	testenv.Must(t, err, "request")
+	var r events.VerifyReply
+	testenv.Must(t, json.Unmarshal(msg.Data, &r), "reply")
+	if r.Status != events.StatusBadRequest || r.Reason == "" {
+		t.Fatalf("reply %+v, want bad_request with a reason", r)
+	}
+	if r := h.verify(t, "never", "123456", ""); r.Status != events.StatusNotFound {
+		t.Fatalf("unknown request: %+v", r)
+	}
+}
