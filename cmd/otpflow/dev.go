@@ -191,7 +191,7 @@ func privateCluster(bin, dataDir string) (string, func(), error) {
 	port := ln.Addr().(*net.TCPAddr).Port
 	ln.Close()
 	opts := fmt.Sprintf("-p %d -k %s -c listen_addresses=127.0.0.1", port, sock)
-	if out, err := runAs("pg_ctl", "-D", dataDir, "-o", opts, "-l", dataDir+".log", "-w", "start").CombinedOutput(); err != nil {
+	if out, err := runAs("pg_ctl", "-D", dataDir, "-o", opts, "-l", filepath.Join(sock, "postgres.log"), "-w", "start").CombinedOutput(); err != nil {
 		return "", nil, fmt.Errorf("pg_ctl start: %v: %s", err, out)
 	}
 	stop := func() { _ = runAs("pg_ctl", "-D", dataDir, "-m", "fast", "-w", "stop").Run() }
