@@ -29,7 +29,7 @@ type world struct {
 	env  map[string]string
 }
 
-func newWorld(t *testing.T) *world {
+func newWorld(t testing.TB) *world {
 	t.Helper()
 	w := &world{nats: testenv.NATS(t), db: testenv.Database(t), smtp: testenv.StartSMTP(t)}
 	w.env = map[string]string{
