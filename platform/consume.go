@@ -21,7 +21,9 @@ func ConsumeBatches(ctx context.Context, cons jetstream.Consumer, size int, hand
 	if size < 1 {
 		size = 1
 	}
-	buf := make(chan jetstream.Msg, 2*size+1)
+	// Room for everything Consume may have pulled while a batch is in hand, so the
+	// delivery callback (which also sees heartbeats) does not block.
+	buf := make(chan jetstream.Msg, 4*size+1)
 	cc, err := cons.Consume(func(m jetstream.Msg) { buf <- m },
 		jetstream.PullMaxMessages(2*size),
 		jetstream.PullExpiry(5*time.Second),
