@@ -33,6 +33,9 @@ type Common struct {
 	LogLevel    string // OTP_LOG_LEVEL: debug, info, warn, error
 	// ShutdownTimeout bounds the drain on SIGTERM (OTP_SHUTDOWN_TIMEOUT, default 25s).
 	ShutdownTimeout time.Duration
+	// ConnectTimeout bounds the wait for PostgreSQL and NATS at start
+	// (OTP_CONNECT_TIMEOUT, default 30s).
+	ConnectTimeout time.Duration
 }
 
 // DefaultNATSURL is used when OTP_NATS_URL is unset.
@@ -55,6 +58,9 @@ func LoadCommon(getenv Getenv) (Common, error) {
 		return c, err
 	}
 	if c.ShutdownTimeout, err = DurationVar(getenv, "OTP_SHUTDOWN_TIMEOUT", 25*time.Second); err != nil {
+		return c, err
+	}
+	if c.ConnectTimeout, err = DurationVar(getenv, "OTP_CONNECT_TIMEOUT", 30*time.Second); err != nil {
 		return c, err
 	}
 	if (c.NATSTLSCert == "") != (c.NATSTLSKey == "") {

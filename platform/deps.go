@@ -6,6 +6,7 @@ import (
 	"log/slog"
 	"time"
 
+	"github.com/cenkalti/backoff/v4"
 	"github.com/jackc/pgx/v5/pgxpool"
 	"github.com/nats-io/nats.go"
 	"github.com/nats-io/nats.go/jetstream"
@@ -22,13 +23,19 @@ type Deps struct {
 	Reg  *prometheus.Registry
 }
 
-// Open connects service svc to PostgreSQL and NATS.
+// Open connects service svc to PostgreSQL and NATS. A service may start before its
+// neighbours (a compose file, a rolling restart): it retries with exponential backoff
+// for up to c.ConnectTimeout, logging each wait, then gives up with the last error.
 func Open(ctx context.Context, c Common, svc string, log *slog.Logger) (*Deps, error) {
-	pool, err := OpenPostgres(ctx, c.DatabaseURL)
+	pool, err := retryConnect(ctx, c.ConnectTimeout, log, "PostgreSQL", func() (*pgxpool.Pool, error) {
+		return OpenPostgres(ctx, c.DatabaseURL)
+	})
 	if err != nil {
 		return nil, err
 	}
-	nc, err := ConnectNATS(c, svc, log)
+	nc, err := retryConnect(ctx, c.ConnectTimeout, log, "NATS", func() (*nats.Conn, error) {
+		return ConnectNATS(c, svc, log)
+	})
 	if err != nil {
 		pool.Close()
 		return nil, err
@@ -40,6 +47,21 @@ func Open(ctx context.Context, c Common, svc string, log *slog.Logger) (*Deps, e
 		return nil, err
 	}
 	return &Deps{Pool: pool, NC: nc, JS: js, Reg: NewRegistry()}, nil
+}
+
+func retryConnect[T any](ctx context.Context, timeout time.Duration, log *slog.Logger, what string, connect func() (T, error)) (T, error) {
+	b := backoff.NewExponentialBackOff(backoff.WithInitialInterval(200*time.Millisecond),
+		backoff.WithMaxInterval(5*time.Second), backoff.WithMaxElapsedTime(timeout))
+	return backoff.RetryNotifyWithData(func() (T, error) {
+		v, err := connect()
+		var cfgErr *ConfigError
+		if errors.As(err, &cfgErr) {
+			return v, backoff.Permanent(err) // waiting does not fix a bad setting
+		}
+		return v, err
+	}, backoff.WithContext(b, ctx), func(err error, wait time.Duration) {
+		log.Warn("waiting for "+what, "retry_in", wait.Round(time.Millisecond), "err", err)
+	})
 }
 
 // Close drains the NATS connection (pending publishes and replies go out) and closes the
