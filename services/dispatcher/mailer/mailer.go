@@ -46,9 +46,13 @@ type Class string
 const (
 	// Transient: retry later, here or on the next provider.
 	Transient Class = "transient"
-	// Throttled: the provider asks us to slow down; try the next provider.
+	// Throttled: the provider asks us to slow down; slow its token bucket and try the
+	// next provider.
 	Throttled Class = "throttled"
-	// ProviderDown: the provider is unreachable or misconfigured; fail over at once.
+	// QuotaExhausted: the provider's daily or account quota is spent; fail over and keep
+	// the provider out of the way for a while.
+	QuotaExhausted Class = "quota_exhausted"
+	// ProviderDown: the provider is unreachable, paused or misconfigured; fail over at once.
 	ProviderDown Class = "provider_down"
 	// Permanent: this message will never be accepted (bad recipient, rejected content);
 	// do not retry and do not fail over.

@@ -7,7 +7,9 @@ import (
 	"fmt"
 	"net"
 	"net/url"
+	"net/textproto"
 	"strconv"
+	"strings"
 	"time"
 
 	"github.com/otpflow/otpflow/services/dispatcher/mailer"
@@ -110,40 +112,61 @@ func (p *Provider) Send(ctx context.Context, m *mailer.Message) (mailer.Receipt,
 	return mailer.Receipt{MessageID: msg.GetMessageID()}, nil
 }
 
-// Classify maps an SMTP send error to a failure class.
+// Classify maps an SMTP send error to a failure class (RFC 5321 reply codes; SES's SMTP
+// interface says "454 Throttling failure: Maximum sending rate exceeded" and "454 Daily
+// message quota exceeded").
 func Classify(err error) mailer.Class {
 	var se *gomail.SendError
 	if errors.As(err, &se) {
 		code := se.ErrorCode()
+		text := strings.ToLower(se.Error())
 		switch {
 		case se.Reason == gomail.ErrSMTPDataClose && code == 0:
 			// The message went over the wire and the final answer never came.
 			return mailer.Ambiguous
-		case code == 421 || code == 450 || code == 451 || code == 452:
+		case code == 0:
+			return classifyNet(err)
+		case strings.Contains(text, "daily") && strings.Contains(text, "quota"):
+			return mailer.QuotaExhausted
+		case code == 454 || (code == 421 || code == 450 || code == 451) && (strings.Contains(text, "rate") || strings.Contains(text, "too many")):
+			return mailer.Throttled
+		case code >= 400 && code < 500:
 			return mailer.Transient
-		case code == 535 || code == 530 || code == 534:
-			return mailer.ProviderDown
-		case code >= 500 && (se.Reason == gomail.ErrSMTPRcptTo || se.Reason == gomail.ErrSMTPData || se.Reason == gomail.ErrSMTPDataClose):
-			return mailer.Permanent
-		case code >= 500:
-			return mailer.ProviderDown
-		case se.IsTemp() || code >= 400:
-			return mailer.Transient
+		case code == 530 || code == 534 || code == 535 || code == 538:
+			return mailer.ProviderDown // authentication: our configuration
+		case se.Reason == gomail.ErrSMTPMailFrom:
+			return mailer.ProviderDown // the relay refuses our sender
+		case se.Reason == gomail.ErrSMTPRcptTo || se.Reason == gomail.ErrSMTPData || se.Reason == gomail.ErrSMTPDataClose:
+			return mailer.Permanent // this recipient or this content
 		}
-		return mailer.Transient
+		return mailer.ProviderDown
 	}
+	return classifyNet(err)
+}
+
+// classifyNet classifies an error without an SMTP reply: nothing was handed over.
+func classifyNet(err error) mailer.Class {
 	var dnsErr *net.DNSError
 	var opErr *net.OpError
+	text := strings.ToLower(err.Error())
 	switch {
 	case errors.As(err, &dnsErr):
 		return mailer.ProviderDown
-	case errors.As(err, &opErr) && opErr.Op == "dial":
-		if opErr.Timeout() {
-			return mailer.Transient
-		}
+	case errors.As(err, &opErr) && opErr.Op == "dial" && !opErr.Timeout():
+		return mailer.ProviderDown // refused, unreachable
+	case strings.Contains(text, "auth") && (strings.Contains(text, "535") || strings.Contains(text, "failed")):
 		return mailer.ProviderDown
-	case errors.Is(err, context.DeadlineExceeded), errors.Is(err, context.Canceled):
-		return mailer.Transient
+	case strings.Contains(text, "starttls") || strings.Contains(text, "tls"):
+		return mailer.ProviderDown // the relay cannot give the TLS we require
+	}
+	var reply *textproto.Error
+	if errors.As(err, &reply) {
+		switch {
+		case reply.Code >= 500:
+			return mailer.ProviderDown
+		case reply.Code == 421 && (strings.Contains(text, "rate") || strings.Contains(text, "too many")):
+			return mailer.Throttled
+		}
 	}
 	return mailer.Transient
 }
