@@ -120,14 +120,17 @@ type Superseded struct {
 // code. The id is "delivered:<challenge>:<seq>", so a redelivered job that was already
 // sent re-publishes the same event.
 type Delivered struct {
-	ChallengeID       string    `json:"challenge_id"`
-	Tenant            string    `json:"tenant"`
-	RequestID         string    `json:"request_id"`
-	CodeSeq           int       `json:"code_seq"`
-	Provider          string    `json:"provider"`
-	ProviderMessageID string    `json:"provider_message_id,omitempty"`
-	Attempts          int       `json:"attempts"`
-	DeliveredAt       time.Time `json:"delivered_at"`
+	ChallengeID       string `json:"challenge_id"`
+	Tenant            string `json:"tenant"`
+	RequestID         string `json:"request_id"`
+	CodeSeq           int    `json:"code_seq"`
+	Provider          string `json:"provider"`
+	ProviderMessageID string `json:"provider_message_id,omitempty"`
+	Attempts          int    `json:"attempts"`
+	// Unconfirmed is set when the provider took the message but twice gave no final
+	// answer: the mail most likely went out, and it is not sent a third time.
+	Unconfirmed bool      `json:"unconfirmed,omitempty"`
+	DeliveredAt time.Time `json:"delivered_at"`
 }
 
 // DeliveryFailed is the body of otp.delivery_failed.<tenant>: the mail of one code could

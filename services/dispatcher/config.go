@@ -1,15 +1,19 @@
 package dispatcher
 
 import (
+	"context"
 	"fmt"
 	"net/mail"
+	"strconv"
 	"strings"
+	"time"
 
 	"github.com/otpflow/otpflow/events"
 	"github.com/otpflow/otpflow/platform"
 	"github.com/otpflow/otpflow/platform/keys"
 	"github.com/otpflow/otpflow/services/dispatcher/maildir"
 	"github.com/otpflow/otpflow/services/dispatcher/mailer"
+	"github.com/otpflow/otpflow/services/dispatcher/ses"
 	"github.com/otpflow/otpflow/services/dispatcher/smtp"
 )
 
@@ -31,11 +35,25 @@ func LoadConfig(getenv platform.Getenv, common platform.Common) (Config, error) 
 	if err != nil {
 		return Config{}, err
 	}
+	budget, err := platform.DurationVar(getenv, "OTP_SEND_RETRY_BUDGET", 2*time.Second)
+	if err != nil {
+		return Config{}, err
+	}
+	breakerTimeout, err := platform.DurationVar(getenv, "OTP_BREAKER_OPEN_TIMEOUT", 30*time.Second)
+	if err != nil {
+		return Config{}, err
+	}
+	cfg := Config{Sealer: sealer, From: from, Concurrency: concurrency, TemplateDir: getenv("OTP_TEMPLATES_DIR"),
+		Guards: map[string]mailer.GuardConfig{}, RateSources: map[string]func(context.Context) (float64, error){},
+		Streams: events.StreamOptions{Replicas: common.Replicas}}
+	guard := func(rateVar string) (mailer.GuardConfig, error) {
+		r, err := floatVar(getenv, rateVar)
+		return mailer.GuardConfig{RetryBudget: budget, BreakerTimeout: breakerTimeout, Rate: r}, err
+	}
 	names := strings.TrimSpace(getenv("OTP_PROVIDERS"))
 	if names == "" {
 		return Config{}, &platform.ConfigError{Var: "OTP_PROVIDERS", Msg: "not set; name the provider chain, e.g. smtp or sandbox"}
 	}
-	var providers []mailer.Provider
 	seen := map[string]bool{}
 	for _, name := range strings.Split(names, ",") {
 		name = strings.TrimSpace(name)
@@ -44,16 +62,33 @@ func LoadConfig(getenv platform.Getenv, common platform.Common) (Config, error) 
 		}
 		seen[name] = true
 		switch name {
+		case "ses":
+			sc := ses.Config{Region: getenv("OTP_SES_REGION"), Endpoint: getenv("OTP_SES_ENDPOINT"),
+				ConfigurationSet: getenv("OTP_SES_CONFIGURATION_SET")}
+			client, err := ses.NewClient(context.Background(), sc)
+			if err != nil {
+				return Config{}, &platform.ConfigError{Var: "OTP_SES_REGION", Msg: err.Error()}
+			}
+			if cfg.Guards["ses"], err = guard("OTP_SES_MAX_SEND_RATE"); err != nil {
+				return Config{}, err
+			}
+			if cfg.Guards["ses"].Rate == 0 {
+				cfg.RateSources["ses"] = func(ctx context.Context) (float64, error) { return ses.MaxSendRate(ctx, client) }
+			}
+			cfg.Providers = append(cfg.Providers, ses.New(client, sc))
 		case "smtp":
 			raw := getenv("OTP_SMTP_URL")
 			if raw == "" {
 				return Config{}, &platform.ConfigError{Var: "OTP_SMTP_URL", Msg: "not set, and OTP_PROVIDERS names smtp"}
 			}
-			cfg, err := smtp.ParseURL(raw)
+			sc, err := smtp.ParseURL(raw)
 			if err != nil {
 				return Config{}, &platform.ConfigError{Var: "OTP_SMTP_URL", Msg: err.Error()}
 			}
-			providers = append(providers, smtp.New(cfg))
+			if cfg.Guards["smtp"], err = guard("OTP_SMTP_MAX_SEND_RATE"); err != nil {
+				return Config{}, err
+			}
+			cfg.Providers = append(cfg.Providers, smtp.New(sc))
 		case "sandbox":
 			dir := getenv("OTP_SANDBOX_MAILDIR")
 			if dir == "" {
@@ -63,11 +98,23 @@ func LoadConfig(getenv platform.Getenv, common platform.Common) (Config, error) 
 			if err != nil {
 				return Config{}, &platform.ConfigError{Var: "OTP_SANDBOX_MAILDIR", Msg: err.Error()}
 			}
-			providers = append(providers, p)
+			cfg.Guards["sandbox"] = mailer.GuardConfig{RetryBudget: budget, BreakerTimeout: breakerTimeout}
+			cfg.Providers = append(cfg.Providers, p)
 		default:
-			return Config{}, &platform.ConfigError{Var: "OTP_PROVIDERS", Msg: fmt.Sprintf("unknown provider %q; this build has smtp and sandbox", name)}
+			return Config{}, &platform.ConfigError{Var: "OTP_PROVIDERS", Msg: fmt.Sprintf("unknown provider %q; the providers are ses, smtp and sandbox", name)}
 		}
 	}
-	return Config{Sealer: sealer, Providers: providers, From: from, Concurrency: concurrency,
-		Streams: events.StreamOptions{Replicas: common.Replicas}}, nil
+	return cfg, nil
+}
+
+func floatVar(getenv platform.Getenv, name string) (float64, error) {
+	v := strings.TrimSpace(getenv(name))
+	if v == "" {
+		return 0, nil
+	}
+	f, err := strconv.ParseFloat(v, 64)
+	if err != nil || f <= 0 {
+		return 0, &platform.ConfigError{Var: name, Msg: "must be a positive number of messages per second"}
+	}
+	return f, nil
 }

@@ -1,6 +1,12 @@
 // Package dispatcher mails the codes: it takes dispatch jobs from the OTP_DISPATCH work
 // queue, unseals the code, renders the mail and sends it through the provider chain,
 // and reports otp.delivered, otp.delivery_failed or otp.dispatch_expired.
+//
+// A job goes through three stages, each batched: admit (decode, claim a lease on the
+// delivery row, all claims of a pull in one transaction), send (up to Concurrency at a
+// time, each provider guarded by retries, a breaker and a token bucket), and record (the
+// results that are ready, in one transaction, then the events, then the acks). A slow
+// send holds only its own slot, never a batch.
 package dispatcher
 
 import (
@@ -10,6 +16,7 @@ import (
 	"fmt"
 	"io/fs"
 	"log/slog"
+	"math/rand/v2"
 	"sync"
 	"time"
 
@@ -38,27 +45,46 @@ func Migrations() fs.FS {
 
 // Config is the dispatcher's configuration.
 type Config struct {
-	Sealer    *keys.Sealer
+	Sealer *keys.Sealer
+	// Providers in failover order (OTP_PROVIDERS). Each is wrapped in a mailer.Guard with
+	// the policy Guards names for it.
 	Providers []mailer.Provider
-	From      string
+	Guards    map[string]mailer.GuardConfig
+	// RateSources read a provider's send quota at start (SES GetAccount) when no rate
+	// is configured; the local bucket is set to 80% of it.
+	RateSources map[string]func(context.Context) (float64, error)
+	From        string
 	// Concurrency is the number of sends in flight per process (OTP_DISPATCH_CONCURRENCY).
 	Concurrency int
-	Streams     events.StreamOptions
+	// TemplateDir holds tenant overrides: <dir>/<tenant>/<locale>/{subject.txt,body.txt,body.html}.
+	TemplateDir string
+	// Lease is how long a claim keeps other dispatchers off a job; default the
+	// consumer's AckWait. Every send finishes well inside it.
+	Lease   time.Duration
+	Streams events.StreamOptions
 }
 
 // Service is one dispatcher process. Any number share the durable consumer.
 type Service struct {
-	cfg   Config
-	pool  *pgxpool.Pool
-	js    jetstream.JetStream
-	log   *slog.Logger
-	chain *mailer.Chain
-	tmpl  *Templates
-	now   func() time.Time
+	cfg    Config
+	pool   *pgxpool.Pool
+	js     jetstream.JetStream
+	log    *slog.Logger
+	reg    prometheus.Registerer
+	chain  *mailer.Chain
+	guards []*mailer.Guard
+	tmpl   *Templates
+	now    func() time.Time
 
-	sends   *prometheus.CounterVec
-	latency *prometheus.HistogramVec
-	jobs    *prometheus.CounterVec
+	slots    chan struct{}
+	inflight sync.WaitGroup
+
+	sends     *prometheus.CounterVec
+	latency   *prometheus.HistogramVec
+	jobs      *prometheus.CounterVec
+	fallbacks *prometheus.CounterVec
+	breaker   *prometheus.GaugeVec
+	ambiguous prometheus.Counter
 }
 
 // New returns a dispatcher; Run starts it. The schema must be migrated.
@@ -69,27 +95,82 @@ func New(cfg Config, pool *pgxpool.Pool, js jetstream.JetStream, log *slog.Logge
 	if cfg.Concurrency < 1 {
 		cfg.Concurrency = 16
 	}
-	tmpl, err := LoadTemplates()
+	if cfg.Lease == 0 {
+		cfg.Lease = events.DispatcherConsumer.AckWait
+	}
+	tmpl, err := LoadTemplates(cfg.TemplateDir)
 	if err != nil {
 		return nil, err
 	}
 	s := &Service{
-		cfg: cfg, pool: pool, js: js, log: log, chain: &mailer.Chain{Providers: cfg.Providers}, tmpl: tmpl, now: time.Now,
+		cfg: cfg, pool: pool, js: js, log: log, reg: reg, tmpl: tmpl, now: time.Now,
+		slots: make(chan struct{}, cfg.Concurrency),
 		sends: prometheus.NewCounterVec(prometheus.CounterOpts{
-			Name: "otpflow_dispatcher_sends_total", Help: "Send attempts by provider and outcome (ok or failure class).",
+			Name: "otpflow_dispatcher_sends_total", Help: "Provider calls by provider and outcome (ok or failure class).",
 		}, []string{"provider", "outcome"}),
 		latency: prometheus.NewHistogramVec(prometheus.HistogramOpts{
-			Name: "otpflow_dispatcher_send_seconds", Help: "Provider send latency.",
+			Name: "otpflow_dispatcher_send_seconds", Help: "Latency of one provider call.",
 			Buckets: prometheus.ExponentialBuckets(0.005, 2, 12),
 		}, []string{"provider"}),
 		jobs: prometheus.NewCounterVec(prometheus.CounterOpts{
-			Name: "otpflow_dispatcher_jobs_total", Help: "Dispatch jobs settled, by outcome.",
-		}, []string{"outcome"}),
+			Name: "otpflow_dispatcher_jobs_total", Help: "Dispatch job deliveries settled, by result.",
+		}, []string{"result"}),
+		fallbacks: prometheus.NewCounterVec(prometheus.CounterOpts{
+			Name: "otpflow_dispatcher_fallbacks_total", Help: "Mails sent by a later provider after the first failed.",
+		}, []string{"from", "to"}),
+		breaker: prometheus.NewGaugeVec(prometheus.GaugeOpts{
+			Name: "otpflow_dispatcher_breaker_state", Help: "Circuit breaker per provider: 0 closed, 1 half-open, 2 open.",
+		}, []string{"provider"}),
+		ambiguous: prometheus.NewCounter(prometheus.CounterOpts{
+			Name: "otpflow_dispatcher_ambiguous_total", Help: "Sends handed over without a final answer.",
+		}),
 	}
+	var chain []mailer.Provider
+	for _, p := range cfg.Providers {
+		gc := cfg.Guards[p.Name()]
+		gc.OnStateChange = func(name, from, to string) {
+			s.log.Warn("circuit breaker", "provider", name, "from", from, "to", to)
+			s.breaker.WithLabelValues(name).Set(breakerValue(to))
+		}
+		g := mailer.NewGuard(&instrumented{p: p, s: s}, gc)
+		s.breaker.WithLabelValues(p.Name()).Set(0)
+		s.guards = append(s.guards, g)
+		chain = append(chain, g)
+	}
+	s.chain = &mailer.Chain{Providers: chain}
 	if reg != nil {
-		reg.MustRegister(s.sends, s.latency, s.jobs)
+		reg.MustRegister(s.sends, s.latency, s.jobs, s.fallbacks, s.breaker, s.ambiguous)
 	}
 	return s, nil
+}
+
+func breakerValue(state string) float64 {
+	switch state {
+	case "half-open":
+		return 1
+	case "open":
+		return 2
+	}
+	return 0
+}
+
+// instrumented counts and times every call of one provider.
+type instrumented struct {
+	p mailer.Provider
+	s *Service
+}
+
+func (i *instrumented) Name() string { return i.p.Name() }
+func (i *instrumented) Send(ctx context.Context, m *mailer.Message) (mailer.Receipt, error) {
+	start := time.Now()
+	r, err := i.p.Send(ctx, m)
+	i.s.latency.WithLabelValues(i.p.Name()).Observe(time.Since(start).Seconds())
+	outcome := "ok"
+	if err != nil {
+		outcome = string(mailer.ClassOf(err))
+	}
+	i.s.sends.WithLabelValues(i.p.Name(), outcome).Inc()
+	return r, err
 }
 
 // Run consumes dispatch jobs until ctx is cancelled, then finishes the sends in hand.
@@ -103,40 +184,86 @@ func (s *Service) Run(ctx context.Context) error {
 	if err != nil {
 		return err
 	}
+	if s.reg != nil {
+		if err := s.reg.Register(platform.NewConsumerLag(cons, events.StreamDispatch, events.ConsumerDispatcher)); err != nil {
+			s.log.Warn("consumer lag metric", "err", err)
+		}
+	}
+	for i, p := range s.cfg.Providers {
+		if src := s.cfg.RateSources[p.Name()]; src != nil {
+			if r, err := src(setupCtx); err != nil {
+				s.log.Warn("read provider quota; no local rate limit", "provider", p.Name(), "err", err)
+			} else {
+				s.guards[i].SetRate(r * 0.8)
+				s.log.Info("provider quota", "provider", p.Name(), "max_send_rate", r, "local_rate", r*0.8)
+			}
+		}
+	}
 	s.log.Info("dispatcher consuming", "stream", events.StreamDispatch, "consumer", events.ConsumerDispatcher,
 		"concurrency", s.cfg.Concurrency)
-	return platform.ConsumeBatches(ctx, cons, s.cfg.Concurrency, s.handleBatch)
+
+	results := make(chan *job, 4*s.cfg.Concurrency)
+	recorded := make(chan struct{})
+	go func() {
+		defer close(recorded)
+		s.recordLoop(results)
+	}()
+	err = platform.ConsumeBatches(ctx, cons, s.cfg.Concurrency, func(ctx context.Context, batch []jetstream.Msg) {
+		s.admit(ctx, batch, results)
+	})
+	s.inflight.Wait()
+	close(results)
+	<-recorded
+	return err
 }
 
-// job is one pulled dispatch job on its way through a batch.
+// job is one pulled dispatch job on its way through the stages.
 type job struct {
 	msg jetstream.Msg
 	md  *jetstream.MsgMetadata
 	job events.DispatchJob
 
-	// The delivery row as claimed.
+	// The delivery row as found when claiming.
+	row     deliveryRow
+	claimed bool // this worker holds the lease
+
+	// What happened; record and settle act on it.
+	result      string
+	reason      string
+	provider    string
+	providerMsg string
+	unconfirmed bool
+	exhausted   bool
+	holdFor     time.Duration
+}
+
+type deliveryRow struct {
+	exists      bool
 	status      string
 	attempts    int
 	provider    string
 	providerMsg string
-
-	// What this batch decided; settle acts on it.
-	result    string // sent, failed, expired, retry
-	reason    string
-	exhausted bool // transient failures used up MaxDeliver
-	outMsgs   []*nats.Msg
+	leaseUntil  time.Time
+	ambiguous   int
+	confirmed   bool
+	lastError   string
 }
 
-// Delivery row states.
+// Delivery row states and job results.
 const (
 	stateSending = "sending"
 	stateSent    = "sent"
 	stateFailed  = "failed"
 	stateExpired = "expired"
-	resultRetry  = "retry"
+
+	resultRetry     = "retry"     // transient failure: redeliver later
+	resultAmbiguous = "ambiguous" // no final answer: one deliberate re-send later
+	resultHeld      = "held"      // another dispatcher holds the lease
 )
 
-func (s *Service) handleBatch(ctx context.Context, batch []jetstream.Msg) {
+// admit decodes a pulled batch, takes a send slot per job (this is the backpressure: a
+// full process stops pulling), claims all of them in one transaction and starts the sends.
+func (s *Service) admit(ctx context.Context, batch []jetstream.Msg, results chan<- *job) {
 	var jobs []*job
 	for _, m := range batch {
 		md, err := m.Metadata()
@@ -165,66 +292,103 @@ func (s *Service) handleBatch(ctx context.Context, batch []jetstream.Msg) {
 	if len(jobs) == 0 {
 		return
 	}
+	for range jobs {
+		s.slots <- struct{}{}
+	}
+	release := func() { <-s.slots }
 	if err := s.claim(ctx, jobs); err != nil {
 		s.log.Error("claim deliveries", "jobs", len(jobs), "err", err)
 		for _, j := range jobs {
+			release()
 			_ = j.msg.NakWithDelay(platform.RetryDelay(j.md.NumDelivered, 30*time.Second))
 		}
 		return
 	}
-
 	now := s.now()
-	var wg sync.WaitGroup
 	for _, j := range jobs {
 		switch {
-		case j.status != stateSending:
-			j.result = j.status // settled earlier: report again, send nothing
+		case !j.claimed:
+			release()
+			results <- j
 		case !now.Before(j.job.ExpiresAt):
 			j.result = stateExpired
+			release()
+			results <- j
 		default:
-			wg.Add(1)
+			s.inflight.Add(1)
 			go func() {
-				defer wg.Done()
+				defer s.inflight.Done()
 				s.send(ctx, j)
+				release()
+				results <- j
 			}()
 		}
 	}
-	wg.Wait()
-
-	if err := s.record(ctx, jobs); err != nil {
-		// The mails that went out may go out again on redelivery: the one window in
-		// which a crash or a database failure can send a code twice.
-		s.log.Error("record deliveries", "jobs", len(jobs), "err", err)
-		for _, j := range jobs {
-			_ = j.msg.NakWithDelay(platform.RetryDelay(j.md.NumDelivered, 30*time.Second))
-		}
-		return
-	}
-	s.settle(ctx, jobs)
 }
 
-// claim upserts a 'sending' row per job (counting the attempt) and reads back each row's
-// state, all in one transaction.
+type deliveryKey struct {
+	challenge string
+	seq       int
+}
+
+// claim locks the delivery rows of the batch and takes a lease on each job that nobody
+// else holds and that has not been settled, all in one transaction.
 func (s *Service) claim(ctx context.Context, jobs []*job) error {
 	return pgx.BeginFunc(ctx, s.pool, func(tx pgx.Tx) error {
-		b := &pgx.Batch{}
+		lock := &pgx.Batch{}
+		seen := map[deliveryKey]bool{}
+		var first []*job
 		for _, j := range jobs {
-			b.Queue(`INSERT INTO dispatcher.deliveries (challenge_id, code_seq, tenant, request_id, status, attempts, expires_at, claimed_at)
-				VALUES ($1, $2, $3, $4, 'sending', 1, $5, now())
-				ON CONFLICT (challenge_id, code_seq) DO UPDATE SET
-					attempts = dispatcher.deliveries.attempts + CASE WHEN dispatcher.deliveries.status = 'sending' THEN 1 ELSE 0 END,
-					claimed_at = now()
-				RETURNING status, attempts, provider, provider_message_id`,
-				j.job.ChallengeID, j.job.CodeSeq, j.job.Tenant, j.job.RequestID, j.job.ExpiresAt)
+			j.claimed, j.row, j.result = false, deliveryRow{}, ""
+			k := deliveryKey{j.job.ChallengeID, j.job.CodeSeq}
+			if seen[k] {
+				// The same job twice in one pull: handle it again once the first settles.
+				j.result, j.holdFor = resultHeld, time.Second
+				continue
+			}
+			seen[k] = true
+			first = append(first, j)
+			lock.Queue(`SELECT status, attempts, provider, provider_message_id, lease_until, ambiguous, confirmed, last_error
+				FROM dispatcher.deliveries WHERE challenge_id = $1 AND code_seq = $2 FOR UPDATE`, k.challenge, k.seq)
 		}
-		res := tx.SendBatch(ctx, b)
-		defer res.Close()
-		for _, j := range jobs {
-			if err := res.QueryRow().Scan(&j.status, &j.attempts, &j.provider, &j.providerMsg); err != nil {
-				return err
+		res := tx.SendBatch(ctx, lock)
+		for _, j := range first {
+			r := &j.row
+			err := res.QueryRow().Scan(&r.status, &r.attempts, &r.provider, &r.providerMsg, &r.leaseUntil, &r.ambiguous, &r.confirmed, &r.lastError)
+			switch {
+			case errors.Is(err, pgx.ErrNoRows):
+			case err != nil:
+				res.Close()
+				return fmt.Errorf("lock deliveries: %w", err)
+			default:
+				r.exists = true
 			}
 		}
-		return res.Close()
+		if err := res.Close(); err != nil {
+			return err
+		}
+
+		now := s.now()
+		writes := &pgx.Batch{}
+		for _, j := range first {
+			r, dj := j.row, j.job
+			switch {
+			case !r.exists:
+				writes.Queue(`INSERT INTO dispatcher.deliveries (challenge_id, code_seq, tenant, request_id, status, attempts,
+					expires_at, claimed_at, lease_until) VALUES ($1, $2, $3, $4, 'sending', 1, $5, $6, $7)`,
+					dj.ChallengeID, dj.CodeSeq, dj.Tenant, dj.RequestID, dj.ExpiresAt, now, now.Add(s.cfg.Lease))
+				j.claimed, j.row.attempts = true, 1
+			case r.status != stateSending:
+				j.result = r.status // settled before: report it again, send nothing
+			case r.leaseUntil.After(now):
+				j.result, j.holdFor = resultHeld, r.leaseUntil.Sub(now)+100*time.Millisecond
+			default:
+				writes.Queue(`UPDATE dispatcher.deliveries SET attempts = attempts + 1, claimed_at = $3, lease_until = $4
+					WHERE challenge_id = $1 AND code_seq = $2`, dj.ChallengeID, dj.CodeSeq, now, now.Add(s.cfg.Lease))
+				j.claimed, j.row.attempts = true, r.attempts+1
+			}
+		}
+		return tx.SendBatch(ctx, writes).Close()
 	})
 }
 
@@ -234,7 +398,7 @@ func (s *Service) send(ctx context.Context, j *job) {
 	stop := make(chan struct{})
 	defer close(stop)
 	go func() {
-		t := time.NewTicker(events.DispatcherConsumer.AckWait / 3)
+		t := time.NewTicker(events.DispatcherConsumer.AckWait / 4)
 		defer t.Stop()
 		for {
 			select {
@@ -245,6 +409,10 @@ func (s *Service) send(ctx context.Context, j *job) {
 			}
 		}
 	}()
+	// The whole chain finishes well inside the lease, so no other dispatcher can take
+	// the job while this one may still send it.
+	ctx, cancel := context.WithTimeout(ctx, s.cfg.Lease*3/4)
+	defer cancel()
 
 	code, err := s.cfg.Sealer.Open(j.job.SealKeyID, j.job.ChallengeID, j.job.SealedCode)
 	if err != nil {
@@ -252,81 +420,109 @@ func (s *Service) send(ctx context.Context, j *job) {
 		return
 	}
 	minutes := int(j.job.ExpiresAt.Sub(j.job.IssuedAt).Round(time.Minute) / time.Minute)
-	subject, text, html, err := s.tmpl.Render(j.job.Locale, TemplateData{Code: code, Minutes: max(minutes, 1), Purpose: j.job.Purpose, Tenant: j.job.Tenant})
+	subject, text, html, err := s.tmpl.Render(j.job.Tenant, j.job.Locale, TemplateData{Code: code, Minutes: max(minutes, 1), Purpose: j.job.Purpose, Tenant: j.job.Tenant})
 	if err != nil {
 		j.result, j.reason = stateFailed, "render: "+err.Error()
 		return
 	}
-	id := fmt.Sprintf("%s:%d", j.job.ChallengeID, j.job.CodeSeq)
 	m := &mailer.Message{
-		From: s.cfg.From, To: j.job.Recipient, Subject: subject, Text: text, HTML: html, ID: id,
+		From: s.cfg.From, To: j.job.Recipient, Subject: subject, Text: text, HTML: html,
+		ID:      fmt.Sprintf("%s:%d", j.job.ChallengeID, j.job.CodeSeq),
 		Headers: map[string]string{"X-Otp-Challenge-Id": j.job.ChallengeID, "X-Otp-Tenant": j.job.Tenant},
 		Tags:    map[string]string{"tenant": j.job.Tenant, "purpose": j.job.Purpose, "challenge_id": j.job.ChallengeID},
 	}
-	start := time.Now()
 	res, err := s.chain.Send(ctx, m)
-	for _, a := range res.Attempts {
-		outcome := "ok"
-		if a.Err != nil {
-			outcome = string(mailer.ClassOf(a.Err))
-		}
-		s.sends.WithLabelValues(a.Provider, outcome).Inc()
-	}
 	if err == nil {
-		s.latency.WithLabelValues(res.Provider).Observe(time.Since(start).Seconds())
 		j.result, j.provider, j.providerMsg = stateSent, res.Provider, res.Receipt.MessageID
+		if first := res.Attempts[0].Provider; first != res.Provider {
+			s.fallbacks.WithLabelValues(first, res.Provider).Inc()
+		}
 		return
 	}
 	j.reason = err.Error()
-	if mailer.ClassOf(err) == mailer.Permanent {
-		j.result = stateFailed
-		var se *mailer.SendError
-		if errors.As(err, &se) {
-			j.provider = se.Provider
-		}
-		return
+	var se *mailer.SendError
+	if errors.As(err, &se) {
+		j.provider = se.Provider
 	}
-	j.result = resultRetry
-	s.log.Warn("send failed; will retry", "challenge_id", j.job.ChallengeID, "code_seq", j.job.CodeSeq,
-		"delivery", j.md.NumDelivered, "err", err)
+	switch mailer.ClassOf(err) {
+	case mailer.Permanent:
+		j.result = stateFailed
+	case mailer.Ambiguous:
+		s.ambiguous.Inc()
+		if j.row.ambiguous >= 1 {
+			// This was the one re-send, and again no answer: count it as sent rather
+			// than mail the code a third time.
+			j.result, j.unconfirmed = stateSent, true
+			return
+		}
+		j.result = resultAmbiguous
+		s.log.Warn("send outcome unknown; one re-send follows", "challenge_id", j.job.ChallengeID, "code_seq", j.job.CodeSeq, "provider", j.provider)
+	default:
+		j.result = resultRetry
+		s.log.Warn("every provider failed; will retry", "challenge_id", j.job.ChallengeID, "code_seq", j.job.CodeSeq,
+			"delivery", j.md.NumDelivered, "err", err)
+	}
 }
 
-// record writes every job's result in one transaction and builds the events to publish.
+// recordLoop records results in batches of whatever is ready, until results is closed.
+func (s *Service) recordLoop(results <-chan *job) {
+	ctx := context.Background()
+	for j := range results {
+		batch := []*job{j}
+	more:
+		for len(batch) < 200 {
+			select {
+			case j, ok := <-results:
+				if !ok {
+					break more
+				}
+				batch = append(batch, j)
+			default:
+				break more
+			}
+		}
+		if err := s.record(ctx, batch); err != nil {
+			// Mails that went out may go out again on redelivery: with the kill of a
+			// process, the one window in which a code can be mailed twice.
+			s.log.Error("record deliveries", "jobs", len(batch), "err", err)
+			for _, j := range batch {
+				_ = j.msg.NakWithDelay(platform.RetryDelay(j.md.NumDelivered, 30*time.Second))
+			}
+			continue
+		}
+		s.settle(ctx, batch)
+	}
+}
+
+// record writes the results of the jobs this worker claimed in one transaction and
+// builds the events to publish.
 func (s *Service) record(ctx context.Context, jobs []*job) error {
-	now := s.now().UTC()
+	now := s.now()
 	b := &pgx.Batch{}
 	for _, j := range jobs {
 		if j.result == resultRetry && j.md.NumDelivered >= uint64(events.DispatcherConsumer.MaxDeliver) {
 			j.result, j.exhausted = stateFailed, true
 			j.reason = "deliveries exhausted: " + j.reason
 		}
-		dj := j.job
-		switch j.result {
-		case stateSent:
-			j.outMsgs = s.event(events.TypeDelivered, "delivered", j, events.Delivered{
-				ChallengeID: dj.ChallengeID, Tenant: dj.Tenant, RequestID: dj.RequestID, CodeSeq: dj.CodeSeq,
-				Provider: j.provider, ProviderMessageID: j.providerMsg, Attempts: j.attempts, DeliveredAt: now})
-		case stateFailed:
-			j.outMsgs = s.event(events.TypeDeliveryFailed, "delivery_failed", j, events.DeliveryFailed{
-				ChallengeID: dj.ChallengeID, Tenant: dj.Tenant, RequestID: dj.RequestID, CodeSeq: dj.CodeSeq,
-				Provider: j.provider, Reason: truncate(j.reason, 500), Permanent: !j.exhausted,
-				Attempts: j.attempts, FailedAt: now})
-		case stateExpired:
-			j.outMsgs = s.event(events.TypeDispatchExpired, "dispatch_expired", j, events.DispatchExpired{
-				ChallengeID: dj.ChallengeID, Tenant: dj.Tenant, RequestID: dj.RequestID, CodeSeq: dj.CodeSeq,
-				Attempts: j.attempts, ExpiresAt: dj.ExpiresAt, ExpiredAt: now})
-		}
-		if j.status != stateSending {
-			continue // already recorded
-		}
-		if j.result == resultRetry {
-			b.Queue(`UPDATE dispatcher.deliveries SET last_error = $3 WHERE challenge_id = $1 AND code_seq = $2`,
-				dj.ChallengeID, dj.CodeSeq, truncate(j.reason, 500))
+		if !j.claimed {
+			if j.result == stateSent || j.result == stateFailed {
+				j.provider, j.providerMsg, j.unconfirmed, j.reason = j.row.provider, j.row.providerMsg, !j.row.confirmed, j.row.lastError
+			}
 			continue
 		}
-		b.Queue(`UPDATE dispatcher.deliveries SET status = $3, provider = $4, provider_message_id = $5,
-			last_error = $6, completed_at = now() WHERE challenge_id = $1 AND code_seq = $2`,
-			dj.ChallengeID, dj.CodeSeq, j.result, j.provider, j.providerMsg, truncate(j.reason, 500))
+		dj := j.job
+		switch j.result {
+		case stateSent, stateFailed, stateExpired:
+			b.Queue(`UPDATE dispatcher.deliveries SET status = $3, provider = $4, provider_message_id = $5, last_error = $6,
+				confirmed = $7, completed_at = $8, lease_until = $8 WHERE challenge_id = $1 AND code_seq = $2`,
+				dj.ChallengeID, dj.CodeSeq, j.result, j.provider, j.providerMsg, truncate(j.reason, 500), !j.unconfirmed, now)
+		case resultAmbiguous:
+			b.Queue(`UPDATE dispatcher.deliveries SET ambiguous = ambiguous + 1, last_error = $3, lease_until = $4
+				WHERE challenge_id = $1 AND code_seq = $2`, dj.ChallengeID, dj.CodeSeq, truncate(j.reason, 500), now)
+		case resultRetry:
+			b.Queue(`UPDATE dispatcher.deliveries SET last_error = $3, lease_until = $4 WHERE challenge_id = $1 AND code_seq = $2`,
+				dj.ChallengeID, dj.CodeSeq, truncate(j.reason, 500), now)
+		}
 	}
 	if b.Len() == 0 {
 		return nil
@@ -334,15 +530,35 @@ func (s *Service) record(ctx context.Context, jobs []*job) error {
 	return pgx.BeginFunc(ctx, s.pool, func(tx pgx.Tx) error { return tx.SendBatch(ctx, b).Close() })
 }
 
-func (s *Service) event(typ events.Type, idPrefix string, j *job, v any) []*nats.Msg {
-	id := fmt.Sprintf("%s:%s:%d", idPrefix, j.job.ChallengeID, j.job.CodeSeq)
+// event builds the event that reports a settled job; the id is the same every time the
+// job is reported, so a re-report after a crash is dropped by the stream.
+func (s *Service) event(j *job) *nats.Msg {
+	dj, now := j.job, s.now().UTC()
+	var typ events.Type
+	var v any
+	switch j.result {
+	case stateSent:
+		typ, v = events.TypeDelivered, events.Delivered{ChallengeID: dj.ChallengeID, Tenant: dj.Tenant, RequestID: dj.RequestID,
+			CodeSeq: dj.CodeSeq, Provider: j.provider, ProviderMessageID: j.providerMsg, Attempts: j.row.attempts,
+			Unconfirmed: j.unconfirmed, DeliveredAt: now}
+	case stateFailed:
+		typ, v = events.TypeDeliveryFailed, events.DeliveryFailed{ChallengeID: dj.ChallengeID, Tenant: dj.Tenant, RequestID: dj.RequestID,
+			CodeSeq: dj.CodeSeq, Provider: j.provider, Reason: truncate(j.reason, 500), Permanent: !j.exhausted,
+			Attempts: j.row.attempts, FailedAt: now}
+	case stateExpired:
+		typ, v = events.TypeDispatchExpired, events.DispatchExpired{ChallengeID: dj.ChallengeID, Tenant: dj.Tenant, RequestID: dj.RequestID,
+			CodeSeq: dj.CodeSeq, Attempts: j.row.attempts, ExpiresAt: dj.ExpiresAt, ExpiredAt: now}
+	default:
+		return nil
+	}
+	id := fmt.Sprintf("%s:%s:%d", typ[len("otp."):], dj.ChallengeID, dj.CodeSeq)
 	env := events.Envelope{Source: "otpflow/dispatcher", TraceParent: j.msg.Headers().Get(events.HeaderTraceParent)}
-	m, err := events.NewMsg(typ, j.job.Tenant, id, j.job.ChallengeID, v, env)
+	m, err := events.NewMsg(typ, dj.Tenant, id, dj.ChallengeID, v, env)
 	if err != nil {
 		s.log.Error("encode event", "type", typ, "err", err)
 		return nil
 	}
-	return []*nats.Msg{m}
+	return m
 }
 
 // settle publishes the events and then acknowledges, terminates or delays each job. A job
@@ -350,7 +566,9 @@ func (s *Service) event(typ events.Type, idPrefix string, j *job, v any) []*nats
 func (s *Service) settle(ctx context.Context, jobs []*job) {
 	var msgs []*nats.Msg
 	for _, j := range jobs {
-		msgs = append(msgs, j.outMsgs...)
+		if m := s.event(j); m != nil {
+			msgs = append(msgs, m)
+		}
 	}
 	if err := platform.PublishAll(ctx, s.js, msgs); err != nil {
 		s.log.Warn("publish delivery events; jobs will be redelivered", "err", err)
@@ -363,10 +581,10 @@ func (s *Service) settle(ctx context.Context, jobs []*job) {
 		s.jobs.WithLabelValues(j.result).Inc()
 		switch j.result {
 		case stateSent:
-			s.log.Info("delivered", "challenge_id", j.job.ChallengeID, "code_seq", j.job.CodeSeq, "provider", j.provider)
+			s.log.Info("delivered", "challenge_id", j.job.ChallengeID, "code_seq", j.job.CodeSeq, "provider", j.provider, "unconfirmed", j.unconfirmed)
 			_ = j.msg.Ack()
 		case stateFailed, stateExpired:
-			s.log.Info("dispatch settled", "challenge_id", j.job.ChallengeID, "code_seq", j.job.CodeSeq, "result", j.result)
+			s.log.Info("dispatch settled", "challenge_id", j.job.ChallengeID, "code_seq", j.job.CodeSeq, "result", j.result, "reason", truncate(j.reason, 200))
 			if j.exhausted {
 				// Transient failures used up the deliveries: park the job with its last
 				// error in OTP_DLQ for an operator to redrive.
@@ -377,14 +595,26 @@ func (s *Service) settle(ctx context.Context, jobs []*job) {
 			}
 			_ = j.msg.TermWithReason(j.result)
 		case resultRetry:
-			delay := platform.RetryDelay(j.md.NumDelivered, 30*time.Second)
-			// Never schedule past expiry: the delivery at expiry reports dispatch_expired.
-			if until := time.Until(j.job.ExpiresAt); until < delay {
-				delay = max(until, 0) + 100*time.Millisecond
-			}
-			_ = j.msg.NakWithDelay(delay)
+			_ = j.msg.NakWithDelay(s.retryDelay(j))
+		case resultAmbiguous:
+			_ = j.msg.NakWithDelay(min(2*time.Second, s.untilExpiry(j)))
+		case resultHeld:
+			_ = j.msg.NakWithDelay(min(j.holdFor, s.untilExpiry(j)))
 		}
 	}
+}
+
+// retryDelay is the redelivery delay after a transient failure: exponential in the
+// delivery count (1s, 2s, 4s, ... capped at 30s) with ±20% jitter, and never past the
+// code's expiry: the delivery at expiry reports dispatch_expired instead of sending.
+func (s *Service) retryDelay(j *job) time.Duration {
+	d := platform.RetryDelay(j.md.NumDelivered, 30*time.Second)
+	d = time.Duration(float64(d) * (0.8 + 0.4*rand.Float64()))
+	return min(d, s.untilExpiry(j))
+}
+
+func (s *Service) untilExpiry(j *job) time.Duration {
+	return max(j.job.ExpiresAt.Sub(s.now()), 0) + 100*time.Millisecond
 }
 
 func truncate(s string, n int) string {

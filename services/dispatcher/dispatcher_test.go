@@ -134,20 +134,38 @@ func TestPermanentFailureIsReportedOnceWithoutRetry(t *testing.T) {
 	}
 }
 
-func TestTransientFailureIsRetriedLater(t *testing.T) {
+func TestTransientFailureIsRetriedInProcessThenLater(t *testing.T) {
 	h := newHarness(t)
 	var tries atomic.Int32
+	failFirst := atomic.Int32{}
+	failFirst.Store(1)
 	h.smtp.Reject = func(string) error {
-		if tries.Add(1) == 1 {
+		if tries.Add(1) <= failFirst.Load() {
 			return &gosmtp.SMTPError{Code: 451, EnhancedCode: gosmtp.EnhancedCode{4, 3, 0}, Message: "try later"}
 		}
 		return nil
 	}
+	// One 451: the guard retries at once, inside the same delivery of the job.
 	h.publish(t, "44444444-4444-4444-8444-444444444444", "cy@example.com", "333333", time.Now().Add(5*time.Minute), "dispatch:d:1")
 	h.smtp.WaitFor(t, 1, 20*time.Second)
 	d := decode[events.Delivered](t, testenv.WaitMessages(t, h.js, events.StreamEvents, "otp.delivered.acme", 1, 10*time.Second)[0])
-	if d.Attempts != 2 {
-		t.Fatalf("delivered after %d attempts, want 2", d.Attempts)
+	if d.Attempts != 1 || tries.Load() != 2 {
+		t.Fatalf("delivered on delivery %d after %d SMTP tries, want 1 and 2", d.Attempts, tries.Load())
+	}
+
+	// Three 451s use up the in-process retries: the job goes back to the broker and
+	// the next delivery sends it.
+	tries.Store(0)
+	failFirst.Store(3)
+	start := time.Now()
+	h.publish(t, "44444444-4444-4444-8444-444444444445", "cy2@example.com", "333334", time.Now().Add(5*time.Minute), "dispatch:d:2")
+	h.smtp.WaitFor(t, 2, 20*time.Second)
+	d = decode[events.Delivered](t, testenv.WaitMessages(t, h.js, events.StreamEvents, "otp.delivered.acme", 2, 10*time.Second)[1])
+	if d.Attempts != 2 || tries.Load() != 4 {
+		t.Fatalf("delivered on delivery %d after %d SMTP tries, want 2 and 4", d.Attempts, tries.Load())
+	}
+	if took := time.Since(start); took < 800*time.Millisecond {
+		t.Fatalf("redelivered after %v: the broker delay (about 1s) was skipped", took)
 	}
 }
 
