@@ -11,7 +11,9 @@ import (
 	"time"
 
 	gosmtp "github.com/emersion/go-smtp"
+	"github.com/jackc/pgx/v5/pgxpool"
 	"github.com/nats-io/nats.go"
+	"github.com/prometheus/client_golang/prometheus"
 	"github.com/nats-io/nats.go/jetstream"
 	"github.com/otpflow/otpflow/events"
 	"github.com/otpflow/otpflow/platform/keys"
@@ -26,26 +28,37 @@ type harness struct {
 	sealer *keys.Sealer
 	smtp   *testenv.SMTPServer
 	svc    *Service
+	pool   *pgxpool.Pool
 }
 
 // newHarness runs a dispatcher against a real NATS, PostgreSQL and SMTP server. providers
 // replaces the default chain (the SMTP server) when given.
 func newHarness(t *testing.T, providers ...mailer.Provider) *harness {
 	t.Helper()
+	return newHarnessWith(t, nil, func(smtpProvider mailer.Provider) []mailer.Provider {
+		if len(providers) == 0 {
+			return []mailer.Provider{smtpProvider}
+		}
+		return providers
+	})
+}
+
+// newHarnessWith builds the chain with chain, which gets the SMTP server's provider.
+func newHarnessWith(t *testing.T, guards map[string]mailer.GuardConfig, chain func(smtp mailer.Provider) []mailer.Provider) *harness {
+	t.Helper()
 	_, js := testenv.JetStream(t, testenv.NATS(t))
 	pool := testenv.Postgres(t, Schema, Migrations())
 	sealer, err := keys.ParseSealer(keys.Generate("s1", 32))
 	testenv.Must(t, err, "sealer")
 	srv := testenv.StartSMTP(t)
-	if len(providers) == 0 {
-		cfg, err := smtp.ParseURL(srv.URL())
-		testenv.Must(t, err, "smtp url")
-		providers = []mailer.Provider{smtp.New(cfg)}
-	}
-	svc, err := New(Config{Sealer: sealer, Providers: providers, From: "Acme <no-reply@acme.example>", Concurrency: 4}, pool, js, testenv.Logger(io.Discard), nil)
+	smtpCfg, err := smtp.ParseURL(srv.URL())
+	testenv.Must(t, err, "smtp url")
+	providers := chain(smtp.New(smtpCfg))
+	svc, err := New(Config{Sealer: sealer, Providers: providers, Guards: guards, From: "Acme <no-reply@acme.example>", Concurrency: 4},
+		pool, js, testenv.Logger(io.Discard), prometheus.NewRegistry())
 	testenv.Must(t, err, "new dispatcher")
 	testenv.Start(t, svc.Run)
-	return &harness{js: js, sealer: sealer, smtp: srv, svc: svc}
+	return &harness{js: js, sealer: sealer, smtp: srv, svc: svc, pool: pool}
 }
 
 // publish seals code into a job for rcpt and publishes it with Nats-Msg-Id msgID.
