@@ -46,7 +46,13 @@ func binaries(t *testing.T) string {
 	return binDir
 }
 
+// awsTestCredentials stand in for the AWS chain: the SES endpoint is a local server.
+var awsTestCredentials = map[string]string{"AWS_ACCESS_KEY_ID": "test", "AWS_SECRET_ACCESS_KEY": "test", "AWS_EC2_METADATA_DISABLED": "true"}
+
 func TestMain(m *testing.M) {
+	for k, v := range awsTestCredentials {
+		os.Setenv(k, v) // in-process services read the AWS chain from the process environment
+	}
 	code := m.Run()
 	if binDir != "" {
 		os.RemoveAll(binDir)
@@ -64,28 +70,32 @@ type procs struct {
 
 func (w *world) startProcesses(t *testing.T, logs *testenv.LogBuffer) *procs {
 	t.Helper()
-	dir := binaries(t)
 	p := &procs{cmds: map[string]*exec.Cmd{}, logs: logs}
+	for _, name := range serviceNames {
+		p.cmds[name] = w.startService(t, name, logs)
+	}
+	return p
+}
+
+// startService starts one service binary with the world's environment; it is killed at
+// cleanup if still running.
+func (w *world) startService(t *testing.T, name string, logs *testenv.LogBuffer) *exec.Cmd {
+	t.Helper()
 	env := []string{"PATH=" + os.Getenv("PATH"), "HOME=" + os.Getenv("HOME")}
 	for k, v := range w.env {
 		env = append(env, k+"="+v)
 	}
-	for _, name := range serviceNames {
-		cmd := exec.Command(filepath.Join(dir, name))
-		cmd.Env = env
-		cmd.Stdout, cmd.Stderr = logs, logs
-		testenv.Must(t, cmd.Start(), "start %s", name)
-		p.cmds[name] = cmd
-	}
+	cmd := exec.Command(filepath.Join(binaries(t), name))
+	cmd.Env = env
+	cmd.Stdout, cmd.Stderr = logs, logs
+	testenv.Must(t, cmd.Start(), "start %s", name)
 	t.Cleanup(func() {
-		for _, c := range p.cmds {
-			if c.ProcessState == nil {
-				_ = c.Process.Kill()
-				_ = c.Wait()
-			}
+		if cmd.ProcessState == nil {
+			_ = cmd.Process.Kill()
+			_ = cmd.Wait()
 		}
 	})
-	return p
+	return cmd
 }
 
 // stop sends SIGTERM to every process and checks each drains and exits 0.

@@ -104,6 +104,7 @@ type Mail struct {
 	From string
 	To   []string
 	Data []byte
+	At   time.Time // when the server accepted it
 }
 
 // SMTPServer is a real SMTP server (emersion/go-smtp) on a loopback port that keeps every
@@ -114,8 +115,23 @@ type SMTPServer struct {
 	mu     sync.Mutex
 	mails  []Mail
 	notify chan struct{}
-	// Reject, when set, is called for every RCPT TO; a non-nil error refuses the recipient.
-	Reject func(rcpt string) error
+	reject func(rcpt string) error
+	delay  time.Duration
+}
+
+// SetReject makes the server call f for every RCPT TO; a non-nil error refuses the
+// recipient (an *smtp.SMTPError sets the reply code). Nil accepts every recipient.
+func (s *SMTPServer) SetReject(f func(rcpt string) error) {
+	s.mu.Lock()
+	s.reject = f
+	s.mu.Unlock()
+}
+
+// SetDelay makes the server take d to accept each message's data.
+func (s *SMTPServer) SetDelay(d time.Duration) {
+	s.mu.Lock()
+	s.delay = d
+	s.mu.Unlock()
 }
 
 // StartSMTP starts an SMTP server without TLS (use tls=none) and stops it at cleanup.
@@ -180,8 +196,11 @@ func (ss *session) Mail(from string, _ *smtp.MailOptions) error {
 	return nil
 }
 func (ss *session) Rcpt(to string, _ *smtp.RcptOptions) error {
-	if ss.srv.Reject != nil {
-		if err := ss.srv.Reject(to); err != nil {
+	ss.srv.mu.Lock()
+	reject := ss.srv.reject
+	ss.srv.mu.Unlock()
+	if reject != nil {
+		if err := reject(to); err != nil {
 			return err
 		}
 	}
@@ -194,7 +213,11 @@ func (ss *session) Data(r io.Reader) error {
 		return err
 	}
 	ss.srv.mu.Lock()
-	ss.srv.mails = append(ss.srv.mails, Mail{From: ss.from, To: ss.to, Data: data})
+	delay := ss.srv.delay
+	ss.srv.mu.Unlock()
+	time.Sleep(delay)
+	ss.srv.mu.Lock()
+	ss.srv.mails = append(ss.srv.mails, Mail{From: ss.from, To: ss.to, Data: data, At: time.Now()})
 	ss.srv.mu.Unlock()
 	select {
 	case ss.srv.notify <- struct{}{}:

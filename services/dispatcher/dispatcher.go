@@ -235,6 +235,7 @@ type job struct {
 	unconfirmed bool
 	exhausted   bool
 	holdFor     time.Duration
+	release     func() // frees the send slot; set while a send's result is unrecorded
 }
 
 type deliveryRow struct {
@@ -315,11 +316,14 @@ func (s *Service) admit(ctx context.Context, batch []jetstream.Msg, results chan
 			release()
 			results <- j
 		default:
+			// The slot is held until the result is recorded, so at most Concurrency
+			// mails per process are ever sent and not yet recorded: the bound of
+			// the double-send window when a process dies.
+			j.release = release
 			s.inflight.Add(1)
 			go func() {
 				defer s.inflight.Done()
 				s.send(ctx, j)
-				release()
 				results <- j
 			}()
 		}
@@ -481,7 +485,13 @@ func (s *Service) recordLoop(results <-chan *job) {
 				break more
 			}
 		}
-		if err := s.record(ctx, batch); err != nil {
+		err := s.record(ctx, batch)
+		for _, j := range batch {
+			if j.release != nil {
+				j.release()
+			}
+		}
+		if err != nil {
 			// Mails that went out may go out again on redelivery: with the kill of a
 			// process, the one window in which a code can be mailed twice.
 			s.log.Error("record deliveries", "jobs", len(batch), "err", err)

@@ -128,10 +128,10 @@ func TestExpiredJobIsDroppedUnsent(t *testing.T) {
 func TestPermanentFailureIsReportedOnceWithoutRetry(t *testing.T) {
 	h := newHarness(t)
 	var rcpts atomic.Int32
-	h.smtp.Reject = func(string) error {
+	h.smtp.SetReject(func(string) error {
 		rcpts.Add(1)
 		return &gosmtp.SMTPError{Code: 550, EnhancedCode: gosmtp.EnhancedCode{5, 1, 1}, Message: "no such user"}
-	}
+	})
 	h.publish(t, "33333333-3333-4333-8333-333333333333", "gone@example.com", "222222", time.Now().Add(5*time.Minute), "dispatch:c:1")
 	failed := testenv.WaitMessages(t, h.js, events.StreamEvents, "otp.delivery_failed.acme", 1, 10*time.Second)
 	f := decode[events.DeliveryFailed](t, failed[0])
@@ -152,12 +152,12 @@ func TestTransientFailureIsRetriedInProcessThenLater(t *testing.T) {
 	var tries atomic.Int32
 	failFirst := atomic.Int32{}
 	failFirst.Store(1)
-	h.smtp.Reject = func(string) error {
+	h.smtp.SetReject(func(string) error {
 		if tries.Add(1) <= failFirst.Load() {
 			return &gosmtp.SMTPError{Code: 451, EnhancedCode: gosmtp.EnhancedCode{4, 3, 0}, Message: "try later"}
 		}
 		return nil
-	}
+	})
 	// One 451: the guard retries at once, inside the same delivery of the job.
 	h.publish(t, "44444444-4444-4444-8444-444444444444", "cy@example.com", "333333", time.Now().Add(5*time.Minute), "dispatch:d:1")
 	h.smtp.WaitFor(t, 1, 20*time.Second)

@@ -19,7 +19,7 @@ func message(to string) *mailer.Message {
 
 func TestSendAndClassify(t *testing.T) {
 	srv := testenv.StartSMTP(t)
-	srv.Reject = func(rcpt string) error {
+	srv.SetReject(func(rcpt string) error {
 		switch {
 		case strings.HasPrefix(rcpt, "gone@"):
 			return &gosmtp.SMTPError{Code: 550, EnhancedCode: gosmtp.EnhancedCode{5, 1, 1}, Message: "no such user"}
@@ -27,7 +27,7 @@ func TestSendAndClassify(t *testing.T) {
 			return &gosmtp.SMTPError{Code: 451, EnhancedCode: gosmtp.EnhancedCode{4, 3, 0}, Message: "try later"}
 		}
 		return nil
-	}
+	})
 	cfg, err := smtp.ParseURL(srv.URL())
 	if err != nil {
 		t.Fatal(err)
