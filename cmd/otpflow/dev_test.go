@@ -111,6 +111,20 @@ func TestDevWalkthrough(t *testing.T) {
 		"/readyz":  "ok",
 		"/metrics": "otpflow_verifier_verifications_total",
 	} {
+		if path == "/metrics" {
+			// The delivery metrics too: sends by provider and outcome, latency, breaker, lag.
+			resp, err := http.Get("http://" + httpAddr + path)
+			testenv.Must(t, err, "GET /metrics")
+			body, _ := io.ReadAll(resp.Body)
+			resp.Body.Close()
+			for _, m := range []string{`otpflow_dispatcher_sends_total{outcome="ok",provider="sandbox"} 1`,
+				"otpflow_dispatcher_send_seconds_bucket", `otpflow_dispatcher_breaker_state{provider="sandbox"} 0`,
+				`otpflow_consumer_pending_messages{consumer="dispatcher",stream="OTP_DISPATCH"}`} {
+				if !strings.Contains(string(body), m) {
+					t.Errorf("/metrics lacks %s", m)
+				}
+			}
+		}
 		resp, err := http.Get("http://" + httpAddr + path)
 		testenv.Must(t, err, "GET %s", path)
 		body, _ := io.ReadAll(resp.Body)

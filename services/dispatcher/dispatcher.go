@@ -60,8 +60,11 @@ type Config struct {
 	TemplateDir string
 	// Lease is how long a claim keeps other dispatchers off a job; default the
 	// consumer's AckWait. Every send finishes well inside it.
-	Lease   time.Duration
-	Streams events.StreamOptions
+	Lease time.Duration
+	// MaxDeliver caps the deliveries of a job before it goes to OTP_DLQ; default the
+	// contract's DispatcherConsumer.MaxDeliver.
+	MaxDeliver int
+	Streams    events.StreamOptions
 }
 
 // Service is one dispatcher process. Any number share the durable consumer.
@@ -97,6 +100,9 @@ func New(cfg Config, pool *pgxpool.Pool, js jetstream.JetStream, log *slog.Logge
 	}
 	if cfg.Lease == 0 {
 		cfg.Lease = events.DispatcherConsumer.AckWait
+	}
+	if cfg.MaxDeliver == 0 {
+		cfg.MaxDeliver = events.DispatcherConsumer.MaxDeliver
 	}
 	tmpl, err := LoadTemplates(cfg.TemplateDir)
 	if err != nil {
@@ -180,7 +186,9 @@ func (s *Service) Run(ctx context.Context) error {
 	if err := events.EnsureStreams(setupCtx, s.js, s.cfg.Streams); err != nil {
 		return err
 	}
-	cons, err := events.EnsureConsumer(setupCtx, s.js, events.StreamDispatch, events.DispatcherConsumer)
+	cc := events.DispatcherConsumer
+	cc.MaxDeliver = s.cfg.MaxDeliver
+	cons, err := events.EnsureConsumer(setupCtx, s.js, events.StreamDispatch, cc)
 	if err != nil {
 		return err
 	}
@@ -510,7 +518,7 @@ func (s *Service) record(ctx context.Context, jobs []*job) error {
 	now := s.now()
 	b := &pgx.Batch{}
 	for _, j := range jobs {
-		if j.result == resultRetry && j.md.NumDelivered >= uint64(events.DispatcherConsumer.MaxDeliver) {
+		if j.result == resultRetry && j.md.NumDelivered >= uint64(s.cfg.MaxDeliver) {
 			j.result, j.exhausted = stateFailed, true
 			j.reason = "deliveries exhausted: " + j.reason
 		}

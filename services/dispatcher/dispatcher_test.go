@@ -46,6 +46,12 @@ func newHarness(t *testing.T, providers ...mailer.Provider) *harness {
 // newHarnessWith builds the chain with chain, which gets the SMTP server's provider.
 func newHarnessWith(t *testing.T, guards map[string]mailer.GuardConfig, chain func(smtp mailer.Provider) []mailer.Provider) *harness {
 	t.Helper()
+	return newHarnessConfig(t, Config{Guards: guards}, chain)
+}
+
+// newHarnessConfig fills cfg's sealer, sender and providers and runs the dispatcher.
+func newHarnessConfig(t *testing.T, cfg Config, chain func(smtp mailer.Provider) []mailer.Provider) *harness {
+	t.Helper()
 	_, js := testenv.JetStream(t, testenv.NATS(t))
 	pool := testenv.Postgres(t, Schema, Migrations())
 	sealer, err := keys.ParseSealer(keys.Generate("s1", 32))
@@ -54,8 +60,8 @@ func newHarnessWith(t *testing.T, guards map[string]mailer.GuardConfig, chain fu
 	smtpCfg, err := smtp.ParseURL(srv.URL())
 	testenv.Must(t, err, "smtp url")
 	providers := chain(smtp.New(smtpCfg))
-	svc, err := New(Config{Sealer: sealer, Providers: providers, Guards: guards, From: "Acme <no-reply@acme.example>", Concurrency: 4},
-		pool, js, testenv.Logger(io.Discard), prometheus.NewRegistry())
+	cfg.Sealer, cfg.Providers, cfg.From, cfg.Concurrency = sealer, providers, "Acme <no-reply@acme.example>", 4
+	svc, err := New(cfg, pool, js, testenv.Logger(io.Discard), prometheus.NewRegistry())
 	testenv.Must(t, err, "new dispatcher")
 	testenv.Start(t, svc.Run)
 	return &harness{js: js, sealer: sealer, smtp: srv, svc: svc, pool: pool}
@@ -217,4 +223,33 @@ func TestUndecodableJobGoesToDLQ(t *testing.T) {
 	if n := len(testenv.Messages(t, h.js, events.StreamDispatch, "")); n != 0 {
 		t.Fatalf("undecodable job left on the work queue (%d)", n)
 	}
+}
+
+// TestExhaustedDeliveriesGoToTheDLQ: a job that keeps failing transiently on every
+// provider ends with one otp.delivery_failed{permanent:false} and a copy in OTP_DLQ that
+// carries the last error.
+func TestExhaustedDeliveriesGoToTheDLQ(t *testing.T) {
+	down := &downProvider{}
+	h := newHarnessConfig(t, Config{MaxDeliver: 3}, func(mailer.Provider) []mailer.Provider { return []mailer.Provider{down} })
+	h.publish(t, "66666666-6666-4666-8666-666666666666", "ex@example.com", "777777", time.Now().Add(5*time.Minute), "dispatch:x:1")
+	dl := testenv.WaitMessages(t, h.js, events.StreamDLQ, "otp.dlq.acme", 1, 20*time.Second)
+	if r := dl[0].Header.Get(events.HeaderDLQReason); !strings.Contains(r, "deliveries exhausted") || !strings.Contains(r, "connection refused") {
+		t.Fatalf("DLQ reason = %q", r)
+	}
+	f := decode[events.DeliveryFailed](t, testenv.WaitMessages(t, h.js, events.StreamEvents, "otp.delivery_failed.acme", 1, 10*time.Second)[0])
+	if f.Permanent || f.Attempts != 3 {
+		t.Fatalf("delivery_failed = %+v, want permanent=false after 3 attempts", f)
+	}
+	if n := len(testenv.Messages(t, h.js, events.StreamDispatch, "")); n != 0 {
+		t.Fatalf("the exhausted job is still on the work queue (%d)", n)
+	}
+}
+
+// TestRateFromTheProviderQuota: with no configured rate, the bucket is set to 80% of the
+// quota the provider reports at start (SES GetAccount).
+func TestRateFromTheProviderQuota(t *testing.T) {
+	h := newHarnessConfig(t, Config{RateSources: map[string]func(context.Context) (float64, error){
+		"smtp": func(context.Context) (float64, error) { return 50, nil },
+	}}, func(sp mailer.Provider) []mailer.Provider { return []mailer.Provider{sp} })
+	testenv.Eventually(t, 10*time.Second, "the rate to be applied", func() bool { return h.svc.guards[0].Limit() == 40 })
 }
