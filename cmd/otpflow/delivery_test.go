@@ -220,9 +220,13 @@ func TestDispatcherKilledMidBatch(t *testing.T) {
 	}
 	<-a.js.PublishAsyncComplete()
 	// Kill the victim once it is busy: it has mailed some codes and has more in flight.
-	testenv.Eventually(t, 60*time.Second, "the victim at work", func() bool {
-		return strings.Count(victimLogs.String(), `"msg":"delivered"`) >= 10
-	})
+	deadline := time.Now().Add(60 * time.Second)
+	for strings.Count(victimLogs.String(), `"msg":"delivered"`) < 10 {
+		if time.Now().After(deadline) || victim.ProcessState != nil {
+			t.Fatalf("the victim never got to work; its log:\n%s", victimLogs.String())
+		}
+		time.Sleep(50 * time.Millisecond)
+	}
 	_ = victim.Process.Kill()
 	_ = victim.Wait()
 	before := len(w.smtp.Mails())
