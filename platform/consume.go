@@ -15,17 +15,22 @@ type BatchHandler func(ctx context.Context, batch []jetstream.Msg)
 // ConsumeBatches pulls from cons and hands the handler batches of up to size messages:
 // the first waiting message plus whatever else has already arrived, so a quiet stream
 // gets batches of one with no added latency and a busy one gets full batches, each
-// written in one database transaction. On cancel it stops pulling, finishes the messages
-// it already holds and returns.
+// written in one database transaction. At most 2×size messages are pulled ahead. On
+// cancel it stops pulling, finishes the messages it already holds and returns.
 func ConsumeBatches(ctx context.Context, cons jetstream.Consumer, size int, handle BatchHandler) error {
-	if size < 1 {
-		size = 1
-	}
+	return ConsumePrefetch(ctx, cons, size, 2*size, handle)
+}
+
+// ConsumePrefetch is ConsumeBatches with at most prefetch messages pulled ahead of the
+// handler. Pulled messages wait with their AckWait running, so a consumer whose handler
+// can be slow keeps prefetch small.
+func ConsumePrefetch(ctx context.Context, cons jetstream.Consumer, size, prefetch int, handle BatchHandler) error {
+	size, prefetch = max(size, 1), max(prefetch, 1)
 	// Room for everything Consume may have pulled while a batch is in hand, so the
 	// delivery callback (which also sees heartbeats) does not block.
-	buf := make(chan jetstream.Msg, 4*size+1)
+	buf := make(chan jetstream.Msg, 2*prefetch+1)
 	cc, err := cons.Consume(func(m jetstream.Msg) { buf <- m },
-		jetstream.PullMaxMessages(2*size),
+		jetstream.PullMaxMessages(prefetch),
 		jetstream.PullExpiry(5*time.Second),
 	)
 	if err != nil {

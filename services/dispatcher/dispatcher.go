@@ -216,7 +216,8 @@ func (s *Service) Run(ctx context.Context) error {
 		defer close(recorded)
 		s.recordLoop(results)
 	}()
-	err = platform.ConsumeBatches(ctx, cons, s.cfg.Concurrency, func(ctx context.Context, batch []jetstream.Msg) {
+	// Little prefetch: a pulled job's AckWait runs until admit takes it.
+	err = platform.ConsumePrefetch(ctx, cons, s.cfg.Concurrency, s.cfg.Concurrency, func(ctx context.Context, batch []jetstream.Msg) {
 		s.admit(ctx, batch, results)
 	})
 	s.inflight.Wait()
@@ -301,9 +302,7 @@ func (s *Service) admit(ctx context.Context, batch []jetstream.Msg, results chan
 	if len(jobs) == 0 {
 		return
 	}
-	for range jobs {
-		s.slots <- struct{}{}
-	}
+	s.acquire(jobs)
 	release := func() { <-s.slots }
 	if err := s.claim(ctx, jobs); err != nil {
 		s.log.Error("claim deliveries", "jobs", len(jobs), "err", err)
@@ -334,6 +333,25 @@ func (s *Service) admit(ctx context.Context, batch []jetstream.Msg, results chan
 				s.send(ctx, j)
 				results <- j
 			}()
+		}
+	}
+}
+
+// acquire takes a send slot per job, keeping the jobs' AckWait from running out while
+// every slot is busy with slow providers.
+func (s *Service) acquire(jobs []*job) {
+	tick := time.NewTicker(events.DispatcherConsumer.AckWait / 4)
+	defer tick.Stop()
+	for range jobs {
+		for taken := false; !taken; {
+			select {
+			case s.slots <- struct{}{}:
+				taken = true
+			case <-tick.C:
+				for _, j := range jobs {
+					_ = j.msg.InProgress()
+				}
+			}
 		}
 	}
 }
