@@ -61,7 +61,9 @@ func migrate(ctx context.Context, db *sql.DB, schema string, fsys fs.FS, log *sl
 	}
 	h := fnv.New64a()
 	h.Write([]byte("otpflow-migrate-" + schema))
-	locker, err := lock.NewPostgresSessionLocker(lock.WithLockID(int64(h.Sum64() >> 1)))
+	// Replicas starting together wait for the one that migrates: poll every second (the
+	// default is every 5 s) for up to 5 minutes.
+	locker, err := lock.NewPostgresSessionLocker(lock.WithLockID(int64(h.Sum64()>>1)), lock.WithLockTimeout(1, 300))
 	if err != nil {
 		return err
 	}

@@ -207,10 +207,13 @@ func TestDispatcherKilledMidBatch(t *testing.T) {
 	for _, name := range []string{"issuer", "verifier", "auditor"} {
 		w.startService(t, name, logs)
 	}
-	victimLogs := &testenv.LogBuffer{}
+	victimLogs, survivorLogs := &testenv.LogBuffer{}, &testenv.LogBuffer{}
 	victim := w.startService(t, "dispatcher", victimLogs)
-	w.startService(t, "dispatcher", logs)
+	w.startService(t, "dispatcher", survivorLogs)
 	a := newApp(t, w.nats.ClientURL())
+	testenv.Eventually(t, 30*time.Second, "both dispatchers consuming", func() bool {
+		return strings.Contains(victimLogs.String(), "dispatcher consuming") && strings.Contains(survivorLogs.String(), "dispatcher consuming")
+	})
 
 	const n = 300
 	for i := range n {
@@ -250,7 +253,7 @@ func TestDispatcherKilledMidBatch(t *testing.T) {
 	if dups > 8 {
 		t.Fatalf("%d duplicates, more than the killed dispatcher had in flight", dups)
 	}
-	if !strings.Contains(logs.String(), `"msg":"delivered"`) {
+	if !strings.Contains(survivorLogs.String(), `"msg":"delivered"`) {
 		t.Fatal("the surviving dispatcher delivered nothing")
 	}
 }
