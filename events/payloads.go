@@ -70,6 +70,10 @@ type Issued struct {
 	Resend      bool      `json:"resend,omitempty"`
 	IssuedAt    time.Time `json:"issued_at"`
 	ExpiresAt   time.Time `json:"expires_at"`
+	// Test marks a test recipient of the tenant policy: a fixed code, never mailed.
+	Test bool `json:"test,omitempty"`
+	// Risk names the adaptive rules that shortened this code's lifetime or attempts.
+	Risk []string `json:"risk,omitempty"`
 }
 
 // RejectReason says why a request was refused. The values are part of the contract.
@@ -88,8 +92,13 @@ const (
 	// ReasonRateLimited refuses a request that came too soon or too often; the event
 	// carries RetryAfterSeconds.
 	ReasonRateLimited RejectReason = "rate_limited"
-	// ReasonChallengeClosed refuses a resend for a challenge that was already verified or locked.
+	// ReasonChallengeClosed refuses a resend for a challenge that was superseded.
 	ReasonChallengeClosed RejectReason = "challenge_closed"
+	// ReasonRisk refuses a request an adaptive risk rule flags; the event carries
+	// RetryAfterSeconds and the rule in Limit.
+	ReasonRisk RejectReason = "risk"
+	// ReasonPolicy refuses a request the tenant policy does not allow (a purpose, a lifetime).
+	ReasonPolicy RejectReason = "policy"
 )
 
 // Rejected is the body of otp.rejected.<tenant> on OTP_EVENTS: a request was refused and
@@ -102,8 +111,12 @@ type Rejected struct {
 	Field             string       `json:"field,omitempty"`
 	Detail            string       `json:"detail"`
 	RetryAfterSeconds int          `json:"retry_after_seconds,omitempty"`
-	RequestSeq        uint64       `json:"request_seq,omitempty"`
-	RejectedAt        time.Time    `json:"rejected_at"`
+	// Limit names the rate limit or risk rule that refused a request: recipient_cooldown,
+	// recipient_per_hour, ip_per_minute, tenant_per_minute, resend_cooldown, max_sends,
+	// ip_fanout.
+	Limit      string    `json:"limit,omitempty"`
+	RequestSeq uint64    `json:"request_seq,omitempty"`
+	RejectedAt time.Time `json:"rejected_at"`
 }
 
 // Superseded is the body of otp.superseded.<tenant>: a newer request for the same
@@ -114,6 +127,7 @@ type Superseded struct {
 	RequestID    string    `json:"request_id"`
 	SupersededBy string    `json:"superseded_by"`
 	SupersededAt time.Time `json:"superseded_at"`
+	Test         bool      `json:"test,omitempty"`
 }
 
 // Delivered is the body of otp.delivered.<tenant>: a provider accepted the mail of one
@@ -169,6 +183,7 @@ type Verified struct {
 	CodeSeq     int       `json:"code_seq"`
 	Attempts    int       `json:"attempts"`
 	VerifiedAt  time.Time `json:"verified_at"`
+	Test        bool      `json:"test,omitempty"`
 }
 
 // VerifyFailed is the body of otp.verify_failed.<tenant>: a verify call did not succeed;
@@ -181,6 +196,10 @@ type VerifyFailed struct {
 	Attempts          int          `json:"attempts"`
 	AttemptsRemaining int          `json:"attempts_remaining"`
 	FailedAt          time.Time    `json:"failed_at"`
+	Test              bool         `json:"test,omitempty"`
+	// Reason explains a failure the code alone does not: "recipient_failures" when the
+	// recipient's failed verifications across challenges reached the policy's cap.
+	Reason string `json:"reason,omitempty"`
 }
 
 // Locked is the body of otp.locked.<tenant>: the challenge used up its verify attempts.
@@ -191,6 +210,7 @@ type Locked struct {
 	RequestID   string    `json:"request_id"`
 	Attempts    int       `json:"attempts"`
 	LockedAt    time.Time `json:"locked_at"`
+	Test        bool      `json:"test,omitempty"`
 }
 
 // Alert is the body of otp.alert.<tenant>: an anomaly rule fired.

@@ -5,19 +5,20 @@ import (
 	"math/big"
 )
 
-// newCode returns a code of length decimal digits drawn uniformly from crypto/rand.
-// rand.Int samples by rejection, so there is no modulo bias.
-func newCode(length int) (string, error) {
-	max := new(big.Int).Exp(big.NewInt(10), big.NewInt(int64(length)), nil)
-	n, err := rand.Int(rand.Reader, max)
-	if err != nil {
-		return "", err
+// newCode returns length characters drawn uniformly and independently from alphabet
+// with crypto/rand. rand.Int samples by rejection, so there is no modulo bias.
+func newCode(length int, alphabet string) (string, error) {
+	chars := []rune(alphabet)
+	n := big.NewInt(int64(len(chars)))
+	out := make([]rune, length)
+	for i := range out {
+		k, err := rand.Int(rand.Reader, n)
+		if err != nil {
+			return "", err
+		}
+		out[i] = chars[k.Int64()]
 	}
-	s := n.String()
-	for len(s) < length {
-		s = "0" + s
-	}
-	return s, nil
+	return string(out), nil
 }
 
 // newID returns a random UUID (version 4).

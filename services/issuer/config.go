@@ -2,6 +2,7 @@ package issuer
 
 import (
 	"github.com/otpflow/otpflow/events"
+	"github.com/otpflow/otpflow/events/policy"
 	"github.com/otpflow/otpflow/platform"
 	"github.com/otpflow/otpflow/platform/keys"
 )
@@ -21,6 +22,10 @@ func LoadConfig(getenv platform.Getenv, common platform.Common) (Config, error) 
 	if err != nil {
 		return Config{}, err
 	}
-	return Config{Pepper: pepper, Sealer: sealer, BatchSize: batch,
+	policies, err := policy.Load(getenv("OTP_TENANTS_FILE"))
+	if err != nil {
+		return Config{}, &platform.ConfigError{Var: "OTP_TENANTS_FILE", Msg: err.Error()}
+	}
+	return Config{Pepper: pepper, Sealer: sealer, Policies: policies, BatchSize: batch,
 		Streams: events.StreamOptions{Replicas: common.Replicas}}, nil
 }

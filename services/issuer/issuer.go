@@ -10,15 +10,13 @@ import (
 	"fmt"
 	"io/fs"
 	"log/slog"
-	"slices"
-	"strings"
 	"time"
 
-	"github.com/jackc/pgx/v5"
 	"github.com/jackc/pgx/v5/pgxpool"
 	"github.com/nats-io/nats.go"
 	"github.com/nats-io/nats.go/jetstream"
 	"github.com/otpflow/otpflow/events"
+	"github.com/otpflow/otpflow/events/policy"
 	"github.com/otpflow/otpflow/platform"
 	"github.com/otpflow/otpflow/platform/keys"
 	"github.com/otpflow/otpflow/platform/outbox"
@@ -38,35 +36,19 @@ func Migrations() fs.FS {
 	return sub
 }
 
-// Config is the issuer's policy and keys. Zero values take the defaults.
+// Config is the issuer's keys and tenant policies.
 type Config struct {
 	Pepper *keys.Pepper
 	Sealer *keys.Sealer
-
-	CodeLength     int           // digits per code; default 6
-	DefaultTTL     time.Duration // code lifetime when the request sets none; default 5m
-	MaxAttempts    int           // verify attempts per challenge; default 5
-	ResendCooldown time.Duration // minimum time between two codes of a challenge; default 30s
-	MaxSends       int           // codes per challenge; default 5
-	BatchSize      int           // requests per transaction; default 100
-	Streams        events.StreamOptions
+	// Policies per tenant (OTP_TENANTS_FILE); nil gives every tenant the defaults.
+	Policies  *policy.Set
+	BatchSize int // requests per transaction; default 100
+	Streams   events.StreamOptions
 }
 
 func (c *Config) setDefaults() {
-	if c.CodeLength == 0 {
-		c.CodeLength = 6
-	}
-	if c.DefaultTTL == 0 {
-		c.DefaultTTL = 5 * time.Minute
-	}
-	if c.MaxAttempts == 0 {
-		c.MaxAttempts = 5
-	}
-	if c.ResendCooldown == 0 {
-		c.ResendCooldown = 30 * time.Second
-	}
-	if c.MaxSends == 0 {
-		c.MaxSends = 5
+	if c.Policies == nil {
+		c.Policies = policy.Defaults()
 	}
 	if c.BatchSize == 0 {
 		c.BatchSize = 100
@@ -238,175 +220,4 @@ func (s *Service) retry(ctx context.Context, m jetstream.Msg, cause error) {
 
 func (s *Service) envelope(m jetstream.Msg, now time.Time) events.Envelope {
 	return events.Envelope{Source: "otpflow/issuer", TraceParent: m.Headers().Get(events.HeaderTraceParent), Time: now}
-}
-
-// challenge is the locked state of one (tenant, request_id) inside a batch transaction.
-type challenge struct {
-	id         string
-	codeCount  int
-	lastCodeAt time.Time
-	isNew      bool
-}
-
-type key struct{ tenant, requestID string }
-
-// issue decides every valid request of the batch in one transaction: a new challenge, a
-// duplicate, a resend or a refusal. It returns the committed outbox entries.
-func (s *Service) issue(ctx context.Context, reqs []*request, now time.Time) ([]outbox.Entry, error) {
-	if len(reqs) == 0 {
-		return nil, nil
-	}
-	var entries []outbox.Entry
-	err := pgx.BeginFunc(ctx, s.pool, func(tx pgx.Tx) error {
-		entries = nil
-		state, err := lockChallenges(ctx, tx, reqs)
-		if err != nil {
-			return err
-		}
-		writes := &pgx.Batch{}
-		var msgs []*nats.Msg
-		for _, r := range reqs {
-			r.reject, r.outcome = nil, ""
-			k := key{r.tenant, r.req.RequestID}
-			c := state[k]
-			switch {
-			case c == nil:
-				c = &challenge{id: newID(), isNew: true}
-				state[k] = c
-				r.outcome = "issued"
-			case !r.req.Resend:
-				r.outcome = "duplicate"
-				continue
-			case c.codeCount >= s.cfg.MaxSends:
-				r.reject = s.refuse(r, now, events.ReasonRateLimited, "this challenge reached its send cap; start a new request", 0)
-				continue
-			case now.Sub(c.lastCodeAt) < s.cfg.ResendCooldown:
-				wait := s.cfg.ResendCooldown - now.Sub(c.lastCodeAt)
-				r.reject = s.refuse(r, now, events.ReasonRateLimited, "resend cooldown", int((wait+time.Second-1)/time.Second))
-				continue
-			default:
-				r.outcome = "resent"
-			}
-			c.codeCount++
-			c.lastCodeAt = now
-			out, err := s.newCode(writes, r, c, now)
-			if err != nil {
-				return err
-			}
-			msgs = append(msgs, out...)
-		}
-		if err := tx.SendBatch(ctx, writes).Close(); err != nil {
-			return fmt.Errorf("write challenges: %w", err)
-		}
-		entries, err = s.outbox.Add(ctx, tx, msgs...)
-		return err
-	})
-	if err != nil {
-		return nil, err
-	}
-	return entries, nil
-}
-
-func (s *Service) refuse(r *request, now time.Time, reason events.RejectReason, detail string, retryAfter int) *events.Rejected {
-	return &events.Rejected{Tenant: r.tenant, RequestID: r.req.RequestID, Reason: reason, Detail: detail,
-		RetryAfterSeconds: retryAfter, RequestSeq: r.seq, RejectedAt: now.UTC()}
-}
-
-// lockChallenges reads and row-locks the existing challenges of the batch, in key order
-// so that two issuers never deadlock.
-func lockChallenges(ctx context.Context, tx pgx.Tx, reqs []*request) (map[key]*challenge, error) {
-	var ks []key
-	seen := map[key]bool{}
-	for _, r := range reqs {
-		k := key{r.tenant, r.req.RequestID}
-		if !seen[k] {
-			seen[k] = true
-			ks = append(ks, k)
-		}
-	}
-	slices.SortFunc(ks, func(a, b key) int {
-		if c := strings.Compare(a.tenant, b.tenant); c != 0 {
-			return c
-		}
-		return strings.Compare(a.requestID, b.requestID)
-	})
-	b := &pgx.Batch{}
-	for _, k := range ks {
-		b.Queue(`SELECT challenge_id::text, code_count, last_code_at FROM issuer.challenges
-			WHERE tenant = $1 AND request_id = $2 FOR UPDATE`, k.tenant, k.requestID)
-	}
-	res := tx.SendBatch(ctx, b)
-	defer res.Close()
-	state := make(map[key]*challenge, len(ks))
-	for _, k := range ks {
-		var c challenge
-		err := res.QueryRow().Scan(&c.id, &c.codeCount, &c.lastCodeAt)
-		switch {
-		case errors.Is(err, pgx.ErrNoRows):
-		case err != nil:
-			return nil, fmt.Errorf("lock challenges: %w", err)
-		default:
-			state[k] = &c
-		}
-	}
-	return state, res.Close()
-}
-
-// newCode draws code number c.codeCount of challenge c, queues its rows, and returns the
-// dispatch job (sealed code) and the issued event (HMAC only).
-func (s *Service) newCode(writes *pgx.Batch, r *request, c *challenge, now time.Time) ([]*nats.Msg, error) {
-	ttl := s.cfg.DefaultTTL
-	if r.req.TTLSeconds > 0 {
-		ttl = time.Duration(r.req.TTLSeconds) * time.Second
-	}
-	expires := now.Add(ttl)
-	code, err := newCode(s.cfg.CodeLength)
-	if err != nil {
-		return nil, fmt.Errorf("draw code: %w", err)
-	}
-	pepperID := s.cfg.Pepper.ActiveID()
-	mac, err := s.cfg.Pepper.MAC(pepperID, c.id, code)
-	if err != nil {
-		return nil, err
-	}
-	sealID, sealed, err := s.cfg.Sealer.Seal(c.id, code)
-	if err != nil {
-		return nil, fmt.Errorf("seal code: %w", err)
-	}
-	if c.isNew && c.codeCount == 1 {
-		writes.Queue(`INSERT INTO issuer.challenges (tenant, request_id, challenge_id, recipient, purpose, locale,
-			session_id, code_count, last_code_at, expires_at) VALUES ($1,$2,$3,$4,$5,$6,$7,$8,$9,$10)`,
-			r.tenant, r.req.RequestID, c.id, r.req.Recipient, r.req.Purpose, r.req.Locale,
-			r.req.Context.SessionID, c.codeCount, now, expires)
-	} else {
-		writes.Queue(`UPDATE issuer.challenges SET code_count = $2, last_code_at = $3, expires_at = $4
-			WHERE challenge_id = $1`, c.id, c.codeCount, now, expires)
-	}
-	writes.Queue(`INSERT INTO issuer.codes (challenge_id, code_seq, code_hmac, pepper_key_id, issued_at, expires_at)
-		VALUES ($1,$2,$3,$4,$5,$6)`, c.id, c.codeCount, mac, pepperID, now, expires)
-
-	env := s.envelope(r.msg, now)
-	job := events.DispatchJob{
-		ChallengeID: c.id, Tenant: r.tenant, RequestID: r.req.RequestID, CodeSeq: c.codeCount,
-		Recipient: r.req.Recipient, Purpose: r.req.Purpose, Locale: r.req.Locale,
-		IssuedAt: now.UTC(), ExpiresAt: expires.UTC(), SealKeyID: sealID, SealedCode: sealed,
-	}
-	issued := events.Issued{
-		ChallengeID: c.id, Tenant: r.tenant, RequestID: r.req.RequestID, CodeSeq: c.codeCount,
-		Recipient: r.req.Recipient, Purpose: r.req.Purpose, Locale: r.req.Locale,
-		CodeLength: s.cfg.CodeLength, CodeHMAC: mac, PepperKeyID: pepperID, MaxAttempts: s.cfg.MaxAttempts,
-		SessionID: r.req.Context.SessionID, ClientIP: r.req.Context.IP, Resend: c.codeCount > 1,
-		IssuedAt: now.UTC(), ExpiresAt: expires.UTC(),
-	}
-	jm, err := events.NewMsg(events.TypeDispatch, r.tenant, fmt.Sprintf("dispatch:%s:%d", c.id, c.codeCount), c.id, job, env)
-	if err != nil {
-		return nil, err
-	}
-	im, err := events.NewMsg(events.TypeIssued, r.tenant, fmt.Sprintf("issued:%s:%d", c.id, c.codeCount), c.id, issued, env)
-	if err != nil {
-		return nil, err
-	}
-	// The issued event goes first: the verifier should know the challenge before the
-	// user can read the mail.
-	return []*nats.Msg{im, jm}, nil
 }

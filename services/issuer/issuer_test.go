@@ -13,6 +13,7 @@ import (
 	"github.com/jackc/pgx/v5/pgxpool"
 	"github.com/nats-io/nats.go/jetstream"
 	"github.com/otpflow/otpflow/events"
+	"github.com/otpflow/otpflow/events/policy"
 	"github.com/otpflow/otpflow/platform/keys"
 	"github.com/otpflow/otpflow/platform/testenv"
 )
@@ -28,6 +29,14 @@ type harness struct {
 
 func newHarness(t *testing.T) *harness {
 	t.Helper()
+	return newPolicyHarness(t, "")
+}
+
+// newPolicyHarness runs an issuer with the tenant policy file doc.
+func newPolicyHarness(t *testing.T, doc string) *harness {
+	t.Helper()
+	policies, err := policy.Parse([]byte(doc))
+	testenv.Must(t, err, "policy")
 	_, js := testenv.JetStream(t, testenv.NATS(t))
 	pool := testenv.Postgres(t, Schema, Migrations())
 	pepper, err := keys.ParsePepper(keys.Generate("p1", 32))
@@ -35,7 +44,7 @@ func newHarness(t *testing.T) *harness {
 	sealer, err := keys.ParseSealer(keys.Generate("s1", 32))
 	testenv.Must(t, err, "sealer")
 	h := &harness{js: js, pool: pool, pepper: pepper, sealer: sealer, now: time.Now()}
-	svc, err := New(Config{Pepper: pepper, Sealer: sealer}, pool, js, testenv.Logger(io.Discard), nil)
+	svc, err := New(Config{Pepper: pepper, Sealer: sealer, Policies: policies}, pool, js, testenv.Logger(io.Discard), nil)
 	testenv.Must(t, err, "new issuer")
 	svc.now = func() time.Time { h.mu.Lock(); defer h.mu.Unlock(); return h.now }
 	testenv.Start(t, svc.Run)
@@ -132,7 +141,7 @@ func TestCodesAreUniform(t *testing.T) {
 	const n = 60_000
 	var counts [6][10]int
 	for range n {
-		c, err := newCode(6)
+		c, err := newCode(6, "0123456789")
 		testenv.Must(t, err, "code")
 		if len(c) != 6 {
 			t.Fatalf("code %q", c)
