@@ -2,6 +2,7 @@ package verifier
 
 import (
 	"github.com/otpflow/otpflow/events"
+	"github.com/otpflow/otpflow/events/policy"
 	"github.com/otpflow/otpflow/platform"
 	"github.com/otpflow/otpflow/platform/keys"
 )
@@ -12,5 +13,9 @@ func LoadConfig(getenv platform.Getenv, common platform.Common) (Config, error) 
 	if err != nil {
 		return Config{}, &platform.ConfigError{Var: "OTP_CODE_PEPPER", Msg: err.Error()}
 	}
-	return Config{Pepper: pepper, Streams: events.StreamOptions{Replicas: common.Replicas}}, nil
+	policies, err := policy.Load(getenv("OTP_TENANTS_FILE"))
+	if err != nil {
+		return Config{}, &platform.ConfigError{Var: "OTP_TENANTS_FILE", Msg: err.Error()}
+	}
+	return Config{Pepper: pepper, Policies: policies, Streams: events.StreamOptions{Replicas: common.Replicas}}, nil
 }

@@ -9,6 +9,7 @@ import (
 	"fmt"
 	"io/fs"
 	"log/slog"
+	"strings"
 	"sync"
 	"time"
 
@@ -18,6 +19,7 @@ import (
 	"github.com/nats-io/nats.go/jetstream"
 	"github.com/nats-io/nats.go/micro"
 	"github.com/otpflow/otpflow/events"
+	"github.com/otpflow/otpflow/events/policy"
 	"github.com/otpflow/otpflow/platform"
 	"github.com/otpflow/otpflow/platform/keys"
 	"github.com/otpflow/otpflow/platform/outbox"
@@ -37,13 +39,15 @@ func Migrations() fs.FS {
 	return sub
 }
 
-// RecentCodes is how many of a challenge's newest codes verify (a resend keeps the
-// earlier ones valid until their own expiry, so a slow first mail still works).
-const RecentCodes = 3
-
 // Config is the verifier's configuration.
 type Config struct {
 	Pepper *keys.Pepper
+	// Policies per tenant (OTP_TENANTS_FILE): recent codes that verify, the per-recipient
+	// failure cap, the recipient_failures risk rule.
+	Policies *policy.Set
+	// FenceWait bounds how long a verify for an unknown request waits for the projection
+	// to catch up with the stream (read-your-writes); default 1s.
+	FenceWait time.Duration
 	// Concurrency bounds verify requests handled at once per process; default 64.
 	Concurrency int
 	BatchSize   int
@@ -60,6 +64,10 @@ type Service struct {
 	log    *slog.Logger
 	outbox *outbox.Outbox
 	now    func() time.Time
+	cons   jetstream.Consumer
+	events jetstream.Stream
+	// beforeProject runs before each projected batch (tests use it to slow the projection).
+	beforeProject func()
 
 	verifies  *prometheus.CounterVec
 	projected prometheus.Counter
@@ -75,6 +83,12 @@ func New(cfg Config, pool *pgxpool.Pool, nc *nats.Conn, js jetstream.JetStream, 
 	}
 	if cfg.BatchSize < 1 {
 		cfg.BatchSize = 100
+	}
+	if cfg.Policies == nil {
+		cfg.Policies = policy.Defaults()
+	}
+	if cfg.FenceWait == 0 {
+		cfg.FenceWait = time.Second
 	}
 	s := &Service{
 		cfg: cfg, pool: pool, nc: nc, js: js, log: log, now: time.Now,
@@ -103,6 +117,10 @@ func (s *Service) Run(ctx context.Context) error {
 	if err != nil {
 		return err
 	}
+	if s.events, err = s.js.Stream(setupCtx, events.StreamEvents); err != nil {
+		return err
+	}
+	s.cons = cons
 	var inflight sync.WaitGroup
 	sem := make(chan struct{}, s.cfg.Concurrency)
 	svc, err := micro.AddService(s.nc, micro.Config{
@@ -160,16 +178,32 @@ func (s *Service) serve(ctx context.Context, req micro.Request) {
 	}
 }
 
+// errNotProjected means the challenge is not in the projection (yet).
+var errNotProjected = errors.New("challenge not projected")
+
 // Verify checks code for (tenant, request_id) in one transaction that holds the
-// challenge's row lock, so concurrent attempts are counted exactly.
+// challenge's row lock, so concurrent attempts are counted exactly. A request the
+// projection does not know yet waits until the projection has caught up with the stream
+// (read-your-writes), then answers.
 func (s *Service) Verify(ctx context.Context, tenant string, req events.VerifyRequest) (events.VerifyReply, error) {
+	reply, err := s.verifyOnce(ctx, tenant, req, false)
+	if errors.Is(err, errNotProjected) {
+		if ferr := s.fence(ctx, tenant); ferr != nil {
+			s.log.Warn("read-your-writes fence", "tenant", tenant, "err", ferr)
+		}
+		reply, err = s.verifyOnce(ctx, tenant, req, true)
+	}
+	return reply, err
+}
+
+func (s *Service) verifyOnce(ctx context.Context, tenant string, req events.VerifyRequest, final bool) (events.VerifyReply, error) {
 	var reply events.VerifyReply
 	var entries []outbox.Entry
 	now := s.now()
 	err := pgx.BeginFunc(ctx, s.pool, func(tx pgx.Tx) error {
 		var ev []*nats.Msg
 		var err error
-		reply, ev, err = s.verifyTx(ctx, tx, tenant, req, now)
+		reply, ev, err = s.verifyTx(ctx, tx, tenant, req, now, final)
 		if err != nil {
 			return err
 		}
@@ -185,6 +219,38 @@ func (s *Service) Verify(ctx context.Context, tenant string, req events.VerifyRe
 	return reply, nil
 }
 
+// fence waits until the projection has acknowledged the tenant's last otp.issued on the
+// stream. Both reads go to leaders (the stream does not allow direct gets), so they are
+// read-after-write coherent on a replicated stream too.
+func (s *Service) fence(ctx context.Context, tenant string) error {
+	if s.events == nil || s.cons == nil {
+		return nil
+	}
+	ctx, cancel := context.WithTimeout(ctx, s.cfg.FenceWait)
+	defer cancel()
+	last, err := s.events.GetLastMsgForSubject(ctx, events.TypeIssued.Subject(tenant))
+	if errors.Is(err, jetstream.ErrMsgNotFound) {
+		return nil // the tenant never had a challenge
+	}
+	if err != nil {
+		return err
+	}
+	for {
+		info, err := s.cons.Info(ctx)
+		if err != nil {
+			return err
+		}
+		if info.AckFloor.Stream >= last.Sequence {
+			return nil
+		}
+		select {
+		case <-ctx.Done():
+			return ctx.Err()
+		case <-time.After(10 * time.Millisecond):
+		}
+	}
+}
+
 type storedCode struct {
 	seq     int
 	mac     []byte
@@ -192,21 +258,25 @@ type storedCode struct {
 	expires time.Time
 }
 
-func (s *Service) verifyTx(ctx context.Context, tx pgx.Tx, tenant string, req events.VerifyRequest, now time.Time) (events.VerifyReply, []*nats.Msg, error) {
+func (s *Service) verifyTx(ctx context.Context, tx pgx.Tx, tenant string, req events.VerifyRequest, now time.Time, final bool) (events.VerifyReply, []*nats.Msg, error) {
 	var (
-		challengeID, status, sessionID string
-		attempts, maxAttempts          int
+		challengeID, status, sessionID, recipientKey string
+		attempts, maxAttempts                        int
+		test                                         bool
 	)
-	err := tx.QueryRow(ctx, `SELECT challenge_id::text, attempts, max_attempts, status, session_id
+	err := tx.QueryRow(ctx, `SELECT challenge_id::text, attempts, max_attempts, status, session_id, recipient_key, test
 		FROM verifier.challenges WHERE tenant = $1 AND request_id = $2 FOR UPDATE`, tenant, req.RequestID).
-		Scan(&challengeID, &attempts, &maxAttempts, &status, &sessionID)
+		Scan(&challengeID, &attempts, &maxAttempts, &status, &sessionID, &recipientKey, &test)
+	reason := ""
 	failed := func(st events.VerifyStatus, remaining int) (events.VerifyReply, []*nats.Msg, error) {
 		m, err := s.event(events.TypeVerifyFailed, tenant, fmt.Sprintf("verify_failed:%s:%s:%s", tenant, req.RequestID, newID()), challengeID,
 			events.VerifyFailed{ChallengeID: challengeID, Tenant: tenant, RequestID: req.RequestID, Status: st,
-				Attempts: attempts, AttemptsRemaining: remaining, FailedAt: now.UTC()}, now)
-		return events.VerifyReply{Status: st, AttemptsRemaining: remaining}, []*nats.Msg{m}, err
+				Attempts: attempts, AttemptsRemaining: remaining, FailedAt: now.UTC(), Test: test, Reason: reason}, now)
+		return events.VerifyReply{Status: st, AttemptsRemaining: remaining, Reason: reason}, []*nats.Msg{m}, err
 	}
 	switch {
+	case errors.Is(err, pgx.ErrNoRows) && !final:
+		return events.VerifyReply{}, nil, errNotProjected
 	case errors.Is(err, pgx.ErrNoRows):
 		return failed(events.StatusNotFound, 0)
 	case err != nil:
@@ -219,8 +289,27 @@ func (s *Service) verifyTx(ctx context.Context, tx pgx.Tx, tenant string, req ev
 		return failed(events.StatusSuperseded, 0)
 	}
 
+	p := s.cfg.Policies.For(tenant)
+	// Failed verifications for this recipient across challenges (row-locked: exact).
+	var failures []time.Time
+	if recipientKey != "" && !test {
+		if _, err := tx.Exec(ctx, `INSERT INTO verifier.recipient_failures (tenant, recipient_key) VALUES ($1, $2)
+			ON CONFLICT DO NOTHING`, tenant, recipientKey); err != nil {
+			return events.VerifyReply{}, nil, err
+		}
+		if err := tx.QueryRow(ctx, `SELECT stamps FROM verifier.recipient_failures WHERE tenant = $1 AND recipient_key = $2 FOR UPDATE`,
+			tenant, recipientKey).Scan(&failures); err != nil {
+			return events.VerifyReply{}, nil, err
+		}
+		failures = since(failures, now.Add(-time.Hour))
+	}
+	if limit := p.RateLimits.RecipientFailuresPerHour; limit > 0 && len(failures) >= limit {
+		reason = "recipient_failures"
+		return failed(events.StatusLocked, 0)
+	}
+
 	rows, err := tx.Query(ctx, `SELECT code_seq, code_hmac, pepper_key_id, expires_at FROM verifier.codes
-		WHERE challenge_id = $1 ORDER BY code_seq DESC LIMIT $2`, challengeID, RecentCodes)
+		WHERE challenge_id = $1 ORDER BY code_seq DESC LIMIT $2`, challengeID, p.RecentCodes)
 	if err != nil {
 		return events.VerifyReply{}, nil, err
 	}
@@ -261,7 +350,7 @@ func (s *Service) verifyTx(ctx context.Context, tx pgx.Tx, tenant string, req ev
 		}
 		m, err := s.event(events.TypeVerified, tenant, "verified:"+challengeID, challengeID, events.Verified{
 			ChallengeID: challengeID, Tenant: tenant, RequestID: req.RequestID, CodeSeq: matched,
-			Attempts: attempts, VerifiedAt: now.UTC()}, now)
+			Attempts: attempts, VerifiedAt: now.UTC(), Test: test}, now)
 		return events.VerifyReply{Status: events.StatusVerified}, []*nats.Msg{m}, err
 	}
 	newStatus := "active"
@@ -272,12 +361,18 @@ func (s *Service) verifyTx(ctx context.Context, tx pgx.Tx, tenant string, req ev
 		WHERE challenge_id = $1`, challengeID, attempts, newStatus); err != nil {
 		return events.VerifyReply{}, nil, err
 	}
+	if recipientKey != "" && !test {
+		if _, err := tx.Exec(ctx, `UPDATE verifier.recipient_failures SET stamps = $3 WHERE tenant = $1 AND recipient_key = $2`,
+			tenant, recipientKey, append(failures, now)); err != nil {
+			return events.VerifyReply{}, nil, err
+		}
+	}
 	reply, msgs, err := failed(events.StatusInvalidCode, max(maxAttempts-attempts, 0))
 	if err != nil || newStatus != "locked" {
 		return reply, msgs, err
 	}
 	m, err := s.event(events.TypeLocked, tenant, "locked:"+challengeID, challengeID, events.Locked{
-		ChallengeID: challengeID, Tenant: tenant, RequestID: req.RequestID, Attempts: attempts, LockedAt: now.UTC()}, now)
+		ChallengeID: challengeID, Tenant: tenant, RequestID: req.RequestID, Attempts: attempts, LockedAt: now.UTC(), Test: test}, now)
 	return reply, append(msgs, m), err
 }
 
@@ -287,6 +382,9 @@ func (s *Service) event(typ events.Type, tenant, id, challengeID string, v any, 
 
 // project writes a batch of otp.issued and otp.superseded events in one transaction.
 func (s *Service) project(ctx context.Context, batch []jetstream.Msg) {
+	if s.beforeProject != nil {
+		s.beforeProject()
+	}
 	b := &pgx.Batch{}
 	var bad []jetstream.Msg
 	var good []jetstream.Msg
@@ -303,10 +401,22 @@ func (s *Service) project(ctx context.Context, batch []jetstream.Msg) {
 				bad = append(bad, m)
 				continue
 			}
-			b.Queue(`INSERT INTO verifier.challenges (tenant, request_id, challenge_id, max_attempts, session_id)
-				VALUES ($1, $2, $3, $4, $5) ON CONFLICT DO NOTHING`, tenant, e.RequestID, e.ChallengeID, e.MaxAttempts, e.SessionID)
-			b.Queue(`INSERT INTO verifier.codes (challenge_id, code_seq, code_hmac, pepper_key_id, expires_at)
-				VALUES ($1, $2, $3, $4, $5) ON CONFLICT DO NOTHING`, e.ChallengeID, e.CodeSeq, e.CodeHMAC, e.PepperKeyID, e.ExpiresAt)
+			b.Queue(`INSERT INTO verifier.challenges (tenant, request_id, challenge_id, max_attempts, session_id, recipient_key, test, risk)
+				VALUES ($1, $2, $3, $4, $5, $6, $7, $8) ON CONFLICT DO NOTHING`, tenant, e.RequestID, e.ChallengeID, e.MaxAttempts,
+				e.SessionID, strings.ToLower(e.Recipient), e.Test, append([]string{}, e.Risk...))
+			b.Queue(`INSERT INTO verifier.codes (challenge_id, code_seq, code_hmac, pepper_key_id, expires_at, issued_at)
+				VALUES ($1, $2, $3, $4, $5, $6) ON CONFLICT DO NOTHING`, e.ChallengeID, e.CodeSeq, e.CodeHMAC, e.PepperKeyID, e.ExpiresAt, e.IssuedAt)
+			// Risk rule recipient_failures: a new challenge for a recipient with recent failed
+			// verifications (on earlier challenges) gets fewer attempts.
+			if rf := s.cfg.Policies.For(tenant).Risk.RecipientFailures; rf.Failures > 0 && e.CodeSeq == 1 && !e.Test {
+				b.Queue(`UPDATE verifier.challenges c SET max_attempts = LEAST(c.max_attempts, $3),
+						risk = array_append(c.risk, 'recipient_failures')
+					FROM verifier.recipient_failures f
+					WHERE c.challenge_id = $1 AND c.attempts = 0 AND NOT ('recipient_failures' = ANY (c.risk))
+						AND f.tenant = c.tenant AND f.recipient_key = c.recipient_key
+						AND (SELECT count(*) FROM unnest(f.stamps) AS s(t) WHERE s.t > $2) >= $4`,
+					e.ChallengeID, s.now().Add(-rf.Window), rf.MaxAttempts, rf.Failures)
+			}
 		case events.TypeSuperseded:
 			var e events.Superseded
 			if err := events.DecodeEvent(m.Data(), &e); err != nil || e.ChallengeID == "" {
@@ -342,4 +452,13 @@ func (s *Service) project(ctx context.Context, batch []jetstream.Msg) {
 	for _, m := range good {
 		_ = m.Ack()
 	}
+}
+
+// since keeps the stamps after t, in order.
+func since(stamps []time.Time, t time.Time) []time.Time {
+	i := 0
+	for i < len(stamps) && !stamps[i].After(t) {
+		i++
+	}
+	return stamps[i:]
 }

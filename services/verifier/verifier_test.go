@@ -3,6 +3,7 @@ package verifier
 import (
 	"context"
 	"encoding/json"
+	"fmt"
 	"io"
 	"sync"
 	"testing"
@@ -12,6 +13,7 @@ import (
 	"github.com/nats-io/nats.go"
 	"github.com/nats-io/nats.go/jetstream"
 	"github.com/otpflow/otpflow/events"
+	"github.com/otpflow/otpflow/events/policy"
 	"github.com/otpflow/otpflow/platform/keys"
 	"github.com/otpflow/otpflow/platform/testenv"
 )
@@ -35,14 +37,24 @@ func (c *clock) set(t time.Time) { c.mu.Lock(); c.t = t; c.mu.Unlock() }
 
 func newHarness(t *testing.T) *harness {
 	t.Helper()
+	return newPolicyHarness(t, "", nil)
+}
+
+// newPolicyHarness runs a verifier with the tenant policy file doc; beforeProject, when
+// set, runs before each projected batch.
+func newPolicyHarness(t *testing.T, doc string, beforeProject func()) *harness {
+	t.Helper()
+	policies, err := policy.Parse([]byte(doc))
+	testenv.Must(t, err, "policy")
 	nc, js := testenv.JetStream(t, testenv.NATS(t))
 	pool := testenv.Postgres(t, Schema, Migrations())
 	pepper, err := keys.ParsePepper(keys.Generate("p1", 32))
 	testenv.Must(t, err, "pepper")
-	svc, err := New(Config{Pepper: pepper}, pool, nc, js, testenv.Logger(io.Discard), nil)
+	svc, err := New(Config{Pepper: pepper, Policies: policies}, pool, nc, js, testenv.Logger(io.Discard), nil)
 	testenv.Must(t, err, "new verifier")
 	c := &clock{t: time.Now()}
 	svc.now = c.now
+	svc.beforeProject = beforeProject
 	testenv.Start(t, svc.Run)
 	testenv.Eventually(t, 10*time.Second, "the verify service", func() bool {
 		_, err := nc.Request("$SRV.PING.otp-verifier", nil, time.Second)
@@ -54,15 +66,28 @@ func newHarness(t *testing.T) *harness {
 // issue publishes an otp.issued event for code and waits until the verifier projected it.
 func (h *harness) issue(t *testing.T, challenge, requestID string, seq int, code, session string, expires time.Time) {
 	t.Helper()
-	mac, err := h.pepper.MAC("p1", challenge, code)
+	h.publishIssued(t, events.Issued{ChallengeID: challenge, RequestID: requestID, CodeSeq: seq, Recipient: "ana@example.com",
+		SessionID: session, ExpiresAt: expires}, code)
+	h.waitProjected(t, challenge, seq)
+}
+
+// publishIssued fills e's defaults, the MAC of code, and publishes it.
+func (h *harness) publishIssued(t *testing.T, e events.Issued, code string) {
+	t.Helper()
+	mac, err := h.pepper.MAC("p1", e.ChallengeID, code)
 	testenv.Must(t, err, "mac")
-	e := events.Issued{ChallengeID: challenge, Tenant: "acme", RequestID: requestID, CodeSeq: seq, Recipient: "ana@example.com",
-		Purpose: "login", CodeLength: 6, CodeHMAC: mac, PepperKeyID: "p1", MaxAttempts: 5, SessionID: session,
-		IssuedAt: time.Now().UTC(), ExpiresAt: expires}
-	m, err := events.NewMsg(events.TypeIssued, "acme", "issued:"+challenge+":"+string(rune('0'+seq)), challenge, e, events.Envelope{Source: "test"})
+	e.Tenant, e.Purpose, e.CodeLength, e.CodeHMAC, e.PepperKeyID, e.IssuedAt = "acme", "login", 6, mac, "p1", time.Now().UTC()
+	if e.MaxAttempts == 0 {
+		e.MaxAttempts = 5
+	}
+	m, err := events.NewMsg(events.TypeIssued, "acme", fmt.Sprintf("issued:%s:%d", e.ChallengeID, e.CodeSeq), e.ChallengeID, e, events.Envelope{Source: "test"})
 	testenv.Must(t, err, "msg")
 	_, err = h.js.PublishMsg(context.Background(), m)
 	testenv.Must(t, err, "publish issued")
+}
+
+func (h *harness) waitProjected(t *testing.T, challenge string, seq int) {
+	t.Helper()
 	testenv.Eventually(t, 10*time.Second, "projection", func() bool {
 		var n int
 		_ = h.pool.QueryRow(context.Background(), `SELECT count(*) FROM verifier.codes WHERE challenge_id = $1 AND code_seq = $2`, challenge, seq).Scan(&n)

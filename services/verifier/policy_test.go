@@ -1,0 +1,119 @@
+package verifier
+
+import (
+	"encoding/json"
+	"fmt"
+	"testing"
+	"time"
+
+	"github.com/otpflow/otpflow/events"
+	"github.com/otpflow/otpflow/platform/testenv"
+)
+
+func ch(i int) string { return fmt.Sprintf("eeeeeeee-eeee-4eee-8eee-%012d", i) }
+
+// TestReadYourWrites: a verify that arrives before the projection has written the
+// challenge waits for it instead of answering not_found.
+func TestReadYourWrites(t *testing.T) {
+	h := newPolicyHarness(t, "", func() { time.Sleep(300 * time.Millisecond) })
+	for i := range 3 {
+		h.publishIssued(t, events.Issued{ChallengeID: ch(i), RequestID: fmt.Sprintf("ryw-%d", i), CodeSeq: 1,
+			Recipient: fmt.Sprintf("r%d@example.com", i), ExpiresAt: time.Now().Add(time.Minute)}, "135790")
+		if r := h.verify(t, fmt.Sprintf("ryw-%d", i), "135790", ""); r.Status != events.StatusVerified {
+			t.Fatalf("verify right after issue: %+v, want verified", r)
+		}
+	}
+	start := time.Now()
+	if r := h.verify(t, "never-issued", "135790", ""); r.Status != events.StatusNotFound {
+		t.Fatalf("unknown request: %+v", r)
+	}
+	if took := time.Since(start); took > 2*time.Second {
+		t.Fatalf("not_found took %v", took)
+	}
+}
+
+func TestRecipientFailureCapAcrossChallenges(t *testing.T) {
+	h := newPolicyHarness(t, `
+tenants:
+  acme:
+    rate_limits: {recipient_failures_per_hour: 4}
+    risk: {recipient_failures: {failures: 0}}
+`, nil)
+	exp := time.Now().Add(5 * time.Minute)
+	h.issue(t, ch(10), "a", 1, "111111", "", exp)
+	for range 3 {
+		h.verify(t, "a", "000000", "")
+	}
+	h.issue(t, ch(11), "b", 1, "222222", "", exp) // a new challenge for the same recipient
+	if r := h.verify(t, "b", "000000", ""); r.Status != events.StatusInvalidCode || r.AttemptsRemaining != 4 {
+		t.Fatalf("fourth failure: %+v", r)
+	}
+	r := h.verify(t, "b", "222222", "")
+	if r.Status != events.StatusLocked || r.Reason != "recipient_failures" {
+		t.Fatalf("after 4 failures for the recipient: %+v, want locked (recipient_failures)", r)
+	}
+	// Another recipient is not affected; an hour later the recipient is free again.
+	h.publishIssued(t, events.Issued{ChallengeID: ch(12), RequestID: "c", CodeSeq: 1, Recipient: "bo@example.com", ExpiresAt: exp.Add(2 * time.Hour)}, "333333")
+	h.waitProjected(t, ch(12), 1)
+	if r := h.verify(t, "c", "333333", ""); r.Status != events.StatusVerified {
+		t.Fatalf("other recipient: %+v", r)
+	}
+	h.clock.set(time.Now().Add(61 * time.Minute))
+	h.issue(t, ch(13), "d", 1, "444444", "", time.Now().Add(2*time.Hour))
+	if r := h.verify(t, "d", "444444", ""); r.Status != events.StatusVerified {
+		t.Fatalf("an hour later: %+v", r)
+	}
+}
+
+func TestRiskRecipientFailuresCutsAttempts(t *testing.T) {
+	h := newPolicyHarness(t, `
+tenants:
+  acme:
+    risk: {recipient_failures: {failures: 2, window: 1h, max_attempts: 2}}
+`, nil)
+	exp := time.Now().Add(5 * time.Minute)
+	h.issue(t, ch(20), "a", 1, "111111", "", exp)
+	if r := h.verify(t, "a", "000000", ""); r.AttemptsRemaining != 4 {
+		t.Fatalf("first challenge keeps 5 attempts: %+v", r)
+	}
+	h.verify(t, "a", "000000", "")
+	h.issue(t, ch(21), "b", 1, "222222", "", exp)
+	if r := h.verify(t, "b", "000000", ""); r.Status != events.StatusInvalidCode || r.AttemptsRemaining != 1 {
+		t.Fatalf("after 2 recent failures the new challenge has 2 attempts: %+v", r)
+	}
+	if r := h.verify(t, "b", "000000", ""); r.AttemptsRemaining != 0 {
+		t.Fatalf("%+v", r)
+	}
+	if r := h.verify(t, "b", "222222", ""); r.Status != events.StatusLocked {
+		t.Fatalf("right code after the cut attempts: %+v", r)
+	}
+}
+
+func TestRecentCodesPolicyAndTestMark(t *testing.T) {
+	h := newPolicyHarness(t, "tenants:\n  acme:\n    recent_codes: 1\n", nil)
+	exp := time.Now().Add(5 * time.Minute)
+	h.issue(t, ch(30), "a", 1, "111111", "", exp)
+	h.issue(t, ch(30), "a", 2, "222222", "", exp)
+	if r := h.verify(t, "a", "111111", ""); r.Status != events.StatusInvalidCode {
+		t.Fatalf("an older code with recent_codes 1: %+v", r)
+	}
+	if r := h.verify(t, "a", "222222", ""); r.Status != events.StatusVerified {
+		t.Fatalf("newest code: %+v", r)
+	}
+
+	h.publishIssued(t, events.Issued{ChallengeID: ch(31), RequestID: "qa", CodeSeq: 1, Recipient: "qa@acme.test", ExpiresAt: exp, Test: true}, "000111")
+	h.waitProjected(t, ch(31), 1)
+	if r := h.verify(t, "qa", "000111", ""); r.Status != events.StatusVerified {
+		t.Fatalf("test recipient: %+v", r)
+	}
+	var v events.Verified
+	for _, m := range testenv.WaitMessages(t, h.js, events.StreamEvents, "otp.verified.acme", 2, 10*time.Second) {
+		testenv.Must(t, json.Unmarshal(m.Data, &v), "decode")
+		if v.RequestID == "qa" && !v.Test {
+			t.Fatal("verified event for a test recipient not marked test")
+		}
+		if v.RequestID == "a" && v.Test {
+			t.Fatal("a real challenge marked test")
+		}
+	}
+}
