@@ -9,6 +9,7 @@ import (
 	"time"
 
 	"github.com/otpflow/otpflow/events"
+	"github.com/otpflow/otpflow/events/policy"
 	"github.com/otpflow/otpflow/platform"
 	"github.com/otpflow/otpflow/platform/keys"
 	"github.com/otpflow/otpflow/services/dispatcher/maildir"
@@ -43,7 +44,11 @@ func LoadConfig(getenv platform.Getenv, common platform.Common) (Config, error) 
 	if err != nil {
 		return Config{}, err
 	}
-	cfg := Config{Sealer: sealer, From: from, Concurrency: concurrency, TemplateDir: getenv("OTP_TEMPLATES_DIR"),
+	policies, err := policy.Load(getenv("OTP_TENANTS_FILE"))
+	if err != nil {
+		return Config{}, &platform.ConfigError{Var: "OTP_TENANTS_FILE", Msg: err.Error()}
+	}
+	cfg := Config{Sealer: sealer, From: from, Concurrency: concurrency, TemplateDir: getenv("OTP_TEMPLATES_DIR"), Policies: policies,
 		Guards: map[string]mailer.GuardConfig{}, RateSources: map[string]func(context.Context) (float64, error){},
 		Streams: events.StreamOptions{Replicas: common.Replicas}}
 	guard := func(rateVar string) (mailer.GuardConfig, error) {

@@ -25,6 +25,7 @@ import (
 	"github.com/nats-io/nats.go"
 	"github.com/nats-io/nats.go/jetstream"
 	"github.com/otpflow/otpflow/events"
+	"github.com/otpflow/otpflow/events/policy"
 	"github.com/otpflow/otpflow/platform"
 	"github.com/otpflow/otpflow/platform/keys"
 	"github.com/otpflow/otpflow/services/dispatcher/mailer"
@@ -58,6 +59,8 @@ type Config struct {
 	Concurrency int
 	// TemplateDir holds tenant overrides: <dir>/<tenant>/<locale>/{subject.txt,body.txt,body.html}.
 	TemplateDir string
+	// Policies per tenant (OTP_TENANTS_FILE): sender, default locale, template directory.
+	Policies *policy.Set
 	// Lease is how long a claim keeps other dispatchers off a job; default the
 	// consumer's AckWait. Every send finishes well inside it.
 	Lease time.Duration
@@ -104,9 +107,19 @@ func New(cfg Config, pool *pgxpool.Pool, js jetstream.JetStream, log *slog.Logge
 	if cfg.MaxDeliver == 0 {
 		cfg.MaxDeliver = events.DispatcherConsumer.MaxDeliver
 	}
+	if cfg.Policies == nil {
+		cfg.Policies = policy.Defaults()
+	}
 	tmpl, err := LoadTemplates(cfg.TemplateDir)
 	if err != nil {
 		return nil, err
+	}
+	for _, tenant := range cfg.Policies.Tenants() {
+		if dir := cfg.Policies.For(tenant).TemplateDir; dir != "" {
+			if err := tmpl.AddTenant(tenant, dir); err != nil {
+				return nil, err
+			}
+		}
 	}
 	s := &Service{
 		cfg: cfg, pool: pool, js: js, log: log, reg: reg, tmpl: tmpl, now: time.Now,
@@ -209,6 +222,10 @@ func (s *Service) Run(ctx context.Context) error {
 	}
 	s.log.Info("dispatcher consuming", "stream", events.StreamDispatch, "consumer", events.ConsumerDispatcher,
 		"concurrency", s.cfg.Concurrency)
+
+	purgeCtx, stopPurge := context.WithCancel(ctx)
+	defer stopPurge()
+	go func() { _ = platform.PurgeEvery(purgeCtx, 10*time.Minute, s.log, s.Purge) }()
 
 	results := make(chan *job, 4*s.cfg.Concurrency)
 	recorded := make(chan struct{})
@@ -449,14 +466,22 @@ func (s *Service) send(ctx context.Context, j *job) {
 		j.result, j.reason = stateFailed, "cannot unseal the code: "+err.Error()
 		return
 	}
+	p := s.cfg.Policies.For(j.job.Tenant)
+	locale, from := j.job.Locale, s.cfg.From
+	if locale == "" {
+		locale = p.Locale
+	}
+	if p.Sender != "" {
+		from = p.Sender
+	}
 	minutes := int(j.job.ExpiresAt.Sub(j.job.IssuedAt).Round(time.Minute) / time.Minute)
-	subject, text, html, err := s.tmpl.Render(j.job.Tenant, j.job.Locale, TemplateData{Code: code, Minutes: max(minutes, 1), Purpose: j.job.Purpose, Tenant: j.job.Tenant})
+	subject, text, html, err := s.tmpl.Render(j.job.Tenant, locale, TemplateData{Code: code, Minutes: max(minutes, 1), Purpose: j.job.Purpose, Tenant: j.job.Tenant})
 	if err != nil {
 		j.result, j.reason = stateFailed, "render: "+err.Error()
 		return
 	}
 	m := &mailer.Message{
-		From: s.cfg.From, To: j.job.Recipient, Subject: subject, Text: text, HTML: html,
+		From: from, To: j.job.Recipient, Subject: subject, Text: text, HTML: html,
 		ID:      fmt.Sprintf("%s:%d", j.job.ChallengeID, j.job.CodeSeq),
 		Headers: map[string]string{"X-Otp-Challenge-Id": j.job.ChallengeID, "X-Otp-Tenant": j.job.Tenant},
 		Tags:    map[string]string{"tenant": j.job.Tenant, "purpose": j.job.Purpose, "challenge_id": j.job.ChallengeID},
@@ -658,4 +683,11 @@ func truncate(s string, n int) string {
 		return s
 	}
 	return s[:n]
+}
+
+// Purge deletes delivery rows of codes that expired more than retention ago: past every
+// redelivery, nothing can ask for them again.
+func (s *Service) Purge(ctx context.Context) (int64, error) {
+	tag, err := s.pool.Exec(ctx, `DELETE FROM dispatcher.deliveries WHERE expires_at < $1`, s.now().Add(-platform.Retention))
+	return tag.RowsAffected(), err
 }

@@ -5,6 +5,8 @@ import (
 	"encoding/json"
 	"fmt"
 	"io"
+	"os"
+	"path/filepath"
 	"strings"
 	"sync/atomic"
 	"testing"
@@ -13,14 +15,15 @@ import (
 	gosmtp "github.com/emersion/go-smtp"
 	"github.com/jackc/pgx/v5/pgxpool"
 	"github.com/nats-io/nats.go"
-	"github.com/prometheus/client_golang/prometheus"
 	"github.com/nats-io/nats.go/jetstream"
 	"github.com/otpflow/otpflow/events"
+	"github.com/otpflow/otpflow/events/policy"
 	"github.com/otpflow/otpflow/platform/keys"
 	"github.com/otpflow/otpflow/platform/testenv"
 	"github.com/otpflow/otpflow/services/dispatcher/maildir"
 	"github.com/otpflow/otpflow/services/dispatcher/mailer"
 	"github.com/otpflow/otpflow/services/dispatcher/smtp"
+	"github.com/prometheus/client_golang/prometheus"
 )
 
 type harness struct {
@@ -252,4 +255,29 @@ func TestRateFromTheProviderQuota(t *testing.T) {
 		"smtp": func(context.Context) (float64, error) { return 50, nil },
 	}}, func(sp mailer.Provider) []mailer.Provider { return []mailer.Provider{sp} })
 	testenv.Eventually(t, 10*time.Second, "the rate to be applied", func() bool { return h.svc.guards[0].Limit() == 40 })
+}
+
+// TestTenantSenderLocaleAndTemplates: the tenant policy picks the sender, the default
+// locale and a template directory.
+func TestTenantSenderLocaleAndTemplates(t *testing.T) {
+	dir := t.TempDir()
+	testenv.Must(t, os.MkdirAll(filepath.Join(dir, "de"), 0o755), "mkdir")
+	testenv.Must(t, os.WriteFile(filepath.Join(dir, "de", "subject.txt"), []byte("Acme-Code {{.Code}}"), 0o644), "write")
+	policies, err := policy.Parse([]byte(fmt.Sprintf("tenants:\n  acme:\n    sender: \"Acme Login <login@acme.example>\"\n    locale: de\n    template_dir: %s\n", dir)))
+	testenv.Must(t, err, "policy")
+	h := newHarnessConfig(t, Config{Policies: policies}, func(sp mailer.Provider) []mailer.Provider { return []mailer.Provider{sp} })
+	id, sealed, err := h.sealer.Seal("77777777-7777-4777-8777-777777777777", "818181")
+	testenv.Must(t, err, "seal")
+	job := events.DispatchJob{ChallengeID: "77777777-7777-4777-8777-777777777777", Tenant: "acme", RequestID: "r", CodeSeq: 1,
+		Recipient: "ana@example.com", Purpose: "login", IssuedAt: time.Now().UTC(), ExpiresAt: time.Now().Add(5 * time.Minute),
+		SealKeyID: id, SealedCode: sealed} // no locale: the tenant default applies
+	m, err := events.NewMsg(events.TypeDispatch, "acme", "dispatch:t:1", job.ChallengeID, job, events.Envelope{Source: "test"})
+	testenv.Must(t, err, "msg")
+	_, err = h.js.PublishMsg(context.Background(), m)
+	testenv.Must(t, err, "publish")
+	mail := h.smtp.WaitFor(t, 1, 10*time.Second)[0]
+	body := string(mail.Data)
+	if mail.From != "login@acme.example" || !strings.Contains(body, "Subject: Acme-Code 818181") || !strings.Contains(body, "Best=C3=A4tigungscode") {
+		t.Fatalf("from %q, mail:\n%s", mail.From, body)
+	}
 }

@@ -86,30 +86,39 @@ func LoadTemplates(dir string) (*Templates, error) {
 		if !events.ValidTenant(td.Name()) {
 			return nil, fmt.Errorf("templates: %s is not a tenant name", filepath.Join(dir, td.Name()))
 		}
-		tfs := os.DirFS(filepath.Join(dir, td.Name()))
-		locs, err := fs.ReadDir(tfs, ".")
-		if err != nil {
+		if err := t.AddTenant(td.Name(), filepath.Join(dir, td.Name())); err != nil {
 			return nil, err
-		}
-		for _, ld := range locs {
-			if !ld.IsDir() {
-				continue
-			}
-			base := t.builtin[ld.Name()]
-			if base == nil {
-				base = t.builtin[DefaultLocale]
-			}
-			set, err := parseSet(tfs, ld.Name(), base)
-			if err != nil {
-				return nil, fmt.Errorf("templates %s/%s: %w", td.Name(), ld.Name(), err)
-			}
-			if t.tenants[td.Name()] == nil {
-				t.tenants[td.Name()] = map[string]*templateSet{}
-			}
-			t.tenants[td.Name()][ld.Name()] = set
 		}
 	}
 	return t, nil
+}
+
+// AddTenant loads tenant's overrides from dir/<locale>/{subject.txt,body.txt,body.html}
+// (the template_dir of the tenant policy), over any loaded before.
+func (t *Templates) AddTenant(tenant, dir string) error {
+	tfs := os.DirFS(dir)
+	locs, err := fs.ReadDir(tfs, ".")
+	if err != nil {
+		return fmt.Errorf("templates %s: %w", tenant, err)
+	}
+	for _, ld := range locs {
+		if !ld.IsDir() {
+			continue
+		}
+		base := t.builtin[ld.Name()]
+		if base == nil {
+			base = t.builtin[DefaultLocale]
+		}
+		set, err := parseSet(tfs, ld.Name(), base)
+		if err != nil {
+			return fmt.Errorf("templates %s/%s: %w", tenant, ld.Name(), err)
+		}
+		if t.tenants[tenant] == nil {
+			t.tenants[tenant] = map[string]*templateSet{}
+		}
+		t.tenants[tenant][ld.Name()] = set
+	}
+	return nil
 }
 
 // parseSet parses locale's templates from fsys; missing files come from base (when

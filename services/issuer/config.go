@@ -22,10 +22,14 @@ func LoadConfig(getenv platform.Getenv, common platform.Common) (Config, error) 
 	if err != nil {
 		return Config{}, err
 	}
+	retention, err := platform.DurationVar(getenv, "OTP_RETENTION", platform.Retention)
+	if err != nil {
+		return Config{}, err
+	}
 	policies, err := policy.Load(getenv("OTP_TENANTS_FILE"))
 	if err != nil {
 		return Config{}, &platform.ConfigError{Var: "OTP_TENANTS_FILE", Msg: err.Error()}
 	}
-	return Config{Pepper: pepper, Sealer: sealer, Policies: policies, BatchSize: batch,
+	return Config{Pepper: pepper, Sealer: sealer, Policies: policies, Retention: retention, BatchSize: batch,
 		Streams: events.StreamOptions{Replicas: common.Replicas}}, nil
 }

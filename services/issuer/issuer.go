@@ -43,6 +43,9 @@ type Config struct {
 	// Policies per tenant (OTP_TENANTS_FILE); nil gives every tenant the defaults.
 	Policies  *policy.Set
 	BatchSize int // requests per transaction; default 100
+	// Retention keeps settled challenges this long after their last code expired
+	// (OTP_RETENTION, default 24h).
+	Retention time.Duration
 	Streams   events.StreamOptions
 }
 
@@ -52,6 +55,9 @@ func (c *Config) setDefaults() {
 	}
 	if c.BatchSize == 0 {
 		c.BatchSize = 100
+	}
+	if c.Retention == 0 {
+		c.Retention = platform.Retention
 	}
 }
 
@@ -105,6 +111,7 @@ func (s *Service) Run(ctx context.Context) error {
 	s.log.Info("issuer consuming", "stream", events.StreamRequests, "consumer", events.ConsumerIssuer)
 	g, gctx := errgroup.WithContext(ctx)
 	g.Go(func() error { return s.outbox.Relay(gctx, 2*time.Second, 5*time.Second) })
+	g.Go(func() error { return platform.PurgeEvery(gctx, 10*time.Minute, s.log, s.Purge) })
 	g.Go(func() error { return platform.ConsumeBatches(gctx, cons, s.cfg.BatchSize, s.handleBatch) })
 	return g.Wait()
 }
@@ -220,4 +227,33 @@ func (s *Service) retry(ctx context.Context, m jetstream.Msg, cause error) {
 
 func (s *Service) envelope(m jetstream.Msg, now time.Time) events.Envelope {
 	return events.Envelope{Source: "otpflow/issuer", TraceParent: m.Headers().Get(events.HeaderTraceParent), Time: now}
+}
+
+// Purge deletes challenges whose last code expired more than the retention ago, with
+// their codes, and rate-limit state that no window still needs.
+func (s *Service) Purge(ctx context.Context) (int64, error) {
+	now := s.now()
+	var total int64
+	for _, q := range []string{
+		`DELETE FROM issuer.codes WHERE challenge_id IN (SELECT challenge_id FROM issuer.challenges WHERE expires_at < $1)`,
+		`DELETE FROM issuer.challenges WHERE expires_at < $1`,
+	} {
+		tag, err := s.pool.Exec(ctx, q, now.Add(-s.cfg.Retention))
+		if err != nil {
+			return total, err
+		}
+		total += tag.RowsAffected()
+	}
+	for _, q := range []string{
+		`DELETE FROM issuer.rate_log WHERE coalesce(stamps[array_upper(stamps, 1)], '-infinity') < $1`,
+		`DELETE FROM issuer.rate_window WHERE window_start < $1`,
+		`DELETE FROM issuer.ip_recipients WHERE last_at < $1`,
+	} {
+		tag, err := s.pool.Exec(ctx, q, now.Add(-24*time.Hour))
+		if err != nil {
+			return total, err
+		}
+		total += tag.RowsAffected()
+	}
+	return total, nil
 }

@@ -25,6 +25,7 @@ type harness struct {
 	sealer *keys.Sealer
 	mu     sync.Mutex
 	now    time.Time
+	svc    *Service
 }
 
 func newHarness(t *testing.T) *harness {
@@ -47,6 +48,7 @@ func newPolicyHarness(t *testing.T, doc string) *harness {
 	svc, err := New(Config{Pepper: pepper, Sealer: sealer, Policies: policies}, pool, js, testenv.Logger(io.Discard), nil)
 	testenv.Must(t, err, "new issuer")
 	svc.now = func() time.Time { h.mu.Lock(); defer h.mu.Unlock(); return h.now }
+	h.svc = svc
 	testenv.Start(t, svc.Run)
 	return h
 }

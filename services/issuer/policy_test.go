@@ -1,6 +1,7 @@
 package issuer
 
 import (
+	"context"
 	"fmt"
 	"io"
 	"strings"
@@ -258,4 +259,31 @@ tenants:
 	// The same recipients from that IP are still served.
 	h.request(t, `{"request_id":"f0b","recipient":"f0@example.com","purpose":"login","context":{"ip":"203.0.113.50"}}`)
 	h.issued(t, 6)
+}
+
+func TestRetentionPurge(t *testing.T) {
+	h := newHarness(t)
+	h.request(t, `{"request_id":"old","recipient":"old@example.com","purpose":"login","context":{"ip":"198.51.100.1"}}`)
+	h.issued(t, 1)
+	h.advance(26 * time.Hour)
+	h.request(t, `{"request_id":"new","recipient":"new@example.com","purpose":"login"}`)
+	h.issued(t, 2)
+	count := func(q string) (n int) {
+		testenv.Must(t, h.pool.QueryRow(context.Background(), q).Scan(&n), "%s", q)
+		return n
+	}
+	n, err := h.svc.Purge(context.Background())
+	testenv.Must(t, err, "purge")
+	if n == 0 || count(`SELECT count(*) FROM issuer.challenges WHERE request_id = 'old'`) != 0 || count(`SELECT count(*) FROM issuer.codes`) != 1 {
+		t.Fatalf("purged %d rows; old challenge or its code still there", n)
+	}
+	if count(`SELECT count(*) FROM issuer.challenges WHERE request_id = 'new'`) != 1 {
+		t.Fatal("the live challenge was purged")
+	}
+	if count(`SELECT count(*) FROM issuer.ip_recipients`) != 0 || count(`SELECT count(*) FROM issuer.rate_log WHERE key LIKE 'ip|%'`) != 0 {
+		t.Fatal("old rate-limit state kept")
+	}
+	if count(`SELECT count(*) FROM issuer.rate_log WHERE key LIKE 'rcpt|acme|new@%'`) != 1 {
+		t.Fatal("live rate-limit state purged")
+	}
 }

@@ -117,3 +117,29 @@ func TestRecentCodesPolicyAndTestMark(t *testing.T) {
 		}
 	}
 }
+
+func TestRetentionPurge(t *testing.T) {
+	h := newHarness(t)
+	now := time.Now()
+	h.issue(t, ch(40), "used", 1, "111111", "", now.Add(5*time.Minute))
+	h.verify(t, "used", "111111", "")
+	h.issue(t, ch(41), "expired", 1, "222222", "", now.Add(time.Minute))
+	h.issue(t, ch(42), "live", 1, "333333", "", now.Add(30*time.Hour))
+	h.clock.set(now.Add(25 * time.Hour))
+	testenv.Must(t, func() error {
+		_, err := h.pool.Exec(t.Context(), `UPDATE verifier.challenges SET updated_at = now() - interval '25 hours' WHERE request_id = 'used'`)
+		return err
+	}(), "age the used challenge")
+	n, err := h.svc.Purge(t.Context())
+	testenv.Must(t, err, "purge")
+	var left []string
+	rows, _ := h.pool.Query(t.Context(), `SELECT request_id FROM verifier.challenges ORDER BY request_id`)
+	for rows.Next() {
+		var r string
+		_ = rows.Scan(&r)
+		left = append(left, r)
+	}
+	if n < 2 || len(left) != 1 || left[0] != "live" {
+		t.Fatalf("purged %d; left %v, want only the live challenge", n, left)
+	}
+}

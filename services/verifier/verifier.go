@@ -48,6 +48,8 @@ type Config struct {
 	// FenceWait bounds how long a verify for an unknown request waits for the projection
 	// to catch up with the stream (read-your-writes); default 1s.
 	FenceWait time.Duration
+	// Retention keeps expired, used and superseded challenges this long (OTP_RETENTION, default 24h).
+	Retention time.Duration
 	// Concurrency bounds verify requests handled at once per process; default 64.
 	Concurrency int
 	BatchSize   int
@@ -89,6 +91,9 @@ func New(cfg Config, pool *pgxpool.Pool, nc *nats.Conn, js jetstream.JetStream, 
 	}
 	if cfg.FenceWait == 0 {
 		cfg.FenceWait = time.Second
+	}
+	if cfg.Retention == 0 {
+		cfg.Retention = platform.Retention
 	}
 	s := &Service{
 		cfg: cfg, pool: pool, nc: nc, js: js, log: log, now: time.Now,
@@ -144,6 +149,7 @@ func (s *Service) Run(ctx context.Context) error {
 
 	g, gctx := errgroup.WithContext(ctx)
 	g.Go(func() error { return s.outbox.Relay(gctx, 2*time.Second, 5*time.Second) })
+	g.Go(func() error { return platform.PurgeEvery(gctx, 10*time.Minute, s.log, s.Purge) })
 	g.Go(func() error { return platform.ConsumeBatches(gctx, cons, s.cfg.BatchSize, s.project) })
 	g.Go(func() error {
 		<-gctx.Done()
@@ -461,4 +467,37 @@ func since(stamps []time.Time, t time.Time) []time.Time {
 		i++
 	}
 	return stamps[i:]
+}
+
+// Purge deletes challenges whose newest code expired, or that were used, locked or
+// superseded, more than the retention ago, with their codes; and failure stamps older
+// than an hour.
+func (s *Service) Purge(ctx context.Context) (int64, error) {
+	cutoff := s.now().Add(-s.cfg.Retention)
+	var total int64
+	err := pgx.BeginFunc(ctx, s.pool, func(tx pgx.Tx) error {
+		rows, err := tx.Query(ctx, `SELECT c.challenge_id FROM verifier.challenges c
+			WHERE (c.status <> 'active' AND c.updated_at < $1)
+			   OR NOT EXISTS (SELECT 1 FROM verifier.codes k WHERE k.challenge_id = c.challenge_id AND k.expires_at >= $1)
+			FOR UPDATE SKIP LOCKED`, cutoff)
+		if err != nil {
+			return err
+		}
+		ids, err := pgx.CollectRows(rows, pgx.RowTo[string])
+		if err != nil || len(ids) == 0 {
+			return err
+		}
+		if _, err := tx.Exec(ctx, `DELETE FROM verifier.codes WHERE challenge_id = ANY($1::uuid[])`, ids); err != nil {
+			return err
+		}
+		tag, err := tx.Exec(ctx, `DELETE FROM verifier.challenges WHERE challenge_id = ANY($1::uuid[])`, ids)
+		total = tag.RowsAffected()
+		return err
+	})
+	if err != nil {
+		return total, err
+	}
+	tag, err := s.pool.Exec(ctx, `DELETE FROM verifier.recipient_failures WHERE coalesce(stamps[array_upper(stamps, 1)], '-infinity') < $1`,
+		s.now().Add(-time.Hour))
+	return total + tag.RowsAffected(), err
 }
