@@ -3,10 +3,12 @@ package verifier
 import (
 	"encoding/json"
 	"fmt"
+	"io"
 	"testing"
 	"time"
 
 	"github.com/otpflow/otpflow/events"
+	"github.com/otpflow/otpflow/platform/keys"
 	"github.com/otpflow/otpflow/platform/testenv"
 )
 
@@ -141,5 +143,37 @@ func TestRetentionPurge(t *testing.T) {
 	}
 	if n < 2 || len(left) != 1 || left[0] != "live" {
 		t.Fatalf("purged %d; left %v, want only the live challenge", n, left)
+	}
+}
+
+// TestReadYourWritesOnAReplicatedStream: the same guarantee on a three-node cluster with
+// R3 streams, the verifier connected to one node and the publisher to another.
+func TestReadYourWritesOnAReplicatedStream(t *testing.T) {
+	nodes := testenv.Cluster(t, 3)
+	_, pubJS := testenv.JetStreamReplicas(t, nodes[1], 3)
+	nc, js := testenv.JetStreamReplicas(t, nodes[2], 3)
+	pool := testenv.Postgres(t, Schema, Migrations())
+	pepper, err := keys.ParsePepper(keys.Generate("p1", 32))
+	testenv.Must(t, err, "pepper")
+	svc, err := New(Config{Pepper: pepper, Streams: events.StreamOptions{Replicas: 3}}, pool, nc, js, testenv.Logger(io.Discard), nil)
+	testenv.Must(t, err, "verifier")
+	svc.beforeProject = func() { time.Sleep(300 * time.Millisecond) }
+	testenv.Start(t, svc.Run)
+	testenv.Eventually(t, 30*time.Second, "the verify service", func() bool {
+		_, err := nc.Request("$SRV.PING.otp-verifier", nil, time.Second)
+		return err == nil
+	})
+	h := &harness{nc: nc, js: pubJS, pool: pool, pepper: pepper, svc: svc}
+	for i := range 3 {
+		h.publishIssued(t, events.Issued{ChallengeID: ch(50 + i), RequestID: fmt.Sprintf("r3-%d", i), CodeSeq: 1,
+			Recipient: fmt.Sprintf("r3-%d@example.com", i), ExpiresAt: time.Now().Add(time.Minute)}, "246802")
+		if r := h.verify(t, fmt.Sprintf("r3-%d", i), "246802", ""); r.Status != events.StatusVerified {
+			t.Fatalf("verify right after issue on R3: %+v, want verified", r)
+		}
+	}
+	info, err := pubJS.Stream(t.Context(), events.StreamEvents)
+	testenv.Must(t, err, "stream")
+	if si, _ := info.Info(t.Context()); si.Config.Replicas != 3 || si.Config.AllowDirect {
+		t.Fatalf("stream config %+v: want R3 without direct gets", si.Config)
 	}
 }
