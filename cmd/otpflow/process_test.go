@@ -143,9 +143,10 @@ func TestMissingSecretStopsStartWithOneLine(t *testing.T) {
 		{"dispatcher", "OTP_PROVIDERS=smtp", "OTP_SEAL_KEY"},
 		{"verifier", "", "OTP_CODE_PEPPER"},
 		{"auditor", "", "OTP_AUDIT_KEY"},
+		{"verifier", "OTP_CODE_PEPPER=" + strings.Repeat("A", 44) + "\x00OTP_TENANTS_FILE=" + badTenants(t), "OTP_TENANTS_FILE"},
 	} {
 		cmd := exec.Command(filepath.Join(dir, tc.bin))
-		cmd.Env = []string{tc.env, "OTP_NATS_URL=nats://127.0.0.1:1"}
+		cmd.Env = append(strings.Split(tc.env, "\x00"), "OTP_NATS_URL=nats://127.0.0.1:1")
 		out, err := cmd.CombinedOutput()
 		if err == nil {
 			t.Errorf("%s started without %s", tc.bin, tc.missing)
@@ -277,4 +278,11 @@ func TestKillDuringBurstLosesNothing(t *testing.T) {
 		_ = db.QueryRow(context.Background(), `SELECT count(*) FROM issuer.codes c JOIN issuer.challenges h USING (challenge_id) WHERE h.request_id LIKE 'kill-%'`).Scan(&challenges)
 		return issued == n && delivered == n && challenges == n
 	})
+}
+
+// badTenants writes a tenants file with an unknown key.
+func badTenants(t *testing.T) string {
+	path := filepath.Join(t.TempDir(), "tenants.yaml")
+	testenv.Must(t, os.WriteFile(path, []byte("tenants:\n  acme:\n    code_lenght: 8\n"), 0o644), "write")
+	return path
 }

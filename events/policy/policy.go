@@ -173,7 +173,7 @@ func Parse(b []byte) (*Set, error) {
 }
 
 // decodeStrict decodes node onto v (fields not in node keep their values), refusing
-// unknown keys.
+// unknown keys. Errors name the line in the file and fit on one line.
 func decodeStrict(node *yaml.Node, v any) error {
 	b, err := yaml.Marshal(node)
 	if err != nil {
@@ -181,8 +181,19 @@ func decodeStrict(node *yaml.Node, v any) error {
 	}
 	dec := yaml.NewDecoder(bytes.NewReader(b))
 	dec.KnownFields(true)
-	return dec.Decode(v)
+	if err := dec.Decode(v); err != nil {
+		msg := lineRef.ReplaceAllStringFunc(err.Error(), func(m string) string {
+			var n int
+			fmt.Sscanf(m, "line %d", &n)
+			return fmt.Sprintf("line %d", n+node.Line-1)
+		})
+		msg = strings.ReplaceAll(strings.TrimPrefix(msg, "yaml: unmarshal errors:\n"), "\n", ";")
+		return errors.New(strings.Join(strings.Fields(msg), " "))
+	}
+	return nil
 }
+
+var lineRef = regexp.MustCompile(`line \d+`)
 
 var (
 	purposePattern = regexp.MustCompile(`^[a-z0-9_.-]{1,32}$`)
