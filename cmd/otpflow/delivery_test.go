@@ -135,7 +135,9 @@ func TestBothProvidersDownThenBack(t *testing.T) {
 	srv.SetFault(sestest.Always(sestest.Unavailable))
 	w.env["OTP_BREAKER_OPEN_TIMEOUT"] = "3s"
 	w.env["OTP_SEND_RETRY_BUDGET"] = "500ms"
-	down := func(string) error { return &gosmtp.SMTPError{Code: 421, EnhancedCode: gosmtp.EnhancedCode{4, 3, 2}, Message: "service not available"} }
+	down := func(string) error {
+		return &gosmtp.SMTPError{Code: 421, EnhancedCode: gosmtp.EnhancedCode{4, 3, 2}, Message: "service not available"}
+	}
 	w.smtp.SetReject(down)
 	w.runInProcess(t, &testenv.LogBuffer{})
 	a := newApp(t, w.nats.ClientURL())
