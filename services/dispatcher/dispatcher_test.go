@@ -281,3 +281,19 @@ func TestTenantSenderLocaleAndTemplates(t *testing.T) {
 		t.Fatalf("from %q, mail:\n%s", mail.From, body)
 	}
 }
+
+func TestRetentionPurge(t *testing.T) {
+	h := newHarness(t)
+	_, err := h.pool.Exec(context.Background(), `INSERT INTO dispatcher.deliveries (challenge_id, code_seq, tenant, request_id,
+		status, attempts, expires_at, claimed_at) VALUES
+		('88888888-8888-4888-8888-888888888881', 1, 'acme', 'old', 'sent', 1, now() - interval '25 hours', now() - interval '25 hours'),
+		('88888888-8888-4888-8888-888888888882', 1, 'acme', 'new', 'sent', 1, now() + interval '5 minutes', now())`)
+	testenv.Must(t, err, "insert")
+	n, err := h.svc.Purge(context.Background())
+	testenv.Must(t, err, "purge")
+	var left string
+	testenv.Must(t, h.pool.QueryRow(context.Background(), `SELECT string_agg(request_id, ',') FROM dispatcher.deliveries`).Scan(&left), "read")
+	if n != 1 || left != "new" {
+		t.Fatalf("purged %d, left %q", n, left)
+	}
+}

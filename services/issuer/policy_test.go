@@ -9,6 +9,7 @@ import (
 	"testing"
 	"time"
 
+	"github.com/jackc/pgx/v5/pgxpool"
 	"github.com/otpflow/otpflow/events"
 	"github.com/otpflow/otpflow/events/policy"
 	"github.com/otpflow/otpflow/platform/keys"
@@ -145,8 +146,13 @@ func TestTwoIssuersRacingOnOneRecipient(t *testing.T) {
 	now := time.Now()
 	clock := func() time.Time { mu.Lock(); defer mu.Unlock(); return now }
 	for range 2 {
+		// Each issuer has its own NATS connection and its own PostgreSQL pool, as two
+		// processes would.
 		_, js2 := testenv.JetStream(t, srv)
-		svc, err := New(Config{Pepper: pepper, Sealer: sealer, BatchSize: 5}, pool, js2, testenv.Logger(io.Discard), nil)
+		own, err := pgxpool.New(context.Background(), pool.Config().ConnString())
+		testenv.Must(t, err, "pool")
+		t.Cleanup(own.Close)
+		svc, err := New(Config{Pepper: pepper, Sealer: sealer, BatchSize: 5}, own, js2, testenv.Logger(io.Discard), nil)
 		testenv.Must(t, err, "issuer")
 		svc.now = clock
 		testenv.Start(t, svc.Run)
