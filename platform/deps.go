@@ -121,3 +121,12 @@ func Serve(ctx context.Context, c Common, d *Deps, log *slog.Logger, run func(co
 		return errors.New("shutdown timed out; unfinished messages will be redelivered")
 	}
 }
+
+// SetupError is what Run returns when its setup failed: nothing when the service was
+// told to stop meanwhile (a shutdown during start is not a failure), else err.
+func SetupError(ctx context.Context, err error) error {
+	if ctx.Err() != nil {
+		return nil
+	}
+	return err
+}

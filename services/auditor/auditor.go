@@ -77,11 +77,11 @@ func (s *Service) Run(ctx context.Context) error {
 	setupCtx, cancel := context.WithTimeout(ctx, 30*time.Second)
 	defer cancel()
 	if err := events.EnsureStreams(setupCtx, s.js, s.cfg.Streams); err != nil {
-		return err
+		return platform.SetupError(ctx, err)
 	}
 	cons, err := events.EnsureConsumer(setupCtx, s.js, events.StreamEvents, events.AuditorConsumer)
 	if err != nil {
-		return err
+		return platform.SetupError(ctx, err)
 	}
 	s.log.Info("auditor consuming", "stream", events.StreamEvents, "consumer", events.ConsumerAuditor)
 	return platform.ConsumeBatches(ctx, cons, s.cfg.BatchSize, s.handleBatch)

@@ -197,13 +197,13 @@ func (s *Service) Run(ctx context.Context) error {
 	setupCtx, cancel := context.WithTimeout(ctx, 30*time.Second)
 	defer cancel()
 	if err := events.EnsureStreams(setupCtx, s.js, s.cfg.Streams); err != nil {
-		return err
+		return platform.SetupError(ctx, err)
 	}
 	cc := events.DispatcherConsumer
 	cc.MaxDeliver = s.cfg.MaxDeliver
 	cons, err := events.EnsureConsumer(setupCtx, s.js, events.StreamDispatch, cc)
 	if err != nil {
-		return err
+		return platform.SetupError(ctx, err)
 	}
 	if s.reg != nil {
 		if err := s.reg.Register(platform.NewConsumerLag(cons, events.StreamDispatch, events.ConsumerDispatcher)); err != nil {

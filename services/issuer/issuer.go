@@ -102,11 +102,11 @@ func (s *Service) Run(ctx context.Context) error {
 	setupCtx, cancel := context.WithTimeout(ctx, 30*time.Second)
 	defer cancel()
 	if err := events.EnsureStreams(setupCtx, s.js, s.cfg.Streams); err != nil {
-		return err
+		return platform.SetupError(ctx, err)
 	}
 	cons, err := events.EnsureConsumer(setupCtx, s.js, events.StreamRequests, events.IssuerConsumer)
 	if err != nil {
-		return err
+		return platform.SetupError(ctx, err)
 	}
 	s.log.Info("issuer consuming", "stream", events.StreamRequests, "consumer", events.ConsumerIssuer)
 	g, gctx := errgroup.WithContext(ctx)

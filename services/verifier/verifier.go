@@ -116,14 +116,14 @@ func (s *Service) Run(ctx context.Context) error {
 	setupCtx, cancel := context.WithTimeout(ctx, 30*time.Second)
 	defer cancel()
 	if err := events.EnsureStreams(setupCtx, s.js, s.cfg.Streams); err != nil {
-		return err
+		return platform.SetupError(ctx, err)
 	}
 	cons, err := events.EnsureConsumer(setupCtx, s.js, events.StreamEvents, events.VerifierConsumer)
 	if err != nil {
-		return err
+		return platform.SetupError(ctx, err)
 	}
 	if s.events, err = s.js.Stream(setupCtx, events.StreamEvents); err != nil {
-		return err
+		return platform.SetupError(ctx, err)
 	}
 	s.cons = cons
 	var inflight sync.WaitGroup
