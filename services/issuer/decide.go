@@ -2,7 +2,6 @@ package issuer
 
 import (
 	"context"
-	"errors"
 	"fmt"
 	"slices"
 	"strings"
@@ -123,105 +122,107 @@ func (s *Service) lock(ctx context.Context, tx pgx.Tx, reqs []*request, now time
 		}
 		return strings.Compare(a.requestID, b.requestID)
 	})
-	b := &pgx.Batch{}
+	// Set-based reads, a handful of statements per batch whatever its size. Rows are
+	// locked in key order (the sort runs below the row locks).
+	var tenants, requestIDs []string
 	for _, k := range ks {
-		b.Queue(`SELECT challenge_id::text, code_count, last_code_at, status, recipient_key, purpose FROM issuer.challenges
-			WHERE tenant = $1 AND request_id = $2 FOR UPDATE`, k.tenant, k.requestID)
+		tenants, requestIDs = append(tenants, k.tenant), append(requestIDs, k.requestID)
 	}
 	sortedLogs, sortedWins := sortedKeys(logKeys), sortedKeys(winKeys)
-	for _, lk := range sortedLogs {
-		b.Queue(`INSERT INTO issuer.rate_log (key) VALUES ($1) ON CONFLICT DO NOTHING`, lk)
-		b.Queue(`SELECT stamps FROM issuer.rate_log WHERE key = $1 FOR UPDATE`, lk)
-	}
-	for _, wk := range sortedWins {
-		b.Queue(`INSERT INTO issuer.rate_window (key, window_start, count) VALUES ($1, $2, 0) ON CONFLICT DO NOTHING`, wk, now)
-		b.Queue(`SELECT window_start, count FROM issuer.rate_window WHERE key = $1 FOR UPDATE`, wk)
-	}
-	var rks []rcptKey
+	var rt, rr, rp []string
 	for rk := range rcpts {
-		rks = append(rks, rk)
-		b.Queue(`SELECT challenge_id::text, request_id FROM issuer.challenges WHERE tenant = $1 AND recipient_key = $2
-			AND purpose = $3 AND status = 'active' AND expires_at > $4 ORDER BY created_at`, rk.tenant, rk.recipient, rk.purpose, now)
-		b.Queue(`SELECT created_at FROM issuer.challenges WHERE tenant = $1 AND recipient_key = $2 AND purpose = $3
-			AND created_at > $4`, rk.tenant, rk.recipient, rk.purpose, now.Add(-time.Hour))
+		rt, rr, rp = append(rt, rk.tenant), append(rr, rk.recipient), append(rp, rk.purpose)
 	}
-	var ipList [][2]string
+	var it, ii []string
 	for _, v := range ips {
-		ipList = append(ipList, v)
-		b.Queue(`SELECT recipient_key FROM issuer.ip_recipients WHERE tenant = $1 AND ip = $2 AND last_at > $3`,
-			v[0], v[1], now.Add(-s.cfg.Policies.For(v[0]).Risk.IPFanout.Window))
+		it, ii = append(it, v[0]), append(ii, v[1])
 	}
-
-	res := tx.SendBatch(ctx, b)
-	defer res.Close()
-	for _, k := range ks {
-		var c challenge
-		err := res.QueryRow().Scan(&c.id, &c.codeCount, &c.lastCodeAt, &c.status, &c.recipient, &c.purpose)
-		switch {
-		case errors.Is(err, pgx.ErrNoRows):
-		case err != nil:
-			return nil, fmt.Errorf("lock challenges: %w", err)
-		default:
+	b := &pgx.Batch{}
+	b.Queue(`SELECT c.tenant, c.request_id, c.challenge_id::text, c.code_count, c.last_code_at, c.status, c.recipient_key, c.purpose
+		FROM issuer.challenges c JOIN unnest($1::text[], $2::text[]) AS k(tenant, request_id) USING (tenant, request_id)
+		ORDER BY c.tenant, c.request_id FOR UPDATE OF c`, tenants, requestIDs).Query(func(rows pgx.Rows) error {
+		for rows.Next() {
+			var k key
+			var c challenge
+			if err := rows.Scan(&k.tenant, &k.requestID, &c.id, &c.codeCount, &c.lastCodeAt, &c.status, &c.recipient, &c.purpose); err != nil {
+				return err
+			}
 			st.challenges[k] = &c
 		}
-	}
-	for _, lk := range sortedLogs {
-		if _, err := res.Exec(); err != nil {
-			return nil, fmt.Errorf("rate log: %w", err)
+		return rows.Err()
+	})
+	b.Queue(`INSERT INTO issuer.rate_log (key) SELECT k FROM unnest($1::text[]) AS k ORDER BY k ON CONFLICT DO NOTHING`, sortedLogs)
+	b.Queue(`SELECT key, stamps FROM issuer.rate_log WHERE key = ANY($1) ORDER BY key FOR UPDATE`, sortedLogs).Query(func(rows pgx.Rows) error {
+		for rows.Next() {
+			var k string
+			var stamps []time.Time
+			if err := rows.Scan(&k, &stamps); err != nil {
+				return err
+			}
+			st.logs[k] = stamps
 		}
-		var stamps []time.Time
-		if err := res.QueryRow().Scan(&stamps); err != nil {
-			return nil, fmt.Errorf("rate log: %w", err)
+		return rows.Err()
+	})
+	b.Queue(`INSERT INTO issuer.rate_window (key, window_start, count) SELECT k, $2, 0 FROM unnest($1::text[]) AS k ORDER BY k
+		ON CONFLICT DO NOTHING`, sortedWins, now)
+	b.Queue(`SELECT key, window_start, count FROM issuer.rate_window WHERE key = ANY($1) ORDER BY key FOR UPDATE`, sortedWins).Query(func(rows pgx.Rows) error {
+		for rows.Next() {
+			var k string
+			w := &rateWindow{}
+			if err := rows.Scan(&k, &w.start, &w.count); err != nil {
+				return err
+			}
+			st.windows[k] = w
 		}
-		st.logs[lk] = stamps
-	}
-	for _, wk := range sortedWins {
-		if _, err := res.Exec(); err != nil {
-			return nil, fmt.Errorf("rate window: %w", err)
-		}
-		w := &rateWindow{}
-		if err := res.QueryRow().Scan(&w.start, &w.count); err != nil {
-			return nil, fmt.Errorf("rate window: %w", err)
-		}
-		st.windows[wk] = w
-	}
-	for _, rk := range rks {
-		rows, err := res.Query()
-		if err != nil {
-			return nil, err
-		}
-		refs, err := pgx.CollectRows(rows, func(r pgx.CollectableRow) (activeRef, error) {
+		return rows.Err()
+	})
+	b.Queue(`SELECT c.tenant, c.recipient_key, c.purpose, c.challenge_id::text, c.request_id, c.status = 'active' AND c.expires_at > $4, c.created_at
+		FROM issuer.challenges c JOIN unnest($1::text[], $2::text[], $3::text[]) AS k(tenant, recipient_key, purpose)
+			USING (tenant, recipient_key, purpose)
+		WHERE c.created_at > $5 OR (c.status = 'active' AND c.expires_at > $4)
+		ORDER BY c.created_at`, rt, rr, rp, now, now.Add(-time.Hour)).Query(func(rows pgx.Rows) error {
+		for rows.Next() {
+			var rk rcptKey
 			var a activeRef
-			return a, r.Scan(&a.id, &a.requestID)
+			var active bool
+			var created time.Time
+			if err := rows.Scan(&rk.tenant, &rk.recipient, &rk.purpose, &a.id, &a.requestID, &active, &created); err != nil {
+				return err
+			}
+			if active {
+				st.active[rk] = append(st.active[rk], a)
+			}
+			if created.After(now.Add(-time.Hour)) {
+				st.recent[rk] = append(st.recent[rk], created)
+			}
+		}
+		return rows.Err()
+	})
+	if len(it) > 0 {
+		b.Queue(`SELECT r.tenant, r.ip, r.recipient_key, r.last_at FROM issuer.ip_recipients r
+			JOIN unnest($1::text[], $2::text[]) AS k(tenant, ip) USING (tenant, ip)
+			WHERE r.last_at > $3`, it, ii, now.Add(-time.Hour)).Query(func(rows pgx.Rows) error {
+			for rows.Next() {
+				var tenant, ip, rcpt string
+				var last time.Time
+				if err := rows.Scan(&tenant, &ip, &rcpt, &last); err != nil {
+					return err
+				}
+				if last.After(now.Add(-s.cfg.Policies.For(tenant).Risk.IPFanout.Window)) {
+					k := tenant + "|" + ip
+					if st.ipSeen[k] == nil {
+						st.ipSeen[k] = map[string]bool{}
+					}
+					st.ipSeen[k][rcpt] = true
+				}
+			}
+			return rows.Err()
 		})
-		if err != nil {
-			return nil, err
-		}
-		st.active[rk] = refs
-		rows, err = res.Query()
-		if err != nil {
-			return nil, err
-		}
-		if st.recent[rk], err = pgx.CollectRows(rows, pgx.RowTo[time.Time]); err != nil {
-			return nil, err
-		}
 	}
-	for _, v := range ipList {
-		rows, err := res.Query()
-		if err != nil {
-			return nil, err
-		}
-		seen, err := pgx.CollectRows(rows, pgx.RowTo[string])
-		if err != nil {
-			return nil, err
-		}
-		set := map[string]bool{}
-		for _, r := range seen {
-			set[r] = true
-		}
-		st.ipSeen[v[0]+"|"+v[1]] = set
+	if err := tx.SendBatch(ctx, b).Close(); err != nil {
+		return nil, fmt.Errorf("lock batch state: %w", err)
 	}
-	return st, res.Close()
+	return st, nil
 }
 
 func sortedKeys(m map[string]bool) []string {

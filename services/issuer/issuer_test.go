@@ -36,6 +36,11 @@ func newHarness(t *testing.T) *harness {
 // newPolicyHarness runs an issuer with the tenant policy file doc.
 func newPolicyHarness(t *testing.T, doc string) *harness {
 	t.Helper()
+	return newPolicyHarnessTB(t, doc)
+}
+
+func newPolicyHarnessTB(t testing.TB, doc string) *harness {
+	t.Helper()
 	policies, err := policy.Parse([]byte(doc))
 	testenv.Must(t, err, "policy")
 	_, js := testenv.JetStream(t, testenv.NATS(t))
