@@ -18,7 +18,14 @@ import (
 //
 //	cd cmd/otpflow && go test -run '^$' -bench Pipeline -benchtime 3000x
 func BenchmarkPipeline(b *testing.B) {
+	for _, c := range []string{"16", "64"} {
+		b.Run("concurrency-"+c, func(b *testing.B) { benchPipeline(b, c) })
+	}
+}
+
+func benchPipeline(b *testing.B, concurrency string) {
 	w := newWorld(b)
+	w.env["OTP_DISPATCH_CONCURRENCY"] = concurrency
 	ctx, cancel := context.WithCancel(context.Background())
 	done := make(chan error, 1)
 	go func() { done <- runPipeline(ctx, w.getenv, io.Discard) }()
