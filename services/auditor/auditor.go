@@ -5,6 +5,7 @@ package auditor
 import (
 	"context"
 	"crypto/hmac"
+	"crypto/rand"
 	"crypto/sha256"
 	"embed"
 	"encoding/json"
@@ -14,7 +15,7 @@ import (
 	"strings"
 	"time"
 
-	"github.com/jackc/pgx/v5"
+	"github.com/cenkalti/backoff/v4"
 	"github.com/jackc/pgx/v5/pgxpool"
 	"github.com/nats-io/nats.go/jetstream"
 	"github.com/otpflow/otpflow/events"
@@ -89,22 +90,35 @@ func (s *Service) Run(ctx context.Context) error {
 
 // Row is one audit log row.
 type Row struct {
-	StreamSeq       uint64
-	Subject         string
-	Type            string
-	Tenant          string
-	EventID         string
-	Source          string
-	OccurredAt      time.Time
-	RequestID       string
-	ChallengeID     string
+	StreamSeq   uint64
+	Subject     string
+	Type        string
+	Tenant      string
+	EventID     string
+	Source      string
+	OccurredAt  time.Time
+	RequestID   string
+	ChallengeID string
+	Payload     json.RawMessage // the event without its personal data
+
+	// Personal data, erasable: it enters the chain only through PIIDigest.
 	RecipientHash   []byte
 	RecipientMasked string
-	Payload         json.RawMessage
+	PII             map[string]string // client_ip, session_id
+	PIISalt         []byte
+	PIIDigest       []byte
+
+	ChainPos int64
+	PrevHash []byte
+	RowHash  []byte
 }
 
+// personalFields leave the payload for the erasable PII column.
+var personalFields = []string{"client_ip", "session_id"}
+
 // ToRow turns an OTP_EVENTS message into its audit row: the recipient leaves the payload
-// and is kept as HMAC-SHA256(key, lower(address)) and a masked form.
+// and is kept as HMAC-SHA256(key, lower(address)) and a masked form; the client IP and
+// session id move to the erasable PII column.
 func ToRow(key []byte, seq uint64, subject string, header map[string][]string, data []byte) (Row, error) {
 	typ, tenant, err := events.SplitSubject(subject)
 	if err != nil {
@@ -123,8 +137,9 @@ func ToRow(key []byte, seq uint64, subject string, header map[string][]string, d
 	r := Row{StreamSeq: seq, Subject: subject, Type: string(typ), Tenant: tenant,
 		EventID: get(events.HeaderID), Source: get(events.HeaderSource)}
 	if r.OccurredAt, err = time.Parse(time.RFC3339Nano, get(events.HeaderTime)); err != nil {
-		r.OccurredAt = time.Now().UTC()
+		r.OccurredAt = time.Now()
 	}
+	r.OccurredAt = r.OccurredAt.UTC().Truncate(time.Microsecond) // what PostgreSQL keeps
 	r.RequestID, _ = body["request_id"].(string)
 	r.ChallengeID, _ = body["challenge_id"].(string)
 	if rcpt, ok := body["recipient"].(string); ok {
@@ -132,9 +147,21 @@ func ToRow(key []byte, seq uint64, subject string, header map[string][]string, d
 		r.RecipientHash = RecipientHash(key, rcpt)
 		r.RecipientMasked = Mask(rcpt)
 	}
+	for _, f := range personalFields {
+		if v, ok := body[f].(string); ok {
+			delete(body, f)
+			if r.PII == nil {
+				r.PII = map[string]string{}
+			}
+			r.PII[f] = v
+		}
+	}
 	if r.Payload, err = json.Marshal(body); err != nil {
 		return Row{}, err
 	}
+	r.PIISalt = make([]byte, 16)
+	_, _ = rand.Read(r.PIISalt)
+	r.PIIDigest = piiDigest(r.PIISalt, r.RecipientHash, r.RecipientMasked, r.PII)
 	return r, nil
 }
 
@@ -155,7 +182,7 @@ func Mask(addr string) string {
 }
 
 func (s *Service) handleBatch(ctx context.Context, batch []jetstream.Msg) {
-	b := &pgx.Batch{}
+	var rows []*Row
 	var good []jetstream.Msg
 	for _, m := range batch {
 		md, err := m.Metadata()
@@ -172,23 +199,27 @@ func (s *Service) handleBatch(ctx context.Context, batch []jetstream.Msg) {
 			}
 			continue
 		}
-		b.Queue(`INSERT INTO audit.events (stream_seq, subject, type, tenant, event_id, source, occurred_at,
-			request_id, challenge_id, recipient_hash, recipient_masked, payload)
-			VALUES ($1,$2,$3,$4,$5,$6,$7,$8,$9,$10,$11,$12) ON CONFLICT (stream_seq) DO NOTHING`,
-			int64(row.StreamSeq), row.Subject, row.Type, row.Tenant, row.EventID, row.Source, row.OccurredAt,
-			row.RequestID, row.ChallengeID, row.RecipientHash, row.RecipientMasked, row.Payload)
+		rows = append(rows, &row)
 		good = append(good, m)
 	}
 	if len(good) == 0 {
 		return
 	}
-	if err := pgx.BeginFunc(ctx, s.pool, func(tx pgx.Tx) error { return tx.SendBatch(ctx, b).Close() }); err != nil {
-		s.log.Error("write audit batch", "events", len(good), "err", err)
+	// The chain follows insertion order, so a failed batch is retried here, in order,
+	// instead of being put back behind newer events.
+	b := backoff.WithContext(backoff.NewExponentialBackOff(backoff.WithInitialInterval(100*time.Millisecond),
+		backoff.WithMaxInterval(5*time.Second), backoff.WithMaxElapsedTime(0)), ctx)
+	err := backoff.RetryNotify(func() error {
+		_, err := Append(ctx, s.pool, rows)
+		return err
+	}, b, func(err error, d time.Duration) {
+		s.log.Error("write audit batch; retrying", "events", len(good), "retry_in", d, "err", err)
 		for _, m := range good {
-			md, _ := m.Metadata()
-			_ = m.NakWithDelay(platform.RetryDelay(md.NumDelivered, 30*time.Second))
+			_ = m.InProgress()
 		}
-		return
+	})
+	if err != nil {
+		return // shutting down: unacknowledged, redelivered later
 	}
 	for _, m := range good {
 		typ, _, _ := events.SplitSubject(m.Subject())

@@ -1,0 +1,222 @@
+package auditor
+
+import (
+	"bytes"
+	"context"
+	"crypto/sha256"
+	"encoding/hex"
+	"encoding/json"
+	"errors"
+	"fmt"
+	"time"
+
+	"github.com/jackc/pgx/v5"
+	"github.com/jackc/pgx/v5/pgxpool"
+)
+
+// canonical encodes v as JSON with object keys sorted and numbers as written, so the
+// same event hashes the same whether it comes from the stream or from PostgreSQL's jsonb.
+func canonical(raw []byte) ([]byte, error) {
+	dec := json.NewDecoder(bytes.NewReader(raw))
+	dec.UseNumber()
+	var v any
+	if err := dec.Decode(&v); err != nil {
+		return nil, err
+	}
+	return json.Marshal(v)
+}
+
+// piiDigest commits to the personal data of a row; the salt keeps the digest from
+// being guessed once the data is erased.
+func piiDigest(salt, recipientHash []byte, masked string, pii map[string]string) []byte {
+	b, _ := json.Marshal(struct {
+		RecipientHash   string            `json:"recipient_hash"`
+		RecipientMasked string            `json:"recipient_masked"`
+		PII             map[string]string `json:"pii"`
+	}{hex.EncodeToString(recipientHash), masked, pii})
+	h := sha256.New()
+	h.Write(salt)
+	h.Write(b)
+	return h.Sum(nil)
+}
+
+// rowHash is SHA-256(prev ‖ canonical content ‖ pii digest).
+func rowHash(prev []byte, r *Row) ([]byte, error) {
+	payload, err := canonical(r.Payload)
+	if err != nil {
+		return nil, fmt.Errorf("canonical payload: %w", err)
+	}
+	content, err := json.Marshal(struct {
+		Seq         uint64          `json:"seq"`
+		Subject     string          `json:"subject"`
+		Type        string          `json:"type"`
+		Tenant      string          `json:"tenant"`
+		EventID     string          `json:"event_id"`
+		Source      string          `json:"source"`
+		OccurredAt  string          `json:"occurred_at"`
+		RequestID   string          `json:"request_id"`
+		ChallengeID string          `json:"challenge_id"`
+		Payload     json.RawMessage `json:"payload"`
+	}{r.StreamSeq, r.Subject, r.Type, r.Tenant, r.EventID, r.Source, r.OccurredAt.UTC().Format(time.RFC3339Nano),
+		r.RequestID, r.ChallengeID, payload})
+	if err != nil {
+		return nil, err
+	}
+	h := sha256.New()
+	h.Write(prev)
+	h.Write(content)
+	h.Write(r.PIIDigest)
+	return h.Sum(nil), nil
+}
+
+// Append writes rows (in stream order) to the log in one transaction: rows already there
+// (same stream sequence) are skipped, the others are chained after the head, which is
+// row-locked so that any number of writers keep one chain. It returns how many it wrote.
+func Append(ctx context.Context, pool *pgxpool.Pool, rows []*Row) (int, error) {
+	written := 0
+	err := pgx.BeginFunc(ctx, pool, func(tx pgx.Tx) error {
+		written = 0
+		var pos int64
+		var head []byte
+		if err := tx.QueryRow(ctx, `SELECT pos, hash FROM audit.chain_head FOR UPDATE`).Scan(&pos, &head); err != nil {
+			return fmt.Errorf("chain head: %w", err)
+		}
+		seqs := make([]int64, len(rows))
+		for i, r := range rows {
+			seqs[i] = int64(r.StreamSeq)
+		}
+		found, err := tx.Query(ctx, `SELECT stream_seq FROM audit.events WHERE stream_seq = ANY($1)`, seqs)
+		if err != nil {
+			return err
+		}
+		existing, err := pgx.CollectRows(found, pgx.RowTo[int64])
+		if err != nil {
+			return err
+		}
+		have := map[int64]bool{}
+		for _, s := range existing {
+			have[s] = true
+		}
+		var copyRows [][]any
+		for _, r := range rows {
+			if have[int64(r.StreamSeq)] {
+				continue
+			}
+			have[int64(r.StreamSeq)] = true
+			pos++
+			r.ChainPos, r.PrevHash = pos, head
+			if r.RowHash, err = rowHash(head, r); err != nil {
+				return err
+			}
+			head = r.RowHash
+			var pii any
+			if r.PII != nil {
+				pii = r.PII
+			}
+			copyRows = append(copyRows, []any{int64(r.StreamSeq), r.Subject, r.Type, r.Tenant, r.EventID, r.Source, r.OccurredAt,
+				r.RequestID, r.ChallengeID, r.RecipientHash, r.RecipientMasked, string(r.Payload),
+				r.ChainPos, r.PrevHash, r.RowHash, pii, r.PIISalt, r.PIIDigest})
+		}
+		if len(copyRows) == 0 {
+			return nil
+		}
+		if _, err := tx.CopyFrom(ctx, pgx.Identifier{"audit", "events"}, []string{"stream_seq", "subject", "type", "tenant",
+			"event_id", "source", "occurred_at", "request_id", "challenge_id", "recipient_hash", "recipient_masked", "payload",
+			"chain_pos", "prev_hash", "row_hash", "pii", "pii_salt", "pii_digest"}, pgx.CopyFromRows(copyRows)); err != nil {
+			return fmt.Errorf("copy audit rows: %w", err)
+		}
+		written = len(copyRows)
+		_, err = tx.Exec(ctx, `UPDATE audit.chain_head SET pos = $1, hash = $2`, pos, head)
+		return err
+	})
+	return written, err
+}
+
+// Report is the result of a chain verification.
+type Report struct {
+	Rows      int64
+	FirstPos  int64
+	LastPos   int64
+	Erased    int64
+	BrokenPos int64  // chain position of the first broken row; 0 when intact
+	BrokenSeq int64  // its stream sequence
+	Problem   string // what is wrong with it
+}
+
+// OK reports whether the chain is intact.
+func (r Report) OK() bool { return r.Problem == "" }
+
+// ErrNoLog is returned when the audit schema does not exist.
+var ErrNoLog = errors.New("no audit log in this database")
+
+// Verify walks the chain in order and recomputes every link: it finds an edited row
+// (its hash no longer matches), a deleted one (a gap, or a broken link), an inserted one
+// (a link to nothing before it) and a reordered pair (links out of order), and rows cut
+// off the end (the head no longer matches the last row).
+func Verify(ctx context.Context, pool *pgxpool.Pool) (Report, error) {
+	var rep Report
+	var headPos int64
+	var headHash []byte
+	if err := pool.QueryRow(ctx, `SELECT pos, hash FROM audit.chain_head`).Scan(&headPos, &headHash); err != nil {
+		return rep, fmt.Errorf("%w: %v", ErrNoLog, err)
+	}
+	prevPos, prev := int64(0), make([]byte, 32)
+	_ = pool.QueryRow(ctx, `SELECT pos, hash FROM audit.checkpoints ORDER BY pos DESC LIMIT 1`).Scan(&prevPos, &prev)
+	rows, err := pool.Query(ctx, `SELECT chain_pos, stream_seq, subject, type, tenant, event_id, source, occurred_at, request_id,
+		challenge_id, payload, recipient_hash, recipient_masked, pii, pii_salt, pii_digest, prev_hash, row_hash
+		FROM audit.events ORDER BY chain_pos NULLS FIRST, stream_seq`)
+	if err != nil {
+		return rep, err
+	}
+	defer rows.Close()
+	broken := func(r *Row, problem string) {
+		if rep.Problem == "" {
+			rep.BrokenPos, rep.BrokenSeq, rep.Problem = r.ChainPos, int64(r.StreamSeq), problem
+		}
+	}
+	for rows.Next() {
+		var r Row
+		var pos *int64
+		var seq int64
+		var payload []byte
+		var pii map[string]string
+		if err := rows.Scan(&pos, &seq, &r.Subject, &r.Type, &r.Tenant, &r.EventID, &r.Source, &r.OccurredAt, &r.RequestID,
+			&r.ChallengeID, &payload, &r.RecipientHash, &r.RecipientMasked, &pii, &r.PIISalt, &r.PIIDigest, &r.PrevHash, &r.RowHash); err != nil {
+			return rep, err
+		}
+		r.StreamSeq, r.Payload, r.PII = uint64(seq), payload, pii
+		rep.Rows++
+		if pos == nil {
+			broken(&r, "row outside the chain (inserted)")
+			continue
+		}
+		r.ChainPos = *pos
+		if rep.FirstPos == 0 {
+			rep.FirstPos = r.ChainPos
+		}
+		rep.LastPos = r.ChainPos
+		switch {
+		case r.ChainPos != prevPos+1:
+			broken(&r, fmt.Sprintf("rows %d to %d of the chain are missing (deleted)", prevPos+1, r.ChainPos-1))
+		case !bytes.Equal(r.PrevHash, prev):
+			broken(&r, "does not link to the row before it (inserted or reordered)")
+		}
+		if r.PIISalt == nil {
+			rep.Erased++
+		} else if !bytes.Equal(piiDigest(r.PIISalt, r.RecipientHash, r.RecipientMasked, r.PII), r.PIIDigest) {
+			broken(&r, "personal data changed (edited)")
+		}
+		want, err := rowHash(r.PrevHash, &r)
+		if err != nil || !bytes.Equal(want, r.RowHash) {
+			broken(&r, "content does not match its hash (edited)")
+		}
+		prevPos, prev = r.ChainPos, r.RowHash
+	}
+	if err := rows.Err(); err != nil {
+		return rep, err
+	}
+	if rep.Problem == "" && (prevPos != headPos || !bytes.Equal(prev, headHash)) {
+		rep.BrokenPos, rep.Problem = prevPos+1, fmt.Sprintf("the chain ends at %d but its head is at %d (rows deleted at the end)", prevPos, headPos)
+	}
+	return rep, nil
+}

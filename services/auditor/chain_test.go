@@ -1,0 +1,112 @@
+package auditor
+
+import (
+	"bytes"
+	"context"
+	"fmt"
+	"strings"
+	"testing"
+	"time"
+
+	"github.com/jackc/pgx/v5/pgxpool"
+	"github.com/otpflow/otpflow/events"
+	"github.com/otpflow/otpflow/platform/testenv"
+)
+
+var testKey = bytes.Repeat([]byte{7}, 32)
+
+// seed writes n issued/delivered events through Append and returns the pool.
+func seed(t *testing.T, n int) *pgxpool.Pool {
+	t.Helper()
+	pool := testenv.Postgres(t, Schema, Migrations())
+	var rows []*Row
+	for i := 1; i <= n; i++ {
+		typ, body := events.TypeIssued, fmt.Sprintf(`{"challenge_id":"c-%d","request_id":"r-%d","recipient":"u%d@example.com","client_ip":"203.0.113.%d","code_seq":1,"max_attempts":5}`, i, i, i, i)
+		if i%2 == 0 {
+			typ, body = events.TypeDelivered, fmt.Sprintf(`{"challenge_id":"c-%d","request_id":"r-%d","provider":"ses","attempts":1}`, i-1, i-1)
+		}
+		m, err := events.NewMsg(typ, "acme", fmt.Sprintf("e-%d", i), "", jsonRaw(body), events.Envelope{Source: "test", Time: time.Now()})
+		testenv.Must(t, err, "msg")
+		r, err := ToRow(testKey, uint64(i), m.Subject, m.Header, m.Data)
+		testenv.Must(t, err, "row")
+		rows = append(rows, &r)
+	}
+	if _, err := Append(context.Background(), pool, rows[:n/2]); err != nil {
+		t.Fatal(err)
+	}
+	if _, err := Append(context.Background(), pool, rows); err != nil { // overlapping: the first half is skipped
+		t.Fatal(err)
+	}
+	return pool
+}
+
+type jsonRaw string
+
+func (j jsonRaw) MarshalJSON() ([]byte, error) { return []byte(j), nil }
+
+// tamper runs sql as a superuser with the append-only trigger bypassed, as an attacker
+// with database access could.
+func tamper(t *testing.T, pool *pgxpool.Pool, sql string) {
+	t.Helper()
+	ctx := context.Background()
+	conn, err := pool.Acquire(ctx)
+	testenv.Must(t, err, "acquire")
+	defer conn.Release()
+	_, err = conn.Exec(ctx, "SET session_replication_role = replica; "+sql+"; SET session_replication_role = origin")
+	testenv.Must(t, err, "tamper: %s", sql)
+}
+
+func TestVerifyIntactChain(t *testing.T) {
+	pool := seed(t, 20)
+	rep, err := Verify(context.Background(), pool)
+	testenv.Must(t, err, "verify")
+	if !rep.OK() || rep.Rows != 20 || rep.FirstPos != 1 || rep.LastPos != 20 {
+		t.Fatalf("report %+v", rep)
+	}
+}
+
+func TestVerifyCatchesTampering(t *testing.T) {
+	tests := []struct {
+		name, sql string
+		pos       int64
+		problem   string
+	}{
+		{"edited payload", `UPDATE audit.events SET payload = jsonb_set(payload, '{provider}', '"smtp"') WHERE chain_pos = 8`, 8, "edited"},
+		{"edited time", `UPDATE audit.events SET occurred_at = occurred_at - interval '1 hour' WHERE chain_pos = 5`, 5, "edited"},
+		{"edited personal data", `UPDATE audit.events SET recipient_masked = 'x***@example.com' WHERE chain_pos = 3`, 3, "personal data"},
+		{"deleted row", `DELETE FROM audit.events WHERE chain_pos = 11`, 12, "deleted"},
+		{"deleted last rows", `DELETE FROM audit.events WHERE chain_pos >= 19`, 19, "deleted at the end"},
+		{"inserted row", `INSERT INTO audit.events (stream_seq, subject, type, tenant, event_id, source, occurred_at, payload)
+			VALUES (999, 'otp.verified.acme', 'otp.verified', 'acme', 'x', 'evil', now(), '{}')`, 0, "inserted"},
+		{"inserted into the chain", `UPDATE audit.events SET chain_pos = -(chain_pos + 1) WHERE chain_pos >= 15;
+			UPDATE audit.events SET chain_pos = -chain_pos WHERE chain_pos < 0;
+			INSERT INTO audit.events (stream_seq, subject, type, tenant, event_id, source, occurred_at, payload, chain_pos, prev_hash, row_hash, pii_digest)
+			SELECT 999, subject, type, tenant, 'x', 'evil', occurred_at, payload, 15, prev_hash, row_hash, pii_digest FROM audit.events WHERE chain_pos = 14`, 15, "inserted"},
+		{"swapped rows", `UPDATE audit.events SET chain_pos = -1 WHERE chain_pos = 6; UPDATE audit.events SET chain_pos = 6 WHERE chain_pos = 7;
+			UPDATE audit.events SET chain_pos = 7 WHERE chain_pos = -1`, 6, "inserted or reordered"},
+	}
+	for _, tc := range tests {
+		t.Run(tc.name, func(t *testing.T) {
+			pool := seed(t, 20)
+			tamper(t, pool, tc.sql)
+			rep, err := Verify(context.Background(), pool)
+			testenv.Must(t, err, "verify")
+			if rep.OK() || rep.BrokenPos != tc.pos || !strings.Contains(rep.Problem, tc.problem) {
+				t.Fatalf("report %+v, want broken at %d (%s)", rep, tc.pos, tc.problem)
+			}
+		})
+	}
+}
+
+func TestAppendOnlyTrigger(t *testing.T) {
+	pool := seed(t, 4)
+	for _, sql := range []string{
+		`UPDATE audit.events SET tenant = 'x' WHERE chain_pos = 1`,
+		`UPDATE audit.events SET row_hash = '\x00' WHERE chain_pos = 1`,
+		`DELETE FROM audit.events WHERE chain_pos = 1`,
+	} {
+		if _, err := pool.Exec(context.Background(), sql); err == nil {
+			t.Errorf("accepted: %s", sql)
+		}
+	}
+}
