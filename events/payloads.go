@@ -70,6 +70,8 @@ type Issued struct {
 	Resend      bool      `json:"resend,omitempty"`
 	IssuedAt    time.Time `json:"issued_at"`
 	ExpiresAt   time.Time `json:"expires_at"`
+	// RequestedAt is when the otp.requested message was stored on OTP_REQUESTS.
+	RequestedAt time.Time `json:"requested_at,omitzero"`
 	// Test marks a test recipient of the tenant policy: a fixed code, never mailed.
 	Test bool `json:"test,omitempty"`
 	// Risk names the adaptive rules that shortened this code's lifetime or attempts.
@@ -143,8 +145,20 @@ type Delivered struct {
 	Attempts          int    `json:"attempts"`
 	// Unconfirmed is set when the provider took the message but twice gave no final
 	// answer: the mail most likely went out, and it is not sent a third time.
-	Unconfirmed bool      `json:"unconfirmed,omitempty"`
-	DeliveredAt time.Time `json:"delivered_at"`
+	Unconfirmed bool `json:"unconfirmed,omitempty"`
+	// ProviderAttempts lists every provider call of this delivery, in order: the
+	// retries and the failover that led to the provider above.
+	ProviderAttempts []ProviderAttempt `json:"provider_attempts,omitempty"`
+	DeliveredAt      time.Time         `json:"delivered_at"`
+}
+
+// ProviderAttempt is one call to a mail provider.
+type ProviderAttempt struct {
+	Provider string `json:"provider"`
+	// Outcome is "ok" or the failure class: transient, throttled, quota_exhausted,
+	// provider_down, permanent, ambiguous.
+	Outcome string    `json:"outcome"`
+	At      time.Time `json:"at"`
 }
 
 // DeliveryFailed is the body of otp.delivery_failed.<tenant>: the mail of one code could
@@ -160,6 +174,8 @@ type DeliveryFailed struct {
 	Permanent   bool      `json:"permanent"`
 	Attempts    int       `json:"attempts"`
 	FailedAt    time.Time `json:"failed_at"`
+	// ProviderAttempts lists the provider calls of the last delivery of the job.
+	ProviderAttempts []ProviderAttempt `json:"provider_attempts,omitempty"`
 }
 
 // DispatchExpired is the body of otp.dispatch_expired.<tenant>: a job was still undelivered

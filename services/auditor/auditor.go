@@ -5,11 +5,11 @@ package auditor
 import (
 	"context"
 	"crypto/hmac"
-	"crypto/rand"
 	"crypto/sha256"
 	"embed"
 	"encoding/json"
 	"errors"
+	"fmt"
 	"io/fs"
 	"log/slog"
 	"strings"
@@ -118,8 +118,10 @@ var personalFields = []string{"client_ip", "session_id"}
 
 // ToRow turns an OTP_EVENTS message into its audit row: the recipient leaves the payload
 // and is kept as HMAC-SHA256(key, lower(address)) and a masked form; the client IP and
-// session id move to the erasable PII column.
-func ToRow(key []byte, seq uint64, subject string, header map[string][]string, data []byte) (Row, error) {
+// session id move to the erasable PII column. stored is when the stream stored the
+// message, the event time when it has no ce-time. The same message and key always give
+// the same row, so a replay rebuilds the live log exactly.
+func ToRow(key []byte, seq uint64, stored time.Time, subject string, header map[string][]string, data []byte) (Row, error) {
 	typ, tenant, err := events.SplitSubject(subject)
 	if err != nil {
 		return Row{}, err
@@ -137,7 +139,7 @@ func ToRow(key []byte, seq uint64, subject string, header map[string][]string, d
 	r := Row{StreamSeq: seq, Subject: subject, Type: string(typ), Tenant: tenant,
 		EventID: get(events.HeaderID), Source: get(events.HeaderSource)}
 	if r.OccurredAt, err = time.Parse(time.RFC3339Nano, get(events.HeaderTime)); err != nil {
-		r.OccurredAt = time.Now()
+		r.OccurredAt = stored
 	}
 	r.OccurredAt = r.OccurredAt.UTC().Truncate(time.Microsecond) // what PostgreSQL keeps
 	r.RequestID, _ = body["request_id"].(string)
@@ -159,8 +161,12 @@ func ToRow(key []byte, seq uint64, subject string, header map[string][]string, d
 	if r.Payload, err = json.Marshal(body); err != nil {
 		return Row{}, err
 	}
-	r.PIISalt = make([]byte, 16)
-	_, _ = rand.Read(r.PIISalt)
+	// The salt is derived from the audit key and the sequence (a replay must rebuild the
+	// same row); it is erased with the personal data, so the digest left in the chain
+	// cannot be matched against guesses by anyone without the key.
+	salt := hmac.New(sha256.New, key)
+	fmt.Fprintf(salt, "otpflow-audit-pii-salt:%d", seq)
+	r.PIISalt = salt.Sum(nil)[:16]
 	r.PIIDigest = piiDigest(r.PIISalt, r.RecipientHash, r.RecipientMasked, r.PII)
 	return r, nil
 }
@@ -190,7 +196,7 @@ func (s *Service) handleBatch(ctx context.Context, batch []jetstream.Msg) {
 			_ = m.NakWithDelay(time.Second)
 			continue
 		}
-		row, err := ToRow(s.cfg.RecipientKey, md.Sequence.Stream, m.Subject(), m.Headers(), m.Data())
+		row, err := ToRow(s.cfg.RecipientKey, md.Sequence.Stream, md.Timestamp, m.Subject(), m.Headers(), m.Data())
 		if err != nil {
 			_, tenant, _ := events.SplitSubject(m.Subject())
 			s.log.Error("undecodable event", "seq", md.Sequence.Stream, "err", err)

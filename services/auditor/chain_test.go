@@ -27,7 +27,7 @@ func seed(t *testing.T, n int) *pgxpool.Pool {
 		}
 		m, err := events.NewMsg(typ, "acme", fmt.Sprintf("e-%d", i), "", jsonRaw(body), events.Envelope{Source: "test", Time: time.Now()})
 		testenv.Must(t, err, "msg")
-		r, err := ToRow(testKey, uint64(i), m.Subject, m.Header, m.Data)
+		r, err := ToRow(testKey, uint64(i), time.Now(), m.Subject, m.Header, m.Data)
 		testenv.Must(t, err, "row")
 		rows = append(rows, &r)
 	}
@@ -108,5 +108,39 @@ func TestAppendOnlyTrigger(t *testing.T) {
 		if _, err := pool.Exec(context.Background(), sql); err == nil {
 			t.Errorf("accepted: %s", sql)
 		}
+	}
+}
+
+func TestErasureKeepsTheChainVerifiable(t *testing.T) {
+	pool := seed(t, 20)
+	n, err := Erase(context.Background(), pool, testKey, "U5@example.com")
+	testenv.Must(t, err, "erase")
+	if n != 2 { // the issued row and the delivered row of its challenge
+		t.Fatalf("erased %d rows, want 2", n)
+	}
+	var left int
+	testenv.Must(t, pool.QueryRow(context.Background(), `SELECT count(*) FROM audit.events WHERE recipient_masked LIKE 'u***%' OR pii::text LIKE '%203.0.113.5"%'`).Scan(&left), "count")
+	var erasedIP int
+	testenv.Must(t, pool.QueryRow(context.Background(), `SELECT count(*) FROM audit.events WHERE pii->>'client_ip' = '203.0.113.5'`).Scan(&erasedIP), "count")
+	if erasedIP != 0 || left != 9 {
+		t.Fatalf("after erasure: %d rows still hold the IP, %d masked addresses of others left (want 0 and 9)", erasedIP, left)
+	}
+	rep, err := Verify(context.Background(), pool)
+	testenv.Must(t, err, "verify")
+	if !rep.OK() || rep.Erased != 2 {
+		t.Fatalf("report %+v", rep)
+	}
+}
+
+func TestPurgeByAgeKeepsTheRestVerifiable(t *testing.T) {
+	pool := seed(t, 20)
+	tamper(t, pool, `UPDATE audit.events SET occurred_at = occurred_at - interval '400 days' WHERE chain_pos <= 8`)
+	// The tamper above broke rows 1-8; purge removes exactly those (older than 365 days).
+	n, err := Purge(context.Background(), pool, time.Now().Add(-365*24*time.Hour))
+	testenv.Must(t, err, "purge")
+	rep, err := Verify(context.Background(), pool)
+	testenv.Must(t, err, "verify")
+	if n != 8 || !rep.OK() || rep.FirstPos != 9 || rep.Rows != 12 {
+		t.Fatalf("purged %d; report %+v", n, rep)
 	}
 }

@@ -189,7 +189,24 @@ func (i *instrumented) Send(ctx context.Context, m *mailer.Message) (mailer.Rece
 		outcome = string(mailer.ClassOf(err))
 	}
 	i.s.sends.WithLabelValues(i.p.Name(), outcome).Inc()
+	if log, ok := ctx.Value(callLogKey{}).(*callLog); ok {
+		log.add(events.ProviderAttempt{Provider: i.p.Name(), Outcome: outcome, At: start.UTC()})
+	}
 	return r, err
+}
+
+// callLog collects the provider calls of one send, for the delivery events.
+type callLog struct {
+	mu    sync.Mutex
+	calls []events.ProviderAttempt
+}
+
+type callLogKey struct{}
+
+func (l *callLog) add(a events.ProviderAttempt) {
+	l.mu.Lock()
+	l.calls = append(l.calls, a)
+	l.mu.Unlock()
 }
 
 // Run consumes dispatch jobs until ctx is cancelled, then finishes the sends in hand.
@@ -262,6 +279,7 @@ type job struct {
 	exhausted   bool
 	holdFor     time.Duration
 	release     func() // frees the send slot; set while a send's result is unrecorded
+	calls       []events.ProviderAttempt
 }
 
 type deliveryRow struct {
@@ -486,7 +504,9 @@ func (s *Service) send(ctx context.Context, j *job) {
 		Headers: map[string]string{"X-Otp-Challenge-Id": j.job.ChallengeID, "X-Otp-Tenant": j.job.Tenant},
 		Tags:    map[string]string{"tenant": j.job.Tenant, "purpose": j.job.Purpose, "challenge_id": j.job.ChallengeID},
 	}
-	res, err := s.chain.Send(ctx, m)
+	calls := &callLog{}
+	res, err := s.chain.Send(context.WithValue(ctx, callLogKey{}, calls), m)
+	j.calls = calls.calls
 	if err == nil {
 		j.result, j.provider, j.providerMsg = stateSent, res.Provider, res.Receipt.MessageID
 		if first := res.Attempts[0].Provider; first != res.Provider {
@@ -601,11 +621,11 @@ func (s *Service) event(j *job) *nats.Msg {
 	case stateSent:
 		typ, v = events.TypeDelivered, events.Delivered{ChallengeID: dj.ChallengeID, Tenant: dj.Tenant, RequestID: dj.RequestID,
 			CodeSeq: dj.CodeSeq, Provider: j.provider, ProviderMessageID: j.providerMsg, Attempts: j.row.attempts,
-			Unconfirmed: j.unconfirmed, DeliveredAt: now}
+			Unconfirmed: j.unconfirmed, ProviderAttempts: j.calls, DeliveredAt: now}
 	case stateFailed:
 		typ, v = events.TypeDeliveryFailed, events.DeliveryFailed{ChallengeID: dj.ChallengeID, Tenant: dj.Tenant, RequestID: dj.RequestID,
 			CodeSeq: dj.CodeSeq, Provider: j.provider, Reason: truncate(j.reason, 500), Permanent: !j.exhausted,
-			Attempts: j.row.attempts, FailedAt: now}
+			Attempts: j.row.attempts, FailedAt: now, ProviderAttempts: j.calls}
 	case stateExpired:
 		typ, v = events.TypeDispatchExpired, events.DispatchExpired{ChallengeID: dj.ChallengeID, Tenant: dj.Tenant, RequestID: dj.RequestID,
 			CodeSeq: dj.CodeSeq, Attempts: j.row.attempts, ExpiresAt: dj.ExpiresAt, ExpiredAt: now}

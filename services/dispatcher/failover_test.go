@@ -43,8 +43,16 @@ func TestFaultsRetryThenFailOverAndTrafficReturnsWhenSESHeals(t *testing.T) {
 	// 503: retried in process (3 calls), then the SMTP relay.
 	srv.SetFault(sestest.Always(sestest.Unavailable))
 	h.publish(t, challenge(1), "u1@example.com", "100001", expires, "j1")
-	if d := h.deliveredVia(t, 1); d.Provider != "smtp" || srv.Calls() != 3 {
+	d := h.deliveredVia(t, 1)
+	if d.Provider != "smtp" || srv.Calls() != 3 {
 		t.Fatalf("503: delivered via %s after %d SES calls, want smtp after 3", d.Provider, srv.Calls())
+	}
+	var calls []string
+	for _, a := range d.ProviderAttempts {
+		calls = append(calls, a.Provider+":"+a.Outcome)
+	}
+	if got := strings.Join(calls, " "); got != "ses:transient ses:transient ses:transient smtp:ok" {
+		t.Fatalf("provider attempts %q", got)
 	}
 	// TooManyRequestsException: no retry against a throttling provider, straight to SMTP.
 	srv.SetFault(sestest.Always(sestest.Throttled))

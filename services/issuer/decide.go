@@ -472,7 +472,7 @@ func (s *Service) newCode(writes *pgx.Batch, r *request, c *challenge, cp codePa
 		Recipient: r.req.Recipient, Purpose: r.req.Purpose, Locale: locale,
 		CodeLength: cp.policy.CodeLength, CodeHMAC: mac, PepperKeyID: pepperID, MaxAttempts: cp.maxAttempts,
 		SessionID: r.req.Context.SessionID, ClientIP: r.req.Context.IP, Resend: c.codeCount > 1,
-		IssuedAt: now.UTC(), ExpiresAt: expires.UTC(), Test: cp.test, Risk: cp.risk,
+		IssuedAt: now.UTC(), ExpiresAt: expires.UTC(), RequestedAt: r.stored, Test: cp.test, Risk: cp.risk,
 	}
 	im, err := events.NewMsg(events.TypeIssued, r.tenant, fmt.Sprintf("issued:%s:%d", c.id, c.codeCount), c.id, issued, env)
 	if err != nil {

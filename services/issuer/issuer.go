@@ -120,6 +120,7 @@ func (s *Service) Run(ctx context.Context) error {
 type request struct {
 	msg    jetstream.Msg
 	seq    uint64
+	stored time.Time // when OTP_REQUESTS stored it
 	tenant string
 	req    events.Requested
 	// Set by the decision: reject (publish otp.rejected, terminate) or accept.
@@ -135,7 +136,7 @@ func (s *Service) handleBatch(ctx context.Context, batch []jetstream.Msg) {
 	for _, m := range batch {
 		r := &request{msg: m}
 		if md, err := m.Metadata(); err == nil {
-			r.seq = md.Sequence.Stream
+			r.seq, r.stored = md.Sequence.Stream, md.Timestamp.UTC()
 		}
 		reqs = append(reqs, r)
 		_, tenant, err := events.SplitSubject(m.Subject())
