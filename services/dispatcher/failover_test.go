@@ -47,11 +47,11 @@ func TestFaultsRetryThenFailOverAndTrafficReturnsWhenSESHeals(t *testing.T) {
 	if d.Provider != "smtp" || srv.Calls() != 3 {
 		t.Fatalf("503: delivered via %s after %d SES calls, want smtp after 3", d.Provider, srv.Calls())
 	}
-	var calls []string
+	var steps []string
 	for _, a := range d.ProviderAttempts {
-		calls = append(calls, a.Provider+":"+a.Outcome)
+		steps = append(steps, a.Provider+":"+a.Outcome)
 	}
-	if got := strings.Join(calls, " "); got != "ses:transient ses:transient ses:transient smtp:ok" {
+	if got := strings.Join(steps, " "); got != "ses:transient ses:transient ses:transient smtp:ok" {
 		t.Fatalf("provider attempts %q", got)
 	}
 	// TooManyRequestsException: no retry against a throttling provider, straight to SMTP.
