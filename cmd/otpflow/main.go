@@ -22,6 +22,7 @@ commands:
   dev       run NATS (embedded), all four services and the sandbox mailbox in one process
   request   publish an otp.requested event, as an upstream app does
   verify    ask otp.verify whether a code is right
+  audit     verify, replay, trail, erase and purge the audit log
 
 run "otpflow <command> -h" for the flags of a command.
 `
@@ -57,6 +58,12 @@ func run(ctx context.Context, args []string, getenv func(string) string, stdout,
 		if err == nil && !verified {
 			return 3, nil
 		}
+	case "audit":
+		code, err := auditCommand(ctx, args[1:], getenv, stdout, stderr)
+		if errors.Is(err, flag.ErrHelp) {
+			return 0, nil
+		}
+		return code, err
 	case "help", "-h", "--help":
 		fmt.Fprint(stdout, usage)
 		return 0, nil

@@ -1,0 +1,318 @@
+package main
+
+import (
+	"context"
+	"encoding/json"
+	"errors"
+	"flag"
+	"fmt"
+	"io"
+	"strings"
+	"time"
+
+	"github.com/jackc/pgx/v5/pgxpool"
+	"github.com/nats-io/nats.go"
+	"github.com/nats-io/nats.go/jetstream"
+	"github.com/otpflow/otpflow/events"
+	"github.com/otpflow/otpflow/platform"
+	"github.com/otpflow/otpflow/platform/keys"
+	"github.com/otpflow/otpflow/services/auditor"
+)
+
+const auditUsage = `usage: otpflow audit <command> [flags]
+
+commands:
+  verify   check the hash chain of the audit log (exit 0 intact, 1 broken)
+  replay   read OTP_EVENTS in order: JSON lines to stdout, or rebuild an audit log (--to)
+  trail    the timeline of one request or one recipient
+  erase    remove one recipient's personal data (the chain stays verifiable)
+  purge    delete rows older than an age (a checkpoint keeps the rest verifiable)
+`
+
+// auditCommand runs "otpflow audit ..." and returns the exit code.
+func auditCommand(ctx context.Context, args []string, getenv func(string) string, stdout, stderr io.Writer) (int, error) {
+	if len(args) == 0 {
+		fmt.Fprint(stderr, auditUsage)
+		return 2, nil
+	}
+	switch args[0] {
+	case "verify":
+		return auditVerify(ctx, args[1:], getenv, stdout)
+	case "replay":
+		return 0, auditReplay(ctx, args[1:], getenv, stdout, stderr)
+	case "trail":
+		return 0, auditTrail(ctx, args[1:], getenv, stdout)
+	case "erase", "purge":
+		return 0, auditMaintain(ctx, args[0], args[1:], getenv, stdout)
+	}
+	fmt.Fprint(stderr, auditUsage)
+	return 2, fmt.Errorf("unknown audit command %q", args[0])
+}
+
+func openAudit(ctx context.Context, url string, getenv func(string) string) (*pgxpool.Pool, error) {
+	if url == "" {
+		url = getenv("OTP_DATABASE_URL")
+	}
+	return platform.OpenPostgres(ctx, url)
+}
+
+func auditKey(getenv func(string) string) ([]byte, error) {
+	ring, err := keys.Parse(getenv("OTP_AUDIT_KEY"), 32, 0)
+	if err != nil {
+		return nil, &platform.ConfigError{Var: "OTP_AUDIT_KEY", Msg: err.Error()}
+	}
+	return ring.Key(ring.ActiveID()), nil
+}
+
+func auditVerify(ctx context.Context, args []string, getenv func(string) string, stdout io.Writer) (int, error) {
+	fs := flag.NewFlagSet("audit verify", flag.ContinueOnError)
+	db := fs.String("db", "", "PostgreSQL URL of the audit log (default OTP_DATABASE_URL)")
+	if err := fs.Parse(args); err != nil {
+		return 2, err
+	}
+	pool, err := openAudit(ctx, *db, getenv)
+	if err != nil {
+		return 2, err
+	}
+	defer pool.Close()
+	rep, err := auditor.Verify(ctx, pool)
+	if err != nil {
+		return 2, err
+	}
+	if !rep.OK() {
+		fmt.Fprintf(stdout, "audit log BROKEN at chain position %d (stream sequence %d): %s\n", rep.BrokenPos, rep.BrokenSeq, rep.Problem)
+		return 1, nil
+	}
+	fmt.Fprintf(stdout, "audit log intact: %d rows, chain positions %d-%d, %d erased\n", rep.Rows, rep.FirstPos, rep.LastPos, rep.Erased)
+	return 0, nil
+}
+
+func auditReplay(ctx context.Context, args []string, getenv func(string) string, stdout, stderr io.Writer) error {
+	fs := flag.NewFlagSet("audit replay", flag.ContinueOnError)
+	var (
+		url    = fs.String("nats", "", "NATS URL (default OTP_NATS_URL, the dev server, nats://127.0.0.1:4222)")
+		dir    = fs.String("dir", ".otpflow", "state directory of otpflow dev")
+		since  = fs.String("since", "", "first event time, RFC 3339")
+		until  = fs.String("until", "", "last event time, RFC 3339")
+		tenant = fs.String("tenant", "", "only this tenant")
+		typ    = fs.String("type", "", "only this event type, e.g. issued or otp.issued")
+		format = fs.String("format", "jsonl", "output format: jsonl")
+		to     = fs.String("to", "", "rebuild an audit log in this PostgreSQL database instead of printing")
+	)
+	if err := fs.Parse(args); err != nil {
+		return err
+	}
+	if *format != "jsonl" {
+		return errors.New("audit replay: --format must be jsonl")
+	}
+	var from, end time.Time
+	var err error
+	if *since != "" {
+		if from, err = time.Parse(time.RFC3339, *since); err != nil {
+			return fmt.Errorf("audit replay: --since: %w", err)
+		}
+	}
+	if *until != "" {
+		if end, err = time.Parse(time.RFC3339, *until); err != nil {
+			return fmt.Errorf("audit replay: --until: %w", err)
+		}
+	}
+	subjectType, subjectTenant := "*", "*"
+	if *typ != "" {
+		subjectType = strings.TrimPrefix(*typ, "otp.")
+	}
+	if *tenant != "" {
+		subjectTenant = *tenant
+	}
+	var store *pgxpool.Pool
+	var key []byte
+	if *to != "" {
+		if key, err = auditKey(getenv); err != nil {
+			return err
+		}
+		if store, err = platform.OpenPostgres(ctx, *to); err != nil {
+			return err
+		}
+		defer store.Close()
+		if err := platform.Migrate(ctx, store, auditor.Schema, auditor.Migrations(), platform.NewLogger(io.Discard, "error", "replay")); err != nil {
+			return err
+		}
+	}
+
+	nc, err := connectClient(natsURL(*url, getenv, *dir), getenv)
+	if err != nil {
+		return err
+	}
+	defer nc.Close()
+	js, err := jetstream.New(nc)
+	if err != nil {
+		return err
+	}
+	st, err := js.Stream(ctx, events.StreamEvents)
+	if err != nil {
+		return fmt.Errorf("audit replay: %w", err)
+	}
+	info, err := st.Info(ctx)
+	if err != nil {
+		return err
+	}
+	last := info.State.LastSeq
+	cfg := jetstream.OrderedConsumerConfig{FilterSubjects: []string{"otp." + subjectType + "." + subjectTenant}}
+	if !from.IsZero() {
+		cfg.DeliverPolicy, cfg.OptStartTime = jetstream.DeliverByStartTimePolicy, &from
+	}
+	cons, err := js.OrderedConsumer(ctx, events.StreamEvents, cfg)
+	if err != nil {
+		return err
+	}
+	it, err := cons.Messages()
+	if err != nil {
+		return err
+	}
+	defer it.Stop()
+
+	enc := json.NewEncoder(stdout)
+	var batch []*auditor.Row
+	flush := func() error {
+		if store == nil || len(batch) == 0 {
+			return nil
+		}
+		_, err := auditor.Append(ctx, store, batch)
+		batch = batch[:0]
+		return err
+	}
+	n, lastReport := 0, time.Now()
+	for {
+		m, err := it.Next(jetstream.NextMaxWait(2 * time.Second))
+		if errors.Is(err, nats.ErrTimeout) {
+			break // caught up: nothing more matches the filter
+		}
+		if err != nil {
+			return err
+		}
+		md, err := m.Metadata()
+		if err != nil {
+			return err
+		}
+		if !end.IsZero() && md.Timestamp.After(end) {
+			break
+		}
+		n++
+		if store != nil {
+			row, err := auditor.ToRow(key, md.Sequence.Stream, md.Timestamp, m.Subject(), m.Headers(), m.Data())
+			if err != nil {
+				fmt.Fprintf(stderr, "skip stream sequence %d: %v\n", md.Sequence.Stream, err)
+			} else {
+				batch = append(batch, &row)
+			}
+			if len(batch) >= 500 {
+				if err := flush(); err != nil {
+					return err
+				}
+			}
+		} else {
+			_, tenant, _ := events.SplitSubject(m.Subject())
+			typ, _, _ := events.SplitSubject(m.Subject())
+			if err := enc.Encode(map[string]any{"stream_seq": md.Sequence.Stream, "subject": m.Subject(), "type": typ,
+				"tenant": tenant, "time": m.Headers().Get(events.HeaderTime), "id": m.Headers().Get(events.HeaderID),
+				"data": json.RawMessage(m.Data())}); err != nil {
+				return err
+			}
+		}
+		if time.Since(lastReport) > time.Second {
+			fmt.Fprintf(stderr, "replayed %d events (stream sequence %d of %d)\n", n, md.Sequence.Stream, last)
+			lastReport = time.Now()
+		}
+		if md.Sequence.Stream >= last {
+			break
+		}
+	}
+	if err := flush(); err != nil {
+		return err
+	}
+	fmt.Fprintf(stderr, "replayed %d events\n", n)
+	return nil
+}
+
+func auditTrail(ctx context.Context, args []string, getenv func(string) string, stdout io.Writer) error {
+	fs := flag.NewFlagSet("audit trail", flag.ContinueOnError)
+	var (
+		db        = fs.String("db", "", "PostgreSQL URL of the audit log (default OTP_DATABASE_URL)")
+		tenant    = fs.String("tenant", "", "tenant (required)")
+		requestID = fs.String("request-id", "", "the request's id")
+		recipient = fs.String("recipient", "", "every request of this address")
+		asJSON    = fs.Bool("json", false, "print JSON")
+	)
+	if err := fs.Parse(args); err != nil {
+		return err
+	}
+	if *tenant == "" || (*requestID == "") == (*recipient == "") {
+		return errors.New("audit trail: --tenant and one of --request-id or --recipient are required")
+	}
+	var key []byte
+	var err error
+	if *recipient != "" {
+		if key, err = auditKey(getenv); err != nil {
+			return err
+		}
+	}
+	pool, err := openAudit(ctx, *db, getenv)
+	if err != nil {
+		return err
+	}
+	defer pool.Close()
+	steps, err := auditor.Trail(ctx, pool, key, *tenant, *requestID, *recipient)
+	if err != nil {
+		return err
+	}
+	if *asJSON {
+		enc := json.NewEncoder(stdout)
+		enc.SetIndent("", "  ")
+		if steps == nil {
+			steps = []auditor.Step{}
+		}
+		return enc.Encode(steps)
+	}
+	if len(steps) == 0 {
+		fmt.Fprintln(stdout, "no events")
+		return nil
+	}
+	for _, s := range steps {
+		fmt.Fprintf(stdout, "%s  %-20s %-12s %s\n", s.Time.UTC().Format("2006-01-02 15:04:05.000"), s.Type, s.RequestID, s.Summary)
+	}
+	return nil
+}
+
+func auditMaintain(ctx context.Context, cmd string, args []string, getenv func(string) string, stdout io.Writer) error {
+	fs := flag.NewFlagSet("audit "+cmd, flag.ContinueOnError)
+	db := fs.String("db", "", "PostgreSQL URL of the audit log (default OTP_DATABASE_URL)")
+	recipient := fs.String("recipient", "", "erase: the address whose personal data goes")
+	olderThan := fs.Duration("older-than", 400*24*time.Hour, "purge: rows older than this")
+	if err := fs.Parse(args); err != nil {
+		return err
+	}
+	pool, err := openAudit(ctx, *db, getenv)
+	if err != nil {
+		return err
+	}
+	defer pool.Close()
+	if cmd == "purge" {
+		n, err := auditor.Purge(ctx, pool, time.Now().Add(-*olderThan))
+		if err == nil {
+			fmt.Fprintf(stdout, "purged %d rows\n", n)
+		}
+		return err
+	}
+	if *recipient == "" {
+		return errors.New("audit erase: --recipient is required")
+	}
+	key, err := auditKey(getenv)
+	if err != nil {
+		return err
+	}
+	n, err := auditor.Erase(ctx, pool, key, *recipient)
+	if err == nil {
+		fmt.Fprintf(stdout, "erased the personal data of %d rows\n", n)
+	}
+	return err
+}
