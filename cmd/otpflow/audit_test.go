@@ -135,4 +135,3 @@ func dumpAudit(t *testing.T, url string) string {
 	testenv.Must(t, err, "dump")
 	return out
 }
-
