@@ -17,6 +17,7 @@ import (
 
 	"github.com/cenkalti/backoff/v4"
 	"github.com/jackc/pgx/v5/pgxpool"
+	"github.com/nats-io/nats.go"
 	"github.com/nats-io/nats.go/jetstream"
 	"github.com/otpflow/otpflow/events"
 	"github.com/otpflow/otpflow/platform"
@@ -41,7 +42,9 @@ type Config struct {
 	// this address get a code" without holding the address.
 	RecipientKey []byte
 	BatchSize    int
-	Streams      events.StreamOptions
+	// Alerts are the anomaly rules' thresholds (OTP_ALERT_RULES); nil: the defaults.
+	Alerts  map[string]Threshold
+	Streams events.StreamOptions
 }
 
 // Service is one auditor process.
@@ -52,6 +55,7 @@ type Service struct {
 	log  *slog.Logger
 
 	written *prometheus.CounterVec
+	alerts  *alerter
 }
 
 // New returns an auditor; Run starts it. The schema must be migrated.
@@ -70,6 +74,19 @@ func New(cfg Config, pool *pgxpool.Pool, js jetstream.JetStream, log *slog.Logge
 	if reg != nil {
 		reg.MustRegister(s.written)
 	}
+	if cfg.Alerts == nil {
+		cfg.Alerts = DefaultThresholds()
+		s.cfg.Alerts = cfg.Alerts
+	}
+	s.alerts = newAlerter(cfg.Alerts, reg)
+	s.alerts.publish = func(ctx context.Context, msgs []*nats.Msg) error {
+		err := platform.PublishAll(ctx, js, msgs)
+		if err != nil {
+			log.Warn("publish alerts", "err", err)
+		}
+		return err
+	}
+	s.alerts.lookup = s.lookupRecipient
 	return s, nil
 }
 
@@ -232,4 +249,5 @@ func (s *Service) handleBatch(ctx context.Context, batch []jetstream.Msg) {
 		s.written.WithLabelValues(string(typ)).Inc()
 		_ = m.Ack()
 	}
+	s.alerts.observe(ctx, rows)
 }

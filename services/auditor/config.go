@@ -13,5 +13,9 @@ func LoadConfig(getenv platform.Getenv, common platform.Common) (Config, error) 
 	if err != nil {
 		return Config{}, &platform.ConfigError{Var: "OTP_AUDIT_KEY", Msg: err.Error()}
 	}
-	return Config{RecipientKey: ring.Key(ring.ActiveID()), Streams: events.StreamOptions{Replicas: common.Replicas}}, nil
+	alerts, err := ParseThresholds(getenv("OTP_ALERT_RULES"))
+	if err != nil {
+		return Config{}, &platform.ConfigError{Var: "OTP_ALERT_RULES", Msg: err.Error()}
+	}
+	return Config{RecipientKey: ring.Key(ring.ActiveID()), Alerts: alerts, Streams: events.StreamOptions{Replicas: common.Replicas}}, nil
 }

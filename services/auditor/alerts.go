@@ -1,0 +1,261 @@
+package auditor
+
+import (
+	"context"
+	"crypto/sha256"
+	"encoding/hex"
+	"encoding/json"
+	"fmt"
+	"strconv"
+	"strings"
+	"sync"
+	"time"
+
+	"github.com/nats-io/nats.go"
+	"github.com/otpflow/otpflow/events"
+	"github.com/prometheus/client_golang/prometheus"
+)
+
+// Alert rule names.
+const (
+	RuleVerifyFailuresRecipient = "verify_failures_recipient" // failed verifications for one recipient
+	RuleVerifyFailuresTenant    = "verify_failures_tenant"    // failed verifications in one tenant
+	RuleDeliveryFailureRatio    = "delivery_failure_ratio"    // share of failed calls to one provider
+	RuleRequestBurstIP          = "request_burst_ip"          // codes issued for one client IP
+	RuleSupersedeStorm          = "supersede_storm"           // superseded challenges in one tenant
+)
+
+// Threshold is one alert rule: Count events within Window (for the ratio rule: a share
+// of at least Ratio among at least Count calls).
+type Threshold struct {
+	Count  int
+	Window time.Duration
+	Ratio  float64
+}
+
+// DefaultThresholds are the rules' defaults.
+func DefaultThresholds() map[string]Threshold {
+	return map[string]Threshold{
+		RuleVerifyFailuresRecipient: {Count: 8, Window: 10 * time.Minute},
+		RuleVerifyFailuresTenant:    {Count: 200, Window: time.Minute},
+		RuleDeliveryFailureRatio:    {Count: 20, Window: 5 * time.Minute, Ratio: 0.5},
+		RuleRequestBurstIP:          {Count: 30, Window: time.Minute},
+		RuleSupersedeStorm:          {Count: 100, Window: time.Minute},
+	}
+}
+
+// ParseThresholds reads OTP_ALERT_RULES: "rule=count/window[/ratio],...", overriding the
+// defaults; a count of 0 turns a rule off.
+func ParseThresholds(s string) (map[string]Threshold, error) {
+	th := DefaultThresholds()
+	for _, part := range strings.Split(s, ",") {
+		part = strings.TrimSpace(part)
+		if part == "" {
+			continue
+		}
+		name, spec, ok := strings.Cut(part, "=")
+		if _, known := th[name]; !ok || !known {
+			return nil, fmt.Errorf("alert rule %q: want one of %s as rule=count/window", name, strings.Join(ruleNames(th), ", "))
+		}
+		fields := strings.Split(spec, "/")
+		if len(fields) < 2 || len(fields) > 3 {
+			return nil, fmt.Errorf("alert rule %s: want count/window[/ratio]", name)
+		}
+		var t Threshold
+		var err error
+		if t.Count, err = strconv.Atoi(fields[0]); err != nil || t.Count < 0 {
+			return nil, fmt.Errorf("alert rule %s: bad count", name)
+		}
+		if t.Window, err = time.ParseDuration(fields[1]); err != nil || t.Window <= 0 {
+			return nil, fmt.Errorf("alert rule %s: bad window", name)
+		}
+		if len(fields) == 3 {
+			if t.Ratio, err = strconv.ParseFloat(fields[2], 64); err != nil || t.Ratio <= 0 || t.Ratio > 1 {
+				return nil, fmt.Errorf("alert rule %s: bad ratio", name)
+			}
+		} else if name == RuleDeliveryFailureRatio {
+			t.Ratio = DefaultThresholds()[name].Ratio
+		}
+		th[name] = t
+	}
+	return th, nil
+}
+
+func ruleNames(th map[string]Threshold) []string {
+	var out []string
+	for k := range th {
+		out = append(out, k)
+	}
+	return out
+}
+
+// alerter watches the audited events for anomalies and raises otp.alert.<tenant>.
+type alerter struct {
+	th      map[string]Threshold
+	publish func(context.Context, []*nats.Msg) error
+	lookup  func(ctx context.Context, challengeID string) (recipient []byte, masked string)
+	raised  *prometheus.CounterVec
+
+	mu       sync.Mutex
+	windows  map[string][]time.Time // rule|key -> event times
+	calls    map[string][]call      // provider -> recent calls
+	lastSent map[string]time.Time   // rule|key -> last alert
+	rcpts    map[string]rcpt        // challenge -> recipient
+}
+
+type call struct {
+	at     time.Time
+	failed bool
+}
+
+type rcpt struct {
+	hash   string
+	masked string
+	at     time.Time
+}
+
+func newAlerter(th map[string]Threshold, reg prometheus.Registerer) *alerter {
+	a := &alerter{th: th, windows: map[string][]time.Time{}, calls: map[string][]call{}, lastSent: map[string]time.Time{},
+		rcpts: map[string]rcpt{},
+		raised: prometheus.NewCounterVec(prometheus.CounterOpts{
+			Name: "otpflow_auditor_alerts_total", Help: "Anomaly alerts raised, by rule.",
+		}, []string{"rule"})}
+	if reg != nil {
+		reg.MustRegister(a.raised)
+	}
+	return a
+}
+
+// observe feeds a committed batch of rows (in stream order) to the rules.
+func (a *alerter) observe(ctx context.Context, rows []*Row) {
+	var out []*nats.Msg
+	for _, r := range rows {
+		out = append(out, a.rowAlerts(ctx, r)...)
+	}
+	if len(out) > 0 && a.publish != nil {
+		_ = a.publish(ctx, out)
+	}
+}
+
+func (a *alerter) rowAlerts(ctx context.Context, r *Row) []*nats.Msg {
+	var body map[string]any
+	_ = json.Unmarshal(r.Payload, &body)
+	a.mu.Lock()
+	defer a.mu.Unlock()
+	var out []*nats.Msg
+	raise := func(rule, key, tenant, detail string, value float64) {
+		t := a.th[rule]
+		k := rule + "|" + key
+		if last, ok := a.lastSent[k]; ok && r.OccurredAt.Sub(last) < t.Window {
+			return // one alert per key and window
+		}
+		a.lastSent[k] = r.OccurredAt
+		threshold := float64(t.Count)
+		if rule == RuleDeliveryFailureRatio {
+			threshold = t.Ratio
+		}
+		bucket := r.OccurredAt.Truncate(t.Window).Unix()
+		sum := sha256.Sum256([]byte(key))
+		id := fmt.Sprintf("alert:%s:%s:%d", rule, hex.EncodeToString(sum[:8]), bucket)
+		m, err := events.NewMsg(events.TypeAlert, tenant, id, "", events.Alert{Tenant: tenant, Rule: rule, Severity: "warning",
+			Detail: detail, Value: value, Threshold: threshold, RaisedAt: r.OccurredAt.UTC()}, events.Envelope{Source: "otpflow/auditor"})
+		if err == nil {
+			out = append(out, m)
+			a.raised.WithLabelValues(rule).Inc()
+		}
+	}
+	count := func(rule, key string) int {
+		t := a.th[rule]
+		if t.Count == 0 {
+			return -1
+		}
+		k := rule + "|" + key
+		ts := append(a.windows[k], r.OccurredAt)
+		i := 0
+		for i < len(ts) && !ts[i].After(r.OccurredAt.Add(-t.Window)) {
+			i++
+		}
+		ts = ts[i:]
+		a.windows[k] = ts
+		return len(ts)
+	}
+
+	switch r.Type {
+	case string(events.TypeIssued):
+		if r.ChallengeID != "" && r.RecipientHash != nil {
+			a.rcpts[r.ChallengeID] = rcpt{hash: hex.EncodeToString(r.RecipientHash), masked: r.RecipientMasked, at: r.OccurredAt}
+		}
+		if ip := r.PII["client_ip"]; ip != "" {
+			if n := count(RuleRequestBurstIP, r.Tenant+"|"+ip); n >= a.th[RuleRequestBurstIP].Count && n > 0 {
+				raise(RuleRequestBurstIP, r.Tenant+"|"+ip, r.Tenant, fmt.Sprintf("%d codes issued for client IP %s within %v", n, ip, a.th[RuleRequestBurstIP].Window), float64(n))
+			}
+		}
+	case string(events.TypeVerifyFailed):
+		if n := count(RuleVerifyFailuresTenant, r.Tenant); n >= a.th[RuleVerifyFailuresTenant].Count && n > 0 {
+			raise(RuleVerifyFailuresTenant, r.Tenant, r.Tenant, fmt.Sprintf("%d failed verifications within %v", n, a.th[RuleVerifyFailuresTenant].Window), float64(n))
+		}
+		who, ok := a.rcpts[r.ChallengeID]
+		if !ok && r.ChallengeID != "" && a.lookup != nil {
+			a.mu.Unlock()
+			h, masked := a.lookup(ctx, r.ChallengeID)
+			a.mu.Lock()
+			if h != nil {
+				who, ok = rcpt{hash: hex.EncodeToString(h), masked: masked, at: r.OccurredAt}, true
+				a.rcpts[r.ChallengeID] = who
+			}
+		}
+		if ok {
+			if n := count(RuleVerifyFailuresRecipient, r.Tenant+"|"+who.hash); n >= a.th[RuleVerifyFailuresRecipient].Count && n > 0 {
+				raise(RuleVerifyFailuresRecipient, r.Tenant+"|"+who.hash, r.Tenant, fmt.Sprintf("%d failed verifications for %s within %v", n, who.masked, a.th[RuleVerifyFailuresRecipient].Window), float64(n))
+			}
+		}
+	case string(events.TypeSuperseded):
+		if n := count(RuleSupersedeStorm, r.Tenant); n >= a.th[RuleSupersedeStorm].Count && n > 0 {
+			raise(RuleSupersedeStorm, r.Tenant, r.Tenant, fmt.Sprintf("%d challenges superseded within %v", n, a.th[RuleSupersedeStorm].Window), float64(n))
+		}
+	case string(events.TypeDelivered), string(events.TypeDeliveryFailed):
+		t := a.th[RuleDeliveryFailureRatio]
+		list, _ := body["provider_attempts"].([]any)
+		for _, item := range list {
+			c, _ := item.(map[string]any)
+			provider, _ := c["provider"].(string)
+			outcome, _ := c["outcome"].(string)
+			if provider == "" || t.Count == 0 {
+				continue
+			}
+			calls := append(a.calls[provider], call{at: r.OccurredAt, failed: outcome != "ok" && outcome != "permanent"})
+			i := 0
+			for i < len(calls) && !calls[i].at.After(r.OccurredAt.Add(-t.Window)) {
+				i++
+			}
+			calls = calls[i:]
+			a.calls[provider] = calls
+			failed := 0
+			for _, c := range calls {
+				if c.failed {
+					failed++
+				}
+			}
+			if ratio := float64(failed) / float64(len(calls)); len(calls) >= t.Count && ratio >= t.Ratio {
+				raise(RuleDeliveryFailureRatio, provider, "_system", fmt.Sprintf("provider %s failed %d of %d calls within %v", provider, failed, len(calls), t.Window), ratio)
+			}
+		}
+	}
+	// Keep the challenge map bounded.
+	for id, who := range a.rcpts {
+		if r.OccurredAt.Sub(who.at) > time.Hour {
+			delete(a.rcpts, id)
+		}
+	}
+	return out
+}
+
+// lookupRecipient finds the recipient of a challenge in the log (after a restart).
+func (s *Service) lookupRecipient(ctx context.Context, challengeID string) ([]byte, string) {
+	var h []byte
+	var masked string
+	_ = s.pool.QueryRow(ctx, `SELECT recipient_hash, recipient_masked FROM audit.events WHERE challenge_id = $1 AND recipient_hash IS NOT NULL
+		ORDER BY stream_seq LIMIT 1`, challengeID).Scan(&h, &masked)
+	return h, masked
+}
+
