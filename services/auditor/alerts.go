@@ -258,4 +258,3 @@ func (s *Service) lookupRecipient(ctx context.Context, challengeID string) ([]by
 		ORDER BY stream_seq LIMIT 1`, challengeID).Scan(&h, &masked)
 	return h, masked
 }
-
