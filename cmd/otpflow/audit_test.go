@@ -88,6 +88,16 @@ func TestAuditTrailReplayVerifyErase(t *testing.T) {
 	if nIssued != 2 {
 		t.Fatalf("%d issued lines, want 2", nIssued)
 	}
+	hourAgo, inAnHour := time.Now().Add(-time.Hour).Format(time.RFC3339), time.Now().Add(time.Hour).Format(time.RFC3339)
+	if _, out := w.cli(t, "audit", "replay", "--until", hourAgo); out != "" {
+		t.Fatalf("--until an hour ago printed:\n%s", out)
+	}
+	if _, out := w.cli(t, "audit", "replay", "--since", inAnHour); out != "" {
+		t.Fatalf("--since in an hour printed:\n%s", out)
+	}
+	if _, out := w.cli(t, "audit", "replay", "--since", hourAgo, "--until", inAnHour); strings.Count(out, "\n") != 6 {
+		t.Fatalf("--since/--until around the run printed %d lines", strings.Count(out, "\n"))
+	}
 
 	// Rebuild into a fresh database, twice: equal to the live log row for row.
 	fresh := testenv.Database(t)

@@ -11,6 +11,8 @@ import (
 
 	"github.com/otpflow/otpflow/events"
 	"github.com/otpflow/otpflow/platform/testenv"
+	"github.com/prometheus/client_golang/prometheus"
+	"github.com/prometheus/client_golang/prometheus/testutil"
 )
 
 func TestParseThresholds(t *testing.T) {
@@ -42,7 +44,8 @@ func TestAlertRules(t *testing.T) {
 		RuleRequestBurstIP:          {Count: 3, Window: time.Minute},
 		RuleSupersedeStorm:          {Count: 3, Window: time.Minute},
 	}
-	svc, err := New(Config{RecipientKey: testKey, Alerts: th}, pool, js, testenv.Logger(io.Discard), nil)
+	reg := prometheus.NewRegistry()
+	svc, err := New(Config{RecipientKey: testKey, Alerts: th}, pool, js, testenv.Logger(io.Discard), reg)
 	testenv.Must(t, err, "auditor")
 	testenv.Start(t, svc.Run)
 
@@ -93,6 +96,11 @@ func TestAlertRules(t *testing.T) {
 	time.Sleep(300 * time.Millisecond)
 	if len(alerts) != len(want) {
 		t.Fatalf("%d alerts, want %d: %+v", len(alerts), len(want), alerts)
+	}
+	for rule := range want {
+		if v := testutil.ToFloat64(svc.alerts.raised.WithLabelValues(rule)); v != 1 {
+			t.Errorf("otpflow_auditor_alerts_total{rule=%q} = %v, want 1", rule, v)
+		}
 	}
 	for _, a := range alerts {
 		if !strings.Contains(a.Detail, want[a.Rule]) {
