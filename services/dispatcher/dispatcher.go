@@ -294,6 +294,10 @@ type deliveryRow struct {
 	lastError   string
 }
 
+// expiryMargin: a code with less life left than this is not mailed (nobody could type
+// it in time) and no mail goes out after its code expired, whatever the send takes.
+const expiryMargin = 2 * time.Second
+
 // Delivery row states and job results.
 const (
 	stateSending = "sending"
@@ -353,7 +357,7 @@ func (s *Service) admit(ctx context.Context, batch []jetstream.Msg, results chan
 		case !j.claimed:
 			release()
 			results <- j
-		case !now.Before(j.job.ExpiresAt):
+		case !now.Add(expiryMargin).Before(j.job.ExpiresAt):
 			j.result = stateExpired
 			release()
 			results <- j
