@@ -50,16 +50,15 @@ func devCommand(ctx context.Context, args []string, getenv func(string) string, 
 	}
 	defer os.Remove(filepath.Join(abs, "nats.url"))
 
-	dbURL, stopPG, err := devDatabase(ctx, abs, getenv, stderr)
+	env, fresh, err := devKeys(filepath.Join(abs, "keys.env"))
+	if err != nil {
+		return err
+	}
+	dbURL, stopPG, err := devDatabase(ctx, abs, getenv, stderr, fresh)
 	if err != nil {
 		return err
 	}
 	defer stopPG()
-
-	env, err := devKeys(filepath.Join(abs, "keys.env"))
-	if err != nil {
-		return err
-	}
 	mail := filepath.Join(abs, "mail")
 	env["OTP_NATS_URL"] = url
 	env["OTP_DATABASE_URL"] = dbURL
@@ -109,15 +108,20 @@ func startNATS(storeDir string, port int) (*server.Server, error) {
 	return s, nil
 }
 
-// devDatabase returns a PostgreSQL URL: OTP_DATABASE_URL, else the libpq defaults if a
-// server answers there, else a private cluster under dir/pg when PostgreSQL's server
-// binaries are installed.
-func devDatabase(ctx context.Context, dir string, getenv func(string) string, stderr io.Writer) (string, func(), error) {
+// devDB is the database dev uses on a server it did not start.
+const devDB = "otpflow_dev"
+
+// devDatabase returns a PostgreSQL URL: OTP_DATABASE_URL, else the database otpflow_dev
+// on the server at the libpq defaults if one answers there (created when missing, and
+// made anew when the dev keys are new: codes under other keys cannot be verified), else
+// a private cluster under dir/pg when PostgreSQL's server binaries are installed.
+func devDatabase(ctx context.Context, dir string, getenv func(string) string, stderr io.Writer, freshKeys bool) (string, func(), error) {
 	if u := getenv("OTP_DATABASE_URL"); u != "" {
 		return u, func() {}, nil
 	}
 	if answers(ctx, "") {
-		return "", func() {}, nil
+		url, err := ensureDevDB(ctx, freshKeys)
+		return url, func() {}, err
 	}
 	bin := postgresBinDir()
 	if bin == "" {
@@ -125,6 +129,31 @@ func devDatabase(ctx context.Context, dir string, getenv func(string) string, st
 	}
 	fmt.Fprintf(stderr, "no PostgreSQL answers; starting a private cluster under %s/pg\n", dir)
 	return privateCluster(bin, filepath.Join(dir, "pg"))
+}
+
+// ensureDevDB creates otpflow_dev on the libpq-default server (anew if reset) and
+// returns a connection string for it.
+func ensureDevDB(ctx context.Context, reset bool) (string, error) {
+	c, err := pgx.Connect(ctx, "")
+	if err != nil {
+		return "", err
+	}
+	defer c.Close(ctx)
+	if reset {
+		if _, err := c.Exec(ctx, "DROP DATABASE IF EXISTS "+devDB+" WITH (FORCE)"); err != nil {
+			return "", fmt.Errorf("reset %s: %w", devDB, err)
+		}
+	}
+	var exists bool
+	if err := c.QueryRow(ctx, "SELECT EXISTS (SELECT 1 FROM pg_database WHERE datname = $1)", devDB).Scan(&exists); err != nil {
+		return "", err
+	}
+	if !exists {
+		if _, err := c.Exec(ctx, "CREATE DATABASE "+devDB); err != nil {
+			return "", fmt.Errorf("create %s: %w", devDB, err)
+		}
+	}
+	return "dbname=" + devDB, nil
 }
 
 func answers(ctx context.Context, url string) bool {
@@ -198,9 +227,9 @@ func privateCluster(bin, dataDir string) (string, func(), error) {
 	return fmt.Sprintf("postgres://postgres@127.0.0.1:%d/postgres?sslmode=disable", port), stop, nil
 }
 
-// devKeys loads the dev keys from path, creating them on first run, so codes issued
-// before a restart still verify.
-func devKeys(path string) (map[string]string, error) {
+// devKeys loads the dev keys from path, creating them on first run (fresh), so codes
+// issued before a restart still verify.
+func devKeys(path string) (map[string]string, bool, error) {
 	env := map[string]string{}
 	if f, err := os.Open(path); err == nil {
 		sc := bufio.NewScanner(f)
@@ -211,21 +240,23 @@ func devKeys(path string) (map[string]string, error) {
 		}
 		f.Close()
 	}
+	fresh := false
 	if env["OTP_CODE_PEPPER"] == "" || env["OTP_SEAL_KEY"] == "" || env["OTP_AUDIT_KEY"] == "" {
+		fresh = true
 		env["OTP_CODE_PEPPER"] = keys.Generate("dev1", 32)
 		env["OTP_SEAL_KEY"] = keys.Generate("dev1", 32)
 		env["OTP_AUDIT_KEY"] = keys.Generate("dev1", 32)
 		content := fmt.Sprintf("OTP_CODE_PEPPER=%s\nOTP_SEAL_KEY=%s\nOTP_AUDIT_KEY=%s\n", env["OTP_CODE_PEPPER"], env["OTP_SEAL_KEY"], env["OTP_AUDIT_KEY"])
 		if err := os.WriteFile(path, []byte(content), 0o600); err != nil {
-			return nil, err
+			return nil, false, err
 		}
 	}
-	return env, nil
+	return env, fresh, nil
 }
 
 func redact(u string) string {
-	if u == "" {
-		return "(libpq defaults)"
+	if u == "dbname="+devDB {
+		return devDB + " at the libpq defaults"
 	}
 	return u
 }

@@ -101,6 +101,11 @@ func (s *Service) Run(ctx context.Context) error {
 	if err != nil {
 		return platform.SetupError(ctx, err)
 	}
+	if n, err := Backfill(ctx, s.pool, s.cfg.RecipientKey); err != nil {
+		return platform.SetupError(ctx, fmt.Errorf("chain rows written before the chain: %w", err))
+	} else if n > 0 {
+		s.log.Info("chained rows written before the hash chain", "rows", n)
+	}
 	s.log.Info("auditor consuming", "stream", events.StreamEvents, "consumer", events.ConsumerAuditor)
 	return platform.ConsumeBatches(ctx, cons, s.cfg.BatchSize, s.handleBatch)
 }
@@ -181,11 +186,16 @@ func ToRow(key []byte, seq uint64, stored time.Time, subject string, header map[
 	// The salt is derived from the audit key and the sequence (a replay must rebuild the
 	// same row); it is erased with the personal data, so the digest left in the chain
 	// cannot be matched against guesses by anyone without the key.
-	salt := hmac.New(sha256.New, key)
-	fmt.Fprintf(salt, "otpflow-audit-pii-salt:%d", seq)
-	r.PIISalt = salt.Sum(nil)[:16]
+	r.PIISalt = piiSalt(key, seq)
 	r.PIIDigest = piiDigest(r.PIISalt, r.RecipientHash, r.RecipientMasked, r.PII)
 	return r, nil
+}
+
+// piiSalt derives a row's salt from the audit key and its stream sequence.
+func piiSalt(key []byte, seq uint64) []byte {
+	m := hmac.New(sha256.New, key)
+	fmt.Fprintf(m, "otpflow-audit-pii-salt:%d", seq)
+	return m.Sum(nil)[:16]
 }
 
 // RecipientHash is HMAC-SHA256(key, lower-cased address).

@@ -220,3 +220,59 @@ func Verify(ctx context.Context, pool *pgxpool.Pool) (Report, error) {
 	}
 	return rep, nil
 }
+
+// Backfill chains rows written before the chain existed (chain_pos NULL), in stream
+// order after the current head. The trigger lets a row be chained once; its content
+// cannot change.
+func Backfill(ctx context.Context, pool *pgxpool.Pool, key []byte) (int, error) {
+	n := 0
+	err := pgx.BeginFunc(ctx, pool, func(tx pgx.Tx) error {
+		var pos int64
+		var head []byte
+		if err := tx.QueryRow(ctx, `SELECT pos, hash FROM audit.chain_head FOR UPDATE`).Scan(&pos, &head); err != nil {
+			return err
+		}
+		rows, err := tx.Query(ctx, `SELECT stream_seq, subject, type, tenant, event_id, source, occurred_at, request_id, challenge_id,
+			payload, recipient_hash, recipient_masked FROM audit.events WHERE chain_pos IS NULL ORDER BY stream_seq`)
+		if err != nil {
+			return err
+		}
+		var legacy []*Row
+		for rows.Next() {
+			r := &Row{}
+			var seq int64
+			var payload []byte
+			if err := rows.Scan(&seq, &r.Subject, &r.Type, &r.Tenant, &r.EventID, &r.Source, &r.OccurredAt, &r.RequestID,
+				&r.ChallengeID, &payload, &r.RecipientHash, &r.RecipientMasked); err != nil {
+				rows.Close()
+				return err
+			}
+			r.StreamSeq, r.Payload = uint64(seq), payload
+			legacy = append(legacy, r)
+		}
+		if err := rows.Err(); err != nil {
+			return err
+		}
+		for _, r := range legacy {
+			r.PIISalt = piiSalt(key, r.StreamSeq)
+			r.PIIDigest = piiDigest(r.PIISalt, r.RecipientHash, r.RecipientMasked, nil)
+			pos++
+			r.ChainPos, r.PrevHash = pos, head
+			if r.RowHash, err = rowHash(head, r); err != nil {
+				return err
+			}
+			head = r.RowHash
+			if _, err := tx.Exec(ctx, `UPDATE audit.events SET chain_pos = $2, prev_hash = $3, row_hash = $4, pii_salt = $5,
+				pii_digest = $6 WHERE stream_seq = $1`, int64(r.StreamSeq), r.ChainPos, r.PrevHash, r.RowHash, r.PIISalt, r.PIIDigest); err != nil {
+				return err
+			}
+		}
+		n = len(legacy)
+		if n == 0 {
+			return nil
+		}
+		_, err = tx.Exec(ctx, `UPDATE audit.chain_head SET pos = $1, hash = $2`, pos, head)
+		return err
+	})
+	return n, err
+}
