@@ -52,27 +52,7 @@ func (w *world) getenv(k string) string { return w.env[k] }
 // runInProcess runs the four services in this process until the returned stop is called.
 func (w *world) runInProcess(t *testing.T, logs *testenv.LogBuffer) (stop func()) {
 	t.Helper()
-	ctx, cancel := context.WithCancel(context.Background())
-	done := make(chan error, 1)
-	go func() { done <- runPipeline(ctx, w.getenv, logs) }()
-	stopped := false
-	stop = func() {
-		if stopped {
-			return
-		}
-		stopped = true
-		cancel()
-		select {
-		case err := <-done:
-			if err != nil {
-				t.Errorf("pipeline: %v", err)
-			}
-		case <-time.After(30 * time.Second):
-			t.Error("pipeline did not stop within 30s")
-		}
-	}
-	t.Cleanup(stop)
-	return stop
+	return testenv.Start(t, func(ctx context.Context) error { return runPipeline(ctx, w.getenv, logs) })
 }
 
 // app is an upstream application: it speaks raw JSON over NATS, as a non-Go app would.

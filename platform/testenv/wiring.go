@@ -13,7 +13,6 @@ import (
 	"github.com/nats-io/nats-server/v2/server"
 	"github.com/nats-io/nats.go"
 	"github.com/nats-io/nats.go/jetstream"
-	"github.com/otpflow/otpflow/events"
 	"github.com/otpflow/otpflow/platform"
 )
 
@@ -21,15 +20,7 @@ import (
 // contract's streams created.
 func JetStream(tb testing.TB, s *server.Server) (*nats.Conn, jetstream.JetStream) {
 	tb.Helper()
-	nc, err := nats.Connect(s.ClientURL())
-	Must(tb, err, "connect to NATS")
-	tb.Cleanup(nc.Close)
-	js, err := jetstream.New(nc)
-	Must(tb, err, "jetstream")
-	ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
-	defer cancel()
-	Must(tb, events.EnsureStreams(ctx, js, events.StreamOptions{}), "ensure streams")
-	return nc, js
+	return JetStreamReplicas(tb, s, 1)
 }
 
 // Postgres opens a pool on a fresh database with schema migrated.
