@@ -66,12 +66,7 @@ type phase struct {
 func runPhase(t *testing.T, a *app, tenant string, n int) phase {
 	t.Helper()
 	start := time.Now()
-	for i := range n {
-		body := fmt.Sprintf(`{"request_id":"%s-%d","recipient":"%s%d@example.com","purpose":"login"}`, tenant, i, tenant, i)
-		_, err := a.js.PublishAsync("otp.requested."+tenant, []byte(body))
-		testenv.Must(t, err, "publish")
-	}
-	<-a.js.PublishAsyncComplete()
+	a.burst(t, tenant, tenant, tenant, n)
 	testenv.Eventually(t, 60*time.Second, tenant+" issued", func() bool { return count(t, a.js, "otp.issued."+tenant) == n })
 	issuedIn := time.Since(start)
 	testenv.Eventually(t, 120*time.Second, tenant+" delivered", func() bool { return count(t, a.js, "otp.delivered."+tenant) == n })
@@ -218,12 +213,7 @@ func TestDispatcherKilledMidBatch(t *testing.T) {
 	})
 
 	const n = 300
-	for i := range n {
-		body := fmt.Sprintf(`{"request_id":"d-%d","recipient":"d%d@example.com","purpose":"login"}`, i, i)
-		_, err := a.js.PublishAsync("otp.requested.acme", []byte(body))
-		testenv.Must(t, err, "publish")
-	}
-	<-a.js.PublishAsyncComplete()
+	a.burst(t, "acme", "d", "d", n)
 	// Kill the victim once it is busy: it has mailed some codes and has more in flight.
 	deadline := time.Now().Add(60 * time.Second)
 	for strings.Count(victimLogs.String(), `"msg":"delivered"`) < 10 {

@@ -3,6 +3,7 @@ package main
 import (
 	"context"
 	"encoding/json"
+	"fmt"
 	"io"
 	"mime/quotedprintable"
 	"net/mail"
@@ -86,6 +87,22 @@ func (a *app) request(t *testing.T, tenant, body string) {
 			t.Fatalf("publish request: %v", err)
 		}
 		time.Sleep(100 * time.Millisecond)
+	}
+}
+
+// burst publishes n requests at once (request ids <idPrefix>-<i>, recipients
+// <rcptPrefix><i>@example.com) and waits for the stream's acks.
+func (a *app) burst(t *testing.T, tenant, idPrefix, rcptPrefix string, n int) {
+	t.Helper()
+	for i := range n {
+		body := fmt.Sprintf(`{"request_id":"%s-%d","recipient":"%s%d@example.com","purpose":"login"}`, idPrefix, i, rcptPrefix, i)
+		_, err := a.js.PublishAsync("otp.requested."+tenant, []byte(body))
+		testenv.Must(t, err, "publish")
+	}
+	select {
+	case <-a.js.PublishAsyncComplete():
+	case <-time.After(20 * time.Second):
+		t.Fatal("burst not acknowledged")
 	}
 }
 

@@ -168,16 +168,7 @@ func TestSIGTERMDuringBurstLosesNothing(t *testing.T) {
 	const n = 300
 	a.request(t, "acme", `{"request_id":"warmup","recipient":"warm@example.com","purpose":"login"}`)
 	w.smtp.WaitFor(t, 1, 30*time.Second)
-	for i := range n {
-		body := fmt.Sprintf(`{"request_id":"burst-%d","recipient":"user%d@example.com","purpose":"login"}`, i, i)
-		_, err := a.js.PublishAsync("otp.requested.acme", []byte(body))
-		testenv.Must(t, err, "publish")
-	}
-	select {
-	case <-a.js.PublishAsyncComplete():
-	case <-time.After(20 * time.Second):
-		t.Fatal("burst not acknowledged")
-	}
+	a.burst(t, "acme", "burst", "user", n)
 	// Stop everything while the burst is being worked on.
 	testenv.Eventually(t, 30*time.Second, "the burst to start", func() bool { return len(w.smtp.Mails()) > 10 })
 	p.stop(t)
@@ -226,16 +217,7 @@ func TestKillDuringBurstLosesNothing(t *testing.T) {
 	const n = 300
 	a.request(t, "acme", `{"request_id":"warmup","recipient":"warm@example.com","purpose":"login"}`)
 	w.smtp.WaitFor(t, 1, 30*time.Second)
-	for i := range n {
-		body := fmt.Sprintf(`{"request_id":"kill-%d","recipient":"k%d@example.com","purpose":"login"}`, i, i)
-		_, err := a.js.PublishAsync("otp.requested.acme", []byte(body))
-		testenv.Must(t, err, "publish")
-	}
-	select {
-	case <-a.js.PublishAsyncComplete():
-	case <-time.After(20 * time.Second):
-		t.Fatal("burst not acknowledged")
-	}
+	a.burst(t, "acme", "kill", "k", n)
 	testenv.Eventually(t, 30*time.Second, "the burst to start", func() bool { return len(w.smtp.Mails()) > 10 })
 	for _, c := range p.cmds {
 		_ = c.Process.Kill()
