@@ -51,7 +51,21 @@ var (
 	purposePattern   = regexp.MustCompile(`^[a-z0-9_.-]{1,32}$`)
 	localePattern    = regexp.MustCompile(`^[A-Za-z]{2,3}(-[A-Za-z0-9]{2,8})*$`)
 	dnsLabelPattern  = regexp.MustCompile(`^[A-Za-z0-9]([A-Za-z0-9-]{0,61}[A-Za-z0-9])?$`)
+	uuidPattern      = regexp.MustCompile(`^[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}$`)
 )
+
+// CanonicalAddress is the one form in which otpflow compares, keys and hashes an email
+// address: surrounding space trimmed and the whole address lowercased. Domains are
+// case-insensitive by the standard; local parts are too at every mailbox provider that
+// matters, and treating "Ana@" and "ana@" as two people would let a caller sidestep
+// per-recipient limits and challenge binding by changing case. The address a mail is
+// sent to stays as the app wrote it; every key, hash and comparison uses this form.
+func CanonicalAddress(addr string) string {
+	return strings.ToLower(strings.TrimSpace(addr))
+}
+
+// IsUUID reports whether s is a lowercase canonical UUID, the form of every challenge id.
+func IsUUID(s string) bool { return uuidPattern.MatchString(s) }
 
 // DecodeRequested strictly decodes and validates an otp.requested body: at most
 // MaxRequestedSize bytes, one JSON object, no unknown field, required fields present, no
@@ -178,6 +192,15 @@ func DecodeVerifyRequest(data []byte) (VerifyRequest, error) {
 		return VerifyRequest{}, invalid(ReasonInvalidField, "code", "must be at most 16 characters")
 	case len(r.Context.SessionID) > 128:
 		return VerifyRequest{}, invalid(ReasonInvalidField, "context.session_id", "longer than 128 bytes")
+	case r.Context.IP != "" && net.ParseIP(r.Context.IP) == nil:
+		return VerifyRequest{}, invalid(ReasonInvalidField, "context.ip", "must be an IPv4 or IPv6 address")
+	case len(r.Context.UserAgent) > 512:
+		return VerifyRequest{}, invalid(ReasonInvalidField, "context.user_agent", "longer than 512 bytes")
+	}
+	for _, f := range []struct{ name, value string }{{"context.session_id", r.Context.SessionID}, {"context.user_agent", r.Context.UserAgent}} {
+		if err := checkText(f.name, f.value); err != nil {
+			return VerifyRequest{}, err
+		}
 	}
 	return r, nil
 }
@@ -250,22 +273,48 @@ func jsonKind(k string) string {
 // MaxEventSize bounds the internal messages (dispatch jobs and OTP_EVENTS bodies).
 const MaxEventSize = 64 << 10
 
-// DecodeDispatchJob decodes a dispatch job. Unknown fields are ignored, so an older
-// dispatcher keeps working while a newer issuer extends the job.
+// DecodeSealedDispatch decodes the wire body of otp.dispatch.<tenant>. It is strict: a job
+// in the unsealed format of earlier releases, or with any field outside the seal besides
+// the routing ones, is refused.
+func DecodeSealedDispatch(data []byte) (SealedDispatch, error) {
+	var d SealedDispatch
+	if err := decodeStrict(data, MaxEventSize, &d); err != nil {
+		return d, err
+	}
+	switch {
+	case d.Format != DispatchFormat:
+		return d, invalid(ReasonInvalidField, "format", "not a sealed dispatch job (%s); drain OTP_DISPATCH before an upgrade", DispatchFormat)
+	case !tenantPattern.MatchString(d.Tenant):
+		return d, invalid(ReasonInvalidTenant, "tenant", "must be 1-64 of [A-Za-z0-9_-]")
+	case d.SealKeyID == "" || len(d.Sealed) == 0:
+		return d, invalid(ReasonMissingField, "sealed", "required")
+	}
+	return d, nil
+}
+
+// DecodeDispatchJob decodes and checks a dispatch job once it is unsealed. Unknown fields
+// are ignored, so an older dispatcher keeps working while a newer issuer extends the job.
 func DecodeDispatchJob(data []byte) (DispatchJob, error) {
 	var j DispatchJob
 	if err := DecodeEvent(data, &j); err != nil {
 		return j, err
 	}
 	switch {
-	case j.ChallengeID == "":
-		return j, invalid(ReasonMissingField, "challenge_id", "required")
+	case !uuidPattern.MatchString(j.ChallengeID):
+		return j, invalid(ReasonInvalidField, "challenge_id", "must be a UUID")
+	case !tenantPattern.MatchString(j.Tenant):
+		return j, invalid(ReasonInvalidTenant, "tenant", "must be 1-64 of [A-Za-z0-9_-]")
 	case j.CodeSeq < 1:
 		return j, invalid(ReasonInvalidField, "code_seq", "must be at least 1")
-	case j.SealKeyID == "" || len(j.SealedCode) == 0:
-		return j, invalid(ReasonMissingField, "sealed_code", "required")
-	case j.ExpiresAt.IsZero():
-		return j, invalid(ReasonMissingField, "expires_at", "required")
+	case j.Code == "":
+		return j, invalid(ReasonMissingField, "code", "required")
+	case j.IssuedAt.IsZero() || j.ExpiresAt.IsZero() || !j.ExpiresAt.After(j.IssuedAt):
+		return j, invalid(ReasonInvalidField, "expires_at", "must be after issued_at")
+	}
+	for _, f := range []struct{ name, value string }{{"request_id", j.RequestID}, {"purpose", j.Purpose}, {"locale", j.Locale}, {"code", j.Code}} {
+		if err := checkText(f.name, f.value); err != nil {
+			return j, err
+		}
 	}
 	if err := ValidateAddress(j.Recipient); err != nil {
 		return j, err

@@ -145,3 +145,88 @@ func FuzzDecodeVerifyRequest(f *testing.F) {
 		}
 	})
 }
+
+// TestCanonicalAddress: one form for every key, hash and comparison, so that changing
+// the case of an address or padding it never makes a second person.
+func TestCanonicalAddress(t *testing.T) {
+	for _, tt := range []struct{ in, want string }{
+		{"ana@example.com", "ana@example.com"},
+		{"Ana@Example.COM", "ana@example.com"},
+		{" ANA@EXAMPLE.COM ", "ana@example.com"},
+		{"Ünal@example.com", "ünal@example.com"},
+	} {
+		if got := events.CanonicalAddress(tt.in); got != tt.want {
+			t.Errorf("CanonicalAddress(%q) = %q, want %q", tt.in, got, tt.want)
+		}
+	}
+}
+
+func TestDecodeSealedDispatch(t *testing.T) {
+	tests := []struct {
+		name, body string
+		reason     events.RejectReason
+		field      string
+	}{
+		{"sealed", `{"format":"otpflow.dispatch.sealed.v2","tenant":"acme","seal_key_id":"s1","sealed":"AQID"}`, "", ""},
+		{"the unsealed format", `{"challenge_id":"2eedf1ad-5135-4c42-a28f-5b09316ec196","tenant":"acme","recipient":"a@b.co","seal_key_id":"s1","sealed_code":"AQID"}`, events.ReasonUnknownField, ""},
+		{"no format", `{"tenant":"acme","seal_key_id":"s1","sealed":"AQID"}`, events.ReasonInvalidField, "format"},
+		{"a field beside the seal", `{"format":"otpflow.dispatch.sealed.v2","tenant":"acme","seal_key_id":"s1","sealed":"AQID","recipient":"a@b.co"}`, events.ReasonUnknownField, "recipient"},
+		{"bad tenant", `{"format":"otpflow.dispatch.sealed.v2","tenant":"a.b","seal_key_id":"s1","sealed":"AQID"}`, events.ReasonInvalidTenant, "tenant"},
+		{"empty seal", `{"format":"otpflow.dispatch.sealed.v2","tenant":"acme","seal_key_id":"s1","sealed":""}`, events.ReasonMissingField, "sealed"},
+	}
+	for _, tt := range tests {
+		t.Run(tt.name, func(t *testing.T) {
+			_, err := events.DecodeSealedDispatch([]byte(tt.body))
+			if tt.reason == "" {
+				if err != nil {
+					t.Fatalf("unexpected error: %v", err)
+				}
+				return
+			}
+			var ve *events.ValidationError
+			if !errors.As(err, &ve) || ve.Reason != tt.reason || (tt.field != "" && ve.Field != tt.field) {
+				t.Fatalf("err = %v, want %s/%s", err, tt.reason, tt.field)
+			}
+		})
+	}
+}
+
+func TestDecodeVerifyRequestContext(t *testing.T) {
+	if r, err := events.DecodeVerifyRequest([]byte(`{"request_id":"r","code":"1","context":{"ip":"2001:db8::1","user_agent":"UA"}}`)); err != nil || r.Context.IP != "2001:db8::1" {
+		t.Fatalf("%+v %v", r, err)
+	}
+	for body, field := range map[string]string{
+		`{"request_id":"r","code":"1","context":{"ip":"not-an-ip"}}`:   "context.ip",
+		`{"request_id":"r","code":"1","context":{"user_agent":"a\nb"}}`: "context.user_agent",
+	} {
+		var ve *events.ValidationError
+		if _, err := events.DecodeVerifyRequest([]byte(body)); !errors.As(err, &ve) || ve.Field != field {
+			t.Errorf("%s: err = %v, want a refusal of %s", body, err, field)
+		}
+	}
+}
+
+// FuzzDecodeDispatch: any dispatch body, outside or inside the seal, decodes or fails with
+// a *ValidationError, and what decodes holds no CR or LF in a header-bound field.
+func FuzzDecodeDispatch(f *testing.F) {
+	f.Add([]byte(`{"format":"otpflow.dispatch.sealed.v2","tenant":"acme","seal_key_id":"s1","sealed":"AQID"}`))
+	f.Add([]byte(`{"challenge_id":"2eedf1ad-5135-4c42-a28f-5b09316ec196","tenant":"acme","request_id":"r","code_seq":1,"recipient":"a@b.co",` +
+		`"purpose":"login","issued_at":"2026-11-30T10:00:00Z","expires_at":"2026-11-30T10:05:00Z","code":"123456"}`))
+	f.Fuzz(func(t *testing.T, data []byte) {
+		for _, err := range []error{
+			func() error { _, err := events.DecodeSealedDispatch(data); return err }(),
+			func() error {
+				j, err := events.DecodeDispatchJob(data)
+				if err == nil && strings.ContainsAny(j.Recipient+j.Purpose+j.Locale+j.RequestID+j.Code, "\r\n") {
+					t.Fatalf("accepted CR/LF in %+v", j)
+				}
+				return err
+			}(),
+		} {
+			var ve *events.ValidationError
+			if err != nil && !errors.As(err, &ve) {
+				t.Fatalf("untyped error %T: %v", err, err)
+			}
+		}
+	})
+}

@@ -31,10 +31,12 @@ type RequestContext struct {
 	SessionID string `json:"session_id,omitempty" jsonschema:"maxLength=128"`
 }
 
-// DispatchJob is the body of otp.dispatch.<tenant> on the OTP_DISPATCH work queue,
-// published by the issuer for the dispatchers. It is the only message that carries the
-// code, and only sealed: AES-256-GCM under the key SealKeyID, with ChallengeID as
-// associated data, nonce first. At-least-once; the id is "dispatch:<challenge>:<seq>".
+// DispatchJob is what the issuer asserts to the dispatchers about one code: who gets it,
+// for what, until when, and the code itself. It never travels in the clear: the body of
+// otp.dispatch.<tenant> is a SealedDispatch holding this struct as JSON, sealed whole with
+// AES-256-GCM, so nobody who can read or write OTP_DISPATCH learns the code or the address,
+// or can redirect, re-time or renumber a job. At-least-once; the message id is
+// "dispatch:<challenge>:<seq>".
 type DispatchJob struct {
 	ChallengeID string    `json:"challenge_id"`
 	Tenant      string    `json:"tenant"`
@@ -45,8 +47,28 @@ type DispatchJob struct {
 	Locale      string    `json:"locale,omitempty"`
 	IssuedAt    time.Time `json:"issued_at"`
 	ExpiresAt   time.Time `json:"expires_at"`
-	SealKeyID   string    `json:"seal_key_id"`
-	SealedCode  []byte    `json:"sealed_code"`
+	Code        string    `json:"code"`
+}
+
+// DispatchFormat names the sealed dispatch format. A body without it (the unsealed jobs of
+// earlier releases) is refused: drain OTP_DISPATCH before upgrading.
+const DispatchFormat = "otpflow.dispatch.sealed.v2"
+
+// SealedDispatch is the wire body of otp.dispatch.<tenant>. Only what routes the message and
+// names the key stays outside the seal, and all of it is bound to the ciphertext as
+// associated data (DispatchAD): changing the tenant, the key id or the format makes the
+// job fail to open.
+type SealedDispatch struct {
+	Format    string `json:"format"`
+	Tenant    string `json:"tenant"`
+	SealKeyID string `json:"seal_key_id"`
+	// Sealed is nonce ‖ AES-256-GCM(DispatchJob as JSON).
+	Sealed []byte `json:"sealed"`
+}
+
+// DispatchAD is the associated data that binds a sealed job to its routing fields.
+func DispatchAD(format, tenant, keyID string) []byte {
+	return []byte(format + "\x00" + tenant + "\x00" + keyID)
 }
 
 // Issued is the body of otp.issued.<tenant> on OTP_EVENTS: a challenge got a code. The
@@ -101,6 +123,9 @@ const (
 	ReasonRisk RejectReason = "risk"
 	// ReasonPolicy refuses a request the tenant policy does not allow (a purpose, a lifetime).
 	ReasonPolicy RejectReason = "policy"
+	// ReasonChallengeMismatch refuses a repeated request_id whose recipient or purpose
+	// differs from its challenge's: a challenge's code only ever goes to its own address.
+	ReasonChallengeMismatch RejectReason = "challenge_mismatch"
 )
 
 // Rejected is the body of otp.rejected.<tenant> on OTP_EVENTS: a request was refused and
@@ -253,6 +278,9 @@ const (
 	StatusAlreadyUsed VerifyStatus = "already_used"
 	StatusSuperseded  VerifyStatus = "superseded"
 	StatusBadRequest  VerifyStatus = "bad_request"
+	// StatusRateLimited: too many verify calls for the tenant or the client IP; the reply
+	// carries RetryAfterSeconds. It costs the challenge no attempt.
+	StatusRateLimited VerifyStatus = "rate_limited"
 )
 
 // VerifyRequest is the request body of otp.verify.<tenant> (NATS request/reply). Decode it
@@ -263,17 +291,22 @@ type VerifyRequest struct {
 	Context   VerifyContext `json:"context,omitzero"`
 }
 
-// VerifyContext binds a verify call to the end user's session.
+// VerifyContext binds a verify call to the end user's session and names the client, for
+// the verify-side rate limits.
 type VerifyContext struct {
 	SessionID string `json:"session_id,omitempty" jsonschema:"maxLength=128"`
+	IP        string `json:"ip,omitempty" jsonschema:"maxLength=45"`
+	UserAgent string `json:"user_agent,omitempty" jsonschema:"maxLength=512"`
 }
 
 // VerifyReply is the reply of otp.verify.<tenant>. Every outcome, bad_request included,
 // comes in this shape. Reason explains a bad_request.
 type VerifyReply struct {
-	Status            VerifyStatus `json:"status" jsonschema:"enum=verified,enum=invalid_code,enum=expired,enum=locked,enum=not_found,enum=already_used,enum=superseded,enum=bad_request"`
+	Status            VerifyStatus `json:"status" jsonschema:"enum=verified,enum=invalid_code,enum=expired,enum=locked,enum=not_found,enum=already_used,enum=superseded,enum=bad_request,enum=rate_limited"`
 	AttemptsRemaining int          `json:"attempts_remaining"`
 	Reason            string       `json:"reason,omitempty"`
+	// RetryAfterSeconds comes with rate_limited: when the caller may try again.
+	RetryAfterSeconds int `json:"retry_after_seconds,omitempty"`
 }
 
 // DLQ headers: a dead-lettered message keeps its body and headers and gains these.

@@ -11,17 +11,20 @@ import (
 	"crypto/rand"
 	"crypto/sha256"
 	"encoding/base64"
+	"encoding/json"
 	"errors"
 	"fmt"
 	"regexp"
 	"strings"
+
+	"github.com/otpflow/otpflow/events"
 )
 
 // ErrUnknownKey is returned for a key id the ring does not hold.
 var ErrUnknownKey = errors.New("unknown key id")
 
-// ErrOpen is returned when a sealed code fails authentication.
-var ErrOpen = errors.New("sealed code does not authenticate")
+// ErrOpen is returned when sealed data fails authentication.
+var ErrOpen = errors.New("sealed data does not authenticate")
 
 // Ring is an ordered set of keys with ids; the first is active.
 type Ring struct {
@@ -133,8 +136,8 @@ func (p *Pepper) Equal(keyID, challengeID, code string, mac []byte) (bool, error
 	return hmac.Equal(got, mac), nil
 }
 
-// Sealer seals codes with AES-256-GCM; the challenge id is the associated data, so a
-// sealed code cannot be moved to another challenge.
+// Sealer seals with AES-256-GCM under a key ring. The dispatch job is sealed whole
+// (SealJob); callers bind what stays outside the seal as associated data.
 type Sealer struct{ ring *Ring }
 
 // ParseSealer reads OTP_SEAL_KEY: keys of exactly 32 bytes.
@@ -146,37 +149,71 @@ func ParseSealer(value string) (*Sealer, error) {
 	return &Sealer{r}, nil
 }
 
-// ActiveID is the id of the key used to seal new codes.
+// ActiveID is the id of the key used to seal.
 func (s *Sealer) ActiveID() string { return s.ring.active }
 
-// Seal seals code under the active key and returns the key id and nonce ‖ ciphertext.
-func (s *Sealer) Seal(challengeID, code string) (string, []byte, error) {
+// Seal seals plaintext under the active key, bound to ad, and returns the key id and
+// nonce ‖ ciphertext.
+func (s *Sealer) Seal(ad, plaintext []byte) (string, []byte, error) {
 	aead, err := s.aead(s.ring.active)
 	if err != nil {
 		return "", nil, err
 	}
-	nonce := make([]byte, aead.NonceSize(), aead.NonceSize()+len(code)+aead.Overhead())
+	nonce := make([]byte, aead.NonceSize(), aead.NonceSize()+len(plaintext)+aead.Overhead())
 	if _, err := rand.Read(nonce); err != nil {
 		return "", nil, err
 	}
-	return s.ring.active, aead.Seal(nonce, nonce, []byte(code), []byte(challengeID)), nil
+	return s.ring.active, aead.Seal(nonce, nonce, plaintext, ad), nil
 }
 
-// Open unseals a code sealed under keyID for challengeID.
-func (s *Sealer) Open(keyID, challengeID string, sealed []byte) (string, error) {
+// Open unseals what Seal sealed under keyID with the same ad. Any change to the sealed
+// bytes or to ad gives ErrOpen.
+func (s *Sealer) Open(keyID string, ad, sealed []byte) ([]byte, error) {
 	aead, err := s.aead(keyID)
 	if err != nil {
-		return "", err
-	}
-	if len(sealed) < aead.NonceSize()+aead.Overhead() {
-		return "", ErrOpen
+		return nil, err
 	}
 	n := aead.NonceSize()
-	code, err := aead.Open(nil, sealed[:n], sealed[n:], []byte(challengeID))
-	if err != nil {
-		return "", ErrOpen
+	if len(sealed) < n+aead.Overhead() {
+		return nil, ErrOpen
 	}
-	return string(code), nil
+	plain, err := aead.Open(nil, sealed[:n], sealed[n:], ad)
+	if err != nil {
+		return nil, ErrOpen
+	}
+	return plain, nil
+}
+
+// SealJob seals a whole dispatch job under the active key; only the format, the tenant
+// and the key id stay outside, bound as associated data.
+func (s *Sealer) SealJob(job events.DispatchJob) (events.SealedDispatch, error) {
+	plain, err := json.Marshal(job)
+	if err != nil {
+		return events.SealedDispatch{}, err
+	}
+	id := s.ring.active
+	_, sealed, err := s.Seal(events.DispatchAD(events.DispatchFormat, job.Tenant, id), plain)
+	if err != nil {
+		return events.SealedDispatch{}, err
+	}
+	return events.SealedDispatch{Format: events.DispatchFormat, Tenant: job.Tenant, SealKeyID: id, Sealed: sealed}, nil
+}
+
+// OpenJob opens a sealed dispatch job and checks it: the job must authenticate under its
+// routing fields, decode, and name the same tenant as the outside.
+func (s *Sealer) OpenJob(d events.SealedDispatch) (events.DispatchJob, error) {
+	plain, err := s.Open(d.SealKeyID, events.DispatchAD(d.Format, d.Tenant, d.SealKeyID), d.Sealed)
+	if err != nil {
+		return events.DispatchJob{}, err
+	}
+	job, err := events.DecodeDispatchJob(plain)
+	if err != nil {
+		return events.DispatchJob{}, fmt.Errorf("sealed job: %w", err)
+	}
+	if job.Tenant != d.Tenant {
+		return events.DispatchJob{}, fmt.Errorf("sealed job: tenant does not match: %w", ErrOpen)
+	}
+	return job, nil
 }
 
 func (s *Sealer) aead(keyID string) (cipher.AEAD, error) {

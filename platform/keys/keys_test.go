@@ -1,26 +1,38 @@
 package keys_test
 
 import (
+	"encoding/json"
 	"errors"
 	"strings"
 	"testing"
+	"time"
 
+	"github.com/otpflow/otpflow/events"
 	"github.com/otpflow/otpflow/platform/keys"
 )
 
-func TestSealOpenAndRotation(t *testing.T) {
+func testJob() events.DispatchJob {
+	at := time.Date(2026, 11, 30, 10, 0, 0, 0, time.UTC)
+	return events.DispatchJob{ChallengeID: "2eedf1ad-5135-4c42-a28f-5b09316ec196", Tenant: "acme", RequestID: "r1", CodeSeq: 1,
+		Recipient: "ana@example.com", Purpose: "login", Locale: "en", IssuedAt: at, ExpiresAt: at.Add(5 * time.Minute), Code: "493027"}
+}
+
+func TestSealJobOpenAndRotation(t *testing.T) {
 	oldRing := keys.Generate("k1", 32)
 	newRing := keys.Generate("k2", 32) + "," + oldRing
 	old, err := keys.ParseSealer(oldRing)
 	if err != nil {
 		t.Fatal(err)
 	}
-	id, sealed, err := old.Seal("challenge-1", "493027")
-	if err != nil || id != "k1" {
-		t.Fatalf("seal: %q %v", id, err)
+	sealed, err := old.SealJob(testJob())
+	if err != nil || sealed.SealKeyID != "k1" || sealed.Tenant != "acme" || sealed.Format != events.DispatchFormat {
+		t.Fatalf("seal: %+v %v", sealed, err)
 	}
-	if strings.Contains(string(sealed), "493027") {
-		t.Fatal("sealed code holds the plaintext")
+	wire, _ := json.Marshal(sealed)
+	for _, secret := range []string{"493027", "ana@example.com", "2eedf1ad", "login", "r1"} {
+		if strings.Contains(string(wire), secret) {
+			t.Fatalf("the sealed job shows %q in the clear: %s", secret, wire)
+		}
 	}
 	rotated, err := keys.ParseSealer(newRing)
 	if err != nil {
@@ -29,18 +41,47 @@ func TestSealOpenAndRotation(t *testing.T) {
 	if rotated.ActiveID() != "k2" {
 		t.Fatalf("active = %s", rotated.ActiveID())
 	}
-	if code, err := rotated.Open("k1", "challenge-1", sealed); err != nil || code != "493027" {
-		t.Fatalf("open after rotation: %q %v", code, err)
+	if job, err := rotated.OpenJob(sealed); err != nil || job != testJob() {
+		t.Fatalf("open after rotation: %+v %v", job, err)
 	}
-	if _, err := rotated.Open("k1", "challenge-2", sealed); !errors.Is(err, keys.ErrOpen) {
-		t.Fatalf("open under another challenge: %v", err)
+
+	// Every field outside the seal is bound to it, and every sealed byte is authenticated.
+	tamper := map[string]func(d *events.SealedDispatch){
+		"another tenant": func(d *events.SealedDispatch) { d.Tenant = "other" },
+		"another format": func(d *events.SealedDispatch) { d.Format = "otpflow.dispatch.sealed.v3" },
+		"a flipped byte": func(d *events.SealedDispatch) { d.Sealed[len(d.Sealed)/2] ^= 1 },
+		"a short body":   func(d *events.SealedDispatch) { d.Sealed = d.Sealed[:10] },
 	}
-	sealed[len(sealed)-1] ^= 1
-	if _, err := rotated.Open("k1", "challenge-1", sealed); !errors.Is(err, keys.ErrOpen) {
-		t.Fatalf("open tampered: %v", err)
+	for name, f := range tamper {
+		d := sealed
+		d.Sealed = append([]byte(nil), sealed.Sealed...)
+		f(&d)
+		if _, err := rotated.OpenJob(d); !errors.Is(err, keys.ErrOpen) {
+			t.Errorf("%s: err = %v, want ErrOpen", name, err)
+		}
 	}
-	if _, err := rotated.Open("k9", "challenge-1", sealed); !errors.Is(err, keys.ErrUnknownKey) {
+	d := sealed
+	d.SealKeyID = "k9"
+	if _, err := rotated.OpenJob(d); !errors.Is(err, keys.ErrUnknownKey) {
 		t.Fatalf("unknown key: %v", err)
+	}
+}
+
+// TestSealedJobMustNameItsTenant: a job sealed for one tenant with a key that holds for
+// several cannot be moved under another tenant's routing fields even by whoever can seal.
+func TestSealedJobMustNameItsTenant(t *testing.T) {
+	s, err := keys.ParseSealer(keys.Generate("k1", 32))
+	if err != nil {
+		t.Fatal(err)
+	}
+	plain, _ := json.Marshal(testJob())
+	id, blob, err := s.Seal(events.DispatchAD(events.DispatchFormat, "other", "k1"), plain)
+	if err != nil {
+		t.Fatal(err)
+	}
+	d := events.SealedDispatch{Format: events.DispatchFormat, Tenant: "other", SealKeyID: id, Sealed: blob}
+	if _, err := s.OpenJob(d); !errors.Is(err, keys.ErrOpen) {
+		t.Fatalf("job of acme under tenant other: err = %v, want ErrOpen", err)
 	}
 }
 

@@ -169,7 +169,7 @@ func ToRow(key []byte, seq uint64, stored time.Time, subject string, header map[
 	if rcpt, ok := body["recipient"].(string); ok {
 		delete(body, "recipient")
 		r.RecipientHash = RecipientHash(key, rcpt)
-		r.RecipientMasked = Mask(rcpt)
+		r.RecipientMasked = Mask(events.CanonicalAddress(rcpt))
 	}
 	for _, f := range personalFields {
 		if v, ok := body[f].(string); ok {
@@ -198,10 +198,11 @@ func piiSalt(key []byte, seq uint64) []byte {
 	return m.Sum(nil)[:16]
 }
 
-// RecipientHash is HMAC-SHA256(key, lower-cased address).
+// RecipientHash is HMAC-SHA256(key, canonical address), so every spelling of one
+// address finds the same trail and the same erasure.
 func RecipientHash(key []byte, addr string) []byte {
 	m := hmac.New(sha256.New, key)
-	m.Write([]byte(strings.ToLower(addr)))
+	m.Write([]byte(events.CanonicalAddress(addr)))
 	return m.Sum(nil)
 }
 

@@ -110,7 +110,7 @@ func New(cfg Config, pool *pgxpool.Pool, js jetstream.JetStream, log *slog.Logge
 	if cfg.Policies == nil {
 		cfg.Policies = policy.Defaults()
 	}
-	tmpl, err := LoadTemplates(cfg.TemplateDir)
+	tmpl, err := LoadTemplates(cfg.TemplateDir, cfg.Policies)
 	if err != nil {
 		return nil, err
 	}
@@ -269,6 +269,10 @@ type job struct {
 	// The delivery row as found when claiming.
 	row     deliveryRow
 	claimed bool // this worker holds the lease
+	// expiresAt is the code's expiry and sendBy the last instant a send may run, both
+	// read against the database clock at the claim and kept on the local monotonic clock.
+	expiresAt time.Time
+	sendBy    time.Time
 
 	// What happened; record and settle act on it.
 	result      string
@@ -320,18 +324,13 @@ func (s *Service) admit(ctx context.Context, batch []jetstream.Msg, results chan
 			_ = m.NakWithDelay(time.Second)
 			continue
 		}
-		_, tenant, err := events.SplitSubject(m.Subject())
-		var dj events.DispatchJob
-		if err == nil {
-			dj, err = events.DecodeDispatchJob(m.Data())
-		}
-		if err == nil && dj.Tenant != tenant {
-			err = fmt.Errorf("job tenant %q does not match its subject", dj.Tenant)
-		}
+		dj, tenant, err := s.open(m)
 		if err != nil {
-			s.log.Error("undecodable dispatch job", "seq", md.Sequence.Stream, "err", err)
+			// A job that does not open under its routing fields was forged, edited or
+			// written in an old format: nothing in it can be trusted, so nothing is sent.
+			s.log.Error("refused dispatch job", "seq", md.Sequence.Stream, "err", err)
 			s.jobs.WithLabelValues("dead_lettered").Inc()
-			if err := platform.DeadLetter(ctx, s.js, m, tenant, "undecodable dispatch job: "+err.Error()); err != nil {
+			if err := platform.DeadLetter(ctx, s.js, m, tenant, "refused dispatch job: "+err.Error()); err != nil {
 				s.log.Error("dead-letter", "err", err)
 			}
 			continue
@@ -351,13 +350,12 @@ func (s *Service) admit(ctx context.Context, batch []jetstream.Msg, results chan
 		}
 		return
 	}
-	now := s.now()
 	for _, j := range jobs {
 		switch {
 		case !j.claimed:
 			release()
 			results <- j
-		case !now.Add(expiryMargin).Before(j.job.ExpiresAt):
+		case time.Until(j.sendBy) <= 0:
 			j.result = stateExpired
 			release()
 			results <- j
@@ -374,6 +372,27 @@ func (s *Service) admit(ctx context.Context, batch []jetstream.Msg, results chan
 			}()
 		}
 	}
+}
+
+// open decodes a pulled job and unseals it. The job must name its subject's tenant outside
+// and inside the seal.
+func (s *Service) open(m jetstream.Msg) (events.DispatchJob, string, error) {
+	_, tenant, err := events.SplitSubject(m.Subject())
+	if err != nil {
+		return events.DispatchJob{}, "", err
+	}
+	sealed, err := events.DecodeSealedDispatch(m.Data())
+	if err != nil {
+		return events.DispatchJob{}, tenant, err
+	}
+	if sealed.Tenant != tenant {
+		return events.DispatchJob{}, tenant, fmt.Errorf("job tenant %q does not match its subject", sealed.Tenant)
+	}
+	dj, err := s.cfg.Sealer.OpenJob(sealed)
+	if err != nil {
+		return events.DispatchJob{}, tenant, err
+	}
+	return dj, tenant, nil
 }
 
 // acquire takes a send slot per job, keeping the jobs' AckWait from running out while
@@ -437,8 +456,18 @@ func (s *Service) claim(ctx context.Context, jobs []*job) error {
 			return err
 		}
 
-		now := s.now()
+		// Leases and expiry run on the database clock, shared by every process.
+		var now time.Time
+		if err := tx.QueryRow(ctx, `SELECT now()`).Scan(&now); err != nil {
+			return fmt.Errorf("read the database clock: %w", err)
+		}
+		local := time.Now()
 		writes := &pgx.Batch{}
+		for _, j := range jobs {
+			// The same instants on this process's monotonic clock.
+			j.expiresAt = local.Add(j.job.ExpiresAt.Sub(now))
+			j.sendBy = local.Add(min(j.job.ExpiresAt.Add(-expiryMargin).Sub(now), s.cfg.Lease*3/4))
+		}
 		for _, j := range first {
 			r, dj := j.row, j.job
 			switch {
@@ -479,15 +508,12 @@ func (s *Service) send(ctx context.Context, j *job) {
 		}
 	}()
 	// The whole chain finishes well inside the lease, so no other dispatcher can take
-	// the job while this one may still send it.
-	ctx, cancel := context.WithTimeout(ctx, s.cfg.Lease*3/4)
+	// the job while this one may still send it, and before the code's expiry less the
+	// margin, so no mail is handed over after its code expired.
+	ctx, cancel := context.WithDeadline(ctx, j.sendBy)
 	defer cancel()
 
-	code, err := s.cfg.Sealer.Open(j.job.SealKeyID, j.job.ChallengeID, j.job.SealedCode)
-	if err != nil {
-		j.result, j.reason = stateFailed, "cannot unseal the code: "+err.Error()
-		return
-	}
+	code := j.job.Code
 	p := s.cfg.Policies.For(j.job.Tenant)
 	locale, from := j.job.Locale, s.cfg.From
 	if locale == "" {
@@ -582,7 +608,6 @@ func (s *Service) recordLoop(results <-chan *job) {
 // record writes the results of the jobs this worker claimed in one transaction and
 // builds the events to publish.
 func (s *Service) record(ctx context.Context, jobs []*job) error {
-	now := s.now()
 	b := &pgx.Batch{}
 	for _, j := range jobs {
 		if j.result == resultRetry && j.md.NumDelivered >= uint64(s.cfg.MaxDeliver) {
@@ -599,14 +624,14 @@ func (s *Service) record(ctx context.Context, jobs []*job) error {
 		switch j.result {
 		case stateSent, stateFailed, stateExpired:
 			b.Queue(`UPDATE dispatcher.deliveries SET status = $3, provider = $4, provider_message_id = $5, last_error = $6,
-				confirmed = $7, completed_at = $8, lease_until = $8 WHERE challenge_id = $1 AND code_seq = $2`,
-				dj.ChallengeID, dj.CodeSeq, j.result, j.provider, j.providerMsg, truncate(j.reason, 500), !j.unconfirmed, now)
+				confirmed = $7, completed_at = now(), lease_until = now() WHERE challenge_id = $1 AND code_seq = $2`,
+				dj.ChallengeID, dj.CodeSeq, j.result, j.provider, j.providerMsg, truncate(j.reason, 500), !j.unconfirmed)
 		case resultAmbiguous:
-			b.Queue(`UPDATE dispatcher.deliveries SET ambiguous = ambiguous + 1, last_error = $3, lease_until = $4
-				WHERE challenge_id = $1 AND code_seq = $2`, dj.ChallengeID, dj.CodeSeq, truncate(j.reason, 500), now)
+			b.Queue(`UPDATE dispatcher.deliveries SET ambiguous = ambiguous + 1, last_error = $3, lease_until = now()
+				WHERE challenge_id = $1 AND code_seq = $2`, dj.ChallengeID, dj.CodeSeq, truncate(j.reason, 500))
 		case resultRetry:
-			b.Queue(`UPDATE dispatcher.deliveries SET last_error = $3, lease_until = $4 WHERE challenge_id = $1 AND code_seq = $2`,
-				dj.ChallengeID, dj.CodeSeq, truncate(j.reason, 500), now)
+			b.Queue(`UPDATE dispatcher.deliveries SET last_error = $3, lease_until = now() WHERE challenge_id = $1 AND code_seq = $2`,
+				dj.ChallengeID, dj.CodeSeq, truncate(j.reason, 500))
 		}
 	}
 	if b.Len() == 0 {
@@ -699,7 +724,7 @@ func (s *Service) retryDelay(j *job) time.Duration {
 }
 
 func (s *Service) untilExpiry(j *job) time.Duration {
-	return max(j.job.ExpiresAt.Sub(s.now()), 0) + 100*time.Millisecond
+	return max(time.Until(j.expiresAt), 0) + 100*time.Millisecond
 }
 
 func truncate(s string, n int) string {
@@ -712,6 +737,6 @@ func truncate(s string, n int) string {
 // Purge deletes delivery rows of codes that expired more than retention ago: past every
 // redelivery, nothing can ask for them again.
 func (s *Service) Purge(ctx context.Context) (int64, error) {
-	tag, err := s.pool.Exec(ctx, `DELETE FROM dispatcher.deliveries WHERE expires_at < $1`, s.now().Add(-platform.Retention))
+	tag, err := s.pool.Exec(ctx, `DELETE FROM dispatcher.deliveries WHERE expires_at < now() - $1::interval`, platform.Retention)
 	return tag.RowsAffected(), err
 }

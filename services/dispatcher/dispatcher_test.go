@@ -73,12 +73,16 @@ func newHarnessConfig(t *testing.T, cfg Config, chain func(smtp mailer.Provider)
 // publish seals code into a job for rcpt and publishes it with Nats-Msg-Id msgID.
 func (h *harness) publish(t *testing.T, challenge, rcpt, code string, expires time.Time, msgID string) {
 	t.Helper()
-	id, sealed, err := h.sealer.Seal(challenge, code)
+	h.publishJob(t, events.DispatchJob{ChallengeID: challenge, Tenant: "acme", RequestID: "r-" + challenge, CodeSeq: 1,
+		Recipient: rcpt, Purpose: "login", Locale: "en", IssuedAt: expires.Add(-5 * time.Minute).UTC(), ExpiresAt: expires, Code: code}, msgID)
+}
+
+// publishJob seals job as the issuer does and publishes it with Nats-Msg-Id msgID.
+func (h *harness) publishJob(t *testing.T, job events.DispatchJob, msgID string) {
+	t.Helper()
+	sealed, err := h.sealer.SealJob(job)
 	testenv.Must(t, err, "seal")
-	job := events.DispatchJob{ChallengeID: challenge, Tenant: "acme", RequestID: "r-" + challenge, CodeSeq: 1,
-		Recipient: rcpt, Purpose: "login", Locale: "en", IssuedAt: time.Now().UTC(), ExpiresAt: expires,
-		SealKeyID: id, SealedCode: sealed}
-	m, err := events.NewMsg(events.TypeDispatch, "acme", msgID, challenge, job, events.Envelope{Source: "test"})
+	m, err := events.NewMsg(events.TypeDispatch, job.Tenant, msgID, job.ChallengeID, sealed, events.Envelope{Source: "test"})
 	testenv.Must(t, err, "msg")
 	_, err = h.js.PublishMsg(context.Background(), m)
 	testenv.Must(t, err, "publish job")
@@ -220,7 +224,7 @@ func TestUndecodableJobGoesToDLQ(t *testing.T) {
 	_, err := h.js.PublishMsg(context.Background(), m)
 	testenv.Must(t, err, "publish")
 	dl := testenv.WaitMessages(t, h.js, events.StreamDLQ, "otp.dlq.acme", 1, 10*time.Second)
-	if r := dl[0].Header.Get(events.HeaderDLQReason); !strings.Contains(r, "undecodable") {
+	if r := dl[0].Header.Get(events.HeaderDLQReason); !strings.Contains(r, "refused dispatch job") {
 		t.Fatalf("DLQ reason = %q", r)
 	}
 	if n := len(testenv.Messages(t, h.js, events.StreamDispatch, "")); n != 0 {
@@ -266,15 +270,9 @@ func TestTenantSenderLocaleAndTemplates(t *testing.T) {
 	policies, err := policy.Parse([]byte(fmt.Sprintf("tenants:\n  acme:\n    sender: \"Acme Login <login@acme.example>\"\n    locale: de\n    template_dir: %s\n", dir)))
 	testenv.Must(t, err, "policy")
 	h := newHarnessConfig(t, Config{Policies: policies}, func(sp mailer.Provider) []mailer.Provider { return []mailer.Provider{sp} })
-	id, sealed, err := h.sealer.Seal("77777777-7777-4777-8777-777777777777", "818181")
-	testenv.Must(t, err, "seal")
-	job := events.DispatchJob{ChallengeID: "77777777-7777-4777-8777-777777777777", Tenant: "acme", RequestID: "r", CodeSeq: 1,
+	h.publishJob(t, events.DispatchJob{ChallengeID: "77777777-7777-4777-8777-777777777777", Tenant: "acme", RequestID: "r", CodeSeq: 1,
 		Recipient: "ana@example.com", Purpose: "login", IssuedAt: time.Now().UTC(), ExpiresAt: time.Now().Add(5 * time.Minute),
-		SealKeyID: id, SealedCode: sealed} // no locale: the tenant default applies
-	m, err := events.NewMsg(events.TypeDispatch, "acme", "dispatch:t:1", job.ChallengeID, job, events.Envelope{Source: "test"})
-	testenv.Must(t, err, "msg")
-	_, err = h.js.PublishMsg(context.Background(), m)
-	testenv.Must(t, err, "publish")
+		Code: "818181"}, "dispatch:t:1") // no locale: the tenant default applies
 	mail := h.smtp.WaitFor(t, 1, 10*time.Second)[0]
 	body := string(mail.Data)
 	if mail.From != "login@acme.example" || !strings.Contains(body, "Subject: Acme-Code 818181") || !strings.Contains(body, "Best=C3=A4tigungscode") {

@@ -58,13 +58,17 @@ type activeRef struct{ id, requestID string }
 
 // issue decides every valid request of the batch in one transaction: a new challenge, a
 // duplicate, a resend or a refusal. It returns the committed outbox entries.
-func (s *Service) issue(ctx context.Context, reqs []*request, now time.Time) ([]outbox.Entry, error) {
+func (s *Service) issue(ctx context.Context, reqs []*request) ([]outbox.Entry, error) {
 	if len(reqs) == 0 {
 		return nil, nil
 	}
 	var entries []outbox.Entry
 	err := pgx.BeginFunc(ctx, s.pool, func(tx pgx.Tx) error {
 		entries = nil
+		now, err := s.clock(ctx, tx)
+		if err != nil {
+			return err
+		}
 		st, err := s.lock(ctx, tx, reqs, now)
 		if err != nil {
 			return err
@@ -107,7 +111,7 @@ func (s *Service) lock(ctx context.Context, tx pgx.Tx, reqs []*request, now time
 			st.challenges[k] = nil
 			ks = append(ks, k)
 		}
-		rk := rcptKey{r.tenant, strings.ToLower(r.req.Recipient), r.req.Purpose}
+		rk := rcptKey{r.tenant, events.CanonicalAddress(r.req.Recipient), r.req.Purpose}
 		rcpts[rk] = true
 		logKeys[rk.rate()] = true
 		winKeys[tenantRate(r.tenant)] = true
@@ -262,10 +266,15 @@ func (s *Service) decide(st *batchState, writes *pgx.Batch, r *request, now time
 		return nil, nil
 	}
 	k := key{r.tenant, r.req.RequestID}
-	rk := rcptKey{r.tenant, strings.ToLower(r.req.Recipient), r.req.Purpose}
+	rk := rcptKey{r.tenant, events.CanonicalAddress(r.req.Recipient), r.req.Purpose}
 	testCode, isTest := p.TestCode(r.req.Recipient)
 	c := st.challenges[k]
 	switch {
+	case c != nil && (c.recipient != rk.recipient || c.purpose != rk.purpose):
+		// The request id names a challenge of another address or purpose: its code
+		// (or a fresh one) must never go there. The challenge itself is untouched.
+		refuse(events.ReasonChallengeMismatch, "", "this request_id belongs to a challenge for another recipient or purpose", 0)
+		return nil, nil
 	case c != nil && !r.req.Resend:
 		r.outcome = "duplicate"
 		return nil, nil
@@ -280,25 +289,25 @@ func (s *Service) decide(st *batchState, writes *pgx.Batch, r *request, now time
 		return nil, nil
 	}
 	ipKey := r.tenant + "|" + r.req.Context.IP
-	if c == nil && !isTest && r.req.Context.IP != "" && p.Risk.IPFanout.Recipients > 0 {
+	if c == nil && r.req.Context.IP != "" && p.Risk.IPFanout.Recipients > 0 {
 		seen := st.ipSeen[ipKey]
 		if !seen[rk.recipient] && len(seen) >= p.Risk.IPFanout.Recipients {
 			refuse(events.ReasonRisk, "ip_fanout", "this client asked codes for too many recipients", p.Risk.IPFanout.Window)
 			return nil, nil
 		}
 	}
-	if !isTest {
-		if limit, wait := s.overLimit(st, p, r, rk, now); limit != "" {
-			refuse(events.ReasonRateLimited, limit, strings.ReplaceAll(limit, "_", " ")+" limit", wait)
-			return nil, nil
-		}
-		s.recordSend(st, r, rk, now)
+	// Test recipients obey every limit: a fixed code is only as safe as the limits on
+	// guessing it.
+	if limit, wait := s.overLimit(st, p, r, rk, now); limit != "" {
+		refuse(events.ReasonRateLimited, limit, strings.ReplaceAll(limit, "_", " ")+" limit", wait)
+		return nil, nil
 	}
+	s.recordSend(st, r, rk, now)
 
 	maxAttempts := p.MaxAttempts
 	var risk []string
 	if c == nil {
-		if b := p.Risk.RecipientBurst; b.Challenges > 0 && !isTest && countSince(st.recent[rk], now.Add(-b.Window)) >= b.Challenges {
+		if b := p.Risk.RecipientBurst; b.Challenges > 0 && countSince(st.recent[rk], now.Add(-b.Window)) >= b.Challenges {
 			ttl, maxAttempts = min(ttl, b.TTL), min(maxAttempts, b.MaxAttempts)
 			risk = append(risk, "recipient_burst")
 		}
@@ -481,14 +490,15 @@ func (s *Service) newCode(writes *pgx.Batch, r *request, c *challenge, cp codePa
 	if cp.test {
 		return []*nats.Msg{im}, nil // a test recipient is never mailed
 	}
-	sealID, sealed, err := s.cfg.Sealer.Seal(c.id, code)
-	if err != nil {
-		return nil, fmt.Errorf("seal code: %w", err)
-	}
-	job := events.DispatchJob{
+	// The whole job is sealed: whoever can read or write OTP_DISPATCH can neither learn
+	// the code or the address nor redirect, renumber or re-time the mail.
+	job, err := s.cfg.Sealer.SealJob(events.DispatchJob{
 		ChallengeID: c.id, Tenant: r.tenant, RequestID: r.req.RequestID, CodeSeq: c.codeCount,
 		Recipient: r.req.Recipient, Purpose: r.req.Purpose, Locale: locale,
-		IssuedAt: now.UTC(), ExpiresAt: expires.UTC(), SealKeyID: sealID, SealedCode: sealed,
+		IssuedAt: now.UTC(), ExpiresAt: expires.UTC(), Code: code,
+	})
+	if err != nil {
+		return nil, fmt.Errorf("seal dispatch job: %w", err)
 	}
 	jm, err := events.NewMsg(events.TypeDispatch, r.tenant, fmt.Sprintf("dispatch:%s:%d", c.id, c.codeCount), c.id, job, env)
 	if err != nil {

@@ -12,6 +12,7 @@ import (
 	"log/slog"
 	"time"
 
+	"github.com/jackc/pgx/v5"
 	"github.com/jackc/pgx/v5/pgxpool"
 	"github.com/nats-io/nats.go"
 	"github.com/nats-io/nats.go/jetstream"
@@ -68,7 +69,8 @@ type Service struct {
 	js     jetstream.JetStream
 	log    *slog.Logger
 	outbox *outbox.Outbox
-	now    func() time.Time
+	// skew shifts the database clock; tests move time with it. Nil in production.
+	skew func() time.Duration
 
 	requests *prometheus.CounterVec
 	batch    prometheus.Histogram
@@ -81,7 +83,7 @@ func New(cfg Config, pool *pgxpool.Pool, js jetstream.JetStream, log *slog.Logge
 	}
 	cfg.setDefaults()
 	s := &Service{
-		cfg: cfg, pool: pool, js: js, log: log, now: time.Now,
+		cfg: cfg, pool: pool, js: js, log: log,
 		outbox: &outbox.Outbox{Table: Schema + ".outbox", Pool: pool, JS: js, Log: log},
 		requests: prometheus.NewCounterVec(prometheus.CounterOpts{
 			Name: "otpflow_issuer_requests_total", Help: "otp.requested messages handled, by outcome.",
@@ -130,7 +132,8 @@ type request struct {
 
 func (s *Service) handleBatch(ctx context.Context, batch []jetstream.Msg) {
 	s.batch.Observe(float64(len(batch)))
-	now := s.now()
+	// Stamps of rejections only; every decision about time runs on the database clock.
+	now := time.Now()
 	reqs := make([]*request, 0, len(batch))
 	var valid []*request
 	for _, m := range batch {
@@ -151,7 +154,7 @@ func (s *Service) handleBatch(ctx context.Context, batch []jetstream.Msg) {
 		valid = append(valid, r)
 	}
 
-	entries, err := s.issue(ctx, valid, now)
+	entries, err := s.issue(ctx, valid)
 	if err != nil {
 		s.log.Error("issue batch", "requests", len(valid), "err", err)
 		for _, r := range valid {
@@ -233,28 +236,39 @@ func (s *Service) envelope(m jetstream.Msg, now time.Time) events.Envelope {
 // Purge deletes challenges whose last code expired more than the retention ago, with
 // their codes, and rate-limit state that no window still needs.
 func (s *Service) Purge(ctx context.Context) (int64, error) {
-	now := s.now()
 	var total int64
-	for _, q := range []string{
-		`DELETE FROM issuer.codes WHERE challenge_id IN (SELECT challenge_id FROM issuer.challenges WHERE expires_at < $1)`,
-		`DELETE FROM issuer.challenges WHERE expires_at < $1`,
+	for _, q := range []struct {
+		sql string
+		age time.Duration
+	}{
+		{`DELETE FROM issuer.codes WHERE challenge_id IN (SELECT challenge_id FROM issuer.challenges WHERE expires_at < now() - $1::interval)`, s.cfg.Retention},
+		{`DELETE FROM issuer.challenges WHERE expires_at < now() - $1::interval`, s.cfg.Retention},
+		{`DELETE FROM issuer.rate_log WHERE coalesce(stamps[array_upper(stamps, 1)], '-infinity') < now() - $1::interval`, 24 * time.Hour},
+		{`DELETE FROM issuer.rate_window WHERE window_start < now() - $1::interval`, 24 * time.Hour},
+		{`DELETE FROM issuer.ip_recipients WHERE last_at < now() - $1::interval`, 24 * time.Hour},
 	} {
-		tag, err := s.pool.Exec(ctx, q, now.Add(-s.cfg.Retention))
-		if err != nil {
-			return total, err
-		}
-		total += tag.RowsAffected()
-	}
-	for _, q := range []string{
-		`DELETE FROM issuer.rate_log WHERE coalesce(stamps[array_upper(stamps, 1)], '-infinity') < $1`,
-		`DELETE FROM issuer.rate_window WHERE window_start < $1`,
-		`DELETE FROM issuer.ip_recipients WHERE last_at < $1`,
-	} {
-		tag, err := s.pool.Exec(ctx, q, now.Add(-24*time.Hour))
+		tag, err := s.pool.Exec(ctx, q.sql, q.age-s.skewBy())
 		if err != nil {
 			return total, err
 		}
 		total += tag.RowsAffected()
 	}
 	return total, nil
+}
+
+// clock reads the database clock inside tx: every issuer replica, dispatcher and verifier
+// then agree on when a code expires, whatever each host's clock says.
+func (s *Service) clock(ctx context.Context, tx pgx.Tx) (time.Time, error) {
+	var now time.Time
+	if err := tx.QueryRow(ctx, `SELECT now()`).Scan(&now); err != nil {
+		return time.Time{}, fmt.Errorf("read the database clock: %w", err)
+	}
+	return now.Add(s.skewBy()).UTC(), nil
+}
+
+func (s *Service) skewBy() time.Duration {
+	if s.skew == nil {
+		return 0
+	}
+	return s.skew()
 }

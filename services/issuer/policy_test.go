@@ -4,7 +4,6 @@ import (
 	"context"
 	"fmt"
 	"io"
-	"strings"
 	"sync"
 	"testing"
 	"time"
@@ -47,9 +46,8 @@ tenants:
     locale: de
 `)
 	h.request(t, `{"request_id":"p1","recipient":"ana@example.com","purpose":"login"}`)
-	job := decode[events.DispatchJob](t, testenv.WaitMessages(t, h.js, events.StreamDispatch, "otp.dispatch.acme", 1, 10*time.Second)[0])
-	code, err := h.sealer.Open(job.SealKeyID, job.ChallengeID, job.SealedCode)
-	testenv.Must(t, err, "unseal")
+	job := h.openJob(t, testenv.WaitMessages(t, h.js, events.StreamDispatch, "otp.dispatch.acme", 1, 10*time.Second)[0])
+	code := job.Code
 	if p := (policy.Policy{CodeLength: 8, Alphabet: "ABCDEFGHJKLMNPQRSTUVWXYZ23456789"}); !p.IsCode(code) {
 		t.Fatalf("code %q is not 8 of the tenant alphabet", code)
 	}
@@ -143,8 +141,8 @@ func TestTwoIssuersRacingOnOneRecipient(t *testing.T) {
 	pepper, _ := keys.ParsePepper(keys.Generate("p1", 32))
 	sealer, _ := keys.ParseSealer(keys.Generate("s1", 32))
 	var mu sync.Mutex
-	now := time.Now()
-	clock := func() time.Time { mu.Lock(); defer mu.Unlock(); return now }
+	var skew time.Duration
+	clock := func() time.Duration { mu.Lock(); defer mu.Unlock(); return skew }
 	for range 2 {
 		// Each issuer has its own NATS connection and its own PostgreSQL pool, as two
 		// processes would.
@@ -154,7 +152,7 @@ func TestTwoIssuersRacingOnOneRecipient(t *testing.T) {
 		t.Cleanup(own.Close)
 		svc, err := New(Config{Pepper: pepper, Sealer: sealer, BatchSize: 5}, own, js2, testenv.Logger(io.Discard), nil)
 		testenv.Must(t, err, "issuer")
-		svc.now = clock
+		svc.skew = clock
 		testenv.Start(t, svc.Run)
 	}
 	round := func(r, n int) {
@@ -176,7 +174,7 @@ func TestTwoIssuersRacingOnOneRecipient(t *testing.T) {
 	}
 	for r := 1; r <= 6; r++ {
 		mu.Lock()
-		now = now.Add(31 * time.Second)
+		skew += 31 * time.Second
 		mu.Unlock()
 		round(r, 10)
 		settled(40 + 10*r)
@@ -199,12 +197,15 @@ tenants:
     test_recipients:
       qa@acme.test: "000111"
 `)
-	for i := range 3 { // no rate limit for a test recipient: apps run suites against it
-		h.request(t, fmt.Sprintf(`{"request_id":"qa-%d","recipient":"qa@acme.test","purpose":"login"}`, i))
-	}
+	h.request(t, `{"request_id":"qa-0","recipient":"qa@acme.test","purpose":"login"}`)
+	h.issued(t, 1)
+	h.advance(31 * time.Second)
+	h.request(t, `{"request_id":"qa-1","recipient":"QA@acme.test","purpose":"login"}`)
+	h.issued(t, 2)
+	h.advance(31 * time.Second)
 	h.request(t, `{"request_id":"real","recipient":"qa@acme.example","purpose":"login"}`)
-	issued := h.issued(t, 4)
-	for _, is := range issued[:3] {
+	issued := h.issued(t, 3)
+	for _, is := range issued[:2] {
 		if !is.Test {
 			t.Fatalf("test recipient not marked: %+v", is)
 		}
@@ -212,17 +213,48 @@ tenants:
 			t.Fatal("the test recipient's code is not the fixed one")
 		}
 	}
-	if issued[3].Test {
+	if issued[2].Test {
 		t.Fatal("a recipient the policy does not name was treated as a test recipient")
 	}
-	testenv.WaitMessages(t, h.js, events.StreamDispatch, "", 1, 10*time.Second)
-	time.Sleep(200 * time.Millisecond)
-	if jobs := testenv.Messages(t, h.js, events.StreamDispatch, ""); len(jobs) != 1 || !strings.Contains(string(jobs[0].Data), "qa@acme.example") {
+	// The real request came last and the outbox publishes in order: had a test
+	// recipient's job been published, it would be on the stream before this one.
+	jobs := testenv.WaitMessages(t, h.js, events.StreamDispatch, "", 1, 10*time.Second)
+	if len(jobs) != 1 || h.openJob(t, jobs[0]).Recipient != "qa@acme.example" {
 		t.Fatalf("%d dispatch jobs, want only the real recipient's", len(jobs))
 	}
 	superseded := testenv.Messages(t, h.js, events.StreamEvents, "otp.superseded.acme")
-	if len(superseded) != 2 || !decode[events.Superseded](t, superseded[0]).Test {
-		t.Fatalf("%d superseded events for the test recipient, want 2 marked test", len(superseded))
+	if len(superseded) != 1 || !decode[events.Superseded](t, superseded[0]).Test {
+		t.Fatalf("%d superseded events for the test recipient, want 1 marked test", len(superseded))
+	}
+}
+
+// TestTestRecipientsObeyTheRateLimits: a fixed code is a known secret only to the tenant's
+// QA; an attacker who learns a test address must not get unlimited fresh challenges to
+// guess against. Cycling request ids hits the recipient limits as for any address.
+func TestTestRecipientsObeyTheRateLimits(t *testing.T) {
+	h := newPolicyHarness(t, `
+tenants:
+  acme:
+    test_recipients:
+      qa@acme.test: "000111"
+`)
+	for i := range 8 {
+		h.request(t, fmt.Sprintf(`{"request_id":"cycle-%d","recipient":"qa@acme.test","purpose":"login","context":{"ip":"198.51.100.7"}}`, i))
+		testenv.Eventually(t, 10*time.Second, "the request settled", func() bool {
+			return len(testenv.Messages(t, h.js, events.StreamEvents, "otp.issued.acme"))+len(testenv.Messages(t, h.js, events.StreamEvents, "otp.rejected.acme")) == i+1
+		})
+		if i%2 == 1 {
+			h.advance(31 * time.Second)
+		}
+	}
+	rejected := testenv.Messages(t, h.js, events.StreamEvents, "otp.rejected.acme")
+	if n := len(testenv.Messages(t, h.js, events.StreamEvents, "otp.issued.acme")); n != 4 {
+		t.Fatalf("%d challenges for a test recipient in 4 cooldown windows, want 4 (one per window)", n)
+	}
+	for _, m := range rejected {
+		if r := decode[events.Rejected](t, m); r.Reason != events.ReasonRateLimited || r.Limit != "recipient_cooldown" {
+			t.Fatalf("rejection %+v, want rate_limited/recipient_cooldown", r)
+		}
 	}
 }
 
