@@ -169,7 +169,7 @@ func ToRow(key []byte, seq uint64, stored time.Time, subject string, header map[
 	if rcpt, ok := body["recipient"].(string); ok {
 		delete(body, "recipient")
 		r.RecipientHash = RecipientHash(key, rcpt)
-		r.RecipientMasked = Mask(events.CanonicalAddress(rcpt))
+		r.RecipientMasked = Mask(rcpt)
 	}
 	for _, f := range personalFields {
 		if v, ok := body[f].(string); ok {
