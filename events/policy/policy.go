@@ -1,5 +1,6 @@
 // Package policy is the per-tenant policy of OTP_TENANTS_FILE: code shape, lifetimes,
-// attempts, purposes, sender and templates, rate limits, risk rules and test recipients.
+// attempts, purposes, sender, mail wording and templates, rate limits, risk rules and test
+// recipients.
 // Tenants the file does not name get the defaults. The file format is part of the
 // contract (see README); a malformed file stops every service that reads it.
 package policy
@@ -14,6 +15,7 @@ import (
 	"regexp"
 	"strings"
 	"time"
+	"unicode"
 	"unicode/utf8"
 
 	"github.com/otpflow/otpflow/events"
@@ -39,6 +41,20 @@ type Policy struct {
 	// TestRecipients get a fixed code and no mail, so apps can run their own end-to-end
 	// tests; every event about them says test: true.
 	TestRecipients map[string]string `yaml:"test_recipients"`
+
+	// ServiceName is how every mail names the service the code is for ("Acme: your code
+	// to sign in"); empty: the tenant id. Plain text: no control characters, no braces or
+	// angle brackets, at most MaxServiceName characters.
+	ServiceName string `yaml:"service_name"`
+	// PurposeText words a purpose per locale, over the built-in wording: locale -> purpose
+	// -> phrase, "*" for any purpose the map does not name. The phrase completes the
+	// template's sentence: in en "Here is your Acme code to <phrase>" ("sign in"), in de
+	// "Hier ist Ihr Bestätigungscode <phrase> bei Acme" ("zum Anmelden"). A tenant's entry
+	// for a locale replaces the defaults' entry for that locale.
+	PurposeText map[string]map[string]string `yaml:"purpose_text"`
+	// CodeInSubject lets the subject carry the code. Off by default: subjects show on lock
+	// screens, in notification previews and in provider event logs.
+	CodeInSubject bool `yaml:"code_in_subject"`
 }
 
 // RateLimits hold across issuer replicas (their state is in PostgreSQL). Zero turns one off.
@@ -161,6 +177,7 @@ func Parse(b []byte) (*Set, error) {
 		p := s.defaults
 		p.Purposes = append([]string(nil), p.Purposes...)
 		p.TestRecipients = nil
+		p.PurposeText = copyWords(s.defaults.PurposeText) // the decoder writes into the map it finds
 		if err := decodeStrict(&node, &p); err != nil {
 			return nil, fmt.Errorf("tenants file: tenant %s: %w", name, err)
 		}
@@ -175,6 +192,9 @@ func Parse(b []byte) (*Set, error) {
 // decodeStrict decodes node onto v (fields not in node keep their values), refusing
 // unknown keys. Errors name the line in the file and fit on one line.
 func decodeStrict(node *yaml.Node, v any) error {
+	if node.Kind == yaml.ScalarNode && node.Tag == "!!null" {
+		return nil // "acme:" with nothing under it: the defaults
+	}
 	b, err := yaml.Marshal(node)
 	if err != nil {
 		return err
@@ -198,6 +218,14 @@ var lineRef = regexp.MustCompile(`line \d+`)
 var (
 	purposePattern = regexp.MustCompile(`^[a-z0-9_.-]{1,32}$`)
 	localePattern  = regexp.MustCompile(`^[A-Za-z]{2,3}(-[A-Za-z0-9]{2,8})*$`)
+)
+
+// Bounds of the words a tenant puts into its mails.
+const (
+	MaxServiceName = 64
+	MaxPurposeText = 80
+	// AnyPurpose is the purpose_text key of the wording for purposes the map does not name.
+	AnyPurpose = "*"
 )
 
 // Validate checks a policy's values.
@@ -234,6 +262,24 @@ func (p *Policy) Validate() error {
 			return errors.New("sender must be an address such as Acme <no-reply@acme.example>")
 		}
 	}
+	if p.ServiceName != "" {
+		if err := mailText(p.ServiceName, MaxServiceName); err != nil {
+			return fmt.Errorf("service_name %v", err)
+		}
+	}
+	for locale, words := range p.PurposeText {
+		if !localePattern.MatchString(locale) {
+			return fmt.Errorf("purpose_text: %q must be a language tag such as en or pt-BR", locale)
+		}
+		for purpose, text := range words {
+			if purpose != AnyPurpose && !purposePattern.MatchString(purpose) {
+				return fmt.Errorf("purpose_text %s: purpose %q must be 1-32 of [a-z0-9_.-] or %q", locale, purpose, AnyPurpose)
+			}
+			if err := mailText(text, MaxPurposeText); err != nil {
+				return fmt.Errorf("purpose_text %s.%s %v", locale, purpose, err)
+			}
+		}
+	}
 	if p.TemplateDir != "" {
 		if st, err := os.Stat(p.TemplateDir); err != nil || !st.IsDir() {
 			return fmt.Errorf("template_dir %s is not a directory", p.TemplateDir)
@@ -244,10 +290,17 @@ func (p *Policy) Validate() error {
 		r.RecipientFailures.Failures > 0 && (r.RecipientFailures.Window <= 0 || r.RecipientFailures.MaxAttempts < 1) {
 		return errors.New("risk: every rule with a threshold needs a window (and a ttl of at least 30s and max_attempts of at least 1 where it has them)")
 	}
+	seen := map[string]string{}
 	for addr, code := range p.TestRecipients {
 		if err := events.ValidateAddress(addr); err != nil {
 			return fmt.Errorf("test recipient %q: %v", addr, err)
 		}
+		// TestCode matches in canonical form, so two spellings of one address would make
+		// its code depend on map order.
+		if other, ok := seen[events.CanonicalAddress(addr)]; ok {
+			return fmt.Errorf("test recipients %q and %q are the same address", min(addr, other), max(addr, other))
+		}
+		seen[events.CanonicalAddress(addr)] = addr
 		if !p.IsCode(code) {
 			return fmt.Errorf("test recipient %q: the code must be %d characters of the alphabet", addr, p.CodeLength)
 		}
@@ -273,14 +326,47 @@ func (p *Policy) AllowsPurpose(purpose string) bool {
 	return len(p.Purposes) == 0 || contains(p.Purposes, purpose)
 }
 
-// TestCode returns the fixed code of a test recipient.
+// TestCode returns the fixed code of a test recipient, comparing addresses in their
+// canonical form (events.CanonicalAddress), as every other recipient key is.
 func (p *Policy) TestCode(recipient string) (string, bool) {
+	want := events.CanonicalAddress(recipient)
 	for addr, code := range p.TestRecipients {
-		if strings.EqualFold(addr, recipient) {
+		if events.CanonicalAddress(addr) == want {
 			return code, true
 		}
 	}
 	return "", false
+}
+
+// mailText checks words that templates put into a mail: 1 to max characters, no
+// surrounding space, no control or invisible formatting character (a line break could
+// reach a header; a bidi override can make a name read as another), and none of {}<>,
+// which plain names do not need and which would read as markup or a template action
+// wherever a part is not escaped.
+func mailText(s string, max int) error {
+	if s == "" || utf8.RuneCountInString(s) > max || !utf8.ValidString(s) || strings.TrimSpace(s) != s {
+		return fmt.Errorf("must be 1 to %d characters without surrounding space", max)
+	}
+	for _, r := range s {
+		if unicode.In(r, unicode.Cc, unicode.Cf, unicode.Zl, unicode.Zp) || strings.ContainsRune("{}<>", r) {
+			return fmt.Errorf("must not contain %q (control characters and {}<> are refused)", r)
+		}
+	}
+	return nil
+}
+
+func copyWords(m map[string]map[string]string) map[string]map[string]string {
+	if m == nil {
+		return nil
+	}
+	out := make(map[string]map[string]string, len(m))
+	for locale, words := range m {
+		out[locale] = make(map[string]string, len(words))
+		for k, v := range words {
+			out[locale][k] = v
+		}
+	}
+	return out
 }
 
 func contains(xs []string, x string) bool {

@@ -117,6 +117,7 @@ type SMTPServer struct {
 	notify chan struct{}
 	reject func(rcpt string) error
 	delay  time.Duration
+	open   int // sessions not yet logged out
 }
 
 // SetReject makes the server call f for every RCPT TO; a non-nil error refuses the
@@ -180,8 +181,20 @@ func (s *SMTPServer) WaitFor(tb testing.TB, n int, timeout time.Duration) []Mail
 	}
 }
 
+// Open is the number of client connections the server has not closed yet.
+func (s *SMTPServer) Open() int {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	return s.open
+}
+
 // NewSession implements smtp.Backend.
-func (s *SMTPServer) NewSession(*smtp.Conn) (smtp.Session, error) { return &session{srv: s}, nil }
+func (s *SMTPServer) NewSession(*smtp.Conn) (smtp.Session, error) {
+	s.mu.Lock()
+	s.open++
+	s.mu.Unlock()
+	return &session{srv: s}, nil
+}
 
 type session struct {
 	srv  *SMTPServer
@@ -189,8 +202,13 @@ type session struct {
 	to   []string
 }
 
-func (ss *session) Reset()        { ss.from, ss.to = "", nil }
-func (ss *session) Logout() error { return nil }
+func (ss *session) Reset() { ss.from, ss.to = "", nil }
+func (ss *session) Logout() error {
+	ss.srv.mu.Lock()
+	ss.srv.open--
+	ss.srv.mu.Unlock()
+	return nil
+}
 func (ss *session) Mail(from string, _ *smtp.MailOptions) error {
 	ss.from = from
 	return nil

@@ -114,13 +114,6 @@ func New(cfg Config, pool *pgxpool.Pool, js jetstream.JetStream, log *slog.Logge
 	if err != nil {
 		return nil, err
 	}
-	for _, tenant := range cfg.Policies.Tenants() {
-		if dir := cfg.Policies.For(tenant).TemplateDir; dir != "" {
-			if err := tmpl.AddTenant(tenant, dir); err != nil {
-				return nil, err
-			}
-		}
-	}
 	s := &Service{
 		cfg: cfg, pool: pool, js: js, log: log, reg: reg, tmpl: tmpl, now: time.Now,
 		slots: make(chan struct{}, cfg.Concurrency),

@@ -267,7 +267,7 @@ func TestTenantSenderLocaleAndTemplates(t *testing.T) {
 	dir := t.TempDir()
 	testenv.Must(t, os.MkdirAll(filepath.Join(dir, "de"), 0o755), "mkdir")
 	testenv.Must(t, os.WriteFile(filepath.Join(dir, "de", "subject.txt"), []byte("Acme-Code {{.Code}}"), 0o644), "write")
-	policies, err := policy.Parse([]byte(fmt.Sprintf("tenants:\n  acme:\n    sender: \"Acme Login <login@acme.example>\"\n    locale: de\n    template_dir: %s\n", dir)))
+	policies, err := policy.Parse([]byte(fmt.Sprintf("tenants:\n  acme:\n    sender: \"Acme Login <login@acme.example>\"\n    locale: de\n    code_in_subject: true\n    template_dir: %s\n", dir)))
 	testenv.Must(t, err, "policy")
 	h := newHarnessConfig(t, Config{Policies: policies}, func(sp mailer.Provider) []mailer.Provider { return []mailer.Provider{sp} })
 	h.publishJob(t, events.DispatchJob{ChallengeID: "77777777-7777-4777-8777-777777777777", Tenant: "acme", RequestID: "r", CodeSeq: 1,

@@ -135,8 +135,8 @@ func TestAmbiguousSendIsResentOnceWithTheSameCode(t *testing.T) {
 		t.Fatalf("delivered %+v with %d SES mails, want a confirmed re-send", d, len(mails))
 	}
 	for _, m := range mails {
-		if !strings.Contains(m.Subject, "424242") {
-			t.Fatalf("the re-send carries another code: %q", m.Subject)
+		if !strings.Contains(m.Text, "424242") {
+			t.Fatalf("the re-send carries another code: %q", m.Text)
 		}
 	}
 

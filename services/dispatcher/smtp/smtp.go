@@ -87,7 +87,18 @@ func (p *Provider) Send(ctx context.Context, m *mailer.Message) (mailer.Receipt,
 	if err != nil {
 		return mailer.Receipt{}, &mailer.SendError{Provider: p.Name(), Class: mailer.Permanent, Err: err}
 	}
-	opts := []gomail.Option{gomail.WithPort(p.cfg.Port), gomail.WithTimeout(p.cfg.Timeout)}
+	// go-mail does not watch ctx once connected: it sets the connection's deadline to
+	// its timeout at the dial and again before the message. Half the time left to ctx's
+	// deadline for each keeps the whole exchange inside it, so a slow relay is never
+	// handed a mail after the caller's deadline (for a code, its expiry).
+	timeout := p.cfg.Timeout
+	if d, ok := ctx.Deadline(); ok {
+		timeout = min(timeout, time.Until(d)/2)
+	}
+	if timeout <= 0 {
+		return mailer.Receipt{}, &mailer.SendError{Provider: p.Name(), Class: mailer.Transient, Err: context.DeadlineExceeded}
+	}
+	opts := []gomail.Option{gomail.WithPort(p.cfg.Port), gomail.WithTimeout(timeout)}
 	switch p.cfg.TLS {
 	case TLSStartTLS:
 		opts = append(opts, gomail.WithTLSPolicy(gomail.TLSMandatory))
