@@ -196,7 +196,7 @@ func TestDecodeVerifyRequestContext(t *testing.T) {
 		t.Fatalf("%+v %v", r, err)
 	}
 	for body, field := range map[string]string{
-		`{"request_id":"r","code":"1","context":{"ip":"not-an-ip"}}`:   "context.ip",
+		`{"request_id":"r","code":"1","context":{"ip":"not-an-ip"}}`:    "context.ip",
 		`{"request_id":"r","code":"1","context":{"user_agent":"a\nb"}}`: "context.user_agent",
 	} {
 		var ve *events.ValidationError
