@@ -1,11 +1,44 @@
 package verifier
 
 import (
+	"time"
+
 	"github.com/otpflow/otpflow/events"
 	"github.com/otpflow/otpflow/events/policy"
 	"github.com/otpflow/otpflow/platform"
 	"github.com/otpflow/otpflow/platform/keys"
 )
+
+// Config is the verifier's configuration. Zero values get the defaults named below.
+type Config struct {
+	Pepper *keys.Pepper
+	// Policies per tenant (OTP_TENANTS_FILE): recent codes that verify, the per-recipient
+	// failure cap, the recipient_failures risk rule.
+	Policies *policy.Set
+	// FenceWait bounds how long a verify for an unknown request waits for the projection
+	// to catch up with the stream (read-your-writes); default 1s.
+	FenceWait time.Duration
+	// MaxFenceWaits bounds the verifies of one process that wait for the projection at
+	// once; a verify for an unknown request over it answers from the projection as it is
+	// (not_found), so a flood of unknown request ids cannot hold every worker. Default 16.
+	MaxFenceWaits int
+	// VerifyIPPerMinute caps verify calls per tenant and client IP (context.ip; IPv6 by
+	// its /64) across replicas (OTP_VERIFY_IP_PER_MINUTE). 0 means the default 60; a
+	// negative value turns the limit off.
+	VerifyIPPerMinute int
+	// VerifyTenantPerMinute caps verify calls per tenant across replicas
+	// (OTP_VERIFY_TENANT_PER_MINUTE). 0 (the default) or negative: off.
+	VerifyTenantPerMinute int
+	// Retention keeps expired, used and superseded challenges this long (OTP_RETENTION, default 24h).
+	Retention time.Duration
+	// Concurrency bounds verify requests handled at once per process; default 64.
+	Concurrency int
+	BatchSize   int
+	Streams     events.StreamOptions
+}
+
+// DefaultVerifyIPPerMinute is the per-IP verify limit when none is configured.
+const DefaultVerifyIPPerMinute = 60
 
 // LoadConfig reads the verifier's settings from the environment.
 func LoadConfig(getenv platform.Getenv, common platform.Common) (Config, error) {
@@ -21,5 +54,19 @@ func LoadConfig(getenv platform.Getenv, common platform.Common) (Config, error) 
 	if err != nil {
 		return Config{}, &platform.ConfigError{Var: "OTP_TENANTS_FILE", Msg: err.Error()}
 	}
-	return Config{Pepper: pepper, Policies: policies, Retention: retention, Streams: events.StreamOptions{Replicas: common.Replicas}}, nil
+	// In the environment, as in the tenant policy file, 0 turns a limit off.
+	ipPerMinute, err := platform.IntVar(getenv, "OTP_VERIFY_IP_PER_MINUTE", DefaultVerifyIPPerMinute, 0, 1_000_000)
+	if err != nil {
+		return Config{}, err
+	}
+	if ipPerMinute == 0 {
+		ipPerMinute = -1
+	}
+	tenantPerMinute, err := platform.IntVar(getenv, "OTP_VERIFY_TENANT_PER_MINUTE", 0, 0, 100_000_000)
+	if err != nil {
+		return Config{}, err
+	}
+	return Config{Pepper: pepper, Policies: policies, Retention: retention,
+		VerifyIPPerMinute: ipPerMinute, VerifyTenantPerMinute: tenantPerMinute,
+		Streams: events.StreamOptions{Replicas: common.Replicas}}, nil
 }

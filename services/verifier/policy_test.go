@@ -7,6 +7,7 @@ import (
 	"testing"
 	"time"
 
+	"github.com/jackc/pgx/v5"
 	"github.com/otpflow/otpflow/events"
 	"github.com/otpflow/otpflow/platform/keys"
 	"github.com/otpflow/otpflow/platform/testenv"
@@ -60,7 +61,10 @@ tenants:
 	if r := h.verify(t, "c", "333333", ""); r.Status != events.StatusVerified {
 		t.Fatalf("other recipient: %+v", r)
 	}
-	h.clock.set(time.Now().Add(61 * time.Minute))
+	// Stamps are on the database clock: an hour later is the stamps an hour older.
+	_, err := h.pool.Exec(t.Context(), `UPDATE verifier.recipient_failures
+		SET stamps = ARRAY(SELECT s - interval '61 minutes' FROM unnest(stamps) AS s ORDER BY s)`)
+	testenv.Must(t, err, "age the failures")
 	h.issue(t, ch(13), "d", 1, "444444", "", time.Now().Add(2*time.Hour))
 	if r := h.verify(t, "d", "444444", ""); r.Status != events.StatusVerified {
 		t.Fatalf("an hour later: %+v", r)
@@ -120,14 +124,18 @@ func TestRecentCodesPolicyAndTestMark(t *testing.T) {
 	}
 }
 
+// TestRetentionPurge: cutoffs are on the database clock; a process clock a day ahead
+// purges nothing early.
 func TestRetentionPurge(t *testing.T) {
 	h := newHarness(t)
-	now := time.Now()
+	now := h.dbNow(t)
+	h.clock.set(now.Add(25 * time.Hour))
 	h.issue(t, ch(40), "used", 1, "111111", "", now.Add(5*time.Minute))
 	h.verify(t, "used", "111111", "")
-	h.issue(t, ch(41), "expired", 1, "222222", "", now.Add(time.Minute))
-	h.issue(t, ch(42), "live", 1, "333333", "", now.Add(30*time.Hour))
-	h.clock.set(now.Add(25 * time.Hour))
+	h.issue(t, ch(41), "expired", 1, "222222", "", now.Add(-25*time.Hour))
+	h.issue(t, ch(42), "live", 1, "333333", "", now.Add(time.Hour))
+	h.issue(t, ch(43), "used-recently", 1, "444444", "", now.Add(5*time.Minute))
+	h.verify(t, "used-recently", "444444", "")
 	testenv.Must(t, func() error {
 		_, err := h.pool.Exec(t.Context(), `UPDATE verifier.challenges SET updated_at = now() - interval '25 hours' WHERE request_id = 'used'`)
 		return err
@@ -141,8 +149,8 @@ func TestRetentionPurge(t *testing.T) {
 		_ = rows.Scan(&r)
 		left = append(left, r)
 	}
-	if n < 2 || len(left) != 1 || left[0] != "live" {
-		t.Fatalf("purged %d; left %v, want only the live challenge", n, left)
+	if n < 2 || len(left) != 2 || left[0] != "live" || left[1] != "used-recently" {
+		t.Fatalf("purged %d; left %v, want the live and the recently used challenge", n, left)
 	}
 }
 
@@ -175,5 +183,63 @@ func TestReadYourWritesOnAReplicatedStream(t *testing.T) {
 	testenv.Must(t, err, "stream")
 	if si, _ := info.Info(t.Context()); si.Config.Replicas != 3 || si.Config.AllowDirect {
 		t.Fatalf("stream config %+v: want R3 without direct gets", si.Config)
+	}
+}
+
+// TestTestRecipientsCannotBeBruteForced: a test recipient's code is fixed, so cycling
+// request ids (a fresh challenge, fresh attempts, each time) would guess it unless test
+// challenges count toward the per-recipient failure cap like every address. The cap keys
+// on the canonical address, so changing its case does not make a new recipient.
+func TestTestRecipientsCannotBeBruteForced(t *testing.T) {
+	h := newPolicyHarness(t, `
+tenants:
+  acme:
+    rate_limits: {recipient_failures_per_hour: 6}
+    risk: {recipient_failures: {failures: 3, window: 1h, max_attempts: 2}}
+`, nil)
+	const fixed = "000111"
+	addresses := []string{"qa@acme.test", "QA@acme.test", "Qa@Acme.Test"}
+	exp := time.Now().Add(5 * time.Minute)
+	issueTest := func(i int) string {
+		t.Helper()
+		id := fmt.Sprintf("qa-%d", i)
+		h.publishIssued(t, events.Issued{ChallengeID: ch(70 + i), RequestID: id, CodeSeq: 1, Recipient: addresses[i%len(addresses)],
+			ExpiresAt: exp, Test: true}, fixed)
+		h.waitProjected(t, ch(70+i), 1)
+		return id
+	}
+	for i := range 6 {
+		r := h.verify(t, issueTest(i), "123456", "")
+		// The risk rule applies too: after 3 failures a new test challenge gets 2 attempts.
+		want := 4
+		if i >= 3 {
+			want = 1
+		}
+		if r.Status != events.StatusInvalidCode || r.AttemptsRemaining != want {
+			t.Fatalf("wrong guess %d: %+v, want invalid_code with %d attempts left", i, r, want)
+		}
+	}
+	r := h.verify(t, issueTest(6), fixed, "")
+	if r.Status != events.StatusLocked || r.Reason != "recipient_failures" {
+		t.Fatalf("the right fixed code after the cap: %+v, want locked (recipient_failures)", r)
+	}
+	var keys []string
+	rows, err := h.pool.Query(t.Context(), `SELECT DISTINCT recipient_key FROM verifier.challenges`)
+	testenv.Must(t, err, "recipient keys")
+	keys, err = pgx.CollectRows(rows, pgx.RowTo[string])
+	testenv.Must(t, err, "recipient keys")
+	if len(keys) != 1 || keys[0] != events.CanonicalAddress(addresses[1]) {
+		t.Fatalf("recipient keys %q, want the one canonical address", keys)
+	}
+
+	// The attempt limit holds for a single test challenge too.
+	h2 := newPolicyHarness(t, "", nil)
+	h2.publishIssued(t, events.Issued{ChallengeID: ch(80), RequestID: "qa", CodeSeq: 1, Recipient: "qa@acme.test", ExpiresAt: exp, Test: true}, fixed)
+	h2.waitProjected(t, ch(80), 1)
+	for range 5 {
+		h2.verify(t, "qa", "123456", "")
+	}
+	if r := h2.verify(t, "qa", fixed, ""); r.Status != events.StatusLocked {
+		t.Fatalf("the fixed code after 5 wrong guesses: %+v, want locked", r)
 	}
 }

@@ -9,7 +9,6 @@ import (
 	"fmt"
 	"io/fs"
 	"log/slog"
-	"strings"
 	"sync"
 	"time"
 
@@ -21,7 +20,6 @@ import (
 	"github.com/otpflow/otpflow/events"
 	"github.com/otpflow/otpflow/events/policy"
 	"github.com/otpflow/otpflow/platform"
-	"github.com/otpflow/otpflow/platform/keys"
 	"github.com/otpflow/otpflow/platform/outbox"
 	"github.com/prometheus/client_golang/prometheus"
 	"golang.org/x/sync/errgroup"
@@ -39,23 +37,6 @@ func Migrations() fs.FS {
 	return sub
 }
 
-// Config is the verifier's configuration.
-type Config struct {
-	Pepper *keys.Pepper
-	// Policies per tenant (OTP_TENANTS_FILE): recent codes that verify, the per-recipient
-	// failure cap, the recipient_failures risk rule.
-	Policies *policy.Set
-	// FenceWait bounds how long a verify for an unknown request waits for the projection
-	// to catch up with the stream (read-your-writes); default 1s.
-	FenceWait time.Duration
-	// Retention keeps expired, used and superseded challenges this long (OTP_RETENTION, default 24h).
-	Retention time.Duration
-	// Concurrency bounds verify requests handled at once per process; default 64.
-	Concurrency int
-	BatchSize   int
-	Streams     events.StreamOptions
-}
-
 // Service is one verifier process: a projection consumer and a micro service. Replicas
 // share both (durable consumer, queue group).
 type Service struct {
@@ -65,14 +46,21 @@ type Service struct {
 	js     jetstream.JetStream
 	log    *slog.Logger
 	outbox *outbox.Outbox
+	// now is the process clock. It only stamps the CloudEvents time of published
+	// events; every expiry, window and stamp is decided on the database clock, so
+	// replicas with drifting clocks agree with each other and with the issuer's rows.
 	now    func() time.Time
 	cons   jetstream.Consumer
 	events jetstream.Stream
+	// fenceSlots holds one token per verify waiting for the projection (MaxFenceWaits).
+	fenceSlots chan struct{}
 	// beforeProject runs before each projected batch (tests use it to slow the projection).
 	beforeProject func()
 
-	verifies  *prometheus.CounterVec
-	projected prometheus.Counter
+	verifies     *prometheus.CounterVec
+	projected    prometheus.Counter
+	deadLettered prometheus.Counter
+	fenceSkipped prometheus.Counter
 }
 
 // New returns a verifier; Run starts it. The schema must be migrated.
@@ -95,18 +83,31 @@ func New(cfg Config, pool *pgxpool.Pool, nc *nats.Conn, js jetstream.JetStream, 
 	if cfg.Retention == 0 {
 		cfg.Retention = platform.Retention
 	}
+	if cfg.MaxFenceWaits < 1 {
+		cfg.MaxFenceWaits = 16
+	}
+	if cfg.VerifyIPPerMinute == 0 {
+		cfg.VerifyIPPerMinute = DefaultVerifyIPPerMinute
+	}
 	s := &Service{
 		cfg: cfg, pool: pool, nc: nc, js: js, log: log, now: time.Now,
-		outbox: &outbox.Outbox{Table: Schema + ".outbox", Pool: pool, JS: js, Log: log},
+		fenceSlots: make(chan struct{}, cfg.MaxFenceWaits),
+		outbox:     &outbox.Outbox{Table: Schema + ".outbox", Pool: pool, JS: js, Log: log},
 		verifies: prometheus.NewCounterVec(prometheus.CounterOpts{
 			Name: "otpflow_verifier_verifications_total", Help: "Verify calls by reply status.",
 		}, []string{"status"}),
 		projected: prometheus.NewCounter(prometheus.CounterOpts{
 			Name: "otpflow_verifier_projected_events_total", Help: "otp.issued and otp.superseded events projected.",
 		}),
+		deadLettered: prometheus.NewCounter(prometheus.CounterOpts{
+			Name: "otpflow_verifier_dead_lettered_events_total", Help: "Projected events sent to OTP_DLQ instead (malformed, wrong tenant, refused by the database).",
+		}),
+		fenceSkipped: prometheus.NewCounter(prometheus.CounterOpts{
+			Name: "otpflow_verifier_fence_skipped_total", Help: "Verifies of unknown requests answered without waiting for the projection, all MaxFenceWaits slots being busy.",
+		}),
 	}
 	if reg != nil {
-		reg.MustRegister(s.verifies, s.projected)
+		reg.MustRegister(s.verifies, s.projected, s.deadLettered, s.fenceSkipped)
 	}
 	return s, nil
 }
@@ -129,7 +130,7 @@ func (s *Service) Run(ctx context.Context) error {
 	var inflight sync.WaitGroup
 	sem := make(chan struct{}, s.cfg.Concurrency)
 	svc, err := micro.AddService(s.nc, micro.Config{
-		Name: "otp-verifier", Version: "1.0.0", Description: "verifies one-time passcodes",
+		Name: "otp-verifier", Version: Version(), Description: "verifies one-time passcodes",
 	})
 	if err != nil {
 		return fmt.Errorf("verify service: %w", err)
@@ -188,28 +189,43 @@ func (s *Service) serve(ctx context.Context, req micro.Request) {
 var errNotProjected = errors.New("challenge not projected")
 
 // Verify checks code for (tenant, request_id) in one transaction that holds the
-// challenge's row lock, so concurrent attempts are counted exactly. A request the
-// projection does not know yet waits until the projection has caught up with the stream
-// (read-your-writes), then answers.
+// challenge's row lock, so concurrent attempts are counted exactly. A call over the
+// tenant's or the client IP's verify limit is answered rate_limited before the challenge
+// is read, so it costs no attempt. A request the projection does not know yet waits
+// until the projection has caught up with the stream (read-your-writes), at most
+// FenceWait and at most MaxFenceWaits at once, then answers.
 func (s *Service) Verify(ctx context.Context, tenant string, req events.VerifyRequest) (events.VerifyReply, error) {
+	retryAfter, reason, err := s.checkLimits(ctx, tenant, req.Context.IP)
+	if err != nil {
+		return events.VerifyReply{}, fmt.Errorf("verify limits: %w", err)
+	}
+	if retryAfter > 0 {
+		return events.VerifyReply{Status: events.StatusRateLimited, Reason: reason, RetryAfterSeconds: retryAfter}, nil
+	}
 	reply, err := s.verifyOnce(ctx, tenant, req, false)
-	if errors.Is(err, errNotProjected) {
-		if ferr := s.fence(ctx, tenant); ferr != nil {
+	if !errors.Is(err, errNotProjected) {
+		return reply, err
+	}
+	select {
+	case s.fenceSlots <- struct{}{}:
+		ferr := s.fence(ctx, tenant)
+		<-s.fenceSlots
+		if ferr != nil {
 			s.log.Warn("read-your-writes fence", "tenant", tenant, "err", ferr)
 		}
-		reply, err = s.verifyOnce(ctx, tenant, req, true)
+	default:
+		s.fenceSkipped.Inc()
 	}
-	return reply, err
+	return s.verifyOnce(ctx, tenant, req, true)
 }
 
 func (s *Service) verifyOnce(ctx context.Context, tenant string, req events.VerifyRequest, final bool) (events.VerifyReply, error) {
 	var reply events.VerifyReply
 	var entries []outbox.Entry
-	now := s.now()
 	err := pgx.BeginFunc(ctx, s.pool, func(tx pgx.Tx) error {
 		var ev []*nats.Msg
 		var err error
-		reply, ev, err = s.verifyTx(ctx, tx, tenant, req, now, final)
+		reply, ev, err = s.verifyTx(ctx, tx, tenant, req, final)
 		if err != nil {
 			return err
 		}
@@ -264,7 +280,7 @@ type storedCode struct {
 	expires time.Time
 }
 
-func (s *Service) verifyTx(ctx context.Context, tx pgx.Tx, tenant string, req events.VerifyRequest, now time.Time, final bool) (events.VerifyReply, []*nats.Msg, error) {
+func (s *Service) verifyTx(ctx context.Context, tx pgx.Tx, tenant string, req events.VerifyRequest, final bool) (events.VerifyReply, []*nats.Msg, error) {
 	var (
 		challengeID, status, sessionID, recipientKey string
 		attempts, maxAttempts                        int
@@ -273,20 +289,29 @@ func (s *Service) verifyTx(ctx context.Context, tx pgx.Tx, tenant string, req ev
 	err := tx.QueryRow(ctx, `SELECT challenge_id::text, attempts, max_attempts, status, session_id, recipient_key, test
 		FROM verifier.challenges WHERE tenant = $1 AND request_id = $2 FOR UPDATE`, tenant, req.RequestID).
 		Scan(&challengeID, &attempts, &maxAttempts, &status, &sessionID, &recipientKey, &test)
+	switch {
+	case errors.Is(err, pgx.ErrNoRows) && !final:
+		return events.VerifyReply{}, nil, errNotProjected
+	case err != nil && !errors.Is(err, pgx.ErrNoRows):
+		return events.VerifyReply{}, nil, err
+	}
+	// The database clock decides expiry and the failure window, read once the row lock
+	// is held: a verify that waited for the lock is judged at the time it runs.
+	var now time.Time
+	if err := tx.QueryRow(ctx, `SELECT clock_timestamp()`).Scan(&now); err != nil {
+		return events.VerifyReply{}, nil, err
+	}
+	now = now.UTC()
 	reason := ""
 	failed := func(st events.VerifyStatus, remaining int) (events.VerifyReply, []*nats.Msg, error) {
 		m, err := s.event(events.TypeVerifyFailed, tenant, fmt.Sprintf("verify_failed:%s:%s:%s", tenant, req.RequestID, newID()), challengeID,
 			events.VerifyFailed{ChallengeID: challengeID, Tenant: tenant, RequestID: req.RequestID, Status: st,
-				Attempts: attempts, AttemptsRemaining: remaining, FailedAt: now.UTC(), Test: test, Reason: reason}, now)
+				Attempts: attempts, AttemptsRemaining: remaining, FailedAt: now, Test: test, Reason: reason})
 		return events.VerifyReply{Status: st, AttemptsRemaining: remaining, Reason: reason}, []*nats.Msg{m}, err
 	}
 	switch {
-	case errors.Is(err, pgx.ErrNoRows) && !final:
-		return events.VerifyReply{}, nil, errNotProjected
 	case errors.Is(err, pgx.ErrNoRows):
 		return failed(events.StatusNotFound, 0)
-	case err != nil:
-		return events.VerifyReply{}, nil, err
 	case status == "verified":
 		return failed(events.StatusAlreadyUsed, 0)
 	case status == "locked":
@@ -297,8 +322,10 @@ func (s *Service) verifyTx(ctx context.Context, tx pgx.Tx, tenant string, req ev
 
 	p := s.cfg.Policies.For(tenant)
 	// Failed verifications for this recipient across challenges (row-locked: exact).
+	// Test recipients count like every address: their code is fixed, so a cap is all
+	// that stands between a guesser cycling request ids and the code.
 	var failures []time.Time
-	if recipientKey != "" && !test {
+	if recipientKey != "" {
 		if _, err := tx.Exec(ctx, `INSERT INTO verifier.recipient_failures (tenant, recipient_key) VALUES ($1, $2)
 			ON CONFLICT DO NOTHING`, tenant, recipientKey); err != nil {
 			return events.VerifyReply{}, nil, err
@@ -356,7 +383,7 @@ func (s *Service) verifyTx(ctx context.Context, tx pgx.Tx, tenant string, req ev
 		}
 		m, err := s.event(events.TypeVerified, tenant, "verified:"+challengeID, challengeID, events.Verified{
 			ChallengeID: challengeID, Tenant: tenant, RequestID: req.RequestID, CodeSeq: matched,
-			Attempts: attempts, VerifiedAt: now.UTC(), Test: test}, now)
+			Attempts: attempts, VerifiedAt: now, Test: test})
 		return events.VerifyReply{Status: events.StatusVerified}, []*nats.Msg{m}, err
 	}
 	newStatus := "active"
@@ -367,7 +394,7 @@ func (s *Service) verifyTx(ctx context.Context, tx pgx.Tx, tenant string, req ev
 		WHERE challenge_id = $1`, challengeID, attempts, newStatus); err != nil {
 		return events.VerifyReply{}, nil, err
 	}
-	if recipientKey != "" && !test {
+	if recipientKey != "" {
 		if _, err := tx.Exec(ctx, `UPDATE verifier.recipient_failures SET stamps = $3 WHERE tenant = $1 AND recipient_key = $2`,
 			tenant, recipientKey, append(failures, now)); err != nil {
 			return events.VerifyReply{}, nil, err
@@ -378,86 +405,14 @@ func (s *Service) verifyTx(ctx context.Context, tx pgx.Tx, tenant string, req ev
 		return reply, msgs, err
 	}
 	m, err := s.event(events.TypeLocked, tenant, "locked:"+challengeID, challengeID, events.Locked{
-		ChallengeID: challengeID, Tenant: tenant, RequestID: req.RequestID, Attempts: attempts, LockedAt: now.UTC(), Test: test}, now)
+		ChallengeID: challengeID, Tenant: tenant, RequestID: req.RequestID, Attempts: attempts, LockedAt: now, Test: test})
 	return reply, append(msgs, m), err
 }
 
-func (s *Service) event(typ events.Type, tenant, id, challengeID string, v any, now time.Time) (*nats.Msg, error) {
-	return events.NewMsg(typ, tenant, id, challengeID, v, events.Envelope{Source: "otpflow/verifier", Time: now})
-}
-
-// project writes a batch of otp.issued and otp.superseded events in one transaction.
-func (s *Service) project(ctx context.Context, batch []jetstream.Msg) {
-	if s.beforeProject != nil {
-		s.beforeProject()
-	}
-	b := &pgx.Batch{}
-	var bad []jetstream.Msg
-	var good []jetstream.Msg
-	for _, m := range batch {
-		typ, tenant, err := events.SplitSubject(m.Subject())
-		if err != nil {
-			bad = append(bad, m)
-			continue
-		}
-		switch typ {
-		case events.TypeIssued:
-			var e events.Issued
-			if err := events.DecodeEvent(m.Data(), &e); err != nil || e.ChallengeID == "" || e.Tenant != tenant {
-				bad = append(bad, m)
-				continue
-			}
-			b.Queue(`INSERT INTO verifier.challenges (tenant, request_id, challenge_id, max_attempts, session_id, recipient_key, test, risk)
-				VALUES ($1, $2, $3, $4, $5, $6, $7, $8) ON CONFLICT DO NOTHING`, tenant, e.RequestID, e.ChallengeID, e.MaxAttempts,
-				e.SessionID, strings.ToLower(e.Recipient), e.Test, append([]string{}, e.Risk...))
-			b.Queue(`INSERT INTO verifier.codes (challenge_id, code_seq, code_hmac, pepper_key_id, expires_at, issued_at)
-				VALUES ($1, $2, $3, $4, $5, $6) ON CONFLICT DO NOTHING`, e.ChallengeID, e.CodeSeq, e.CodeHMAC, e.PepperKeyID, e.ExpiresAt, e.IssuedAt)
-			// Risk rule recipient_failures: a new challenge for a recipient with recent failed
-			// verifications (on earlier challenges) gets fewer attempts.
-			if rf := s.cfg.Policies.For(tenant).Risk.RecipientFailures; rf.Failures > 0 && e.CodeSeq == 1 && !e.Test {
-				b.Queue(`UPDATE verifier.challenges c SET max_attempts = LEAST(c.max_attempts, $3),
-						risk = array_append(c.risk, 'recipient_failures')
-					FROM verifier.recipient_failures f
-					WHERE c.challenge_id = $1 AND c.attempts = 0 AND NOT ('recipient_failures' = ANY (c.risk))
-						AND f.tenant = c.tenant AND f.recipient_key = c.recipient_key
-						AND (SELECT count(*) FROM unnest(f.stamps) AS s(t) WHERE s.t > $2) >= $4`,
-					e.ChallengeID, s.now().Add(-rf.Window), rf.MaxAttempts, rf.Failures)
-			}
-		case events.TypeSuperseded:
-			var e events.Superseded
-			if err := events.DecodeEvent(m.Data(), &e); err != nil || e.ChallengeID == "" {
-				bad = append(bad, m)
-				continue
-			}
-			b.Queue(`UPDATE verifier.challenges SET status = 'superseded', updated_at = now()
-				WHERE challenge_id = $1 AND status = 'active'`, e.ChallengeID)
-		}
-		good = append(good, m)
-	}
-	for _, m := range bad {
-		_, tenant, _ := events.SplitSubject(m.Subject())
-		if err := platform.DeadLetter(ctx, s.js, m, tenant, "verifier: undecodable event"); err != nil {
-			s.log.Error("dead-letter", "err", err)
-		}
-	}
-	if b.Len() > 0 {
-		if err := pgx.BeginFunc(ctx, s.pool, func(tx pgx.Tx) error { return tx.SendBatch(ctx, b).Close() }); err != nil {
-			s.log.Error("project events", "events", len(good), "err", err)
-			for _, m := range good {
-				md, _ := m.Metadata()
-				n := uint64(1)
-				if md != nil {
-					n = md.NumDelivered
-				}
-				_ = m.NakWithDelay(platform.RetryDelay(n, 30*time.Second))
-			}
-			return
-		}
-	}
-	s.projected.Add(float64(len(good)))
-	for _, m := range good {
-		_ = m.Ack()
-	}
+// event builds an event; its body carries the decision's (database) time, its
+// CloudEvents time the process clock, when the message was made.
+func (s *Service) event(typ events.Type, tenant, id, challengeID string, v any) (*nats.Msg, error) {
+	return events.NewMsg(typ, tenant, id, challengeID, v, events.Envelope{Source: "otpflow/verifier", Time: s.now()})
 }
 
 // since keeps the stamps after t, in order.
@@ -467,37 +422,4 @@ func since(stamps []time.Time, t time.Time) []time.Time {
 		i++
 	}
 	return stamps[i:]
-}
-
-// Purge deletes challenges whose newest code expired, or that were used, locked or
-// superseded, more than the retention ago, with their codes; and failure stamps older
-// than an hour.
-func (s *Service) Purge(ctx context.Context) (int64, error) {
-	cutoff := s.now().Add(-s.cfg.Retention)
-	var total int64
-	err := pgx.BeginFunc(ctx, s.pool, func(tx pgx.Tx) error {
-		rows, err := tx.Query(ctx, `SELECT c.challenge_id FROM verifier.challenges c
-			WHERE (c.status <> 'active' AND c.updated_at < $1)
-			   OR NOT EXISTS (SELECT 1 FROM verifier.codes k WHERE k.challenge_id = c.challenge_id AND k.expires_at >= $1)
-			FOR UPDATE SKIP LOCKED`, cutoff)
-		if err != nil {
-			return err
-		}
-		ids, err := pgx.CollectRows(rows, pgx.RowTo[string])
-		if err != nil || len(ids) == 0 {
-			return err
-		}
-		if _, err := tx.Exec(ctx, `DELETE FROM verifier.codes WHERE challenge_id = ANY($1::uuid[])`, ids); err != nil {
-			return err
-		}
-		tag, err := tx.Exec(ctx, `DELETE FROM verifier.challenges WHERE challenge_id = ANY($1::uuid[])`, ids)
-		total = tag.RowsAffected()
-		return err
-	})
-	if err != nil {
-		return total, err
-	}
-	tag, err := s.pool.Exec(ctx, `DELETE FROM verifier.recipient_failures WHERE coalesce(stamps[array_upper(stamps, 1)], '-infinity') < $1`,
-		s.now().Add(-time.Hour))
-	return total + tag.RowsAffected(), err
 }

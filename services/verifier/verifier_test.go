@@ -44,23 +44,42 @@ func newHarness(t *testing.T) *harness {
 // set, runs before each projected batch.
 func newPolicyHarness(t *testing.T, doc string, beforeProject func()) *harness {
 	t.Helper()
-	policies, err := policy.Parse([]byte(doc))
-	testenv.Must(t, err, "policy")
+	return newConfigHarness(t, doc, beforeProject, nil)
+}
+
+// newConfigHarness is newPolicyHarness with tune, when set, adjusting the Config.
+func newConfigHarness(t *testing.T, doc string, beforeProject func(), tune func(*Config)) *harness {
+	t.Helper()
 	nc, js := testenv.JetStream(t, testenv.NATS(t))
 	pool := testenv.Postgres(t, Schema, Migrations())
 	pepper, err := keys.ParsePepper(keys.Generate("p1", 32))
 	testenv.Must(t, err, "pepper")
-	svc, err := New(Config{Pepper: pepper, Policies: policies}, pool, nc, js, testenv.Logger(io.Discard), nil)
+	h := &harness{nc: nc, js: js, pool: pool, pepper: pepper}
+	h.svc, h.clock = h.replica(t, doc, beforeProject, tune)
+	return h
+}
+
+// replica starts one more verifier process on the harness's NATS and database (the
+// first one when h.svc is nil) and waits until it serves.
+func (h *harness) replica(t *testing.T, doc string, beforeProject func(), tune func(*Config)) (*Service, *clock) {
+	t.Helper()
+	policies, err := policy.Parse([]byte(doc))
+	testenv.Must(t, err, "policy")
+	cfg := Config{Pepper: h.pepper, Policies: policies}
+	if tune != nil {
+		tune(&cfg)
+	}
+	svc, err := New(cfg, h.pool, h.nc, h.js, testenv.Logger(io.Discard), nil)
 	testenv.Must(t, err, "new verifier")
 	c := &clock{t: time.Now()}
 	svc.now = c.now
 	svc.beforeProject = beforeProject
 	testenv.Start(t, svc.Run)
 	testenv.Eventually(t, 10*time.Second, "the verify service", func() bool {
-		_, err := nc.Request("$SRV.PING.otp-verifier", nil, time.Second)
+		_, err := h.nc.Request("$SRV.PING.otp-verifier", nil, time.Second)
 		return err == nil
 	})
-	return &harness{nc: nc, js: js, pool: pool, pepper: pepper, svc: svc, clock: c}
+	return svc, c
 }
 
 // issue publishes an otp.issued event for code and waits until the verifier projected it.
@@ -148,20 +167,38 @@ func TestConcurrentWrongGuessesCountExactly(t *testing.T) {
 	}
 }
 
-func TestExpiryBoundary(t *testing.T) {
-	h := newHarness(t)
-	expires := time.Now().Add(time.Minute).Truncate(time.Microsecond) // PostgreSQL keeps microseconds
-	h.issue(t, "bbbbbbbb-bbbb-4bbb-8bbb-bbbbbbbbbbbb", "r2", 1, "111111", "", expires)
-	h.issue(t, "cccccccc-cccc-4ccc-8ccc-cccccccccccc", "r3", 1, "222222", "", expires)
+// TestExpiryUsesTheDatabaseClock: with the verifier's process clock hours off in either
+// direction, a code past its expires_at by the database clock answers expired and a live
+// one verifies.
+func TestExpiryUsesTheDatabaseClock(t *testing.T) {
+	for _, tc := range []struct {
+		name string
+		skew time.Duration
+	}{
+		{"process clock hours behind", -3 * time.Hour},
+		{"process clock hours ahead", 3 * time.Hour},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			h := newHarness(t)
+			dbNow := h.dbNow(t)
+			h.clock.set(time.Now().Add(tc.skew))
+			h.issue(t, "bbbbbbbb-bbbb-4bbb-8bbb-bbbbbbbbbbbb", "past", 1, "111111", "", dbNow.Add(-time.Second))
+			h.issue(t, "cccccccc-cccc-4ccc-8ccc-cccccccccccc", "live", 1, "222222", "", dbNow.Add(time.Hour))
+			if r := h.verify(t, "past", "111111", ""); r.Status != events.StatusExpired {
+				t.Fatalf("a code past its expiry by the database clock: %+v, want expired", r)
+			}
+			if r := h.verify(t, "live", "222222", ""); r.Status != events.StatusVerified {
+				t.Fatalf("a live code: %+v, want verified", r)
+			}
+		})
+	}
+}
 
-	h.clock.set(expires)
-	if r := h.verify(t, "r2", "111111", ""); r.Status != events.StatusExpired {
-		t.Fatalf("at the expiry instant: %+v, want expired", r)
-	}
-	h.clock.set(expires.Add(-time.Microsecond))
-	if r := h.verify(t, "r3", "222222", ""); r.Status != events.StatusVerified {
-		t.Fatalf("just before expiry: %+v, want verified", r)
-	}
+func (h *harness) dbNow(t *testing.T) time.Time {
+	t.Helper()
+	var now time.Time
+	testenv.Must(t, h.pool.QueryRow(t.Context(), `SELECT clock_timestamp()`).Scan(&now), "database clock")
+	return now
 }
 
 func TestResentCodesAndSessionBinding(t *testing.T) {

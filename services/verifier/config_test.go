@@ -1,0 +1,46 @@
+package verifier
+
+import (
+	"errors"
+	"testing"
+
+	"github.com/otpflow/otpflow/platform"
+	"github.com/otpflow/otpflow/platform/keys"
+)
+
+func TestLoadConfigVerifyLimits(t *testing.T) {
+	pepper := keys.Generate("p1", 32)
+	for _, tc := range []struct {
+		name       string
+		env        map[string]string
+		ip, tenant int
+		badVar     string
+	}{
+		{name: "defaults", ip: DefaultVerifyIPPerMinute, tenant: 0},
+		{name: "set", env: map[string]string{"OTP_VERIFY_IP_PER_MINUTE": "30", "OTP_VERIFY_TENANT_PER_MINUTE": "6000"}, ip: 30, tenant: 6000},
+		{name: "0 turns the IP limit off", env: map[string]string{"OTP_VERIFY_IP_PER_MINUTE": "0"}, ip: -1},
+		{name: "malformed", env: map[string]string{"OTP_VERIFY_IP_PER_MINUTE": "lots"}, badVar: "OTP_VERIFY_IP_PER_MINUTE"},
+		{name: "negative", env: map[string]string{"OTP_VERIFY_TENANT_PER_MINUTE": "-1"}, badVar: "OTP_VERIFY_TENANT_PER_MINUTE"},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			getenv := func(k string) string {
+				if k == "OTP_CODE_PEPPER" {
+					return pepper
+				}
+				return tc.env[k]
+			}
+			cfg, err := LoadConfig(getenv, platform.Common{Replicas: 1})
+			var ce *platform.ConfigError
+			switch {
+			case tc.badVar != "":
+				if !errors.As(err, &ce) || ce.Var != tc.badVar {
+					t.Fatalf("err %v, want a ConfigError naming %s", err, tc.badVar)
+				}
+			case err != nil:
+				t.Fatal(err)
+			case cfg.VerifyIPPerMinute != tc.ip || cfg.VerifyTenantPerMinute != tc.tenant:
+				t.Fatalf("ip %d tenant %d, want %d %d", cfg.VerifyIPPerMinute, cfg.VerifyTenantPerMinute, tc.ip, tc.tenant)
+			}
+		})
+	}
+}

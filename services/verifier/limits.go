@@ -1,0 +1,142 @@
+package verifier
+
+import (
+	"bytes"
+	"context"
+	"math"
+	"net"
+	"slices"
+	"time"
+)
+
+// limitWindow is the window of the verify limits.
+const limitWindow = time.Minute
+
+// limit is one verify limit that applies to a call: its name (the reply's reason), its
+// key in verifier.verify_limits and its cap per window.
+type limit struct {
+	name string
+	key  []byte
+	max  int
+}
+
+// limits are the verify limits that apply to a call for tenant from ip ("" if unknown).
+// Keys are HMACs under the active pepper: the table never holds a client IP, and a key
+// cannot be turned back into one by trying the whole address space.
+func (s *Service) limits(tenant, ip string) ([]limit, error) {
+	var ls []limit
+	if n := s.cfg.VerifyTenantPerMinute; n > 0 {
+		k, err := s.limitKey("tenant", tenant, "")
+		if err != nil {
+			return nil, err
+		}
+		ls = append(ls, limit{name: "tenant_per_minute", key: k, max: n})
+	}
+	if n := s.cfg.VerifyIPPerMinute; n > 0 && ip != "" {
+		k, err := s.limitKey("ip", tenant, clientNetwork(ip))
+		if err != nil {
+			return nil, err
+		}
+		ls = append(ls, limit{name: "ip_per_minute", key: k, max: n})
+	}
+	// One order for every caller: two calls never wait on each other's rows crosswise.
+	slices.SortFunc(ls, func(a, b limit) int { return bytes.Compare(a.key, b.key) })
+	return ls, nil
+}
+
+func (s *Service) limitKey(kind, tenant, value string) ([]byte, error) {
+	// Domain-separated from the code MACs, whose first input is always a UUID.
+	return s.cfg.Pepper.MAC(s.cfg.Pepper.ActiveID(), "verify-limit/"+kind+"/"+tenant, value)
+}
+
+// clientNetwork is what a per-IP limit counts: an IPv4 address, or the /64 of an IPv6
+// address (one subscriber typically holds a whole /64, so counting single IPv6
+// addresses would give an attacker 2^64 fresh keys). ip was validated by the decoder.
+func clientNetwork(ip string) string {
+	a := net.ParseIP(ip)
+	if a == nil {
+		return ip
+	}
+	if v4 := a.To4(); v4 != nil {
+		return v4.String()
+	}
+	return a.Mask(net.CIDRMask(64, 128)).String() + "/64"
+}
+
+// checkLimits counts one verify call against each limit that applies, in one statement
+// (so the count holds across replicas), and returns the longest wait among the limits it
+// exceeds: 0 means the call may proceed. The count is a sliding window estimated from two
+// fixed windows, on the database clock. Refused calls count too: a client that keeps
+// hammering stays refused.
+func (s *Service) checkLimits(ctx context.Context, tenant, ip string) (retryAfter int, reason string, err error) {
+	ls, err := s.limits(tenant, ip)
+	if err != nil || len(ls) == 0 {
+		return 0, "", err
+	}
+	keys := make([][]byte, len(ls))
+	for i, l := range ls {
+		keys[i] = l.key
+	}
+	rows, err := s.pool.Query(ctx, `INSERT INTO verifier.verify_limits AS l (key, window_start, hits, prev_hits)
+		SELECT k, date_trunc('minute', now()), 1, 0 FROM unnest($1::bytea[]) WITH ORDINALITY AS u(k, i) ORDER BY i
+		ON CONFLICT (key) DO UPDATE SET
+			prev_hits = CASE WHEN l.window_start = EXCLUDED.window_start THEN l.prev_hits
+			                 WHEN l.window_start = EXCLUDED.window_start - interval '1 minute' THEN l.hits
+			                 ELSE 0 END,
+			hits = CASE WHEN l.window_start = EXCLUDED.window_start THEN l.hits + 1 ELSE 1 END,
+			window_start = EXCLUDED.window_start
+		RETURNING key, hits, prev_hits, extract(epoch FROM now() - window_start)::float8`, keys)
+	if err != nil {
+		return 0, "", err
+	}
+	defer rows.Close()
+	for rows.Next() {
+		var (
+			key            []byte
+			hits, prevHits int
+			elapsedSeconds float64
+		)
+		if err := rows.Scan(&key, &hits, &prevHits, &elapsedSeconds); err != nil {
+			return 0, "", err
+		}
+		i := slices.IndexFunc(ls, func(l limit) bool { return bytes.Equal(l.key, key) })
+		if i < 0 {
+			continue
+		}
+		elapsed := time.Duration(elapsedSeconds * float64(time.Second))
+		if wait := slidingWait(ls[i].max, prevHits, hits, elapsed, limitWindow); wait > retryAfter {
+			retryAfter, reason = wait, ls[i].name
+		}
+	}
+	return retryAfter, reason, rows.Err()
+}
+
+// slidingWait decides one call against a sliding-window limit of allowed calls per window,
+// estimated as prev·(1 − elapsed/window) + cur, where cur counts the calls of the
+// current fixed window including this one and prev those of the window before. It
+// returns 0 if the call is within the limit of allowed calls, else the whole seconds (at least 1) until
+// a further call would be.
+func slidingWait(allowed, prev, cur int, elapsed, window time.Duration) int {
+	w := window.Seconds()
+	e := min(max(elapsed.Seconds(), 0), w)
+	if float64(prev)*(w-e)/w+float64(cur) <= float64(allowed) {
+		return 0
+	}
+	// The next call in this window counts as cur+1: it passes once the previous
+	// window's weight has shrunk enough.
+	wait := math.Inf(1)
+	if cur+1 <= allowed && prev > 0 {
+		if at := w * (1 - float64(allowed-cur-1)/float64(prev)); at < w {
+			wait = max(at-e, 0)
+		}
+	}
+	if math.IsInf(wait, 1) {
+		// Otherwise in the next window, where this window's calls are the previous ones.
+		at := 0.0
+		if cur > 0 && allowed-1 < cur {
+			at = w * (1 - float64(allowed-1)/float64(cur))
+		}
+		wait = (w - e) + at
+	}
+	return max(int(math.Ceil(wait)), 1)
+}
