@@ -36,7 +36,25 @@ type Common struct {
 	// ConnectTimeout bounds the wait for PostgreSQL and NATS at start
 	// (OTP_CONNECT_TIMEOUT, default 30s).
 	ConnectTimeout time.Duration
+	// Env is OTP_ENV: EnvDevelopment (the default) or EnvProduction, which refuses at
+	// start what belongs only on a laptop or in a sandbox (see production.go).
+	Env string
+	// AllowTestRecipients (OTP_ALLOW_TEST_RECIPIENTS) lets tenants keep fixed-code test
+	// recipients in production.
+	AllowTestRecipients bool
+	// NATSPlaintextOK (OTP_NATS_PLAINTEXT_OK) accepts NATS without TLS to a remote
+	// server in production, for meshes that encrypt below NATS.
+	NATSPlaintextOK bool
 }
+
+// The values of OTP_ENV.
+const (
+	EnvDevelopment = "development"
+	EnvProduction  = "production"
+)
+
+// Production reports whether OTP_ENV=production.
+func (c Common) Production() bool { return c.Env == EnvProduction }
 
 // DefaultNATSURL is used when OTP_NATS_URL is unset.
 const DefaultNATSURL = "nats://127.0.0.1:4222"
@@ -52,8 +70,18 @@ func LoadCommon(getenv Getenv) (Common, error) {
 		DatabaseURL: getenv("OTP_DATABASE_URL"),
 		HTTPAddr:    getenv("OTP_HTTP_ADDR"),
 		LogLevel:    orDefault(getenv("OTP_LOG_LEVEL"), "info"),
+		Env:         orDefault(strings.TrimSpace(getenv("OTP_ENV")), EnvDevelopment),
+	}
+	if c.Env != EnvDevelopment && c.Env != EnvProduction {
+		return c, &ConfigError{"OTP_ENV", "must be development or production"}
 	}
 	var err error
+	if c.AllowTestRecipients, err = BoolVar(getenv, "OTP_ALLOW_TEST_RECIPIENTS"); err != nil {
+		return c, err
+	}
+	if c.NATSPlaintextOK, err = BoolVar(getenv, "OTP_NATS_PLAINTEXT_OK"); err != nil {
+		return c, err
+	}
 	if c.Replicas, err = IntVar(getenv, "OTP_NATS_REPLICAS", 1, 1, 5); err != nil {
 		return c, err
 	}
@@ -85,6 +113,17 @@ func IntVar(getenv Getenv, name string, def, min, max int) (int, error) {
 		return 0, &ConfigError{name, fmt.Sprintf("must be an integer from %d to %d", min, max)}
 	}
 	return n, nil
+}
+
+// BoolVar reads true or false; unset is false.
+func BoolVar(getenv Getenv, name string) (bool, error) {
+	switch strings.TrimSpace(getenv(name)) {
+	case "", "false":
+		return false, nil
+	case "true":
+		return true, nil
+	}
+	return false, &ConfigError{name, "must be true or false"}
 }
 
 // DurationVar reads a Go duration ("30s"); unset gives def.

@@ -6,6 +6,7 @@ import (
 	"io"
 	"net"
 	"strconv"
+	"strings"
 	"testing"
 	"time"
 
@@ -15,11 +16,14 @@ import (
 
 func TestLoadCommonNamesTheBadVariable(t *testing.T) {
 	for name, env := range map[string]map[string]string{
-		"OTP_NATS_REPLICAS":    {"OTP_NATS_REPLICAS": "seven"},
-		"OTP_SHUTDOWN_TIMEOUT": {"OTP_SHUTDOWN_TIMEOUT": "-1s"},
-		"OTP_CONNECT_TIMEOUT":  {"OTP_CONNECT_TIMEOUT": "soon"},
-		"OTP_LOG_LEVEL":        {"OTP_LOG_LEVEL": "loud"},
-		"OTP_NATS_TLS_CERT":    {"OTP_NATS_TLS_CERT": "/c.pem"},
+		"OTP_NATS_REPLICAS":         {"OTP_NATS_REPLICAS": "seven"},
+		"OTP_SHUTDOWN_TIMEOUT":      {"OTP_SHUTDOWN_TIMEOUT": "-1s"},
+		"OTP_CONNECT_TIMEOUT":       {"OTP_CONNECT_TIMEOUT": "soon"},
+		"OTP_LOG_LEVEL":             {"OTP_LOG_LEVEL": "loud"},
+		"OTP_NATS_TLS_CERT":         {"OTP_NATS_TLS_CERT": "/c.pem"},
+		"OTP_ENV":                   {"OTP_ENV": "staging"},
+		"OTP_ALLOW_TEST_RECIPIENTS": {"OTP_ALLOW_TEST_RECIPIENTS": "yes"},
+		"OTP_NATS_PLAINTEXT_OK":     {"OTP_NATS_PLAINTEXT_OK": "1"},
 	} {
 		_, err := platform.LoadCommon(func(k string) string { return env[k] })
 		var ce *platform.ConfigError
@@ -28,8 +32,33 @@ func TestLoadCommonNamesTheBadVariable(t *testing.T) {
 		}
 	}
 	c, err := platform.LoadCommon(func(string) string { return "" })
-	if err != nil || c.NATSURL != platform.DefaultNATSURL || c.Replicas != 1 || c.ConnectTimeout != 30*time.Second {
+	if err != nil || c.NATSURL != platform.DefaultNATSURL || c.Replicas != 1 || c.ConnectTimeout != 30*time.Second ||
+		c.Env != platform.EnvDevelopment || c.Production() || c.AllowTestRecipients || c.NATSPlaintextOK {
 		t.Fatalf("defaults: %+v %v", c, err)
+	}
+	prod := map[string]string{"OTP_ENV": "production", "OTP_ALLOW_TEST_RECIPIENTS": "true", "OTP_NATS_PLAINTEXT_OK": "true"}
+	c, err = platform.LoadCommon(func(k string) string { return prod[k] })
+	if err != nil || !c.Production() || !c.AllowTestRecipients || !c.NATSPlaintextOK {
+		t.Fatalf("production: %+v %v", c, err)
+	}
+}
+
+func TestRedactDatabaseURL(t *testing.T) {
+	for _, tc := range []struct{ in, want string }{
+		{"postgres://app:s3cret@db.example.com:5432/otp?sslmode=require", "postgres://app:xxxxx@db.example.com:5432/otp?sslmode=require"},
+		{"postgresql://app:p%40ss%2Fword@db/otp", "postgresql://app:xxxxx@db/otp"},
+		{"postgres://app@db/otp?password=s3cret&sslmode=require", "postgres://app@db/otp?password=xxxxx&sslmode=require"},
+		{"postgres://app@db/otp?sslpassword=s3cret", "postgres://app@db/otp?sslpassword=xxxxx"},
+		{"postgres://app@db/otp", "postgres://app@db/otp"},
+		{"host=db user=app password=s3cret dbname=otp", "host=db user=app password=xxxxx dbname=otp"},
+		{"host=db password = 's3 c\\'ret' dbname=otp", "host=db password = xxxxx dbname=otp"},
+		{"host=db PASSWORD=s3cret sslpassword=k3y", "host=db PASSWORD=xxxxx sslpassword=xxxxx"},
+		{"postgres://app:s3cret@db:port/otp", "(a PostgreSQL URL that does not parse)"},
+	} {
+		got := platform.RedactDatabaseURL(tc.in)
+		if got != tc.want || strings.Contains(got, "s3") || strings.Contains(got, "k3y") {
+			t.Errorf("RedactDatabaseURL(%q) = %q, want %q", tc.in, got, tc.want)
+		}
 	}
 }
 

@@ -26,7 +26,16 @@ type Deps struct {
 // Open connects service svc to PostgreSQL and NATS. A service may start before its
 // neighbours (a compose file, a rolling restart): it retries with exponential backoff
 // for up to c.ConnectTimeout, logging each wait, then gives up with the last error.
+//
+// With OTP_ENV=production it refuses, before connecting, a PostgreSQL connection that may
+// be unencrypted to a remote host, and, once connected, a plaintext NATS connection to
+// a remote server (see production.go).
 func Open(ctx context.Context, c Common, svc string, log *slog.Logger) (*Deps, error) {
+	if c.Production() {
+		if err := CheckPostgresTLS(c.DatabaseURL); err != nil {
+			return nil, err
+		}
+	}
 	pool, err := retryConnect(ctx, c.ConnectTimeout, log, "PostgreSQL", func() (*pgxpool.Pool, error) {
 		return OpenPostgres(ctx, c.DatabaseURL)
 	})
@@ -39,6 +48,14 @@ func Open(ctx context.Context, c Common, svc string, log *slog.Logger) (*Deps, e
 	if err != nil {
 		pool.Close()
 		return nil, err
+	}
+	if c.Production() {
+		host, state := NATSPeer(nc)
+		if err := CheckNATSTLS(host, state, c.NATSPlaintextOK); err != nil {
+			nc.Close()
+			pool.Close()
+			return nil, err
+		}
 	}
 	js, err := jetstream.New(nc)
 	if err != nil {

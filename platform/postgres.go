@@ -8,6 +8,9 @@ import (
 	"hash/fnv"
 	"io/fs"
 	"log/slog"
+	"net/url"
+	"regexp"
+	"strings"
 	"time"
 
 	"github.com/jackc/pgx/v5/pgconn"
@@ -37,6 +40,33 @@ func OpenPostgres(ctx context.Context, url string) (*pgxpool.Pool, error) {
 	}
 	return pool, nil
 }
+
+// RedactDatabaseURL returns a PostgreSQL URL or key=value DSN fit to print: passwords
+// (in the user info, or as password / sslpassword parameters) become "xxxxx".
+func RedactDatabaseURL(s string) string {
+	if !strings.HasPrefix(s, "postgres://") && !strings.HasPrefix(s, "postgresql://") {
+		return dsnPassword.ReplaceAllString(s, "${1}xxxxx")
+	}
+	u, err := url.Parse(s)
+	if err != nil {
+		return "(a PostgreSQL URL that does not parse)" // it may hold a password anywhere
+	}
+	if _, ok := u.User.Password(); ok {
+		u.User = url.UserPassword(u.User.Username(), "xxxxx")
+	}
+	q := u.Query()
+	for _, k := range []string{"password", "sslpassword"} {
+		if q.Has(k) {
+			q.Set(k, "xxxxx")
+			u.RawQuery = q.Encode()
+		}
+	}
+	return u.String()
+}
+
+// dsnPassword is a password setting of a key=value DSN: quoted (with \' escapes) or up
+// to the next space.
+var dsnPassword = regexp.MustCompile(`(?i)(\b(?:ssl)?password\s*=\s*)('(?:[^'\\]|\\.)*'|\S*)`)
 
 // Migrate brings schema up to date with the goose migrations in fsys (*.sql at its root).
 // The version table lives in the schema itself, and a session advisory lock per schema

@@ -18,6 +18,7 @@ import (
 
 	"github.com/jackc/pgx/v5"
 	"github.com/nats-io/nats-server/v2/server"
+	"github.com/otpflow/otpflow/platform"
 	"github.com/otpflow/otpflow/platform/keys"
 )
 
@@ -66,11 +67,15 @@ func devCommand(ctx context.Context, args []string, getenv func(string) string, 
 	env["OTP_SANDBOX_MAILDIR"] = mail
 	env["OTP_MAIL_FROM"] = "otpflow dev <no-reply@otpflow.test>"
 	env["OTP_HTTP_ADDR"] = "127.0.0.1:8089"
+	env["OTP_ENV"] = "development" // the sandbox mailbox and a laptop's database are the point
 	merged := func(k string) string {
-		if v := getenv(k); v != "" && k != "OTP_NATS_URL" {
+		if v := getenv(k); v != "" && k != "OTP_NATS_URL" && k != "OTP_ENV" {
 			return v
 		}
 		return env[k]
+	}
+	if e := getenv("OTP_ENV"); e != "" && e != "development" {
+		fmt.Fprintf(stderr, "note: otpflow dev always runs with OTP_ENV=development; OTP_ENV=%s is ignored\n", e)
 	}
 	if p := getenv("OTP_PROVIDERS"); p != "" && p != "sandbox" {
 		fmt.Fprintf(stderr, "note: OTP_PROVIDERS=%s overrides the sandbox mailbox\n", p)
@@ -254,9 +259,10 @@ func devKeys(path string) (map[string]string, bool, error) {
 	return env, fresh, nil
 }
 
+// redact describes the database URL u without its password.
 func redact(u string) string {
 	if u == "dbname="+devDB {
 		return devDB + " at the libpq defaults"
 	}
-	return u
+	return platform.RedactDatabaseURL(u)
 }

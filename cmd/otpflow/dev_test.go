@@ -6,9 +6,9 @@ import (
 	"io"
 	"net"
 	"net/http"
+	"net/url"
 	"os"
 	"path/filepath"
-	"regexp"
 	"strings"
 	"testing"
 	"time"
@@ -81,11 +81,7 @@ func TestDevWalkthrough(t *testing.T) {
 		mail, _ = os.ReadFile(files[0])
 		return true
 	})
-	m := regexp.MustCompile(`Subject: Your verification code: (\d{6})`).FindSubmatch(mail)
-	if m == nil {
-		t.Fatalf("no code in the mail:\n%s", mail)
-	}
-	code := string(m[1])
+	code := codeOf(t, testenv.Mail{Data: mail}) // the code is in the body, never in the subject
 	wrong := "000000"
 	if code == wrong {
 		wrong = "111111"
@@ -135,5 +131,62 @@ func TestDevWalkthrough(t *testing.T) {
 	}
 	if !strings.Contains(out.String(), filepath.Join(dir, "mail")) {
 		t.Errorf("dev does not say where mail lands:\n%s", out.String())
+	}
+}
+
+// TestDevNeverPrintsTheDatabasePassword runs "otpflow dev" on a database URL that carries
+// a password, with OTP_ENV=production in the caller's environment: dev stays in
+// development (the pipeline, sandbox mailbox and all, gets ready) and nothing it prints
+// holds the password.
+func TestDevNeverPrintsTheDatabasePassword(t *testing.T) {
+	const password = "Pw-d0-not-print-7f3a"
+	dir := t.TempDir()
+	httpAddr := freeAddr(t)
+	u, err := url.Parse(testenv.Database(t))
+	testenv.Must(t, err, "parse database URL")
+	u.User = url.UserPassword(u.User.Username(), password) // the local server trusts loopback: the password is not checked
+	env := map[string]string{"OTP_DATABASE_URL": u.String(), "OTP_HTTP_ADDR": httpAddr, "OTP_ENV": "production"}
+
+	ctx, cancel := context.WithCancel(context.Background())
+	var out testenv.LogBuffer
+	done := make(chan error, 1)
+	go func() {
+		_, err := run(ctx, []string{"dev", "-dir", dir, "-nats-port", "-1"}, func(k string) string { return env[k] }, &out, &out)
+		done <- err
+	}()
+	var runErr error
+	stopped := false
+	stop := func() {
+		if !stopped {
+			stopped = true
+			cancel()
+			runErr = <-done
+		}
+	}
+	defer stop()
+	testenv.Eventually(t, 60*time.Second, "the pipeline ready", func() bool {
+		select {
+		case runErr = <-done:
+			stopped = true
+			t.Fatalf("dev stopped: %v\n%s", runErr, out.String())
+		default:
+		}
+		resp, err := http.Get("http://" + httpAddr + "/readyz")
+		if err != nil {
+			return false
+		}
+		resp.Body.Close()
+		return resp.StatusCode == http.StatusOK
+	})
+	stop()
+	printed := out.String()
+	if runErr != nil {
+		printed += runErr.Error()
+	}
+	if strings.Contains(printed, password) {
+		t.Fatalf("dev printed the database password:\n%s", printed)
+	}
+	if !strings.Contains(printed, "PostgreSQL  postgres://postgres:xxxxx@") {
+		t.Errorf("dev does not print where the database is:\n%s", printed)
 	}
 }

@@ -48,6 +48,9 @@ func LoadConfig(getenv platform.Getenv, common platform.Common) (Config, error) 
 	if err != nil {
 		return Config{}, &platform.ConfigError{Var: "OTP_TENANTS_FILE", Msg: err.Error()}
 	}
+	if err := platform.CheckPolicies(common, policies); err != nil {
+		return Config{}, err
+	}
 	cfg := Config{Sealer: sealer, From: from, Concurrency: concurrency, TemplateDir: getenv("OTP_TEMPLATES_DIR"), Policies: policies,
 		Guards: map[string]mailer.GuardConfig{}, RateSources: map[string]func(context.Context) (float64, error){},
 		Streams: events.StreamOptions{Replicas: common.Replicas}}
@@ -59,9 +62,17 @@ func LoadConfig(getenv platform.Getenv, common platform.Common) (Config, error) 
 	if names == "" {
 		return Config{}, &platform.ConfigError{Var: "OTP_PROVIDERS", Msg: "not set; name the provider chain, e.g. smtp or sandbox"}
 	}
+	chain := strings.Split(names, ",")
+	for i := range chain {
+		chain[i] = strings.TrimSpace(chain[i])
+	}
+	if common.Production() {
+		if err := platform.CheckProviders(chain); err != nil {
+			return Config{}, err
+		}
+	}
 	seen := map[string]bool{}
-	for _, name := range strings.Split(names, ",") {
-		name = strings.TrimSpace(name)
+	for _, name := range chain {
 		if seen[name] {
 			return Config{}, &platform.ConfigError{Var: "OTP_PROVIDERS", Msg: fmt.Sprintf("%q is listed twice", name)}
 		}
@@ -70,6 +81,11 @@ func LoadConfig(getenv platform.Getenv, common platform.Common) (Config, error) 
 		case "ses":
 			sc := ses.Config{Region: getenv("OTP_SES_REGION"), Endpoint: getenv("OTP_SES_ENDPOINT"),
 				ConfigurationSet: getenv("OTP_SES_CONFIGURATION_SET")}
+			if common.Production() {
+				if err := platform.CheckSESEndpoint(sc.Endpoint); err != nil {
+					return Config{}, err
+				}
+			}
 			client, err := ses.NewClient(context.Background(), sc)
 			if err != nil {
 				return Config{}, &platform.ConfigError{Var: "OTP_SES_REGION", Msg: err.Error()}
@@ -89,6 +105,11 @@ func LoadConfig(getenv platform.Getenv, common platform.Common) (Config, error) 
 			sc, err := smtp.ParseURL(raw)
 			if err != nil {
 				return Config{}, &platform.ConfigError{Var: "OTP_SMTP_URL", Msg: err.Error()}
+			}
+			if common.Production() {
+				if err := platform.CheckSMTP(sc.Host, sc.TLS); err != nil {
+					return Config{}, err
+				}
 			}
 			if cfg.Guards["smtp"], err = guard("OTP_SMTP_MAX_SEND_RATE"); err != nil {
 				return Config{}, err

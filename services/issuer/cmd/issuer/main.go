@@ -31,6 +31,9 @@ func run(ctx context.Context, getenv platform.Getenv, stderr io.Writer) error {
 	if err != nil {
 		return err
 	}
+	if err := platform.CheckPolicies(common, cfg.Policies); err != nil {
+		return err
+	}
 	log := platform.NewLogger(stderr, common.LogLevel, "issuer")
 	deps, err := platform.Open(ctx, common, "issuer", log)
 	if err != nil {
