@@ -113,6 +113,8 @@ func DeadLetter(ctx context.Context, js jetstream.JetStream, m jetstream.Msg, te
 	}
 	id := fmt.Sprintf("dlq:%s:%d", md.Stream, md.Sequence.Stream)
 	dl.Header.Set(jetstream.MsgIDHeader, id)
+	// The reason may quote a provider or a decoder: no address leaves in it.
+	reason = events.Reason(reason, 1000)
 	dl.Header.Set(events.HeaderDLQReason, reason)
 	dl.Header.Set(events.HeaderDLQStream, md.Stream)
 	dl.Header.Set(events.HeaderDLQSequence, fmt.Sprint(md.Sequence.Stream))
@@ -121,14 +123,7 @@ func DeadLetter(ctx context.Context, js jetstream.JetStream, m jetstream.Msg, te
 		_ = m.NakWithDelay(5 * time.Second)
 		return fmt.Errorf("dead-letter %s: %w", id, err)
 	}
-	return m.TermWithReason(truncate(reason, 200))
-}
-
-func truncate(s string, n int) string {
-	if len(s) <= n {
-		return s
-	}
-	return s[:n]
+	return m.TermWithReason(events.Reason(reason, 200))
 }
 
 // RetryDelay is the redelivery delay after the n-th failed delivery: exponential from

@@ -4,7 +4,6 @@ import (
 	"context"
 	"encoding/json"
 	"fmt"
-	"io"
 	"os"
 	"path/filepath"
 	"strings"
@@ -32,6 +31,8 @@ type harness struct {
 	smtp   *testenv.SMTPServer
 	svc    *Service
 	pool   *pgxpool.Pool
+	log    *testenv.LogBuffer   // what the dispatcher logged
+	reg    *prometheus.Registry // its metrics
 }
 
 // newHarness runs a dispatcher against a real NATS, PostgreSQL and SMTP server. providers
@@ -64,10 +65,11 @@ func newHarnessConfig(t *testing.T, cfg Config, chain func(smtp mailer.Provider)
 	testenv.Must(t, err, "smtp url")
 	providers := chain(smtp.New(smtpCfg))
 	cfg.Sealer, cfg.Providers, cfg.From, cfg.Concurrency = sealer, providers, "Acme <no-reply@acme.example>", 4
-	svc, err := New(cfg, pool, js, testenv.Logger(io.Discard), prometheus.NewRegistry())
+	log, reg := &testenv.LogBuffer{}, prometheus.NewRegistry()
+	svc, err := New(cfg, pool, js, testenv.Logger(log), reg)
 	testenv.Must(t, err, "new dispatcher")
 	testenv.Start(t, svc.Run)
-	return &harness{js: js, sealer: sealer, smtp: srv, svc: svc, pool: pool}
+	return &harness{js: js, sealer: sealer, smtp: srv, svc: svc, pool: pool, log: log, reg: reg}
 }
 
 // publish seals code into a job for rcpt and publishes it with Nats-Msg-Id msgID.

@@ -6,7 +6,7 @@ import (
 	"fmt"
 )
 
-// Attempt records one provider's answer within a Chain send.
+// Attempt records one provider's answer within a Chain send. Err is nil or a *SendError.
 type Attempt struct {
 	Provider string
 	Err      error
@@ -36,15 +36,13 @@ func (c *Chain) Send(ctx context.Context, m *Message) (Result, error) {
 	var last error
 	for _, p := range c.Providers {
 		rcpt, err := p.Send(ctx, m)
-		res.Attempts = append(res.Attempts, Attempt{Provider: p.Name(), Err: err})
 		if err == nil {
+			res.Attempts = append(res.Attempts, Attempt{Provider: p.Name()})
 			res.Provider, res.Receipt = p.Name(), rcpt
 			return res, nil
 		}
-		var se *SendError
-		if !errors.As(err, &se) {
-			err = &SendError{Provider: p.Name(), Class: Transient, Err: err}
-		}
+		err = asSendError(p.Name(), err)
+		res.Attempts = append(res.Attempts, Attempt{Provider: p.Name(), Err: err})
 		last = err
 		switch ClassOf(err) {
 		case Permanent, Ambiguous:

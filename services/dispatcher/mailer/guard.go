@@ -167,11 +167,7 @@ func (g *Guard) Send(ctx context.Context, m *Message) (Receipt, error) {
 		return backoff.Permanent(err)
 	}, b)
 	if err != nil {
-		var se *SendError
-		if !errors.As(err, &se) {
-			err = &SendError{Provider: g.Name(), Class: Transient, Err: err}
-		}
-		return Receipt{}, err
+		return Receipt{}, asSendError(g.Name(), err)
 	}
 	return receipt, nil
 }

@@ -8,6 +8,7 @@ import (
 	"errors"
 	"fmt"
 
+	"github.com/otpflow/otpflow/events"
 	gomail "github.com/wneessen/go-mail"
 )
 
@@ -32,8 +33,9 @@ type Receipt struct {
 	MessageID string
 }
 
-// Provider sends one message. Send must honour ctx and return a *SendError (or an error
-// wrapping one) that classifies any failure.
+// Provider sends one message. Send must honour ctx and return a *SendError that
+// classifies any failure; Guard and Chain turn anything else into one, so the text the
+// dispatcher sees never names the recipient.
 type Provider interface {
 	Name() string
 	Send(ctx context.Context, m *Message) (Receipt, error)
@@ -63,6 +65,12 @@ const (
 )
 
 // SendError is a classified send failure.
+//
+// Its text is safe to log, store and publish: providers quote the recipient ("550 5.1.1
+// <ana@example.com>: Recipient address rejected", go-mail's "affected recipient(s): ...",
+// SES's "The following identities failed the check"), so Error shows Err's text with every
+// address replaced (events.RedactAddresses). Err itself stays as the provider gave it, for
+// errors.Is and errors.As; never print it on its own.
 type SendError struct {
 	Provider string
 	Class    Class
@@ -70,10 +78,27 @@ type SendError struct {
 }
 
 func (e *SendError) Error() string {
-	return fmt.Sprintf("%s: %s: %v", e.Provider, e.Class, e.Err)
+	if e.Err == nil {
+		return fmt.Sprintf("%s: %s", e.Provider, e.Class)
+	}
+	return fmt.Sprintf("%s: %s: %s", e.Provider, e.Class, events.RedactAddresses(e.Err.Error()))
 }
 
 func (e *SendError) Unwrap() error { return e.Err }
+
+// asSendError returns err as a *SendError: an unclassified error becomes a transient one,
+// and an error that wraps a SendError is wrapped once more, since the wrapper's own text
+// is not cleared of addresses.
+func asSendError(provider string, err error) error {
+	var se *SendError
+	switch {
+	case !errors.As(err, &se):
+		return &SendError{Provider: provider, Class: Transient, Err: err}
+	case error(se) != err:
+		return &SendError{Provider: se.Provider, Class: se.Class, Err: err}
+	}
+	return err
+}
 
 // ClassOf returns the class of err; an unclassified error counts as transient.
 func ClassOf(err error) Class {

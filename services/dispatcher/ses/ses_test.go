@@ -4,9 +4,11 @@ import (
 	"context"
 	"errors"
 	"net"
+	"strings"
 	"testing"
 	"time"
 
+	"github.com/aws/aws-sdk-go-v2/service/sesv2/types"
 	"github.com/otpflow/otpflow/services/dispatcher/mailer"
 	"github.com/otpflow/otpflow/services/dispatcher/ses"
 	"github.com/otpflow/otpflow/services/dispatcher/ses/sestest"
@@ -152,5 +154,44 @@ func TestMaxSendRateFromGetAccount(t *testing.T) {
 	}
 	if r, err := ses.MaxSendRate(context.Background(), client); err != nil || r != 42 {
 		t.Fatalf("rate %v, %v", r, err)
+	}
+}
+
+// TestErrorTextNamesNoRecipient: SES names the recipient in some refusals; the error's
+// text must not, while the class and the SDK's error stay as they were.
+func TestErrorTextNamesNoRecipient(t *testing.T) {
+	const rcpt = "ana.müller+otp@example.com"
+	rejected := func(_ int64, e sestest.Email) sestest.Fault {
+		f := sestest.Rejected
+		f.Message = "Email address is on the account-level suppression list: " + e.To[0]
+		return f
+	}
+	tests := []struct {
+		name  string
+		fault func(int64, sestest.Email) sestest.Fault
+		want  mailer.Class
+	}{
+		{"sandbox: recipient not verified", sestest.NotVerified, mailer.ProviderDown},
+		{"recipient refused", rejected, mailer.Permanent},
+	}
+	for _, tt := range tests {
+		t.Run(tt.name, func(t *testing.T) {
+			srv := sestest.New(t)
+			srv.SetFault(tt.fault)
+			m := message()
+			m.To = rcpt
+			_, err := provider(t, srv.URL, time.Second).Send(context.Background(), m)
+			if c := mailer.ClassOf(err); c != tt.want {
+				t.Fatalf("err = %v (class %s), want %s", err, c, tt.want)
+			}
+			var mr *types.MessageRejected
+			if !errors.As(err, &mr) || !strings.Contains(mr.ErrorMessage(), rcpt) {
+				t.Fatalf("the SDK's MessageRejected is no longer reachable from %v", err)
+			}
+			text := err.Error()
+			if strings.Contains(text, "@") || strings.Contains(text, "ana.m") || !strings.Contains(text, "MessageRejected") {
+				t.Fatalf("error text %q names the recipient or lost SES's answer", text)
+			}
+		})
 	}
 }

@@ -10,6 +10,7 @@ import (
 	"github.com/otpflow/otpflow/platform/testenv"
 	"github.com/otpflow/otpflow/services/dispatcher/mailer"
 	"github.com/otpflow/otpflow/services/dispatcher/smtp"
+	gomail "github.com/wneessen/go-mail"
 )
 
 func message(to string) *mailer.Message {
@@ -68,5 +69,45 @@ func TestParseURL(t *testing.T) {
 		if _, err := smtp.ParseURL(bad); err == nil {
 			t.Errorf("%s accepted", bad)
 		}
+	}
+}
+
+// TestErrorTextNamesNoRecipient: relays quote the refused recipient in their reply, and
+// go-mail lists the "affected recipient(s)"; neither may reach the error's text, while
+// the class and go-mail's error stay reachable.
+func TestErrorTextNamesNoRecipient(t *testing.T) {
+	srv := testenv.StartSMTP(t)
+	srv.SetReject(func(rcpt string) error {
+		return &gosmtp.SMTPError{Code: 550, EnhancedCode: gosmtp.EnhancedCode{5, 1, 1},
+			Message: "<" + rcpt + ">: Recipient address rejected: User unknown in virtual mailbox table"}
+	})
+	cfg, err := smtp.ParseURL(srv.URL())
+	if err != nil {
+		t.Fatal(err)
+	}
+	for _, rcpt := range []string{"ana@example.com", "josé.müller+otp@exämple.de"} {
+		_, err := smtp.New(cfg).Send(context.Background(), message(rcpt))
+		if mailer.ClassOf(err) != mailer.Permanent {
+			t.Fatalf("%v: want class permanent", err)
+		}
+		var ge *gomail.SendError
+		if !errors.As(err, &ge) || ge.ErrorCode() != 550 || !strings.Contains(ge.Error(), rcpt) {
+			t.Fatalf("go-mail's error is no longer reachable from %v", err)
+		}
+		local := rcpt[:strings.IndexByte(rcpt, '@')]
+		text := err.Error()
+		if strings.Contains(text, "@") || strings.Contains(text, local) {
+			t.Fatalf("error text names the recipient: %q", text)
+		}
+		if !strings.Contains(text, `550 "5.1.1 <address>: Recipient address rejected: User unknown`) {
+			t.Fatalf("error text lost the relay's reply: %q", text)
+		}
+	}
+
+	// A recipient go-mail cannot parse is refused before any connection, with the
+	// address quoted in net/mail's error.
+	_, err = smtp.New(cfg).Send(context.Background(), message("ana@@example.com"))
+	if mailer.ClassOf(err) != mailer.Permanent || strings.Contains(err.Error(), "ana") {
+		t.Fatalf("unparsable recipient: %v", err)
 	}
 }

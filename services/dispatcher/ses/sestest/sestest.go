@@ -10,6 +10,7 @@ import (
 	"io"
 	"net/http"
 	"net/http/httptest"
+	"strings"
 	"sync"
 	"sync/atomic"
 	"time"
@@ -55,6 +56,13 @@ var (
 	DailyQuota    = Fault{Status: 400, Code: "Throttling", Message: "Daily message quota exceeded."}
 	Denied        = Fault{Status: 403, Code: "AccessDeniedException", Message: "User is not authorized."}
 )
+
+// NotVerified answers as the SES sandbox does to a recipient that is not a verified
+// identity: MessageRejected, naming the recipients. Use it as a fault function.
+func NotVerified(_ int64, e Email) Fault {
+	return Fault{Status: 400, Code: "MessageRejected", Message: "Email address is not verified. " +
+		"The following identities failed the check in region EU-WEST-1: " + strings.Join(e.To, ", ")}
+}
 
 // Server is the fake SES v2 endpoint.
 type Server struct {
