@@ -1,8 +1,6 @@
 package main
 
 import (
-	"os"
-	"path/filepath"
 	"testing"
 	"time"
 
@@ -17,14 +15,12 @@ import (
 // refused as challenge_mismatch, and leave the victim's challenge verifiable.
 func TestResendToAnotherAddressSendsNothing(t *testing.T) {
 	w := newWorld(t)
-	file := filepath.Join(t.TempDir(), "tenants.yaml")
-	testenv.Must(t, os.WriteFile(file, []byte(`
+	w.env["OTP_TENANTS_FILE"] = tenantsFile(t, `
 tenants:
   acme:
     resend_cooldown: 0s
     rate_limits: {recipient_cooldown: 0s}
-`), 0o644), "write tenants file")
-	w.env["OTP_TENANTS_FILE"] = file
+`)
 	w.runInProcess(t, &testenv.LogBuffer{})
 	a := newApp(t, w.nats.ClientURL())
 

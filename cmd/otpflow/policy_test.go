@@ -2,9 +2,7 @@ package main
 
 import (
 	"encoding/json"
-	"os"
 	"os/exec"
-	"path/filepath"
 	"syscall"
 	"testing"
 	"time"
@@ -18,16 +16,14 @@ import (
 // the issuer, the dispatcher and the verifier.
 func TestPolicyAcrossThePipeline(t *testing.T) {
 	w := newWorld(t)
-	file := filepath.Join(t.TempDir(), "tenants.yaml")
-	testenv.Must(t, os.WriteFile(file, []byte(`
+	w.env["OTP_TENANTS_FILE"] = tenantsFile(t, `
 tenants:
   acme:
     sender: "Acme Login <login@acme.example>"
     rate_limits: {recipient_cooldown: 0s}
     test_recipients:
       qa@acme.test: "424242"
-`), 0o644), "write tenants file")
-	w.env["OTP_TENANTS_FILE"] = file
+`)
 	w.runInProcess(t, &testenv.LogBuffer{})
 	a := newApp(t, w.nats.ClientURL())
 

@@ -264,7 +264,13 @@ func TestKillDuringBurstLosesNothing(t *testing.T) {
 
 // badTenants writes a tenants file with an unknown key.
 func badTenants(t *testing.T) string {
+	return tenantsFile(t, "tenants:\n  acme:\n    code_lenght: 8\n")
+}
+
+// tenantsFile writes an OTP_TENANTS_FILE holding doc and returns its path.
+func tenantsFile(t *testing.T, doc string) string {
+	t.Helper()
 	path := filepath.Join(t.TempDir(), "tenants.yaml")
-	testenv.Must(t, os.WriteFile(path, []byte("tenants:\n  acme:\n    code_lenght: 8\n"), 0o644), "write")
+	testenv.Must(t, os.WriteFile(path, []byte(doc), 0o644), "write tenants file")
 	return path
 }

@@ -60,11 +60,7 @@ func runToExit(t *testing.T, bin string, env map[string]string) (string, error) 
 // same binaries, without the offending setting, get past every check (they stop later,
 // at the closed PostgreSQL port).
 func TestProductionRefusesAtStart(t *testing.T) {
-	tenants := func(yaml string) string {
-		path := filepath.Join(t.TempDir(), "tenants.yaml")
-		testenv.Must(t, os.WriteFile(path, []byte(yaml), 0o644), "write tenants file")
-		return path
-	}
+	tenants := func(doc string) string { return tenantsFile(t, doc) }
 	testRecipients := tenants("tenants:\n  acme:\n    test_recipients:\n      qa@acme.example: \"123456\"\n")
 	guessable := tenants("tenants:\n  acme:\n    code_length: 4\n")
 	pastChecks := "connect to PostgreSQL at 127.0.0.1:1"
