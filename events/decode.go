@@ -55,13 +55,37 @@ var (
 )
 
 // CanonicalAddress is the one form in which otpflow compares, keys and hashes an email
-// address: surrounding space trimmed and the whole address lowercased. Domains are
+// address: surrounding space trimmed and ASCII letters lowercased. Domains are
 // case-insensitive by the standard; local parts are too at every mailbox provider that
 // matters, and treating "Ana@" and "ana@" as two people would let a caller sidestep
-// per-recipient limits and challenge binding by changing case. The address a mail is
-// sent to stays as the app wrote it; every key, hash and comparison uses this form.
+// per-recipient limits by changing case. Only ASCII is folded: Unicode case mapping
+// turns distinct characters into one ("\u212Aim@" and "kim@" would be one person), so a
+// non-ASCII local part stays as written. Comparing in this form never decides where a
+// mail goes: a challenge's codes go to the address the challenge was created with.
 func CanonicalAddress(addr string) string {
-	return strings.ToLower(strings.TrimSpace(addr))
+	addr = strings.TrimSpace(addr)
+	return strings.Map(func(r rune) rune {
+		if 'A' <= r && r <= 'Z' {
+			return r + ('a' - 'A')
+		}
+		return r
+	}, addr)
+}
+
+// ClientNetwork is the one form in which otpflow counts a client IP for its limits: an
+// IPv4 address (also when written IPv4-mapped, "::ffff:192.0.2.1"), or the /64 of an IPv6
+// address, since one subscriber gets a whole /64 and rotates through it freely. Every
+// spelling of one address gives one string. Text that is not an IP comes back unchanged
+// (decoders refuse it before it gets here).
+func ClientNetwork(ip string) string {
+	a := net.ParseIP(ip)
+	if a == nil {
+		return ip
+	}
+	if v4 := a.To4(); v4 != nil {
+		return v4.String()
+	}
+	return a.Mask(net.CIDRMask(64, 128)).String() + "/64"
 }
 
 // IsUUID reports whether s is a lowercase canonical UUID, the form of every challenge id.

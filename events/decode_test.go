@@ -153,7 +153,9 @@ func TestCanonicalAddress(t *testing.T) {
 		{"ana@example.com", "ana@example.com"},
 		{"Ana@Example.COM", "ana@example.com"},
 		{" ANA@EXAMPLE.COM ", "ana@example.com"},
-		{"Ünal@example.com", "ünal@example.com"},
+		{"Ünal@example.com", "Ünal@example.com"},        // only ASCII folds
+		{"\u212Aim@example.com", "\u212Aim@example.com"}, // KELVIN SIGN is not "k"
+		{"\u212Bsa@Example.com", "\u212Bsa@example.com"}, // nor ANGSTROM SIGN "å"
 	} {
 		if got := events.CanonicalAddress(tt.in); got != tt.want {
 			t.Errorf("CanonicalAddress(%q) = %q, want %q", tt.in, got, tt.want)
@@ -229,4 +231,20 @@ func FuzzDecodeDispatch(f *testing.F) {
 			}
 		}
 	})
+}
+
+// TestClientNetwork: every spelling of one client, and every address of one IPv6 /64, is
+// one key of the per-IP limits.
+func TestClientNetwork(t *testing.T) {
+	for _, tc := range []struct{ ip, want string }{
+		{"203.0.113.7", "203.0.113.7"},
+		{"::ffff:203.0.113.7", "203.0.113.7"},
+		{"2001:db8:1:2:3:4:5:6", "2001:db8:1:2::/64"},
+		{"2001:DB8:1:2::", "2001:db8:1:2::/64"},
+		{"2001:db8:0:0::1", "2001:db8::/64"},
+	} {
+		if got := events.ClientNetwork(tc.ip); got != tc.want {
+			t.Errorf("ClientNetwork(%q) = %q, want %q", tc.ip, got, tc.want)
+		}
+	}
 }

@@ -139,7 +139,7 @@ type Row struct {
 var personalFields = []string{"client_ip", "session_id"}
 
 // ToRow turns an OTP_EVENTS message into its audit row: the recipient leaves the payload
-// and is kept as HMAC-SHA256(key, lower(address)) and a masked form; the client IP and
+// and is kept as HMAC-SHA256(key, canonical address) and a masked form; the client IP and
 // session id move to the erasable PII column. stored is when the stream stored the
 // message, the event time when it has no ce-time. The same message and key always give
 // the same row, so a replay rebuilds the live log exactly.

@@ -449,12 +449,14 @@ func (s *Service) claim(ctx context.Context, jobs []*job) error {
 			return err
 		}
 
-		// Leases and expiry run on the database clock, shared by every process.
+		// Leases and expiry run on the database clock, shared by every process, read once
+		// the rows are locked (a wait for another dispatcher's locks must not make it
+		// stale). The local instant is taken first, so the deadlines below err early.
+		local := time.Now()
 		var now time.Time
-		if err := tx.QueryRow(ctx, `SELECT now()`).Scan(&now); err != nil {
+		if err := tx.QueryRow(ctx, `SELECT clock_timestamp()`).Scan(&now); err != nil {
 			return fmt.Errorf("read the database clock: %w", err)
 		}
-		local := time.Now()
 		writes := &pgx.Batch{}
 		for _, j := range jobs {
 			// The same instants on this process's monotonic clock.

@@ -20,7 +20,8 @@ type challenge struct {
 	codeCount  int
 	lastCodeAt time.Time
 	status     string
-	recipient  string
+	recipient  string // canonical: what requests are compared with
+	address    string // as the challenge was created: where its codes go
 	purpose    string
 	isNew      bool
 }
@@ -38,6 +39,7 @@ func tenantRate(tenant string) string { return "tenant|" + tenant }
 // batchState is everything the decisions of one batch read and change, loaded under row
 // locks so that several issuer processes decide as if they were one.
 type batchState struct {
+	now        time.Time // the database clock once the rows are locked
 	challenges map[key]*challenge
 	logs       map[string][]time.Time     // rate_log rows: send times per key
 	windows    map[string]*rateWindow     // rate_window rows
@@ -65,14 +67,17 @@ func (s *Service) issue(ctx context.Context, reqs []*request) ([]outbox.Entry, e
 	var entries []outbox.Entry
 	err := pgx.BeginFunc(ctx, s.pool, func(tx pgx.Tx) error {
 		entries = nil
-		now, err := s.clock(ctx, tx)
+		start, err := s.clock(ctx, tx)
 		if err != nil {
 			return err
 		}
-		st, err := s.lock(ctx, tx, reqs, now)
+		st, err := s.lock(ctx, tx, reqs, start)
 		if err != nil {
 			return err
 		}
+		// Decisions run on the clock as read once the locks are held, so an issuer that
+		// waited for another's locks decides after it, never in its past.
+		now := st.now
 		writes := &pgx.Batch{}
 		var msgs []*nats.Msg
 		for _, r := range reqs {
@@ -96,7 +101,8 @@ func (s *Service) issue(ctx context.Context, reqs []*request) ([]outbox.Entry, e
 }
 
 // lock reads and row-locks the batch's challenges, then its rate-limit rows, each set in
-// sorted order so that issuers never deadlock, and reads what the rules need.
+// sorted order so that issuers never deadlock, reads what the rules need (windows as of
+// start), and then the database clock.
 func (s *Service) lock(ctx context.Context, tx pgx.Tx, reqs []*request, now time.Time) (*batchState, error) {
 	st := &batchState{challenges: map[key]*challenge{}, logs: map[string][]time.Time{}, windows: map[string]*rateWindow{},
 		active: map[rcptKey][]activeRef{}, recent: map[rcptKey][]time.Time{}, ipSeen: map[string]map[string]bool{},
@@ -115,7 +121,7 @@ func (s *Service) lock(ctx context.Context, tx pgx.Tx, reqs []*request, now time
 		rcpts[rk] = true
 		logKeys[rk.rate()] = true
 		winKeys[tenantRate(r.tenant)] = true
-		if ip := r.req.Context.IP; ip != "" {
+		if ip := r.client(); ip != "" {
 			logKeys[ipRate(r.tenant, ip)] = true
 			ips[r.tenant+"|"+ip] = [2]string{r.tenant, ip}
 		}
@@ -142,13 +148,13 @@ func (s *Service) lock(ctx context.Context, tx pgx.Tx, reqs []*request, now time
 		it, ii = append(it, v[0]), append(ii, v[1])
 	}
 	b := &pgx.Batch{}
-	b.Queue(`SELECT c.tenant, c.request_id, c.challenge_id::text, c.code_count, c.last_code_at, c.status, c.recipient_key, c.purpose
+	b.Queue(`SELECT c.tenant, c.request_id, c.challenge_id::text, c.code_count, c.last_code_at, c.status, c.recipient_key, c.recipient, c.purpose
 		FROM issuer.challenges c JOIN unnest($1::text[], $2::text[]) AS k(tenant, request_id) USING (tenant, request_id)
 		ORDER BY c.tenant, c.request_id FOR UPDATE OF c`, tenants, requestIDs).Query(func(rows pgx.Rows) error {
 		for rows.Next() {
 			var k key
 			var c challenge
-			if err := rows.Scan(&k.tenant, &k.requestID, &c.id, &c.codeCount, &c.lastCodeAt, &c.status, &c.recipient, &c.purpose); err != nil {
+			if err := rows.Scan(&k.tenant, &k.requestID, &c.id, &c.codeCount, &c.lastCodeAt, &c.status, &c.recipient, &c.address, &c.purpose); err != nil {
 				return err
 			}
 			st.challenges[k] = &c
@@ -223,9 +229,11 @@ func (s *Service) lock(ctx context.Context, tx pgx.Tx, reqs []*request, now time
 			return rows.Err()
 		})
 	}
+	b.Queue(`SELECT clock_timestamp()`).QueryRow(func(row pgx.Row) error { return row.Scan(&st.now) })
 	if err := tx.SendBatch(ctx, b).Close(); err != nil {
 		return nil, fmt.Errorf("lock batch state: %w", err)
 	}
+	st.now = st.now.Add(s.skewBy()).UTC()
 	return st, nil
 }
 
@@ -288,8 +296,8 @@ func (s *Service) decide(st *batchState, writes *pgx.Batch, r *request, now time
 		refuse(events.ReasonRateLimited, "resend_cooldown", "resend cooldown", p.ResendCooldown-now.Sub(c.lastCodeAt))
 		return nil, nil
 	}
-	ipKey := r.tenant + "|" + r.req.Context.IP
-	if c == nil && r.req.Context.IP != "" && p.Risk.IPFanout.Recipients > 0 {
+	ipKey := r.tenant + "|" + r.client()
+	if c == nil && r.client() != "" && p.Risk.IPFanout.Recipients > 0 {
 		seen := st.ipSeen[ipKey]
 		if !seen[rk.recipient] && len(seen) >= p.Risk.IPFanout.Recipients {
 			refuse(events.ReasonRisk, "ip_fanout", "this client asked codes for too many recipients", p.Risk.IPFanout.Window)
@@ -311,7 +319,7 @@ func (s *Service) decide(st *batchState, writes *pgx.Batch, r *request, now time
 			ttl, maxAttempts = min(ttl, b.TTL), min(maxAttempts, b.MaxAttempts)
 			risk = append(risk, "recipient_burst")
 		}
-		c = &challenge{id: newID(), isNew: true, status: "active", recipient: rk.recipient, purpose: rk.purpose}
+		c = &challenge{id: newID(), isNew: true, status: "active", recipient: rk.recipient, address: r.req.Recipient, purpose: rk.purpose}
 		st.challenges[k] = c
 		st.recent[rk] = append(st.recent[rk], now)
 		r.outcome = "issued"
@@ -355,7 +363,7 @@ func (s *Service) overLimit(st *batchState, p policy.Policy, r *request, rk rcpt
 	if rl.RecipientPerHour > 0 && len(stamps) >= rl.RecipientPerHour {
 		return "recipient_per_hour", stamps[len(stamps)-rl.RecipientPerHour].Add(time.Hour).Sub(now)
 	}
-	if ip := r.req.Context.IP; ip != "" && rl.IPPerMinute > 0 {
+	if ip := r.client(); ip != "" && rl.IPPerMinute > 0 {
 		if ipStamps := since(st.logs[ipRate(r.tenant, ip)], now.Add(-time.Minute)); len(ipStamps) >= rl.IPPerMinute {
 			return "ip_per_minute", ipStamps[len(ipStamps)-rl.IPPerMinute].Add(time.Minute).Sub(now)
 		}
@@ -373,7 +381,7 @@ func (s *Service) overLimit(st *batchState, p policy.Policy, r *request, rk rcpt
 func (s *Service) recordSend(st *batchState, r *request, rk rcptKey, now time.Time) {
 	st.logs[rk.rate()] = append(since(st.logs[rk.rate()], now.Add(-time.Hour)), now)
 	st.dirtyLogs[rk.rate()] = true
-	if ip := r.req.Context.IP; ip != "" {
+	if ip := r.client(); ip != "" {
 		ik := ipRate(r.tenant, ip)
 		st.logs[ik] = append(since(st.logs[ik], now.Add(-time.Hour)), now)
 		st.dirtyLogs[ik] = true
@@ -462,7 +470,7 @@ func (s *Service) newCode(writes *pgx.Batch, r *request, c *challenge, cp codePa
 		writes.Queue(`INSERT INTO issuer.challenges (tenant, request_id, challenge_id, recipient, recipient_key, purpose, locale,
 			session_id, code_count, last_code_at, expires_at, created_at, test, client_ip)
 			VALUES ($1,$2,$3,$4,$5,$6,$7,$8,$9,$10,$11,$10,$12,$13)`,
-			r.tenant, r.req.RequestID, c.id, r.req.Recipient, c.recipient, r.req.Purpose, r.req.Locale,
+			r.tenant, r.req.RequestID, c.id, c.address, c.recipient, r.req.Purpose, r.req.Locale,
 			r.req.Context.SessionID, c.codeCount, now, expires, cp.test, r.req.Context.IP)
 	} else {
 		writes.Queue(`UPDATE issuer.challenges SET code_count = $2, last_code_at = $3, expires_at = $4
@@ -478,7 +486,7 @@ func (s *Service) newCode(writes *pgx.Batch, r *request, c *challenge, cp codePa
 	env := s.envelope(r.msg, now)
 	issued := events.Issued{
 		ChallengeID: c.id, Tenant: r.tenant, RequestID: r.req.RequestID, CodeSeq: c.codeCount,
-		Recipient: r.req.Recipient, Purpose: r.req.Purpose, Locale: locale,
+		Recipient: c.address, Purpose: r.req.Purpose, Locale: locale,
 		CodeLength: cp.policy.CodeLength, CodeHMAC: mac, PepperKeyID: pepperID, MaxAttempts: cp.maxAttempts,
 		SessionID: r.req.Context.SessionID, ClientIP: r.req.Context.IP, Resend: c.codeCount > 1,
 		IssuedAt: now.UTC(), ExpiresAt: expires.UTC(), RequestedAt: r.stored, Test: cp.test, Risk: cp.risk,
@@ -494,7 +502,7 @@ func (s *Service) newCode(writes *pgx.Batch, r *request, c *challenge, cp codePa
 	// the code or the address nor redirect, renumber or re-time the mail.
 	job, err := s.cfg.Sealer.SealJob(events.DispatchJob{
 		ChallengeID: c.id, Tenant: r.tenant, RequestID: r.req.RequestID, CodeSeq: c.codeCount,
-		Recipient: r.req.Recipient, Purpose: r.req.Purpose, Locale: locale,
+		Recipient: c.address, Purpose: r.req.Purpose, Locale: locale,
 		IssuedAt: now.UTC(), ExpiresAt: expires.UTC(), Code: code,
 	})
 	if err != nil {

@@ -118,6 +118,11 @@ func (s *Service) Run(ctx context.Context) error {
 	return g.Wait()
 }
 
+// client is the client network the per-IP limits count: events.ClientNetwork of
+// context.ip, so that spellings of one address and the addresses of one IPv6 /64 are one
+// client.
+func (r *request) client() string { return events.ClientNetwork(r.req.Context.IP) }
+
 // request is one pulled otp.requested message on its way through a batch.
 type request struct {
 	msg    jetstream.Msg
@@ -260,7 +265,7 @@ func (s *Service) Purge(ctx context.Context) (int64, error) {
 // then agree on when a code expires, whatever each host's clock says.
 func (s *Service) clock(ctx context.Context, tx pgx.Tx) (time.Time, error) {
 	var now time.Time
-	if err := tx.QueryRow(ctx, `SELECT now()`).Scan(&now); err != nil {
+	if err := tx.QueryRow(ctx, `SELECT clock_timestamp()`).Scan(&now); err != nil {
 		return time.Time{}, fmt.Errorf("read the database clock: %w", err)
 	}
 	return now.Add(s.skewBy()).UTC(), nil

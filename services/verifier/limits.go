@@ -4,9 +4,10 @@ import (
 	"bytes"
 	"context"
 	"math"
-	"net"
 	"slices"
 	"time"
+
+	"github.com/otpflow/otpflow/events"
 )
 
 // limitWindow is the window of the verify limits.
@@ -33,7 +34,7 @@ func (s *Service) limits(tenant, ip string) ([]limit, error) {
 		ls = append(ls, limit{name: "tenant_per_minute", key: k, max: n})
 	}
 	if n := s.cfg.VerifyIPPerMinute; n > 0 && ip != "" {
-		k, err := s.limitKey("ip", tenant, clientNetwork(ip))
+		k, err := s.limitKey("ip", tenant, events.ClientNetwork(ip))
 		if err != nil {
 			return nil, err
 		}
@@ -47,20 +48,6 @@ func (s *Service) limits(tenant, ip string) ([]limit, error) {
 func (s *Service) limitKey(kind, tenant, value string) ([]byte, error) {
 	// Domain-separated from the code MACs, whose first input is always a UUID.
 	return s.cfg.Pepper.MAC(s.cfg.Pepper.ActiveID(), "verify-limit/"+kind+"/"+tenant, value)
-}
-
-// clientNetwork is what a per-IP limit counts: an IPv4 address, or the /64 of an IPv6
-// address (one subscriber typically holds a whole /64, so counting single IPv6
-// addresses would give an attacker 2^64 fresh keys). ip was validated by the decoder.
-func clientNetwork(ip string) string {
-	a := net.ParseIP(ip)
-	if a == nil {
-		return ip
-	}
-	if v4 := a.To4(); v4 != nil {
-		return v4.String()
-	}
-	return a.Mask(net.CIDRMask(64, 128)).String() + "/64"
 }
 
 // checkLimits counts one verify call against each limit that applies, in one statement

@@ -120,19 +120,6 @@ func TestSlidingWait(t *testing.T) {
 	}
 }
 
-func TestClientNetwork(t *testing.T) {
-	for _, tc := range []struct{ ip, want string }{
-		{"203.0.113.7", "203.0.113.7"},
-		{"::ffff:203.0.113.7", "203.0.113.7"},
-		{"2001:db8:1:2:3:4:5:6", "2001:db8:1:2::/64"},
-		{"2001:DB8:1:2::", "2001:db8:1:2::/64"},
-	} {
-		if got := clientNetwork(tc.ip); got != tc.want {
-			t.Errorf("clientNetwork(%q) = %q, want %q", tc.ip, got, tc.want)
-		}
-	}
-}
-
 // TestUnknownRequestFloodDoesNotStarveVerifies: while the projection lags, every verify
 // for an unknown request waits for it (up to FenceWait). A flood of unknown request ids
 // must not take every worker: at most MaxFenceWaits wait, the rest answer not_found at
