@@ -153,7 +153,7 @@ func TestCanonicalAddress(t *testing.T) {
 		{"ana@example.com", "ana@example.com"},
 		{"Ana@Example.COM", "ana@example.com"},
 		{" ANA@EXAMPLE.COM ", "ana@example.com"},
-		{"Ünal@example.com", "Ünal@example.com"},        // only ASCII folds
+		{"Ünal@example.com", "Ünal@example.com"},         // only ASCII folds
 		{"\u212Aim@example.com", "\u212Aim@example.com"}, // KELVIN SIGN is not "k"
 		{"\u212Bsa@Example.com", "\u212Bsa@example.com"}, // nor ANGSTROM SIGN "å"
 	} {
