@@ -10,8 +10,12 @@ export GOTOOLCHAIN := go1.27.3
 
 .PHONY: build run test test-short bench fuzz lint tidy clean vuln
 
+# Stamp the git revision into the binaries (the verifier reports it as its version); go's
+# default stamps only a module at the repository's root. Off outside a git checkout.
+BUILDVCS := $(if $(wildcard .git),true,false)
+
 build:
-	$(GO) build -o bin/ ./services/issuer/cmd/issuer ./services/dispatcher/cmd/dispatcher \
+	$(GO) build -buildvcs=$(BUILDVCS) -o bin/ ./services/issuer/cmd/issuer ./services/dispatcher/cmd/dispatcher \
 		./services/verifier/cmd/verifier ./services/auditor/cmd/auditor ./cmd/otpflow
 
 run: build

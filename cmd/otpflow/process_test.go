@@ -29,7 +29,8 @@ func binaries(t *testing.T) string {
 		if buildErr != nil {
 			return
 		}
-		cmd := exec.Command("go", "build", "-o", binDir+string(os.PathSeparator),
+		// -buildvcs as in the Makefile: the binaries carry the revision they were built at.
+		cmd := exec.Command("go", "build", "-buildvcs=true", "-o", binDir+string(os.PathSeparator),
 			"github.com/otpflow/otpflow/services/issuer/cmd/issuer",
 			"github.com/otpflow/otpflow/services/dispatcher/cmd/dispatcher",
 			"github.com/otpflow/otpflow/services/verifier/cmd/verifier",

@@ -2,6 +2,7 @@ package main
 
 import (
 	"context"
+	"encoding/json"
 	"errors"
 	"os"
 	"os/exec"
@@ -137,6 +138,19 @@ func TestProductionStartsWithLocalNeighbours(t *testing.T) {
 	p := w.startProcesses(t, logs)
 	a := newApp(t, w.nats.ClientURL())
 	checkFlow(t, w, a, "acme", "prod-1", "prod@example.com")
+
+	// The verifier names the build it runs, not a constant.
+	head, err := exec.Command("git", "rev-parse", "HEAD").Output()
+	testenv.Must(t, err, "git rev-parse")
+	info, err := a.nc.Request("$SRV.INFO.otp-verifier", nil, 5*time.Second)
+	testenv.Must(t, err, "micro info")
+	var svc struct {
+		Version string `json:"version"`
+	}
+	testenv.Must(t, json.Unmarshal(info.Data, &svc), "decode info")
+	if want := "0.0.0-devel+" + strings.TrimSpace(string(head)); !strings.HasPrefix(svc.Version, want) {
+		t.Errorf("verifier version %q, want the build's revision %s", svc.Version, want)
+	}
 	p.stop(t)
 	if strings.Contains(logs.String(), "OTP_ENV=production:") {
 		t.Errorf("a check refused a local neighbour:\n%s", logs.String())
