@@ -620,13 +620,13 @@ func (s *Service) record(ctx context.Context, jobs []*job) error {
 		case stateSent, stateFailed, stateExpired:
 			b.Queue(`UPDATE dispatcher.deliveries SET status = $3, provider = $4, provider_message_id = $5, last_error = $6,
 				confirmed = $7, completed_at = now(), lease_until = now() WHERE challenge_id = $1 AND code_seq = $2`,
-				dj.ChallengeID, dj.CodeSeq, j.result, j.provider, j.providerMsg, truncate(j.reason, 500), !j.unconfirmed)
+				dj.ChallengeID, dj.CodeSeq, j.result, j.provider, j.providerMsg, events.Reason(j.reason, 500), !j.unconfirmed)
 		case resultAmbiguous:
 			b.Queue(`UPDATE dispatcher.deliveries SET ambiguous = ambiguous + 1, last_error = $3, lease_until = now()
-				WHERE challenge_id = $1 AND code_seq = $2`, dj.ChallengeID, dj.CodeSeq, truncate(j.reason, 500))
+				WHERE challenge_id = $1 AND code_seq = $2`, dj.ChallengeID, dj.CodeSeq, events.Reason(j.reason, 500))
 		case resultRetry:
 			b.Queue(`UPDATE dispatcher.deliveries SET last_error = $3, lease_until = now() WHERE challenge_id = $1 AND code_seq = $2`,
-				dj.ChallengeID, dj.CodeSeq, truncate(j.reason, 500))
+				dj.ChallengeID, dj.CodeSeq, events.Reason(j.reason, 500))
 		}
 	}
 	if b.Len() == 0 {
@@ -648,7 +648,7 @@ func (s *Service) event(j *job) *nats.Msg {
 			Unconfirmed: j.unconfirmed, ProviderAttempts: j.calls, DeliveredAt: now}
 	case stateFailed:
 		typ, v = events.TypeDeliveryFailed, events.DeliveryFailed{ChallengeID: dj.ChallengeID, Tenant: dj.Tenant, RequestID: dj.RequestID,
-			CodeSeq: dj.CodeSeq, Provider: j.provider, Reason: truncate(j.reason, 500), Permanent: !j.exhausted,
+			CodeSeq: dj.CodeSeq, Provider: j.provider, Reason: events.Reason(j.reason, 500), Permanent: !j.exhausted,
 			Attempts: j.row.attempts, FailedAt: now, ProviderAttempts: j.calls}
 	case stateExpired:
 		typ, v = events.TypeDispatchExpired, events.DispatchExpired{ChallengeID: dj.ChallengeID, Tenant: dj.Tenant, RequestID: dj.RequestID,
@@ -689,7 +689,7 @@ func (s *Service) settle(ctx context.Context, jobs []*job) {
 			s.log.Info("delivered", "challenge_id", j.job.ChallengeID, "code_seq", j.job.CodeSeq, "provider", j.provider, "unconfirmed", j.unconfirmed)
 			_ = j.msg.Ack()
 		case stateFailed, stateExpired:
-			s.log.Info("dispatch settled", "challenge_id", j.job.ChallengeID, "code_seq", j.job.CodeSeq, "result", j.result, "reason", truncate(j.reason, 200))
+			s.log.Info("dispatch settled", "challenge_id", j.job.ChallengeID, "code_seq", j.job.CodeSeq, "result", j.result, "reason", events.Reason(j.reason, 200))
 			if j.exhausted {
 				// Transient failures used up the deliveries: park the job with its last
 				// error in OTP_DLQ for an operator to redrive.
@@ -720,13 +720,6 @@ func (s *Service) retryDelay(j *job) time.Duration {
 
 func (s *Service) untilExpiry(j *job) time.Duration {
 	return max(time.Until(j.expiresAt), 0) + 100*time.Millisecond
-}
-
-func truncate(s string, n int) string {
-	if len(s) <= n {
-		return s
-	}
-	return s[:n]
 }
 
 // Purge deletes delivery rows of codes that expired more than retention ago: past every

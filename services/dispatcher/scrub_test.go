@@ -5,6 +5,7 @@ import (
 	"strings"
 	"testing"
 	"time"
+	"unicode/utf8"
 
 	gosmtp "github.com/emersion/go-smtp"
 	"github.com/otpflow/otpflow/events"
@@ -119,5 +120,23 @@ func (h *harness) assertNothingNames(t *testing.T, challenge, rcpt, reply string
 	}
 	if sends == 0 {
 		t.Error("no provider call was counted")
+	}
+}
+
+// TestLongNonASCIIReplyIsRecorded: a relay's reply in another language, longer than the
+// stored reason, is cut on a character boundary. A cut inside a UTF-8 sequence would make
+// PostgreSQL refuse the whole record batch, and every job in it would be sent again.
+func TestLongNonASCIIReplyIsRecorded(t *testing.T) {
+	h := newHarnessConfig(t, Config{}, smtpOnly)
+	h.smtp.SetReject(func(string) error {
+		return &gosmtp.SMTPError{Code: 550, EnhancedCode: gosmtp.EnhancedCode{5, 1, 1}, Message: "Empfänger unbekannt: " + strings.Repeat("ä", 400)}
+	})
+	const challenge = "99999999-9999-4999-8999-999999999993"
+	h.publish(t, challenge, "ana@example.com", "454545", time.Now().Add(5*time.Minute), "dispatch:utf8:1")
+	f := decode[events.DeliveryFailed](t, testenv.WaitMessages(t, h.js, events.StreamEvents, "otp.delivery_failed.acme", 1, 15*time.Second)[0])
+	var stored string
+	testenv.Must(t, h.pool.QueryRow(context.Background(), `SELECT last_error FROM dispatcher.deliveries WHERE challenge_id = $1`, challenge).Scan(&stored), "row")
+	if !utf8.ValidString(f.Reason) || !strings.Contains(stored, "Empfänger unbekannt") || len(stored) > 500 {
+		t.Fatalf("reason %q, stored %q", f.Reason, stored)
 	}
 }
