@@ -187,6 +187,14 @@ func ValidateAddress(s string) error {
 	if len(local) > 64 || strings.HasPrefix(local, `"`) {
 		return invalid(ReasonInvalidRecipient, "recipient", "local part must be an unquoted 1-64 byte atom")
 	}
+	// net/mail takes any non-ASCII character as atom text: spaces, controls and invisible
+	// format characters would make addresses that look alike but key apart, and hide
+	// pieces of an address from the redaction of failure text.
+	for _, r := range local {
+		if unicode.IsSpace(r) || unicode.IsControl(r) || unicode.Is(unicode.Cf, r) || !unicode.IsPrint(r) {
+			return invalid(ReasonInvalidRecipient, "recipient", "local part must not hold spaces, control or invisible characters")
+		}
+	}
 	labels := strings.Split(domain, ".")
 	if len(labels) < 2 || len(domain) > 253 {
 		return invalid(ReasonInvalidRecipient, "recipient", "domain must be a dotted DNS name")
