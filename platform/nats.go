@@ -5,6 +5,7 @@ import (
 	"errors"
 	"fmt"
 	"log/slog"
+	"net/url"
 	"strings"
 	"time"
 
@@ -16,6 +17,11 @@ import (
 // ConnectNATS connects as service svc. Replies come to the inbox prefix "_INBOX_<svc>", so
 // the NATS permissions of each service can allow only its own inbox.
 func ConnectNATS(c Common, svc string, log *slog.Logger) (*nats.Conn, error) {
+	return connectNATS(c, svc, log, IsLocalHost)
+}
+
+// connectNATS is ConnectNATS with the judgement of which hosts are local.
+func connectNATS(c Common, svc string, log *slog.Logger, local func(host string) bool) (*nats.Conn, error) {
 	opts := []nats.Option{
 		nats.Name("otpflow-" + svc),
 		nats.CustomInboxPrefix("_INBOX_" + svc),
@@ -34,7 +40,24 @@ func ConnectNATS(c Common, svc string, log *slog.Logger) (*nats.Conn, error) {
 				log.Warn("nats disconnected", "err", err)
 			}
 		}),
-		nats.ReconnectHandler(func(nc *nats.Conn) { log.Info("nats reconnected", "url", nc.ConnectedUrlRedacted()) }),
+		nats.ReconnectHandler(func(nc *nats.Conn) {
+			log.Info("nats reconnected", "url", nc.ConnectedUrlRedacted())
+			if c.Production() && !c.NATSPlaintextOK {
+				// The check of the first connection holds for every later one: a
+				// reconnect that lands on a remote server in plaintext closes the
+				// connection (the service stops) rather than talk in the clear.
+				host, state := NATSPeer(nc)
+				if err := checkNATSTLS(host, state, false, local); err != nil {
+					log.Error("nats reconnected without TLS; closing", "err", err)
+					nc.Close()
+				}
+			}
+		}),
+	}
+	if c.Production() && !c.NATSPlaintextOK && anyRemote(c.NATSURL, local) {
+		// nats.go upgrades to TLS when a server asks for it, but remembers nothing: a
+		// reconnect to a server that does not ask would go plaintext. Require it.
+		opts = append(opts, nats.Secure())
 	}
 	if c.NATSCreds != "" {
 		opts = append(opts, nats.UserCredentials(c.NATSCreds))
@@ -50,6 +73,21 @@ func ConnectNATS(c Common, svc string, log *slog.Logger) (*nats.Conn, error) {
 		return nil, fmt.Errorf("connect to NATS at %s: %w", redactURL(c.NATSURL), err)
 	}
 	return nc, nil
+}
+
+// anyRemote reports whether any server of a NATS URL list is not local.
+func anyRemote(urls string, local func(host string) bool) bool {
+	for _, u := range strings.Split(urls, ",") {
+		u = strings.TrimSpace(u)
+		if !strings.Contains(u, "://") {
+			u = "nats://" + u
+		}
+		parsed, err := url.Parse(u)
+		if err != nil || !local(parsed.Hostname()) {
+			return true
+		}
+	}
+	return false
 }
 
 func redactURL(u string) string {

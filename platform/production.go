@@ -131,10 +131,15 @@ func NATSPeer(nc *nats.Conn) (host string, state *tls.ConnectionState) {
 
 // CheckNATSTLS refuses a NATS connection to a remote host without TLS, unless plaintextOK
 // (OTP_NATS_PLAINTEXT_OK=true: a mesh encrypts below NATS). It is judged after connecting
-// because nats.go upgrades to TLS when the server requires it, whatever the URL says;
-// once upgraded, nats.go requires TLS on every reconnect.
+// because nats.go upgrades to TLS when the server requires it, whatever the URL says; in
+// production ConnectNATS requires TLS on every reconnect to a remote server list and
+// judges each reconnect again.
 func CheckNATSTLS(host string, state *tls.ConnectionState, plaintextOK bool) error {
-	if state != nil && state.HandshakeComplete || plaintextOK || IsLocalHost(host) {
+	return checkNATSTLS(host, state, plaintextOK, IsLocalHost)
+}
+
+func checkNATSTLS(host string, state *tls.ConnectionState, plaintextOK bool, local func(string) bool) error {
+	if state != nil && state.HandshakeComplete || plaintextOK || local(host) {
 		return nil
 	}
 	return &ProductionError{"OTP_NATS_URL", fmt.Sprintf("connects to %s without TLS; require TLS on the server (with OTP_NATS_TLS_CA) or set OTP_NATS_PLAINTEXT_OK=true if the network encrypts below NATS", host)}
