@@ -72,15 +72,22 @@ func CheckSMTP(host, tlsMode string) error {
 // CheckSESEndpoint refuses an OTP_SES_ENDPOINT that is http:// to a remote host. Empty
 // (the AWS endpoint, https) passes.
 func CheckSESEndpoint(endpoint string) error {
+	return CheckSESEndpointFrom("OTP_SES_ENDPOINT", endpoint)
+}
+
+// CheckSESEndpointFrom is CheckSESEndpoint for an endpoint that came from setting: the
+// AWS SDK also takes one from AWS_ENDPOINT_URL_SESV2, AWS_ENDPOINT_URL or the shared
+// config file, so the dispatcher checks the endpoint its client resolved as well.
+func CheckSESEndpointFrom(setting, endpoint string) error {
 	if endpoint == "" {
 		return nil
 	}
 	u, err := url.Parse(endpoint)
 	if err != nil {
-		return &ProductionError{"OTP_SES_ENDPOINT", "is not a URL"}
+		return &ProductionError{setting, "is not a URL"}
 	}
-	if strings.EqualFold(u.Scheme, "http") && !IsLocalHost(u.Hostname()) {
-		return &ProductionError{"OTP_SES_ENDPOINT", fmt.Sprintf("is http:// to %s, which sends codes and request signatures in clear text; use https://", u.Hostname())}
+	if !strings.EqualFold(u.Scheme, "https") && !IsLocalHost(u.Hostname()) {
+		return &ProductionError{setting, fmt.Sprintf("is %s:// to %s, which sends codes and request signatures in clear text; use https://", u.Scheme, u.Hostname())}
 	}
 	return nil
 }

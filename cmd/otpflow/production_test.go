@@ -99,6 +99,8 @@ func TestProductionRefusesAtStart(t *testing.T) {
 		tc{"SMTP starttls to a remote relay (control)", "dispatcher", map[string]string{"OTP_SMTP_URL": "smtp://" + farHost + ":587?tls=starttls"}, pastChecks},
 		tc{"SES endpoint http:// to a remote host", "dispatcher", map[string]string{"OTP_PROVIDERS": "ses", "OTP_SES_REGION": "eu-west-1",
 			"OTP_SES_MAX_SEND_RATE": "10", "OTP_SES_ENDPOINT": "http://" + farHost}, "OTP_ENV=production: OTP_SES_ENDPOINT"},
+		tc{"SES endpoint http:// to a remote host from the AWS environment", "dispatcher", map[string]string{"OTP_PROVIDERS": "ses", "OTP_SES_REGION": "eu-west-1",
+			"OTP_SES_MAX_SEND_RATE": "10", "AWS_ENDPOINT_URL_SESV2": "HTTP://" + farHost + ":8080"}, "OTP_ENV=production: AWS_ENDPOINT_URL_SESV2"},
 		tc{"SES endpoint http:// to a local emulator (control)", "dispatcher", map[string]string{"OTP_PROVIDERS": "ses", "OTP_SES_REGION": "eu-west-1",
 			"OTP_SES_MAX_SEND_RATE": "10", "OTP_SES_ENDPOINT": "http://127.0.0.1:1"}, pastChecks},
 	)

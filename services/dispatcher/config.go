@@ -90,6 +90,11 @@ func LoadConfig(getenv platform.Getenv, common platform.Common) (Config, error) 
 			if err != nil {
 				return Config{}, &platform.ConfigError{Var: "OTP_SES_REGION", Msg: err.Error()}
 			}
+			if ep := client.Options().BaseEndpoint; common.Production() && ep != nil && sc.Endpoint == "" {
+				if err := platform.CheckSESEndpointFrom("AWS_ENDPOINT_URL_SESV2 (or AWS_ENDPOINT_URL, or endpoint_url in the AWS config)", *ep); err != nil {
+					return Config{}, err
+				}
+			}
 			if cfg.Guards["ses"], err = guard("OTP_SES_MAX_SEND_RATE"); err != nil {
 				return Config{}, err
 			}
