@@ -5,7 +5,8 @@ GO ?= go
 # Every target builds and tests with the patched toolchain (go1.26.8 has reachable net/http and
 # crypto/x509 vulnerabilities). It is exported rather than put in go.mod because our machines
 # set GOTOOLCHAIN=local, which ignores a toolchain line. The go command fetches it through the
-# module proxy on first use. Override for one run with `make test GOTOOLCHAIN=local`.
+# module proxy on first use. Do not override it for a build that ships: go1.26.8 binaries
+# carry the vulnerabilities `make vuln VULN_TOOLCHAIN=local` shows.
 export GOTOOLCHAIN := go1.27.3
 
 .PHONY: build run test test-short bench fuzz lint tidy clean vuln
