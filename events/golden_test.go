@@ -3,8 +3,13 @@ package events_test
 import (
 	"bytes"
 	"encoding/json"
+	"errors"
+	"go/ast"
+	"go/parser"
+	"go/token"
 	"os"
 	"path/filepath"
+	"reflect"
 	"testing"
 	"time"
 
@@ -36,6 +41,17 @@ func goldenPayloads() map[string]any {
 		"otp.verified":       events.Verified{ChallengeID: ch, Tenant: "acme", RequestID: "signup-7f3a", CodeSeq: 1, Attempts: 2, VerifiedAt: at},
 		"otp.verify.request": events.VerifyRequest{RequestID: "signup-7f3a", Code: "493027", Context: events.VerifyContext{SessionID: "s-1"}},
 		"otp.verify.reply":   events.VerifyReply{Status: events.StatusVerified},
+		"otp.superseded": events.Superseded{ChallengeID: ch, Tenant: "acme", RequestID: "signup-7f3a", SupersededBy: "signup-8b41",
+			SupersededAt: at, Test: true},
+		"otp.delivery_failed": events.DeliveryFailed{ChallengeID: ch, Tenant: "acme", RequestID: "signup-7f3a", CodeSeq: 2, Provider: "ses",
+			Reason: "550 5.1.1 <address>: Recipient address rejected", Permanent: true, Attempts: 3, FailedAt: at,
+			ProviderAttempts: []events.ProviderAttempt{{Provider: "ses", Outcome: "transient", At: at.Add(-2 * time.Second)},
+				{Provider: "ses", Outcome: "permanent", At: at}}},
+		"otp.dispatch_expired": events.DispatchExpired{ChallengeID: ch, Tenant: "acme", RequestID: "signup-7f3a", CodeSeq: 1, Attempts: 4,
+			ExpiresAt: exp, ExpiredAt: exp.Add(time.Second)},
+		"otp.locked": events.Locked{ChallengeID: ch, Tenant: "acme", RequestID: "signup-7f3a", Attempts: 5, LockedAt: at, Test: true},
+		"otp.alert": events.Alert{Tenant: "_system", Rule: "delivery_failure_ratio", Severity: "warning",
+			Detail: "provider ses failed 15 of 20 calls within 5m0s", Value: 0.75, Threshold: 0.5, RaisedAt: at},
 	}
 }
 
@@ -69,5 +85,72 @@ func TestGoldenWireFormat(t *testing.T) {
 	b, _ = os.ReadFile(filepath.Join("testdata", "otp.verify.request.json"))
 	if _, err := events.DecodeVerifyRequest(b); err != nil {
 		t.Fatalf("golden verify request refused: %v", err)
+	}
+}
+
+// TestGoldenCoversEveryWireType fails when a payload type lacks a golden value: every
+// exported struct in payloads.go must be a golden value or a field of one, every type of
+// the audit stream needs a golden file named after it, and DecodeEventOf must give back
+// that very value from the file.
+func TestGoldenCoversEveryWireType(t *testing.T) {
+	golden := goldenPayloads()
+	covered := map[string]bool{}
+	var walk func(reflect.Type)
+	walk = func(rt reflect.Type) {
+		switch rt.Kind() {
+		case reflect.Pointer, reflect.Slice, reflect.Array, reflect.Map:
+			walk(rt.Elem())
+		case reflect.Struct:
+			if rt.PkgPath() != reflect.TypeFor[events.Issued]().PkgPath() || covered[rt.Name()] {
+				return
+			}
+			covered[rt.Name()] = true
+			for f := range rt.Fields() {
+				walk(f.Type)
+			}
+		}
+	}
+	for _, v := range golden {
+		walk(reflect.TypeOf(v))
+	}
+	f, err := parser.ParseFile(token.NewFileSet(), "payloads.go", nil, parser.SkipObjectResolution)
+	if err != nil {
+		t.Fatal(err)
+	}
+	for _, d := range f.Decls {
+		g, ok := d.(*ast.GenDecl)
+		if !ok || g.Tok != token.TYPE {
+			continue
+		}
+		for _, s := range g.Specs {
+			ts := s.(*ast.TypeSpec)
+			if _, isStruct := ts.Type.(*ast.StructType); isStruct && ts.Name.IsExported() && !covered[ts.Name.Name] {
+				t.Errorf("payload %s has no golden value: add one to goldenPayloads and run with -update", ts.Name.Name)
+			}
+		}
+	}
+
+	for _, typ := range events.EventTypes {
+		want, ok := golden[string(typ)]
+		if !ok {
+			t.Errorf("%s has no golden value", typ)
+			continue
+		}
+		b, err := os.ReadFile(filepath.Join("testdata", string(typ)+".json"))
+		if err != nil {
+			t.Errorf("%s: %v", typ, err)
+			continue
+		}
+		got, err := events.DecodeEventOf(typ, b)
+		if err != nil {
+			t.Errorf("DecodeEventOf(%s): %v", typ, err)
+			continue
+		}
+		if !reflect.DeepEqual(got, want) {
+			t.Errorf("DecodeEventOf(%s) = %#v, want %#v", typ, got, want)
+		}
+	}
+	if _, err := events.DecodeEventOf("otp.feedback", []byte(`{}`)); !errors.Is(err, events.ErrUnknownType) {
+		t.Errorf("an unknown type decoded: %v", err)
 	}
 }

@@ -1,6 +1,7 @@
 package events
 
 import (
+	"errors"
 	"fmt"
 	"regexp"
 	"strings"
@@ -29,10 +30,54 @@ const (
 	TypeVerify Type = "otp.verify"
 )
 
-// EventTypes are the types stored on the OTP_EVENTS stream, the audit stream.
+// EventTypes are the types stored on the OTP_EVENTS stream, the audit stream. Adding one:
+// its payload in payloads.go, its case in DecodeEventOf, a golden value and a schema.
 var EventTypes = []Type{
 	TypeIssued, TypeRejected, TypeSuperseded, TypeDelivered, TypeDeliveryFailed,
 	TypeDispatchExpired, TypeVerified, TypeVerifyFailed, TypeLocked, TypeAlert,
+}
+
+// ErrUnknownType is returned by DecodeEventOf for a type this version of the contract does
+// not know, such as one a newer producer added. A consumer that must keep every event (the
+// auditor) stores such a body as it came.
+var ErrUnknownType = errors.New("event type unknown to this version of the contract")
+
+// DecodeEventOf decodes an OTP_EVENTS body of type t into its payload, returned by value:
+// Issued for TypeIssued, Rejected for TypeRejected, and so on for each of EventTypes. Like
+// DecodeEvent it ignores unknown fields, so what a newer producer adds passes. A type
+// outside EventTypes fails with ErrUnknownType.
+func DecodeEventOf(t Type, data []byte) (any, error) {
+	switch t {
+	case TypeIssued:
+		return decodeAs[Issued](data)
+	case TypeRejected:
+		return decodeAs[Rejected](data)
+	case TypeSuperseded:
+		return decodeAs[Superseded](data)
+	case TypeDelivered:
+		return decodeAs[Delivered](data)
+	case TypeDeliveryFailed:
+		return decodeAs[DeliveryFailed](data)
+	case TypeDispatchExpired:
+		return decodeAs[DispatchExpired](data)
+	case TypeVerified:
+		return decodeAs[Verified](data)
+	case TypeVerifyFailed:
+		return decodeAs[VerifyFailed](data)
+	case TypeLocked:
+		return decodeAs[Locked](data)
+	case TypeAlert:
+		return decodeAs[Alert](data)
+	}
+	return nil, fmt.Errorf("%w: %s", ErrUnknownType, t)
+}
+
+func decodeAs[T any](data []byte) (any, error) {
+	var v T
+	if err := DecodeEvent(data, &v); err != nil {
+		return nil, err
+	}
+	return v, nil
 }
 
 // Subject returns the subject of a message of type t for tenant, e.g. "otp.issued.acme".
