@@ -1,0 +1,45 @@
+// Package window is the sliding window of event times behind every "n events within d"
+// rule: the issuer's rate limits, the verifier's cap on failed verifications and the
+// auditor's alert rules. It is pure: callers load and store the stamps themselves.
+package window
+
+import "time"
+
+// Stamps are event times in the order they were added, which callers keep in time order
+// (oldest first). A Stamps value works like a slice: Add and Trim return the new window and
+// may share the old one's storage.
+type Stamps []time.Time
+
+// Add returns the window with t appended as its newest stamp.
+func (s Stamps) Add(t time.Time) Stamps { return append(s, t) }
+
+// Trim returns the window without the stamps at or before cutoff: those that no longer
+// count once the window starts after cutoff. It drops from the oldest end and stops at
+// the first stamp after cutoff.
+func (s Stamps) Trim(cutoff time.Time) Stamps {
+	i := 0
+	for i < len(s) && !s[i].After(cutoff) {
+		i++
+	}
+	return s[i:]
+}
+
+// Count returns how many stamps are after t, wherever they sit in the window.
+func (s Stamps) Count(t time.Time) int {
+	n := 0
+	for _, at := range s {
+		if at.After(t) {
+			n++
+		}
+	}
+	return n
+}
+
+// KthNewest returns the k-th newest stamp (1 is the newest), or the zero time when the
+// window holds fewer than k. A limit of k events per d is free again at KthNewest(k)+d.
+func (s Stamps) KthNewest(k int) time.Time {
+	if k < 1 || k > len(s) {
+		return time.Time{}
+	}
+	return s[len(s)-k]
+}
