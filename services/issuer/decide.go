@@ -12,6 +12,7 @@ import (
 	"github.com/otpflow/otpflow/events"
 	"github.com/otpflow/otpflow/events/policy"
 	"github.com/otpflow/otpflow/platform/outbox"
+	"github.com/otpflow/otpflow/platform/window"
 )
 
 // challenge is the locked state of one (tenant, request_id) inside a batch transaction.
@@ -41,10 +42,10 @@ func tenantRate(tenant string) string { return "tenant|" + tenant }
 type batchState struct {
 	now        time.Time // the database clock once the rows are locked
 	challenges map[key]*challenge
-	logs       map[string][]time.Time     // rate_log rows: send times per key
+	logs       map[string]window.Stamps   // rate_log rows: send times per key
 	windows    map[string]*rateWindow     // rate_window rows
 	active     map[rcptKey][]activeRef    // active unexpired challenges per recipient
-	recent     map[rcptKey][]time.Time    // creation times of recent challenges
+	recent     map[rcptKey]window.Stamps  // creation times of recent challenges
 	ipSeen     map[string]map[string]bool // tenant|ip -> recipients seen in the fanout window
 	dirtyLogs  map[string]bool
 	dirtyWins  map[string]bool
@@ -104,8 +105,8 @@ func (s *Service) issue(ctx context.Context, reqs []*request) ([]outbox.Entry, e
 // sorted order so that issuers never deadlock, reads what the rules need (windows as of
 // start), and then the database clock.
 func (s *Service) lock(ctx context.Context, tx pgx.Tx, reqs []*request, now time.Time) (*batchState, error) {
-	st := &batchState{challenges: map[key]*challenge{}, logs: map[string][]time.Time{}, windows: map[string]*rateWindow{},
-		active: map[rcptKey][]activeRef{}, recent: map[rcptKey][]time.Time{}, ipSeen: map[string]map[string]bool{},
+	st := &batchState{challenges: map[key]*challenge{}, logs: map[string]window.Stamps{}, windows: map[string]*rateWindow{},
+		active: map[rcptKey][]activeRef{}, recent: map[rcptKey]window.Stamps{}, ipSeen: map[string]map[string]bool{},
 		dirtyLogs: map[string]bool{}, dirtyWins: map[string]bool{}, ipTouched: map[string]map[string]bool{}}
 
 	var ks []key
@@ -203,7 +204,7 @@ func (s *Service) lock(ctx context.Context, tx pgx.Tx, reqs []*request, now time
 				st.active[rk] = append(st.active[rk], a)
 			}
 			if created.After(now.Add(-time.Hour)) {
-				st.recent[rk] = append(st.recent[rk], created)
+				st.recent[rk] = st.recent[rk].Add(created)
 			}
 		}
 		return rows.Err()
@@ -315,13 +316,13 @@ func (s *Service) decide(st *batchState, writes *pgx.Batch, r *request, now time
 	maxAttempts := p.MaxAttempts
 	var risk []string
 	if c == nil {
-		if b := p.Risk.RecipientBurst; b.Challenges > 0 && countSince(st.recent[rk], now.Add(-b.Window)) >= b.Challenges {
+		if b := p.Risk.RecipientBurst; b.Challenges > 0 && st.recent[rk].Count(now.Add(-b.Window)) >= b.Challenges {
 			ttl, maxAttempts = min(ttl, b.TTL), min(maxAttempts, b.MaxAttempts)
 			risk = append(risk, "recipient_burst")
 		}
 		c = &challenge{id: newID(), isNew: true, status: "active", recipient: rk.recipient, address: r.req.Recipient, purpose: rk.purpose}
 		st.challenges[k] = c
-		st.recent[rk] = append(st.recent[rk], now)
+		st.recent[rk] = st.recent[rk].Add(now)
 		r.outcome = "issued"
 	} else {
 		r.outcome = "resent"
@@ -354,18 +355,18 @@ func (s *Service) decide(st *batchState, writes *pgx.Batch, r *request, now time
 // with how long until it would not.
 func (s *Service) overLimit(st *batchState, p policy.Policy, r *request, rk rcptKey, now time.Time) (string, time.Duration) {
 	rl := p.RateLimits
-	stamps := since(st.logs[rk.rate()], now.Add(-time.Hour))
+	stamps := st.logs[rk.rate()].Trim(now.Add(-time.Hour))
 	if rl.RecipientCooldown > 0 && len(stamps) > 0 {
-		if wait := stamps[len(stamps)-1].Add(rl.RecipientCooldown).Sub(now); wait > 0 {
+		if wait := stamps.KthNewest(1).Add(rl.RecipientCooldown).Sub(now); wait > 0 {
 			return "recipient_cooldown", wait
 		}
 	}
 	if rl.RecipientPerHour > 0 && len(stamps) >= rl.RecipientPerHour {
-		return "recipient_per_hour", stamps[len(stamps)-rl.RecipientPerHour].Add(time.Hour).Sub(now)
+		return "recipient_per_hour", stamps.KthNewest(rl.RecipientPerHour).Add(time.Hour).Sub(now)
 	}
 	if ip := r.client(); ip != "" && rl.IPPerMinute > 0 {
-		if ipStamps := since(st.logs[ipRate(r.tenant, ip)], now.Add(-time.Minute)); len(ipStamps) >= rl.IPPerMinute {
-			return "ip_per_minute", ipStamps[len(ipStamps)-rl.IPPerMinute].Add(time.Minute).Sub(now)
+		if ipStamps := st.logs[ipRate(r.tenant, ip)].Trim(now.Add(-time.Minute)); len(ipStamps) >= rl.IPPerMinute {
+			return "ip_per_minute", ipStamps.KthNewest(rl.IPPerMinute).Add(time.Minute).Sub(now)
 		}
 	}
 	if rl.TenantPerMinute > 0 {
@@ -379,11 +380,11 @@ func (s *Service) overLimit(st *batchState, p policy.Policy, r *request, rk rcpt
 
 // recordSend counts one send against every limit of the request.
 func (s *Service) recordSend(st *batchState, r *request, rk rcptKey, now time.Time) {
-	st.logs[rk.rate()] = append(since(st.logs[rk.rate()], now.Add(-time.Hour)), now)
+	st.logs[rk.rate()] = st.logs[rk.rate()].Trim(now.Add(-time.Hour)).Add(now)
 	st.dirtyLogs[rk.rate()] = true
 	if ip := r.client(); ip != "" {
 		ik := ipRate(r.tenant, ip)
-		st.logs[ik] = append(since(st.logs[ik], now.Add(-time.Hour)), now)
+		st.logs[ik] = st.logs[ik].Trim(now.Add(-time.Hour)).Add(now)
 		st.dirtyLogs[ik] = true
 		key := r.tenant + "|" + ip
 		if st.ipSeen[key] == nil {
@@ -406,7 +407,7 @@ func (s *Service) recordSend(st *batchState, r *request, rk rcptKey, now time.Ti
 // writeLimits queues the changed rate-limit rows.
 func (s *Service) writeLimits(st *batchState, writes *pgx.Batch, now time.Time) {
 	for k := range st.dirtyLogs {
-		writes.Queue(`UPDATE issuer.rate_log SET stamps = $2 WHERE key = $1`, k, since(st.logs[k], now.Add(-time.Hour)))
+		writes.Queue(`UPDATE issuer.rate_log SET stamps = $2 WHERE key = $1`, k, []time.Time(st.logs[k].Trim(now.Add(-time.Hour))))
 	}
 	for k := range st.dirtyWins {
 		w := st.windows[k]
@@ -419,25 +420,6 @@ func (s *Service) writeLimits(st *batchState, writes *pgx.Batch, now time.Time) 
 				ON CONFLICT (tenant, ip, recipient_key) DO UPDATE SET last_at = EXCLUDED.last_at`, tenant, ip, rc, now)
 		}
 	}
-}
-
-// since keeps the stamps after t, in order.
-func since(stamps []time.Time, t time.Time) []time.Time {
-	i := 0
-	for i < len(stamps) && !stamps[i].After(t) {
-		i++
-	}
-	return stamps[i:]
-}
-
-func countSince(stamps []time.Time, t time.Time) int {
-	n := 0
-	for _, s := range stamps {
-		if s.After(t) {
-			n++
-		}
-	}
-	return n
 }
 
 type codeParams struct {

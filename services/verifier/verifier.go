@@ -21,6 +21,7 @@ import (
 	"github.com/otpflow/otpflow/events/policy"
 	"github.com/otpflow/otpflow/platform"
 	"github.com/otpflow/otpflow/platform/outbox"
+	"github.com/otpflow/otpflow/platform/window"
 	"github.com/prometheus/client_golang/prometheus"
 	"golang.org/x/sync/errgroup"
 )
@@ -334,7 +335,7 @@ func (s *Service) verifyTx(ctx context.Context, tx pgx.Tx, tenant string, req ev
 			tenant, recipientKey).Scan(&failures); err != nil {
 			return events.VerifyReply{}, nil, err
 		}
-		failures = since(failures, now.Add(-time.Hour))
+		failures = window.Stamps(failures).Trim(now.Add(-time.Hour))
 	}
 	if limit := p.RateLimits.RecipientFailuresPerHour; limit > 0 && len(failures) >= limit {
 		reason = "recipient_failures"
@@ -413,13 +414,4 @@ func (s *Service) verifyTx(ctx context.Context, tx pgx.Tx, tenant string, req ev
 // CloudEvents time the process clock, when the message was made.
 func (s *Service) event(typ events.Type, tenant, id, challengeID string, v any) (*nats.Msg, error) {
 	return events.NewMsg(typ, tenant, id, challengeID, v, events.Envelope{Source: "otpflow/verifier", Time: s.now()})
-}
-
-// since keeps the stamps after t, in order.
-func since(stamps []time.Time, t time.Time) []time.Time {
-	i := 0
-	for i < len(stamps) && !stamps[i].After(t) {
-		i++
-	}
-	return stamps[i:]
 }
