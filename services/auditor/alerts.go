@@ -4,7 +4,6 @@ import (
 	"context"
 	"crypto/sha256"
 	"encoding/hex"
-	"encoding/json"
 	"fmt"
 	"strconv"
 	"strings"
@@ -13,6 +12,7 @@ import (
 
 	"github.com/nats-io/nats.go"
 	"github.com/otpflow/otpflow/events"
+	"github.com/otpflow/otpflow/platform/window"
 	"github.com/prometheus/client_golang/prometheus"
 )
 
@@ -97,15 +97,15 @@ type alerter struct {
 	raised  *prometheus.CounterVec
 
 	mu       sync.Mutex
-	windows  map[string][]time.Time // rule|key -> event times
-	calls    map[string][]call      // provider -> recent calls
-	lastSent map[string]time.Time   // rule|key -> last alert
-	rcpts    map[string]rcpt        // challenge -> recipient
+	windows  map[string]window.Stamps // rule|key -> event times
+	calls    map[string]providerCalls // provider -> recent calls
+	lastSent map[string]time.Time     // rule|key -> last alert
+	rcpts    map[string]rcpt          // challenge -> recipient
 }
 
-type call struct {
-	at     time.Time
-	failed bool
+// providerCalls are the recent calls to one provider: all of them, and the failed ones.
+type providerCalls struct {
+	all, failed window.Stamps
 }
 
 type rcpt struct {
@@ -115,7 +115,7 @@ type rcpt struct {
 }
 
 func newAlerter(th map[string]Threshold, reg prometheus.Registerer) *alerter {
-	a := &alerter{th: th, windows: map[string][]time.Time{}, calls: map[string][]call{}, lastSent: map[string]time.Time{},
+	a := &alerter{th: th, windows: map[string]window.Stamps{}, calls: map[string]providerCalls{}, lastSent: map[string]time.Time{},
 		rcpts: map[string]rcpt{},
 		raised: prometheus.NewCounterVec(prometheus.CounterOpts{
 			Name: "otpflow_auditor_alerts_total", Help: "Anomaly alerts raised, by rule.",
@@ -138,8 +138,6 @@ func (a *alerter) observe(ctx context.Context, rows []*Row) {
 }
 
 func (a *alerter) rowAlerts(ctx context.Context, r *Row) []*nats.Msg {
-	var body map[string]any
-	_ = json.Unmarshal(r.Payload, &body)
 	a.mu.Lock()
 	defer a.mu.Unlock()
 	var out []*nats.Msg
@@ -170,38 +168,32 @@ func (a *alerter) rowAlerts(ctx context.Context, r *Row) []*nats.Msg {
 			return -1
 		}
 		k := rule + "|" + key
-		ts := append(a.windows[k], r.OccurredAt)
-		i := 0
-		for i < len(ts) && !ts[i].After(r.OccurredAt.Add(-t.Window)) {
-			i++
-		}
-		ts = ts[i:]
-		a.windows[k] = ts
-		return len(ts)
+		a.windows[k] = a.windows[k].Add(r.OccurredAt).Trim(r.OccurredAt.Add(-t.Window))
+		return len(a.windows[k])
 	}
 
-	switch r.Type {
-	case string(events.TypeIssued):
-		if r.ChallengeID != "" && r.RecipientHash != nil {
-			a.rcpts[r.ChallengeID] = rcpt{hash: hex.EncodeToString(r.RecipientHash), masked: r.RecipientMasked, at: r.OccurredAt}
+	switch e := r.Event.(type) {
+	case events.Issued:
+		if e.ChallengeID != "" && r.RecipientHash != nil {
+			a.rcpts[e.ChallengeID] = rcpt{hash: hex.EncodeToString(r.RecipientHash), masked: r.RecipientMasked, at: r.OccurredAt}
 		}
-		if ip := r.PII["client_ip"]; ip != "" {
+		if ip := e.ClientIP; ip != "" {
 			if n := count(RuleRequestBurstIP, r.Tenant+"|"+ip); n >= a.th[RuleRequestBurstIP].Count && n > 0 {
 				raise(RuleRequestBurstIP, r.Tenant+"|"+ip, r.Tenant, fmt.Sprintf("%d codes issued for client IP %s within %v", n, ip, a.th[RuleRequestBurstIP].Window), float64(n))
 			}
 		}
-	case string(events.TypeVerifyFailed):
+	case events.VerifyFailed:
 		if n := count(RuleVerifyFailuresTenant, r.Tenant); n >= a.th[RuleVerifyFailuresTenant].Count && n > 0 {
 			raise(RuleVerifyFailuresTenant, r.Tenant, r.Tenant, fmt.Sprintf("%d failed verifications within %v", n, a.th[RuleVerifyFailuresTenant].Window), float64(n))
 		}
-		who, ok := a.rcpts[r.ChallengeID]
-		if !ok && r.ChallengeID != "" && a.lookup != nil {
+		who, ok := a.rcpts[e.ChallengeID]
+		if !ok && e.ChallengeID != "" && a.lookup != nil {
 			a.mu.Unlock()
-			h, masked := a.lookup(ctx, r.ChallengeID)
+			h, masked := a.lookup(ctx, e.ChallengeID)
 			a.mu.Lock()
 			if h != nil {
 				who, ok = rcpt{hash: hex.EncodeToString(h), masked: masked, at: r.OccurredAt}, true
-				a.rcpts[r.ChallengeID] = who
+				a.rcpts[e.ChallengeID] = who
 			}
 		}
 		if ok {
@@ -209,37 +201,14 @@ func (a *alerter) rowAlerts(ctx context.Context, r *Row) []*nats.Msg {
 				raise(RuleVerifyFailuresRecipient, r.Tenant+"|"+who.hash, r.Tenant, fmt.Sprintf("%d failed verifications for %s within %v", n, who.masked, a.th[RuleVerifyFailuresRecipient].Window), float64(n))
 			}
 		}
-	case string(events.TypeSuperseded):
+	case events.Superseded:
 		if n := count(RuleSupersedeStorm, r.Tenant); n >= a.th[RuleSupersedeStorm].Count && n > 0 {
 			raise(RuleSupersedeStorm, r.Tenant, r.Tenant, fmt.Sprintf("%d challenges superseded within %v", n, a.th[RuleSupersedeStorm].Window), float64(n))
 		}
-	case string(events.TypeDelivered), string(events.TypeDeliveryFailed):
-		t := a.th[RuleDeliveryFailureRatio]
-		list, _ := body["provider_attempts"].([]any)
-		for _, item := range list {
-			c, _ := item.(map[string]any)
-			provider, _ := c["provider"].(string)
-			outcome, _ := c["outcome"].(string)
-			if provider == "" || t.Count == 0 {
-				continue
-			}
-			calls := append(a.calls[provider], call{at: r.OccurredAt, failed: outcome != "ok" && outcome != "permanent"})
-			i := 0
-			for i < len(calls) && !calls[i].at.After(r.OccurredAt.Add(-t.Window)) {
-				i++
-			}
-			calls = calls[i:]
-			a.calls[provider] = calls
-			failed := 0
-			for _, c := range calls {
-				if c.failed {
-					failed++
-				}
-			}
-			if ratio := float64(failed) / float64(len(calls)); len(calls) >= t.Count && ratio >= t.Ratio {
-				raise(RuleDeliveryFailureRatio, provider, "_system", fmt.Sprintf("provider %s failed %d of %d calls within %v", provider, failed, len(calls), t.Window), ratio)
-			}
-		}
+	case events.Delivered:
+		a.countCalls(r.OccurredAt, e.ProviderAttempts, raise)
+	case events.DeliveryFailed:
+		a.countCalls(r.OccurredAt, e.ProviderAttempts, raise)
 	}
 	// Keep the challenge map bounded.
 	for id, who := range a.rcpts {
@@ -248,6 +217,30 @@ func (a *alerter) rowAlerts(ctx context.Context, r *Row) []*nats.Msg {
 		}
 	}
 	return out
+}
+
+// countCalls feeds the provider calls of one delivery to the failure-ratio rule. A call
+// failed unless it succeeded or the address was refused (that says nothing of the
+// provider's health).
+func (a *alerter) countCalls(at time.Time, attempts []events.ProviderAttempt, raise func(rule, key, tenant, detail string, value float64)) {
+	t := a.th[RuleDeliveryFailureRatio]
+	cutoff := at.Add(-t.Window)
+	for _, c := range attempts {
+		if c.Provider == "" || t.Count == 0 {
+			continue
+		}
+		pc := a.calls[c.Provider]
+		pc.all = pc.all.Add(at).Trim(cutoff)
+		if c.Outcome != "ok" && c.Outcome != "permanent" {
+			pc.failed = pc.failed.Add(at)
+		}
+		pc.failed = pc.failed.Trim(cutoff)
+		a.calls[c.Provider] = pc
+		n, failed := len(pc.all), len(pc.failed)
+		if ratio := float64(failed) / float64(n); n >= t.Count && ratio >= t.Ratio {
+			raise(RuleDeliveryFailureRatio, c.Provider, "_system", fmt.Sprintf("provider %s failed %d of %d calls within %v", c.Provider, failed, n, t.Window), ratio)
+		}
+	}
 }
 
 // lookupRecipient finds the recipient of a challenge in the log (after a restart).

@@ -3,6 +3,7 @@
 package auditor
 
 import (
+	"bytes"
 	"context"
 	"crypto/hmac"
 	"crypto/sha256"
@@ -122,6 +123,10 @@ type Row struct {
 	RequestID   string
 	ChallengeID string
 	Payload     json.RawMessage // the event without its personal data
+	// Event is the payload decoded by the contract (events.Issued, events.Delivered, …) for
+	// the rules that interpret it; nil for a type this auditor does not know. Not stored:
+	// Payload is what the log keeps, unknown fields and types included.
+	Event any
 
 	// Personal data, erasable: it enters the chain only through PIIDigest.
 	RecipientHash   []byte
@@ -138,18 +143,27 @@ type Row struct {
 // personalFields leave the payload for the erasable PII column.
 var personalFields = []string{"client_ip", "session_id"}
 
+// rowKeys are what every row is found by. They are read the same way from every event, of a
+// known type or not.
+type rowKeys struct {
+	RequestID   string `json:"request_id"`
+	ChallengeID string `json:"challenge_id"`
+	Recipient   string `json:"recipient"`
+}
+
 // ToRow turns an OTP_EVENTS message into its audit row: the recipient leaves the payload
 // and is kept as HMAC-SHA256(key, canonical address) and a masked form; the client IP and
-// session id move to the erasable PII column. stored is when the stream stored the
-// message, the event time when it has no ce-time. The same message and key always give
-// the same row, so a replay rebuilds the live log exactly.
+// session id move to the erasable PII column. Everything else stays as it came, fields and
+// types this auditor does not know included, numbers as written. stored is when the
+// stream stored the message, the event time when it has no ce-time. The same message and
+// key always give the same row, so a replay rebuilds the live log exactly.
 func ToRow(key []byte, seq uint64, stored time.Time, subject string, header map[string][]string, data []byte) (Row, error) {
 	typ, tenant, err := events.SplitSubject(subject)
 	if err != nil {
 		return Row{}, err
 	}
-	var body map[string]any
-	if err := events.DecodeEvent(data, &body); err != nil {
+	body, err := storedBody(data)
+	if err != nil {
 		return Row{}, err
 	}
 	get := func(h string) string {
@@ -164,12 +178,17 @@ func ToRow(key []byte, seq uint64, stored time.Time, subject string, header map[
 		r.OccurredAt = stored
 	}
 	r.OccurredAt = r.OccurredAt.UTC().Truncate(time.Microsecond) // what PostgreSQL keeps
-	r.RequestID, _ = body["request_id"].(string)
-	r.ChallengeID, _ = body["challenge_id"].(string)
-	if rcpt, ok := body["recipient"].(string); ok {
+	// A field of another JSON type than the contract's reads as empty, as it always has:
+	// the row is kept all the same.
+	var k rowKeys
+	_ = json.Unmarshal(data, &k)
+	r.RequestID, r.ChallengeID = k.RequestID, k.ChallengeID
+	// A known type that does not decode into its payload is kept uninterpreted.
+	r.Event, _ = events.DecodeEventOf(typ, data)
+	if _, ok := body["recipient"].(string); ok {
 		delete(body, "recipient")
-		r.RecipientHash = RecipientHash(key, rcpt)
-		r.RecipientMasked = Mask(rcpt)
+		r.RecipientHash = RecipientHash(key, k.Recipient)
+		r.RecipientMasked = Mask(k.Recipient)
 	}
 	for _, f := range personalFields {
 		if v, ok := body[f].(string); ok {
@@ -189,6 +208,53 @@ func ToRow(key []byte, seq uint64, stored time.Time, subject string, header map[
 	r.PIISalt = piiSalt(key, seq)
 	r.PIIDigest = piiDigest(r.PIISalt, r.RecipientHash, r.RecipientMasked, r.PII)
 	return r, nil
+}
+
+// storedBody decodes a message body into the form the log keeps: one JSON object, any
+// fields. Integers keep every digit (an unknown field may hold more than a float64 does);
+// other numbers read as float64, in the form PostgreSQL's jsonb gives back, as always.
+func storedBody(data []byte) (map[string]any, error) {
+	var check map[string]json.RawMessage
+	if err := events.DecodeEvent(data, &check); err != nil { // one object, the size limit
+		return nil, err
+	}
+	dec := json.NewDecoder(bytes.NewReader(data))
+	dec.UseNumber()
+	var body map[string]any
+	if err := dec.Decode(&body); err != nil {
+		return nil, err
+	}
+	for k, v := range body {
+		body[k] = storedNumbers(v)
+	}
+	return body, nil
+}
+
+// storedNumbers keeps integers as written and turns other numbers into float64.
+func storedNumbers(v any) any {
+	switch v := v.(type) {
+	case json.Number:
+		if integer(v.String()) {
+			return v
+		}
+		f, _ := v.Float64()
+		return f
+	case map[string]any:
+		for k, e := range v {
+			v[k] = storedNumbers(e)
+		}
+	case []any:
+		for i, e := range v {
+			v[i] = storedNumbers(e)
+		}
+	}
+	return v
+}
+
+// integer reports whether a JSON number is written as an integer: digits, perhaps a minus.
+func integer(s string) bool {
+	s = strings.TrimPrefix(s, "-")
+	return s != "" && s != "0" && strings.Trim(s, "0123456789") == ""
 }
 
 // piiSalt derives a row's salt from the audit key and its stream sequence.

@@ -28,6 +28,8 @@ var rowCases = []struct {
 }
 
 // TestRowFormatIsStable pins the audit row of each case: its payload and the chain hashes.
+// Integers keep every digit (an unknown field's "big" would lose some as a float64); other
+// numbers keep the form jsonb gives back ("2.50" is stored as 2.5).
 // A change here changes the rows a replay writes and breaks the comparison of a replayed
 // log with one written before the change.
 func TestRowFormatIsStable(t *testing.T) {
@@ -67,6 +69,6 @@ var rowFormat = []string{
 	`verified|r-1|c-1|||{"attempts":2,"challenge_id":"c-1","code_seq":1,"request_id":"r-1","tenant":"acme","verified_at":"2026-11-26T10:05:00Z"}|map[]|f187fe9855c33283b35b21af9b11f2b99f92232c6d0217ed0cb03b8cf39d40b8`,
 	`locked|r-1|c-1|||{"attempts":5,"challenge_id":"c-1","locked_at":"2026-11-26T10:06:00Z","request_id":"r-1","tenant":"acme"}|map[]|6d54b2276382833865134b0025dde8c73294b21c54082681b69fd97248f72f3d`,
 	`alert|||||{"detail":"provider ses failed 3 of 4 calls","raised_at":"2026-11-26T10:06:00Z","rule":"delivery_failure_ratio","severity":"warning","tenant":"_system","threshold":0.5,"value":0.75}|map[]|8d9d2454cd80fff9c215f6bee13fb812eaca0c3e657be9045dd02a41508b74c2`,
-	`known type, unknown fields|r-2|c-2|||{"attempts":1,"big":12345678901234567000,"challenge_id":"c-2","code_seq":1,"method":"passkey","nested":{"a":null,"b":[1,2.5,"x"]},"request_id":"r-2","tenant":"acme","verified_at":"2026-11-26T10:05:00Z"}|map[]|3904d3e09026496d8f89a9995cbbc5f2241289b9c878c075e7af0556cbe9bcf4`,
+	`known type, unknown fields|r-2|c-2|||{"attempts":1,"big":12345678901234567890,"challenge_id":"c-2","code_seq":1,"method":"passkey","nested":{"a":null,"b":[1,2.5,"x"]},"request_id":"r-2","tenant":"acme","verified_at":"2026-11-26T10:05:00Z"}|map[]|7efe527152a066fbefecfc334e06363056456567b824f698023f165fd0972291`,
 	`unknown type|r-3|c-3|b***@example.com|d36bcebfc50a4c63a21160b2b404dd04e58ae25b96c6fbf6adc5abee89235bb6|{"at":"2026-11-26T10:08:00Z","challenge_id":"c-3","kind":"complaint","request_id":"r-3","score":0.1}|map[client_ip:198.51.100.1]|3df75dd7d5a6df0aa57da7fea4c085fc6b6811c62e7d394b9f040b3fa47f02bc`,
 }

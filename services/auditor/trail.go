@@ -9,6 +9,7 @@ import (
 
 	"github.com/jackc/pgx/v5"
 	"github.com/jackc/pgx/v5/pgxpool"
+	"github.com/otpflow/otpflow/events"
 )
 
 // Step is one event in the timeline of a request.
@@ -51,69 +52,74 @@ func Trail(ctx context.Context, pool *pgxpool.Pool, key []byte, tenant, requestI
 			return nil, err
 		}
 		_ = json.Unmarshal(payload, &s.Event)
-		if s.Type == "otp.issued" {
-			if at, ok := s.Event["requested_at"].(string); ok {
-				if t, err := time.Parse(time.RFC3339Nano, at); err == nil {
-					steps = append(steps, Step{Time: t, Type: "otp.requested", RequestID: s.RequestID, Recipient: s.Recipient,
-						Summary: "requested by the app", StreamSeq: s.StreamSeq})
-				}
-			}
+		ev, _ := events.DecodeEventOf(events.Type(s.Type), payload)
+		if is, ok := ev.(events.Issued); ok && !is.RequestedAt.IsZero() {
+			steps = append(steps, Step{Time: is.RequestedAt, Type: "otp.requested", RequestID: s.RequestID, Recipient: s.Recipient,
+				Summary: "requested by the app", StreamSeq: s.StreamSeq})
 		}
-		s.Summary = summarize(s.Type, s.Event)
+		s.Summary = summarize(s.Type, ev)
 		steps = append(steps, s)
 	}
 	return steps, rows.Err()
 }
 
-func summarize(typ string, e map[string]any) string {
-	str := func(k string) string { v, _ := e[k].(string); return v }
-	num := func(k string) int { v, _ := e[k].(float64); return int(v) }
-	calls := func() string {
-		list, _ := e["provider_attempts"].([]any)
-		var parts []string
-		for _, a := range list {
-			m, _ := a.(map[string]any)
-			parts = append(parts, fmt.Sprintf("%v %v", m["provider"], m["outcome"]))
-		}
-		if len(parts) == 0 {
-			return ""
-		}
-		return " (" + strings.Join(parts, " → ") + ")"
-	}
-	switch typ {
-	case "otp.issued":
-		s := fmt.Sprintf("code %d issued, %d attempts, expires %s", num("code_seq"), num("max_attempts"), str("expires_at"))
-		if e["test"] == true {
+// summarize says in one line what an event (decoded by events.DecodeEventOf) means for
+// its request; an event of a type it does not know is named by its type.
+func summarize(typ string, ev any) string {
+	switch e := ev.(type) {
+	case events.Issued:
+		s := fmt.Sprintf("code %d issued, %d attempts, expires %s", e.CodeSeq, e.MaxAttempts, timestamp(e.ExpiresAt))
+		if e.Test {
 			s += ", test recipient"
 		}
-		if r, ok := e["risk"].([]any); ok && len(r) > 0 {
-			s += fmt.Sprintf(", risk %v", r)
+		if len(e.Risk) > 0 {
+			s += fmt.Sprintf(", risk %v", e.Risk)
 		}
 		return s
-	case "otp.delivered":
-		s := fmt.Sprintf("code %d delivered via %s on delivery %d%s", num("code_seq"), str("provider"), num("attempts"), calls())
-		if e["unconfirmed"] == true {
+	case events.Delivered:
+		s := fmt.Sprintf("code %d delivered via %s on delivery %d%s", e.CodeSeq, e.Provider, e.Attempts, calls(e.ProviderAttempts))
+		if e.Unconfirmed {
 			s += ", unconfirmed"
 		}
 		return s
-	case "otp.delivery_failed":
-		return fmt.Sprintf("code %d not delivered (%s, permanent %v)%s", num("code_seq"), str("reason"), e["permanent"], calls())
-	case "otp.dispatch_expired":
-		return fmt.Sprintf("code %d expired before it could be mailed", num("code_seq"))
-	case "otp.verify_failed":
-		s := fmt.Sprintf("verify failed: %s, %d attempts left", str("status"), num("attempts_remaining"))
-		if r := str("reason"); r != "" {
-			s += " (" + r + ")"
+	case events.DeliveryFailed:
+		return fmt.Sprintf("code %d not delivered (%s, permanent %v)%s", e.CodeSeq, e.Reason, e.Permanent, calls(e.ProviderAttempts))
+	case events.DispatchExpired:
+		return fmt.Sprintf("code %d expired before it could be mailed", e.CodeSeq)
+	case events.VerifyFailed:
+		s := fmt.Sprintf("verify failed: %s, %d attempts left", e.Status, e.AttemptsRemaining)
+		if e.Reason != "" {
+			s += " (" + e.Reason + ")"
 		}
 		return s
-	case "otp.verified":
-		return fmt.Sprintf("verified with code %d after %d attempts", num("code_seq"), num("attempts"))
-	case "otp.locked":
-		return fmt.Sprintf("locked after %d attempts", num("attempts"))
-	case "otp.superseded":
-		return "superseded by request " + str("superseded_by")
-	case "otp.rejected":
-		return fmt.Sprintf("rejected: %s %s", str("reason"), str("detail"))
+	case events.Verified:
+		return fmt.Sprintf("verified with code %d after %d attempts", e.CodeSeq, e.Attempts)
+	case events.Locked:
+		return fmt.Sprintf("locked after %d attempts", e.Attempts)
+	case events.Superseded:
+		return "superseded by request " + e.SupersededBy
+	case events.Rejected:
+		return fmt.Sprintf("rejected: %s %s", e.Reason, e.Detail)
 	}
 	return typ
+}
+
+// calls lists a delivery's provider calls: " (ses transient → smtp ok)".
+func calls(attempts []events.ProviderAttempt) string {
+	if len(attempts) == 0 {
+		return ""
+	}
+	parts := make([]string, len(attempts))
+	for i, a := range attempts {
+		parts[i] = a.Provider + " " + a.Outcome
+	}
+	return " (" + strings.Join(parts, " → ") + ")"
+}
+
+// timestamp writes t as the event carried it; empty when it carried none.
+func timestamp(t time.Time) string {
+	if t.IsZero() {
+		return ""
+	}
+	return t.Format(time.RFC3339Nano)
 }
