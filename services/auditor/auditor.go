@@ -254,7 +254,7 @@ func storedNumbers(v any) any {
 // integer reports whether a JSON number is written as an integer: digits, perhaps a minus.
 func integer(s string) bool {
 	s = strings.TrimPrefix(s, "-")
-	return s != "" && s != "0" && strings.Trim(s, "0123456789") == ""
+	return s != "" && strings.Trim(s, "0123456789") == ""
 }
 
 // piiSalt derives a row's salt from the audit key and its stream sequence.
