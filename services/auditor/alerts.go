@@ -177,9 +177,11 @@ func (a *alerter) rowAlerts(ctx context.Context, r *Row) []*nats.Msg {
 		if e.ChallengeID != "" && r.RecipientHash != nil {
 			a.rcpts[e.ChallengeID] = rcpt{hash: hex.EncodeToString(r.RecipientHash), masked: r.RecipientMasked, at: r.OccurredAt}
 		}
-		if ip := e.ClientIP; ip != "" {
+		if ip := events.ClientNetwork(e.ClientIP); ip != "" {
+			// Counted per client network, as the issuer's limits count; the alert (on the
+			// audit stream, which erasure cannot reach) names it only masked.
 			if n := count(RuleRequestBurstIP, r.Tenant+"|"+ip); n >= a.th[RuleRequestBurstIP].Count && n > 0 {
-				raise(RuleRequestBurstIP, r.Tenant+"|"+ip, r.Tenant, fmt.Sprintf("%d codes issued for client IP %s within %v", n, ip, a.th[RuleRequestBurstIP].Window), float64(n))
+				raise(RuleRequestBurstIP, r.Tenant+"|"+ip, r.Tenant, fmt.Sprintf("%d codes issued for client network %s within %v", n, maskNetwork(ip), a.th[RuleRequestBurstIP].Window), float64(n))
 			}
 		}
 	case events.VerifyFailed:
@@ -250,4 +252,16 @@ func (s *Service) lookupRecipient(ctx context.Context, challengeID string) ([]by
 	_ = s.pool.QueryRow(ctx, `SELECT recipient_hash, recipient_masked FROM audit.events WHERE challenge_id = $1 AND recipient_hash IS NOT NULL
 		ORDER BY stream_seq LIMIT 1`, challengeID).Scan(&h, &masked)
 	return h, masked
+}
+
+// maskNetwork shows enough of a client network to tell networks apart at a glance and not
+// enough to name a subscriber: 198.51.x.x, or 2001:db8:…/64.
+func maskNetwork(n string) string {
+	if v4 := strings.Split(n, "."); len(v4) == 4 {
+		return v4[0] + "." + v4[1] + ".x.x"
+	}
+	if g := strings.SplitN(strings.TrimSuffix(n, "/64"), ":", 3); len(g) == 3 {
+		return g[0] + ":" + g[1] + ":…/64"
+	}
+	return "(masked)"
 }
