@@ -11,7 +11,6 @@ import (
 
 	"github.com/nats-io/nats.go"
 	"github.com/nats-io/nats.go/jetstream"
-	"github.com/otpflow/otpflow/events"
 )
 
 // ConnectNATS connects as service svc. Replies come to the inbox prefix "_INBOX_<svc>", so
@@ -130,38 +129,6 @@ func PublishAll(ctx context.Context, js jetstream.JetStream, msgs []*nats.Msg) e
 		}
 	}
 	return errors.Join(errs...)
-}
-
-// DeadLetter copies m to otp.dlq.<tenant> with the reason and its origin in headers, then
-// terminates m (on a work queue that deletes it). If the copy cannot be published, m is
-// redelivered later instead, so nothing is lost.
-func DeadLetter(ctx context.Context, js jetstream.JetStream, m jetstream.Msg, tenant, reason string) error {
-	md, err := m.Metadata()
-	if err != nil {
-		return fmt.Errorf("dead-letter: metadata: %w", err)
-	}
-	if !events.ValidTenant(tenant) {
-		tenant = "_unknown"
-	}
-	dl := nats.NewMsg(events.TypeDLQ.Subject(tenant))
-	dl.Data = m.Data()
-	dl.Header = nats.Header{}
-	for k, v := range m.Headers() {
-		dl.Header[k] = append([]string(nil), v...)
-	}
-	id := fmt.Sprintf("dlq:%s:%d", md.Stream, md.Sequence.Stream)
-	dl.Header.Set(jetstream.MsgIDHeader, id)
-	// The reason may quote a provider or a decoder: no address leaves in it.
-	reason = events.Reason(reason, 1000)
-	dl.Header.Set(events.HeaderDLQReason, reason)
-	dl.Header.Set(events.HeaderDLQStream, md.Stream)
-	dl.Header.Set(events.HeaderDLQSequence, fmt.Sprint(md.Sequence.Stream))
-	dl.Header.Set(events.HeaderDLQDelivered, fmt.Sprint(md.NumDelivered))
-	if _, err := js.PublishMsg(ctx, dl); err != nil {
-		_ = m.NakWithDelay(5 * time.Second)
-		return fmt.Errorf("dead-letter %s: %w", id, err)
-	}
-	return m.TermWithReason(events.Reason(reason, 200))
 }
 
 // RetryDelay is the redelivery delay after the n-th failed delivery: exponential from

@@ -54,6 +54,7 @@ type Service struct {
 	pool *pgxpool.Pool
 	js   jetstream.JetStream
 	log  *slog.Logger
+	reg  prometheus.Registerer
 
 	written *prometheus.CounterVec
 	alerts  *alerter
@@ -67,7 +68,7 @@ func New(cfg Config, pool *pgxpool.Pool, js jetstream.JetStream, log *slog.Logge
 	if cfg.BatchSize < 1 {
 		cfg.BatchSize = 200
 	}
-	s := &Service{cfg: cfg, pool: pool, js: js, log: log,
+	s := &Service{cfg: cfg, pool: pool, js: js, log: log, reg: reg,
 		written: prometheus.NewCounterVec(prometheus.CounterOpts{
 			Name: "otpflow_auditor_events_total", Help: "Events written to the audit log, by type.",
 		}, []string{"type"}),
@@ -108,7 +109,9 @@ func (s *Service) Run(ctx context.Context) error {
 		s.log.Info("chained rows written before the hash chain", "rows", n)
 	}
 	s.log.Info("auditor consuming", "stream", events.StreamEvents, "consumer", events.ConsumerAuditor)
-	return platform.ConsumeBatches(ctx, cons, s.cfg.BatchSize, s.handleBatch)
+	c := platform.NewConsumer(cons, platform.ConsumeConfig{Name: events.ConsumerAuditor, BatchSize: s.cfg.BatchSize,
+		JS: s.js, Log: s.log, Reg: s.reg})
+	return c.Run(ctx, s.handleBatch)
 }
 
 // Row is one audit log row.
@@ -281,32 +284,27 @@ func Mask(addr string) string {
 	return addr[:1] + "***" + addr[at:]
 }
 
-func (s *Service) handleBatch(ctx context.Context, batch []jetstream.Msg) {
+func (s *Service) handleBatch(ctx context.Context, batch []*platform.Delivery) error {
 	var rows []*Row
-	var good []jetstream.Msg
-	for _, m := range batch {
-		md, err := m.Metadata()
+	var good []*platform.Delivery
+	for _, d := range batch {
+		md := d.Meta()
+		row, err := ToRow(s.cfg.RecipientKey, md.Sequence, md.Timestamp, d.Subject(), d.Headers(), d.Data())
 		if err != nil {
-			_ = m.NakWithDelay(time.Second)
-			continue
-		}
-		row, err := ToRow(s.cfg.RecipientKey, md.Sequence.Stream, md.Timestamp, m.Subject(), m.Headers(), m.Data())
-		if err != nil {
-			_, tenant, _ := events.SplitSubject(m.Subject())
-			s.log.Error("undecodable event", "seq", md.Sequence.Stream, "err", err)
-			if err := platform.DeadLetter(ctx, s.js, m, tenant, "auditor: "+err.Error()); err != nil {
-				s.log.Error("dead-letter", "err", err)
-			}
+			_, tenant, _ := events.SplitSubject(d.Subject())
+			s.log.Error("undecodable event", "seq", md.Sequence, "err", err)
+			d.Settle(platform.DeadLetter(tenant, "auditor: "+err.Error()))
 			continue
 		}
 		rows = append(rows, &row)
-		good = append(good, m)
+		good = append(good, d)
 	}
 	if len(good) == 0 {
-		return
+		return nil
 	}
 	// The chain follows insertion order, so a failed batch is retried here, in order,
-	// instead of being put back behind newer events.
+	// instead of being put back behind newer events. The consumer keeps the batch in
+	// progress meanwhile.
 	b := backoff.WithContext(backoff.NewExponentialBackOff(backoff.WithInitialInterval(100*time.Millisecond),
 		backoff.WithMaxInterval(5*time.Second), backoff.WithMaxElapsedTime(0)), ctx)
 	err := backoff.RetryNotify(func() error {
@@ -314,17 +312,18 @@ func (s *Service) handleBatch(ctx context.Context, batch []jetstream.Msg) {
 		return err
 	}, b, func(err error, d time.Duration) {
 		s.log.Error("write audit batch; retrying", "events", len(good), "retry_in", d, "err", err)
-		for _, m := range good {
-			_ = m.InProgress()
-		}
 	})
 	if err != nil {
-		return // shutting down: unacknowledged, redelivered later
+		for _, d := range good {
+			d.Settle(platform.Retry(time.Second))
+		}
+		return nil
 	}
-	for _, m := range good {
-		typ, _, _ := events.SplitSubject(m.Subject())
+	for _, d := range good {
+		typ, _, _ := events.SplitSubject(d.Subject())
 		s.written.WithLabelValues(string(typ)).Inc()
-		_ = m.Ack()
+		d.Settle(platform.Ack())
 	}
 	s.alerts.observe(ctx, rows)
+	return nil
 }

@@ -68,6 +68,7 @@ type Service struct {
 	pool   *pgxpool.Pool
 	js     jetstream.JetStream
 	log    *slog.Logger
+	reg    prometheus.Registerer
 	outbox *outbox.Outbox
 	// skew shifts the database clock; tests move time with it. Nil in production.
 	skew func() time.Duration
@@ -83,7 +84,7 @@ func New(cfg Config, pool *pgxpool.Pool, js jetstream.JetStream, log *slog.Logge
 	}
 	cfg.setDefaults()
 	s := &Service{
-		cfg: cfg, pool: pool, js: js, log: log,
+		cfg: cfg, pool: pool, js: js, log: log, reg: reg,
 		outbox: &outbox.Outbox{Table: Schema + ".outbox", Pool: pool, JS: js, Log: log},
 		requests: prometheus.NewCounterVec(prometheus.CounterOpts{
 			Name: "otpflow_issuer_requests_total", Help: "otp.requested messages handled, by outcome.",
@@ -114,7 +115,9 @@ func (s *Service) Run(ctx context.Context) error {
 	g, gctx := errgroup.WithContext(ctx)
 	g.Go(func() error { return s.outbox.Relay(gctx, 2*time.Second, 5*time.Second) })
 	g.Go(func() error { return platform.PurgeEvery(gctx, 10*time.Minute, s.log, s.Purge) })
-	g.Go(func() error { return platform.ConsumeBatches(gctx, cons, s.cfg.BatchSize, s.handleBatch) })
+	c := platform.NewConsumer(cons, platform.ConsumeConfig{Name: events.ConsumerIssuer, BatchSize: s.cfg.BatchSize,
+		JS: s.js, Log: s.log, Reg: s.reg})
+	g.Go(func() error { return c.Run(gctx, s.handleBatch) })
 	return g.Wait()
 }
 
@@ -125,7 +128,7 @@ func (r *request) client() string { return events.ClientNetwork(r.req.Context.IP
 
 // request is one pulled otp.requested message on its way through a batch.
 type request struct {
-	msg    jetstream.Msg
+	msg    *platform.Delivery
 	seq    uint64
 	stored time.Time // when OTP_REQUESTS stored it
 	tenant string
@@ -135,22 +138,23 @@ type request struct {
 	outcome string
 }
 
-func (s *Service) handleBatch(ctx context.Context, batch []jetstream.Msg) {
+// handleBatch decides a batch of requests in one transaction. Rejections are published
+// and terminated whatever happens to the rest; if the transaction fails, the requests it
+// held are left unsettled and the error returned, so the consumer retries them one at a
+// time and a poison request cannot hold back its neighbours.
+func (s *Service) handleBatch(ctx context.Context, batch []*platform.Delivery) error {
 	s.batch.Observe(float64(len(batch)))
 	// Stamps of rejections only; every decision about time runs on the database clock.
 	now := time.Now()
 	reqs := make([]*request, 0, len(batch))
 	var valid []*request
-	for _, m := range batch {
-		r := &request{msg: m}
-		if md, err := m.Metadata(); err == nil {
-			r.seq, r.stored = md.Sequence.Stream, md.Timestamp.UTC()
-		}
+	for _, d := range batch {
+		r := &request{msg: d, seq: d.Meta().Sequence, stored: d.Meta().Timestamp.UTC()}
 		reqs = append(reqs, r)
-		_, tenant, err := events.SplitSubject(m.Subject())
+		_, tenant, err := events.SplitSubject(d.Subject())
 		if err == nil {
 			r.tenant = tenant
-			r.req, err = events.DecodeRequested(m.Data())
+			r.req, err = events.DecodeRequested(d.Data())
 		}
 		if err != nil {
 			r.reject = rejection(r, err, now)
@@ -159,12 +163,12 @@ func (s *Service) handleBatch(ctx context.Context, batch []jetstream.Msg) {
 		valid = append(valid, r)
 	}
 
-	entries, err := s.issue(ctx, valid)
-	if err != nil {
-		s.log.Error("issue batch", "requests", len(valid), "err", err)
+	entries, issueErr := s.issue(ctx, valid)
+	if issueErr != nil {
+		s.log.Error("issue batch", "requests", len(valid), "err", issueErr)
+		issueErr = fmt.Errorf("issue: %w", issueErr)
 		for _, r := range valid {
 			r.outcome, r.reject = "", nil
-			s.retry(ctx, r.msg, err)
 		}
 	} else if err := s.outbox.Publish(ctx, entries); err != nil {
 		// Committed: the relay publishes the rows later under the same ids.
@@ -182,20 +186,24 @@ func (s *Service) handleBatch(ctx context.Context, batch []jetstream.Msg) {
 		}
 	}
 	pubErr := platform.PublishAll(ctx, s.js, rejected)
+	if pubErr != nil {
+		pubErr = fmt.Errorf("publish rejections: %w", pubErr)
+	}
 	for _, r := range reqs {
 		switch {
 		case r.reject != nil && pubErr != nil:
-			s.retry(ctx, r.msg, pubErr)
+			// Left unsettled: retried with the error below.
 		case r.reject != nil:
 			s.requests.WithLabelValues("rejected").Inc()
 			s.log.Info("request rejected", "tenant", r.reject.Tenant, "request_id", r.reject.RequestID,
 				"reason", r.reject.Reason, "field", r.reject.Field, "seq", r.seq)
-			_ = r.msg.TermWithReason(string(r.reject.Reason))
+			r.msg.Settle(platform.Terminate(string(r.reject.Reason)))
 		case r.outcome != "":
 			s.requests.WithLabelValues(r.outcome).Inc()
-			_ = r.msg.Ack()
+			r.msg.Settle(platform.Ack())
 		}
 	}
+	return errors.Join(issueErr, pubErr)
 }
 
 func rejectTenant(r *request) string {
@@ -216,25 +224,7 @@ func rejection(r *request, err error, now time.Time) *events.Rejected {
 	return rej
 }
 
-// retry redelivers m later, or dead-letters it once it used up its deliveries.
-func (s *Service) retry(ctx context.Context, m jetstream.Msg, cause error) {
-	md, err := m.Metadata()
-	if err == nil && md.NumDelivered >= uint64(events.IssuerConsumer.MaxDeliver) {
-		_, tenant, _ := events.SplitSubject(m.Subject())
-		if err := platform.DeadLetter(ctx, s.js, m, tenant, cause.Error()); err != nil {
-			s.log.Error("dead-letter request", "err", err)
-		}
-		s.requests.WithLabelValues("dead_lettered").Inc()
-		return
-	}
-	n := uint64(1)
-	if err == nil {
-		n = md.NumDelivered
-	}
-	_ = m.NakWithDelay(platform.RetryDelay(n, 30*time.Second))
-}
-
-func (s *Service) envelope(m jetstream.Msg, now time.Time) events.Envelope {
+func (s *Service) envelope(m *platform.Delivery, now time.Time) events.Envelope {
 	return events.Envelope{Source: "otpflow/issuer", TraceParent: m.Headers().Get(events.HeaderTraceParent), Time: now}
 }
 

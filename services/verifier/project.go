@@ -5,18 +5,16 @@ import (
 	"errors"
 	"fmt"
 	"strings"
-	"time"
 
 	"github.com/jackc/pgx/v5"
 	"github.com/jackc/pgx/v5/pgconn"
-	"github.com/nats-io/nats.go/jetstream"
 	"github.com/otpflow/otpflow/events"
 	"github.com/otpflow/otpflow/platform"
 )
 
 // projection is one event of a batch, checked and ready to write.
 type projection struct {
-	msg jetstream.Msg
+	msg *platform.Delivery
 	// queue adds the event's statements to b; the callbacks it registers record a
 	// refusal that the database reports without an error in *refused.
 	queue   func(b *pgx.Batch, refused *error)
@@ -27,40 +25,35 @@ type projection struct {
 // The projection checks its inputs like the issuer checks requests: an event that does
 // not decode, names a tenant other than its subject's, or carries a malformed field goes
 // to OTP_DLQ with the reason and the rest of the batch is projected. If the database
-// refuses the batch, each event is written on its own, so one event the database refuses
-// is dead-lettered instead of holding back its neighbours.
-func (s *Service) project(ctx context.Context, batch []jetstream.Msg) {
+// refuses the batch, the error goes back to the consumer, which hands each event over
+// on its own, so one event the database refuses is dead-lettered instead of holding back
+// its neighbours; any other failure of a lone event is retried by the consumer.
+func (s *Service) project(ctx context.Context, batch []*platform.Delivery) error {
 	if s.beforeProject != nil {
 		s.beforeProject()
 	}
 	items := make([]*projection, 0, len(batch))
-	for _, m := range batch {
-		p, err := s.check(m)
+	for _, d := range batch {
+		p, err := s.check(d)
 		if err != nil {
-			s.deadLetter(ctx, m, err)
+			s.deadLetter(d, err)
 			continue
 		}
 		items = append(items, p)
 	}
 	if len(items) == 0 {
-		return
+		return nil
 	}
-	if err := s.write(ctx, items); err == nil {
-		s.settle(ctx, items)
-		return
-	} else if len(items) > 1 {
-		s.log.Warn("project batch; writing its events one by one", "events", len(items), "err", err)
+	err := s.write(ctx, items)
+	if err == nil {
+		s.settle(items)
+		return nil
 	}
-	for _, p := range items {
-		err := s.write(ctx, []*projection{p})
-		if err == nil {
-			s.settle(ctx, []*projection{p})
-		} else if refused, ok := refusedByDatabase(err); ok {
-			s.deadLetter(ctx, p.msg, refused)
-		} else {
-			s.retry(ctx, p.msg, err)
-		}
+	if refused, ok := refusedByDatabase(err); ok && len(items) == 1 {
+		s.deadLetter(items[0].msg, refused)
+		return nil
 	}
+	return fmt.Errorf("project %d events: %w", len(items), err)
 }
 
 // write runs the statements of items in one transaction.
@@ -75,39 +68,22 @@ func (s *Service) write(ctx context.Context, items []*projection) error {
 
 // settle acks what was projected and dead-letters what the database refused quietly
 // (its statements changed nothing).
-func (s *Service) settle(ctx context.Context, items []*projection) {
+func (s *Service) settle(items []*projection) {
 	for _, p := range items {
 		if p.refused != nil {
-			s.deadLetter(ctx, p.msg, p.refused)
+			s.deadLetter(p.msg, p.refused)
 			continue
 		}
 		s.projected.Inc()
-		_ = p.msg.Ack()
+		p.msg.Settle(platform.Ack())
 	}
 }
 
-// retry naks m for a later redelivery; when its deliveries are exhausted it goes to the
-// DLQ instead, so it is not silently dropped by MaxDeliver.
-func (s *Service) retry(ctx context.Context, m jetstream.Msg, err error) {
-	n := uint64(1)
-	if md, _ := m.Metadata(); md != nil {
-		n = md.NumDelivered
-	}
-	if n >= uint64(events.VerifierConsumer.MaxDeliver) {
-		s.deadLetter(ctx, m, fmt.Errorf("projection failed %d times: %w", n, err))
-		return
-	}
-	s.log.Error("project event", "subject", m.Subject(), "delivered", n, "err", err)
-	_ = m.NakWithDelay(platform.RetryDelay(n, 30*time.Second))
-}
-
-func (s *Service) deadLetter(ctx context.Context, m jetstream.Msg, reason error) {
-	_, tenant, _ := events.SplitSubject(m.Subject())
+func (s *Service) deadLetter(d *platform.Delivery, reason error) {
+	_, tenant, _ := events.SplitSubject(d.Subject())
 	s.deadLettered.Inc()
-	s.log.Warn("dead-letter event", "subject", m.Subject(), "reason", reason)
-	if err := platform.DeadLetter(ctx, s.js, m, tenant, "verifier: "+reason.Error()); err != nil {
-		s.log.Error("dead-letter", "err", err)
-	}
+	s.log.Warn("dead-letter event", "subject", d.Subject(), "reason", reason)
+	d.Settle(platform.DeadLetter(tenant, "verifier: "+reason.Error()))
 }
 
 // errRefused is a database error that no redelivery will cure: a data exception, an
@@ -148,7 +124,7 @@ var errChallengeOwned = &events.ValidationError{Reason: events.ReasonInvalidFiel
 	Detail: "belongs to another request of the projection"}
 
 // check decodes m and validates it against its subject.
-func (s *Service) check(m jetstream.Msg) (*projection, error) {
+func (s *Service) check(m *platform.Delivery) (*projection, error) {
 	typ, tenant, err := events.SplitSubject(m.Subject())
 	if err != nil {
 		return nil, err

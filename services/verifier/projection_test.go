@@ -9,6 +9,7 @@ import (
 
 	"github.com/nats-io/nats.go/jetstream"
 	"github.com/otpflow/otpflow/events"
+	"github.com/otpflow/otpflow/platform"
 	"github.com/otpflow/otpflow/platform/keys"
 	"github.com/otpflow/otpflow/platform/testenv"
 )
@@ -181,10 +182,11 @@ func TestProjectionChecksEventsInOneBatch(t *testing.T) {
 		return msgs
 	}
 
+	c := platform.NewConsumer(cons, platform.ConsumeConfig{Name: cfg.Durable, JS: js, Log: testenv.Logger(io.Discard)})
 	b := publishSetup(t, js, pepper)
-	svc.project(t.Context(), fetch(2))
+	c.Handle(t.Context(), fetch(2), svc.project)
 	b.publishMixed(t, js, pepper)
-	svc.project(t.Context(), fetch(9))
+	c.Handle(t.Context(), fetch(9), svc.project)
 
 	// Acks and terms are not confirmed by the server, hence the wait; a nak would keep
 	// an event pending until its redelivery.

@@ -46,6 +46,7 @@ type Service struct {
 	nc     *nats.Conn
 	js     jetstream.JetStream
 	log    *slog.Logger
+	reg    prometheus.Registerer
 	outbox *outbox.Outbox
 	// now is the process clock. It only stamps the CloudEvents time of published
 	// events; every expiry, window and stamp is decided on the database clock, so
@@ -91,7 +92,7 @@ func New(cfg Config, pool *pgxpool.Pool, nc *nats.Conn, js jetstream.JetStream, 
 		cfg.VerifyIPPerMinute = DefaultVerifyIPPerMinute
 	}
 	s := &Service{
-		cfg: cfg, pool: pool, nc: nc, js: js, log: log, now: time.Now,
+		cfg: cfg, pool: pool, nc: nc, js: js, log: log, reg: reg, now: time.Now,
 		fenceSlots: make(chan struct{}, cfg.MaxFenceWaits),
 		outbox:     &outbox.Outbox{Table: Schema + ".outbox", Pool: pool, JS: js, Log: log},
 		verifies: prometheus.NewCounterVec(prometheus.CounterOpts{
@@ -152,7 +153,9 @@ func (s *Service) Run(ctx context.Context) error {
 	g, gctx := errgroup.WithContext(ctx)
 	g.Go(func() error { return s.outbox.Relay(gctx, 2*time.Second, 5*time.Second) })
 	g.Go(func() error { return platform.PurgeEvery(gctx, 10*time.Minute, s.log, s.Purge) })
-	g.Go(func() error { return platform.ConsumeBatches(gctx, cons, s.cfg.BatchSize, s.project) })
+	c := platform.NewConsumer(cons, platform.ConsumeConfig{Name: events.ConsumerVerifier, BatchSize: s.cfg.BatchSize,
+		JS: s.js, Log: s.log, Reg: s.reg})
+	g.Go(func() error { return c.Run(gctx, s.project) })
 	g.Go(func() error {
 		<-gctx.Done()
 		err := svc.Stop() // unsubscribes; requests in flight finish below

@@ -1,0 +1,277 @@
+package platform_test
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"io"
+	"slices"
+	"strings"
+	"sync"
+	"sync/atomic"
+	"testing"
+	"time"
+
+	"github.com/nats-io/nats.go/jetstream"
+	"github.com/otpflow/otpflow/events"
+	"github.com/otpflow/otpflow/platform"
+	"github.com/otpflow/otpflow/platform/testenv"
+	"github.com/prometheus/client_golang/prometheus"
+)
+
+// settleEnv is a JetStream with the contract's streams, a stream of test messages on
+// settle.<tenant> and a durable consumer on it.
+type settleEnv struct {
+	js   jetstream.JetStream
+	cons jetstream.Consumer
+	reg  *prometheus.Registry
+}
+
+func newSettleEnv(t *testing.T, cc jetstream.ConsumerConfig) *settleEnv {
+	t.Helper()
+	_, js := testenv.JetStream(t, testenv.NATS(t))
+	_, err := js.CreateStream(t.Context(), jetstream.StreamConfig{Name: "SETTLE", Subjects: []string{"settle.>"}})
+	testenv.Must(t, err, "stream")
+	cc.Durable = "settle_test"
+	cc.AckPolicy = jetstream.AckExplicitPolicy
+	cons, err := js.CreateOrUpdateConsumer(t.Context(), "SETTLE", cc)
+	testenv.Must(t, err, "consumer")
+	return &settleEnv{js: js, cons: cons, reg: prometheus.NewRegistry()}
+}
+
+func (e *settleEnv) consumer(size int) *platform.Consumer {
+	return platform.NewConsumer(e.cons, platform.ConsumeConfig{Name: "settle_test", BatchSize: size,
+		MaxRetryDelay: 200 * time.Millisecond, JS: e.js, Log: testenv.Logger(io.Discard), Reg: e.reg})
+}
+
+func (e *settleEnv) publish(t *testing.T, bodies ...string) {
+	t.Helper()
+	for _, b := range bodies {
+		_, err := e.js.Publish(t.Context(), "settle.acme", []byte(b))
+		testenv.Must(t, err, "publish %s", b)
+	}
+}
+
+func (e *settleEnv) fetch(t *testing.T, n int) []jetstream.Msg {
+	t.Helper()
+	batch, err := e.cons.Fetch(n, jetstream.FetchMaxWait(5*time.Second))
+	testenv.Must(t, err, "fetch")
+	var msgs []jetstream.Msg
+	for m := range batch.Messages() {
+		msgs = append(msgs, m)
+	}
+	if len(msgs) != n {
+		t.Fatalf("fetched %d messages, want %d", len(msgs), n)
+	}
+	return msgs
+}
+
+// counter reads one series of a settle metric.
+func (e *settleEnv) counter(t *testing.T, name, outcome string) float64 {
+	t.Helper()
+	mfs, err := e.reg.Gather()
+	testenv.Must(t, err, "gather")
+	for _, mf := range mfs {
+		if mf.GetName() != name {
+			continue
+		}
+		for _, m := range mf.GetMetric() {
+			for _, l := range m.GetLabel() {
+				if l.GetName() == "outcome" && l.GetValue() == outcome {
+					return m.GetCounter().GetValue()
+				}
+			}
+		}
+	}
+	return 0
+}
+
+func (e *settleEnv) waitSettled(t *testing.T) *jetstream.ConsumerInfo {
+	t.Helper()
+	var info *jetstream.ConsumerInfo
+	testenv.Eventually(t, 10*time.Second, "every message settled", func() bool {
+		var err error
+		info, err = e.cons.Info(t.Context())
+		return err == nil && info.NumAckPending == 0 && info.NumPending == 0
+	})
+	return info
+}
+
+// TestDeliverySettlesOnce: the first outcome is applied; a second one, from the same or
+// another stage, is ignored and counted.
+func TestDeliverySettlesOnce(t *testing.T) {
+	e := newSettleEnv(t, jetstream.ConsumerConfig{AckWait: 5 * time.Second})
+	e.publish(t, "one")
+	c := e.consumer(1)
+	c.Handle(t.Context(), e.fetch(t, 1), func(_ context.Context, batch []*platform.Delivery) error {
+		d := batch[0]
+		if string(d.Data()) != "one" || d.Subject() != "settle.acme" || d.Meta().NumDelivered != 1 || d.Meta().Sequence != 1 || d.Meta().Stream != "SETTLE" {
+			t.Errorf("delivery %s %q %+v", d.Subject(), d.Data(), d.Meta())
+		}
+		d.Settle(platform.Ack())
+		d.Settle(platform.Retry(time.Millisecond))
+		d.Settle(platform.Terminate("again"))
+		return nil
+	})
+	info := e.waitSettled(t)
+	time.Sleep(300 * time.Millisecond) // a retry, had it been applied, would be back by now
+	if info, _ = e.cons.Info(t.Context()); info.NumAckPending != 0 || info.NumPending != 0 || info.NumRedelivered != 0 {
+		t.Errorf("after the ack: %+v", info)
+	}
+	if got := e.counter(t, "otpflow_deliveries_settled_total", "ack"); got != 1 {
+		t.Errorf("acks counted %v, want 1", got)
+	}
+	for _, o := range []string{"retry", "terminate"} {
+		if got := e.counter(t, "otpflow_deliveries_settled_total", o); got != 0 {
+			t.Errorf("%s applied %v times after the ack", o, got)
+		}
+		if got := e.counter(t, "otpflow_deliveries_settled_again_total", o); got != 1 {
+			t.Errorf("ignored %s counted %v, want 1", o, got)
+		}
+	}
+}
+
+// TestHeartbeatsKeepSlowDeliveryFromRedelivery: a delivery settled by another stage long
+// after its AckWait is not redelivered meanwhile, while the process keeps it in progress.
+func TestHeartbeatsKeepSlowDeliveryFromRedelivery(t *testing.T) {
+	e := newSettleEnv(t, jetstream.ConsumerConfig{AckWait: time.Second})
+	e.publish(t, "slow")
+	c := e.consumer(1)
+	var handed atomic.Int32
+	settled := make(chan struct{})
+	stop := testenv.Start(t, func(ctx context.Context) error {
+		return c.Run(ctx, func(_ context.Context, batch []*platform.Delivery) error {
+			handed.Add(1)
+			go func() {
+				time.Sleep(3500 * time.Millisecond) // three and a half AckWaits
+				batch[0].Settle(platform.Ack())
+				close(settled)
+			}()
+			return nil
+		})
+	})
+	defer stop()
+	select {
+	case <-settled:
+	case <-time.After(10 * time.Second):
+		t.Fatal("not settled")
+	}
+	info := e.waitSettled(t)
+	if n := handed.Load(); n != 1 || info.NumRedelivered != 0 {
+		t.Errorf("handed over %d times, %d redelivered; want once, none", n, info.NumRedelivered)
+	}
+}
+
+// TestFailedBatchIsolatesPoison: a handler that fails its batch gets each delivery alone;
+// the good ones are acknowledged, the poison one is retried and, on its last delivery,
+// dead-lettered with the error.
+func TestFailedBatchIsolatesPoison(t *testing.T) {
+	e := newSettleEnv(t, jetstream.ConsumerConfig{AckWait: 5 * time.Second, MaxDeliver: 2})
+	e.publish(t, "a", "b", "poison", "c", "d")
+	c := e.consumer(5)
+	var mu sync.Mutex
+	var calls [][]string
+	handler := func(_ context.Context, batch []*platform.Delivery) error {
+		var bodies []string
+		for _, d := range batch {
+			bodies = append(bodies, string(d.Data()))
+		}
+		mu.Lock()
+		calls = append(calls, bodies)
+		mu.Unlock()
+		if slices.Contains(bodies, "poison") {
+			return errors.New("poison in the batch")
+		}
+		for _, d := range batch {
+			d.Settle(platform.Ack())
+		}
+		return nil
+	}
+	c.Handle(t.Context(), e.fetch(t, 5), handler)
+	want := [][]string{{"a", "b", "poison", "c", "d"}, {"a"}, {"b"}, {"poison"}, {"c"}, {"d"}}
+	if fmt.Sprint(calls) != fmt.Sprint(want) {
+		t.Errorf("handler calls %v, want %v", calls, want)
+	}
+	if got := e.counter(t, "otpflow_deliveries_settled_total", "ack"); got != 4 {
+		t.Errorf("acks %v, want 4", got)
+	}
+	if got := e.counter(t, "otpflow_deliveries_settled_total", "retry"); got != 1 {
+		t.Errorf("retries %v, want 1", got)
+	}
+
+	// The redelivery is its last: dead-lettered instead of retried.
+	again := e.fetch(t, 1)
+	c.Handle(t.Context(), again, handler)
+	dl := testenv.WaitMessages(t, e.js, events.StreamDLQ, "otp.dlq.acme", 1, 10*time.Second)
+	if string(dl[0].Data) != "poison" || !strings.Contains(dl[0].Header.Get(events.HeaderDLQReason), "poison in the batch") ||
+		dl[0].Header.Get(events.HeaderDLQDelivered) != "2" || dl[0].Header.Get(events.HeaderDLQStream) != "SETTLE" {
+		t.Errorf("dead letter %q %v", dl[0].Data, dl[0].Header)
+	}
+	if info := e.waitSettled(t); info.NumAckPending != 0 {
+		t.Errorf("left %+v", info)
+	}
+}
+
+// TestOutcomesCountedAndApplied: each outcome is applied as JetStream knows it and
+// counted under its own label; a dead letter carries its reason with addresses redacted.
+func TestOutcomesCountedAndApplied(t *testing.T) {
+	e := newSettleEnv(t, jetstream.ConsumerConfig{AckWait: 5 * time.Second, MaxDeliver: 5})
+	e.publish(t, "ack", "retry", "terminate", "dead")
+	c := e.consumer(4)
+	c.Handle(t.Context(), e.fetch(t, 4), func(_ context.Context, batch []*platform.Delivery) error {
+		for _, d := range batch {
+			switch string(d.Data()) {
+			case "ack":
+				d.Settle(platform.Ack())
+			case "retry":
+				d.Settle(platform.Retry(100 * time.Millisecond))
+			case "terminate":
+				d.Settle(platform.Terminate("refused"))
+			case "dead":
+				d.Settle(platform.DeadLetter("acme", "provider said no to ana@example.com"))
+			}
+		}
+		return nil
+	})
+	for _, o := range []string{"ack", "retry", "terminate", "dead_letter"} {
+		if got := e.counter(t, "otpflow_deliveries_settled_total", o); got != 1 {
+			t.Errorf("%s counted %v, want 1", o, got)
+		}
+	}
+	dl := testenv.WaitMessages(t, e.js, events.StreamDLQ, "otp.dlq.acme", 1, 10*time.Second)
+	if r := dl[0].Header.Get(events.HeaderDLQReason); string(dl[0].Data) != "dead" || strings.Contains(r, "ana@") || !strings.Contains(r, "provider said no") {
+		t.Errorf("dead letter %q with reason %q", dl[0].Data, r)
+	}
+	// Only the retried message comes back.
+	back := e.fetch(t, 1)
+	if string(back[0].Data()) != "retry" {
+		t.Errorf("redelivered %q", back[0].Data())
+	}
+	c.Handle(t.Context(), back, func(_ context.Context, batch []*platform.Delivery) error {
+		if n := batch[0].Meta().NumDelivered; n != 2 {
+			t.Errorf("delivery %d, want 2", n)
+		}
+		batch[0].Settle(platform.Ack())
+		return nil
+	})
+	e.waitSettled(t)
+}
+
+// A service wraps its durable consumer once and settles each delivery with an outcome;
+// platform applies it, keeps the delivery in progress until then, and splits a failed
+// batch to find the poison message.
+func ExampleConsumer() {
+	var cons jetstream.Consumer // from the contract's consumer config
+	var js jetstream.JetStream
+	c := platform.NewConsumer(cons, platform.ConsumeConfig{Name: events.ConsumerAuditor, BatchSize: 100, JS: js})
+	_ = c.Run(context.Background(), func(ctx context.Context, batch []*platform.Delivery) error {
+		for _, d := range batch {
+			if _, tenant, err := events.SplitSubject(d.Subject()); err != nil {
+				d.Settle(platform.DeadLetter(tenant, err.Error()))
+				continue
+			}
+			d.Settle(platform.Ack())
+		}
+		return nil
+	})
+}

@@ -1,0 +1,239 @@
+package platform
+
+import (
+	"context"
+	"fmt"
+	"sync"
+	"time"
+
+	"github.com/nats-io/nats.go"
+	"github.com/nats-io/nats.go/jetstream"
+	"github.com/otpflow/otpflow/events"
+)
+
+// Meta is where a delivery sits in its stream.
+type Meta struct {
+	Stream       string
+	Sequence     uint64    // the message's stream sequence
+	NumDelivered uint64    // 1 on the first delivery
+	Timestamp    time.Time // when the stream stored the message
+}
+
+// Delivery is one pulled message in a service's hands. The service reads it and settles it
+// once, with an Outcome, as soon as it knows what happened: in the handler or later, from
+// another stage. Until then the consumer tells JetStream the delivery is in progress, so a
+// slow one is not redelivered while its process lives. A second Settle is ignored (logged
+// and counted). Services never call the JetStream ack methods themselves.
+type Delivery struct {
+	msg  jetstream.Msg
+	meta Meta
+	c    *Consumer
+
+	mu      sync.Mutex
+	settled bool
+}
+
+// Subject is the subject the message was published to.
+func (d *Delivery) Subject() string { return d.msg.Subject() }
+
+// Data is the message body.
+func (d *Delivery) Data() []byte { return d.msg.Data() }
+
+// Headers are the message headers; read them, do not change them.
+func (d *Delivery) Headers() nats.Header { return d.msg.Headers() }
+
+// Meta is the delivery's stream position, delivery count and stored time.
+func (d *Delivery) Meta() Meta { return d.meta }
+
+// Settle applies o to the delivery, once: the first outcome wins, later ones are ignored.
+// It may be called from any goroutine.
+func (d *Delivery) Settle(o Outcome) {
+	d.mu.Lock()
+	first := !d.settled
+	d.settled = true
+	d.mu.Unlock()
+	if !first {
+		d.c.ignored.WithLabelValues(d.c.cfg.Name, o.String()).Inc()
+		d.c.log.Warn("delivery settled twice; second outcome ignored", "consumer", d.c.cfg.Name,
+			"seq", d.meta.Sequence, "outcome", o.String())
+		return
+	}
+	d.c.beats.remove(d)
+	d.c.apply(d, o)
+}
+
+func (d *Delivery) isSettled() bool {
+	d.mu.Lock()
+	defer d.mu.Unlock()
+	return d.settled
+}
+
+// heartbeat tells JetStream the delivery is still being worked on, unless it is settled.
+func (d *Delivery) heartbeat() {
+	d.mu.Lock()
+	defer d.mu.Unlock()
+	if !d.settled {
+		_ = d.msg.InProgress()
+	}
+}
+
+// Outcome is what becomes of a delivery. Build one with Ack, Retry, Terminate or
+// DeadLetter; the zero Outcome is a retry after a second.
+type Outcome struct {
+	kind   outcomeKind
+	after  time.Duration
+	tenant string
+	reason string
+}
+
+type outcomeKind uint8
+
+const (
+	kindRetry outcomeKind = iota
+	kindAck
+	kindTerminate
+	kindDeadLetter
+)
+
+// Ack: the delivery is done with and is not redelivered.
+func Ack() Outcome { return Outcome{kind: kindAck} }
+
+// Retry: redeliver after the delay (to this or another process).
+func Retry(after time.Duration) Outcome {
+	if after <= 0 {
+		after = time.Second
+	}
+	return Outcome{kind: kindRetry, after: after}
+}
+
+// Terminate: never redeliver; the reason (addresses redacted) goes to the server's
+// advisory. On a work queue stream the message is deleted.
+func Terminate(reason string) Outcome { return Outcome{kind: kindTerminate, reason: reason} }
+
+// DeadLetter: copy the message to otp.dlq.<tenant> with the reason and its origin in
+// headers, then terminate it. If the copy cannot be published, the delivery is retried
+// later instead, so nothing is lost. An invalid tenant becomes "_unknown".
+func DeadLetter(tenant, reason string) Outcome {
+	return Outcome{kind: kindDeadLetter, tenant: tenant, reason: reason}
+}
+
+// String names the outcome as the settle metrics label it.
+func (o Outcome) String() string {
+	switch o.kind {
+	case kindAck:
+		return "ack"
+	case kindTerminate:
+		return "terminate"
+	case kindDeadLetter:
+		return "dead_letter"
+	}
+	return "retry"
+}
+
+// deadLetterRetry is how long a delivery whose dead-letter copy failed waits to come back.
+const deadLetterRetry = 5 * time.Second
+
+// apply is the one place outcomes reach JetStream.
+func (c *Consumer) apply(d *Delivery, o Outcome) {
+	var err error
+	applied := o
+	switch o.kind {
+	case kindAck:
+		err = d.msg.Ack()
+	case kindTerminate:
+		err = d.msg.TermWithReason(events.Reason(o.reason, 200))
+	case kindDeadLetter:
+		ctx, cancel := context.WithTimeout(context.Background(), PublishTimeout)
+		err = c.deadLetter(ctx, d, o.tenant, o.reason)
+		cancel()
+		if err == nil {
+			err = d.msg.TermWithReason(events.Reason(o.reason, 200))
+		} else {
+			applied = Retry(deadLetterRetry)
+			_ = d.msg.NakWithDelay(deadLetterRetry)
+		}
+	default:
+		after := o.after
+		if after <= 0 {
+			after = time.Second
+		}
+		err = d.msg.NakWithDelay(after)
+	}
+	c.settled.WithLabelValues(c.cfg.Name, applied.String()).Inc()
+	if err != nil {
+		c.log.Error("settle delivery", "consumer", c.cfg.Name, "seq", d.meta.Sequence, "outcome", o.String(), "err", err)
+	}
+}
+
+// deadLetter publishes the copy of d to otp.dlq.<tenant>. Its id is the origin's stream
+// and sequence, so a repeated dead letter of the same message is dropped by the stream.
+func (c *Consumer) deadLetter(ctx context.Context, d *Delivery, tenant, reason string) error {
+	if !events.ValidTenant(tenant) {
+		tenant = "_unknown"
+	}
+	md := d.meta
+	dl := nats.NewMsg(events.TypeDLQ.Subject(tenant))
+	dl.Data = d.msg.Data()
+	dl.Header = nats.Header{}
+	for k, v := range d.msg.Headers() {
+		dl.Header[k] = append([]string(nil), v...)
+	}
+	id := fmt.Sprintf("dlq:%s:%d", md.Stream, md.Sequence)
+	dl.Header.Set(jetstream.MsgIDHeader, id)
+	// The reason may quote a provider or a decoder: no address leaves in it.
+	dl.Header.Set(events.HeaderDLQReason, events.Reason(reason, 1000))
+	dl.Header.Set(events.HeaderDLQStream, md.Stream)
+	dl.Header.Set(events.HeaderDLQSequence, fmt.Sprint(md.Sequence))
+	dl.Header.Set(events.HeaderDLQDelivered, fmt.Sprint(md.NumDelivered))
+	if _, err := c.cfg.JS.PublishMsg(ctx, dl); err != nil {
+		return fmt.Errorf("dead-letter %s: %w", id, err)
+	}
+	return nil
+}
+
+// heartbeats keeps the unsettled deliveries of one consumer in progress: one goroutine,
+// running only while there is something to keep.
+type heartbeats struct {
+	every   time.Duration
+	mu      sync.Mutex
+	open    map[*Delivery]struct{}
+	running bool
+}
+
+func (h *heartbeats) add(d *Delivery) {
+	h.mu.Lock()
+	defer h.mu.Unlock()
+	h.open[d] = struct{}{}
+	if !h.running {
+		h.running = true
+		go h.loop()
+	}
+}
+
+func (h *heartbeats) remove(d *Delivery) {
+	h.mu.Lock()
+	delete(h.open, d)
+	h.mu.Unlock()
+}
+
+func (h *heartbeats) loop() {
+	t := time.NewTicker(h.every)
+	defer t.Stop()
+	var open []*Delivery
+	for range t.C {
+		h.mu.Lock()
+		if len(h.open) == 0 {
+			h.running = false
+			h.mu.Unlock()
+			return
+		}
+		open = open[:0]
+		for d := range h.open {
+			open = append(open, d)
+		}
+		h.mu.Unlock()
+		for _, d := range open {
+			d.heartbeat()
+		}
+	}
+}

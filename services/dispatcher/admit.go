@@ -1,0 +1,162 @@
+package dispatcher
+
+import (
+	"context"
+	"fmt"
+	"time"
+
+	"github.com/otpflow/otpflow/events"
+	"github.com/otpflow/otpflow/platform"
+)
+
+// job is one pulled dispatch job on its way through the stages: admitted and claimed
+// here, sent in send.go, recorded and settled in record.go.
+type job struct {
+	d   *platform.Delivery
+	job events.DispatchJob
+
+	// The delivery row as found when claiming.
+	row     deliveryRow
+	claimed bool // this worker holds the lease
+	// expiresAt is the code's expiry and sendBy the last instant a send may run, both
+	// read against the database clock at the claim and kept on the local monotonic clock.
+	expiresAt time.Time
+	sendBy    time.Time
+
+	res     result // what the job came to
+	release func() // frees the send slot; set while a send's result is unrecorded
+}
+
+// expiryMargin: a code with less life left than this is not mailed (nobody could type
+// it in time) and no mail goes out after its code expired, whatever the send takes.
+const expiryMargin = 2 * time.Second
+
+// admit decodes a pulled batch, takes a send slot per job (this is the backpressure: a
+// full process stops pulling), claims all of them in one transaction and starts the sends.
+// If the claim fails, the batch goes back to the consumer, which admits its jobs one by one.
+func (s *Service) admit(ctx context.Context, batch []*platform.Delivery, results chan<- *job) error {
+	var jobs []*job
+	for _, d := range batch {
+		dj, tenant, err := s.open(d)
+		if err != nil {
+			// A job that does not open under its routing fields was forged, edited or
+			// written in an old format: nothing in it can be trusted, so nothing is sent.
+			s.log.Error("refused dispatch job", "seq", d.Meta().Sequence, "err", err)
+			s.jobs.WithLabelValues("dead_lettered").Inc()
+			d.Settle(platform.DeadLetter(tenant, "refused dispatch job: "+err.Error()))
+			continue
+		}
+		jobs = append(jobs, &job{d: d, job: dj})
+	}
+	if len(jobs) == 0 {
+		return nil
+	}
+	s.acquire(len(jobs))
+	release := func() { <-s.slots }
+	if err := s.claim(ctx, jobs); err != nil {
+		s.log.Error("claim deliveries", "jobs", len(jobs), "err", err)
+		for range jobs {
+			release()
+		}
+		return fmt.Errorf("claim deliveries: %w", err)
+	}
+	for _, j := range jobs {
+		switch {
+		case !j.claimed:
+			release()
+			results <- j
+		case time.Until(j.sendBy) <= 0:
+			j.res = result{outcome: outcomeExpired}
+			release()
+			results <- j
+		default:
+			// The slot is held until the result is recorded, so at most Concurrency
+			// mails per process are ever sent and not yet recorded: the bound of
+			// the double-send window when a process dies.
+			j.release = release
+			s.inflight.Add(1)
+			go func() {
+				defer s.inflight.Done()
+				j.res = s.send(ctx, j)
+				results <- j
+			}()
+		}
+	}
+	return nil
+}
+
+// open decodes a pulled job and unseals it. The job must name its subject's tenant outside
+// and inside the seal.
+func (s *Service) open(d *platform.Delivery) (events.DispatchJob, string, error) {
+	_, tenant, err := events.SplitSubject(d.Subject())
+	if err != nil {
+		return events.DispatchJob{}, "", err
+	}
+	sealed, err := events.DecodeSealedDispatch(d.Data())
+	if err != nil {
+		return events.DispatchJob{}, tenant, err
+	}
+	if sealed.Tenant != tenant {
+		return events.DispatchJob{}, tenant, fmt.Errorf("job tenant %q does not match its subject", sealed.Tenant)
+	}
+	dj, err := s.cfg.Sealer.OpenJob(sealed)
+	if err != nil {
+		return events.DispatchJob{}, tenant, err
+	}
+	return dj, tenant, nil
+}
+
+// acquire takes n send slots, waiting while every slot is busy with slow providers; the
+// consumer keeps the waiting jobs in progress meanwhile.
+func (s *Service) acquire(n int) {
+	for range n {
+		s.slots <- struct{}{}
+	}
+}
+
+// claim takes a lease on each job of the batch that nobody else holds and that has not
+// been settled, all in one transaction.
+func (s *Service) claim(ctx context.Context, jobs []*job) error {
+	seen := map[deliveryKey]bool{}
+	var first []*job
+	var keys []deliveryKey
+	for _, j := range jobs {
+		j.claimed, j.row, j.res = false, deliveryRow{}, result{}
+		k := keyOf(j.job)
+		if seen[k] {
+			// The same job twice in one pull: handle it again once the first settles.
+			j.res = result{outcome: outcomeHeld, holdFor: time.Second}
+			continue
+		}
+		seen[k] = true
+		first = append(first, j)
+		keys = append(keys, k)
+	}
+	return s.store.claim(ctx, keys, s.cfg.Lease, func(local, now time.Time, rows []deliveryRow) []claim {
+		// Leases and expiry run on the database clock, shared by every process; the
+		// deadlines are kept on this process's monotonic clock, from a local instant
+		// taken first, so they err early.
+		for _, j := range jobs {
+			j.expiresAt = local.Add(j.job.ExpiresAt.Sub(now))
+			j.sendBy = local.Add(min(j.job.ExpiresAt.Add(-expiryMargin).Sub(now), s.cfg.Lease*3/4))
+		}
+		var claims []claim
+		for i, j := range first {
+			r := rows[i]
+			j.row = r
+			switch {
+			case !r.exists:
+				claims = append(claims, claim{job: j.job, fresh: true})
+				j.claimed, j.row.attempts = true, 1
+			case r.status != statusSending:
+				j.res = replay(r) // settled before: report it again, send nothing
+			case r.leaseUntil.After(now):
+				j.res = result{outcome: outcomeHeld, holdFor: r.leaseUntil.Sub(now) + 100*time.Millisecond}
+			default:
+				claims = append(claims, claim{job: j.job})
+				j.claimed, j.row.attempts = true, r.attempts+1
+			}
+		}
+		return claims
+	})
+}

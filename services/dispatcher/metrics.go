@@ -1,0 +1,108 @@
+package dispatcher
+
+import (
+	"context"
+	"sync"
+	"time"
+
+	"github.com/otpflow/otpflow/events"
+	"github.com/otpflow/otpflow/services/dispatcher/mailer"
+	"github.com/prometheus/client_golang/prometheus"
+)
+
+// metrics are the dispatcher's own series; the consumer's settle counts come from platform.
+type metrics struct {
+	sends     *prometheus.CounterVec
+	latency   *prometheus.HistogramVec
+	jobs      *prometheus.CounterVec
+	fallbacks *prometheus.CounterVec
+	breaker   *prometheus.GaugeVec
+	ambiguous prometheus.Counter
+}
+
+func newMetrics(reg prometheus.Registerer) metrics {
+	m := metrics{
+		sends: prometheus.NewCounterVec(prometheus.CounterOpts{
+			Name: "otpflow_dispatcher_sends_total", Help: "Provider calls by provider and outcome (ok or failure class).",
+		}, []string{"provider", "outcome"}),
+		latency: prometheus.NewHistogramVec(prometheus.HistogramOpts{
+			Name: "otpflow_dispatcher_send_seconds", Help: "Latency of one provider call.",
+			Buckets: prometheus.ExponentialBuckets(0.005, 2, 12),
+		}, []string{"provider"}),
+		jobs: prometheus.NewCounterVec(prometheus.CounterOpts{
+			Name: "otpflow_dispatcher_jobs_total", Help: "Dispatch job deliveries settled, by result.",
+		}, []string{"result"}),
+		fallbacks: prometheus.NewCounterVec(prometheus.CounterOpts{
+			Name: "otpflow_dispatcher_fallbacks_total", Help: "Mails sent by a later provider after the first failed.",
+		}, []string{"from", "to"}),
+		breaker: prometheus.NewGaugeVec(prometheus.GaugeOpts{
+			Name: "otpflow_dispatcher_breaker_state", Help: "Circuit breaker per provider: 0 closed, 1 half-open, 2 open.",
+		}, []string{"provider"}),
+		ambiguous: prometheus.NewCounter(prometheus.CounterOpts{
+			Name: "otpflow_dispatcher_ambiguous_total", Help: "Sends handed over without a final answer.",
+		}),
+	}
+	if reg != nil {
+		reg.MustRegister(m.sends, m.latency, m.jobs, m.fallbacks, m.breaker, m.ambiguous)
+	}
+	return m
+}
+
+func breakerValue(state string) float64 {
+	switch state {
+	case "half-open":
+		return 1
+	case "open":
+		return 2
+	}
+	return 0
+}
+
+// instrumented counts and times every call of one provider and adds it to the send's
+// call log. It sits inside the provider's guard, so the log holds every call, retries
+// included: the one record of provider attempts the delivery events carry.
+type instrumented struct {
+	p mailer.Provider
+	m *metrics
+}
+
+func (i *instrumented) Name() string { return i.p.Name() }
+func (i *instrumented) Send(ctx context.Context, m *mailer.Message) (mailer.Receipt, error) {
+	start := time.Now()
+	r, err := i.p.Send(ctx, m)
+	i.m.latency.WithLabelValues(i.p.Name()).Observe(time.Since(start).Seconds())
+	outcome := "ok"
+	if err != nil {
+		outcome = string(mailer.ClassOf(err))
+	}
+	i.m.sends.WithLabelValues(i.p.Name(), outcome).Inc()
+	if log, ok := ctx.Value(callLogKey{}).(*callLog); ok {
+		log.add(events.ProviderAttempt{Provider: i.p.Name(), Outcome: outcome, At: start.UTC()})
+	}
+	return r, err
+}
+
+// callLog collects the provider calls of one send, for the delivery events.
+type callLog struct {
+	mu    sync.Mutex
+	calls []events.ProviderAttempt
+}
+
+type callLogKey struct{}
+
+func withCallLog(ctx context.Context) (context.Context, *callLog) {
+	l := &callLog{}
+	return context.WithValue(ctx, callLogKey{}, l), l
+}
+
+func (l *callLog) add(a events.ProviderAttempt) {
+	l.mu.Lock()
+	l.calls = append(l.calls, a)
+	l.mu.Unlock()
+}
+
+func (l *callLog) list() []events.ProviderAttempt {
+	l.mu.Lock()
+	defer l.mu.Unlock()
+	return l.calls
+}
