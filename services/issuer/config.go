@@ -2,9 +2,9 @@ package issuer
 
 import (
 	"github.com/otpflow/otpflow/events"
-	"github.com/otpflow/otpflow/events/policy"
 	"github.com/otpflow/otpflow/platform"
 	"github.com/otpflow/otpflow/platform/keys"
+	"github.com/otpflow/otpflow/platform/policy"
 )
 
 // LoadConfig reads the issuer's settings from the environment. A missing or malformed

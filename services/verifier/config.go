@@ -4,9 +4,9 @@ import (
 	"time"
 
 	"github.com/otpflow/otpflow/events"
-	"github.com/otpflow/otpflow/events/policy"
 	"github.com/otpflow/otpflow/platform"
 	"github.com/otpflow/otpflow/platform/keys"
+	"github.com/otpflow/otpflow/platform/policy"
 )
 
 // Config is the verifier's configuration. Zero values get the defaults named below.
