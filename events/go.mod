@@ -5,7 +5,6 @@ go 1.26.0
 require (
 	github.com/invopop/jsonschema v0.14.0
 	github.com/nats-io/nats.go v1.55.0
-	gopkg.in/yaml.v3 v3.0.1
 )
 
 require (

@@ -1,9 +1,6 @@
 package events
 
 import (
-	"context"
-	"errors"
-	"fmt"
 	"time"
 
 	"github.com/nats-io/nats.go/jetstream"
@@ -145,53 +142,3 @@ var (
 		MaxAckPending: 2000,
 	}
 )
-
-// EnsureStreams creates or updates the four streams. Every service calls it at start, so
-// whichever starts first provisions the broker; the call is idempotent.
-func EnsureStreams(ctx context.Context, js jetstream.JetStream, o StreamOptions) error {
-	for _, cfg := range StreamConfigs(o) {
-		if err := retryUntilReady(ctx, func(ctx context.Context) error {
-			_, err := js.CreateOrUpdateStream(ctx, cfg)
-			return err
-		}); err != nil {
-			return fmt.Errorf("ensure stream %s: %w", cfg.Name, err)
-		}
-	}
-	return nil
-}
-
-// EnsureConsumer creates or updates a durable consumer on stream.
-func EnsureConsumer(ctx context.Context, js jetstream.JetStream, stream string, cfg jetstream.ConsumerConfig) (jetstream.Consumer, error) {
-	var cons jetstream.Consumer
-	err := retryUntilReady(ctx, func(ctx context.Context) error {
-		var err error
-		cons, err = js.CreateOrUpdateConsumer(ctx, stream, cfg)
-		return err
-	})
-	if err != nil {
-		return nil, fmt.Errorf("ensure consumer %s on %s: %w", cfg.Durable, stream, err)
-	}
-	return cons, nil
-}
-
-// retryUntilReady retries a JetStream API call with short per-call timeouts: a call sent
-// before a cluster has elected its meta leader may never be answered.
-func retryUntilReady(ctx context.Context, call func(context.Context) error) error {
-	for {
-		callCtx, cancel := context.WithTimeout(ctx, 5*time.Second)
-		err := call(callCtx)
-		cancel()
-		if err == nil {
-			return nil
-		}
-		var apiErr *jetstream.APIError
-		if errors.As(err, &apiErr) && apiErr.Code != 503 {
-			return err // a real answer, e.g. a config the server refuses
-		}
-		select {
-		case <-ctx.Done():
-			return errors.Join(err, ctx.Err())
-		case <-time.After(500 * time.Millisecond):
-		}
-	}
-}

@@ -11,7 +11,6 @@ import (
 	"github.com/nats-io/nats.go"
 	"github.com/nats-io/nats.go/jetstream"
 	"github.com/prometheus/client_golang/prometheus"
-	"golang.org/x/sync/errgroup"
 )
 
 // Deps are the connections one service holds: its PostgreSQL pool, its NATS connection
@@ -112,30 +111,6 @@ func (d *Deps) Checks() map[string]Check {
 			}
 			return nil
 		},
-	}
-}
-
-// Serve runs the service's run function and, when OTP_HTTP_ADDR is set, the ops endpoint,
-// until ctx is cancelled and both have stopped. A shutdown that outlasts the configured
-// timeout is abandoned: unacknowledged messages are redelivered to another instance.
-func Serve(ctx context.Context, c Common, d *Deps, log *slog.Logger, run func(context.Context) error) error {
-	g, gctx := errgroup.WithContext(ctx)
-	g.Go(func() error { return run(gctx) })
-	if c.HTTPAddr != "" {
-		g.Go(func() error { return ServeOps(gctx, c.HTTPAddr, OpsHandler(d.Reg, d.Checks()), log, nil) })
-	}
-	done := make(chan error, 1)
-	go func() { done <- g.Wait() }()
-	select {
-	case err := <-done:
-		return err
-	case <-ctx.Done():
-	}
-	select {
-	case err := <-done:
-		return err
-	case <-time.After(c.ShutdownTimeout):
-		return errors.New("shutdown timed out; unfinished messages will be redelivered")
 	}
 }
 

@@ -12,7 +12,7 @@ import (
 
 	"github.com/jackc/pgx/v5/pgxpool"
 	"github.com/nats-io/nats.go"
-	"github.com/otpflow/otpflow/events/policy"
+	"github.com/otpflow/otpflow/platform/policy"
 )
 
 // OTP_ENV=production refuses at start whatever belongs only on a laptop or in a sandbox.

@@ -20,8 +20,8 @@ import (
 	"time"
 
 	"github.com/nats-io/nats-server/v2/server"
-	"github.com/otpflow/otpflow/events/policy"
 	"github.com/otpflow/otpflow/platform"
+	"github.com/otpflow/otpflow/platform/policy"
 	"github.com/otpflow/otpflow/platform/testenv"
 )
 

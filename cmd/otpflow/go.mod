@@ -9,12 +9,11 @@ require (
 	github.com/nats-io/nats.go v1.55.0
 	github.com/otpflow/otpflow/events v0.0.0
 	github.com/otpflow/otpflow/platform v0.0.0
+	github.com/otpflow/otpflow/platform/testenv v0.0.0
 	github.com/otpflow/otpflow/services/auditor v0.0.0
 	github.com/otpflow/otpflow/services/dispatcher v0.0.0
 	github.com/otpflow/otpflow/services/issuer v0.0.0
 	github.com/otpflow/otpflow/services/verifier v0.0.0
-	github.com/prometheus/client_golang v1.25.0
-	golang.org/x/sync v0.25.0
 )
 
 require (
@@ -50,6 +49,7 @@ require (
 	github.com/nats-io/nkeys v0.4.16 // indirect
 	github.com/nats-io/nuid v1.0.1 // indirect
 	github.com/pressly/goose/v3 v3.30.0 // indirect
+	github.com/prometheus/client_golang v1.25.0 // indirect
 	github.com/prometheus/client_model v0.6.3 // indirect
 	github.com/prometheus/common v0.72.0 // indirect
 	github.com/prometheus/procfs v0.23.0 // indirect
@@ -57,17 +57,19 @@ require (
 	github.com/sony/gobreaker/v2 v2.4.0 // indirect
 	github.com/wneessen/go-mail v0.8.1 // indirect
 	go.uber.org/multierr v1.11.0 // indirect
+	go.yaml.in/yaml/v3 v3.0.6 // indirect
 	golang.org/x/crypto v0.58.0 // indirect
+	golang.org/x/sync v0.25.0 // indirect
 	golang.org/x/sys v0.50.0 // indirect
 	golang.org/x/text v0.44.0 // indirect
 	golang.org/x/time v0.16.0 // indirect
 	google.golang.org/protobuf v1.36.12 // indirect
-	gopkg.in/yaml.v3 v3.0.1 // indirect
 )
 
 replace (
 	github.com/otpflow/otpflow/events => ../../events
 	github.com/otpflow/otpflow/platform => ../../platform
+	github.com/otpflow/otpflow/platform/testenv => ../../platform/testenv
 	github.com/otpflow/otpflow/services/auditor => ../../services/auditor
 	github.com/otpflow/otpflow/services/dispatcher => ../../services/dispatcher
 	github.com/otpflow/otpflow/services/issuer => ../../services/issuer

@@ -12,6 +12,7 @@ import (
 	"github.com/nats-io/nats.go"
 	"github.com/nats-io/nats.go/jetstream"
 	"github.com/otpflow/otpflow/events"
+	"github.com/otpflow/otpflow/platform"
 )
 
 // Cluster starts n embedded NATS servers routed into one JetStream cluster, waits for
@@ -74,6 +75,6 @@ func JetStreamReplicas(tb testing.TB, s *server.Server, replicas int) (*nats.Con
 	Must(tb, err, "jetstream")
 	ctx, cancel := context.WithTimeout(context.Background(), 60*time.Second)
 	defer cancel()
-	Must(tb, events.EnsureStreams(ctx, js, events.StreamOptions{Replicas: replicas}), "ensure streams")
+	Must(tb, platform.EnsureStreams(ctx, js, events.StreamOptions{Replicas: replicas}), "ensure streams")
 	return nc, js
 }

@@ -96,10 +96,10 @@ func New(cfg Config, pool *pgxpool.Pool, js jetstream.JetStream, log *slog.Logge
 func (s *Service) Run(ctx context.Context) error {
 	setupCtx, cancel := context.WithTimeout(ctx, 30*time.Second)
 	defer cancel()
-	if err := events.EnsureStreams(setupCtx, s.js, s.cfg.Streams); err != nil {
+	if err := platform.EnsureStreams(setupCtx, s.js, s.cfg.Streams); err != nil {
 		return platform.SetupError(ctx, err)
 	}
-	cons, err := events.EnsureConsumer(setupCtx, s.js, events.StreamEvents, events.AuditorConsumer)
+	cons, err := platform.EnsureConsumer(setupCtx, s.js, events.StreamEvents, events.AuditorConsumer)
 	if err != nil {
 		return platform.SetupError(ctx, err)
 	}

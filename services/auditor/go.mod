@@ -8,6 +8,7 @@ require (
 	github.com/nats-io/nats.go v1.55.0
 	github.com/otpflow/otpflow/events v0.0.0
 	github.com/otpflow/otpflow/platform v0.0.0
+	github.com/otpflow/otpflow/platform/testenv v0.0.0
 	github.com/prometheus/client_golang v1.25.0
 )
 
@@ -36,6 +37,7 @@ require (
 	github.com/prometheus/procfs v0.23.0 // indirect
 	github.com/sethvargo/go-retry v0.5.0 // indirect
 	go.uber.org/multierr v1.11.0 // indirect
+	go.yaml.in/yaml/v3 v3.0.6 // indirect
 	golang.org/x/crypto v0.58.0 // indirect
 	golang.org/x/sync v0.25.0 // indirect
 	golang.org/x/sys v0.50.0 // indirect
@@ -47,4 +49,5 @@ require (
 replace (
 	github.com/otpflow/otpflow/events => ../../events
 	github.com/otpflow/otpflow/platform => ../../platform
+	github.com/otpflow/otpflow/platform/testenv => ../../platform/testenv
 )

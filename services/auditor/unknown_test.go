@@ -10,6 +10,7 @@ import (
 
 	"github.com/jackc/pgx/v5/pgxpool"
 	"github.com/otpflow/otpflow/events"
+	"github.com/otpflow/otpflow/platform"
 	"github.com/otpflow/otpflow/platform/testenv"
 )
 
@@ -20,7 +21,7 @@ import (
 func TestUnknownEventsAndFieldsSurvive(t *testing.T) {
 	ctx := context.Background()
 	_, js := testenv.JetStream(t, testenv.NATS(t))
-	testenv.Must(t, events.EnsureStreams(ctx, js, events.StreamOptions{}), "streams")
+	testenv.Must(t, platform.EnsureStreams(ctx, js, events.StreamOptions{}), "streams")
 	// The newer release's provisioning adds its subject to the audit stream.
 	st, err := js.Stream(ctx, events.StreamEvents)
 	testenv.Must(t, err, "stream")

@@ -9,9 +9,9 @@ import (
 	"time"
 
 	"github.com/otpflow/otpflow/events"
-	"github.com/otpflow/otpflow/events/policy"
 	"github.com/otpflow/otpflow/platform"
 	"github.com/otpflow/otpflow/platform/keys"
+	"github.com/otpflow/otpflow/platform/policy"
 	"github.com/otpflow/otpflow/services/dispatcher/maildir"
 	"github.com/otpflow/otpflow/services/dispatcher/mailer"
 	"github.com/otpflow/otpflow/services/dispatcher/ses"

@@ -22,9 +22,9 @@ import (
 	"github.com/jackc/pgx/v5/pgxpool"
 	"github.com/nats-io/nats.go/jetstream"
 	"github.com/otpflow/otpflow/events"
-	"github.com/otpflow/otpflow/events/policy"
 	"github.com/otpflow/otpflow/platform"
 	"github.com/otpflow/otpflow/platform/keys"
+	"github.com/otpflow/otpflow/platform/policy"
 	"github.com/otpflow/otpflow/services/dispatcher/mailer"
 	"github.com/prometheus/client_golang/prometheus"
 )
@@ -131,12 +131,12 @@ func New(cfg Config, pool *pgxpool.Pool, js jetstream.JetStream, log *slog.Logge
 func (s *Service) Run(ctx context.Context) error {
 	setupCtx, cancel := context.WithTimeout(ctx, 30*time.Second)
 	defer cancel()
-	if err := events.EnsureStreams(setupCtx, s.js, s.cfg.Streams); err != nil {
+	if err := platform.EnsureStreams(setupCtx, s.js, s.cfg.Streams); err != nil {
 		return platform.SetupError(ctx, err)
 	}
 	cc := events.DispatcherConsumer
 	cc.MaxDeliver = s.cfg.MaxDeliver
-	cons, err := events.EnsureConsumer(setupCtx, s.js, events.StreamDispatch, cc)
+	cons, err := platform.EnsureConsumer(setupCtx, s.js, events.StreamDispatch, cc)
 	if err != nil {
 		return platform.SetupError(ctx, err)
 	}

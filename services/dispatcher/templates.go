@@ -13,7 +13,7 @@ import (
 	"text/template/parse"
 
 	"github.com/otpflow/otpflow/events"
-	"github.com/otpflow/otpflow/events/policy"
+	"github.com/otpflow/otpflow/platform/policy"
 )
 
 //go:embed templates

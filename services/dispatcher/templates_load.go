@@ -17,7 +17,7 @@ import (
 	texttemplate "text/template"
 	"text/template/parse"
 
-	"github.com/otpflow/otpflow/events/policy"
+	"github.com/otpflow/otpflow/platform/policy"
 )
 
 // AddTenant loads tenant's overrides from dir/<locale>/{subject.txt,body.txt,body.html}

@@ -7,7 +7,7 @@ import (
 	"strings"
 	"testing"
 
-	"github.com/otpflow/otpflow/events/policy"
+	"github.com/otpflow/otpflow/platform/policy"
 	"github.com/otpflow/otpflow/services/dispatcher/mailer"
 )
 

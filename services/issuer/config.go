@@ -2,13 +2,14 @@ package issuer
 
 import (
 	"github.com/otpflow/otpflow/events"
-	"github.com/otpflow/otpflow/events/policy"
 	"github.com/otpflow/otpflow/platform"
 	"github.com/otpflow/otpflow/platform/keys"
+	"github.com/otpflow/otpflow/platform/policy"
 )
 
 // LoadConfig reads the issuer's settings from the environment. A missing or malformed
-// secret is an error that names its variable.
+// secret is an error that names its variable; with OTP_ENV=production, so is a tenants
+// file that production refuses (platform.CheckPolicies).
 func LoadConfig(getenv platform.Getenv, common platform.Common) (Config, error) {
 	pepper, err := keys.ParsePepper(getenv("OTP_CODE_PEPPER"))
 	if err != nil {
@@ -29,6 +30,10 @@ func LoadConfig(getenv platform.Getenv, common platform.Common) (Config, error) 
 	policies, err := policy.Load(getenv("OTP_TENANTS_FILE"))
 	if err != nil {
 		return Config{}, &platform.ConfigError{Var: "OTP_TENANTS_FILE", Msg: err.Error()}
+	}
+	// The production rules of the tenants file (test recipients, a guesser's odds).
+	if err := platform.CheckPolicies(common, policies); err != nil {
+		return Config{}, err
 	}
 	return Config{Pepper: pepper, Sealer: sealer, Policies: policies, Retention: retention, BatchSize: batch,
 		Streams: events.StreamOptions{Replicas: common.Replicas}}, nil

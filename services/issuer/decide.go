@@ -10,8 +10,8 @@ import (
 	"github.com/jackc/pgx/v5"
 	"github.com/nats-io/nats.go"
 	"github.com/otpflow/otpflow/events"
-	"github.com/otpflow/otpflow/events/policy"
 	"github.com/otpflow/otpflow/platform/outbox"
+	"github.com/otpflow/otpflow/platform/policy"
 	"github.com/otpflow/otpflow/platform/window"
 )
 

@@ -17,10 +17,10 @@ import (
 	"github.com/nats-io/nats.go"
 	"github.com/nats-io/nats.go/jetstream"
 	"github.com/otpflow/otpflow/events"
-	"github.com/otpflow/otpflow/events/policy"
 	"github.com/otpflow/otpflow/platform"
 	"github.com/otpflow/otpflow/platform/keys"
 	"github.com/otpflow/otpflow/platform/outbox"
+	"github.com/otpflow/otpflow/platform/policy"
 	"github.com/prometheus/client_golang/prometheus"
 	"golang.org/x/sync/errgroup"
 )
@@ -104,10 +104,10 @@ func New(cfg Config, pool *pgxpool.Pool, js jetstream.JetStream, log *slog.Logge
 func (s *Service) Run(ctx context.Context) error {
 	setupCtx, cancel := context.WithTimeout(ctx, 30*time.Second)
 	defer cancel()
-	if err := events.EnsureStreams(setupCtx, s.js, s.cfg.Streams); err != nil {
+	if err := platform.EnsureStreams(setupCtx, s.js, s.cfg.Streams); err != nil {
 		return platform.SetupError(ctx, err)
 	}
-	cons, err := events.EnsureConsumer(setupCtx, s.js, events.StreamRequests, events.IssuerConsumer)
+	cons, err := platform.EnsureConsumer(setupCtx, s.js, events.StreamRequests, events.IssuerConsumer)
 	if err != nil {
 		return platform.SetupError(ctx, err)
 	}

@@ -4,9 +4,9 @@ import (
 	"time"
 
 	"github.com/otpflow/otpflow/events"
-	"github.com/otpflow/otpflow/events/policy"
 	"github.com/otpflow/otpflow/platform"
 	"github.com/otpflow/otpflow/platform/keys"
+	"github.com/otpflow/otpflow/platform/policy"
 )
 
 // Config is the verifier's configuration. Zero values get the defaults named below.
@@ -40,7 +40,8 @@ type Config struct {
 // DefaultVerifyIPPerMinute is the per-IP verify limit when none is configured.
 const DefaultVerifyIPPerMinute = 60
 
-// LoadConfig reads the verifier's settings from the environment.
+// LoadConfig reads the verifier's settings from the environment. With OTP_ENV=production
+// it refuses a tenants file that production refuses (platform.CheckPolicies).
 func LoadConfig(getenv platform.Getenv, common platform.Common) (Config, error) {
 	pepper, err := keys.ParsePepper(getenv("OTP_CODE_PEPPER"))
 	if err != nil {
@@ -64,6 +65,10 @@ func LoadConfig(getenv platform.Getenv, common platform.Common) (Config, error) 
 	}
 	tenantPerMinute, err := platform.IntVar(getenv, "OTP_VERIFY_TENANT_PER_MINUTE", 0, 0, 100_000_000)
 	if err != nil {
+		return Config{}, err
+	}
+	// The production rules of the tenants file (test recipients, a guesser's odds).
+	if err := platform.CheckPolicies(common, policies); err != nil {
 		return Config{}, err
 	}
 	return Config{Pepper: pepper, Policies: policies, Retention: retention,

@@ -18,9 +18,9 @@ import (
 	"github.com/nats-io/nats.go/jetstream"
 	"github.com/nats-io/nats.go/micro"
 	"github.com/otpflow/otpflow/events"
-	"github.com/otpflow/otpflow/events/policy"
 	"github.com/otpflow/otpflow/platform"
 	"github.com/otpflow/otpflow/platform/outbox"
+	"github.com/otpflow/otpflow/platform/policy"
 	"github.com/otpflow/otpflow/platform/window"
 	"github.com/prometheus/client_golang/prometheus"
 	"golang.org/x/sync/errgroup"
@@ -118,10 +118,10 @@ func New(cfg Config, pool *pgxpool.Pool, nc *nats.Conn, js jetstream.JetStream, 
 func (s *Service) Run(ctx context.Context) error {
 	setupCtx, cancel := context.WithTimeout(ctx, 30*time.Second)
 	defer cancel()
-	if err := events.EnsureStreams(setupCtx, s.js, s.cfg.Streams); err != nil {
+	if err := platform.EnsureStreams(setupCtx, s.js, s.cfg.Streams); err != nil {
 		return platform.SetupError(ctx, err)
 	}
-	cons, err := events.EnsureConsumer(setupCtx, s.js, events.StreamEvents, events.VerifierConsumer)
+	cons, err := platform.EnsureConsumer(setupCtx, s.js, events.StreamEvents, events.VerifierConsumer)
 	if err != nil {
 		return platform.SetupError(ctx, err)
 	}

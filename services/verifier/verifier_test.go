@@ -13,8 +13,8 @@ import (
 	"github.com/nats-io/nats.go"
 	"github.com/nats-io/nats.go/jetstream"
 	"github.com/otpflow/otpflow/events"
-	"github.com/otpflow/otpflow/events/policy"
 	"github.com/otpflow/otpflow/platform/keys"
+	"github.com/otpflow/otpflow/platform/policy"
 	"github.com/otpflow/otpflow/platform/testenv"
 )
 

@@ -4,7 +4,6 @@ package main
 import (
 	"context"
 	"fmt"
-	"io"
 	"os"
 	"os/signal"
 	"syscall"
@@ -16,33 +15,8 @@ import (
 func main() {
 	ctx, stop := signal.NotifyContext(context.Background(), os.Interrupt, syscall.SIGTERM)
 	defer stop()
-	if err := run(ctx, os.Getenv, os.Stderr); err != nil {
+	if err := platform.RunService(ctx, auditor.Spec(), os.Getenv, os.Stderr); err != nil {
 		fmt.Fprintln(os.Stderr, "auditor:", err)
 		os.Exit(1)
 	}
-}
-
-func run(ctx context.Context, getenv platform.Getenv, stderr io.Writer) error {
-	common, err := platform.LoadCommon(getenv)
-	if err != nil {
-		return err
-	}
-	cfg, err := auditor.LoadConfig(getenv, common)
-	if err != nil {
-		return err
-	}
-	log := platform.NewLogger(stderr, common.LogLevel, "auditor")
-	deps, err := platform.Open(ctx, common, "auditor", log)
-	if err != nil {
-		return err
-	}
-	defer deps.Close()
-	if err := platform.Migrate(ctx, deps.Pool, auditor.Schema, auditor.Migrations(), log); err != nil {
-		return err
-	}
-	svc, err := auditor.New(cfg, deps.Pool, deps.JS, log, deps.Reg)
-	if err != nil {
-		return err
-	}
-	return platform.Serve(ctx, common, deps, log, svc.Run)
 }

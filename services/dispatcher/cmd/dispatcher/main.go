@@ -4,7 +4,6 @@ package main
 import (
 	"context"
 	"fmt"
-	"io"
 	"os"
 	"os/signal"
 	"syscall"
@@ -16,33 +15,8 @@ import (
 func main() {
 	ctx, stop := signal.NotifyContext(context.Background(), os.Interrupt, syscall.SIGTERM)
 	defer stop()
-	if err := run(ctx, os.Getenv, os.Stderr); err != nil {
+	if err := platform.RunService(ctx, dispatcher.Spec(), os.Getenv, os.Stderr); err != nil {
 		fmt.Fprintln(os.Stderr, "dispatcher:", err)
 		os.Exit(1)
 	}
-}
-
-func run(ctx context.Context, getenv platform.Getenv, stderr io.Writer) error {
-	common, err := platform.LoadCommon(getenv)
-	if err != nil {
-		return err
-	}
-	cfg, err := dispatcher.LoadConfig(getenv, common)
-	if err != nil {
-		return err
-	}
-	log := platform.NewLogger(stderr, common.LogLevel, "dispatcher")
-	deps, err := platform.Open(ctx, common, "dispatcher", log)
-	if err != nil {
-		return err
-	}
-	defer deps.Close()
-	if err := platform.Migrate(ctx, deps.Pool, dispatcher.Schema, dispatcher.Migrations(), log); err != nil {
-		return err
-	}
-	svc, err := dispatcher.New(cfg, deps.Pool, deps.JS, log, deps.Reg)
-	if err != nil {
-		return err
-	}
-	return platform.Serve(ctx, common, deps, log, svc.Run)
 }

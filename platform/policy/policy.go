@@ -19,7 +19,7 @@ import (
 	"unicode/utf8"
 
 	"github.com/otpflow/otpflow/events"
-	"gopkg.in/yaml.v3"
+	"go.yaml.in/yaml/v3"
 )
 
 // Policy is what one tenant gets.

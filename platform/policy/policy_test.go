@@ -5,7 +5,7 @@ import (
 	"testing"
 	"time"
 
-	"github.com/otpflow/otpflow/events/policy"
+	"github.com/otpflow/otpflow/platform/policy"
 )
 
 const sample = `

@@ -1,0 +1,176 @@
+package platform
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"io"
+	"io/fs"
+	"log/slog"
+	"net/http"
+	"time"
+
+	"github.com/jackc/pgx/v5/pgxpool"
+	"github.com/nats-io/nats.go/jetstream"
+	"github.com/otpflow/otpflow/events"
+	"golang.org/x/sync/errgroup"
+)
+
+// The runner: every service binary and `otpflow dev` start services the same way, in
+// steps that are functions of their own so that a command can run one alone (a later
+// `otpflow migrate` as the schema owner, `otpflow provision` as a JetStream admin):
+//
+//	LoadCommon, then each ServiceSpec.Load   config; a bad setting stops the start before any connection
+//	Open                                     the service's own PostgreSQL pool and NATS connection
+//	ServiceSpec.Migrate                      its schema
+//	Provision                                the contract's streams
+//	Build                                    the service on its connections
+//	serve                                    Run, /metrics /healthz /readyz, drain within OTP_SHUTDOWN_TIMEOUT
+
+// ServiceSpec is one service as the runner starts it. Each service package has a Spec()
+// made with NewServiceSpec.
+type ServiceSpec struct {
+	Name       string // the log tag, the NATS connection name and inbox prefix
+	Schema     string // the PostgreSQL schema the service owns
+	Migrations fs.FS  // goose migrations of Schema (*.sql at the root)
+	// Load reads and checks the service's own settings and returns how to build it. It
+	// runs before anything connects.
+	Load func(getenv Getenv, common Common) (Build, error)
+}
+
+// Build builds a configured service on its connections; its metrics go to d.Reg.
+type Build func(d *Deps, log *slog.Logger) (Runner, error)
+
+// Runner is a built service: Run works until ctx is cancelled, then drains what it holds.
+type Runner interface {
+	Run(ctx context.Context) error
+}
+
+// NewServiceSpec ties a service's config loader to its constructor.
+func NewServiceSpec[C any](name, schema string, migrations fs.FS,
+	load func(Getenv, Common) (C, error), build func(C, *Deps, *slog.Logger) (Runner, error)) ServiceSpec {
+	return ServiceSpec{Name: name, Schema: schema, Migrations: migrations,
+		Load: func(getenv Getenv, common Common) (Build, error) {
+			cfg, err := load(getenv, common)
+			if err != nil {
+				return nil, err
+			}
+			return func(d *Deps, log *slog.Logger) (Runner, error) { return build(cfg, d, log) }, nil
+		}}
+}
+
+// Migrate brings the service's schema up to date on pool.
+func (s ServiceSpec) Migrate(ctx context.Context, pool *pgxpool.Pool, log *slog.Logger) error {
+	return Migrate(ctx, pool, s.Schema, s.Migrations, log)
+}
+
+// Streams are the stream options of this deployment (OTP_NATS_REPLICAS).
+func (c Common) Streams() events.StreamOptions {
+	return events.StreamOptions{Replicas: c.Replicas}
+}
+
+// Provision creates or updates the contract's streams, waiting at most a setup timeout
+// for the cluster to answer.
+func Provision(ctx context.Context, js jetstream.JetStream, o events.StreamOptions) error {
+	ctx, cancel := context.WithTimeout(ctx, setupTimeout)
+	defer cancel()
+	return EnsureStreams(ctx, js, o)
+}
+
+// RunService runs one service, as its binary does, until ctx is cancelled and it has
+// drained. Errors are for one line on stderr, e.g. "OTP_CODE_PEPPER: ...".
+func RunService(ctx context.Context, spec ServiceSpec, getenv Getenv, logw io.Writer) error {
+	return RunServices(ctx, getenv, logw, spec)
+}
+
+// RunServices runs services in this process, each with its own connections, and one
+// /metrics /healthz /readyz endpoint for them all (OTP_HTTP_ADDR), until ctx is cancelled
+// and each has drained, or one fails. With more than one service, errors name the
+// service they come from.
+func RunServices(ctx context.Context, getenv Getenv, logw io.Writer, specs ...ServiceSpec) error {
+	if len(specs) == 0 {
+		return errors.New("no service to run")
+	}
+	named := func(s ServiceSpec, err error) error {
+		if err == nil || len(specs) == 1 {
+			return err
+		}
+		return fmt.Errorf("%s: %w", s.Name, err)
+	}
+	common, err := LoadCommon(getenv)
+	if err != nil {
+		return err
+	}
+	builds := make([]Build, len(specs))
+	for i, s := range specs {
+		if builds[i], err = s.Load(getenv, common); err != nil {
+			return err
+		}
+	}
+
+	reg := NewRegistry() // one per process: one /metrics
+	checks := map[string]Check{}
+	logs := make([]*slog.Logger, len(specs))
+	deps := make([]*Deps, len(specs))
+	for i, s := range specs {
+		logs[i] = NewLogger(logw, common.LogLevel, s.Name)
+		d, err := Open(ctx, common, s.Name, logs[i])
+		if err != nil {
+			return named(s, err)
+		}
+		defer d.Close()
+		d.Reg, deps[i] = reg, d
+		for name, c := range d.Checks() {
+			if len(specs) > 1 {
+				name = s.Name + "-" + name
+			}
+			checks[name] = c
+		}
+		if err := s.Migrate(ctx, d.Pool, logs[i]); err != nil {
+			return named(s, err)
+		}
+	}
+	if err := Provision(ctx, deps[0].JS, common.Streams()); err != nil {
+		return SetupError(ctx, err) // a shutdown while the cluster elects its leader is no failure
+	}
+	runs := make([]func(context.Context) error, len(specs))
+	for i, s := range specs {
+		svc, err := builds[i](deps[i], logs[i])
+		if err != nil {
+			return named(s, err)
+		}
+		runs[i] = svc.Run
+	}
+	opsLog := logs[0]
+	if len(specs) > 1 {
+		opsLog = NewLogger(logw, common.LogLevel, "otpflow")
+	}
+	return serve(ctx, common, OpsHandler(reg, checks), opsLog, runs)
+}
+
+// serve runs every run function and, when OTP_HTTP_ADDR is set, the ops endpoint, until
+// ctx is cancelled and all have stopped, or one fails. A shutdown that outlasts
+// OTP_SHUTDOWN_TIMEOUT is abandoned: unacknowledged messages are redelivered to another
+// instance.
+func serve(ctx context.Context, c Common, ops http.Handler, log *slog.Logger, runs []func(context.Context) error) error {
+	g, gctx := errgroup.WithContext(ctx)
+	for _, run := range runs {
+		g.Go(func() error { return run(gctx) })
+	}
+	if c.HTTPAddr != "" {
+		g.Go(func() error { return ServeOps(gctx, c.HTTPAddr, ops, log, nil) })
+	}
+	done := make(chan error, 1)
+	go func() { done <- g.Wait() }()
+	select {
+	case err := <-done:
+		return err
+	case <-ctx.Done():
+	}
+	select {
+	case err := <-done:
+		return err
+	case <-time.After(c.ShutdownTimeout):
+		return errors.New("shutdown timed out; unfinished messages will be redelivered")
+	}
+}

@@ -1,0 +1,121 @@
+package platform_test
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"io"
+	"log/slog"
+	"net"
+	"net/http"
+	"strings"
+	"testing"
+	"testing/fstest"
+	"time"
+
+	"github.com/jackc/pgx/v5"
+	"github.com/otpflow/otpflow/events"
+	"github.com/otpflow/otpflow/platform"
+	"github.com/otpflow/otpflow/platform/testenv"
+)
+
+// probe is a service that records what the runner gave it and works until cancelled.
+type probe struct {
+	d       *platform.Deps
+	running chan struct{}
+}
+
+func (p *probe) Run(ctx context.Context) error {
+	close(p.running)
+	<-ctx.Done()
+	return nil
+}
+
+func probeSpec(name string, loadErr error, built chan<- *probe) platform.ServiceSpec {
+	migrations := fstest.MapFS{"00001_init.sql": {Data: []byte("-- +goose Up\nCREATE TABLE " + name + ".t (id int);\n")}}
+	return platform.NewServiceSpec(name, name, migrations,
+		func(getenv platform.Getenv, _ platform.Common) (string, error) {
+			return getenv("PROBE_SETTING"), loadErr
+		},
+		func(setting string, d *platform.Deps, _ *slog.Logger) (platform.Runner, error) {
+			if setting != "on" {
+				return nil, errors.New("the config did not reach the constructor")
+			}
+			p := &probe{d: d, running: make(chan struct{})}
+			built <- p
+			return p, nil
+		})
+}
+
+// TestRunServicesStartsServesAndDrains: the runner migrates each service's schema,
+// provisions the streams, builds each service on connections of its own, serves one
+// /metrics /healthz /readyz for them all, and returns nil once cancelled and drained.
+func TestRunServicesStartsServesAndDrains(t *testing.T) {
+	ns := testenv.NATS(t)
+	db := testenv.Database(t)
+	ln, err := net.Listen("tcp", "127.0.0.1:0")
+	testenv.Must(t, err, "listen")
+	addr := ln.Addr().String()
+	ln.Close()
+	env := map[string]string{"OTP_NATS_URL": ns.ClientURL(), "OTP_DATABASE_URL": db, "OTP_HTTP_ADDR": addr, "PROBE_SETTING": "on"}
+
+	built := make(chan *probe, 2)
+	ctx, cancel := context.WithCancel(context.Background())
+	done := make(chan error, 1)
+	go func() {
+		done <- platform.RunServices(ctx, func(k string) string { return env[k] }, io.Discard,
+			probeSpec("probe_a", nil, built), probeSpec("probe_b", nil, built))
+	}()
+	a, b := <-built, <-built
+	<-a.running
+	<-b.running
+	if a.d == b.d || a.d.NC == b.d.NC || a.d.Reg != b.d.Reg {
+		t.Error("want connections of its own per service and one registry")
+	}
+	for _, cfg := range events.StreamConfigs(events.StreamOptions{}) {
+		if _, err := a.d.JS.Stream(ctx, cfg.Name); err != nil {
+			t.Errorf("stream %s not provisioned: %v", cfg.Name, err)
+		}
+	}
+	conn, err := pgx.Connect(ctx, db)
+	testenv.Must(t, err, "connect")
+	defer conn.Close(context.Background())
+	for _, schema := range []string{"probe_a", "probe_b"} {
+		_, err := conn.Exec(ctx, "SELECT * FROM "+schema+".t")
+		testenv.Must(t, err, "schema %s migrated", schema)
+	}
+	testenv.Eventually(t, 10*time.Second, "the ops endpoint", func() bool {
+		resp, err := http.Get("http://" + addr + "/readyz")
+		if err != nil {
+			return false
+		}
+		resp.Body.Close()
+		return resp.StatusCode == http.StatusOK
+	})
+
+	cancel()
+	select {
+	case err := <-done:
+		if err != nil {
+			t.Fatalf("after a cancel: %v, want nil", err)
+		}
+	case <-time.After(30 * time.Second):
+		t.Fatal("did not drain within 30s")
+	}
+}
+
+// TestRunServiceRefusesABadSettingBeforeConnecting: a setting the service refuses stops
+// the start at once with that error, with no attempt to reach PostgreSQL or NATS.
+func TestRunServiceRefusesABadSettingBeforeConnecting(t *testing.T) {
+	refused := &platform.ConfigError{Var: "PROBE_SETTING", Msg: "must be on"}
+	env := map[string]string{"OTP_NATS_URL": "nats://127.0.0.1:1", "OTP_DATABASE_URL": "postgres://x@127.0.0.1:1/x", "OTP_CONNECT_TIMEOUT": "30s"}
+	var logs strings.Builder
+	start := time.Now()
+	err := platform.RunService(context.Background(), probeSpec("probe", refused, nil), func(k string) string { return env[k] }, &logs)
+	if !errors.Is(err, refused) || fmt.Sprint(err) != "PROBE_SETTING: must be on" {
+		t.Fatalf("err = %v, want the setting's error alone", err)
+	}
+	if time.Since(start) > 5*time.Second || logs.Len() > 0 {
+		t.Errorf("took %v and logged %q: it tried to connect", time.Since(start), logs.String())
+	}
+}
