@@ -16,11 +16,13 @@ import (
 // ConnectNATS connects as service svc. Replies come to the inbox prefix "_INBOX_<svc>", so
 // the NATS permissions of each service can allow only its own inbox.
 func ConnectNATS(c Common, svc string, log *slog.Logger) (*nats.Conn, error) {
-	return connectNATS(c, svc, log, IsLocalHost)
+	return ConnectNATSJudging(c, svc, log, IsLocalHost)
 }
 
-// connectNATS is ConnectNATS with the judgement of which hosts are local.
-func connectNATS(c Common, svc string, log *slog.Logger, local func(host string) bool) (*nats.Conn, error) {
+// ConnectNATSJudging is ConnectNATS with the caller's judgement of which hosts are local
+// (IsLocalHost for ConnectNATS): the production rules require TLS to every other host.
+// Tests use it to treat a loopback server as remote.
+func ConnectNATSJudging(c Common, svc string, log *slog.Logger, local func(host string) bool) (*nats.Conn, error) {
 	opts := []nats.Option{
 		nats.Name("otpflow-" + svc),
 		nats.CustomInboxPrefix("_INBOX_" + svc),
