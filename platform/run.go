@@ -8,6 +8,9 @@ import (
 	"io/fs"
 	"log/slog"
 	"net/http"
+	"os"
+	"os/signal"
+	"syscall"
 	"time"
 
 	"github.com/jackc/pgx/v5/pgxpool"
@@ -75,6 +78,19 @@ func Provision(ctx context.Context, js jetstream.JetStream, o events.StreamOptio
 	ctx, cancel := context.WithTimeout(ctx, setupTimeout)
 	defer cancel()
 	return EnsureStreams(ctx, js, o)
+}
+
+// Main is a service binary's main: it runs spec configured by the environment until
+// SIGINT or SIGTERM and it has drained; an error is one line on stderr, "name: ...", and
+// exit status 1.
+func Main(spec ServiceSpec) {
+	ctx, stop := signal.NotifyContext(context.Background(), os.Interrupt, syscall.SIGTERM)
+	err := RunService(ctx, spec, os.Getenv, os.Stderr)
+	stop()
+	if err != nil {
+		fmt.Fprintln(os.Stderr, spec.Name+":", err)
+		os.Exit(1)
+	}
 }
 
 // RunService runs one service, as its binary does, until ctx is cancelled and it has
