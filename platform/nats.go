@@ -60,6 +60,18 @@ func ConnectNATSJudging(c Common, svc string, log *slog.Logger, local func(host 
 		// reconnect to a server that does not ask would go plaintext. Require it.
 		opts = append(opts, nats.Secure())
 	}
+	opts = append(opts, NATSCredentials(c)...)
+	nc, err := nats.Connect(c.NATSURL, opts...)
+	if err != nil {
+		return nil, fmt.Errorf("connect to NATS at %s: %w", redactURL(c.NATSURL), err)
+	}
+	return nc, nil
+}
+
+// NATSCredentials are the options of OTP_NATS_CREDS, OTP_NATS_TLS_CA, OTP_NATS_TLS_CERT
+// and OTP_NATS_TLS_KEY, for the services and the CLI alike.
+func NATSCredentials(c Common) []nats.Option {
+	var opts []nats.Option
 	if c.NATSCreds != "" {
 		opts = append(opts, nats.UserCredentials(c.NATSCreds))
 	}
@@ -69,12 +81,11 @@ func ConnectNATSJudging(c Common, svc string, log *slog.Logger, local func(host 
 	if c.NATSTLSCert != "" {
 		opts = append(opts, nats.ClientCert(c.NATSTLSCert, c.NATSTLSKey))
 	}
-	nc, err := nats.Connect(c.NATSURL, opts...)
-	if err != nil {
-		return nil, fmt.Errorf("connect to NATS at %s: %w", redactURL(c.NATSURL), err)
-	}
-	return nc, nil
+	return opts
 }
+
+// RedactNATSURL hides the user information of a NATS URL, for messages.
+func RedactNATSURL(u string) string { return redactURL(u) }
 
 // anyRemote reports whether any server of a NATS URL list is not local.
 func anyRemote(urls string, local func(host string) bool) bool {

@@ -89,9 +89,8 @@ func auditVerify(ctx context.Context, args []string, getenv func(string) string,
 
 func auditReplay(ctx context.Context, args []string, getenv func(string) string, stdout, stderr io.Writer) error {
 	fs := flag.NewFlagSet("audit replay", flag.ContinueOnError)
+	server := serverFlags(fs)
 	var (
-		url    = fs.String("nats", "", "NATS URL (default OTP_NATS_URL, the dev server, nats://127.0.0.1:4222)")
-		dir    = fs.String("dir", ".otpflow", "state directory of otpflow dev")
 		since  = fs.String("since", "", "first event time, RFC 3339")
 		until  = fs.String("until", "", "last event time, RFC 3339")
 		tenant = fs.String("tenant", "", "only this tenant")
@@ -139,7 +138,7 @@ func auditReplay(ctx context.Context, args []string, getenv func(string) string,
 		}
 	}
 
-	nc, err := connectClient(natsURL(*url, getenv, *dir), getenv)
+	nc, err := connectClient(server(getenv), getenv)
 	if err != nil {
 		return err
 	}

@@ -20,6 +20,14 @@ import (
 	"github.com/otpflow/otpflow/platform"
 )
 
+// serverFlags are the flags of every command that talks to NATS as an upstream app or an
+// operator; url resolves them with natsURL.
+func serverFlags(fs *flag.FlagSet) (url func(getenv func(string) string) string) {
+	flagURL := fs.String("nats", "", "NATS URL (default: OTP_NATS_URL, the dev server, nats://127.0.0.1:4222)")
+	dir := fs.String("dir", ".otpflow", "state directory of otpflow dev")
+	return func(getenv func(string) string) string { return natsURL(*flagURL, getenv, *dir) }
+}
+
 // natsURL resolves the server an upstream-app command talks to: the flag, else
 // OTP_NATS_URL, else the URL a running "otpflow dev" wrote, else the default.
 func natsURL(flagValue string, getenv func(string) string, dir string) string {
@@ -38,28 +46,18 @@ func natsURL(flagValue string, getenv func(string) string, dir string) string {
 func connectClient(url string, getenv func(string) string) (*nats.Conn, error) {
 	c := platform.Common{NATSURL: url, NATSCreds: getenv("OTP_NATS_CREDS"), NATSTLSCA: getenv("OTP_NATS_TLS_CA"),
 		NATSTLSCert: getenv("OTP_NATS_TLS_CERT"), NATSTLSKey: getenv("OTP_NATS_TLS_KEY")}
-	opts := []nats.Option{nats.Name("otpflow-cli"), nats.Timeout(5 * time.Second)}
-	if c.NATSCreds != "" {
-		opts = append(opts, nats.UserCredentials(c.NATSCreds))
-	}
-	if c.NATSTLSCA != "" {
-		opts = append(opts, nats.RootCAs(c.NATSTLSCA))
-	}
-	if c.NATSTLSCert != "" {
-		opts = append(opts, nats.ClientCert(c.NATSTLSCert, c.NATSTLSKey))
-	}
+	opts := append([]nats.Option{nats.Name("otpflow-cli"), nats.Timeout(5 * time.Second)}, platform.NATSCredentials(c)...)
 	nc, err := nats.Connect(url, opts...)
 	if err != nil {
-		return nil, fmt.Errorf("connect to NATS at %s: %w", url, err)
+		return nil, fmt.Errorf("connect to NATS at %s: %w", platform.RedactNATSURL(url), err)
 	}
 	return nc, nil
 }
 
 func requestCommand(ctx context.Context, args []string, getenv func(string) string, stdout io.Writer) error {
 	fs := flag.NewFlagSet("request", flag.ContinueOnError)
+	server := serverFlags(fs)
 	var (
-		url       = fs.String("nats", "", "NATS URL (default: OTP_NATS_URL, the dev server, nats://127.0.0.1:4222)")
-		dir       = fs.String("dir", ".otpflow", "state directory of otpflow dev")
 		tenant    = fs.String("tenant", "demo", "tenant")
 		requestID = fs.String("request-id", "", "idempotency key (default: random)")
 		recipient = fs.String("recipient", "", "email address (required)")
@@ -88,7 +86,7 @@ func requestCommand(ctx context.Context, args []string, getenv func(string) stri
 	if err != nil {
 		return err
 	}
-	nc, err := connectClient(natsURL(*url, getenv, *dir), getenv)
+	nc, err := connectClient(server(getenv), getenv)
 	if err != nil {
 		return err
 	}
@@ -113,9 +111,8 @@ func requestCommand(ctx context.Context, args []string, getenv func(string) stri
 
 func verifyCommand(ctx context.Context, args []string, getenv func(string) string, stdout io.Writer) (bool, error) {
 	fs := flag.NewFlagSet("verify", flag.ContinueOnError)
+	server := serverFlags(fs)
 	var (
-		url       = fs.String("nats", "", "NATS URL (default: OTP_NATS_URL, the dev server, nats://127.0.0.1:4222)")
-		dir       = fs.String("dir", ".otpflow", "state directory of otpflow dev")
 		tenant    = fs.String("tenant", "demo", "tenant")
 		requestID = fs.String("request-id", "", "the request's idempotency key (required)")
 		code      = fs.String("code", "", "the code the user typed (required)")
@@ -131,7 +128,7 @@ func verifyCommand(ctx context.Context, args []string, getenv func(string) strin
 	if err != nil {
 		return false, err
 	}
-	nc, err := connectClient(natsURL(*url, getenv, *dir), getenv)
+	nc, err := connectClient(server(getenv), getenv)
 	if err != nil {
 		return false, err
 	}
