@@ -12,7 +12,6 @@ import (
 	"log/slog"
 	"time"
 
-	"github.com/jackc/pgx/v5"
 	"github.com/jackc/pgx/v5/pgxpool"
 	"github.com/nats-io/nats.go"
 	"github.com/nats-io/nats.go/jetstream"
@@ -65,7 +64,7 @@ func (c *Config) setDefaults() {
 // Service is one issuer process. Any number may run; they share the durable consumer.
 type Service struct {
 	cfg    Config
-	pool   *pgxpool.Pool
+	store  *store
 	js     jetstream.JetStream
 	log    *slog.Logger
 	reg    prometheus.Registerer
@@ -84,7 +83,7 @@ func New(cfg Config, pool *pgxpool.Pool, js jetstream.JetStream, log *slog.Logge
 	}
 	cfg.setDefaults()
 	s := &Service{
-		cfg: cfg, pool: pool, js: js, log: log, reg: reg,
+		cfg: cfg, js: js, log: log, reg: reg,
 		outbox: &outbox.Outbox{Table: Schema + ".outbox", Pool: pool, JS: js, Log: log},
 		requests: prometheus.NewCounterVec(prometheus.CounterOpts{
 			Name: "otpflow_issuer_requests_total", Help: "otp.requested messages handled, by outcome.",
@@ -94,6 +93,8 @@ func New(cfg Config, pool *pgxpool.Pool, js jetstream.JetStream, log *slog.Logge
 			Buckets: []float64{1, 2, 5, 10, 20, 50, 100, 200},
 		}),
 	}
+	// The store reads the skew when it reads the clock: tests set it after New.
+	s.store = &store{pool: pool, outbox: s.outbox, skew: s.skewBy}
 	if reg != nil {
 		reg.MustRegister(s.requests, s.batch)
 	}
@@ -231,34 +232,7 @@ func (s *Service) envelope(m *platform.Delivery, now time.Time) events.Envelope 
 // Purge deletes challenges whose last code expired more than the retention ago, with
 // their codes, and rate-limit state that no window still needs.
 func (s *Service) Purge(ctx context.Context) (int64, error) {
-	var total int64
-	for _, q := range []struct {
-		sql string
-		age time.Duration
-	}{
-		{`DELETE FROM issuer.codes WHERE challenge_id IN (SELECT challenge_id FROM issuer.challenges WHERE expires_at < now() - $1::interval)`, s.cfg.Retention},
-		{`DELETE FROM issuer.challenges WHERE expires_at < now() - $1::interval`, s.cfg.Retention},
-		{`DELETE FROM issuer.rate_log WHERE coalesce(stamps[array_upper(stamps, 1)], '-infinity') < now() - $1::interval`, 24 * time.Hour},
-		{`DELETE FROM issuer.rate_window WHERE window_start < now() - $1::interval`, 24 * time.Hour},
-		{`DELETE FROM issuer.ip_recipients WHERE last_at < now() - $1::interval`, 24 * time.Hour},
-	} {
-		tag, err := s.pool.Exec(ctx, q.sql, q.age-s.skewBy())
-		if err != nil {
-			return total, err
-		}
-		total += tag.RowsAffected()
-	}
-	return total, nil
-}
-
-// clock reads the database clock inside tx: every issuer replica, dispatcher and verifier
-// then agree on when a code expires, whatever each host's clock says.
-func (s *Service) clock(ctx context.Context, tx pgx.Tx) (time.Time, error) {
-	var now time.Time
-	if err := tx.QueryRow(ctx, `SELECT clock_timestamp()`).Scan(&now); err != nil {
-		return time.Time{}, fmt.Errorf("read the database clock: %w", err)
-	}
-	return now.Add(s.skewBy()).UTC(), nil
+	return s.store.purge(ctx, s.cfg.Retention)
 }
 
 func (s *Service) skewBy() time.Duration {

@@ -1,0 +1,363 @@
+package issuer
+
+import (
+	"context"
+	"fmt"
+	"slices"
+	"strings"
+	"time"
+
+	"github.com/jackc/pgx/v5"
+	"github.com/jackc/pgx/v5/pgxpool"
+	"github.com/nats-io/nats.go"
+	"github.com/otpflow/otpflow/platform/outbox"
+	"github.com/otpflow/otpflow/platform/window"
+)
+
+// store holds the issuer's SQL: challenges and the HMACs of their codes, the rate-limit
+// rows that every issuer replica shares, and the outbox, all written in one transaction
+// per batch.
+type store struct {
+	pool   *pgxpool.Pool
+	outbox *outbox.Outbox
+	// skew shifts the database clock; tests move time with it. It returns 0 in production.
+	skew func() time.Duration
+}
+
+// horizon is how far back the batch state reaches: the longest window a rule looks
+// over (the hourly limits, recipient bursts, the ip fanout).
+const horizon = time.Hour
+
+// batchKeys names the rows one batch decides on.
+type batchKeys struct {
+	challenges map[key]bool
+	recipients map[rcptKey]bool
+	logs       map[string]bool // rate_log keys
+	windows    map[string]bool // rate_window keys
+	// clients maps each client of the batch to its tenant's ip fanout window: the
+	// recipients it asked codes for within it are read.
+	clients map[clientKey]time.Duration
+}
+
+// clientKey names one client network of one tenant.
+type clientKey struct{ tenant, ip string }
+
+// challenge is the locked state of one (tenant, request_id) inside a batch transaction.
+type challenge struct {
+	id         string
+	codeCount  int
+	lastCodeAt time.Time
+	status     string
+	recipient  string // canonical: what requests are compared with
+	address    string // as the challenge was created: where its codes go
+	purpose    string
+	isNew      bool
+}
+
+// batchState is everything the decisions of one batch read and change, loaded under row
+// locks so that several issuer processes decide as if they were one.
+type batchState struct {
+	now        time.Time // the database clock once the rows are locked
+	challenges map[key]*challenge
+	logs       map[string]window.Stamps      // rate_log rows: send times per key
+	windows    map[string]*rateWindow        // rate_window rows
+	active     map[rcptKey][]activeRef       // active unexpired challenges per recipient
+	recent     map[rcptKey]window.Stamps     // creation times of recent challenges
+	ipSeen     map[clientKey]map[string]bool // recipients seen in the fanout window
+}
+
+type rateWindow struct {
+	start time.Time
+	count int
+}
+
+type activeRef struct{ id, requestID string }
+
+// writes is what the decisions of a batch commit: challenge and code rows in the order
+// decided (a challenge is inserted before a later request of the batch supersedes it),
+// the rate-limit rows they changed in the batch state, and the messages for the outbox.
+type writes struct {
+	rows    []rowWrite
+	logs    map[string]bool               // rate_log rows to store from the batch state
+	windows map[string]bool               // rate_window rows to store from the batch state
+	clients map[clientKey]map[string]bool // ip_recipients to stamp with the batch clock
+	msgs    []*nats.Msg
+}
+
+func (w *writes) add(r rowWrite)            { w.rows = append(w.rows, r) }
+func (w *writes) publish(msgs ...*nats.Msg) { w.msgs = append(w.msgs, msgs...) }
+
+// A rowWrite is one row a decision writes: supersession, newChallenge, nextCode or codeRow.
+type rowWrite interface{ queue(b *pgx.Batch) }
+
+// supersession closes challengeID in favour of the challenge of request by.
+type supersession struct{ challengeID, by string }
+
+// newChallenge is a challenge row as its first code creates it.
+type newChallenge struct {
+	tenant, requestID, id string
+	address, recipient    string
+	purpose, locale       string
+	sessionID, clientIP   string
+	codeCount             int
+	createdAt, expiresAt  time.Time
+	test                  bool
+}
+
+// nextCode moves an existing challenge on to its code number codeCount.
+type nextCode struct {
+	id                  string
+	codeCount           int
+	issuedAt, expiresAt time.Time
+}
+
+// codeRow is the HMAC of one code.
+type codeRow struct {
+	challengeID         string
+	seq                 int
+	hmac                []byte
+	pepperID            string
+	issuedAt, expiresAt time.Time
+}
+
+func (r supersession) queue(b *pgx.Batch) {
+	b.Queue(`UPDATE issuer.challenges SET status = 'superseded', superseded_by = $2 WHERE challenge_id = $1`, r.challengeID, r.by)
+}
+
+func (r newChallenge) queue(b *pgx.Batch) {
+	b.Queue(`INSERT INTO issuer.challenges (tenant, request_id, challenge_id, recipient, recipient_key, purpose, locale,
+			session_id, code_count, last_code_at, expires_at, created_at, test, client_ip)
+			VALUES ($1,$2,$3,$4,$5,$6,$7,$8,$9,$10,$11,$10,$12,$13)`,
+		r.tenant, r.requestID, r.id, r.address, r.recipient, r.purpose, r.locale,
+		r.sessionID, r.codeCount, r.createdAt, r.expiresAt, r.test, r.clientIP)
+}
+
+func (r nextCode) queue(b *pgx.Batch) {
+	b.Queue(`UPDATE issuer.challenges SET code_count = $2, last_code_at = $3, expires_at = $4
+			WHERE challenge_id = $1`, r.id, r.codeCount, r.issuedAt, r.expiresAt)
+}
+
+func (r codeRow) queue(b *pgx.Batch) {
+	b.Queue(`INSERT INTO issuer.codes (challenge_id, code_seq, code_hmac, pepper_key_id, issued_at, expires_at)
+		VALUES ($1,$2,$3,$4,$5,$6)`, r.challengeID, r.seq, r.hmac, r.pepperID, r.issuedAt, r.expiresAt)
+}
+
+// issueBatch runs decide on the rows of keys in one transaction and commits what it
+// records: the database clock is read, the rows are locked (each set in sorted order, so
+// that issuers never deadlock) and read, and the clock is read again as the last
+// statement, so that an issuer that waited for another's locks decides after it, never in
+// its past. It returns the outbox entries committed, for publishing at once.
+func (st *store) issueBatch(ctx context.Context, keys batchKeys, decide func(*batchState, *writes) error) ([]outbox.Entry, error) {
+	var entries []outbox.Entry
+	err := pgx.BeginFunc(ctx, st.pool, func(tx pgx.Tx) error {
+		entries = nil
+		start, err := st.clock(ctx, tx)
+		if err != nil {
+			return err
+		}
+		bs, err := st.lock(ctx, tx, keys, start)
+		if err != nil {
+			return err
+		}
+		w := &writes{logs: map[string]bool{}, windows: map[string]bool{}, clients: map[clientKey]map[string]bool{}}
+		if err := decide(bs, w); err != nil {
+			return err
+		}
+		if err := tx.SendBatch(ctx, st.writeBatch(bs, w)).Close(); err != nil {
+			return fmt.Errorf("write challenges: %w", err)
+		}
+		entries, err = st.outbox.Add(ctx, tx, w.msgs...)
+		return err
+	})
+	if err != nil {
+		return nil, err
+	}
+	return entries, nil
+}
+
+// clock reads the database clock inside tx: every issuer replica, dispatcher and verifier
+// then agree on when a code expires, whatever each host's clock says.
+func (st *store) clock(ctx context.Context, tx pgx.Tx) (time.Time, error) {
+	var now time.Time
+	if err := tx.QueryRow(ctx, `SELECT clock_timestamp()`).Scan(&now); err != nil {
+		return time.Time{}, fmt.Errorf("read the database clock: %w", err)
+	}
+	return now.Add(st.skew()).UTC(), nil
+}
+
+// lock reads and row-locks the batch's challenges, then its rate-limit rows, each set in
+// sorted order, reads the rest of what the rules need (windows as of start), and then
+// the database clock.
+func (st *store) lock(ctx context.Context, tx pgx.Tx, keys batchKeys, start time.Time) (*batchState, error) {
+	bs := &batchState{challenges: map[key]*challenge{}, logs: map[string]window.Stamps{}, windows: map[string]*rateWindow{},
+		active: map[rcptKey][]activeRef{}, recent: map[rcptKey]window.Stamps{}, ipSeen: map[clientKey]map[string]bool{}}
+	ks := make([]key, 0, len(keys.challenges))
+	for k := range keys.challenges {
+		bs.challenges[k] = nil
+		ks = append(ks, k)
+	}
+	slices.SortFunc(ks, func(a, b key) int {
+		if c := strings.Compare(a.tenant, b.tenant); c != 0 {
+			return c
+		}
+		return strings.Compare(a.requestID, b.requestID)
+	})
+	// Set-based reads, a handful of statements per batch whatever its size. Rows are
+	// locked in key order (the sort runs below the row locks).
+	var tenants, requestIDs []string
+	for _, k := range ks {
+		tenants, requestIDs = append(tenants, k.tenant), append(requestIDs, k.requestID)
+	}
+	sortedLogs, sortedWins := sortedKeys(keys.logs), sortedKeys(keys.windows)
+	var rt, rr, rp []string
+	for rk := range keys.recipients {
+		rt, rr, rp = append(rt, rk.tenant), append(rr, rk.recipient), append(rp, rk.purpose)
+	}
+	var it, ii []string
+	for c := range keys.clients {
+		it, ii = append(it, c.tenant), append(ii, c.ip)
+	}
+	b := &pgx.Batch{}
+	b.Queue(`SELECT c.tenant, c.request_id, c.challenge_id::text, c.code_count, c.last_code_at, c.status, c.recipient_key, c.recipient, c.purpose
+		FROM issuer.challenges c JOIN unnest($1::text[], $2::text[]) AS k(tenant, request_id) USING (tenant, request_id)
+		ORDER BY c.tenant, c.request_id FOR UPDATE OF c`, tenants, requestIDs).Query(func(rows pgx.Rows) error {
+		for rows.Next() {
+			var k key
+			var c challenge
+			if err := rows.Scan(&k.tenant, &k.requestID, &c.id, &c.codeCount, &c.lastCodeAt, &c.status, &c.recipient, &c.address, &c.purpose); err != nil {
+				return err
+			}
+			bs.challenges[k] = &c
+		}
+		return rows.Err()
+	})
+	b.Queue(`INSERT INTO issuer.rate_log (key) SELECT k FROM unnest($1::text[]) AS k ORDER BY k ON CONFLICT DO NOTHING`, sortedLogs)
+	b.Queue(`SELECT key, stamps FROM issuer.rate_log WHERE key = ANY($1) ORDER BY key FOR UPDATE`, sortedLogs).Query(func(rows pgx.Rows) error {
+		for rows.Next() {
+			var k string
+			var stamps []time.Time
+			if err := rows.Scan(&k, &stamps); err != nil {
+				return err
+			}
+			bs.logs[k] = stamps
+		}
+		return rows.Err()
+	})
+	b.Queue(`INSERT INTO issuer.rate_window (key, window_start, count) SELECT k, $2, 0 FROM unnest($1::text[]) AS k ORDER BY k
+		ON CONFLICT DO NOTHING`, sortedWins, start)
+	b.Queue(`SELECT key, window_start, count FROM issuer.rate_window WHERE key = ANY($1) ORDER BY key FOR UPDATE`, sortedWins).Query(func(rows pgx.Rows) error {
+		for rows.Next() {
+			var k string
+			w := &rateWindow{}
+			if err := rows.Scan(&k, &w.start, &w.count); err != nil {
+				return err
+			}
+			bs.windows[k] = w
+		}
+		return rows.Err()
+	})
+	b.Queue(`SELECT c.tenant, c.recipient_key, c.purpose, c.challenge_id::text, c.request_id, c.status = 'active' AND c.expires_at > $4, c.created_at
+		FROM issuer.challenges c JOIN unnest($1::text[], $2::text[], $3::text[]) AS k(tenant, recipient_key, purpose)
+			USING (tenant, recipient_key, purpose)
+		WHERE c.created_at > $5 OR (c.status = 'active' AND c.expires_at > $4)
+		ORDER BY c.created_at`, rt, rr, rp, start, start.Add(-horizon)).Query(func(rows pgx.Rows) error {
+		for rows.Next() {
+			var rk rcptKey
+			var a activeRef
+			var active bool
+			var created time.Time
+			if err := rows.Scan(&rk.tenant, &rk.recipient, &rk.purpose, &a.id, &a.requestID, &active, &created); err != nil {
+				return err
+			}
+			if active {
+				bs.active[rk] = append(bs.active[rk], a)
+			}
+			if created.After(start.Add(-horizon)) {
+				bs.recent[rk] = bs.recent[rk].Add(created)
+			}
+		}
+		return rows.Err()
+	})
+	if len(it) > 0 {
+		b.Queue(`SELECT r.tenant, r.ip, r.recipient_key, r.last_at FROM issuer.ip_recipients r
+			JOIN unnest($1::text[], $2::text[]) AS k(tenant, ip) USING (tenant, ip)
+			WHERE r.last_at > $3`, it, ii, start.Add(-horizon)).Query(func(rows pgx.Rows) error {
+			for rows.Next() {
+				var c clientKey
+				var rcpt string
+				var last time.Time
+				if err := rows.Scan(&c.tenant, &c.ip, &rcpt, &last); err != nil {
+					return err
+				}
+				if last.After(start.Add(-keys.clients[c])) {
+					if bs.ipSeen[c] == nil {
+						bs.ipSeen[c] = map[string]bool{}
+					}
+					bs.ipSeen[c][rcpt] = true
+				}
+			}
+			return rows.Err()
+		})
+	}
+	b.Queue(`SELECT clock_timestamp()`).QueryRow(func(row pgx.Row) error { return row.Scan(&bs.now) })
+	if err := tx.SendBatch(ctx, b).Close(); err != nil {
+		return nil, fmt.Errorf("lock batch state: %w", err)
+	}
+	bs.now = bs.now.Add(st.skew()).UTC()
+	return bs, nil
+}
+
+func sortedKeys(m map[string]bool) []string {
+	out := make([]string, 0, len(m))
+	for k := range m {
+		out = append(out, k)
+	}
+	slices.Sort(out)
+	return out
+}
+
+// writeBatch queues the rows of w in order, then the rate-limit rows it changed, as the
+// batch state holds them now.
+func (st *store) writeBatch(bs *batchState, w *writes) *pgx.Batch {
+	b := &pgx.Batch{}
+	for _, r := range w.rows {
+		r.queue(b)
+	}
+	for k := range w.logs {
+		b.Queue(`UPDATE issuer.rate_log SET stamps = $2 WHERE key = $1`, k, []time.Time(bs.logs[k].Trim(bs.now.Add(-horizon))))
+	}
+	for k := range w.windows {
+		win := bs.windows[k]
+		b.Queue(`UPDATE issuer.rate_window SET window_start = $2, count = $3 WHERE key = $1`, k, win.start, win.count)
+	}
+	for c, rcpts := range w.clients {
+		for rc := range rcpts {
+			b.Queue(`INSERT INTO issuer.ip_recipients (tenant, ip, recipient_key, last_at) VALUES ($1, $2, $3, $4)
+				ON CONFLICT (tenant, ip, recipient_key) DO UPDATE SET last_at = EXCLUDED.last_at`, c.tenant, c.ip, rc, bs.now)
+		}
+	}
+	return b
+}
+
+// purge deletes challenges whose last code expired more than retention ago, with their
+// codes, and rate-limit state that no window still needs.
+func (st *store) purge(ctx context.Context, retention time.Duration) (int64, error) {
+	var total int64
+	for _, q := range []struct {
+		sql string
+		age time.Duration
+	}{
+		{`DELETE FROM issuer.codes WHERE challenge_id IN (SELECT challenge_id FROM issuer.challenges WHERE expires_at < now() - $1::interval)`, retention},
+		{`DELETE FROM issuer.challenges WHERE expires_at < now() - $1::interval`, retention},
+		{`DELETE FROM issuer.rate_log WHERE coalesce(stamps[array_upper(stamps, 1)], '-infinity') < now() - $1::interval`, 24 * time.Hour},
+		{`DELETE FROM issuer.rate_window WHERE window_start < now() - $1::interval`, 24 * time.Hour},
+		{`DELETE FROM issuer.ip_recipients WHERE last_at < now() - $1::interval`, 24 * time.Hour},
+	} {
+		tag, err := st.pool.Exec(ctx, q.sql, q.age-st.skew())
+		if err != nil {
+			return total, err
+		}
+		total += tag.RowsAffected()
+	}
+	return total, nil
+}
