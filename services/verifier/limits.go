@@ -64,38 +64,20 @@ func (s *Service) checkLimits(ctx context.Context, tenant, ip string) (retryAfte
 	for i, l := range ls {
 		keys[i] = l.key
 	}
-	rows, err := s.pool.Query(ctx, `INSERT INTO verifier.verify_limits AS l (key, window_start, hits, prev_hits)
-		SELECT k, date_trunc('minute', now()), 1, 0 FROM unnest($1::bytea[]) WITH ORDINALITY AS u(k, i) ORDER BY i
-		ON CONFLICT (key) DO UPDATE SET
-			prev_hits = CASE WHEN l.window_start = EXCLUDED.window_start THEN l.prev_hits
-			                 WHEN l.window_start = EXCLUDED.window_start - interval '1 minute' THEN l.hits
-			                 ELSE 0 END,
-			hits = CASE WHEN l.window_start = EXCLUDED.window_start THEN l.hits + 1 ELSE 1 END,
-			window_start = EXCLUDED.window_start
-		RETURNING key, hits, prev_hits, extract(epoch FROM now() - window_start)::float8`, keys)
+	counts, err := s.store.countLimits(ctx, keys)
 	if err != nil {
 		return 0, "", err
 	}
-	defer rows.Close()
-	for rows.Next() {
-		var (
-			key            []byte
-			hits, prevHits int
-			elapsedSeconds float64
-		)
-		if err := rows.Scan(&key, &hits, &prevHits, &elapsedSeconds); err != nil {
-			return 0, "", err
-		}
-		i := slices.IndexFunc(ls, func(l limit) bool { return bytes.Equal(l.key, key) })
+	for _, c := range counts {
+		i := slices.IndexFunc(ls, func(l limit) bool { return bytes.Equal(l.key, c.key) })
 		if i < 0 {
 			continue
 		}
-		elapsed := time.Duration(elapsedSeconds * float64(time.Second))
-		if wait := slidingWait(ls[i].max, prevHits, hits, elapsed, limitWindow); wait > retryAfter {
+		if wait := slidingWait(ls[i].max, c.prevHits, c.hits, c.elapsed, limitWindow); wait > retryAfter {
 			retryAfter, reason = wait, ls[i].name
 		}
 	}
-	return retryAfter, reason, rows.Err()
+	return retryAfter, reason, nil
 }
 
 // slidingWait decides one call against a sliding-window limit of allowed calls per window,

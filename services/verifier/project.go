@@ -2,23 +2,34 @@ package verifier
 
 import (
 	"context"
-	"errors"
 	"fmt"
 	"strings"
+	"time"
 
-	"github.com/jackc/pgx/v5"
-	"github.com/jackc/pgx/v5/pgconn"
 	"github.com/otpflow/otpflow/events"
 	"github.com/otpflow/otpflow/platform"
 )
 
-// projection is one event of a batch, checked and ready to write.
+// projection is one event of a batch, checked and ready to write: an otp.issued or an
+// otp.superseded for the subject's tenant.
 type projection struct {
-	msg *platform.Delivery
-	// queue adds the event's statements to b; the callbacks it registers record a
-	// refusal that the database reports without an error in *refused.
-	queue   func(b *pgx.Batch, refused *error)
+	msg        *platform.Delivery
+	tenant     string
+	issued     *events.Issued
+	superseded *events.Superseded
+	// failureRisk is the recipient_failures risk rule for the first code of a challenge
+	// (zero: none applies).
+	failureRisk failureRisk
+	// refused is set by the store when the database refuses the event without an error.
 	refused error
+}
+
+// failureRisk: a new challenge for a recipient with at least failures failed
+// verifications within window (on earlier challenges) gets at most maxAttempts attempts.
+type failureRisk struct {
+	failures    int
+	window      time.Duration
+	maxAttempts int
 }
 
 // project writes a batch of otp.issued and otp.superseded events in one transaction.
@@ -44,7 +55,7 @@ func (s *Service) project(ctx context.Context, batch []*platform.Delivery) error
 	if len(items) == 0 {
 		return nil
 	}
-	err := s.write(ctx, items)
+	err := s.store.project(ctx, items)
 	if err == nil {
 		s.settle(items)
 		return nil
@@ -54,16 +65,6 @@ func (s *Service) project(ctx context.Context, batch []*platform.Delivery) error
 		return nil
 	}
 	return fmt.Errorf("project %d events: %w", len(items), err)
-}
-
-// write runs the statements of items in one transaction.
-func (s *Service) write(ctx context.Context, items []*projection) error {
-	b := &pgx.Batch{}
-	for _, p := range items {
-		p.refused = nil
-		p.queue(b, &p.refused)
-	}
-	return pgx.BeginFunc(ctx, s.pool, func(tx pgx.Tx) error { return tx.SendBatch(ctx, b).Close() })
 }
 
 // settle acks what was projected and dead-letters what the database refused quietly
@@ -86,38 +87,6 @@ func (s *Service) deadLetter(d *platform.Delivery, reason error) {
 	d.Settle(platform.DeadLetter(tenant, "verifier: "+reason.Error()))
 }
 
-// errRefused is a database error that no redelivery will cure: a data exception, an
-// integrity or a size limit violation. Its text names the SQLSTATE, the constraint and
-// the column, never the message, which may quote the refused value.
-type errRefused struct{ pg *pgconn.PgError }
-
-func (e errRefused) Error() string {
-	s := "database refused the event (SQLSTATE " + e.pg.Code
-	if e.pg.ConstraintName != "" {
-		s += ", constraint " + e.pg.ConstraintName
-	}
-	if e.pg.ColumnName != "" {
-		s += ", column " + e.pg.ColumnName
-	}
-	return s + ")"
-}
-
-func (e errRefused) Unwrap() error { return e.pg }
-
-// refusedByDatabase tells an event the database will never accept from a failure worth
-// retrying.
-func refusedByDatabase(err error) (errRefused, bool) {
-	var pgErr *pgconn.PgError
-	if !errors.As(err, &pgErr) {
-		return errRefused{}, false
-	}
-	switch pgErr.Code[:2] {
-	case "22", "23", "54":
-		return errRefused{pgErr}, true
-	}
-	return errRefused{}, false
-}
-
 // errChallengeOwned: an otp.issued names a challenge id the projection holds for another
 // request (or a request id it holds with another challenge id).
 var errChallengeOwned = &events.ValidationError{Reason: events.ReasonInvalidField, Field: "challenge_id",
@@ -138,7 +107,13 @@ func (s *Service) check(m *platform.Delivery) (*projection, error) {
 		if err := checkIssued(tenant, e); err != nil {
 			return nil, err
 		}
-		return &projection{msg: m, queue: func(b *pgx.Batch, refused *error) { s.queueIssued(b, refused, tenant, e) }}, nil
+		p := &projection{msg: m, tenant: tenant, issued: &e}
+		// Risk rule recipient_failures, decided once per challenge, on its first code. Test
+		// recipients count too: a fixed code must not be cheaper to guess.
+		if rf := s.cfg.Policies.For(tenant).Risk.RecipientFailures; rf.Failures > 0 && e.CodeSeq == 1 {
+			p.failureRisk = failureRisk{failures: rf.Failures, window: rf.Window, maxAttempts: rf.MaxAttempts}
+		}
+		return p, nil
 	case events.TypeSuperseded:
 		var e events.Superseded
 		if err := events.DecodeEvent(m.Data(), &e); err != nil {
@@ -147,52 +122,10 @@ func (s *Service) check(m *platform.Delivery) (*projection, error) {
 		if err := checkCommon(tenant, e.Tenant, e.ChallengeID, e.RequestID); err != nil {
 			return nil, err
 		}
-		return &projection{msg: m, queue: func(b *pgx.Batch, _ *error) {
-			// Scoped to the subject's tenant and the request: an event can only close a
-			// challenge it names exactly.
-			b.Queue(`UPDATE verifier.challenges SET status = 'superseded', updated_at = now()
-				WHERE challenge_id = $1 AND tenant = $2 AND request_id = $3 AND status = 'active'`,
-				e.ChallengeID, tenant, e.RequestID)
-		}}, nil
+		return &projection{msg: m, tenant: tenant, superseded: &e}, nil
 	default:
 		return nil, &events.ValidationError{Reason: events.ReasonInvalidField, Field: "subject",
 			Detail: fmt.Sprintf("the verifier does not project %s", typ)}
-	}
-}
-
-func (s *Service) queueIssued(b *pgx.Batch, refused *error, tenant string, e events.Issued) {
-	b.Queue(`INSERT INTO verifier.challenges (tenant, request_id, challenge_id, max_attempts, session_id, recipient_key, test, risk)
-		VALUES ($1, $2, $3, $4, $5, $6, $7, $8) ON CONFLICT DO NOTHING`, tenant, e.RequestID, e.ChallengeID, e.MaxAttempts,
-		e.SessionID, events.CanonicalAddress(e.Recipient), e.Test, append([]string{}, e.Risk...))
-	// A code joins its challenge only if the challenge is this event's own (tenant,
-	// request_id, challenge_id); otherwise nothing is written and the event is refused.
-	b.Queue(`WITH c AS (SELECT challenge_id FROM verifier.challenges WHERE challenge_id = $1 AND tenant = $7 AND request_id = $8),
-			ins AS (INSERT INTO verifier.codes (challenge_id, code_seq, code_hmac, pepper_key_id, expires_at, issued_at)
-				SELECT challenge_id, $2, $3, $4, $5, $6 FROM c ON CONFLICT DO NOTHING)
-		SELECT EXISTS (SELECT 1 FROM c)`,
-		e.ChallengeID, e.CodeSeq, e.CodeHMAC, e.PepperKeyID, e.ExpiresAt, e.IssuedAt, tenant, e.RequestID).
-		QueryRow(func(row pgx.Row) error {
-			var own bool
-			if err := row.Scan(&own); err != nil {
-				return err
-			}
-			if !own {
-				*refused = errChallengeOwned
-			}
-			return nil
-		})
-	// Risk rule recipient_failures: a new challenge for a recipient with recent failed
-	// verifications (on earlier challenges) gets fewer attempts. Test recipients too: a
-	// fixed code must not be cheaper to guess. The window is measured on the database clock.
-	if rf := s.cfg.Policies.For(tenant).Risk.RecipientFailures; rf.Failures > 0 && e.CodeSeq == 1 {
-		b.Queue(`UPDATE verifier.challenges c SET max_attempts = LEAST(c.max_attempts, $3),
-				risk = array_append(c.risk, 'recipient_failures')
-			FROM verifier.recipient_failures f
-			WHERE c.challenge_id = $1 AND c.tenant = $5 AND c.request_id = $6
-				AND c.attempts = 0 AND NOT ('recipient_failures' = ANY (c.risk))
-				AND f.tenant = c.tenant AND f.recipient_key = c.recipient_key
-				AND (SELECT count(*) FROM unnest(f.stamps) AS s(t) WHERE s.t > now() - $2::bigint * interval '1 microsecond') >= $4`,
-			e.ChallengeID, rf.Window.Microseconds(), rf.MaxAttempts, rf.Failures, tenant, e.RequestID)
 	}
 }
 
