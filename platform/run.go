@@ -26,9 +26,11 @@ import (
 //	LoadCommon, then each ServiceSpec.Load   config; a bad setting stops the start before any connection
 //	Open                                     the service's own PostgreSQL pool and NATS connection
 //	ServiceSpec.Migrate                      its schema
-//	Provision                                the contract's streams
 //	Build                                    the service on its connections
-//	serve                                    Run, /metrics /healthz /readyz, drain within OTP_SHUTDOWN_TIMEOUT
+//	serve                                    Run (which binds its consumer: Bind), /metrics /healthz /readyz, drain within OTP_SHUTDOWN_TIMEOUT
+//
+// Provision, the contract's streams, is a step of its own for a command that only
+// provisions (as a JetStream admin); services create what they need at Bind until then.
 
 // ServiceSpec is one service as the runner starts it. Each service package has a Spec()
 // made with NewServiceSpec.
@@ -145,9 +147,6 @@ func RunServices(ctx context.Context, getenv Getenv, logw io.Writer, specs ...Se
 		if err := s.Migrate(ctx, d.Pool, logs[i]); err != nil {
 			return named(s, err)
 		}
-	}
-	if err := Provision(ctx, deps[0].JS, common.Streams()); err != nil {
-		return SetupError(ctx, err) // a shutdown while the cluster elects its leader is no failure
 	}
 	runs := make([]func(context.Context) error, len(specs))
 	for i, s := range specs {

@@ -12,13 +12,25 @@ import (
 )
 
 // Provisioning: the contract's streams and durable consumers, created from the configs
-// events declares as data. The runner provisions the streams as a step of its own before
-// it builds a service (see run.go), so a command that only provisions can call
-// EnsureStreams alone.
+// events declares as data. Provision is a step of its own (see run.go) for a command that
+// only provisions; a service starts with Bind.
 
 // setupTimeout bounds one setup step at start: provisioning the streams, creating a
 // service's consumer.
 const setupTimeout = 30 * time.Second
+
+// Bind is how a service starts on JetStream: the contract's streams as Provision makes them
+// (idempotent, so that a service started alone, as tests do, finds them) and the service's
+// durable consumer on stream, within the setup timeout. Once streams are provisioned
+// under an admin identity, this is where a service binds to what exists instead.
+func Bind(ctx context.Context, js jetstream.JetStream, o events.StreamOptions, stream string, cc jetstream.ConsumerConfig) (jetstream.Consumer, error) {
+	setup, cancel := context.WithTimeout(ctx, setupTimeout)
+	defer cancel()
+	if err := EnsureStreams(setup, js, o); err != nil {
+		return nil, err
+	}
+	return EnsureConsumer(setup, js, stream, cc)
+}
 
 // EnsureStreams creates or updates the contract's streams (events.StreamConfigs). It is
 // idempotent, so replicas starting together may all call it.

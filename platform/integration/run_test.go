@@ -47,8 +47,7 @@ func probeSpec(name string, loadErr error, built chan<- *probe) platform.Service
 		})
 }
 
-// TestRunServicesStartsServesAndDrains: the runner migrates each service's schema,
-// provisions the streams, builds each service on connections of its own, serves one
+// TestRunServicesStartsServesAndDrains: the runner migrates each service's schema, builds each service on connections of its own, serves one
 // /metrics /healthz /readyz for them all, and returns nil once cancelled and drained.
 func TestRunServicesStartsServesAndDrains(t *testing.T) {
 	ns := testenv.NATS(t)
@@ -71,11 +70,6 @@ func TestRunServicesStartsServesAndDrains(t *testing.T) {
 	<-b.running
 	if a.d == b.d || a.d.NC == b.d.NC || a.d.Reg != b.d.Reg {
 		t.Error("want connections of its own per service and one registry")
-	}
-	for _, cfg := range events.StreamConfigs(events.StreamOptions{}) {
-		if _, err := a.d.JS.Stream(ctx, cfg.Name); err != nil {
-			t.Errorf("stream %s not provisioned: %v", cfg.Name, err)
-		}
 	}
 	conn, err := pgx.Connect(ctx, db)
 	testenv.Must(t, err, "connect")
@@ -117,5 +111,19 @@ func TestRunServiceRefusesABadSettingBeforeConnecting(t *testing.T) {
 	}
 	if time.Since(start) > 5*time.Second || logs.Len() > 0 {
 		t.Errorf("took %v and logged %q: it tried to connect", time.Since(start), logs.String())
+	}
+}
+
+// TestProvisionCreatesTheContractStreams: provisioning is a step of its own, for a command
+// run as a JetStream admin; it creates every stream of the contract and can run again.
+func TestProvisionCreatesTheContractStreams(t *testing.T) {
+	_, js := testenv.JetStream(t, testenv.NATS(t))
+	for range 2 {
+		testenv.Must(t, platform.Provision(t.Context(), js, events.StreamOptions{}), "provision")
+	}
+	for _, cfg := range events.StreamConfigs(events.StreamOptions{}) {
+		if _, err := js.Stream(t.Context(), cfg.Name); err != nil {
+			t.Errorf("stream %s not provisioned: %v", cfg.Name, err)
+		}
 	}
 }

@@ -129,17 +129,14 @@ func New(cfg Config, pool *pgxpool.Pool, js jetstream.JetStream, log *slog.Logge
 
 // Run consumes dispatch jobs until ctx is cancelled, then finishes the sends in hand.
 func (s *Service) Run(ctx context.Context) error {
-	setupCtx, cancel := context.WithTimeout(ctx, 30*time.Second)
-	defer cancel()
-	if err := platform.EnsureStreams(setupCtx, s.js, s.cfg.Streams); err != nil {
-		return platform.SetupError(ctx, err)
-	}
 	cc := events.DispatcherConsumer
 	cc.MaxDeliver = s.cfg.MaxDeliver
-	cons, err := platform.EnsureConsumer(setupCtx, s.js, events.StreamDispatch, cc)
+	cons, err := platform.Bind(ctx, s.js, s.cfg.Streams, events.StreamDispatch, cc)
 	if err != nil {
 		return platform.SetupError(ctx, err)
 	}
+	setupCtx, cancel := context.WithTimeout(ctx, 30*time.Second)
+	defer cancel()
 	if s.reg != nil {
 		if err := s.reg.Register(platform.NewConsumerLag(cons, events.StreamDispatch, events.ConsumerDispatcher)); err != nil {
 			s.log.Warn("consumer lag metric", "err", err)

@@ -115,16 +115,11 @@ func New(cfg Config, pool *pgxpool.Pool, nc *nats.Conn, js jetstream.JetStream, 
 
 // Run serves verify requests and keeps the projection current until ctx is cancelled.
 func (s *Service) Run(ctx context.Context) error {
-	setupCtx, cancel := context.WithTimeout(ctx, 30*time.Second)
-	defer cancel()
-	if err := platform.EnsureStreams(setupCtx, s.js, s.cfg.Streams); err != nil {
-		return platform.SetupError(ctx, err)
-	}
-	cons, err := platform.EnsureConsumer(setupCtx, s.js, events.StreamEvents, events.VerifierConsumer)
+	cons, err := platform.Bind(ctx, s.js, s.cfg.Streams, events.StreamEvents, events.VerifierConsumer)
 	if err != nil {
 		return platform.SetupError(ctx, err)
 	}
-	if s.events, err = s.js.Stream(setupCtx, events.StreamEvents); err != nil {
+	if s.events, err = s.js.Stream(ctx, events.StreamEvents); err != nil {
 		return platform.SetupError(ctx, err)
 	}
 	s.cons = cons
