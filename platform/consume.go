@@ -32,6 +32,11 @@ type ConsumeConfig struct {
 	BatchSize, Prefetch int
 	// MaxRetryDelay caps the redelivery delay of a delivery that failed (default 30 s).
 	MaxRetryDelay time.Duration
+	// MaxInProgress bounds how long a delivery is kept in progress unsettled (default ten
+	// AckWaits): past it the consumer stops its heartbeats, logs and counts it, and
+	// JetStream redelivers it after its AckWait, so a hung stage or a forgotten delivery
+	// is not held for as long as the process lives.
+	MaxInProgress time.Duration
 	// JS publishes dead letters.
 	JS  jetstream.JetStream
 	Log *slog.Logger
@@ -48,7 +53,7 @@ type Consumer struct {
 	maxDeliver int
 	beats      *heartbeats
 
-	settled, ignored *prometheus.CounterVec
+	settled, ignored, stuck *prometheus.CounterVec
 }
 
 // NewConsumer wraps cons. Its AckWait sets the heartbeat (a quarter of it) and its
@@ -71,9 +76,11 @@ func NewConsumer(cons jetstream.Consumer, cfg ConsumeConfig) *Consumer {
 		}
 		maxDeliver = info.Config.MaxDeliver
 	}
-	return &Consumer{
+	if cfg.MaxInProgress <= 0 {
+		cfg.MaxInProgress = 10 * ackWait
+	}
+	c := &Consumer{
 		cons: cons, cfg: cfg, log: cfg.Log, maxDeliver: maxDeliver,
-		beats: &heartbeats{every: ackWait / 4, open: map[*Delivery]struct{}{}},
 		settled: registerCounterVec(cfg.Reg, prometheus.NewCounterVec(prometheus.CounterOpts{
 			Name: "otpflow_deliveries_settled_total",
 			Help: "Deliveries settled, by consumer and outcome (ack, retry, terminate, dead_letter).",
@@ -82,7 +89,20 @@ func NewConsumer(cons jetstream.Consumer, cfg ConsumeConfig) *Consumer {
 			Name: "otpflow_deliveries_settled_again_total",
 			Help: "Outcomes ignored because the delivery was already settled, by consumer and outcome.",
 		}, []string{"consumer", "outcome"})),
+		stuck: registerCounterVec(cfg.Reg, prometheus.NewCounterVec(prometheus.CounterOpts{
+			Name: "otpflow_deliveries_stuck_total",
+			Help: "Deliveries left unsettled past MaxInProgress and so given back to redelivery, by consumer.",
+		}, []string{"consumer"})),
 	}
+	c.beats = &heartbeats{every: ackWait / 4, maxAge: cfg.MaxInProgress, open: map[*Delivery]time.Time{}, onStuck: c.givenUp}
+	return c
+}
+
+// givenUp records a delivery that stayed unsettled past MaxInProgress.
+func (c *Consumer) givenUp(d *Delivery) {
+	c.stuck.WithLabelValues(c.cfg.Name).Inc()
+	c.log.Error("delivery unsettled too long; no longer kept in progress, it will be redelivered",
+		"consumer", c.cfg.Name, "seq", d.meta.Sequence, "deliveries", d.meta.NumDelivered, "max_in_progress", c.cfg.MaxInProgress)
 }
 
 // registerCounterVec registers v, or returns the one registered before under its name.

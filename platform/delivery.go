@@ -6,6 +6,7 @@ import (
 	"sync"
 	"time"
 
+	"github.com/cenkalti/backoff/v4"
 	"github.com/nats-io/nats.go"
 	"github.com/nats-io/nats.go/jetstream"
 	"github.com/otpflow/otpflow/events"
@@ -29,8 +30,9 @@ type Delivery struct {
 	meta Meta
 	c    *Consumer
 
-	mu      sync.Mutex
-	settled bool
+	mu        sync.Mutex
+	settled   bool
+	lingering bool // settled, but kept in progress while its outcome is still applied
 }
 
 // Subject is the subject the message was published to.
@@ -68,11 +70,12 @@ func (d *Delivery) isSettled() bool {
 	return d.settled
 }
 
-// heartbeat tells JetStream the delivery is still being worked on, unless it is settled.
+// heartbeat tells JetStream the delivery is still being worked on, unless it is settled
+// (and not lingering while its outcome is applied).
 func (d *Delivery) heartbeat() {
 	d.mu.Lock()
 	defer d.mu.Unlock()
-	if !d.settled {
+	if !d.settled || d.lingering {
 		_ = d.msg.InProgress()
 	}
 }
@@ -112,7 +115,9 @@ func Terminate(reason string) Outcome { return Outcome{kind: kindTerminate, reas
 
 // DeadLetter: copy the message to otp.dlq.<tenant> with the reason and its origin in
 // headers, then terminate it. If the copy cannot be published, the delivery is retried
-// later instead, so nothing is lost. An invalid tenant becomes "_unknown".
+// later instead; on its last delivery the consumer keeps it in progress and retries the
+// copy for up to MaxInProgress (counted dead_letter_failed if even that fails). An
+// invalid tenant becomes "_unknown".
 func DeadLetter(tenant, reason string) Outcome {
 	return Outcome{kind: kindDeadLetter, tenant: tenant, reason: reason}
 }
@@ -146,9 +151,20 @@ func (c *Consumer) apply(d *Delivery, o Outcome) {
 		ctx, cancel := context.WithTimeout(context.Background(), PublishTimeout)
 		err = c.deadLetter(ctx, d, o.tenant, o.reason)
 		cancel()
-		if err == nil {
+		switch {
+		case err == nil:
 			err = d.msg.TermWithReason(events.Reason(o.reason, 200))
-		} else {
+		case c.maxDeliver > 0 && d.meta.NumDelivered >= uint64(c.maxDeliver):
+			// JetStream would not deliver it again: keep it in progress and keep trying
+			// the copy here, so that the message is never dropped without its dead letter.
+			c.log.Error("dead-letter copy failed on the last delivery; retrying", "consumer", c.cfg.Name, "seq", d.meta.Sequence, "err", err)
+			d.mu.Lock()
+			d.lingering = true
+			d.mu.Unlock()
+			c.beats.add(d)
+			go c.retryDeadLetter(d, o)
+			return // counted once it lands
+		default:
 			applied = Retry(deadLetterRetry)
 			_ = d.msg.NakWithDelay(deadLetterRetry)
 		}
@@ -163,6 +179,26 @@ func (c *Consumer) apply(d *Delivery, o Outcome) {
 	if err != nil {
 		c.log.Error("settle delivery", "consumer", c.cfg.Name, "seq", d.meta.Sequence, "outcome", o.String(), "err", err)
 	}
+}
+
+// retryDeadLetter keeps trying the dead-letter copy of d, on its last delivery, with
+// backoff for as long as d may stay in progress (MaxInProgress); then it terminates d.
+func (c *Consumer) retryDeadLetter(d *Delivery, o Outcome) {
+	b := backoff.NewExponentialBackOff(backoff.WithInitialInterval(time.Second), backoff.WithMaxInterval(30*time.Second),
+		backoff.WithMaxElapsedTime(c.cfg.MaxInProgress))
+	err := backoff.Retry(func() error {
+		ctx, cancel := context.WithTimeout(context.Background(), PublishTimeout)
+		defer cancel()
+		return c.deadLetter(ctx, d, o.tenant, o.reason)
+	}, b)
+	c.beats.remove(d)
+	if err != nil {
+		c.settled.WithLabelValues(c.cfg.Name, "dead_letter_failed").Inc()
+		c.log.Error("dead-letter copy failed for good; the message is lost to redelivery", "consumer", c.cfg.Name, "seq", d.meta.Sequence, "err", err)
+		return
+	}
+	_ = d.msg.TermWithReason(events.Reason(o.reason, 200))
+	c.settled.WithLabelValues(c.cfg.Name, o.String()).Inc()
 }
 
 // deadLetter publishes the copy of d to otp.dlq.<tenant>. Its id is the origin's stream
@@ -191,19 +227,21 @@ func (c *Consumer) deadLetter(ctx context.Context, d *Delivery, tenant, reason s
 	return nil
 }
 
-// heartbeats keeps the unsettled deliveries of one consumer in progress: one goroutine,
-// running only while there is something to keep.
+// heartbeats keeps the unsettled deliveries of one consumer in progress, each at most
+// maxAge: one goroutine, running only while there is something to keep.
 type heartbeats struct {
 	every   time.Duration
+	maxAge  time.Duration
+	onStuck func(*Delivery)
 	mu      sync.Mutex
-	open    map[*Delivery]struct{}
+	open    map[*Delivery]time.Time // when it was handed over
 	running bool
 }
 
 func (h *heartbeats) add(d *Delivery) {
 	h.mu.Lock()
 	defer h.mu.Unlock()
-	h.open[d] = struct{}{}
+	h.open[d] = time.Now()
 	if !h.running {
 		h.running = true
 		go h.loop()
@@ -228,12 +266,21 @@ func (h *heartbeats) loop() {
 			return
 		}
 		open = open[:0]
-		for d := range h.open {
+		var stuck []*Delivery
+		for d, since := range h.open {
+			if time.Since(since) > h.maxAge {
+				delete(h.open, d)
+				stuck = append(stuck, d)
+				continue
+			}
 			open = append(open, d)
 		}
 		h.mu.Unlock()
 		for _, d := range open {
 			d.heartbeat()
+		}
+		for _, d := range stuck {
+			h.onStuck(d)
 		}
 	}
 }

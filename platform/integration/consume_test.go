@@ -162,6 +162,66 @@ func TestHeartbeatsKeepSlowDeliveryFromRedelivery(t *testing.T) {
 	}
 }
 
+// TestForgottenDeliveryIsGivenBackToRedelivery: a delivery no stage ever settles (a hung
+// stage, a handler that forgot one) is kept in progress only up to MaxInProgress; then
+// JetStream redelivers it, and the consumer counts it.
+func TestForgottenDeliveryIsGivenBackToRedelivery(t *testing.T) {
+	e := newSettleEnv(t, jetstream.ConsumerConfig{AckWait: time.Second})
+	e.publish(t, "forgotten")
+	c := platform.NewConsumer(e.cons, platform.ConsumeConfig{Name: "settle_test", MaxInProgress: 2 * time.Second,
+		JS: e.js, Log: testenv.Logger(io.Discard), Reg: e.reg})
+	var handed atomic.Int32
+	stop := testenv.Start(t, func(ctx context.Context) error {
+		return c.Run(ctx, func(_ context.Context, batch []*platform.Delivery) error {
+			if handed.Add(1) > 1 {
+				batch[0].Settle(platform.Ack())
+			}
+			return nil // the first time: neither settled nor handed to anyone
+		})
+	})
+	defer stop()
+	e.waitSettled(t)
+	if n := handed.Load(); n != 2 {
+		t.Errorf("handed over %d times, want twice (once forgotten, once redelivered)", n)
+	}
+	mfs, err := e.reg.Gather()
+	testenv.Must(t, err, "gather")
+	var stuck float64
+	for _, mf := range mfs {
+		if mf.GetName() == "otpflow_deliveries_stuck_total" {
+			stuck = mf.GetMetric()[0].GetCounter().GetValue()
+		}
+	}
+	if stuck != 1 {
+		t.Errorf("otpflow_deliveries_stuck_total = %v, want 1", stuck)
+	}
+}
+
+// TestDeadLetterOnTheLastDeliveryWaitsForTheDLQ: when the dead-letter copy cannot be
+// written on a message's last delivery (OTP_DLQ is gone for a while), the consumer keeps
+// the message in progress and tries again, instead of handing it back to a JetStream that
+// will never deliver it again.
+func TestDeadLetterOnTheLastDeliveryWaitsForTheDLQ(t *testing.T) {
+	e := newSettleEnv(t, jetstream.ConsumerConfig{AckWait: time.Second, MaxDeliver: 1})
+	testenv.Must(t, e.js.DeleteStream(t.Context(), events.StreamDLQ), "delete the DLQ")
+	e.publish(t, "poison")
+	c := e.consumer(1)
+	c.Handle(t.Context(), e.fetch(t, 1), func(_ context.Context, batch []*platform.Delivery) error {
+		batch[0].Settle(platform.DeadLetter("acme", "cannot be handled"))
+		return nil
+	})
+	// The first copy failed inside Settle; the DLQ comes back.
+	testenv.Must(t, platform.Provision(t.Context(), e.js, events.StreamOptions{}), "provision")
+	dl := testenv.WaitMessages(t, e.js, events.StreamDLQ, "otp.dlq.acme", 1, 20*time.Second)
+	if string(dl[0].Data) != "poison" || dl[0].Header.Get(events.HeaderDLQReason) != "cannot be handled" {
+		t.Fatalf("dead letter %q, reason %q", dl[0].Data, dl[0].Header.Get(events.HeaderDLQReason))
+	}
+	e.waitSettled(t)
+	if got := e.counter(t, "otpflow_deliveries_settled_total", "dead_letter"); got != 1 {
+		t.Errorf("dead letters counted %v, want 1", got)
+	}
+}
+
 // TestFailedBatchIsolatesPoison: a handler that fails its batch gets each delivery alone;
 // the good ones are acknowledged, the poison one is retried and, on its last delivery,
 // dead-lettered with the error.
