@@ -111,3 +111,36 @@ func migrate(ctx context.Context, db *sql.DB, schema string, fsys fs.FS, log *sl
 	}
 	return nil
 }
+
+// RefusedError is a database error that no redelivery will cure: a data exception, an
+// integrity or a size limit violation (SQLSTATE classes 22, 23, 54). Its text names the
+// SQLSTATE, the constraint and the column, never the message, which may quote the refused
+// value.
+type RefusedError struct{ PG *pgconn.PgError }
+
+func (e *RefusedError) Error() string {
+	s := "database refused the data (SQLSTATE " + e.PG.Code
+	if e.PG.ConstraintName != "" {
+		s += ", constraint " + e.PG.ConstraintName
+	}
+	if e.PG.ColumnName != "" {
+		s += ", column " + e.PG.ColumnName
+	}
+	return s + ")"
+}
+
+func (e *RefusedError) Unwrap() error { return e.PG }
+
+// RefusedByDatabase tells data the database will never accept from a failure worth
+// retrying (a lost connection, a serialization failure, a restart).
+func RefusedByDatabase(err error) (*RefusedError, bool) {
+	var pgErr *pgconn.PgError
+	if !errors.As(err, &pgErr) || len(pgErr.Code) < 2 {
+		return nil, false
+	}
+	switch pgErr.Code[:2] {
+	case "22", "23", "54":
+		return &RefusedError{pgErr}, true
+	}
+	return nil, false
+}

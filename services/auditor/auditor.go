@@ -297,22 +297,30 @@ func (s *Service) handleBatch(ctx context.Context, batch []*platform.Delivery) e
 	if len(good) == 0 {
 		return nil
 	}
-	// The chain follows insertion order, so a failed batch is retried here, in order,
-	// instead of being put back behind newer events. The consumer keeps the batch in
-	// progress meanwhile.
+	// The chain follows insertion order, so a batch that failed for a passing reason (the
+	// database restarting) is retried here, in order, instead of being put back behind
+	// newer events; the consumer keeps it in progress meanwhile. Data the database refuses
+	// is no passing reason: the batch goes back to the consumer, which runs it one event at
+	// a time, so the rest is chained and the one it refuses ends in the DLQ.
 	b := backoff.WithContext(backoff.NewExponentialBackOff(backoff.WithInitialInterval(100*time.Millisecond),
 		backoff.WithMaxInterval(5*time.Second), backoff.WithMaxElapsedTime(0)), ctx)
 	err := backoff.RetryNotify(func() error {
 		_, err := Append(ctx, s.pool, rows)
+		if refused, ok := platform.RefusedByDatabase(err); ok {
+			return backoff.Permanent(refused)
+		}
 		return err
 	}, b, func(err error, d time.Duration) {
 		s.log.Error("write audit batch; retrying", "events", len(good), "retry_in", d, "err", err)
 	})
 	if err != nil {
-		for _, d := range good {
-			d.Settle(platform.Retry(time.Second))
+		if refused, ok := platform.RefusedByDatabase(err); ok && len(good) == 1 {
+			_, tenant, _ := events.SplitSubject(good[0].Subject())
+			s.log.Error("event refused by the database", "seq", good[0].Meta().Sequence, "err", refused)
+			good[0].Settle(platform.DeadLetter(tenant, "auditor: "+refused.Error()))
+			return nil
 		}
-		return nil
+		return fmt.Errorf("write %d audit rows: %w", len(good), err)
 	}
 	for _, d := range good {
 		typ, _, _ := events.SplitSubject(d.Subject())

@@ -60,7 +60,7 @@ func (s *Service) project(ctx context.Context, batch []*platform.Delivery) error
 		s.settle(items)
 		return nil
 	}
-	if refused, ok := refusedByDatabase(err); ok && len(items) == 1 {
+	if refused, ok := platform.RefusedByDatabase(err); ok && len(items) == 1 {
 		s.deadLetter(items[0].msg, refused)
 		return nil
 	}

@@ -6,7 +6,6 @@ import (
 	"time"
 
 	"github.com/jackc/pgx/v5"
-	"github.com/jackc/pgx/v5/pgconn"
 	"github.com/jackc/pgx/v5/pgxpool"
 	"github.com/nats-io/nats.go"
 	"github.com/otpflow/otpflow/events"
@@ -206,38 +205,6 @@ func queueIssued(b *pgx.Batch, p *projection) {
 				AND (SELECT count(*) FROM unnest(f.stamps) AS s(t) WHERE s.t > now() - $2::bigint * interval '1 microsecond') >= $4`,
 			e.ChallengeID, rf.window.Microseconds(), rf.maxAttempts, rf.failures, tenant, e.RequestID)
 	}
-}
-
-// errRefused is a database error that no redelivery will cure: a data exception, an
-// integrity or a size limit violation. Its text names the SQLSTATE, the constraint and
-// the column, never the message, which may quote the refused value.
-type errRefused struct{ pg *pgconn.PgError }
-
-func (e errRefused) Error() string {
-	s := "database refused the event (SQLSTATE " + e.pg.Code
-	if e.pg.ConstraintName != "" {
-		s += ", constraint " + e.pg.ConstraintName
-	}
-	if e.pg.ColumnName != "" {
-		s += ", column " + e.pg.ColumnName
-	}
-	return s + ")"
-}
-
-func (e errRefused) Unwrap() error { return e.pg }
-
-// refusedByDatabase tells an event the database will never accept from a failure worth
-// retrying.
-func refusedByDatabase(err error) (errRefused, bool) {
-	var pgErr *pgconn.PgError
-	if !errors.As(err, &pgErr) {
-		return errRefused{}, false
-	}
-	switch pgErr.Code[:2] {
-	case "22", "23", "54":
-		return errRefused{pgErr}, true
-	}
-	return errRefused{}, false
 }
 
 // limitCount is one verify limit's count once a call is counted: hits in the current
