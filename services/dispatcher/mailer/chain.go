@@ -6,17 +6,12 @@ import (
 	"fmt"
 )
 
-// Attempt records one provider's answer within a Chain send. Err is nil or a *SendError.
-type Attempt struct {
-	Provider string
-	Err      error
-}
-
-// Result is the outcome of a Chain send.
+// Result is the outcome of a Chain send. Each provider call, retries inside a guard
+// included, is seen by the provider wrapper of whoever builds the chain (the dispatcher
+// logs every call for its delivery events); the chain reports only who accepted.
 type Result struct {
 	Provider string // who accepted the message; empty on failure
 	Receipt  Receipt
-	Attempts []Attempt
 }
 
 // Chain tries providers in order until one accepts the message.
@@ -37,12 +32,10 @@ func (c *Chain) Send(ctx context.Context, m *Message) (Result, error) {
 	for _, p := range c.Providers {
 		rcpt, err := p.Send(ctx, m)
 		if err == nil {
-			res.Attempts = append(res.Attempts, Attempt{Provider: p.Name()})
 			res.Provider, res.Receipt = p.Name(), rcpt
 			return res, nil
 		}
 		err = asSendError(p.Name(), err)
-		res.Attempts = append(res.Attempts, Attempt{Provider: p.Name(), Err: err})
 		last = err
 		switch ClassOf(err) {
 		case Permanent, Ambiguous:
