@@ -29,6 +29,7 @@ var publicPayloads = map[string]any{
 	"otp.verify_failed":    events.VerifyFailed{},
 	"otp.locked":           events.Locked{},
 	"otp.alert":            events.Alert{},
+	"otp.audit.checkpoint": events.AuditCheckpoint{},
 }
 
 func schemaOf(name string, v any) []byte {

@@ -12,7 +12,30 @@ const (
 	StreamDispatch = "OTP_DISPATCH"
 	StreamEvents   = "OTP_EVENTS"
 	StreamDLQ      = "OTP_DLQ"
+	// StreamAudit holds the auditor's signed checkpoints of its hash chain, outside
+	// PostgreSQL, so that someone who can rewrite the audit tables cannot also rewrite
+	// what the chain was seen to hold.
+	StreamAudit = "OTP_AUDIT"
 )
+
+// SubjectAuditCheckpoint is where the auditor publishes an AuditCheckpoint, with the
+// position as Nats-Msg-Id.
+const SubjectAuditCheckpoint = "otp.audit.checkpoint"
+
+// AuditCheckpoint is a signed statement of the audit chain's head: the row at chain
+// position Pos had hash RowHash (HMAC under chain key ChainKeyID) and stream sequence
+// StreamSeq at time At. Signature is Ed25519 under the auditor's signing key SigningKeyID
+// over the bytes docs/audit.md defines. At least once, in chain order per auditor; a
+// repeat has the same Nats-Msg-Id and the same content.
+type AuditCheckpoint struct {
+	Pos          int64     `json:"pos"`
+	RowHash      []byte    `json:"row_hash"`
+	StreamSeq    uint64    `json:"stream_seq"`
+	ChainKeyID   string    `json:"chain_key_id"`
+	At           time.Time `json:"at"`
+	SigningKeyID string    `json:"signing_key_id"`
+	Signature    []byte    `json:"signature"`
+}
 
 // Durable consumer names. Renaming one makes its service read its stream from the start.
 const (
@@ -36,7 +59,7 @@ type StreamOptions struct {
 	Replicas int
 }
 
-// StreamConfigs returns the configs of the four streams of the contract.
+// StreamConfigs returns the configs of the streams of the contract.
 func StreamConfigs(o StreamOptions) []jetstream.StreamConfig {
 	r := o.Replicas
 	if r <= 0 {
@@ -92,6 +115,20 @@ func StreamConfigs(o StreamOptions) []jetstream.StreamConfig {
 			MaxAge:      30 * 24 * time.Hour,
 			Duplicates:  DuplicateWindow,
 			Storage:     jetstream.FileStorage,
+			Replicas:    r,
+		},
+		{
+			// Kept twice as long as OTP_EVENTS, never deleted or purged: a checkpoint must
+			// outlive the rows it vouches for.
+			Name:        StreamAudit,
+			Description: "signed checkpoints of the audit hash chain",
+			Subjects:    []string{SubjectAuditCheckpoint},
+			Retention:   jetstream.LimitsPolicy,
+			MaxAge:      800 * 24 * time.Hour,
+			Duplicates:  DuplicateWindow,
+			Storage:     jetstream.FileStorage,
+			DenyDelete:  true,
+			DenyPurge:   true,
 			Replicas:    r,
 		},
 	}

@@ -2,6 +2,7 @@ package main
 
 import (
 	"context"
+	"crypto/ed25519"
 	"encoding/json"
 	"errors"
 	"flag"
@@ -22,7 +23,7 @@ import (
 const auditUsage = `usage: otpflow audit <command> [flags]
 
 commands:
-  verify   check the hash chain of the audit log (exit 0 intact, 1 broken)
+  verify   check the keyed hash chain against the signed checkpoints and OTP_EVENTS (exit 0 intact, 1 broken)
   replay   read OTP_EVENTS in order: JSON lines to stdout, or rebuild an audit log (--to)
   trail    the timeline of one request or one recipient
   erase    remove one recipient's personal data (the chain stays verifiable)
@@ -64,10 +65,49 @@ func auditKey(getenv func(string) string) ([]byte, error) {
 	return ring.Key(ring.ActiveID()), nil
 }
 
+// chainKey reads OTP_AUDIT_CHAIN_KEY, the key ring of the hash chain.
+func chainKey(getenv func(string) string) (*auditor.Chain, error) {
+	c, err := auditor.ParseChainKey(getenv("OTP_AUDIT_CHAIN_KEY"))
+	if err != nil {
+		return nil, &platform.ConfigError{Var: "OTP_AUDIT_CHAIN_KEY", Msg: err.Error()}
+	}
+	return c, nil
+}
+
+// checkpointKeys are the public keys that verify the checkpoints: --public-key, else
+// OTP_AUDIT_VERIFY_KEY, else derived from the seeds of OTP_AUDIT_SIGNING_KEY.
+func checkpointKeys(flagValue string, getenv func(string) string) (map[string]ed25519.PublicKey, error) {
+	for _, v := range []struct{ name, value string }{{"--public-key", flagValue}, {"OTP_AUDIT_VERIFY_KEY", getenv("OTP_AUDIT_VERIFY_KEY")}} {
+		if v.value != "" {
+			pubs, err := auditor.ParsePublicKeys(v.value)
+			if err != nil {
+				return nil, &platform.ConfigError{Var: v.name, Msg: err.Error()}
+			}
+			return pubs, nil
+		}
+	}
+	s, err := auditor.ParseSigningKey(getenv("OTP_AUDIT_SIGNING_KEY"))
+	if err != nil {
+		return nil, &platform.ConfigError{Var: "OTP_AUDIT_SIGNING_KEY", Msg: "no --public-key or OTP_AUDIT_VERIFY_KEY, and " + err.Error()}
+	}
+	return s.PublicKeys(), nil
+}
+
 func auditVerify(ctx context.Context, args []string, getenv func(string) string, stdout io.Writer) (int, error) {
 	fs := flag.NewFlagSet("audit verify", flag.ContinueOnError)
+	server := serverFlags(fs)
 	db := fs.String("db", "", "PostgreSQL URL of the audit log (default OTP_DATABASE_URL)")
+	pub := fs.String("public-key", "", "checkpoint verification keys, id:base64,… (default OTP_AUDIT_VERIFY_KEY, or derived from OTP_AUDIT_SIGNING_KEY)")
+	newest := fs.Int("checkpoints", auditor.DefaultCheckedCheckpoints, "how many of the newest signed checkpoints to check")
 	if err := fs.Parse(args); err != nil {
+		return 2, err
+	}
+	chain, err := chainKey(getenv)
+	if err != nil {
+		return 2, err
+	}
+	pubs, err := checkpointKeys(*pub, getenv)
+	if err != nil {
 		return 2, err
 	}
 	pool, err := openAudit(ctx, *db, getenv)
@@ -75,15 +115,29 @@ func auditVerify(ctx context.Context, args []string, getenv func(string) string,
 		return 2, err
 	}
 	defer pool.Close()
-	rep, err := auditor.Verify(ctx, pool)
+	nc, err := connectClient(server(getenv), getenv)
+	if err != nil {
+		return 2, err
+	}
+	defer nc.Close()
+	js, err := jetstream.New(nc)
+	if err != nil {
+		return 2, err
+	}
+	rep, err := chain.VerifyAnchored(ctx, pool, auditor.Anchors{JS: js, PublicKeys: pubs, Checkpoints: *newest})
 	if err != nil {
 		return 2, err
 	}
 	if !rep.OK() {
-		fmt.Fprintf(stdout, "audit log BROKEN at chain position %d (stream sequence %d): %s\n", rep.BrokenPos, rep.BrokenSeq, rep.Problem)
+		if rep.BrokenPos == 0 {
+			fmt.Fprintf(stdout, "audit log BROKEN at stream sequence %d: %s\n", rep.BrokenSeq, rep.Problem)
+		} else {
+			fmt.Fprintf(stdout, "audit log BROKEN at chain position %d (stream sequence %d): %s\n", rep.BrokenPos, rep.BrokenSeq, rep.Problem)
+		}
 		return 1, nil
 	}
-	fmt.Fprintf(stdout, "audit log intact: %d rows, chain positions %d-%d, %d erased\n", rep.Rows, rep.FirstPos, rep.LastPos, rep.Erased)
+	fmt.Fprintf(stdout, "audit log intact: %d rows, chain positions %d-%d, %d erased; %d signed checkpoints (newest at %d), %d events of %s matched\n",
+		rep.Rows, rep.FirstPos, rep.LastPos, rep.Erased, rep.Checkpoints, rep.NewestCheckpoint, rep.Events, events.StreamEvents)
 	return 0, nil
 }
 
@@ -125,8 +179,12 @@ func auditReplay(ctx context.Context, args []string, getenv func(string) string,
 	}
 	var store *pgxpool.Pool
 	var key []byte
+	var chain *auditor.Chain
 	if *to != "" {
 		if key, err = auditKey(getenv); err != nil {
+			return err
+		}
+		if chain, err = chainKey(getenv); err != nil {
 			return err
 		}
 		if store, err = platform.OpenPostgres(ctx, *to); err != nil {
@@ -176,7 +234,7 @@ func auditReplay(ctx context.Context, args []string, getenv func(string) string,
 		if store == nil || len(batch) == 0 {
 			return nil
 		}
-		_, err := auditor.Append(ctx, store, batch)
+		_, err := chain.Append(ctx, store, batch)
 		batch = batch[:0]
 		return err
 	}
@@ -296,7 +354,11 @@ func auditMaintain(ctx context.Context, cmd string, args []string, getenv func(s
 	}
 	defer pool.Close()
 	if cmd == "purge" {
-		n, err := auditor.Purge(ctx, pool, time.Now().Add(-*olderThan))
+		chain, err := chainKey(getenv)
+		if err != nil {
+			return err
+		}
+		n, err := chain.Purge(ctx, pool, time.Now().Add(-*olderThan))
 		if err == nil {
 			fmt.Fprintf(stdout, "purged %d rows\n", n)
 		}

@@ -256,6 +256,24 @@ func devKeys(path string) (map[string]string, bool, error) {
 			return nil, false, err
 		}
 	}
+	// Keys added after a keys.env was first written are appended to it, the others kept.
+	for _, k := range []struct{ name, id string }{{"OTP_AUDIT_CHAIN_KEY", "devc1"}, {"OTP_AUDIT_SIGNING_KEY", "devs1"}} {
+		if env[k.name] != "" {
+			continue
+		}
+		env[k.name] = keys.Generate(k.id, 32)
+		f, err := os.OpenFile(path, os.O_APPEND|os.O_WRONLY, 0o600)
+		if err != nil {
+			return nil, false, err
+		}
+		_, err = fmt.Fprintf(f, "%s=%s\n", k.name, env[k.name])
+		if cerr := f.Close(); err == nil {
+			err = cerr
+		}
+		if err != nil {
+			return nil, false, err
+		}
+	}
 	return env, fresh, nil
 }
 

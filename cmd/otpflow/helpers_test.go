@@ -34,16 +34,18 @@ func newWorld(t testing.TB) *world {
 	t.Helper()
 	w := &world{nats: testenv.NATS(t), db: testenv.Database(t), smtp: testenv.StartSMTP(t)}
 	w.env = map[string]string{
-		"OTP_NATS_URL":         w.nats.ClientURL(),
-		"OTP_DATABASE_URL":     w.db,
-		"OTP_CODE_PEPPER":      keys.Generate("p1", 32),
-		"OTP_SEAL_KEY":         keys.Generate("s1", 32),
-		"OTP_AUDIT_KEY":        keys.Generate("a1", 32),
-		"OTP_PROVIDERS":        "smtp",
-		"OTP_SMTP_URL":         w.smtp.URL(),
-		"OTP_MAIL_FROM":        "Acme <no-reply@acme.example>",
-		"OTP_LOG_LEVEL":        "debug",
-		"OTP_SHUTDOWN_TIMEOUT": "20s",
+		"OTP_NATS_URL":          w.nats.ClientURL(),
+		"OTP_DATABASE_URL":      w.db,
+		"OTP_CODE_PEPPER":       keys.Generate("p1", 32),
+		"OTP_SEAL_KEY":          keys.Generate("s1", 32),
+		"OTP_AUDIT_KEY":         keys.Generate("a1", 32),
+		"OTP_AUDIT_CHAIN_KEY":   keys.Generate("c1", 32),
+		"OTP_AUDIT_SIGNING_KEY": keys.Generate("sig1", 32),
+		"OTP_PROVIDERS":         "smtp",
+		"OTP_SMTP_URL":          w.smtp.URL(),
+		"OTP_MAIL_FROM":         "Acme <no-reply@acme.example>",
+		"OTP_LOG_LEVEL":         "debug",
+		"OTP_SHUTDOWN_TIMEOUT":  "20s",
 	}
 	return w
 }

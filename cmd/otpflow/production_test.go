@@ -26,17 +26,19 @@ var farHost = strings.Repeat("r", 64) + ".example"
 func productionEnv(t *testing.T) map[string]string {
 	return map[string]string{
 		"PATH": os.Getenv("PATH"), "HOME": os.Getenv("HOME"), "GODEBUG": "netdns=go",
-		"OTP_ENV":             "production",
-		"OTP_NATS_URL":        "nats://127.0.0.1:1",
-		"OTP_DATABASE_URL":    "postgres://otpflow@127.0.0.1:1/otpflow?sslmode=disable",
-		"OTP_CONNECT_TIMEOUT": "1s",
-		"OTP_CODE_PEPPER":     keys.Generate("p1", 32),
-		"OTP_SEAL_KEY":        keys.Generate("s1", 32),
-		"OTP_AUDIT_KEY":       keys.Generate("a1", 32),
-		"OTP_PROVIDERS":       "smtp",
-		"OTP_SMTP_URL":        "smtp://127.0.0.1:1?tls=none",
-		"OTP_MAIL_FROM":       "Acme <no-reply@acme.example>",
-		"AWS_ACCESS_KEY_ID":   "test", "AWS_SECRET_ACCESS_KEY": "test", "AWS_EC2_METADATA_DISABLED": "true",
+		"OTP_ENV":               "production",
+		"OTP_NATS_URL":          "nats://127.0.0.1:1",
+		"OTP_DATABASE_URL":      "postgres://otpflow@127.0.0.1:1/otpflow?sslmode=disable",
+		"OTP_CONNECT_TIMEOUT":   "1s",
+		"OTP_CODE_PEPPER":       keys.Generate("p1", 32),
+		"OTP_SEAL_KEY":          keys.Generate("s1", 32),
+		"OTP_AUDIT_KEY":         keys.Generate("a1", 32),
+		"OTP_AUDIT_CHAIN_KEY":   keys.Generate("c1", 32),
+		"OTP_AUDIT_SIGNING_KEY": keys.Generate("sig1", 32),
+		"OTP_PROVIDERS":         "smtp",
+		"OTP_SMTP_URL":          "smtp://127.0.0.1:1?tls=none",
+		"OTP_MAIL_FROM":         "Acme <no-reply@acme.example>",
+		"AWS_ACCESS_KEY_ID":     "test", "AWS_SECRET_ACCESS_KEY": "test", "AWS_EC2_METADATA_DISABLED": "true",
 	}
 }
 

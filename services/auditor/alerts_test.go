@@ -45,7 +45,7 @@ func TestAlertRules(t *testing.T) {
 		RuleSupersedeStorm:          {Count: 3, Window: time.Minute},
 	}
 	reg := prometheus.NewRegistry()
-	svc, err := New(Config{RecipientKey: testKey, Alerts: th}, pool, js, testenv.Logger(io.Discard), reg)
+	svc, err := New(Config{RecipientKey: testKey, Chain: testChain, Alerts: th}, pool, js, testenv.Logger(io.Discard), reg)
 	testenv.Must(t, err, "auditor")
 	testenv.Start(t, svc.Run)
 

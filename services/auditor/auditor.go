@@ -42,7 +42,18 @@ type Config struct {
 	// RecipientKey keys the recipient hash (OTP_AUDIT_KEY), so the log can answer "did
 	// this address get a code" without holding the address.
 	RecipientKey []byte
-	BatchSize    int
+	// Chain keys the row hashes (OTP_AUDIT_CHAIN_KEY); required.
+	Chain     *Chain
+	BatchSize int
+	// Signer signs the checkpoints published to OTP_AUDIT (OTP_AUDIT_SIGNING_KEY); nil
+	// publishes none and skips the scheduled check.
+	Signer *Signer
+	// A checkpoint is published every CheckpointEvery (default 10s) when the head moved,
+	// and as soon as CheckpointRows rows (default 1,000) were written since the last one.
+	CheckpointEvery time.Duration
+	CheckpointRows  int
+	// VerifyEvery is the period of the scheduled VerifyAnchored (default 10m).
+	VerifyEvery time.Duration
 	// Alerts are the anomaly rules' thresholds (OTP_ALERT_RULES); nil: the defaults.
 	Alerts  map[string]Threshold
 	Streams events.StreamOptions
@@ -58,12 +69,16 @@ type Service struct {
 
 	written *prometheus.CounterVec
 	alerts  *alerter
+	anchor  *anchorState
 }
 
 // New returns an auditor; Run starts it. The schema must be migrated.
 func New(cfg Config, pool *pgxpool.Pool, js jetstream.JetStream, log *slog.Logger, reg prometheus.Registerer) (*Service, error) {
 	if len(cfg.RecipientKey) < 32 {
 		return nil, errors.New("auditor: recipient key of at least 32 bytes is required")
+	}
+	if cfg.Chain == nil {
+		return nil, errors.New("auditor: a chain key is required")
 	}
 	if cfg.BatchSize < 1 {
 		cfg.BatchSize = 200
@@ -89,6 +104,7 @@ func New(cfg Config, pool *pgxpool.Pool, js jetstream.JetStream, log *slog.Logge
 		return err
 	}
 	s.alerts.lookup = s.lookupRecipient
+	s.anchor = newAnchorState(&s.cfg, reg)
 	return s, nil
 }
 
@@ -98,7 +114,7 @@ func (s *Service) Run(ctx context.Context) error {
 	if err != nil {
 		return platform.SetupError(ctx, err)
 	}
-	if n, err := Backfill(ctx, s.pool, s.cfg.RecipientKey); err != nil {
+	if n, err := s.cfg.Chain.Backfill(ctx, s.pool, s.cfg.RecipientKey); err != nil {
 		return platform.SetupError(ctx, fmt.Errorf("chain rows written before the chain: %w", err))
 	} else if n > 0 {
 		s.log.Info("chained rows written before the hash chain", "rows", n)
@@ -106,7 +122,11 @@ func (s *Service) Run(ctx context.Context) error {
 	s.log.Info("auditor consuming", "stream", events.StreamEvents, "consumer", events.ConsumerAuditor)
 	c := platform.NewConsumer(cons, platform.ConsumeConfig{Name: events.ConsumerAuditor, BatchSize: s.cfg.BatchSize,
 		JS: s.js, Log: s.log, Reg: s.reg})
-	return c.Run(ctx, s.handleBatch)
+	anchored := make(chan struct{})
+	go func() { defer close(anchored); s.runAnchor(ctx) }()
+	err = c.Run(ctx, s.handleBatch)
+	<-anchored
+	return err
 }
 
 // Row is one audit log row.
@@ -133,9 +153,10 @@ type Row struct {
 	PIISalt         []byte
 	PIIDigest       []byte
 
-	ChainPos int64
-	PrevHash []byte
-	RowHash  []byte
+	ChainPos   int64
+	PrevHash   []byte
+	RowHash    []byte
+	ChainKeyID string // the chain key RowHash was made with
 }
 
 // personalFields leave the payload for the erasable PII column.
@@ -305,7 +326,10 @@ func (s *Service) handleBatch(ctx context.Context, batch []*platform.Delivery) e
 	b := backoff.WithContext(backoff.NewExponentialBackOff(backoff.WithInitialInterval(100*time.Millisecond),
 		backoff.WithMaxInterval(5*time.Second), backoff.WithMaxElapsedTime(0)), ctx)
 	err := backoff.RetryNotify(func() error {
-		_, err := Append(ctx, s.pool, rows)
+		w, err := s.cfg.Chain.Append(ctx, s.pool, rows)
+		if err == nil && w.Rows > 0 {
+			s.anchor.wrote(w)
+		}
 		if refused, ok := platform.RefusedByDatabase(err); ok {
 			return backoff.Permanent(refused)
 		}

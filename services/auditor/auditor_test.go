@@ -18,7 +18,7 @@ func TestEveryEventOnceInStreamOrderWithoutTheAddress(t *testing.T) {
 	pool := testenv.Postgres(t, Schema, Migrations())
 	key := bytes.Repeat([]byte{7}, 32)
 	newSvc := func() *Service {
-		s, err := New(Config{RecipientKey: key, BatchSize: 7}, pool, js, testenv.Logger(io.Discard), nil)
+		s, err := New(Config{RecipientKey: key, Chain: testChain, BatchSize: 7}, pool, js, testenv.Logger(io.Discard), nil)
 		testenv.Must(t, err, "new auditor")
 		return s
 	}

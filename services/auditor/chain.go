@@ -3,6 +3,7 @@ package auditor
 import (
 	"bytes"
 	"context"
+	"crypto/hmac"
 	"crypto/sha256"
 	"encoding/hex"
 	"encoding/json"
@@ -40,8 +41,8 @@ func piiDigest(salt, recipientHash []byte, masked string, pii map[string]string)
 	return h.Sum(nil)
 }
 
-// rowHash is SHA-256(prev ‖ canonical content ‖ pii digest).
-func rowHash(prev []byte, r *Row) ([]byte, error) {
+// rowHash is HMAC-SHA256(chain key, prev ‖ canonical content ‖ pii digest).
+func rowHash(key, prev []byte, r *Row) ([]byte, error) {
 	payload, err := canonical(r.Payload)
 	if err != nil {
 		return nil, fmt.Errorf("canonical payload: %w", err)
@@ -62,20 +63,41 @@ func rowHash(prev []byte, r *Row) ([]byte, error) {
 	if err != nil {
 		return nil, err
 	}
-	h := sha256.New()
+	h := hmac.New(sha256.New, key)
 	h.Write(prev)
 	h.Write(content)
 	h.Write(r.PIIDigest)
 	return h.Sum(nil), nil
 }
 
+// Written is what one Append wrote: how many rows, and the last of them (the head it
+// left), which the auditor signs into its checkpoints.
+type Written struct {
+	Rows int
+	Head Head
+}
+
+// Head is one position of the chain: its row's hash and stream sequence.
+type Head struct {
+	Pos       int64
+	Hash      []byte
+	StreamSeq uint64
+	KeyID     string // the chain key the row was hashed with
+}
+
 // Append writes rows (in stream order) to the log in one transaction: rows already there
 // (same stream sequence) are skipped, the others are chained after the head, which is
-// row-locked so that any number of writers keep one chain. It returns how many it wrote.
-func Append(ctx context.Context, pool *pgxpool.Pool, rows []*Row) (int, error) {
-	written := 0
-	err := pgx.BeginFunc(ctx, pool, func(tx pgx.Tx) error {
-		written = 0
+// row-locked so that any number of writers keep one chain, and hashed with the active
+// chain key.
+func (c *Chain) Append(ctx context.Context, pool *pgxpool.Pool, rows []*Row) (Written, error) {
+	var written Written
+	keyID := c.KeyID()
+	key, err := c.key(keyID)
+	if err != nil {
+		return written, err
+	}
+	err = pgx.BeginFunc(ctx, pool, func(tx pgx.Tx) error {
+		written = Written{}
 		var pos int64
 		var head []byte
 		if err := tx.QueryRow(ctx, `SELECT pos, hash FROM audit.chain_head FOR UPDATE`).Scan(&pos, &head); err != nil {
@@ -104,28 +126,29 @@ func Append(ctx context.Context, pool *pgxpool.Pool, rows []*Row) (int, error) {
 			}
 			have[int64(r.StreamSeq)] = true
 			pos++
-			r.ChainPos, r.PrevHash = pos, head
-			if r.RowHash, err = rowHash(head, r); err != nil {
+			r.ChainPos, r.PrevHash, r.ChainKeyID = pos, head, keyID
+			if r.RowHash, err = rowHash(key, head, r); err != nil {
 				return err
 			}
 			head = r.RowHash
+			written.Head = Head{Pos: pos, Hash: head, StreamSeq: r.StreamSeq, KeyID: keyID}
 			var pii any
 			if r.PII != nil {
 				pii = r.PII
 			}
 			copyRows = append(copyRows, []any{int64(r.StreamSeq), r.Subject, r.Type, r.Tenant, r.EventID, r.Source, r.OccurredAt,
 				r.RequestID, r.ChallengeID, r.RecipientHash, r.RecipientMasked, string(r.Payload),
-				r.ChainPos, r.PrevHash, r.RowHash, pii, r.PIISalt, r.PIIDigest})
+				r.ChainPos, r.PrevHash, r.RowHash, pii, r.PIISalt, r.PIIDigest, r.ChainKeyID})
 		}
 		if len(copyRows) == 0 {
 			return nil
 		}
 		if _, err := tx.CopyFrom(ctx, pgx.Identifier{"audit", "events"}, []string{"stream_seq", "subject", "type", "tenant",
 			"event_id", "source", "occurred_at", "request_id", "challenge_id", "recipient_hash", "recipient_masked", "payload",
-			"chain_pos", "prev_hash", "row_hash", "pii", "pii_salt", "pii_digest"}, pgx.CopyFromRows(copyRows)); err != nil {
+			"chain_pos", "prev_hash", "row_hash", "pii", "pii_salt", "pii_digest", "chain_key_id"}, pgx.CopyFromRows(copyRows)); err != nil {
 			return fmt.Errorf("copy audit rows: %w", err)
 		}
-		written = len(copyRows)
+		written.Rows = len(copyRows)
 		_, err = tx.Exec(ctx, `UPDATE audit.chain_head SET pos = $1, hash = $2`, pos, head)
 		return err
 	})
@@ -134,13 +157,20 @@ func Append(ctx context.Context, pool *pgxpool.Pool, rows []*Row) (int, error) {
 
 // Report is the result of a chain verification.
 type Report struct {
-	Rows      int64
-	FirstPos  int64
-	LastPos   int64
-	Erased    int64
-	BrokenPos int64  // chain position of the first broken row; 0 when intact
-	BrokenSeq int64  // its stream sequence
-	Problem   string // what is wrong with it
+	Rows     int64
+	FirstPos int64
+	LastPos  int64
+	Erased   int64
+	PurgedTo int64 // the last position removed by a purge; 0 when none
+	Anchored int64 // rows held to a signed checkpoint
+	Events   int64 // OTP_EVENTS messages found to have their row
+	// Checkpoints is how many signed checkpoints were checked, NewestCheckpoint the
+	// position of the newest.
+	Checkpoints      int64
+	NewestCheckpoint int64
+	BrokenPos        int64  // chain position of the first broken row; 0 when intact
+	BrokenSeq        int64  // its stream sequence
+	Problem          string // what is wrong with it
 }
 
 // OK reports whether the chain is intact.
@@ -149,11 +179,20 @@ func (r Report) OK() bool { return r.Problem == "" }
 // ErrNoLog is returned when the audit schema does not exist.
 var ErrNoLog = errors.New("no audit log in this database")
 
-// Verify walks the chain in order and recomputes every link: it finds an edited row
-// (its hash no longer matches), a deleted one (a gap, or a broken link), an inserted one
-// (a link to nothing before it) and a reordered pair (links out of order), and rows cut
-// off the end (the head no longer matches the last row).
-func Verify(ctx context.Context, pool *pgxpool.Pool) (Report, error) {
+// Verify walks the chain in order and recomputes every link with the chain key: it finds
+// an edited row (its hash no longer matches, and cannot be recomputed without the key), a
+// deleted one (a gap, or a broken link), an inserted one (a link to nothing before it), a
+// reordered pair (links out of order), rows cut off the end (the head no longer matches
+// the last row) and a purge checkpoint that no purge wrote. It cannot see a tail cut
+// together with the head: VerifyAnchored checks that against the signed checkpoints and
+// OTP_EVENTS.
+func (c *Chain) Verify(ctx context.Context, pool *pgxpool.Pool) (Report, error) {
+	return c.verify(ctx, pool, nil)
+}
+
+// verify is Verify that also holds the rows at the positions of signed checkpoints
+// (want: position → row hash) to them.
+func (c *Chain) verify(ctx context.Context, pool *pgxpool.Pool, want map[int64][]byte) (Report, error) {
 	var rep Report
 	var headPos int64
 	var headHash []byte
@@ -161,9 +200,22 @@ func Verify(ctx context.Context, pool *pgxpool.Pool) (Report, error) {
 		return rep, fmt.Errorf("%w: %v", ErrNoLog, err)
 	}
 	prevPos, prev := int64(0), make([]byte, 32)
-	_ = pool.QueryRow(ctx, `SELECT pos, hash FROM audit.checkpoints ORDER BY pos DESC LIMIT 1`).Scan(&prevPos, &prev)
+	var cpKeyID string
+	var cpMAC []byte
+	err := pool.QueryRow(ctx, `SELECT pos, hash, coalesce(key_id, ''), mac FROM audit.checkpoints ORDER BY pos DESC LIMIT 1`).
+		Scan(&prevPos, &prev, &cpKeyID, &cpMAC)
+	switch {
+	case errors.Is(err, pgx.ErrNoRows):
+	case err != nil:
+		return rep, fmt.Errorf("purge checkpoint: %w", err)
+	default:
+		rep.PurgedTo = prevPos
+		if mac, err := c.checkpointMAC(cpKeyID, prevPos, prev); err != nil || !hmac.Equal(mac, cpMAC) {
+			rep.BrokenPos, rep.Problem = prevPos, fmt.Sprintf("the purge checkpoint at chain position %d is not authenticated by the chain key (forged: rows deleted outside a purge)", prevPos)
+		}
+	}
 	rows, err := pool.Query(ctx, `SELECT chain_pos, stream_seq, subject, type, tenant, event_id, source, occurred_at, request_id,
-		challenge_id, payload, recipient_hash, recipient_masked, pii, pii_salt, pii_digest, prev_hash, row_hash
+		challenge_id, payload, recipient_hash, recipient_masked, pii, pii_salt, pii_digest, prev_hash, row_hash, coalesce(chain_key_id, '')
 		FROM audit.events ORDER BY chain_pos NULLS FIRST, stream_seq`)
 	if err != nil {
 		return rep, err
@@ -181,7 +233,8 @@ func Verify(ctx context.Context, pool *pgxpool.Pool) (Report, error) {
 		var payload []byte
 		var pii map[string]string
 		if err := rows.Scan(&pos, &seq, &r.Subject, &r.Type, &r.Tenant, &r.EventID, &r.Source, &r.OccurredAt, &r.RequestID,
-			&r.ChallengeID, &payload, &r.RecipientHash, &r.RecipientMasked, &pii, &r.PIISalt, &r.PIIDigest, &r.PrevHash, &r.RowHash); err != nil {
+			&r.ChallengeID, &payload, &r.RecipientHash, &r.RecipientMasked, &pii, &r.PIISalt, &r.PIIDigest, &r.PrevHash, &r.RowHash,
+			&r.ChainKeyID); err != nil {
 			return rep, err
 		}
 		r.StreamSeq, r.Payload, r.PII = uint64(seq), payload, pii
@@ -206,9 +259,16 @@ func Verify(ctx context.Context, pool *pgxpool.Pool) (Report, error) {
 		} else if !bytes.Equal(piiDigest(r.PIISalt, r.RecipientHash, r.RecipientMasked, r.PII), r.PIIDigest) {
 			broken(&r, "personal data changed (edited)")
 		}
-		want, err := rowHash(r.PrevHash, &r)
-		if err != nil || !bytes.Equal(want, r.RowHash) {
-			broken(&r, "content does not match its hash (edited)")
+		if key, err := c.key(r.ChainKeyID); err != nil {
+			broken(&r, fmt.Sprintf("hashed under no chain key this verifier holds (%q): rehashed without the key", r.ChainKeyID))
+		} else if h, err := rowHash(key, r.PrevHash, &r); err != nil || !hmac.Equal(h, r.RowHash) {
+			broken(&r, "content does not match its keyed hash (edited, or rehashed without the chain key)")
+		}
+		if w, ok := want[r.ChainPos]; ok {
+			rep.Anchored++
+			if !bytes.Equal(w, r.RowHash) {
+				broken(&r, "differs from the signed checkpoint of this position (rewritten)")
+			}
 		}
 		prevPos, prev = r.ChainPos, r.RowHash
 	}
@@ -222,11 +282,17 @@ func Verify(ctx context.Context, pool *pgxpool.Pool) (Report, error) {
 }
 
 // Backfill chains rows written before the chain existed (chain_pos NULL), in stream
-// order after the current head. The trigger lets a row be chained once; its content
-// cannot change.
-func Backfill(ctx context.Context, pool *pgxpool.Pool, key []byte) (int, error) {
+// order after the current head, under the active chain key; key is the recipient key
+// (OTP_AUDIT_KEY) their salts derive from. The trigger lets a row be chained once; its
+// content cannot change.
+func (c *Chain) Backfill(ctx context.Context, pool *pgxpool.Pool, key []byte) (int, error) {
 	n := 0
-	err := pgx.BeginFunc(ctx, pool, func(tx pgx.Tx) error {
+	keyID := c.KeyID()
+	chainKey, err := c.key(keyID)
+	if err != nil {
+		return 0, err
+	}
+	err = pgx.BeginFunc(ctx, pool, func(tx pgx.Tx) error {
 		var pos int64
 		var head []byte
 		if err := tx.QueryRow(ctx, `SELECT pos, hash FROM audit.chain_head FOR UPDATE`).Scan(&pos, &head); err != nil {
@@ -257,13 +323,14 @@ func Backfill(ctx context.Context, pool *pgxpool.Pool, key []byte) (int, error) 
 			r.PIISalt = piiSalt(key, r.StreamSeq)
 			r.PIIDigest = piiDigest(r.PIISalt, r.RecipientHash, r.RecipientMasked, nil)
 			pos++
-			r.ChainPos, r.PrevHash = pos, head
-			if r.RowHash, err = rowHash(head, r); err != nil {
+			r.ChainPos, r.PrevHash, r.ChainKeyID = pos, head, keyID
+			if r.RowHash, err = rowHash(chainKey, head, r); err != nil {
 				return err
 			}
 			head = r.RowHash
 			if _, err := tx.Exec(ctx, `UPDATE audit.events SET chain_pos = $2, prev_hash = $3, row_hash = $4, pii_salt = $5,
-				pii_digest = $6 WHERE stream_seq = $1`, int64(r.StreamSeq), r.ChainPos, r.PrevHash, r.RowHash, r.PIISalt, r.PIIDigest); err != nil {
+				pii_digest = $6, chain_key_id = $7 WHERE stream_seq = $1`, int64(r.StreamSeq), r.ChainPos, r.PrevHash, r.RowHash,
+				r.PIISalt, r.PIIDigest, r.ChainKeyID); err != nil {
 				return err
 			}
 		}

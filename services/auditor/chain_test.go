@@ -3,6 +3,7 @@ package auditor
 import (
 	"bytes"
 	"context"
+	"encoding/base64"
 	"fmt"
 	"strings"
 	"testing"
@@ -14,6 +15,15 @@ import (
 )
 
 var testKey = bytes.Repeat([]byte{7}, 32)
+
+// testChain keys the test chains; the database never sees it.
+var testChain = func() *Chain {
+	c, err := ParseChainKey("c1:" + base64.StdEncoding.EncodeToString(bytes.Repeat([]byte{8}, 32)))
+	if err != nil {
+		panic(err)
+	}
+	return c
+}()
 
 // seed writes n issued/delivered events through Append and returns the pool.
 func seed(t *testing.T, n int) *pgxpool.Pool {
@@ -31,10 +41,10 @@ func seed(t *testing.T, n int) *pgxpool.Pool {
 		testenv.Must(t, err, "row")
 		rows = append(rows, &r)
 	}
-	if _, err := Append(context.Background(), pool, rows[:n/2]); err != nil {
+	if _, err := testChain.Append(context.Background(), pool, rows[:n/2]); err != nil {
 		t.Fatal(err)
 	}
-	if _, err := Append(context.Background(), pool, rows); err != nil { // overlapping: the first half is skipped
+	if _, err := testChain.Append(context.Background(), pool, rows); err != nil { // overlapping: the first half is skipped
 		t.Fatal(err)
 	}
 	return pool
@@ -58,7 +68,7 @@ func tamper(t *testing.T, pool *pgxpool.Pool, sql string) {
 
 func TestVerifyIntactChain(t *testing.T) {
 	pool := seed(t, 20)
-	rep, err := Verify(context.Background(), pool)
+	rep, err := testChain.Verify(context.Background(), pool)
 	testenv.Must(t, err, "verify")
 	if !rep.OK() || rep.Rows != 20 || rep.FirstPos != 1 || rep.LastPos != 20 {
 		t.Fatalf("report %+v", rep)
@@ -89,7 +99,7 @@ func TestVerifyCatchesTampering(t *testing.T) {
 		t.Run(tc.name, func(t *testing.T) {
 			pool := seed(t, 20)
 			tamper(t, pool, tc.sql)
-			rep, err := Verify(context.Background(), pool)
+			rep, err := testChain.Verify(context.Background(), pool)
 			testenv.Must(t, err, "verify")
 			if rep.OK() || rep.BrokenPos != tc.pos || !strings.Contains(rep.Problem, tc.problem) {
 				t.Fatalf("report %+v, want broken at %d (%s)", rep, tc.pos, tc.problem)
@@ -125,7 +135,7 @@ func TestErasureKeepsTheChainVerifiable(t *testing.T) {
 	if erasedIP != 0 || left != 9 {
 		t.Fatalf("after erasure: %d rows still hold the IP, %d masked addresses of others left (want 0 and 9)", erasedIP, left)
 	}
-	rep, err := Verify(context.Background(), pool)
+	rep, err := testChain.Verify(context.Background(), pool)
 	testenv.Must(t, err, "verify")
 	if !rep.OK() || rep.Erased != 2 {
 		t.Fatalf("report %+v", rep)
@@ -136,9 +146,9 @@ func TestPurgeByAgeKeepsTheRestVerifiable(t *testing.T) {
 	pool := seed(t, 20)
 	tamper(t, pool, `UPDATE audit.events SET occurred_at = occurred_at - interval '400 days' WHERE chain_pos <= 8`)
 	// The tamper above broke rows 1-8; purge removes exactly those (older than 365 days).
-	n, err := Purge(context.Background(), pool, time.Now().Add(-365*24*time.Hour))
+	n, err := testChain.Purge(context.Background(), pool, time.Now().Add(-365*24*time.Hour))
 	testenv.Must(t, err, "purge")
-	rep, err := Verify(context.Background(), pool)
+	rep, err := testChain.Verify(context.Background(), pool)
 	testenv.Must(t, err, "verify")
 	if n != 8 || !rep.OK() || rep.FirstPos != 9 || rep.Rows != 12 {
 		t.Fatalf("purged %d; report %+v", n, rep)
@@ -152,12 +162,12 @@ func TestBackfillChainsLegacyRows(t *testing.T) {
 	tamper(t, pool, `INSERT INTO audit.events (stream_seq, subject, type, tenant, event_id, source, occurred_at, payload, recipient_hash, recipient_masked)
 		VALUES (100, 'otp.issued.acme', 'otp.issued', 'acme', 'old-1', 'otpflow/issuer', now(), '{"request_id":"old"}', '\x01', 'o***@example.com'),
 		       (101, 'otp.verified.acme', 'otp.verified', 'acme', 'old-2', 'otpflow/verifier', now(), '{"request_id":"old"}', NULL, '')`)
-	if rep, _ := Verify(context.Background(), pool); rep.OK() {
+	if rep, _ := testChain.Verify(context.Background(), pool); rep.OK() {
 		t.Fatal("unchained rows passed verification")
 	}
-	n, err := Backfill(context.Background(), pool, testKey)
+	n, err := testChain.Backfill(context.Background(), pool, testKey)
 	testenv.Must(t, err, "backfill")
-	rep, err := Verify(context.Background(), pool)
+	rep, err := testChain.Verify(context.Background(), pool)
 	testenv.Must(t, err, "verify")
 	if n != 2 || !rep.OK() || rep.Rows != 8 {
 		t.Fatalf("backfilled %d; report %+v", n, rep)

@@ -32,7 +32,7 @@ func TestEventTheDatabaseRefusesDoesNotStallTheLog(t *testing.T) {
 		testenv.Must(t, err, "publish")
 	}
 	live := testenv.Postgres(t, Schema, Migrations())
-	svc, err := New(Config{RecipientKey: testKey, BatchSize: 10}, live, js, testenv.Logger(io.Discard), nil)
+	svc, err := New(Config{RecipientKey: testKey, Chain: testChain, BatchSize: 10}, live, js, testenv.Logger(io.Discard), nil)
 	testenv.Must(t, err, "auditor")
 	testenv.Start(t, svc.Run)
 
@@ -41,7 +41,7 @@ func TestEventTheDatabaseRefusesDoesNotStallTheLog(t *testing.T) {
 		t.Fatalf("dead letter %s, reason %q", dl[0].Data, r)
 	}
 	testenv.Eventually(t, 10*time.Second, "the two good events chained", func() bool { return len(payloads(t, live)) == 2 })
-	rep, err := Verify(ctx, live)
+	rep, err := testChain.Verify(ctx, live)
 	testenv.Must(t, err, "verify")
 	if rep.Rows != 2 {
 		t.Fatalf("verify: %+v", rep)

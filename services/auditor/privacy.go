@@ -30,9 +30,11 @@ func Erase(ctx context.Context, pool *pgxpool.Pool, key []byte, recipient string
 
 // Purge deletes the oldest rows, those that occurred before cutoff, as one prefix of the
 // chain, and records a checkpoint (the last purged position and hash) from which the
-// rest still verifies. It returns the number of rows deleted.
-func Purge(ctx context.Context, pool *pgxpool.Pool, cutoff time.Time) (int64, error) {
+// rest still verifies, authenticated by the chain key (a checkpoint row without it reads as
+// forged). It returns the number of rows deleted.
+func (c *Chain) Purge(ctx context.Context, pool *pgxpool.Pool, cutoff time.Time) (int64, error) {
 	var n int64
+	keyID := c.KeyID()
 	err := pgx.BeginFunc(ctx, pool, func(tx pgx.Tx) error {
 		var upTo *int64
 		err := tx.QueryRow(ctx, `SELECT CASE WHEN min(chain_pos) FILTER (WHERE occurred_at >= $1) IS NULL THEN max(chain_pos)
@@ -44,7 +46,12 @@ func Purge(ctx context.Context, pool *pgxpool.Pool, cutoff time.Time) (int64, er
 		if err := tx.QueryRow(ctx, `SELECT row_hash FROM audit.events WHERE chain_pos = $1`, *upTo).Scan(&hash); err != nil {
 			return fmt.Errorf("checkpoint row: %w", err)
 		}
-		if _, err := tx.Exec(ctx, `INSERT INTO audit.checkpoints (pos, hash) VALUES ($1, $2) ON CONFLICT DO NOTHING`, *upTo, hash); err != nil {
+		mac, err := c.checkpointMAC(keyID, *upTo, hash)
+		if err != nil {
+			return err
+		}
+		if _, err := tx.Exec(ctx, `INSERT INTO audit.checkpoints (pos, hash, key_id, mac) VALUES ($1, $2, $3, $4) ON CONFLICT DO NOTHING`,
+			*upTo, hash, keyID, mac); err != nil {
 			return err
 		}
 		if _, err := tx.Exec(ctx, `SET LOCAL otpflow.audit_purge = 'on'`); err != nil {

@@ -48,7 +48,7 @@ func TestUnknownEventsAndFieldsSurvive(t *testing.T) {
 	}
 
 	live := testenv.Postgres(t, Schema, Migrations())
-	svc, err := New(Config{RecipientKey: testKey}, live, js, testenv.Logger(io.Discard), nil)
+	svc, err := New(Config{RecipientKey: testKey, Chain: testChain}, live, js, testenv.Logger(io.Discard), nil)
 	testenv.Must(t, err, "auditor")
 	testenv.Start(t, svc.Run)
 	testenv.Eventually(t, 10*time.Second, "three rows", func() bool { return len(payloads(t, live)) == 3 })
@@ -75,7 +75,7 @@ func TestUnknownEventsAndFieldsSurvive(t *testing.T) {
 	if typ != "otp.feedback" || masked != "a***@example.com" || !strings.Contains(pii, "s-9") {
 		t.Errorf("otp.feedback row: type %q, masked %q, pii %s", typ, masked, pii)
 	}
-	if rep, err := Verify(ctx, live); err != nil || !rep.OK() || rep.Rows != 3 {
+	if rep, err := testChain.Verify(ctx, live); err != nil || !rep.OK() || rep.Rows != 3 {
 		t.Fatalf("verify: %+v, %v", rep, err)
 	}
 	steps, err := Trail(ctx, live, testKey, "acme", "r-1", "")
@@ -96,9 +96,9 @@ func TestUnknownEventsAndFieldsSurvive(t *testing.T) {
 		testenv.Must(t, err, "replay row %d", m.Sequence)
 		rows = append(rows, &r)
 	}
-	_, err = Append(ctx, fresh, rows)
+	_, err = testChain.Append(ctx, fresh, rows)
 	testenv.Must(t, err, "replay")
-	if rep, err := Verify(ctx, fresh); err != nil || !rep.OK() || rep.Rows != 3 {
+	if rep, err := testChain.Verify(ctx, fresh); err != nil || !rep.OK() || rep.Rows != 3 {
 		t.Fatalf("verify the replayed log: %+v, %v", rep, err)
 	}
 	if a, b := dump(t, live), dump(t, fresh); a != b {
