@@ -43,11 +43,24 @@ func piiDigest(salt, recipientHash []byte, masked string, pii map[string]string)
 
 // rowHash is HMAC-SHA256(chain key, prev ‖ canonical content ‖ pii digest).
 func rowHash(key, prev []byte, r *Row) ([]byte, error) {
+	content, err := rowContent(r)
+	if err != nil {
+		return nil, err
+	}
+	h := hmac.New(sha256.New, key)
+	h.Write(prev)
+	h.Write(content)
+	h.Write(r.PIIDigest)
+	return h.Sum(nil), nil
+}
+
+// rowContent is the canonical content of a row that its hash covers.
+func rowContent(r *Row) ([]byte, error) {
 	payload, err := canonical(r.Payload)
 	if err != nil {
 		return nil, fmt.Errorf("canonical payload: %w", err)
 	}
-	content, err := json.Marshal(struct {
+	return json.Marshal(struct {
 		Seq         uint64          `json:"seq"`
 		Subject     string          `json:"subject"`
 		Type        string          `json:"type"`
@@ -60,14 +73,6 @@ func rowHash(key, prev []byte, r *Row) ([]byte, error) {
 		Payload     json.RawMessage `json:"payload"`
 	}{r.StreamSeq, r.Subject, r.Type, r.Tenant, r.EventID, r.Source, r.OccurredAt.UTC().Format(time.RFC3339Nano),
 		r.RequestID, r.ChallengeID, payload})
-	if err != nil {
-		return nil, err
-	}
-	h := hmac.New(sha256.New, key)
-	h.Write(prev)
-	h.Write(content)
-	h.Write(r.PIIDigest)
-	return h.Sum(nil), nil
 }
 
 // Written is what one Append wrote: how many rows, and the last of them (the head it
