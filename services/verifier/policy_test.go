@@ -163,7 +163,9 @@ func TestReadYourWritesOnAReplicatedStream(t *testing.T) {
 	pool := testenv.Postgres(t, Schema, Migrations())
 	pepper, err := keys.ParsePepper(keys.Generate("p1", 32))
 	testenv.Must(t, err, "pepper")
-	svc, err := New(Config{Pepper: pepper, Streams: events.StreamOptions{Replicas: 3}}, pool, nc, js, testenv.Logger(io.Discard), nil)
+	// A generous bound: on a loaded 2-core box an R3 stream can take more than the default
+	// second to acknowledge; without the fence the verify below answers not_found at once.
+	svc, err := New(Config{Pepper: pepper, FenceWait: 10 * time.Second, Streams: events.StreamOptions{Replicas: 3}}, pool, nc, js, testenv.Logger(io.Discard), nil)
 	testenv.Must(t, err, "verifier")
 	svc.beforeProject = func() { time.Sleep(300 * time.Millisecond) }
 	testenv.Start(t, svc.Run)
