@@ -95,13 +95,14 @@ func checkpointKeys(flagValue string, getenv func(string) string) (map[string]ed
 
 func auditVerify(ctx context.Context, args []string, getenv func(string) string, stdout io.Writer) (int, error) {
 	fs := flag.NewFlagSet("audit verify", flag.ContinueOnError)
-	server := serverFlags(fs)
+	server, dir := serverFlags(fs)
 	db := fs.String("db", "", "PostgreSQL URL of the audit log (default OTP_DATABASE_URL)")
 	pub := fs.String("public-key", "", "checkpoint verification keys, id:base64,… (default OTP_AUDIT_VERIFY_KEY, or derived from OTP_AUDIT_SIGNING_KEY)")
 	newest := fs.Int("checkpoints", auditor.DefaultCheckedCheckpoints, "how many of the newest signed checkpoints to check")
 	if err := fs.Parse(args); err != nil {
 		return 2, err
 	}
+	getenv = withDevKeys(getenv, *dir)
 	chain, err := chainKey(getenv)
 	if err != nil {
 		return 2, err
@@ -143,7 +144,7 @@ func auditVerify(ctx context.Context, args []string, getenv func(string) string,
 
 func auditReplay(ctx context.Context, args []string, getenv func(string) string, stdout, stderr io.Writer) error {
 	fs := flag.NewFlagSet("audit replay", flag.ContinueOnError)
-	server := serverFlags(fs)
+	server, dir := serverFlags(fs)
 	var (
 		since  = fs.String("since", "", "first event time, RFC 3339")
 		until  = fs.String("until", "", "last event time, RFC 3339")
@@ -155,6 +156,7 @@ func auditReplay(ctx context.Context, args []string, getenv func(string) string,
 	if err := fs.Parse(args); err != nil {
 		return err
 	}
+	getenv = withDevKeys(getenv, *dir)
 	if *format != "jsonl" {
 		return errors.New("audit replay: --format must be jsonl")
 	}
@@ -293,6 +295,7 @@ func auditReplay(ctx context.Context, args []string, getenv func(string) string,
 
 func auditTrail(ctx context.Context, args []string, getenv func(string) string, stdout io.Writer) error {
 	fs := flag.NewFlagSet("audit trail", flag.ContinueOnError)
+	dir := devDirFlag(fs)
 	var (
 		db        = fs.String("db", "", "PostgreSQL URL of the audit log (default OTP_DATABASE_URL)")
 		tenant    = fs.String("tenant", "", "tenant (required)")
@@ -303,6 +306,7 @@ func auditTrail(ctx context.Context, args []string, getenv func(string) string, 
 	if err := fs.Parse(args); err != nil {
 		return err
 	}
+	getenv = withDevKeys(getenv, *dir)
 	if *tenant == "" || (*requestID == "") == (*recipient == "") {
 		return errors.New("audit trail: --tenant and one of --request-id or --recipient are required")
 	}
@@ -342,12 +346,14 @@ func auditTrail(ctx context.Context, args []string, getenv func(string) string, 
 
 func auditMaintain(ctx context.Context, cmd string, args []string, getenv func(string) string, stdout io.Writer) error {
 	fs := flag.NewFlagSet("audit "+cmd, flag.ContinueOnError)
+	dir := devDirFlag(fs)
 	db := fs.String("db", "", "PostgreSQL URL of the audit log (default OTP_DATABASE_URL)")
 	recipient := fs.String("recipient", "", "erase: the address whose personal data goes")
 	olderThan := fs.Duration("older-than", 400*24*time.Hour, "purge: rows older than this")
 	if err := fs.Parse(args); err != nil {
 		return err
 	}
+	getenv = withDevKeys(getenv, *dir)
 	pool, err := openAudit(ctx, *db, getenv)
 	if err != nil {
 		return err

@@ -21,11 +21,36 @@ import (
 )
 
 // serverFlags are the flags of every command that talks to NATS as an upstream app or an
-// operator; url resolves them with natsURL.
-func serverFlags(fs *flag.FlagSet) (url func(getenv func(string) string) string) {
+// operator; url resolves them with natsURL, and dir is otpflow dev's state directory.
+func serverFlags(fs *flag.FlagSet) (url func(getenv func(string) string) string, dir *string) {
 	flagURL := fs.String("nats", "", "NATS URL (default: OTP_NATS_URL, the dev server, nats://127.0.0.1:4222)")
-	dir := fs.String("dir", ".otpflow", "state directory of otpflow dev")
-	return func(getenv func(string) string) string { return natsURL(*flagURL, getenv, *dir) }
+	dir = devDirFlag(fs)
+	return func(getenv func(string) string) string { return natsURL(*flagURL, getenv, *dir) }, dir
+}
+
+// devDirFlag is the -dir flag: the state directory of otpflow dev.
+func devDirFlag(fs *flag.FlagSet) *string {
+	return fs.String("dir", ".otpflow", "state directory of otpflow dev (its URL and keys serve what the environment does not set)")
+}
+
+// withDevKeys is getenv, falling back for a variable it does not set to the keys otpflow
+// dev keeps in dir/keys.env, so the walkthrough's operator commands need no exported
+// secret. The environment always wins; without a dev directory nothing changes.
+func withDevKeys(getenv func(string) string, dir string) func(string) string {
+	devKeys := map[string]string{}
+	if b, err := os.ReadFile(filepath.Join(dir, "keys.env")); err == nil {
+		for _, line := range strings.Split(string(b), "\n") {
+			if k, v, ok := strings.Cut(line, "="); ok {
+				devKeys[k] = v
+			}
+		}
+	}
+	return func(k string) string {
+		if v := getenv(k); v != "" {
+			return v
+		}
+		return devKeys[k]
+	}
 }
 
 // natsURL resolves the server an upstream-app command talks to: the flag, else
@@ -56,7 +81,7 @@ func connectClient(url string, getenv func(string) string) (*nats.Conn, error) {
 
 func requestCommand(ctx context.Context, args []string, getenv func(string) string, stdout io.Writer) error {
 	fs := flag.NewFlagSet("request", flag.ContinueOnError)
-	server := serverFlags(fs)
+	server, _ := serverFlags(fs)
 	var (
 		tenant    = fs.String("tenant", "demo", "tenant")
 		requestID = fs.String("request-id", "", "idempotency key (default: random)")
@@ -111,7 +136,7 @@ func requestCommand(ctx context.Context, args []string, getenv func(string) stri
 
 func verifyCommand(ctx context.Context, args []string, getenv func(string) string, stdout io.Writer) (bool, error) {
 	fs := flag.NewFlagSet("verify", flag.ContinueOnError)
-	server := serverFlags(fs)
+	server, _ := serverFlags(fs)
 	var (
 		tenant    = fs.String("tenant", "demo", "tenant")
 		requestID = fs.String("request-id", "", "the request's idempotency key (required)")

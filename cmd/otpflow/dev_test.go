@@ -102,6 +102,16 @@ func TestDevWalkthrough(t *testing.T) {
 		t.Fatalf("again: %s", reply)
 	}
 
+	// The README's audit commands, with no secret in the environment: the dev keys serve.
+	dbURL := env["OTP_DATABASE_URL"]
+	testenv.Eventually(t, 20*time.Second, "the request's timeline", func() bool {
+		_, reply = cli("audit", "trail", "--db", dbURL, "--tenant", "demo", "--request-id", "r1")
+		return strings.Contains(reply, "verified with code 1")
+	})
+	if status, reply = cli("audit", "verify", "--db", dbURL); status != 0 || !strings.Contains(reply, "audit log intact") {
+		t.Fatalf("audit verify: exit %d, %s", status, reply)
+	}
+
 	for path, want := range map[string]string{
 		"/healthz": "ok",
 		"/readyz":  "ok",
