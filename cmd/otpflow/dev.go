@@ -257,7 +257,7 @@ func devKeys(path string) (map[string]string, bool, error) {
 		}
 	}
 	// Keys added after a keys.env was first written are appended to it, the others kept.
-	for _, k := range []struct{ name, id string }{{"OTP_AUDIT_CHAIN_KEY", "devc1"}, {"OTP_AUDIT_SIGNING_KEY", "devs1"}} {
+	for _, k := range []struct{ name, id string }{{"OTP_AUDIT_CHAIN_KEY", "devc1"}, {"OTP_AUDIT_SIGNING_KEY", "devs1"}, {"OTP_SUBJECT_KEY", "devk1"}} {
 		if env[k.name] != "" {
 			continue
 		}

@@ -41,6 +41,7 @@ func newWorld(t testing.TB) *world {
 		"OTP_AUDIT_KEY":         keys.Generate("a1", 32),
 		"OTP_AUDIT_CHAIN_KEY":   keys.Generate("c1", 32),
 		"OTP_AUDIT_SIGNING_KEY": keys.Generate("sig1", 32),
+		"OTP_SUBJECT_KEY":       keys.Generate("k1", 32),
 		"OTP_PROVIDERS":         "smtp",
 		"OTP_SMTP_URL":          w.smtp.URL(),
 		"OTP_MAIL_FROM":         "Acme <no-reply@acme.example>",

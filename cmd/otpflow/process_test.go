@@ -12,6 +12,7 @@ import (
 	"testing"
 	"time"
 
+	"github.com/otpflow/otpflow/platform/keys"
 	"github.com/otpflow/otpflow/platform/testenv"
 )
 
@@ -141,10 +142,13 @@ func TestMissingSecretStopsStartWithOneLine(t *testing.T) {
 	dir := binaries(t)
 	for _, tc := range []struct{ bin, env, missing string }{
 		{"issuer", "OTP_SEAL_KEY=" + strings.Repeat("A", 44), "OTP_CODE_PEPPER"},
+		{"issuer", "OTP_SEAL_KEY=" + keys.Generate("s1", 32) + "\x00OTP_CODE_PEPPER=" + strings.Repeat("A", 44), "OTP_SUBJECT_KEY"},
 		{"dispatcher", "OTP_PROVIDERS=smtp", "OTP_SEAL_KEY"},
 		{"verifier", "", "OTP_CODE_PEPPER"},
+		{"verifier", "OTP_CODE_PEPPER=" + strings.Repeat("A", 44), "OTP_SUBJECT_KEY"},
 		{"auditor", "", "OTP_AUDIT_KEY"},
-		{"verifier", "OTP_CODE_PEPPER=" + strings.Repeat("A", 44) + "\x00OTP_TENANTS_FILE=" + badTenants(t), "OTP_TENANTS_FILE"},
+		{"verifier", "OTP_CODE_PEPPER=" + strings.Repeat("A", 44) + "\x00OTP_SUBJECT_KEY=" + strings.Repeat("A", 44) +
+			"\x00OTP_TENANTS_FILE=" + badTenants(t), "OTP_TENANTS_FILE"},
 	} {
 		cmd := exec.Command(filepath.Join(dir, tc.bin))
 		cmd.Env = append(strings.Split(tc.env, "\x00"), "OTP_NATS_URL=nats://127.0.0.1:1")

@@ -35,6 +35,7 @@ func productionEnv(t *testing.T) map[string]string {
 		"OTP_AUDIT_KEY":         keys.Generate("a1", 32),
 		"OTP_AUDIT_CHAIN_KEY":   keys.Generate("c1", 32),
 		"OTP_AUDIT_SIGNING_KEY": keys.Generate("sig1", 32),
+		"OTP_SUBJECT_KEY":       keys.Generate("k1", 32),
 		"OTP_PROVIDERS":         "smtp",
 		"OTP_SMTP_URL":          "smtp://127.0.0.1:1?tls=none",
 		"OTP_MAIL_FROM":         "Acme <no-reply@acme.example>",

@@ -1,7 +1,9 @@
 // Package keys holds the secret keys of otpflow: the pepper that turns a code into the
 // HMAC stored at rest, and the AES-256-GCM key that seals a code for its one hop from the
-// issuer to the dispatcher. Both come as key rings with ids, so keys rotate: the first key
-// is active for new codes, the others still verify or unseal codes issued under them.
+// issuer to the dispatcher, and the key that turns an address or a client IP into the
+// keyed hash every store knows a person by (Subjects). All come as key rings with ids, so
+// keys rotate: the first key is active, the others still verify, unseal or look up what
+// was made under them.
 package keys
 
 import (

@@ -19,6 +19,10 @@ func LoadConfig(getenv platform.Getenv, common platform.Common) (Config, error) 
 	if err != nil {
 		return Config{}, &platform.ConfigError{Var: "OTP_SEAL_KEY", Msg: err.Error()}
 	}
+	subjects, err := keys.ParseSubjects(getenv("OTP_SUBJECT_KEY"))
+	if err != nil {
+		return Config{}, &platform.ConfigError{Var: "OTP_SUBJECT_KEY", Msg: err.Error()}
+	}
 	batch, err := platform.IntVar(getenv, "OTP_ISSUER_BATCH", 100, 1, 1000)
 	if err != nil {
 		return Config{}, err
@@ -35,6 +39,6 @@ func LoadConfig(getenv platform.Getenv, common platform.Common) (Config, error) 
 	if err := platform.CheckPolicies(common, policies); err != nil {
 		return Config{}, err
 	}
-	return Config{Pepper: pepper, Sealer: sealer, Policies: policies, Retention: retention, BatchSize: batch,
+	return Config{Pepper: pepper, Sealer: sealer, Subjects: subjects, Policies: policies, Retention: retention, BatchSize: batch,
 		Streams: events.StreamOptions{Replicas: common.Replicas}}, nil
 }

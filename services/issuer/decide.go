@@ -14,18 +14,26 @@ import (
 type key struct{ tenant, requestID string }
 
 // rcptKey names one (tenant, recipient, purpose): the unit of cooldowns, hourly caps,
-// supersede and bursts.
+// supersede and bursts. The recipient is its subject hash under the active key.
 type rcptKey struct{ tenant, recipient, purpose string }
 
-func (k rcptKey) rate() string        { return "rcpt|" + k.tenant + "|" + k.recipient + "|" + k.purpose }
-func ipRate(tenant, ip string) string { return "ip|" + tenant + "|" + ip }
-func tenantRate(tenant string) string { return "tenant|" + tenant }
+func (k rcptKey) rate() string { return rcptRate(k.tenant, k.recipient, k.purpose) }
+
+// Rate-limit keys name a recipient and a client by subject hash, never in plaintext.
+func rcptRate(tenant, hash, purpose string) string {
+	return "rcpt|" + tenant + "|" + hash + "|" + purpose
+}
+func ipRate(tenant, hash string) string { return "ip|" + tenant + "|" + hash }
+func tenantRate(tenant string) string   { return "tenant|" + tenant }
 
 // issue decides every valid request of the batch in one transaction: a new challenge, a
 // duplicate, a resend or a refusal. It returns the committed outbox entries.
 func (s *Service) issue(ctx context.Context, reqs []*request) ([]outbox.Entry, error) {
 	if len(reqs) == 0 {
 		return nil, nil
+	}
+	for _, r := range reqs {
+		s.identify(r)
 	}
 	return s.store.issueBatch(ctx, s.keysOf(reqs), func(st *batchState, w *writes) error {
 		// Decisions run on the clock as read once the locks are held, so an issuer that
@@ -41,17 +49,17 @@ func (s *Service) issue(ctx context.Context, reqs []*request) ([]outbox.Entry, e
 
 // keysOf names the rows the decisions on reqs read and change.
 func (s *Service) keysOf(reqs []*request) batchKeys {
-	ks := batchKeys{challenges: map[key]bool{}, recipients: map[rcptKey]bool{}, logs: map[string]bool{},
-		windows: map[string]bool{}, clients: map[clientKey]time.Duration{}}
+	ks := batchKeys{challenges: map[key]bool{}, recipients: map[rcptKey][]string{}, logs: map[string][]string{},
+		windows: map[string]bool{}, clients: map[clientKey]clientRows{}}
 	for _, r := range reqs {
 		ks.challenges[key{r.tenant, r.req.RequestID}] = true
-		rk := rcptKey{r.tenant, events.CanonicalAddress(r.req.Recipient), r.req.Purpose}
-		ks.recipients[rk] = true
-		ks.logs[rk.rate()] = true
+		rk := r.rcptKey()
+		ks.recipients[rk] = r.subjects
+		ks.logs[rk.rate()] = r.rcptRates()
 		ks.windows[tenantRate(r.tenant)] = true
-		if ip := r.client(); ip != "" {
-			ks.logs[ipRate(r.tenant, ip)] = true
-			ks.clients[clientKey{r.tenant, ip}] = s.cfg.Policies.For(r.tenant).Risk.IPFanout.Window
+		if ck, ok := r.clientKey(); ok {
+			ks.logs[ipRate(r.tenant, ck.ip)] = r.ipRates()
+			ks.clients[ck] = clientRows{hashes: r.clients, window: s.cfg.Policies.For(r.tenant).Risk.IPFanout.Window}
 		}
 	}
 	return ks
@@ -85,11 +93,19 @@ func (s *Service) decide(st *batchState, w *writes, r *request, now time.Time) e
 		return nil
 	}
 	k := key{r.tenant, r.req.RequestID}
-	rk := rcptKey{r.tenant, events.CanonicalAddress(r.req.Recipient), r.req.Purpose}
+	rk := r.rcptKey()
 	testCode, isTest := p.TestCode(r.req.Recipient)
 	c := st.challenges[k]
 	switch {
-	case c != nil && (c.recipient != rk.recipient || c.purpose != rk.purpose):
+	case c != nil && c.recipient == "" && !r.req.Resend:
+		// A challenge from before recipients were hashed: nothing to compare with, and
+		// nothing is sent for a repeat.
+		r.outcome = "duplicate"
+		return nil
+	case c != nil && c.recipient == "":
+		refuse(events.ReasonChallengeClosed, "", "this challenge predates an upgrade and cannot be resent; start a new request", 0)
+		return nil
+	case c != nil && (!s.cfg.Subjects.MatchesSubject(c.recipient, r.tenant, r.req.Recipient) || c.purpose != rk.purpose):
 		// The request id names a challenge of another address or purpose: its code
 		// (or a fresh one) must never go there. The challenge itself is untouched.
 		refuse(events.ReasonChallengeMismatch, "", "this request_id belongs to a challenge for another recipient or purpose", 0)
@@ -107,9 +123,16 @@ func (s *Service) decide(st *batchState, w *writes, r *request, now time.Time) e
 		refuse(events.ReasonRateLimited, "resend_cooldown", "resend cooldown", p.ResendCooldown-now.Sub(c.lastCodeAt))
 		return nil
 	}
-	if c == nil && r.client() != "" && p.Risk.IPFanout.Recipients > 0 {
-		seen := st.ipSeen[clientKey{r.tenant, r.client()}]
-		if !seen[rk.recipient] && len(seen) >= p.Risk.IPFanout.Recipients {
+	if c != nil {
+		// A resend goes to the address the challenge was created with, stored sealed.
+		if err := s.openRecipient(c); err != nil {
+			refuse(events.ReasonChallengeClosed, "", "this challenge's recipient cannot be read back (seal key retired); start a new request", 0)
+			return nil
+		}
+	}
+	if ck, ok := r.clientKey(); c == nil && ok && p.Risk.IPFanout.Recipients > 0 {
+		seen := st.ipSeen[ck]
+		if !seen.has(r.subjects) && seen.count() >= p.Risk.IPFanout.Recipients {
 			refuse(events.ReasonRisk, "ip_fanout", "this client asked codes for too many recipients", p.Risk.IPFanout.Window)
 			return nil
 		}
@@ -168,8 +191,8 @@ func (s *Service) overLimit(st *batchState, p policy.Policy, r *request, rk rcpt
 	if rl.RecipientPerHour > 0 && len(stamps) >= rl.RecipientPerHour {
 		return "recipient_per_hour", stamps.KthNewest(rl.RecipientPerHour).Add(time.Hour).Sub(now)
 	}
-	if ip := r.client(); ip != "" && rl.IPPerMinute > 0 {
-		if ipStamps := st.logs[ipRate(r.tenant, ip)].Trim(now.Add(-time.Minute)); len(ipStamps) >= rl.IPPerMinute {
+	if ck, ok := r.clientKey(); ok && rl.IPPerMinute > 0 {
+		if ipStamps := st.logs[ipRate(r.tenant, ck.ip)].Trim(now.Add(-time.Minute)); len(ipStamps) >= rl.IPPerMinute {
 			return "ip_per_minute", ipStamps.KthNewest(rl.IPPerMinute).Add(time.Minute).Sub(now)
 		}
 	}
@@ -186,19 +209,18 @@ func (s *Service) overLimit(st *batchState, p policy.Policy, r *request, rk rcpt
 func (s *Service) recordSend(st *batchState, w *writes, r *request, rk rcptKey, now time.Time) {
 	st.logs[rk.rate()] = st.logs[rk.rate()].Trim(now.Add(-time.Hour)).Add(now)
 	w.logs[rk.rate()] = true
-	if ip := r.client(); ip != "" {
-		ik := ipRate(r.tenant, ip)
+	if ck, ok := r.clientKey(); ok {
+		ik := ipRate(r.tenant, ck.ip)
 		st.logs[ik] = st.logs[ik].Trim(now.Add(-time.Hour)).Add(now)
 		w.logs[ik] = true
-		ck := clientKey{r.tenant, ip}
 		if st.ipSeen[ck] == nil {
-			st.ipSeen[ck] = map[string]bool{}
+			st.ipSeen[ck] = seenSet{}
 		}
-		st.ipSeen[ck][rk.recipient] = true
-		if w.clients[ck] == nil {
-			w.clients[ck] = map[string]bool{}
+		// One row per key, client and recipient hashed under the same key.
+		for i, h := range r.subjects {
+			st.ipSeen[ck].add(h)
+			w.clients = append(w.clients, ipRecipient{tenant: r.tenant, ipHash: r.clients[i], recipientHash: h})
 		}
-		w.clients[ck][rk.recipient] = true
 	}
 	win := st.windows[tenantRate(r.tenant)]
 	if now.Sub(win.start) >= time.Minute {
@@ -235,8 +257,12 @@ func (s *Service) newCode(w *writes, r *request, c *challenge, cp codeParams, no
 		return err
 	}
 	if c.isNew && c.codeCount == 1 {
-		w.add(newChallenge{tenant: r.tenant, requestID: r.req.RequestID, id: c.id, address: c.address, recipient: c.recipient,
-			purpose: r.req.Purpose, locale: r.req.Locale, sessionID: r.req.Context.SessionID, clientIP: r.req.Context.IP,
+		sealKeyID, sealed, err := s.cfg.Sealer.Seal(recipientAD(c.id), []byte(c.address))
+		if err != nil {
+			return fmt.Errorf("seal recipient: %w", err)
+		}
+		w.add(newChallenge{tenant: r.tenant, requestID: r.req.RequestID, id: c.id, sealKeyID: sealKeyID, sealed: sealed,
+			recipient: c.recipient, purpose: r.req.Purpose, locale: r.req.Locale, sessionID: r.req.Context.SessionID,
 			codeCount: c.codeCount, createdAt: now, expiresAt: expires, test: cp.test})
 	} else {
 		w.add(nextCode{id: c.id, codeCount: c.codeCount, issuedAt: now, expiresAt: expires})

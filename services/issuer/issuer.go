@@ -39,7 +39,10 @@ func Migrations() fs.FS {
 // Config is the issuer's keys and tenant policies.
 type Config struct {
 	Pepper *keys.Pepper
+	// Sealer seals the dispatch job, and a challenge's recipient at rest.
 	Sealer *keys.Sealer
+	// Subjects hashes recipients and client IPs for every key and column (OTP_SUBJECT_KEY).
+	Subjects *keys.Subjects
 	// Policies per tenant (OTP_TENANTS_FILE); nil gives every tenant the defaults.
 	Policies  *policy.Set
 	BatchSize int // requests per transaction; default 100
@@ -78,8 +81,8 @@ type Service struct {
 
 // New returns an issuer; Run starts it. The schema must be migrated.
 func New(cfg Config, pool *pgxpool.Pool, js jetstream.JetStream, log *slog.Logger, reg prometheus.Registerer) (*Service, error) {
-	if cfg.Pepper == nil || cfg.Sealer == nil {
-		return nil, errors.New("issuer: pepper and seal key are required")
+	if cfg.Pepper == nil || cfg.Sealer == nil || cfg.Subjects == nil {
+		return nil, errors.New("issuer: pepper, seal key and subject key are required")
 	}
 	cfg.setDefaults()
 	s := &Service{
@@ -117,11 +120,6 @@ func (s *Service) Run(ctx context.Context) error {
 	return g.Wait()
 }
 
-// client is the client network the per-IP limits count: events.ClientNetwork of
-// context.ip, so that spellings of one address and the addresses of one IPv6 /64 are one
-// client.
-func (r *request) client() string { return events.ClientNetwork(r.req.Context.IP) }
-
 // request is one pulled otp.requested message on its way through a batch.
 type request struct {
 	msg    *platform.Delivery
@@ -129,6 +127,11 @@ type request struct {
 	stored time.Time // when OTP_REQUESTS stored it
 	tenant string
 	req    events.Requested
+	// subjects and clients are the recipient's and the client's hashes under every
+	// subject key, active first (identify); clients is nil without context.ip. The
+	// client is counted by events.ClientNetwork: spellings of one address and the
+	// addresses of one IPv6 /64 are one client.
+	subjects, clients []string
 	// Set by the decision: reject (publish otp.rejected, terminate) or accept.
 	reject  *events.Rejected
 	outcome string

@@ -23,9 +23,13 @@ type harness struct {
 	pool   *pgxpool.Pool
 	pepper *keys.Pepper
 	sealer *keys.Sealer
-	mu     sync.Mutex
-	skew   time.Duration
-	svc    *Service
+	// subjects is the OTP_SUBJECT_KEY ring of the running issuer.
+	subjects *keys.Subjects
+	policies *policy.Set
+	stop     func()
+	mu       sync.Mutex
+	skew     time.Duration
+	svc      *Service
 }
 
 func newHarness(t *testing.T) *harness {
@@ -49,13 +53,24 @@ func newPolicyHarnessTB(t testing.TB, doc string) *harness {
 	testenv.Must(t, err, "pepper")
 	sealer, err := keys.ParseSealer(keys.Generate("s1", 32))
 	testenv.Must(t, err, "sealer")
-	h := &harness{js: js, pool: pool, pepper: pepper, sealer: sealer}
-	svc, err := New(Config{Pepper: pepper, Sealer: sealer, Policies: policies}, pool, js, testenv.Logger(io.Discard), nil)
+	h := &harness{js: js, pool: pool, pepper: pepper, sealer: sealer, policies: policies}
+	h.start(t, keys.Generate("k1", 32))
+	return h
+}
+
+// start runs an issuer with the subject key ring subjectKey, stopping the one running.
+func (h *harness) start(t testing.TB, subjectKey string) {
+	t.Helper()
+	if h.stop != nil {
+		h.stop()
+	}
+	subjects, err := keys.ParseSubjects(subjectKey)
+	testenv.Must(t, err, "subject key")
+	svc, err := New(Config{Pepper: h.pepper, Sealer: h.sealer, Subjects: subjects, Policies: h.policies}, h.pool, h.js, testenv.Logger(io.Discard), nil)
 	testenv.Must(t, err, "new issuer")
 	svc.skew = func() time.Duration { h.mu.Lock(); defer h.mu.Unlock(); return h.skew }
-	h.svc = svc
-	testenv.Start(t, svc.Run)
-	return h
+	h.svc, h.subjects = svc, subjects
+	h.stop = testenv.Start(t, svc.Run)
 }
 
 // advance moves the issuer's (database) clock forward by d.

@@ -56,9 +56,13 @@ func TestRepeatedRequestIDCannotRedirectTheChallenge(t *testing.T) {
 		t.Fatalf("%d codes issued, want the first and the victim's own resend", n)
 	}
 	var count int
-	var rcpt string
-	testenv.Must(t, h.pool.QueryRow(context.Background(), `SELECT code_count, recipient FROM issuer.challenges WHERE request_id = 'h-1'`).Scan(&count, &rcpt), "challenge")
-	if count != 2 || rcpt != "kim@example.com" {
+	var sealKeyID string
+	var sealed []byte
+	testenv.Must(t, h.pool.QueryRow(context.Background(), `SELECT code_count, recipient_seal_key_id, recipient_sealed FROM issuer.challenges
+		WHERE request_id = 'h-1'`).Scan(&count, &sealKeyID, &sealed), "challenge")
+	rcpt, err := h.sealer.Open(sealKeyID, recipientAD(first.ChallengeID), sealed)
+	testenv.Must(t, err, "open the challenge's recipient")
+	if count != 2 || string(rcpt) != "kim@example.com" {
 		t.Fatalf("challenge now has %d codes for %q", count, rcpt)
 	}
 }

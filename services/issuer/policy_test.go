@@ -140,6 +140,7 @@ func TestTwoIssuersRacingOnOneRecipient(t *testing.T) {
 	pool := testenv.Postgres(t, Schema, Migrations())
 	pepper, _ := keys.ParsePepper(keys.Generate("p1", 32))
 	sealer, _ := keys.ParseSealer(keys.Generate("s1", 32))
+	subjects, _ := keys.ParseSubjects(keys.Generate("k1", 32))
 	var mu sync.Mutex
 	var skew time.Duration
 	clock := func() time.Duration { mu.Lock(); defer mu.Unlock(); return skew }
@@ -150,7 +151,7 @@ func TestTwoIssuersRacingOnOneRecipient(t *testing.T) {
 		own, err := pgxpool.New(context.Background(), pool.Config().ConnString())
 		testenv.Must(t, err, "pool")
 		t.Cleanup(own.Close)
-		svc, err := New(Config{Pepper: pepper, Sealer: sealer, BatchSize: 5}, own, js2, testenv.Logger(io.Discard), nil)
+		svc, err := New(Config{Pepper: pepper, Sealer: sealer, Subjects: subjects, BatchSize: 5}, own, js2, testenv.Logger(io.Discard), nil)
 		testenv.Must(t, err, "issuer")
 		svc.skew = clock
 		testenv.Start(t, svc.Run)
@@ -321,7 +322,7 @@ func TestRetentionPurge(t *testing.T) {
 	if count(`SELECT count(*) FROM issuer.ip_recipients`) != 0 || count(`SELECT count(*) FROM issuer.rate_log WHERE key LIKE 'ip|%'`) != 0 {
 		t.Fatal("old rate-limit state kept")
 	}
-	if count(`SELECT count(*) FROM issuer.rate_log WHERE key LIKE 'rcpt|acme|new@%'`) != 1 {
+	if count(`SELECT count(*) FROM issuer.rate_log WHERE key = '`+rcptRate("acme", h.subjects.Subject("acme", "new@example.com"), "login")+`'`) != 1 {
 		t.Fatal("live rate-limit state purged")
 	}
 }

@@ -28,19 +28,27 @@ type store struct {
 // over (the hourly limits, recipient bursts, the ip fanout).
 const horizon = time.Hour
 
-// batchKeys names the rows one batch decides on.
+// batchKeys names the rows one batch decides on. Recipients and clients are named by
+// their hash under the active subject key, each with its hashes under every key.
 type batchKeys struct {
 	challenges map[key]bool
-	recipients map[rcptKey]bool
-	logs       map[string]bool // rate_log keys
-	windows    map[string]bool // rate_window keys
-	// clients maps each client of the batch to its tenant's ip fanout window: the
-	// recipients it asked codes for within it are read.
-	clients map[clientKey]time.Duration
+	recipients map[rcptKey][]string // every hash of the recipient, active first
+	// logs maps each rate_log key under the active hash to the keys under every hash.
+	logs    map[string][]string
+	windows map[string]bool // rate_window keys
+	// clients maps each client of the batch to its hashes and its tenant's ip fanout
+	// window: the recipients it asked codes for within it are read.
+	clients map[clientKey]clientRows
 }
 
-// clientKey names one client network of one tenant.
+// clientKey names one client network of one tenant by its active hash.
 type clientKey struct{ tenant, ip string }
+
+// clientRows is how a client's ip_recipients rows are found.
+type clientRows struct {
+	hashes []string // every hash of the client, active first
+	window time.Duration
+}
 
 // challenge is the locked state of one (tenant, request_id) inside a batch transaction.
 type challenge struct {
@@ -48,10 +56,14 @@ type challenge struct {
 	codeCount  int
 	lastCodeAt time.Time
 	status     string
-	recipient  string // canonical: what requests are compared with
-	address    string // as the challenge was created: where its codes go
+	recipient  string // subject hash: what requests are compared with; "" before the hashes
 	purpose    string
 	isNew      bool
+	// address is where the challenge's codes go, as it was created; stored only sealed
+	// (sealKeyID, sealed) and opened for a resend.
+	address   string
+	sealKeyID string
+	sealed    []byte
 }
 
 // batchState is everything the decisions of one batch read and change, loaded under row
@@ -59,11 +71,12 @@ type challenge struct {
 type batchState struct {
 	now        time.Time // the database clock once the rows are locked
 	challenges map[key]*challenge
-	logs       map[string]window.Stamps      // rate_log rows: send times per key
-	windows    map[string]*rateWindow        // rate_window rows
-	active     map[rcptKey][]activeRef       // active unexpired challenges per recipient
-	recent     map[rcptKey]window.Stamps     // creation times of recent challenges
-	ipSeen     map[clientKey]map[string]bool // recipients seen in the fanout window
+	logs       map[string]window.Stamps  // rate_log rows: send times per key, merged over its hashes
+	logKeys    map[string][]string       // the rate_log rows of each key, one per hash
+	windows    map[string]*rateWindow    // rate_window rows
+	active     map[rcptKey][]activeRef   // active unexpired challenges per recipient
+	recent     map[rcptKey]window.Stamps // creation times of recent challenges
+	ipSeen     map[clientKey]seenSet     // recipients seen in the fanout window
 }
 
 type rateWindow struct {
@@ -78,9 +91,9 @@ type activeRef struct{ id, requestID string }
 // the rate-limit rows they changed in the batch state, and the messages for the outbox.
 type writes struct {
 	rows    []rowWrite
-	logs    map[string]bool               // rate_log rows to store from the batch state
-	windows map[string]bool               // rate_window rows to store from the batch state
-	clients map[clientKey]map[string]bool // ip_recipients to stamp with the batch clock
+	logs    map[string]bool // rate_log rows to store from the batch state
+	windows map[string]bool // rate_window rows to store from the batch state
+	clients []ipRecipient   // ip_recipients to stamp with the batch clock
 	msgs    []*nats.Msg
 }
 
@@ -96,9 +109,11 @@ type supersession struct{ challengeID, by string }
 // newChallenge is a challenge row as its first code creates it.
 type newChallenge struct {
 	tenant, requestID, id string
-	address, recipient    string
+	recipient             string // the subject hash
+	sealKeyID             string // the address, sealed
+	sealed                []byte
 	purpose, locale       string
-	sessionID, clientIP   string
+	sessionID             string
 	codeCount             int
 	createdAt, expiresAt  time.Time
 	test                  bool
@@ -125,11 +140,11 @@ func (r supersession) queue(b *pgx.Batch) {
 }
 
 func (r newChallenge) queue(b *pgx.Batch) {
-	b.Queue(`INSERT INTO issuer.challenges (tenant, request_id, challenge_id, recipient, recipient_key, purpose, locale,
-			session_id, code_count, last_code_at, expires_at, created_at, test, client_ip)
-			VALUES ($1,$2,$3,$4,$5,$6,$7,$8,$9,$10,$11,$10,$12,$13)`,
-		r.tenant, r.requestID, r.id, r.address, r.recipient, r.purpose, r.locale,
-		r.sessionID, r.codeCount, r.createdAt, r.expiresAt, r.test, r.clientIP)
+	b.Queue(`INSERT INTO issuer.challenges (tenant, request_id, challenge_id, recipient_sealed, recipient_seal_key_id,
+			recipient_key, purpose, locale, session_id, code_count, last_code_at, expires_at, created_at, test)
+			VALUES ($1,$2,$3,$4,$5,$6,$7,$8,$9,$10,$11,$12,$11,$13)`,
+		r.tenant, r.requestID, r.id, r.sealed, r.sealKeyID, r.recipient, r.purpose, r.locale,
+		r.sessionID, r.codeCount, r.createdAt, r.expiresAt, r.test)
 }
 
 func (r nextCode) queue(b *pgx.Batch) {
@@ -159,7 +174,7 @@ func (st *store) issueBatch(ctx context.Context, keys batchKeys, decide func(*ba
 		if err != nil {
 			return err
 		}
-		w := &writes{logs: map[string]bool{}, windows: map[string]bool{}, clients: map[clientKey]map[string]bool{}}
+		w := &writes{logs: map[string]bool{}, windows: map[string]bool{}}
 		if err := decide(bs, w); err != nil {
 			return err
 		}
@@ -189,8 +204,9 @@ func (st *store) clock(ctx context.Context, tx pgx.Tx) (time.Time, error) {
 // sorted order, reads the rest of what the rules need (windows as of start), and then
 // the database clock.
 func (st *store) lock(ctx context.Context, tx pgx.Tx, keys batchKeys, start time.Time) (*batchState, error) {
-	bs := &batchState{challenges: map[key]*challenge{}, logs: map[string]window.Stamps{}, windows: map[string]*rateWindow{},
-		active: map[rcptKey][]activeRef{}, recent: map[rcptKey]window.Stamps{}, ipSeen: map[clientKey]map[string]bool{}}
+	bs := &batchState{challenges: map[key]*challenge{}, logs: map[string]window.Stamps{}, logKeys: keys.logs,
+		windows: map[string]*rateWindow{}, active: map[rcptKey][]activeRef{}, recent: map[rcptKey]window.Stamps{},
+		ipSeen: map[clientKey]seenSet{}}
 	ks := make([]key, 0, len(keys.challenges))
 	for k := range keys.challenges {
 		bs.challenges[k] = nil
@@ -208,23 +224,35 @@ func (st *store) lock(ctx context.Context, tx pgx.Tx, keys batchKeys, start time
 	for _, k := range ks {
 		tenants, requestIDs = append(tenants, k.tenant), append(requestIDs, k.requestID)
 	}
-	sortedLogs, sortedWins := sortedKeys(keys.logs), sortedKeys(keys.windows)
-	var rt, rr, rp []string
-	for rk := range keys.recipients {
-		rt, rr, rp = append(rt, rk.tenant), append(rr, rk.recipient), append(rp, rk.purpose)
+	// Every hash of a key is read and locked; rows are found back by their active hash.
+	logOf := map[string]string{}
+	for k, all := range keys.logs {
+		for _, p := range all {
+			logOf[p] = k
+		}
 	}
-	var it, ii []string
-	for c := range keys.clients {
-		it, ii = append(it, c.tenant), append(ii, c.ip)
+	sortedLogs, sortedWins := sortedKeys(logOf), sortedKeys(keys.windows)
+	var rt, rr, rp, ra []string
+	for rk, hashes := range keys.recipients {
+		for _, h := range hashes {
+			rt, rr, rp, ra = append(rt, rk.tenant), append(rr, h), append(rp, rk.purpose), append(ra, rk.recipient)
+		}
+	}
+	var it, ii, ia []string
+	for c, rows := range keys.clients {
+		for _, h := range rows.hashes {
+			it, ii, ia = append(it, c.tenant), append(ii, h), append(ia, c.ip)
+		}
 	}
 	b := &pgx.Batch{}
-	b.Queue(`SELECT c.tenant, c.request_id, c.challenge_id::text, c.code_count, c.last_code_at, c.status, c.recipient_key, c.recipient, c.purpose
+	b.Queue(`SELECT c.tenant, c.request_id, c.challenge_id::text, c.code_count, c.last_code_at, c.status, c.recipient_key,
+			c.recipient_seal_key_id, c.recipient_sealed, c.purpose
 		FROM issuer.challenges c JOIN unnest($1::text[], $2::text[]) AS k(tenant, request_id) USING (tenant, request_id)
 		ORDER BY c.tenant, c.request_id FOR UPDATE OF c`, tenants, requestIDs).Query(func(rows pgx.Rows) error {
 		for rows.Next() {
 			var k key
 			var c challenge
-			if err := rows.Scan(&k.tenant, &k.requestID, &c.id, &c.codeCount, &c.lastCodeAt, &c.status, &c.recipient, &c.address, &c.purpose); err != nil {
+			if err := rows.Scan(&k.tenant, &k.requestID, &c.id, &c.codeCount, &c.lastCodeAt, &c.status, &c.recipient, &c.sealKeyID, &c.sealed, &c.purpose); err != nil {
 				return err
 			}
 			bs.challenges[k] = &c
@@ -239,7 +267,7 @@ func (st *store) lock(ctx context.Context, tx pgx.Tx, keys batchKeys, start time
 			if err := rows.Scan(&k, &stamps); err != nil {
 				return err
 			}
-			bs.logs[k] = stamps
+			bs.logs[logOf[k]] = mergeStamps(bs.logs[logOf[k]], stamps)
 		}
 		return rows.Err()
 	})
@@ -256,11 +284,11 @@ func (st *store) lock(ctx context.Context, tx pgx.Tx, keys batchKeys, start time
 		}
 		return rows.Err()
 	})
-	b.Queue(`SELECT c.tenant, c.recipient_key, c.purpose, c.challenge_id::text, c.request_id, c.status = 'active' AND c.expires_at > $4, c.created_at
-		FROM issuer.challenges c JOIN unnest($1::text[], $2::text[], $3::text[]) AS k(tenant, recipient_key, purpose)
+	b.Queue(`SELECT c.tenant, k.active, c.purpose, c.challenge_id::text, c.request_id, c.status = 'active' AND c.expires_at > $4, c.created_at
+		FROM issuer.challenges c JOIN unnest($1::text[], $2::text[], $3::text[], $6::text[]) AS k(tenant, recipient_key, purpose, active)
 			USING (tenant, recipient_key, purpose)
 		WHERE c.created_at > $5 OR (c.status = 'active' AND c.expires_at > $4)
-		ORDER BY c.created_at`, rt, rr, rp, start, start.Add(-horizon)).Query(func(rows pgx.Rows) error {
+		ORDER BY c.created_at`, rt, rr, rp, start, start.Add(-horizon), ra).Query(func(rows pgx.Rows) error {
 		for rows.Next() {
 			var rk rcptKey
 			var a activeRef
@@ -279,9 +307,9 @@ func (st *store) lock(ctx context.Context, tx pgx.Tx, keys batchKeys, start time
 		return rows.Err()
 	})
 	if len(it) > 0 {
-		b.Queue(`SELECT r.tenant, r.ip, r.recipient_key, r.last_at FROM issuer.ip_recipients r
-			JOIN unnest($1::text[], $2::text[]) AS k(tenant, ip) USING (tenant, ip)
-			WHERE r.last_at > $3`, it, ii, start.Add(-horizon)).Query(func(rows pgx.Rows) error {
+		b.Queue(`SELECT r.tenant, k.active, r.recipient_hash, r.last_at FROM issuer.ip_recipients r
+			JOIN unnest($1::text[], $2::text[], $4::text[]) AS k(tenant, ip_hash, active) USING (tenant, ip_hash)
+			WHERE r.last_at > $3`, it, ii, start.Add(-horizon), ia).Query(func(rows pgx.Rows) error {
 			for rows.Next() {
 				var c clientKey
 				var rcpt string
@@ -289,11 +317,11 @@ func (st *store) lock(ctx context.Context, tx pgx.Tx, keys batchKeys, start time
 				if err := rows.Scan(&c.tenant, &c.ip, &rcpt, &last); err != nil {
 					return err
 				}
-				if last.After(start.Add(-keys.clients[c])) {
+				if last.After(start.Add(-keys.clients[c].window)) {
 					if bs.ipSeen[c] == nil {
-						bs.ipSeen[c] = map[string]bool{}
+						bs.ipSeen[c] = seenSet{}
 					}
-					bs.ipSeen[c][rcpt] = true
+					bs.ipSeen[c].add(rcpt)
 				}
 			}
 			return rows.Err()
@@ -307,7 +335,7 @@ func (st *store) lock(ctx context.Context, tx pgx.Tx, keys batchKeys, start time
 	return bs, nil
 }
 
-func sortedKeys(m map[string]bool) []string {
+func sortedKeys[V any](m map[string]V) []string {
 	out := make([]string, 0, len(m))
 	for k := range m {
 		out = append(out, k)
@@ -324,17 +352,17 @@ func (st *store) writeBatch(bs *batchState, w *writes) *pgx.Batch {
 		r.queue(b)
 	}
 	for k := range w.logs {
-		b.Queue(`UPDATE issuer.rate_log SET stamps = $2 WHERE key = $1`, k, []time.Time(bs.logs[k].Trim(bs.now.Add(-horizon))))
+		// The union goes back under every hash: a replica that knows only some of the
+		// keys still reads the whole state.
+		b.Queue(`UPDATE issuer.rate_log SET stamps = $2 WHERE key = ANY($1)`, bs.logKeys[k], []time.Time(bs.logs[k].Trim(bs.now.Add(-horizon))))
 	}
 	for k := range w.windows {
 		win := bs.windows[k]
 		b.Queue(`UPDATE issuer.rate_window SET window_start = $2, count = $3 WHERE key = $1`, k, win.start, win.count)
 	}
-	for c, rcpts := range w.clients {
-		for rc := range rcpts {
-			b.Queue(`INSERT INTO issuer.ip_recipients (tenant, ip, recipient_key, last_at) VALUES ($1, $2, $3, $4)
-				ON CONFLICT (tenant, ip, recipient_key) DO UPDATE SET last_at = EXCLUDED.last_at`, c.tenant, c.ip, rc, bs.now)
-		}
+	for _, c := range w.clients {
+		b.Queue(`INSERT INTO issuer.ip_recipients (tenant, ip_hash, recipient_hash, last_at) VALUES ($1, $2, $3, $4)
+			ON CONFLICT (tenant, ip_hash, recipient_hash) DO UPDATE SET last_at = EXCLUDED.last_at`, c.tenant, c.ipHash, c.recipientHash, bs.now)
 	}
 	return b
 }

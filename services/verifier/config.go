@@ -12,6 +12,9 @@ import (
 // Config is the verifier's configuration. Zero values get the defaults named below.
 type Config struct {
 	Pepper *keys.Pepper
+	// Subjects hashes recipients and client IPs for the failure cap and the verify
+	// limits (OTP_SUBJECT_KEY).
+	Subjects *keys.Subjects
 	// Policies per tenant (OTP_TENANTS_FILE): recent codes that verify, the per-recipient
 	// failure cap, the recipient_failures risk rule.
 	Policies *policy.Set
@@ -47,6 +50,10 @@ func LoadConfig(getenv platform.Getenv, common platform.Common) (Config, error) 
 	if err != nil {
 		return Config{}, &platform.ConfigError{Var: "OTP_CODE_PEPPER", Msg: err.Error()}
 	}
+	subjects, err := keys.ParseSubjects(getenv("OTP_SUBJECT_KEY"))
+	if err != nil {
+		return Config{}, &platform.ConfigError{Var: "OTP_SUBJECT_KEY", Msg: err.Error()}
+	}
 	retention, err := platform.DurationVar(getenv, "OTP_RETENTION", platform.Retention)
 	if err != nil {
 		return Config{}, err
@@ -71,7 +78,7 @@ func LoadConfig(getenv platform.Getenv, common platform.Common) (Config, error) 
 	if err := platform.CheckPolicies(common, policies); err != nil {
 		return Config{}, err
 	}
-	return Config{Pepper: pepper, Policies: policies, Retention: retention,
+	return Config{Pepper: pepper, Subjects: subjects, Policies: policies, Retention: retention,
 		VerifyIPPerMinute: ipPerMinute, VerifyTenantPerMinute: tenantPerMinute,
 		Streams: events.StreamOptions{Replicas: common.Replicas}}, nil
 }

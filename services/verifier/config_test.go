@@ -9,7 +9,7 @@ import (
 )
 
 func TestLoadConfigVerifyLimits(t *testing.T) {
-	pepper := keys.Generate("p1", 32)
+	pepper, subjectKey := keys.Generate("p1", 32), keys.Generate("k1", 32)
 	for _, tc := range []struct {
 		name       string
 		env        map[string]string
@@ -24,8 +24,11 @@ func TestLoadConfigVerifyLimits(t *testing.T) {
 	} {
 		t.Run(tc.name, func(t *testing.T) {
 			getenv := func(k string) string {
-				if k == "OTP_CODE_PEPPER" {
+				switch k {
+				case "OTP_CODE_PEPPER":
 					return pepper
+				case "OTP_SUBJECT_KEY":
+					return subjectKey
 				}
 				return tc.env[k]
 			}

@@ -3,11 +3,10 @@ package verifier
 import (
 	"bytes"
 	"context"
+	"crypto/sha256"
 	"math"
 	"slices"
 	"time"
-
-	"github.com/otpflow/otpflow/events"
 )
 
 // limitWindow is the window of the verify limits.
@@ -22,32 +21,30 @@ type limit struct {
 }
 
 // limits are the verify limits that apply to a call for tenant from ip ("" if unknown).
-// Keys are HMACs under the active pepper: the table never holds a client IP, and a key
-// cannot be turned back into one by trying the whole address space.
+// A client is named by its subject hash (keys.Subjects.Client: the tenant's HMAC of its
+// network), so the table never holds a client IP, and a key cannot be turned back into
+// one by trying the whole address space. The IP limit applies under the client's hash
+// for every key of the ring: each call counts under each, and the fullest count decides,
+// so a key rotation does not reset it.
 func (s *Service) limits(tenant, ip string) ([]limit, error) {
 	var ls []limit
 	if n := s.cfg.VerifyTenantPerMinute; n > 0 {
-		k, err := s.limitKey("tenant", tenant, "")
-		if err != nil {
-			return nil, err
-		}
-		ls = append(ls, limit{name: "tenant_per_minute", key: k, max: n})
+		ls = append(ls, limit{name: "tenant_per_minute", key: limitKey("tenant|" + tenant), max: n})
 	}
 	if n := s.cfg.VerifyIPPerMinute; n > 0 && ip != "" {
-		k, err := s.limitKey("ip", tenant, events.ClientNetwork(ip))
-		if err != nil {
-			return nil, err
+		for _, h := range s.cfg.Subjects.ClientHashes(tenant, ip) {
+			ls = append(ls, limit{name: "ip_per_minute", key: limitKey("ip|" + tenant + "|" + h), max: n})
 		}
-		ls = append(ls, limit{name: "ip_per_minute", key: k, max: n})
 	}
 	// One order for every caller: two calls never wait on each other's rows crosswise.
 	slices.SortFunc(ls, func(a, b limit) int { return bytes.Compare(a.key, b.key) })
 	return ls, nil
 }
 
-func (s *Service) limitKey(kind, tenant, value string) ([]byte, error) {
-	// Domain-separated from the code MACs, whose first input is always a UUID.
-	return s.cfg.Pepper.MAC(s.cfg.Pepper.ActiveID(), "verify-limit/"+kind+"/"+tenant, value)
+// limitKey is the fixed-size row key of a limit named by text that holds no plaintext.
+func limitKey(name string) []byte {
+	k := sha256.Sum256([]byte("otpflow/verify-limit/v2\x00" + name))
+	return k[:]
 }
 
 // checkLimits counts one verify call against each limit that applies, in one statement

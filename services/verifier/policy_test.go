@@ -163,9 +163,11 @@ func TestReadYourWritesOnAReplicatedStream(t *testing.T) {
 	pool := testenv.Postgres(t, Schema, Migrations())
 	pepper, err := keys.ParsePepper(keys.Generate("p1", 32))
 	testenv.Must(t, err, "pepper")
+	subjects, err := keys.ParseSubjects(keys.Generate("k1", 32))
+	testenv.Must(t, err, "subject key")
 	// A generous bound: on a loaded 2-core box an R3 stream can take more than the default
 	// second to acknowledge; without the fence the verify below answers not_found at once.
-	svc, err := New(Config{Pepper: pepper, FenceWait: 10 * time.Second, Streams: events.StreamOptions{Replicas: 3}}, pool, nc, js, testenv.Logger(io.Discard), nil)
+	svc, err := New(Config{Pepper: pepper, Subjects: subjects, FenceWait: 10 * time.Second, Streams: events.StreamOptions{Replicas: 3}}, pool, nc, js, testenv.Logger(io.Discard), nil)
 	testenv.Must(t, err, "verifier")
 	svc.beforeProject = func() { time.Sleep(300 * time.Millisecond) }
 	testenv.Start(t, svc.Run)
@@ -226,12 +228,12 @@ tenants:
 		t.Fatalf("the right fixed code after the cap: %+v, want locked (recipient_failures)", r)
 	}
 	var keys []string
-	rows, err := h.pool.Query(t.Context(), `SELECT DISTINCT recipient_key FROM verifier.challenges`)
+	rows, err := h.pool.Query(t.Context(), `SELECT DISTINCT array_to_string(recipient_keys, ',') FROM verifier.challenges`)
 	testenv.Must(t, err, "recipient keys")
 	keys, err = pgx.CollectRows(rows, pgx.RowTo[string])
 	testenv.Must(t, err, "recipient keys")
-	if len(keys) != 1 || keys[0] != events.CanonicalAddress(addresses[1]) {
-		t.Fatalf("recipient keys %q, want the one canonical address", keys)
+	if want := h.subjects.Subject("acme", events.CanonicalAddress(addresses[1])); len(keys) != 1 || keys[0] != want {
+		t.Fatalf("recipient keys %q, want the one hash of the canonical address %q", keys, want)
 	}
 
 	// The attempt limit holds for a single test challenge too.

@@ -17,6 +17,9 @@ type projection struct {
 	tenant     string
 	issued     *events.Issued
 	superseded *events.Superseded
+	// recipientKeys are the recipient's subject hashes under every key of the ring,
+	// active first: an otp.issued's recipient is stored only so.
+	recipientKeys []string
 	// failureRisk is the recipient_failures risk rule for the first code of a challenge
 	// (zero: none applies).
 	failureRisk failureRisk
@@ -107,7 +110,7 @@ func (s *Service) check(m *platform.Delivery) (*projection, error) {
 		if err := checkIssued(tenant, e); err != nil {
 			return nil, err
 		}
-		p := &projection{msg: m, tenant: tenant, issued: &e}
+		p := &projection{msg: m, tenant: tenant, issued: &e, recipientKeys: s.cfg.Subjects.SubjectHashes(tenant, e.Recipient)}
 		// Risk rule recipient_failures, decided once per challenge, on its first code. Test
 		// recipients count too: a fixed code must not be cheaper to guess.
 		if rf := s.cfg.Policies.For(tenant).Risk.RecipientFailures; rf.Failures > 0 && e.CodeSeq == 1 {

@@ -159,9 +159,11 @@ func TestProjectionChecksEventsInOneBatch(t *testing.T) {
 	pool := testenv.Postgres(t, Schema, Migrations())
 	pepper, err := keys.ParsePepper(keys.Generate("p1", 32))
 	testenv.Must(t, err, "pepper")
-	svc, err := New(Config{Pepper: pepper}, pool, nc, js, testenv.Logger(io.Discard), nil)
+	subjects, err := keys.ParseSubjects(keys.Generate("k1", 32))
+	testenv.Must(t, err, "subject key")
+	svc, err := New(Config{Pepper: pepper, Subjects: subjects}, pool, nc, js, testenv.Logger(io.Discard), nil)
 	testenv.Must(t, err, "verifier")
-	h := &harness{nc: nc, js: js, pool: pool, pepper: pepper, svc: svc}
+	h := &harness{nc: nc, js: js, pool: pool, pepper: pepper, subjects: subjects, svc: svc}
 	poisonConstraint(t, h)
 
 	cfg := events.VerifierConsumer

@@ -3,6 +3,7 @@ package verifier
 import (
 	"context"
 	"errors"
+	"slices"
 	"time"
 
 	"github.com/jackc/pgx/v5"
@@ -31,11 +32,14 @@ type store struct {
 
 // challenge is a projected challenge as a verify finds it, its row locked.
 type challenge struct {
-	id, status, sessionID, recipientKey string
-	attempts, maxAttempts               int
-	test                                bool
+	id, status, sessionID string
+	// recipientKeys are the recipient's subject hashes, one per key of the ring when the
+	// challenge was projected, so the failure cap holds across a key rotation.
+	recipientKeys         []string
+	attempts, maxAttempts int
+	test                  bool
 	// failures are the recipient's failed verifications across challenges, oldest
-	// first, its row locked too: read only for an active challenge with a recipient key.
+	// first, their rows locked too: read only for an active challenge with recipient keys.
 	failures window.Stamps
 }
 
@@ -76,9 +80,9 @@ func (st *store) verify(ctx context.Context, tenant, requestID string, answerMis
 	var entries []outbox.Entry
 	err := pgx.BeginFunc(ctx, st.pool, func(tx pgx.Tx) error {
 		c := &challenge{}
-		err := tx.QueryRow(ctx, `SELECT challenge_id::text, attempts, max_attempts, status, session_id, recipient_key, test
+		err := tx.QueryRow(ctx, `SELECT challenge_id::text, attempts, max_attempts, status, session_id, recipient_keys, test
 			FROM verifier.challenges WHERE tenant = $1 AND request_id = $2 FOR UPDATE`, tenant, requestID).
-			Scan(&c.id, &c.attempts, &c.maxAttempts, &c.status, &c.sessionID, &c.recipientKey, &c.test)
+			Scan(&c.id, &c.attempts, &c.maxAttempts, &c.status, &c.sessionID, &c.recipientKeys, &c.test)
 		switch {
 		case errors.Is(err, pgx.ErrNoRows) && !answerMissing:
 			return errNotProjected
@@ -92,8 +96,8 @@ func (st *store) verify(ctx context.Context, tenant, requestID string, answerMis
 			return err
 		}
 		now = now.UTC()
-		if c != nil && c.status == statusActive && c.recipientKey != "" {
-			if c.failures, err = lockFailures(ctx, tx, tenant, c.recipientKey); err != nil {
+		if c != nil && c.status == statusActive && len(c.recipientKeys) > 0 {
+			if c.failures, err = lockFailures(ctx, tx, tenant, c.recipientKeys); err != nil {
 				return err
 			}
 		}
@@ -107,9 +111,11 @@ func (st *store) verify(ctx context.Context, tenant, requestID string, answerMis
 				return err
 			}
 		}
-		if c != nil && c.recipientKey != "" && d.failures != nil {
-			if _, err := tx.Exec(ctx, `UPDATE verifier.recipient_failures SET stamps = $3 WHERE tenant = $1 AND recipient_key = $2`,
-				tenant, c.recipientKey, []time.Time(d.failures)); err != nil {
+		if c != nil && len(c.recipientKeys) > 0 && d.failures != nil {
+			// The whole state under every hash: a verifier that knows only some of the
+			// keys still reads all of it.
+			if _, err := tx.Exec(ctx, `UPDATE verifier.recipient_failures SET stamps = $3 WHERE tenant = $1 AND recipient_key = ANY($2)`,
+				tenant, c.recipientKeys, []time.Time(d.failures)); err != nil {
 				return err
 			}
 		}
@@ -122,19 +128,29 @@ func (st *store) verify(ctx context.Context, tenant, requestID string, answerMis
 	return entries, nil
 }
 
-// lockFailures returns the failure stamps of a recipient, creating its row if needed, and
-// holds its lock: verifies for one recipient are serialised, so the failure cap is exact.
-func lockFailures(ctx context.Context, tx pgx.Tx, tenant, recipientKey string) (window.Stamps, error) {
-	if _, err := tx.Exec(ctx, `INSERT INTO verifier.recipient_failures (tenant, recipient_key) VALUES ($1, $2)
-		ON CONFLICT DO NOTHING`, tenant, recipientKey); err != nil {
+// lockFailures returns the failure stamps of a recipient, read under each of its hashes
+// and merged, creating its rows if needed, and holds their locks (in key order): verifies
+// for one recipient are serialised, so the failure cap is exact, also across a rotation.
+func lockFailures(ctx context.Context, tx pgx.Tx, tenant string, recipientKeys []string) (window.Stamps, error) {
+	ks := slices.Sorted(slices.Values(recipientKeys))
+	if _, err := tx.Exec(ctx, `INSERT INTO verifier.recipient_failures (tenant, recipient_key)
+		SELECT $1, k FROM unnest($2::text[]) AS k ORDER BY k ON CONFLICT DO NOTHING`, tenant, ks); err != nil {
 		return nil, err
 	}
-	var stamps []time.Time
-	if err := tx.QueryRow(ctx, `SELECT stamps FROM verifier.recipient_failures WHERE tenant = $1 AND recipient_key = $2 FOR UPDATE`,
-		tenant, recipientKey).Scan(&stamps); err != nil {
+	rows, err := tx.Query(ctx, `SELECT stamps FROM verifier.recipient_failures WHERE tenant = $1 AND recipient_key = ANY($2)
+		ORDER BY recipient_key FOR UPDATE`, tenant, ks)
+	if err != nil {
 		return nil, err
 	}
-	return stamps, nil
+	all, err := pgx.CollectRows(rows, pgx.RowTo[[]time.Time])
+	if err != nil {
+		return nil, err
+	}
+	var merged window.Stamps
+	for _, stamps := range all {
+		merged = mergeStamps(merged, stamps)
+	}
+	return merged, nil
 }
 
 // recentCodes returns the n newest codes of a challenge, newest first.
@@ -174,9 +190,9 @@ func (st *store) project(ctx context.Context, items []*projection) error {
 
 func queueIssued(b *pgx.Batch, p *projection) {
 	tenant, e := p.tenant, p.issued
-	b.Queue(`INSERT INTO verifier.challenges (tenant, request_id, challenge_id, max_attempts, session_id, recipient_key, test, risk)
+	b.Queue(`INSERT INTO verifier.challenges (tenant, request_id, challenge_id, max_attempts, session_id, recipient_keys, test, risk)
 		VALUES ($1, $2, $3, $4, $5, $6, $7, $8) ON CONFLICT DO NOTHING`, tenant, e.RequestID, e.ChallengeID, e.MaxAttempts,
-		e.SessionID, events.CanonicalAddress(e.Recipient), e.Test, append([]string{}, e.Risk...))
+		e.SessionID, p.recipientKeys, e.Test, append([]string{}, e.Risk...))
 	// A code joins its challenge only if the challenge is this event's own (tenant,
 	// request_id, challenge_id); otherwise nothing is written and the event is refused.
 	b.Queue(`WITH c AS (SELECT challenge_id FROM verifier.challenges WHERE challenge_id = $1 AND tenant = $7 AND request_id = $8),
@@ -194,15 +210,17 @@ func queueIssued(b *pgx.Batch, p *projection) {
 			}
 			return nil
 		})
-	// The recipient_failures risk rule, its window measured on the database clock.
+	// The recipient_failures risk rule, its window measured on the database clock. Each
+	// hash's row holds the whole state as its writer saw it: the fullest counts.
 	if rf := p.failureRisk; rf.failures > 0 {
 		b.Queue(`UPDATE verifier.challenges c SET max_attempts = LEAST(c.max_attempts, $3),
 				risk = array_append(c.risk, 'recipient_failures')
-			FROM verifier.recipient_failures f
 			WHERE c.challenge_id = $1 AND c.tenant = $5 AND c.request_id = $6
 				AND c.attempts = 0 AND NOT ('recipient_failures' = ANY (c.risk))
-				AND f.tenant = c.tenant AND f.recipient_key = c.recipient_key
-				AND (SELECT count(*) FROM unnest(f.stamps) AS s(t) WHERE s.t > now() - $2::bigint * interval '1 microsecond') >= $4`,
+				AND (SELECT coalesce(max((SELECT count(*) FROM unnest(f.stamps) AS s(t)
+						WHERE s.t > now() - $2::bigint * interval '1 microsecond')), 0)
+					FROM verifier.recipient_failures f
+					WHERE f.tenant = c.tenant AND f.recipient_key = ANY (c.recipient_keys)) >= $4`,
 			e.ChallengeID, rf.window.Microseconds(), rf.maxAttempts, rf.failures, tenant, e.RequestID)
 	}
 }

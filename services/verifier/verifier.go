@@ -65,8 +65,8 @@ type Service struct {
 
 // New returns a verifier; Run starts it. The schema must be migrated.
 func New(cfg Config, pool *pgxpool.Pool, nc *nats.Conn, js jetstream.JetStream, log *slog.Logger, reg prometheus.Registerer) (*Service, error) {
-	if cfg.Pepper == nil {
-		return nil, errors.New("verifier: pepper is required")
+	if cfg.Pepper == nil || cfg.Subjects == nil {
+		return nil, errors.New("verifier: pepper and subject key are required")
 	}
 	if cfg.Concurrency < 1 {
 		cfg.Concurrency = 64

@@ -23,8 +23,12 @@ type harness struct {
 	js     jetstream.JetStream
 	pool   *pgxpool.Pool
 	pepper *keys.Pepper
-	svc    *Service
-	clock  *clock
+	// subjects is the OTP_SUBJECT_KEY ring replicas get unless tuned otherwise.
+	subjects *keys.Subjects
+	svc      *Service
+	clock    *clock
+	// stops stops each replica, in the order started.
+	stops []func()
 }
 
 type clock struct {
@@ -54,7 +58,9 @@ func newConfigHarness(t *testing.T, doc string, beforeProject func(), tune func(
 	pool := testenv.Postgres(t, Schema, Migrations())
 	pepper, err := keys.ParsePepper(keys.Generate("p1", 32))
 	testenv.Must(t, err, "pepper")
-	h := &harness{nc: nc, js: js, pool: pool, pepper: pepper}
+	subjects, err := keys.ParseSubjects(keys.Generate("k1", 32))
+	testenv.Must(t, err, "subject key")
+	h := &harness{nc: nc, js: js, pool: pool, pepper: pepper, subjects: subjects}
 	h.svc, h.clock = h.replica(t, doc, beforeProject, tune)
 	return h
 }
@@ -65,7 +71,7 @@ func (h *harness) replica(t *testing.T, doc string, beforeProject func(), tune f
 	t.Helper()
 	policies, err := policy.Parse([]byte(doc))
 	testenv.Must(t, err, "policy")
-	cfg := Config{Pepper: h.pepper, Policies: policies}
+	cfg := Config{Pepper: h.pepper, Subjects: h.subjects, Policies: policies}
 	if tune != nil {
 		tune(&cfg)
 	}
@@ -74,7 +80,7 @@ func (h *harness) replica(t *testing.T, doc string, beforeProject func(), tune f
 	c := &clock{t: time.Now()}
 	svc.now = c.now
 	svc.beforeProject = beforeProject
-	testenv.Start(t, svc.Run)
+	h.stops = append(h.stops, testenv.Start(t, svc.Run))
 	testenv.Eventually(t, 10*time.Second, "the verify service", func() bool {
 		_, err := h.nc.Request("$SRV.PING.otp-verifier", nil, time.Second)
 		return err == nil

@@ -1,0 +1,160 @@
+package verifier
+
+import (
+	"context"
+	"encoding/hex"
+	"fmt"
+	"strings"
+	"testing"
+	"time"
+
+	"github.com/jackc/pgx/v5"
+	"github.com/jackc/pgx/v5/pgxpool"
+	"github.com/otpflow/otpflow/events"
+	"github.com/otpflow/otpflow/platform/keys"
+	"github.com/otpflow/otpflow/platform/testenv"
+)
+
+// dumpSchema returns every row of every table of schema as JSON, one line a row.
+func dumpSchema(t *testing.T, pool *pgxpool.Pool, schema string) (string, map[string]int) {
+	t.Helper()
+	ctx := context.Background()
+	rows, err := pool.Query(ctx, `SELECT table_name FROM information_schema.tables WHERE table_schema = $1 AND table_type = 'BASE TABLE'`, schema)
+	testenv.Must(t, err, "tables")
+	tables, err := pgx.CollectRows(rows, pgx.RowTo[string])
+	testenv.Must(t, err, "tables")
+	var dump strings.Builder
+	counts := map[string]int{}
+	for _, table := range tables {
+		rows, err := pool.Query(ctx, fmt.Sprintf(`SELECT row_to_json(t)::text FROM %s t`, pgx.Identifier{schema, table}.Sanitize()))
+		testenv.Must(t, err, "dump %s", table)
+		lines, err := pgx.CollectRows(rows, pgx.RowTo[string])
+		testenv.Must(t, err, "dump %s", table)
+		counts[table] = len(lines)
+		for _, l := range lines {
+			dump.WriteString(table + ": " + l + "\n")
+		}
+	}
+	return dump.String(), counts
+}
+
+// assertNoPlaintext fails if dump shows any of needles in any case, as text or as the
+// hex that JSON shows bytea in.
+func assertNoPlaintext(t *testing.T, dump string, needles ...string) {
+	t.Helper()
+	low := strings.ToLower(dump)
+	for _, n := range needles {
+		for _, form := range []string{strings.ToLower(n), hex.EncodeToString([]byte(n)), hex.EncodeToString([]byte(strings.ToLower(n)))} {
+			if i := strings.Index(low, form); i >= 0 {
+				line := low[strings.LastIndex(low[:i], "\n")+1:]
+				line, _, _ = strings.Cut(line, "\n")
+				t.Errorf("%q at rest: %s", n, line)
+			}
+		}
+	}
+}
+
+// TestNoAddressOrIPAtRestInTheVerifier: after challenges for an address (two codes, two
+// challenges), wrong guesses from an IPv4 and an IPv6 client, a verify limit reached and
+// a verification, no table of the verifier holds the address in any case or the IP.
+func TestNoAddressOrIPAtRestInTheVerifier(t *testing.T) {
+	h := newConfigHarness(t, `
+tenants:
+  acme:
+    rate_limits: {recipient_failures_per_hour: 10}
+    risk: {recipient_failures: {failures: 2, window: 1h, max_attempts: 2}}
+`, nil, func(c *Config) { c.VerifyIPPerMinute = 3; c.VerifyTenantPerMinute = 100 })
+	const ana, ip4, ip6 = "Ana.Lovelace@Example.COM", "203.0.113.77", "2001:db8:7:7::42"
+	exp := time.Now().Add(5 * time.Minute)
+	h.publishIssued(t, events.Issued{ChallengeID: ch(100), RequestID: "v1", CodeSeq: 1, Recipient: ana, SessionID: "s-1", ExpiresAt: exp}, "111111")
+	h.publishIssued(t, events.Issued{ChallengeID: ch(100), RequestID: "v1", CodeSeq: 2, Recipient: ana, SessionID: "s-1", ExpiresAt: exp, Resend: true}, "222222")
+	h.waitProjected(t, ch(100), 2)
+	for i := range 3 {
+		if r := h.verifyFrom(t, "acme", "v1", "000000", ip4); r.Status != events.StatusInvalidCode {
+			t.Fatalf("guess %d: %+v", i, r)
+		}
+	}
+	if r := h.verifyFrom(t, "acme", "v1", "000000", ip4); r.Status != events.StatusRateLimited || r.Reason != "ip_per_minute" {
+		t.Fatalf("fourth call from the IP: %+v", r)
+	}
+	h.publishIssued(t, events.Issued{ChallengeID: ch(101), RequestID: "v2", CodeSeq: 1, Recipient: strings.ToLower(ana), ExpiresAt: exp}, "333333")
+	h.waitProjected(t, ch(101), 1)
+	if r := h.verifyFrom(t, "acme", "v2", "000000", ip6); r.Status != events.StatusInvalidCode || r.AttemptsRemaining != 1 {
+		t.Fatalf("guess on the second challenge: %+v, want the risk rule's 2 attempts", r)
+	}
+	if r := h.verifyFrom(t, "acme", "v2", "333333", ip6); r.Status != events.StatusVerified {
+		t.Fatalf("right code: %+v", r)
+	}
+	testenv.Eventually(t, 10*time.Second, "the outbox published", func() bool {
+		var n int
+		return h.pool.QueryRow(context.Background(), `SELECT count(*) FROM verifier.outbox`).Scan(&n) == nil && n == 0
+	})
+
+	dump, counts := dumpSchema(t, h.pool, Schema)
+	for _, table := range []string{"challenges", "codes", "recipient_failures", "verify_limits"} {
+		if counts[table] == 0 {
+			t.Fatalf("no %s rows: the check would prove nothing\n%s", table, dump)
+		}
+	}
+	assertNoPlaintext(t, dump, ana, "lovelace", ip4, "2001:db8:7:7", "2001:0db8")
+	if !strings.Contains(dump, h.subjects.Subject("acme", ana)) {
+		t.Fatalf("the recipient is not known by its subject hash:\n%s", dump)
+	}
+}
+
+// TestFailureCapAndVerifyLimitHoldAcrossSubjectKeyRotation: failures and verify calls
+// under k1, then the verifier restarts with OTP_SUBJECT_KEY=k2:NEW,k1:OLD. The per-
+// recipient failure cap and the per-IP verify limit still count what happened under k1.
+func TestFailureCapAndVerifyLimitHoldAcrossSubjectKeyRotation(t *testing.T) {
+	const doc = `
+tenants:
+  acme:
+    rate_limits: {recipient_failures_per_hour: 4}
+    risk: {recipient_failures: {failures: 0}}
+`
+	oldKey := keys.Generate("k1", 32)
+	old, err := keys.ParseSubjects(oldKey)
+	testenv.Must(t, err, "old subject key")
+	rotated, err := keys.ParseSubjects(keys.Generate("k2", 32) + "," + oldKey)
+	testenv.Must(t, err, "rotated subject key")
+	tune := func(s *keys.Subjects) func(*Config) {
+		return func(c *Config) { c.Subjects, c.VerifyIPPerMinute = s, 4 }
+	}
+	h := newConfigHarness(t, doc, nil, tune(old))
+	const ip = "198.51.100.23"
+	exp := time.Now().Add(5 * time.Minute)
+	h.publishIssued(t, events.Issued{ChallengeID: ch(110), RequestID: "a", CodeSeq: 1, Recipient: "ana@example.com", ExpiresAt: exp}, "111111")
+	h.waitProjected(t, ch(110), 1)
+	for i := range 3 {
+		if r := h.verifyFrom(t, "acme", "a", "000000", ip); r.Status != events.StatusInvalidCode {
+			t.Fatalf("guess %d under k1: %+v", i, r)
+		}
+	}
+
+	h.stops[0]()
+	h.replica(t, doc, nil, tune(rotated))
+	h.publishIssued(t, events.Issued{ChallengeID: ch(111), RequestID: "b", CodeSeq: 1, Recipient: "ANA@example.com", ExpiresAt: exp}, "222222")
+	h.waitProjected(t, ch(111), 1)
+	if r := h.verifyFrom(t, "acme", "b", "000000", ip); r.Status != events.StatusInvalidCode || r.AttemptsRemaining != 4 {
+		t.Fatalf("fourth failure, after the rotation: %+v", r)
+	}
+	if r := h.verifyFrom(t, "acme", "b", "222222", ip); r.Status != events.StatusRateLimited || r.Reason != "ip_per_minute" {
+		t.Fatalf("fifth call from the IP, after the rotation: %+v, want rate_limited (ip_per_minute)", r)
+	}
+	if r := h.verifyFrom(t, "acme", "b", "222222", "192.0.2.200"); r.Status != events.StatusLocked || r.Reason != "recipient_failures" {
+		t.Fatalf("the right code after 4 failures across the rotation: %+v, want locked (recipient_failures)", r)
+	}
+	// The new challenge knows the recipient under both keys; both rows hold every failure.
+	var keysOf []string
+	testenv.Must(t, h.pool.QueryRow(t.Context(), `SELECT recipient_keys FROM verifier.challenges WHERE challenge_id = $1`, ch(111)).Scan(&keysOf), "keys")
+	if want := rotated.SubjectHashes("acme", "ana@example.com"); strings.Join(keysOf, ",") != strings.Join(want, ",") {
+		t.Fatalf("recipient keys %q, want %q", keysOf, want)
+	}
+	rows, err := h.pool.Query(t.Context(), `SELECT cardinality(stamps) FROM verifier.recipient_failures ORDER BY recipient_key`)
+	testenv.Must(t, err, "failure rows")
+	counts, err := pgx.CollectRows(rows, pgx.RowTo[int])
+	testenv.Must(t, err, "failure rows")
+	if len(counts) != 2 || counts[0] != 4 || counts[1] != 4 {
+		t.Fatalf("failure rows hold %v stamps, want 4 under each key", counts)
+	}
+}
