@@ -1,6 +1,7 @@
 package auditor
 
 import (
+	"bytes"
 	"context"
 	"crypto/ed25519"
 	"encoding/binary"
@@ -157,6 +158,13 @@ func (c *Chain) VerifyAnchored(ctx context.Context, pool *pgxpool.Pool, a Anchor
 			rep.LastPos, newest.Pos)
 		return rep, nil
 	}
+	if newest == nil && rep.Rows > 0 {
+		var oldest time.Time
+		if err := pool.QueryRow(ctx, `SELECT min(recorded_at) FROM audit.events`).Scan(&oldest); err == nil && time.Since(oldest) > checkpointGrace {
+			rep.Problem = fmt.Sprintf("no signed checkpoint on %s vouches for a log written more than %v ago (checkpoints deleted?)", events.StreamAudit, checkpointGrace)
+			return rep, nil
+		}
+	}
 	var upTo uint64
 	if newest != nil {
 		upTo = newest.StreamSeq
@@ -166,6 +174,10 @@ func (c *Chain) VerifyAnchored(ctx context.Context, pool *pgxpool.Pool, a Anchor
 	}
 	return rep, nil
 }
+
+// checkpointGrace is how long a log may hold rows before its first signed checkpoint
+// (the auditor signs one every 10 s by default).
+const checkpointGrace = time.Minute
 
 // newestCheckpoints reads up to n of the newest messages of OTP_AUDIT.
 func newestCheckpoints(ctx context.Context, js jetstream.JetStream, n int) ([]events.AuditCheckpoint, error) {
@@ -203,11 +215,21 @@ func newestCheckpoints(ctx context.Context, js jetstream.JetStream, n int) ([]ev
 // of upTo and the auditor consumer's acknowledged floor. A message the auditor could not
 // decode went to the DLQ instead and has no row by design.
 func (c *Chain) checkEvents(ctx context.Context, pool *pgxpool.Pool, js jetstream.JetStream, upTo uint64, rep *Report) error {
-	if cons, err := js.Consumer(ctx, events.StreamEvents, events.ConsumerAuditor); err == nil {
-		if info, err := cons.Info(ctx); err == nil && info.AckFloor.Stream > upTo {
-			upTo = info.AckFloor.Stream
-		}
+	cons, err := js.Consumer(ctx, events.StreamEvents, events.ConsumerAuditor)
+	if err != nil {
+		return fmt.Errorf("the auditor's consumer on %s: %w (deleted?)", events.StreamEvents, err)
 	}
+	info, err := cons.Info(ctx)
+	if err != nil {
+		return fmt.Errorf("the auditor's consumer on %s: %w", events.StreamEvents, err)
+	}
+	upTo = max(upTo, info.AckFloor.Stream)
+	// Every row the table holds must match its message, not only the checkpointed ones.
+	var maxSeq int64
+	if err := pool.QueryRow(ctx, `SELECT coalesce(max(stream_seq), 0) FROM audit.events`).Scan(&maxSeq); err != nil {
+		return err
+	}
+	upTo = max(upTo, uint64(maxSeq))
 	var from int64
 	if rep.PurgedTo > 0 {
 		if err := pool.QueryRow(ctx, `SELECT coalesce(min(stream_seq), 0) FROM audit.events`).Scan(&from); err != nil {
@@ -217,31 +239,49 @@ func (c *Chain) checkEvents(ctx context.Context, pool *pgxpool.Pool, js jetstrea
 	if upTo == 0 || (from > 0 && uint64(from) > upTo) {
 		return nil
 	}
-	rows, err := pool.Query(ctx, `SELECT stream_seq FROM audit.events WHERE stream_seq BETWEEN $1 AND $2 ORDER BY stream_seq`, from, int64(upTo))
+	rows, err := pool.Query(ctx, `SELECT stream_seq, subject, type, tenant, event_id, source, occurred_at, request_id, challenge_id, payload
+		FROM audit.events WHERE stream_seq BETWEEN $1 AND $2 ORDER BY stream_seq`, from, int64(upTo))
 	if err != nil {
 		return err
 	}
-	have, err := pgx.CollectRows(rows, pgx.RowTo[int64])
-	if err != nil {
+	var have []int64
+	content := map[int64][]byte{}
+	var r Row
+	var seq int64
+	if _, err := pgx.ForEachRow(rows, []any{&seq, &r.Subject, &r.Type, &r.Tenant, &r.EventID, &r.Source, &r.OccurredAt, &r.RequestID,
+		&r.ChallengeID, &r.Payload}, func() error {
+		r.StreamSeq = uint64(seq)
+		b, err := rowContent(&r)
+		if err != nil {
+			return err
+		}
+		have, content[seq] = append(have, seq), b
+		return nil
+	}); err != nil {
 		return err
 	}
 	cfg := jetstream.OrderedConsumerConfig{}
 	if from > 0 {
 		cfg.DeliverPolicy, cfg.OptStartSeq = jetstream.DeliverByStartSequencePolicy, uint64(from)
 	}
-	cons, err := js.OrderedConsumer(ctx, events.StreamEvents, cfg)
+	reader, err := js.OrderedConsumer(ctx, events.StreamEvents, cfg)
 	if err != nil {
 		return fmt.Errorf("read %s: %w", events.StreamEvents, err)
 	}
-	it, err := cons.Messages()
+	it, err := reader.Messages()
 	if err != nil {
 		return err
 	}
 	defer it.Stop()
 	i := 0
 	for {
-		m, err := it.Next(jetstream.NextMaxWait(2 * time.Second))
+		m, err := it.Next(jetstream.NextMaxWait(5 * time.Second))
 		if errors.Is(err, nats.ErrTimeout) {
+			if i < len(have) {
+				// Rows beyond the stream's end: messages that never existed.
+				rep.BrokenSeq = have[i]
+				rep.Problem = fmt.Sprintf("the table has a row for stream sequence %d, which %s does not hold (inserted)", have[i], events.StreamEvents)
+			}
 			return nil // the stream ends before upTo
 		}
 		if err != nil {
@@ -260,6 +300,15 @@ func (c *Chain) checkEvents(ctx context.Context, pool *pgxpool.Pool, js jetstrea
 		}
 		if i < len(have) && uint64(have[i]) == seq {
 			rep.Events++
+			// The row must say what the message says: a row forged in the database under
+			// a real message's sequence (and chained by a later backfill) differs here.
+			if got, err := ToRow(nil, seq, md.Timestamp, m.Subject(), m.Headers(), m.Data()); err == nil {
+				if want, err := rowContent(&got); err == nil && !bytes.Equal(want, content[int64(seq)]) {
+					rep.BrokenSeq = int64(seq)
+					rep.Problem = fmt.Sprintf("the row for stream sequence %d does not match its %s message (forged)", seq, events.StreamEvents)
+					return nil
+				}
+			}
 		} else if _, err := ToRow(nil, seq, md.Timestamp, m.Subject(), m.Headers(), m.Data()); err == nil {
 			rep.BrokenSeq = int64(seq)
 			rep.Problem = fmt.Sprintf("%s holds %s at stream sequence %d, but the table has no row for it (deleted)",

@@ -14,6 +14,7 @@ import (
 	"github.com/jackc/pgx/v5/pgxpool"
 	"github.com/nats-io/nats.go/jetstream"
 	"github.com/otpflow/otpflow/events"
+	"github.com/otpflow/otpflow/platform"
 	"github.com/otpflow/otpflow/platform/testenv"
 )
 
@@ -223,4 +224,84 @@ func TestErasureAndPurgeStillVerifyAnchored(t *testing.T) {
 	// purge still pins its row.
 	tamper(t, l.pool, `UPDATE audit.events SET tenant = 'evil' WHERE chain_pos = 20`)
 	wantBroken(t, l.verify(t), 20, "edited")
+}
+
+// TestErasedRowCannotCarryForgedPersonalData: an erased row is exempt from the personal
+// data digest, so an insider could mark a row erased and write a victim's hash into it,
+// pinning the event on them in a trail. An erased row must hold no personal data at all.
+func TestErasedRowCannotCarryForgedPersonalData(t *testing.T) {
+	l := anchored(t, 20, 0, true)
+	victim := RecipientHash(testKey, "victim@example.com")
+	tamper(t, l.pool, fmt.Sprintf(`UPDATE audit.events SET pii_salt = NULL, recipient_hash = '\x%x', recipient_masked = 'v***@example.com',
+		pii = '{"client_ip":"198.51.100.66"}' WHERE chain_pos = 5`, victim))
+	wantBroken(t, l.verify(t), 5, "forged")
+}
+
+// TestRowsRewrittenWithAStolenChainKeyDifferFromOTPEvents: an insider who also stole the
+// chain key (not the signing key) rewrites a row and rehashes every row after it. The chain
+// holds, no checkpoint covers the rows (none were signed), but each row must say what its
+// OTP_EVENTS message says.
+func TestRowsRewrittenWithAStolenChainKeyDifferFromOTPEvents(t *testing.T) {
+	l := anchored(t, 20, 0, false)
+	ctx := context.Background()
+	rows, err := l.pool.Query(ctx, `SELECT stream_seq, subject, type, tenant, event_id, source, occurred_at, request_id, challenge_id, payload,
+		recipient_hash, recipient_masked, pii, pii_salt, pii_digest, chain_pos, prev_hash FROM audit.events WHERE chain_pos >= 10 ORDER BY chain_pos`)
+	testenv.Must(t, err, "read")
+	var tail []*Row
+	for rows.Next() {
+		r := &Row{}
+		var seq int64
+		var pii map[string]string
+		testenv.Must(t, rows.Scan(&seq, &r.Subject, &r.Type, &r.Tenant, &r.EventID, &r.Source, &r.OccurredAt, &r.RequestID, &r.ChallengeID,
+			&r.Payload, &r.RecipientHash, &r.RecipientMasked, &pii, &r.PIISalt, &r.PIIDigest, &r.ChainPos, &r.PrevHash), "scan")
+		r.StreamSeq, r.PII = uint64(seq), pii
+		tail = append(tail, r)
+	}
+	testenv.Must(t, rows.Err(), "rows")
+	tail[0].Payload = []byte(`{"challenge_id":"c-9","request_id":"r-9","provider":"evil","attempts":1}`)
+	key, err := testChain.key(testChain.KeyID())
+	testenv.Must(t, err, "key")
+	var sql strings.Builder
+	prev := tail[0].PrevHash
+	for i, r := range tail {
+		h, err := rowHash(key, prev, r)
+		testenv.Must(t, err, "hash")
+		if i == 0 {
+			fmt.Fprintf(&sql, `UPDATE audit.events SET payload = '%s' WHERE chain_pos = %d; `, r.Payload, r.ChainPos)
+		}
+		fmt.Fprintf(&sql, `UPDATE audit.events SET prev_hash = '\x%x', row_hash = '\x%x' WHERE chain_pos = %d; `, prev, h, r.ChainPos)
+		prev = h
+	}
+	fmt.Fprintf(&sql, `UPDATE audit.chain_head SET hash = '\x%x'`, prev)
+	tamper(t, l.pool, sql.String())
+	if rep, err := testChain.Verify(ctx, l.pool); err != nil || !rep.OK() {
+		t.Fatalf("the table alone should look intact to a key holder: %+v %v", rep, err)
+	}
+	rep := l.verify(t)
+	if rep.OK() || rep.BrokenSeq != 10 || !strings.Contains(rep.Problem, "does not match its") {
+		t.Fatalf("report %+v, want the row of stream sequence 10 found forged", rep)
+	}
+}
+
+// TestEmptiedCheckpointStreamIsNoticed: a NATS admin deletes OTP_AUDIT (deny-delete only
+// covers single messages) and the insider cuts the tail of a log written more than a
+// minute before: with no signed checkpoint left, verify does not call the log intact. And
+// with the auditor's consumer deleted too, verify cannot vouch for OTP_EVENTS and says so.
+func TestEmptiedCheckpointStreamIsNoticed(t *testing.T) {
+	l := anchored(t, 20, 0, true)
+	ctx := context.Background()
+	testenv.Must(t, l.js.DeleteStream(ctx, events.StreamAudit), "delete OTP_AUDIT")
+	testenv.Must(t, platform.EnsureStreams(ctx, l.js, events.StreamOptions{}), "recreate it empty")
+	tamper(t, l.pool, `DELETE FROM audit.events WHERE chain_pos >= 19;
+		UPDATE audit.chain_head SET pos = 18, hash = (SELECT row_hash FROM audit.events WHERE chain_pos = 18);
+		UPDATE audit.events SET recorded_at = recorded_at - interval '1 hour'`)
+	if rep := l.verify(t); rep.OK() || !strings.Contains(rep.Problem, "no signed checkpoint") {
+		t.Fatalf("report %+v, want no checkpoint found", rep)
+	}
+
+	fresh := anchored(t, 4, 0, true)
+	testenv.Must(t, fresh.js.DeleteConsumer(ctx, events.StreamEvents, events.ConsumerAuditor), "delete the consumer")
+	if rep, err := testChain.VerifyAnchored(ctx, fresh.pool, fresh.anchors); err == nil {
+		t.Fatalf("verify vouched for a log whose auditor consumer is gone: %+v", rep)
+	}
 }

@@ -112,17 +112,23 @@ func (c *Chain) Append(ctx context.Context, pool *pgxpool.Pool, rows []*Row) (Wr
 		for i, r := range rows {
 			seqs[i] = int64(r.StreamSeq)
 		}
-		found, err := tx.Query(ctx, `SELECT stream_seq FROM audit.events WHERE stream_seq = ANY($1)`, seqs)
-		if err != nil {
-			return err
-		}
-		existing, err := pgx.CollectRows(found, pgx.RowTo[int64])
+		found, err := tx.Query(ctx, `SELECT stream_seq, chain_pos IS NOT NULL FROM audit.events WHERE stream_seq = ANY($1)`, seqs)
 		if err != nil {
 			return err
 		}
 		have := map[int64]bool{}
-		for _, s := range existing {
-			have[s] = true
+		var seq int64
+		var chained bool
+		if _, err := pgx.ForEachRow(found, []any{&seq, &chained}, func() error {
+			if !chained {
+				// Only the auditor writes rows, and always chained: an unchained row for
+				// a message it is about to write was put there by someone else.
+				return fmt.Errorf("stream sequence %d already has an unchained row: written outside the auditor", seq)
+			}
+			have[seq] = true
+			return nil
+		}); err != nil {
+			return err
 		}
 		var copyRows [][]any
 		for _, r := range rows {
@@ -261,6 +267,9 @@ func (c *Chain) verify(ctx context.Context, pool *pgxpool.Pool, want map[int64][
 		}
 		if r.PIISalt == nil {
 			rep.Erased++
+			if r.RecipientHash != nil || r.RecipientMasked != "" || r.PII != nil {
+				broken(&r, "marked erased but carries personal data (forged)")
+			}
 		} else if !bytes.Equal(piiDigest(r.PIISalt, r.RecipientHash, r.RecipientMasked, r.PII), r.PIIDigest) {
 			broken(&r, "personal data changed (edited)")
 		}
@@ -302,6 +311,17 @@ func (c *Chain) Backfill(ctx context.Context, pool *pgxpool.Pool, key []byte) (i
 		var head []byte
 		if err := tx.QueryRow(ctx, `SELECT pos, hash FROM audit.chain_head FOR UPDATE`).Scan(&pos, &head); err != nil {
 			return err
+		}
+		// Backfill is for a log written before the chain existed. Once the chain has
+		// begun, an unchained row was inserted behind the auditor's back: chaining it
+		// would launder it under the real key.
+		var chained, unchained bool
+		if err := tx.QueryRow(ctx, `SELECT EXISTS (SELECT 1 FROM audit.events WHERE chain_pos IS NOT NULL),
+			EXISTS (SELECT 1 FROM audit.events WHERE chain_pos IS NULL)`).Scan(&chained, &unchained); err != nil {
+			return err
+		}
+		if chained && unchained {
+			return errors.New("unchained rows in a chained log: inserted outside the auditor; run otpflow audit verify")
 		}
 		rows, err := tx.Query(ctx, `SELECT stream_seq, subject, type, tenant, event_id, source, occurred_at, request_id, challenge_id,
 			payload, recipient_hash, recipient_masked FROM audit.events WHERE chain_pos IS NULL ORDER BY stream_seq`)

@@ -158,7 +158,8 @@ func TestPurgeByAgeKeepsTheRestVerifiable(t *testing.T) {
 // TestBackfillChainsLegacyRows: rows written before the chain existed are chained at
 // start, and the log then verifies.
 func TestBackfillChainsLegacyRows(t *testing.T) {
-	pool := seed(t, 6)
+	// A log written before the chain existed: rows without a chain position.
+	pool := seed(t, 0)
 	tamper(t, pool, `INSERT INTO audit.events (stream_seq, subject, type, tenant, event_id, source, occurred_at, payload, recipient_hash, recipient_masked)
 		VALUES (100, 'otp.issued.acme', 'otp.issued', 'acme', 'old-1', 'otpflow/issuer', now(), '{"request_id":"old"}', '\x01', 'o***@example.com'),
 		       (101, 'otp.verified.acme', 'otp.verified', 'acme', 'old-2', 'otpflow/verifier', now(), '{"request_id":"old"}', NULL, '')`)
@@ -169,7 +170,25 @@ func TestBackfillChainsLegacyRows(t *testing.T) {
 	testenv.Must(t, err, "backfill")
 	rep, err := testChain.Verify(context.Background(), pool)
 	testenv.Must(t, err, "verify")
-	if n != 2 || !rep.OK() || rep.Rows != 8 {
+	if n != 2 || !rep.OK() || rep.Rows != 2 {
 		t.Fatalf("backfilled %d; report %+v", n, rep)
+	}
+}
+
+// TestBackfillRefusesRowsInsertedIntoAChainedLog: once the chain has begun, an unchained
+// row can only have been inserted behind the auditor's back; chaining it at the next start
+// would launder it under the real key. Backfill refuses, and so does Append when such a
+// row sits where its next message belongs.
+func TestBackfillRefusesRowsInsertedIntoAChainedLog(t *testing.T) {
+	pool := seed(t, 6)
+	tamper(t, pool, `INSERT INTO audit.events (stream_seq, subject, type, tenant, event_id, source, occurred_at, payload, recipient_hash, recipient_masked)
+		VALUES (100, 'otp.verified.acme', 'otp.verified', 'acme', 'evil-1', 'evil', now(), '{"request_id":"victim"}', NULL, '')`)
+	if _, err := testChain.Backfill(context.Background(), pool, testKey); err == nil {
+		t.Fatal("backfill chained a row inserted into a chained log")
+	}
+	r := &Row{StreamSeq: 100, Subject: "otp.verified.acme", Type: "otp.verified", Tenant: "acme", EventID: "real-100", Source: "otpflow/verifier",
+		OccurredAt: time.Now().UTC().Truncate(time.Microsecond), Payload: []byte(`{"request_id":"real"}`)}
+	if _, err := testChain.Append(context.Background(), pool, []*Row{r}); err == nil {
+		t.Fatal("append passed over a row written outside the auditor")
 	}
 }
