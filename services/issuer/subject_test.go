@@ -164,3 +164,31 @@ tenants:
 		t.Fatalf("the k1 row of ana holds %d sends, want 3", n)
 	}
 }
+
+// TestRotationCountsEachSendOnce: during a rotation a send is recorded under every key of
+// the ring, and the rows are merged when read, so each send must count once. With a cap
+// of 5, two sends before the rotation and two after leave room for a fifth; counting the
+// rows of both keys in full would refuse the fourth already.
+func TestRotationCountsEachSendOnce(t *testing.T) {
+	h := newPolicyHarness(t, `
+tenants:
+  acme:
+    rate_limits: {recipient_cooldown: 0s, recipient_per_hour: 5, ip_per_minute: 0}
+    risk: {recipient_burst: {challenges: 0}}
+`)
+	old := keys.Generate("k1", 32)
+	h.start(t, old)
+	for i := 1; i <= 2; i++ {
+		h.request(t, fmt.Sprintf(`{"request_id":"s%d","recipient":"ana@example.com","purpose":"login"}`, i))
+		h.issued(t, i)
+	}
+	h.start(t, keys.Generate("k2", 32)+","+old)
+	for i := 3; i <= 5; i++ {
+		h.request(t, fmt.Sprintf(`{"request_id":"s%d","recipient":"ana@example.com","purpose":"login"}`, i))
+		h.issued(t, i)
+	}
+	h.request(t, `{"request_id":"s6","recipient":"ana@example.com","purpose":"login"}`)
+	if r := h.rejections(t, 1)[0]; r.RequestID != "s6" || r.Limit != "recipient_per_hour" {
+		t.Fatalf("the sixth send: %+v, want refused by the hourly cap", r)
+	}
+}
