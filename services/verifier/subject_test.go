@@ -158,3 +158,45 @@ tenants:
 		t.Fatalf("failure rows hold %v stamps, want 4 under each key", counts)
 	}
 }
+
+// TestRotationCountsEachFailureOnce: failures recorded during a rotation land under every
+// key and are merged when read, so each counts once. With a cap of 6, two failures before
+// the rotation and two after leave the right code verifying; counting both keys' rows in
+// full would lock the recipient already.
+func TestRotationCountsEachFailureOnce(t *testing.T) {
+	const doc = `
+tenants:
+  acme:
+    rate_limits: {recipient_failures_per_hour: 6}
+    risk: {recipient_failures: {failures: 0}}
+`
+	oldKey := keys.Generate("k1", 32)
+	old, err := keys.ParseSubjects(oldKey)
+	testenv.Must(t, err, "old subject key")
+	rotated, err := keys.ParseSubjects(keys.Generate("k2", 32) + "," + oldKey)
+	testenv.Must(t, err, "rotated subject key")
+	tune := func(s *keys.Subjects) func(*Config) {
+		return func(c *Config) { c.Subjects, c.VerifyIPPerMinute = s, 100 }
+	}
+	h := newConfigHarness(t, doc, nil, tune(old))
+	exp := time.Now().Add(5 * time.Minute)
+	h.publishIssued(t, events.Issued{ChallengeID: ch(120), RequestID: "a", CodeSeq: 1, Recipient: "ana@example.com", ExpiresAt: exp, MaxAttempts: 10}, "111111")
+	h.waitProjected(t, ch(120), 1)
+	for i := range 2 {
+		if r := h.verifyFrom(t, "acme", "a", "000000", "198.51.100.1"); r.Status != events.StatusInvalidCode {
+			t.Fatalf("guess %d under k1: %+v", i, r)
+		}
+	}
+	h.stops[0]()
+	h.replica(t, doc, nil, tune(rotated))
+	h.publishIssued(t, events.Issued{ChallengeID: ch(121), RequestID: "b", CodeSeq: 1, Recipient: "ana@example.com", ExpiresAt: exp, MaxAttempts: 10}, "222222")
+	h.waitProjected(t, ch(121), 1)
+	for i := range 2 {
+		if r := h.verifyFrom(t, "acme", "b", "000000", "198.51.100.1"); r.Status != events.StatusInvalidCode {
+			t.Fatalf("guess %d after the rotation: %+v", i, r)
+		}
+	}
+	if r := h.verifyFrom(t, "acme", "b", "222222", "198.51.100.1"); r.Status != events.StatusVerified {
+		t.Fatalf("the right code after 4 failures of a cap of 6: %+v, want verified", r)
+	}
+}
