@@ -3,7 +3,10 @@
 // auditor's alert rules. It is pure: callers load and store the stamps themselves.
 package window
 
-import "time"
+import (
+	"slices"
+	"time"
+)
 
 // Stamps are event times in the order they were added, which callers keep in time order
 // (oldest first). A Stamps value works like a slice: Add and Trim return the new window and
@@ -42,4 +45,40 @@ func (s Stamps) KthNewest(k int) time.Time {
 		return time.Time{}
 	}
 	return s[len(s)-k]
+}
+
+// Merge is one window read from two copies of it (the rows of one state kept under two
+// keys during a key rotation): each copy holds every stamp or some of them, so a time
+// counts as often as the copy that holds it most, never the sum. The result is in time
+// order.
+func Merge(a, b Stamps) Stamps {
+	a, b = sorted(a), sorted(b)
+	out := make(Stamps, 0, max(len(a), len(b)))
+	for len(a) > 0 || len(b) > 0 {
+		var t time.Time
+		switch {
+		case len(b) == 0 || (len(a) > 0 && a[0].Before(b[0])):
+			t = a[0]
+		default:
+			t = b[0]
+		}
+		na, nb := 0, 0
+		for na < len(a) && a[na].Equal(t) {
+			na++
+		}
+		for nb < len(b) && b[nb].Equal(t) {
+			nb++
+		}
+		for range max(na, nb) {
+			out = append(out, t)
+		}
+		a, b = a[na:], b[nb:]
+	}
+	return out
+}
+
+func sorted(s Stamps) Stamps {
+	s = append(Stamps(nil), s...)
+	slices.SortFunc(s, func(x, y time.Time) int { return x.Compare(y) })
+	return s
 }

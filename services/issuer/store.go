@@ -267,7 +267,7 @@ func (st *store) lock(ctx context.Context, tx pgx.Tx, keys batchKeys, start time
 			if err := rows.Scan(&k, &stamps); err != nil {
 				return err
 			}
-			bs.logs[logOf[k]] = mergeStamps(bs.logs[logOf[k]], stamps)
+			bs.logs[logOf[k]] = window.Merge(bs.logs[logOf[k]], stamps)
 		}
 		return rows.Err()
 	})

@@ -2,11 +2,7 @@ package issuer
 
 import (
 	"errors"
-	"slices"
 	"strings"
-	"time"
-
-	"github.com/otpflow/otpflow/platform/window"
 )
 
 // A person and a client are known to the issuer only by their keyed hashes
@@ -53,42 +49,6 @@ func mapHashes(hashes []string, f func(string) string) []string {
 		out[i] = f(h)
 	}
 	return out
-}
-
-// mergeStamps merges the stamps of one state read under two hashes. Every writer
-// writes the whole state under each hash it knows, so rows agree, or one holds more (a
-// replica that knew fewer keys wrote only some): each stamp counts as often as in the row
-// that holds it most often. Stamps may repeat: the sends of one batch share its clock.
-func mergeStamps(a, b window.Stamps) window.Stamps {
-	a, b = sortedStamps(a), sortedStamps(b)
-	out := make(window.Stamps, 0, max(len(a), len(b)))
-	for len(a) > 0 || len(b) > 0 {
-		var t time.Time
-		switch {
-		case len(b) == 0 || (len(a) > 0 && a[0].Before(b[0])):
-			t = a[0]
-		default:
-			t = b[0]
-		}
-		na, nb := 0, 0
-		for na < len(a) && a[na].Equal(t) {
-			na++
-		}
-		for nb < len(b) && b[nb].Equal(t) {
-			nb++
-		}
-		for range max(na, nb) {
-			out = append(out, t)
-		}
-		a, b = a[na:], b[nb:]
-	}
-	return out
-}
-
-func sortedStamps(s window.Stamps) window.Stamps {
-	s = append(window.Stamps(nil), s...)
-	slices.SortFunc(s, func(x, y time.Time) int { return x.Compare(y) })
-	return s
 }
 
 // seenSet is the recipients one client asked codes for, per subject key id. Every hash

@@ -146,9 +146,13 @@ func lockFailures(ctx context.Context, tx pgx.Tx, tenant string, recipientKeys [
 	if err != nil {
 		return nil, err
 	}
+	// A recipient is known here only by its subject hashes (OTP_SUBJECT_KEY), one per key
+	// of the ring when its challenge was projected; the cap decides on the merge of the
+	// rows under every hash and writes the whole state back under each, so it holds across
+	// a key rotation, also while verifiers with the old and the new ring run side by side.
 	var merged window.Stamps
 	for _, stamps := range all {
-		merged = mergeStamps(merged, stamps)
+		merged = window.Merge(merged, stamps)
 	}
 	return merged, nil
 }
