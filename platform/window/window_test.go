@@ -96,17 +96,10 @@ func Example() {
 // TestMerge: two copies of one window (rows under two keys during a rotation) merge to
 // the fuller one, each time counted as often as the copy that holds it most, never twice.
 func TestMerge(t *testing.T) {
-	at := time.Date(2026, 11, 30, 10, 0, 0, 0, time.UTC)
-	s := func(secs ...int) window.Stamps {
-		var out window.Stamps
-		for _, x := range secs {
-			out = append(out, at.Add(time.Duration(x)*time.Second))
-		}
-		return out
-	}
+	s := at
 	for _, tt := range []struct {
 		name    string
-		a, b    window.Stamps
+		a, b    Stamps
 		wantLen int
 	}{
 		{"equal copies count once", s(1, 2, 3), s(1, 2, 3), 3},
@@ -115,7 +108,7 @@ func TestMerge(t *testing.T) {
 		{"unsorted input", s(3, 1), s(2), 3},
 		{"one empty", nil, s(5), 1},
 	} {
-		got := window.Merge(tt.a, tt.b)
+		got := Merge(tt.a, tt.b)
 		if len(got) != tt.wantLen {
 			t.Errorf("%s: %d stamps, want %d", tt.name, len(got), tt.wantLen)
 		}
