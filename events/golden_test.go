@@ -52,6 +52,8 @@ func goldenPayloads() map[string]any {
 		"otp.locked": events.Locked{ChallengeID: ch, Tenant: "acme", RequestID: "signup-7f3a", Attempts: 5, LockedAt: at, Test: true},
 		"otp.alert": events.Alert{Tenant: "_system", Rule: "delivery_failure_ratio", Severity: "warning",
 			Detail: "provider ses failed 15 of 20 calls within 5m0s", Value: 0.75, Threshold: 0.5, RaisedAt: at},
+		"otp.operator_action": events.OperatorAction{Action: "audit.erase", Identity: events.OperatorIdentity{User: "alice",
+			Host: "ops-1", NATSUser: "operator"}, Tenant: "_system", Detail: "4 rows", At: at},
 		"otp.audit.checkpoint": events.AuditCheckpoint{Pos: 1000, RowHash: []byte{1, 2, 3}, StreamSeq: 1042, ChainKeyID: "c1", At: at,
 			SigningKeyID: "sig1", Signature: []byte{4, 5, 6}},
 	}

@@ -265,6 +265,34 @@ type Alert struct {
 	RaisedAt  time.Time `json:"raised_at"`
 }
 
+// OperatorAction is the body of otp.operator_action.<tenant>: an operator ran a command
+// that changed state (audit.erase, audit.purge), and this is what it changed. The tenant
+// token is the tenant the action was scoped to, or "_system" for one that is not. The
+// command publishes it once, after acting, with the outcome; a command that could not
+// publish it exits non-zero saying the action was done but not audited. At-least-once
+// within the command's own retries; the id is "operator_action:<random>", one per run.
+// Detail names what changed (counts, durations), never an address or another person's
+// data.
+type OperatorAction struct {
+	// Action names the command, e.g. "audit.erase" or "audit.purge".
+	Action   string           `json:"action"`
+	Identity OperatorIdentity `json:"identity"`
+	Tenant   string           `json:"tenant"`
+	// Detail is the outcome in a few words, e.g. "3 rows".
+	Detail string    `json:"detail"`
+	At     time.Time `json:"at"`
+}
+
+// OperatorIdentity is who ran an operator command, as the command saw itself: the OS user
+// and the host it ran on (both as the operator's machine reports them, so they attest
+// nothing against someone who controls that machine), and the NATS user the server
+// authenticated when the command connected with credentials.
+type OperatorIdentity struct {
+	User     string `json:"user"`
+	Host     string `json:"host"`
+	NATSUser string `json:"nats_user,omitempty"`
+}
+
 // VerifyStatus is the outcome of a verify call. The values are part of the contract.
 type VerifyStatus string
 

@@ -29,6 +29,7 @@ var publicPayloads = map[string]any{
 	"otp.verify_failed":    events.VerifyFailed{},
 	"otp.locked":           events.Locked{},
 	"otp.alert":            events.Alert{},
+	"otp.operator_action":  events.OperatorAction{},
 	"otp.audit.checkpoint": events.AuditCheckpoint{},
 }
 

@@ -25,6 +25,7 @@ const (
 	TypeVerifyFailed    Type = "otp.verify_failed"
 	TypeLocked          Type = "otp.locked"
 	TypeAlert           Type = "otp.alert"
+	TypeOperatorAction  Type = "otp.operator_action"
 	TypeDLQ             Type = "otp.dlq"
 	// TypeVerify is the request/reply subject prefix of the verify service.
 	TypeVerify Type = "otp.verify"
@@ -34,7 +35,7 @@ const (
 // its payload in payloads.go, its case in DecodeEventOf, a golden value and a schema.
 var EventTypes = []Type{
 	TypeIssued, TypeRejected, TypeSuperseded, TypeDelivered, TypeDeliveryFailed,
-	TypeDispatchExpired, TypeVerified, TypeVerifyFailed, TypeLocked, TypeAlert,
+	TypeDispatchExpired, TypeVerified, TypeVerifyFailed, TypeLocked, TypeAlert, TypeOperatorAction,
 }
 
 // ErrUnknownType is returned by DecodeEventOf for a type this version of the contract does
@@ -68,6 +69,8 @@ func DecodeEventOf(t Type, data []byte) (any, error) {
 		return decodeAs[Locked](data)
 	case TypeAlert:
 		return decodeAs[Alert](data)
+	case TypeOperatorAction:
+		return decodeAs[OperatorAction](data)
 	}
 	return nil, fmt.Errorf("%w: %s", ErrUnknownType, t)
 }

@@ -28,6 +28,9 @@ commands:
   trail    the timeline of one request or one recipient
   erase    remove one recipient's personal data (the chain stays verifiable)
   purge    delete rows older than an age (a checkpoint keeps the rest verifiable)
+
+erase and purge publish otp.operator_action (who ran them, what changed) to OTP_EVENTS
+after acting; they exit non-zero when that fails, though the action was done.
 `
 
 // auditCommand runs "otpflow audit ..." and returns the exit code.
@@ -44,7 +47,7 @@ func auditCommand(ctx context.Context, args []string, getenv func(string) string
 	case "trail":
 		return 0, auditTrail(ctx, args[1:], getenv, stdout)
 	case "erase", "purge":
-		return 0, auditMaintain(ctx, args[0], args[1:], getenv, stdout)
+		return auditMaintain(ctx, args[0], args[1:], getenv, stdout)
 	}
 	fmt.Fprint(stderr, auditUsage)
 	return 2, fmt.Errorf("unknown audit command %q", args[0])
@@ -344,42 +347,65 @@ func auditTrail(ctx context.Context, args []string, getenv func(string) string, 
 	return nil
 }
 
-func auditMaintain(ctx context.Context, cmd string, args []string, getenv func(string) string, stdout io.Writer) error {
+// auditMaintain runs erase and purge, which change the log: it connects to NATS first
+// (no connection, nothing done), acts, then publishes otp.operator_action with the outcome.
+func auditMaintain(ctx context.Context, cmd string, args []string, getenv func(string) string, stdout io.Writer) (int, error) {
 	fs := flag.NewFlagSet("audit "+cmd, flag.ContinueOnError)
-	dir := devDirFlag(fs)
+	server, dir := serverFlags(fs)
 	db := fs.String("db", "", "PostgreSQL URL of the audit log (default OTP_DATABASE_URL)")
 	recipient := fs.String("recipient", "", "erase: the address whose personal data goes")
 	olderThan := fs.Duration("older-than", 400*24*time.Hour, "purge: rows older than this")
 	if err := fs.Parse(args); err != nil {
-		return err
+		return 2, err
 	}
 	getenv = withDevKeys(getenv, *dir)
+	if cmd == "erase" && *recipient == "" {
+		return 2, errors.New("audit erase: --recipient is required")
+	}
+	// The keys first: a command that cannot act must not connect and half-start.
+	var chain *auditor.Chain
+	var key []byte
+	var err error
+	if cmd == "purge" {
+		chain, err = chainKey(getenv)
+	} else {
+		key, err = auditKey(getenv)
+	}
+	if err != nil {
+		return 2, err
+	}
 	pool, err := openAudit(ctx, *db, getenv)
 	if err != nil {
-		return err
+		return 1, err
 	}
 	defer pool.Close()
-	if cmd == "purge" {
-		chain, err := chainKey(getenv)
-		if err != nil {
-			return err
-		}
-		n, err := chain.Purge(ctx, pool, time.Now().Add(-*olderThan))
-		if err == nil {
-			fmt.Fprintf(stdout, "purged %d rows\n", n)
-		}
-		return err
-	}
-	if *recipient == "" {
-		return errors.New("audit erase: --recipient is required")
-	}
-	key, err := auditKey(getenv)
+	nc, err := connectClient(server(getenv), getenv)
 	if err != nil {
-		return err
+		return 1, fmt.Errorf("audit %s: nothing done: %w", cmd, err)
 	}
-	n, err := auditor.Erase(ctx, pool, key, *recipient)
-	if err == nil {
-		fmt.Fprintf(stdout, "erased the personal data of %d rows\n", n)
+	defer nc.Close()
+
+	var outcome, detail string
+	if cmd == "purge" {
+		n, err := chain.Purge(ctx, pool, time.Now().Add(-*olderThan))
+		if err != nil {
+			return 1, err
+		}
+		outcome = fmt.Sprintf("purged %d rows", n)
+		detail = fmt.Sprintf("%d rows older than %v", n, *olderThan)
+	} else {
+		n, err := auditor.Erase(ctx, pool, key, *recipient)
+		if err != nil {
+			return 1, err
+		}
+		// The count only: even a keyed hash of the address would tie this event to the
+		// person whose data was just erased.
+		outcome = fmt.Sprintf("erased the personal data of %d rows", n)
+		detail = fmt.Sprintf("%d rows", n)
 	}
-	return err
+	fmt.Fprintln(stdout, outcome)
+	if err := publishOperatorAction(ctx, nc, "audit."+cmd, systemTenant, detail); err != nil {
+		return 1, notAudited("audit "+cmd, outcome, err)
+	}
+	return 0, nil
 }

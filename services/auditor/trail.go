@@ -100,6 +100,16 @@ func summarize(typ string, ev any) string {
 		return "superseded by request " + e.SupersededBy
 	case events.Rejected:
 		return fmt.Sprintf("rejected: %s %s", e.Reason, e.Detail)
+	case events.OperatorAction:
+		who := e.Identity.User + "@" + e.Identity.Host
+		if e.Identity.NATSUser != "" {
+			who += " (NATS user " + e.Identity.NATSUser + ")"
+		}
+		s := fmt.Sprintf("operator %s ran %s", who, e.Action)
+		if e.Detail != "" {
+			s += ": " + e.Detail
+		}
+		return s
 	}
 	return typ
 }
