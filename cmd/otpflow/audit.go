@@ -11,7 +11,6 @@ import (
 	"time"
 
 	"github.com/jackc/pgx/v5/pgxpool"
-	"github.com/nats-io/nats.go/jetstream"
 	"github.com/otpflow/otpflow/events"
 	"github.com/otpflow/otpflow/platform"
 	"github.com/otpflow/otpflow/platform/keys"
@@ -117,15 +116,11 @@ func auditVerify(ctx context.Context, args []string, getenv func(string) string,
 		return 2, err
 	}
 	defer pool.Close()
-	nc, err := connectClient(server(getenv), getenv)
+	nc, js, err := connectJetStream(server(getenv), getenv)
 	if err != nil {
 		return 2, err
 	}
 	defer nc.Close()
-	js, err := jetstream.New(nc)
-	if err != nil {
-		return 2, err
-	}
 	rep, err := chain.VerifyAnchored(ctx, pool, auditor.Anchors{JS: js, PublicKeys: pubs, Checkpoints: *newest})
 	if err != nil {
 		return 2, err

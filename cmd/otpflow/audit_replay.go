@@ -74,15 +74,11 @@ func auditReplay(ctx context.Context, args []string, getenv func(string) string,
 		}
 	}
 
-	nc, err := connectClient(server(getenv), getenv)
+	nc, js, err := connectJetStream(server(getenv), getenv)
 	if err != nil {
 		return err
 	}
 	defer nc.Close()
-	js, err := jetstream.New(nc)
-	if err != nil {
-		return err
-	}
 	st, err := js.Stream(ctx, events.StreamEvents)
 	if err != nil {
 		return fmt.Errorf("audit replay: %w", err)

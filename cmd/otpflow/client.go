@@ -68,6 +68,20 @@ func natsURL(flagValue string, getenv func(string) string, dir string) string {
 	return platform.DefaultNATSURL
 }
 
+// connectJetStream is connectClient with a JetStream context on the connection.
+func connectJetStream(url string, getenv func(string) string) (*nats.Conn, jetstream.JetStream, error) {
+	nc, err := connectClient(url, getenv)
+	if err != nil {
+		return nil, nil, err
+	}
+	js, err := jetstream.New(nc)
+	if err != nil {
+		nc.Close()
+		return nil, nil, err
+	}
+	return nc, js, nil
+}
+
 func connectClient(url string, getenv func(string) string) (*nats.Conn, error) {
 	c := platform.Common{NATSURL: url, NATSCreds: getenv("OTP_NATS_CREDS"), NATSTLSCA: getenv("OTP_NATS_TLS_CA"),
 		NATSTLSCert: getenv("OTP_NATS_TLS_CERT"), NATSTLSKey: getenv("OTP_NATS_TLS_KEY")}
@@ -111,15 +125,11 @@ func requestCommand(ctx context.Context, args []string, getenv func(string) stri
 	if err != nil {
 		return err
 	}
-	nc, err := connectClient(server(getenv), getenv)
+	nc, js, err := connectJetStream(server(getenv), getenv)
 	if err != nil {
 		return err
 	}
 	defer nc.Close()
-	js, err := jetstream.New(nc)
-	if err != nil {
-		return err
-	}
 	msgID := "requested:" + *tenant + ":" + *requestID
 	if *resend {
 		msgID += ":resend:" + randomHex(6)

@@ -2,57 +2,15 @@ package issuer
 
 import (
 	"context"
-	"encoding/hex"
 	"fmt"
 	"strings"
 	"testing"
 	"time"
 
-	"github.com/jackc/pgx/v5"
-	"github.com/jackc/pgx/v5/pgxpool"
 	"github.com/otpflow/otpflow/events"
 	"github.com/otpflow/otpflow/platform/keys"
 	"github.com/otpflow/otpflow/platform/testenv"
 )
-
-// dumpSchema returns every row of every table of schema as JSON, one line a row.
-func dumpSchema(t *testing.T, pool *pgxpool.Pool, schema string) (string, map[string]int) {
-	t.Helper()
-	ctx := context.Background()
-	rows, err := pool.Query(ctx, `SELECT table_name FROM information_schema.tables WHERE table_schema = $1 AND table_type = 'BASE TABLE'`, schema)
-	testenv.Must(t, err, "tables")
-	tables, err := pgx.CollectRows(rows, pgx.RowTo[string])
-	testenv.Must(t, err, "tables")
-	var dump strings.Builder
-	counts := map[string]int{}
-	for _, table := range tables {
-		rows, err := pool.Query(ctx, fmt.Sprintf(`SELECT row_to_json(t)::text FROM %s t`, pgx.Identifier{schema, table}.Sanitize()))
-		testenv.Must(t, err, "dump %s", table)
-		lines, err := pgx.CollectRows(rows, pgx.RowTo[string])
-		testenv.Must(t, err, "dump %s", table)
-		counts[table] = len(lines)
-		for _, l := range lines {
-			dump.WriteString(table + ": " + l + "\n")
-		}
-	}
-	return dump.String(), counts
-}
-
-// assertNoPlaintext fails if dump shows any of needles in any case, as text or as the
-// hex that JSON shows bytea in.
-func assertNoPlaintext(t *testing.T, dump string, needles ...string) {
-	t.Helper()
-	low := strings.ToLower(dump)
-	for _, n := range needles {
-		for _, form := range []string{strings.ToLower(n), hex.EncodeToString([]byte(n)), hex.EncodeToString([]byte(strings.ToLower(n)))} {
-			if i := strings.Index(low, form); i >= 0 {
-				line := low[strings.LastIndex(low[:i], "\n")+1:]
-				line, _, _ = strings.Cut(line, "\n")
-				t.Errorf("%q at rest: %s", n, line)
-			}
-		}
-	}
-}
 
 // TestNoAddressOrIPAtRest: after requests with an address and an IP (IPv4 and IPv6),
 // a resend, refusals by the recipient cooldown and the ip fanout, no table of the issuer
@@ -91,13 +49,13 @@ tenants:
 		return h.pool.QueryRow(context.Background(), `SELECT count(*) FROM issuer.outbox`).Scan(&n) == nil && n == 0
 	})
 
-	dump, counts := dumpSchema(t, h.pool, Schema)
+	dump, counts := testenv.DumpSchema(t, h.pool, Schema)
 	for _, table := range []string{"challenges", "codes", "rate_log", "ip_recipients"} {
 		if counts[table] == 0 {
 			t.Fatalf("no %s rows: the check would prove nothing\n%s", table, dump)
 		}
 	}
-	assertNoPlaintext(t, dump, ana, bo, "cy@example.net", "dee@example.net", "lovelace", "ziggy", ip4, "2001:db8:7:7", "2001:0db8")
+	testenv.AssertNoPlaintext(t, dump, ana, bo, "cy@example.net", "dee@example.net", "lovelace", "ziggy", ip4, "2001:db8:7:7", "2001:0db8")
 	// The keys name people by hash: the canonical address's, under the active key.
 	if !strings.Contains(dump, rcptRate("acme", h.subjects.Subject("acme", ana), "login")) ||
 		!strings.Contains(dump, ipRate("acme", h.subjects.Client("acme", ip4))) {
