@@ -72,6 +72,18 @@ func CanonicalAddress(addr string) string {
 	}, addr)
 }
 
+// MaskAddress is the masked form of an address that the audit shows: the first character
+// of the local part, three stars and the domain, "a***@example.com". Text without a local
+// part reads "***".
+func MaskAddress(addr string) string {
+	at := strings.LastIndexByte(addr, '@')
+	if at < 1 {
+		return "***"
+	}
+	_, w := utf8.DecodeRuneInString(addr)
+	return addr[:w] + "***" + addr[at:]
+}
+
 // ClientNetwork is the one form in which otpflow counts a client IP for its limits: an
 // IPv4 address (also when written IPv4-mapped, "::ffff:192.0.2.1"), or the /64 of an IPv6
 // address, since one subscriber gets a whole /64 and rotates through it freely. Every
@@ -90,6 +102,13 @@ func ClientNetwork(ip string) string {
 
 // IsUUID reports whether s is a lowercase canonical UUID, the form of every challenge id.
 func IsUUID(s string) bool { return uuidPattern.MatchString(s) }
+
+// subjectHashPattern is a subject hash (OTP_SUBJECT_KEY): a key id, a colon and 43
+// base64url characters (an HMAC-SHA256).
+var subjectHashPattern = regexp.MustCompile(`^[A-Za-z0-9_.-]{1,64}:[A-Za-z0-9_-]{43}$`)
+
+// IsSubjectHash reports whether s has the form of a subject hash, "id:base64url".
+func IsSubjectHash(s string) bool { return subjectHashPattern.MatchString(s) }
 
 // DecodeRequested strictly decodes and validates an otp.requested body: at most
 // MaxRequestedSize bytes, one JSON object, no unknown field, required fields present, no
@@ -281,6 +300,10 @@ func jsonError(err error) error {
 		name := strings.Trim(strings.TrimPrefix(err.Error(), "json: unknown field "), `"`)
 		if len(name) > 64 || !utf8.ValidString(name) || strings.ContainsFunc(name, unicode.IsControl) {
 			name = "(unprintable)"
+		} else if Reason(name, 64) != name {
+			// otp.rejected names the field on the audit stream: an app that keyed an
+			// object by address or IP must not put it there.
+			name = "(redacted)"
 		}
 		return invalid(ReasonUnknownField, name, "not part of the contract")
 	default:
@@ -319,6 +342,24 @@ func DecodeSealedDispatch(data []byte) (SealedDispatch, error) {
 	case !tenantPattern.MatchString(d.Tenant):
 		return d, invalid(ReasonInvalidTenant, "tenant", "must be 1-64 of [A-Za-z0-9_-]")
 	case d.SealKeyID == "" || len(d.Sealed) == 0:
+		return d, invalid(ReasonMissingField, "sealed", "required")
+	}
+	return d, nil
+}
+
+// DecodeSealedDeadLetter decodes the body of otp.dlq.<tenant>. It is strict: a dead
+// letter written in the clear by an earlier release is refused.
+func DecodeSealedDeadLetter(data []byte) (SealedDeadLetter, error) {
+	var d SealedDeadLetter
+	if err := decodeStrict(data, 8<<20, &d); err != nil {
+		return d, err
+	}
+	switch {
+	case d.Format != DeadLetterFormat:
+		return d, invalid(ReasonInvalidField, "format", "not a sealed dead letter (%s)", DeadLetterFormat)
+	case !tenantPattern.MatchString(d.Tenant):
+		return d, invalid(ReasonInvalidTenant, "tenant", "must be 1-64 of [A-Za-z0-9_-]")
+	case d.KeyID == "" || len(d.Sealed) == 0:
 		return d, invalid(ReasonMissingField, "sealed", "required")
 	}
 	return d, nil

@@ -23,6 +23,8 @@ func TestDecodeRequested(t *testing.T) {
 		{"trailing data", `{"request_id":"r","recipient":"a@b.co","purpose":"login"} {}`, events.ReasonMalformedJSON, ""},
 		{"too large", `{"request_id":"r","recipient":"a@b.co","purpose":"login","metadata":{"x":"` + strings.Repeat("a", 9000) + `"}}`, events.ReasonTooLarge, ""},
 		{"unknown field", `{"request_id":"r","recipient":"a@b.co","purpose":"login","admin":true}`, events.ReasonUnknownField, "admin"},
+		{"unknown field named by an address", `{"request_id":"r","recipient":"a@b.co","purpose":"login","zoe@example.com":true}`, events.ReasonUnknownField, "(redacted)"},
+		{"unknown field named by an IP", `{"request_id":"r","recipient":"a@b.co","purpose":"login","203.0.113.7":1}`, events.ReasonUnknownField, "(redacted)"},
 		{"missing request_id", `{"recipient":"a@b.co","purpose":"login"}`, events.ReasonMissingField, "request_id"},
 		{"missing recipient", `{"request_id":"r","purpose":"login"}`, events.ReasonMissingField, "recipient"},
 		{"missing purpose", `{"request_id":"r","recipient":"a@b.co"}`, events.ReasonMissingField, "purpose"},

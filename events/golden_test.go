@@ -10,6 +10,7 @@ import (
 	"os"
 	"path/filepath"
 	"reflect"
+	"slices"
 	"testing"
 	"time"
 
@@ -29,11 +30,20 @@ func goldenPayloads() map[string]any {
 		"otp.dispatch": events.SealedDispatch{Format: events.DispatchFormat, Tenant: "acme", SealKeyID: "s1", Sealed: []byte{1, 2, 3}},
 		"otp.dispatch.sealed-job": events.DispatchJob{ChallengeID: ch, Tenant: "acme", RequestID: "signup-7f3a", CodeSeq: 1, Recipient: "ana@example.com",
 			Purpose: "login", Locale: "en", IssuedAt: at, ExpiresAt: exp, Code: "493027"},
-		"otp.issued": events.Issued{ChallengeID: ch, Tenant: "acme", RequestID: "signup-7f3a", CodeSeq: 1, Recipient: "ana@example.com",
-			Purpose: "login", Locale: "en", CodeLength: 6, CodeHMAC: []byte{9, 9}, PepperKeyID: "p1", MaxAttempts: 5, SessionID: "s-1",
-			ClientIP: "203.0.113.7", IssuedAt: at, ExpiresAt: exp},
+		"otp.issued": events.Issued{ChallengeID: ch, Tenant: "acme", RequestID: "signup-7f3a", CodeSeq: 1,
+			RecipientHash: "k1:3q2-7wAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAA", RecipientMasked: "a***@example.com",
+			ClientHash: "k1:q83vEjRWeJAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAA", Purpose: "login", Locale: "en", CodeLength: 6, MaxAttempts: 5,
+			IssuedAt: at, ExpiresAt: exp},
+		"otp.challenge": events.Challenge{ChallengeID: ch, Tenant: "acme", RequestID: "signup-7f3a", CodeSeq: 1, CodeLength: 6,
+			CodeHMAC: []byte{9, 9}, PepperKeyID: "p1", MaxAttempts: 5, SessionID: "s-1",
+			RecipientHashes: []string{"k2:un-vyv7-3q2-7wAAAAAAAAAAAAAAAAAAAAAAAAAAAAA", "k1:3q2-7wAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAA"},
+			IssuedAt:        at, ExpiresAt: exp, Risk: []string{"recipient_burst"}},
+		"otp.challenge_superseded": events.Superseded{ChallengeID: ch, Tenant: "acme", RequestID: "signup-7f3a", SupersededBy: "signup-8b41",
+			SupersededAt: at},
 		"otp.rejected": events.Rejected{Tenant: "acme", RequestID: "signup-7f3a", Reason: events.ReasonHeaderInjection, Field: "recipient",
 			Detail: "contains CR or LF", RequestSeq: 42, RejectedAt: at},
+		"otp.rejected.stale": events.Rejected{Tenant: "acme", RequestID: "signup-7f3a", Reason: events.ReasonStale,
+			Detail: "waited 6m2s on OTP_REQUESTS, longer than its code's lifetime of 5m0s", RequestSeq: 43, RejectedAt: at},
 		"otp.delivered": events.Delivered{ChallengeID: ch, Tenant: "acme", RequestID: "signup-7f3a", CodeSeq: 1, Provider: "smtp",
 			ProviderMessageID: "<1@acme>", Attempts: 1, DeliveredAt: at},
 		"otp.verify_failed": events.VerifyFailed{ChallengeID: ch, Tenant: "acme", RequestID: "signup-7f3a", Status: events.StatusInvalidCode,
@@ -52,8 +62,19 @@ func goldenPayloads() map[string]any {
 		"otp.locked": events.Locked{ChallengeID: ch, Tenant: "acme", RequestID: "signup-7f3a", Attempts: 5, LockedAt: at, Test: true},
 		"otp.alert": events.Alert{Tenant: "_system", Rule: "delivery_failure_ratio", Severity: "warning",
 			Detail: "provider ses failed 15 of 20 calls within 5m0s", Value: 0.75, Threshold: 0.5, RaisedAt: at},
+		"otp.alert.subject": events.Alert{Tenant: "acme", Rule: "request_burst_ip", Severity: "warning",
+			Detail: "31 codes issued for one client network within 1m0s", Value: 31, Threshold: 30, RaisedAt: at,
+			SubjectHash: "k1:3q2-7wAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAA"},
+		"otp.dlq": events.SealedDeadLetter{Format: events.DeadLetterFormat, Tenant: "acme", KeyID: "d1", Sealed: []byte{1, 2, 3}},
+		"otp.dlq.sealed-message": events.DeadLetter{Subject: "otp.requested.acme", Header: map[string][]string{"Nats-Msg-Id": {"signup-7f3a"}},
+			Data: []byte(`{"request_id":"signup-7f3a","recipient":"ana@example.com","purpose":"login"}`)},
 		"otp.operator_action": events.OperatorAction{Action: "audit.erase", Identity: events.OperatorIdentity{User: "alice",
 			Host: "ops-1", NATSUser: "operator"}, Tenant: "_system", Detail: "4 rows", At: at},
+		"otp.erasure_requested": events.ErasureRequested{ErasureID: "5f0c8e1a-2b3d-4c5e-8f90-a1b2c3d4e5f6", Tenant: "acme",
+			RecipientHashes: []string{"k2:3q2-7wAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAA", "k1:u7u7u7u7AAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAA"},
+			Identity:        events.OperatorIdentity{User: "alice", Host: "ops-1", NATSUser: "operator"}, RequestedAt: at},
+		"otp.erased": events.Erased{ErasureID: "5f0c8e1a-2b3d-4c5e-8f90-a1b2c3d4e5f6", Tenant: "acme", Service: "issuer", Rows: 3,
+			ErasedAt: at.Add(time.Second)},
 		"otp.audit.checkpoint": events.AuditCheckpoint{Pos: 1000, RowHash: []byte{1, 2, 3}, StreamSeq: 1042, ChainKeyID: "c1", At: at,
 			SigningKeyID: "sig1", Signature: []byte{4, 5, 6}},
 	}
@@ -134,7 +155,7 @@ func TestGoldenCoversEveryWireType(t *testing.T) {
 		}
 	}
 
-	for _, typ := range events.EventTypes {
+	for _, typ := range append(slices.Clone(events.EventTypes), events.ChallengeTypes...) {
 		want, ok := golden[string(typ)]
 		if !ok {
 			t.Errorf("%s has no golden value", typ)
@@ -145,7 +166,7 @@ func TestGoldenCoversEveryWireType(t *testing.T) {
 			t.Errorf("%s: %v", typ, err)
 			continue
 		}
-		got, err := events.DecodeEventOf(typ, b)
+		got, err := decodeOf(typ, b)
 		if err != nil {
 			t.Errorf("DecodeEventOf(%s): %v", typ, err)
 			continue
@@ -156,5 +177,63 @@ func TestGoldenCoversEveryWireType(t *testing.T) {
 	}
 	if _, err := events.DecodeEventOf("otp.feedback", []byte(`{}`)); !errors.Is(err, events.ErrUnknownType) {
 		t.Errorf("an unknown type decoded: %v", err)
+	}
+}
+
+// decodeOf decodes a body of the audit stream or of the verifier's stream.
+func decodeOf(typ events.Type, b []byte) (any, error) {
+	switch typ {
+	case events.TypeChallenge:
+		var c events.Challenge
+		return c, events.DecodeEvent(b, &c)
+	case events.TypeChallengeSuperseded:
+		var s events.Superseded
+		return s, events.DecodeEvent(b, &s)
+	}
+	return events.DecodeEventOf(typ, b)
+}
+
+// TestIssuedOfEarlierReleasesDecodes: an otp.issued an earlier issuer stored, with the
+// plaintext recipient, the code HMAC and the session, still decodes into the deprecated
+// fields for one release, and is told apart from the new form.
+func TestIssuedOfEarlierReleasesDecodes(t *testing.T) {
+	b, err := os.ReadFile(filepath.Join("testdata", "otp.issued.earlier-release.json"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	v, err := events.DecodeEventOf(events.TypeIssued, b)
+	if err != nil {
+		t.Fatal(err)
+	}
+	e := v.(events.Issued)
+	if e.Recipient != "ana@example.com" || !bytes.Equal(e.CodeHMAC, []byte{9, 9}) || e.PepperKeyID != "p1" ||
+		e.SessionID != "s-1" || e.ClientIP != "203.0.113.7" || e.MaxAttempts != 5 || !e.Legacy() {
+		t.Fatalf("earlier otp.issued decoded as %+v", e)
+	}
+	g, _ := os.ReadFile(filepath.Join("testdata", "otp.issued.json"))
+	v, err = events.DecodeEventOf(events.TypeIssued, g)
+	if err != nil || v.(events.Issued).Legacy() {
+		t.Fatalf("the new otp.issued reads as legacy: %+v, %v", v, err)
+	}
+}
+
+// TestIssuedCarriesNoSecretOrPlaintext: the otp.issued the contract writes has no field
+// for the code HMAC, the session, the client IP or the address.
+func TestIssuedCarriesNoSecretOrPlaintext(t *testing.T) {
+	b, err := os.ReadFile(filepath.Join("testdata", "otp.issued.json"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	var fields map[string]json.RawMessage
+	if err := json.Unmarshal(b, &fields); err != nil {
+		t.Fatal(err)
+	}
+	for _, f := range []string{"recipient", "code_hmac", "pepper_key_id", "session_id", "client_ip"} {
+		if _, ok := fields[f]; ok {
+			t.Errorf("otp.issued writes %s", f)
+		}
+	}
+	if bytes.Contains(b, []byte("example.com")) && !bytes.Contains(b, []byte("a***@example.com")) {
+		t.Errorf("otp.issued holds an address: %s", b)
 	}
 }

@@ -1,6 +1,9 @@
 package events
 
-import "time"
+import (
+	"strconv"
+	"time"
+)
 
 // Requested is the body of otp.requested.<tenant>, published by upstream apps (any
 // language) onto OTP_REQUESTS. At-least-once: request_id is the app's idempotency key and
@@ -71,29 +74,87 @@ func DispatchAD(format, tenant, keyID string) []byte {
 	return []byte(format + "\x00" + tenant + "\x00" + keyID)
 }
 
-// Issued is the body of otp.issued.<tenant> on OTP_EVENTS: a challenge got a code. The
-// verifier projects it; it carries the code only as HMAC-SHA256(pepper, challenge_id ‖ 0 ‖
-// code) under the pepper PepperKeyID. One per (challenge, code_seq); the id is
-// "issued:<challenge>:<seq>".
+// Issued is the body of otp.issued.<tenant> on OTP_EVENTS: a challenge got a code. It is
+// what the audit keeps of issuance, so it holds no secret and no plaintext personal data:
+// the recipient only as its subject hash and a masked form, the client only as its hash;
+// no code HMAC and no session id (the verifier learns those from otp.challenge on
+// OTP_CHALLENGES). One per (challenge, code_seq); the id is "issued:<challenge>:<seq>".
+//
+// Producers stopped writing Recipient, CodeHMAC, PepperKeyID, SessionID and ClientIP in
+// this release; decoders still read them, from events stored by an earlier issuer, for
+// one release.
 type Issued struct {
-	ChallengeID string    `json:"challenge_id"`
-	Tenant      string    `json:"tenant"`
-	RequestID   string    `json:"request_id"`
-	CodeSeq     int       `json:"code_seq"`
-	Recipient   string    `json:"recipient"`
+	ChallengeID string `json:"challenge_id"`
+	Tenant      string `json:"tenant"`
+	RequestID   string `json:"request_id"`
+	CodeSeq     int    `json:"code_seq"`
+	// RecipientHash is the recipient's subject hash under the issuer's active
+	// OTP_SUBJECT_KEY key, "id:base64url" (keys.Subjects), the one identity of a person.
+	RecipientHash string `json:"recipient_hash,omitempty"`
+	// RecipientMasked shows the first character of the local part and the domain,
+	// "a***@example.com" (MaskAddress).
+	RecipientMasked string `json:"recipient_masked,omitempty"`
+	// ClientHash is the client network's hash under the same key, when the request named
+	// an IP (keys.Subjects.Client).
+	ClientHash  string    `json:"client_hash,omitempty"`
 	Purpose     string    `json:"purpose"`
 	Locale      string    `json:"locale,omitempty"`
 	CodeLength  int       `json:"code_length"`
-	CodeHMAC    []byte    `json:"code_hmac"`
-	PepperKeyID string    `json:"pepper_key_id"`
 	MaxAttempts int       `json:"max_attempts"`
-	SessionID   string    `json:"session_id,omitempty"`
-	ClientIP    string    `json:"client_ip,omitempty"`
 	Resend      bool      `json:"resend,omitempty"`
 	IssuedAt    time.Time `json:"issued_at"`
 	ExpiresAt   time.Time `json:"expires_at"`
 	// RequestedAt is when the otp.requested message was stored on OTP_REQUESTS.
 	RequestedAt time.Time `json:"requested_at,omitzero"`
+	// Test marks a test recipient of the tenant policy: a fixed code, never mailed.
+	Test bool `json:"test,omitempty"`
+	// Risk names the adaptive rules that shortened this code's lifetime or attempts.
+	Risk []string `json:"risk,omitempty"`
+
+	// Deprecated: the plaintext address, written by issuers before RecipientHash; read
+	// for one release, never written.
+	Recipient string `json:"recipient,omitempty" jsonschema:"description=Deprecated: no longer written; read for one release." jsonschema_extras:"deprecated=true"`
+	// Deprecated: the code's HMAC now travels only on OTP_CHALLENGES (Challenge); read
+	// for one release, never written.
+	CodeHMAC []byte `json:"code_hmac,omitempty" jsonschema:"description=Deprecated: no longer written; read for one release." jsonschema_extras:"deprecated=true"`
+	// Deprecated: see CodeHMAC.
+	PepperKeyID string `json:"pepper_key_id,omitempty" jsonschema:"description=Deprecated: no longer written; read for one release." jsonschema_extras:"deprecated=true"`
+	// Deprecated: the session binding now travels only on OTP_CHALLENGES; read for one
+	// release, never written.
+	SessionID string `json:"session_id,omitempty" jsonschema:"description=Deprecated: no longer written; read for one release." jsonschema_extras:"deprecated=true"`
+	// Deprecated: the plaintext client IP, replaced by ClientHash; read for one release,
+	// never written.
+	ClientIP string `json:"client_ip,omitempty" jsonschema:"description=Deprecated: no longer written; read for one release." jsonschema_extras:"deprecated=true"`
+}
+
+// Legacy reports whether e came from an issuer of an earlier release: it carries the
+// code HMAC, which the verifier of this release still projects from OTP_EVENTS.
+func (e Issued) Legacy() bool { return len(e.CodeHMAC) > 0 }
+
+// Challenge is the body of otp.challenge.<tenant> on OTP_CHALLENGES: one code of a
+// challenge, with everything the verifier needs to check it. Only the verifier reads it.
+// It carries the code only as HMAC-SHA256(pepper, challenge_id ‖ 0 ‖ code) under the
+// pepper PepperKeyID. The issuer publishes it in the same order as the challenge's
+// supersession (otp.challenge_superseded on the same stream). At-least-once; one per
+// (challenge, code_seq); the id is "challenge:<challenge>:<seq>".
+type Challenge struct {
+	ChallengeID string `json:"challenge_id"`
+	Tenant      string `json:"tenant"`
+	RequestID   string `json:"request_id"`
+	CodeSeq     int    `json:"code_seq"`
+	CodeLength  int    `json:"code_length"`
+	CodeHMAC    []byte `json:"code_hmac"`
+	PepperKeyID string `json:"pepper_key_id"`
+	MaxAttempts int    `json:"max_attempts"`
+	// SessionID binds the code to the session that asked for it: it verifies only with it.
+	SessionID string `json:"session_id,omitempty"`
+	// RecipientHashes are the recipient's subject hashes under every key of the issuer's
+	// OTP_SUBJECT_KEY ring, active first: the verifier's per-recipient failure cap finds
+	// state written under an older key.
+	RecipientHashes []string  `json:"recipient_hashes"`
+	Resend          bool      `json:"resend,omitempty"`
+	IssuedAt        time.Time `json:"issued_at"`
+	ExpiresAt       time.Time `json:"expires_at"`
 	// Test marks a test recipient of the tenant policy: a fixed code, never mailed.
 	Test bool `json:"test,omitempty"`
 	// Risk names the adaptive rules that shortened this code's lifetime or attempts.
@@ -126,6 +187,15 @@ const (
 	// ReasonChallengeMismatch refuses a repeated request_id whose recipient or purpose
 	// differs from its challenge's: a challenge's code only ever goes to its own address.
 	ReasonChallengeMismatch RejectReason = "challenge_mismatch"
+	// ReasonStale refuses a request that waited on OTP_REQUESTS longer than the lifetime
+	// its code would get (from when the stream stored it): by then the user has given
+	// up, and a code mailed now would only confuse. Nothing is mailed and no challenge
+	// is made; the event's Detail says how long it waited.
+	ReasonStale RejectReason = "stale"
+	// ReasonErased refuses a request of a person who was erased (otpflow erase) after
+	// OTP_REQUESTS stored the request: it was in flight when the erasure was asked, and
+	// the erasure wins. A request stored after the erasure is served as any other.
+	ReasonErased RejectReason = "erased"
 )
 
 // Rejected is the body of otp.rejected.<tenant> on OTP_EVENTS: a request was refused and
@@ -134,7 +204,7 @@ const (
 type Rejected struct {
 	Tenant            string       `json:"tenant"`
 	RequestID         string       `json:"request_id,omitempty"`
-	Reason            RejectReason `json:"reason"`
+	Reason            RejectReason `json:"reason" jsonschema:"enum=malformed_json,enum=too_large,enum=unknown_field,enum=missing_field,enum=invalid_field,enum=header_injection,enum=invalid_recipient,enum=invalid_tenant,enum=rate_limited,enum=challenge_closed,enum=risk,enum=policy,enum=challenge_mismatch,enum=stale,enum=erased"`
 	Field             string       `json:"field,omitempty"`
 	Detail            string       `json:"detail"`
 	RetryAfterSeconds int          `json:"retry_after_seconds,omitempty"`
@@ -146,8 +216,10 @@ type Rejected struct {
 	RejectedAt time.Time `json:"rejected_at"`
 }
 
-// Superseded is the body of otp.superseded.<tenant>: a newer request for the same
-// recipient and purpose replaced this challenge, whose codes no longer verify.
+// Superseded is the body of otp.superseded.<tenant> on OTP_EVENTS and of
+// otp.challenge_superseded.<tenant> on OTP_CHALLENGES: a newer request for the same
+// recipient and purpose replaced this challenge, whose codes no longer verify. The ids are
+// "superseded:<challenge>" and "challenge_superseded:<challenge>".
 type Superseded struct {
 	ChallengeID  string    `json:"challenge_id"`
 	Tenant       string    `json:"tenant"`
@@ -254,7 +326,10 @@ type Locked struct {
 	Test        bool      `json:"test,omitempty"`
 }
 
-// Alert is the body of otp.alert.<tenant>: an anomaly rule fired.
+// Alert is the body of otp.alert.<tenant>: an anomaly rule fired. Rules about the whole
+// deployment use the tenant "_system". Detail is for people and never names an address
+// or an IP, not even masked: the person or client network a rule counted is named only
+// by SubjectHash.
 type Alert struct {
 	Tenant    string    `json:"tenant"`
 	Rule      string    `json:"rule"`
@@ -263,6 +338,9 @@ type Alert struct {
 	Value     float64   `json:"value"`
 	Threshold float64   `json:"threshold"`
 	RaisedAt  time.Time `json:"raised_at"`
+	// SubjectHash is the subject hash (OTP_SUBJECT_KEY, "id:base64url") of the recipient
+	// or client network the rule counted, when it counted one and the raiser knows it.
+	SubjectHash string `json:"subject_hash,omitempty"`
 }
 
 // OperatorAction is the body of otp.operator_action.<tenant>: an operator ran a command
@@ -291,6 +369,38 @@ type OperatorIdentity struct {
 	User     string `json:"user"`
 	Host     string `json:"host"`
 	NATSUser string `json:"nats_user,omitempty"`
+}
+
+// ErasureRequested is the body of otp.erasure_requested.<tenant>: an operator asked that
+// one person of tenant be erased from every store (otpflow erase). It names the person
+// only by their subject hashes (OTP_SUBJECT_KEY) under every key of the ring, so rows
+// written before a key rotation are found too. The issuer, dispatcher, verifier and
+// auditor each erase what they hold of the person and answer with otp.erased; an audit
+// replay erases, from what it rebuilds, every row about the person that came before this
+// event on OTP_EVENTS. The id is "erasure:<erasure_id>".
+type ErasureRequested struct {
+	// ErasureID is a UUID, one per erasure; each otp.erased names it.
+	ErasureID       string           `json:"erasure_id"`
+	Tenant          string           `json:"tenant"`
+	RecipientHashes []string         `json:"recipient_hashes"`
+	Identity        OperatorIdentity `json:"identity"`
+	// DeletedRequests and DeletedDeadLetters count the person's messages the command
+	// deleted from OTP_REQUESTS and OTP_DLQ before it asked the services.
+	DeletedRequests    int       `json:"deleted_requests"`
+	DeletedDeadLetters int       `json:"deleted_dead_letters"`
+	RequestedAt        time.Time `json:"requested_at"`
+}
+
+// Erased is the body of otp.erased.<tenant>: Service has erased the person of erasure
+// ErasureID from its own store; Rows counts the rows it changed or deleted (0 when it
+// held nothing of them, or on a repeat). At least once; the id is
+// "erased:<service>:<erasure_id>".
+type Erased struct {
+	ErasureID string    `json:"erasure_id"`
+	Tenant    string    `json:"tenant"`
+	Service   string    `json:"service"`
+	Rows      int64     `json:"rows"`
+	ErasedAt  time.Time `json:"erased_at"`
 }
 
 // VerifyStatus is the outcome of a verify call. The values are part of the contract.
@@ -337,10 +447,56 @@ type VerifyReply struct {
 	RetryAfterSeconds int `json:"retry_after_seconds,omitempty"`
 }
 
-// DLQ headers: a dead-lettered message keeps its body and headers and gains these.
+// DLQ headers. A dead letter on otp.dlq.<tenant> carries only these headers (and
+// Nats-Msg-Id "dlq:<stream>:<seq>"); the original message — subject, headers and body —
+// travels sealed in its body (SealedDeadLetter).
 const (
-	HeaderDLQReason    = "Otp-Dlq-Reason"
-	HeaderDLQStream    = "Otp-Dlq-Stream"
-	HeaderDLQSequence  = "Otp-Dlq-Sequence"
+	// HeaderDLQReason says why the message was dead-lettered: free text, addresses and IP
+	// addresses redacted (Reason), at most 1,000 bytes.
+	HeaderDLQReason = "Otp-Dlq-Reason"
+	// HeaderDLQStream and HeaderDLQSequence are where the original was stored.
+	HeaderDLQStream   = "Otp-Dlq-Stream"
+	HeaderDLQSequence = "Otp-Dlq-Sequence"
+	// HeaderDLQDelivered is how many times the original had been delivered.
 	HeaderDLQDelivered = "Otp-Dlq-Deliveries"
+	// HeaderDLQSubject is the subject the original was published to, e.g.
+	// "otp.requested.acme": where a redrive publishes it again.
+	HeaderDLQSubject = "Otp-Dlq-Subject"
+	// HeaderRecipientHash is the subject hash (OTP_SUBJECT_KEY, "id:base64url") of the
+	// person the original message is about, under the key active when it was
+	// dead-lettered; absent when no recipient could be found in it. An erasure finds a
+	// person's dead letters by comparing it with the person's hash under every key of the
+	// ring.
+	HeaderRecipientHash = "Otp-Recipient-Hash"
 )
+
+// DeadLetterFormat names the sealed dead-letter format.
+const DeadLetterFormat = "otpflow.dlq.sealed.v1"
+
+// SealedDeadLetter is the body of otp.dlq.<tenant> on OTP_DLQ: the original message,
+// sealed whole with AES-256-GCM under the DLQ key ring (OTP_DLQ_KEY), so that the
+// addresses, IPs and sealed codes it may hold do not rest readable for the stream's 30
+// days. Only the format, the tenant and the key id stay outside; they are bound to the
+// ciphertext as associated data together with the origin and recipient hash headers
+// (DeadLetterAD), so a body moved to another entry, or an edited header, fails to open.
+type SealedDeadLetter struct {
+	Format string `json:"format"`
+	Tenant string `json:"tenant"`
+	KeyID  string `json:"dlq_key_id"`
+	// Sealed is nonce ‖ AES-256-GCM(DeadLetter as JSON).
+	Sealed []byte `json:"sealed"`
+}
+
+// DeadLetter is the original message a SealedDeadLetter holds: what a redrive publishes
+// again.
+type DeadLetter struct {
+	Subject string              `json:"subject"`
+	Header  map[string][]string `json:"header,omitempty"`
+	Data    []byte              `json:"data"`
+}
+
+// DeadLetterAD is the associated data of a sealed dead letter: its routing fields, its
+// origin and its recipient hash header ("" when absent).
+func DeadLetterAD(format, tenant, keyID, stream string, seq uint64, recipientHash string) []byte {
+	return []byte(format + "\x00" + tenant + "\x00" + keyID + "\x00" + stream + "\x00" + strconv.FormatUint(seq, 10) + "\x00" + recipientHash)
+}

@@ -1,6 +1,8 @@
 package events
 
 import (
+	"net/netip"
+	"regexp"
 	"strings"
 	"unicode"
 	"unicode/utf8"
@@ -168,11 +170,77 @@ func inDomain(r rune) bool {
 	return unicode.In(r, unicode.L, unicode.M, unicode.N, unicode.Cf) || r == utf8.RuneError
 }
 
-// Reason is free failure text made fit to leave a service: addresses redacted, then cut
-// to at most n bytes on a character boundary (so a database never sees a split UTF-8
-// sequence).
+// RedactedIP replaces every IP address RedactIPs finds.
+const RedactedIP = "<ip>"
+
+// ipRun matches runs that may hold an IP address: hex digits, colons and dots, with an
+// IPv6 zone; dottedQuad an IPv4 address within a run.
+var (
+	ipRun      = regexp.MustCompile(`[0-9A-Fa-f:.]+(?:%[0-9A-Za-z]+)?`)
+	dottedQuad = regexp.MustCompile(`[0-9]{1,3}(?:\.[0-9]{1,3}){3}`)
+)
+
+// RedactIPs returns s with every IPv4 and IPv6 address replaced by RedactedIP: a client's
+// IP is personal data, and free text (a database error quoting a value, a relay's reply
+// naming a host) must not carry one onto a long-lived stream. A port after the address
+// stays ("<ip>:25"). A run that only looks like an address (a time of day such as
+// 10:02:03, a version such as 1.2.3) stays unless it parses as one; a run inside a word
+// ("std::string") is not an address.
+func RedactIPs(s string) string {
+	if !strings.ContainsAny(s, ".:") {
+		return s
+	}
+	var b strings.Builder
+	done := 0
+	for _, sp := range ipRun.FindAllStringIndex(s, -1) {
+		start, end := sp[0], sp[1]
+		if start > 0 && isWordByte(s[start-1]) || end < len(s) && isWordByte(s[end]) {
+			continue
+		}
+		run := s[start:end]
+		var red string
+		switch trimmed := strings.TrimRight(run, ".:"); {
+		case isIP(trimmed):
+			red = RedactedIP + run[len(trimmed):]
+		case strings.Count(trimmed, ":") == 1 && isIP(trimmed[:strings.IndexByte(trimmed, ':')]):
+			// An IPv4 address and a port.
+			red = RedactedIP + run[strings.IndexByte(run, ':'):]
+		default:
+			red = dottedQuad.ReplaceAllStringFunc(run, func(q string) string {
+				if isIP(q) {
+					return RedactedIP
+				}
+				return q
+			})
+		}
+		if red != run {
+			b.WriteString(s[done:start])
+			b.WriteString(red)
+			done = end
+		}
+	}
+	if done == 0 {
+		return s
+	}
+	b.WriteString(s[done:])
+	return b.String()
+}
+
+// isIP reports whether s is an IPv4 address, or an IPv6 address written with colons.
+func isIP(s string) bool {
+	a, err := netip.ParseAddr(s)
+	return err == nil && (a.Is4() || strings.Count(s, ":") >= 2)
+}
+
+func isWordByte(c byte) bool {
+	return c == '_' || 'a' <= c && c <= 'z' || 'A' <= c && c <= 'Z' || '0' <= c && c <= '9'
+}
+
+// Reason is free failure text made fit to leave a service: addresses and IP addresses
+// redacted, then cut to at most n bytes on a character boundary (so a database never sees
+// a split UTF-8 sequence).
 func Reason(s string, n int) string {
-	s = RedactAddresses(s)
+	s = RedactIPs(RedactAddresses(s))
 	if len(s) <= n {
 		return s
 	}

@@ -154,3 +154,29 @@ func TestReason(t *testing.T) {
 		}
 	}
 }
+
+func TestRedactIPs(t *testing.T) {
+	for _, tc := range []struct{ name, in, want string }{
+		{"ipv4 with port", "dial tcp 203.0.113.7:2525: connect: connection refused", "dial tcp <ip>:2525: connect: connection refused"},
+		{"ipv4 in brackets", "550 5.7.1 Client host [198.51.100.23] blocked", "550 5.7.1 Client host [<ip>] blocked"},
+		{"ipv4 at the end of a sentence", "from 192.0.2.1.", "from <ip>."},
+		{"quoted by a database", `invalid input syntax for type inet: "203.0.113.7"`, `invalid input syntax for type inet: "<ip>"`},
+		{"ipv6", "host 2001:db8::1 and [2001:db8:0:0:0:0:0:1]:25", "host <ip> and [<ip>]:25"},
+		{"ipv6 with a zone", "fe80::1%eth0 unreachable", "<ip> unreachable"},
+		{"ipv4-mapped ipv6", "from ::ffff:192.0.2.1", "from <ip>"},
+		{"two", "1.2.3.4:25,5.6.7.8", "<ip>:25,<ip>"},
+		{"a time of day", "at 10:02:03 the relay said", "at 10:02:03 the relay said"},
+		{"a version", "go1.27.3 v1.2.3", "go1.27.3 v1.2.3"},
+		{"not an address", "999.1.1.1", "999.1.1.1"},
+		{"inside a word", "std::string", "std::string"},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			if got := events.RedactIPs(tc.in); got != tc.want {
+				t.Errorf("RedactIPs(%q) = %q, want %q", tc.in, got, tc.want)
+			}
+		})
+	}
+	if got := events.Reason("<ana@example.com> from [203.0.113.7]", 100); got != "<address> from [<ip>]" {
+		t.Errorf("Reason = %q", got)
+	}
+}

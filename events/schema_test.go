@@ -6,6 +6,7 @@ import (
 	"flag"
 	"os"
 	"path/filepath"
+	"slices"
 	"testing"
 
 	"github.com/invopop/jsonschema"
@@ -16,21 +17,26 @@ var update = flag.Bool("update", false, "rewrite schema/*.json from the Go types
 
 // publicPayloads are the payloads other programs read or write, by schema file name.
 var publicPayloads = map[string]any{
-	"otp.requested":        events.Requested{},
-	"otp.verify.request":   events.VerifyRequest{},
-	"otp.verify.reply":     events.VerifyReply{},
-	"otp.issued":           events.Issued{},
-	"otp.rejected":         events.Rejected{},
-	"otp.superseded":       events.Superseded{},
-	"otp.delivered":        events.Delivered{},
-	"otp.delivery_failed":  events.DeliveryFailed{},
-	"otp.dispatch_expired": events.DispatchExpired{},
-	"otp.verified":         events.Verified{},
-	"otp.verify_failed":    events.VerifyFailed{},
-	"otp.locked":           events.Locked{},
-	"otp.alert":            events.Alert{},
-	"otp.operator_action":  events.OperatorAction{},
-	"otp.audit.checkpoint": events.AuditCheckpoint{},
+	"otp.requested":         events.Requested{},
+	"otp.verify.request":    events.VerifyRequest{},
+	"otp.verify.reply":      events.VerifyReply{},
+	"otp.issued":            events.Issued{},
+	"otp.rejected":          events.Rejected{},
+	"otp.superseded":        events.Superseded{},
+	"otp.delivered":         events.Delivered{},
+	"otp.delivery_failed":   events.DeliveryFailed{},
+	"otp.dispatch_expired":  events.DispatchExpired{},
+	"otp.verified":          events.Verified{},
+	"otp.verify_failed":     events.VerifyFailed{},
+	"otp.locked":            events.Locked{},
+	"otp.alert":             events.Alert{},
+	"otp.operator_action":   events.OperatorAction{},
+	"otp.erasure_requested": events.ErasureRequested{},
+	"otp.erased":            events.Erased{},
+	"otp.audit.checkpoint":  events.AuditCheckpoint{},
+	// The verifier's own stream, OTP_CHALLENGES.
+	"otp.challenge":            events.Challenge{},
+	"otp.challenge_superseded": events.Superseded{},
 }
 
 func schemaOf(name string, v any) []byte {
@@ -66,7 +72,7 @@ func TestSchemasMatchTypes(t *testing.T) {
 		}
 	}
 	// Every event type of the audit stream has a schema.
-	for _, typ := range events.EventTypes {
+	for _, typ := range append(slices.Clone(events.EventTypes), events.ChallengeTypes...) {
 		if _, ok := publicPayloads[string(typ)]; !ok {
 			t.Errorf("no schema for %s", typ)
 		}

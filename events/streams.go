@@ -12,6 +12,10 @@ const (
 	StreamDispatch = "OTP_DISPATCH"
 	StreamEvents   = "OTP_EVENTS"
 	StreamDLQ      = "OTP_DLQ"
+	// StreamChallenges is the verifier's own feed: every code of every challenge (its
+	// HMAC, attempts, expiry, session) and every supersession, in one order. Kept only as
+	// long as a code can live; readable only by the verifier.
+	StreamChallenges = "OTP_CHALLENGES"
 	// StreamAudit holds the auditor's signed checkpoints of its hash chain, outside
 	// PostgreSQL, so that someone who can rewrite the audit tables cannot also rewrite
 	// what the chain was seen to hold.
@@ -53,10 +57,32 @@ const DuplicateWindow = 10 * time.Minute
 // MaxCodeTTL is the longest lifetime a code may have; OTP_DISPATCH keeps jobs at least this long.
 const MaxCodeTTL = time.Hour
 
+// OTP_REQUESTS keeps a request at most this long (OTP_REQUESTS_MAX_AGE): long enough for
+// every code lifetime, so nothing that could still be served ages out, and short, since
+// a request holds an address and an IP in the clear. The issuer refuses a request older
+// than its code's lifetime (ReasonStale) and alerts when its backlog nears the bound.
+const (
+	DefaultRequestsMaxAge = time.Hour
+	MinRequestsMaxAge     = MaxCodeTTL
+	MaxRequestsMaxAge     = 24 * time.Hour
+)
+
 // StreamOptions tune the stream configs for a deployment.
 type StreamOptions struct {
 	// Replicas is 1 on a laptop and 3 in a cluster. Zero means 1.
 	Replicas int
+	// RequestsMaxAge is how long OTP_REQUESTS keeps a request. Zero means
+	// DefaultRequestsMaxAge. Every service of a deployment must use the same value: each
+	// one updates the streams to its options at start.
+	RequestsMaxAge time.Duration
+}
+
+// RequestsAge is o.RequestsMaxAge or its default.
+func (o StreamOptions) RequestsAge() time.Duration {
+	if o.RequestsMaxAge <= 0 {
+		return DefaultRequestsMaxAge
+	}
+	return o.RequestsMaxAge
 }
 
 // StreamConfigs returns the configs of the streams of the contract.
@@ -69,16 +95,21 @@ func StreamConfigs(o StreamOptions) []jetstream.StreamConfig {
 	for _, t := range EventTypes {
 		events = append(events, t.Wildcard())
 	}
+	challenges := make([]string, 0, len(ChallengeTypes))
+	for _, t := range ChallengeTypes {
+		challenges = append(challenges, t.Wildcard())
+	}
 	return []jetstream.StreamConfig{
 		{
 			Name:        StreamRequests,
 			Description: "otp.requested events published by upstream apps",
 			Subjects:    []string{TypeRequested.Wildcard()},
 			Retention:   jetstream.LimitsPolicy,
-			MaxAge:      24 * time.Hour,
-			Duplicates:  DuplicateWindow,
-			Storage:     jetstream.FileStorage,
-			Replicas:    r,
+			MaxAge:      o.RequestsAge(),
+			// JetStream refuses a window longer than MaxAge (only a test sets one that short).
+			Duplicates: min(DuplicateWindow, o.RequestsAge()),
+			Storage:    jetstream.FileStorage,
+			Replicas:   r,
 		},
 		{
 			// A work queue: a job is deleted once a dispatcher acknowledges or terminates it.
@@ -108,8 +139,21 @@ func StreamConfigs(o StreamOptions) []jetstream.StreamConfig {
 			Replicas:    r,
 		},
 		{
+			// The code HMACs and session ids live here, not on the audit stream: kept no
+			// longer than a code can live, deletable (erasure removes a person's messages
+			// by sequence), and nothing sources or mirrors it.
+			Name:        StreamChallenges,
+			Description: "the verifier's feed: codes (HMAC only) and supersessions of challenges",
+			Subjects:    challenges,
+			Retention:   jetstream.LimitsPolicy,
+			MaxAge:      MaxCodeTTL + time.Hour,
+			Duplicates:  DuplicateWindow,
+			Storage:     jetstream.FileStorage,
+			Replicas:    r,
+		},
+		{
 			Name:        StreamDLQ,
-			Description: "messages that exhausted their deliveries or could not be decoded, with the reason",
+			Description: "messages that exhausted their deliveries or could not be decoded, sealed, with the reason",
 			Subjects:    []string{TypeDLQ.Wildcard()},
 			Retention:   jetstream.LimitsPolicy,
 			MaxAge:      30 * 24 * time.Hour,
@@ -131,6 +175,23 @@ func StreamConfigs(o StreamOptions) []jetstream.StreamConfig {
 			DenyPurge:   true,
 			Replicas:    r,
 		},
+	}
+}
+
+// ErasureConsumer is the durable consumer through which service (issuer, dispatcher,
+// verifier) learns of erasures: otp.erasure_requested on OTP_EVENTS, from the start of
+// the stream, so an erasure asked while the service was down is done when it returns. The
+// auditor reads erasures with everything else, in order.
+func ErasureConsumer(service string) jetstream.ConsumerConfig {
+	return jetstream.ConsumerConfig{
+		Durable:       service + "-erasure",
+		Description:   service + ": erase a person on otp.erasure_requested",
+		FilterSubject: TypeErasureRequested.Wildcard(),
+		AckPolicy:     jetstream.AckExplicitPolicy,
+		DeliverPolicy: jetstream.DeliverAllPolicy,
+		AckWait:       30 * time.Second,
+		MaxDeliver:    50,
+		MaxAckPending: 100,
 	}
 }
 
@@ -159,7 +220,23 @@ var (
 		MaxDeliver:    12,
 		MaxAckPending: 2000,
 	}
+	// VerifierConsumer is the verifier's projection of OTP_CHALLENGES.
 	VerifierConsumer = jetstream.ConsumerConfig{
+		Durable:        ConsumerVerifier,
+		Description:    "verifier: projection of challenges and their supersession",
+		FilterSubjects: []string{TypeChallenge.Wildcard(), TypeChallengeSuperseded.Wildcard()},
+		AckPolicy:      jetstream.AckExplicitPolicy,
+		DeliverPolicy:  jetstream.DeliverAllPolicy,
+		AckWait:        30 * time.Second,
+		MaxDeliver:     50,
+		MaxAckPending:  2000,
+	}
+	// VerifierLegacyConsumer is the verifier's consumer of earlier releases, on
+	// OTP_EVENTS, unchanged so that it resumes where it stopped: for one release it still
+	// projects the otp.issued events that carry a code HMAC (issued before the upgrade) and
+	// otp.superseded, so codes alive across the upgrade keep verifying. The next release
+	// deletes it.
+	VerifierLegacyConsumer = jetstream.ConsumerConfig{
 		Durable:        ConsumerVerifier,
 		Description:    "verifier: projection of issued and superseded challenges",
 		FilterSubjects: []string{TypeIssued.Wildcard(), TypeSuperseded.Wildcard()},

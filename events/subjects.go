@@ -26,7 +26,14 @@ const (
 	TypeLocked          Type = "otp.locked"
 	TypeAlert           Type = "otp.alert"
 	TypeOperatorAction  Type = "otp.operator_action"
-	TypeDLQ             Type = "otp.dlq"
+	// TypeErasureRequested asks every service to erase one person; TypeErased is each
+	// service's answer that it has.
+	TypeErasureRequested Type = "otp.erasure_requested"
+	TypeErased           Type = "otp.erased"
+	TypeDLQ              Type = "otp.dlq"
+	// TypeChallenge and TypeChallengeSuperseded are the verifier's feed on OTP_CHALLENGES.
+	TypeChallenge           Type = "otp.challenge"
+	TypeChallengeSuperseded Type = "otp.challenge_superseded"
 	// TypeVerify is the request/reply subject prefix of the verify service.
 	TypeVerify Type = "otp.verify"
 )
@@ -36,7 +43,13 @@ const (
 var EventTypes = []Type{
 	TypeIssued, TypeRejected, TypeSuperseded, TypeDelivered, TypeDeliveryFailed,
 	TypeDispatchExpired, TypeVerified, TypeVerifyFailed, TypeLocked, TypeAlert, TypeOperatorAction,
+	TypeErasureRequested, TypeErased,
 }
+
+// ChallengeTypes are the types stored on the OTP_CHALLENGES stream, the verifier's own:
+// Challenge for TypeChallenge, Superseded for TypeChallengeSuperseded. One stream carries
+// both, so the verifier learns of a challenge and of its supersession in one order.
+var ChallengeTypes = []Type{TypeChallenge, TypeChallengeSuperseded}
 
 // ErrUnknownType is returned by DecodeEventOf for a type this version of the contract does
 // not know, such as one a newer producer added. A consumer that must keep every event (the
@@ -71,6 +84,10 @@ func DecodeEventOf(t Type, data []byte) (any, error) {
 		return decodeAs[Alert](data)
 	case TypeOperatorAction:
 		return decodeAs[OperatorAction](data)
+	case TypeErasureRequested:
+		return decodeAs[ErasureRequested](data)
+	case TypeErased:
+		return decodeAs[Erased](data)
 	}
 	return nil, fmt.Errorf("%w: %s", ErrUnknownType, t)
 }

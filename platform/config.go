@@ -5,6 +5,8 @@ import (
 	"strconv"
 	"strings"
 	"time"
+
+	"github.com/otpflow/otpflow/events"
 )
 
 // Getenv reads one environment variable; os.Getenv in production, a map in tests.
@@ -27,6 +29,9 @@ type Common struct {
 	NATSTLSKey  string // OTP_NATS_TLS_KEY
 	// Replicas of the streams this service may create (OTP_NATS_REPLICAS, default 1).
 	Replicas int
+	// RequestsMaxAge is how long OTP_REQUESTS keeps a request (OTP_REQUESTS_MAX_AGE,
+	// default 1h, from events.MinRequestsMaxAge to events.MaxRequestsMaxAge).
+	RequestsMaxAge time.Duration
 	// DatabaseURL is OTP_DATABASE_URL; empty means the libpq environment and defaults.
 	DatabaseURL string
 	HTTPAddr    string // OTP_HTTP_ADDR; empty serves nothing
@@ -84,6 +89,12 @@ func LoadCommon(getenv Getenv) (Common, error) {
 	}
 	if c.Replicas, err = IntVar(getenv, "OTP_NATS_REPLICAS", 1, 1, 5); err != nil {
 		return c, err
+	}
+	if c.RequestsMaxAge, err = DurationVar(getenv, "OTP_REQUESTS_MAX_AGE", events.DefaultRequestsMaxAge); err != nil {
+		return c, err
+	}
+	if c.RequestsMaxAge < events.MinRequestsMaxAge || c.RequestsMaxAge > events.MaxRequestsMaxAge {
+		return c, &ConfigError{"OTP_REQUESTS_MAX_AGE", fmt.Sprintf("must be from %v (the longest code lifetime) to %v", events.MinRequestsMaxAge, events.MaxRequestsMaxAge)}
 	}
 	if c.ShutdownTimeout, err = DurationVar(getenv, "OTP_SHUTDOWN_TIMEOUT", 25*time.Second); err != nil {
 		return c, err

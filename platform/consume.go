@@ -37,9 +37,11 @@ type ConsumeConfig struct {
 	// JetStream redelivers it after its AckWait, so a hung stage or a forgotten delivery
 	// is not held for as long as the process lives.
 	MaxInProgress time.Duration
-	// JS publishes dead letters.
-	JS  jetstream.JetStream
-	Log *slog.Logger
+	// JS publishes dead letters; DeadLetters seals them. Without a DLQ key a dead letter
+	// is never written: the delivery is retried instead (ErrNoDLQKey).
+	JS          jetstream.JetStream
+	DeadLetters *DeadLetters
+	Log         *slog.Logger
 	// Reg, when set, gets the settle metrics; consumers of one process share them.
 	Reg prometheus.Registerer
 }

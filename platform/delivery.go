@@ -2,7 +2,6 @@ package platform
 
 import (
 	"context"
-	"fmt"
 	"sync"
 	"time"
 
@@ -113,8 +112,9 @@ func Retry(after time.Duration) Outcome {
 // advisory. On a work queue stream the message is deleted.
 func Terminate(reason string) Outcome { return Outcome{kind: kindTerminate, reason: reason} }
 
-// DeadLetter: copy the message to otp.dlq.<tenant> with the reason and its origin in
-// headers, then terminate it. If the copy cannot be published, the delivery is retried
+// DeadLetter: copy the message to otp.dlq.<tenant>, sealed whole under the DLQ key, with
+// the reason, its origin and its recipient's hash in headers (deadletter.go), then
+// terminate it. If the copy cannot be published, the delivery is retried
 // later instead; on its last delivery the consumer keeps it in progress and retries the
 // copy for up to MaxInProgress (counted dead_letter_failed if even that fails). An
 // invalid tenant becomes "_unknown".
@@ -149,7 +149,7 @@ func (c *Consumer) apply(d *Delivery, o Outcome) {
 		err = d.msg.TermWithReason(events.Reason(o.reason, 200))
 	case kindDeadLetter:
 		ctx, cancel := context.WithTimeout(context.Background(), PublishTimeout)
-		err = c.deadLetter(ctx, d, o.tenant, o.reason)
+		err = c.publishDeadLetter(ctx, d, o.tenant, o.reason)
 		cancel()
 		switch {
 		case err == nil:
@@ -189,7 +189,7 @@ func (c *Consumer) retryDeadLetter(d *Delivery, o Outcome) {
 	err := backoff.Retry(func() error {
 		ctx, cancel := context.WithTimeout(context.Background(), PublishTimeout)
 		defer cancel()
-		return c.deadLetter(ctx, d, o.tenant, o.reason)
+		return c.publishDeadLetter(ctx, d, o.tenant, o.reason)
 	}, b)
 	c.beats.remove(d)
 	if err != nil {
@@ -199,32 +199,6 @@ func (c *Consumer) retryDeadLetter(d *Delivery, o Outcome) {
 	}
 	_ = d.msg.TermWithReason(events.Reason(o.reason, 200))
 	c.settled.WithLabelValues(c.cfg.Name, o.String()).Inc()
-}
-
-// deadLetter publishes the copy of d to otp.dlq.<tenant>. Its id is the origin's stream
-// and sequence, so a repeated dead letter of the same message is dropped by the stream.
-func (c *Consumer) deadLetter(ctx context.Context, d *Delivery, tenant, reason string) error {
-	if !events.ValidTenant(tenant) {
-		tenant = "_unknown"
-	}
-	md := d.meta
-	dl := nats.NewMsg(events.TypeDLQ.Subject(tenant))
-	dl.Data = d.msg.Data()
-	dl.Header = nats.Header{}
-	for k, v := range d.msg.Headers() {
-		dl.Header[k] = append([]string(nil), v...)
-	}
-	id := fmt.Sprintf("dlq:%s:%d", md.Stream, md.Sequence)
-	dl.Header.Set(jetstream.MsgIDHeader, id)
-	// The reason may quote a provider or a decoder: no address leaves in it.
-	dl.Header.Set(events.HeaderDLQReason, events.Reason(reason, 1000))
-	dl.Header.Set(events.HeaderDLQStream, md.Stream)
-	dl.Header.Set(events.HeaderDLQSequence, fmt.Sprint(md.Sequence))
-	dl.Header.Set(events.HeaderDLQDelivered, fmt.Sprint(md.NumDelivered))
-	if _, err := c.cfg.JS.PublishMsg(ctx, dl); err != nil {
-		return fmt.Errorf("dead-letter %s: %w", id, err)
-	}
-	return nil
 }
 
 // heartbeats keeps the unsettled deliveries of one consumer in progress, each at most

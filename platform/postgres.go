@@ -15,7 +15,6 @@ import (
 
 	"github.com/jackc/pgx/v5/pgconn"
 	"github.com/jackc/pgx/v5/pgxpool"
-	"github.com/jackc/pgx/v5/stdlib"
 	"github.com/pressly/goose/v3"
 	"github.com/pressly/goose/v3/database"
 	"github.com/pressly/goose/v3/lock"
@@ -67,22 +66,6 @@ func RedactDatabaseURL(s string) string {
 // dsnPassword is a password setting of a key=value DSN: quoted (with \' escapes) or up
 // to the next space.
 var dsnPassword = regexp.MustCompile(`(?i)(\b(?:ssl)?password\s*=\s*)('(?:[^'\\]|\\.)*'|\S*)`)
-
-// Migrate brings schema up to date with the goose migrations in fsys (*.sql at its root).
-// The version table lives in the schema itself, and a session advisory lock per schema
-// lets several replicas start at once.
-func Migrate(ctx context.Context, pool *pgxpool.Pool, schema string, fsys fs.FS, log *slog.Logger) error {
-	if _, err := pool.Exec(ctx, "CREATE SCHEMA IF NOT EXISTS "+schema); err != nil {
-		var pgErr *pgconn.PgError
-		// Two replicas creating the schema at once: one of them gets a unique violation.
-		if !errors.As(err, &pgErr) || pgErr.Code != "23505" {
-			return fmt.Errorf("create schema %s: %w", schema, err)
-		}
-	}
-	db := stdlib.OpenDBFromPool(pool)
-	defer db.Close()
-	return migrate(ctx, db, schema, fsys, log)
-}
 
 func migrate(ctx context.Context, db *sql.DB, schema string, fsys fs.FS, log *slog.Logger) error {
 	store, err := database.NewStore(goose.DialectPostgres, schema+".goose_db_version")

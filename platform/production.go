@@ -12,6 +12,7 @@ import (
 
 	"github.com/jackc/pgx/v5/pgxpool"
 	"github.com/nats-io/nats.go"
+	"github.com/otpflow/otpflow/platform/keys"
 	"github.com/otpflow/otpflow/platform/policy"
 )
 
@@ -208,4 +209,14 @@ func policyLabel(name string) string {
 		return "the defaults"
 	}
 	return "tenant " + name
+}
+
+// CheckDLQKey refuses an OTP_DLQ_KEY that shares a key with OTP_SEAL_KEY: whoever opens
+// dead letters (a redrive, an operator) would also open every dispatch job, code
+// included. It is checked where both keys are read (issuer, dispatcher).
+func CheckDLQKey(dlq, seal *keys.Sealer) error {
+	if dlq.SharesKey(seal) {
+		return &ProductionError{Setting: "OTP_DLQ_KEY", Reason: "shares a key with OTP_SEAL_KEY; give dead letters a key of their own"}
+	}
+	return nil
 }

@@ -13,19 +13,23 @@ import (
 	"syscall"
 	"time"
 
+	"github.com/jackc/pgx/v5"
+	"github.com/jackc/pgx/v5/pgconn"
 	"github.com/jackc/pgx/v5/pgxpool"
+	"github.com/jackc/pgx/v5/stdlib"
 	"github.com/nats-io/nats.go/jetstream"
 	"github.com/otpflow/otpflow/events"
+	"github.com/pressly/goose/v3"
 	"golang.org/x/sync/errgroup"
 )
 
 // The runner: every service binary and `otpflow dev` start services the same way, in
-// steps that are functions of their own so that a command can run one alone (a later
-// `otpflow migrate` as the schema owner, `otpflow provision` as a JetStream admin):
+// steps that are functions of their own so that a command can run one alone (`otpflow
+// migrate` as an administrator, `otpflow provision` as a JetStream admin):
 //
 //	LoadCommon, then each ServiceSpec.Load   config; a bad setting stops the start before any connection
-//	Open                                     the service's own PostgreSQL pool and NATS connection
-//	ServiceSpec.Migrate                      its schema
+//	Open                                     the service's own PostgreSQL pool (as its own role) and NATS connection
+//	ServiceSpec.CheckSchema                  its schema is at this build's migration version (MigrateAll, run before, brings it there)
 //	Build                                    the service on its connections
 //	serve                                    Run (which binds its consumer: Bind), /metrics /healthz /readyz, drain within OTP_SHUTDOWN_TIMEOUT
 //
@@ -38,6 +42,10 @@ type ServiceSpec struct {
 	Name       string // the log tag, the NATS connection name and inbox prefix
 	Schema     string // the PostgreSQL schema the service owns
 	Migrations fs.FS  // goose migrations of Schema (*.sql at the root)
+	// Grants are what the service's database role may do, each the middle of a GRANT
+	// statement ("SELECT, INSERT ON audit.events"); MigrateAll applies them after the
+	// migrations and takes back whatever is not listed.
+	Grants []string
 	// Load reads and checks the service's own settings and returns how to build it. It
 	// runs before anything connects.
 	Load func(getenv Getenv, common Common) (Build, error)
@@ -51,10 +59,11 @@ type Runner interface {
 	Run(ctx context.Context) error
 }
 
-// NewServiceSpec ties a service's config loader to its constructor.
+// NewServiceSpec ties a service's config loader to its constructor. Its role gets
+// ReadWriteGrants of its schema; a service that needs less sets Grants.
 func NewServiceSpec[C any](name, schema string, migrations fs.FS,
 	load func(Getenv, Common) (C, error), build func(C, *Deps, *slog.Logger) (Runner, error)) ServiceSpec {
-	return ServiceSpec{Name: name, Schema: schema, Migrations: migrations,
+	return ServiceSpec{Name: name, Schema: schema, Migrations: migrations, Grants: ReadWriteGrants(schema),
 		Load: func(getenv Getenv, common Common) (Build, error) {
 			cfg, err := load(getenv, common)
 			if err != nil {
@@ -64,14 +73,48 @@ func NewServiceSpec[C any](name, schema string, migrations fs.FS,
 		}}
 }
 
-// Migrate brings the service's schema up to date on pool.
-func (s ServiceSpec) Migrate(ctx context.Context, pool *pgxpool.Pool, log *slog.Logger) error {
-	return Migrate(ctx, pool, s.Schema, s.Migrations, log)
+// CheckSchema checks, as the service's own role, that its schema is at the newest
+// migration this build knows (or newer): services never migrate, `otpflow migrate` does.
+func (s ServiceSpec) CheckSchema(ctx context.Context, pool *pgxpool.Pool) error {
+	db := stdlib.OpenDBFromPool(pool)
+	defer db.Close()
+	p, err := goose.NewProvider(goose.DialectPostgres, db, s.Migrations, goose.WithDisableGlobalRegistry(true))
+	if err != nil {
+		return fmt.Errorf("migrations of %s: %w", s.Schema, err)
+	}
+	var want int64
+	for _, src := range p.ListSources() {
+		want = max(want, src.Version)
+	}
+	var have int64
+	err = pool.QueryRow(ctx, "SELECT coalesce(max(version_id), 0) FROM "+pgx.Identifier{s.Schema, "goose_db_version"}.Sanitize()).Scan(&have)
+	var pgErr *pgconn.PgError
+	switch {
+	case errors.As(err, &pgErr) && (pgErr.Code == "42P01" || pgErr.Code == "3F000"):
+		return fmt.Errorf("schema %s is not migrated, this build needs version %d: run otpflow migrate", s.Schema, want)
+	case errors.As(err, &pgErr) && pgErr.Code == "42501":
+		return fmt.Errorf("schema %s: this database user has no grant on it: run otpflow migrate with this OTP_DB_ROLE_PREFIX, and connect as role <prefix>%s", s.Schema, s.Name)
+	case err != nil:
+		return fmt.Errorf("schema %s: %w", s.Schema, err)
+	case have < want:
+		return fmt.Errorf("schema %s is at version %d, this build needs %d: run otpflow migrate", s.Schema, have, want)
+	}
+	return nil
 }
 
-// Streams are the stream options of this deployment (OTP_NATS_REPLICAS).
+// connectedAsOwner reports whether pool is logged in as a superuser or as a role that may
+// act as the owner of the service's schema: one that could drop its triggers.
+func (s ServiceSpec) connectedAsOwner(ctx context.Context, pool *pgxpool.Pool) (bool, error) {
+	var mighty bool
+	err := pool.QueryRow(ctx, `SELECT r.rolsuper OR pg_catalog.pg_has_role(current_user, n.nspowner, 'USAGE')
+		FROM pg_catalog.pg_roles r, pg_catalog.pg_namespace n WHERE r.rolname = current_user AND n.nspname = $1`, s.Schema).Scan(&mighty)
+	return mighty, err
+}
+
+// Streams are the stream options of this deployment (OTP_NATS_REPLICAS,
+// OTP_REQUESTS_MAX_AGE).
 func (c Common) Streams() events.StreamOptions {
-	return events.StreamOptions{Replicas: c.Replicas}
+	return events.StreamOptions{Replicas: c.Replicas, RequestsMaxAge: c.RequestsMaxAge}
 }
 
 // Provision creates or updates the contract's streams, waiting at most a setup timeout
@@ -132,7 +175,11 @@ func RunServices(ctx context.Context, getenv Getenv, logw io.Writer, specs ...Se
 	deps := make([]*Deps, len(specs))
 	for i, s := range specs {
 		logs[i] = NewLogger(logw, common.LogLevel, s.Name)
-		d, err := Open(ctx, common, s.Name, logs[i])
+		c := common
+		if u := getenv(DatabaseURLVar(s.Name)); u != "" {
+			c.DatabaseURL = u
+		}
+		d, err := Open(ctx, c, s.Name, logs[i])
 		if err != nil {
 			return named(s, err)
 		}
@@ -144,8 +191,11 @@ func RunServices(ctx context.Context, getenv Getenv, logw io.Writer, specs ...Se
 			}
 			checks[name] = c
 		}
-		if err := s.Migrate(ctx, d.Pool, logs[i]); err != nil {
+		if err := s.CheckSchema(ctx, d.Pool); err != nil {
 			return named(s, err)
+		}
+		if mighty, err := s.connectedAsOwner(ctx, d.Pool); err == nil && mighty {
+			logs[i].Warn("connected as a superuser or a member of the schema's owner: run the service as its own role (otpflow migrate, docs/roles.md)", "schema", s.Schema)
 		}
 	}
 	runs := make([]func(context.Context) error, len(specs))

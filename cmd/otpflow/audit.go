@@ -8,6 +8,9 @@ import (
 	"flag"
 	"fmt"
 	"io"
+	"os"
+	"path/filepath"
+	"strings"
 	"time"
 
 	"github.com/jackc/pgx/v5/pgxpool"
@@ -23,11 +26,12 @@ commands:
   verify   check the keyed hash chain against the signed checkpoints and OTP_EVENTS (exit 0 intact, 1 broken)
   replay   read OTP_EVENTS in order: JSON lines to stdout, or rebuild an audit log (--to)
   trail    the timeline of one request or one recipient
-  erase    remove one recipient's personal data (the chain stays verifiable)
+  erase    the same as "otpflow erase": one person goes from every service, stream and the log
   purge    delete rows older than an age (a checkpoint keeps the rest verifiable)
 
-erase and purge publish otp.operator_action (who ran them, what changed) to OTP_EVENTS
-after acting; they exit non-zero when that fails, though the action was done.
+purge publishes otp.operator_action (who ran it, what changed) to OTP_EVENTS after acting,
+and exits non-zero when that fails, though the action was done. erase publishes
+otp.erasure_requested, which names who ran it, and waits for every service's otp.erased.
 `
 
 // auditCommand runs "otpflow audit ..." and returns the exit code.
@@ -43,16 +47,25 @@ func auditCommand(ctx context.Context, args []string, getenv func(string) string
 		return 0, auditReplay(ctx, args[1:], getenv, stdout, stderr)
 	case "trail":
 		return 0, auditTrail(ctx, args[1:], getenv, stdout)
-	case "erase", "purge":
+	case "erase":
+		return eraseCommand(ctx, args[1:], getenv, stdout)
+	case "purge":
 		return auditMaintain(ctx, args[0], args[1:], getenv, stdout)
 	}
 	fmt.Fprint(stderr, auditUsage)
 	return 2, fmt.Errorf("unknown audit command %q", args[0])
 }
 
-func openAudit(ctx context.Context, url string, getenv func(string) string) (*pgxpool.Pool, error) {
+// openAudit connects to the audit log at url: --db, else OTP_DATABASE_URL, else the
+// auditor role's URL that a running "otpflow dev" wrote to dir.
+func openAudit(ctx context.Context, url string, getenv func(string) string, dir string) (*pgxpool.Pool, error) {
 	if url == "" {
 		url = getenv("OTP_DATABASE_URL")
+	}
+	if url == "" {
+		if b, err := os.ReadFile(filepath.Join(dir, devAuditorDB)); err == nil {
+			url = strings.TrimSpace(string(b))
+		}
 	}
 	return platform.OpenPostgres(ctx, url)
 }
@@ -63,6 +76,16 @@ func auditKey(getenv func(string) string) ([]byte, error) {
 		return nil, &platform.ConfigError{Var: "OTP_AUDIT_KEY", Msg: err.Error()}
 	}
 	return ring.Key(ring.ActiveID()), nil
+}
+
+// subjectKey reads OTP_SUBJECT_KEY, the ring a person is known by: an address is looked
+// up under every key of it.
+func subjectKey(getenv func(string) string) (*keys.Subjects, error) {
+	s, err := keys.ParseSubjects(getenv("OTP_SUBJECT_KEY"))
+	if err != nil {
+		return nil, &platform.ConfigError{Var: "OTP_SUBJECT_KEY", Msg: err.Error()}
+	}
+	return s, nil
 }
 
 // chainKey reads OTP_AUDIT_CHAIN_KEY, the key ring of the hash chain.
@@ -96,7 +119,7 @@ func checkpointKeys(flagValue string, getenv func(string) string) (map[string]ed
 func auditVerify(ctx context.Context, args []string, getenv func(string) string, stdout io.Writer) (int, error) {
 	fs := flag.NewFlagSet("audit verify", flag.ContinueOnError)
 	server, dir := serverFlags(fs)
-	db := fs.String("db", "", "PostgreSQL URL of the audit log (default OTP_DATABASE_URL)")
+	db := fs.String("db", "", "PostgreSQL URL of the audit log, as the auditor role (default OTP_DATABASE_URL, else the one otpflow dev runs)")
 	pub := fs.String("public-key", "", "checkpoint verification keys, id:base64,… (default OTP_AUDIT_VERIFY_KEY, or derived from OTP_AUDIT_SIGNING_KEY)")
 	newest := fs.Int("checkpoints", auditor.DefaultCheckedCheckpoints, "how many of the newest signed checkpoints to check")
 	if err := fs.Parse(args); err != nil {
@@ -111,7 +134,7 @@ func auditVerify(ctx context.Context, args []string, getenv func(string) string,
 	if err != nil {
 		return 2, err
 	}
-	pool, err := openAudit(ctx, *db, getenv)
+	pool, err := openAudit(ctx, *db, getenv, *dir)
 	if err != nil {
 		return 2, err
 	}
@@ -142,7 +165,7 @@ func auditTrail(ctx context.Context, args []string, getenv func(string) string, 
 	fs := flag.NewFlagSet("audit trail", flag.ContinueOnError)
 	dir := devDirFlag(fs)
 	var (
-		db        = fs.String("db", "", "PostgreSQL URL of the audit log (default OTP_DATABASE_URL)")
+		db        = fs.String("db", "", "PostgreSQL URL of the audit log, as the auditor role (default OTP_DATABASE_URL, else the one otpflow dev runs)")
 		tenant    = fs.String("tenant", "", "tenant (required)")
 		requestID = fs.String("request-id", "", "the request's id")
 		recipient = fs.String("recipient", "", "every request of this address")
@@ -155,19 +178,19 @@ func auditTrail(ctx context.Context, args []string, getenv func(string) string, 
 	if *tenant == "" || (*requestID == "") == (*recipient == "") {
 		return errors.New("audit trail: --tenant and one of --request-id or --recipient are required")
 	}
-	var key []byte
+	var subjects *keys.Subjects
 	var err error
 	if *recipient != "" {
-		if key, err = auditKey(getenv); err != nil {
+		if subjects, err = subjectKey(getenv); err != nil {
 			return err
 		}
 	}
-	pool, err := openAudit(ctx, *db, getenv)
+	pool, err := openAudit(ctx, *db, getenv, *dir)
 	if err != nil {
 		return err
 	}
 	defer pool.Close()
-	steps, err := auditor.Trail(ctx, pool, key, *tenant, *requestID, *recipient)
+	steps, err := auditor.Trail(ctx, pool, subjects, *tenant, *requestID, *recipient)
 	if err != nil {
 		return err
 	}
@@ -189,34 +212,23 @@ func auditTrail(ctx context.Context, args []string, getenv func(string) string, 
 	return nil
 }
 
-// auditMaintain runs erase and purge, which change the log: it connects to NATS first
-// (no connection, nothing done), acts, then publishes otp.operator_action with the outcome.
+// auditMaintain runs purge, which changes the log: it connects to NATS first (no
+// connection, nothing done), acts, then publishes otp.operator_action with the outcome.
 func auditMaintain(ctx context.Context, cmd string, args []string, getenv func(string) string, stdout io.Writer) (int, error) {
 	fs := flag.NewFlagSet("audit "+cmd, flag.ContinueOnError)
 	server, dir := serverFlags(fs)
-	db := fs.String("db", "", "PostgreSQL URL of the audit log (default OTP_DATABASE_URL)")
-	recipient := fs.String("recipient", "", "erase: the address whose personal data goes")
-	olderThan := fs.Duration("older-than", 400*24*time.Hour, "purge: rows older than this")
+	db := fs.String("db", "", "PostgreSQL URL of the audit log, as the auditor role (default OTP_DATABASE_URL, else the one otpflow dev runs)")
+	olderThan := fs.Duration("older-than", 400*24*time.Hour, "rows older than this")
 	if err := fs.Parse(args); err != nil {
 		return 2, err
 	}
 	getenv = withDevKeys(getenv, *dir)
-	if cmd == "erase" && *recipient == "" {
-		return 2, errors.New("audit erase: --recipient is required")
-	}
 	// The keys first: a command that cannot act must not connect and half-start.
-	var chain *auditor.Chain
-	var key []byte
-	var err error
-	if cmd == "purge" {
-		chain, err = chainKey(getenv)
-	} else {
-		key, err = auditKey(getenv)
-	}
+	chain, err := chainKey(getenv)
 	if err != nil {
 		return 2, err
 	}
-	pool, err := openAudit(ctx, *db, getenv)
+	pool, err := openAudit(ctx, *db, getenv, *dir)
 	if err != nil {
 		return 1, err
 	}
@@ -227,26 +239,13 @@ func auditMaintain(ctx context.Context, cmd string, args []string, getenv func(s
 	}
 	defer nc.Close()
 
-	var outcome, detail string
-	if cmd == "purge" {
-		n, err := chain.Purge(ctx, pool, time.Now().Add(-*olderThan))
-		if err != nil {
-			return 1, err
-		}
-		outcome = fmt.Sprintf("purged %d rows", n)
-		detail = fmt.Sprintf("%d rows older than %v", n, *olderThan)
-	} else {
-		n, err := auditor.Erase(ctx, pool, key, *recipient)
-		if err != nil {
-			return 1, err
-		}
-		// The count only: even a keyed hash of the address would tie this event to the
-		// person whose data was just erased.
-		outcome = fmt.Sprintf("erased the personal data of %d rows", n)
-		detail = fmt.Sprintf("%d rows", n)
+	n, err := chain.Purge(ctx, pool, time.Now().Add(-*olderThan))
+	if err != nil {
+		return 1, err
 	}
+	outcome := fmt.Sprintf("purged %d rows", n)
 	fmt.Fprintln(stdout, outcome)
-	if err := publishOperatorAction(ctx, nc, "audit."+cmd, systemTenant, detail); err != nil {
+	if err := publishOperatorAction(ctx, nc, "audit."+cmd, systemTenant, fmt.Sprintf("%d rows older than %v", n, *olderThan)); err != nil {
 		return 1, notAudited("audit "+cmd, outcome, err)
 	}
 	return 0, nil

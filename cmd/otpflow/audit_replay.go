@@ -15,6 +15,7 @@ import (
 	"github.com/nats-io/nats.go/jetstream"
 	"github.com/otpflow/otpflow/events"
 	"github.com/otpflow/otpflow/platform"
+	"github.com/otpflow/otpflow/platform/keys"
 	"github.com/otpflow/otpflow/services/auditor"
 )
 
@@ -27,7 +28,7 @@ func auditReplay(ctx context.Context, args []string, getenv func(string) string,
 		tenant = fs.String("tenant", "", "only this tenant")
 		typ    = fs.String("type", "", "only this event type, e.g. issued or otp.issued")
 		format = fs.String("format", "jsonl", "output format: jsonl")
-		to     = fs.String("to", "", "rebuild an audit log in this PostgreSQL database instead of printing")
+		to     = fs.String("to", "", "rebuild an audit log in this PostgreSQL database instead of printing, connected as an administrator: the audit schema and roles are made there as by otpflow migrate (OTP_DB_ROLE_PREFIX)")
 	)
 	if err := fs.Parse(args); err != nil {
 		return err
@@ -57,21 +58,31 @@ func auditReplay(ctx context.Context, args []string, getenv func(string) string,
 	}
 	var store *pgxpool.Pool
 	var key []byte
+	var subjects *keys.Subjects
 	var chain *auditor.Chain
 	if *to != "" {
 		if key, err = auditKey(getenv); err != nil {
 			return err
 		}
+		// Events of earlier releases carry the address and client IP: the rebuilt rows
+		// hold their subject hashes instead.
+		if subjects, err = subjectKey(getenv); err != nil {
+			return err
+		}
 		if chain, err = chainKey(getenv); err != nil {
+			return err
+		}
+		prefix, err := platform.RolePrefix(getenv)
+		if err != nil {
+			return err
+		}
+		if err := platform.MigrateAll(ctx, platform.MigrateOptions{URL: *to, Prefix: prefix}, auditor.Spec()); err != nil {
 			return err
 		}
 		if store, err = platform.OpenPostgres(ctx, *to); err != nil {
 			return err
 		}
 		defer store.Close()
-		if err := platform.Migrate(ctx, store, auditor.Schema, auditor.Migrations(), platform.NewLogger(io.Discard, "error", "replay")); err != nil {
-			return err
-		}
 	}
 
 	nc, js, err := connectJetStream(server(getenv), getenv)
@@ -79,6 +90,35 @@ func auditReplay(ctx context.Context, args []string, getenv func(string) string,
 		return err
 	}
 	defer nc.Close()
+	// Erasures first, across the whole stream whatever the filter: a row about a person
+	// erased later in the stream is rebuilt or printed without their personal data.
+	erasures, lastErasure, err := readErasures(ctx, js, subjectTenant)
+	if err != nil {
+		return fmt.Errorf("audit replay: read erasures: %w", err)
+	}
+	if erasures.Len() > 0 && key == nil {
+		if key, err = auditKey(getenv); err != nil {
+			return fmt.Errorf("audit replay: the stream holds erasures, which take the audit and subject keys to apply: %w", err)
+		}
+		if subjects, err = subjectKey(getenv); err != nil {
+			return fmt.Errorf("audit replay: the stream holds erasures, which take the audit and subject keys to apply: %w", err)
+		}
+	}
+	if erasures.Len() > 0 && (subjectType != "*" || !from.IsZero()) {
+		// A replay that skips events must still know which challenges were an erased
+		// person's: their otp.issued rows say so.
+		err := scanEvents(ctx, js, events.TypeIssued.Subject(subjectTenant), func(m jetstream.Msg, seq uint64) error {
+			if seq < lastErasure {
+				if row, err := auditor.ToRow(key, subjects, seq, time.Time{}, m.Subject(), m.Headers(), m.Data()); err == nil {
+					erasures.Apply(&row)
+				}
+			}
+			return nil
+		})
+		if err != nil {
+			return fmt.Errorf("audit replay: read issued challenges: %w", err)
+		}
+	}
 	st, err := js.Stream(ctx, events.StreamEvents)
 	if err != nil {
 		return fmt.Errorf("audit replay: %w", err)
@@ -130,10 +170,11 @@ func auditReplay(ctx context.Context, args []string, getenv func(string) string,
 		}
 		n++
 		if store != nil {
-			row, err := auditor.ToRow(key, md.Sequence.Stream, md.Timestamp, m.Subject(), m.Headers(), m.Data())
+			row, err := auditor.ToRow(key, subjects, md.Sequence.Stream, md.Timestamp, m.Subject(), m.Headers(), m.Data())
 			if err != nil {
 				fmt.Fprintf(stderr, "skip stream sequence %d: %v\n", md.Sequence.Stream, err)
 			} else {
+				erasures.Apply(&row)
 				batch = append(batch, &row)
 			}
 			if len(batch) >= 500 {
@@ -142,11 +183,17 @@ func auditReplay(ctx context.Context, args []string, getenv func(string) string,
 				}
 			}
 		} else {
-			_, tenant, _ := events.SplitSubject(m.Subject())
-			typ, _, _ := events.SplitSubject(m.Subject())
-			if err := enc.Encode(map[string]any{"stream_seq": md.Sequence.Stream, "subject": m.Subject(), "type": typ,
+			typ, tenant, _ := events.SplitSubject(m.Subject())
+			out := map[string]any{"stream_seq": md.Sequence.Stream, "subject": m.Subject(), "type": typ,
 				"tenant": tenant, "time": m.Headers().Get(events.HeaderTime), "id": m.Headers().Get(events.HeaderID),
-				"data": json.RawMessage(m.Data())}); err != nil {
+				"data": json.RawMessage(m.Data())}
+			if erasures.Len() > 0 {
+				// An erased person's event is printed as the log keeps it: without them.
+				if row, err := auditor.ToRow(key, subjects, md.Sequence.Stream, md.Timestamp, m.Subject(), m.Headers(), m.Data()); err == nil && erasures.Apply(&row) {
+					out["data"], out["erased"] = row.Payload, true
+				}
+			}
+			if err := enc.Encode(out); err != nil {
 				return err
 			}
 		}
@@ -163,4 +210,60 @@ func auditReplay(ctx context.Context, args []string, getenv func(string) string,
 	}
 	fmt.Fprintf(stderr, "replayed %d events\n", n)
 	return nil
+}
+
+// readErasures reads every otp.erasure_requested of tenant ("*": all) on OTP_EVENTS.
+func readErasures(ctx context.Context, js jetstream.JetStream, tenant string) (*auditor.Erasures, uint64, error) {
+	e := auditor.NewErasures()
+	var last uint64
+	err := scanEvents(ctx, js, events.TypeErasureRequested.Subject(tenant), func(m jetstream.Msg, seq uint64) error {
+		if e.Add(seq, m.Subject(), m.Data()) == nil { // a malformed request erases no one; the services dead-letter it
+			last = seq
+		}
+		return nil
+	})
+	return e, last, err
+}
+
+// scanEvents calls each for every message of OTP_EVENTS on filter stored now, in order.
+func scanEvents(ctx context.Context, js jetstream.JetStream, filter string, each func(jetstream.Msg, uint64) error) error {
+	st, err := js.Stream(ctx, events.StreamEvents)
+	if err != nil {
+		return err
+	}
+	info, err := st.Info(ctx, jetstream.WithSubjectFilter(filter))
+	if err != nil {
+		return err
+	}
+	if info.State.Msgs == 0 {
+		return nil
+	}
+	cons, err := js.OrderedConsumer(ctx, events.StreamEvents, jetstream.OrderedConsumerConfig{FilterSubjects: []string{filter}})
+	if err != nil {
+		return err
+	}
+	it, err := cons.Messages()
+	if err != nil {
+		return err
+	}
+	defer it.Stop()
+	for {
+		m, err := it.Next(jetstream.NextMaxWait(2 * time.Second))
+		if errors.Is(err, nats.ErrTimeout) {
+			return nil // caught up
+		}
+		if err != nil {
+			return err
+		}
+		md, err := m.Metadata()
+		if err != nil {
+			return err
+		}
+		if err := each(m, md.Sequence.Stream); err != nil {
+			return err
+		}
+		if md.NumPending == 0 {
+			return nil
+		}
+	}
 }

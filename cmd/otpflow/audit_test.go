@@ -50,7 +50,7 @@ func TestAuditTrailReplayVerifyErase(t *testing.T) {
 	})
 
 	// The trail shows both providers: three SES failures, then the relay.
-	_, trail := w.cli(t, "audit", "trail", "--db", w.db, "--tenant", "acme", "--request-id", "fo-1")
+	_, trail := w.cli(t, "audit", "trail", "--db", w.auditDB, "--tenant", "acme", "--request-id", "fo-1")
 	for _, want := range []string{"otp.requested", "otp.issued", "code 1 issued, 5 attempts",
 		"delivered via smtp on delivery 1 (ses transient → ses transient → ses transient → smtp ok)",
 		"verify failed: invalid_code, 4 attempts left", "verified with code 1 after 2 attempts"} {
@@ -58,14 +58,14 @@ func TestAuditTrailReplayVerifyErase(t *testing.T) {
 			t.Errorf("trail lacks %q:\n%s", want, trail)
 		}
 	}
-	_, byRecipient := w.cli(t, "audit", "trail", "--db", w.db, "--tenant", "acme", "--recipient", "ana@example.com", "--json")
+	_, byRecipient := w.cli(t, "audit", "trail", "--db", w.auditDB, "--tenant", "acme", "--recipient", "ana@example.com", "--json")
 	var steps []auditor.Step
 	testenv.Must(t, json.Unmarshal([]byte(byRecipient), &steps), "trail json")
 	if len(steps) != 5 || steps[0].Type != "otp.requested" || steps[1].Recipient != "A***@Example.com" {
 		t.Fatalf("trail by recipient: %+v", steps)
 	}
 
-	if c, out := w.cli(t, "audit", "verify", "--db", w.db); c != 0 || !strings.HasPrefix(out, "audit log intact: 6 rows") {
+	if c, out := w.cli(t, "audit", "verify", "--db", w.auditDB); c != 0 || !strings.HasPrefix(out, "audit log intact: 6 rows") {
 		t.Fatalf("verify: exit %d, %s", c, out)
 	}
 
@@ -112,13 +112,14 @@ func TestAuditTrailReplayVerifyErase(t *testing.T) {
 	}
 
 	// Erasure: the personal data goes, the chain still verifies.
-	if _, out := w.cli(t, "audit", "erase", "--db", w.db, "--recipient", "ana@example.com"); !strings.Contains(out, "erased the personal data of 4 rows") {
+	if _, out := w.cli(t, "audit", "erase", "--tenant", "acme", "--recipient", "ana@example.com"); !strings.Contains(out, "auditor    erased 4 rows") {
 		t.Fatalf("erase: %s", out)
 	}
-	if c, out := w.cli(t, "audit", "verify", "--db", w.db); c != 0 || !strings.Contains(out, "4 erased") {
+	idle(t, a.js, events.StreamEvents, events.ConsumerAuditor)
+	if c, out := w.cli(t, "audit", "verify", "--db", w.auditDB); c != 0 || !strings.Contains(out, "4 erased") {
 		t.Fatalf("verify after erasure: exit %d, %s", c, out)
 	}
-	_, after := w.cli(t, "audit", "trail", "--db", w.db, "--tenant", "acme", "--recipient", "ana@example.com")
+	_, after := w.cli(t, "audit", "trail", "--db", w.auditDB, "--tenant", "acme", "--recipient", "ana@example.com")
 	if !strings.Contains(after, "no events") {
 		t.Fatalf("the erased recipient can still be found:\n%s", after)
 	}
@@ -128,7 +129,7 @@ func TestAuditTrailReplayVerifyErase(t *testing.T) {
 	_, err = conn.Exec(context.Background(), `SET session_replication_role = replica; UPDATE audit.events SET tenant = 'evil' WHERE chain_pos = 2`)
 	conn.Release()
 	testenv.Must(t, err, "tamper")
-	if c, out := w.cli(t, "audit", "verify", "--db", w.db); c != 1 || !strings.Contains(out, "BROKEN at chain position 2") {
+	if c, out := w.cli(t, "audit", "verify", "--db", w.auditDB); c != 1 || !strings.Contains(out, "BROKEN at chain position 2") {
 		t.Fatalf("verify after tampering: exit %d, %s", c, out)
 	}
 }

@@ -60,6 +60,29 @@ func devCommand(ctx context.Context, args []string, getenv func(string) string, 
 		return err
 	}
 	defer stopPG()
+	// Migrate as the administrator, then run each service as its own role on the same
+	// database; the audit commands find the auditor's URL in dir (auditor.db).
+	prefix, err := platform.RolePrefix(getenv)
+	if err != nil {
+		return err
+	}
+	migrateURL := dbURL
+	if u := getenv("OTP_MIGRATE_DATABASE_URL"); u != "" {
+		migrateURL = u
+	}
+	if err := migrateAll(ctx, migrateURL, prefix, stderr); err != nil {
+		return err
+	}
+	for _, s := range specs() {
+		if env[platform.DatabaseURLVar(s.Name)], err = platform.RoleURL(dbURL, platform.ServiceRole(prefix, s.Name)); err != nil {
+			return err
+		}
+	}
+	auditorDB := filepath.Join(abs, devAuditorDB)
+	if err := os.WriteFile(auditorDB, []byte(env[platform.DatabaseURLVar("auditor")]+"\n"), 0o600); err != nil {
+		return err
+	}
+	defer os.Remove(auditorDB)
 	mail := filepath.Join(abs, "mail")
 	env["OTP_NATS_URL"] = url
 	env["OTP_DATABASE_URL"] = dbURL
@@ -82,7 +105,7 @@ func devCommand(ctx context.Context, args []string, getenv func(string) string, 
 	}
 	fmt.Fprintf(stdout, `otpflow dev is running
   NATS        %s
-  PostgreSQL  %s
+  PostgreSQL  %s, each service as its own role (%s<service>)
   mail lands  %s/new
   metrics     http://%s/metrics
 
@@ -90,7 +113,7 @@ try it:
   bin/otpflow request -tenant demo -request-id r1 -recipient ana@example.com
   cat %s/new/*            # read the code
   bin/otpflow verify -tenant demo -request-id r1 -code <code>
-`, url, redact(dbURL), merged("OTP_SANDBOX_MAILDIR"), merged("OTP_HTTP_ADDR"), merged("OTP_SANDBOX_MAILDIR"))
+`, url, redact(dbURL), prefix, merged("OTP_SANDBOX_MAILDIR"), merged("OTP_HTTP_ADDR"), merged("OTP_SANDBOX_MAILDIR"))
 	return runPipeline(ctx, merged, stderr)
 }
 
@@ -115,6 +138,10 @@ func startNATS(storeDir string, port int) (*server.Server, error) {
 
 // devDB is the database dev uses on a server it did not start.
 const devDB = "otpflow_dev"
+
+// devAuditorDB is the file in the state directory that holds the auditor role's database
+// URL while dev runs: the audit commands' default.
+const devAuditorDB = "auditor.db"
 
 // devDatabase returns a PostgreSQL URL: OTP_DATABASE_URL, else the database otpflow_dev
 // on the server at the libpq defaults if one answers there (created when missing, and
@@ -257,7 +284,7 @@ func devKeys(path string) (map[string]string, bool, error) {
 		}
 	}
 	// Keys added after a keys.env was first written are appended to it, the others kept.
-	for _, k := range []struct{ name, id string }{{"OTP_AUDIT_CHAIN_KEY", "devc1"}, {"OTP_AUDIT_SIGNING_KEY", "devs1"}, {"OTP_SUBJECT_KEY", "devk1"}} {
+	for _, k := range []struct{ name, id string }{{"OTP_AUDIT_CHAIN_KEY", "devc1"}, {"OTP_AUDIT_SIGNING_KEY", "devs1"}, {"OTP_SUBJECT_KEY", "devk1"}, {"OTP_DLQ_KEY", "devd1"}} {
 		if env[k.name] != "" {
 			continue
 		}

@@ -29,7 +29,8 @@ func freeAddr(t *testing.T) string {
 func TestDevWalkthrough(t *testing.T) {
 	dir := t.TempDir()
 	httpAddr := freeAddr(t)
-	env := map[string]string{"OTP_DATABASE_URL": testenv.Database(t), "OTP_HTTP_ADDR": httpAddr}
+	d := testenv.NewDB(t)
+	env := map[string]string{"OTP_DATABASE_URL": d.URL, "OTP_DB_ROLE_PREFIX": d.Prefix, "OTP_HTTP_ADDR": httpAddr}
 	getenv := func(k string) string { return env[k] }
 
 	ctx, cancel := context.WithCancel(context.Background())
@@ -102,13 +103,16 @@ func TestDevWalkthrough(t *testing.T) {
 		t.Fatalf("again: %s", reply)
 	}
 
-	// The README's audit commands, with no secret in the environment: the dev keys serve.
-	dbURL := env["OTP_DATABASE_URL"]
+	// The README's audit commands, with no secret and no database in the environment: the
+	// dev keys serve, and they connect as the auditor's role that dev wrote down.
+	if b, err := os.ReadFile(filepath.Join(dir, "auditor.db")); err != nil || strings.TrimSpace(string(b)) != d.RoleURL("auditor") {
+		t.Fatalf("dev's auditor URL: %q, %v; want %q", b, err, d.RoleURL("auditor"))
+	}
 	testenv.Eventually(t, 20*time.Second, "the request's timeline", func() bool {
-		_, reply = cli("audit", "trail", "--db", dbURL, "--tenant", "demo", "--request-id", "r1")
+		_, reply = cli("audit", "trail", "--tenant", "demo", "--request-id", "r1")
 		return strings.Contains(reply, "verified with code 1")
 	})
-	if status, reply = cli("audit", "verify", "--db", dbURL); status != 0 || !strings.Contains(reply, "audit log intact") {
+	if status, reply = cli("audit", "verify"); status != 0 || !strings.Contains(reply, "audit log intact") {
 		t.Fatalf("audit verify: exit %d, %s", status, reply)
 	}
 
@@ -152,10 +156,11 @@ func TestDevNeverPrintsTheDatabasePassword(t *testing.T) {
 	const password = "Pw-d0-not-print-7f3a"
 	dir := t.TempDir()
 	httpAddr := freeAddr(t)
-	u, err := url.Parse(testenv.Database(t))
+	d := testenv.NewDB(t)
+	u, err := url.Parse(d.URL)
 	testenv.Must(t, err, "parse database URL")
 	u.User = url.UserPassword(u.User.Username(), password) // the local server trusts loopback: the password is not checked
-	env := map[string]string{"OTP_DATABASE_URL": u.String(), "OTP_HTTP_ADDR": httpAddr, "OTP_ENV": "production"}
+	env := map[string]string{"OTP_DATABASE_URL": u.String(), "OTP_DB_ROLE_PREFIX": d.Prefix, "OTP_HTTP_ADDR": httpAddr, "OTP_ENV": "production"}
 
 	ctx, cancel := context.WithCancel(context.Background())
 	var out testenv.LogBuffer

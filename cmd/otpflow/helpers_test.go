@@ -17,6 +17,7 @@ import (
 	"github.com/nats-io/nats.go"
 	"github.com/nats-io/nats.go/jetstream"
 	"github.com/otpflow/otpflow/events"
+	"github.com/otpflow/otpflow/platform"
 	"github.com/otpflow/otpflow/platform/keys"
 	"github.com/otpflow/otpflow/platform/testenv"
 )
@@ -24,29 +25,39 @@ import (
 // world is the outside of the pipeline: a NATS server, a database, an SMTP server, and
 // the environment the services are configured from.
 type world struct {
-	nats *server.Server
-	db   string
-	smtp *testenv.SMTPServer
-	env  map[string]string
+	nats    *server.Server
+	db      string // the database as an administrator (the tests' own reads and tampering)
+	auditDB string // the database as the auditor's role (the audit commands)
+	smtp    *testenv.SMTPServer
+	env     map[string]string
 }
 
+// newWorld migrates a fresh database as otpflow migrate does; each service connects as its
+// own role (OTP_<SERVICE>_DATABASE_URL).
 func newWorld(t testing.TB) *world {
 	t.Helper()
-	w := &world{nats: testenv.NATS(t), db: testenv.Database(t), smtp: testenv.StartSMTP(t)}
+	d := testenv.NewDB(t)
+	d.Migrate(t, specs()...)
+	w := &world{nats: testenv.NATS(t), db: d.URL, auditDB: d.RoleURL("auditor"), smtp: testenv.StartSMTP(t)}
 	w.env = map[string]string{
-		"OTP_NATS_URL":          w.nats.ClientURL(),
-		"OTP_DATABASE_URL":      w.db,
-		"OTP_CODE_PEPPER":       keys.Generate("p1", 32),
-		"OTP_SEAL_KEY":          keys.Generate("s1", 32),
-		"OTP_AUDIT_KEY":         keys.Generate("a1", 32),
-		"OTP_AUDIT_CHAIN_KEY":   keys.Generate("c1", 32),
-		"OTP_AUDIT_SIGNING_KEY": keys.Generate("sig1", 32),
-		"OTP_SUBJECT_KEY":       keys.Generate("k1", 32),
-		"OTP_PROVIDERS":         "smtp",
-		"OTP_SMTP_URL":          w.smtp.URL(),
-		"OTP_MAIL_FROM":         "Acme <no-reply@acme.example>",
-		"OTP_LOG_LEVEL":         "debug",
-		"OTP_SHUTDOWN_TIMEOUT":  "20s",
+		"OTP_NATS_URL":             w.nats.ClientURL(),
+		"OTP_MIGRATE_DATABASE_URL": d.URL,
+		"OTP_DB_ROLE_PREFIX":       d.Prefix,
+		"OTP_CODE_PEPPER":          keys.Generate("p1", 32),
+		"OTP_SEAL_KEY":             keys.Generate("s1", 32),
+		"OTP_AUDIT_KEY":            keys.Generate("a1", 32),
+		"OTP_AUDIT_CHAIN_KEY":      keys.Generate("c1", 32),
+		"OTP_AUDIT_SIGNING_KEY":    keys.Generate("sig1", 32),
+		"OTP_SUBJECT_KEY":          keys.Generate("k1", 32),
+		"OTP_DLQ_KEY":              keys.Generate("d1", 32),
+		"OTP_PROVIDERS":            "smtp",
+		"OTP_SMTP_URL":             w.smtp.URL(),
+		"OTP_MAIL_FROM":            "Acme <no-reply@acme.example>",
+		"OTP_LOG_LEVEL":            "debug",
+		"OTP_SHUTDOWN_TIMEOUT":     "20s",
+	}
+	for _, s := range specs() {
+		w.env[platform.DatabaseURLVar(s.Name)] = d.RoleURL(s.Name)
 	}
 	return w
 }

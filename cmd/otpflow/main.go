@@ -1,6 +1,7 @@
 // Command otpflow is the developer launcher and operator CLI:
 //
 //	otpflow dev                      the whole pipeline in one process (embedded NATS, sandbox mail)
+//	otpflow migrate                  as an administrator: roles, schemas, migrations, grants
 //	otpflow request -tenant T -request-id ID -recipient ADDR -purpose P
 //	otpflow verify  -tenant T -request-id ID -code CODE
 package main
@@ -20,9 +21,11 @@ const usage = `usage: otpflow <command> [flags]
 
 commands:
   dev       run NATS (embedded), all four services and the sandbox mailbox in one process
+  migrate   create the database roles and schemas, migrate them and grant each service its rights
   request   publish an otp.requested event, as an upstream app does
   verify    ask otp.verify whether a code is right
   audit     verify, replay, trail, erase and purge the audit log
+  erase     erase one person of a tenant from every service, stream and the audit log
 
 run "otpflow <command> -h" for the flags of a command.
 `
@@ -50,6 +53,8 @@ func run(ctx context.Context, args []string, getenv func(string) string, stdout,
 	switch args[0] {
 	case "dev":
 		err = devCommand(ctx, args[1:], getenv, stdout, stderr)
+	case "migrate":
+		err = migrateCommand(ctx, args[1:], getenv, stdout)
 	case "request":
 		err = requestCommand(ctx, args[1:], getenv, stdout)
 	case "verify":
@@ -60,6 +65,12 @@ func run(ctx context.Context, args []string, getenv func(string) string, stdout,
 		}
 	case "audit":
 		code, err := auditCommand(ctx, args[1:], getenv, stdout, stderr)
+		if errors.Is(err, flag.ErrHelp) {
+			return 0, nil
+		}
+		return code, err
+	case "erase":
+		code, err := eraseCommand(ctx, args[1:], getenv, stdout)
 		if errors.Is(err, flag.ErrHelp) {
 			return 0, nil
 		}

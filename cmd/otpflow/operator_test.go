@@ -12,9 +12,7 @@ import (
 
 	"github.com/nats-io/nats-server/v2/server"
 	"github.com/otpflow/otpflow/events"
-	"github.com/otpflow/otpflow/platform"
 	"github.com/otpflow/otpflow/platform/testenv"
-	"github.com/otpflow/otpflow/services/auditor"
 )
 
 // operatorRow is one otp.operator_action row of the audit log.
@@ -43,10 +41,10 @@ func operatorRows(t *testing.T, url, action string) []operatorRow {
 	return out
 }
 
-// TestOperatorActionsAudited: audit erase and audit purge, run through the CLI against a
-// running pipeline, each leave an otp.operator_action row in the audit log that names the
-// action, the OS user and the host, says what changed, and holds no address; the chain
-// still verifies.
+// TestOperatorActionsAudited: erase and audit purge, run through the CLI against a running
+// pipeline, each leave a row in the audit log that names the OS user and the host (the
+// erasure its otp.erasure_requested, the purge an otp.operator_action that says what
+// changed and holds no address); the chain still verifies.
 func TestOperatorActionsAudited(t *testing.T) {
 	w := newWorld(t)
 	w.runInProcess(t, &testenv.LogBuffer{})
@@ -90,19 +88,30 @@ func TestOperatorActionsAudited(t *testing.T) {
 		return r
 	}
 
-	if _, out := w.cli(t, "audit", "erase", "--db", w.db, "--recipient", "ana@example.com"); !strings.Contains(out, "erased the personal data of 2 rows") {
-		t.Fatalf("erase: %s", out)
+	// An erasure is requested by an event that names who asked, and only the person's hashes.
+	if c, out := w.cli(t, "erase", "--tenant", "acme", "--recipient", "ana@example.com"); c != 0 {
+		t.Fatalf("erase: exit %d, %s", c, out)
 	}
-	check("audit.erase", "2 rows")
+	var req events.ErasureRequested
+	testenv.Eventually(t, 30*time.Second, "the erasure and its four answers audited", func() bool {
+		var n int
+		_ = db.QueryRow(context.Background(), `SELECT count(*) FROM audit.events WHERE type = 'otp.erased'`).Scan(&n)
+		var payload []byte
+		err := db.QueryRow(context.Background(), `SELECT payload FROM audit.events WHERE type = 'otp.erasure_requested'`).Scan(&payload)
+		return err == nil && json.Unmarshal(payload, &req) == nil && n == 4
+	})
+	if req.Identity.User != osUser.Username || req.Identity.Host != host || req.Tenant != "acme" || len(req.RecipientHashes) != 1 {
+		t.Fatalf("erasure request %+v, want user %q on %q", req, osUser.Username, host)
+	}
 
 	// Purge everything older than a moment ago: the erasure's own record goes with the rest,
 	// and the purge leaves a record of its own.
 	time.Sleep(10 * time.Millisecond)
-	if _, out := w.cli(t, "audit", "purge", "--db", w.db, "--older-than", "1ms"); !strings.Contains(out, "purged 3 rows") {
+	if _, out := w.cli(t, "audit", "purge", "--db", w.auditDB, "--older-than", "1ms"); !strings.Contains(out, "purged 7 rows") {
 		t.Fatalf("purge: %s", out)
 	}
-	check("audit.purge", "3 rows older than 1ms")
-	if c, out := w.cli(t, "audit", "verify", "--db", w.db); c != 0 {
+	check("audit.purge", "7 rows older than 1ms")
+	if c, out := w.cli(t, "audit", "verify", "--db", w.auditDB); c != 0 {
 		t.Fatalf("verify after erase and purge: exit %d, %s", c, out)
 	}
 }
@@ -111,10 +120,8 @@ func TestOperatorActionsAudited(t *testing.T) {
 // not exist), the command still did what it was asked, says so, and exits non-zero.
 func TestOperatorActionNotAudited(t *testing.T) {
 	w := newWorld(t)
-	pool := openDB(t, w.db)
-	testenv.Must(t, platform.Migrate(context.Background(), pool, auditor.Schema, auditor.Migrations(), testenv.Logger(&testenv.LogBuffer{})), "migrate")
 	var out, errOut bytes.Buffer
-	code, err := run(context.Background(), []string{"audit", "purge", "--db", w.db}, w.getenv, &out, &errOut)
+	code, err := run(context.Background(), []string{"audit", "purge", "--db", w.auditDB}, w.getenv, &out, &errOut)
 	if code == 0 || err == nil || !strings.Contains(err.Error(), "audit purge was done (purged 0 rows) but NOT audited") {
 		t.Fatalf("exit %d, %v; stdout %q", code, err, out.String())
 	}
@@ -123,7 +130,7 @@ func TestOperatorActionNotAudited(t *testing.T) {
 	}
 	// Without NATS, nothing is done.
 	w.env["OTP_NATS_URL"] = "nats://127.0.0.1:1"
-	code, err = run(context.Background(), []string{"audit", "erase", "--db", w.db, "--recipient", "ana@example.com"}, w.getenv, &out, &errOut)
+	code, err = run(context.Background(), []string{"erase", "--tenant", "acme", "--recipient", "ana@example.com"}, w.getenv, &out, &errOut)
 	if code == 0 || err == nil || !strings.Contains(err.Error(), "nothing done") {
 		t.Fatalf("without NATS: exit %d, %v", code, err)
 	}
@@ -146,5 +153,38 @@ func TestOperatorNATSUser(t *testing.T) {
 	defer nc.Close()
 	if id := operatorIdentity(context.Background(), nc); id.NATSUser != "ops-alice" || id.User == "" || id.Host == "" {
 		t.Fatalf("identity %+v", id)
+	}
+}
+
+// TestMigrateIsAudited: otpflow migrate with a NATS server records otp.operator_action
+// "migrate" naming who ran it; with an unreachable one it does nothing; with none it
+// migrates and says it was not recorded.
+func TestMigrateIsAudited(t *testing.T) {
+	w := newWorld(t)
+	_, js := testenv.JetStream(t, w.nats)
+	if c, out := w.cli(t, "migrate"); c != 0 || !strings.Contains(out, "migrated;") {
+		t.Fatalf("migrate: exit %d\n%s", c, out)
+	}
+	msgs := testenv.Messages(t, js, events.StreamEvents, events.TypeOperatorAction.Wildcard())
+	if len(msgs) != 1 {
+		t.Fatalf("%d operator actions, want 1", len(msgs))
+	}
+	var a events.OperatorAction
+	testenv.Must(t, json.Unmarshal(msgs[0].Data, &a), "operator action")
+	osUser, err := user.Current()
+	testenv.Must(t, err, "os user")
+	if a.Action != "migrate" || a.Identity.User != osUser.Username || !strings.Contains(a.Detail, "schemas issuer, dispatcher, verifier, audit up to date") {
+		t.Fatalf("operator action %+v", a)
+	}
+
+	w.env["OTP_NATS_URL"] = "nats://127.0.0.1:1"
+	var out, errOut bytes.Buffer
+	// run returns the error; main exits 1 with it.
+	if _, err := run(context.Background(), []string{"migrate"}, w.getenv, &out, &errOut); err == nil || !strings.Contains(err.Error(), "nothing done") {
+		t.Fatalf("with NATS unreachable: %v", err)
+	}
+	delete(w.env, "OTP_NATS_URL")
+	if c, out := w.cli(t, "migrate"); c != 0 || !strings.Contains(out, "not recorded on OTP_EVENTS") {
+		t.Fatalf("migrate without NATS: exit %d\n%s", c, out)
 	}
 }

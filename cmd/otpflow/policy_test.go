@@ -102,8 +102,8 @@ func TestKeyRotation(t *testing.T) {
 		t.Fatalf("code issued after the rotation: %+v", r)
 	}
 	keyIDs := map[string]string{}
-	for _, m := range testenv.Messages(t, a.js, events.StreamEvents, "otp.issued.acme") {
-		var e events.Issued
+	for _, m := range testenv.Messages(t, a.js, events.StreamChallenges, "otp.challenge.acme") {
+		var e events.Challenge
 		testenv.Must(t, json.Unmarshal(m.Data, &e), "decode")
 		keyIDs[e.RequestID] = e.PepperKeyID
 	}

@@ -147,8 +147,13 @@ func TestMissingSecretStopsStartWithOneLine(t *testing.T) {
 		{"verifier", "", "OTP_CODE_PEPPER"},
 		{"verifier", "OTP_CODE_PEPPER=" + strings.Repeat("A", 44), "OTP_SUBJECT_KEY"},
 		{"auditor", "", "OTP_AUDIT_KEY"},
+		{"verifier", "OTP_CODE_PEPPER=" + strings.Repeat("A", 44) + "\x00OTP_SUBJECT_KEY=" + strings.Repeat("A", 44), "OTP_DLQ_KEY"},
+		{"issuer", "OTP_SEAL_KEY=" + keys.Generate("s1", 32) + "\x00OTP_CODE_PEPPER=" + strings.Repeat("A", 44) +
+			"\x00OTP_SUBJECT_KEY=" + strings.Repeat("A", 44), "OTP_DLQ_KEY"},
+		{"dispatcher", "OTP_PROVIDERS=smtp\x00OTP_SEAL_KEY=" + keys.Generate("s1", 32), "OTP_SUBJECT_KEY"},
+		{"auditor", "OTP_AUDIT_KEY=" + keys.Generate("a1", 32), "OTP_SUBJECT_KEY"},
 		{"verifier", "OTP_CODE_PEPPER=" + strings.Repeat("A", 44) + "\x00OTP_SUBJECT_KEY=" + strings.Repeat("A", 44) +
-			"\x00OTP_TENANTS_FILE=" + badTenants(t), "OTP_TENANTS_FILE"},
+			"\x00OTP_DLQ_KEY=" + keys.Generate("d1", 32) + "\x00OTP_TENANTS_FILE=" + badTenants(t), "OTP_TENANTS_FILE"},
 	} {
 		cmd := exec.Command(filepath.Join(dir, tc.bin))
 		cmd.Env = append(strings.Split(tc.env, "\x00"), "OTP_NATS_URL=nats://127.0.0.1:1")

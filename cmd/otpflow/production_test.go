@@ -36,6 +36,7 @@ func productionEnv(t *testing.T) map[string]string {
 		"OTP_AUDIT_CHAIN_KEY":   keys.Generate("c1", 32),
 		"OTP_AUDIT_SIGNING_KEY": keys.Generate("sig1", 32),
 		"OTP_SUBJECT_KEY":       keys.Generate("k1", 32),
+		"OTP_DLQ_KEY":           keys.Generate("d1", 32),
 		"OTP_PROVIDERS":         "smtp",
 		"OTP_SMTP_URL":          "smtp://127.0.0.1:1?tls=none",
 		"OTP_MAIL_FROM":         "Acme <no-reply@acme.example>",
@@ -94,6 +95,13 @@ func TestProductionRefusesAtStart(t *testing.T) {
 			tc{"test recipients allowed (control)", bin, map[string]string{"OTP_TENANTS_FILE": testRecipients, "OTP_ALLOW_TEST_RECIPIENTS": "true"}, pastChecks},
 			tc{"a guesser wins 1 in 667", bin, map[string]string{"OTP_TENANTS_FILE": guessable}, "OTP_ENV=production: OTP_TENANTS_FILE gives tenant acme max_attempts"},
 		)
+	}
+	// The dispatch seal key doubling as the DLQ key (both rings, with other ids).
+	seal := productionEnv(t)["OTP_SEAL_KEY"]
+	sharedDLQ := "d9:" + strings.TrimPrefix(seal, "s1:")
+	for _, bin := range []string{"issuer", "dispatcher"} {
+		cases = append(cases, tc{"DLQ key shared with the seal key", bin, map[string]string{"OTP_SEAL_KEY": seal, "OTP_DLQ_KEY": keys.Generate("d1", 32) + "," + sharedDLQ},
+			"OTP_ENV=production: OTP_DLQ_KEY"})
 	}
 	cases = append(cases,
 		tc{"sandbox provider", "dispatcher", map[string]string{"OTP_PROVIDERS": "sandbox", "OTP_SANDBOX_MAILDIR": t.TempDir()}, "OTP_ENV=production: OTP_PROVIDERS"},

@@ -10,6 +10,7 @@ import (
 	"testing"
 	"time"
 
+	"github.com/otpflow/otpflow/events"
 	"github.com/otpflow/otpflow/platform"
 	"github.com/otpflow/otpflow/platform/testenv"
 )
@@ -24,7 +25,10 @@ func TestLoadCommonNamesTheBadVariable(t *testing.T) {
 		"OTP_ENV":                   {"OTP_ENV": "staging"},
 		"OTP_ALLOW_TEST_RECIPIENTS": {"OTP_ALLOW_TEST_RECIPIENTS": "yes"},
 		"OTP_NATS_PLAINTEXT_OK":     {"OTP_NATS_PLAINTEXT_OK": "1"},
+		"OTP_REQUESTS_MAX_AGE":      {"OTP_REQUESTS_MAX_AGE": "30m"}, // shorter than the longest code lifetime
+		"OTP_REQUESTS_MAX_AGE ":     {"OTP_REQUESTS_MAX_AGE": "48h"},
 	} {
+		name = strings.TrimSpace(name)
 		_, err := platform.LoadCommon(func(k string) string { return env[k] })
 		var ce *platform.ConfigError
 		if !errors.As(err, &ce) || ce.Var != name {
@@ -40,6 +44,32 @@ func TestLoadCommonNamesTheBadVariable(t *testing.T) {
 	c, err = platform.LoadCommon(func(k string) string { return prod[k] })
 	if err != nil || !c.Production() || !c.AllowTestRecipients || !c.NATSPlaintextOK {
 		t.Fatalf("production: %+v %v", c, err)
+	}
+}
+
+// TestRequestsMaxAge: OTP_REQUESTS keeps requests 1 h unless told otherwise, and every
+// service applies the same bound to the stream.
+func TestRequestsMaxAge(t *testing.T) {
+	for _, tc := range []struct {
+		env  string
+		want time.Duration
+	}{{"", time.Hour}, {"3h", 3 * time.Hour}} {
+		c, err := platform.LoadCommon(func(k string) string {
+			if k == "OTP_REQUESTS_MAX_AGE" {
+				return tc.env
+			}
+			return ""
+		})
+		testenv.Must(t, err, "load %q", tc.env)
+		var age time.Duration
+		for _, sc := range events.StreamConfigs(c.Streams()) {
+			if sc.Name == events.StreamRequests {
+				age = sc.MaxAge
+			}
+		}
+		if c.RequestsMaxAge != tc.want || age != tc.want {
+			t.Errorf("OTP_REQUESTS_MAX_AGE=%q: config %v, stream MaxAge %v, want %v", tc.env, c.RequestsMaxAge, age, tc.want)
+		}
 	}
 }
 

@@ -15,6 +15,7 @@ import (
 	"github.com/nats-io/nats.go/jetstream"
 	"github.com/otpflow/otpflow/events"
 	"github.com/otpflow/otpflow/platform"
+	"github.com/otpflow/otpflow/platform/keys"
 	"github.com/otpflow/otpflow/platform/testenv"
 	"github.com/prometheus/client_golang/prometheus"
 )
@@ -25,6 +26,9 @@ type settleEnv struct {
 	js   jetstream.JetStream
 	cons jetstream.Consumer
 	reg  *prometheus.Registry
+	// dlq seals the consumer's dead letters; subjects hashes their recipients.
+	dlq      *keys.Sealer
+	subjects *keys.Subjects
 }
 
 func newSettleEnv(t *testing.T, cc jetstream.ConsumerConfig) *settleEnv {
@@ -36,12 +40,21 @@ func newSettleEnv(t *testing.T, cc jetstream.ConsumerConfig) *settleEnv {
 	cc.AckPolicy = jetstream.AckExplicitPolicy
 	cons, err := js.CreateOrUpdateConsumer(t.Context(), "SETTLE", cc)
 	testenv.Must(t, err, "consumer")
-	return &settleEnv{js: js, cons: cons, reg: prometheus.NewRegistry()}
+	subjects, err := keys.ParseSubjects(keys.Generate("k1", 32))
+	testenv.Must(t, err, "subject key")
+	return &settleEnv{js: js, cons: cons, reg: prometheus.NewRegistry(), dlq: testenv.DLQKey(t), subjects: subjects}
 }
 
 func (e *settleEnv) consumer(size int) *platform.Consumer {
 	return platform.NewConsumer(e.cons, platform.ConsumeConfig{Name: "settle_test", BatchSize: size,
-		MaxRetryDelay: 200 * time.Millisecond, JS: e.js, Log: testenv.Logger(io.Discard), Reg: e.reg})
+		MaxRetryDelay: 200 * time.Millisecond, JS: e.js, Log: testenv.Logger(io.Discard), Reg: e.reg,
+		DeadLetters: &platform.DeadLetters{Sealer: e.dlq, Recipient: platform.RequestRecipient(e.subjects)}})
+}
+
+// opened is the original message of a dead letter, unsealed.
+func (e *settleEnv) opened(t *testing.T, m *jetstream.RawStreamMsg) string {
+	t.Helper()
+	return string(testenv.OpenDeadLetter(t, e.dlq, m).Data)
 }
 
 func (e *settleEnv) publish(t *testing.T, bodies ...string) {
@@ -213,8 +226,8 @@ func TestDeadLetterOnTheLastDeliveryWaitsForTheDLQ(t *testing.T) {
 	// The first copy failed inside Settle; the DLQ comes back.
 	testenv.Must(t, platform.Provision(t.Context(), e.js, events.StreamOptions{}), "provision")
 	dl := testenv.WaitMessages(t, e.js, events.StreamDLQ, "otp.dlq.acme", 1, 20*time.Second)
-	if string(dl[0].Data) != "poison" || dl[0].Header.Get(events.HeaderDLQReason) != "cannot be handled" {
-		t.Fatalf("dead letter %q, reason %q", dl[0].Data, dl[0].Header.Get(events.HeaderDLQReason))
+	if e.opened(t, dl[0]) != "poison" || dl[0].Header.Get(events.HeaderDLQReason) != "cannot be handled" {
+		t.Fatalf("dead letter %q, reason %q", e.opened(t, dl[0]), dl[0].Header.Get(events.HeaderDLQReason))
 	}
 	e.waitSettled(t)
 	if got := e.counter(t, "otpflow_deliveries_settled_total", "dead_letter"); got != 1 {
@@ -263,9 +276,10 @@ func TestFailedBatchIsolatesPoison(t *testing.T) {
 	again := e.fetch(t, 1)
 	c.Handle(t.Context(), again, handler)
 	dl := testenv.WaitMessages(t, e.js, events.StreamDLQ, "otp.dlq.acme", 1, 10*time.Second)
-	if string(dl[0].Data) != "poison" || !strings.Contains(dl[0].Header.Get(events.HeaderDLQReason), "poison in the batch") ||
-		dl[0].Header.Get(events.HeaderDLQDelivered) != "2" || dl[0].Header.Get(events.HeaderDLQStream) != "SETTLE" {
-		t.Errorf("dead letter %q %v", dl[0].Data, dl[0].Header)
+	if e.opened(t, dl[0]) != "poison" || !strings.Contains(dl[0].Header.Get(events.HeaderDLQReason), "poison in the batch") ||
+		dl[0].Header.Get(events.HeaderDLQDelivered) != "2" || dl[0].Header.Get(events.HeaderDLQStream) != "SETTLE" ||
+		dl[0].Header.Get(events.HeaderDLQSubject) != "settle.acme" {
+		t.Errorf("dead letter %q %v", e.opened(t, dl[0]), dl[0].Header)
 	}
 	if info := e.waitSettled(t); info.NumAckPending != 0 {
 		t.Errorf("left %+v", info)
@@ -299,8 +313,8 @@ func TestOutcomesCountedAndApplied(t *testing.T) {
 		}
 	}
 	dl := testenv.WaitMessages(t, e.js, events.StreamDLQ, "otp.dlq.acme", 1, 10*time.Second)
-	if r := dl[0].Header.Get(events.HeaderDLQReason); string(dl[0].Data) != "dead" || strings.Contains(r, "ana@") || !strings.Contains(r, "provider said no") {
-		t.Errorf("dead letter %q with reason %q", dl[0].Data, r)
+	if r := dl[0].Header.Get(events.HeaderDLQReason); e.opened(t, dl[0]) != "dead" || strings.Contains(r, "ana@") || !strings.Contains(r, "provider said no") {
+		t.Errorf("dead letter %q with reason %q", e.opened(t, dl[0]), r)
 	}
 	// Only the retried message comes back.
 	back := e.fetch(t, 1)

@@ -13,7 +13,6 @@ import (
 	"testing/fstest"
 	"time"
 
-	"github.com/jackc/pgx/v5"
 	"github.com/otpflow/otpflow/events"
 	"github.com/otpflow/otpflow/platform"
 	"github.com/otpflow/otpflow/platform/testenv"
@@ -47,36 +46,48 @@ func probeSpec(name string, loadErr error, built chan<- *probe) platform.Service
 		})
 }
 
-// TestRunServicesStartsServesAndDrains: the runner migrates each service's schema, builds each service on connections of its own, serves one
-// /metrics /healthz /readyz for them all, and returns nil once cancelled and drained.
+// TestRunServicesStartsServesAndDrains: the runner connects each service as its own role
+// (OTP_<SERVICE>_DATABASE_URL over OTP_DATABASE_URL), builds each on connections of its
+// own, serves one /metrics /healthz /readyz for them all, and returns nil once cancelled
+// and drained.
 func TestRunServicesStartsServesAndDrains(t *testing.T) {
 	ns := testenv.NATS(t)
-	db := testenv.Database(t)
+	built := make(chan *probe, 2)
+	a, b := probeSpec("probe_a", nil, built), probeSpec("probe_b", nil, built)
+	d := testenv.NewDB(t)
+	d.Migrate(t, a, b)
 	ln, err := net.Listen("tcp", "127.0.0.1:0")
 	testenv.Must(t, err, "listen")
 	addr := ln.Addr().String()
 	ln.Close()
-	env := map[string]string{"OTP_NATS_URL": ns.ClientURL(), "OTP_DATABASE_URL": db, "OTP_HTTP_ADDR": addr, "PROBE_SETTING": "on"}
+	env := map[string]string{"OTP_NATS_URL": ns.ClientURL(), "OTP_DATABASE_URL": "postgres://nobody@127.0.0.1:1/x", "OTP_HTTP_ADDR": addr, "PROBE_SETTING": "on",
+		"OTP_PROBE_A_DATABASE_URL": d.RoleURL("probe_a"), "OTP_PROBE_B_DATABASE_URL": d.RoleURL("probe_b")}
 
-	built := make(chan *probe, 2)
 	ctx, cancel := context.WithCancel(context.Background())
 	done := make(chan error, 1)
 	go func() {
-		done <- platform.RunServices(ctx, func(k string) string { return env[k] }, io.Discard,
-			probeSpec("probe_a", nil, built), probeSpec("probe_b", nil, built))
+		done <- platform.RunServices(ctx, func(k string) string { return env[k] }, io.Discard, a, b)
 	}()
-	a, b := <-built, <-built
-	<-a.running
-	<-b.running
-	if a.d == b.d || a.d.NC == b.d.NC || a.d.Reg != b.d.Reg {
+	pa, pb := <-built, <-built
+	<-pa.running
+	<-pb.running
+	if pa.d == pb.d || pa.d.NC == pb.d.NC || pa.d.Reg != pb.d.Reg {
 		t.Error("want connections of its own per service and one registry")
 	}
-	conn, err := pgx.Connect(ctx, db)
-	testenv.Must(t, err, "connect")
-	defer conn.Close(context.Background())
-	for _, schema := range []string{"probe_a", "probe_b"} {
-		_, err := conn.Exec(ctx, "SELECT * FROM "+schema+".t")
-		testenv.Must(t, err, "schema %s migrated", schema)
+	// Each reads its own table as its own role, and not the other's.
+	for _, p := range []*probe{pa, pb} {
+		var user string
+		testenv.Must(t, p.d.Pool.QueryRow(ctx, "SELECT current_user").Scan(&user), "current user")
+		own := strings.TrimPrefix(user, d.Prefix)
+		if own != "probe_a" && own != "probe_b" {
+			t.Fatalf("a service connected as %s, want its own role", user)
+		}
+		other := map[string]string{"probe_a": "probe_b", "probe_b": "probe_a"}[own]
+		_, err := p.d.Pool.Exec(ctx, "SELECT * FROM "+own+".t")
+		testenv.Must(t, err, "%s reads its own table", user)
+		if _, err := p.d.Pool.Exec(ctx, "SELECT * FROM "+other+".t"); err == nil {
+			t.Errorf("%s read %s's table", user, other)
+		}
 	}
 	testenv.Eventually(t, 10*time.Second, "the ops endpoint", func() bool {
 		resp, err := http.Get("http://" + addr + "/readyz")

@@ -232,3 +232,45 @@ func (s *Sealer) aead(keyID string) (cipher.AEAD, error) {
 
 // Key returns the key with id, or nil.
 func (r *Ring) Key(id string) []byte { return r.keys[id] }
+
+// SealDeadLetter seals a dead-lettered message whole under the active key (OTP_DLQ_KEY):
+// only the format, the tenant and the key id stay outside, bound as associated data
+// with the origin and the recipient hash header.
+func (s *Sealer) SealDeadLetter(tenant, stream string, seq uint64, recipientHash string, dl events.DeadLetter) (events.SealedDeadLetter, error) {
+	plain, err := json.Marshal(dl)
+	if err != nil {
+		return events.SealedDeadLetter{}, err
+	}
+	id := s.ring.active
+	_, sealed, err := s.Seal(events.DeadLetterAD(events.DeadLetterFormat, tenant, id, stream, seq, recipientHash), plain)
+	if err != nil {
+		return events.SealedDeadLetter{}, err
+	}
+	return events.SealedDeadLetter{Format: events.DeadLetterFormat, Tenant: tenant, KeyID: id, Sealed: sealed}, nil
+}
+
+// OpenDeadLetter opens a sealed dead letter found with the origin stream and seq and the
+// recipient hash header: any change to them or to the body gives ErrOpen.
+func (s *Sealer) OpenDeadLetter(d events.SealedDeadLetter, stream string, seq uint64, recipientHash string) (events.DeadLetter, error) {
+	plain, err := s.Open(d.KeyID, events.DeadLetterAD(d.Format, d.Tenant, d.KeyID, stream, seq, recipientHash), d.Sealed)
+	if err != nil {
+		return events.DeadLetter{}, err
+	}
+	var dl events.DeadLetter
+	if err := json.Unmarshal(plain, &dl); err != nil {
+		return events.DeadLetter{}, fmt.Errorf("sealed dead letter: %w", err)
+	}
+	return dl, nil
+}
+
+// SharesKey reports whether s and o hold a key in common, whatever its id.
+func (s *Sealer) SharesKey(o *Sealer) bool {
+	for _, a := range s.ring.keys {
+		for _, b := range o.ring.keys {
+			if hmac.Equal(a, b) {
+				return true
+			}
+		}
+	}
+	return false
+}

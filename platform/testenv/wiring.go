@@ -4,16 +4,13 @@ import (
 	"context"
 	"errors"
 	"io"
-	"io/fs"
 	"log/slog"
 	"testing"
 	"time"
 
-	"github.com/jackc/pgx/v5/pgxpool"
 	"github.com/nats-io/nats-server/v2/server"
 	"github.com/nats-io/nats.go"
 	"github.com/nats-io/nats.go/jetstream"
-	"github.com/otpflow/otpflow/platform"
 )
 
 // JetStream connects to s and returns the connection and its JetStream context, with the
@@ -21,17 +18,6 @@ import (
 func JetStream(tb testing.TB, s *server.Server) (*nats.Conn, jetstream.JetStream) {
 	tb.Helper()
 	return JetStreamReplicas(tb, s, 1)
-}
-
-// Postgres opens a pool on a fresh database with schema migrated.
-func Postgres(tb testing.TB, schema string, migrations fs.FS) *pgxpool.Pool {
-	tb.Helper()
-	url := Database(tb)
-	pool, err := pgxpool.New(context.Background(), url)
-	Must(tb, err, "open pool")
-	tb.Cleanup(pool.Close)
-	Must(tb, platform.Migrate(context.Background(), pool, schema, migrations, Logger(io.Discard)), "migrate %s", schema)
-	return pool
 }
 
 // Logger returns a debug JSON logger writing to w.

@@ -12,6 +12,7 @@ import (
 
 	"github.com/nats-io/nats.go"
 	"github.com/otpflow/otpflow/events"
+	"github.com/otpflow/otpflow/platform/keys"
 	"github.com/otpflow/otpflow/platform/window"
 	"github.com/prometheus/client_golang/prometheus"
 )
@@ -89,12 +90,16 @@ func ruleNames(th map[string]Threshold) []string {
 	return out
 }
 
-// alerter watches the audited events for anomalies and raises otp.alert.<tenant>.
+// alerter watches the audited events for anomalies and raises otp.alert.<tenant>. An
+// alert lands on the audit stream, which erasure cannot reach: its detail names no
+// address and no IP, not even masked, and its id no unkeyed hash of one; the person or
+// client network it counted is named only by subject hash (Alert.SubjectHash).
 type alerter struct {
-	th      map[string]Threshold
-	publish func(context.Context, []*nats.Msg) error
-	lookup  func(ctx context.Context, challengeID string) (recipient []byte, masked string)
-	raised  *prometheus.CounterVec
+	th       map[string]Threshold
+	subjects *keys.Subjects
+	publish  func(context.Context, []*nats.Msg) error
+	lookup   func(ctx context.Context, challengeID string) (recipient []byte)
+	raised   *prometheus.CounterVec
 
 	mu       sync.Mutex
 	windows  map[string]window.Stamps // rule|key -> event times
@@ -108,14 +113,16 @@ type providerCalls struct {
 	all, failed window.Stamps
 }
 
+// rcpt is the recipient of a challenge: hash keys the rule's windows (the audit log's
+// recipient hash), subject names it in the alert (its subject hash, when the event told).
 type rcpt struct {
-	hash   string
-	masked string
-	at     time.Time
+	hash    string
+	subject string
+	at      time.Time
 }
 
-func newAlerter(th map[string]Threshold, reg prometheus.Registerer) *alerter {
-	a := &alerter{th: th, windows: map[string]window.Stamps{}, calls: map[string]providerCalls{}, lastSent: map[string]time.Time{},
+func newAlerter(th map[string]Threshold, subjects *keys.Subjects, reg prometheus.Registerer) *alerter {
+	a := &alerter{th: th, subjects: subjects, windows: map[string]window.Stamps{}, calls: map[string]providerCalls{}, lastSent: map[string]time.Time{},
 		rcpts: map[string]rcpt{},
 		raised: prometheus.NewCounterVec(prometheus.CounterOpts{
 			Name: "otpflow_auditor_alerts_total", Help: "Anomaly alerts raised, by rule.",
@@ -141,7 +148,7 @@ func (a *alerter) rowAlerts(ctx context.Context, r *Row) []*nats.Msg {
 	a.mu.Lock()
 	defer a.mu.Unlock()
 	var out []*nats.Msg
-	raise := func(rule, key, tenant, detail string, value float64) {
+	raise := func(rule, key, tenant, detail, subject string, value float64) {
 		t := a.th[rule]
 		k := rule + "|" + key
 		if last, ok := a.lastSent[k]; ok && r.OccurredAt.Sub(last) < t.Window {
@@ -156,7 +163,7 @@ func (a *alerter) rowAlerts(ctx context.Context, r *Row) []*nats.Msg {
 		sum := sha256.Sum256([]byte(key))
 		id := fmt.Sprintf("alert:%s:%s:%d", rule, hex.EncodeToString(sum[:8]), bucket)
 		m, err := events.NewMsg(events.TypeAlert, tenant, id, "", events.Alert{Tenant: tenant, Rule: rule, Severity: "warning",
-			Detail: detail, Value: value, Threshold: threshold, RaisedAt: r.OccurredAt.UTC()}, events.Envelope{Source: "otpflow/auditor"})
+			Detail: detail, Value: value, Threshold: threshold, RaisedAt: r.OccurredAt.UTC(), SubjectHash: subject}, events.Envelope{Source: "otpflow/auditor"})
 		if err == nil {
 			out = append(out, m)
 			a.raised.WithLabelValues(rule).Inc()
@@ -175,37 +182,41 @@ func (a *alerter) rowAlerts(ctx context.Context, r *Row) []*nats.Msg {
 	switch e := r.Event.(type) {
 	case events.Issued:
 		if e.ChallengeID != "" && r.RecipientHash != nil {
-			a.rcpts[e.ChallengeID] = rcpt{hash: hex.EncodeToString(r.RecipientHash), masked: r.RecipientMasked, at: r.OccurredAt}
+			// The row's recipient hash is the person's subject hash (OTP_SUBJECT_KEY).
+			a.rcpts[e.ChallengeID] = rcpt{hash: string(r.RecipientHash), subject: string(r.RecipientHash), at: r.OccurredAt}
 		}
-		if ip := events.ClientNetwork(e.ClientIP); ip != "" {
-			// Counted per client network, as the issuer's limits count; the alert (on the
-			// audit stream, which erasure cannot reach) names it only masked.
-			if n := count(RuleRequestBurstIP, r.Tenant+"|"+ip); n >= a.th[RuleRequestBurstIP].Count && n > 0 {
-				raise(RuleRequestBurstIP, r.Tenant+"|"+ip, r.Tenant, fmt.Sprintf("%d codes issued for client network %s within %v", n, maskNetwork(ip), a.th[RuleRequestBurstIP].Window), float64(n))
+		if client := r.PII["client_hash"]; client != "" {
+			// Counted per client network, as the issuer's limits count, by its subject
+			// hash (events.ClientNetwork under OTP_SUBJECT_KEY; ToRow hashes the IP of an
+			// event of an earlier release): the window's key ends up hashed in the alert's
+			// id, and an unkeyed hash of an IPv4 address is undone by trying them all.
+			if n := count(RuleRequestBurstIP, r.Tenant+"|"+client); n >= a.th[RuleRequestBurstIP].Count && n > 0 {
+				raise(RuleRequestBurstIP, r.Tenant+"|"+client, r.Tenant, fmt.Sprintf("%d codes issued for one client network within %v", n, a.th[RuleRequestBurstIP].Window), client, float64(n))
 			}
 		}
 	case events.VerifyFailed:
 		if n := count(RuleVerifyFailuresTenant, r.Tenant); n >= a.th[RuleVerifyFailuresTenant].Count && n > 0 {
-			raise(RuleVerifyFailuresTenant, r.Tenant, r.Tenant, fmt.Sprintf("%d failed verifications within %v", n, a.th[RuleVerifyFailuresTenant].Window), float64(n))
+			raise(RuleVerifyFailuresTenant, r.Tenant, r.Tenant, fmt.Sprintf("%d failed verifications within %v", n, a.th[RuleVerifyFailuresTenant].Window), "", float64(n))
 		}
 		who, ok := a.rcpts[e.ChallengeID]
 		if !ok && e.ChallengeID != "" && a.lookup != nil {
 			a.mu.Unlock()
-			h, masked := a.lookup(ctx, e.ChallengeID)
+			h := a.lookup(ctx, e.ChallengeID)
 			a.mu.Lock()
 			if h != nil {
-				who, ok = rcpt{hash: hex.EncodeToString(h), masked: masked, at: r.OccurredAt}, true
+				// Found in the log after a restart, by its subject hash.
+				who, ok = rcpt{hash: string(h), subject: string(h), at: r.OccurredAt}, true
 				a.rcpts[e.ChallengeID] = who
 			}
 		}
 		if ok {
 			if n := count(RuleVerifyFailuresRecipient, r.Tenant+"|"+who.hash); n >= a.th[RuleVerifyFailuresRecipient].Count && n > 0 {
-				raise(RuleVerifyFailuresRecipient, r.Tenant+"|"+who.hash, r.Tenant, fmt.Sprintf("%d failed verifications for %s within %v", n, who.masked, a.th[RuleVerifyFailuresRecipient].Window), float64(n))
+				raise(RuleVerifyFailuresRecipient, r.Tenant+"|"+who.hash, r.Tenant, fmt.Sprintf("%d failed verifications for one recipient within %v", n, a.th[RuleVerifyFailuresRecipient].Window), who.subject, float64(n))
 			}
 		}
 	case events.Superseded:
 		if n := count(RuleSupersedeStorm, r.Tenant); n >= a.th[RuleSupersedeStorm].Count && n > 0 {
-			raise(RuleSupersedeStorm, r.Tenant, r.Tenant, fmt.Sprintf("%d challenges superseded within %v", n, a.th[RuleSupersedeStorm].Window), float64(n))
+			raise(RuleSupersedeStorm, r.Tenant, r.Tenant, fmt.Sprintf("%d challenges superseded within %v", n, a.th[RuleSupersedeStorm].Window), "", float64(n))
 		}
 	case events.Delivered:
 		a.countCalls(r.OccurredAt, e.ProviderAttempts, raise)
@@ -224,7 +235,7 @@ func (a *alerter) rowAlerts(ctx context.Context, r *Row) []*nats.Msg {
 // countCalls feeds the provider calls of one delivery to the failure-ratio rule. A call
 // failed unless it succeeded or the address was refused (that says nothing of the
 // provider's health).
-func (a *alerter) countCalls(at time.Time, attempts []events.ProviderAttempt, raise func(rule, key, tenant, detail string, value float64)) {
+func (a *alerter) countCalls(at time.Time, attempts []events.ProviderAttempt, raise func(rule, key, tenant, detail, subject string, value float64)) {
 	t := a.th[RuleDeliveryFailureRatio]
 	cutoff := at.Add(-t.Window)
 	for _, c := range attempts {
@@ -240,28 +251,16 @@ func (a *alerter) countCalls(at time.Time, attempts []events.ProviderAttempt, ra
 		a.calls[c.Provider] = pc
 		n, failed := len(pc.all), len(pc.failed)
 		if ratio := float64(failed) / float64(n); n >= t.Count && ratio >= t.Ratio {
-			raise(RuleDeliveryFailureRatio, c.Provider, "_system", fmt.Sprintf("provider %s failed %d of %d calls within %v", c.Provider, failed, n, t.Window), ratio)
+			raise(RuleDeliveryFailureRatio, c.Provider, "_system", fmt.Sprintf("provider %s failed %d of %d calls within %v", c.Provider, failed, n, t.Window), "", ratio)
 		}
 	}
 }
 
-// lookupRecipient finds the recipient of a challenge in the log (after a restart).
-func (s *Service) lookupRecipient(ctx context.Context, challengeID string) ([]byte, string) {
+// lookupRecipient finds the audit hash of a challenge's recipient in the log (after a
+// restart).
+func (s *Service) lookupRecipient(ctx context.Context, challengeID string) []byte {
 	var h []byte
-	var masked string
-	_ = s.pool.QueryRow(ctx, `SELECT recipient_hash, recipient_masked FROM audit.events WHERE challenge_id = $1 AND recipient_hash IS NOT NULL
-		ORDER BY stream_seq LIMIT 1`, challengeID).Scan(&h, &masked)
-	return h, masked
-}
-
-// maskNetwork shows enough of a client network to tell networks apart at a glance and not
-// enough to name a subscriber: 198.51.x.x, or 2001:db8:…/64.
-func maskNetwork(n string) string {
-	if v4 := strings.Split(n, "."); len(v4) == 4 {
-		return v4[0] + "." + v4[1] + ".x.x"
-	}
-	if g := strings.SplitN(strings.TrimSuffix(n, "/64"), ":", 3); len(g) == 3 {
-		return g[0] + ":" + g[1] + ":…/64"
-	}
-	return "(masked)"
+	_ = s.pool.QueryRow(ctx, `SELECT recipient_hash FROM audit.events WHERE challenge_id = $1 AND recipient_hash IS NOT NULL
+		ORDER BY stream_seq LIMIT 1`, challengeID).Scan(&h)
+	return h
 }

@@ -2,6 +2,8 @@ package auditor
 
 import (
 	"context"
+	"crypto/sha256"
+	"encoding/hex"
 	"encoding/json"
 	"fmt"
 	"io"
@@ -36,7 +38,7 @@ func TestParseThresholds(t *testing.T) {
 // otp.alert per rule, and none below the thresholds.
 func TestAlertRules(t *testing.T) {
 	_, js := testenv.JetStream(t, testenv.NATS(t))
-	pool := testenv.Postgres(t, Schema, Migrations())
+	pool := testenv.Postgres(t, Spec())
 	th := map[string]Threshold{
 		RuleVerifyFailuresRecipient: {Count: 3, Window: time.Minute},
 		RuleVerifyFailuresTenant:    {Count: 5, Window: time.Minute},
@@ -45,7 +47,7 @@ func TestAlertRules(t *testing.T) {
 		RuleSupersedeStorm:          {Count: 3, Window: time.Minute},
 	}
 	reg := prometheus.NewRegistry()
-	svc, err := New(Config{RecipientKey: testKey, Chain: testChain, Alerts: th}, pool, js, testenv.Logger(io.Discard), reg)
+	svc, err := New(Config{RecipientKey: testKey, Chain: testChain, Subjects: testSubjects, DLQKey: testDLQ, Alerts: th}, pool, js, testenv.Logger(io.Discard), reg)
 	testenv.Must(t, err, "auditor")
 	testenv.Start(t, svc.Run)
 
@@ -77,16 +79,23 @@ func TestAlertRules(t *testing.T) {
 	pub(events.TypeVerifyFailed, "acme", `{"challenge_id":"z2","request_id":"z2","status":"expired"}`)
 
 	want := map[string]string{
-		RuleVerifyFailuresRecipient: "3 failed verifications for a***@example.com",
-		RuleRequestBurstIP:          "3 codes issued for client network 198.51.x.x",
+		RuleVerifyFailuresRecipient: "3 failed verifications for one recipient",
+		RuleRequestBurstIP:          "3 codes issued for one client network",
 		RuleDeliveryFailureRatio:    "provider ses failed 3 of 4 calls",
 		RuleSupersedeStorm:          "3 challenges superseded",
 		RuleVerifyFailuresTenant:    "5 failed verifications",
 	}
 	var alerts []events.Alert
+	var stored strings.Builder // the alerts as a reader of the stream sees them
 	testenv.Eventually(t, 10*time.Second, "one alert per rule", func() bool {
 		alerts = nil
+		stored.Reset()
 		for _, m := range testenv.Messages(t, js, events.StreamEvents, "otp.alert.*") {
+			for k, v := range m.Header {
+				stored.WriteString(k + ": " + strings.Join(v, ",") + "\n")
+			}
+			stored.Write(m.Data)
+			stored.WriteString("\n")
 			var a events.Alert
 			_ = json.Unmarshal(m.Data, &a)
 			alerts = append(alerts, a)
@@ -102,9 +111,20 @@ func TestAlertRules(t *testing.T) {
 			t.Errorf("otpflow_auditor_alerts_total{rule=%q} = %v, want 1", rule, v)
 		}
 	}
+	// No address or IP in any form: not whole, not masked, not as an unkeyed hash in the
+	// alert's id. The person and the client are named by subject hash.
+	testenv.AssertNoPlaintext(t, stored.String(), "ana@example.com", "a***@", "198.51.100", "198.51.x")
+	for _, ip := range []string{"198.51.100.7", "::ffff:198.51.100.7"} {
+		sum := sha256.Sum256([]byte("acme|" + events.ClientNetwork(ip)))
+		testenv.AssertNoPlaintext(t, stored.String(), hex.EncodeToString(sum[:8]))
+	}
+	wantSubject := map[string]string{
+		RuleVerifyFailuresRecipient: testSubjects.Subject("acme", "ana@example.com"),
+		RuleRequestBurstIP:          testSubjects.Client("acme", "198.51.100.7"),
+	}
 	for _, a := range alerts {
-		if strings.Contains(a.Detail, "198.51.100") {
-			t.Errorf("%s: detail %q names the client IP", a.Rule, a.Detail)
+		if a.SubjectHash != wantSubject[a.Rule] {
+			t.Errorf("%s: subject hash %q, want %q", a.Rule, a.SubjectHash, wantSubject[a.Rule])
 		}
 		if !strings.Contains(a.Detail, want[a.Rule]) {
 			t.Errorf("%s: detail %q, want %q", a.Rule, a.Detail, want[a.Rule])

@@ -302,14 +302,14 @@ func (c *Chain) checkEvents(ctx context.Context, pool *pgxpool.Pool, js jetstrea
 			rep.Events++
 			// The row must say what the message says: a row forged in the database under
 			// a real message's sequence (and chained by a later backfill) differs here.
-			if got, err := ToRow(nil, seq, md.Timestamp, m.Subject(), m.Headers(), m.Data()); err == nil {
+			if got, err := ToRow(nil, nil, seq, md.Timestamp, m.Subject(), m.Headers(), m.Data()); err == nil {
 				if want, err := rowContent(&got); err == nil && !bytes.Equal(want, content[int64(seq)]) {
 					rep.BrokenSeq = int64(seq)
 					rep.Problem = fmt.Sprintf("the row for stream sequence %d does not match its %s message (forged)", seq, events.StreamEvents)
 					return nil
 				}
 			}
-		} else if _, err := ToRow(nil, seq, md.Timestamp, m.Subject(), m.Headers(), m.Data()); err == nil {
+		} else if _, err := ToRow(nil, nil, seq, md.Timestamp, m.Subject(), m.Headers(), m.Data()); err == nil {
 			rep.BrokenSeq = int64(seq)
 			rep.Problem = fmt.Sprintf("%s holds %s at stream sequence %d, but the table has no row for it (deleted)",
 				events.StreamEvents, m.Subject(), seq)

@@ -41,8 +41,8 @@ type anchoredLog struct {
 func anchored(t *testing.T, n, old int, sign bool) *anchoredLog {
 	t.Helper()
 	_, js := testenv.JetStream(t, testenv.NATS(t))
-	pool := testenv.Postgres(t, Schema, Migrations())
-	cfg := Config{RecipientKey: testKey, Chain: testChain, CheckpointEvery: 20 * time.Millisecond, VerifyEvery: time.Hour}
+	pool := testenv.Postgres(t, Spec())
+	cfg := Config{RecipientKey: testKey, Chain: testChain, Subjects: testSubjects, DLQKey: testDLQ, CheckpointEvery: 20 * time.Millisecond, VerifyEvery: time.Hour}
 	if sign {
 		cfg.Signer = testSigner
 	}
@@ -213,7 +213,7 @@ func TestForgedCheckpointOnNATS(t *testing.T) {
 // checkpoint (signed checkpoints and OTP_EVENTS messages before it are not asked for).
 func TestErasureAndPurgeStillVerifyAnchored(t *testing.T) {
 	l := anchored(t, 20, 8, true)
-	_, err := Erase(context.Background(), l.pool, testKey, "u11@example.com")
+	_, err := Erase(context.Background(), testenv.Admin(t, l.pool), testSubjects, "u11@example.com")
 	testenv.Must(t, err, "erase")
 	n, err := testChain.Purge(context.Background(), l.pool, time.Now().Add(-400*24*time.Hour))
 	testenv.Must(t, err, "purge")
@@ -231,9 +231,9 @@ func TestErasureAndPurgeStillVerifyAnchored(t *testing.T) {
 // pinning the event on them in a trail. An erased row must hold no personal data at all.
 func TestErasedRowCannotCarryForgedPersonalData(t *testing.T) {
 	l := anchored(t, 20, 0, true)
-	victim := RecipientHash(testKey, "victim@example.com")
+	victim := []byte(testSubjects.Subject("acme", "victim@example.com"))
 	tamper(t, l.pool, fmt.Sprintf(`UPDATE audit.events SET pii_salt = NULL, recipient_hash = '\x%x', recipient_masked = 'v***@example.com',
-		pii = '{"client_ip":"198.51.100.66"}' WHERE chain_pos = 5`, victim))
+		pii = '{"client_hash":"%s"}' WHERE chain_pos = 5`, victim, testSubjects.Client("acme", "198.51.100.66")))
 	wantBroken(t, l.verify(t), 5, "forged")
 }
 

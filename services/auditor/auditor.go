@@ -22,6 +22,7 @@ import (
 	"github.com/nats-io/nats.go/jetstream"
 	"github.com/otpflow/otpflow/events"
 	"github.com/otpflow/otpflow/platform"
+	"github.com/otpflow/otpflow/platform/keys"
 	"github.com/prometheus/client_golang/prometheus"
 )
 
@@ -39,9 +40,14 @@ func Migrations() fs.FS {
 
 // Config is the auditor's configuration.
 type Config struct {
-	// RecipientKey keys the recipient hash (OTP_AUDIT_KEY), so the log can answer "did
-	// this address get a code" without holding the address.
+	// RecipientKey (OTP_AUDIT_KEY) derives the salts of the rows' personal-data digests.
+	// Rows written before this release also hold recipient hashes made under it.
 	RecipientKey []byte
+	// Subjects (OTP_SUBJECT_KEY) is the one identity of a person and a client network:
+	// events carry the recipient's and the client's hashes under it, and the auditor
+	// hashes the plaintext of events from earlier releases under its active key, so the
+	// log holds no address or IP. Trails and erasures look up every key of the ring.
+	Subjects *keys.Subjects
 	// Chain keys the row hashes (OTP_AUDIT_CHAIN_KEY); required.
 	Chain     *Chain
 	BatchSize int
@@ -57,6 +63,8 @@ type Config struct {
 	// Alerts are the anomaly rules' thresholds (OTP_ALERT_RULES); nil: the defaults.
 	Alerts  map[string]Threshold
 	Streams events.StreamOptions
+	// DLQKey seals dead letters (OTP_DLQ_KEY); required.
+	DLQKey *keys.Sealer
 }
 
 // Service is one auditor process.
@@ -70,6 +78,9 @@ type Service struct {
 	written *prometheus.CounterVec
 	alerts  *alerter
 	anchor  *anchorState
+	// cons is the auditor's durable consumer once Run has bound it: an erasure waits for
+	// its acknowledgement floor (eraseChained).
+	cons jetstream.Consumer
 }
 
 // New returns an auditor; Run starts it. The schema must be migrated.
@@ -79,6 +90,9 @@ func New(cfg Config, pool *pgxpool.Pool, js jetstream.JetStream, log *slog.Logge
 	}
 	if cfg.Chain == nil {
 		return nil, errors.New("auditor: a chain key is required")
+	}
+	if cfg.Subjects == nil || cfg.DLQKey == nil {
+		return nil, errors.New("auditor: a subject key and a DLQ key are required")
 	}
 	if cfg.BatchSize < 1 {
 		cfg.BatchSize = 200
@@ -95,7 +109,7 @@ func New(cfg Config, pool *pgxpool.Pool, js jetstream.JetStream, log *slog.Logge
 		cfg.Alerts = DefaultThresholds()
 		s.cfg.Alerts = cfg.Alerts
 	}
-	s.alerts = newAlerter(cfg.Alerts, reg)
+	s.alerts = newAlerter(cfg.Alerts, cfg.Subjects, reg)
 	s.alerts.publish = func(ctx context.Context, msgs []*nats.Msg) error {
 		err := platform.PublishAll(ctx, js, msgs)
 		if err != nil {
@@ -114,6 +128,7 @@ func (s *Service) Run(ctx context.Context) error {
 	if err != nil {
 		return platform.SetupError(ctx, err)
 	}
+	s.cons = cons
 	if n, err := s.cfg.Chain.Backfill(ctx, s.pool, s.cfg.RecipientKey); err != nil {
 		return platform.SetupError(ctx, fmt.Errorf("chain rows written before the chain: %w", err))
 	} else if n > 0 {
@@ -121,7 +136,8 @@ func (s *Service) Run(ctx context.Context) error {
 	}
 	s.log.Info("auditor consuming", "stream", events.StreamEvents, "consumer", events.ConsumerAuditor)
 	c := platform.NewConsumer(cons, platform.ConsumeConfig{Name: events.ConsumerAuditor, BatchSize: s.cfg.BatchSize,
-		JS: s.js, Log: s.log, Reg: s.reg})
+		JS: s.js, Log: s.log, Reg: s.reg,
+		DeadLetters: &platform.DeadLetters{Sealer: s.cfg.DLQKey, Recipient: platform.EventRecipient(s.cfg.Subjects)}})
 	anchored := make(chan struct{})
 	go func() { defer close(anchored); s.runAnchor(ctx) }()
 	err = c.Run(ctx, s.handleBatch)
@@ -147,9 +163,11 @@ type Row struct {
 	Event any
 
 	// Personal data, erasable: it enters the chain only through PIIDigest.
+	// RecipientHash is the recipient's subject hash ("id:base64url" under OTP_SUBJECT_KEY)
+	// as bytes; rows written before this release hold HMAC-SHA256(OTP_AUDIT_KEY, address).
 	RecipientHash   []byte
 	RecipientMasked string
-	PII             map[string]string // client_ip, session_id
+	PII             map[string]string // client_hash
 	PIISalt         []byte
 	PIIDigest       []byte
 
@@ -159,24 +177,37 @@ type Row struct {
 	ChainKeyID string // the chain key RowHash was made with
 }
 
-// personalFields leave the payload for the erasable PII column.
-var personalFields = []string{"client_ip", "session_id"}
+// Fields no audit row keeps, whatever the event: what verifies a code, and the session.
+// otp.issued of earlier releases carried them; a producer that still sends them loses them
+// here.
+var droppedFields = []string{"code_hmac", "pepper_key_id", "session_id"}
 
 // rowKeys are what every row is found by. They are read the same way from every event, of a
 // known type or not.
 type rowKeys struct {
-	RequestID   string `json:"request_id"`
-	ChallengeID string `json:"challenge_id"`
-	Recipient   string `json:"recipient"`
+	RequestID       string `json:"request_id"`
+	ChallengeID     string `json:"challenge_id"`
+	RecipientHash   string `json:"recipient_hash"`
+	RecipientMasked string `json:"recipient_masked"`
+	ClientHash      string `json:"client_hash"`
+	SubjectHash     string `json:"subject_hash"`
+	// Recipient and ClientIP are the plaintext of events from earlier releases.
+	Recipient string `json:"recipient"`
+	ClientIP  string `json:"client_ip"`
 }
 
-// ToRow turns an OTP_EVENTS message into its audit row: the recipient leaves the payload
-// and is kept as HMAC-SHA256(key, canonical address) and a masked form; the client IP and
-// session id move to the erasable PII column. Everything else stays as it came, fields and
-// types this auditor does not know included, numbers as written. stored is when the
-// stream stored the message, the event time when it has no ce-time. The same message and
-// key always give the same row, so a replay rebuilds the live log exactly.
-func ToRow(key []byte, seq uint64, stored time.Time, subject string, header map[string][]string, data []byte) (Row, error) {
+// ToRow turns an OTP_EVENTS message into its audit row. The recipient's subject hash and
+// masked form, and the client's hash, leave the payload for the erasable columns; the
+// code HMAC and the session id are dropped. An event of an earlier release that carries
+// the plaintext address or client IP gets them hashed under the active key of subjects
+// (and the address masked), and the plaintext is dropped: no row holds it. Everything
+// else stays as it came, fields and types this auditor does not know included, numbers as
+// written. stored is when the stream stored the message, the event time when it has no
+// ce-time. The same message and keys always give the same row, so a replay rebuilds the
+// live log exactly. key (OTP_AUDIT_KEY) derives the row's salt. With nil keys the row's
+// chained content (all but its personal data) is still exact, for comparing a row with its
+// message.
+func ToRow(key []byte, subjects *keys.Subjects, seq uint64, stored time.Time, subject string, header map[string][]string, data []byte) (Row, error) {
 	typ, tenant, err := events.SplitSubject(subject)
 	if err != nil {
 		return Row{}, err
@@ -204,19 +235,47 @@ func ToRow(key []byte, seq uint64, stored time.Time, subject string, header map[
 	r.RequestID, r.ChallengeID = k.RequestID, k.ChallengeID
 	// A known type that does not decode into its payload is kept uninterpreted.
 	r.Event, _ = events.DecodeEventOf(typ, data)
-	if _, ok := body["recipient"].(string); ok {
-		delete(body, "recipient")
-		r.RecipientHash = RecipientHash(key, k.Recipient)
-		r.RecipientMasked = Mask(k.Recipient)
+	// take removes a field from the payload and reports whether it was a string there.
+	take := func(f string) bool {
+		_, isString := body[f].(string)
+		_, present := body[f]
+		delete(body, f)
+		return present && isString
 	}
-	for _, f := range personalFields {
-		if v, ok := body[f].(string); ok {
-			delete(body, f)
-			if r.PII == nil {
-				r.PII = map[string]string{}
-			}
-			r.PII[f] = v
+	if take("recipient_hash") && k.RecipientHash != "" {
+		r.RecipientHash = []byte(k.RecipientHash)
+	}
+	if take("recipient_masked") {
+		r.RecipientMasked = k.RecipientMasked
+	}
+	if take("recipient") && k.Recipient != "" {
+		if r.RecipientHash == nil && subjects != nil {
+			r.RecipientHash = []byte(subjects.Subject(tenant, k.Recipient))
 		}
+		if r.RecipientMasked == "" {
+			r.RecipientMasked = Mask(k.Recipient)
+		}
+	}
+	client := ""
+	if take("client_hash") {
+		client = k.ClientHash
+	}
+	if take("client_ip") && k.ClientIP != "" && client == "" && subjects != nil {
+		client = subjects.Client(tenant, k.ClientIP)
+	}
+	if client != "" {
+		r.PII = map[string]string{"client_hash": client}
+	}
+	// An alert names the person or client network it counted by subject hash: erasable
+	// with the rest, so an erasure of that person clears it.
+	if take("subject_hash") && k.SubjectHash != "" {
+		if r.PII == nil {
+			r.PII = map[string]string{}
+		}
+		r.PII["subject_hash"] = k.SubjectHash
+	}
+	for _, f := range droppedFields {
+		delete(body, f)
 	}
 	if r.Payload, err = json.Marshal(body); err != nil {
 		return Row{}, err
@@ -283,29 +342,35 @@ func piiSalt(key []byte, seq uint64) []byte {
 	return m.Sum(nil)[:16]
 }
 
-// RecipientHash is HMAC-SHA256(key, canonical address), so every spelling of one
-// address finds the same trail and the same erasure.
+// RecipientHash is HMAC-SHA256(key, canonical address): the recipient hash of rows
+// written before this release, under OTP_AUDIT_KEY. Rows now hold the subject hash
+// (keys.Subjects).
 func RecipientHash(key []byte, addr string) []byte {
 	m := hmac.New(sha256.New, key)
 	m.Write([]byte(events.CanonicalAddress(addr)))
 	return m.Sum(nil)
 }
 
-// Mask keeps the first character of the local part and the domain: a***@example.com.
-func Mask(addr string) string {
-	at := strings.LastIndexByte(addr, '@')
-	if at < 1 {
-		return "***"
+// SubjectHashes are the recipient hashes under which the rows of addr in tenant may be
+// stored: its subject hash under every key of the ring, active first.
+func SubjectHashes(subjects *keys.Subjects, tenant, addr string) [][]byte {
+	var out [][]byte
+	for _, h := range subjects.SubjectHashes(tenant, addr) {
+		out = append(out, []byte(h))
 	}
-	return addr[:1] + "***" + addr[at:]
+	return out
 }
+
+// Mask keeps the first character of the local part and the domain: a***@example.com
+// (events.MaskAddress).
+func Mask(addr string) string { return events.MaskAddress(addr) }
 
 func (s *Service) handleBatch(ctx context.Context, batch []*platform.Delivery) error {
 	var rows []*Row
 	var good []*platform.Delivery
 	for _, d := range batch {
 		md := d.Meta()
-		row, err := ToRow(s.cfg.RecipientKey, md.Sequence, md.Timestamp, d.Subject(), d.Headers(), d.Data())
+		row, err := ToRow(s.cfg.RecipientKey, s.cfg.Subjects, md.Sequence, md.Timestamp, d.Subject(), d.Headers(), d.Data())
 		if err != nil {
 			_, tenant, _ := events.SplitSubject(d.Subject())
 			s.log.Error("undecodable event", "seq", md.Sequence, "err", err)
@@ -345,6 +410,12 @@ func (s *Service) handleBatch(ctx context.Context, batch []*platform.Delivery) e
 			return nil
 		}
 		return fmt.Errorf("write %d audit rows: %w", len(good), err)
+	}
+	// An erasure is done once its row is chained (every earlier row is there too) and
+	// before it is acknowledged: a failure retries the batch, whose rows are then skipped
+	// as already written, and the erasure again (finding nothing left).
+	if err := s.eraseChained(ctx, rows); err != nil {
+		return err
 	}
 	for _, d := range good {
 		typ, _, _ := events.SplitSubject(d.Subject())

@@ -93,7 +93,8 @@ type Head struct {
 // Append writes rows (in stream order) to the log in one transaction: rows already there
 // (same stream sequence) are skipped, the others are chained after the head, which is
 // row-locked so that any number of writers keep one chain, and hashed with the active
-// chain key.
+// chain key. The head is locked and moved by audit.lock_head and audit.advance_head: the
+// auditor's role may not update it, and the head never moves back.
 func (c *Chain) Append(ctx context.Context, pool *pgxpool.Pool, rows []*Row) (Written, error) {
 	var written Written
 	keyID := c.KeyID()
@@ -105,7 +106,7 @@ func (c *Chain) Append(ctx context.Context, pool *pgxpool.Pool, rows []*Row) (Wr
 		written = Written{}
 		var pos int64
 		var head []byte
-		if err := tx.QueryRow(ctx, `SELECT pos, hash FROM audit.chain_head FOR UPDATE`).Scan(&pos, &head); err != nil {
+		if err := tx.QueryRow(ctx, `SELECT pos, hash FROM audit.lock_head()`).Scan(&pos, &head); err != nil {
 			return fmt.Errorf("chain head: %w", err)
 		}
 		seqs := make([]int64, len(rows))
@@ -160,7 +161,7 @@ func (c *Chain) Append(ctx context.Context, pool *pgxpool.Pool, rows []*Row) (Wr
 			return fmt.Errorf("copy audit rows: %w", err)
 		}
 		written.Rows = len(copyRows)
-		_, err = tx.Exec(ctx, `UPDATE audit.chain_head SET pos = $1, hash = $2`, pos, head)
+		_, err = tx.Exec(ctx, `SELECT audit.advance_head($1, $2)`, pos, head)
 		return err
 	})
 	return written, err
@@ -194,7 +195,8 @@ var ErrNoLog = errors.New("no audit log in this database")
 // an edited row (its hash no longer matches, and cannot be recomputed without the key), a
 // deleted one (a gap, or a broken link), an inserted one (a link to nothing before it), a
 // reordered pair (links out of order), rows cut off the end (the head no longer matches
-// the last row) and a purge checkpoint that no purge wrote. It cannot see a tail cut
+// the last row) and any purge checkpoint that no purge wrote (the MAC of every one is
+// checked, not only the newest, so a later purge does not launder it). It cannot see a tail cut
 // together with the head: VerifyAnchored checks that against the signed checkpoints and
 // OTP_EVENTS.
 func (c *Chain) Verify(ctx context.Context, pool *pgxpool.Pool) (Report, error) {
@@ -211,19 +213,26 @@ func (c *Chain) verify(ctx context.Context, pool *pgxpool.Pool, want map[int64][
 		return rep, fmt.Errorf("%w: %v", ErrNoLog, err)
 	}
 	prevPos, prev := int64(0), make([]byte, 32)
+	// Every purge checkpoint is held to its MAC, not only the newest: a forged one (rows
+	// deleted outside a purge) stays forged after a later, genuine purge. The chain of what
+	// remains starts from the newest.
+	cps, err := pool.Query(ctx, `SELECT pos, hash, coalesce(key_id, ''), mac FROM audit.checkpoints ORDER BY pos`)
+	if err != nil {
+		return rep, fmt.Errorf("purge checkpoints: %w", err)
+	}
+	var cpPos int64
+	var cpHash, cpMAC []byte
 	var cpKeyID string
-	var cpMAC []byte
-	err := pool.QueryRow(ctx, `SELECT pos, hash, coalesce(key_id, ''), mac FROM audit.checkpoints ORDER BY pos DESC LIMIT 1`).
-		Scan(&prevPos, &prev, &cpKeyID, &cpMAC)
-	switch {
-	case errors.Is(err, pgx.ErrNoRows):
-	case err != nil:
-		return rep, fmt.Errorf("purge checkpoint: %w", err)
-	default:
-		rep.PurgedTo = prevPos
-		if mac, err := c.checkpointMAC(cpKeyID, prevPos, prev); err != nil || !hmac.Equal(mac, cpMAC) {
-			rep.BrokenPos, rep.Problem = prevPos, fmt.Sprintf("the purge checkpoint at chain position %d is not authenticated by the chain key (forged: rows deleted outside a purge)", prevPos)
+	_, err = pgx.ForEachRow(cps, []any{&cpPos, &cpHash, &cpKeyID, &cpMAC}, func() error {
+		if mac, err := c.checkpointMAC(cpKeyID, cpPos, cpHash); (err != nil || !hmac.Equal(mac, cpMAC)) && rep.Problem == "" {
+			rep.BrokenPos, rep.Problem = cpPos, fmt.Sprintf("the purge checkpoint at chain position %d is not authenticated by the chain key (forged: rows deleted outside a purge)", cpPos)
 		}
+		prevPos, prev = cpPos, bytes.Clone(cpHash)
+		rep.PurgedTo = cpPos
+		return nil
+	})
+	if err != nil {
+		return rep, fmt.Errorf("purge checkpoints: %w", err)
 	}
 	rows, err := pool.Query(ctx, `SELECT chain_pos, stream_seq, subject, type, tenant, event_id, source, occurred_at, request_id,
 		challenge_id, payload, recipient_hash, recipient_masked, pii, pii_salt, pii_digest, prev_hash, row_hash, coalesce(chain_key_id, '')
@@ -297,8 +306,8 @@ func (c *Chain) verify(ctx context.Context, pool *pgxpool.Pool, want map[int64][
 
 // Backfill chains rows written before the chain existed (chain_pos NULL), in stream
 // order after the current head, under the active chain key; key is the recipient key
-// (OTP_AUDIT_KEY) their salts derive from. The trigger lets a row be chained once; its
-// content cannot change.
+// (OTP_AUDIT_KEY) their salts derive from. The rows are chained, and the head moved, by
+// audit.chain_legacy as the log's owner; the trigger keeps their content as it was.
 func (c *Chain) Backfill(ctx context.Context, pool *pgxpool.Pool, key []byte) (int, error) {
 	n := 0
 	keyID := c.KeyID()
@@ -309,12 +318,12 @@ func (c *Chain) Backfill(ctx context.Context, pool *pgxpool.Pool, key []byte) (i
 	err = pgx.BeginFunc(ctx, pool, func(tx pgx.Tx) error {
 		var pos int64
 		var head []byte
-		if err := tx.QueryRow(ctx, `SELECT pos, hash FROM audit.chain_head FOR UPDATE`).Scan(&pos, &head); err != nil {
+		if err := tx.QueryRow(ctx, `SELECT pos, hash FROM audit.lock_head()`).Scan(&pos, &head); err != nil {
 			return err
 		}
 		// Backfill is for a log written before the chain existed. Once the chain has
 		// begun, an unchained row was inserted behind the auditor's back: chaining it
-		// would launder it under the real key.
+		// would launder it under the real key (audit.chain_legacy refuses it too).
 		var chained, unchained bool
 		if err := tx.QueryRow(ctx, `SELECT EXISTS (SELECT 1 FROM audit.events WHERE chain_pos IS NOT NULL),
 			EXISTS (SELECT 1 FROM audit.events WHERE chain_pos IS NULL)`).Scan(&chained, &unchained); err != nil {
@@ -344,6 +353,11 @@ func (c *Chain) Backfill(ctx context.Context, pool *pgxpool.Pool, key []byte) (i
 		if err := rows.Err(); err != nil {
 			return err
 		}
+		if len(legacy) == 0 {
+			return nil
+		}
+		var seqs []int64
+		var prevs, hashes, salts, digests [][]byte
 		for _, r := range legacy {
 			r.PIISalt = piiSalt(key, r.StreamSeq)
 			r.PIIDigest = piiDigest(r.PIISalt, r.RecipientHash, r.RecipientMasked, nil)
@@ -353,17 +367,11 @@ func (c *Chain) Backfill(ctx context.Context, pool *pgxpool.Pool, key []byte) (i
 				return err
 			}
 			head = r.RowHash
-			if _, err := tx.Exec(ctx, `UPDATE audit.events SET chain_pos = $2, prev_hash = $3, row_hash = $4, pii_salt = $5,
-				pii_digest = $6, chain_key_id = $7 WHERE stream_seq = $1`, int64(r.StreamSeq), r.ChainPos, r.PrevHash, r.RowHash,
-				r.PIISalt, r.PIIDigest, r.ChainKeyID); err != nil {
-				return err
-			}
+			seqs, prevs, hashes = append(seqs, int64(r.StreamSeq)), append(prevs, r.PrevHash), append(hashes, r.RowHash)
+			salts, digests = append(salts, r.PIISalt), append(digests, r.PIIDigest)
 		}
 		n = len(legacy)
-		if n == 0 {
-			return nil
-		}
-		_, err = tx.Exec(ctx, `UPDATE audit.chain_head SET pos = $1, hash = $2`, pos, head)
+		_, err = tx.Exec(ctx, `SELECT audit.chain_legacy($1, $2, $3, $4, $5, $6)`, seqs, prevs, hashes, salts, digests, keyID)
 		return err
 	})
 	return n, err

@@ -31,14 +31,15 @@ func TestEventTheDatabaseRefusesDoesNotStallTheLog(t *testing.T) {
 		_, err = js.PublishMsg(ctx, m)
 		testenv.Must(t, err, "publish")
 	}
-	live := testenv.Postgres(t, Schema, Migrations())
-	svc, err := New(Config{RecipientKey: testKey, Chain: testChain, BatchSize: 10}, live, js, testenv.Logger(io.Discard), nil)
+	live := testenv.Postgres(t, Spec())
+	svc, err := New(Config{RecipientKey: testKey, Chain: testChain, Subjects: testSubjects, DLQKey: testDLQ, BatchSize: 10}, live, js, testenv.Logger(io.Discard), nil)
 	testenv.Must(t, err, "auditor")
 	testenv.Start(t, svc.Run)
 
 	dl := testenv.WaitMessages(t, js, events.StreamDLQ, "otp.dlq.acme", 1, 15*time.Second)
-	if r := dl[0].Header.Get(events.HeaderDLQReason); !strings.Contains(r, "SQLSTATE 22") || !strings.Contains(string(dl[0].Data), "c-2") {
-		t.Fatalf("dead letter %s, reason %q", dl[0].Data, r)
+	orig := testenv.OpenDeadLetter(t, testDLQ, dl[0])
+	if r := dl[0].Header.Get(events.HeaderDLQReason); !strings.Contains(r, "SQLSTATE 22") || !strings.Contains(string(orig.Data), "c-2") {
+		t.Fatalf("dead letter %s, reason %q", orig.Data, r)
 	}
 	testenv.Eventually(t, 10*time.Second, "the two good events chained", func() bool { return len(payloads(t, live)) == 2 })
 	rep, err := testChain.Verify(ctx, live)

@@ -7,24 +7,34 @@ import (
 
 	"github.com/jackc/pgx/v5"
 	"github.com/jackc/pgx/v5/pgxpool"
+	"github.com/otpflow/otpflow/platform/keys"
 )
 
 // Erase removes one recipient's personal data from the log: on every row about them the
-// keyed hash, the masked address, the client IP and the session id are cleared, and the
-// salt with them, so the digest that the chain holds can no longer be tied to the person.
-// The chain stays verifiable. It returns the number of rows erased.
-func Erase(ctx context.Context, pool *pgxpool.Pool, key []byte, recipient string) (int64, error) {
-	h := RecipientHash(key, recipient)
+// subject hash, the masked address and the client hash are cleared, and the salt with
+// them, so the digest that the chain holds can no longer be tied to the person. The
+// person is found by their subject hash under every key of the ring, in every tenant of
+// the log. The chain stays verifiable. It calls audit.erase, which only the log's owner
+// may run: pool must be an administrator's (the auditor's role erases only what a chained
+// erasure request names, EraseChained). It returns the number of rows erased.
+//
+// otpflow erase does more (every service, the streams) through otp.erasure_requested;
+// this is the log's part alone, for a log whose pipeline is gone.
+func Erase(ctx context.Context, pool *pgxpool.Pool, subjects *keys.Subjects, recipient string) (int64, error) {
+	rows, err := pool.Query(ctx, `SELECT DISTINCT tenant FROM audit.events WHERE recipient_hash IS NOT NULL`)
+	if err != nil {
+		return 0, err
+	}
+	tenants, err := pgx.CollectRows(rows, pgx.RowTo[string])
+	if err != nil {
+		return 0, err
+	}
+	var hs [][]byte
+	for _, t := range tenants {
+		hs = append(hs, SubjectHashes(subjects, t, recipient)...)
+	}
 	var n int64
-	err := pgx.BeginFunc(ctx, pool, func(tx pgx.Tx) error {
-		// Rows about the recipient's challenges carry the client IP and session id too.
-		tag, err := tx.Exec(ctx, `UPDATE audit.events SET recipient_hash = NULL, recipient_masked = '', pii = NULL,
-				pii_salt = NULL, erased_at = now()
-			WHERE pii_salt IS NOT NULL AND (recipient_hash = $1 OR (challenge_id <> '' AND challenge_id IN
-				(SELECT challenge_id FROM audit.events WHERE recipient_hash = $1)))`, h)
-		n = tag.RowsAffected()
-		return err
-	})
+	err = pool.QueryRow(ctx, `SELECT audit.erase($1)`, hs).Scan(&n)
 	return n, err
 }
 
@@ -50,16 +60,8 @@ func (c *Chain) Purge(ctx context.Context, pool *pgxpool.Pool, cutoff time.Time)
 		if err != nil {
 			return err
 		}
-		if _, err := tx.Exec(ctx, `INSERT INTO audit.checkpoints (pos, hash, key_id, mac) VALUES ($1, $2, $3, $4) ON CONFLICT DO NOTHING`,
-			*upTo, hash, keyID, mac); err != nil {
-			return err
-		}
-		if _, err := tx.Exec(ctx, `SET LOCAL otpflow.audit_purge = 'on'`); err != nil {
-			return err
-		}
-		tag, err := tx.Exec(ctx, `DELETE FROM audit.events WHERE chain_pos <= $1`, *upTo)
-		n = tag.RowsAffected()
-		return err
+		// As the log's owner: the auditor's role may not delete (migrations/00004_roles.sql).
+		return tx.QueryRow(ctx, `SELECT audit.purge($1, $2, $3, $4)`, *upTo, hash, keyID, mac).Scan(&n)
 	})
 	return n, err
 }

@@ -10,6 +10,7 @@ import (
 	"github.com/jackc/pgx/v5"
 	"github.com/jackc/pgx/v5/pgxpool"
 	"github.com/otpflow/otpflow/events"
+	"github.com/otpflow/otpflow/platform/keys"
 )
 
 // Step is one event in the timeline of a request.
@@ -25,13 +26,14 @@ type Step struct {
 }
 
 // Trail returns the timeline of one request, or of every request of one recipient
-// (found by its keyed hash), across services: requested, issued, delivered (by which
-// provider, after which calls), failed, verified, locked.
-func Trail(ctx context.Context, pool *pgxpool.Pool, key []byte, tenant, requestID, recipient string) ([]Step, error) {
+// (found by its subject hash under every key of the ring, so rows written before a key
+// rotation are found), across services: requested, issued, delivered (by which provider,
+// after which calls), failed, verified, locked.
+func Trail(ctx context.Context, pool *pgxpool.Pool, subjects *keys.Subjects, tenant, requestID, recipient string) ([]Step, error) {
 	ids := []string{requestID}
 	if recipient != "" {
-		rows, err := pool.Query(ctx, `SELECT DISTINCT request_id FROM audit.events WHERE tenant = $1 AND recipient_hash = $2`,
-			tenant, RecipientHash(key, recipient))
+		rows, err := pool.Query(ctx, `SELECT DISTINCT request_id FROM audit.events WHERE tenant = $1 AND recipient_hash = ANY($2)`,
+			tenant, SubjectHashes(subjects, tenant, recipient))
 		if err != nil {
 			return nil, err
 		}
@@ -100,6 +102,11 @@ func summarize(typ string, ev any) string {
 		return "superseded by request " + e.SupersededBy
 	case events.Rejected:
 		return fmt.Sprintf("rejected: %s %s", e.Reason, e.Detail)
+	case events.ErasureRequested:
+		return fmt.Sprintf("operator %s@%s asked to erase a person (%d requests and %d dead letters deleted from the streams)",
+			e.Identity.User, e.Identity.Host, e.DeletedRequests, e.DeletedDeadLetters)
+	case events.Erased:
+		return fmt.Sprintf("%s erased %d rows of erasure %s", e.Service, e.Rows, e.ErasureID)
 	case events.OperatorAction:
 		who := e.Identity.User + "@" + e.Identity.Host
 		if e.Identity.NATSUser != "" {

@@ -106,6 +106,20 @@ func (s *Service) open(d *platform.Delivery) (events.DispatchJob, string, error)
 	return dj, tenant, nil
 }
 
+// jobRecipient is the subject hash of a dispatch job's recipient, for its dead letter's
+// header: known only once the job opens (a forged job names nobody).
+func (s *Service) jobRecipient(tenant string, data []byte) string {
+	sealed, err := events.DecodeSealedDispatch(data)
+	if err != nil || sealed.Tenant != tenant {
+		return ""
+	}
+	job, err := s.cfg.Sealer.OpenJob(sealed)
+	if err != nil {
+		return ""
+	}
+	return s.cfg.Subjects.Subject(tenant, job.Recipient)
+}
+
 // acquire takes n send slots, waiting while every slot is busy with slow providers; the
 // consumer keeps the waiting jobs in progress meanwhile.
 func (s *Service) acquire(n int) {

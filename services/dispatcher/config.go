@@ -8,7 +8,6 @@ import (
 	"strings"
 	"time"
 
-	"github.com/otpflow/otpflow/events"
 	"github.com/otpflow/otpflow/platform"
 	"github.com/otpflow/otpflow/platform/keys"
 	"github.com/otpflow/otpflow/platform/policy"
@@ -24,6 +23,19 @@ func LoadConfig(getenv platform.Getenv, common platform.Common) (Config, error) 
 	sealer, err := keys.ParseSealer(getenv("OTP_SEAL_KEY"))
 	if err != nil {
 		return Config{}, &platform.ConfigError{Var: "OTP_SEAL_KEY", Msg: err.Error()}
+	}
+	subjects, err := keys.ParseSubjects(getenv("OTP_SUBJECT_KEY"))
+	if err != nil {
+		return Config{}, &platform.ConfigError{Var: "OTP_SUBJECT_KEY", Msg: err.Error()}
+	}
+	dlq, err := platform.LoadDLQKey(getenv)
+	if err != nil {
+		return Config{}, err
+	}
+	if common.Production() {
+		if err := platform.CheckDLQKey(dlq, sealer); err != nil {
+			return Config{}, err
+		}
 	}
 	from := strings.TrimSpace(getenv("OTP_MAIL_FROM"))
 	if from == "" {
@@ -51,9 +63,9 @@ func LoadConfig(getenv platform.Getenv, common platform.Common) (Config, error) 
 	if err := platform.CheckPolicies(common, policies); err != nil {
 		return Config{}, err
 	}
-	cfg := Config{Sealer: sealer, From: from, Concurrency: concurrency, TemplateDir: getenv("OTP_TEMPLATES_DIR"), Policies: policies,
+	cfg := Config{Sealer: sealer, Subjects: subjects, DLQKey: dlq, From: from, Concurrency: concurrency, TemplateDir: getenv("OTP_TEMPLATES_DIR"), Policies: policies,
 		Guards: map[string]mailer.GuardConfig{}, RateSources: map[string]func(context.Context) (float64, error){},
-		Streams: events.StreamOptions{Replicas: common.Replicas}}
+		Streams: common.Streams()}
 	guard := func(rateVar string) (mailer.GuardConfig, error) {
 		r, err := floatVar(getenv, rateVar)
 		return mailer.GuardConfig{RetryBudget: budget, BreakerTimeout: breakerTimeout, Rate: r}, err

@@ -65,6 +65,10 @@ type Config struct {
 	// contract's DispatcherConsumer.MaxDeliver.
 	MaxDeliver int
 	Streams    events.StreamOptions
+	// Subjects hashes the recipient of a dead-lettered job for its DLQ header
+	// (OTP_SUBJECT_KEY); DLQKey seals the job in OTP_DLQ (OTP_DLQ_KEY). Both required.
+	Subjects *keys.Subjects
+	DLQKey   *keys.Sealer
 }
 
 // Service is one dispatcher process. Any number share the durable consumer.
@@ -87,8 +91,8 @@ type Service struct {
 
 // New returns a dispatcher; Run starts it. The schema must be migrated.
 func New(cfg Config, pool *pgxpool.Pool, js jetstream.JetStream, log *slog.Logger, reg prometheus.Registerer) (*Service, error) {
-	if cfg.Sealer == nil || len(cfg.Providers) == 0 || cfg.From == "" {
-		return nil, errors.New("dispatcher: seal key, providers and sender are required")
+	if cfg.Sealer == nil || cfg.Subjects == nil || cfg.DLQKey == nil || len(cfg.Providers) == 0 || cfg.From == "" {
+		return nil, errors.New("dispatcher: seal key, subject key, DLQ key, providers and sender are required")
 	}
 	if cfg.Concurrency < 1 {
 		cfg.Concurrency = 16
@@ -158,6 +162,18 @@ func (s *Service) Run(ctx context.Context) error {
 	purgeCtx, stopPurge := context.WithCancel(ctx)
 	defer stopPurge()
 	go func() { _ = platform.PurgeEvery(purgeCtx, 10*time.Minute, s.log, s.Purge) }()
+	// Erasures run beside the jobs; if they stop with an error, so does the dispatcher.
+	runCtx, stopRun := context.WithCancel(ctx)
+	defer stopRun()
+	erasures := make(chan error, 1)
+	go func() {
+		err := platform.RunErasures(purgeCtx, s.js, platform.ErasureConfig{Service: "dispatcher", Streams: s.cfg.Streams,
+			Erase: s.Erase, DeadLetters: &platform.DeadLetters{Sealer: s.cfg.DLQKey}, Log: s.log, Reg: s.reg})
+		if err != nil {
+			stopRun()
+		}
+		erasures <- err
+	}()
 
 	results := make(chan *job, 4*s.cfg.Concurrency)
 	recorded := make(chan struct{})
@@ -167,14 +183,16 @@ func (s *Service) Run(ctx context.Context) error {
 	}()
 	// Little prefetch: a pulled job's AckWait runs until admit takes it.
 	c := platform.NewConsumer(cons, platform.ConsumeConfig{Name: events.ConsumerDispatcher,
-		BatchSize: s.cfg.Concurrency, Prefetch: s.cfg.Concurrency, JS: s.js, Log: s.log, Reg: s.reg})
-	err = c.Run(ctx, func(ctx context.Context, batch []*platform.Delivery) error {
+		BatchSize: s.cfg.Concurrency, Prefetch: s.cfg.Concurrency, JS: s.js, Log: s.log, Reg: s.reg,
+		DeadLetters: &platform.DeadLetters{Sealer: s.cfg.DLQKey, Recipient: s.jobRecipient}})
+	err = c.Run(runCtx, func(ctx context.Context, batch []*platform.Delivery) error {
 		return s.admit(ctx, batch, results)
 	})
 	s.inflight.Wait()
 	close(results)
 	<-recorded
-	return err
+	stopPurge()
+	return errors.Join(err, <-erasures)
 }
 
 // Purge deletes delivery rows of codes that expired more than retention ago: past every

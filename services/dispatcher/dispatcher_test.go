@@ -33,6 +33,9 @@ type harness struct {
 	pool   *pgxpool.Pool
 	log    *testenv.LogBuffer   // what the dispatcher logged
 	reg    *prometheus.Registry // its metrics
+	// subjects and dlq are its OTP_SUBJECT_KEY and OTP_DLQ_KEY.
+	subjects *keys.Subjects
+	dlq      *keys.Sealer
 }
 
 // newHarness runs a dispatcher against a real NATS, PostgreSQL and SMTP server. providers
@@ -57,7 +60,7 @@ func newHarnessWith(t *testing.T, guards map[string]mailer.GuardConfig, chain fu
 func newHarnessConfig(t *testing.T, cfg Config, chain func(smtp mailer.Provider) []mailer.Provider) *harness {
 	t.Helper()
 	_, js := testenv.JetStream(t, testenv.NATS(t))
-	pool := testenv.Postgres(t, Schema, Migrations())
+	pool := testenv.Postgres(t, Spec())
 	sealer, err := keys.ParseSealer(keys.Generate("s1", 32))
 	testenv.Must(t, err, "sealer")
 	srv := testenv.StartSMTP(t)
@@ -65,11 +68,14 @@ func newHarnessConfig(t *testing.T, cfg Config, chain func(smtp mailer.Provider)
 	testenv.Must(t, err, "smtp url")
 	providers := chain(smtp.New(smtpCfg))
 	cfg.Sealer, cfg.Providers, cfg.From, cfg.Concurrency = sealer, providers, "Acme <no-reply@acme.example>", 4
+	subjects, err := keys.ParseSubjects(keys.Generate("k1", 32))
+	testenv.Must(t, err, "subject key")
+	cfg.Subjects, cfg.DLQKey = subjects, testenv.DLQKey(t)
 	log, reg := &testenv.LogBuffer{}, prometheus.NewRegistry()
 	svc, err := New(cfg, pool, js, testenv.Logger(log), reg)
 	testenv.Must(t, err, "new dispatcher")
 	testenv.Start(t, svc.Run)
-	return &harness{js: js, sealer: sealer, smtp: srv, svc: svc, pool: pool, log: log, reg: reg}
+	return &harness{js: js, sealer: sealer, smtp: srv, svc: svc, pool: pool, log: log, reg: reg, subjects: subjects, dlq: cfg.DLQKey}
 }
 
 // publish seals code into a job for rcpt and publishes it with Nats-Msg-Id msgID.
@@ -229,6 +235,12 @@ func TestUndecodableJobGoesToDLQ(t *testing.T) {
 	if r := dl[0].Header.Get(events.HeaderDLQReason); !strings.Contains(r, "refused dispatch job") {
 		t.Fatalf("DLQ reason = %q", r)
 	}
+	if got := dl[0].Header.Get(events.HeaderRecipientHash); got != "" {
+		t.Errorf("a job that does not open names recipient %q", got)
+	}
+	if got := testenv.OpenDeadLetter(t, h.dlq, dl[0]); string(got.Data) != `{"challenge_id":` {
+		t.Errorf("dead letter holds %q", got.Data)
+	}
 	if n := len(testenv.Messages(t, h.js, events.StreamDispatch, "")); n != 0 {
 		t.Fatalf("undecodable job left on the work queue (%d)", n)
 	}
@@ -244,6 +256,21 @@ func TestExhaustedDeliveriesGoToTheDLQ(t *testing.T) {
 	dl := testenv.WaitMessages(t, h.js, events.StreamDLQ, "otp.dlq.acme", 1, 20*time.Second)
 	if r := dl[0].Header.Get(events.HeaderDLQReason); !strings.Contains(r, "deliveries exhausted") || !strings.Contains(r, "connection refused") {
 		t.Fatalf("DLQ reason = %q", r)
+	}
+	// The dead letter names the recipient only by subject hash, found inside the sealed
+	// job; the job itself rests sealed under the DLQ key, and a redrive gets it back.
+	if got := dl[0].Header.Get(events.HeaderRecipientHash); got != h.subjects.Subject("acme", "ex@example.com") {
+		t.Errorf("%s = %q, want the recipient's subject hash", events.HeaderRecipientHash, got)
+	}
+	orig := testenv.OpenDeadLetter(t, h.dlq, dl[0])
+	job, err := h.sealer.OpenJob(func() events.SealedDispatch {
+		s, err := events.DecodeSealedDispatch(orig.Data)
+		testenv.Must(t, err, "decode the dead job")
+		return s
+	}())
+	testenv.Must(t, err, "open the dead job")
+	if orig.Subject != "otp.dispatch.acme" || job.Recipient != "ex@example.com" || job.Code != "777777" {
+		t.Errorf("redriven job %s %+v", orig.Subject, job)
 	}
 	f := decode[events.DeliveryFailed](t, testenv.WaitMessages(t, h.js, events.StreamEvents, "otp.delivery_failed.acme", 1, 10*time.Second)[0])
 	if f.Permanent || f.Attempts != 3 {

@@ -15,25 +15,28 @@ import (
 
 func smtpOnly(sp mailer.Provider) []mailer.Provider { return []mailer.Provider{sp} }
 
-// refuseNaming makes the SMTP server refuse every recipient with a reply that quotes it,
-// as Postfix does.
+// refuseNaming makes the SMTP server refuse every recipient with a reply that quotes it
+// and a client IP, as Postfix does.
 func refuseNaming(srv *testenv.SMTPServer, code int, enhanced gosmtp.EnhancedCode, text string) {
 	srv.SetReject(func(rcpt string) error {
-		return &gosmtp.SMTPError{Code: code, EnhancedCode: enhanced, Message: "<" + rcpt + ">: " + text}
+		return &gosmtp.SMTPError{Code: code, EnhancedCode: enhanced, Message: "<" + rcpt + ">: " + text + " (client [" + relayIP + "])"}
 	})
 }
 
-// assertNoAddress fails the test if what names rcpt (or any address) anywhere: its local
-// part alone counts.
+// relayIP is the client IP a relay's reply quotes.
+const relayIP = "203.0.113.45"
+
+// assertNoAddress fails the test if what names rcpt (or any address) anywhere, its local
+// part alone counts, or the IP the relay quoted.
 func assertNoAddress(t *testing.T, what, text, rcpt string) {
 	t.Helper()
 	local := rcpt[:strings.IndexByte(rcpt, '@')]
-	if strings.Contains(text, "@") || strings.Contains(text, local) {
-		t.Errorf("%s names the recipient:\n%s", what, text)
+	if strings.Contains(text, "@") || strings.Contains(text, local) || strings.Contains(text, relayIP) {
+		t.Errorf("%s names the recipient or an IP:\n%s", what, text)
 	}
 }
 
-// TestNoAddressInFailureText: a relay's reply that quotes the recipient reaches neither
+// TestNoAddressInFailureText: a relay's reply that quotes the recipient and an IP reaches neither
 // otp.delivery_failed's reason, nor dispatcher.deliveries.last_error, nor the log, nor a
 // metric label, on a permanent failure and on transient ones that end in the DLQ.
 func TestNoAddressInFailureText(t *testing.T) {
@@ -44,7 +47,8 @@ func TestNoAddressInFailureText(t *testing.T) {
 		const challenge = "99999999-9999-4999-8999-999999999991"
 		h.publish(t, challenge, rcpt, "424242", time.Now().Add(5*time.Minute), "dispatch:scrub:1")
 		f := decode[events.DeliveryFailed](t, testenv.WaitMessages(t, h.js, events.StreamEvents, "otp.delivery_failed.acme", 1, 10*time.Second)[0])
-		if !f.Permanent || !strings.Contains(f.Reason, "550") || !strings.Contains(f.Reason, "<address>: Recipient address rejected") {
+		if !f.Permanent || !strings.Contains(f.Reason, "550") || !strings.Contains(f.Reason, "<address>: Recipient address rejected") ||
+			!strings.Contains(f.Reason, "(client [<ip>])") {
 			t.Fatalf("delivery_failed = %+v, want the relay's reply without the address", f)
 		}
 		h.assertNothingNames(t, challenge, rcpt, "Recipient address rejected")
@@ -61,6 +65,20 @@ func TestNoAddressInFailureText(t *testing.T) {
 			t.Fatalf("DLQ reason = %q, want the relay's reply without the address", reason)
 		}
 		assertNoAddress(t, "the DLQ reason", reason, rcpt)
+		// The dead letter as a reader of OTP_DLQ sees it: the job sealed, the recipient
+		// by subject hash.
+		stored := ""
+		for _, m := range testenv.Messages(t, h.js, events.StreamDLQ, "") {
+			for k, v := range m.Header {
+				stored += k + ": " + strings.Join(v, ", ") + "\n"
+			}
+			stored += string(m.Data) + "\n"
+		}
+		assertNoAddress(t, "OTP_DLQ", stored, rcpt)
+		testenv.AssertNoPlaintext(t, stored, "434343")
+		if got := dl.Header.Get(events.HeaderRecipientHash); got != h.subjects.Subject("acme", rcpt) {
+			t.Errorf("%s = %q", events.HeaderRecipientHash, got)
+		}
 		f := decode[events.DeliveryFailed](t, testenv.WaitMessages(t, h.js, events.StreamEvents, "otp.delivery_failed.acme", 1, 10*time.Second)[0])
 		if f.Permanent || !strings.Contains(f.Reason, "Greylisted") {
 			t.Fatalf("delivery_failed = %+v", f)

@@ -1,7 +1,6 @@
 package issuer
 
 import (
-	"github.com/otpflow/otpflow/events"
 	"github.com/otpflow/otpflow/platform"
 	"github.com/otpflow/otpflow/platform/keys"
 	"github.com/otpflow/otpflow/platform/policy"
@@ -31,6 +30,23 @@ func LoadConfig(getenv platform.Getenv, common platform.Common) (Config, error) 
 	if err != nil {
 		return Config{}, err
 	}
+	dlq, err := platform.LoadDLQKey(getenv)
+	if err != nil {
+		return Config{}, err
+	}
+	if common.Production() {
+		if err := platform.CheckDLQKey(dlq, sealer); err != nil {
+			return Config{}, err
+		}
+	}
+	streams := common.Streams()
+	lagAlert, err := platform.DurationVar(getenv, "OTP_REQUESTS_LAG_ALERT", streams.RequestsAge()/2)
+	if err != nil {
+		return Config{}, err
+	}
+	if lagAlert >= streams.RequestsAge() {
+		return Config{}, &platform.ConfigError{Var: "OTP_REQUESTS_LAG_ALERT", Msg: "must be shorter than OTP_REQUESTS_MAX_AGE"}
+	}
 	policies, err := policy.Load(getenv("OTP_TENANTS_FILE"))
 	if err != nil {
 		return Config{}, &platform.ConfigError{Var: "OTP_TENANTS_FILE", Msg: err.Error()}
@@ -39,6 +55,6 @@ func LoadConfig(getenv platform.Getenv, common platform.Common) (Config, error) 
 	if err := platform.CheckPolicies(common, policies); err != nil {
 		return Config{}, err
 	}
-	return Config{Pepper: pepper, Sealer: sealer, Subjects: subjects, Policies: policies, Retention: retention, BatchSize: batch,
-		Streams: events.StreamOptions{Replicas: common.Replicas}}, nil
+	return Config{Pepper: pepper, Sealer: sealer, Subjects: subjects, Policies: policies, Retention: retention, BatchSize: batch, DLQKey: dlq,
+		Streams: streams, LagAlert: lagAlert}, nil
 }

@@ -123,6 +123,20 @@ func (s *Service) decide(st *batchState, w *writes, r *request, now time.Time) e
 		refuse(events.ReasonRateLimited, "resend_cooldown", "resend cooldown", p.ResendCooldown-now.Sub(c.lastCodeAt))
 		return nil
 	}
+	// A request that waited longer than its code would live (the stream's clock against
+	// the database's) gets no code: its user has given up, and a code arriving now would
+	// only confuse. A duplicate above was answered before and is not refused again.
+	if waited := now.Sub(r.stored); !r.stored.IsZero() && waited > ttl {
+		refuse(events.ReasonStale, "", fmt.Sprintf("waited %v on OTP_REQUESTS, longer than its code's lifetime of %v",
+			waited.Round(time.Second), ttl), 0)
+		return nil
+	}
+	// A request of a person erased after the stream stored it was in flight when the
+	// erasure was asked: the erasure wins.
+	if at, ok := st.erased[rk]; ok && !r.stored.IsZero() && !r.stored.After(at) {
+		refuse(events.ReasonErased, "", "the recipient was erased after this request was made", 0)
+		return nil
+	}
 	if c != nil {
 		// A resend goes to the address the challenge was created with, stored sealed.
 		if err := s.openRecipient(c); err != nil {
@@ -165,13 +179,19 @@ func (s *Service) decide(st *batchState, w *writes, r *request, now time.Time) e
 	if c.isNew && c.codeCount == 1 {
 		for _, old := range st.active[rk] {
 			w.add(supersession{challengeID: old.id, by: r.req.RequestID})
-			m, err := events.NewMsg(events.TypeSuperseded, r.tenant, "superseded:"+old.id, old.id, events.Superseded{
-				ChallengeID: old.id, Tenant: r.tenant, RequestID: old.requestID, SupersededBy: r.req.RequestID,
-				SupersededAt: now.UTC(), Test: isTest}, s.envelope(r.msg, now))
+			sup := events.Superseded{ChallengeID: old.id, Tenant: r.tenant, RequestID: old.requestID, SupersededBy: r.req.RequestID,
+				SupersededAt: now.UTC(), Test: isTest}
+			// The audit's record, and the verifier's, on its own stream in the order of
+			// the challenges it closes.
+			m, err := events.NewMsg(events.TypeSuperseded, r.tenant, "superseded:"+old.id, old.id, sup, s.envelope(r.msg, now))
 			if err != nil {
 				return err
 			}
-			w.publish(m)
+			cm, err := events.NewMsg(events.TypeChallengeSuperseded, r.tenant, "challenge_superseded:"+old.id, old.id, sup, s.envelope(r.msg, now))
+			if err != nil {
+				return err
+			}
+			w.publish(cm, m)
 		}
 		st.active[rk] = []activeRef{{id: c.id, requestID: r.req.RequestID}}
 	}
@@ -274,19 +294,33 @@ func (s *Service) newCode(w *writes, r *request, c *challenge, cp codeParams, no
 		locale = cp.policy.Locale
 	}
 	env := s.envelope(r.msg, now)
+	// What the verifier needs, on its own short-lived stream; what the audit keeps, with
+	// no code HMAC, no session and the person and client only as hashes.
+	chal := events.Challenge{
+		ChallengeID: c.id, Tenant: r.tenant, RequestID: r.req.RequestID, CodeSeq: c.codeCount,
+		CodeLength: cp.policy.CodeLength, CodeHMAC: mac, PepperKeyID: pepperID, MaxAttempts: cp.maxAttempts,
+		SessionID: r.req.Context.SessionID, RecipientHashes: r.subjects, Resend: c.codeCount > 1,
+		IssuedAt: now.UTC(), ExpiresAt: expires.UTC(), Test: cp.test, Risk: cp.risk,
+	}
+	cm, err := events.NewMsg(events.TypeChallenge, r.tenant, fmt.Sprintf("challenge:%s:%d", c.id, c.codeCount), c.id, chal, env)
+	if err != nil {
+		return err
+	}
 	issued := events.Issued{
 		ChallengeID: c.id, Tenant: r.tenant, RequestID: r.req.RequestID, CodeSeq: c.codeCount,
-		Recipient: c.address, Purpose: r.req.Purpose, Locale: locale,
-		CodeLength: cp.policy.CodeLength, CodeHMAC: mac, PepperKeyID: pepperID, MaxAttempts: cp.maxAttempts,
-		SessionID: r.req.Context.SessionID, ClientIP: r.req.Context.IP, Resend: c.codeCount > 1,
+		RecipientHash: r.subjects[0], RecipientMasked: events.MaskAddress(c.address), Purpose: r.req.Purpose, Locale: locale,
+		CodeLength: cp.policy.CodeLength, MaxAttempts: cp.maxAttempts, Resend: c.codeCount > 1,
 		IssuedAt: now.UTC(), ExpiresAt: expires.UTC(), RequestedAt: r.stored, Test: cp.test, Risk: cp.risk,
+	}
+	if ck, ok := r.clientKey(); ok {
+		issued.ClientHash = ck.ip
 	}
 	im, err := events.NewMsg(events.TypeIssued, r.tenant, fmt.Sprintf("issued:%s:%d", c.id, c.codeCount), c.id, issued, env)
 	if err != nil {
 		return err
 	}
 	if cp.test {
-		w.publish(im) // a test recipient is never mailed
+		w.publish(cm, im) // a test recipient is never mailed
 		return nil
 	}
 	// The whole job is sealed: whoever can read or write OTP_DISPATCH can neither learn
@@ -303,8 +337,8 @@ func (s *Service) newCode(w *writes, r *request, c *challenge, cp codeParams, no
 	if err != nil {
 		return err
 	}
-	// The issued event goes first: the verifier should know the challenge before the
-	// user can read the mail.
-	w.publish(im, jm)
+	// The challenge goes first: the verifier should know it before the user can read
+	// the mail.
+	w.publish(cm, im, jm)
 	return nil
 }

@@ -1,6 +1,8 @@
 // Package issuer turns otp.requested events into challenges: it validates the request,
 // draws a code, stores only its HMAC, and publishes the sealed code to the dispatchers
-// (otp.dispatch) and the challenge without the code to everyone else (otp.issued).
+// (otp.dispatch), the code's HMAC to the verifier (otp.challenge on OTP_CHALLENGES), and
+// the challenge without the code, the session or a plaintext address to the audit
+// (otp.issued).
 package issuer
 
 import (
@@ -50,7 +52,20 @@ type Config struct {
 	// (OTP_RETENTION, default 24h).
 	Retention time.Duration
 	Streams   events.StreamOptions
+	// DLQKey seals the requests the issuer dead-letters (OTP_DLQ_KEY); required.
+	DLQKey *keys.Sealer
+	// LagAlert is the age of the oldest unprocessed request on OTP_REQUESTS that raises
+	// the RuleRequestsBacklog alert (OTP_REQUESTS_LAG_ALERT; default half of
+	// Streams.RequestsAge(), the stream's bound). LagCheckEvery is how often it is
+	// measured (default 10s).
+	LagAlert      time.Duration
+	LagCheckEvery time.Duration
 }
+
+// RuleRequestsBacklog is the alert the issuer raises when the oldest request it has not
+// processed has waited LagAlert on OTP_REQUESTS: nearing the stream's bound, past which
+// requests are deleted unanswered.
+const RuleRequestsBacklog = "requests_backlog_age"
 
 func (c *Config) setDefaults() {
 	if c.Policies == nil {
@@ -61,6 +76,12 @@ func (c *Config) setDefaults() {
 	}
 	if c.Retention == 0 {
 		c.Retention = platform.Retention
+	}
+	if c.LagAlert <= 0 {
+		c.LagAlert = c.Streams.RequestsAge() / 2
+	}
+	if c.LagCheckEvery <= 0 {
+		c.LagCheckEvery = 10 * time.Second
 	}
 }
 
@@ -81,8 +102,8 @@ type Service struct {
 
 // New returns an issuer; Run starts it. The schema must be migrated.
 func New(cfg Config, pool *pgxpool.Pool, js jetstream.JetStream, log *slog.Logger, reg prometheus.Registerer) (*Service, error) {
-	if cfg.Pepper == nil || cfg.Sealer == nil || cfg.Subjects == nil {
-		return nil, errors.New("issuer: pepper, seal key and subject key are required")
+	if cfg.Pepper == nil || cfg.Sealer == nil || cfg.Subjects == nil || cfg.DLQKey == nil {
+		return nil, errors.New("issuer: pepper, seal key, subject key and DLQ key are required")
 	}
 	cfg.setDefaults()
 	s := &Service{
@@ -114,9 +135,20 @@ func (s *Service) Run(ctx context.Context) error {
 	g, gctx := errgroup.WithContext(ctx)
 	g.Go(func() error { return s.outbox.Relay(gctx, 2*time.Second, 5*time.Second) })
 	g.Go(func() error { return platform.PurgeEvery(gctx, 10*time.Minute, s.log, s.Purge) })
+	// The watch runs beside the consumer, so that a consumer stuck on its database is
+	// noticed as well as a slow one.
+	watch := &platform.BacklogWatch{JS: s.js, Stream: events.StreamRequests, Consumer: events.ConsumerIssuer,
+		Filter: events.IssuerConsumer.FilterSubject, Bound: s.cfg.Streams.RequestsAge(), AlertAt: s.cfg.LagAlert,
+		Every: s.cfg.LagCheckEvery, Rule: RuleRequestsBacklog, Source: "otpflow/issuer", Log: s.log, Reg: s.reg}
+	g.Go(func() error { return watch.Run(gctx) })
 	c := platform.NewConsumer(cons, platform.ConsumeConfig{Name: events.ConsumerIssuer, BatchSize: s.cfg.BatchSize,
-		JS: s.js, Log: s.log, Reg: s.reg})
+		JS: s.js, Log: s.log, Reg: s.reg,
+		DeadLetters: &platform.DeadLetters{Sealer: s.cfg.DLQKey, Recipient: platform.RequestRecipient(s.cfg.Subjects)}})
 	g.Go(func() error { return c.Run(gctx, s.handleBatch) })
+	g.Go(func() error {
+		return platform.RunErasures(gctx, s.js, platform.ErasureConfig{Service: "issuer", Streams: s.cfg.Streams,
+			Erase: s.Erase, DeadLetters: &platform.DeadLetters{Sealer: s.cfg.DLQKey}, Log: s.log, Reg: s.reg})
+	})
 	return g.Wait()
 }
 

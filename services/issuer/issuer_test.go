@@ -5,6 +5,7 @@ import (
 	"encoding/json"
 	"io"
 	"math"
+	"slices"
 	"strings"
 	"sync"
 	"testing"
@@ -16,6 +17,7 @@ import (
 	"github.com/otpflow/otpflow/platform/keys"
 	"github.com/otpflow/otpflow/platform/policy"
 	"github.com/otpflow/otpflow/platform/testenv"
+	"github.com/prometheus/client_golang/prometheus"
 )
 
 type harness struct {
@@ -30,6 +32,12 @@ type harness struct {
 	mu       sync.Mutex
 	skew     time.Duration
 	svc      *Service
+	// dlq is the OTP_DLQ_KEY of the running issuer; tune, when set, adjusts its Config.
+	dlq  *keys.Sealer
+	tune func(*Config)
+	// reg gets the running issuer's metrics when set; subjectKey is its OTP_SUBJECT_KEY.
+	reg        *prometheus.Registry
+	subjectKey string
 }
 
 func newHarness(t *testing.T) *harness {
@@ -45,15 +53,22 @@ func newPolicyHarness(t *testing.T, doc string) *harness {
 
 func newPolicyHarnessTB(t testing.TB, doc string) *harness {
 	t.Helper()
+	return newTunedHarness(t, doc, nil, nil)
+}
+
+// newTunedHarness runs an issuer with the tenant policy file doc, its Config adjusted by
+// tune and its metrics in reg (both optional).
+func newTunedHarness(t testing.TB, doc string, tune func(*Config), reg *prometheus.Registry) *harness {
+	t.Helper()
 	policies, err := policy.Parse([]byte(doc))
 	testenv.Must(t, err, "policy")
 	_, js := testenv.JetStream(t, testenv.NATS(t))
-	pool := testenv.Postgres(t, Schema, Migrations())
+	pool := testenv.Postgres(t, Spec())
 	pepper, err := keys.ParsePepper(keys.Generate("p1", 32))
 	testenv.Must(t, err, "pepper")
 	sealer, err := keys.ParseSealer(keys.Generate("s1", 32))
 	testenv.Must(t, err, "sealer")
-	h := &harness{js: js, pool: pool, pepper: pepper, sealer: sealer, policies: policies}
+	h := &harness{js: js, pool: pool, pepper: pepper, sealer: sealer, policies: policies, tune: tune, reg: reg}
 	h.start(t, keys.Generate("k1", 32))
 	return h
 }
@@ -66,10 +81,21 @@ func (h *harness) start(t testing.TB, subjectKey string) {
 	}
 	subjects, err := keys.ParseSubjects(subjectKey)
 	testenv.Must(t, err, "subject key")
-	svc, err := New(Config{Pepper: h.pepper, Sealer: h.sealer, Subjects: subjects, Policies: h.policies}, h.pool, h.js, testenv.Logger(io.Discard), nil)
+	if h.dlq == nil {
+		h.dlq = testenv.DLQKey(t)
+	}
+	cfg := Config{Pepper: h.pepper, Sealer: h.sealer, Subjects: subjects, Policies: h.policies, DLQKey: h.dlq}
+	if h.tune != nil {
+		h.tune(&cfg)
+	}
+	var reg prometheus.Registerer
+	if h.reg != nil {
+		reg = h.reg
+	}
+	svc, err := New(cfg, h.pool, h.js, testenv.Logger(io.Discard), reg)
 	testenv.Must(t, err, "new issuer")
 	svc.skew = func() time.Duration { h.mu.Lock(); defer h.mu.Unlock(); return h.skew }
-	h.svc, h.subjects = svc, subjects
+	h.svc, h.subjects, h.subjectKey = svc, subjects, subjectKey
 	h.stop = testenv.Start(t, svc.Run)
 }
 
@@ -101,24 +127,42 @@ func decode[T any](t *testing.T, m *jetstream.RawStreamMsg) T {
 
 func TestIssueSealsTheCodeAndPublishesOnlyItsMAC(t *testing.T) {
 	h := newHarness(t)
-	h.request(t, `{"request_id":"r1","recipient":"ana@example.com","purpose":"login","ttl_seconds":120,"context":{"session_id":"s-1"}}`)
+	h.request(t, `{"request_id":"r1","recipient":"Ana@example.com","purpose":"login","ttl_seconds":120,"context":{"session_id":"s-1","ip":"203.0.113.7"}}`)
 	jobs := testenv.WaitMessages(t, h.js, events.StreamDispatch, "otp.dispatch.acme", 1, 10*time.Second)
+	challenges := testenv.WaitMessages(t, h.js, events.StreamChallenges, "otp.challenge.acme", 1, 10*time.Second)
 	issued := testenv.WaitMessages(t, h.js, events.StreamEvents, "otp.issued.acme", 1, 10*time.Second)
 	job := h.openJob(t, jobs[0])
+	ch := decode[events.Challenge](t, challenges[0])
 	is := decode[events.Issued](t, issued[0])
 
 	code := job.Code
 	if len(code) != 6 || strings.Trim(code, "0123456789") != "" {
 		t.Fatalf("code %q is not 6 digits", code)
 	}
-	if ok, _ := h.pepper.Equal(is.PepperKeyID, is.ChallengeID, code, is.CodeHMAC); !ok {
-		t.Fatal("the issued HMAC does not match the sealed code")
+	// The verifier's feed carries the HMAC, the session and the recipient's hashes.
+	if ok, _ := h.pepper.Equal(ch.PepperKeyID, ch.ChallengeID, code, ch.CodeHMAC); !ok {
+		t.Fatal("the challenge's HMAC does not match the sealed code")
 	}
-	if is.ChallengeID != job.ChallengeID || is.SessionID != "s-1" || is.MaxAttempts != 5 ||
-		is.ExpiresAt.Sub(is.IssuedAt) != 120*time.Second {
+	if ch.ChallengeID != job.ChallengeID || ch.SessionID != "s-1" || ch.MaxAttempts != 5 || ch.CodeLength != 6 ||
+		ch.ExpiresAt.Sub(ch.IssuedAt) != 120*time.Second || !slices.Equal(ch.RecipientHashes, h.subjects.SubjectHashes("acme", "ana@example.com")) {
+		t.Fatalf("challenge = %+v", ch)
+	}
+	// The audit's record: hashes and the masked form, nothing that verifies or names.
+	if is.ChallengeID != job.ChallengeID || is.MaxAttempts != 5 || is.ExpiresAt.Sub(is.IssuedAt) != 120*time.Second ||
+		is.RecipientHash != h.subjects.Subject("acme", "ana@example.com") || is.RecipientMasked != "A***@example.com" ||
+		is.ClientHash != h.subjects.Client("acme", "203.0.113.7") {
 		t.Fatalf("issued = %+v", is)
 	}
-	for _, m := range append(jobs, issued...) {
+	//lint:ignore SA1019 the deprecated fields must stay empty
+	if is.Recipient != "" || is.CodeHMAC != nil || is.PepperKeyID != "" || is.SessionID != "" || is.ClientIP != "" {
+		t.Fatalf("otp.issued carries a deprecated field: %+v", is)
+	}
+	for _, f := range []string{`"recipient"`, `"code_hmac"`, `"pepper_key_id"`, `"session_id"`, `"client_ip"`, "s-1", "203.0.113.7", "Ana@example.com"} {
+		if strings.Contains(string(issued[0].Data), f) {
+			t.Fatalf("otp.issued holds %s: %s", f, issued[0].Data)
+		}
+	}
+	for _, m := range append(append(jobs, issued...), challenges...) {
 		if strings.Contains(string(m.Data), code) {
 			t.Fatalf("%s carries the code in clear", m.Subject)
 		}

@@ -43,7 +43,7 @@ func TestRepeatedRequestIDCannotRedirectTheChallenge(t *testing.T) {
 	// the resend (local parts may be case-sensitive on the receiving host).
 	h.request(t, `{"request_id":"h-1","recipient":"KIM@EXAMPLE.com","purpose":"login","resend":true}`)
 	issued := h.issued(t, 2)
-	if issued[1].ChallengeID != first.ChallengeID || issued[1].CodeSeq != 2 || issued[1].Recipient != "kim@example.com" {
+	if issued[1].ChallengeID != first.ChallengeID || issued[1].CodeSeq != 2 || issued[1].RecipientMasked != "k***@example.com" {
 		t.Fatalf("resend = %+v", issued[1])
 	}
 	jobs := testenv.WaitMessages(t, h.js, events.StreamDispatch, "", 2, 10*time.Second)

@@ -137,7 +137,7 @@ tenants:
 func TestTwoIssuersRacingOnOneRecipient(t *testing.T) {
 	srv := testenv.NATS(t)
 	_, js := testenv.JetStream(t, srv)
-	pool := testenv.Postgres(t, Schema, Migrations())
+	pool := testenv.Postgres(t, Spec())
 	pepper, _ := keys.ParsePepper(keys.Generate("p1", 32))
 	sealer, _ := keys.ParseSealer(keys.Generate("s1", 32))
 	subjects, _ := keys.ParseSubjects(keys.Generate("k1", 32))
@@ -151,7 +151,7 @@ func TestTwoIssuersRacingOnOneRecipient(t *testing.T) {
 		own, err := pgxpool.New(context.Background(), pool.Config().ConnString())
 		testenv.Must(t, err, "pool")
 		t.Cleanup(own.Close)
-		svc, err := New(Config{Pepper: pepper, Sealer: sealer, Subjects: subjects, BatchSize: 5}, own, js2, testenv.Logger(io.Discard), nil)
+		svc, err := New(Config{Pepper: pepper, Sealer: sealer, Subjects: subjects, BatchSize: 5, DLQKey: testenv.DLQKey(t)}, own, js2, testenv.Logger(io.Discard), nil)
 		testenv.Must(t, err, "issuer")
 		svc.skew = clock
 		testenv.Start(t, svc.Run)
@@ -206,11 +206,13 @@ tenants:
 	h.advance(31 * time.Second)
 	h.request(t, `{"request_id":"real","recipient":"qa@acme.example","purpose":"login"}`)
 	issued := h.issued(t, 3)
-	for _, is := range issued[:2] {
-		if !is.Test {
-			t.Fatalf("test recipient not marked: %+v", is)
+	challenges := testenv.WaitMessages(t, h.js, events.StreamChallenges, "otp.challenge.*", 3, 10*time.Second)
+	for i, is := range issued[:2] {
+		ch := decode[events.Challenge](t, challenges[i])
+		if !is.Test || !ch.Test {
+			t.Fatalf("test recipient not marked: %+v, %+v", is, ch)
 		}
-		if ok, _ := h.pepper.Equal(is.PepperKeyID, is.ChallengeID, "000111", is.CodeHMAC); !ok {
+		if ok, _ := h.pepper.Equal(ch.PepperKeyID, ch.ChallengeID, "000111", ch.CodeHMAC); !ok {
 			t.Fatal("the test recipient's code is not the fixed one")
 		}
 	}
@@ -302,6 +304,9 @@ tenants:
 
 func TestRetentionPurge(t *testing.T) {
 	h := newHarness(t)
+	// "old" is issued 26 hours ago, then the clock comes back to now: moving the issuer's
+	// clock ahead instead would make "new" wait 26 hours on OTP_REQUESTS, and stale.
+	h.advance(-26 * time.Hour)
 	h.request(t, `{"request_id":"old","recipient":"old@example.com","purpose":"login","context":{"ip":"198.51.100.1"}}`)
 	h.issued(t, 1)
 	h.advance(26 * time.Hour)

@@ -10,6 +10,7 @@ import (
 	"github.com/jackc/pgx/v5"
 	"github.com/jackc/pgx/v5/pgxpool"
 	"github.com/nats-io/nats.go"
+	"github.com/otpflow/otpflow/platform"
 	"github.com/otpflow/otpflow/platform/outbox"
 	"github.com/otpflow/otpflow/platform/window"
 )
@@ -77,6 +78,8 @@ type batchState struct {
 	active     map[rcptKey][]activeRef   // active unexpired challenges per recipient
 	recent     map[rcptKey]window.Stamps // creation times of recent challenges
 	ipSeen     map[clientKey]seenSet     // recipients seen in the fanout window
+	// erased is when each recipient of the batch was last erased (issuer.erasures).
+	erased map[rcptKey]time.Time
 }
 
 type rateWindow struct {
@@ -206,7 +209,7 @@ func (st *store) clock(ctx context.Context, tx pgx.Tx) (time.Time, error) {
 func (st *store) lock(ctx context.Context, tx pgx.Tx, keys batchKeys, start time.Time) (*batchState, error) {
 	bs := &batchState{challenges: map[key]*challenge{}, logs: map[string]window.Stamps{}, logKeys: keys.logs,
 		windows: map[string]*rateWindow{}, active: map[rcptKey][]activeRef{}, recent: map[rcptKey]window.Stamps{},
-		ipSeen: map[clientKey]seenSet{}}
+		ipSeen: map[clientKey]seenSet{}, erased: map[rcptKey]time.Time{}}
 	ks := make([]key, 0, len(keys.challenges))
 	for k := range keys.challenges {
 		bs.challenges[k] = nil
@@ -245,6 +248,24 @@ func (st *store) lock(ctx context.Context, tx pgx.Tx, keys batchKeys, start time
 		}
 	}
 	b := &pgx.Batch{}
+	// First, before any row lock, a shared lock on each recipient hash: an erasure takes
+	// it exclusively, so it either comes before this batch (which then sees it) or after
+	// (and erases what the batch wrote).
+	platform.QueueErasureLocksShared(b, Schema, rt, rr)
+	b.Queue(`SELECT u.tenant, u.active, u.purpose, max(e.erased_at) FROM issuer.erasures e
+		JOIN unnest($1::text[], $2::text[], $3::text[], $4::text[]) AS u(tenant, h, purpose, active)
+			ON e.tenant = u.tenant AND e.recipient_key = u.h
+		GROUP BY u.tenant, u.active, u.purpose`, rt, rr, rp, ra).Query(func(rows pgx.Rows) error {
+		for rows.Next() {
+			var rk rcptKey
+			var at time.Time
+			if err := rows.Scan(&rk.tenant, &rk.recipient, &rk.purpose, &at); err != nil {
+				return err
+			}
+			bs.erased[rk] = at
+		}
+		return rows.Err()
+	})
 	b.Queue(`SELECT c.tenant, c.request_id, c.challenge_id::text, c.code_count, c.last_code_at, c.status, c.recipient_key,
 			c.recipient_seal_key_id, c.recipient_sealed, c.purpose
 		FROM issuer.challenges c JOIN unnest($1::text[], $2::text[]) AS k(tenant, request_id) USING (tenant, request_id)
@@ -380,6 +401,7 @@ func (st *store) purge(ctx context.Context, retention time.Duration) (int64, err
 		{`DELETE FROM issuer.rate_log WHERE coalesce(stamps[array_upper(stamps, 1)], '-infinity') < now() - $1::interval`, 24 * time.Hour},
 		{`DELETE FROM issuer.rate_window WHERE window_start < now() - $1::interval`, 24 * time.Hour},
 		{`DELETE FROM issuer.ip_recipients WHERE last_at < now() - $1::interval`, 24 * time.Hour},
+		{`DELETE FROM issuer.erasures WHERE erased_at < now() - $1::interval`, retention},
 	} {
 		tag, err := st.pool.Exec(ctx, q.sql, q.age-st.skew())
 		if err != nil {

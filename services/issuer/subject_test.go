@@ -111,7 +111,7 @@ tenants:
 		}
 	}
 	issued := h.issued(t, 8)
-	if issued[6].RequestID != "f1b" || issued[7].RequestID != "m1" || issued[7].CodeSeq != 2 || issued[7].Recipient != "Kim@Example.com" {
+	if issued[6].RequestID != "f1b" || issued[7].RequestID != "m1" || issued[7].CodeSeq != 2 || issued[7].RecipientMasked != "K***@Example.com" {
 		t.Fatalf("after the rotation: %+v %+v", issued[6], issued[7])
 	}
 	// New state is written under both keys, so a replica still on k1 reads it whole.

@@ -38,6 +38,8 @@ type Config struct {
 	Concurrency int
 	BatchSize   int
 	Streams     events.StreamOptions
+	// DLQKey seals the events the projection dead-letters (OTP_DLQ_KEY); required.
+	DLQKey *keys.Sealer
 }
 
 // DefaultVerifyIPPerMinute is the per-IP verify limit when none is configured.
@@ -53,6 +55,10 @@ func LoadConfig(getenv platform.Getenv, common platform.Common) (Config, error) 
 	subjects, err := keys.ParseSubjects(getenv("OTP_SUBJECT_KEY"))
 	if err != nil {
 		return Config{}, &platform.ConfigError{Var: "OTP_SUBJECT_KEY", Msg: err.Error()}
+	}
+	dlq, err := platform.LoadDLQKey(getenv)
+	if err != nil {
+		return Config{}, err
 	}
 	retention, err := platform.DurationVar(getenv, "OTP_RETENTION", platform.Retention)
 	if err != nil {
@@ -80,5 +86,5 @@ func LoadConfig(getenv platform.Getenv, common platform.Common) (Config, error) 
 	}
 	return Config{Pepper: pepper, Subjects: subjects, Policies: policies, Retention: retention,
 		VerifyIPPerMinute: ipPerMinute, VerifyTenantPerMinute: tenantPerMinute,
-		Streams: events.StreamOptions{Replicas: common.Replicas}}, nil
+		Streams: common.Streams(), DLQKey: dlq}, nil
 }

@@ -9,7 +9,7 @@ import (
 )
 
 func TestLoadConfigVerifyLimits(t *testing.T) {
-	pepper, subjectKey := keys.Generate("p1", 32), keys.Generate("k1", 32)
+	pepper, subjectKey, dlqKey := keys.Generate("p1", 32), keys.Generate("k1", 32), keys.Generate("d1", 32)
 	for _, tc := range []struct {
 		name       string
 		env        map[string]string
@@ -29,6 +29,8 @@ func TestLoadConfigVerifyLimits(t *testing.T) {
 					return pepper
 				case "OTP_SUBJECT_KEY":
 					return subjectKey
+				case "OTP_DLQ_KEY":
+					return dlqKey
 				}
 				return tc.env[k]
 			}

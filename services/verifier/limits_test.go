@@ -139,7 +139,7 @@ func TestUnknownRequestFloodDoesNotStarveVerifies(t *testing.T) {
 
 	const real = 10
 	for i := range real {
-		h.publishIssued(t, events.Issued{ChallengeID: ch(100 + i), RequestID: fmt.Sprintf("real-%d", i), CodeSeq: 1,
+		h.publishIssued(t, issue{ChallengeID: ch(100 + i), RequestID: fmt.Sprintf("real-%d", i), CodeSeq: 1,
 			Recipient: fmt.Sprintf("real-%d@example.com", i), ExpiresAt: time.Now().Add(5 * time.Minute)}, "246810")
 	}
 	for i := range real {
@@ -147,7 +147,7 @@ func TestUnknownRequestFloodDoesNotStarveVerifies(t *testing.T) {
 	}
 	// The projection stalls on the next event: unknown requests now wait on the fence.
 	stalled.Store(true)
-	h.publishIssued(t, events.Issued{ChallengeID: ch(120), RequestID: "lagging", CodeSeq: 1, Recipient: "lag@example.com",
+	h.publishIssued(t, issue{ChallengeID: ch(120), RequestID: "lagging", CodeSeq: 1, Recipient: "lag@example.com",
 		ExpiresAt: time.Now().Add(5 * time.Minute)}, "246810")
 	testenv.Eventually(t, 10*time.Second, "the projection to stall", holding.Load)
 

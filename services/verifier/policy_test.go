@@ -20,7 +20,7 @@ func ch(i int) string { return fmt.Sprintf("eeeeeeee-eeee-4eee-8eee-%012d", i) }
 func TestReadYourWrites(t *testing.T) {
 	h := newPolicyHarness(t, "", func() { time.Sleep(300 * time.Millisecond) })
 	for i := range 3 {
-		h.publishIssued(t, events.Issued{ChallengeID: ch(i), RequestID: fmt.Sprintf("ryw-%d", i), CodeSeq: 1,
+		h.publishIssued(t, issue{ChallengeID: ch(i), RequestID: fmt.Sprintf("ryw-%d", i), CodeSeq: 1,
 			Recipient: fmt.Sprintf("r%d@example.com", i), ExpiresAt: time.Now().Add(time.Minute)}, "135790")
 		if r := h.verify(t, fmt.Sprintf("ryw-%d", i), "135790", ""); r.Status != events.StatusVerified {
 			t.Fatalf("verify right after issue: %+v, want verified", r)
@@ -56,7 +56,7 @@ tenants:
 		t.Fatalf("after 4 failures for the recipient: %+v, want locked (recipient_failures)", r)
 	}
 	// Another recipient is not affected; an hour later the recipient is free again.
-	h.publishIssued(t, events.Issued{ChallengeID: ch(12), RequestID: "c", CodeSeq: 1, Recipient: "bo@example.com", ExpiresAt: exp.Add(2 * time.Hour)}, "333333")
+	h.publishIssued(t, issue{ChallengeID: ch(12), RequestID: "c", CodeSeq: 1, Recipient: "bo@example.com", ExpiresAt: exp.Add(2 * time.Hour)}, "333333")
 	h.waitProjected(t, ch(12), 1)
 	if r := h.verify(t, "c", "333333", ""); r.Status != events.StatusVerified {
 		t.Fatalf("other recipient: %+v", r)
@@ -107,7 +107,7 @@ func TestRecentCodesPolicyAndTestMark(t *testing.T) {
 		t.Fatalf("newest code: %+v", r)
 	}
 
-	h.publishIssued(t, events.Issued{ChallengeID: ch(31), RequestID: "qa", CodeSeq: 1, Recipient: "qa@acme.test", ExpiresAt: exp, Test: true}, "000111")
+	h.publishIssued(t, issue{ChallengeID: ch(31), RequestID: "qa", CodeSeq: 1, Recipient: "qa@acme.test", ExpiresAt: exp, Test: true}, "000111")
 	h.waitProjected(t, ch(31), 1)
 	if r := h.verify(t, "qa", "000111", ""); r.Status != events.StatusVerified {
 		t.Fatalf("test recipient: %+v", r)
@@ -160,14 +160,14 @@ func TestReadYourWritesOnAReplicatedStream(t *testing.T) {
 	nodes := testenv.Cluster(t, 3)
 	_, pubJS := testenv.JetStreamReplicas(t, nodes[1], 3)
 	nc, js := testenv.JetStreamReplicas(t, nodes[2], 3)
-	pool := testenv.Postgres(t, Schema, Migrations())
+	pool := testenv.Postgres(t, Spec())
 	pepper, err := keys.ParsePepper(keys.Generate("p1", 32))
 	testenv.Must(t, err, "pepper")
 	subjects, err := keys.ParseSubjects(keys.Generate("k1", 32))
 	testenv.Must(t, err, "subject key")
 	// A generous bound: on a loaded 2-core box an R3 stream can take more than the default
 	// second to acknowledge; without the fence the verify below answers not_found at once.
-	svc, err := New(Config{Pepper: pepper, Subjects: subjects, FenceWait: 10 * time.Second, Streams: events.StreamOptions{Replicas: 3}}, pool, nc, js, testenv.Logger(io.Discard), nil)
+	svc, err := New(Config{Pepper: pepper, Subjects: subjects, FenceWait: 10 * time.Second, Streams: events.StreamOptions{Replicas: 3}, DLQKey: testenv.DLQKey(t)}, pool, nc, js, testenv.Logger(io.Discard), nil)
 	testenv.Must(t, err, "verifier")
 	svc.beforeProject = func() { time.Sleep(300 * time.Millisecond) }
 	testenv.Start(t, svc.Run)
@@ -175,15 +175,15 @@ func TestReadYourWritesOnAReplicatedStream(t *testing.T) {
 		_, err := nc.Request("$SRV.PING.otp-verifier", nil, time.Second)
 		return err == nil
 	})
-	h := &harness{nc: nc, js: pubJS, pool: pool, pepper: pepper, svc: svc}
+	h := &harness{nc: nc, js: pubJS, pool: pool, pepper: pepper, issuerRing: subjects, svc: svc}
 	for i := range 3 {
-		h.publishIssued(t, events.Issued{ChallengeID: ch(50 + i), RequestID: fmt.Sprintf("r3-%d", i), CodeSeq: 1,
+		h.publishIssued(t, issue{ChallengeID: ch(50 + i), RequestID: fmt.Sprintf("r3-%d", i), CodeSeq: 1,
 			Recipient: fmt.Sprintf("r3-%d@example.com", i), ExpiresAt: time.Now().Add(time.Minute)}, "246802")
 		if r := h.verify(t, fmt.Sprintf("r3-%d", i), "246802", ""); r.Status != events.StatusVerified {
 			t.Fatalf("verify right after issue on R3: %+v, want verified", r)
 		}
 	}
-	info, err := pubJS.Stream(t.Context(), events.StreamEvents)
+	info, err := pubJS.Stream(t.Context(), events.StreamChallenges)
 	testenv.Must(t, err, "stream")
 	if si, _ := info.Info(t.Context()); si.Config.Replicas != 3 || si.Config.AllowDirect {
 		t.Fatalf("stream config %+v: want R3 without direct gets", si.Config)
@@ -207,7 +207,7 @@ tenants:
 	issueTest := func(i int) string {
 		t.Helper()
 		id := fmt.Sprintf("qa-%d", i)
-		h.publishIssued(t, events.Issued{ChallengeID: ch(70 + i), RequestID: id, CodeSeq: 1, Recipient: addresses[i%len(addresses)],
+		h.publishIssued(t, issue{ChallengeID: ch(70 + i), RequestID: id, CodeSeq: 1, Recipient: addresses[i%len(addresses)],
 			ExpiresAt: exp, Test: true}, fixed)
 		h.waitProjected(t, ch(70+i), 1)
 		return id
@@ -238,7 +238,7 @@ tenants:
 
 	// The attempt limit holds for a single test challenge too.
 	h2 := newPolicyHarness(t, "", nil)
-	h2.publishIssued(t, events.Issued{ChallengeID: ch(80), RequestID: "qa", CodeSeq: 1, Recipient: "qa@acme.test", ExpiresAt: exp, Test: true}, fixed)
+	h2.publishIssued(t, issue{ChallengeID: ch(80), RequestID: "qa", CodeSeq: 1, Recipient: "qa@acme.test", ExpiresAt: exp, Test: true}, fixed)
 	h2.waitProjected(t, ch(80), 1)
 	for range 5 {
 		h2.verify(t, "qa", "123456", "")

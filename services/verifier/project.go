@@ -10,21 +10,23 @@ import (
 	"github.com/otpflow/otpflow/platform"
 )
 
-// projection is one event of a batch, checked and ready to write: an otp.issued or an
-// otp.superseded for the subject's tenant.
+// projection is one event of a batch, checked and ready to write: a code of a challenge
+// (otp.challenge, or an otp.issued of an earlier release that carries the code HMAC) or a
+// supersession, for the subject's tenant. An otp.issued of this release carries nothing
+// the verifier needs: it is acknowledged and writes nothing.
 type projection struct {
 	msg        *platform.Delivery
 	tenant     string
-	issued     *events.Issued
+	challenge  *events.Challenge
 	superseded *events.Superseded
-	// recipientKeys are the recipient's subject hashes under every key of the ring,
-	// active first: an otp.issued's recipient is stored only so.
-	recipientKeys []string
 	// failureRisk is the recipient_failures risk rule for the first code of a challenge
 	// (zero: none applies).
 	failureRisk failureRisk
 	// refused is set by the store when the database refuses the event without an error.
 	refused error
+	// erased is set by the store for a code of a person erased after it was issued: it is
+	// dropped, not projected.
+	erased bool
 }
 
 // failureRisk: a new challenge for a recipient with at least failures failed
@@ -35,7 +37,7 @@ type failureRisk struct {
 	maxAttempts int
 }
 
-// project writes a batch of otp.issued and otp.superseded events in one transaction.
+// project writes a batch of challenge and supersession events in one transaction.
 // The projection checks its inputs like the issuer checks requests: an event that does
 // not decode, names a tenant other than its subject's, or carries a malformed field goes
 // to OTP_DLQ with the reason and the rest of the batch is projected. If the database
@@ -78,7 +80,11 @@ func (s *Service) settle(items []*projection) {
 			s.deadLetter(p.msg, p.refused)
 			continue
 		}
-		s.projected.Inc()
+		if p.erased {
+			s.log.Info("dropped the code of an erased person", "challenge_id", p.challenge.ChallengeID)
+		} else if p.challenge != nil || p.superseded != nil {
+			s.projected.Inc()
+		}
 		p.msg.Settle(platform.Ack())
 	}
 }
@@ -102,22 +108,27 @@ func (s *Service) check(m *platform.Delivery) (*projection, error) {
 		return nil, err
 	}
 	switch typ {
+	case events.TypeChallenge:
+		var e events.Challenge
+		if err := events.DecodeEvent(m.Data(), &e); err != nil {
+			return nil, err
+		}
+		return s.checkedChallenge(m, tenant, e)
 	case events.TypeIssued:
 		var e events.Issued
 		if err := events.DecodeEvent(m.Data(), &e); err != nil {
 			return nil, err
 		}
-		if err := checkIssued(tenant, e); err != nil {
+		if !e.Legacy() {
+			// This release's otp.issued: the audit's record; the code came on OTP_CHALLENGES.
+			return &projection{msg: m, tenant: tenant}, nil
+		}
+		c, err := s.legacyChallenge(tenant, e)
+		if err != nil {
 			return nil, err
 		}
-		p := &projection{msg: m, tenant: tenant, issued: &e, recipientKeys: s.cfg.Subjects.SubjectHashes(tenant, e.Recipient)}
-		// Risk rule recipient_failures, decided once per challenge, on its first code. Test
-		// recipients count too: a fixed code must not be cheaper to guess.
-		if rf := s.cfg.Policies.For(tenant).Risk.RecipientFailures; rf.Failures > 0 && e.CodeSeq == 1 {
-			p.failureRisk = failureRisk{failures: rf.Failures, window: rf.Window, maxAttempts: rf.MaxAttempts}
-		}
-		return p, nil
-	case events.TypeSuperseded:
+		return s.checkedChallenge(m, tenant, c)
+	case events.TypeSuperseded, events.TypeChallengeSuperseded:
 		var e events.Superseded
 		if err := events.DecodeEvent(m.Data(), &e); err != nil {
 			return nil, err
@@ -132,6 +143,21 @@ func (s *Service) check(m *platform.Delivery) (*projection, error) {
 	}
 }
 
+// checkedChallenge validates a code of a challenge and decides the risk rule it is
+// subject to.
+func (s *Service) checkedChallenge(m *platform.Delivery, tenant string, e events.Challenge) (*projection, error) {
+	if err := checkChallenge(tenant, e); err != nil {
+		return nil, err
+	}
+	p := &projection{msg: m, tenant: tenant, challenge: &e}
+	// Risk rule recipient_failures, decided once per challenge, on its first code. Test
+	// recipients count too: a fixed code must not be cheaper to guess.
+	if rf := s.cfg.Policies.For(tenant).Risk.RecipientFailures; rf.Failures > 0 && e.CodeSeq == 1 {
+		p.failureRisk = failureRisk{failures: rf.Failures, window: rf.Window, maxAttempts: rf.MaxAttempts}
+	}
+	return p, nil
+}
+
 // Bounds of the projected fields: what the issuer can produce, and what the projection's
 // columns and indexes hold.
 const (
@@ -142,6 +168,9 @@ const (
 	maxCodeSeq    = 1_000_000
 	maxAttempts   = 1_000
 	maxRiskLabels = 16
+	// A subject hash is "id:" and 43 characters; a ring of a few keys.
+	maxRecipientHashes = 16
+	maxRecipientHash   = 128
 )
 
 func field(name, detail string, args ...any) error {
@@ -162,7 +191,7 @@ func checkCommon(subjectTenant, bodyTenant, challengeID, requestID string) error
 	return text("request_id", requestID)
 }
 
-func checkIssued(tenant string, e events.Issued) error {
+func checkChallenge(tenant string, e events.Challenge) error {
 	if err := checkCommon(tenant, e.Tenant, e.ChallengeID, e.RequestID); err != nil {
 		return err
 	}
@@ -177,15 +206,23 @@ func checkIssued(tenant string, e events.Issued) error {
 		return field("max_attempts", "must be from 1 to %d", maxAttempts)
 	case e.ExpiresAt.IsZero():
 		return &events.ValidationError{Reason: events.ReasonMissingField, Field: "expires_at", Detail: "required"}
-	case len(e.Recipient) > maxRecipient:
-		return field("recipient", "longer than %d bytes", maxRecipient)
 	case len(e.SessionID) > maxSession:
 		return field("session_id", "longer than %d bytes", maxSession)
 	case len(e.Risk) > maxRiskLabels:
 		return field("risk", "more than %d rules", maxRiskLabels)
+	case len(e.RecipientHashes) > maxRecipientHashes:
+		return field("recipient_hashes", "more than %d hashes", maxRecipientHashes)
 	}
-	for _, f := range []struct{ name, value string }{{"pepper_key_id", e.PepperKeyID}, {"recipient", e.Recipient}, {"session_id", e.SessionID}} {
+	for _, f := range []struct{ name, value string }{{"pepper_key_id", e.PepperKeyID}, {"session_id", e.SessionID}} {
 		if err := text(f.name, f.value); err != nil {
+			return err
+		}
+	}
+	for _, h := range e.RecipientHashes {
+		if h == "" || len(h) > maxRecipientHash {
+			return field("recipient_hashes", "each must be 1 to %d bytes", maxRecipientHash)
+		}
+		if err := text("recipient_hashes", h); err != nil {
 			return err
 		}
 	}

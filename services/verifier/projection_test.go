@@ -7,6 +7,7 @@ import (
 	"testing"
 	"time"
 
+	"github.com/nats-io/nats.go"
 	"github.com/nats-io/nats.go/jetstream"
 	"github.com/otpflow/otpflow/events"
 	"github.com/otpflow/otpflow/platform"
@@ -36,12 +37,12 @@ func publishEvent(t *testing.T, js jetstream.JetStream, typ events.Type, subject
 	testenv.Must(t, err, "publish %s", id)
 }
 
-func issuedFor(t *testing.T, pepper *keys.Pepper, tenant, challenge, requestID string, seq int, code string) events.Issued {
+func challengeFor(t *testing.T, pepper *keys.Pepper, tenant, challenge, requestID string, seq int, code string) events.Challenge {
 	t.Helper()
 	mac, err := pepper.MAC("p1", challenge, code)
 	testenv.Must(t, err, "mac")
-	return events.Issued{ChallengeID: challenge, Tenant: tenant, RequestID: requestID, CodeSeq: seq, Recipient: requestID + "@example.com",
-		Purpose: "login", CodeLength: 6, CodeHMAC: mac, PepperKeyID: "p1", MaxAttempts: 5,
+	return events.Challenge{ChallengeID: challenge, Tenant: tenant, RequestID: requestID, CodeSeq: seq,
+		CodeLength: 6, CodeHMAC: mac, PepperKeyID: "p1", MaxAttempts: 5, RecipientHashes: []string{"k1:" + requestID},
 		IssuedAt: time.Now().UTC(), ExpiresAt: time.Now().Add(10 * time.Minute).UTC()}
 }
 
@@ -49,8 +50,8 @@ func issuedFor(t *testing.T, pepper *keys.Pepper, tenant, challenge, requestID s
 func publishSetup(t *testing.T, js jetstream.JetStream, pepper *keys.Pepper) mixedBatch {
 	t.Helper()
 	b := mixedBatch{victim: ch(60), superseded: ch(61), good1: ch(62), good2: ch(63)}
-	publishEvent(t, js, events.TypeIssued, "acme", "victim", b.victim, issuedFor(t, pepper, "acme", b.victim, "victim", 1, victimCode))
-	publishEvent(t, js, events.TypeIssued, "acme", "old", b.superseded, issuedFor(t, pepper, "acme", b.superseded, "old", 1, "123123"))
+	publishEvent(t, js, events.TypeChallenge, "acme", "victim", b.victim, challengeFor(t, pepper, "acme", b.victim, "victim", 1, victimCode))
+	publishEvent(t, js, events.TypeChallenge, "acme", "old", b.superseded, challengeFor(t, pepper, "acme", b.superseded, "old", 1, "123123"))
 	return b
 }
 
@@ -59,40 +60,41 @@ func (b *mixedBatch) publishMixed(t *testing.T, js jetstream.JetStream, pepper *
 	t.Helper()
 	at := time.Now().UTC()
 	b.dlq = map[string]string{}
-	publishEvent(t, js, events.TypeIssued, "acme", "good1", b.good1, issuedFor(t, pepper, "acme", b.good1, "good1", 1, "111111"))
+	publishEvent(t, js, events.TypeChallenge, "acme", "good1", b.good1, challengeFor(t, pepper, "acme", b.good1, "good1", 1, "111111"))
 
 	// A superseded event on tenant beta's subject whose body claims acme and names acme's
 	// live challenge: refused on the tenant, like an otp.issued.
-	publishEvent(t, js, events.TypeSuperseded, "beta", "cross-tenant", b.victim, events.Superseded{
+	publishEvent(t, js, events.TypeChallengeSuperseded, "beta", "cross-tenant", b.victim, events.Superseded{
 		ChallengeID: b.victim, Tenant: "acme", RequestID: "victim", SupersededBy: "x", SupersededAt: at})
 	b.dlq["cross-tenant"] = "tenant"
 	// A consistent beta event naming acme's challenge: not dead-lettered (it names nothing
 	// beta has), and it must not touch acme's row.
-	publishEvent(t, js, events.TypeSuperseded, "beta", "beta-names-acme", b.victim, events.Superseded{
+	publishEvent(t, js, events.TypeChallengeSuperseded, "beta", "beta-names-acme", b.victim, events.Superseded{
 		ChallengeID: b.victim, Tenant: "beta", RequestID: "victim", SupersededBy: "x", SupersededAt: at})
 	// Challenge ids that are not UUIDs: once a database error that held back the batch.
-	bad := issuedFor(t, pepper, "acme", "not-a-uuid", "bad-id", 1, "222222")
-	publishEvent(t, js, events.TypeIssued, "acme", "not-a-uuid", "not-a-uuid", bad)
+	bad := challengeFor(t, pepper, "acme", "not-a-uuid", "bad-id", 1, "222222")
+	publishEvent(t, js, events.TypeChallenge, "acme", "not-a-uuid", "not-a-uuid", bad)
 	b.dlq["not-a-uuid"] = "challenge_id"
-	publishEvent(t, js, events.TypeSuperseded, "acme", "superseded-not-a-uuid", "", events.Superseded{
+	publishEvent(t, js, events.TypeChallengeSuperseded, "acme", "superseded-not-a-uuid", "", events.Superseded{
 		ChallengeID: "NOT-A-UUID", Tenant: "acme", RequestID: "old", SupersededBy: "x", SupersededAt: at})
 	b.dlq["superseded-not-a-uuid"] = "challenge_id"
 	// Tenant beta issuing a second code of its own choosing into acme's challenge.
-	publishEvent(t, js, events.TypeIssued, "beta", "hijack", b.victim, issuedFor(t, pepper, "beta", b.victim, "hijack", 2, attackerCode))
+	publishEvent(t, js, events.TypeChallenge, "beta", "hijack", b.victim, challengeFor(t, pepper, "beta", b.victim, "hijack", 2, attackerCode))
 	b.dlq["hijack"] = "belongs to another request"
 	// Well-formed, but the database refuses it (a constraint the test adds).
-	publishEvent(t, js, events.TypeIssued, "acme", "poison", ch(64), issuedFor(t, pepper, "acme", ch(64), "poison", 1, "333333"))
+	publishEvent(t, js, events.TypeChallenge, "acme", "poison", ch(64), challengeFor(t, pepper, "acme", ch(64), "poison", 1, "333333"))
 	b.dlq["poison"] = "database refused"
 
-	publishEvent(t, js, events.TypeSuperseded, "acme", "supersede-old", b.superseded, events.Superseded{
+	publishEvent(t, js, events.TypeChallengeSuperseded, "acme", "supersede-old", b.superseded, events.Superseded{
 		ChallengeID: b.superseded, Tenant: "acme", RequestID: "old", SupersededBy: "good1", SupersededAt: at})
-	publishEvent(t, js, events.TypeIssued, "beta", "good2", b.good2, issuedFor(t, pepper, "beta", b.good2, "good2", 1, "444444"))
+	publishEvent(t, js, events.TypeChallenge, "beta", "good2", b.good2, challengeFor(t, pepper, "beta", b.good2, "good2", 1, "444444"))
 }
 
 // poisonConstraint makes the database refuse the challenge of request "poison".
 func poisonConstraint(t *testing.T, h *harness) {
 	t.Helper()
-	_, err := h.pool.Exec(t.Context(), `ALTER TABLE verifier.challenges ADD CONSTRAINT test_poison CHECK (request_id <> 'poison')`)
+	// DDL is the owner's: the test adds it as the administrator (the verifier's role cannot).
+	_, err := testenv.Admin(t, h.pool).Exec(t.Context(), `ALTER TABLE verifier.challenges ADD CONSTRAINT test_poison CHECK (request_id <> 'poison')`)
 	testenv.Must(t, err, "add constraint")
 }
 
@@ -122,20 +124,23 @@ func (b *mixedBatch) check(t *testing.T, h *harness, verify func(tenant, request
 
 	dl := testenv.WaitMessages(t, h.js, events.StreamDLQ, events.TypeDLQ.Wildcard(), len(b.dlq), 10*time.Second)
 	got := map[string]string{}
+	ceID := func(m *jetstream.RawStreamMsg) string {
+		return nats.Header(testenv.OpenDeadLetter(t, h.dlq, m).Header).Get("ce-id")
+	}
 	for _, m := range dl {
-		got[m.Header.Get("ce-id")] = m.Header.Get(events.HeaderDLQReason)
+		got[ceID(m)] = m.Header.Get(events.HeaderDLQReason)
 	}
 	if len(dl) != len(b.dlq) {
 		t.Errorf("%d dead letters %v, want %d", len(dl), got, len(b.dlq))
 	}
 	for _, m := range dl {
 		reason := m.Header.Get(events.HeaderDLQReason)
-		id := m.Header.Get("ce-id")
+		id := ceID(m)
 		want, ok := b.dlq[id]
 		if !ok || !strings.Contains(reason, want) {
 			t.Errorf("dead letter %q with reason %q, want one of %v", id, reason, b.dlq)
 		}
-		if m.Header.Get(events.HeaderDLQStream) != events.StreamEvents {
+		if m.Header.Get(events.HeaderDLQStream) != events.StreamChallenges {
 			t.Errorf("dead letter %q: origin %q", id, m.Header.Get(events.HeaderDLQStream))
 		}
 	}
@@ -156,19 +161,20 @@ func (b *mixedBatch) check(t *testing.T, h *harness, verify func(tenant, request
 // its reason, and nothing is left unsettled for redelivery.
 func TestProjectionChecksEventsInOneBatch(t *testing.T) {
 	nc, js := testenv.JetStream(t, testenv.NATS(t))
-	pool := testenv.Postgres(t, Schema, Migrations())
+	pool := testenv.Postgres(t, Spec())
 	pepper, err := keys.ParsePepper(keys.Generate("p1", 32))
 	testenv.Must(t, err, "pepper")
 	subjects, err := keys.ParseSubjects(keys.Generate("k1", 32))
 	testenv.Must(t, err, "subject key")
-	svc, err := New(Config{Pepper: pepper, Subjects: subjects}, pool, nc, js, testenv.Logger(io.Discard), nil)
+	dlq := testenv.DLQKey(t)
+	svc, err := New(Config{Pepper: pepper, Subjects: subjects, DLQKey: dlq}, pool, nc, js, testenv.Logger(io.Discard), nil)
 	testenv.Must(t, err, "verifier")
-	h := &harness{nc: nc, js: js, pool: pool, pepper: pepper, subjects: subjects, svc: svc}
+	h := &harness{nc: nc, js: js, pool: pool, pepper: pepper, subjects: subjects, dlq: dlq, svc: svc}
 	poisonConstraint(t, h)
 
 	cfg := events.VerifierConsumer
 	cfg.Durable = "batch_test"
-	cons, err := js.CreateOrUpdateConsumer(t.Context(), events.StreamEvents, cfg)
+	cons, err := js.CreateOrUpdateConsumer(t.Context(), events.StreamChallenges, cfg)
 	testenv.Must(t, err, "consumer")
 	fetch := func(n int) []jetstream.Msg {
 		t.Helper()
@@ -184,7 +190,8 @@ func TestProjectionChecksEventsInOneBatch(t *testing.T) {
 		return msgs
 	}
 
-	c := platform.NewConsumer(cons, platform.ConsumeConfig{Name: cfg.Durable, JS: js, Log: testenv.Logger(io.Discard)})
+	c := platform.NewConsumer(cons, platform.ConsumeConfig{Name: cfg.Durable, JS: js, Log: testenv.Logger(io.Discard),
+		DeadLetters: &platform.DeadLetters{Sealer: dlq, Recipient: platform.EventRecipient(subjects)}})
 	b := publishSetup(t, js, pepper)
 	c.Handle(t.Context(), fetch(2), svc.project)
 	b.publishMixed(t, js, pepper)
@@ -213,7 +220,7 @@ func TestProjectionKeepsConsumingPastBadEvents(t *testing.T) {
 	h.waitProjected(t, b.victim, 1)
 	b.publishMixed(t, h.js, h.pepper)
 	h.waitProjected(t, b.good2, 1)
-	cons, err := h.js.Consumer(t.Context(), events.StreamEvents, events.VerifierConsumer.Durable)
+	cons, err := h.js.Consumer(t.Context(), events.StreamChallenges, events.VerifierConsumer.Durable)
 	testenv.Must(t, err, "consumer")
 	testenv.Eventually(t, 10*time.Second, "every event settled", func() bool {
 		info, err := cons.Info(t.Context())

@@ -10,6 +10,7 @@ import (
 	"github.com/jackc/pgx/v5/pgxpool"
 	"github.com/nats-io/nats.go"
 	"github.com/otpflow/otpflow/events"
+	"github.com/otpflow/otpflow/platform"
 	"github.com/otpflow/otpflow/platform/outbox"
 	"github.com/otpflow/otpflow/platform/window"
 )
@@ -170,46 +171,78 @@ func recentCodes(ctx context.Context, tx pgx.Tx, challengeID string, n int) ([]c
 	})
 }
 
-// project writes a batch of checked events in one transaction. An otp.issued whose
-// challenge id the projection holds for another request writes nothing and gets its
-// refused set; the rest of the batch is written.
+// project writes a batch of checked events in one transaction. A code whose challenge id
+// the projection holds for another request writes nothing and gets its refused set; the
+// rest of the batch is written.
+//
+// A supersession is written whatever the order it arrives in: for a challenge not yet
+// projected it writes the challenge as superseded, and the challenge's codes, projected
+// later, join it closed. So no order of delivery, redelivery or relay lets a superseded
+// code verify.
 func (st *store) project(ctx context.Context, items []*projection) error {
 	b := &pgx.Batch{}
+	// First, before any row lock, a shared lock on the recipient hashes of every code: an
+	// erasure takes them exclusively, so it comes wholly before this batch (which then
+	// drops the person's codes) or after (and deletes what the batch wrote).
+	var lt, lh []string
 	for _, p := range items {
-		p.refused = nil
+		if p.challenge != nil {
+			for _, h := range p.challenge.RecipientHashes {
+				lt, lh = append(lt, p.tenant), append(lh, h)
+			}
+		}
+	}
+	if len(lh) > 0 {
+		platform.QueueErasureLocksShared(b, Schema, lt, lh)
+	}
+	for _, p := range items {
+		p.refused, p.erased = nil, false
 		switch {
-		case p.issued != nil:
-			queueIssued(b, p)
+		case p.challenge != nil:
+			queueChallenge(b, p)
 		case p.superseded != nil:
 			// Scoped to the subject's tenant and the request: an event can only close a
-			// challenge it names exactly.
+			// challenge it names exactly. A challenge id or request id that another
+			// challenge holds conflicts, and nothing is written.
 			e := p.superseded
+			b.Queue(`INSERT INTO verifier.challenges (tenant, request_id, challenge_id, max_attempts, status)
+				VALUES ($2, $3, $1, 0, 'superseded') ON CONFLICT DO NOTHING`, e.ChallengeID, p.tenant, e.RequestID)
 			b.Queue(`UPDATE verifier.challenges SET status = 'superseded', updated_at = now()
 				WHERE challenge_id = $1 AND tenant = $2 AND request_id = $3 AND status = 'active'`,
 				e.ChallengeID, p.tenant, e.RequestID)
 		}
 	}
+	if b.Len() == 0 {
+		return nil
+	}
 	return pgx.BeginFunc(ctx, st.pool, func(tx pgx.Tx) error { return tx.SendBatch(ctx, b).Close() })
 }
 
-func queueIssued(b *pgx.Batch, p *projection) {
-	tenant, e := p.tenant, p.issued
+func queueChallenge(b *pgx.Batch, p *projection) {
+	tenant, e := p.tenant, p.challenge
+	// A code of a person erased after it was issued is dropped (verifier.erasures).
+	const erased = `EXISTS (SELECT 1 FROM verifier.erasures x WHERE x.tenant = $1 AND x.recipient_key = ANY ($2::text[]) AND x.erased_at >= $3)`
+	hashes := append([]string{}, e.RecipientHashes...)
 	b.Queue(`INSERT INTO verifier.challenges (tenant, request_id, challenge_id, max_attempts, session_id, recipient_keys, test, risk)
-		VALUES ($1, $2, $3, $4, $5, $6, $7, $8) ON CONFLICT DO NOTHING`, tenant, e.RequestID, e.ChallengeID, e.MaxAttempts,
-		e.SessionID, p.recipientKeys, e.Test, append([]string{}, e.Risk...))
+		SELECT $1, $4, $5, $6, $7, $2, $8, $9 WHERE NOT `+erased+` ON CONFLICT DO NOTHING`, tenant, hashes, e.IssuedAt,
+		e.RequestID, e.ChallengeID, e.MaxAttempts, e.SessionID, e.Test, append([]string{}, e.Risk...))
 	// A code joins its challenge only if the challenge is this event's own (tenant,
 	// request_id, challenge_id); otherwise nothing is written and the event is refused.
-	b.Queue(`WITH c AS (SELECT challenge_id FROM verifier.challenges WHERE challenge_id = $1 AND tenant = $7 AND request_id = $8),
+	b.Queue(`WITH gone AS (SELECT `+erased+` AS erased),
+			c AS (SELECT challenge_id FROM verifier.challenges, gone WHERE NOT gone.erased AND challenge_id = $4 AND tenant = $1 AND request_id = $9),
 			ins AS (INSERT INTO verifier.codes (challenge_id, code_seq, code_hmac, pepper_key_id, expires_at, issued_at)
-				SELECT challenge_id, $2, $3, $4, $5, $6 FROM c ON CONFLICT DO NOTHING)
-		SELECT EXISTS (SELECT 1 FROM c)`,
-		e.ChallengeID, e.CodeSeq, e.CodeHMAC, e.PepperKeyID, e.ExpiresAt, e.IssuedAt, tenant, e.RequestID).
+				SELECT challenge_id, $5, $6, $7, $8, $3 FROM c ON CONFLICT DO NOTHING)
+		SELECT EXISTS (SELECT 1 FROM c), (SELECT erased FROM gone)`,
+		tenant, hashes, e.IssuedAt, e.ChallengeID, e.CodeSeq, e.CodeHMAC, e.PepperKeyID, e.ExpiresAt, e.RequestID).
 		QueryRow(func(row pgx.Row) error {
-			var own bool
-			if err := row.Scan(&own); err != nil {
+			var own, gone bool
+			if err := row.Scan(&own, &gone); err != nil {
 				return err
 			}
-			if !own {
+			switch {
+			case gone:
+				p.erased = true
+			case !own:
 				p.refused = errChallengeOwned
 			}
 			return nil
@@ -273,8 +306,10 @@ func (st *store) purge(ctx context.Context, retention time.Duration) (int64, err
 	err := pgx.BeginFunc(ctx, st.pool, func(tx pgx.Tx) error {
 		rows, err := tx.Query(ctx, `SELECT c.challenge_id FROM verifier.challenges c
 			WHERE (c.status <> 'active' AND c.updated_at < now() - $1::bigint * interval '1 microsecond')
-			   OR NOT EXISTS (SELECT 1 FROM verifier.codes k WHERE k.challenge_id = c.challenge_id
-			                  AND k.expires_at >= now() - $1::bigint * interval '1 microsecond')
+			   OR (NOT EXISTS (SELECT 1 FROM verifier.codes k WHERE k.challenge_id = c.challenge_id
+			                   AND k.expires_at >= now() - $1::bigint * interval '1 microsecond')
+			       -- a supersession projected before its challenge's codes waits for them
+			       AND EXISTS (SELECT 1 FROM verifier.codes k WHERE k.challenge_id = c.challenge_id))
 			FOR UPDATE SKIP LOCKED`, retention.Microseconds())
 		if err != nil {
 			return err
@@ -300,6 +335,12 @@ func (st *store) purge(ctx context.Context, retention time.Duration) (int64, err
 	}
 	total += tag.RowsAffected()
 	tag, err = st.pool.Exec(ctx, `DELETE FROM verifier.verify_limits WHERE window_start < now() - interval '2 minutes'`)
+	if err != nil {
+		return total, err
+	}
+	total += tag.RowsAffected()
+	tag, err = st.pool.Exec(ctx, `DELETE FROM verifier.erasures WHERE erased_at < now() - $1::bigint * interval '1 microsecond'`,
+		retention.Microseconds())
 	return total + tag.RowsAffected(), err
 }
 

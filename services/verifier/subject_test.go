@@ -24,8 +24,8 @@ tenants:
 `, nil, func(c *Config) { c.VerifyIPPerMinute = 3; c.VerifyTenantPerMinute = 100 })
 	const ana, ip4, ip6 = "Ana.Lovelace@Example.COM", "203.0.113.77", "2001:db8:7:7::42"
 	exp := time.Now().Add(5 * time.Minute)
-	h.publishIssued(t, events.Issued{ChallengeID: ch(100), RequestID: "v1", CodeSeq: 1, Recipient: ana, SessionID: "s-1", ExpiresAt: exp}, "111111")
-	h.publishIssued(t, events.Issued{ChallengeID: ch(100), RequestID: "v1", CodeSeq: 2, Recipient: ana, SessionID: "s-1", ExpiresAt: exp, Resend: true}, "222222")
+	h.publishIssued(t, issue{ChallengeID: ch(100), RequestID: "v1", CodeSeq: 1, Recipient: ana, SessionID: "s-1", ExpiresAt: exp}, "111111")
+	h.publishIssued(t, issue{ChallengeID: ch(100), RequestID: "v1", CodeSeq: 2, Recipient: ana, SessionID: "s-1", ExpiresAt: exp, Resend: true}, "222222")
 	h.waitProjected(t, ch(100), 2)
 	for i := range 3 {
 		if r := h.verifyFrom(t, "acme", "v1", "000000", ip4); r.Status != events.StatusInvalidCode {
@@ -35,7 +35,7 @@ tenants:
 	if r := h.verifyFrom(t, "acme", "v1", "000000", ip4); r.Status != events.StatusRateLimited || r.Reason != "ip_per_minute" {
 		t.Fatalf("fourth call from the IP: %+v", r)
 	}
-	h.publishIssued(t, events.Issued{ChallengeID: ch(101), RequestID: "v2", CodeSeq: 1, Recipient: strings.ToLower(ana), ExpiresAt: exp}, "333333")
+	h.publishIssued(t, issue{ChallengeID: ch(101), RequestID: "v2", CodeSeq: 1, Recipient: strings.ToLower(ana), ExpiresAt: exp}, "333333")
 	h.waitProjected(t, ch(101), 1)
 	if r := h.verifyFrom(t, "acme", "v2", "000000", ip6); r.Status != events.StatusInvalidCode || r.AttemptsRemaining != 1 {
 		t.Fatalf("guess on the second challenge: %+v, want the risk rule's 2 attempts", r)
@@ -81,7 +81,7 @@ tenants:
 	h := newConfigHarness(t, doc, nil, tune(old))
 	const ip = "198.51.100.23"
 	exp := time.Now().Add(5 * time.Minute)
-	h.publishIssued(t, events.Issued{ChallengeID: ch(110), RequestID: "a", CodeSeq: 1, Recipient: "ana@example.com", ExpiresAt: exp}, "111111")
+	h.publishIssued(t, issue{ChallengeID: ch(110), RequestID: "a", CodeSeq: 1, Recipient: "ana@example.com", ExpiresAt: exp}, "111111")
 	h.waitProjected(t, ch(110), 1)
 	for i := range 3 {
 		if r := h.verifyFrom(t, "acme", "a", "000000", ip); r.Status != events.StatusInvalidCode {
@@ -91,7 +91,7 @@ tenants:
 
 	h.stops[0]()
 	h.replica(t, doc, nil, tune(rotated))
-	h.publishIssued(t, events.Issued{ChallengeID: ch(111), RequestID: "b", CodeSeq: 1, Recipient: "ANA@example.com", ExpiresAt: exp}, "222222")
+	h.publishIssued(t, issue{ChallengeID: ch(111), RequestID: "b", CodeSeq: 1, Recipient: "ANA@example.com", ExpiresAt: exp}, "222222")
 	h.waitProjected(t, ch(111), 1)
 	if r := h.verifyFrom(t, "acme", "b", "000000", ip); r.Status != events.StatusInvalidCode || r.AttemptsRemaining != 4 {
 		t.Fatalf("fourth failure, after the rotation: %+v", r)
@@ -138,7 +138,7 @@ tenants:
 	}
 	h := newConfigHarness(t, doc, nil, tune(old))
 	exp := time.Now().Add(5 * time.Minute)
-	h.publishIssued(t, events.Issued{ChallengeID: ch(120), RequestID: "a", CodeSeq: 1, Recipient: "ana@example.com", ExpiresAt: exp, MaxAttempts: 10}, "111111")
+	h.publishIssued(t, issue{ChallengeID: ch(120), RequestID: "a", CodeSeq: 1, Recipient: "ana@example.com", ExpiresAt: exp, MaxAttempts: 10}, "111111")
 	h.waitProjected(t, ch(120), 1)
 	for i := range 2 {
 		if r := h.verifyFrom(t, "acme", "a", "000000", "198.51.100.1"); r.Status != events.StatusInvalidCode {
@@ -147,7 +147,7 @@ tenants:
 	}
 	h.stops[0]()
 	h.replica(t, doc, nil, tune(rotated))
-	h.publishIssued(t, events.Issued{ChallengeID: ch(121), RequestID: "b", CodeSeq: 1, Recipient: "ana@example.com", ExpiresAt: exp, MaxAttempts: 10}, "222222")
+	h.publishIssued(t, issue{ChallengeID: ch(121), RequestID: "b", CodeSeq: 1, Recipient: "ana@example.com", ExpiresAt: exp, MaxAttempts: 10}, "222222")
 	h.waitProjected(t, ch(121), 1)
 	for i := range 2 {
 		if r := h.verifyFrom(t, "acme", "b", "000000", "198.51.100.1"); r.Status != events.StatusInvalidCode {

@@ -1,5 +1,6 @@
-// Package verifier answers otp.verify.<tenant>: it projects otp.issued into its own
-// schema and checks presented codes against the stored HMACs, counting attempts exactly.
+// Package verifier answers otp.verify.<tenant>: it projects its own stream,
+// OTP_CHALLENGES (otp.challenge, otp.challenge_superseded), into its own schema and checks
+// presented codes against the stored HMACs, counting attempts exactly.
 package verifier
 
 import (
@@ -49,9 +50,10 @@ type Service struct {
 	// now is the process clock. It only stamps the CloudEvents time of published
 	// events; every expiry, window and stamp is decided on the database clock, so
 	// replicas with drifting clocks agree with each other and with the issuer's rows.
-	now    func() time.Time
-	cons   jetstream.Consumer
-	events jetstream.Stream
+	now  func() time.Time
+	cons jetstream.Consumer
+	// challenges is OTP_CHALLENGES, which the read-your-writes fence reads.
+	challenges jetstream.Stream
 	// fenceSlots holds one token per verify waiting for the projection (MaxFenceWaits).
 	fenceSlots chan struct{}
 	// beforeProject runs before each projected batch (tests use it to slow the projection).
@@ -65,8 +67,8 @@ type Service struct {
 
 // New returns a verifier; Run starts it. The schema must be migrated.
 func New(cfg Config, pool *pgxpool.Pool, nc *nats.Conn, js jetstream.JetStream, log *slog.Logger, reg prometheus.Registerer) (*Service, error) {
-	if cfg.Pepper == nil || cfg.Subjects == nil {
-		return nil, errors.New("verifier: pepper and subject key are required")
+	if cfg.Pepper == nil || cfg.Subjects == nil || cfg.DLQKey == nil {
+		return nil, errors.New("verifier: pepper, subject key and DLQ key are required")
 	}
 	if cfg.Concurrency < 1 {
 		cfg.Concurrency = 64
@@ -96,7 +98,7 @@ func New(cfg Config, pool *pgxpool.Pool, nc *nats.Conn, js jetstream.JetStream, 
 			Name: "otpflow_verifier_verifications_total", Help: "Verify calls by reply status.",
 		}, []string{"status"}),
 		projected: prometheus.NewCounter(prometheus.CounterOpts{
-			Name: "otpflow_verifier_projected_events_total", Help: "otp.issued and otp.superseded events projected.",
+			Name: "otpflow_verifier_projected_events_total", Help: "Challenge and supersession events projected.",
 		}),
 		deadLettered: prometheus.NewCounter(prometheus.CounterOpts{
 			Name: "otpflow_verifier_dead_lettered_events_total", Help: "Projected events sent to OTP_DLQ instead (malformed, wrong tenant, refused by the database).",
@@ -115,11 +117,18 @@ func New(cfg Config, pool *pgxpool.Pool, nc *nats.Conn, js jetstream.JetStream, 
 
 // Run serves verify requests and keeps the projection current until ctx is cancelled.
 func (s *Service) Run(ctx context.Context) error {
-	cons, err := platform.Bind(ctx, s.js, s.cfg.Streams, events.StreamEvents, events.VerifierConsumer)
+	cons, err := platform.Bind(ctx, s.js, s.cfg.Streams, events.StreamChallenges, events.VerifierConsumer)
 	if err != nil {
 		return platform.SetupError(ctx, err)
 	}
-	if s.events, err = s.js.Stream(ctx, events.StreamEvents); err != nil {
+	// For one release: challenges issued before the upgrade are announced only on
+	// OTP_EVENTS, by otp.issued with the code HMAC; the consumer of earlier releases
+	// resumes where it stopped and projects them, so their codes keep verifying.
+	legacy, err := platform.EnsureConsumer(ctx, s.js, events.StreamEvents, events.VerifierLegacyConsumer)
+	if err != nil {
+		return platform.SetupError(ctx, err)
+	}
+	if s.challenges, err = s.js.Stream(ctx, events.StreamChallenges); err != nil {
 		return platform.SetupError(ctx, err)
 	}
 	s.cons = cons
@@ -147,9 +156,17 @@ func (s *Service) Run(ctx context.Context) error {
 	g, gctx := errgroup.WithContext(ctx)
 	g.Go(func() error { return s.outbox.Relay(gctx, 2*time.Second, 5*time.Second) })
 	g.Go(func() error { return platform.PurgeEvery(gctx, 10*time.Minute, s.log, s.Purge) })
+	dead := &platform.DeadLetters{Sealer: s.cfg.DLQKey, Recipient: platform.EventRecipient(s.cfg.Subjects)}
 	c := platform.NewConsumer(cons, platform.ConsumeConfig{Name: events.ConsumerVerifier, BatchSize: s.cfg.BatchSize,
-		JS: s.js, Log: s.log, Reg: s.reg})
+		JS: s.js, Log: s.log, Reg: s.reg, DeadLetters: dead})
 	g.Go(func() error { return c.Run(gctx, s.project) })
+	lc := platform.NewConsumer(legacy, platform.ConsumeConfig{Name: events.ConsumerVerifier + "-" + events.StreamEvents,
+		BatchSize: s.cfg.BatchSize, JS: s.js, Log: s.log, Reg: s.reg, DeadLetters: dead})
+	g.Go(func() error { return lc.Run(gctx, s.project) })
+	g.Go(func() error {
+		return platform.RunErasures(gctx, s.js, platform.ErasureConfig{Service: "verifier", Streams: s.cfg.Streams,
+			Erase: s.Erase, DeadLetters: &platform.DeadLetters{Sealer: s.cfg.DLQKey}, Log: s.log, Reg: s.reg})
+	})
 	g.Go(func() error {
 		<-gctx.Done()
 		err := svc.Stop() // unsubscribes; requests in flight finish below

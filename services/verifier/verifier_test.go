@@ -25,8 +25,13 @@ type harness struct {
 	pepper *keys.Pepper
 	// subjects is the OTP_SUBJECT_KEY ring replicas get unless tuned otherwise.
 	subjects *keys.Subjects
-	svc      *Service
-	clock    *clock
+	// dlq is the OTP_DLQ_KEY of every replica.
+	dlq *keys.Sealer
+	// issuerRing is the ring the recipient hashes of published challenges are made
+	// under: the last replica's, as if the issuers had rolled out with it.
+	issuerRing *keys.Subjects
+	svc        *Service
+	clock      *clock
 	// stops stops each replica, in the order started.
 	stops []func()
 }
@@ -55,12 +60,12 @@ func newPolicyHarness(t *testing.T, doc string, beforeProject func()) *harness {
 func newConfigHarness(t *testing.T, doc string, beforeProject func(), tune func(*Config)) *harness {
 	t.Helper()
 	nc, js := testenv.JetStream(t, testenv.NATS(t))
-	pool := testenv.Postgres(t, Schema, Migrations())
+	pool := testenv.Postgres(t, Spec())
 	pepper, err := keys.ParsePepper(keys.Generate("p1", 32))
 	testenv.Must(t, err, "pepper")
 	subjects, err := keys.ParseSubjects(keys.Generate("k1", 32))
 	testenv.Must(t, err, "subject key")
-	h := &harness{nc: nc, js: js, pool: pool, pepper: pepper, subjects: subjects}
+	h := &harness{nc: nc, js: js, pool: pool, pepper: pepper, subjects: subjects, dlq: testenv.DLQKey(t)}
 	h.svc, h.clock = h.replica(t, doc, beforeProject, tune)
 	return h
 }
@@ -71,10 +76,11 @@ func (h *harness) replica(t *testing.T, doc string, beforeProject func(), tune f
 	t.Helper()
 	policies, err := policy.Parse([]byte(doc))
 	testenv.Must(t, err, "policy")
-	cfg := Config{Pepper: h.pepper, Subjects: h.subjects, Policies: policies}
+	cfg := Config{Pepper: h.pepper, Subjects: h.subjects, Policies: policies, DLQKey: h.dlq}
 	if tune != nil {
 		tune(&cfg)
 	}
+	h.issuerRing = cfg.Subjects
 	svc, err := New(cfg, h.pool, h.nc, h.js, testenv.Logger(io.Discard), nil)
 	testenv.Must(t, err, "new verifier")
 	c := &clock{t: time.Now()}
@@ -88,27 +94,41 @@ func (h *harness) replica(t *testing.T, doc string, beforeProject func(), tune f
 	return svc, c
 }
 
-// issue publishes an otp.issued event for code and waits until the verifier projected it.
+// issue publishes an otp.challenge for code and waits until the verifier projected it.
 func (h *harness) issue(t *testing.T, challenge, requestID string, seq int, code, session string, expires time.Time) {
 	t.Helper()
-	h.publishIssued(t, events.Issued{ChallengeID: challenge, RequestID: requestID, CodeSeq: seq, Recipient: "ana@example.com",
+	h.publishIssued(t, issue{ChallengeID: challenge, RequestID: requestID, CodeSeq: seq, Recipient: "ana@example.com",
 		SessionID: session, ExpiresAt: expires}, code)
 	h.waitProjected(t, challenge, seq)
 }
 
-// publishIssued fills e's defaults, the MAC of code, and publishes it.
-func (h *harness) publishIssued(t *testing.T, e events.Issued, code string) {
+// issue is what a test says of one code; publishIssued makes the otp.challenge of it.
+type issue struct {
+	ChallengeID, RequestID string
+	CodeSeq                int
+	Recipient, SessionID   string
+	ExpiresAt              time.Time
+	MaxAttempts            int
+	Resend, Test           bool
+}
+
+// publishIssued fills e's defaults, the MAC of code and the recipient's subject hashes,
+// and publishes it as otp.challenge on OTP_CHALLENGES, as the issuer does.
+func (h *harness) publishIssued(t *testing.T, e issue, code string) {
 	t.Helper()
 	mac, err := h.pepper.MAC("p1", e.ChallengeID, code)
 	testenv.Must(t, err, "mac")
-	e.Tenant, e.Purpose, e.CodeLength, e.CodeHMAC, e.PepperKeyID, e.IssuedAt = "acme", "login", 6, mac, "p1", time.Now().UTC()
 	if e.MaxAttempts == 0 {
 		e.MaxAttempts = 5
 	}
-	m, err := events.NewMsg(events.TypeIssued, "acme", fmt.Sprintf("issued:%s:%d", e.ChallengeID, e.CodeSeq), e.ChallengeID, e, events.Envelope{Source: "test"})
+	c := events.Challenge{ChallengeID: e.ChallengeID, Tenant: "acme", RequestID: e.RequestID, CodeSeq: e.CodeSeq, CodeLength: 6,
+		CodeHMAC: mac, PepperKeyID: "p1", MaxAttempts: e.MaxAttempts, SessionID: e.SessionID,
+		RecipientHashes: h.issuerRing.SubjectHashes("acme", e.Recipient), Resend: e.Resend, IssuedAt: time.Now().UTC(),
+		ExpiresAt: e.ExpiresAt, Test: e.Test}
+	m, err := events.NewMsg(events.TypeChallenge, "acme", fmt.Sprintf("challenge:%s:%d", e.ChallengeID, e.CodeSeq), e.ChallengeID, c, events.Envelope{Source: "test"})
 	testenv.Must(t, err, "msg")
 	_, err = h.js.PublishMsg(context.Background(), m)
-	testenv.Must(t, err, "publish issued")
+	testenv.Must(t, err, "publish challenge")
 }
 
 func (h *harness) waitProjected(t *testing.T, challenge string, seq int) {

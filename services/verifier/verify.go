@@ -62,16 +62,16 @@ func (s *Service) verifyOnce(ctx context.Context, tenant string, req events.Veri
 	return d.reply, nil
 }
 
-// fence waits until the projection has acknowledged the tenant's last otp.issued on the
-// stream. Both reads go to leaders (the stream does not allow direct gets), so they are
+// fence waits until the projection has acknowledged the tenant's last otp.challenge on
+// OTP_CHALLENGES. Both reads go to leaders (the stream does not allow direct gets), so they are
 // read-after-write coherent on a replicated stream too.
 func (s *Service) fence(ctx context.Context, tenant string) error {
-	if s.events == nil || s.cons == nil {
+	if s.challenges == nil || s.cons == nil {
 		return nil
 	}
 	ctx, cancel := context.WithTimeout(ctx, s.cfg.FenceWait)
 	defer cancel()
-	last, err := s.events.GetLastMsgForSubject(ctx, events.TypeIssued.Subject(tenant))
+	last, err := s.challenges.GetLastMsgForSubject(ctx, events.TypeChallenge.Subject(tenant))
 	if errors.Is(err, jetstream.ErrMsgNotFound) {
 		return nil // the tenant never had a challenge
 	}

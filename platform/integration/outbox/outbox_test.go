@@ -10,6 +10,7 @@ import (
 	"github.com/jackc/pgx/v5"
 	"github.com/nats-io/nats.go"
 	"github.com/otpflow/otpflow/events"
+	"github.com/otpflow/otpflow/platform"
 	"github.com/otpflow/otpflow/platform/outbox"
 	"github.com/otpflow/otpflow/platform/testenv"
 )
@@ -22,7 +23,7 @@ CREATE TABLE svc.outbox (id bigserial PRIMARY KEY, subject text NOT NULL, header
 // process died after its commit) are published by the relay under their own ids, once.
 func TestRelayPublishesWhatACrashLeftBehind(t *testing.T) {
 	_, js := testenv.JetStream(t, testenv.NATS(t))
-	pool := testenv.Postgres(t, "svc", migrations)
+	pool := testenv.Postgres(t, platform.ServiceSpec{Name: "svc", Schema: "svc", Migrations: migrations, Grants: platform.ReadWriteGrants("svc")})
 	ob := &outbox.Outbox{Table: "svc.outbox", Pool: pool, JS: js, Log: testenv.Logger(io.Discard)}
 
 	msg := func(i int) *nats.Msg {

@@ -68,9 +68,10 @@ const (
 //
 // Its text is safe to log, store and publish: providers quote the recipient ("550 5.1.1
 // <ana@example.com>: Recipient address rejected", go-mail's "affected recipient(s): ...",
-// SES's "The following identities failed the check"), so Error shows Err's text with every
-// address replaced (events.RedactAddresses). Err itself stays as the provider gave it, for
-// errors.Is and errors.As; never print it on its own.
+// SES's "The following identities failed the check"), and some quote an IP ("Client host
+// [203.0.113.7] blocked"), so Error shows Err's text with every address and IP address
+// replaced (events.RedactAddresses, events.RedactIPs). Err itself stays as the provider
+// gave it, for errors.Is and errors.As; never print it on its own.
 type SendError struct {
 	Provider string
 	Class    Class
@@ -81,7 +82,7 @@ func (e *SendError) Error() string {
 	if e.Err == nil {
 		return fmt.Sprintf("%s: %s", e.Provider, e.Class)
 	}
-	return fmt.Sprintf("%s: %s: %s", e.Provider, e.Class, events.RedactAddresses(e.Err.Error()))
+	return fmt.Sprintf("%s: %s: %s", e.Provider, e.Class, events.RedactIPs(events.RedactAddresses(e.Err.Error())))
 }
 
 func (e *SendError) Unwrap() error { return e.Err }

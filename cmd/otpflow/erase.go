@@ -1,0 +1,258 @@
+package main
+
+import (
+	"context"
+	"crypto/rand"
+	"encoding/json"
+	"errors"
+	"flag"
+	"fmt"
+	"io"
+	"slices"
+	"strings"
+	"time"
+
+	"github.com/nats-io/nats.go"
+	"github.com/nats-io/nats.go/jetstream"
+	"github.com/otpflow/otpflow/events"
+	"github.com/otpflow/otpflow/platform"
+	"github.com/otpflow/otpflow/platform/keys"
+)
+
+// erasingServices answer every erasure with otp.erased.
+var erasingServices = []string{"issuer", "dispatcher", "verifier", "auditor"}
+
+// eraseCommand erases one person of a tenant from every store: it deletes their
+// messages still on OTP_REQUESTS, OTP_CHALLENGES and OTP_DLQ (by sequence, overwriting
+// the stored bytes), publishes otp.erasure_requested carrying only their subject hashes, and waits
+// for each service's otp.erased. Exit 0 when every service answered; 1 when one did not
+// within --wait (its durable consumer still holds the request: it erases when it runs).
+func eraseCommand(ctx context.Context, args []string, getenv func(string) string, stdout io.Writer) (int, error) {
+	fs := flag.NewFlagSet("erase", flag.ContinueOnError)
+	server, dir := serverFlags(fs)
+	var (
+		tenant    = fs.String("tenant", "", "the person's tenant (required)")
+		recipient = fs.String("recipient", "", "the person's address (required)")
+		wait      = fs.Duration("wait", 2*time.Minute, "how long to wait for every service to answer")
+	)
+	if err := fs.Parse(args); err != nil {
+		return 2, err
+	}
+	getenv = withDevKeys(getenv, *dir)
+	if *tenant == "" || *recipient == "" {
+		return 2, errors.New("erase: --tenant and --recipient are required")
+	}
+	if !events.ValidTenant(*tenant) {
+		return 2, fmt.Errorf("erase: %q is not a tenant id", *tenant)
+	}
+	subjects, err := keys.ParseSubjects(getenv("OTP_SUBJECT_KEY"))
+	if err != nil {
+		return 2, &platform.ConfigError{Var: "OTP_SUBJECT_KEY", Msg: err.Error()}
+	}
+	hashes := subjects.SubjectHashes(*tenant, *recipient)
+	address := events.CanonicalAddress(*recipient)
+
+	nc, js, err := connectJetStream(server(getenv), getenv)
+	if err != nil {
+		return 1, fmt.Errorf("erase: nothing done: %w", err)
+	}
+	defer nc.Close()
+
+	// The streams first: a request of theirs still waiting is not issued after the
+	// services have erased.
+	requests, err := deleteMatching(ctx, js, events.StreamRequests, events.TypeRequested.Subject(*tenant), func(m *jetstream.RawStreamMsg) bool {
+		return requestNames(m.Data, address)
+	})
+	if err != nil {
+		return 1, fmt.Errorf("erase: %s: %w", events.StreamRequests, err)
+	}
+	challenges, err := deleteMatching(ctx, js, events.StreamChallenges, events.TypeChallenge.Subject(*tenant), func(m *jetstream.RawStreamMsg) bool {
+		var c struct {
+			RecipientHashes []string `json:"recipient_hashes"`
+		}
+		_ = json.Unmarshal(m.Data, &c)
+		return slices.ContainsFunc(c.RecipientHashes, func(h string) bool { return subjects.MatchesSubject(h, *tenant, *recipient) })
+	})
+	if err != nil {
+		return 1, fmt.Errorf("erase: %s (%d requests deleted): %w", events.StreamChallenges, requests, err)
+	}
+	dead, err := deleteMatching(ctx, js, events.StreamDLQ, events.TypeDLQ.Subject(*tenant), func(m *jetstream.RawStreamMsg) bool {
+		if slices.ContainsFunc(m.Header.Values(events.HeaderRecipientHash), func(h string) bool {
+			return subjects.MatchesSubject(h, *tenant, *recipient)
+		}) {
+			return true
+		}
+		// An entry of an earlier release holds the original in the clear.
+		return m.Header.Get(events.HeaderRecipientHash) == "" && requestNames(m.Data, address)
+	})
+	if err != nil {
+		return 1, fmt.Errorf("erase: %s (%d requests and %d codes deleted): %w", events.StreamDLQ, requests, challenges, err)
+	}
+	fmt.Fprintf(stdout, "deleted %d requests from %s, %d codes from %s and %d dead letters from %s\n",
+		requests, events.StreamRequests, challenges, events.StreamChallenges, dead, events.StreamDLQ)
+
+	req := events.ErasureRequested{ErasureID: newUUID(), Tenant: *tenant, RecipientHashes: hashes,
+		Identity: operatorIdentity(ctx, nc), DeletedRequests: requests, DeletedDeadLetters: dead, RequestedAt: time.Now().UTC()}
+	msg, err := events.NewMsg(events.TypeErasureRequested, *tenant, "erasure:"+req.ErasureID, "", req,
+		events.Envelope{Source: "otpflow/cli", Time: req.RequestedAt})
+	if err != nil {
+		return 1, err
+	}
+	pctx, cancel := context.WithTimeout(ctx, 10*time.Second)
+	ack, err := js.PublishMsg(pctx, msg)
+	cancel()
+	if err != nil {
+		return 1, fmt.Errorf("erase: %d requests and %d dead letters deleted, but the services were not asked: publish %s: %w",
+			requests, dead, events.TypeErasureRequested, err)
+	}
+	fmt.Fprintf(stdout, "erasure %s requested\n", req.ErasureID)
+
+	answers, err := awaitErased(ctx, js, req, ack.Sequence, *wait)
+	for _, svc := range erasingServices {
+		if n, ok := answers[svc]; ok {
+			fmt.Fprintf(stdout, "%-10s erased %d rows\n", svc, n)
+		}
+	}
+	if err != nil {
+		return 1, err
+	}
+	var missing []string
+	for _, svc := range erasingServices {
+		if _, ok := answers[svc]; !ok {
+			missing = append(missing, svc)
+		}
+	}
+	if len(missing) > 0 {
+		return 1, fmt.Errorf("erase: no answer within %v from %s; each erases when it next runs (its consumer keeps the request)",
+			*wait, strings.Join(missing, ", "))
+	}
+	return 0, nil
+}
+
+// requestNames reports whether a body in the clear (a request, or the original of a dead
+// letter of an earlier release) is about address: its recipient, canonical form; for a
+// body that is not JSON, the address as a whole word anywhere in it (never inside a longer
+// address: erasing ana@example.com must not touch joana@example.com's).
+func requestNames(data []byte, address string) bool {
+	var r struct {
+		Recipient string `json:"recipient"`
+	}
+	if err := json.Unmarshal(data, &r); err == nil {
+		return r.Recipient != "" && events.CanonicalAddress(r.Recipient) == address
+	}
+	return wholeAddress(strings.ToLower(string(data)), address)
+}
+
+// wholeAddress reports whether address occurs in s with no address character either side.
+func wholeAddress(s, address string) bool {
+	part := func(c byte) bool {
+		return c >= 'a' && c <= 'z' || c >= '0' && c <= '9' || strings.IndexByte(".!#$%&'*+/=?^_`{|}~-@", c) >= 0
+	}
+	for i := 0; ; {
+		j := strings.Index(s[i:], address)
+		if j < 0 {
+			return false
+		}
+		j += i
+		end := j + len(address)
+		if (j == 0 || !part(s[j-1])) && (end == len(s) || !part(s[end])) {
+			return true
+		}
+		i = j + 1
+	}
+}
+
+// deleteMatching deletes, overwriting the stored bytes, every message of stream on filter
+// that match accepts, and returns how many it deleted. It reads the stream as it is now.
+func deleteMatching(ctx context.Context, js jetstream.JetStream, stream, filter string, match func(*jetstream.RawStreamMsg) bool) (int, error) {
+	st, err := js.Stream(ctx, stream)
+	if err != nil {
+		return 0, err
+	}
+	info, err := st.Info(ctx)
+	if err != nil {
+		return 0, err
+	}
+	if info.State.Msgs == 0 {
+		return 0, nil
+	}
+	n := 0
+	for seq := info.State.FirstSeq; seq <= info.State.LastSeq; seq++ {
+		m, err := st.GetMsg(ctx, seq)
+		if errors.Is(err, jetstream.ErrMsgNotFound) {
+			continue
+		}
+		if err != nil {
+			return n, fmt.Errorf("read sequence %d: %w", seq, err)
+		}
+		if filter != "" && !subjectMatches(filter, m.Subject) || !match(m) {
+			continue
+		}
+		if err := st.SecureDeleteMsg(ctx, seq); err != nil && !errors.Is(err, jetstream.ErrMsgNotFound) {
+			return n, fmt.Errorf("delete sequence %d: %w", seq, err)
+		}
+		n++
+	}
+	return n, nil
+}
+
+// subjectMatches reports whether subject matches filter, whose tokens may be "*" or a
+// final ">".
+func subjectMatches(filter, subject string) bool {
+	f, s := strings.Split(filter, "."), strings.Split(subject, ".")
+	for i, t := range f {
+		if t == ">" {
+			return len(s) > i
+		}
+		if i >= len(s) || (t != "*" && t != s[i]) {
+			return false
+		}
+	}
+	return len(f) == len(s)
+}
+
+// awaitErased reads otp.erased of req's tenant from OTP_EVENTS, from the request's
+// sequence on, until every service has answered req or wait has passed, and returns the
+// rows each erased.
+func awaitErased(ctx context.Context, js jetstream.JetStream, req events.ErasureRequested, from uint64, wait time.Duration) (map[string]int64, error) {
+	answers := map[string]int64{}
+	cons, err := js.OrderedConsumer(ctx, events.StreamEvents, jetstream.OrderedConsumerConfig{
+		FilterSubjects: []string{events.TypeErased.Subject(req.Tenant)},
+		DeliverPolicy:  jetstream.DeliverByStartSequencePolicy, OptStartSeq: from})
+	if err != nil {
+		return answers, err
+	}
+	it, err := cons.Messages()
+	if err != nil {
+		return answers, err
+	}
+	defer it.Stop()
+	deadline := time.Now().Add(wait)
+	for len(answers) < len(erasingServices) {
+		left := time.Until(deadline)
+		if left <= 0 || ctx.Err() != nil {
+			break
+		}
+		m, err := it.Next(jetstream.NextMaxWait(min(left, 5*time.Second)))
+		if errors.Is(err, nats.ErrTimeout) {
+			continue
+		}
+		if err != nil {
+			return answers, err
+		}
+		var e events.Erased
+		if events.DecodeEvent(m.Data(), &e) == nil && e.ErasureID == req.ErasureID {
+			answers[e.Service] = e.Rows
+		}
+	}
+	return answers, nil
+}
+
+// newUUID returns a random (version 4) UUID in the lowercase canonical form.
+func newUUID() string {
+	var b [16]byte
+	_, _ = rand.Read(b[:])
+	b[6] = b[6]&0x0f | 0x40
+	b[8] = b[8]&0x3f | 0x80
+	return fmt.Sprintf("%x-%x-%x-%x-%x", b[0:4], b[4:6], b[6:8], b[8:10], b[10:16])
+}

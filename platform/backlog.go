@@ -1,0 +1,155 @@
+package platform
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"log/slog"
+	"sync"
+	"time"
+
+	"github.com/nats-io/nats.go/jetstream"
+	"github.com/otpflow/otpflow/events"
+	"github.com/prometheus/client_golang/prometheus"
+)
+
+// BacklogWatch watches how long the oldest message a durable consumer has not settled
+// yet has waited on its stream, and raises an otp.alert when that nears the stream's
+// MaxAge: past it the stream deletes the message unprocessed. It reads only JetStream
+// (the consumer's ack floor and the next stored message's timestamp), so it sees a
+// consumer that is stuck as well as one that is slow. Any number of processes may run
+// it: their alerts about one message share an id, which the stream deduplicates.
+type BacklogWatch struct {
+	JS       jetstream.JetStream
+	Stream   string // e.g. events.StreamRequests
+	Consumer string // the durable consumer, e.g. events.ConsumerIssuer
+	Filter   string // the consumer's filter subject
+	// Bound is the stream's MaxAge; AlertAt the age of the oldest unsettled message
+	// that raises the alert (below Bound).
+	Bound, AlertAt time.Duration
+	// Every is the period of the check (default 10 s).
+	Every time.Duration
+	// Rule names the alert; Source is its ce-source.
+	Rule, Source string
+	Log          *slog.Logger
+	// Reg, when set, gets the age gauge and the check counter.
+	Reg prometheus.Registerer
+
+	once    sync.Once
+	age     prometheus.Gauge
+	checks  prometheus.Counter
+	alerted uint64    // the oldest message last alerted about
+	lastAt  time.Time // when
+}
+
+// Backlog is what one check found.
+type Backlog struct {
+	// Unsettled counts messages not yet delivered or delivered and not yet settled.
+	Unsettled uint64
+	// Oldest is the stream sequence of the oldest unsettled message and Age how long it
+	// has been stored; both zero when nothing is unsettled.
+	Oldest uint64
+	Age    time.Duration
+}
+
+func (w *BacklogWatch) init() {
+	w.once.Do(func() {
+		labels := prometheus.Labels{"stream": w.Stream, "consumer": w.Consumer}
+		w.age = prometheus.NewGauge(prometheus.GaugeOpts{Name: "otpflow_consumer_oldest_unsettled_age_seconds",
+			Help: "How long the oldest message the consumer has not settled has waited on its stream; 0 when none.", ConstLabels: labels})
+		w.checks = prometheus.NewCounter(prometheus.CounterOpts{Name: "otpflow_consumer_backlog_checks_total",
+			Help: "Checks of the consumer's oldest unsettled message.", ConstLabels: labels})
+		if w.Reg != nil {
+			w.Reg.MustRegister(w.age, w.checks)
+		}
+		if w.Every <= 0 {
+			w.Every = 10 * time.Second
+		}
+		if w.Log == nil {
+			w.Log = slog.New(slog.DiscardHandler)
+		}
+	})
+}
+
+// Run checks every Every until ctx is cancelled. A failed check is logged and retried at
+// the next tick.
+func (w *BacklogWatch) Run(ctx context.Context) error {
+	w.init()
+	t := time.NewTicker(w.Every)
+	defer t.Stop()
+	for {
+		if _, err := w.Check(ctx); err != nil && ctx.Err() == nil {
+			w.Log.Warn("backlog check", "stream", w.Stream, "consumer", w.Consumer, "err", err)
+		}
+		select {
+		case <-ctx.Done():
+			return nil
+		case <-t.C:
+		}
+	}
+}
+
+// Check measures the backlog once, exports its age, and raises the alert when the age
+// reached AlertAt: once per oldest message, and at most once a minute. Run calls it; it
+// is not for concurrent use.
+func (w *BacklogWatch) Check(ctx context.Context) (Backlog, error) {
+	w.init()
+	ctx, cancel := context.WithTimeout(ctx, 5*time.Second)
+	defer cancel()
+	b, err := w.measure(ctx)
+	if err != nil {
+		return b, err
+	}
+	w.checks.Inc()
+	w.age.Set(b.Age.Seconds())
+	if b.Age < w.AlertAt || b.Oldest == w.alerted || time.Since(w.lastAt) < time.Minute {
+		return b, nil
+	}
+	now := time.Now().UTC()
+	m, err := events.NewMsg(events.TypeAlert, "_system", fmt.Sprintf("alert:%s:%d", w.Rule, b.Oldest), "", events.Alert{
+		Tenant: "_system", Rule: w.Rule, Severity: "warning",
+		Detail: fmt.Sprintf("the oldest of %d unprocessed messages on %s (consumer %s) has waited %v; the stream deletes messages after %v",
+			b.Unsettled, w.Stream, w.Consumer, b.Age.Round(time.Second), w.Bound),
+		Value: b.Age.Seconds(), Threshold: w.AlertAt.Seconds(), RaisedAt: now,
+	}, events.Envelope{Source: w.Source, Time: now})
+	if err != nil {
+		return b, err
+	}
+	if _, err := w.JS.PublishMsg(ctx, m); err != nil {
+		return b, fmt.Errorf("publish alert: %w", err)
+	}
+	w.alerted, w.lastAt = b.Oldest, time.Now()
+	w.Log.Warn("backlog nears the stream's bound", "stream", w.Stream, "consumer", w.Consumer,
+		"oldest_seq", b.Oldest, "age", b.Age.Round(time.Second), "unsettled", b.Unsettled, "bound", w.Bound)
+	return b, nil
+}
+
+// measure finds the oldest message past the consumer's ack floor: every message at or
+// below the floor is settled, the first one above it is not.
+func (w *BacklogWatch) measure(ctx context.Context) (Backlog, error) {
+	cons, err := w.JS.Consumer(ctx, w.Stream, w.Consumer)
+	if err != nil {
+		return Backlog{}, err
+	}
+	info, err := cons.Info(ctx)
+	if err != nil {
+		return Backlog{}, err
+	}
+	b := Backlog{Unsettled: info.NumPending + uint64(info.NumAckPending)}
+	if b.Unsettled == 0 {
+		return b, nil
+	}
+	st, err := w.JS.Stream(ctx, w.Stream)
+	if err != nil {
+		return b, err
+	}
+	m, err := st.GetMsg(ctx, info.AckFloor.Stream+1, jetstream.WithGetMsgSubject(w.Filter))
+	if errors.Is(err, jetstream.ErrMsgNotFound) {
+		return Backlog{}, nil // settled or aged out meanwhile
+	}
+	if err != nil {
+		return b, err
+	}
+	b.Oldest, b.Age = m.Sequence, max(time.Since(m.Time), 0)
+	return b, nil
+}

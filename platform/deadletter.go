@@ -1,0 +1,156 @@
+package platform
+
+import (
+	"context"
+	"encoding/json"
+	"errors"
+	"fmt"
+	"strconv"
+
+	"github.com/nats-io/nats.go"
+	"github.com/nats-io/nats.go/jetstream"
+	"github.com/otpflow/otpflow/events"
+	"github.com/otpflow/otpflow/platform/keys"
+)
+
+// Dead letters: a message a consumer gives up on is copied to otp.dlq.<tenant> sealed
+// whole (events.SealedDeadLetter) under the DLQ key ring, OTP_DLQ_KEY, which every
+// service that consumes needs. Outside the seal it carries only the reason, its origin
+// and the subject hash of the person it is about (events.HeaderRecipientHash), so that an
+// operator can triage and an erasure can find a person's dead letters without opening
+// them. OpenDeadLetter gives the original back, for a redrive.
+
+// ErrNoDLQKey is returned when a consumer has no DLQ key to seal a dead letter with: it
+// never writes one in the clear.
+var ErrNoDLQKey = errors.New("no DLQ key (OTP_DLQ_KEY): a dead letter is never written in the clear")
+
+// DeadLetters is how a consumer writes its dead letters.
+type DeadLetters struct {
+	// Sealer seals them (OTP_DLQ_KEY); required.
+	Sealer *keys.Sealer
+	// Recipient returns the subject hash of the person a message of tenant is about, or
+	// "" when it names none or cannot be read. Nil: no recipient hash header.
+	Recipient func(tenant string, data []byte) string
+}
+
+// LoadDLQKey reads OTP_DLQ_KEY: AES-256 keys, "id:base64,…" with the active key first,
+// exactly 32 bytes each. Keep a retired key in the ring while dead letters sealed under it
+// are kept (OTP_DLQ's 30 days).
+func LoadDLQKey(getenv Getenv) (*keys.Sealer, error) {
+	s, err := keys.ParseSealer(getenv("OTP_DLQ_KEY"))
+	if err != nil {
+		return nil, &ConfigError{"OTP_DLQ_KEY", err.Error()}
+	}
+	return s, nil
+}
+
+// RequestRecipient finds the recipient of an otp.requested body: its "recipient" field,
+// hashed under the active subject key. A body too broken to hold one has none.
+func RequestRecipient(subjects *keys.Subjects) func(tenant string, data []byte) string {
+	return func(tenant string, data []byte) string {
+		var v struct {
+			Recipient string `json:"recipient"`
+		}
+		if subjects == nil || json.Unmarshal(data, &v) != nil || v.Recipient == "" {
+			return ""
+		}
+		return subjects.Subject(tenant, v.Recipient)
+	}
+}
+
+// EventRecipient finds the recipient of an OTP_EVENTS or OTP_CHALLENGES body: its
+// "recipient_hash" field, a subject hash already, or the first of its "recipient_hashes"
+// (an otp.challenge: the active key's), or else (events written before recipients were
+// hashed) its "recipient" field, hashed under the active subject key when subjects is set.
+func EventRecipient(subjects *keys.Subjects) func(tenant string, data []byte) string {
+	return func(tenant string, data []byte) string {
+		var v struct {
+			RecipientHash   string   `json:"recipient_hash"`
+			RecipientHashes []string `json:"recipient_hashes"`
+			Recipient       string   `json:"recipient"`
+		}
+		if json.Unmarshal(data, &v) != nil {
+			return ""
+		}
+		switch {
+		case v.RecipientHash != "":
+			return v.RecipientHash
+		case len(v.RecipientHashes) > 0 && events.IsSubjectHash(v.RecipientHashes[0]):
+			return v.RecipientHashes[0]
+		case v.Recipient != "" && subjects != nil:
+			return subjects.Subject(tenant, v.Recipient)
+		}
+		return ""
+	}
+}
+
+// sealDeadLetter builds the dead letter of the message (subject, header, data) stored at
+// stream/seq: the original sealed whole in the body, the reason, origin and recipient
+// hash in headers.
+func (dls *DeadLetters) sealDeadLetter(tenant string, subject string, header nats.Header, data []byte, md Meta, reason string) (*nats.Msg, error) {
+	if dls == nil || dls.Sealer == nil {
+		return nil, ErrNoDLQKey
+	}
+	var rcpt string
+	if !events.ValidTenant(tenant) {
+		tenant = "_unknown" // and nobody's: a hash is scoped by a tenant
+	} else if dls.Recipient != nil {
+		rcpt = dls.Recipient(tenant, data)
+	}
+	orig := events.DeadLetter{Subject: subject, Data: data}
+	if len(header) > 0 {
+		orig.Header = map[string][]string(header)
+	}
+	sealed, err := dls.Sealer.SealDeadLetter(tenant, md.Stream, md.Sequence, rcpt, orig)
+	if err != nil {
+		return nil, fmt.Errorf("seal dead letter: %w", err)
+	}
+	body, err := json.Marshal(sealed)
+	if err != nil {
+		return nil, err
+	}
+	dl := nats.NewMsg(events.TypeDLQ.Subject(tenant))
+	dl.Data = body
+	dl.Header = nats.Header{}
+	// Its id is the origin's stream and sequence, so a repeated dead letter of the same
+	// message is dropped by the stream.
+	dl.Header.Set(jetstream.MsgIDHeader, fmt.Sprintf("dlq:%s:%d", md.Stream, md.Sequence))
+	// The reason may quote a provider or a decoder: no address or IP leaves in it.
+	dl.Header.Set(events.HeaderDLQReason, events.Reason(reason, 1000))
+	dl.Header.Set(events.HeaderDLQSubject, subject)
+	dl.Header.Set(events.HeaderDLQStream, md.Stream)
+	dl.Header.Set(events.HeaderDLQSequence, strconv.FormatUint(md.Sequence, 10))
+	dl.Header.Set(events.HeaderDLQDelivered, strconv.FormatUint(md.NumDelivered, 10))
+	if rcpt != "" {
+		dl.Header.Set(events.HeaderRecipientHash, rcpt)
+	}
+	return dl, nil
+}
+
+// OpenDeadLetter opens a dead letter read from OTP_DLQ (its headers and body) with the
+// DLQ key ring and returns the original message. It fails when the body is not a sealed
+// dead letter, when its key is not in the ring, or when the body or the headers bound to
+// it were changed.
+func OpenDeadLetter(sealer *keys.Sealer, header nats.Header, data []byte) (events.DeadLetter, error) {
+	sealed, err := events.DecodeSealedDeadLetter(data)
+	if err != nil {
+		return events.DeadLetter{}, err
+	}
+	seq, err := strconv.ParseUint(header.Get(events.HeaderDLQSequence), 10, 64)
+	if err != nil {
+		return events.DeadLetter{}, fmt.Errorf("dead letter: bad %s header", events.HeaderDLQSequence)
+	}
+	return sealer.OpenDeadLetter(sealed, header.Get(events.HeaderDLQStream), seq, header.Get(events.HeaderRecipientHash))
+}
+
+// publishDeadLetter copies d to otp.dlq.<tenant>, sealed.
+func (c *Consumer) publishDeadLetter(ctx context.Context, d *Delivery, tenant, reason string) error {
+	dl, err := c.cfg.DeadLetters.sealDeadLetter(tenant, d.msg.Subject(), d.msg.Headers(), d.msg.Data(), d.meta, reason)
+	if err != nil {
+		return err
+	}
+	if _, err := c.cfg.JS.PublishMsg(ctx, dl); err != nil {
+		return fmt.Errorf("dead-letter %s: %w", dl.Header.Get(jetstream.MsgIDHeader), err)
+	}
+	return nil
+}

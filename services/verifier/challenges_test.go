@@ -1,0 +1,132 @@
+//lint:file-ignore SA1019 the otp.issued of earlier releases is written as it was
+
+package verifier
+
+import (
+	"testing"
+	"time"
+
+	"github.com/otpflow/otpflow/events"
+	"github.com/otpflow/otpflow/platform/testenv"
+)
+
+// supersede publishes the supersession of challenge (request requestID) on OTP_CHALLENGES,
+// as the issuer does.
+func (h *harness) supersede(t *testing.T, challenge, requestID, by string) {
+	t.Helper()
+	publishEvent(t, h.js, events.TypeChallengeSuperseded, "acme", "challenge_superseded:"+challenge, challenge, events.Superseded{
+		ChallengeID: challenge, Tenant: "acme", RequestID: requestID, SupersededBy: by, SupersededAt: time.Now().UTC()})
+}
+
+// TestProjectionFromChallengesAlone: the verifier learns of codes and of their
+// supersession from OTP_CHALLENGES alone, whatever order they arrive in. Nothing is
+// published to OTP_EVENTS but what the verifier itself decides.
+func TestProjectionFromChallengesAlone(t *testing.T) {
+	h := newHarness(t)
+	exp := time.Now().Add(5 * time.Minute)
+
+	// In order: a challenge, then a newer one that supersedes it.
+	h.issue(t, ch(200), "first", 1, "111111", "", exp)
+	h.issue(t, ch(201), "second", 1, "222222", "", exp)
+	h.supersede(t, ch(200), "first", "second")
+	testenv.Eventually(t, 10*time.Second, "the supersession projected", func() bool {
+		var status string
+		_ = h.pool.QueryRow(t.Context(), `SELECT status FROM verifier.challenges WHERE challenge_id = $1`, ch(200)).Scan(&status)
+		return status == statusSuperseded
+	})
+	if r := h.verify(t, "first", "111111", ""); r.Status != events.StatusSuperseded {
+		t.Fatalf("the superseded code: %+v, want superseded", r)
+	}
+	if r := h.verify(t, "second", "222222", ""); r.Status != events.StatusVerified {
+		t.Fatalf("the newer code: %+v, want verified", r)
+	}
+
+	// Out of order (an outbox relay may publish a supersession before the code it
+	// closes): the supersession first, then the code. The code never verifies.
+	h.supersede(t, ch(202), "third", "fourth")
+	testenv.Eventually(t, 10*time.Second, "the early supersession projected", func() bool {
+		var status string
+		_ = h.pool.QueryRow(t.Context(), `SELECT status FROM verifier.challenges WHERE challenge_id = $1`, ch(202)).Scan(&status)
+		return status == statusSuperseded
+	})
+	// A purge in between keeps what the supersession wrote until its codes come.
+	_, err := h.svc.Purge(t.Context())
+	testenv.Must(t, err, "purge")
+	h.issue(t, ch(202), "third", 1, "333333", "", exp)
+	if r := h.verify(t, "third", "333333", ""); r.Status != events.StatusSuperseded {
+		t.Fatalf("a code whose supersession came first: %+v, want superseded", r)
+	}
+
+	// A supersession that names another request's challenge closes nothing.
+	h.issue(t, ch(203), "fifth", 1, "555555", "", exp)
+	h.supersede(t, ch(203), "not-fifth", "x")
+	h.supersede(t, ch(204), "fifth", "x")
+	cons, err := h.js.Consumer(t.Context(), events.StreamChallenges, events.ConsumerVerifier)
+	testenv.Must(t, err, "consumer")
+	testenv.Eventually(t, 10*time.Second, "every challenge event settled", func() bool {
+		info, err := cons.Info(t.Context())
+		return err == nil && info.NumAckPending == 0 && info.NumPending == 0
+	})
+	if r := h.verify(t, "fifth", "555555", ""); r.Status != events.StatusVerified {
+		t.Fatalf("a challenge another request's supersession named: %+v, want verified", r)
+	}
+
+	// Nothing came from OTP_EVENTS: only the verifier's own decisions are there.
+	for _, m := range testenv.Messages(t, h.js, events.StreamEvents, "") {
+		if typ, _, _ := events.SplitSubject(m.Subject); typ == events.TypeIssued || typ == events.TypeSuperseded {
+			t.Fatalf("the test published %s to OTP_EVENTS", m.Subject)
+		}
+	}
+}
+
+// TestIssuedOfEarlierReleasesStillVerifies: a code issued before the upgrade is announced
+// only by an otp.issued on OTP_EVENTS that carries its HMAC; the verifier's consumer of
+// earlier releases still projects it, and its supersession, for one release. An
+// otp.issued of this release carries no HMAC and is passed over, not dead-lettered.
+func TestIssuedOfEarlierReleasesStillVerifies(t *testing.T) {
+	h := newHarness(t)
+	exp := time.Now().Add(5 * time.Minute).UTC()
+	mac := func(challenge, code string) []byte {
+		m, err := h.pepper.MAC("p1", challenge, code)
+		testenv.Must(t, err, "mac")
+		return m
+	}
+	old := func(challenge, requestID, code string) events.Issued {
+		return events.Issued{ChallengeID: challenge, Tenant: "acme", RequestID: requestID, CodeSeq: 1, Recipient: "ana@example.com",
+			Purpose: "login", CodeLength: 6, CodeHMAC: mac(challenge, code), PepperKeyID: "p1", MaxAttempts: 5,
+			SessionID: "s-1", IssuedAt: time.Now().UTC(), ExpiresAt: exp}
+	}
+	publishEvent(t, h.js, events.TypeIssued, "acme", "issued:old-1", ch(210), old(ch(210), "old-1", "111111"))
+	publishEvent(t, h.js, events.TypeIssued, "acme", "issued:old-2", ch(211), old(ch(211), "old-2", "222222"))
+	publishEvent(t, h.js, events.TypeSuperseded, "acme", "superseded:old-2", ch(211), events.Superseded{
+		ChallengeID: ch(211), Tenant: "acme", RequestID: "old-2", SupersededBy: "x", SupersededAt: time.Now().UTC()})
+	// This release's otp.issued for a challenge: the audit's record, nothing to project.
+	publishEvent(t, h.js, events.TypeIssued, "acme", "issued:new", ch(212), events.Issued{ChallengeID: ch(212), Tenant: "acme",
+		RequestID: "new", CodeSeq: 1, RecipientHash: h.subjects.Subject("acme", "ana@example.com"), RecipientMasked: "a***@example.com",
+		Purpose: "login", CodeLength: 6, MaxAttempts: 5, IssuedAt: time.Now().UTC(), ExpiresAt: exp})
+	h.waitProjected(t, ch(210), 1)
+	cons, err := h.js.Consumer(t.Context(), events.StreamEvents, events.ConsumerVerifier)
+	testenv.Must(t, err, "the verifier's consumer of earlier releases")
+	testenv.Eventually(t, 10*time.Second, "every OTP_EVENTS message settled", func() bool {
+		info, err := cons.Info(t.Context())
+		return err == nil && info.NumAckPending == 0 && info.NumPending == 0
+	})
+	if n := len(testenv.Messages(t, h.js, events.StreamDLQ, "")); n != 0 {
+		t.Fatalf("%d dead letters", n)
+	}
+	if r := h.verify(t, "old-1", "111111", "s-1"); r.Status != events.StatusVerified {
+		t.Fatalf("a code issued before the upgrade: %+v, want verified", r)
+	}
+	if r := h.verify(t, "old-2", "222222", "s-1"); r.Status != events.StatusSuperseded {
+		t.Fatalf("a code superseded before the upgrade: %+v, want superseded", r)
+	}
+	if r := h.verify(t, "new", "333333", ""); r.Status != events.StatusNotFound {
+		t.Fatalf("an otp.issued without a code: %+v, want not_found", r)
+	}
+	// The old event's recipient is kept only as its subject hashes.
+	var keysOf []string
+	testenv.Must(t, h.pool.QueryRow(t.Context(), `SELECT recipient_keys FROM verifier.challenges WHERE challenge_id = $1`, ch(210)).Scan(&keysOf), "keys")
+	if len(keysOf) != 1 || keysOf[0] != h.subjects.Subject("acme", "ana@example.com") {
+		t.Fatalf("recipient keys %q", keysOf)
+	}
+}

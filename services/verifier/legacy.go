@@ -1,0 +1,22 @@
+//lint:file-ignore SA1019 reading the deprecated fields of earlier releases is this file's purpose
+
+package verifier
+
+import "github.com/otpflow/otpflow/events"
+
+// legacyChallenge reads an otp.issued of an earlier release, which carried the code
+// HMAC, the session and the plaintext recipient, as the challenge it announced; the
+// recipient is kept only as its subject hashes under every key of the ring. For one
+// release: see events.VerifierLegacyConsumer.
+func (s *Service) legacyChallenge(tenant string, e events.Issued) (events.Challenge, error) {
+	if len(e.Recipient) > maxRecipient {
+		return events.Challenge{}, field("recipient", "longer than %d bytes", maxRecipient)
+	}
+	if err := text("recipient", e.Recipient); err != nil {
+		return events.Challenge{}, err
+	}
+	return events.Challenge{ChallengeID: e.ChallengeID, Tenant: e.Tenant, RequestID: e.RequestID, CodeSeq: e.CodeSeq,
+		CodeLength: e.CodeLength, CodeHMAC: e.CodeHMAC, PepperKeyID: e.PepperKeyID, MaxAttempts: e.MaxAttempts,
+		SessionID: e.SessionID, RecipientHashes: s.cfg.Subjects.SubjectHashes(tenant, e.Recipient), Resend: e.Resend,
+		IssuedAt: e.IssuedAt, ExpiresAt: e.ExpiresAt, Test: e.Test, Risk: e.Risk}, nil
+}
