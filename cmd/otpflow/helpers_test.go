@@ -39,6 +39,7 @@ func newWorld(t testing.TB) *world {
 	d := testenv.NewDB(t)
 	d.Migrate(t, specs()...)
 	w := &world{nats: testenv.NATS(t), db: d.URL, auditDB: d.RoleURL("auditor"), smtp: testenv.StartSMTP(t)}
+	testenv.JetStream(t, w.nats) // provisioned, as otpflow provision does before the services start
 	w.env = map[string]string{
 		"OTP_NATS_URL":             w.nats.ClientURL(),
 		"OTP_MIGRATE_DATABASE_URL": d.URL,
