@@ -47,7 +47,7 @@ type podSpec struct {
 	RestartPolicy   string `yaml:"restartPolicy"`
 	SecurityContext struct {
 		RunAsNonRoot *bool  `yaml:"runAsNonRoot"`
-		RunAsUser   *int64 `yaml:"runAsUser"`
+		RunAsUser    *int64 `yaml:"runAsUser"`
 	} `yaml:"securityContext"`
 	Containers []container
 	Volumes    []volume
@@ -83,9 +83,9 @@ type container struct {
 		ConfigMapRef *struct{ Name string } `yaml:"configMapRef"`
 		SecretRef    *struct{ Name string } `yaml:"secretRef"`
 	} `yaml:"envFrom"`
-	LivenessProbe  *probe `yaml:"livenessProbe"`
-	ReadinessProbe *probe `yaml:"readinessProbe"`
-	Resources      struct{ Requests, Limits map[string]string }
+	LivenessProbe   *probe `yaml:"livenessProbe"`
+	ReadinessProbe  *probe `yaml:"readinessProbe"`
+	Resources       struct{ Requests, Limits map[string]string }
 	SecurityContext struct {
 		ReadOnlyRootFilesystem   *bool `yaml:"readOnlyRootFilesystem"`
 		AllowPrivilegeEscalation *bool `yaml:"allowPrivilegeEscalation"`
@@ -197,9 +197,9 @@ type pdbSpec struct {
 }
 
 type scaledObjectSpec struct {
-	ScaleTargetRef struct{ Kind, Name string } `yaml:"scaleTargetRef"`
-	MinReplicaCount *int                      `yaml:"minReplicaCount"`
-	MaxReplicaCount *int                      `yaml:"maxReplicaCount"`
+	ScaleTargetRef  struct{ Kind, Name string } `yaml:"scaleTargetRef"`
+	MinReplicaCount *int                        `yaml:"minReplicaCount"`
+	MaxReplicaCount *int                        `yaml:"maxReplicaCount"`
 	Triggers        []struct {
 		Type     string
 		Metadata map[string]string
@@ -713,4 +713,3 @@ func TestSESRateArithmetic(t *testing.T) {
 		})
 	}
 }
-
