@@ -331,46 +331,9 @@ func checkPod(where, binary string, p podSpec, m *manifests, secrets map[string]
 		fail("%s: allowPrivilegeEscalation is not false", where)
 	}
 
-	// The variables, resolved: envFrom ConfigMaps first, env over them.
-	vars := map[string]envValue{}
-	for _, ef := range c.EnvFrom {
-		if ef.SecretRef != nil {
-			fail("%s: envFrom Secret %s: name each key with secretKeyRef instead", where, ef.SecretRef.Name)
-		}
-		if ef.ConfigMapRef == nil {
-			continue
-		}
-		cm := m.byKind["ConfigMap"][ef.ConfigMapRef.Name]
-		if cm == nil {
-			fail("%s: envFrom names ConfigMap %s, which no manifest declares", where, ef.ConfigMapRef.Name)
-			continue
-		}
-		for k, v := range cm.Data {
-			vars[k] = envValue{literal: v}
-		}
-	}
-	for _, e := range c.Env {
-		switch {
-		case e.ValueFrom == nil:
-			vars[e.Name] = envValue{literal: e.Value}
-		case e.ValueFrom.ConfigMapKeyRef != nil:
-			ref := e.ValueFrom.ConfigMapKeyRef
-			cm := m.byKind["ConfigMap"][ref.Name]
-			v, ok := "", false
-			if cm != nil {
-				v, ok = cm.Data[ref.Key]
-			}
-			if !ok {
-				fail("%s: %s names key %s of ConfigMap %s, which no manifest declares", where, e.Name, ref.Key, ref.Name)
-			}
-			vars[e.Name] = envValue{literal: v}
-		case e.ValueFrom.SecretKeyRef != nil:
-			ref := e.ValueFrom.SecretKeyRef
-			if !secrets[ref.Name][ref.Key] {
-				fail("%s: %s names key %s of Secret %s, which deploy/README.md does not list", where, e.Name, ref.Key, ref.Name)
-			}
-			vars[e.Name] = envValue{secret: ref}
-		}
+	vars, errs := resolveEnv(c, m, secrets)
+	for _, err := range errs {
+		fail("%s: %v", where, err)
 	}
 	names := make([]string, 0, len(vars))
 	for n := range vars {
@@ -401,6 +364,53 @@ func checkPod(where, binary string, p podSpec, m *manifests, secrets map[string]
 	checkProduction(where, binary, vars, fail)
 	checkFiles(where, c, p, vars, secrets, fail)
 	return c
+}
+
+// resolveEnv returns a container's variables: its envFrom ConfigMaps first, env over them,
+// and an error for each reference to a ConfigMap key or Secret key that does not exist.
+func resolveEnv(c *container, m *manifests, secrets map[string]map[string]bool) (map[string]envValue, []error) {
+	var errs []error
+	vars := map[string]envValue{}
+	for _, ef := range c.EnvFrom {
+		if ef.SecretRef != nil {
+			errs = append(errs, errorf("envFrom Secret %s: name each key with secretKeyRef instead", ef.SecretRef.Name))
+		}
+		if ef.ConfigMapRef == nil {
+			continue
+		}
+		cm := m.byKind["ConfigMap"][ef.ConfigMapRef.Name]
+		if cm == nil {
+			errs = append(errs, errorf("envFrom names ConfigMap %s, which no manifest declares", ef.ConfigMapRef.Name))
+			continue
+		}
+		for k, v := range cm.Data {
+			vars[k] = envValue{literal: v}
+		}
+	}
+	for _, e := range c.Env {
+		switch {
+		case e.ValueFrom == nil:
+			vars[e.Name] = envValue{literal: e.Value}
+		case e.ValueFrom.ConfigMapKeyRef != nil:
+			ref := e.ValueFrom.ConfigMapKeyRef
+			cm := m.byKind["ConfigMap"][ref.Name]
+			v, ok := "", false
+			if cm != nil {
+				v, ok = cm.Data[ref.Key]
+			}
+			if !ok {
+				errs = append(errs, errorf("%s names key %s of ConfigMap %s, which no manifest declares", e.Name, ref.Key, ref.Name))
+			}
+			vars[e.Name] = envValue{literal: v}
+		case e.ValueFrom.SecretKeyRef != nil:
+			ref := e.ValueFrom.SecretKeyRef
+			if !secrets[ref.Name][ref.Key] {
+				errs = append(errs, errorf("%s names key %s of Secret %s, which deploy/README.md does not list", e.Name, ref.Key, ref.Name))
+			}
+			vars[e.Name] = envValue{secret: ref}
+		}
+	}
+	return vars, errs
 }
 
 // checkProduction holds the settings to what OTP_ENV=production checks at start
