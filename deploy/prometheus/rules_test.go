@@ -115,7 +115,7 @@ func TestRules(t *testing.T) {
 				}
 			}
 			for k := range r.Labels {
-				if !model.LabelName(k).IsValidLegacy() {
+				if !model.LegacyValidation.IsValidLabelName(k) {
 					t.Errorf("%s: label name %q", name, k)
 				}
 			}
