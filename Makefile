@@ -1,5 +1,5 @@
 # otpflow: a go.work workspace; targets loop over its modules.
-MODULES := events platform platform/integration platform/testenv services/issuer services/dispatcher services/verifier services/auditor cmd/otpflow deploy
+MODULES := events platform platform/integration platform/testenv services/issuer services/dispatcher services/verifier services/auditor cmd/otpflow deploy deploy/prometheus
 GO ?= go
 
 # Every target builds and tests with the patched toolchain (go1.26.8 has reachable net/http and

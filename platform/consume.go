@@ -42,7 +42,8 @@ type ConsumeConfig struct {
 	JS          jetstream.JetStream
 	DeadLetters *DeadLetters
 	Log         *slog.Logger
-	// Reg, when set, gets the settle metrics; consumers of one process share them.
+	// Reg, when set, gets the settle metrics, which consumers of one process share, and
+	// the durable consumer's lag (ConsumerLag).
 	Reg prometheus.Registerer
 }
 
@@ -77,6 +78,11 @@ func NewConsumer(cons jetstream.Consumer, cfg ConsumeConfig) *Consumer {
 			ackWait = info.Config.AckWait
 		}
 		maxDeliver = info.Config.MaxDeliver
+		if cfg.Reg != nil {
+			// Every durable consumer's lag, for the alerts and dashboards; a second
+			// Consumer on the same durable in one process finds it registered already.
+			_ = cfg.Reg.Register(NewConsumerLag(cons, info.Stream, info.Name))
+		}
 	}
 	if cfg.MaxInProgress <= 0 {
 		cfg.MaxInProgress = 10 * ackWait

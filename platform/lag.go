@@ -10,7 +10,8 @@ import (
 
 // ConsumerLag exports a durable consumer's backlog on every scrape: messages not yet
 // delivered (pending), delivered and not yet acknowledged (ack_pending), and redelivered.
-// Scale dispatchers on pending + ack_pending.
+// Scale dispatchers on pending + ack_pending. NewConsumer registers one for every durable
+// consumer it is given a registry for.
 type ConsumerLag struct {
 	cons                          jetstream.Consumer
 	pending, ackPending, redelivs *prometheus.Desc

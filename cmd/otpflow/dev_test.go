@@ -128,8 +128,14 @@ func TestDevWalkthrough(t *testing.T) {
 			body, _ := io.ReadAll(resp.Body)
 			resp.Body.Close()
 			for _, m := range []string{`otpflow_dispatcher_sends_total{outcome="ok",provider="sandbox"} 1`,
-				"otpflow_dispatcher_send_seconds_bucket", `otpflow_dispatcher_breaker_state{provider="sandbox"} 0`,
-				`otpflow_consumer_pending_messages{consumer="dispatcher",stream="OTP_DISPATCH"}`} {
+				"otpflow_dispatcher_send_seconds_bucket", "otpflow_dispatcher_delivery_seconds_count 1",
+				`otpflow_dispatcher_breaker_state{provider="sandbox"} 0`,
+				`otpflow_consumer_pending_messages{consumer="dispatcher",stream="OTP_DISPATCH"}`,
+				// Every durable consumer's lag, not only the dispatcher's (the alert rules read it).
+				`otpflow_consumer_pending_messages{consumer="issuer",stream="OTP_REQUESTS"}`,
+				`otpflow_consumer_pending_messages{consumer="verifier",stream="OTP_CHALLENGES"}`,
+				`otpflow_consumer_ack_pending_messages{consumer="auditor",stream="OTP_EVENTS"}`,
+				`otpflow_consumer_oldest_unsettled_age_seconds{consumer="issuer",stream="OTP_REQUESTS"}`} {
 				if !strings.Contains(string(body), m) {
 					t.Errorf("/metrics lacks %s", m)
 				}

@@ -144,11 +144,6 @@ func (s *Service) Run(ctx context.Context) error {
 	}
 	setupCtx, cancel := context.WithTimeout(ctx, 30*time.Second)
 	defer cancel()
-	if s.reg != nil {
-		if err := s.reg.Register(platform.NewConsumerLag(cons, events.StreamDispatch, events.ConsumerDispatcher)); err != nil {
-			s.log.Warn("consumer lag metric", "err", err)
-		}
-	}
 	for i, p := range s.cfg.Providers {
 		if src := s.cfg.RateSources[p.Name()]; src != nil {
 			if r, err := src(setupCtx); err != nil {

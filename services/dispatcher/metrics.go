@@ -14,6 +14,7 @@ import (
 type metrics struct {
 	sends     *prometheus.CounterVec
 	latency   *prometheus.HistogramVec
+	delivered prometheus.Histogram
 	jobs      *prometheus.CounterVec
 	fallbacks *prometheus.CounterVec
 	breaker   *prometheus.GaugeVec
@@ -29,6 +30,11 @@ func newMetrics(reg prometheus.Registerer) metrics {
 			Name: "otpflow_dispatcher_send_seconds", Help: "Latency of one provider call.",
 			Buckets: prometheus.ExponentialBuckets(0.005, 2, 12),
 		}, []string{"provider"}),
+		delivered: prometheus.NewHistogram(prometheus.HistogramOpts{
+			Name:    "otpflow_dispatcher_delivery_seconds",
+			Help:    "From the code's issue (the issuer's clock) to the provider's acceptance, for every job recorded as sent.",
+			Buckets: []float64{0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300},
+		}),
 		jobs: prometheus.NewCounterVec(prometheus.CounterOpts{
 			Name: "otpflow_dispatcher_jobs_total", Help: "Dispatch job deliveries settled, by result.",
 		}, []string{"result"}),
@@ -43,7 +49,7 @@ func newMetrics(reg prometheus.Registerer) metrics {
 		}),
 	}
 	if reg != nil {
-		reg.MustRegister(m.sends, m.latency, m.jobs, m.fallbacks, m.breaker, m.ambiguous)
+		reg.MustRegister(m.sends, m.latency, m.delivered, m.jobs, m.fallbacks, m.breaker, m.ambiguous)
 	}
 	return m
 }

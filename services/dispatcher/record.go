@@ -124,6 +124,7 @@ func (s *Service) settle(ctx context.Context, jobs []*job) {
 		s.jobs.WithLabelValues(r.outcome.String()).Inc()
 		switch r.outcome {
 		case outcomeSent:
+			s.delivered.Observe(time.Since(j.job.IssuedAt).Seconds())
 			s.log.Info("delivered", "challenge_id", j.job.ChallengeID, "code_seq", j.job.CodeSeq, "provider", r.provider, "unconfirmed", r.unconfirmed)
 		case outcomeFailed, outcomeExpired:
 			s.log.Info("dispatch settled", "challenge_id", j.job.ChallengeID, "code_seq", j.job.CodeSeq, "result", r.outcome.String(), "reason", events.Reason(r.reason, 200))
