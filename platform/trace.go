@@ -133,9 +133,10 @@ func ContextFrom(ctx context.Context, h nats.Header) context.Context {
 	return traceContext.Extract(ctx, headerCarrier(h))
 }
 
-// SpanContextOf is the span context of h's traceparent; invalid when h has none.
-func SpanContextOf(h nats.Header) trace.SpanContext {
-	return trace.SpanContextFromContext(ContextFrom(context.Background(), h))
+// ParseTraceParent is the span context a W3C traceparent names, marked remote; invalid
+// when s is empty or malformed. A span links to it with trace.Link.
+func ParseTraceParent(s string) trace.SpanContext {
+	return trace.SpanContextFromContext(ContextFrom(context.Background(), nats.Header{"traceparent": {s}}))
 }
 
 // TraceParent is the W3C traceparent of ctx's span, for events.Envelope: a message
