@@ -104,7 +104,7 @@ func TestOneTraceAcrossTheServices(t *testing.T) {
 		want := delivered.ProviderAttempts[i]
 		attrs := map[string]string{}
 		for _, kv := range s.Attributes() {
-			attrs[string(kv.Key)] = kv.Value.Emit()
+			attrs[string(kv.Key)] = kv.Value.String()
 		}
 		if s.Name() != "provider "+want.Provider || attrs["otpflow.provider"] != want.Provider || attrs["otpflow.provider.outcome"] != want.Outcome {
 			t.Errorf("attempt %d: span %q %v, want provider %s outcome %s", i, s.Name(), attrs, want.Provider, want.Outcome)
@@ -152,7 +152,7 @@ func TestOneTraceAcrossTheServices(t *testing.T) {
 	// The spans say which request and which provider, never to whom or with which code.
 	for _, s := range rec.Ended() {
 		for _, kv := range s.Attributes() {
-			if v := kv.Value.Emit(); strings.Contains(v, rcpt) || strings.Contains(v, code) {
+			if v := kv.Value.String(); strings.Contains(v, rcpt) || strings.Contains(v, code) {
 				t.Errorf("span %s attribute %s carries the address or the code", s.Name(), kv.Key)
 			}
 		}
