@@ -35,8 +35,9 @@ func spansNamed(rec *tracetest.SpanRecorder, prefix string) []sdktrace.ReadOnlyS
 // app's trace, each the child of the one before: the issuer's "issue" span of the app's
 // span, the dispatcher's job span of the issue span (the dispatch job carries its
 // traceparent), and each provider attempt of the job span, one per attempt the delivery
-// event reports. A verify sent with a traceparent of another trace continues that trace
-// and links to the issue span. No span carries the address or the code.
+// event reports. A verify sent with a traceparent of another trace continues that trace,
+// links to the issue span, and publishes otp.verified in it; the auditor chains each event
+// in a span under its publisher's. No span carries the address or the code.
 func TestOneTraceAcrossTheServices(t *testing.T) {
 	w := newWorld(t)
 	w.useSES(t).SetFault(sestest.Always(sestest.Unavailable))
@@ -100,6 +101,7 @@ func TestOneTraceAcrossTheServices(t *testing.T) {
 		t.Fatalf("%d provider spans, the event reports %d attempts (want at least 2: SES down, then SMTP): %+v",
 			len(attempts), len(delivered.ProviderAttempts), delivered.ProviderAttempts)
 	}
+	t.Logf("provider attempts: %+v", delivered.ProviderAttempts)
 	for i, s := range attempts {
 		want := delivered.ProviderAttempts[i]
 		attrs := map[string]string{}
@@ -148,6 +150,24 @@ func TestOneTraceAcrossTheServices(t *testing.T) {
 		links[0].SpanContext.SpanID() != issue.SpanContext().SpanID() {
 		t.Errorf("verify span links %+v, want one to the issue span %s of trace %s", links, issue.SpanContext().SpanID(), appTrace)
 	}
+
+	// otp.verified is published in the verify's trace, and the auditor chains each event in
+	// the span of its publisher: the issuance, the delivery and the verify.
+	verifyTP := "00-" + verifyTrace + "-" + verify.SpanContext().SpanID().String() + "-01"
+	if m := testenv.Messages(t, a.js, events.StreamEvents, "otp.verified.acme"); len(m) != 1 || m[0].Header.Get(events.HeaderTraceParent) != verifyTP {
+		t.Errorf("otp.verified: want traceparent %s, got %v", verifyTP, m)
+	}
+	audited := func(parent trace.SpanContext) bool {
+		for _, s := range spansNamed(rec, "audit") {
+			if s.Parent().SpanID() == parent.SpanID() && s.SpanContext().TraceID() == parent.TraceID() {
+				return true
+			}
+		}
+		return false
+	}
+	testenv.Eventually(t, 30*time.Second, "audit spans under issue, dispatch and verify", func() bool {
+		return audited(issue.SpanContext()) && audited(dispatch.SpanContext()) && audited(verify.SpanContext())
+	})
 
 	// The spans say which request and which provider, never to whom or with which code.
 	for _, s := range rec.Ended() {

@@ -58,6 +58,14 @@ func (s *Service) verifyOnce(ctx context.Context, tenant string, req events.Veri
 				issuance = c.traceParent
 			}
 			d, err = s.decide(tenant, req, now, c, recent)
+			// What the verify decided is published in its trace (the caller's).
+			if tp := platform.TraceParent(ctx); tp != "" {
+				for _, m := range d.events {
+					if m != nil {
+						m.Header.Set(events.HeaderTraceParent, tp)
+					}
+				}
+			}
 			return d, err
 		})
 	if err != nil {
