@@ -173,9 +173,12 @@ type request struct {
 	// Set by the decision: reject (publish otp.rejected, terminate) or accept.
 	reject  *events.Rejected
 	outcome string
-	// span is the request's "issue" span; ctx carries it.
-	ctx  context.Context
-	span trace.Span
+	// span is the request's "issue" span; ctx carries it. traceParent is what the
+	// messages published for the request carry: the span's, or without a tracer the
+	// request's own (a new trace's when it came without one).
+	ctx         context.Context
+	span        trace.Span
+	traceParent string
 }
 
 // handleBatch decides a batch of requests in one transaction. Rejections are published
@@ -192,6 +195,9 @@ func (s *Service) handleBatch(ctx context.Context, batch []*platform.Delivery) e
 		r := &request{msg: d, seq: d.Meta().Sequence, stored: d.Meta().Timestamp.UTC()}
 		r.ctx, r.span = d.StartSpan(ctx, s.cfg.Tracer, "issue")
 		defer r.span.End()
+		if r.traceParent = platform.TraceParent(r.ctx); r.traceParent == "" {
+			r.traceParent = events.ChildTraceParent(d.Headers().Get(events.HeaderTraceParent))
+		}
 		reqs = append(reqs, r)
 		_, tenant, err := events.SplitSubject(d.Subject())
 		if err == nil {
@@ -211,7 +217,7 @@ func (s *Service) handleBatch(ctx context.Context, batch []*platform.Delivery) e
 		issueErr = fmt.Errorf("issue: %w", issueErr)
 		for _, r := range valid {
 			r.outcome, r.reject = "", nil
-			r.span.SetStatus(codes.Error, issueErr.Error())
+			r.span.SetStatus(codes.Error, "issue failed")
 		}
 	} else if err := s.outbox.Publish(ctx, entries); err != nil {
 		// Committed: the relay publishes the rows later under the same ids.
@@ -237,7 +243,7 @@ func (s *Service) handleBatch(ctx context.Context, batch []*platform.Delivery) e
 		switch {
 		case r.reject != nil && pubErr != nil:
 			// Left unsettled: retried with the error below.
-			r.span.SetStatus(codes.Error, pubErr.Error())
+			r.span.SetStatus(codes.Error, "publish rejection failed")
 		case r.reject != nil:
 			r.span.SetAttributes(attribute.String("otpflow.outcome", "rejected"), attribute.String("otpflow.reject_reason", string(r.reject.Reason)))
 			s.requests.WithLabelValues("rejected").Inc()
@@ -271,14 +277,10 @@ func rejection(r *request, err error, now time.Time) *events.Rejected {
 	return rej
 }
 
-// envelope is that of what the issuer publishes for r: in r's "issue" span, or, with no
-// tracer, with the request's own traceparent.
+// envelope is that of what the issuer publishes for r: in r's "issue" span, so every
+// event and the dispatch job of one request are in one trace.
 func (s *Service) envelope(r *request, now time.Time) events.Envelope {
-	tp := platform.TraceParent(r.ctx)
-	if tp == "" {
-		tp = r.msg.Headers().Get(events.HeaderTraceParent)
-	}
-	return events.Envelope{Source: "otpflow/issuer", TraceParent: tp, Time: now}
+	return events.Envelope{Source: "otpflow/issuer", TraceParent: r.traceParent, Time: now}
 }
 
 // Purge deletes challenges whose last code expired more than the retention ago, with
