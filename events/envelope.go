@@ -5,6 +5,7 @@ import (
 	"encoding/hex"
 	"encoding/json"
 	"fmt"
+	"strings"
 	"time"
 
 	"github.com/nats-io/nats.go"
@@ -28,7 +29,9 @@ const (
 type Envelope struct {
 	// Source is the CloudEvents source, e.g. "otpflow/issuer".
 	Source string
-	// TraceParent is the W3C traceparent to continue; empty starts a new trace.
+	// TraceParent is the W3C traceparent of the publisher's span: the message carries it
+	// as it is, so the consumer's span is that span's child. Empty or malformed starts a
+	// new trace (a traceparent of its own, see ChildTraceParent).
 	TraceParent string
 	// Time is the event time; zero means now.
 	Time time.Time
@@ -58,7 +61,11 @@ func NewMsg(typ Type, tenant, id, ceSubject string, v any, env Envelope) (*nats.
 	if ceSubject != "" {
 		m.Header.Set(HeaderSubject, ceSubject)
 	}
-	m.Header.Set(HeaderTraceParent, ChildTraceParent(env.TraceParent))
+	tp := env.TraceParent
+	if !validTraceParent(tp) {
+		tp = ChildTraceParent("")
+	}
+	m.Header.Set(HeaderTraceParent, tp)
 	return m, nil
 }
 
@@ -66,15 +73,34 @@ func NewMsg(typ Type, tenant, id, ceSubject string, v any, env Envelope) (*nats.
 // trace when parent is empty or malformed.
 func ChildTraceParent(parent string) string {
 	traceID := ""
-	if len(parent) == 55 && parent[2] == '-' && parent[35] == '-' && parent[52] == '-' {
-		if _, err := hex.DecodeString(parent[3:35]); err == nil {
-			traceID = parent[3:35]
-		}
+	if validTraceParent(parent) {
+		traceID = parent[3:35]
 	}
 	if traceID == "" {
 		traceID = randomHex(16)
 	}
 	return "00-" + traceID + "-" + randomHex(8) + "-01"
+}
+
+// validTraceParent reports whether s is a version-00 W3C traceparent with non-zero ids.
+func validTraceParent(s string) bool {
+	if len(s) != 55 || s[:3] != "00-" || s[35] != '-' || s[52] != '-' {
+		return false
+	}
+	for _, f := range []string{s[3:35], s[36:52], s[53:]} {
+		b, err := hex.DecodeString(f)
+		if err != nil || strings.ToLower(f) != f {
+			return false
+		}
+		zero := true
+		for _, c := range b {
+			zero = zero && c == 0
+		}
+		if zero && len(b) > 1 {
+			return false
+		}
+	}
+	return true
 }
 
 func randomHex(n int) string {

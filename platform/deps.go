@@ -11,15 +11,17 @@ import (
 	"github.com/nats-io/nats.go"
 	"github.com/nats-io/nats.go/jetstream"
 	"github.com/prometheus/client_golang/prometheus"
+	"go.opentelemetry.io/otel/trace"
 )
 
-// Deps are the connections one service holds: its PostgreSQL pool, its NATS connection
-// and the registry its metrics go to.
+// Deps are the connections one service holds: its PostgreSQL pool, its NATS connection,
+// the registry its metrics go to and the tracer its spans go to (trace.go).
 type Deps struct {
-	Pool *pgxpool.Pool
-	NC   *nats.Conn
-	JS   jetstream.JetStream
-	Reg  *prometheus.Registry
+	Pool   *pgxpool.Pool
+	NC     *nats.Conn
+	JS     jetstream.JetStream
+	Reg    *prometheus.Registry
+	Tracer trace.Tracer
 }
 
 // Open connects service svc to PostgreSQL and NATS. A service may start before its

@@ -172,12 +172,17 @@ func RunServices(ctx context.Context, getenv Getenv, logw io.Writer, specs ...Se
 		if u := getenv(DatabaseURLVar(s.Name)); u != "" {
 			c.DatabaseURL = u
 		}
+		tp, shutdown, err := NewTracerProvider(ctx, getenv, s.Name)
+		if err != nil {
+			return named(s, err)
+		}
+		defer stopTraces(shutdown) // once drained, so its last spans go out
 		d, err := Open(ctx, c, s.Name, logs[i])
 		if err != nil {
 			return named(s, err)
 		}
 		defer d.Close()
-		d.Reg, deps[i] = reg, d
+		d.Reg, d.Tracer, deps[i] = reg, tp.Tracer("otpflow/"+s.Name), d
 		for name, c := range d.Checks() {
 			if len(specs) > 1 {
 				name = s.Name + "-" + name

@@ -24,6 +24,8 @@ import (
 	"github.com/otpflow/otpflow/platform"
 	"github.com/otpflow/otpflow/platform/keys"
 	"github.com/prometheus/client_golang/prometheus"
+	"go.opentelemetry.io/otel/codes"
+	"go.opentelemetry.io/otel/trace"
 )
 
 // Schema is the PostgreSQL schema the auditor owns.
@@ -65,6 +67,9 @@ type Config struct {
 	Streams events.StreamOptions
 	// DLQKey seals dead letters (OTP_DLQ_KEY); required.
 	DLQKey *keys.Sealer
+	// Tracer gets an "audit" span per event chained, in the event's trace; nil records
+	// nothing.
+	Tracer trace.Tracer
 }
 
 // Service is one auditor process.
@@ -369,11 +374,14 @@ func (s *Service) handleBatch(ctx context.Context, batch []*platform.Delivery) e
 	var rows []*Row
 	var good []*platform.Delivery
 	for _, d := range batch {
+		_, span := d.StartSpan(ctx, s.cfg.Tracer, "audit")
+		defer span.End() // the batch is chained together: its spans end together
 		md := d.Meta()
 		row, err := ToRow(s.cfg.RecipientKey, s.cfg.Subjects, md.Sequence, md.Timestamp, d.Subject(), d.Headers(), d.Data())
 		if err != nil {
 			_, tenant, _ := events.SplitSubject(d.Subject())
 			s.log.Error("undecodable event", "seq", md.Sequence, "err", err)
+			span.SetStatus(codes.Error, "undecodable event")
 			d.Settle(platform.DeadLetter(tenant, "auditor: "+err.Error()))
 			continue
 		}

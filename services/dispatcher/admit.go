@@ -7,6 +7,9 @@ import (
 
 	"github.com/otpflow/otpflow/events"
 	"github.com/otpflow/otpflow/platform"
+	"go.opentelemetry.io/otel/attribute"
+	"go.opentelemetry.io/otel/codes"
+	"go.opentelemetry.io/otel/trace"
 )
 
 // job is one pulled dispatch job on its way through the stages: admitted and claimed
@@ -25,6 +28,23 @@ type job struct {
 
 	res     result // what the job came to
 	release func() // frees the send slot; set while a send's result is unrecorded
+
+	// span is the job's "dispatch" span, from admission to settlement; ctx carries it.
+	ctx  context.Context
+	span trace.Span
+}
+
+// end ends the job's span with what the job came to.
+func (j *job) end() {
+	j.span.SetAttributes(attribute.String("otpflow.dispatch.outcome", j.res.outcome.String()))
+	if p := j.res.provider; p != "" {
+		j.span.SetAttributes(attribute.String("otpflow.provider", p))
+	}
+	switch j.res.outcome {
+	case outcomeFailed, outcomeRetry:
+		j.span.SetStatus(codes.Error, j.res.outcome.String())
+	}
+	j.span.End()
 }
 
 // expiryMargin: a code with less life left than this is not mailed (nobody could type
@@ -37,8 +57,11 @@ const expiryMargin = 2 * time.Second
 func (s *Service) admit(ctx context.Context, batch []*platform.Delivery, results chan<- *job) error {
 	var jobs []*job
 	for _, d := range batch {
+		sctx, span := d.StartSpan(ctx, s.cfg.Tracer, "dispatch")
 		dj, tenant, err := s.open(d)
 		if err != nil {
+			span.SetStatus(codes.Error, "refused dispatch job")
+			span.End()
 			// A job that does not open under its routing fields was forged, edited or
 			// written in an old format: nothing in it can be trusted, so nothing is sent.
 			s.log.Error("refused dispatch job", "seq", d.Meta().Sequence, "err", err)
@@ -46,7 +69,9 @@ func (s *Service) admit(ctx context.Context, batch []*platform.Delivery, results
 			d.Settle(platform.DeadLetter(tenant, "refused dispatch job: "+err.Error()))
 			continue
 		}
-		jobs = append(jobs, &job{d: d, job: dj})
+		span.SetAttributes(attribute.String("otpflow.tenant", dj.Tenant), attribute.String("otpflow.challenge_id", dj.ChallengeID),
+			attribute.Int("otpflow.code_seq", dj.CodeSeq))
+		jobs = append(jobs, &job{d: d, job: dj, ctx: sctx, span: span})
 	}
 	if len(jobs) == 0 {
 		return nil
@@ -55,8 +80,10 @@ func (s *Service) admit(ctx context.Context, batch []*platform.Delivery, results
 	release := func() { <-s.slots }
 	if err := s.claim(ctx, jobs); err != nil {
 		s.log.Error("claim deliveries", "jobs", len(jobs), "err", err)
-		for range jobs {
+		for _, j := range jobs {
 			release()
+			j.span.SetStatus(codes.Error, "claim failed")
+			j.span.End()
 		}
 		return fmt.Errorf("claim deliveries: %w", err)
 	}

@@ -27,6 +27,7 @@ import (
 	"github.com/otpflow/otpflow/platform/policy"
 	"github.com/otpflow/otpflow/services/dispatcher/mailer"
 	"github.com/prometheus/client_golang/prometheus"
+	"go.opentelemetry.io/otel/trace"
 )
 
 // Schema is the PostgreSQL schema the dispatcher owns.
@@ -70,6 +71,9 @@ type Config struct {
 	// (OTP_SUBJECT_KEY); DLQKey seals the job in OTP_DLQ (OTP_DLQ_KEY). Both required.
 	Subjects *keys.Subjects
 	DLQKey   *keys.Sealer
+	// Tracer gets a "dispatch" span per job and a child span per provider attempt; nil
+	// records nothing.
+	Tracer trace.Tracer
 }
 
 // Service is one dispatcher process. Any number share the durable consumer.
@@ -98,6 +102,7 @@ func New(cfg Config, pool *pgxpool.Pool, js jetstream.JetStream, log *slog.Logge
 	if cfg.Concurrency < 1 {
 		cfg.Concurrency = 16
 	}
+	cfg.Tracer = platform.Tracer(cfg.Tracer)
 	if cfg.Lease == 0 {
 		cfg.Lease = events.DispatcherConsumer.AckWait
 	}
@@ -123,7 +128,7 @@ func New(cfg Config, pool *pgxpool.Pool, js jetstream.JetStream, log *slog.Logge
 			s.log.Warn("circuit breaker", "provider", name, "from", from, "to", to)
 			s.breaker.WithLabelValues(name).Set(breakerValue(to))
 		}
-		g := mailer.NewGuard(&instrumented{p: p, m: &s.metrics}, gc)
+		g := mailer.NewGuard(&instrumented{p: p, m: &s.metrics, tr: cfg.Tracer}, gc)
 		s.breaker.WithLabelValues(p.Name()).Set(0)
 		s.guards = append(s.guards, g)
 		chain = append(chain, g)

@@ -8,6 +8,9 @@ import (
 	"github.com/otpflow/otpflow/events"
 	"github.com/otpflow/otpflow/services/dispatcher/mailer"
 	"github.com/prometheus/client_golang/prometheus"
+	"go.opentelemetry.io/otel/attribute"
+	"go.opentelemetry.io/otel/codes"
+	"go.opentelemetry.io/otel/trace"
 )
 
 // metrics are the dispatcher's own series; the consumer's settle counts come from platform.
@@ -68,19 +71,27 @@ func breakerValue(state string) float64 {
 // call log. It sits inside the provider's guard, so the log holds every call, retries
 // included: the one record of provider attempts the delivery events carry.
 type instrumented struct {
-	p mailer.Provider
-	m *metrics
+	p  mailer.Provider
+	m  *metrics
+	tr trace.Tracer
 }
 
 func (i *instrumented) Name() string { return i.p.Name() }
 func (i *instrumented) Send(ctx context.Context, m *mailer.Message) (mailer.Receipt, error) {
+	// The attempt's span names the provider and the outcome class, never the address,
+	// the code or the provider's error text (which may quote the address).
+	ctx, span := i.tr.Start(ctx, "provider "+i.p.Name(), trace.WithSpanKind(trace.SpanKindClient),
+		trace.WithAttributes(attribute.String("otpflow.provider", i.p.Name())))
+	defer span.End()
 	start := time.Now()
 	r, err := i.p.Send(ctx, m)
 	i.m.latency.WithLabelValues(i.p.Name()).Observe(time.Since(start).Seconds())
 	outcome := "ok"
 	if err != nil {
 		outcome = string(mailer.ClassOf(err))
+		span.SetStatus(codes.Error, "provider failed: "+outcome)
 	}
+	span.SetAttributes(attribute.String("otpflow.provider.outcome", outcome))
 	i.m.sends.WithLabelValues(i.p.Name(), outcome).Inc()
 	if log, ok := ctx.Value(callLogKey{}).(*callLog); ok {
 		log.add(events.ProviderAttempt{Provider: i.p.Name(), Outcome: outcome, At: start.UTC()})

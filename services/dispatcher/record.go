@@ -40,10 +40,14 @@ func (s *Service) recordLoop(results <-chan *job) {
 			s.log.Error("record deliveries", "jobs", len(batch), "err", err)
 			for _, j := range batch {
 				j.d.Settle(platform.Retry(platform.RetryDelay(j.d.Meta().NumDelivered, 30*time.Second)))
+				j.end()
 			}
 			continue
 		}
 		s.settle(ctx, batch)
+		for _, j := range batch {
+			j.end()
+		}
 	}
 }
 
@@ -94,7 +98,11 @@ func (s *Service) event(j *job) *nats.Msg {
 		return nil
 	}
 	id := fmt.Sprintf("%s:%s:%d", typ[len("otp."):], dj.ChallengeID, dj.CodeSeq)
-	env := events.Envelope{Source: "otpflow/dispatcher", TraceParent: j.d.Headers().Get(events.HeaderTraceParent)}
+	tp := platform.TraceParent(j.ctx) // the job's span; without a tracer, the job's own
+	if tp == "" {
+		tp = j.d.Headers().Get(events.HeaderTraceParent)
+	}
+	env := events.Envelope{Source: "otpflow/dispatcher", TraceParent: tp}
 	m, err := events.NewMsg(typ, dj.Tenant, id, dj.ChallengeID, v, env)
 	if err != nil {
 		s.log.Error("encode event", "type", typ, "err", err)

@@ -8,6 +8,7 @@ import (
 
 	"github.com/otpflow/otpflow/events"
 	"github.com/otpflow/otpflow/services/dispatcher/mailer"
+	"go.opentelemetry.io/otel/trace"
 )
 
 // outcome is what became of a job: what it reports and how its delivery is settled. It is
@@ -86,7 +87,7 @@ func (s *Service) send(ctx context.Context, j *job) result {
 	// The whole chain finishes well inside the lease, so no other dispatcher can take
 	// the job while this one may still send it, and before the code's expiry less the
 	// margin, so no mail is handed over after its code expired.
-	ctx, cancel := context.WithDeadline(ctx, j.sendBy)
+	ctx, cancel := context.WithDeadline(trace.ContextWithSpan(ctx, j.span), j.sendBy)
 	defer cancel()
 
 	dj := j.job

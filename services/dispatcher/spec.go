@@ -11,6 +11,7 @@ import (
 func Spec() platform.ServiceSpec {
 	return platform.NewServiceSpec("dispatcher", Schema, Migrations(), LoadConfig,
 		func(cfg Config, d *platform.Deps, log *slog.Logger) (platform.Runner, error) {
+			cfg.Tracer = d.Tracer
 			return New(cfg, d.Pool, d.JS, log, d.Reg)
 		})
 }

@@ -183,11 +183,11 @@ func (s *Service) decide(st *batchState, w *writes, r *request, now time.Time) e
 				SupersededAt: now.UTC(), Test: isTest}
 			// The audit's record, and the verifier's, on its own stream in the order of
 			// the challenges it closes.
-			m, err := events.NewMsg(events.TypeSuperseded, r.tenant, "superseded:"+old.id, old.id, sup, s.envelope(r.msg, now))
+			m, err := events.NewMsg(events.TypeSuperseded, r.tenant, "superseded:"+old.id, old.id, sup, s.envelope(r, now))
 			if err != nil {
 				return err
 			}
-			cm, err := events.NewMsg(events.TypeChallengeSuperseded, r.tenant, "challenge_superseded:"+old.id, old.id, sup, s.envelope(r.msg, now))
+			cm, err := events.NewMsg(events.TypeChallengeSuperseded, r.tenant, "challenge_superseded:"+old.id, old.id, sup, s.envelope(r, now))
 			if err != nil {
 				return err
 			}
@@ -293,7 +293,7 @@ func (s *Service) newCode(w *writes, r *request, c *challenge, cp codeParams, no
 	if locale == "" {
 		locale = cp.policy.Locale
 	}
-	env := s.envelope(r.msg, now)
+	env := s.envelope(r, now)
 	// What the verifier needs, on its own short-lived stream; what the audit keeps, with
 	// no code HMAC, no session and the person and client only as hashes.
 	chal := events.Challenge{

@@ -23,6 +23,9 @@ import (
 	"github.com/otpflow/otpflow/platform/outbox"
 	"github.com/otpflow/otpflow/platform/policy"
 	"github.com/prometheus/client_golang/prometheus"
+	"go.opentelemetry.io/otel/attribute"
+	"go.opentelemetry.io/otel/codes"
+	"go.opentelemetry.io/otel/trace"
 	"golang.org/x/sync/errgroup"
 )
 
@@ -60,6 +63,9 @@ type Config struct {
 	// measured (default 10s).
 	LagAlert      time.Duration
 	LagCheckEvery time.Duration
+	// Tracer gets an "issue" span per request, whose traceparent the events and the
+	// dispatch job it publishes carry; nil records nothing.
+	Tracer trace.Tracer
 }
 
 // RuleRequestsBacklog is the alert the issuer raises when the oldest request it has not
@@ -167,6 +173,12 @@ type request struct {
 	// Set by the decision: reject (publish otp.rejected, terminate) or accept.
 	reject  *events.Rejected
 	outcome string
+	// span is the request's "issue" span; ctx carries it. traceParent is what the
+	// messages published for the request carry: the span's, or without a tracer the
+	// request's own (a new trace's when it came without one).
+	ctx         context.Context
+	span        trace.Span
+	traceParent string
 }
 
 // handleBatch decides a batch of requests in one transaction. Rejections are published
@@ -181,6 +193,11 @@ func (s *Service) handleBatch(ctx context.Context, batch []*platform.Delivery) e
 	var valid []*request
 	for _, d := range batch {
 		r := &request{msg: d, seq: d.Meta().Sequence, stored: d.Meta().Timestamp.UTC()}
+		r.ctx, r.span = d.StartSpan(ctx, s.cfg.Tracer, "issue")
+		defer r.span.End()
+		if r.traceParent = platform.TraceParent(r.ctx); r.traceParent == "" {
+			r.traceParent = events.ChildTraceParent(d.Headers().Get(events.HeaderTraceParent))
+		}
 		reqs = append(reqs, r)
 		_, tenant, err := events.SplitSubject(d.Subject())
 		if err == nil {
@@ -200,6 +217,7 @@ func (s *Service) handleBatch(ctx context.Context, batch []*platform.Delivery) e
 		issueErr = fmt.Errorf("issue: %w", issueErr)
 		for _, r := range valid {
 			r.outcome, r.reject = "", nil
+			r.span.SetStatus(codes.Error, "issue failed")
 		}
 	} else if err := s.outbox.Publish(ctx, entries); err != nil {
 		// Committed: the relay publishes the rows later under the same ids.
@@ -211,7 +229,7 @@ func (s *Service) handleBatch(ctx context.Context, batch []*platform.Delivery) e
 		if r.reject == nil {
 			continue
 		}
-		m, err := events.NewMsg(events.TypeRejected, rejectTenant(r), fmt.Sprintf("rejected:%d", r.seq), "", r.reject, s.envelope(r.msg, now))
+		m, err := events.NewMsg(events.TypeRejected, rejectTenant(r), fmt.Sprintf("rejected:%d", r.seq), "", r.reject, s.envelope(r, now))
 		if err == nil {
 			rejected = append(rejected, m)
 		}
@@ -221,15 +239,19 @@ func (s *Service) handleBatch(ctx context.Context, batch []*platform.Delivery) e
 		pubErr = fmt.Errorf("publish rejections: %w", pubErr)
 	}
 	for _, r := range reqs {
+		r.span.SetAttributes(attribute.String("otpflow.tenant", r.tenant), attribute.String("otpflow.request_id", r.req.RequestID))
 		switch {
 		case r.reject != nil && pubErr != nil:
 			// Left unsettled: retried with the error below.
+			r.span.SetStatus(codes.Error, "publish rejection failed")
 		case r.reject != nil:
+			r.span.SetAttributes(attribute.String("otpflow.outcome", "rejected"), attribute.String("otpflow.reject_reason", string(r.reject.Reason)))
 			s.requests.WithLabelValues("rejected").Inc()
 			s.log.Info("request rejected", "tenant", r.reject.Tenant, "request_id", r.reject.RequestID,
 				"reason", r.reject.Reason, "field", r.reject.Field, "seq", r.seq)
 			r.msg.Settle(platform.Terminate(string(r.reject.Reason)))
 		case r.outcome != "":
+			r.span.SetAttributes(attribute.String("otpflow.outcome", r.outcome))
 			s.requests.WithLabelValues(r.outcome).Inc()
 			r.msg.Settle(platform.Ack())
 		}
@@ -255,8 +277,10 @@ func rejection(r *request, err error, now time.Time) *events.Rejected {
 	return rej
 }
 
-func (s *Service) envelope(m *platform.Delivery, now time.Time) events.Envelope {
-	return events.Envelope{Source: "otpflow/issuer", TraceParent: m.Headers().Get(events.HeaderTraceParent), Time: now}
+// envelope is that of what the issuer publishes for r: in r's "issue" span, so every
+// event and the dispatch job of one request are in one trace.
+func (s *Service) envelope(r *request, now time.Time) events.Envelope {
+	return events.Envelope{Source: "otpflow/issuer", TraceParent: r.traceParent, Time: now}
 }
 
 // Purge deletes challenges whose last code expired more than the retention ago, with

@@ -171,6 +171,12 @@ func TestIssueSealsTheCodeAndPublishesOnlyItsMAC(t *testing.T) {
 			t.Fatalf("%s lacks CloudEvents headers: %v", m.Subject, m.Header)
 		}
 	}
+	// No tracer and a request without a traceparent: its messages are still one trace.
+	for _, m := range append(issued, challenges...) {
+		if m.Header.Get(events.HeaderTraceParent) != jobs[0].Header.Get(events.HeaderTraceParent) {
+			t.Fatalf("%s traceparent %s, the dispatch job's %s", m.Subject, m.Header.Get(events.HeaderTraceParent), jobs[0].Header.Get(events.HeaderTraceParent))
+		}
+	}
 	var rows int
 	testenv.Must(t, h.pool.QueryRow(context.Background(), `SELECT count(*) FROM issuer.outbox`).Scan(&rows), "outbox")
 	if rows != 0 {

@@ -7,6 +7,7 @@ import (
 	"github.com/otpflow/otpflow/platform"
 	"github.com/otpflow/otpflow/platform/keys"
 	"github.com/otpflow/otpflow/platform/policy"
+	"go.opentelemetry.io/otel/trace"
 )
 
 // Config is the verifier's configuration. Zero values get the defaults named below.
@@ -40,6 +41,9 @@ type Config struct {
 	Streams     events.StreamOptions
 	// DLQKey seals the events the projection dead-letters (OTP_DLQ_KEY); required.
 	DLQKey *keys.Sealer
+	// Tracer gets a "verify" span per request, continuing the app's traceparent and
+	// linked to the issuance; nil records nothing.
+	Tracer trace.Tracer
 }
 
 // DefaultVerifyIPPerMinute is the per-IP verify limit when none is configured.

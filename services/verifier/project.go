@@ -27,6 +27,8 @@ type projection struct {
 	// erased is set by the store for a code of a person erased after it was issued: it is
 	// dropped, not projected.
 	erased bool
+	// traceParent is the message's: the issuer's span, which a verify of the code links to.
+	traceParent string
 }
 
 // failureRisk: a new challenge for a recipient with at least failures failed
@@ -149,7 +151,7 @@ func (s *Service) checkedChallenge(m *platform.Delivery, tenant string, e events
 	if err := checkChallenge(tenant, e); err != nil {
 		return nil, err
 	}
-	p := &projection{msg: m, tenant: tenant, challenge: &e}
+	p := &projection{msg: m, tenant: tenant, challenge: &e, traceParent: m.Headers().Get(events.HeaderTraceParent)}
 	// Risk rule recipient_failures, decided once per challenge, on its first code. Test
 	// recipients count too: a fixed code must not be cheaper to guess.
 	if rf := s.cfg.Policies.For(tenant).Risk.RecipientFailures; rf.Failures > 0 && e.CodeSeq == 1 {

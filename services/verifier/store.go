@@ -39,6 +39,8 @@ type challenge struct {
 	recipientKeys         []string
 	attempts, maxAttempts int
 	test                  bool
+	// traceParent is that of the newest code's otp.challenge: the issuance's span.
+	traceParent string
 	// failures are the recipient's failed verifications across challenges, oldest
 	// first, their rows locked too: read only for an active challenge with recipient keys.
 	failures window.Stamps
@@ -81,9 +83,10 @@ func (st *store) verify(ctx context.Context, tenant, requestID string, answerMis
 	var entries []outbox.Entry
 	err := pgx.BeginFunc(ctx, st.pool, func(tx pgx.Tx) error {
 		c := &challenge{}
-		err := tx.QueryRow(ctx, `SELECT challenge_id::text, attempts, max_attempts, status, session_id, recipient_keys, test
-			FROM verifier.challenges WHERE tenant = $1 AND request_id = $2 FOR UPDATE`, tenant, requestID).
-			Scan(&c.id, &c.attempts, &c.maxAttempts, &c.status, &c.sessionID, &c.recipientKeys, &c.test)
+		err := tx.QueryRow(ctx, `SELECT challenge_id::text, attempts, max_attempts, status, session_id, recipient_keys, test,
+				coalesce((SELECT k.trace_parent FROM verifier.codes k WHERE k.challenge_id = c.challenge_id ORDER BY k.code_seq DESC LIMIT 1), '')
+			FROM verifier.challenges c WHERE tenant = $1 AND request_id = $2 FOR UPDATE OF c`, tenant, requestID).
+			Scan(&c.id, &c.attempts, &c.maxAttempts, &c.status, &c.sessionID, &c.recipientKeys, &c.test, &c.traceParent)
 		switch {
 		case errors.Is(err, pgx.ErrNoRows) && !answerMissing:
 			return errNotProjected
@@ -230,10 +233,10 @@ func queueChallenge(b *pgx.Batch, p *projection) {
 	// request_id, challenge_id); otherwise nothing is written and the event is refused.
 	b.Queue(`WITH gone AS (SELECT `+erased+` AS erased),
 			c AS (SELECT challenge_id FROM verifier.challenges, gone WHERE NOT gone.erased AND challenge_id = $4 AND tenant = $1 AND request_id = $9),
-			ins AS (INSERT INTO verifier.codes (challenge_id, code_seq, code_hmac, pepper_key_id, expires_at, issued_at)
-				SELECT challenge_id, $5, $6, $7, $8, $3 FROM c ON CONFLICT DO NOTHING)
+			ins AS (INSERT INTO verifier.codes (challenge_id, code_seq, code_hmac, pepper_key_id, expires_at, issued_at, trace_parent)
+				SELECT challenge_id, $5, $6, $7, $8, $3, $10 FROM c ON CONFLICT DO NOTHING)
 		SELECT EXISTS (SELECT 1 FROM c), (SELECT erased FROM gone)`,
-		tenant, hashes, e.IssuedAt, e.ChallengeID, e.CodeSeq, e.CodeHMAC, e.PepperKeyID, e.ExpiresAt, e.RequestID).
+		tenant, hashes, e.IssuedAt, e.ChallengeID, e.CodeSeq, e.CodeHMAC, e.PepperKeyID, e.ExpiresAt, e.RequestID, p.traceParent).
 		QueryRow(func(row pgx.Row) error {
 			var own, gone bool
 			if err := row.Scan(&own, &gone); err != nil {

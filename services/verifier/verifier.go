@@ -22,6 +22,9 @@ import (
 	"github.com/otpflow/otpflow/platform/outbox"
 	"github.com/otpflow/otpflow/platform/policy"
 	"github.com/prometheus/client_golang/prometheus"
+	"go.opentelemetry.io/otel/attribute"
+	"go.opentelemetry.io/otel/codes"
+	"go.opentelemetry.io/otel/trace"
 	"golang.org/x/sync/errgroup"
 )
 
@@ -73,6 +76,7 @@ func New(cfg Config, pool *pgxpool.Pool, nc *nats.Conn, js jetstream.JetStream, 
 	if cfg.Concurrency < 1 {
 		cfg.Concurrency = 64
 	}
+	cfg.Tracer = platform.Tracer(cfg.Tracer)
 	if cfg.BatchSize < 1 {
 		cfg.BatchSize = 100
 	}
@@ -180,6 +184,11 @@ func (s *Service) Run(ctx context.Context) error {
 // VerifyReply; only an internal failure (the caller should retry) is a micro error reply
 // (headers Nats-Service-Error and Nats-Service-Error-Code: 500).
 func (s *Service) serve(ctx context.Context, req micro.Request) {
+	// The span continues the trace of the app's traceparent header, if it sent one.
+	ctx, span := s.cfg.Tracer.Start(platform.ContextFrom(ctx, nats.Header(req.Headers())), "verify",
+		trace.WithSpanKind(trace.SpanKindServer), trace.WithAttributes(attribute.String("rpc.system", "nats-micro"),
+			attribute.String("messaging.destination.name", req.Subject())))
+	defer span.End()
 	_, tenant, err := events.SplitSubject(req.Subject())
 	var vr events.VerifyRequest
 	if err == nil {
@@ -191,10 +200,13 @@ func (s *Service) serve(ctx context.Context, req micro.Request) {
 	} else if reply, err = s.Verify(ctx, tenant, vr); err != nil {
 		s.log.Error("verify", "tenant", tenant, "request_id", vr.RequestID, "err", err)
 		s.verifies.WithLabelValues("internal_error").Inc()
+		span.SetStatus(codes.Error, "internal error")
 		_ = req.Error("500", "internal error; retry", nil)
 		return
 	}
 	s.verifies.WithLabelValues(string(reply.Status)).Inc()
+	span.SetAttributes(attribute.String("otpflow.tenant", tenant), attribute.String("otpflow.request_id", vr.RequestID),
+		attribute.String("otpflow.verify.status", string(reply.Status)))
 	if err := req.RespondJSON(reply); err != nil {
 		s.log.Warn("verify reply", "err", err)
 	}

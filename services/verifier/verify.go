@@ -9,6 +9,9 @@ import (
 	"github.com/nats-io/nats.go"
 	"github.com/nats-io/nats.go/jetstream"
 	"github.com/otpflow/otpflow/events"
+	"github.com/otpflow/otpflow/platform"
+	"go.opentelemetry.io/otel/attribute"
+	"go.opentelemetry.io/otel/trace"
 )
 
 // Verify checks code for (tenant, request_id) in one transaction that holds the
@@ -47,14 +50,32 @@ func (s *Service) Verify(ctx context.Context, tenant string, req events.VerifyRe
 // (not_found) instead of failing with errNotProjected.
 func (s *Service) verifyOnce(ctx context.Context, tenant string, req events.VerifyRequest, final bool) (events.VerifyReply, error) {
 	var d decision
+	var issuance string // the traceparent of the code's otp.challenge
 	entries, err := s.store.verify(ctx, tenant, req.RequestID, final,
 		func(now time.Time, c *challenge, recent func(n int) ([]code, error)) (decision, error) {
 			var err error
+			if c != nil {
+				issuance = c.traceParent
+			}
 			d, err = s.decide(tenant, req, now, c, recent)
+			// What the verify decided is published in its trace (the caller's).
+			if tp := platform.TraceParent(ctx); tp != "" {
+				for _, m := range d.events {
+					if m != nil {
+						m.Header.Set(events.HeaderTraceParent, tp)
+					}
+				}
+			}
 			return d, err
 		})
 	if err != nil {
 		return events.VerifyReply{}, err
+	}
+	// The verify's span continues the app's trace; it links to the issuance's, in the
+	// trace of the request that asked for the code.
+	if sc := platform.ParseTraceParent(issuance); sc.IsValid() {
+		trace.SpanFromContext(ctx).AddLink(trace.Link{SpanContext: sc,
+			Attributes: []attribute.KeyValue{attribute.String("otpflow.link", "issuance")}})
 	}
 	if err := s.outbox.Publish(ctx, entries); err != nil {
 		s.log.Warn("publish verify events; the outbox relay will retry", "err", err)
