@@ -64,7 +64,7 @@ func ConnectNATSJudging(c Common, svc string, log *slog.Logger, local func(host 
 	opts = append(opts, NATSCredentials(c)...)
 	nc, err := nats.Connect(c.NATSURL, opts...)
 	if err != nil {
-		return nil, fmt.Errorf("connect to NATS at %s: %w", redactURL(c.NATSURL), err)
+		return nil, fmt.Errorf("connect to NATS at %s: %w", redactURL(c.NATSURL), ExplainTLS(err, NATSTrust(c)))
 	}
 	return nc, nil
 }
@@ -140,6 +140,14 @@ func urlHasUser(urls string) bool {
 		}
 	}
 	return false
+}
+
+// NATSTrust names the CA a NATS connection trusts, for messages.
+func NATSTrust(c Common) string {
+	if c.NATSTLSCA != "" {
+		return "the CA in " + c.NATSTLSCA + " (OTP_NATS_TLS_CA)"
+	}
+	return "a CA of the system roots (OTP_NATS_TLS_CA is unset)"
 }
 
 // RedactNATSURL hides the user information of a NATS URL, for messages.

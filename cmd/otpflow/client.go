@@ -91,7 +91,7 @@ func connectClient(url string, getenv func(string) string) (*nats.Conn, error) {
 	opts := append([]nats.Option{nats.Name("otpflow-cli"), nats.Timeout(5 * time.Second)}, platform.NATSCredentials(c)...)
 	nc, err := nats.Connect(url, opts...)
 	if err != nil {
-		return nil, fmt.Errorf("connect to NATS at %s: %w", platform.RedactNATSURL(url), err)
+		return nil, fmt.Errorf("connect to NATS at %s: %w", platform.RedactNATSURL(url), platform.ExplainTLS(err, platform.NATSTrust(c)))
 	}
 	return nc, nil
 }
