@@ -22,15 +22,15 @@ import (
 // violation naming the exact subject (nats.ErrPermissionViolation), and the call itself
 // fails. The refusals tried are listed in deploy/nats/README.md.
 func TestNATSPermissions(t *testing.T) {
-	d := startDeployedNATS(t)
+	d := testenv.DeployedNATS(t)
 	provisionAsAdmin(t, d)
 	ctx, cancel := context.WithTimeout(context.Background(), 2*time.Minute)
 	defer cancel()
 
-	acme, globex := d.connectAs(t, "acme"), d.connectAs(t, "globex")
-	issuer, dispatcher := d.connectAs(t, "issuer"), d.connectAs(t, "dispatcher")
-	verifier, auditor := d.connectAs(t, "verifier"), d.connectAs(t, "auditor")
-	operator, admin := d.connectAs(t, "operator"), d.connectAs(t, "admin")
+	acme, globex := connectAs(t, d, "acme"), connectAs(t, d, "globex")
+	issuer, dispatcher := connectAs(t, d, "issuer"), connectAs(t, d, "dispatcher")
+	verifier, auditor := connectAs(t, d, "verifier"), connectAs(t, d, "auditor")
+	operator, admin := connectAs(t, d, "operator"), connectAs(t, d, "admin")
 
 	// The verifier serves otp.verify.* as the micro service does.
 	svc, err := micro.AddService(verifier.nc, micro.Config{Name: "otp-verifier", Version: "0.0.0"})

@@ -22,7 +22,7 @@ import (
 // the CA that signed the server's certificate it works, with another CA it fails with
 // one line that names the CA file and the variable.
 func TestNATSTLSHandshake(t *testing.T) {
-	d := startDeployedNATS(t)
+	d := testenv.DeployedNATS(t)
 	c := d.Common("issuer")
 	nc, err := platform.ConnectNATS(c, "issuer", testenv.Logger(io.Discard))
 	testenv.Must(t, err, "connect with the right CA")
@@ -33,7 +33,7 @@ func TestNATSTLSHandshake(t *testing.T) {
 	}
 	testenv.Must(t, platform.CheckNATSTLS(host, state, false), "production check of the TLS connection")
 
-	c.NATSTLSCA = newTestCA(t, "some other CA").File
+	c.NATSTLSCA = testenv.NewCA(t, "some other CA").File
 	_, err = platform.ConnectNATS(c, "issuer", testenv.Logger(io.Discard))
 	wrongCA(t, err, "x509: certificate signed by unknown authority",
 		"the server's certificate is not signed by the CA in "+c.NATSTLSCA+" (OTP_NATS_TLS_CA)")
@@ -43,7 +43,7 @@ func TestNATSTLSHandshake(t *testing.T) {
 // certificate from a test CA, and connects with sslmode=verify-full: with that CA it
 // works (and the session is TLS), with another it fails with one line naming the CA.
 func TestPostgresTLSHandshake(t *testing.T) {
-	ca := newTestCA(t, "otpflow test CA")
+	ca := testenv.NewCA(t, "otpflow test CA")
 	port := privatePostgres(t, ca)
 	ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
 	defer cancel()
@@ -59,7 +59,7 @@ func TestPostgresTLSHandshake(t *testing.T) {
 	}
 	testenv.Must(t, platform.CheckPostgresTLS(url), "production check of the URL")
 
-	other := newTestCA(t, "some other CA")
+	other := testenv.NewCA(t, "some other CA")
 	_, err = platform.OpenPostgres(ctx, fmt.Sprintf("postgres://postgres@localhost:%d/postgres?sslmode=verify-full&sslrootcert=%s", port, other.File))
 	wrongCA(t, err, "x509: certificate signed by unknown authority",
 		"the server's certificate is not signed by the CA that sslrootcert names")
@@ -90,7 +90,7 @@ const pgBin = "/usr/lib/postgresql/15/bin"
 // free loopback port, with ssl=on and a server certificate for localhost from ca, and
 // stops and removes it at cleanup. PostgreSQL refuses to run as root: then the cluster
 // runs as the postgres OS user (runuser). Skipped when initdb is not installed.
-func privatePostgres(t *testing.T, ca *testCA) int {
+func privatePostgres(t *testing.T, ca *testenv.CA) int {
 	t.Helper()
 	if _, err := os.Stat(filepath.Join(pgBin, "initdb")); err != nil {
 		t.Skipf("PostgreSQL server programs are not installed (%s/initdb): %v", pgBin, err)
@@ -116,7 +116,7 @@ func privatePostgres(t *testing.T, ca *testCA) int {
 	if out, err := run("initdb", "-D", data, "-U", "postgres", "--auth=trust", "--no-sync", "-E", "UTF8").CombinedOutput(); err != nil {
 		t.Fatalf("initdb: %v\n%s", err, out)
 	}
-	cert, key := ca.issue(t, "postgres-server")
+	cert, key := ca.Issue(t, "postgres-server")
 	for _, f := range []struct{ from, to string }{{cert, "server.crt"}, {key, "server.key"}} {
 		b, err := os.ReadFile(f.from)
 		testenv.Must(t, err, "read %s", f.from)

@@ -1,4 +1,4 @@
-package platform_test
+package testenv
 
 import (
 	"crypto/ecdsa"
@@ -13,44 +13,42 @@ import (
 	"path/filepath"
 	"testing"
 	"time"
-
-	"github.com/otpflow/otpflow/platform/testenv"
 )
 
-// testCA is a certificate authority made for one test, kept in dir.
-type testCA struct {
+// CA is a certificate authority made for one test, its files kept in Dir.
+type CA struct {
 	Dir  string
 	File string // the CA certificate, PEM: what a client trusts
 	cert *x509.Certificate
 	key  *ecdsa.PrivateKey
 }
 
-// newTestCA makes a CA named name in a fresh temporary directory.
-func newTestCA(t *testing.T, name string) *testCA {
+// NewCA makes a CA named name in a fresh temporary directory.
+func NewCA(t testing.TB, name string) *CA {
 	t.Helper()
 	key, err := ecdsa.GenerateKey(elliptic.P256(), rand.Reader)
-	testenv.Must(t, err, "CA key")
+	Must(t, err, "CA key")
 	tmpl := &x509.Certificate{
 		SerialNumber: big.NewInt(time.Now().UnixNano()), Subject: pkix.Name{CommonName: name},
 		NotBefore: time.Now().Add(-time.Hour), NotAfter: time.Now().Add(24 * time.Hour),
 		IsCA: true, BasicConstraintsValid: true, KeyUsage: x509.KeyUsageCertSign | x509.KeyUsageCRLSign,
 	}
 	der, err := x509.CreateCertificate(rand.Reader, tmpl, tmpl, &key.PublicKey, key)
-	testenv.Must(t, err, "CA certificate")
+	Must(t, err, "CA certificate")
 	cert, err := x509.ParseCertificate(der)
-	testenv.Must(t, err, "parse CA")
-	ca := &testCA{Dir: t.TempDir(), cert: cert, key: key}
+	Must(t, err, "parse CA")
+	ca := &CA{Dir: t.TempDir(), cert: cert, key: key}
 	ca.File = filepath.Join(ca.Dir, "ca.pem")
 	writePEM(t, ca.File, "CERTIFICATE", der, 0o644)
 	return ca
 }
 
-// issue makes a server certificate for localhost and 127.0.0.1 and writes it as
+// Issue makes a server certificate for localhost and 127.0.0.1 and writes it as
 // <name>.pem and <name>-key.pem (mode 0600, as PostgreSQL requires), returning the paths.
-func (ca *testCA) issue(t *testing.T, name string) (certFile, keyFile string) {
+func (ca *CA) Issue(t testing.TB, name string) (certFile, keyFile string) {
 	t.Helper()
 	key, err := ecdsa.GenerateKey(elliptic.P256(), rand.Reader)
-	testenv.Must(t, err, "server key")
+	Must(t, err, "server key")
 	tmpl := &x509.Certificate{
 		SerialNumber: big.NewInt(time.Now().UnixNano()), Subject: pkix.Name{CommonName: "localhost"},
 		NotBefore: time.Now().Add(-time.Hour), NotAfter: time.Now().Add(24 * time.Hour),
@@ -58,16 +56,16 @@ func (ca *testCA) issue(t *testing.T, name string) (certFile, keyFile string) {
 		KeyUsage: x509.KeyUsageDigitalSignature, ExtKeyUsage: []x509.ExtKeyUsage{x509.ExtKeyUsageServerAuth},
 	}
 	der, err := x509.CreateCertificate(rand.Reader, tmpl, ca.cert, &key.PublicKey, ca.key)
-	testenv.Must(t, err, "server certificate")
+	Must(t, err, "server certificate")
 	keyDER, err := x509.MarshalPKCS8PrivateKey(key)
-	testenv.Must(t, err, "marshal key")
+	Must(t, err, "marshal key")
 	certFile, keyFile = filepath.Join(ca.Dir, name+".pem"), filepath.Join(ca.Dir, name+"-key.pem")
 	writePEM(t, certFile, "CERTIFICATE", der, 0o644)
 	writePEM(t, keyFile, "PRIVATE KEY", keyDER, 0o600)
 	return certFile, keyFile
 }
 
-func writePEM(t *testing.T, path, typ string, der []byte, mode os.FileMode) {
+func writePEM(t testing.TB, path, typ string, der []byte, mode os.FileMode) {
 	t.Helper()
-	testenv.Must(t, os.WriteFile(path, pem.EncodeToMemory(&pem.Block{Type: typ, Bytes: der}), mode), "write %s", path)
+	Must(t, os.WriteFile(path, pem.EncodeToMemory(&pem.Block{Type: typ, Bytes: der}), mode), "write %s", path)
 }
