@@ -100,18 +100,19 @@ func NATSCredentials(c Common) []nats.Option {
 // read as an nkey user seed. In production it also refuses a seed file that other users
 // of the machine may read.
 func CheckNATSAuth(c Common) error {
-	var ways []string
+	type way struct{ setting, what string }
+	var ways []way
 	if c.NATSCreds != "" {
-		ways = append(ways, "OTP_NATS_CREDS")
+		ways = append(ways, way{"OTP_NATS_CREDS", "OTP_NATS_CREDS"})
 	}
 	if c.NATSNkeyFile != "" {
-		ways = append(ways, "OTP_NATS_NKEY_FILE")
+		ways = append(ways, way{"OTP_NATS_NKEY_FILE", "OTP_NATS_NKEY_FILE"})
 	}
 	if urlHasUser(c.NATSURL) {
-		ways = append(ways, "a user in OTP_NATS_URL")
+		ways = append(ways, way{"OTP_NATS_URL", "a user in OTP_NATS_URL"})
 	}
 	if len(ways) > 1 {
-		return &ConfigError{ways[1], "set together with " + ways[0] + "; authenticate to NATS one way only"}
+		return &ConfigError{ways[1].setting, ways[1].what + " is set together with " + ways[0].what + "; authenticate to NATS one way only"}
 	}
 	if c.NATSNkeyFile == "" {
 		return nil
