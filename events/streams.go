@@ -72,9 +72,12 @@ type StreamOptions struct {
 	// Replicas is 1 on a laptop and 3 in a cluster. Zero means 1.
 	Replicas int
 	// RequestsMaxAge is how long OTP_REQUESTS keeps a request. Zero means
-	// DefaultRequestsMaxAge. Every service of a deployment must use the same value: each
-	// one updates the streams to its options at start.
+	// DefaultRequestsMaxAge. Provisioning applies it (otpflow provision); the issuer reads
+	// the same setting for its backlog alert.
 	RequestsMaxAge time.Duration
+	// DispatchMaxDeliver, when positive, is the dispatcher consumer's MaxDeliver in place
+	// of DispatcherConsumer's (ConsumerConfigs).
+	DispatchMaxDeliver int
 }
 
 // RequestsAge is o.RequestsMaxAge or its default.
@@ -192,6 +195,32 @@ func ErasureConsumer(service string) jetstream.ConsumerConfig {
 		AckWait:       30 * time.Second,
 		MaxDeliver:    50,
 		MaxAckPending: 100,
+	}
+}
+
+// StreamConsumer is one durable consumer of the contract and the stream it reads.
+type StreamConsumer struct {
+	Stream string
+	Config jetstream.ConsumerConfig
+}
+
+// ConsumerConfigs are every durable consumer of the contract, as provisioning creates
+// them: a service binds to its own and creates none. dispatchMaxDeliver, when positive,
+// replaces the dispatcher's MaxDeliver.
+func ConsumerConfigs(dispatchMaxDeliver int) []StreamConsumer {
+	dc := DispatcherConsumer
+	if dispatchMaxDeliver > 0 {
+		dc.MaxDeliver = dispatchMaxDeliver
+	}
+	return []StreamConsumer{
+		{StreamRequests, IssuerConsumer},
+		{StreamDispatch, dc},
+		{StreamChallenges, VerifierConsumer},
+		{StreamEvents, VerifierLegacyConsumer},
+		{StreamEvents, AuditorConsumer},
+		{StreamEvents, ErasureConsumer(ConsumerIssuer)},
+		{StreamEvents, ErasureConsumer(ConsumerDispatcher)},
+		{StreamEvents, ErasureConsumer(ConsumerVerifier)},
 	}
 }
 

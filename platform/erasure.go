@@ -36,7 +36,7 @@ type ErasureConfig struct {
 // redoes the erasure (finding nothing) and answers again under the same message id.
 // A malformed request is dead-lettered with its reason; a failing erasure is retried.
 func RunErasures(ctx context.Context, js jetstream.JetStream, cfg ErasureConfig) error {
-	cons, err := Bind(ctx, js, cfg.Streams, events.StreamEvents, events.ErasureConsumer(cfg.Service))
+	cons, err := Bind(ctx, js, events.StreamEvents, events.ErasureConsumer(cfg.Service))
 	if err != nil {
 		return SetupError(ctx, err)
 	}

@@ -11,13 +11,13 @@ import (
 	"os"
 	"os/signal"
 	"syscall"
+	"strings"
 	"time"
 
 	"github.com/jackc/pgx/v5"
 	"github.com/jackc/pgx/v5/pgconn"
 	"github.com/jackc/pgx/v5/pgxpool"
 	"github.com/jackc/pgx/v5/stdlib"
-	"github.com/nats-io/nats.go/jetstream"
 	"github.com/otpflow/otpflow/events"
 	"github.com/pressly/goose/v3"
 	"golang.org/x/sync/errgroup"
@@ -33,8 +33,9 @@ import (
 //	Build                                    the service on its connections
 //	serve                                    Run (which binds its consumer: Bind), /metrics /healthz /readyz, drain within OTP_SHUTDOWN_TIMEOUT
 //
-// Provision, the contract's streams, is a step of its own for a command that only
-// provisions (as a JetStream admin); services create what they need at Bind until then.
+// Provision (streams.go), the contract's streams and durable consumers, is a step of its
+// own, run by otpflow provision as a JetStream admin before any service starts: services
+// only bind to what exists.
 
 // ServiceSpec is one service as the runner starts it. Each service package has a Spec()
 // made with NewServiceSpec.
@@ -115,14 +116,6 @@ func (s ServiceSpec) connectedAsOwner(ctx context.Context, pool *pgxpool.Pool) (
 // OTP_REQUESTS_MAX_AGE).
 func (c Common) Streams() events.StreamOptions {
 	return events.StreamOptions{Replicas: c.Replicas, RequestsMaxAge: c.RequestsMaxAge}
-}
-
-// Provision creates or updates the contract's streams, waiting at most a setup timeout
-// for the cluster to answer.
-func Provision(ctx context.Context, js jetstream.JetStream, o events.StreamOptions) error {
-	ctx, cancel := context.WithTimeout(ctx, setupTimeout)
-	defer cancel()
-	return EnsureStreams(ctx, js, o)
 }
 
 // Main is a service binary's main: it runs spec configured by the environment until
@@ -238,4 +231,22 @@ func serve(ctx context.Context, c Common, ops http.Handler, log *slog.Logger, ru
 	case <-time.After(c.ShutdownTimeout):
 		return errors.New("shutdown timed out; unfinished messages will be redelivered")
 	}
+}
+
+// PendingMigrations connects to url (an administrator's) and names each schema of specs
+// that is behind this build's migrations ("issuer: version 3 -> 4"), without migrating:
+// the dry run of otpflow provision.
+func PendingMigrations(ctx context.Context, url string, specs ...ServiceSpec) ([]string, error) {
+	pool, err := OpenPostgres(ctx, url)
+	if err != nil {
+		return nil, err
+	}
+	defer pool.Close()
+	var out []string
+	for _, s := range specs {
+		if err := s.CheckSchema(ctx, pool); err != nil {
+			out = append(out, s.Schema+": "+strings.TrimSuffix(err.Error(), ": run otpflow migrate"))
+		}
+	}
+	return out, nil
 }

@@ -2,8 +2,12 @@ package platform
 
 import (
 	"context"
+	"encoding/json"
 	"errors"
 	"fmt"
+	"reflect"
+	"slices"
+	"strings"
 	"time"
 
 	"github.com/cenkalti/backoff/v4"
@@ -11,43 +15,215 @@ import (
 	"github.com/otpflow/otpflow/events"
 )
 
-// Provisioning: the contract's streams and durable consumers, created from the configs
-// events declares as data. Provision is a step of its own (see run.go) for a command that
-// only provisions; a service starts with Bind.
+// Provisioning is apart from serving. Provision (otpflow provision, under an admin
+// identity) creates or updates the contract's streams and durable consumers, which events
+// declares as data; a service only binds to what exists (Bind), so it needs no right to
+// create or change a stream or a consumer.
 
-// setupTimeout bounds one setup step at start: provisioning the streams, creating a
-// service's consumer.
+// setupTimeout bounds one setup step at start: provisioning, binding a consumer.
 const setupTimeout = 30 * time.Second
 
-// Bind is how a service starts on JetStream: the contract's streams as Provision makes them
-// (idempotent, so that a service started alone, as tests do, finds them) and the service's
-// durable consumer on stream, within the setup timeout. Once streams are provisioned
-// under an admin identity, this is where a service binds to what exists instead.
-func Bind(ctx context.Context, js jetstream.JetStream, o events.StreamOptions, stream string, cc jetstream.ConsumerConfig) (jetstream.Consumer, error) {
-	setup, cancel := context.WithTimeout(ctx, setupTimeout)
-	defer cancel()
-	if err := EnsureStreams(setup, js, o); err != nil {
-		return nil, err
-	}
-	return EnsureConsumer(setup, js, stream, cc)
+// MissingError is a stream or consumer a service binds to that does not exist: one line,
+// naming it and the command that makes it.
+type MissingError struct {
+	Stream, Consumer string
 }
 
-// EnsureStreams creates or updates the contract's streams (events.StreamConfigs). It is
-// idempotent, so replicas starting together may all call it.
-func EnsureStreams(ctx context.Context, js jetstream.JetStream, o events.StreamOptions) error {
+func (e *MissingError) Error() string {
+	if e.Consumer == "" {
+		return fmt.Sprintf("stream %s does not exist: run otpflow provision", e.Stream)
+	}
+	return fmt.Sprintf("consumer %s on stream %s does not exist: run otpflow provision", e.Consumer, e.Stream)
+}
+
+// Bind is how a service starts on JetStream: its durable consumer cc.Durable on stream,
+// as provisioning made it, within the setup timeout. A stream or consumer that does not
+// exist is a *MissingError; Bind creates nothing.
+func Bind(ctx context.Context, js jetstream.JetStream, stream string, cc jetstream.ConsumerConfig) (jetstream.Consumer, error) {
+	setup, cancel := context.WithTimeout(ctx, setupTimeout)
+	defer cancel()
+	var cons jetstream.Consumer
+	err := untilAnswered(setup, func(ctx context.Context) error {
+		var err error
+		cons, err = js.Consumer(ctx, stream, cc.Durable)
+		switch {
+		case errors.Is(err, jetstream.ErrStreamNotFound):
+			return backoff.Permanent(&MissingError{Stream: stream})
+		case errors.Is(err, jetstream.ErrConsumerNotFound):
+			return backoff.Permanent(&MissingError{Stream: stream, Consumer: cc.Durable})
+		}
+		return err
+	})
+	var missing *MissingError
+	if errors.As(err, &missing) {
+		return nil, missing
+	}
+	if err != nil {
+		return nil, fmt.Errorf("bind consumer %s on %s: %w", cc.Durable, stream, err)
+	}
+	return cons, nil
+}
+
+// Change is one difference between the contract and the server: a stream or consumer to
+// create, or fields to update (old and new values, as JSON).
+type Change struct {
+	Stream, Consumer string // Consumer is empty for a stream
+	Create           bool
+	Fields           []FieldChange
+}
+
+// FieldChange is one field of a config that differs.
+type FieldChange struct {
+	Name, Have, Want string
+}
+
+func (c Change) String() string {
+	what := "stream " + c.Stream
+	if c.Consumer != "" {
+		what = "consumer " + c.Consumer + " on " + c.Stream
+	}
+	if c.Create {
+		return "create " + what
+	}
+	parts := make([]string, len(c.Fields))
+	for i, f := range c.Fields {
+		parts[i] = fmt.Sprintf("%s %s -> %s", f.Name, f.Have, f.Want)
+	}
+	return "update " + what + ": " + strings.Join(parts, ", ")
+}
+
+// Plan compares the contract's streams and consumers (events.StreamConfigs,
+// events.ConsumerConfigs) with what the server holds, and returns what Provision would
+// change, in order: every stream before the consumers.
+func Plan(ctx context.Context, js jetstream.JetStream, o events.StreamOptions) ([]Change, error) {
+	var changes []Change
+	for _, want := range events.StreamConfigs(o) {
+		var info *jetstream.StreamInfo
+		err := untilAnswered(ctx, func(ctx context.Context) error {
+			st, err := js.Stream(ctx, want.Name)
+			if errors.Is(err, jetstream.ErrStreamNotFound) {
+				info = nil
+				return nil
+			}
+			if err != nil {
+				return err
+			}
+			info = st.CachedInfo()
+			return nil
+		})
+		if err != nil {
+			return nil, fmt.Errorf("stream %s: %w", want.Name, err)
+		}
+		if info == nil {
+			changes = append(changes, Change{Stream: want.Name, Create: true})
+		} else if fields := differ(info.Config, want); len(fields) > 0 {
+			changes = append(changes, Change{Stream: want.Name, Fields: fields})
+		}
+	}
+	for _, sc := range events.ConsumerConfigs(o.DispatchMaxDeliver) {
+		var info *jetstream.ConsumerInfo
+		err := untilAnswered(ctx, func(ctx context.Context) error {
+			c, err := js.Consumer(ctx, sc.Stream, sc.Config.Durable)
+			if errors.Is(err, jetstream.ErrConsumerNotFound) || errors.Is(err, jetstream.ErrStreamNotFound) {
+				info = nil
+				return nil
+			}
+			if err != nil {
+				return err
+			}
+			info = c.CachedInfo()
+			return nil
+		})
+		if err != nil {
+			return nil, fmt.Errorf("consumer %s on %s: %w", sc.Config.Durable, sc.Stream, err)
+		}
+		if info == nil {
+			changes = append(changes, Change{Stream: sc.Stream, Consumer: sc.Config.Durable, Create: true})
+		} else if fields := differ(info.Config, sc.Config); len(fields) > 0 {
+			changes = append(changes, Change{Stream: sc.Stream, Consumer: sc.Config.Durable, Fields: fields})
+		}
+	}
+	return changes, nil
+}
+
+// differ lists the fields the contract sets (those its JSON form holds) whose value on
+// the server differs; fields the contract leaves to the server's defaults are not compared.
+func differ(have, want any) []FieldChange {
+	var h, w map[string]any
+	hb, _ := json.Marshal(have)
+	wb, _ := json.Marshal(want)
+	_ = json.Unmarshal(hb, &h)
+	_ = json.Unmarshal(wb, &w)
+	names := make([]string, 0, len(w))
+	for k, v := range w {
+		if !zero(v) { // unset: the server's default, which it writes back in its own form
+			names = append(names, k)
+		}
+	}
+	slices.Sort(names)
+	var out []FieldChange
+	for _, k := range names {
+		if !reflect.DeepEqual(h[k], w[k]) {
+			hv, _ := json.Marshal(h[k])
+			wv, _ := json.Marshal(w[k])
+			out = append(out, FieldChange{Name: k, Have: string(hv), Want: string(wv)})
+		}
+	}
+	return out
+}
+
+// zero reports whether a JSON value is the zero of its type.
+func zero(v any) bool {
+	switch v := v.(type) {
+	case nil:
+		return true
+	case bool:
+		return !v
+	case float64:
+		return v == 0
+	case string:
+		return v == ""
+	case []any:
+		return len(v) == 0
+	case map[string]any:
+		return len(v) == 0
+	}
+	return false
+}
+
+// Provision creates or updates the contract's streams and durable consumers to match it,
+// and returns what it changed (nothing when all matched). It is idempotent. It waits for a
+// cluster that has not elected its leaders yet, within ctx.
+func Provision(ctx context.Context, js jetstream.JetStream, o events.StreamOptions) ([]Change, error) {
+	changes, err := Plan(ctx, js, o)
+	if err != nil {
+		return nil, err
+	}
 	for _, cfg := range events.StreamConfigs(o) {
+		if !slices.ContainsFunc(changes, func(c Change) bool { return c.Consumer == "" && c.Stream == cfg.Name }) {
+			continue
+		}
 		if err := untilAnswered(ctx, func(ctx context.Context) error {
 			_, err := js.CreateOrUpdateStream(ctx, cfg)
 			return err
 		}); err != nil {
-			return fmt.Errorf("ensure stream %s: %w", cfg.Name, err)
+			return nil, fmt.Errorf("provision stream %s: %w", cfg.Name, err)
 		}
 	}
-	return nil
+	for _, sc := range events.ConsumerConfigs(o.DispatchMaxDeliver) {
+		if !slices.ContainsFunc(changes, func(c Change) bool { return c.Consumer == sc.Config.Durable && c.Stream == sc.Stream }) {
+			continue
+		}
+		if _, err := EnsureConsumer(ctx, js, sc.Stream, sc.Config); err != nil {
+			return nil, fmt.Errorf("provision %w", err)
+		}
+	}
+	return changes, nil
 }
 
 // EnsureConsumer creates or updates a durable consumer on stream, e.g.
-// events.IssuerConsumer on events.StreamRequests.
+// events.IssuerConsumer on events.StreamRequests. Provisioning uses it; so do tests that
+// tune a consumer.
 func EnsureConsumer(ctx context.Context, js jetstream.JetStream, stream string, cfg jetstream.ConsumerConfig) (jetstream.Consumer, error) {
 	var cons jetstream.Consumer
 	err := untilAnswered(ctx, func(ctx context.Context) error {
@@ -56,7 +232,7 @@ func EnsureConsumer(ctx context.Context, js jetstream.JetStream, stream string, 
 		return err
 	})
 	if err != nil {
-		return nil, fmt.Errorf("ensure consumer %s on %s: %w", cfg.Durable, stream, err)
+		return nil, fmt.Errorf("consumer %s on %s: %w", cfg.Durable, stream, err)
 	}
 	return cons, nil
 }
@@ -64,7 +240,7 @@ func EnsureConsumer(ctx context.Context, js jetstream.JetStream, stream string, 
 // untilAnswered retries a JetStream API call, each with a short timeout, until the server
 // answers it or ctx ends: a call sent before a cluster has elected its meta leader may
 // never be answered, or be answered 503. Any other answer (e.g. a config the server
-// refuses) ends the retries.
+// refuses) ends the retries, as does an error the call marks backoff.Permanent.
 func untilAnswered(ctx context.Context, call func(context.Context) error) error {
 	b := backoff.NewExponentialBackOff(backoff.WithInitialInterval(200*time.Millisecond),
 		backoff.WithMaxInterval(2*time.Second), backoff.WithMaxElapsedTime(0))

@@ -97,6 +97,21 @@ func devCommand(ctx context.Context, args []string, getenv func(string) string, 
 		}
 		return env[k]
 	}
+	// Provision as the admin the dev server has no other of: the streams and consumers the
+	// services bind to.
+	common, err := platform.LoadCommon(merged)
+	if err != nil {
+		return err
+	}
+	nc, js, err := connectJetStream(url, merged)
+	if err != nil {
+		return err
+	}
+	err = provisionStreams(ctx, js, common.Streams(), stderr)
+	nc.Close()
+	if err != nil {
+		return err
+	}
 	if e := getenv("OTP_ENV"); e != "" && e != "development" {
 		fmt.Fprintf(stderr, "note: otpflow dev always runs with OTP_ENV=development; OTP_ENV=%s is ignored\n", e)
 	}

@@ -36,7 +36,9 @@ type world struct {
 // own role (OTP_<SERVICE>_DATABASE_URL).
 func newWorld(t testing.TB) *world {
 	t.Helper()
-	return newWorldOn(t, testenv.NATS(t))
+	ns := testenv.NATS(t)
+	testenv.JetStream(t, ns) // provisioned, as otpflow provision does before the services start
+	return newWorldOn(t, ns)
 }
 
 // newWorldOn is newWorld on the NATS server ns.

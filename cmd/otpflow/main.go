@@ -25,6 +25,7 @@ commands:
   request   publish an otp.requested event, as an upstream app does
   verify    ask otp.verify whether a code is right
   audit     verify, replay, trail, erase and purge the audit log
+  provision create or update the streams and consumers, and migrate the database (an admin's job)
   erase     erase one person of a tenant from every service, stream and the audit log
 
 run "otpflow <command> -h" for the flags of a command.
@@ -55,6 +56,8 @@ func run(ctx context.Context, args []string, getenv func(string) string, stdout,
 		err = devCommand(ctx, args[1:], getenv, stdout, stderr)
 	case "migrate":
 		err = migrateCommand(ctx, args[1:], getenv, stdout)
+	case "provision":
+		err = provisionCommand(ctx, args[1:], getenv, stdout)
 	case "request":
 		err = requestCommand(ctx, args[1:], getenv, stdout)
 	case "verify":

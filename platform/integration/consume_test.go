@@ -224,7 +224,8 @@ func TestDeadLetterOnTheLastDeliveryWaitsForTheDLQ(t *testing.T) {
 		return nil
 	})
 	// The first copy failed inside Settle; the DLQ comes back.
-	testenv.Must(t, platform.Provision(t.Context(), e.js, events.StreamOptions{}), "provision")
+	_, err := platform.Provision(t.Context(), e.js, events.StreamOptions{})
+	testenv.Must(t, err, "provision")
 	dl := testenv.WaitMessages(t, e.js, events.StreamDLQ, "otp.dlq.acme", 1, 20*time.Second)
 	if e.opened(t, dl[0]) != "poison" || dl[0].Header.Get(events.HeaderDLQReason) != "cannot be handled" {
 		t.Fatalf("dead letter %q, reason %q", e.opened(t, dl[0]), dl[0].Header.Get(events.HeaderDLQReason))

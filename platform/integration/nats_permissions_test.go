@@ -136,6 +136,8 @@ func TestNATSPermissions(t *testing.T) {
 		testenv.Must(t, err, "OTP_DLQ info")
 		_, err = dlq.GetMsg(ctx, 1)
 		testenv.Must(t, err, "read a dead letter")
+		_, err = operator.js.Consumer(ctx, events.StreamEvents, events.ConsumerAuditor)
+		testenv.Must(t, err, "how far the auditor got (audit verify)")
 		jsPublish(ctx, t, operator, "otp.erasure_requested.acme")
 		jsPublish(ctx, t, operator, "otp.operator_action._system")
 		readInOrder(ctx, t, operator, "otp.erased.acme")
@@ -258,6 +260,7 @@ func TestNATSPermissions(t *testing.T) {
 			denyAPI(t, operator, "$JS.API.CONSUMER.DELETE.OTP_REQUESTS.issuer", ``)
 			denyAPI(t, operator, "$JS.API.CONSUMER.MSG.NEXT.OTP_EVENTS.auditor", `{"batch":1}`)
 			denyAPI(t, operator, "$JS.API.CONSUMER.MSG.NEXT.OTP_REQUESTS.issuer", `{"batch":1}`)
+		denyAPI(t, operator, "$JS.API.CONSUMER.INFO.OTP_DISPATCH.dispatcher", `{}`)
 		})
 		t.Run(admin.id, func(t *testing.T) {
 			t.Parallel()

@@ -97,27 +97,12 @@ func (c *identityConn) seen() []error {
 }
 
 // provisionAsAdmin creates the contract's streams and every durable consumer as the
-// provisioning admin.
+// provisioning admin, as otpflow provision does.
 func provisionAsAdmin(t *testing.T, d *testenv.NATSDeployment) {
 	t.Helper()
 	admin := connectAs(t, d, "admin")
 	ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
 	defer cancel()
-	testenv.Must(t, platform.EnsureStreams(ctx, admin.js, events.StreamOptions{}), "provision streams")
-	for _, c := range []struct {
-		stream string
-		cfg    jetstream.ConsumerConfig
-	}{
-		{events.StreamRequests, events.IssuerConsumer},
-		{events.StreamDispatch, events.DispatcherConsumer},
-		{events.StreamChallenges, events.VerifierConsumer},
-		{events.StreamEvents, events.VerifierLegacyConsumer},
-		{events.StreamEvents, events.AuditorConsumer},
-		{events.StreamEvents, events.ErasureConsumer("issuer")},
-		{events.StreamEvents, events.ErasureConsumer("dispatcher")},
-		{events.StreamEvents, events.ErasureConsumer("verifier")},
-	} {
-		_, err := platform.EnsureConsumer(ctx, admin.js, c.stream, c.cfg)
-		testenv.Must(t, err, "provision consumer %s on %s", c.cfg.Durable, c.stream)
-	}
+	_, err := platform.Provision(ctx, admin.js, events.StreamOptions{})
+	testenv.Must(t, err, "provision")
 }

@@ -13,6 +13,8 @@ import (
 	"testing/fstest"
 	"time"
 
+	"github.com/nats-io/nats.go"
+	"github.com/nats-io/nats.go/jetstream"
 	"github.com/otpflow/otpflow/events"
 	"github.com/otpflow/otpflow/platform"
 	"github.com/otpflow/otpflow/platform/testenv"
@@ -125,16 +127,93 @@ func TestRunServiceRefusesABadSettingBeforeConnecting(t *testing.T) {
 	}
 }
 
-// TestProvisionCreatesTheContractStreams: provisioning is a step of its own, for a command
-// run as a JetStream admin; it creates every stream of the contract and can run again.
-func TestProvisionCreatesTheContractStreams(t *testing.T) {
-	_, js := testenv.JetStream(t, testenv.NATS(t))
-	for range 2 {
-		testenv.Must(t, platform.Provision(t.Context(), js, events.StreamOptions{}), "provision")
+// bareJetStream is a JetStream on a server where nothing is provisioned.
+func bareJetStream(t *testing.T) jetstream.JetStream {
+	t.Helper()
+	nc, err := nats.Connect(testenv.NATS(t).ClientURL())
+	testenv.Must(t, err, "connect")
+	t.Cleanup(nc.Close)
+	js, err := jetstream.New(nc)
+	testenv.Must(t, err, "jetstream")
+	return js
+}
+
+// TestProvisionPlansAndApplies: provisioning is a step of its own, run as a JetStream
+// admin. On an empty server it creates every stream and consumer of the contract; run
+// again it changes nothing; a stream and a consumer changed by hand are shown as the
+// fields that differ, and a plan (the dry run) applies nothing, while provisioning puts
+// them back.
+func TestProvisionPlansAndApplies(t *testing.T) {
+	js := bareJetStream(t)
+	ctx := t.Context()
+	o := events.StreamOptions{}
+	want := len(events.StreamConfigs(o)) + len(events.ConsumerConfigs(0))
+	plan, err := platform.Plan(ctx, js, o)
+	testenv.Must(t, err, "plan")
+	if len(plan) != want || !plan[0].Create || plan[0].String() != "create stream "+events.StreamRequests {
+		t.Fatalf("plan on an empty server: %v, want %d creations", plan, want)
 	}
-	for _, cfg := range events.StreamConfigs(events.StreamOptions{}) {
-		if _, err := js.Stream(t.Context(), cfg.Name); err != nil {
-			t.Errorf("stream %s not provisioned: %v", cfg.Name, err)
-		}
+	if _, err := js.Stream(ctx, events.StreamRequests); err == nil {
+		t.Fatal("the plan created a stream")
+	}
+	changes, err := platform.Provision(ctx, js, o)
+	testenv.Must(t, err, "provision")
+	if len(changes) != want {
+		t.Fatalf("provisioned %d, want %d", len(changes), want)
+	}
+	if again, err := platform.Provision(ctx, js, o); err != nil || len(again) != 0 {
+		t.Fatalf("provision again: %v, %v", again, err)
+	}
+
+	// Changed by hand: the requests stream kept 2 h, the dispatcher consumer 3 deliveries.
+	st, err := js.Stream(ctx, events.StreamRequests)
+	testenv.Must(t, err, "stream")
+	cfg := st.CachedInfo().Config
+	cfg.MaxAge = 2 * time.Hour
+	_, err = js.UpdateStream(ctx, cfg)
+	testenv.Must(t, err, "update stream")
+	cc := events.DispatcherConsumer
+	cc.MaxDeliver = 3
+	_, err = js.UpdateConsumer(ctx, events.StreamDispatch, cc)
+	testenv.Must(t, err, "update consumer")
+	plan, err = platform.Plan(ctx, js, o)
+	testenv.Must(t, err, "plan")
+	got := fmt.Sprint(plan)
+	if len(plan) != 2 || !strings.Contains(got, "update stream OTP_REQUESTS: max_age 7200000000000 -> 3600000000000") ||
+		!strings.Contains(got, "update consumer dispatcher on OTP_DISPATCH: max_deliver 3 -> 12") {
+		t.Fatalf("plan after changes by hand: %s", got)
+	}
+	if info, _ := js.Stream(ctx, events.StreamRequests); info.CachedInfo().Config.MaxAge != 2*time.Hour {
+		t.Fatal("the plan applied a change")
+	}
+	if changes, err := platform.Provision(ctx, js, o); err != nil || len(changes) != 2 {
+		t.Fatalf("provision: %v, %v", changes, err)
+	}
+	if plan, err := platform.Plan(ctx, js, o); err != nil || len(plan) != 0 {
+		t.Fatalf("after provisioning: %v, %v", plan, err)
+	}
+}
+
+// TestBindNamesWhatIsMissing: a service binds only to what provisioning made, and says
+// in one line which stream or consumer is missing; it creates neither.
+func TestBindNamesWhatIsMissing(t *testing.T) {
+	js := bareJetStream(t)
+	ctx := t.Context()
+	_, err := platform.Bind(ctx, js, events.StreamRequests, events.IssuerConsumer)
+	if err == nil || err.Error() != "stream OTP_REQUESTS does not exist: run otpflow provision" {
+		t.Fatalf("no stream: %v", err)
+	}
+	_, err = platform.Provision(ctx, js, events.StreamOptions{})
+	testenv.Must(t, err, "provision")
+	testenv.Must(t, js.DeleteConsumer(ctx, events.StreamRequests, events.ConsumerIssuer), "delete consumer")
+	_, err = platform.Bind(ctx, js, events.StreamRequests, events.IssuerConsumer)
+	if err == nil || err.Error() != "consumer issuer on stream OTP_REQUESTS does not exist: run otpflow provision" {
+		t.Fatalf("no consumer: %v", err)
+	}
+	if _, err := js.Consumer(ctx, events.StreamRequests, events.ConsumerIssuer); err == nil {
+		t.Fatal("Bind created the consumer")
+	}
+	if _, err := platform.Bind(ctx, js, events.StreamChallenges, events.VerifierConsumer); err != nil {
+		t.Fatalf("bind to a provisioned consumer: %v", err)
 	}
 }

@@ -65,7 +65,8 @@ func Cluster(tb testing.TB, n int) []*server.Server {
 	return servers
 }
 
-// JetStreamReplicas is JetStream with the contract's streams created with replicas.
+// JetStreamReplicas is JetStream with the contract's streams (with replicas) and durable
+// consumers provisioned, as otpflow provision makes them.
 func JetStreamReplicas(tb testing.TB, s *server.Server, replicas int) (*nats.Conn, jetstream.JetStream) {
 	tb.Helper()
 	nc, err := nats.Connect(s.ClientURL())
@@ -75,6 +76,7 @@ func JetStreamReplicas(tb testing.TB, s *server.Server, replicas int) (*nats.Con
 	Must(tb, err, "jetstream")
 	ctx, cancel := context.WithTimeout(context.Background(), 60*time.Second)
 	defer cancel()
-	Must(tb, platform.EnsureStreams(ctx, js, events.StreamOptions{Replicas: replicas}), "ensure streams")
+	_, err = platform.Provision(ctx, js, events.StreamOptions{Replicas: replicas})
+	Must(tb, err, "provision streams and consumers")
 	return nc, js
 }

@@ -14,7 +14,7 @@ import (
 )
 
 // JetStream connects to s and returns the connection and its JetStream context, with the
-// contract's streams created.
+// contract's streams and durable consumers provisioned.
 func JetStream(tb testing.TB, s *server.Server) (*nats.Conn, jetstream.JetStream) {
 	tb.Helper()
 	return JetStreamReplicas(tb, s, 1)

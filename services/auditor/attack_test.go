@@ -291,7 +291,8 @@ func TestEmptiedCheckpointStreamIsNoticed(t *testing.T) {
 	l := anchored(t, 20, 0, true)
 	ctx := context.Background()
 	testenv.Must(t, l.js.DeleteStream(ctx, events.StreamAudit), "delete OTP_AUDIT")
-	testenv.Must(t, platform.EnsureStreams(ctx, l.js, events.StreamOptions{}), "recreate it empty")
+	_, err := platform.Provision(ctx, l.js, events.StreamOptions{})
+	testenv.Must(t, err, "recreate it empty")
 	tamper(t, l.pool, `DELETE FROM audit.events WHERE chain_pos >= 19;
 		UPDATE audit.chain_head SET pos = 18, hash = (SELECT row_hash FROM audit.events WHERE chain_pos = 18);
 		UPDATE audit.events SET recorded_at = recorded_at - interval '1 hour'`)

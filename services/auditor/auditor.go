@@ -124,7 +124,7 @@ func New(cfg Config, pool *pgxpool.Pool, js jetstream.JetStream, log *slog.Logge
 
 // Run consumes OTP_EVENTS until ctx is cancelled.
 func (s *Service) Run(ctx context.Context) error {
-	cons, err := platform.Bind(ctx, s.js, s.cfg.Streams, events.StreamEvents, events.AuditorConsumer)
+	cons, err := platform.Bind(ctx, s.js, events.StreamEvents, events.AuditorConsumer)
 	if err != nil {
 		return platform.SetupError(ctx, err)
 	}

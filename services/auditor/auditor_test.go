@@ -10,6 +10,7 @@ import (
 	"time"
 
 	"github.com/otpflow/otpflow/events"
+	"github.com/otpflow/otpflow/platform"
 	"github.com/otpflow/otpflow/platform/testenv"
 )
 
@@ -48,6 +49,8 @@ func TestEveryEventOnceInStreamOrderWithoutTheAddress(t *testing.T) {
 
 	// Force a full replay of the stream into the same table: rows are keyed by sequence.
 	testenv.Must(t, js.DeleteConsumer(context.Background(), events.StreamEvents, events.ConsumerAuditor), "delete consumer")
+	_, err := platform.Provision(context.Background(), js, events.StreamOptions{}) // a new consumer, from the start
+	testenv.Must(t, err, "provision")
 	for i := 30; i < 40; i++ {
 		publish(i)
 	}

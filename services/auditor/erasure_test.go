@@ -40,7 +40,7 @@ func TestErasureWaitsForEarlierEvents(t *testing.T) {
 	publish(events.TypeErasureRequested, "erasure:1", events.ErasureRequested{ErasureID: "5f0c8e1a-2b3d-4c5e-8f90-a1b2c3d4e5f6",
 		Tenant: "acme", RecipientHashes: testSubjects.SubjectHashes("acme", "ana@example.com"), RequestedAt: time.Now().UTC()})
 
-	cons, err := platform.Bind(context.Background(), js, events.StreamOptions{}, events.StreamEvents, events.AuditorConsumer)
+	cons, err := platform.Bind(context.Background(), js, events.StreamEvents, events.AuditorConsumer)
 	testenv.Must(t, err, "bind")
 	svc.cons = cons
 	batch, err := cons.Fetch(3, jetstream.FetchMaxWait(5*time.Second))

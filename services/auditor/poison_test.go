@@ -19,7 +19,8 @@ import (
 func TestEventTheDatabaseRefusesDoesNotStallTheLog(t *testing.T) {
 	ctx := context.Background()
 	_, js := testenv.JetStream(t, testenv.NATS(t))
-	testenv.Must(t, platform.EnsureStreams(ctx, js, events.StreamOptions{}), "streams")
+	_, err := platform.Provision(ctx, js, events.StreamOptions{})
+	testenv.Must(t, err, "streams")
 	bodies := []string{
 		`{"challenge_id":"c-1","tenant":"acme","request_id":"r-1","code_seq":1,"attempts":1,"verified_at":"2026-11-26T10:03:00Z"}`,
 		`{"challenge_id":"c-2","tenant":"acme","request_id":"r-2","code_seq":1,"attempts":1,"verified_at":"2026-11-26T10:03:00Z","note":"a\u0000b"}`,

@@ -21,7 +21,8 @@ import (
 func TestUnknownEventsAndFieldsSurvive(t *testing.T) {
 	ctx := context.Background()
 	_, js := testenv.JetStream(t, testenv.NATS(t))
-	testenv.Must(t, platform.EnsureStreams(ctx, js, events.StreamOptions{}), "streams")
+	_, err := platform.Provision(ctx, js, events.StreamOptions{})
+	testenv.Must(t, err, "streams")
 	// The newer release's provisioning adds its subject to the audit stream.
 	st, err := js.Stream(ctx, events.StreamEvents)
 	testenv.Must(t, err, "stream")

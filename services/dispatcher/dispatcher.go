@@ -61,8 +61,9 @@ type Config struct {
 	// Lease is how long a claim keeps other dispatchers off a job; default the
 	// consumer's AckWait. Every send finishes well inside it.
 	Lease time.Duration
-	// MaxDeliver caps the deliveries of a job before it goes to OTP_DLQ; default the
-	// contract's DispatcherConsumer.MaxDeliver.
+	// MaxDeliver caps the deliveries of a job before it goes to OTP_DLQ: the provisioned
+	// consumer's (OTP_DISPATCH_MAX_DELIVER at provisioning), which Run reads when it binds;
+	// before that the contract's DispatcherConsumer.MaxDeliver.
 	MaxDeliver int
 	Streams    events.StreamOptions
 	// Subjects hashes the recipient of a dead-lettered job for its DLQ header
@@ -133,11 +134,13 @@ func New(cfg Config, pool *pgxpool.Pool, js jetstream.JetStream, log *slog.Logge
 
 // Run consumes dispatch jobs until ctx is cancelled, then finishes the sends in hand.
 func (s *Service) Run(ctx context.Context) error {
-	cc := events.DispatcherConsumer
-	cc.MaxDeliver = s.cfg.MaxDeliver
-	cons, err := platform.Bind(ctx, s.js, s.cfg.Streams, events.StreamDispatch, cc)
+	cons, err := platform.Bind(ctx, s.js, events.StreamDispatch, events.DispatcherConsumer)
 	if err != nil {
 		return platform.SetupError(ctx, err)
+	}
+	// The consumer as provisioned says how many deliveries a job gets.
+	if info := cons.CachedInfo(); info != nil && info.Config.MaxDeliver > 0 {
+		s.cfg.MaxDeliver = info.Config.MaxDeliver
 	}
 	setupCtx, cancel := context.WithTimeout(ctx, 30*time.Second)
 	defer cancel()

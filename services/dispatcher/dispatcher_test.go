@@ -16,6 +16,7 @@ import (
 	"github.com/nats-io/nats.go"
 	"github.com/nats-io/nats.go/jetstream"
 	"github.com/otpflow/otpflow/events"
+	"github.com/otpflow/otpflow/platform"
 	"github.com/otpflow/otpflow/platform/keys"
 	"github.com/otpflow/otpflow/platform/policy"
 	"github.com/otpflow/otpflow/platform/testenv"
@@ -60,6 +61,12 @@ func newHarnessWith(t *testing.T, guards map[string]mailer.GuardConfig, chain fu
 func newHarnessConfig(t *testing.T, cfg Config, chain func(smtp mailer.Provider) []mailer.Provider) *harness {
 	t.Helper()
 	_, js := testenv.JetStream(t, testenv.NATS(t))
+	if cfg.MaxDeliver > 0 { // provisioned so, as OTP_DISPATCH_MAX_DELIVER does
+		cc := events.DispatcherConsumer
+		cc.MaxDeliver = cfg.MaxDeliver
+		_, err := platform.EnsureConsumer(context.Background(), js, events.StreamDispatch, cc)
+		testenv.Must(t, err, "dispatcher consumer")
+	}
 	pool := testenv.Postgres(t, Spec())
 	sealer, err := keys.ParseSealer(keys.Generate("s1", 32))
 	testenv.Must(t, err, "sealer")

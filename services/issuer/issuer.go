@@ -127,7 +127,7 @@ func New(cfg Config, pool *pgxpool.Pool, js jetstream.JetStream, log *slog.Logge
 
 // Run consumes otp.requested until ctx is cancelled, then finishes the batch in hand.
 func (s *Service) Run(ctx context.Context) error {
-	cons, err := platform.Bind(ctx, s.js, s.cfg.Streams, events.StreamRequests, events.IssuerConsumer)
+	cons, err := platform.Bind(ctx, s.js, events.StreamRequests, events.IssuerConsumer)
 	if err != nil {
 		return platform.SetupError(ctx, err)
 	}

@@ -117,14 +117,14 @@ func New(cfg Config, pool *pgxpool.Pool, nc *nats.Conn, js jetstream.JetStream, 
 
 // Run serves verify requests and keeps the projection current until ctx is cancelled.
 func (s *Service) Run(ctx context.Context) error {
-	cons, err := platform.Bind(ctx, s.js, s.cfg.Streams, events.StreamChallenges, events.VerifierConsumer)
+	cons, err := platform.Bind(ctx, s.js, events.StreamChallenges, events.VerifierConsumer)
 	if err != nil {
 		return platform.SetupError(ctx, err)
 	}
 	// For one release: challenges issued before the upgrade are announced only on
 	// OTP_EVENTS, by otp.issued with the code HMAC; the consumer of earlier releases
 	// resumes where it stopped and projects them, so their codes keep verifying.
-	legacy, err := platform.EnsureConsumer(ctx, s.js, events.StreamEvents, events.VerifierLegacyConsumer)
+	legacy, err := platform.Bind(ctx, s.js, events.StreamEvents, events.VerifierLegacyConsumer)
 	if err != nil {
 		return platform.SetupError(ctx, err)
 	}
