@@ -201,7 +201,7 @@ func TestNATSPermissions(t *testing.T) {
 			denyAPI(t, issuer, "$JS.API.CONSUMER.CREATE.OTP_REQUESTS.issuer", `{"stream_name":"OTP_REQUESTS","config":{"durable_name":"issuer","ack_policy":"none"}}`)
 			denyAPI(t, issuer, "$JS.API.CONSUMER.DELETE.OTP_REQUESTS.issuer", ``)
 			denyAPI(t, issuer, "$JS.API.STREAM.PURGE.OTP_REQUESTS", `{}`)
-		denyAPI(t, issuer, "$JS.API.STREAM.DELETE.OTP_REQUESTS", ``)
+			denyAPI(t, issuer, "$JS.API.STREAM.DELETE.OTP_REQUESTS", ``)
 		})
 		t.Run(dispatcher.id, func(t *testing.T) {
 			t.Parallel()
@@ -215,8 +215,8 @@ func TestNATSPermissions(t *testing.T) {
 			denyAPI(t, dispatcher, "$JS.API.STREAM.INFO.OTP_REQUESTS", `{}`)
 			denyAPI(t, dispatcher, "$JS.API.STREAM.DELETE.OTP_DISPATCH", ``)
 			denyAPI(t, dispatcher, "$JS.API.CONSUMER.CREATE.OTP_DISPATCH.dispatcher", `{"stream_name":"OTP_DISPATCH","config":{"durable_name":"dispatcher","ack_policy":"none"}}`)
-		denyAPI(t, dispatcher, "$JS.API.CONSUMER.DELETE.OTP_DISPATCH.dispatcher", ``)
-		denyAPI(t, dispatcher, "$JS.API.STREAM.CREATE.SCRATCH", `{"name":"SCRATCH","subjects":["scratch"]}`)
+			denyAPI(t, dispatcher, "$JS.API.CONSUMER.DELETE.OTP_DISPATCH.dispatcher", ``)
+			denyAPI(t, dispatcher, "$JS.API.STREAM.CREATE.SCRATCH", `{"name":"SCRATCH","subjects":["scratch"]}`)
 		})
 		t.Run(verifier.id, func(t *testing.T) {
 			t.Parallel()
@@ -230,9 +230,9 @@ func TestNATSPermissions(t *testing.T) {
 			denyAPI(t, verifier, "$JS.API.STREAM.MSG.GET.OTP_REQUESTS", `{"seq":1}`)
 			denyAPI(t, verifier, "$JS.API.CONSUMER.CREATE.OTP_CHALLENGES.verifier", `{"stream_name":"OTP_CHALLENGES","config":{"durable_name":"verifier","ack_policy":"none"}}`)
 			denyAPI(t, verifier, "$JS.API.STREAM.MSG.DELETE.OTP_CHALLENGES", `{"seq":1}`)
-		denyAPI(t, verifier, "$JS.API.CONSUMER.DELETE.OTP_CHALLENGES.verifier", ``)
-		denyAPI(t, verifier, "$JS.API.STREAM.DELETE.OTP_CHALLENGES", ``)
-		denyAPI(t, verifier, "$JS.API.STREAM.CREATE.SCRATCH", `{"name":"SCRATCH","subjects":["scratch"]}`)
+			denyAPI(t, verifier, "$JS.API.CONSUMER.DELETE.OTP_CHALLENGES.verifier", ``)
+			denyAPI(t, verifier, "$JS.API.STREAM.DELETE.OTP_CHALLENGES", ``)
+			denyAPI(t, verifier, "$JS.API.STREAM.CREATE.SCRATCH", `{"name":"SCRATCH","subjects":["scratch"]}`)
 		})
 		t.Run(auditor.id, func(t *testing.T) {
 			t.Parallel()
@@ -266,7 +266,7 @@ func TestNATSPermissions(t *testing.T) {
 			denyAPI(t, operator, "$JS.API.CONSUMER.DELETE.OTP_REQUESTS.issuer", ``)
 			denyAPI(t, operator, "$JS.API.CONSUMER.MSG.NEXT.OTP_EVENTS.auditor", `{"batch":1}`)
 			denyAPI(t, operator, "$JS.API.CONSUMER.MSG.NEXT.OTP_REQUESTS.issuer", `{"batch":1}`)
-		denyAPI(t, operator, "$JS.API.CONSUMER.INFO.OTP_DISPATCH.dispatcher", `{}`)
+			denyAPI(t, operator, "$JS.API.CONSUMER.INFO.OTP_DISPATCH.dispatcher", `{}`)
 		})
 		t.Run(admin.id, func(t *testing.T) {
 			t.Parallel()
