@@ -22,11 +22,15 @@ func (e *ConfigError) Error() string { return e.Var + ": " + e.Msg }
 
 // Common is the configuration every service reads.
 type Common struct {
-	NATSURL     string // OTP_NATS_URL
-	NATSCreds   string // OTP_NATS_CREDS
-	NATSTLSCA   string // OTP_NATS_TLS_CA
-	NATSTLSCert string // OTP_NATS_TLS_CERT
-	NATSTLSKey  string // OTP_NATS_TLS_KEY
+	NATSURL   string // OTP_NATS_URL
+	NATSCreds string // OTP_NATS_CREDS
+	// NATSNkeyFile (OTP_NATS_NKEY_FILE) names the file holding the nkey seed of the
+	// service's NATS user, for servers with static nkey users (deploy/nats). At most one of
+	// it, OTP_NATS_CREDS and a user in OTP_NATS_URL is set.
+	NATSNkeyFile string
+	NATSTLSCA    string // OTP_NATS_TLS_CA
+	NATSTLSCert  string // OTP_NATS_TLS_CERT
+	NATSTLSKey   string // OTP_NATS_TLS_KEY
 	// Replicas of the streams this service may create (OTP_NATS_REPLICAS, default 1).
 	Replicas int
 	// RequestsMaxAge is how long OTP_REQUESTS keeps a request (OTP_REQUESTS_MAX_AGE,
@@ -67,15 +71,16 @@ const DefaultNATSURL = "nats://127.0.0.1:4222"
 // LoadCommon reads the shared settings.
 func LoadCommon(getenv Getenv) (Common, error) {
 	c := Common{
-		NATSURL:     orDefault(getenv("OTP_NATS_URL"), DefaultNATSURL),
-		NATSCreds:   getenv("OTP_NATS_CREDS"),
-		NATSTLSCA:   getenv("OTP_NATS_TLS_CA"),
-		NATSTLSCert: getenv("OTP_NATS_TLS_CERT"),
-		NATSTLSKey:  getenv("OTP_NATS_TLS_KEY"),
-		DatabaseURL: getenv("OTP_DATABASE_URL"),
-		HTTPAddr:    getenv("OTP_HTTP_ADDR"),
-		LogLevel:    orDefault(getenv("OTP_LOG_LEVEL"), "info"),
-		Env:         orDefault(strings.TrimSpace(getenv("OTP_ENV")), EnvDevelopment),
+		NATSURL:      orDefault(getenv("OTP_NATS_URL"), DefaultNATSURL),
+		NATSCreds:    getenv("OTP_NATS_CREDS"),
+		NATSNkeyFile: strings.TrimSpace(getenv("OTP_NATS_NKEY_FILE")),
+		NATSTLSCA:    getenv("OTP_NATS_TLS_CA"),
+		NATSTLSCert:  getenv("OTP_NATS_TLS_CERT"),
+		NATSTLSKey:   getenv("OTP_NATS_TLS_KEY"),
+		DatabaseURL:  getenv("OTP_DATABASE_URL"),
+		HTTPAddr:     getenv("OTP_HTTP_ADDR"),
+		LogLevel:     orDefault(getenv("OTP_LOG_LEVEL"), "info"),
+		Env:          orDefault(strings.TrimSpace(getenv("OTP_ENV")), EnvDevelopment),
 	}
 	if c.Env != EnvDevelopment && c.Env != EnvProduction {
 		return c, &ConfigError{"OTP_ENV", "must be development or production"}
@@ -104,6 +109,9 @@ func LoadCommon(getenv Getenv) (Common, error) {
 	}
 	if (c.NATSTLSCert == "") != (c.NATSTLSKey == "") {
 		return c, &ConfigError{"OTP_NATS_TLS_CERT", "OTP_NATS_TLS_CERT and OTP_NATS_TLS_KEY must be set together"}
+	}
+	if err := CheckNATSAuth(c); err != nil {
+		return c, err
 	}
 	switch c.LogLevel {
 	case "debug", "info", "warn", "error":

@@ -6,6 +6,7 @@ import (
 	"fmt"
 	"log/slog"
 	"net/url"
+	"os"
 	"strings"
 	"time"
 
@@ -63,17 +64,27 @@ func ConnectNATSJudging(c Common, svc string, log *slog.Logger, local func(host 
 	opts = append(opts, NATSCredentials(c)...)
 	nc, err := nats.Connect(c.NATSURL, opts...)
 	if err != nil {
-		return nil, fmt.Errorf("connect to NATS at %s: %w", redactURL(c.NATSURL), err)
+		return nil, fmt.Errorf("connect to NATS at %s: %w", redactURL(c.NATSURL), ExplainTLS(err, NATSTrust(c)))
 	}
 	return nc, nil
 }
 
-// NATSCredentials are the options of OTP_NATS_CREDS, OTP_NATS_TLS_CA, OTP_NATS_TLS_CERT
-// and OTP_NATS_TLS_KEY, for the services and the CLI alike.
+// NATSCredentials are the options of OTP_NATS_CREDS, OTP_NATS_NKEY_FILE, OTP_NATS_TLS_CA,
+// OTP_NATS_TLS_CERT and OTP_NATS_TLS_KEY, for the services and the CLI alike. The seed
+// file is read when connecting, so a rotated seed takes effect at the next start.
 func NATSCredentials(c Common) []nats.Option {
 	var opts []nats.Option
 	if c.NATSCreds != "" {
 		opts = append(opts, nats.UserCredentials(c.NATSCreds))
+	}
+	if c.NATSNkeyFile != "" {
+		opts = append(opts, func(o *nats.Options) error {
+			opt, err := nats.NkeyOptionFromSeed(c.NATSNkeyFile)
+			if err != nil {
+				return &ConfigError{"OTP_NATS_NKEY_FILE", err.Error()}
+			}
+			return opt(o)
+		})
 	}
 	if c.NATSTLSCA != "" {
 		opts = append(opts, nats.RootCAs(c.NATSTLSCA))
@@ -82,6 +93,62 @@ func NATSCredentials(c Common) []nats.Option {
 		opts = append(opts, nats.ClientCert(c.NATSTLSCert, c.NATSTLSKey))
 	}
 	return opts
+}
+
+// CheckNATSAuth refuses more than one way to authenticate to NATS (OTP_NATS_CREDS,
+// OTP_NATS_NKEY_FILE, a user or token in OTP_NATS_URL) and a seed file that cannot be
+// read as an nkey user seed. In production it also refuses a seed file that other users
+// of the machine may read.
+func CheckNATSAuth(c Common) error {
+	type way struct{ setting, what string }
+	var ways []way
+	if c.NATSCreds != "" {
+		ways = append(ways, way{"OTP_NATS_CREDS", "OTP_NATS_CREDS"})
+	}
+	if c.NATSNkeyFile != "" {
+		ways = append(ways, way{"OTP_NATS_NKEY_FILE", "OTP_NATS_NKEY_FILE"})
+	}
+	if urlHasUser(c.NATSURL) {
+		ways = append(ways, way{"OTP_NATS_URL", "a user in OTP_NATS_URL"})
+	}
+	if len(ways) > 1 {
+		return &ConfigError{ways[1].setting, ways[1].what + " is set together with " + ways[0].what + "; authenticate to NATS one way only"}
+	}
+	if c.NATSNkeyFile == "" {
+		return nil
+	}
+	if _, err := nats.NkeyOptionFromSeed(c.NATSNkeyFile); err != nil {
+		return &ConfigError{"OTP_NATS_NKEY_FILE", "cannot read an nkey user seed from " + c.NATSNkeyFile + ": " + err.Error()}
+	}
+	if c.Production() {
+		if st, err := os.Stat(c.NATSNkeyFile); err == nil && st.Mode().Perm()&0o077 != 0 {
+			return &ProductionError{"OTP_NATS_NKEY_FILE", fmt.Sprintf("%s has mode %04o: other users may read the seed; make it 0600 or 0400 (a Kubernetes secret: defaultMode 0400)", c.NATSNkeyFile, st.Mode().Perm())}
+		}
+	}
+	return nil
+}
+
+// urlHasUser reports whether any server of a NATS URL list carries a user, password or
+// token.
+func urlHasUser(urls string) bool {
+	for _, u := range strings.Split(urls, ",") {
+		u = strings.TrimSpace(u)
+		if !strings.Contains(u, "://") {
+			u = "nats://" + u
+		}
+		if parsed, err := url.Parse(u); err == nil && parsed.User != nil {
+			return true
+		}
+	}
+	return false
+}
+
+// NATSTrust names the CA a NATS connection trusts, for messages.
+func NATSTrust(c Common) string {
+	if c.NATSTLSCA != "" {
+		return "the CA in " + c.NATSTLSCA + " (OTP_NATS_TLS_CA)"
+	}
+	return "a CA of the system roots (OTP_NATS_TLS_CA is unset)"
 }
 
 // RedactNATSURL hides the user information of a NATS URL, for messages.

@@ -83,12 +83,15 @@ func connectJetStream(url string, getenv func(string) string) (*nats.Conn, jetst
 }
 
 func connectClient(url string, getenv func(string) string) (*nats.Conn, error) {
-	c := platform.Common{NATSURL: url, NATSCreds: getenv("OTP_NATS_CREDS"), NATSTLSCA: getenv("OTP_NATS_TLS_CA"),
-		NATSTLSCert: getenv("OTP_NATS_TLS_CERT"), NATSTLSKey: getenv("OTP_NATS_TLS_KEY")}
+	c := platform.Common{NATSURL: url, NATSCreds: getenv("OTP_NATS_CREDS"), NATSNkeyFile: getenv("OTP_NATS_NKEY_FILE"),
+		NATSTLSCA: getenv("OTP_NATS_TLS_CA"), NATSTLSCert: getenv("OTP_NATS_TLS_CERT"), NATSTLSKey: getenv("OTP_NATS_TLS_KEY")}
+	if err := platform.CheckNATSAuth(c); err != nil {
+		return nil, err
+	}
 	opts := append([]nats.Option{nats.Name("otpflow-cli"), nats.Timeout(5 * time.Second)}, platform.NATSCredentials(c)...)
 	nc, err := nats.Connect(url, opts...)
 	if err != nil {
-		return nil, fmt.Errorf("connect to NATS at %s: %w", platform.RedactNATSURL(url), err)
+		return nil, fmt.Errorf("connect to NATS at %s: %w", platform.RedactNATSURL(url), platform.ExplainTLS(err, platform.NATSTrust(c)))
 	}
 	return nc, nil
 }

@@ -36,10 +36,17 @@ type world struct {
 // own role (OTP_<SERVICE>_DATABASE_URL).
 func newWorld(t testing.TB) *world {
 	t.Helper()
+	ns := testenv.NATS(t)
+	testenv.JetStream(t, ns) // provisioned, as otpflow provision does before the services start
+	return newWorldOn(t, ns)
+}
+
+// newWorldOn is newWorld on the NATS server ns.
+func newWorldOn(t testing.TB, ns *server.Server) *world {
+	t.Helper()
 	d := testenv.NewDB(t)
 	d.Migrate(t, specs()...)
-	w := &world{nats: testenv.NATS(t), db: d.URL, auditDB: d.RoleURL("auditor"), smtp: testenv.StartSMTP(t)}
-	testenv.JetStream(t, w.nats) // provisioned, as otpflow provision does before the services start
+	w := &world{nats: ns, db: d.URL, auditDB: d.RoleURL("auditor"), smtp: testenv.StartSMTP(t)}
 	w.env = map[string]string{
 		"OTP_NATS_URL":             w.nats.ClientURL(),
 		"OTP_MIGRATE_DATABASE_URL": d.URL,

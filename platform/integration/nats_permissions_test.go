@@ -1,0 +1,381 @@
+package platform_test
+
+import (
+	"context"
+	"encoding/json"
+	"errors"
+	"fmt"
+	"strings"
+	"testing"
+	"time"
+
+	"github.com/nats-io/nats.go"
+	"github.com/nats-io/nats.go/jetstream"
+	"github.com/nats-io/nats.go/micro"
+	"github.com/otpflow/otpflow/events"
+	"github.com/otpflow/otpflow/platform/testenv"
+)
+
+// TestNATSPermissions starts the server of deploy/nats (rendered with keys and a CA made
+// here, over TLS) and shows, for every identity, that what it needs works and that what
+// it must not do is refused by the server: each refusal is the server's permissions
+// violation naming the exact subject (nats.ErrPermissionViolation), and the call gets no
+// answer (a JetStream publish no acknowledgement, a request or API call nats.ErrTimeout; a
+// subscription reports the violation itself). The refusals tried are listed in
+// deploy/nats/README.md.
+func TestNATSPermissions(t *testing.T) {
+	d := testenv.DeployedNATS(t)
+	provisionAsAdmin(t, d)
+	ctx, cancel := context.WithTimeout(context.Background(), 2*time.Minute)
+	defer cancel()
+
+	acme, globex := connectAs(t, d, "acme"), connectAs(t, d, "globex")
+	issuer, dispatcher := connectAs(t, d, "issuer"), connectAs(t, d, "dispatcher")
+	verifier, auditor := connectAs(t, d, "verifier"), connectAs(t, d, "auditor")
+	operator, admin := connectAs(t, d, "operator"), connectAs(t, d, "admin")
+
+	// The verifier serves otp.verify.* as the micro service does.
+	svc, err := micro.AddService(verifier.nc, micro.Config{Name: "otp-verifier", Version: "0.0.0"})
+	testenv.Must(t, err, "verify service")
+	testenv.Must(t, svc.AddEndpoint("verify", micro.HandlerFunc(func(r micro.Request) {
+		_ = r.Respond([]byte(`{"status":"not_found","subject":"` + r.Subject() + `"}`))
+	}), micro.WithEndpointSubject(events.TypeVerify.Wildcard())), "verify endpoint")
+	t.Cleanup(func() { _ = svc.Stop() })
+	must(t, verifier.noViolation(events.TypeVerify.Wildcard()))
+	must(t, verifier.noViolation("$SRV.PING"))
+
+	// The pipeline's first hops, each as its own identity.
+	t.Run("app acme", func(t *testing.T) {
+		ack := jsPublish(ctx, t, acme, "otp.requested.acme")
+		if ack.Stream != events.StreamRequests {
+			t.Fatalf("acked by %s", ack.Stream)
+		}
+		reply, err := acme.nc.Request("otp.verify.acme", []byte(`{"request_id":"r1","code":"123456"}`), 2*time.Second)
+		testenv.Must(t, err, "acme asks otp.verify.acme")
+		if !strings.Contains(string(reply.Data), `"subject":"otp.verify.acme"`) || !strings.HasPrefix(reply.Subject, "_INBOX_acme.") {
+			t.Fatalf("reply %q on %s", reply.Data, reply.Subject)
+		}
+	})
+	t.Run("app globex", func(t *testing.T) {
+		jsPublish(ctx, t, globex, "otp.requested.globex")
+		_, err := globex.nc.Request("otp.verify.globex", []byte(`{}`), 2*time.Second)
+		testenv.Must(t, err, "globex asks otp.verify.globex")
+	})
+
+	t.Run("issuer", func(t *testing.T) {
+		cons, err := issuer.js.Consumer(ctx, events.StreamRequests, events.ConsumerIssuer)
+		testenv.Must(t, err, "bind to the issuer consumer")
+		fetchAck(t, cons, 2)
+		_, err = issuer.js.Stream(ctx, events.StreamRequests)
+		testenv.Must(t, err, "OTP_REQUESTS info (backlog watch)")
+		jsPublish(ctx, t, issuer, "otp.dispatch.acme")
+		jsPublish(ctx, t, issuer, "otp.challenge.acme")
+		jsPublish(ctx, t, issuer, "otp.challenge_superseded.acme")
+		jsPublish(ctx, t, issuer, "otp.issued.acme")
+		jsPublish(ctx, t, issuer, "otp.rejected.acme")
+		jsPublish(ctx, t, issuer, "otp.alert._system")
+		jsPublish(ctx, t, issuer, "otp.dlq.acme")
+		_, err = issuer.js.Consumer(ctx, events.StreamEvents, "issuer-erasure")
+		testenv.Must(t, err, "bind to issuer-erasure")
+
+	})
+
+	t.Run("dispatcher", func(t *testing.T) {
+		cons, err := dispatcher.js.Consumer(ctx, events.StreamDispatch, events.ConsumerDispatcher)
+		testenv.Must(t, err, "bind to the dispatcher consumer")
+		fetchAck(t, cons, 1)
+		jsPublish(ctx, t, dispatcher, "otp.delivered.acme")
+		jsPublish(ctx, t, dispatcher, "otp.delivery_failed.acme")
+		jsPublish(ctx, t, dispatcher, "otp.dispatch_expired.acme")
+		jsPublish(ctx, t, dispatcher, "otp.erased.acme")
+
+	})
+
+	t.Run("verifier", func(t *testing.T) {
+		cons, err := verifier.js.Consumer(ctx, events.StreamChallenges, events.ConsumerVerifier)
+		testenv.Must(t, err, "bind to the verifier consumer")
+		fetchAck(t, cons, 2)
+		st, err := verifier.js.Stream(ctx, events.StreamChallenges)
+		testenv.Must(t, err, "OTP_CHALLENGES info")
+		_, err = st.GetLastMsgForSubject(ctx, "otp.challenge.acme")
+		testenv.Must(t, err, "last challenge of acme")
+		_, err = verifier.js.Consumer(ctx, events.StreamEvents, events.ConsumerVerifier)
+		testenv.Must(t, err, "bind to the legacy verifier consumer")
+		jsPublish(ctx, t, verifier, "otp.verified.acme")
+		jsPublish(ctx, t, verifier, "otp.verify_failed.acme")
+		jsPublish(ctx, t, verifier, "otp.locked.acme")
+
+	})
+
+	t.Run("auditor", func(t *testing.T) {
+		cons, err := auditor.js.Consumer(ctx, events.StreamEvents, events.ConsumerAuditor)
+		testenv.Must(t, err, "bind to the auditor consumer")
+		fetchAck(t, cons, 1)
+		jsPublish(ctx, t, auditor, events.SubjectAuditCheckpoint)
+		jsPublish(ctx, t, auditor, "otp.alert.acme")
+		st, err := auditor.js.Stream(ctx, events.StreamAudit)
+		testenv.Must(t, err, "OTP_AUDIT info")
+		_, err = st.GetMsg(ctx, 1)
+		testenv.Must(t, err, "a checkpoint")
+		readInOrder(ctx, t, auditor, "")
+
+	})
+
+	t.Run("operator", func(t *testing.T) {
+		who, err := operator.nc.Request("$SYS.REQ.USER.INFO", nil, 2*time.Second)
+		testenv.Must(t, err, "who am I")
+		if !strings.Contains(string(who.Data), d.Pubs["operator"]) {
+			t.Fatalf("$SYS.REQ.USER.INFO answered %s", who.Data)
+		}
+		// What `otpflow erase` does: read and delete one message of OTP_REQUESTS, ask for
+		// the erasure, read the answers in order, record the action.
+		st, err := operator.js.Stream(ctx, events.StreamRequests)
+		testenv.Must(t, err, "OTP_REQUESTS info")
+		_, err = st.GetMsg(ctx, 1)
+		testenv.Must(t, err, "read a request")
+		testenv.Must(t, st.SecureDeleteMsg(ctx, 1), "erase a request")
+		dlq, err := operator.js.Stream(ctx, events.StreamDLQ)
+		testenv.Must(t, err, "OTP_DLQ info")
+		_, err = dlq.GetMsg(ctx, 1)
+		testenv.Must(t, err, "read a dead letter")
+		_, err = operator.js.Consumer(ctx, events.StreamEvents, events.ConsumerAuditor)
+		testenv.Must(t, err, "how far the auditor got (audit verify)")
+		jsPublish(ctx, t, operator, "otp.erasure_requested.acme")
+		jsPublish(ctx, t, operator, "otp.operator_action._system")
+		readInOrder(ctx, t, operator, "otp.erased.acme")
+		readInOrder(ctx, t, operator, "")
+
+	})
+
+	t.Run("admin", func(t *testing.T) {
+		_, err := admin.js.CreateStream(ctx, jetstream.StreamConfig{Name: "SCRATCH", Subjects: []string{"scratch.>"}})
+		testenv.Must(t, err, "admin creates a stream")
+		_, err = admin.js.CreateOrUpdateConsumer(ctx, "SCRATCH", jetstream.ConsumerConfig{Durable: "d"})
+		testenv.Must(t, err, "admin creates a consumer")
+		testenv.Must(t, admin.js.DeleteConsumer(ctx, "SCRATCH", "d"), "admin deletes a consumer")
+		testenv.Must(t, admin.js.DeleteStream(ctx, "SCRATCH"), "admin deletes a stream")
+		_, err = admin.js.AccountInfo(ctx)
+		testenv.Must(t, err, "account info")
+
+	})
+
+	// What each identity must not do, tried for all at once (each refusal waits for
+	// the server's error).
+	t.Run("refused", func(t *testing.T) {
+		t.Run(acme.id, func(t *testing.T) {
+			t.Parallel()
+			denyPublish(t, acme, "otp.requested.globex")
+			denyPublish(t, acme, "otp.issued.acme")
+			denyPublish(t, acme, "otp.erasure_requested.acme")
+			denySubscribe(t, acme, "otp.>")
+			denySubscribe(t, acme, "otp.issued.acme")
+			denySubscribe(t, acme, "_INBOX.>")
+			denySubscribe(t, acme, "_INBOX_globex.>")
+			denySubscribe(t, acme, "otp.verify.*")
+			denyRequest(t, acme, "otp.verify.globex")
+			denyAPI(t, acme, "$JS.API.STREAM.INFO.OTP_EVENTS", `{}`)
+			denyAPI(t, acme, "$JS.API.STREAM.MSG.GET.OTP_EVENTS", `{"seq":1}`)
+			denyAPI(t, acme, "$JS.API.CONSUMER.CREATE.OTP_EVENTS.spy", `{"stream_name":"OTP_EVENTS","config":{"name":"spy","ack_policy":"none"}}`)
+			denyAPI(t, acme, "$JS.API.CONSUMER.MSG.NEXT.OTP_EVENTS.auditor", `{"batch":1}`)
+			denyAPI(t, acme, "$JS.API.STREAM.INFO.OTP_REQUESTS", `{}`)
+			denyAPI(t, acme, "$JS.API.INFO", ``)
+		})
+		t.Run(globex.id, func(t *testing.T) {
+			t.Parallel()
+			denyPublish(t, globex, "otp.requested.acme")
+			denyRequest(t, globex, "otp.verify.acme")
+			denySubscribe(t, globex, "_INBOX_acme.>")
+		})
+		t.Run(issuer.id, func(t *testing.T) {
+			t.Parallel()
+			denyPublish(t, issuer, "otp.verified.acme")
+			denyPublish(t, issuer, "otp.delivered.acme")
+			denyPublish(t, issuer, "otp.requested.acme")
+			denyPublish(t, issuer, "otp.erasure_requested.acme")
+			denySubscribe(t, issuer, "otp.>")
+			denySubscribe(t, issuer, "otp.verify.*")
+			denyAPI(t, issuer, "$JS.API.STREAM.INFO.OTP_DISPATCH", `{}`)
+			denyAPI(t, issuer, "$JS.API.CONSUMER.INFO.OTP_DISPATCH.dispatcher", `{}`)
+			denyAPI(t, issuer, "$JS.API.CONSUMER.MSG.NEXT.OTP_DISPATCH.dispatcher", `{"batch":1}`)
+			denyAPI(t, issuer, "$JS.API.STREAM.MSG.GET.OTP_CHALLENGES", `{"seq":1}`)
+			denyAPI(t, issuer, "$JS.API.STREAM.CREATE.OTP_REQUESTS", `{"name":"OTP_REQUESTS","subjects":["otp.requested.*"]}`)
+			denyAPI(t, issuer, "$JS.API.STREAM.UPDATE.OTP_REQUESTS", `{"name":"OTP_REQUESTS","subjects":["otp.>"]}`)
+			denyAPI(t, issuer, "$JS.API.CONSUMER.CREATE.OTP_REQUESTS.issuer", `{"stream_name":"OTP_REQUESTS","config":{"durable_name":"issuer","ack_policy":"none"}}`)
+			denyAPI(t, issuer, "$JS.API.CONSUMER.DELETE.OTP_REQUESTS.issuer", ``)
+			denyAPI(t, issuer, "$JS.API.STREAM.PURGE.OTP_REQUESTS", `{}`)
+			denyAPI(t, issuer, "$JS.API.STREAM.DELETE.OTP_REQUESTS", ``)
+		})
+		t.Run(dispatcher.id, func(t *testing.T) {
+			t.Parallel()
+			denyPublish(t, dispatcher, "otp.issued.acme")
+			denyPublish(t, dispatcher, "otp.dispatch.acme")
+			denyPublish(t, dispatcher, "otp.verified.acme")
+			denySubscribe(t, dispatcher, "otp.>")
+			denyAPI(t, dispatcher, "$JS.API.STREAM.INFO.OTP_CHALLENGES", `{}`)
+			denyAPI(t, dispatcher, "$JS.API.STREAM.MSG.GET.OTP_CHALLENGES", `{"seq":1}`)
+			denyAPI(t, dispatcher, "$JS.API.CONSUMER.MSG.NEXT.OTP_CHALLENGES.verifier", `{"batch":1}`)
+			denyAPI(t, dispatcher, "$JS.API.STREAM.INFO.OTP_REQUESTS", `{}`)
+			denyAPI(t, dispatcher, "$JS.API.STREAM.DELETE.OTP_DISPATCH", ``)
+			denyAPI(t, dispatcher, "$JS.API.CONSUMER.CREATE.OTP_DISPATCH.dispatcher", `{"stream_name":"OTP_DISPATCH","config":{"durable_name":"dispatcher","ack_policy":"none"}}`)
+			denyAPI(t, dispatcher, "$JS.API.CONSUMER.DELETE.OTP_DISPATCH.dispatcher", ``)
+			denyAPI(t, dispatcher, "$JS.API.STREAM.CREATE.SCRATCH", `{"name":"SCRATCH","subjects":["scratch"]}`)
+		})
+		t.Run(verifier.id, func(t *testing.T) {
+			t.Parallel()
+			denyPublish(t, verifier, "otp.dispatch.acme")
+			denyPublish(t, verifier, "otp.issued.acme")
+			denyPublish(t, verifier, "otp.challenge.acme")
+			denyPublish(t, verifier, "_INBOX_acme.unasked") // no request came with that reply
+			denySubscribe(t, verifier, "otp.requested.*")
+			denySubscribe(t, verifier, "_INBOX_acme.>")
+			denyAPI(t, verifier, "$JS.API.STREAM.INFO.OTP_DISPATCH", `{}`)
+			denyAPI(t, verifier, "$JS.API.STREAM.MSG.GET.OTP_REQUESTS", `{"seq":1}`)
+			denyAPI(t, verifier, "$JS.API.CONSUMER.CREATE.OTP_CHALLENGES.verifier", `{"stream_name":"OTP_CHALLENGES","config":{"durable_name":"verifier","ack_policy":"none"}}`)
+			denyAPI(t, verifier, "$JS.API.STREAM.MSG.DELETE.OTP_CHALLENGES", `{"seq":1}`)
+			denyAPI(t, verifier, "$JS.API.CONSUMER.DELETE.OTP_CHALLENGES.verifier", ``)
+			denyAPI(t, verifier, "$JS.API.STREAM.DELETE.OTP_CHALLENGES", ``)
+			denyAPI(t, verifier, "$JS.API.STREAM.CREATE.SCRATCH", `{"name":"SCRATCH","subjects":["scratch"]}`)
+		})
+		t.Run(auditor.id, func(t *testing.T) {
+			t.Parallel()
+			for _, s := range []string{"otp.issued.acme", "otp.verified.acme", "otp.delivered.acme", "otp.requested.acme",
+				"otp.dispatch.acme", "otp.challenge.acme", "otp.erasure_requested.acme", "otp.operator_action.acme"} {
+				denyPublish(t, auditor, s)
+			}
+			denySubscribe(t, auditor, "otp.>")
+			denyAPI(t, auditor, "$JS.API.STREAM.CREATE.SCRATCH", `{"name":"SCRATCH","subjects":["scratch"]}`)
+			denyAPI(t, auditor, "$JS.API.STREAM.DELETE.OTP_EVENTS", ``)
+			denyAPI(t, auditor, "$JS.API.CONSUMER.CREATE.OTP_EVENTS.auditor", `{"stream_name":"OTP_EVENTS","config":{"durable_name":"auditor","ack_policy":"none"}}`)
+			denyAPI(t, auditor, "$JS.API.CONSUMER.DELETE.OTP_EVENTS.auditor", ``)
+			denyAPI(t, auditor, "$JS.API.CONSUMER.DELETE.OTP_EVENTS.issuer-erasure", ``)
+			denyAPI(t, auditor, "$JS.API.CONSUMER.MSG.NEXT.OTP_EVENTS.verifier", `{"batch":1}`)
+			denyAPI(t, auditor, "$JS.API.CONSUMER.CREATE.OTP_REQUESTS.spy", `{"stream_name":"OTP_REQUESTS","config":{"name":"spy","ack_policy":"none"}}`)
+			denyAPI(t, auditor, "$JS.API.STREAM.INFO.OTP_CHALLENGES", `{}`)
+		})
+		t.Run(operator.id, func(t *testing.T) {
+			t.Parallel()
+			denyPublish(t, operator, "otp.requested.acme")
+			denyPublish(t, operator, "otp.verified.acme")
+			denyPublish(t, operator, "otp.erased.acme")
+			denyRequest(t, operator, "otp.verify.acme")
+			denySubscribe(t, operator, "otp.>")
+			denyAPI(t, operator, "$JS.API.STREAM.INFO.OTP_DISPATCH", `{}`)
+			denyAPI(t, operator, "$JS.API.STREAM.CREATE.SCRATCH", `{"name":"SCRATCH","subjects":["scratch"]}`)
+			denyAPI(t, operator, "$JS.API.STREAM.PURGE.OTP_REQUESTS", `{}`)
+			denyAPI(t, operator, "$JS.API.STREAM.DELETE.OTP_DLQ", ``)
+			denyAPI(t, operator, "$JS.API.STREAM.MSG.DELETE.OTP_EVENTS", `{"seq":1}`)
+			denyAPI(t, operator, "$JS.API.CONSUMER.CREATE.OTP_EVENTS.auditor", `{"stream_name":"OTP_EVENTS","config":{"durable_name":"auditor","ack_policy":"none"}}`)
+			denyAPI(t, operator, "$JS.API.CONSUMER.DELETE.OTP_REQUESTS.issuer", ``)
+			denyAPI(t, operator, "$JS.API.CONSUMER.MSG.NEXT.OTP_EVENTS.auditor", `{"batch":1}`)
+			denyAPI(t, operator, "$JS.API.CONSUMER.MSG.NEXT.OTP_REQUESTS.issuer", `{"batch":1}`)
+			denyAPI(t, operator, "$JS.API.CONSUMER.INFO.OTP_DISPATCH.dispatcher", `{}`)
+		})
+		t.Run(admin.id, func(t *testing.T) {
+			t.Parallel()
+			denyPublish(t, admin, "otp.requested.acme")
+			denyPublish(t, admin, "otp.erasure_requested.acme")
+			denyPublish(t, admin, "scratch.x")
+			denyRequest(t, admin, "otp.verify.acme")
+			denySubscribe(t, admin, "otp.>")
+			denySubscribe(t, admin, ">")
+		})
+	})
+}
+
+// jsPublish publishes an empty body to subject and expects the stream's acknowledgement.
+func jsPublish(ctx context.Context, t *testing.T, c *identityConn, subject string) *jetstream.PubAck {
+	t.Helper()
+	ack, err := c.js.Publish(ctx, subject, []byte(`{}`))
+	if err != nil {
+		t.Fatalf("%s may publish %s: %v (errors: %v)", c.id, subject, err, c.seen())
+	}
+	return ack
+}
+
+// denyPublish publishes to subject and expects the server's permissions violation for it
+// and no stream to store it (a JetStream publish gets no acknowledgement).
+func denyPublish(t *testing.T, c *identityConn, subject string) {
+	t.Helper()
+	ctx, cancel := context.WithTimeout(context.Background(), 500*time.Millisecond)
+	defer cancel()
+	_, err := c.js.Publish(ctx, subject, []byte(`{}`))
+	if !errors.Is(err, context.DeadlineExceeded) {
+		t.Fatalf("%s publish %s: %v, want no acknowledgement", c.id, subject, err)
+	}
+	must(t, c.violation(fmt.Sprintf("Publish to %q", subject)))
+	t.Logf("refused: %s publish %s (%v)", c.id, subject, err)
+}
+
+// denyRequest sends a request on subject and expects the violation and no answer.
+func denyRequest(t *testing.T, c *identityConn, subject string) {
+	t.Helper()
+	m, err := c.nc.Request(subject, []byte(`{}`), 500*time.Millisecond)
+	if !errors.Is(err, nats.ErrTimeout) {
+		t.Fatalf("%s asked %s: %v %v, want no answer", c.id, subject, m, err)
+	}
+	must(t, c.violation(fmt.Sprintf("Publish to %q", subject)))
+	t.Logf("refused: %s request %s (%v)", c.id, subject, err)
+}
+
+// denySubscribe subscribes to subject and expects the violation.
+func denySubscribe(t *testing.T, c *identityConn, subject string) {
+	t.Helper()
+	sub, err := c.nc.SubscribeSync(subject)
+	testenv.Must(t, err, "subscribe")
+	defer func() { _ = sub.Unsubscribe() }()
+	must(t, c.violation(fmt.Sprintf("Subscription to %q", subject)))
+	if _, err := sub.NextMsg(10 * time.Millisecond); !errors.Is(err, nats.ErrPermissionViolation) {
+		t.Fatalf("%s subscription to %s: %v, want the permissions violation", c.id, subject, err)
+	}
+	t.Logf("refused: %s subscribe %s", c.id, subject)
+}
+
+// denyAPI sends a JetStream API request and expects the violation and no answer.
+func denyAPI(t *testing.T, c *identityConn, subject, body string) {
+	t.Helper()
+	m, err := c.nc.Request(subject, []byte(body), 500*time.Millisecond)
+	if !errors.Is(err, nats.ErrTimeout) {
+		t.Fatalf("%s called %s: %v %v, want no answer", c.id, subject, m, err)
+	}
+	must(t, c.violation(fmt.Sprintf("Publish to %q", subject)))
+	t.Logf("refused: %s %s (%v)", c.id, subject, err)
+}
+
+// fetchAck pulls n messages from cons and acknowledges them.
+func fetchAck(t *testing.T, cons jetstream.Consumer, n int) {
+	t.Helper()
+	batch, err := cons.Fetch(n, jetstream.FetchMaxWait(5*time.Second))
+	testenv.Must(t, err, "fetch")
+	got := 0
+	for m := range batch.Messages() {
+		testenv.Must(t, m.DoubleAck(context.Background()), "ack %s", m.Subject())
+		got++
+	}
+	testenv.Must(t, batch.Error(), "fetch")
+	if got != n {
+		t.Fatalf("fetched %d messages of %s, want %d", got, cons.CachedInfo().Name, n)
+	}
+}
+
+// readInOrder reads OTP_EVENTS (filtered by filter when set) with an ordered consumer, as
+// the auditor's anchor check and the CLI's audit and erase do, and expects a message.
+func readInOrder(ctx context.Context, t *testing.T, c *identityConn, filter string) {
+	t.Helper()
+	var cfg jetstream.OrderedConsumerConfig
+	if filter != "" {
+		cfg.FilterSubjects = []string{filter}
+	}
+	oc, err := c.js.OrderedConsumer(ctx, events.StreamEvents, cfg)
+	testenv.Must(t, err, "%s: ordered consumer on OTP_EVENTS", c.id)
+	m, err := oc.Next(jetstream.FetchMaxWait(5 * time.Second))
+	testenv.Must(t, err, "%s: read OTP_EVENTS in order", c.id)
+	var body json.RawMessage
+	_ = json.Unmarshal(m.Data(), &body)
+}
+
+func must(t *testing.T, err error) {
+	t.Helper()
+	if err != nil {
+		t.Fatal(err)
+	}
+}
