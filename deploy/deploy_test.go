@@ -77,7 +77,7 @@ var envNamePattern = regexp.MustCompile(`"((?:OTP|OTEL|AWS)_[A-Z0-9_]+)"`)
 // pendingEnv are variables that the deployment files set for a change arriving beside
 // this one (issue 11: deploy/nats gives each service an nkey seed file). A name here that
 // the sources already read is simply read; it never widens what a check accepts beyond it.
-var pendingEnv = []string{"OTP_NATS_NKEY_FILE"}
+var pendingEnv []string
 
 // envReadBy returns the variables that binary may read: the names in the non-test Go
 // sources of platform (without its test-only modules) and of the binary's own module; the

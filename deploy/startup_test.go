@@ -8,6 +8,7 @@ import (
 	"crypto/x509/pkix"
 	"encoding/pem"
 	"errors"
+	"github.com/nats-io/nkeys"
 	"math/big"
 	"os"
 	"os/exec"
@@ -166,7 +167,7 @@ func standIn(t *testing.T, ref keyRef) string {
 
 // writeTLS writes a CA and a client certificate signed by it where the pods mount them:
 // nats-tls/{ca.crt,tls.crt,tls.key}, pg-ca/ca.crt, pg-client/{tls.crt,tls.key}, and a
-// stand-in nkey seed.
+// fresh nkey user seed (the start checks read it).
 func writeTLS(t *testing.T, root string) {
 	t.Helper()
 	caKey, err := ecdsa.GenerateKey(elliptic.P256(), rand.Reader)
@@ -198,10 +199,18 @@ func writeTLS(t *testing.T, root string) {
 	caPEM := pem.EncodeToMemory(&pem.Block{Type: "CERTIFICATE", Bytes: caDER})
 	certPEM := pem.EncodeToMemory(&pem.Block{Type: "CERTIFICATE", Bytes: leafDER})
 	keyPEM := pem.EncodeToMemory(&pem.Block{Type: "PRIVATE KEY", Bytes: keyDER})
+	user, err := nkeys.CreateUser()
+	if err != nil {
+		t.Fatal(err)
+	}
+	seed, err := user.Seed()
+	if err != nil {
+		t.Fatal(err)
+	}
 	for file, content := range map[string][]byte{
 		"nats-tls/ca.crt": caPEM, "nats-tls/tls.crt": certPEM, "nats-tls/tls.key": keyPEM,
 		"pg-ca/ca.crt": caPEM, "pg-client/tls.crt": certPEM, "pg-client/tls.key": keyPEM,
-		"nats-nkey/seed": []byte("stand-in: nothing reads it before connecting\n"),
+		"nats-nkey/seed": seed,
 	} {
 		p := filepath.Join(root, file)
 		if err := os.MkdirAll(filepath.Dir(p), 0o700); err != nil {
