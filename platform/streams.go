@@ -61,8 +61,28 @@ func Bind(ctx context.Context, js jetstream.JetStream, stream string, cc jetstre
 	if err != nil {
 		return nil, fmt.Errorf("bind consumer %s on %s: %w", cc.Durable, stream, err)
 	}
+	// What the consumer reads and how it is acknowledged must be the contract's: a filter
+	// or a push subject changed by hand would have the service miss messages, or hand
+	// them elsewhere, without a word.
+	if info := cons.CachedInfo(); info != nil {
+		var wrong []string
+		for _, f := range differ(info.Config, cc) {
+			if bindChecked[f.Name] {
+				wrong = append(wrong, fmt.Sprintf("%s %s, the contract's %s", f.Name, f.Have, f.Want))
+			}
+		}
+		if len(wrong) > 0 {
+			return nil, fmt.Errorf("consumer %s on stream %s differs from the contract (%s): run otpflow provision",
+				cc.Durable, stream, strings.Join(wrong, "; "))
+		}
+	}
 	return cons, nil
 }
+
+// bindChecked are the consumer fields a service refuses to bind with when they differ from
+// the contract's; the rest (limits, timeouts, MaxDeliver) a deployment may tune.
+var bindChecked = map[string]bool{"filter_subject": true, "filter_subjects": true, "ack_policy": true,
+	"deliver_subject": true, "deliver_group": true, "deliver_policy": true, "durable_name": true}
 
 // Change is one difference between the contract and the server: a stream or consumer to
 // create, or fields to update (old and new values, as JSON).
@@ -146,49 +166,62 @@ func Plan(ctx context.Context, js jetstream.JetStream, o events.StreamOptions) (
 	return changes, nil
 }
 
-// differ lists the fields the contract sets (those its JSON form holds) whose value on
-// the server differs; fields the contract leaves to the server's defaults are not compared.
+// differ lists the fields of a config whose value on the server differs from the
+// contract's, over every field either side sets: a field the contract leaves unset must be
+// unset (or the server's default, serverDefaults) on the server too, so a limit, a
+// republish, a mirror or a filter added by hand is drift like any other. Fields the server
+// manages itself (serverManaged) are not compared.
 func differ(have, want any) []FieldChange {
 	var h, w map[string]any
 	hb, _ := json.Marshal(have)
 	wb, _ := json.Marshal(want)
 	_ = json.Unmarshal(hb, &h)
 	_ = json.Unmarshal(wb, &w)
-	names := make([]string, 0, len(w))
-	for k, v := range w {
-		if !zero(v) { // unset: the server's default, which it writes back in its own form
-			names = append(names, k)
+	names := map[string]bool{}
+	for k := range w {
+		names[k] = true
+	}
+	for k := range h {
+		names[k] = true
+	}
+	sorted := make([]string, 0, len(names))
+	for k := range names {
+		if !serverManaged[k] {
+			sorted = append(sorted, k)
 		}
 	}
-	slices.Sort(names)
+	slices.Sort(sorted)
 	var out []FieldChange
-	for _, k := range names {
-		if !reflect.DeepEqual(h[k], w[k]) {
-			hv, _ := json.Marshal(h[k])
-			wv, _ := json.Marshal(w[k])
-			out = append(out, FieldChange{Name: k, Have: string(hv), Want: string(wv)})
+	for _, k := range sorted {
+		hv, wv := normal(k, h[k]), normal(k, w[k])
+		if !reflect.DeepEqual(hv, wv) {
+			hj, _ := json.Marshal(h[k])
+			wj, _ := json.Marshal(w[k])
+			out = append(out, FieldChange{Name: k, Have: string(hj), Want: string(wj)})
 		}
 	}
 	return out
 }
 
-// zero reports whether a JSON value is the zero of its type.
-func zero(v any) bool {
-	switch v := v.(type) {
-	case nil:
-		return true
-	case bool:
-		return !v
-	case float64:
-		return v == 0
-	case string:
-		return v == ""
-	case []any:
-		return len(v) == 0
-	case map[string]any:
-		return len(v) == 0
+// serverManaged are config fields the server sets or fills on its own.
+var serverManaged = map[string]bool{"metadata": true, "created": true, "name": true}
+
+// serverDefaults are the values the server writes for a field left unset: an unset field
+// and its default are the same setting.
+var serverDefaults = map[string]any{
+	"max_consumers": -1.0, "max_msgs": -1.0, "max_bytes": -1.0, "max_msgs_per_subject": -1.0, "max_msg_size": -1.0,
+	"max_waiting": 512.0, "max_ack_pending": 1000.0, "num_replicas": 1.0,
+}
+
+// normal is v with the server's default for field k, and every zero value, read as unset.
+func normal(k string, v any) any {
+	if d, ok := serverDefaults[k]; ok && reflect.DeepEqual(v, d) {
+		return nil
 	}
-	return false
+	if zero(v) {
+		return nil
+	}
+	return v
 }
 
 // Provision creates or updates the contract's streams and durable consumers to match it,
@@ -259,4 +292,23 @@ func untilAnswered(ctx context.Context, call func(context.Context) error) error 
 		return errors.Join(last, ctx.Err()) // why it kept failing, and why it stopped
 	}
 	return err
+}
+
+// zero reports whether a JSON value is the zero of its type.
+func zero(v any) bool {
+	switch v := v.(type) {
+	case nil:
+		return true
+	case bool:
+		return !v
+	case float64:
+		return v == 0
+	case string:
+		return v == ""
+	case []any:
+		return len(v) == 0
+	case map[string]any:
+		return len(v) == 0
+	}
+	return false
 }

@@ -186,7 +186,40 @@ func TestProvisionPlansAndApplies(t *testing.T) {
 	if info, _ := js.Stream(ctx, events.StreamRequests); info.CachedInfo().Config.MaxAge != 2*time.Hour {
 		t.Fatal("the plan applied a change")
 	}
-	if changes, err := platform.Provision(ctx, js, o); err != nil || len(changes) != 2 {
+	// Drift in fields the contract leaves unset is drift too: a cap on the audit stream, a
+	// republish of the codes elsewhere, a filter on the auditor's consumer.
+	ev, err := js.Stream(ctx, events.StreamEvents)
+	testenv.Must(t, err, "stream")
+	evc := ev.CachedInfo().Config
+	evc.MaxMsgs, evc.MaxBytes = 3, 1<<20
+	_, err = js.UpdateStream(ctx, evc)
+	testenv.Must(t, err, "cap OTP_EVENTS")
+	ch, err := js.Stream(ctx, events.StreamChallenges)
+	testenv.Must(t, err, "stream")
+	chc := ch.CachedInfo().Config
+	chc.RePublish = &jetstream.RePublish{Source: ">", Destination: "leak.>"}
+	_, err = js.UpdateStream(ctx, chc)
+	testenv.Must(t, err, "republish OTP_CHALLENGES")
+	ac := events.AuditorConsumer
+	ac.FilterSubject = "otp.issued.acme"
+	_, err = js.UpdateConsumer(ctx, events.StreamEvents, ac)
+	testenv.Must(t, err, "filter the auditor")
+	plan, err = platform.Plan(ctx, js, o)
+	testenv.Must(t, err, "plan")
+	got = fmt.Sprint(plan)
+	for _, want := range []string{"update stream OTP_EVENTS: max_bytes 1048576 -> 0, max_msgs 3 -> 0",
+		`update stream OTP_CHALLENGES: republish {"dest":"leak.\u003e","src":"\u003e"} -> null`,
+		`update consumer auditor on OTP_EVENTS: filter_subject "otp.issued.acme" -> null`} {
+		if !strings.Contains(got, want) {
+			t.Errorf("plan lacks %q:\n%s", want, got)
+		}
+	}
+	// A service refuses to bind to a consumer whose filter is not the contract's.
+	if _, err := platform.Bind(ctx, js, events.StreamEvents, events.AuditorConsumer); err == nil ||
+		!strings.Contains(err.Error(), `consumer auditor on stream OTP_EVENTS differs from the contract (filter_subject "otp.issued.acme"`) {
+		t.Fatalf("bind to a refiltered consumer: %v", err)
+	}
+	if changes, err := platform.Provision(ctx, js, o); err != nil || len(changes) != 5 {
 		t.Fatalf("provision: %v, %v", changes, err)
 	}
 	if plan, err := platform.Plan(ctx, js, o); err != nil || len(plan) != 0 {

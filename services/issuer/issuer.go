@@ -239,7 +239,8 @@ func (s *Service) handleBatch(ctx context.Context, batch []*platform.Delivery) e
 		pubErr = fmt.Errorf("publish rejections: %w", pubErr)
 	}
 	for _, r := range reqs {
-		r.span.SetAttributes(attribute.String("otpflow.tenant", r.tenant), attribute.String("otpflow.request_id", r.req.RequestID))
+		// No request id: the app chooses it, and it may spell a person.
+		r.span.SetAttributes(attribute.String("otpflow.tenant", r.tenant))
 		switch {
 		case r.reject != nil && pubErr != nil:
 			// Left unsettled: retried with the error below.
