@@ -241,6 +241,8 @@ func secretFiles(t *testing.T) map[string][]byte {
 // writeMounted writes each file under root with the mode the service's Deployment gives
 // it: the Secret volume's item mode, else its defaultMode, else Kubernetes' 0644. So the
 // start checks (the nkey seed's, in production) judge the mode the manifest declares.
+// It does not model the kubelet's handling of a pod's fsGroup, which adds group read
+// (0440) to every file of a Secret volume and leaves the files owned by root.
 func writeMounted(t *testing.T, m *manifests, svc, root string, files map[string][]byte) {
 	t.Helper()
 	d, err := decodeSpec[deploymentSpec](m.byKind["Deployment"][svc])
