@@ -81,6 +81,8 @@ func TestChecksCatchBreakage(t *testing.T) {
 		{"PostgreSQL without verify-full", "k8s", issuer, "sslmode=verify-full", "sslmode=require", "want verify-full"},
 		{"PostgreSQL as another role", "k8s", issuer, "postgres://otpflow_issuer@", "postgres://otpflow_owner@", "own role otpflow_issuer"},
 		{"PostgreSQL password in a manifest", "k8s", issuer, "postgres://otpflow_issuer@", "postgres://otpflow_issuer:hunter2@", "password"},
+		{"rollout surges over the SES quota", "k8s", dispatcher, "maxUnavailable: 1\n      maxSurge: 0", "maxUnavailable: 0\n      maxSurge: 1", "over the account's 100/s"},
+		{"rollout surge left to the default", "k8s", dispatcher, "  strategy:\n    rollingUpdate:\n      maxUnavailable: 1\n      maxSurge: 0\n", "", "maxSurge 3"},
 		{"sandbox provider", "k8s", dispatcher, "value: ses,smtp", "value: ses,sandbox", "sandbox"},
 		{"plaintext SES", "k8s", dispatcher, "            - name: OTP_SES_REGION", "            - name: OTP_SES_ENDPOINT\n              value: http://ses.internal\n            - name: OTP_SES_REGION", "OTP_SES_ENDPOINT"},
 		{"container port off OTP_HTTP_ADDR", "k8s", configMap, `OTP_HTTP_ADDR: ":8080"`, `OTP_HTTP_ADDR: ":9090"`, "OTP_HTTP_ADDR \":9090\""},

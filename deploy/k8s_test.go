@@ -56,8 +56,12 @@ type podSpec struct {
 type volume struct {
 	Name   string
 	Secret *struct {
-		SecretName string `yaml:"secretName"`
-		Items      []struct{ Key, Path string }
+		SecretName  string `yaml:"secretName"`
+		DefaultMode *int   `yaml:"defaultMode"`
+		Items       []struct {
+			Key, Path string
+			Mode      *int
+		}
 	}
 }
 
@@ -168,6 +172,12 @@ func decodeSpec[T any](o *object) (T, error) {
 
 type deploymentSpec struct {
 	Replicas *int
+	Strategy struct {
+		RollingUpdate struct {
+			MaxSurge       *intOrString `yaml:"maxSurge"`
+			MaxUnavailable *intOrString `yaml:"maxUnavailable"`
+		} `yaml:"rollingUpdate"`
+	}
 	Selector struct {
 		MatchLabels map[string]string `yaml:"matchLabels"`
 	}
@@ -698,7 +708,49 @@ func checkScaling(m *manifests, deployments map[string]deploymentSpec, src *code
 	if want := sesRatePerReplica(quota, *so.MaxReplicaCount); math.Abs(rate-want) > 1e-9 {
 		fail("k8s/dispatcher.yaml: OTP_SES_MAX_SEND_RATE is %v; the account's %v/s over maxReplicaCount %d is %v/s per dispatcher", rate, quota, *so.MaxReplicaCount, want)
 	}
+	// A rolling update runs up to maxReplicaCount + maxSurge dispatchers at once, each at
+	// OTP_SES_MAX_SEND_RATE: together they too stay within the quota.
+	surge, err := rolloutSurge(d.Strategy.RollingUpdate.MaxSurge, *so.MaxReplicaCount)
+	if err != nil {
+		fail("k8s/dispatcher.yaml: strategy.rollingUpdate.maxSurge: %v", err)
+	} else if peak := float64(*so.MaxReplicaCount+surge) * rate; peak > quota+1e-9 {
+		fail("k8s/dispatcher.yaml: a rollout runs maxReplicaCount %d + maxSurge %d dispatchers at %v/s each, %v/s, over the account's %v/s (use maxSurge: 0, maxUnavailable: 1)", *so.MaxReplicaCount, surge, rate, peak, quota)
+	}
 	return errs
+}
+
+// rolloutSurge is the number of pods a rolling update may add above replicas: maxSurge as a
+// count or a percentage of replicas (rounded up, as Kubernetes does); unset is 25%.
+func rolloutSurge(maxSurge *intOrString, replicas int) (int, error) {
+	v := "25%"
+	if maxSurge != nil {
+		v = string(*maxSurge)
+	}
+	if pct, ok := strings.CutSuffix(v, "%"); ok {
+		n, err := strconv.Atoi(pct)
+		if err != nil || n < 0 {
+			return 0, errorf("%q is not a percentage", v)
+		}
+		return (replicas*n + 99) / 100, nil
+	}
+	n, err := strconv.Atoi(v)
+	if err != nil || n < 0 {
+		return 0, errorf("%q is not a count", v)
+	}
+	return n, nil
+}
+
+func TestRolloutSurge(t *testing.T) {
+	one, zero, pct := intOrString("1"), intOrString("0"), intOrString("25%")
+	for _, tc := range []struct {
+		surge    *intOrString
+		replicas int
+		want     int
+	}{{&one, 10, 1}, {&zero, 10, 0}, {&pct, 10, 3}, {nil, 2, 1}, {&pct, 4, 1}} {
+		if got, err := rolloutSurge(tc.surge, tc.replicas); err != nil || got != tc.want {
+			t.Errorf("rolloutSurge(%v, %d) = %d, %v; want %d", tc.surge, tc.replicas, got, err, tc.want)
+		}
+	}
 }
 
 // sesRatePerReplica is each dispatcher's share of the SES quota when all maxReplicas run.

@@ -98,10 +98,11 @@ func TestKubernetesStarts(t *testing.T) {
 	m, errs := parseManifests(loadFiles(t))
 	report(t, errs)
 	secrets := documentedSecrets(loadFiles(t))
-	root := t.TempDir()
-	writeTLS(t, root)
+	files := secretFiles(t)
 	for _, svc := range services {
 		t.Run(svc, func(t *testing.T) {
+			root := t.TempDir()
+			writeMounted(t, m, svc, root, files)
 			env := kubernetesEnv(t, m, secrets, svc, root)
 			common, err := start(svc, env)
 			if err != nil {
@@ -121,6 +122,8 @@ func TestKubernetesStarts(t *testing.T) {
 		{"issuer", "OTP_DATABASE_URL", "postgres://otpflow_issuer@db.example.com/otp?sslmode=prefer"},
 	} {
 		t.Run("refuses "+tc.name+"="+tc.value, func(t *testing.T) {
+			root := t.TempDir()
+			writeMounted(t, m, tc.svc, root, files)
 			env := kubernetesEnv(t, m, secrets, tc.svc, root)
 			env[tc.name] = tc.value
 			_, err := start(tc.svc, env)
@@ -130,6 +133,26 @@ func TestKubernetesStarts(t *testing.T) {
 			}
 		})
 	}
+
+	// A seed Secret whose defaultMode lets the group read it is refused: the files are
+	// written with the manifest's modes, not with modes of the test's own choosing.
+	t.Run("refuses a seed with defaultMode 0440", func(t *testing.T) {
+		f := loadFiles(t)
+		const declared = "secretName: otpflow-nats-nkey-dispatcher\n            defaultMode: 0400"
+		if !strings.Contains(f["k8s/dispatcher.yaml"], declared) {
+			t.Fatalf("k8s/dispatcher.yaml: no %q", declared)
+		}
+		f["k8s/dispatcher.yaml"] = strings.Replace(f["k8s/dispatcher.yaml"], declared, strings.Replace(declared, "0400", "0440", 1), 1)
+		m, errs := parseManifests(f)
+		report(t, errs)
+		root := t.TempDir()
+		writeMounted(t, m, "dispatcher", root, files)
+		_, err := start("dispatcher", kubernetesEnv(t, m, secrets, "dispatcher", root))
+		var pe *platform.ProductionError
+		if !errors.As(err, &pe) || pe.Setting != "OTP_NATS_NKEY_FILE" {
+			t.Fatalf("start = %v, want a refusal of OTP_NATS_NKEY_FILE", err)
+		}
+	})
 }
 
 // kubernetesEnv is the environment of svc's container: literals as they are, files under
@@ -165,10 +188,11 @@ func standIn(t *testing.T, ref keyRef) string {
 	return ""
 }
 
-// writeTLS writes a CA and a client certificate signed by it where the pods mount them:
-// nats-tls/{ca.crt,tls.crt,tls.key}, pg-ca/ca.crt, pg-client/{tls.crt,tls.key}, and a
-// fresh nkey user seed (the start checks read it).
-func writeTLS(t *testing.T, root string) {
+// secretFiles returns the files the pods mount from Secrets, by volume/path: a CA and a
+// client certificate signed by it in nats-tls/{ca.crt,tls.crt,tls.key}, pg-ca/ca.crt and
+// pg-client/{tls.crt,tls.key}, and a fresh nkey user seed in nats-nkey/seed (the start
+// checks read it).
+func secretFiles(t *testing.T) map[string][]byte {
 	t.Helper()
 	caKey, err := ecdsa.GenerateKey(elliptic.P256(), rand.Reader)
 	if err != nil {
@@ -207,11 +231,29 @@ func writeTLS(t *testing.T, root string) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	for file, content := range map[string][]byte{
+	return map[string][]byte{
 		"nats-tls/ca.crt": caPEM, "nats-tls/tls.crt": certPEM, "nats-tls/tls.key": keyPEM,
 		"pg-ca/ca.crt": caPEM, "pg-client/tls.crt": certPEM, "pg-client/tls.key": keyPEM,
 		"nats-nkey/seed": seed,
-	} {
+	}
+}
+
+// writeMounted writes each file under root with the mode the service's Deployment gives
+// it: the Secret volume's item mode, else its defaultMode, else Kubernetes' 0644. So the
+// start checks (the nkey seed's, in production) judge the mode the manifest declares.
+// It does not model the kubelet's handling of a pod's fsGroup, which adds group read
+// (0440) to every file of a Secret volume and leaves the files owned by root.
+func writeMounted(t *testing.T, m *manifests, svc, root string, files map[string][]byte) {
+	t.Helper()
+	d, err := decodeSpec[deploymentSpec](m.byKind["Deployment"][svc])
+	if err != nil {
+		t.Fatalf("Deployment %s: %v", svc, err)
+	}
+	for file, content := range files {
+		mode, ok := secretFileMode(d.Template.Spec, file)
+		if !ok {
+			continue // not mounted by this Deployment
+		}
 		p := filepath.Join(root, file)
 		if err := os.MkdirAll(filepath.Dir(p), 0o700); err != nil {
 			t.Fatal(err)
@@ -219,5 +261,57 @@ func writeTLS(t *testing.T, root string) {
 		if err := os.WriteFile(p, content, 0o600); err != nil {
 			t.Fatal(err)
 		}
+		// Chmod, not WriteFile's mode, which the umask would narrow.
+		if err := os.Chmod(p, mode); err != nil {
+			t.Fatal(err)
+		}
+	}
+}
+
+// secretFileMode is the mode a pod's Secret volume gives file (volume/path), and whether
+// the pod mounts it.
+func secretFileMode(p podSpec, file string) (os.FileMode, bool) {
+	name, path, _ := strings.Cut(file, "/")
+	for _, v := range p.Volumes {
+		if v.Name != name || v.Secret == nil {
+			continue
+		}
+		mode := 0o644 // the Kubernetes default
+		if v.Secret.DefaultMode != nil {
+			mode = *v.Secret.DefaultMode
+		}
+		if len(v.Secret.Items) == 0 {
+			return os.FileMode(mode), true
+		}
+		for _, it := range v.Secret.Items {
+			if it.Path == path {
+				if it.Mode != nil {
+					mode = *it.Mode
+				}
+				return os.FileMode(mode), true
+			}
+		}
+	}
+	return 0, false
+}
+
+func TestSecretFileMode(t *testing.T) {
+	var p podSpec
+	if err := yaml.Unmarshal([]byte(`
+volumes:
+  - name: a
+    secret: {secretName: s, defaultMode: 0400, items: [{key: k, path: x}, {key: l, path: y, mode: 0600}]}
+  - name: b
+    secret: {secretName: s}
+`), &p); err != nil {
+		t.Fatal(err)
+	}
+	for file, want := range map[string]os.FileMode{"a/x": 0o400, "a/y": 0o600, "b/z": 0o644} {
+		if got, ok := secretFileMode(p, file); !ok || got != want {
+			t.Errorf("secretFileMode(%s) = %04o, %v; want %04o", file, got, ok, want)
+		}
+	}
+	if _, ok := secretFileMode(p, "a/z"); ok {
+		t.Error("a/z: a file the items leave out is mounted")
 	}
 }
