@@ -134,15 +134,15 @@ func TestKubernetesStarts(t *testing.T) {
 		})
 	}
 
-	// A seed Secret whose defaultMode lets the group read it is refused: the files are
+	// A seed Secret whose defaultMode lets others read it is refused: the files are
 	// written with the manifest's modes, not with modes of the test's own choosing.
-	t.Run("refuses a seed with defaultMode 0440", func(t *testing.T) {
+	t.Run("refuses a seed with defaultMode 0444", func(t *testing.T) {
 		f := loadFiles(t)
 		const declared = "secretName: otpflow-nats-nkey-dispatcher\n            defaultMode: 0400"
 		if !strings.Contains(f["k8s/dispatcher.yaml"], declared) {
 			t.Fatalf("k8s/dispatcher.yaml: no %q", declared)
 		}
-		f["k8s/dispatcher.yaml"] = strings.Replace(f["k8s/dispatcher.yaml"], declared, strings.Replace(declared, "0400", "0440", 1), 1)
+		f["k8s/dispatcher.yaml"] = strings.Replace(f["k8s/dispatcher.yaml"], declared, strings.Replace(declared, "0400", "0444", 1), 1)
 		m, errs := parseManifests(f)
 		report(t, errs)
 		root := t.TempDir()
@@ -241,8 +241,9 @@ func secretFiles(t *testing.T) map[string][]byte {
 // writeMounted writes each file under root with the mode the service's Deployment gives
 // it: the Secret volume's item mode, else its defaultMode, else Kubernetes' 0644. So the
 // start checks (the nkey seed's, in production) judge the mode the manifest declares.
-// It does not model the kubelet's handling of a pod's fsGroup, which adds group read
-// (0440) to every file of a Secret volume and leaves the files owned by root.
+// The kubelet adds group read (0440) for a pod's fsGroup to every file of a Secret volume,
+// with the fsGroup as the files' group; the start check accepts that when the group is the
+// process's own (runAsGroup = fsGroup), which the written files' group (the test's) is.
 func writeMounted(t *testing.T, m *manifests, svc, root string, files map[string][]byte) {
 	t.Helper()
 	d, err := decodeSpec[deploymentSpec](m.byKind["Deployment"][svc])

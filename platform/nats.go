@@ -8,6 +8,7 @@ import (
 	"net/url"
 	"os"
 	"strings"
+	"syscall"
 	"time"
 
 	"github.com/nats-io/nats.go"
@@ -121,11 +122,26 @@ func CheckNATSAuth(c Common) error {
 		return &ConfigError{"OTP_NATS_NKEY_FILE", "cannot read an nkey user seed from " + c.NATSNkeyFile + ": " + err.Error()}
 	}
 	if c.Production() {
-		if st, err := os.Stat(c.NATSNkeyFile); err == nil && st.Mode().Perm()&0o077 != 0 {
-			return &ProductionError{"OTP_NATS_NKEY_FILE", fmt.Sprintf("%s has mode %04o: other users may read the seed; make it 0600 or 0400 (a Kubernetes secret: defaultMode 0400)", c.NATSNkeyFile, st.Mode().Perm())}
+		if st, err := os.Stat(c.NATSNkeyFile); err == nil && !privateSeed(st) {
+			return &ProductionError{"OTP_NATS_NKEY_FILE", fmt.Sprintf("%s has mode %04o: other users may read the seed; make it 0600 or 0400, or group-readable (0440) by this process's own group only (a Kubernetes secret with fsGroup set to the pod's runAsGroup)", c.NATSNkeyFile, st.Mode().Perm())}
 		}
 	}
 	return nil
+}
+
+// privateSeed reports whether no one but this process's user, and at most its own group
+// (read only), may read a seed file: 0600, 0400, or 0440 with the file's group the
+// process's group, as a Kubernetes secret volume with fsGroup gives it.
+func privateSeed(st os.FileInfo) bool {
+	perm := st.Mode().Perm()
+	switch {
+	case perm&0o077 == 0:
+		return true
+	case perm&0o037 != 0: // group write or execute, or anything for others
+		return false
+	}
+	sys, ok := st.Sys().(*syscall.Stat_t)
+	return ok && int(sys.Gid) == os.Getegid()
 }
 
 // urlHasUser reports whether any server of a NATS URL list carries a user, password or

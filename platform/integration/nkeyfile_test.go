@@ -26,6 +26,15 @@ func TestNATSNkeyFile(t *testing.T) {
 	testenv.Must(t, os.WriteFile(open, seed, 0o644), "write")
 	pub, _ := kp.PublicKey()
 	testenv.Must(t, os.WriteFile(notSeed, []byte(pub), 0o600), "write")
+	// Group-readable, as a Kubernetes secret volume with fsGroup leaves it: accepted when
+	// the group is this process's own, refused for another group.
+	ownGroup, otherGroup := filepath.Join(dir, "own-group.seed"), filepath.Join(dir, "other-group.seed")
+	for _, f := range []string{ownGroup, otherGroup} {
+		testenv.Must(t, os.WriteFile(f, seed, 0o600), "write")
+		testenv.Must(t, os.Chmod(f, 0o440), "chmod")
+	}
+	testenv.Must(t, os.Chown(ownGroup, -1, os.Getegid()), "chown")
+	testenv.Must(t, os.Chown(otherGroup, -1, os.Getegid()+4242), "chown")
 
 	for _, tc := range []struct {
 		name string
@@ -37,6 +46,8 @@ func TestNATSNkeyFile(t *testing.T) {
 		{"seed readable by others in development", map[string]string{"OTP_NATS_NKEY_FILE": open}, "", false},
 		{"seed readable by others in production", map[string]string{"OTP_NATS_NKEY_FILE": open, "OTP_ENV": "production"}, "OTP_NATS_NKEY_FILE", true},
 		{"private seed in production", map[string]string{"OTP_NATS_NKEY_FILE": private, "OTP_ENV": "production"}, "", false},
+		{"seed readable by its own group in production", map[string]string{"OTP_NATS_NKEY_FILE": ownGroup, "OTP_ENV": "production"}, "", false},
+		{"seed readable by another group in production", map[string]string{"OTP_NATS_NKEY_FILE": otherGroup, "OTP_ENV": "production"}, "OTP_NATS_NKEY_FILE", true},
 		{"missing file", map[string]string{"OTP_NATS_NKEY_FILE": filepath.Join(dir, "none")}, "OTP_NATS_NKEY_FILE", false},
 		{"a public key, not a seed", map[string]string{"OTP_NATS_NKEY_FILE": notSeed}, "OTP_NATS_NKEY_FILE", false},
 		{"with a creds file", map[string]string{"OTP_NATS_NKEY_FILE": private, "OTP_NATS_CREDS": "/x.creds"}, "OTP_NATS_NKEY_FILE", false},
