@@ -6,7 +6,9 @@ import (
 	"math"
 	"net"
 	"net/url"
+	"os"
 	"path"
+	"path/filepath"
 	"regexp"
 	"slices"
 	"sort"
@@ -679,16 +681,27 @@ func checkScaling(m *manifests, deployments map[string]deploymentSpec, src *code
 		fail("%s: maxReplicaCount is unset or below minReplicaCount", where)
 		return errs
 	}
-	stream, consumer := "", ""
+	stream, consumer, account, https := "", "", "", ""
 	for _, t := range so.Triggers {
 		if t.Type == "nats-jetstream" {
 			stream, consumer = t.Metadata["stream"], t.Metadata["consumer"]
+			account, https = t.Metadata["account"], t.Metadata["useHttps"]
 			if t.Metadata["natsServerMonitoringEndpoint"] == "" || t.Metadata["lagThreshold"] == "" {
 				fail("%s: the nats-jetstream trigger needs natsServerMonitoringEndpoint and lagThreshold", where)
 			}
 		}
 	}
 	wantStream, wantConsumer := src.dispatchStream, src.dispatchConsumer
+	if want, monitor, err := natsServiceAccount(); err != nil {
+		fail("nats/nats-server.conf.tmpl: %v", err)
+	} else {
+		if account != want {
+			fail("%s: the nats-jetstream trigger reads account %q; the dispatcher's stream is in account %s of nats/nats-server.conf.tmpl", where, account, want)
+		}
+		if wantHTTPS := map[string]string{"https": "true", "http": "false"}[monitor]; https != wantHTTPS && !(https == "" && monitor == "http") {
+			fail("%s: useHttps %q, but the template's monitoring endpoint is %q", where, https, monitor)
+		}
+	}
 	if stream != wantStream || consumer != wantConsumer {
 		fail("%s: the nats-jetstream trigger watches %q/%q, not the dispatcher consumer %q of %q", where, stream, consumer, wantConsumer, wantStream)
 	}
@@ -751,6 +764,38 @@ func TestRolloutSurge(t *testing.T) {
 			t.Errorf("rolloutSurge(%v, %d) = %d, %v; want %d", tc.surge, tc.replicas, got, err, tc.want)
 		}
 	}
+}
+
+// natsServiceAccount reads nats/nats-server.conf.tmpl: the account whose users include the
+// dispatcher (where OTP_DISPATCH lives) and whether monitoring is served over "http" or
+// "https" ("" when not at all).
+func natsServiceAccount() (account, monitor string, err error) {
+	b, err := os.ReadFile(filepath.Join("nats", "nats-server.conf.tmpl"))
+	if err != nil {
+		return "", "", err
+	}
+	block := regexp.MustCompile(`^  ([A-Z][A-Z0-9_]*) \{\s*$`)
+	in, current := false, ""
+	for _, line := range strings.Split(string(b), "\n") {
+		switch {
+		case strings.HasPrefix(line, "https:"):
+			monitor = "https"
+		case strings.HasPrefix(line, "http:") && monitor == "":
+			monitor = "http"
+		case line == "accounts {":
+			in = true
+		case in && line == "}":
+			in = false
+		case in && block.MatchString(line):
+			current = block.FindStringSubmatch(line)[1]
+		case in && strings.Contains(line, "{{DISPATCHER_NKEY}}"):
+			account = current
+		}
+	}
+	if account == "" {
+		return "", monitor, errorf("no account holds the user {{DISPATCHER_NKEY}}")
+	}
+	return account, monitor, nil
 }
 
 // sesRatePerReplica is each dispatcher's share of the SES quota when all maxReplicas run.

@@ -57,7 +57,7 @@ func TestDeployNATSExampleIsCurrent(t *testing.T) {
 	body = publicUserKey.ReplaceAllString(body, "{{KEY}}")
 	want := regexp.MustCompile(`\{\{[A-Z_]+_NKEY\}\}`).ReplaceAllString(string(tmpl), "{{KEY}}")
 	for placeholder, value := range map[string]string{
-		"{{SERVER_NAME}}": "otpflow-nats-1", "{{LISTEN}}": "0.0.0.0:4222", "{{STORE_DIR}}": "/var/lib/nats/jetstream",
+		"{{SERVER_NAME}}": "otpflow-nats-1", "{{LISTEN}}": "0.0.0.0:4222", "{{MONITOR}}": "0.0.0.0:8222", "{{STORE_DIR}}": "/var/lib/nats/jetstream",
 		"{{TLS_CERT}}": "/etc/nats/certs/server.pem", "{{TLS_KEY}}": "/etc/nats/certs/server-key.pem",
 		"{{TLS_CA}}": "/etc/nats/certs/ca.pem", "{{TLS_VERIFY}}": "false",
 	} {

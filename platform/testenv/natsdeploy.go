@@ -50,7 +50,7 @@ func DeployedNATS(t testing.TB) *NATSDeployment {
 	d := &NATSDeployment{CA: ca, Seeds: map[string]string{}, Pubs: map[string]string{}}
 	keyDir := t.TempDir()
 	pairs := []string{
-		"{{SERVER_NAME}}", "otpflow-test", "{{LISTEN}}", "127.0.0.1:-1", "{{STORE_DIR}}", t.TempDir(),
+		"{{SERVER_NAME}}", "otpflow-test", "{{LISTEN}}", "127.0.0.1:-1", "{{MONITOR}}", "127.0.0.1:-1", "{{STORE_DIR}}", t.TempDir(),
 		"{{TLS_CERT}}", cert, "{{TLS_KEY}}", key, "{{TLS_CA}}", ca.File, "{{TLS_VERIFY}}", "false",
 	}
 	for _, id := range DeployIdentities {
