@@ -138,6 +138,11 @@ func StreamConfigs(o StreamOptions) []jetstream.StreamConfig {
 			Storage:     jetstream.FileStorage,
 			Compression: jetstream.S2Compression,
 			DenyDelete:  true,
+			// Readers (the auditor's anchor check, the operator's audit and erase commands)
+			// read it in order by batched direct gets rather than through consumers they
+			// create: a consumer's configuration names where it delivers, which NATS
+			// permissions cannot check (platform.ScanStream, deploy/nats).
+			AllowDirect: true,
 			DenyPurge:   true,
 			Replicas:    r,
 		},
