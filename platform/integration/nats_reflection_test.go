@@ -34,6 +34,7 @@ func TestNATSPermissionsReplyReflection(t *testing.T) {
 		_ = r.RespondJSON(events.VerifyReply{Status: "not_found"})
 	}), micro.WithEndpointSubject(events.TypeVerify.Wildcard())), "verify endpoint")
 	t.Cleanup(func() { _ = svc.Stop() })
+	testenv.Must(t, verifier.nc.Flush(), "the verify service's subscription reached the server")
 
 	targets := []string{"otp.requested.globex", "otp.issued.globex", "otp.erasure_requested.globex",
 		"otp.verified.globex", "otp.dispatch.globex", "otp.challenge.globex"}
