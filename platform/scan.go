@@ -126,18 +126,25 @@ func scanBatchAt(ctx context.Context, js jetstream.JetStream, stream, filter str
 	}
 	n := 0
 	for {
-		wait := 5 * time.Second
-		if dl, ok := ctx.Deadline(); ok {
-			wait = min(wait, time.Until(dl))
-		}
-		msg, err := sub.NextMsg(wait)
+		wctx, cancel := context.WithTimeout(ctx, 5*time.Second)
+		msg, err := sub.NextMsgWithContext(wctx)
+		cancel()
 		if err != nil {
-			if errors.Is(err, nats.ErrTimeout) && n == 0 {
+			if ctx.Err() != nil {
+				return n, pos, fmt.Errorf("read %s from %d: %w", stream, pos, ctx.Err())
+			}
+			if errors.Is(err, context.DeadlineExceeded) && n == 0 {
 				return 0, pos, fmt.Errorf("read %s from %d: no answer to %s (may this identity read it?)", stream, pos, apiSubject(js, "DIRECT.GET."+stream))
 			}
 			return n, pos, fmt.Errorf("read %s from %d: %w", stream, pos, err)
 		}
-		if len(msg.Data) == 0 && msg.Header.Get("Status") != "" {
+		// A message of the stream always comes with the sequence header the server adds;
+		// the server's own answers (end of batch, nothing found, an error) never do. A
+		// stored message with an empty body and a Status header of its own is a message.
+		if msg.Header.Get(jetstream.SequenceHeader) == "" {
+			if len(msg.Data) != 0 || msg.Header.Get("Status") == "" {
+				return n, pos, fmt.Errorf("read %s from %d: an answer that is neither a message nor a status", stream, pos)
+			}
 			switch msg.Header.Get("Status") {
 			case "204", "404": // end of the batch; nothing (more) from pos
 				return n, pos, nil
@@ -148,6 +155,9 @@ func scanBatchAt(ctx context.Context, js jetstream.JetStream, stream, filter str
 		m, err := directGetMsg(msg)
 		if err != nil {
 			return n, pos, fmt.Errorf("read %s from %d: %w", stream, pos, err)
+		}
+		if st := msg.Header.Values(jetstream.StreamHeader); st[len(st)-1] != stream {
+			return n, pos, fmt.Errorf("read %s from %d: an answer from stream %s", stream, pos, st[len(st)-1])
 		}
 		n++
 		if m.Sequence < pos {

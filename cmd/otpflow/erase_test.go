@@ -217,6 +217,7 @@ func TestEraseIgnoresAnswersInAnotherServicesName(t *testing.T) {
 	ctx, cancel := context.WithCancel(context.Background())
 	defer cancel()
 	forged := make(chan error, 1)
+	var forgedAt time.Time // when the last forged answer was acknowledged
 	go func() {
 		// The insider: as soon as the erasure request is on OTP_EVENTS, answer it for all.
 		for ctx.Err() == nil {
@@ -232,6 +233,7 @@ func TestEraseIgnoresAnswersInAnotherServicesName(t *testing.T) {
 						return
 					}
 				}
+				forgedAt = time.Now()
 				forged <- nil
 				return
 			}
@@ -241,11 +243,15 @@ func TestEraseIgnoresAnswersInAnotherServicesName(t *testing.T) {
 	var out bytes.Buffer
 	code, err := run(context.Background(), []string{"erase", "--tenant", "acme", "--recipient", "di@example.com", "--wait", "3s"},
 		w.getenv, &out, io.Discard)
+	gaveUp := time.Now()
 	select {
 	case ferr := <-forged:
 		testenv.Must(t, ferr, "forge the answers")
 	case <-time.After(10 * time.Second):
 		t.Fatal("the forged answers were never published")
+	}
+	if !forgedAt.Before(gaveUp.Add(-time.Second)) {
+		t.Fatalf("the forged answers landed at %v, too late before erase gave up at %v to be read", forgedAt, gaveUp)
 	}
 	if got := erasedBy(t, a); len(got) != 4 {
 		t.Fatalf("forged answers on OTP_EVENTS: %v", got)

@@ -33,6 +33,7 @@ func TestNATSPermissions(t *testing.T) {
 	issuer, dispatcher := connectAs(t, d, "issuer"), connectAs(t, d, "dispatcher")
 	verifier, auditor := connectAs(t, d, "verifier"), connectAs(t, d, "auditor")
 	operator, admin := connectAs(t, d, "operator"), connectAs(t, d, "admin")
+	system := connectAs(t, d, "system")
 
 	// The verifier serves otp.verify.* as the micro service does.
 	svc, err := micro.AddService(verifier.nc, micro.Config{Name: "otp-verifier", Version: "0.0.0"})
@@ -49,6 +50,10 @@ func TestNATSPermissions(t *testing.T) {
 		ack := jsPublish(ctx, t, acme, "otp.requested.acme")
 		if ack.Stream != events.StreamRequests {
 			t.Fatalf("acked by %s", ack.Stream)
+		}
+		// OTP_REQUESTS stores no message above what a request can need.
+		if _, err := acme.js.Publish(ctx, "otp.requested.acme", make([]byte, events.RequestsMaxMsgSize+1)); err == nil || !strings.Contains(err.Error(), "maximum") {
+			t.Fatalf("a request of %d bytes: %v, want refused", events.RequestsMaxMsgSize+1, err)
 		}
 		reply, err := acme.nc.Request("otp.verify.acme", []byte(`{"request_id":"r1","code":"123456"}`), 2*time.Second)
 		testenv.Must(t, err, "acme asks otp.verify.acme")
@@ -159,6 +164,14 @@ func TestNATSPermissions(t *testing.T) {
 		_, err = admin.js.AccountInfo(ctx)
 		testenv.Must(t, err, "account info")
 
+	})
+
+	t.Run("system", func(t *testing.T) {
+		m, err := system.nc.Request("$SYS.REQ.SERVER.PING.JSZ", []byte(`{}`), 2*time.Second)
+		testenv.Must(t, err, "the monitoring user asks for JetStream's state")
+		if !strings.Contains(string(m.Data), "OTPFLOW") && !strings.Contains(string(m.Data), `"streams"`) {
+			t.Fatalf("JSZ answered %.200s", m.Data)
+		}
 	})
 
 	// What each identity must not do, tried for all at once (each refusal waits for
@@ -277,6 +290,16 @@ func TestNATSPermissions(t *testing.T) {
 			denyAPI(t, operator, "CONSUMER.MSG.NEXT.OTP_EVENTS.auditor", `{"batch":1}`)
 			denyAPI(t, operator, "CONSUMER.MSG.NEXT.OTP_REQUESTS.issuer", `{"batch":1}`)
 			denyAPI(t, operator, "CONSUMER.INFO.OTP_DISPATCH.dispatcher", `{}`)
+		})
+		t.Run(system.id, func(t *testing.T) {
+			t.Parallel()
+			denyRequest(t, system, "$JS.API.ACCOUNT.PURGE.OTPFLOW")
+			denyRequest(t, system, "$JS.API.STREAM.DELETE.OTP_EVENTS")
+			denyRequest(t, system, "$SYS.REQ.SERVER."+d.Server.ID()+".KICK")
+			denyRequest(t, system, "$SYS.REQ.SERVER."+d.Server.ID()+".RELOAD")
+			denyRequest(t, system, "$SYS.REQ.ACCOUNT.OTPFLOW.CONNZ")
+			denyPublish(t, system, "otp.requested.acme")
+			denySubscribe(t, system, ">")
 		})
 		t.Run(admin.id, func(t *testing.T) {
 			t.Parallel()

@@ -18,7 +18,8 @@ import (
 // sequence order, across several batches; from a sequence or a time; by subject; up to
 // the last message at the start even while more arrive; stopping when asked; and each
 // message with its own headers and its real subject, sequence and time even when it
-// carries forged ones of the names the server adds.
+// carries forged ones of the names the server adds, or looks like a status of the
+// server (an empty body with a Status header).
 func TestScanStream(t *testing.T) {
 	_, js := testenv.JetStream(t, testenv.NATS(t))
 	ctx, cancel := context.WithTimeout(context.Background(), time.Minute)
@@ -38,6 +39,12 @@ func TestScanStream(t *testing.T) {
 			m.Header.Set(jetstream.SequenceHeader, "1")
 			m.Header.Set(jetstream.SubjectHeader, "scan.z")
 			m.Header.Set(jetstream.TimeStampHeaer, "2001-01-01T00:00:00Z")
+		}
+		if i == 6 {
+			// A message that looks like a status of the server: empty, with Status.
+			m.Data = nil
+			m.Header.Set("Status", "500")
+			m.Header.Set("Description", "forged")
 		}
 		ack, err := js.PublishMsg(ctx, m)
 		testenv.Must(t, err, "publish")
@@ -70,10 +77,14 @@ func TestScanStream(t *testing.T) {
 	}
 	for i, m := range all {
 		want := uint64(i + 1)
-		if m.Sequence != want || string(m.Data) != fmt.Sprintf("m%d", want) || m.Header.Get("Own") != fmt.Sprint(want) || m.Time.IsZero() {
+		data := fmt.Sprintf("m%d", want)
+		if want == 6 {
+			data = ""
+		}
+		if m.Sequence != want || string(m.Data) != data || m.Header.Get("Own") != fmt.Sprint(want) || m.Time.IsZero() {
 			t.Fatalf("message %d: seq %d data %q header %v time %v", want, m.Sequence, m.Data, m.Header, m.Time)
 		}
-		if want != 5 && (len(m.Header) != 1 || m.Header.Get("Nats-Num-Pending") != "") {
+		if want != 5 && want != 6 && (len(m.Header) != 1 || m.Header.Get("Nats-Num-Pending") != "") {
 			t.Fatalf("message %d carries the server's headers: %v", want, m.Header)
 		}
 	}
@@ -81,6 +92,10 @@ func TestScanStream(t *testing.T) {
 	if forged.Subject != "scan.a" || forged.Sequence != 5 || forged.Time.Year() < 2020 ||
 		forged.Header.Get(jetstream.SequenceHeader) != "1" || forged.Header.Get(jetstream.SubjectHeader) != "scan.z" {
 		t.Fatalf("message 5 with forged headers read as %s seq %d at %v, headers %v", forged.Subject, forged.Sequence, forged.Time, forged.Header)
+	}
+
+	if st := all[5]; st.Header.Get("Status") != "500" || len(st.Data) != 0 {
+		t.Fatalf("the message that looks like a status read as %v %q", st.Header, st.Data)
 	}
 
 	bs, _ := scan(platform.Scan{Filter: "scan.b", From: 100}, 0)
