@@ -696,7 +696,7 @@ func checkScaling(m *manifests, deployments map[string]deploymentSpec, src *code
 		fail("nats/nats-server.conf.tmpl: %v", err)
 	} else {
 		if account != want {
-			fail("%s: the nats-jetstream trigger reads account %q; the dispatcher's stream is in account %s of nats/nats-server.conf.tmpl", where, account, want)
+			fail("%s: the nats-jetstream trigger reads account %q; the streams (the dispatcher's consumer among them) are in account %s of nats/nats-server.conf.tmpl", where, account, want)
 		}
 		if wantHTTPS := map[string]string{"https": "true", "http": "false"}[monitor]; https != wantHTTPS && !(https == "" && monitor == "http") {
 			fail("%s: useHttps %q, but the template's monitoring endpoint is %q", where, https, monitor)
@@ -766,8 +766,8 @@ func TestRolloutSurge(t *testing.T) {
 	}
 }
 
-// natsServiceAccount reads nats/nats-server.conf.tmpl: the account whose users include the
-// dispatcher (where OTP_DISPATCH lives) and whether monitoring is served over "http" or
+// natsServiceAccount reads nats/nats-server.conf.tmpl: the one account with JetStream
+// enabled (where OTP_DISPATCH and its dispatcher consumer live) and whether monitoring is served over "http" or
 // "https" ("" when not at all).
 func natsServiceAccount() (account, monitor string, err error) {
 	b, err := os.ReadFile(filepath.Join("nats", "nats-server.conf.tmpl"))
@@ -788,12 +788,15 @@ func natsServiceAccount() (account, monitor string, err error) {
 			in = false
 		case in && block.MatchString(line):
 			current = block.FindStringSubmatch(line)[1]
-		case in && strings.Contains(line, "{{DISPATCHER_NKEY}}"):
+		case in && strings.TrimSpace(line) == "jetstream: enabled":
+			if account != "" {
+				return "", monitor, errorf("accounts %s and %s both have JetStream: which holds OTP_DISPATCH?", account, current)
+			}
 			account = current
 		}
 	}
 	if account == "" {
-		return "", monitor, errorf("no account holds the user {{DISPATCHER_NKEY}}")
+		return "", monitor, errorf("no account has JetStream enabled")
 	}
 	return account, monitor, nil
 }

@@ -113,6 +113,9 @@ func StreamConfigs(o StreamOptions) []jetstream.StreamConfig {
 			Duplicates: min(DuplicateWindow, o.RequestsAge()),
 			Storage:    jetstream.FileStorage,
 			Replicas:   r,
+			// Apps publish here: one message can be no larger than a request needs (a
+			// request above MaxRequestedSize is still stored and rejected as too_large).
+			MaxMsgSize: RequestsMaxMsgSize,
 		},
 		{
 			// A work queue: a job is deleted once a dispatcher acknowledges or terminates it.
@@ -138,6 +141,11 @@ func StreamConfigs(o StreamOptions) []jetstream.StreamConfig {
 			Storage:     jetstream.FileStorage,
 			Compression: jetstream.S2Compression,
 			DenyDelete:  true,
+			// Readers (the auditor's anchor check, the operator's audit and erase commands)
+			// read it in order by batched direct gets rather than through consumers they
+			// create: a consumer's configuration names where it delivers, which NATS
+			// permissions cannot check (platform.ScanStream, deploy/nats).
+			AllowDirect: true,
 			DenyPurge:   true,
 			Replicas:    r,
 		},
@@ -180,6 +188,10 @@ func StreamConfigs(o StreamOptions) []jetstream.StreamConfig {
 		},
 	}
 }
+
+// RequestsMaxMsgSize bounds a message on OTP_REQUESTS, where upstream apps publish:
+// headers and body, 8 times MaxRequestedSize.
+const RequestsMaxMsgSize = 64 << 10
 
 // ErasureConsumer is the durable consumer through which service (issuer, dispatcher,
 // verifier) learns of erasures: otp.erasure_requested on OTP_EVENTS, from the start of

@@ -31,6 +31,11 @@ type Common struct {
 	NATSTLSCA    string // OTP_NATS_TLS_CA
 	NATSTLSCert  string // OTP_NATS_TLS_CERT
 	NATSTLSKey   string // OTP_NATS_TLS_KEY
+	// NATSJSAPIPrefix (OTP_NATS_JS_API_PREFIX, default $JS.API) is the subject prefix of
+	// the JetStream API. A process whose account holds no streams (deploy/nats: the
+	// streams live in an account no process logs into) reaches them through service
+	// imports mapped under this prefix.
+	NATSJSAPIPrefix string
 	// Replicas of the streams this service may create (OTP_NATS_REPLICAS, default 1).
 	Replicas int
 	// RequestsMaxAge is how long OTP_REQUESTS keeps a request (OTP_REQUESTS_MAX_AGE,
@@ -71,16 +76,17 @@ const DefaultNATSURL = "nats://127.0.0.1:4222"
 // LoadCommon reads the shared settings.
 func LoadCommon(getenv Getenv) (Common, error) {
 	c := Common{
-		NATSURL:      orDefault(getenv("OTP_NATS_URL"), DefaultNATSURL),
-		NATSCreds:    getenv("OTP_NATS_CREDS"),
-		NATSNkeyFile: strings.TrimSpace(getenv("OTP_NATS_NKEY_FILE")),
-		NATSTLSCA:    getenv("OTP_NATS_TLS_CA"),
-		NATSTLSCert:  getenv("OTP_NATS_TLS_CERT"),
-		NATSTLSKey:   getenv("OTP_NATS_TLS_KEY"),
-		DatabaseURL:  getenv("OTP_DATABASE_URL"),
-		HTTPAddr:     getenv("OTP_HTTP_ADDR"),
-		LogLevel:     orDefault(getenv("OTP_LOG_LEVEL"), "info"),
-		Env:          orDefault(strings.TrimSpace(getenv("OTP_ENV")), EnvDevelopment),
+		NATSURL:         orDefault(getenv("OTP_NATS_URL"), DefaultNATSURL),
+		NATSCreds:       getenv("OTP_NATS_CREDS"),
+		NATSNkeyFile:    strings.TrimSpace(getenv("OTP_NATS_NKEY_FILE")),
+		NATSTLSCA:       getenv("OTP_NATS_TLS_CA"),
+		NATSTLSCert:     getenv("OTP_NATS_TLS_CERT"),
+		NATSTLSKey:      getenv("OTP_NATS_TLS_KEY"),
+		NATSJSAPIPrefix: orDefault(strings.TrimSpace(getenv("OTP_NATS_JS_API_PREFIX")), DefaultJSAPIPrefix),
+		DatabaseURL:     getenv("OTP_DATABASE_URL"),
+		HTTPAddr:        getenv("OTP_HTTP_ADDR"),
+		LogLevel:        orDefault(getenv("OTP_LOG_LEVEL"), "info"),
+		Env:             orDefault(strings.TrimSpace(getenv("OTP_ENV")), EnvDevelopment),
 	}
 	if c.Env != EnvDevelopment && c.Env != EnvProduction {
 		return c, &ConfigError{"OTP_ENV", "must be development or production"}
@@ -105,6 +111,9 @@ func LoadCommon(getenv Getenv) (Common, error) {
 		return c, err
 	}
 	if c.ConnectTimeout, err = DurationVar(getenv, "OTP_CONNECT_TIMEOUT", 30*time.Second); err != nil {
+		return c, err
+	}
+	if err := CheckJSAPIPrefix(c.NATSJSAPIPrefix); err != nil {
 		return c, err
 	}
 	if (c.NATSTLSCert == "") != (c.NATSTLSKey == "") {

@@ -58,7 +58,7 @@ func Open(ctx context.Context, c Common, svc string, log *slog.Logger) (*Deps, e
 			return nil, err
 		}
 	}
-	js, err := jetstream.New(nc)
+	js, err := NewJetStream(nc, c.NATSJSAPIPrefix)
 	if err != nil {
 		nc.Close()
 		pool.Close()

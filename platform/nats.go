@@ -70,6 +70,33 @@ func ConnectNATSJudging(c Common, svc string, log *slog.Logger, local func(host 
 	return nc, nil
 }
 
+// DefaultJSAPIPrefix is the JetStream API of the account a process logs into.
+const DefaultJSAPIPrefix = jetstream.DefaultAPIPrefix
+
+// CheckJSAPIPrefix refuses an OTP_NATS_JS_API_PREFIX that is not a literal subject: empty
+// tokens, wildcards or white space.
+func CheckJSAPIPrefix(prefix string) error {
+	p := strings.TrimSuffix(prefix, ".")
+	for _, tok := range strings.Split(p, ".") {
+		if tok == "" || tok == "*" || tok == ">" || strings.ContainsAny(tok, " \t\r\n") {
+			return &ConfigError{"OTP_NATS_JS_API_PREFIX", fmt.Sprintf("%q is not a subject prefix such as $JS.API or JS.OTPFLOW.API", prefix)}
+		}
+	}
+	return nil
+}
+
+// NewJetStream is the JetStream API on nc under prefix (Common.NATSJSAPIPrefix; empty is
+// the default $JS.API).
+func NewJetStream(nc *nats.Conn, prefix string) (jetstream.JetStream, error) {
+	if prefix == "" || strings.TrimSuffix(prefix, ".") == strings.TrimSuffix(DefaultJSAPIPrefix, ".") {
+		return jetstream.New(nc)
+	}
+	if err := CheckJSAPIPrefix(prefix); err != nil {
+		return nil, err
+	}
+	return jetstream.NewWithAPIPrefix(nc, strings.TrimSuffix(prefix, "."))
+}
+
 // NATSCredentials are the options of OTP_NATS_CREDS, OTP_NATS_NKEY_FILE, OTP_NATS_TLS_CA,
 // OTP_NATS_TLS_CERT and OTP_NATS_TLS_KEY, for the services and the CLI alike. The seed
 // file is read when connecting, so a rotated seed takes effect at the next start.

@@ -233,7 +233,7 @@ func auditMaintain(ctx context.Context, cmd string, args []string, getenv func(s
 		return 1, err
 	}
 	defer pool.Close()
-	nc, err := connectClient(server(getenv), getenv)
+	nc, js, err := connectJetStream(server(getenv), getenv)
 	if err != nil {
 		return 1, fmt.Errorf("audit %s: nothing done: %w", cmd, err)
 	}
@@ -245,7 +245,7 @@ func auditMaintain(ctx context.Context, cmd string, args []string, getenv func(s
 	}
 	outcome := fmt.Sprintf("purged %d rows", n)
 	fmt.Fprintln(stdout, outcome)
-	if err := publishOperatorAction(ctx, nc, "audit."+cmd, systemTenant, fmt.Sprintf("%d rows older than %v", n, *olderThan)); err != nil {
+	if err := publishOperatorAction(ctx, js, "audit."+cmd, systemTenant, fmt.Sprintf("%d rows older than %v", n, *olderThan)); err != nil {
 		return 1, notAudited("audit "+cmd, outcome, err)
 	}
 	return 0, nil

@@ -11,7 +11,6 @@ import (
 	"time"
 
 	"github.com/jackc/pgx/v5/pgxpool"
-	"github.com/nats-io/nats.go"
 	"github.com/nats-io/nats.go/jetstream"
 	"github.com/otpflow/otpflow/events"
 	"github.com/otpflow/otpflow/platform"
@@ -107,9 +106,9 @@ func auditReplay(ctx context.Context, args []string, getenv func(string) string,
 	if erasures.Len() > 0 && (subjectType != "*" || !from.IsZero()) {
 		// A replay that skips events must still know which challenges were an erased
 		// person's: their otp.issued rows say so.
-		err := scanEvents(ctx, js, events.TypeIssued.Subject(subjectTenant), func(m jetstream.Msg, seq uint64) error {
-			if seq < lastErasure {
-				if row, err := auditor.ToRow(key, subjects, seq, time.Time{}, m.Subject(), m.Headers(), m.Data()); err == nil {
+		err := scanEvents(ctx, js, events.TypeIssued.Subject(subjectTenant), func(m *jetstream.RawStreamMsg) error {
+			if m.Sequence < lastErasure {
+				if row, err := auditor.ToRow(key, subjects, m.Sequence, time.Time{}, m.Subject, m.Header, m.Data); err == nil {
 					erasures.Apply(&row)
 				}
 			}
@@ -128,20 +127,6 @@ func auditReplay(ctx context.Context, args []string, getenv func(string) string,
 		return err
 	}
 	last := info.State.LastSeq
-	cfg := jetstream.OrderedConsumerConfig{FilterSubjects: []string{"otp." + subjectType + "." + subjectTenant}}
-	if !from.IsZero() {
-		cfg.DeliverPolicy, cfg.OptStartTime = jetstream.DeliverByStartTimePolicy, &from
-	}
-	cons, err := js.OrderedConsumer(ctx, events.StreamEvents, cfg)
-	if err != nil {
-		return err
-	}
-	it, err := cons.Messages()
-	if err != nil {
-		return err
-	}
-	defer it.Stop()
-
 	enc := json.NewEncoder(stdout)
 	var batch []*auditor.Row
 	flush := func() error {
@@ -153,26 +138,16 @@ func auditReplay(ctx context.Context, args []string, getenv func(string) string,
 		return err
 	}
 	n, lastReport := 0, time.Now()
-	for {
-		m, err := it.Next(jetstream.NextMaxWait(2 * time.Second))
-		if errors.Is(err, nats.ErrTimeout) {
-			break // caught up: nothing more matches the filter
-		}
-		if err != nil {
-			return err
-		}
-		md, err := m.Metadata()
-		if err != nil {
-			return err
-		}
-		if !end.IsZero() && md.Timestamp.After(end) {
-			break
+	scan := platform.Scan{Filter: "otp." + subjectType + "." + subjectTenant, Since: from}
+	_, err = platform.ScanStream(ctx, js, events.StreamEvents, scan, func(m *jetstream.RawStreamMsg) error {
+		if !end.IsZero() && m.Time.After(end) {
+			return platform.ErrStopScan
 		}
 		n++
 		if store != nil {
-			row, err := auditor.ToRow(key, subjects, md.Sequence.Stream, md.Timestamp, m.Subject(), m.Headers(), m.Data())
+			row, err := auditor.ToRow(key, subjects, m.Sequence, m.Time, m.Subject, m.Header, m.Data)
 			if err != nil {
-				fmt.Fprintf(stderr, "skip stream sequence %d: %v\n", md.Sequence.Stream, err)
+				fmt.Fprintf(stderr, "skip stream sequence %d: %v\n", m.Sequence, err)
 			} else {
 				erasures.Apply(&row)
 				batch = append(batch, &row)
@@ -183,13 +158,13 @@ func auditReplay(ctx context.Context, args []string, getenv func(string) string,
 				}
 			}
 		} else {
-			typ, tenant, _ := events.SplitSubject(m.Subject())
-			out := map[string]any{"stream_seq": md.Sequence.Stream, "subject": m.Subject(), "type": typ,
-				"tenant": tenant, "time": m.Headers().Get(events.HeaderTime), "id": m.Headers().Get(events.HeaderID),
-				"data": json.RawMessage(m.Data())}
+			typ, tenant, _ := events.SplitSubject(m.Subject)
+			out := map[string]any{"stream_seq": m.Sequence, "subject": m.Subject, "type": typ,
+				"tenant": tenant, "time": m.Header.Get(events.HeaderTime), "id": m.Header.Get(events.HeaderID),
+				"data": json.RawMessage(m.Data)}
 			if erasures.Len() > 0 {
 				// An erased person's event is printed as the log keeps it: without them.
-				if row, err := auditor.ToRow(key, subjects, md.Sequence.Stream, md.Timestamp, m.Subject(), m.Headers(), m.Data()); err == nil && erasures.Apply(&row) {
+				if row, err := auditor.ToRow(key, subjects, m.Sequence, m.Time, m.Subject, m.Header, m.Data); err == nil && erasures.Apply(&row) {
 					out["data"], out["erased"] = row.Payload, true
 				}
 			}
@@ -198,12 +173,13 @@ func auditReplay(ctx context.Context, args []string, getenv func(string) string,
 			}
 		}
 		if time.Since(lastReport) > time.Second {
-			fmt.Fprintf(stderr, "replayed %d events (stream sequence %d of %d)\n", n, md.Sequence.Stream, last)
+			fmt.Fprintf(stderr, "replayed %d events (stream sequence %d of %d)\n", n, m.Sequence, last)
 			lastReport = time.Now()
 		}
-		if md.Sequence.Stream >= last {
-			break
-		}
+		return nil
+	})
+	if err != nil {
+		return err
 	}
 	if err := flush(); err != nil {
 		return err
@@ -216,9 +192,9 @@ func auditReplay(ctx context.Context, args []string, getenv func(string) string,
 func readErasures(ctx context.Context, js jetstream.JetStream, tenant string) (*auditor.Erasures, uint64, error) {
 	e := auditor.NewErasures()
 	var last uint64
-	err := scanEvents(ctx, js, events.TypeErasureRequested.Subject(tenant), func(m jetstream.Msg, seq uint64) error {
-		if e.Add(seq, m.Subject(), m.Data()) == nil { // a malformed request erases no one; the services dead-letter it
-			last = seq
+	err := scanEvents(ctx, js, events.TypeErasureRequested.Subject(tenant), func(m *jetstream.RawStreamMsg) error {
+		if e.Add(m.Sequence, m.Subject, m.Data) == nil { // a malformed request erases no one; the services dead-letter it
+			last = m.Sequence
 		}
 		return nil
 	})
@@ -226,44 +202,7 @@ func readErasures(ctx context.Context, js jetstream.JetStream, tenant string) (*
 }
 
 // scanEvents calls each for every message of OTP_EVENTS on filter stored now, in order.
-func scanEvents(ctx context.Context, js jetstream.JetStream, filter string, each func(jetstream.Msg, uint64) error) error {
-	st, err := js.Stream(ctx, events.StreamEvents)
-	if err != nil {
-		return err
-	}
-	info, err := st.Info(ctx, jetstream.WithSubjectFilter(filter))
-	if err != nil {
-		return err
-	}
-	if info.State.Msgs == 0 {
-		return nil
-	}
-	cons, err := js.OrderedConsumer(ctx, events.StreamEvents, jetstream.OrderedConsumerConfig{FilterSubjects: []string{filter}})
-	if err != nil {
-		return err
-	}
-	it, err := cons.Messages()
-	if err != nil {
-		return err
-	}
-	defer it.Stop()
-	for {
-		m, err := it.Next(jetstream.NextMaxWait(2 * time.Second))
-		if errors.Is(err, nats.ErrTimeout) {
-			return nil // caught up
-		}
-		if err != nil {
-			return err
-		}
-		md, err := m.Metadata()
-		if err != nil {
-			return err
-		}
-		if err := each(m, md.Sequence.Stream); err != nil {
-			return err
-		}
-		if md.NumPending == 0 {
-			return nil
-		}
-	}
+func scanEvents(ctx context.Context, js jetstream.JetStream, filter string, each func(*jetstream.RawStreamMsg) error) error {
+	_, err := platform.ScanStream(ctx, js, events.StreamEvents, platform.Scan{Filter: filter}, each)
+	return err
 }

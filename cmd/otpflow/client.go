@@ -68,13 +68,21 @@ func natsURL(flagValue string, getenv func(string) string, dir string) string {
 	return platform.DefaultNATSURL
 }
 
-// connectJetStream is connectClient with a JetStream context on the connection.
+// connectJetStream is connectClient with a JetStream context on the connection, under the
+// API prefix OTP_NATS_JS_API_PREFIX (deploy/nats: the streams are in an account of their
+// own, reached through imports under that prefix).
 func connectJetStream(url string, getenv func(string) string) (*nats.Conn, jetstream.JetStream, error) {
+	prefix := strings.TrimSpace(getenv("OTP_NATS_JS_API_PREFIX"))
+	if prefix != "" {
+		if err := platform.CheckJSAPIPrefix(prefix); err != nil {
+			return nil, nil, err
+		}
+	}
 	nc, err := connectClient(url, getenv)
 	if err != nil {
 		return nil, nil, err
 	}
-	js, err := jetstream.New(nc)
+	js, err := platform.NewJetStream(nc, prefix)
 	if err != nil {
 		nc.Close()
 		return nil, nil, err
@@ -89,6 +97,13 @@ func connectClient(url string, getenv func(string) string) (*nats.Conn, error) {
 		return nil, err
 	}
 	opts := append([]nats.Option{nats.Name("otpflow-cli"), nats.Timeout(5 * time.Second)}, platform.NATSCredentials(c)...)
+	if inbox := strings.TrimSpace(getenv("OTP_NATS_INBOX_PREFIX")); inbox != "" {
+		// A tenant app's user hears replies on _INBOX_<tenant> only (deploy/nats).
+		if err := platform.CheckJSAPIPrefix(inbox); err != nil {
+			return nil, &platform.ConfigError{Var: "OTP_NATS_INBOX_PREFIX", Msg: fmt.Sprintf("%q is not a subject prefix such as _INBOX_acme", inbox)}
+		}
+		opts = append(opts, nats.CustomInboxPrefix(inbox))
+	}
 	nc, err := nats.Connect(url, opts...)
 	if err != nil {
 		return nil, fmt.Errorf("connect to NATS at %s: %w", platform.RedactNATSURL(url), platform.ExplainTLS(err, platform.NATSTrust(c)))

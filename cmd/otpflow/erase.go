@@ -12,7 +12,6 @@ import (
 	"strings"
 	"time"
 
-	"github.com/nats-io/nats.go"
 	"github.com/nats-io/nats.go/jetstream"
 	"github.com/otpflow/otpflow/events"
 	"github.com/otpflow/otpflow/platform"
@@ -213,39 +212,67 @@ func subjectMatches(filter, subject string) bool {
 
 // awaitErased reads otp.erased of req's tenant from OTP_EVENTS, from the request's
 // sequence on, until every service has answered req or wait has passed, and returns the
-// rows each erased.
+// rows each erased. Any service may publish otp.erased, so an answer in a service's name
+// is taken only once that service's own durable consumer (erasureConsumerOf) has
+// acknowledged the request: the service alone can acknowledge it, after it erased.
 func awaitErased(ctx context.Context, js jetstream.JetStream, req events.ErasureRequested, from uint64, wait time.Duration) (map[string]int64, error) {
-	answers := map[string]int64{}
-	cons, err := js.OrderedConsumer(ctx, events.StreamEvents, jetstream.OrderedConsumerConfig{
-		FilterSubjects: []string{events.TypeErased.Subject(req.Tenant)},
-		DeliverPolicy:  jetstream.DeliverByStartSequencePolicy, OptStartSeq: from})
-	if err != nil {
-		return answers, err
-	}
-	it, err := cons.Messages()
-	if err != nil {
-		return answers, err
-	}
-	defer it.Stop()
+	answers, claimed := map[string]int64{}, map[string]int64{}
 	deadline := time.Now().Add(wait)
-	for len(answers) < len(erasingServices) {
-		left := time.Until(deadline)
-		if left <= 0 || ctx.Err() != nil {
-			break
-		}
-		m, err := it.Next(jetstream.NextMaxWait(min(left, 5*time.Second)))
-		if errors.Is(err, nats.ErrTimeout) {
-			continue
-		}
+	pos, pause := from, 50*time.Millisecond
+	for {
+		last, err := platform.ScanStream(ctx, js, events.StreamEvents, platform.Scan{Filter: events.TypeErased.Subject(req.Tenant), From: pos},
+			func(m *jetstream.RawStreamMsg) error {
+				var e events.Erased
+				if events.DecodeEvent(m.Data, &e) == nil && e.ErasureID == req.ErasureID {
+					claimed[e.Service] = e.Rows
+				}
+				return nil
+			})
 		if err != nil {
 			return answers, err
 		}
-		var e events.Erased
-		if events.DecodeEvent(m.Data(), &e) == nil && e.ErasureID == req.ErasureID {
-			answers[e.Service] = e.Rows
+		pos = max(pos, last+1)
+		for svc, rows := range claimed {
+			if _, ok := answers[svc]; ok || !slices.Contains(erasingServices, svc) {
+				continue
+			}
+			done, err := acknowledged(ctx, js, erasureConsumerOf(svc), from)
+			if err != nil {
+				return answers, err
+			}
+			if done {
+				answers[svc] = rows
+			}
 		}
+		left := time.Until(deadline)
+		if len(answers) == len(erasingServices) || left <= 0 || ctx.Err() != nil {
+			return answers, nil
+		}
+		select {
+		case <-ctx.Done():
+		case <-time.After(min(pause, left)):
+		}
+		pause = min(2*pause, time.Second)
 	}
-	return answers, nil
+}
+
+// erasureConsumerOf is the durable consumer on OTP_EVENTS through which svc learns of an
+// erasure: the auditor reads every event through its own.
+func erasureConsumerOf(svc string) string {
+	if svc == events.ConsumerAuditor {
+		return events.ConsumerAuditor
+	}
+	return events.ErasureConsumer(svc).Durable
+}
+
+// acknowledged reports whether durable consumer name on OTP_EVENTS has acknowledged
+// every message up to stream sequence seq.
+func acknowledged(ctx context.Context, js jetstream.JetStream, name string, seq uint64) (bool, error) {
+	cons, err := js.Consumer(ctx, events.StreamEvents, name)
+	if err != nil {
+		return false, fmt.Errorf("erase: how far %s got: %w", name, err)
+	}
+	return cons.CachedInfo().AckFloor.Stream >= seq, nil
 }
 
 // newUUID returns a random (version 4) UUID in the lowercase canonical form.

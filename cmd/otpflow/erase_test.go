@@ -13,6 +13,7 @@ import (
 
 	"github.com/nats-io/nats.go"
 	"github.com/otpflow/otpflow/events"
+	"github.com/otpflow/otpflow/platform"
 	"github.com/otpflow/otpflow/platform/keys"
 	"github.com/otpflow/otpflow/platform/testenv"
 )
@@ -196,6 +197,67 @@ func TestEraseNamesServicesThatDidNotAnswer(t *testing.T) {
 	})
 	if got := erasedBy(t, a); strings.Join(got, ",") != "auditor,dispatcher,issuer,verifier" {
 		t.Fatalf("answered: %v", got)
+	}
+}
+
+// TestEraseIgnoresAnswersInAnotherServicesName: any service may publish otp.erased, so
+// a compromised one could answer an erasure in the others' names while they have erased
+// nothing. The command takes a service's answer only once that service's own durable
+// consumer has acknowledged the request: with every service down and an insider
+// answering for all four the moment the request appears, it still names all four as
+// not having answered.
+func TestEraseIgnoresAnswersInAnotherServicesName(t *testing.T) {
+	w := newWorld(t)
+	stop := w.runInProcess(t, &testenv.LogBuffer{})
+	a := newApp(t, w.nats.ClientURL())
+	a.request(t, "acme", `{"request_id":"spoof-1","recipient":"di@example.com","purpose":"login"}`)
+	w.smtp.WaitFor(t, 1, 30*time.Second)
+	stop()
+
+	ctx, cancel := context.WithCancel(context.Background())
+	defer cancel()
+	forged := make(chan error, 1)
+	var forgedAt time.Time // when the last forged answer was acknowledged
+	go func() {
+		// The insider: as soon as the erasure request is on OTP_EVENTS, answer it for all.
+		for ctx.Err() == nil {
+			for _, m := range testenv.Messages(t, a.js, events.StreamEvents, events.TypeErasureRequested.Subject("acme")) {
+				var req events.ErasureRequested
+				if err := events.DecodeEvent(m.Data, &req); err != nil {
+					forged <- err
+					return
+				}
+				for _, svc := range erasingServices {
+					if err := platform.PublishErased(ctx, a.js, svc, req, 0); err != nil {
+						forged <- err
+						return
+					}
+				}
+				forgedAt = time.Now()
+				forged <- nil
+				return
+			}
+			time.Sleep(20 * time.Millisecond)
+		}
+	}()
+	var out bytes.Buffer
+	code, err := run(context.Background(), []string{"erase", "--tenant", "acme", "--recipient", "di@example.com", "--wait", "3s"},
+		w.getenv, &out, io.Discard)
+	gaveUp := time.Now()
+	select {
+	case ferr := <-forged:
+		testenv.Must(t, ferr, "forge the answers")
+	case <-time.After(10 * time.Second):
+		t.Fatal("the forged answers were never published")
+	}
+	if !forgedAt.Before(gaveUp.Add(-time.Second)) {
+		t.Fatalf("the forged answers landed at %v, too late before erase gave up at %v to be read", forgedAt, gaveUp)
+	}
+	if got := erasedBy(t, a); len(got) != 4 {
+		t.Fatalf("forged answers on OTP_EVENTS: %v", got)
+	}
+	if code != 1 || err == nil || !strings.Contains(err.Error(), "no answer within 3s from issuer, dispatcher, verifier, auditor") {
+		t.Fatalf("erase with every service down and forged answers: exit %d, %v\n%s", code, err, out.String())
 	}
 }
 

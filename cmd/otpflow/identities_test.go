@@ -27,6 +27,10 @@ func TestPipelineUnderIdentities(t *testing.T) {
 	as := func(id string) func(string) string {
 		env := maps.Clone(w.env)
 		env["OTP_NATS_NKEY_FILE"] = d.Seeds[id]
+		env["OTP_NATS_JS_API_PREFIX"] = testenv.DeployJSAPIPrefix
+		if id == "acme" {
+			env["OTP_NATS_INBOX_PREFIX"] = "_INBOX_acme"
+		}
 		return func(k string) string { return env[k] }
 	}
 
@@ -43,6 +47,21 @@ func TestPipelineUnderIdentities(t *testing.T) {
 
 	a := appAs(t, d, "acme")
 	checkFlow(t, w, a, "acme", "ids-1", "ana@example.com")
+
+	// The CLI's request and verify as the app's own user.
+	for _, args := range [][]string{{"request", "--tenant", "acme", "--request-id", "ids-cli", "--recipient", "cli@example.com"},
+		{"verify", "--tenant", "acme", "--request-id", "ids-none", "--code", "000000"}} {
+		out.Reset()
+		errOut.Reset()
+		code, err = run(context.Background(), args, as("acme"), &out, &errOut)
+		if err != nil || out.Len() == 0 {
+			t.Fatalf("otpflow %v as the app: exit %d, %v\n%s\n%s", args, code, err, out.String(), errOut.String())
+		}
+		t.Logf("otpflow %v as the app: %s", args, out.String())
+	}
+	if !strings.Contains(out.String(), `"status":"not_found"`) {
+		t.Errorf("verify of an unknown request as the app answered %s", out.String())
+	}
 
 	out.Reset()
 	errOut.Reset()

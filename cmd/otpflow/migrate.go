@@ -9,6 +9,7 @@ import (
 	"strings"
 
 	"github.com/nats-io/nats.go"
+	"github.com/nats-io/nats.go/jetstream"
 	"github.com/otpflow/otpflow/platform"
 	"github.com/otpflow/otpflow/services/auditor"
 	"github.com/otpflow/otpflow/services/dispatcher"
@@ -39,10 +40,11 @@ func migrateCommand(ctx context.Context, args []string, getenv func(string) stri
 	if natsAt == "" {
 		natsAt = getenv("OTP_NATS_URL")
 	}
-	var nc *nats.Conn
+	var js jetstream.JetStream
 	if natsAt != "" {
+		var nc *nats.Conn
 		var err error
-		if nc, err = connectClient(natsAt, getenv); err != nil {
+		if nc, js, err = connectJetStream(natsAt, getenv); err != nil {
 			return fmt.Errorf("migrate: nothing done: %w", err)
 		}
 		defer nc.Close()
@@ -60,7 +62,7 @@ func migrateCommand(ctx context.Context, args []string, getenv func(string) stri
 	if err := migrateAll(ctx, *db, p, stdout); err != nil {
 		return err
 	}
-	if nc == nil {
+	if js == nil {
 		fmt.Fprintln(stdout, "not recorded on OTP_EVENTS: no NATS server given (--nats or OTP_NATS_URL)")
 		return nil
 	}
@@ -69,7 +71,7 @@ func migrateCommand(ctx context.Context, args []string, getenv func(string) stri
 		names = append(names, s.Schema)
 	}
 	detail := fmt.Sprintf("schemas %s up to date; roles %s*", strings.Join(names, ", "), p)
-	if err := publishOperatorAction(ctx, nc, "migrate", systemTenant, detail); err != nil {
+	if err := publishOperatorAction(ctx, js, "migrate", systemTenant, detail); err != nil {
 		return notAudited("migrate", "migrated", err)
 	}
 	return nil

@@ -66,11 +66,8 @@ func natsUser(ctx context.Context, nc *nats.Conn) string {
 
 // publishOperatorAction publishes otp.operator_action.<tenant> for an action that was done.
 // detail must hold no personal data.
-func publishOperatorAction(ctx context.Context, nc *nats.Conn, action, tenant, detail string) error {
-	js, err := jetstream.New(nc)
-	if err != nil {
-		return err
-	}
+func publishOperatorAction(ctx context.Context, js jetstream.JetStream, action, tenant, detail string) error {
+	nc := js.Conn()
 	ev := events.OperatorAction{Action: action, Identity: operatorIdentity(ctx, nc), Tenant: tenant, Detail: detail,
 		At: time.Now().UTC()}
 	msg, err := events.NewMsg(events.TypeOperatorAction, tenant, "operator_action:"+randomHex(12), "", ev,

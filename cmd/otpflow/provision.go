@@ -95,7 +95,7 @@ func provisionCommand(ctx context.Context, args []string, getenv func(string) st
 		return nil
 	}
 	detail := fmt.Sprintf("%d stream and consumer changes; %s", len(changes), migrated)
-	if err := publishOperatorAction(ctx, nc, "provision", systemTenant, detail); err != nil {
+	if err := publishOperatorAction(ctx, js, "provision", systemTenant, detail); err != nil {
 		return notAudited("provision", strings.TrimSpace(detail), err)
 	}
 	return nil

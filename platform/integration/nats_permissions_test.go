@@ -2,7 +2,6 @@ package platform_test
 
 import (
 	"context"
-	"encoding/json"
 	"errors"
 	"fmt"
 	"strings"
@@ -13,6 +12,7 @@ import (
 	"github.com/nats-io/nats.go/jetstream"
 	"github.com/nats-io/nats.go/micro"
 	"github.com/otpflow/otpflow/events"
+	"github.com/otpflow/otpflow/platform"
 	"github.com/otpflow/otpflow/platform/testenv"
 )
 
@@ -33,6 +33,7 @@ func TestNATSPermissions(t *testing.T) {
 	issuer, dispatcher := connectAs(t, d, "issuer"), connectAs(t, d, "dispatcher")
 	verifier, auditor := connectAs(t, d, "verifier"), connectAs(t, d, "auditor")
 	operator, admin := connectAs(t, d, "operator"), connectAs(t, d, "admin")
+	system := connectAs(t, d, "system")
 
 	// The verifier serves otp.verify.* as the micro service does.
 	svc, err := micro.AddService(verifier.nc, micro.Config{Name: "otp-verifier", Version: "0.0.0"})
@@ -49,6 +50,10 @@ func TestNATSPermissions(t *testing.T) {
 		ack := jsPublish(ctx, t, acme, "otp.requested.acme")
 		if ack.Stream != events.StreamRequests {
 			t.Fatalf("acked by %s", ack.Stream)
+		}
+		// OTP_REQUESTS stores no message above what a request can need.
+		if _, err := acme.js.Publish(ctx, "otp.requested.acme", make([]byte, events.RequestsMaxMsgSize+1)); err == nil || !strings.Contains(err.Error(), "maximum") {
+			t.Fatalf("a request of %d bytes: %v, want refused", events.RequestsMaxMsgSize+1, err)
 		}
 		reply, err := acme.nc.Request("otp.verify.acme", []byte(`{"request_id":"r1","code":"123456"}`), 2*time.Second)
 		testenv.Must(t, err, "acme asks otp.verify.acme")
@@ -138,8 +143,10 @@ func TestNATSPermissions(t *testing.T) {
 		testenv.Must(t, err, "OTP_DLQ info")
 		_, err = dlq.GetMsg(ctx, 1)
 		testenv.Must(t, err, "read a dead letter")
-		_, err = operator.js.Consumer(ctx, events.StreamEvents, events.ConsumerAuditor)
-		testenv.Must(t, err, "how far the auditor got (audit verify)")
+		for _, name := range []string{events.ConsumerAuditor, "issuer-erasure", "dispatcher-erasure", "verifier-erasure"} {
+			_, err = operator.js.Consumer(ctx, events.StreamEvents, name)
+			testenv.Must(t, err, "how far %s got (audit verify, erase)", name)
+		}
 		jsPublish(ctx, t, operator, "otp.erasure_requested.acme")
 		jsPublish(ctx, t, operator, "otp.operator_action._system")
 		readInOrder(ctx, t, operator, "otp.erased.acme")
@@ -159,6 +166,14 @@ func TestNATSPermissions(t *testing.T) {
 
 	})
 
+	t.Run("system", func(t *testing.T) {
+		m, err := system.nc.Request("$SYS.REQ.SERVER.PING.JSZ", []byte(`{}`), 2*time.Second)
+		testenv.Must(t, err, "the monitoring user asks for JetStream's state")
+		if !strings.Contains(string(m.Data), "OTPFLOW") && !strings.Contains(string(m.Data), `"streams"`) {
+			t.Fatalf("JSZ answered %.200s", m.Data)
+		}
+	})
+
 	// What each identity must not do, tried for all at once (each refusal waits for
 	// the server's error).
 	t.Run("refused", func(t *testing.T) {
@@ -173,12 +188,12 @@ func TestNATSPermissions(t *testing.T) {
 			denySubscribe(t, acme, "_INBOX_globex.>")
 			denySubscribe(t, acme, "otp.verify.*")
 			denyRequest(t, acme, "otp.verify.globex")
-			denyAPI(t, acme, "$JS.API.STREAM.INFO.OTP_EVENTS", `{}`)
-			denyAPI(t, acme, "$JS.API.STREAM.MSG.GET.OTP_EVENTS", `{"seq":1}`)
-			denyAPI(t, acme, "$JS.API.CONSUMER.CREATE.OTP_EVENTS.spy", `{"stream_name":"OTP_EVENTS","config":{"name":"spy","ack_policy":"none"}}`)
-			denyAPI(t, acme, "$JS.API.CONSUMER.MSG.NEXT.OTP_EVENTS.auditor", `{"batch":1}`)
-			denyAPI(t, acme, "$JS.API.STREAM.INFO.OTP_REQUESTS", `{}`)
-			denyAPI(t, acme, "$JS.API.INFO", ``)
+			denyAPI(t, acme, "STREAM.INFO.OTP_EVENTS", `{}`)
+			denyAPI(t, acme, "STREAM.MSG.GET.OTP_EVENTS", `{"seq":1}`)
+			denyAPI(t, acme, "CONSUMER.CREATE.OTP_EVENTS.spy", `{"stream_name":"OTP_EVENTS","config":{"name":"spy","ack_policy":"none"}}`)
+			denyAPI(t, acme, "CONSUMER.MSG.NEXT.OTP_EVENTS.auditor", `{"batch":1}`)
+			denyAPI(t, acme, "STREAM.INFO.OTP_REQUESTS", `{}`)
+			denyAPI(t, acme, "INFO", ``)
 		})
 		t.Run(globex.id, func(t *testing.T) {
 			t.Parallel()
@@ -194,16 +209,16 @@ func TestNATSPermissions(t *testing.T) {
 			denyPublish(t, issuer, "otp.erasure_requested.acme")
 			denySubscribe(t, issuer, "otp.>")
 			denySubscribe(t, issuer, "otp.verify.*")
-			denyAPI(t, issuer, "$JS.API.STREAM.INFO.OTP_DISPATCH", `{}`)
-			denyAPI(t, issuer, "$JS.API.CONSUMER.INFO.OTP_DISPATCH.dispatcher", `{}`)
-			denyAPI(t, issuer, "$JS.API.CONSUMER.MSG.NEXT.OTP_DISPATCH.dispatcher", `{"batch":1}`)
-			denyAPI(t, issuer, "$JS.API.STREAM.MSG.GET.OTP_CHALLENGES", `{"seq":1}`)
-			denyAPI(t, issuer, "$JS.API.STREAM.CREATE.OTP_REQUESTS", `{"name":"OTP_REQUESTS","subjects":["otp.requested.*"]}`)
-			denyAPI(t, issuer, "$JS.API.STREAM.UPDATE.OTP_REQUESTS", `{"name":"OTP_REQUESTS","subjects":["otp.>"]}`)
-			denyAPI(t, issuer, "$JS.API.CONSUMER.CREATE.OTP_REQUESTS.issuer", `{"stream_name":"OTP_REQUESTS","config":{"durable_name":"issuer","ack_policy":"none"}}`)
-			denyAPI(t, issuer, "$JS.API.CONSUMER.DELETE.OTP_REQUESTS.issuer", ``)
-			denyAPI(t, issuer, "$JS.API.STREAM.PURGE.OTP_REQUESTS", `{}`)
-			denyAPI(t, issuer, "$JS.API.STREAM.DELETE.OTP_REQUESTS", ``)
+			denyAPI(t, issuer, "STREAM.INFO.OTP_DISPATCH", `{}`)
+			denyAPI(t, issuer, "CONSUMER.INFO.OTP_DISPATCH.dispatcher", `{}`)
+			denyAPI(t, issuer, "CONSUMER.MSG.NEXT.OTP_DISPATCH.dispatcher", `{"batch":1}`)
+			denyAPI(t, issuer, "STREAM.MSG.GET.OTP_CHALLENGES", `{"seq":1}`)
+			denyAPI(t, issuer, "STREAM.CREATE.OTP_REQUESTS", `{"name":"OTP_REQUESTS","subjects":["otp.requested.*"]}`)
+			denyAPI(t, issuer, "STREAM.UPDATE.OTP_REQUESTS", `{"name":"OTP_REQUESTS","subjects":["otp.>"]}`)
+			denyAPI(t, issuer, "CONSUMER.CREATE.OTP_REQUESTS.issuer", `{"stream_name":"OTP_REQUESTS","config":{"durable_name":"issuer","ack_policy":"none"}}`)
+			denyAPI(t, issuer, "CONSUMER.DELETE.OTP_REQUESTS.issuer", ``)
+			denyAPI(t, issuer, "STREAM.PURGE.OTP_REQUESTS", `{}`)
+			denyAPI(t, issuer, "STREAM.DELETE.OTP_REQUESTS", ``)
 		})
 		t.Run(dispatcher.id, func(t *testing.T) {
 			t.Parallel()
@@ -211,14 +226,14 @@ func TestNATSPermissions(t *testing.T) {
 			denyPublish(t, dispatcher, "otp.dispatch.acme")
 			denyPublish(t, dispatcher, "otp.verified.acme")
 			denySubscribe(t, dispatcher, "otp.>")
-			denyAPI(t, dispatcher, "$JS.API.STREAM.INFO.OTP_CHALLENGES", `{}`)
-			denyAPI(t, dispatcher, "$JS.API.STREAM.MSG.GET.OTP_CHALLENGES", `{"seq":1}`)
-			denyAPI(t, dispatcher, "$JS.API.CONSUMER.MSG.NEXT.OTP_CHALLENGES.verifier", `{"batch":1}`)
-			denyAPI(t, dispatcher, "$JS.API.STREAM.INFO.OTP_REQUESTS", `{}`)
-			denyAPI(t, dispatcher, "$JS.API.STREAM.DELETE.OTP_DISPATCH", ``)
-			denyAPI(t, dispatcher, "$JS.API.CONSUMER.CREATE.OTP_DISPATCH.dispatcher", `{"stream_name":"OTP_DISPATCH","config":{"durable_name":"dispatcher","ack_policy":"none"}}`)
-			denyAPI(t, dispatcher, "$JS.API.CONSUMER.DELETE.OTP_DISPATCH.dispatcher", ``)
-			denyAPI(t, dispatcher, "$JS.API.STREAM.CREATE.SCRATCH", `{"name":"SCRATCH","subjects":["scratch"]}`)
+			denyAPI(t, dispatcher, "STREAM.INFO.OTP_CHALLENGES", `{}`)
+			denyAPI(t, dispatcher, "STREAM.MSG.GET.OTP_CHALLENGES", `{"seq":1}`)
+			denyAPI(t, dispatcher, "CONSUMER.MSG.NEXT.OTP_CHALLENGES.verifier", `{"batch":1}`)
+			denyAPI(t, dispatcher, "STREAM.INFO.OTP_REQUESTS", `{}`)
+			denyAPI(t, dispatcher, "STREAM.DELETE.OTP_DISPATCH", ``)
+			denyAPI(t, dispatcher, "CONSUMER.CREATE.OTP_DISPATCH.dispatcher", `{"stream_name":"OTP_DISPATCH","config":{"durable_name":"dispatcher","ack_policy":"none"}}`)
+			denyAPI(t, dispatcher, "CONSUMER.DELETE.OTP_DISPATCH.dispatcher", ``)
+			denyAPI(t, dispatcher, "STREAM.CREATE.SCRATCH", `{"name":"SCRATCH","subjects":["scratch"]}`)
 		})
 		t.Run(verifier.id, func(t *testing.T) {
 			t.Parallel()
@@ -228,13 +243,13 @@ func TestNATSPermissions(t *testing.T) {
 			denyPublish(t, verifier, "_INBOX_acme.unasked") // no request came with that reply
 			denySubscribe(t, verifier, "otp.requested.*")
 			denySubscribe(t, verifier, "_INBOX_acme.>")
-			denyAPI(t, verifier, "$JS.API.STREAM.INFO.OTP_DISPATCH", `{}`)
-			denyAPI(t, verifier, "$JS.API.STREAM.MSG.GET.OTP_REQUESTS", `{"seq":1}`)
-			denyAPI(t, verifier, "$JS.API.CONSUMER.CREATE.OTP_CHALLENGES.verifier", `{"stream_name":"OTP_CHALLENGES","config":{"durable_name":"verifier","ack_policy":"none"}}`)
-			denyAPI(t, verifier, "$JS.API.STREAM.MSG.DELETE.OTP_CHALLENGES", `{"seq":1}`)
-			denyAPI(t, verifier, "$JS.API.CONSUMER.DELETE.OTP_CHALLENGES.verifier", ``)
-			denyAPI(t, verifier, "$JS.API.STREAM.DELETE.OTP_CHALLENGES", ``)
-			denyAPI(t, verifier, "$JS.API.STREAM.CREATE.SCRATCH", `{"name":"SCRATCH","subjects":["scratch"]}`)
+			denyAPI(t, verifier, "STREAM.INFO.OTP_DISPATCH", `{}`)
+			denyAPI(t, verifier, "STREAM.MSG.GET.OTP_REQUESTS", `{"seq":1}`)
+			denyAPI(t, verifier, "CONSUMER.CREATE.OTP_CHALLENGES.verifier", `{"stream_name":"OTP_CHALLENGES","config":{"durable_name":"verifier","ack_policy":"none"}}`)
+			denyAPI(t, verifier, "STREAM.MSG.DELETE.OTP_CHALLENGES", `{"seq":1}`)
+			denyAPI(t, verifier, "CONSUMER.DELETE.OTP_CHALLENGES.verifier", ``)
+			denyAPI(t, verifier, "STREAM.DELETE.OTP_CHALLENGES", ``)
+			denyAPI(t, verifier, "STREAM.CREATE.SCRATCH", `{"name":"SCRATCH","subjects":["scratch"]}`)
 		})
 		t.Run(auditor.id, func(t *testing.T) {
 			t.Parallel()
@@ -243,14 +258,17 @@ func TestNATSPermissions(t *testing.T) {
 				denyPublish(t, auditor, s)
 			}
 			denySubscribe(t, auditor, "otp.>")
-			denyAPI(t, auditor, "$JS.API.STREAM.CREATE.SCRATCH", `{"name":"SCRATCH","subjects":["scratch"]}`)
-			denyAPI(t, auditor, "$JS.API.STREAM.DELETE.OTP_EVENTS", ``)
-			denyAPI(t, auditor, "$JS.API.CONSUMER.CREATE.OTP_EVENTS.auditor", `{"stream_name":"OTP_EVENTS","config":{"durable_name":"auditor","ack_policy":"none"}}`)
-			denyAPI(t, auditor, "$JS.API.CONSUMER.DELETE.OTP_EVENTS.auditor", ``)
-			denyAPI(t, auditor, "$JS.API.CONSUMER.DELETE.OTP_EVENTS.issuer-erasure", ``)
-			denyAPI(t, auditor, "$JS.API.CONSUMER.MSG.NEXT.OTP_EVENTS.verifier", `{"batch":1}`)
-			denyAPI(t, auditor, "$JS.API.CONSUMER.CREATE.OTP_REQUESTS.spy", `{"stream_name":"OTP_REQUESTS","config":{"name":"spy","ack_policy":"none"}}`)
-			denyAPI(t, auditor, "$JS.API.STREAM.INFO.OTP_CHALLENGES", `{}`)
+			denyAPI(t, auditor, "STREAM.CREATE.SCRATCH", `{"name":"SCRATCH","subjects":["scratch"]}`)
+			denyAPI(t, auditor, "STREAM.DELETE.OTP_EVENTS", ``)
+			denyAPI(t, auditor, "CONSUMER.CREATE.OTP_EVENTS.auditor", `{"stream_name":"OTP_EVENTS","config":{"durable_name":"auditor","ack_policy":"none"}}`)
+			denyAPI(t, auditor, "CONSUMER.DELETE.OTP_EVENTS.auditor", ``)
+			denyAPI(t, auditor, "CONSUMER.DELETE.OTP_EVENTS.issuer-erasure", ``)
+			denyAPI(t, auditor, "CONSUMER.MSG.NEXT.OTP_EVENTS.verifier", `{"batch":1}`)
+			denyAPI(t, auditor, "CONSUMER.CREATE.OTP_EVENTS.spy", `{"stream_name":"OTP_EVENTS","config":{"name":"spy","ack_policy":"none","deliver_subject":"otp.verified.globex"}}`)
+			denyAPI(t, auditor, "CONSUMER.CREATE.OTP_EVENTS", `{"stream_name":"OTP_EVENTS","config":{"name":"spy","ack_policy":"none","deliver_subject":"otp.verified.globex"}}`)
+			denyAPI(t, auditor, "CONSUMER.DELETE.OTP_EVENTS.spy", ``)
+			denyAPI(t, auditor, "CONSUMER.CREATE.OTP_REQUESTS.spy", `{"stream_name":"OTP_REQUESTS","config":{"name":"spy","ack_policy":"none"}}`)
+			denyAPI(t, auditor, "STREAM.INFO.OTP_CHALLENGES", `{}`)
 		})
 		t.Run(operator.id, func(t *testing.T) {
 			t.Parallel()
@@ -259,16 +277,29 @@ func TestNATSPermissions(t *testing.T) {
 			denyPublish(t, operator, "otp.erased.acme")
 			denyRequest(t, operator, "otp.verify.acme")
 			denySubscribe(t, operator, "otp.>")
-			denyAPI(t, operator, "$JS.API.STREAM.INFO.OTP_DISPATCH", `{}`)
-			denyAPI(t, operator, "$JS.API.STREAM.CREATE.SCRATCH", `{"name":"SCRATCH","subjects":["scratch"]}`)
-			denyAPI(t, operator, "$JS.API.STREAM.PURGE.OTP_REQUESTS", `{}`)
-			denyAPI(t, operator, "$JS.API.STREAM.DELETE.OTP_DLQ", ``)
-			denyAPI(t, operator, "$JS.API.STREAM.MSG.DELETE.OTP_EVENTS", `{"seq":1}`)
-			denyAPI(t, operator, "$JS.API.CONSUMER.CREATE.OTP_EVENTS.auditor", `{"stream_name":"OTP_EVENTS","config":{"durable_name":"auditor","ack_policy":"none"}}`)
-			denyAPI(t, operator, "$JS.API.CONSUMER.DELETE.OTP_REQUESTS.issuer", ``)
-			denyAPI(t, operator, "$JS.API.CONSUMER.MSG.NEXT.OTP_EVENTS.auditor", `{"batch":1}`)
-			denyAPI(t, operator, "$JS.API.CONSUMER.MSG.NEXT.OTP_REQUESTS.issuer", `{"batch":1}`)
-			denyAPI(t, operator, "$JS.API.CONSUMER.INFO.OTP_DISPATCH.dispatcher", `{}`)
+			denyAPI(t, operator, "STREAM.INFO.OTP_DISPATCH", `{}`)
+			denyAPI(t, operator, "STREAM.CREATE.SCRATCH", `{"name":"SCRATCH","subjects":["scratch"]}`)
+			denyAPI(t, operator, "STREAM.PURGE.OTP_REQUESTS", `{}`)
+			denyAPI(t, operator, "STREAM.DELETE.OTP_DLQ", ``)
+			denyAPI(t, operator, "STREAM.MSG.DELETE.OTP_EVENTS", `{"seq":1}`)
+			denyAPI(t, operator, "CONSUMER.CREATE.OTP_EVENTS.auditor", `{"stream_name":"OTP_EVENTS","config":{"durable_name":"auditor","ack_policy":"none"}}`)
+			denyAPI(t, operator, "CONSUMER.DELETE.OTP_REQUESTS.issuer", ``)
+			denyAPI(t, operator, "CONSUMER.CREATE.OTP_EVENTS.spy", `{"stream_name":"OTP_EVENTS","config":{"name":"spy","ack_policy":"none","deliver_subject":"otp.verified.globex"}}`)
+			denyAPI(t, operator, "CONSUMER.CREATE.OTP_EVENTS", `{"stream_name":"OTP_EVENTS","config":{"name":"spy","ack_policy":"none","deliver_subject":"otp.verified.globex"}}`)
+			denyAPI(t, operator, "CONSUMER.MSG.NEXT.OTP_EVENTS.issuer-erasure", `{"batch":1}`)
+			denyAPI(t, operator, "CONSUMER.MSG.NEXT.OTP_EVENTS.auditor", `{"batch":1}`)
+			denyAPI(t, operator, "CONSUMER.MSG.NEXT.OTP_REQUESTS.issuer", `{"batch":1}`)
+			denyAPI(t, operator, "CONSUMER.INFO.OTP_DISPATCH.dispatcher", `{}`)
+		})
+		t.Run(system.id, func(t *testing.T) {
+			t.Parallel()
+			denyRequest(t, system, "$JS.API.ACCOUNT.PURGE.OTPFLOW")
+			denyRequest(t, system, "$JS.API.STREAM.DELETE.OTP_EVENTS")
+			denyRequest(t, system, "$SYS.REQ.SERVER."+d.Server.ID()+".KICK")
+			denyRequest(t, system, "$SYS.REQ.SERVER."+d.Server.ID()+".RELOAD")
+			denyRequest(t, system, "$SYS.REQ.ACCOUNT.OTPFLOW.CONNZ")
+			denyPublish(t, system, "otp.requested.acme")
+			denySubscribe(t, system, ">")
 		})
 		t.Run(admin.id, func(t *testing.T) {
 			t.Parallel()
@@ -330,15 +361,20 @@ func denySubscribe(t *testing.T, c *identityConn, subject string) {
 	t.Logf("refused: %s subscribe %s", c.id, subject)
 }
 
-// denyAPI sends a JetStream API request and expects the violation and no answer.
-func denyAPI(t *testing.T, c *identityConn, subject, body string) {
+// denyAPI sends a JetStream API request (api: the subject after the prefix, such as
+// "STREAM.INFO.OTP_EVENTS") under the deployment's prefix, where the imports are, and
+// under $JS.API, the identity's own account's API, and expects the violation and no
+// answer for both.
+func denyAPI(t *testing.T, c *identityConn, api, body string) {
 	t.Helper()
-	m, err := c.nc.Request(subject, []byte(body), 500*time.Millisecond)
-	if !errors.Is(err, nats.ErrTimeout) {
-		t.Fatalf("%s called %s: %v %v, want no answer", c.id, subject, m, err)
+	for _, subject := range []string{testenv.DeployJSAPIPrefix + "." + api, "$JS.API." + api} {
+		m, err := c.nc.Request(subject, []byte(body), 500*time.Millisecond)
+		if !errors.Is(err, nats.ErrTimeout) {
+			t.Fatalf("%s called %s: %v %v, want no answer", c.id, subject, m, err)
+		}
+		must(t, c.violation(fmt.Sprintf("Publish to %q", subject)))
+		t.Logf("refused: %s %s (%v)", c.id, subject, err)
 	}
-	must(t, c.violation(fmt.Sprintf("Publish to %q", subject)))
-	t.Logf("refused: %s %s (%v)", c.id, subject, err)
 }
 
 // fetchAck pulls n messages from cons and acknowledges them.
@@ -357,20 +393,20 @@ func fetchAck(t *testing.T, cons jetstream.Consumer, n int) {
 	}
 }
 
-// readInOrder reads OTP_EVENTS (filtered by filter when set) with an ordered consumer, as
-// the auditor's anchor check and the CLI's audit and erase do, and expects a message.
+// readInOrder reads OTP_EVENTS (filtered by filter when set) in order by direct gets
+// (platform.ScanStream), as the auditor's anchor check and the CLI's audit and erase do,
+// and expects a message.
 func readInOrder(ctx context.Context, t *testing.T, c *identityConn, filter string) {
 	t.Helper()
-	var cfg jetstream.OrderedConsumerConfig
-	if filter != "" {
-		cfg.FilterSubjects = []string{filter}
-	}
-	oc, err := c.js.OrderedConsumer(ctx, events.StreamEvents, cfg)
-	testenv.Must(t, err, "%s: ordered consumer on OTP_EVENTS", c.id)
-	m, err := oc.Next(jetstream.FetchMaxWait(5 * time.Second))
+	n := 0
+	_, err := platform.ScanStream(ctx, c.js, events.StreamEvents, platform.Scan{Filter: filter}, func(*jetstream.RawStreamMsg) error {
+		n++
+		return nil
+	})
 	testenv.Must(t, err, "%s: read OTP_EVENTS in order", c.id)
-	var body json.RawMessage
-	_ = json.Unmarshal(m.Data(), &body)
+	if n == 0 {
+		t.Fatalf("%s: read nothing of OTP_EVENTS on %q", c.id, filter)
+	}
 }
 
 func must(t *testing.T, err error) {

@@ -34,6 +34,7 @@ func TestNATSPermissionsReplyReflection(t *testing.T) {
 		_ = r.RespondJSON(events.VerifyReply{Status: "not_found"})
 	}), micro.WithEndpointSubject(events.TypeVerify.Wildcard())), "verify endpoint")
 	t.Cleanup(func() { _ = svc.Stop() })
+	testenv.Must(t, verifier.nc.Flush(), "the verify service's subscription reached the server")
 
 	targets := []string{"otp.requested.globex", "otp.issued.globex", "otp.erasure_requested.globex",
 		"otp.verified.globex", "otp.dispatch.globex", "otp.challenge.globex"}
@@ -70,24 +71,117 @@ func TestNATSPermissionsReplyReflection(t *testing.T) {
 	if _, err := acme.nc.Request("otp.verify.acme", []byte(`{}`), 2*time.Second); err != nil {
 		t.Fatalf("acme asks otp.verify.acme: %v", err)
 	}
-	// Answers aimed at the JetStream API, with the account's rights (the API ignores a
-	// request without a reply subject, so these hold on the one-account template too).
-	for _, reply := range []string{"$JS.API.STREAM.PURGE.OTP_EVENTS", "$JS.API.CONSUMER.DELETE.OTP_REQUESTS.issuer"} {
-		send("otp.requested.acme", reply)
-		send("otp.verify.acme", reply)
-	}
-	time.Sleep(300 * time.Millisecond)
-	if st, err := admin.js.Stream(ctx, events.StreamEvents); err != nil || st.CachedInfo().State.Msgs == 0 {
-		t.Errorf("OTP_EVENTS after answers aimed at its purge: %v, err %v", st, err)
-	}
-	if _, err := admin.js.Consumer(ctx, events.StreamRequests, events.ConsumerIssuer); err != nil {
-		t.Errorf("the issuer consumer after answers aimed at its deletion: %v", err)
-	}
-
 	after := stored()
 	for k, n := range after {
 		if n != before[k] {
 			t.Errorf("%s: %d messages stored, %d before: acme's reply subject put a message there", k, n, before[k])
+		}
+	}
+	t.Logf("stored on otp.*.globex before %v, after %v", before, after)
+}
+
+// TestNATSIdentitiesCannotAimDeliveries: every identity that reads a stream chooses the
+// reply subject the server delivers to — a pull from a durable, a direct get, a message
+// get — and no permission sees it. In one account the issuer could pull OTP_REQUESTS with
+// the reply otp.verified.globex and have the request stored on OTP_EVENTS as a
+// verification. With the streams in an account of their own, reached through imports,
+// what is delivered lands in the reader's own account, where only the subjects it imports
+// (those it may publish anyway) lead anywhere. The test aims each reader's deliveries at
+// subjects it may not publish and asserts that no stream stored anything there.
+func TestNATSIdentitiesCannotAimDeliveries(t *testing.T) {
+	d := testenv.DeployedNATS(t)
+	provisionAsAdmin(t, d)
+	ctx, cancel := context.WithTimeout(context.Background(), time.Minute)
+	defer cancel()
+	acme, admin := connectAs(t, d, "acme"), connectAs(t, d, "admin")
+	issuer, dispatcher, verifier := connectAs(t, d, "issuer"), connectAs(t, d, "dispatcher"), connectAs(t, d, "verifier")
+	auditor, operator := connectAs(t, d, "auditor"), connectAs(t, d, "operator")
+	for range 6 {
+		jsPublish(ctx, t, acme, "otp.requested.acme")
+		jsPublish(ctx, t, issuer, "otp.dispatch.acme")
+		jsPublish(ctx, t, issuer, "otp.challenge.acme")
+		jsPublish(ctx, t, issuer, "otp.issued.acme")
+	}
+	jsPublish(ctx, t, auditor, events.SubjectAuditCheckpoint)
+
+	streams := []string{events.StreamRequests, events.StreamEvents, events.StreamDispatch, events.StreamChallenges, events.StreamDLQ, events.StreamAudit}
+	stored := func() map[string]uint64 {
+		got := map[string]uint64{}
+		for _, name := range streams {
+			st, err := admin.js.Stream(ctx, name)
+			testenv.Must(t, err, "stream %s", name)
+			info, err := st.Info(ctx, jetstream.WithSubjectFilter("otp.*.globex"))
+			testenv.Must(t, err, "info %s", name)
+			for subj, n := range info.State.Subjects {
+				got[name+" "+subj] += n
+			}
+		}
+		return got
+	}
+	before := stored()
+
+	prefix := testenv.DeployJSAPIPrefix + "."
+	// pull asks durable of stream for one message delivered to reply, then pulls one for
+	// itself and waits for it: a consumer serves pull requests in order, so the aimed one
+	// was served (its message delivered, or dropped for want of interest) before.
+	pull := func(c *identityConn, stream, durable, reply string) {
+		t.Helper()
+		testenv.Must(t, c.nc.PublishRequest(prefix+"CONSUMER.MSG.NEXT."+stream+"."+durable, reply, []byte(`{"batch":1}`)), "pull")
+		cons, err := c.js.Consumer(ctx, stream, durable)
+		testenv.Must(t, err, "%s: bind %s", c.id, durable)
+		fetched, err := cons.Fetch(1, jetstream.FetchMaxWait(5*time.Second))
+		testenv.Must(t, err, "%s: fetch from %s", c.id, durable)
+		n := 0
+		for range fetched.Messages() {
+			n++
+		}
+		if n != 1 {
+			t.Fatalf("%s: fetched %d messages from %s, want 1 (%v)", c.id, n, durable, fetched.Error())
+		}
+		must(t, c.noViolation(prefix+"CONSUMER.MSG.NEXT."+stream+"."+durable))
+		t.Logf("%s pulled %s/%s with the reply %s", c.id, stream, durable, reply)
+	}
+	// get asks for messages of stream (api: DIRECT.GET or STREAM.MSG.GET) delivered to
+	// reply, then asks the same for itself and waits for the answer: the server answers a
+	// stream's gets in order, so the first answer went out before the second.
+	get := func(c *identityConn, api, stream, body, reply string) {
+		t.Helper()
+		subject := prefix + api + "." + stream
+		testenv.Must(t, c.nc.PublishRequest(subject, reply, []byte(body)), "get")
+		if _, err := c.nc.Request(subject, []byte(body), 5*time.Second); err != nil {
+			t.Fatalf("%s: %s answered nothing: %v", c.id, subject, err)
+		}
+		must(t, c.noViolation(subject))
+		t.Logf("%s asked %s with the reply %s", c.id, subject, reply)
+	}
+
+	pull(issuer, events.StreamRequests, events.ConsumerIssuer, "otp.verified.globex")
+	pull(issuer, events.StreamRequests, events.ConsumerIssuer, "otp.requested.globex")
+	pull(dispatcher, events.StreamDispatch, events.ConsumerDispatcher, "otp.issued.globex")
+	pull(dispatcher, events.StreamDispatch, events.ConsumerDispatcher, "otp.requested.globex")
+	pull(verifier, events.StreamChallenges, events.ConsumerVerifier, "otp.challenge.globex")
+	pull(verifier, events.StreamChallenges, events.ConsumerVerifier, "otp.dispatch.globex")
+	pull(auditor, events.StreamEvents, events.ConsumerAuditor, "otp.verified.globex")
+	pull(auditor, events.StreamEvents, events.ConsumerAuditor, "otp.erasure_requested.globex")
+	get(auditor, "DIRECT.GET", events.StreamEvents, `{"seq":1,"batch":5}`, "otp.requested.globex")
+	get(auditor, "STREAM.MSG.GET", events.StreamAudit, `{"seq":1}`, "otp.dispatch.globex")
+	get(operator, "DIRECT.GET", events.StreamEvents, `{"seq":1,"batch":5}`, "otp.verified.globex")
+	get(operator, "STREAM.MSG.GET", events.StreamRequests, `{"seq":1}`, "otp.dispatch.globex")
+	get(operator, "STREAM.MSG.GET", events.StreamChallenges, `{"seq":1}`, "otp.requested.globex")
+
+	// A stream stores what reaches it in order: once a message published after the
+	// aimed deliveries is acknowledged by each stream, anything they sent there is stored.
+	jsPublish(ctx, t, acme, "otp.requested.acme")
+	jsPublish(ctx, t, issuer, "otp.issued.acme")
+	jsPublish(ctx, t, issuer, "otp.dispatch.acme")
+	jsPublish(ctx, t, issuer, "otp.challenge.acme")
+	jsPublish(ctx, t, issuer, "otp.dlq.acme")
+	jsPublish(ctx, t, auditor, events.SubjectAuditCheckpoint)
+
+	after := stored()
+	for k, n := range after {
+		if n != before[k] {
+			t.Errorf("%s: %d messages stored, %d before: a delivery aimed there was stored", k, n, before[k])
 		}
 	}
 	t.Logf("stored on otp.*.globex before %v, after %v", before, after)

@@ -51,7 +51,7 @@ func connectAs(t *testing.T, d *testenv.NATSDeployment, id string) *identityConn
 		t.Fatalf("%s: the connection is not TLS", id)
 	}
 	c.nc = nc
-	c.js, err = jetstream.New(nc)
+	c.js, err = platform.NewJetStream(nc, testenv.DeployJSAPIPrefix)
 	testenv.Must(t, err, "jetstream")
 	return c
 }

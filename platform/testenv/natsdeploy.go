@@ -29,6 +29,10 @@ var DeployIdentities = []struct{ ID, Placeholder, Inbox string }{
 	{"system", "SYSTEM", "_INBOX"},
 }
 
+// DeployJSAPIPrefix is the JetStream API prefix of deploy/nats: every identity's account
+// imports the API subjects it may use from OTPFLOW, where the streams are, under it.
+const DeployJSAPIPrefix = "JS.OTPFLOW.API"
+
 // NATSDeployment is the server of deploy/nats, rendered with keys and a CA made for the
 // test, running embedded over TLS.
 type NATSDeployment struct {
@@ -86,7 +90,7 @@ func DeployedNATS(t testing.TB) *NATSDeployment {
 
 // Common is the configuration of a process that connects as identity id.
 func (d *NATSDeployment) Common(id string) platform.Common {
-	return platform.Common{NATSURL: d.URL, NATSNkeyFile: d.Seeds[id], NATSTLSCA: d.CA.File,
+	return platform.Common{NATSURL: d.URL, NATSNkeyFile: d.Seeds[id], NATSTLSCA: d.CA.File, NATSJSAPIPrefix: DeployJSAPIPrefix,
 		Env: platform.EnvDevelopment, Replicas: 1, RequestsMaxAge: events.DefaultRequestsMaxAge}
 }
 

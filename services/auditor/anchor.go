@@ -16,6 +16,7 @@ import (
 	"github.com/nats-io/nats.go"
 	"github.com/nats-io/nats.go/jetstream"
 	"github.com/otpflow/otpflow/events"
+	"github.com/otpflow/otpflow/platform"
 	"github.com/otpflow/otpflow/platform/keys"
 )
 
@@ -260,40 +261,14 @@ func (c *Chain) checkEvents(ctx context.Context, pool *pgxpool.Pool, js jetstrea
 	}); err != nil {
 		return err
 	}
-	cfg := jetstream.OrderedConsumerConfig{}
-	if from > 0 {
-		cfg.DeliverPolicy, cfg.OptStartSeq = jetstream.DeliverByStartSequencePolicy, uint64(from)
-	}
-	reader, err := js.OrderedConsumer(ctx, events.StreamEvents, cfg)
-	if err != nil {
-		return fmt.Errorf("read %s: %w", events.StreamEvents, err)
-	}
-	it, err := reader.Messages()
-	if err != nil {
-		return err
-	}
-	defer it.Stop()
-	i := 0
-	for {
-		m, err := it.Next(jetstream.NextMaxWait(5 * time.Second))
-		if errors.Is(err, nats.ErrTimeout) {
-			if i < len(have) {
-				// Rows beyond the stream's end: messages that never existed.
-				rep.BrokenSeq = have[i]
-				rep.Problem = fmt.Sprintf("the table has a row for stream sequence %d, which %s does not hold (inserted)", have[i], events.StreamEvents)
-			}
-			return nil // the stream ends before upTo
+	i, reached := 0, false
+	_, err = platform.ScanStream(ctx, js, events.StreamEvents, platform.Scan{From: uint64(max(from, 1))}, func(m *jetstream.RawStreamMsg) error {
+		seq := m.Sequence
+		if seq >= upTo {
+			reached = true
 		}
-		if err != nil {
-			return err
-		}
-		md, err := m.Metadata()
-		if err != nil {
-			return err
-		}
-		seq := md.Sequence.Stream
 		if seq > upTo {
-			return nil
+			return platform.ErrStopScan
 		}
 		for i < len(have) && uint64(have[i]) < seq {
 			i++
@@ -302,21 +277,32 @@ func (c *Chain) checkEvents(ctx context.Context, pool *pgxpool.Pool, js jetstrea
 			rep.Events++
 			// The row must say what the message says: a row forged in the database under
 			// a real message's sequence (and chained by a later backfill) differs here.
-			if got, err := ToRow(nil, nil, seq, md.Timestamp, m.Subject(), m.Headers(), m.Data()); err == nil {
+			if got, err := ToRow(nil, nil, seq, m.Time, m.Subject, m.Header, m.Data); err == nil {
 				if want, err := rowContent(&got); err == nil && !bytes.Equal(want, content[int64(seq)]) {
 					rep.BrokenSeq = int64(seq)
 					rep.Problem = fmt.Sprintf("the row for stream sequence %d does not match its %s message (forged)", seq, events.StreamEvents)
-					return nil
+					return platform.ErrStopScan
 				}
 			}
-		} else if _, err := ToRow(nil, nil, seq, md.Timestamp, m.Subject(), m.Headers(), m.Data()); err == nil {
+			i++
+		} else if _, err := ToRow(nil, nil, seq, m.Time, m.Subject, m.Header, m.Data); err == nil {
 			rep.BrokenSeq = int64(seq)
 			rep.Problem = fmt.Sprintf("%s holds %s at stream sequence %d, but the table has no row for it (deleted)",
-				events.StreamEvents, m.Subject(), seq)
-			return nil
+				events.StreamEvents, m.Subject, seq)
+			return platform.ErrStopScan
 		}
-		if seq >= upTo {
-			return nil
+		if reached {
+			return platform.ErrStopScan
 		}
+		return nil
+	})
+	if err != nil {
+		return err
 	}
+	if rep.Problem == "" && !reached && i < len(have) {
+		// Rows beyond the stream's end: messages that never existed.
+		rep.BrokenSeq = have[i]
+		rep.Problem = fmt.Sprintf("the table has a row for stream sequence %d, which %s does not hold (inserted)", have[i], events.StreamEvents)
+	}
+	return nil
 }
