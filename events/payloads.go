@@ -275,6 +275,21 @@ type DeliveryFailed struct {
 	ProviderAttempts []ProviderAttempt `json:"provider_attempts,omitempty"`
 }
 
+// Reasons the dispatcher gives when it gives up on a job whose deliveries ran out before a
+// final answer: the start of the reason of its otp.delivery_failed (permanent false) and of
+// its dead letter's Otp-Dlq-Reason (there after "dispatcher: "), followed by ": " and what
+// happened last. Reasons are only ever added.
+const (
+	// DeliveryReasonExhausted: every provider kept failing for now (unreachable,
+	// throttled, held back by its rate limit or circuit breaker) until the job's last
+	// delivery; otp.delivery_failed.
+	DeliveryReasonExhausted = "deliveries exhausted"
+	// DeliveryReasonHeldPastExpiry: on the job's last delivery another dispatcher's claim
+	// still held it when its code expired; nothing was sent by this delivery, and the
+	// job is reported with otp.dispatch_expired.
+	DeliveryReasonHeldPastExpiry = "held past expiry"
+)
+
 // DispatchExpired is the body of otp.dispatch_expired.<tenant>: a job was still undelivered
 // when its code expired, so it was dropped unsent.
 type DispatchExpired struct {

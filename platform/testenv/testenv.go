@@ -116,6 +116,7 @@ type SMTPServer struct {
 	mails  []Mail
 	notify chan struct{}
 	reject func(rcpt string) error
+	accept func(Mail)
 	delay  time.Duration
 	open   int // sessions not yet logged out
 }
@@ -125,6 +126,15 @@ type SMTPServer struct {
 func (s *SMTPServer) SetReject(f func(rcpt string) error) {
 	s.mu.Lock()
 	s.reject = f
+	s.mu.Unlock()
+}
+
+// SetAccept makes the server call f with each message it accepts, once it is kept and
+// before the client is told (the reply to the final dot waits for f): a hook to cause a
+// fault right after a provider accepted a mail. Nil calls nothing.
+func (s *SMTPServer) SetAccept(f func(Mail)) {
+	s.mu.Lock()
+	s.accept = f
 	s.mu.Unlock()
 }
 
@@ -234,9 +244,14 @@ func (ss *session) Data(r io.Reader) error {
 	delay := ss.srv.delay
 	ss.srv.mu.Unlock()
 	time.Sleep(delay)
+	m := Mail{From: ss.from, To: ss.to, Data: data, At: time.Now()}
 	ss.srv.mu.Lock()
-	ss.srv.mails = append(ss.srv.mails, Mail{From: ss.from, To: ss.to, Data: data, At: time.Now()})
+	ss.srv.mails = append(ss.srv.mails, m)
+	accept := ss.srv.accept
 	ss.srv.mu.Unlock()
+	if accept != nil {
+		accept(m)
+	}
 	select {
 	case ss.srv.notify <- struct{}{}:
 	default:

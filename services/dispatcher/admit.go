@@ -28,6 +28,7 @@ type job struct {
 
 	res     result // what the job came to
 	release func() // frees the send slot; set while a send's result is unrecorded
+	keeps   int    // times kept on its last delivery (keep.go)
 
 	// span is the job's "dispatch" span, from admission to settlement; ctx carries it.
 	ctx  context.Context
@@ -66,7 +67,7 @@ func (s *Service) admit(ctx context.Context, batch []*platform.Delivery, results
 			// written in an old format: nothing in it can be trusted, so nothing is sent.
 			s.log.Error("refused dispatch job", "seq", d.Meta().Sequence, "err", err)
 			s.jobs.WithLabelValues("dead_lettered").Inc()
-			d.Settle(platform.DeadLetter(tenant, "refused dispatch job: "+err.Error()))
+			d.Settle(platform.DeadLetter(tenant, events.ConsumerDispatcher+": refused dispatch job: "+err.Error()))
 			continue
 		}
 		span.SetAttributes(attribute.String("otpflow.tenant", dj.Tenant), attribute.String("otpflow.challenge_id", dj.ChallengeID),
@@ -79,6 +80,16 @@ func (s *Service) admit(ctx context.Context, batch []*platform.Delivery, results
 	s.acquire(len(jobs))
 	release := func() { <-s.slots }
 	if err := s.claim(ctx, jobs); err != nil {
+		if len(jobs) == 1 && s.last(jobs[0]) {
+			if _, refused := platform.RefusedByDatabase(err); !refused {
+				// The broker would not deliver it again: keep it and claim again here
+				// once the database answers.
+				release()
+				s.log.Warn("claim failed on the job's last delivery; keeping it", "seq", jobs[0].d.Meta().Sequence, "err", err)
+				s.keep(jobs[0], s.keepDelay(jobs[0]), "claim failed: "+err.Error())
+				return nil
+			}
+		}
 		s.log.Error("claim deliveries", "jobs", len(jobs), "err", err)
 		for _, j := range jobs {
 			release()
@@ -88,28 +99,35 @@ func (s *Service) admit(ctx context.Context, batch []*platform.Delivery, results
 		return fmt.Errorf("claim deliveries: %w", err)
 	}
 	for _, j := range jobs {
-		switch {
-		case !j.claimed:
-			release()
-			results <- j
-		case time.Until(j.sendBy) <= 0:
-			j.res = result{outcome: outcomeExpired}
-			release()
-			results <- j
-		default:
-			// The slot is held until the result is recorded, so at most Concurrency
-			// mails per process are ever sent and not yet recorded: the bound of
-			// the double-send window when a process dies.
-			j.release = release
-			s.inflight.Add(1)
-			go func() {
-				defer s.inflight.Done()
-				j.res = s.send(ctx, j)
-				results <- j
-			}()
-		}
+		s.start(ctx, j, release, results)
 	}
 	return nil
+}
+
+// start takes a claimed job on from its claim: to the send, or, with nothing to send
+// (held, settled before, given up, expired), straight to the record stage. It owns the
+// job's send slot and frees it with release.
+func (s *Service) start(ctx context.Context, j *job, release func(), results chan<- *job) {
+	switch {
+	case !j.claimed || j.res.outcome != 0:
+		release()
+		results <- j
+	case time.Until(j.sendBy) <= 0:
+		j.res = result{outcome: outcomeExpired}
+		release()
+		results <- j
+	default:
+		// The slot is held until the result is recorded, so at most Concurrency
+		// mails per process are ever sent and not yet recorded: the bound of
+		// the double-send window when a process dies.
+		j.release = release
+		s.inflight.Add(1)
+		go func() {
+			defer s.inflight.Done()
+			j.res = s.send(ctx, j)
+			results <- j
+		}()
+	}
 }
 
 // open decodes a pulled job and unseals it. The job must name its subject's tenant outside
@@ -157,6 +175,12 @@ func (s *Service) acquire(n int) {
 
 // claim takes a lease on each job of the batch that nobody else holds and that has not
 // been settled, all in one transaction.
+//
+// A job on its last delivery (the broker will not deliver it again) that another claim
+// still holds waits here for that lease (record.go keeps it) until its code expires; then
+// it takes the row over as expired and is given up: nothing may be sent after expiry, so
+// the takeover cannot cost a mail, and the holder, if it ever completes, finds the row
+// settled and reports the same outcome.
 func (s *Service) claim(ctx context.Context, jobs []*job) error {
 	seen := map[deliveryKey]bool{}
 	var first []*job
@@ -173,7 +197,7 @@ func (s *Service) claim(ctx context.Context, jobs []*job) error {
 		first = append(first, j)
 		keys = append(keys, k)
 	}
-	return s.store.claim(ctx, keys, s.cfg.Lease, func(local, now time.Time, rows []deliveryRow) []claim {
+	err := s.store.claim(ctx, keys, s.cfg.Lease, func(local, now time.Time, rows []deliveryRow) []claim {
 		// Leases and expiry run on the database clock, shared by every process; the
 		// deadlines are kept on this process's monotonic clock, from a local instant
 		// taken first, so they err early.
@@ -187,12 +211,29 @@ func (s *Service) claim(ctx context.Context, jobs []*job) error {
 			j.row = r
 			switch {
 			case !r.exists:
+				if !s.take(keyOf(j.job)) {
+					j.res = result{outcome: outcomeHeld, holdFor: time.Second}
+					continue
+				}
 				claims = append(claims, claim{job: j.job, fresh: true})
 				j.claimed, j.row.attempts = true, 1
 			case r.status != statusSending:
 				j.res = replay(r) // settled before: report it again, send nothing
+			case r.leaseUntil.After(now) && s.last(j) && !now.Before(j.job.ExpiresAt):
+				if !s.take(keyOf(j.job)) {
+					j.res = result{outcome: outcomeHeld, holdFor: time.Second}
+					continue
+				}
+				claims = append(claims, claim{job: j.job})
+				j.claimed, j.row.attempts = true, r.attempts+1
+				j.res = result{outcome: outcomeExpired, exhausted: true,
+					reason: events.DeliveryReasonHeldPastExpiry + ": another claim held the job until its code expired"}
 			case r.leaseUntil.After(now):
 				j.res = result{outcome: outcomeHeld, holdFor: r.leaseUntil.Sub(now) + 100*time.Millisecond}
+			case !s.take(keyOf(j.job)):
+				// This process sent it and is still recording the result (the database
+				// was away longer than the lease): the mail went out, send nothing.
+				j.res = result{outcome: outcomeHeld, holdFor: time.Second}
 			default:
 				claims = append(claims, claim{job: j.job})
 				j.claimed, j.row.attempts = true, r.attempts+1
@@ -200,4 +241,13 @@ func (s *Service) claim(ctx context.Context, jobs []*job) error {
 		}
 		return claims
 	})
+	if err != nil {
+		for _, j := range first {
+			if j.claimed {
+				s.done(keyOf(j.job))
+				j.claimed = false
+			}
+		}
+	}
+	return err
 }

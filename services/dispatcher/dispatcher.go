@@ -90,6 +90,12 @@ type Service struct {
 
 	slots    chan struct{}
 	inflight sync.WaitGroup
+	results  chan *job // the record stage's input, for jobs run again (keep.go)
+
+	mu       sync.Mutex
+	inHand   map[deliveryKey]bool // claimed here, result not yet recorded
+	kept     map[*job]*time.Timer // on their last delivery, waiting to run again
+	stopping bool                 // no more keeping: shutdown began
 
 	metrics
 }
@@ -118,7 +124,8 @@ func New(cfg Config, pool *pgxpool.Pool, js jetstream.JetStream, log *slog.Logge
 	}
 	s := &Service{
 		cfg: cfg, store: &store{pool: pool}, js: js, log: log, reg: reg, tmpl: tmpl, now: time.Now,
-		slots:   make(chan struct{}, cfg.Concurrency),
+		slots:  make(chan struct{}, cfg.Concurrency),
+		inHand: map[deliveryKey]bool{}, kept: map[*job]*time.Timer{},
 		metrics: newMetrics(reg),
 	}
 	var chain []mailer.Provider
@@ -179,18 +186,24 @@ func (s *Service) Run(ctx context.Context) error {
 	}()
 
 	results := make(chan *job, 4*s.cfg.Concurrency)
+	s.results = results
 	recorded := make(chan struct{})
 	go func() {
 		defer close(recorded)
 		s.recordLoop(results)
 	}()
-	// Little prefetch: a pulled job's AckWait runs until admit takes it.
+	// Little prefetch: a pulled job's AckWait runs until admit takes it. A job is kept in
+	// progress for as long as its code may live: a job whose record waits for the
+	// database, or that is kept on its last delivery, must not be redelivered (and
+	// perhaps mailed again) before its code expired.
 	c := platform.NewConsumer(cons, platform.ConsumeConfig{Name: events.ConsumerDispatcher,
 		BatchSize: s.cfg.Concurrency, Prefetch: s.cfg.Concurrency, JS: s.js, Log: s.log, Reg: s.reg,
-		DeadLetters: &platform.DeadLetters{Sealer: s.cfg.DLQKey, Recipient: s.jobRecipient}})
+		MaxInProgress: events.MaxCodeTTL + 2*s.cfg.Lease,
+		DeadLetters:   &platform.DeadLetters{Sealer: s.cfg.DLQKey, Recipient: s.jobRecipient}})
 	err = c.Run(runCtx, func(ctx context.Context, batch []*platform.Delivery) error {
 		return s.admit(ctx, batch, results)
 	})
+	s.stopKeeping()
 	s.inflight.Wait()
 	close(results)
 	<-recorded

@@ -60,6 +60,13 @@ func newHarnessWith(t *testing.T, guards map[string]mailer.GuardConfig, chain fu
 // newHarnessConfig fills cfg's sealer, sender and providers and runs the dispatcher.
 func newHarnessConfig(t *testing.T, cfg Config, chain func(smtp mailer.Provider) []mailer.Provider) *harness {
 	t.Helper()
+	return newHarnessRoute(t, cfg, chain, nil)
+}
+
+// newHarnessRoute is newHarnessConfig with the dispatcher reaching its database at the
+// URL route makes of the real one (a proxy's); nil connects directly.
+func newHarnessRoute(t *testing.T, cfg Config, chain func(smtp mailer.Provider) []mailer.Provider, route func(url string) string) *harness {
+	t.Helper()
 	_, js := testenv.JetStream(t, testenv.NATS(t))
 	if cfg.MaxDeliver > 0 { // provisioned so, as OTP_DISPATCH_MAX_DELIVER does
 		cc := events.DispatcherConsumer
@@ -67,7 +74,13 @@ func newHarnessConfig(t *testing.T, cfg Config, chain func(smtp mailer.Provider)
 		_, err := platform.EnsureConsumer(context.Background(), js, events.StreamDispatch, cc)
 		testenv.Must(t, err, "dispatcher consumer")
 	}
-	pool := testenv.Postgres(t, Spec())
+	db := testenv.NewDB(t)
+	db.Migrate(t, Spec())
+	dbURL := db.RoleURL(Spec().Name)
+	if route != nil {
+		dbURL = route(dbURL)
+	}
+	pool := testenv.Pool(t, dbURL)
 	sealer, err := keys.ParseSealer(keys.Generate("s1", 32))
 	testenv.Must(t, err, "sealer")
 	srv := testenv.StartSMTP(t)

@@ -18,12 +18,18 @@ import (
 // sesFirst runs a dispatcher whose chain is SES (the fault-injecting server) then SMTP.
 func sesFirst(t *testing.T, srv *sestest.Server, guard mailer.GuardConfig) *harness {
 	t.Helper()
+	return sesFirstConfig(t, srv, Config{Guards: map[string]mailer.GuardConfig{"ses": guard}})
+}
+
+// sesFirstConfig is sesFirst with the rest of the dispatcher's configuration.
+func sesFirstConfig(t *testing.T, srv *sestest.Server, dcfg Config) *harness {
+	t.Helper()
 	t.Setenv("AWS_ACCESS_KEY_ID", "test")
 	t.Setenv("AWS_SECRET_ACCESS_KEY", "test")
 	cfg := ses.Config{Region: "eu-west-1", Endpoint: srv.URL, Timeout: 500 * time.Millisecond}
 	client, err := ses.NewClient(context.Background(), cfg)
 	testenv.Must(t, err, "ses client")
-	return newHarnessWith(t, map[string]mailer.GuardConfig{"ses": guard}, func(smtp mailer.Provider) []mailer.Provider {
+	return newHarnessConfig(t, dcfg, func(smtp mailer.Provider) []mailer.Provider {
 		return []mailer.Provider{ses.New(client, cfg), smtp}
 	})
 }

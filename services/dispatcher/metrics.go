@@ -22,6 +22,8 @@ type metrics struct {
 	fallbacks *prometheus.CounterVec
 	breaker   *prometheus.GaugeVec
 	ambiguous prometheus.Counter
+	// recordRetries counts failed attempts to record results (record.go).
+	recordRetries prometheus.Counter
 }
 
 func newMetrics(reg prometheus.Registerer) metrics {
@@ -50,9 +52,13 @@ func newMetrics(reg prometheus.Registerer) metrics {
 		ambiguous: prometheus.NewCounter(prometheus.CounterOpts{
 			Name: "otpflow_dispatcher_ambiguous_total", Help: "Sends handed over without a final answer.",
 		}),
+		recordRetries: prometheus.NewCounter(prometheus.CounterOpts{
+			Name: "otpflow_dispatcher_record_retries_total",
+			Help: "Failed attempts to record send results; the jobs are kept in progress and the record retried.",
+		}),
 	}
 	if reg != nil {
-		reg.MustRegister(m.sends, m.latency, m.delivered, m.jobs, m.fallbacks, m.breaker, m.ambiguous)
+		reg.MustRegister(m.sends, m.latency, m.delivered, m.jobs, m.fallbacks, m.breaker, m.ambiguous, m.recordRetries)
 	}
 	return m
 }

@@ -6,9 +6,19 @@ import (
 	"math/rand/v2"
 	"time"
 
+	"github.com/cenkalti/backoff/v4"
 	"github.com/nats-io/nats.go"
 	"github.com/otpflow/otpflow/events"
 	"github.com/otpflow/otpflow/platform"
+)
+
+// A failed record is tried again after 100 ms, then at growing intervals up to 5 s, each
+// attempt bounded by recordTimeout so that a database that stopped answering (rather than
+// refusing connections) is tried again too.
+const (
+	recordRetryInitial = 100 * time.Millisecond
+	recordRetryMax     = 5 * time.Second
+	recordTimeout      = 10 * time.Second
 )
 
 // recordLoop records results in batches of whatever is ready, until results is closed.
@@ -28,38 +38,71 @@ func (s *Service) recordLoop(results <-chan *job) {
 				break more
 			}
 		}
-		err := s.record(ctx, batch)
+		recorded := s.recordAll(batch)
 		for _, j := range batch {
 			if j.release != nil {
 				j.release()
+				j.release = nil
+			}
+			if j.claimed {
+				s.done(keyOf(j.job))
 			}
 		}
-		if err != nil {
-			// Mails that went out may go out again on redelivery: with the kill of a
-			// process, the one window in which a code can be mailed twice.
-			s.log.Error("record deliveries", "jobs", len(batch), "err", err)
-			for _, j := range batch {
-				j.d.Settle(platform.Retry(platform.RetryDelay(j.d.Meta().NumDelivered, 30*time.Second)))
-				j.end()
-			}
-			continue
-		}
-		s.settle(ctx, batch)
-		for _, j := range batch {
-			j.end()
-		}
+		s.settle(ctx, recorded)
 	}
 }
 
+// recordAll records the results of batch and returns the jobs it recorded. It retries with
+// backoff until the database answers, however long that takes: the provider may have
+// accepted these mails, and a job handed back before its send is recorded would be mailed
+// again on redelivery. The jobs stay in progress meanwhile (and their send slots taken, so
+// the process stops pulling). Only data the database refuses is not retried: the batch is
+// then recorded job by job, and a job refused alone is dead-lettered.
+func (s *Service) recordAll(batch []*job) []*job {
+	b := backoff.NewExponentialBackOff(backoff.WithInitialInterval(recordRetryInitial),
+		backoff.WithMaxInterval(recordRetryMax), backoff.WithMaxElapsedTime(0))
+	err := backoff.RetryNotify(func() error {
+		ctx, cancel := context.WithTimeout(context.Background(), recordTimeout)
+		defer cancel()
+		err := s.record(ctx, batch)
+		if _, refused := platform.RefusedByDatabase(err); refused {
+			return backoff.Permanent(err)
+		}
+		return err
+	}, b, func(err error, next time.Duration) {
+		s.recordRetries.Inc()
+		s.log.Warn("record deliveries failed; keeping the jobs and retrying", "jobs", len(batch), "retry_in", next, "err", err)
+	})
+	if err == nil {
+		return batch
+	}
+	if len(batch) > 1 {
+		var recorded []*job
+		for _, j := range batch {
+			recorded = append(recorded, s.recordAll([]*job{j})...)
+		}
+		return recorded
+	}
+	j := batch[0]
+	s.log.Error("the database refused a delivery's record; dead-lettering the job", "challenge_id", j.job.ChallengeID,
+		"code_seq", j.job.CodeSeq, "outcome", j.res.outcome.String(), "err", err)
+	s.jobs.WithLabelValues("dead_lettered").Inc()
+	j.d.Settle(platform.DeadLetter(j.job.Tenant, events.ConsumerDispatcher+": record refused: "+err.Error()))
+	j.end()
+	return nil
+}
+
 // record writes the results of the jobs this worker claimed in one transaction. A job
-// whose transient failures used up its deliveries is recorded as failed.
+// whose transient failures used up its deliveries is recorded as failed. A job whose row
+// another worker settled meanwhile takes that outcome instead of its own.
 func (s *Service) record(ctx context.Context, jobs []*job) error {
 	var done []completion
+	var claimed []*job
 	for _, j := range jobs {
 		r := &j.res
-		if r.outcome == outcomeRetry && j.d.Meta().NumDelivered >= uint64(s.cfg.MaxDeliver) {
+		if r.outcome == outcomeRetry && s.last(j) {
 			r.outcome, r.exhausted = outcomeFailed, true
-			r.reason = "deliveries exhausted: " + r.reason
+			r.reason = events.DeliveryReasonExhausted + ": " + r.reason
 		}
 		if !j.claimed {
 			continue
@@ -72,8 +115,25 @@ func (s *Service) record(ctx context.Context, jobs []*job) error {
 			c.ambiguous = true
 		}
 		done = append(done, c)
+		claimed = append(claimed, j)
 	}
-	return s.store.complete(ctx, done)
+	settled, err := s.store.complete(ctx, done)
+	if err != nil {
+		return err
+	}
+	for i, row := range settled {
+		// A row that already holds this job's outcome was completed by an earlier
+		// attempt of this record whose answer was lost.
+		if j := claimed[i]; row != nil && row.status != j.res.outcome.status() {
+			s.log.Warn("delivery settled by another claim; reporting its outcome", "challenge_id", j.job.ChallengeID,
+				"code_seq", j.job.CodeSeq, "ours", j.res.outcome.String(), "theirs", row.status)
+			calls := j.res.calls
+			j.res = replay(*row)
+			j.res.calls = calls
+			j.row.attempts = row.attempts
+		}
+	}
+	return nil
 }
 
 // event builds the event that reports a settled job; the id is the same every time the
@@ -123,7 +183,11 @@ func (s *Service) settle(ctx context.Context, jobs []*job) {
 	if err := platform.PublishAll(ctx, s.js, msgs); err != nil {
 		s.log.Warn("publish delivery events; jobs will be redelivered", "err", err)
 		for _, j := range jobs {
-			j.d.Settle(platform.Retry(2 * time.Second))
+			if s.last(j) {
+				s.keep(j, s.keepDelay(j), "publish failed: "+err.Error())
+				continue
+			}
+			s.finish(j, platform.Retry(2*time.Second))
 		}
 		return
 	}
@@ -137,29 +201,47 @@ func (s *Service) settle(ctx context.Context, jobs []*job) {
 		case outcomeFailed, outcomeExpired:
 			s.log.Info("dispatch settled", "challenge_id", j.job.ChallengeID, "code_seq", j.job.CodeSeq, "result", r.outcome.String(), "reason", events.Reason(r.reason, 200))
 		}
-		j.d.Settle(s.verdict(j))
+		s.conclude(j)
 	}
 }
 
-// verdict is what becomes of a recorded job's delivery.
-func (s *Service) verdict(j *job) platform.Outcome {
+// conclude settles a recorded job's delivery with what the job came to.
+func (s *Service) conclude(j *job) {
 	switch r := j.res; r.outcome {
 	case outcomeSent:
-		return platform.Ack()
+		s.finish(j, platform.Ack())
 	case outcomeFailed, outcomeExpired:
 		if r.exhausted {
-			// Transient failures used up the deliveries: park the job with its last
-			// error in OTP_DLQ for an operator to redrive.
-			return platform.DeadLetter(j.job.Tenant, r.reason)
+			// The job's deliveries ran out before a final answer: park it with its
+			// last error in OTP_DLQ for an operator to redrive.
+			s.finish(j, platform.DeadLetter(j.job.Tenant, events.ConsumerDispatcher+": "+r.reason))
+			return
 		}
-		return platform.Terminate(r.outcome.String())
+		s.finish(j, platform.Terminate(r.outcome.String()))
 	case outcomeRetry:
-		return platform.Retry(s.retryDelay(j))
+		// Never on the last delivery: record made it a failure.
+		s.finish(j, platform.Retry(s.retryDelay(j)))
 	case outcomeAmbiguous:
-		return platform.Retry(min(2*time.Second, s.untilExpiry(j)))
+		s.retry(j, min(2*time.Second, s.untilExpiry(j)), "ambiguous send: "+r.reason)
 	default: // held
-		return platform.Retry(min(j.res.holdFor, s.untilExpiry(j)))
+		s.retry(j, min(j.res.holdFor, s.untilExpiry(j)), "held by another claim")
 	}
+}
+
+// retry hands j back to the broker for another delivery after d or, on its last delivery,
+// keeps it to run again here.
+func (s *Service) retry(j *job, d time.Duration, why string) {
+	if s.last(j) {
+		s.keep(j, d, why)
+		return
+	}
+	s.finish(j, platform.Retry(d))
+}
+
+// finish settles j's delivery with o and ends its span.
+func (s *Service) finish(j *job, o platform.Outcome) {
+	j.d.Settle(o)
+	j.end()
 }
 
 // retryDelay is the redelivery delay after a transient failure: exponential in the

@@ -74,7 +74,7 @@ func TestEditedAndOldFormatJobsAreRefused(t *testing.T) {
 	}
 	dl := testenv.WaitMessages(t, h.js, events.StreamDLQ, "", len(attacks), 15*time.Second)
 	for i, m := range dl {
-		if r := m.Header.Get(events.HeaderDLQReason); !strings.HasPrefix(r, "refused dispatch job: ") {
+		if r := m.Header.Get(events.HeaderDLQReason); !strings.HasPrefix(r, events.ConsumerDispatcher+": refused dispatch job: ") {
 			t.Errorf("%s: DLQ reason %q", attacks[i].name, r)
 		}
 	}

@@ -4,6 +4,7 @@ import (
 	"context"
 	"errors"
 	"fmt"
+	"strings"
 	"time"
 
 	"github.com/jackc/pgx/v5"
@@ -115,27 +116,82 @@ type completion struct {
 	lastError string
 }
 
-// complete writes completions in one transaction.
-func (st *store) complete(ctx context.Context, cs []completion) error {
+// complete writes completions in one transaction. Each applies only to a row still
+// sending: a row another worker settled meanwhile (a job given up on its last delivery
+// takes the row over) keeps its outcome, so a job never has two. settled holds, at the
+// index of each completion that did not apply, the row as that worker left it; nil when
+// every completion applied.
+func (st *store) complete(ctx context.Context, cs []completion) (settled []*deliveryRow, err error) {
 	if len(cs) == 0 {
-		return nil
+		return nil, nil
 	}
-	b := &pgx.Batch{}
-	for _, c := range cs {
-		switch {
-		case c.status != "":
-			b.Queue(`UPDATE dispatcher.deliveries SET status = $3, provider = $4, provider_message_id = $5, last_error = $6,
-				confirmed = $7, completed_at = now(), lease_until = now() WHERE challenge_id = $1 AND code_seq = $2`,
-				c.key.challenge, c.key.seq, c.status, c.provider, c.providerMsg, c.lastError, c.confirmed)
-		case c.ambiguous:
-			b.Queue(`UPDATE dispatcher.deliveries SET ambiguous = ambiguous + 1, last_error = $3, lease_until = now()
-				WHERE challenge_id = $1 AND code_seq = $2`, c.key.challenge, c.key.seq, c.lastError)
-		default:
-			b.Queue(`UPDATE dispatcher.deliveries SET last_error = $3, lease_until = now() WHERE challenge_id = $1 AND code_seq = $2`,
-				c.key.challenge, c.key.seq, c.lastError)
+	err = pgx.BeginFunc(ctx, st.pool, func(tx pgx.Tx) error {
+		settled = nil
+		b := &pgx.Batch{}
+		for _, c := range cs {
+			// Text from providers is made fit for a text column (no NUL, valid UTF-8): the
+			// database must never refuse the record of a mail that went out.
+			lastError := pgText(c.lastError)
+			switch {
+			case c.status != "":
+				b.Queue(`UPDATE dispatcher.deliveries SET status = $3, provider = $4, provider_message_id = $5, last_error = $6,
+					confirmed = $7, completed_at = now(), lease_until = now()
+					WHERE challenge_id = $1 AND code_seq = $2 AND status = 'sending'`,
+					c.key.challenge, c.key.seq, c.status, pgText(c.provider), pgText(c.providerMsg), lastError, c.confirmed)
+			case c.ambiguous:
+				b.Queue(`UPDATE dispatcher.deliveries SET ambiguous = ambiguous + 1, last_error = $3, lease_until = now()
+					WHERE challenge_id = $1 AND code_seq = $2 AND status = 'sending'`, c.key.challenge, c.key.seq, lastError)
+			default:
+				b.Queue(`UPDATE dispatcher.deliveries SET last_error = $3, lease_until = now()
+					WHERE challenge_id = $1 AND code_seq = $2 AND status = 'sending'`, c.key.challenge, c.key.seq, lastError)
+			}
 		}
-	}
-	return pgx.BeginFunc(ctx, st.pool, func(tx pgx.Tx) error { return tx.SendBatch(ctx, b).Close() })
+		res := tx.SendBatch(ctx, b)
+		var missed []int
+		for i := range cs {
+			tag, err := res.Exec()
+			if err != nil {
+				res.Close()
+				return fmt.Errorf("complete deliveries: %w", err)
+			}
+			if tag.RowsAffected() == 0 {
+				missed = append(missed, i)
+			}
+		}
+		if err := res.Close(); err != nil {
+			return err
+		}
+		if len(missed) == 0 {
+			return nil
+		}
+		read := &pgx.Batch{}
+		for _, i := range missed {
+			read.Queue(`SELECT status, attempts, provider, provider_message_id, confirmed, last_error
+				FROM dispatcher.deliveries WHERE challenge_id = $1 AND code_seq = $2`, cs[i].key.challenge, cs[i].key.seq)
+		}
+		settled = make([]*deliveryRow, len(cs))
+		rows := tx.SendBatch(ctx, read)
+		defer rows.Close()
+		for _, i := range missed {
+			r := deliveryRow{exists: true}
+			err := rows.QueryRow().Scan(&r.status, &r.attempts, &r.provider, &r.providerMsg, &r.confirmed, &r.lastError)
+			switch {
+			case errors.Is(err, pgx.ErrNoRows):
+				// Purged: nobody will ask for it again, and what this worker learned stands.
+			case err != nil:
+				return fmt.Errorf("read settled deliveries: %w", err)
+			default:
+				settled[i] = &r
+			}
+		}
+		return rows.Close()
+	})
+	return settled, err
+}
+
+// pgText is s fit for a PostgreSQL text column: valid UTF-8 without NUL bytes.
+func pgText(s string) string {
+	return strings.ReplaceAll(strings.ToValidUTF8(s, "\uFFFD"), "\x00", "")
 }
 
 // purge deletes the rows of codes that expired more than retention ago.
