@@ -477,6 +477,9 @@ const (
 	// HeaderDLQSubject is the subject the original was published to, e.g.
 	// "otp.requested.acme": where a redrive publishes it again.
 	HeaderDLQSubject = "Otp-Dlq-Subject"
+	// HeaderDLQConsumer is the durable consumer that gave up on the original, e.g.
+	// "issuer": with HeaderDLQStream, whose message it was.
+	HeaderDLQConsumer = "Otp-Dlq-Consumer"
 	// HeaderRecipientHash is the subject hash (OTP_SUBJECT_KEY, "id:base64url") of the
 	// person the original message is about, under the key active when it was
 	// dead-lettered; absent when no recipient could be found in it. An erasure finds a

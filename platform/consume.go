@@ -4,9 +4,12 @@ import (
 	"context"
 	"errors"
 	"fmt"
+	"io"
 	"log/slog"
+	"net"
 	"time"
 
+	"github.com/nats-io/nats.go"
 	"github.com/nats-io/nats.go/jetstream"
 	"github.com/otpflow/otpflow/events"
 	"github.com/prometheus/client_golang/prometheus"
@@ -18,8 +21,11 @@ import (
 //
 // A handler that returns an error must not have handed any delivery it left unsettled to
 // another stage: the consumer runs it again with each of them alone, so one poison
-// message cannot hold back its neighbours, and settles a delivery that fails alone with
-// Retry after a delay growing with its deliveries or, on its last delivery, DeadLetter.
+// message cannot hold back its neighbours, and settles each that fails alone by what its
+// error says: data the database refuses is dead-lettered at once; a neighbour
+// that is down (the database, NATS) is waited out with the deliveries held in order and
+// none dead-lettered; any other failure is retried after a delay growing with its
+// deliveries and, once they are spent, dead-lettered.
 type BatchHandler func(ctx context.Context, batch []*Delivery) error
 
 // ConsumeConfig configures a Consumer.
@@ -30,13 +36,29 @@ type ConsumeConfig struct {
 	// most pulled ahead of the handler (default 2×BatchSize). Pulled messages wait with
 	// their AckWait running, so a consumer whose handler can be slow keeps Prefetch small.
 	BatchSize, Prefetch int
-	// MaxRetryDelay caps the redelivery delay of a delivery that failed (default 30 s).
+	// MaxRetryDelay caps the redelivery delay of a delivery that failed, and the wait
+	// between two tries of deliveries held in place (default 30 s).
 	MaxRetryDelay time.Duration
 	// MaxInProgress bounds how long a delivery is kept in progress unsettled (default ten
 	// AckWaits): past it the consumer stops its heartbeats, logs and counts it, and
 	// JetStream redelivers it after its AckWait, so a hung stage or a forgotten delivery
-	// is not held for as long as the process lives.
+	// is not held for as long as the process lives. Deliveries the consumer itself holds
+	// and tries again (a neighbour down) are not forgotten: each try renews them.
 	MaxInProgress time.Duration
+	// Ordered is for a handler whose effects must follow stream order (the auditor's
+	// chain). A failed batch is run one delivery at a time only up to the first that
+	// fails for a reason other than refused data; that one is tried again in place, the
+	// deliveries after it held behind it, until it succeeds or its retries are spent
+	// (MaxDeliver tries in all, counting its deliveries; 10 without a MaxDeliver). Nothing
+	// after it is handled first. Unordered, each failing delivery is put back with a delay
+	// while the others go on.
+	Ordered bool
+	// Healthy, when set, says whether the neighbour the handler needs (its database)
+	// answers. When every delivery of a batch failed alone, with errors that name no
+	// cause, the consumer blames the messages only while Healthy says so; otherwise it
+	// waits for the neighbour with the deliveries held. Without it, such failures are
+	// blamed on the messages.
+	Healthy func(context.Context) error
 	// JS publishes dead letters; DeadLetters seals them. Without a DLQ key a dead letter
 	// is never written: the delivery is retried instead (ErrNoDLQKey).
 	JS          jetstream.JetStream
@@ -54,9 +76,11 @@ type Consumer struct {
 	cfg        ConsumeConfig
 	log        *slog.Logger
 	maxDeliver int
-	beats      *heartbeats
+	// durable is the durable consumer's name, which its dead letters carry.
+	durable string
+	beats   *heartbeats
 
-	settled, ignored, stuck *prometheus.CounterVec
+	settled, ignored, stuck, held *prometheus.CounterVec
 }
 
 // NewConsumer wraps cons. Its AckWait sets the heartbeat (a quarter of it) and its
@@ -72,12 +96,15 @@ func NewConsumer(cons jetstream.Consumer, cfg ConsumeConfig) *Consumer {
 	if cfg.Log == nil {
 		cfg.Log = slog.New(slog.DiscardHandler)
 	}
-	ackWait, maxDeliver := 30*time.Second, 0
+	ackWait, maxDeliver, durable := 30*time.Second, 0, cfg.Name
 	if info := cons.CachedInfo(); info != nil {
 		if info.Config.AckWait > 0 {
 			ackWait = info.Config.AckWait
 		}
 		maxDeliver = info.Config.MaxDeliver
+		if info.Name != "" {
+			durable = info.Name
+		}
 		if cfg.Reg != nil {
 			// Every durable consumer's lag, for the alerts and dashboards; a second
 			// Consumer on the same durable in one process finds it registered already.
@@ -88,7 +115,7 @@ func NewConsumer(cons jetstream.Consumer, cfg ConsumeConfig) *Consumer {
 		cfg.MaxInProgress = 10 * ackWait
 	}
 	c := &Consumer{
-		cons: cons, cfg: cfg, log: cfg.Log, maxDeliver: maxDeliver,
+		cons: cons, cfg: cfg, log: cfg.Log, maxDeliver: maxDeliver, durable: durable,
 		settled: registerCounterVec(cfg.Reg, prometheus.NewCounterVec(prometheus.CounterOpts{
 			Name: "otpflow_deliveries_settled_total",
 			Help: "Deliveries settled, by consumer and outcome (ack, retry, terminate, dead_letter).",
@@ -100,6 +127,10 @@ func NewConsumer(cons jetstream.Consumer, cfg ConsumeConfig) *Consumer {
 		stuck: registerCounterVec(cfg.Reg, prometheus.NewCounterVec(prometheus.CounterOpts{
 			Name: "otpflow_deliveries_stuck_total",
 			Help: "Deliveries left unsettled past MaxInProgress and so given back to redelivery, by consumer.",
+		}, []string{"consumer"})),
+		held: registerCounterVec(cfg.Reg, prometheus.NewCounterVec(prometheus.CounterOpts{
+			Name: "otpflow_deliveries_held_retries_total",
+			Help: "Times a consumer tried again deliveries it held in place, in order, while a neighbour (the database, NATS) was unavailable or an ordered consumer's delivery kept failing, by consumer.",
 		}, []string{"consumer"})),
 	}
 	c.beats = &heartbeats{every: ackWait / 4, maxAge: cfg.MaxInProgress, open: map[*Delivery]time.Time{}, onStuck: c.givenUp}
@@ -134,7 +165,8 @@ func registerCounterVec(reg prometheus.Registerer, v *prometheus.CounterVec) *pr
 // of one with no added latency and a busy one gets full batches. At most Prefetch
 // messages are pulled ahead. On cancel it stops pulling, hands over the messages it
 // already holds and returns; deliveries still unsettled then are redelivered after
-// their AckWait unless their stage settles them.
+// their AckWait unless their stage settles them, and deliveries held for a neighbour
+// that is down are put back at once.
 func (c *Consumer) Run(ctx context.Context, handle BatchHandler) error {
 	size, prefetch := c.cfg.BatchSize, c.cfg.Prefetch
 	// Room for everything Consume may have pulled while a batch is in hand, so the
@@ -151,7 +183,7 @@ func (c *Consumer) Run(ctx context.Context, handle BatchHandler) error {
 	batch := make([]jetstream.Msg, 0, size)
 	flush := func() {
 		if len(batch) > 0 {
-			c.Handle(work, batch, handle)
+			c.handleMsgs(work, ctx.Done(), batch, handle)
 			batch = batch[:0]
 		}
 	}
@@ -190,9 +222,14 @@ func (c *Consumer) Run(ctx context.Context, handle BatchHandler) error {
 }
 
 // Handle hands msgs to handle as one batch, exactly as Run does with a pulled batch. It
-// returns when the handler has returned; deliveries it passed on stay in progress until
-// settled.
+// returns when the handler has returned and the failures are settled or, for deliveries
+// held while a neighbour is down, once they succeed or ctx is done; deliveries the
+// handler passed on stay in progress until settled.
 func (c *Consumer) Handle(ctx context.Context, msgs []jetstream.Msg, handle BatchHandler) {
+	c.handleMsgs(ctx, ctx.Done(), msgs, handle)
+}
+
+func (c *Consumer) handleMsgs(ctx context.Context, stop <-chan struct{}, msgs []jetstream.Msg, handle BatchHandler) {
 	batch := make([]*Delivery, 0, len(msgs))
 	for _, m := range msgs {
 		md, err := m.Metadata()
@@ -209,40 +246,228 @@ func (c *Consumer) Handle(ctx context.Context, msgs []jetstream.Msg, handle Batc
 		batch = append(batch, d)
 	}
 	if len(batch) > 0 {
-		c.handle(ctx, batch, handle)
+		c.handle(ctx, stop, batch, handle)
 	}
 }
 
-// handle runs the handler on batch; if it fails, on each unsettled delivery alone.
-func (c *Consumer) handle(ctx context.Context, batch []*Delivery, handle BatchHandler) {
+// handle runs the handler on batch and, if it fails, isolates the deliveries it failed
+// on (isolate). Those held for another try are tried again, as a batch in stream order,
+// after a delay growing with each try, until none is left or stop: then they are given
+// back to JetStream.
+func (c *Consumer) handle(ctx context.Context, stop <-chan struct{}, batch []*Delivery, handle BatchHandler) {
 	err := handle(ctx, batch)
-	if err == nil {
+	pending := unsettled(batch)
+	if err == nil || len(pending) == 0 {
 		return
 	}
-	if len(batch) == 1 {
-		if d := batch[0]; !d.isSettled() {
-			d.Settle(c.failed(d, err))
+	if len(pending) > 1 {
+		c.log.Warn("batch failed; handling its deliveries one at a time", "consumer", c.cfg.Name,
+			"deliveries", len(pending), "err", err)
+	}
+	var lead *Delivery
+	for try := uint64(1); ; try++ {
+		if pending = c.isolate(ctx, pending, err, handle); len(pending) == 0 {
+			return
 		}
-		return
+		if pending[0] != lead { // another delivery leads: its own tries start over
+			lead, try = pending[0], 1
+		}
+		after := RetryDelay(try, c.cfg.MaxRetryDelay)
+		c.log.Warn("deliveries held in order; trying them again", "consumer", c.cfg.Name, "deliveries", len(pending),
+			"first_seq", pending[0].meta.Sequence, "retry_in", after, "err", pending[0].lastErr)
+		for _, d := range pending {
+			c.beats.add(d) // tried again, not forgotten: MaxInProgress starts over
+		}
+		t := time.NewTimer(after)
+		select {
+		case <-stop:
+			t.Stop()
+			for _, d := range pending {
+				d.Settle(c.givenBack(d))
+			}
+			return
+		case <-t.C:
+		}
+		c.held.WithLabelValues(c.cfg.Name).Inc()
+		err = handle(ctx, pending)
+		if pending = unsettled(pending); err == nil || len(pending) == 0 {
+			return
+		}
 	}
-	c.log.Warn("batch failed; handling its deliveries one at a time", "consumer", c.cfg.Name,
-		"deliveries", len(batch), "err", err)
+}
+
+func unsettled(batch []*Delivery) []*Delivery {
+	var out []*Delivery
 	for _, d := range batch {
 		if !d.isSettled() {
-			c.handle(ctx, []*Delivery{d}, handle)
+			out = append(out, d)
 		}
+	}
+	return out
+}
+
+// isolate runs each of pending alone, in stream order (pending failed together with err,
+// which is the error of the one delivery when it is alone), settles each failure that
+// names its delivery and returns the deliveries to hold and try again: those that met a
+// neighbour that is down and, for an ordered consumer, the first that failed with every
+// delivery after it.
+func (c *Consumer) isolate(ctx context.Context, pending []*Delivery, err error, handle BatchHandler) []*Delivery {
+	var failed []*Delivery
+	handled := false // a delivery succeeded alone: the neighbours answer
+	probe := c.probe(ctx)
+	for i, d := range pending {
+		e := err
+		if len(pending) > 1 {
+			e = handle(ctx, []*Delivery{d})
+		}
+		if e == nil {
+			handled = true
+			continue
+		}
+		if d.isSettled() {
+			continue
+		}
+		d.lastErr = e
+		if failureOf(e) == failureRefused {
+			d.Settle(c.refused(d, e))
+			continue
+		}
+		if c.cfg.Ordered {
+			// Nothing after it goes first: it leads the deliveries held behind it.
+			if !onNeighbour(e, handled, probe) {
+				n := d.meta.NumDelivered + d.tries
+				if n >= c.triesAllowed() {
+					d.Settle(c.failed(d, n, e))
+					continue
+				}
+				d.tries++
+			}
+			return pending[i:]
+		}
+		failed = append(failed, d)
+	}
+	// Judged once every delivery was tried: one that succeeded clears the neighbours.
+	var held []*Delivery
+	for _, d := range failed {
+		if onNeighbour(d.lastErr, handled, probe) {
+			held = append(held, d)
+			continue
+		}
+		d.Settle(c.failed(d, d.meta.NumDelivered, d.lastErr))
+	}
+	return held
+}
+
+// failureKind is what a handler's error says about the delivery it failed on.
+type failureKind uint8
+
+const (
+	// failureUnknown names no cause: the message or a neighbour.
+	failureUnknown failureKind = iota
+	// failureRefused is data the database will never take (RefusedByDatabase): the
+	// message's own, so no retry cures it.
+	failureRefused
+	// failureUnavailable is a neighbour down or unreachable — the database (connection
+	// lost or refused, shutting down, out of connections, the role locked out, a collision
+	// with another transaction) or NATS (no connection, no answer in time) — or an error
+	// wrapping ErrUnavailable: no message causes it, every message meets it alike.
+	failureUnavailable
+)
+
+// ErrUnavailable marks, wrapped in a handler's error, a neighbour the handler could not
+// reach: the consumer waits for it rather than blaming the message.
+var ErrUnavailable = errors.New("unavailable")
+
+// failureOf classifies a handler's error: the one table from which the consumer decides
+// between dead-lettering a message, waiting for a neighbour and retrying.
+func failureOf(err error) failureKind {
+	if _, ok := RefusedByDatabase(err); ok {
+		return failureRefused
+	}
+	var netErr net.Error
+	switch {
+	case errors.Is(err, ErrUnavailable), databaseUnavailable(err), errors.As(err, &netErr),
+		errors.Is(err, io.ErrUnexpectedEOF), errors.Is(err, context.DeadlineExceeded),
+		errors.Is(err, nats.ErrConnectionClosed), errors.Is(err, nats.ErrDisconnected),
+		errors.Is(err, nats.ErrNoServers), errors.Is(err, nats.ErrTimeout), errors.Is(err, nats.ErrNoResponders),
+		errors.Is(err, jetstream.ErrNoStreamResponse):
+		return failureUnavailable
+	}
+	return failureUnknown
+}
+
+// onNeighbour says whether a failure other than refused data is put on a neighbour
+// rather than on the message: a neighbour down; or a failure that names no cause while
+// no other delivery succeeded meanwhile (handled) and the neighbour does not answer its
+// probe (healthy).
+func onNeighbour(err error, handled bool, healthy func() bool) bool {
+	if failureOf(err) == failureUnavailable {
+		return true
+	}
+	return !handled && !healthy()
+}
+
+// probe returns a check of the neighbour, run at most once per call of isolate: true
+// without a Healthy function.
+func (c *Consumer) probe(ctx context.Context) func() bool {
+	if c.cfg.Healthy == nil {
+		return func() bool { return true }
+	}
+	var ok *bool
+	return func() bool {
+		if ok == nil {
+			pctx, cancel := context.WithTimeout(ctx, 5*time.Second)
+			err := c.cfg.Healthy(pctx)
+			cancel()
+			healthy := err == nil
+			ok = &healthy
+			if err != nil {
+				c.log.Warn("neighbour unhealthy; failures held, not blamed on the messages", "consumer", c.cfg.Name, "err", err)
+			}
+		}
+		return *ok
 	}
 }
 
-// failed is the outcome of a delivery its handler failed on alone: a retry after a delay
-// growing with its deliveries or, on its last delivery, a dead letter with the error, so
-// it is not silently dropped by MaxDeliver.
-func (c *Consumer) failed(d *Delivery, err error) Outcome {
-	n := d.meta.NumDelivered
-	if c.maxDeliver > 0 && n >= uint64(c.maxDeliver) {
+// triesAllowed is how often an ordered consumer tries a delivery, its deliveries counted.
+func (c *Consumer) triesAllowed() uint64 {
+	if c.maxDeliver > 0 {
+		return uint64(c.maxDeliver)
+	}
+	return 10
+}
+
+// failed is the outcome of a delivery its handler failed on alone after n tries: a retry
+// after a delay growing with them or, on its last delivery, a dead letter with the error,
+// so it is not silently dropped by MaxDeliver.
+func (c *Consumer) failed(d *Delivery, n uint64, err error) Outcome {
+	if (c.maxDeliver > 0 && n >= uint64(c.maxDeliver)) || (c.cfg.Ordered && n >= c.triesAllowed()) {
 		_, tenant, _ := events.SplitSubject(d.Subject())
 		return DeadLetter(tenant, fmt.Sprintf("%s: failed %d times: %v", c.cfg.Name, n, err))
 	}
 	c.log.Error("delivery failed; retrying", "consumer", c.cfg.Name, "seq", d.meta.Sequence, "delivered", n, "err", err)
 	return Retry(RetryDelay(n, c.cfg.MaxRetryDelay))
+}
+
+// refused is the outcome of a delivery whose data the database refuses: a dead letter
+// naming the SQLSTATE, never the refused value.
+func (c *Consumer) refused(d *Delivery, err error) Outcome {
+	_, tenant, _ := events.SplitSubject(d.Subject())
+	reason := err.Error()
+	if r, ok := RefusedByDatabase(err); ok {
+		reason = r.Error()
+	}
+	c.log.Error("delivery refused by the database; dead-lettered", "consumer", c.cfg.Name, "seq", d.meta.Sequence, "err", reason)
+	return DeadLetter(tenant, c.cfg.Name+": "+reason)
+}
+
+// givenBack is the outcome of a delivery held when the consumer stops: back to JetStream
+// for another process, or, when JetStream would not deliver it again, to the DLQ with the
+// failure it was held for.
+func (c *Consumer) givenBack(d *Delivery) Outcome {
+	if c.maxDeliver > 0 && d.meta.NumDelivered >= uint64(c.maxDeliver) {
+		_, tenant, _ := events.SplitSubject(d.Subject())
+		return DeadLetter(tenant, fmt.Sprintf("%s: still failing on its last delivery when the consumer stopped: %v", c.cfg.Name, d.lastErr))
+	}
+	return Retry(time.Second)
 }

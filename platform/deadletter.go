@@ -85,9 +85,9 @@ func EventRecipient(subjects *keys.Subjects) func(tenant string, data []byte) st
 }
 
 // sealDeadLetter builds the dead letter of the message (subject, header, data) stored at
-// stream/seq: the original sealed whole in the body, the reason, origin and recipient
-// hash in headers.
-func (dls *DeadLetters) sealDeadLetter(tenant string, subject string, header nats.Header, data []byte, md Meta, reason string) (*nats.Msg, error) {
+// stream/seq that consumer gave up on: the original sealed whole in the body, the reason,
+// consumer, origin and recipient hash in headers.
+func (dls *DeadLetters) sealDeadLetter(consumer, tenant, subject string, header nats.Header, data []byte, md Meta, reason string) (*nats.Msg, error) {
 	if dls == nil || dls.Sealer == nil {
 		return nil, ErrNoDLQKey
 	}
@@ -118,6 +118,7 @@ func (dls *DeadLetters) sealDeadLetter(tenant string, subject string, header nat
 	// The reason may quote a provider or a decoder: no address or IP leaves in it.
 	dl.Header.Set(events.HeaderDLQReason, events.Reason(reason, 1000))
 	dl.Header.Set(events.HeaderDLQSubject, subject)
+	dl.Header.Set(events.HeaderDLQConsumer, consumer)
 	dl.Header.Set(events.HeaderDLQStream, md.Stream)
 	dl.Header.Set(events.HeaderDLQSequence, strconv.FormatUint(md.Sequence, 10))
 	dl.Header.Set(events.HeaderDLQDelivered, strconv.FormatUint(md.NumDelivered, 10))
@@ -145,7 +146,7 @@ func OpenDeadLetter(sealer *keys.Sealer, header nats.Header, data []byte) (event
 
 // publishDeadLetter copies d to otp.dlq.<tenant>, sealed.
 func (c *Consumer) publishDeadLetter(ctx context.Context, d *Delivery, tenant, reason string) error {
-	dl, err := c.cfg.DeadLetters.sealDeadLetter(tenant, d.msg.Subject(), d.msg.Headers(), d.msg.Data(), d.meta, reason)
+	dl, err := c.cfg.DeadLetters.sealDeadLetter(c.durable, tenant, d.msg.Subject(), d.msg.Headers(), d.msg.Data(), d.meta, reason)
 	if err != nil {
 		return err
 	}

@@ -32,6 +32,11 @@ type Delivery struct {
 	mu        sync.Mutex
 	settled   bool
 	lingering bool // settled, but kept in progress while its outcome is still applied
+
+	// Kept by the goroutine handling the delivery: the tries an ordered consumer made in
+	// place beyond its deliveries, and the error it last failed with.
+	tries   uint64
+	lastErr error
 }
 
 // Subject is the subject the message was published to.
@@ -79,13 +84,14 @@ func (d *Delivery) heartbeat() {
 	}
 }
 
-// Outcome is what becomes of a delivery. Build one with Ack, Retry, Terminate or
-// DeadLetter; the zero Outcome is a retry after a second.
+// Outcome is what becomes of a delivery. Build one with Ack, Retry, Terminate,
+// DeadLetter or Failed; the zero Outcome is a retry after a second.
 type Outcome struct {
 	kind   outcomeKind
 	after  time.Duration
 	tenant string
 	reason string
+	err    error
 }
 
 type outcomeKind uint8
@@ -95,6 +101,7 @@ const (
 	kindAck
 	kindTerminate
 	kindDeadLetter
+	kindFailed
 )
 
 // Ack: the delivery is done with and is not redelivered.
@@ -122,6 +129,12 @@ func DeadLetter(tenant, reason string) Outcome {
 	return Outcome{kind: kindDeadLetter, tenant: tenant, reason: reason}
 }
 
+// Failed: the delivery failed with err and goes back to JetStream as a failure of the
+// consumer's own does: redelivered after a delay growing with its deliveries or, on its
+// last delivery, dead-lettered with err; data the database refuses is dead-lettered at
+// once. For a delivery that must wait its turn without holding the ones after it.
+func Failed(err error) Outcome { return Outcome{kind: kindFailed, err: err} }
+
 // String names the outcome as the settle metrics label it.
 func (o Outcome) String() string {
 	switch o.kind {
@@ -140,6 +153,13 @@ const deadLetterRetry = 5 * time.Second
 
 // apply is the one place outcomes reach JetStream.
 func (c *Consumer) apply(d *Delivery, o Outcome) {
+	if o.kind == kindFailed {
+		if failureOf(o.err) == failureRefused {
+			o = c.refused(d, o.err)
+		} else {
+			o = c.failed(d, d.meta.NumDelivered, o.err)
+		}
+	}
 	var err error
 	applied := o
 	switch o.kind {

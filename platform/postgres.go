@@ -128,3 +128,31 @@ func RefusedByDatabase(err error) (*RefusedError, bool) {
 	}
 	return nil, false
 }
+
+// databaseUnavailable tells a failure of the database itself, which no message causes and
+// every message meets alike, from one tied to what a statement wrote or read: the server
+// unreachable, shutting down or starting up, out of connections, memory or disk, a
+// standby taking writes after a failover, the service's role unable to log in or stripped
+// of its grants, or a transaction that collided with another (serialization failure,
+// deadlock), which succeeds when run again.
+func databaseUnavailable(err error) bool {
+	var pgErr *pgconn.PgError
+	if errors.As(err, &pgErr) {
+		code := pgErr.Code
+		switch {
+		case strings.HasPrefix(code, "08"), // connection exception
+			strings.HasPrefix(code, "28"),  // invalid authorization: the role cannot log in
+			strings.HasPrefix(code, "40"),  // transaction rollback: serialization failure, deadlock
+			strings.HasPrefix(code, "53"),  // insufficient resources: too many connections, disk full
+			strings.HasPrefix(code, "57P"), // shutdown, crash, cannot connect now, database dropped
+			strings.HasPrefix(code, "58"),  // system error: I/O
+			code == "25006",                // read-only transaction: a standby
+			code == "42501",                // insufficient privilege: grants revoked
+			code == "3D000":                // the database does not exist
+			return true
+		}
+		return false
+	}
+	var connectErr *pgconn.ConnectError
+	return errors.As(err, &connectErr) || pgconn.SafeToRetry(err) || pgconn.Timeout(err)
+}

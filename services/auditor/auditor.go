@@ -15,8 +15,8 @@ import (
 	"log/slog"
 	"strings"
 	"time"
+	"unicode/utf8"
 
-	"github.com/cenkalti/backoff/v4"
 	"github.com/jackc/pgx/v5/pgxpool"
 	"github.com/nats-io/nats.go"
 	"github.com/nats-io/nats.go/jetstream"
@@ -140,8 +140,11 @@ func (s *Service) Run(ctx context.Context) error {
 		s.log.Info("chained rows written before the hash chain", "rows", n)
 	}
 	s.log.Info("auditor consuming", "stream", events.StreamEvents, "consumer", events.ConsumerAuditor)
+	// Ordered: the chain follows stream order, so a failing event is tried again in place
+	// with the events after it held behind it (handleBatch). Healthy: an event that fails
+	// alone is blamed on itself only while the database answers.
 	c := platform.NewConsumer(cons, platform.ConsumeConfig{Name: events.ConsumerAuditor, BatchSize: s.cfg.BatchSize,
-		JS: s.js, Log: s.log, Reg: s.reg,
+		JS: s.js, Log: s.log, Reg: s.reg, Ordered: true, Healthy: s.pool.Ping,
 		DeadLetters: &platform.DeadLetters{Sealer: s.cfg.DLQKey, Recipient: platform.EventRecipient(s.cfg.Subjects)}})
 	anchored := make(chan struct{})
 	go func() { defer close(anchored); s.runAnchor(ctx) }()
@@ -201,7 +204,11 @@ type rowKeys struct {
 	ClientIP  string `json:"client_ip"`
 }
 
-// ToRow turns an OTP_EVENTS message into its audit row. The recipient's subject hash and
+// ToRow turns an OTP_EVENTS message into its audit row, or fails for a message the log
+// cannot keep: one that is not a JSON object within the size limit, or that holds what
+// PostgreSQL refuses to store (a NUL character, or text that is not UTF-8, anywhere in
+// the row). Such a message has no row: the auditor dead-letters it, a replay skips it and
+// the anchored verification does not ask for it. The recipient's subject hash and
 // masked form, and the client's hash, leave the payload for the erasable columns; the
 // code HMAC and the session id are dropped. An event of an earlier release that carries
 // the plaintext address or client IP gets them hashed under the active key of subjects
@@ -285,12 +292,69 @@ func ToRow(key []byte, subjects *keys.Subjects, seq uint64, stored time.Time, su
 	if r.Payload, err = json.Marshal(body); err != nil {
 		return Row{}, err
 	}
+	if err := storable(&r, body); err != nil {
+		return Row{}, err
+	}
 	// The salt is derived from the audit key and the sequence (a replay must rebuild the
 	// same row); it is erased with the personal data, so the digest left in the chain
 	// cannot be matched against guesses by anyone without the key.
 	r.PIISalt = piiSalt(key, seq)
 	r.PIIDigest = piiDigest(r.PIISalt, r.RecipientHash, r.RecipientMasked, r.PII)
 	return r, nil
+}
+
+// storable refuses a row PostgreSQL would refuse: text columns and JSON strings (keys
+// included) hold no NUL character and only UTF-8. Deciding it here, from the message
+// alone, keeps the live log, a replay and the anchored verification in agreement about
+// which messages have a row. The error names the field, never its value.
+func storable(r *Row, body map[string]any) error {
+	for _, f := range []struct{ name, value string }{
+		{"subject", r.Subject}, {events.HeaderID + " header", r.EventID}, {events.HeaderSource + " header", r.Source},
+		{"request_id", r.RequestID}, {"challenge_id", r.ChallengeID}, {"recipient_masked", r.RecipientMasked},
+	} {
+		if !storableText(f.value) {
+			return fmt.Errorf("%s holds a NUL character or is not UTF-8: the audit log cannot store it", f.name)
+		}
+	}
+	for k, v := range r.PII {
+		if !storableText(v) {
+			return fmt.Errorf("%s holds a NUL character: the audit log cannot store it", k)
+		}
+	}
+	if field := unstorableField("", body); field != "" {
+		return fmt.Errorf("field %s holds a NUL character: the audit log cannot store it", field)
+	}
+	return nil
+}
+
+func storableText(s string) bool { return strings.IndexByte(s, 0) < 0 && utf8.ValidString(s) }
+
+// unstorableField returns the path of the first string or key under v that PostgreSQL's
+// jsonb refuses (a NUL character; the JSON decoder already made the rest UTF-8), or "".
+func unstorableField(path string, v any) string {
+	switch v := v.(type) {
+	case string:
+		if !storableText(v) {
+			return path
+		}
+	case map[string]any:
+		for k, e := range v {
+			p := strings.TrimPrefix(path+"."+k, ".")
+			if !storableText(k) {
+				return p
+			}
+			if f := unstorableField(p, e); f != "" {
+				return f
+			}
+		}
+	case []any:
+		for i, e := range v {
+			if f := unstorableField(fmt.Sprintf("%s[%d]", path, i), e); f != "" {
+				return f
+			}
+		}
+	}
+	return ""
 }
 
 // storedBody decodes a message body into the form the log keeps: one JSON object, any
@@ -370,6 +434,15 @@ func SubjectHashes(subjects *keys.Subjects, tenant, addr string) [][]byte {
 // (events.MaskAddress).
 func Mask(addr string) string { return events.MaskAddress(addr) }
 
+// handleBatch chains a batch of events in one transaction, in stream order. An event the
+// log cannot keep (ToRow) is dead-lettered and has no row. If the transaction fails, the
+// error goes back to the consumer, which is ordered: it runs the events again one at a
+// time in stream order up to the first that fails, and tries that one again in place
+// with the events after it held behind it, so the chain keeps stream order. A database
+// outage is waited out and dead-letters nothing; an event the database refuses goes to
+// OTP_DLQ at once (it has no row, which the anchored verification reports: ToRow is where
+// what cannot be stored is foreseen); one that keeps failing while the database answers
+// goes there after its retries (the consumer's MaxDeliver).
 func (s *Service) handleBatch(ctx context.Context, batch []*platform.Delivery) error {
 	var rows []*Row
 	var good []*platform.Delivery
@@ -391,45 +464,36 @@ func (s *Service) handleBatch(ctx context.Context, batch []*platform.Delivery) e
 	if len(good) == 0 {
 		return nil
 	}
-	// The chain follows insertion order, so a batch that failed for a passing reason (the
-	// database restarting) is retried here, in order, instead of being put back behind
-	// newer events; the consumer keeps it in progress meanwhile. Data the database refuses
-	// is no passing reason: the batch goes back to the consumer, which runs it one event at
-	// a time, so the rest is chained and the one it refuses ends in the DLQ.
-	b := backoff.WithContext(backoff.NewExponentialBackOff(backoff.WithInitialInterval(100*time.Millisecond),
-		backoff.WithMaxInterval(5*time.Second), backoff.WithMaxElapsedTime(0)), ctx)
-	err := backoff.RetryNotify(func() error {
-		w, err := s.cfg.Chain.Append(ctx, s.pool, rows)
-		if err == nil && w.Rows > 0 {
-			s.anchor.wrote(w)
-		}
-		if refused, ok := platform.RefusedByDatabase(err); ok {
-			return backoff.Permanent(refused)
-		}
-		return err
-	}, b, func(err error, d time.Duration) {
-		s.log.Error("write audit batch; retrying", "events", len(good), "retry_in", d, "err", err)
-	})
+	w, err := s.cfg.Chain.Append(ctx, s.pool, rows)
 	if err != nil {
-		if refused, ok := platform.RefusedByDatabase(err); ok && len(good) == 1 {
-			_, tenant, _ := events.SplitSubject(good[0].Subject())
-			s.log.Error("event refused by the database", "seq", good[0].Meta().Sequence, "err", refused)
-			good[0].Settle(platform.DeadLetter(tenant, "auditor: "+refused.Error()))
-			return nil
-		}
 		return fmt.Errorf("write %d audit rows: %w", len(good), err)
 	}
-	// An erasure is done once its row is chained (every earlier row is there too) and
-	// before it is acknowledged: a failure retries the batch, whose rows are then skipped
-	// as already written, and the erasure again (finding nothing left).
-	if err := s.eraseChained(ctx, rows); err != nil {
-		return err
+	if w.Rows > 0 {
+		s.anchor.wrote(w)
 	}
-	for _, d := range good {
+	// An erasure is done once its row is chained (every earlier row is there too) and
+	// before it is acknowledged. One that waits for an earlier event goes back to the
+	// stream on its own (its row stays chained; the events after it go on, they are
+	// chained already); one that fails leaves itself and the rest unacknowledged, and the
+	// batch is run again: its rows are then skipped as already written.
+	inBatch := map[uint64]bool{}
+	for _, r := range rows {
+		inBatch[r.StreamSeq] = true
+	}
+	var acked []*Row
+	defer func() { s.alerts.observe(ctx, acked) }()
+	for i, d := range good {
+		if err := s.eraseRow(ctx, rows[i], inBatch); errors.Is(err, errEarlierUnwritten) {
+			s.log.Warn("erasure waits for an earlier event", "seq", rows[i].StreamSeq, "err", err)
+			d.Settle(platform.Failed(err))
+			continue
+		} else if err != nil {
+			return err
+		}
 		typ, _, _ := events.SplitSubject(d.Subject())
 		s.written.WithLabelValues(string(typ)).Inc()
 		d.Settle(platform.Ack())
+		acked = append(acked, rows[i])
 	}
-	s.alerts.observe(ctx, rows)
 	return nil
 }

@@ -2,6 +2,7 @@ package auditor
 
 import (
 	"context"
+	"errors"
 	"fmt"
 
 	"github.com/jackc/pgx/v5/pgxpool"
@@ -32,41 +33,54 @@ func EraseChained(ctx context.Context, pool *pgxpool.Pool, seq uint64) (int64, e
 // subjectHashValue is how a subject hash is kept in the recipient_hash column.
 func subjectHashValue(h string) []byte { return []byte(h) }
 
-// eraseChained does the erasures among rows just chained and answers each. An erasure
-// waits until every earlier event is in the log: a batch redelivered after a crash, or
-// another auditor's, may still hold rows about the person with lower sequences. They are
-// there once the consumer's acknowledgement floor, with the rows of this batch, covers
-// every sequence below the erasure's; until then the erasure fails and is retried.
+// errEarlierUnwritten: an erasure's row is chained, but an earlier event is not yet
+// written, by this auditor or another; the erasure is done once it is.
+var errEarlierUnwritten = errors.New("an earlier event is not written yet")
+
+// eraseChained does the erasures among rows just chained and answers each (eraseRow).
 func (s *Service) eraseChained(ctx context.Context, rows []*Row) error {
 	inBatch := map[uint64]bool{}
 	for _, r := range rows {
 		inBatch[r.StreamSeq] = true
 	}
 	for _, r := range rows {
-		if r.Type != string(events.TypeErasureRequested) {
-			continue
-		}
-		if missing, err := s.earlierUnwritten(ctx, r.StreamSeq, inBatch); err != nil {
-			return err
-		} else if missing != 0 {
-			return fmt.Errorf("erasure at stream sequence %d waits for the event at %d to be written first", r.StreamSeq, missing)
-		}
-		req, err := platform.DecodeErasure(r.Subject, r.Payload)
-		if err != nil {
-			// Chained as it came; nothing names whom to erase. The other services
-			// dead-letter it with the reason.
-			s.log.Error("malformed erasure request", "seq", r.StreamSeq, "err", err)
-			continue
-		}
-		n, err := EraseChained(ctx, s.pool, r.StreamSeq)
-		if err != nil {
-			return fmt.Errorf("erasure %s: %w", req.ErasureID, err)
-		}
-		if err := platform.PublishErased(ctx, s.js, "auditor", req, n); err != nil {
+		if err := s.eraseRow(ctx, r, inBatch); err != nil {
 			return err
 		}
-		s.log.Info("erased a person", "erasure_id", req.ErasureID, "tenant", req.Tenant, "rows", n)
 	}
+	return nil
+}
+
+// eraseRow does the erasure of r, a row just chained, if it is one, and answers it. An
+// erasure waits until every earlier event is in the log: a batch redelivered after a
+// crash, or another auditor's, may still hold rows about the person with lower sequences.
+// They are there once the consumer's acknowledgement floor, with the rows of this batch
+// (inBatch), covers every sequence below the erasure's; until then it fails with
+// errEarlierUnwritten.
+func (s *Service) eraseRow(ctx context.Context, r *Row, inBatch map[uint64]bool) error {
+	if r.Type != string(events.TypeErasureRequested) {
+		return nil
+	}
+	if missing, err := s.earlierUnwritten(ctx, r.StreamSeq, inBatch); err != nil {
+		return err
+	} else if missing != 0 {
+		return fmt.Errorf("erasure at stream sequence %d waits for the event at %d: %w", r.StreamSeq, missing, errEarlierUnwritten)
+	}
+	req, err := platform.DecodeErasure(r.Subject, r.Payload)
+	if err != nil {
+		// Chained as it came; nothing names whom to erase. The other services
+		// dead-letter it with the reason.
+		s.log.Error("malformed erasure request", "seq", r.StreamSeq, "err", err)
+		return nil
+	}
+	n, err := EraseChained(ctx, s.pool, r.StreamSeq)
+	if err != nil {
+		return fmt.Errorf("erasure %s: %w", req.ErasureID, err)
+	}
+	if err := platform.PublishErased(ctx, s.js, "auditor", req, n); err != nil {
+		return err
+	}
+	s.log.Info("erased a person", "erasure_id", req.ErasureID, "tenant", req.Tenant, "rows", n)
 	return nil
 }
 

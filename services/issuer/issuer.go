@@ -147,8 +147,10 @@ func (s *Service) Run(ctx context.Context) error {
 		Filter: events.IssuerConsumer.FilterSubject, Bound: s.cfg.Streams.RequestsAge(), AlertAt: s.cfg.LagAlert,
 		Every: s.cfg.LagCheckEvery, Rule: RuleRequestsBacklog, Source: "otpflow/issuer", Log: s.log, Reg: s.reg}
 	g.Go(func() error { return watch.Run(gctx) })
+	// Healthy: a batch whose every request fails alone is blamed on the requests only
+	// while the database answers; otherwise the consumer waits for it.
 	c := platform.NewConsumer(cons, platform.ConsumeConfig{Name: events.ConsumerIssuer, BatchSize: s.cfg.BatchSize,
-		JS: s.js, Log: s.log, Reg: s.reg,
+		JS: s.js, Log: s.log, Reg: s.reg, Healthy: s.store.pool.Ping,
 		DeadLetters: &platform.DeadLetters{Sealer: s.cfg.DLQKey, Recipient: platform.RequestRecipient(s.cfg.Subjects)}})
 	g.Go(func() error { return c.Run(gctx, s.handleBatch) })
 	g.Go(func() error {
@@ -184,7 +186,9 @@ type request struct {
 // handleBatch decides a batch of requests in one transaction. Rejections are published
 // and terminated whatever happens to the rest; if the transaction fails, the requests it
 // held are left unsettled and the error returned, so the consumer retries them one at a
-// time and a poison request cannot hold back its neighbours.
+// time and a poison request cannot hold back its neighbours: one the database refuses
+// goes to OTP_DLQ at once, one that keeps failing after its retries, and a database
+// outage is waited out (platform.BatchHandler).
 func (s *Service) handleBatch(ctx context.Context, batch []*platform.Delivery) error {
 	s.batch.Observe(float64(len(batch)))
 	// Stamps of rejections only; every decision about time runs on the database clock.

@@ -42,10 +42,11 @@ type failureRisk struct {
 // project writes a batch of challenge and supersession events in one transaction.
 // The projection checks its inputs like the issuer checks requests: an event that does
 // not decode, names a tenant other than its subject's, or carries a malformed field goes
-// to OTP_DLQ with the reason and the rest of the batch is projected. If the database
-// refuses the batch, the error goes back to the consumer, which hands each event over
-// on its own, so one event the database refuses is dead-lettered instead of holding back
-// its neighbours; any other failure of a lone event is retried by the consumer.
+// to OTP_DLQ with the reason and the rest of the batch is projected. If the transaction
+// fails, the error goes back to the consumer, which hands each event over on its own: one
+// the database refuses is dead-lettered at once, one that keeps failing while the others
+// are projected is dead-lettered after its retries, and a database outage is waited out
+// without dead-lettering anything (platform.BatchHandler).
 func (s *Service) project(ctx context.Context, batch []*platform.Delivery) error {
 	if s.beforeProject != nil {
 		s.beforeProject()
@@ -62,16 +63,11 @@ func (s *Service) project(ctx context.Context, batch []*platform.Delivery) error
 	if len(items) == 0 {
 		return nil
 	}
-	err := s.store.project(ctx, items)
-	if err == nil {
-		s.settle(items)
-		return nil
+	if err := s.store.project(ctx, items); err != nil {
+		return fmt.Errorf("project %d events: %w", len(items), err)
 	}
-	if refused, ok := platform.RefusedByDatabase(err); ok && len(items) == 1 {
-		s.deadLetter(items[0].msg, refused)
-		return nil
-	}
-	return fmt.Errorf("project %d events: %w", len(items), err)
+	s.settle(items)
+	return nil
 }
 
 // settle acks what was projected and dead-letters what the database refused quietly

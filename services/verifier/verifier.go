@@ -105,7 +105,7 @@ func New(cfg Config, pool *pgxpool.Pool, nc *nats.Conn, js jetstream.JetStream, 
 			Name: "otpflow_verifier_projected_events_total", Help: "Challenge and supersession events projected.",
 		}),
 		deadLettered: prometheus.NewCounter(prometheus.CounterOpts{
-			Name: "otpflow_verifier_dead_lettered_events_total", Help: "Projected events sent to OTP_DLQ instead (malformed, wrong tenant, refused by the database).",
+			Name: "otpflow_verifier_dead_lettered_events_total", Help: "Projected events the projection sent to OTP_DLQ (malformed, wrong tenant, another request's challenge); those the database refused or that kept failing are in otpflow_deliveries_settled_total{outcome=\"dead_letter\"}.",
 		}),
 		fenceSkipped: prometheus.NewCounter(prometheus.CounterOpts{
 			Name: "otpflow_verifier_fence_skipped_total", Help: "Verifies of unknown requests answered without waiting for the projection, all MaxFenceWaits slots being busy.",
@@ -161,11 +161,13 @@ func (s *Service) Run(ctx context.Context) error {
 	g.Go(func() error { return s.outbox.Relay(gctx, 2*time.Second, 5*time.Second) })
 	g.Go(func() error { return platform.PurgeEvery(gctx, 10*time.Minute, s.log, s.Purge) })
 	dead := &platform.DeadLetters{Sealer: s.cfg.DLQKey, Recipient: platform.EventRecipient(s.cfg.Subjects)}
+	// Healthy: a batch whose every event fails alone is blamed on the events only while
+	// the database answers; otherwise the consumer waits for it.
 	c := platform.NewConsumer(cons, platform.ConsumeConfig{Name: events.ConsumerVerifier, BatchSize: s.cfg.BatchSize,
-		JS: s.js, Log: s.log, Reg: s.reg, DeadLetters: dead})
+		JS: s.js, Log: s.log, Reg: s.reg, DeadLetters: dead, Healthy: s.store.pool.Ping})
 	g.Go(func() error { return c.Run(gctx, s.project) })
 	lc := platform.NewConsumer(legacy, platform.ConsumeConfig{Name: events.ConsumerVerifier + "-" + events.StreamEvents,
-		BatchSize: s.cfg.BatchSize, JS: s.js, Log: s.log, Reg: s.reg, DeadLetters: dead})
+		BatchSize: s.cfg.BatchSize, JS: s.js, Log: s.log, Reg: s.reg, DeadLetters: dead, Healthy: s.store.pool.Ping})
 	g.Go(func() error { return lc.Run(gctx, s.project) })
 	g.Go(func() error {
 		return platform.RunErasures(gctx, s.js, platform.ErasureConfig{Service: "verifier", Streams: s.cfg.Streams,
