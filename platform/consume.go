@@ -7,6 +7,7 @@ import (
 	"io"
 	"log/slog"
 	"net"
+	"sync/atomic"
 	"time"
 
 	"github.com/nats-io/nats.go"
@@ -80,7 +81,7 @@ type Consumer struct {
 	durable string
 	beats   *heartbeats
 
-	settled, ignored, stuck, held *prometheus.CounterVec
+	settled, ignored, stuck, held, restarts *prometheus.CounterVec
 }
 
 // NewConsumer wraps cons. Its AckWait sets the heartbeat (a quarter of it) and its
@@ -128,6 +129,10 @@ func NewConsumer(cons jetstream.Consumer, cfg ConsumeConfig) *Consumer {
 			Name: "otpflow_deliveries_stuck_total",
 			Help: "Deliveries left unsettled past MaxInProgress and so given back to redelivery, by consumer.",
 		}, []string{"consumer"})),
+		restarts: registerCounterVec(cfg.Reg, prometheus.NewCounterVec(prometheus.CounterOpts{
+			Name: "otpflow_consumer_restarts_total",
+			Help: "Times a consumer's pull stopped while the service ran (a terminal status, or a stored message that looks like one) and was started again, by consumer.",
+		}, []string{"consumer"})),
 		held: registerCounterVec(cfg.Reg, prometheus.NewCounterVec(prometheus.CounterOpts{
 			Name: "otpflow_deliveries_held_retries_total",
 			Help: "Times a consumer tried again deliveries it held in place, in order, while a neighbour (the database, NATS) was unavailable or an ordered consumer's delivery kept failing, by consumer.",
@@ -172,10 +177,17 @@ func (c *Consumer) Run(ctx context.Context, handle BatchHandler) error {
 	// Room for everything Consume may have pulled while a batch is in hand, so the
 	// delivery callback (which also sees heartbeats) does not block.
 	buf := make(chan jetstream.Msg, 2*prefetch+1)
-	cc, err := c.cons.Consume(func(m jetstream.Msg) { buf <- m },
-		jetstream.PullMaxMessages(prefetch),
-		jetstream.PullExpiry(5*time.Second),
-	)
+	var stopErr atomic.Value // the error that ended the last Consume, if any
+	consume := func() (jetstream.ConsumeContext, error) {
+		return c.cons.Consume(func(m jetstream.Msg) { buf <- m },
+			jetstream.PullMaxMessages(prefetch),
+			jetstream.PullExpiry(5*time.Second),
+			jetstream.ConsumeErrHandler(func(_ jetstream.ConsumeContext, err error) {
+				stopErr.Store(err)
+			}),
+		)
+	}
+	cc, err := consume()
 	if err != nil {
 		return fmt.Errorf("consume: %w", err)
 	}
@@ -198,6 +210,18 @@ func (c *Consumer) Run(ctx context.Context, handle BatchHandler) error {
 			}
 		}
 	}
+	drain := func() {
+		for {
+			select {
+			case m := <-buf:
+				collect(m)
+				flush()
+			default:
+				return
+			}
+		}
+	}
+	restart := time.Duration(0)
 	done := ctx.Done()
 	for {
 		select {
@@ -205,16 +229,30 @@ func (c *Consumer) Run(ctx context.Context, handle BatchHandler) error {
 			cc.Drain() // buffered messages are still delivered to buf
 			done = nil
 		case <-cc.Closed():
-			for {
-				select {
-				case m := <-buf:
-					collect(m)
-					flush()
-				default:
-					return nil
-				}
+			drain()
+			if ctx.Err() != nil {
+				return nil
+			}
+			// The client stopped pulling while the service runs. It does so on what it
+			// takes for a terminal status of the server (400, 409 consumer deleted), and a
+			// stored message with an empty body and a Status header of its own looks like
+			// one: an app can publish that. Pull again, so no message stops a consumer;
+			// the server gives such a message up after MaxDeliver (it never reaches the
+			// handler, and holds nothing: its body is empty).
+			cause, _ := stopErr.Load().(error)
+			restart = min(max(2*restart, 100*time.Millisecond), c.cfg.MaxRetryDelay)
+			c.restarts.WithLabelValues(c.cfg.Name).Inc()
+			c.log.Error("consumer stopped pulling; pulling again", "consumer", c.cfg.Name, "err", cause, "retry_in", restart)
+			select {
+			case <-ctx.Done():
+				return nil
+			case <-time.After(restart):
+			}
+			if cc, err = consume(); err != nil {
+				return fmt.Errorf("consume again: %w", err)
 			}
 		case m := <-buf:
+			restart = 0
 			collect(m)
 			flush()
 		}

@@ -6,6 +6,7 @@ import (
 	"maps"
 	"strings"
 	"testing"
+	"time"
 
 	"github.com/nats-io/nats.go"
 	"github.com/nats-io/nats.go/jetstream"
@@ -46,6 +47,13 @@ func TestPipelineUnderIdentities(t *testing.T) {
 	}
 
 	a := appAs(t, d, "acme")
+	// The app's attack first: an empty request with a Status header looks to the JetStream
+	// client like the server telling it to stop pulling. The issuer pulls on.
+	poison := nats.NewMsg("otp.requested.acme")
+	poison.Header.Set("Status", "400")
+	poison.Header.Set("Description", "Bad Request")
+	_, err = a.js.PublishMsg(context.Background(), poison)
+	testenv.Must(t, err, "acme publishes a request that looks like a status")
 	checkFlow(t, w, a, "acme", "ids-1", "ana@example.com")
 
 	// The CLI's request and verify as the app's own user.
@@ -62,6 +70,10 @@ func TestPipelineUnderIdentities(t *testing.T) {
 	if !strings.Contains(out.String(), `"status":"not_found"`) {
 		t.Errorf("verify of an unknown request as the app answered %s", out.String())
 	}
+	// The issuer still pulls after the look-alike status: the CLI's request is mailed.
+	testenv.Eventually(t, 30*time.Second, "the CLI's request mailed", func() bool {
+		return len(mailsTo(w.smtp.Mails(), "cli@example.com")) == 1
+	})
 
 	out.Reset()
 	errOut.Reset()

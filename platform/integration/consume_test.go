@@ -12,6 +12,7 @@ import (
 	"testing"
 	"time"
 
+	"github.com/nats-io/nats.go"
 	"github.com/nats-io/nats.go/jetstream"
 	"github.com/otpflow/otpflow/events"
 	"github.com/otpflow/otpflow/platform"
@@ -349,4 +350,73 @@ func ExampleConsumer() {
 		}
 		return nil
 	})
+}
+
+// TestConsumerPullsOnPastAMessageThatLooksLikeAStatus: the JetStream client takes a
+// message with an empty body and a Status header for a status of the server, and on 400
+// stops pulling. Anyone who may publish to a stream can store one (an app on
+// OTP_REQUESTS). The consumer pulls again: the messages after it are handled, and the
+// consumer is still running.
+func TestConsumerPullsOnPastAMessageThatLooksLikeAStatus(t *testing.T) {
+	e := newSettleEnv(t, jetstream.ConsumerConfig{AckWait: time.Second, MaxDeliver: 2})
+	e.publish(t, "a", "b")
+	for _, status := range []string{"400", "409"} {
+		m := nats.NewMsg("settle.acme")
+		m.Header.Set("Status", status)
+		m.Header.Set("Description", "Consumer Deleted")
+		_, err := e.js.PublishMsg(t.Context(), m)
+		testenv.Must(t, err, "publish a message that looks like a status")
+	}
+	e.publish(t, "c", "d")
+
+	var mu sync.Mutex
+	var seen []string
+	c := e.consumer(1)
+	ctx, cancel := context.WithCancel(context.Background())
+	ran := make(chan error, 1)
+	go func() {
+		ran <- c.Run(ctx, func(_ context.Context, batch []*platform.Delivery) error {
+			mu.Lock()
+			defer mu.Unlock()
+			for _, d := range batch {
+				seen = append(seen, string(d.Data()))
+				d.Settle(platform.Ack())
+			}
+			return nil
+		})
+	}()
+	testenv.Eventually(t, 30*time.Second, "the messages after the look-alikes handled", func() bool {
+		mu.Lock()
+		defer mu.Unlock()
+		return slices.Contains(seen, "c") && slices.Contains(seen, "d")
+	})
+	select {
+	case err := <-ran:
+		t.Fatalf("the consumer stopped: %v", err)
+	default:
+	}
+	e.publish(t, "e")
+	testenv.Eventually(t, 30*time.Second, "a message published later handled", func() bool {
+		mu.Lock()
+		defer mu.Unlock()
+		return slices.Contains(seen, "e")
+	})
+	cancel()
+	if err := <-ran; err != nil {
+		t.Fatalf("run: %v", err)
+	}
+	mfs, err := e.reg.Gather()
+	testenv.Must(t, err, "gather")
+	restarts := 0.0
+	for _, mf := range mfs {
+		if mf.GetName() == "otpflow_consumer_restarts_total" {
+			for _, m := range mf.GetMetric() {
+				restarts += m.GetCounter().GetValue()
+			}
+		}
+	}
+	if restarts < 1 {
+		t.Fatalf("restarts counted: %v", restarts)
+	}
+	t.Logf("handled %v", seen)
 }
