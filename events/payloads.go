@@ -486,6 +486,13 @@ const (
 	// person's dead letters by comparing it with the person's hash under every key of the
 	// ring.
 	HeaderRecipientHash = "Otp-Recipient-Hash"
+	// HeaderRedriveOf is set on a message an operator redrove from OTP_DLQ
+	// (`otpflow dlq redrive`): the original's Nats-Msg-Id. The redriven message is the
+	// original (subject, headers, ce-id and body) under a new Nats-Msg-Id,
+	// "redrive:<dlq sequence>:<original id>", so the duplicate window cannot drop it; a
+	// consumer recognises the event by its own key (request id, challenge and code), as
+	// it recognises a redelivery.
+	HeaderRedriveOf = "Otp-Redrive-Of"
 )
 
 // DeadLetterFormat names the sealed dead-letter format.

@@ -27,6 +27,7 @@ commands:
   audit     verify, replay, trail, erase and purge the audit log
   provision create or update the streams and consumers, and migrate the database (an admin's job)
   erase     erase one person of a tenant from every service, stream and the audit log
+  dlq       list, show, redrive and drop the dead letters of OTP_DLQ
 
 run "otpflow <command> -h" for the flags of a command.
 `
@@ -74,6 +75,12 @@ func run(ctx context.Context, args []string, getenv func(string) string, stdout,
 		return code, err
 	case "erase":
 		code, err := eraseCommand(ctx, args[1:], getenv, stdout)
+		if errors.Is(err, flag.ErrHelp) {
+			return 0, nil
+		}
+		return code, err
+	case "dlq":
+		code, err := dlqCommand(ctx, args[1:], getenv, stdout, stderr)
 		if errors.Is(err, flag.ErrHelp) {
 			return 0, nil
 		}

@@ -149,6 +149,19 @@ func TestNATSPermissions(t *testing.T) {
 		}
 		jsPublish(ctx, t, operator, "otp.erasure_requested.acme")
 		jsPublish(ctx, t, operator, "otp.operator_action._system")
+		// What `otpflow dlq redrive` does: publish a dead letter's original again to the
+		// subject it came from (a stream of the three the issuer, dispatcher and verifier
+		// dead-letter), under a new id, then delete the entry.
+		for _, subject := range []string{"otp.requested.acme", "otp.dispatch.acme", "otp.challenge.acme", "otp.challenge_superseded.acme"} {
+			m := nats.NewMsg(subject)
+			m.Data = []byte(`{}`)
+			m.Header.Set(jetstream.MsgIDHeader, "redrive:1:"+subject)
+			m.Header.Set(events.HeaderRedriveOf, subject)
+			if _, err := operator.js.PublishMsg(ctx, m); err != nil {
+				t.Fatalf("operator may redrive to %s: %v (errors: %v)", subject, err, operator.seen())
+			}
+		}
+		testenv.Must(t, dlq.SecureDeleteMsg(ctx, 1), "drop a dead letter")
 		readInOrder(ctx, t, operator, "otp.erased.acme")
 		readInOrder(ctx, t, operator, "")
 
@@ -272,7 +285,11 @@ func TestNATSPermissions(t *testing.T) {
 		})
 		t.Run(operator.id, func(t *testing.T) {
 			t.Parallel()
-			denyPublish(t, operator, "otp.requested.acme")
+			// It republishes requests, jobs and codes (dlq redrive), never an event or a
+			// dead letter.
+			denyPublish(t, operator, "otp.issued.acme")
+			denyPublish(t, operator, "otp.delivered.acme")
+			denyPublish(t, operator, "otp.dlq.acme")
 			denyPublish(t, operator, "otp.verified.acme")
 			denyPublish(t, operator, "otp.erased.acme")
 			denyRequest(t, operator, "otp.verify.acme")

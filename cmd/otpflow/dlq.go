@@ -1,0 +1,336 @@
+package main
+
+import (
+	"context"
+	"errors"
+	"flag"
+	"fmt"
+	"io"
+	"maps"
+	"slices"
+	"strconv"
+	"strings"
+	"time"
+
+	"github.com/nats-io/nats.go"
+	"github.com/nats-io/nats.go/jetstream"
+	"github.com/otpflow/otpflow/events"
+	"github.com/otpflow/otpflow/platform"
+	"github.com/otpflow/otpflow/platform/keys"
+)
+
+const dlqUsage = `usage: otpflow dlq <command> [flags]
+
+commands:
+  list     [--consumer C] [--reason TEXT] [--since RFC3339|DURATION]
+           one line per dead letter: sequence, time, consumer, original subject,
+           recipient hash, reason (no personal data)
+  show     SEQ                 open one dead letter (OTP_DLQ_KEY): it may hold personal data
+  redrive  SEQ | --all [--consumer C]
+           publish the original again under a new message id, then delete the entry
+  drop     SEQ | --all [--consumer C]
+           delete the entry, overwriting its stored bytes
+`
+
+// redrivable are the streams whose originals a redrive may publish again: each is read by
+// one consumer that recognises a message it already handled by the message's own key (the
+// issuer by tenant and request id, the dispatcher by challenge and code, the verifier by
+// challenge and code). An OTP_EVENTS original is not: the auditor keeps one row per stream
+// message, so a redriven event would be audited twice.
+var redrivable = []string{events.StreamRequests, events.StreamDispatch, events.StreamChallenges}
+
+// dlqCommand runs "otpflow dlq ..." and returns the exit code.
+func dlqCommand(ctx context.Context, args []string, getenv func(string) string, stdout, stderr io.Writer) (int, error) {
+	if len(args) == 0 {
+		fmt.Fprint(stderr, dlqUsage)
+		return 2, nil
+	}
+	fs := flag.NewFlagSet("dlq "+args[0], flag.ContinueOnError)
+	fs.SetOutput(stderr)
+	server, dir := serverFlags(fs)
+	consumer := fs.String("consumer", "", "only the dead letters of this durable consumer (issuer, dispatcher, verifier, auditor, <service>-erasure)")
+	var reason, since *string
+	var all *bool
+	switch args[0] {
+	case "list":
+		reason = fs.String("reason", "", "only the dead letters whose reason contains this text")
+		since = fs.String("since", "", "only the dead letters stored since this time (RFC 3339) or for this long (a duration: 24h)")
+	case "show":
+	case "redrive", "drop":
+		all = fs.Bool("all", false, "every dead letter (of --consumer, when given)")
+	default:
+		fmt.Fprint(stderr, dlqUsage)
+		return 2, fmt.Errorf("unknown dlq command %q", args[0])
+	}
+	// The sequence may come before or after the flags.
+	rest := args[1:]
+	var seqArg string
+	if len(rest) > 0 && !strings.HasPrefix(rest[0], "-") {
+		seqArg, rest = rest[0], rest[1:]
+	}
+	if err := fs.Parse(rest); err != nil {
+		return 2, err
+	}
+	if seqArg == "" && fs.NArg() > 0 {
+		seqArg = fs.Arg(0)
+	}
+	getenv = withDevKeys(getenv, *dir)
+	var seq uint64
+	if seqArg != "" {
+		n, err := strconv.ParseUint(seqArg, 10, 64)
+		if err != nil || n == 0 {
+			return 2, fmt.Errorf("dlq %s: %q is not a sequence of %s", args[0], seqArg, events.StreamDLQ)
+		}
+		seq = n
+	}
+	switch {
+	case args[0] == "show" && seq == 0:
+		return 2, errors.New("dlq show: which sequence?")
+	case all != nil && (seq == 0) == !*all:
+		return 2, fmt.Errorf("dlq %s: give one sequence or --all", args[0])
+	case all != nil && seq != 0 && *consumer != "":
+		return 2, fmt.Errorf("dlq %s: --consumer goes with --all", args[0])
+	}
+	var from time.Time
+	if since != nil && *since != "" {
+		t, err := parseSince(*since, time.Now())
+		if err != nil {
+			return 2, fmt.Errorf("dlq list: --since: %w", err)
+		}
+		from = t
+	}
+	var sealer *keys.Sealer
+	if args[0] == "show" || args[0] == "redrive" {
+		s, err := platform.LoadDLQKey(getenv)
+		if err != nil {
+			return 2, err
+		}
+		sealer = s
+	}
+
+	nc, js, err := connectJetStream(server(getenv), getenv)
+	if err != nil {
+		return 1, fmt.Errorf("dlq %s: nothing done: %w", args[0], err)
+	}
+	defer nc.Close()
+	st, err := js.Stream(ctx, events.StreamDLQ)
+	if err != nil {
+		return 1, fmt.Errorf("dlq %s: nothing done: %w", args[0], err)
+	}
+	d := &dlq{st: st, js: js, sealer: sealer, stdout: stdout}
+
+	switch args[0] {
+	case "list":
+		return 0, d.each(ctx, 0, func(m *jetstream.RawStreamMsg) error {
+			h := m.Header
+			if *consumer != "" && h.Get(events.HeaderDLQConsumer) != *consumer ||
+				*reason != "" && !strings.Contains(strings.ToLower(h.Get(events.HeaderDLQReason)), strings.ToLower(*reason)) ||
+				!from.IsZero() && m.Time.Before(from) {
+				return nil
+			}
+			fmt.Fprintf(stdout, "%d\t%s\t%s\t%s\t%s\t%s\n", m.Sequence, m.Time.UTC().Format(time.RFC3339), orDash(h.Get(events.HeaderDLQConsumer)),
+				orDash(h.Get(events.HeaderDLQSubject)), orDash(h.Get(events.HeaderRecipientHash)), orDash(h.Get(events.HeaderDLQReason)))
+			return nil
+		})
+	case "show":
+		return d.show(ctx, seq)
+	}
+	act := d.redrive
+	if args[0] == "drop" {
+		act = d.drop
+	}
+	failed := 0
+	err = d.each(ctx, seq, func(m *jetstream.RawStreamMsg) error {
+		if *consumer != "" && m.Header.Get(events.HeaderDLQConsumer) != *consumer {
+			return nil
+		}
+		if err := act(ctx, m); err != nil {
+			if seq != 0 || errors.Is(err, errNotAudited) {
+				return err
+			}
+			failed++
+			fmt.Fprintf(stdout, "%d\tnot done: %v\n", m.Sequence, err)
+		}
+		return nil
+	})
+	if err != nil {
+		return 1, fmt.Errorf("dlq %s: %w", args[0], err)
+	}
+	if failed > 0 {
+		return 1, fmt.Errorf("dlq %s: %d dead letters not done (left in %s)", args[0], failed, events.StreamDLQ)
+	}
+	return 0, nil
+}
+
+// errNotAudited marks an action that was done but whose otp.operator_action was not
+// published: a run of --all stops there.
+var errNotAudited = errors.New("not audited")
+
+// dlq is the operator's view of OTP_DLQ.
+type dlq struct {
+	st     jetstream.Stream
+	js     jetstream.JetStream
+	sealer *keys.Sealer
+	stdout io.Writer
+}
+
+// each calls fn with the entry at seq, or with every entry in order when seq is 0. It
+// reads by sequence ($JS.API.STREAM.MSG.GET): OTP_DLQ does not allow direct gets.
+func (d *dlq) each(ctx context.Context, seq uint64, fn func(*jetstream.RawStreamMsg) error) error {
+	if seq != 0 {
+		m, err := d.st.GetMsg(ctx, seq)
+		if errors.Is(err, jetstream.ErrMsgNotFound) {
+			return fmt.Errorf("%s has no entry %d", events.StreamDLQ, seq)
+		}
+		if err != nil {
+			return fmt.Errorf("read %s %d: %w", events.StreamDLQ, seq, err)
+		}
+		return fn(m)
+	}
+	info, err := d.st.Info(ctx)
+	if err != nil {
+		return err
+	}
+	if info.State.Msgs == 0 {
+		return nil
+	}
+	for s := info.State.FirstSeq; s <= info.State.LastSeq; s++ {
+		m, err := d.st.GetMsg(ctx, s)
+		if errors.Is(err, jetstream.ErrMsgNotFound) {
+			continue // deleted (a redrive, a drop, an erasure)
+		}
+		if err != nil {
+			return fmt.Errorf("read %s %d: %w", events.StreamDLQ, s, err)
+		}
+		if err := fn(m); err != nil {
+			return err
+		}
+	}
+	return nil
+}
+
+// show prints the entry at seq opened: the original's subject, headers and body.
+func (d *dlq) show(ctx context.Context, seq uint64) (int, error) {
+	err := d.each(ctx, seq, func(m *jetstream.RawStreamMsg) error {
+		orig, err := platform.OpenDeadLetter(d.sealer, m.Header, m.Data)
+		if err != nil {
+			return fmt.Errorf("open %s %d: %w", events.StreamDLQ, seq, err)
+		}
+		w := d.stdout
+		fmt.Fprintf(w, "WARNING: dead letter %d opened: the original below may hold personal data (an address); do not paste it into tickets or chats\n", seq)
+		fmt.Fprintf(w, "sequence: %d\nstored: %s\n", m.Sequence, m.Time.UTC().Format(time.RFC3339Nano))
+		for _, k := range slices.Sorted(maps.Keys(m.Header)) {
+			for _, v := range m.Header[k] {
+				fmt.Fprintf(w, "dlq %s: %s\n", k, v)
+			}
+		}
+		fmt.Fprintf(w, "subject: %s\n", orig.Subject)
+		for _, k := range slices.Sorted(maps.Keys(orig.Header)) {
+			for _, v := range orig.Header[k] {
+				fmt.Fprintf(w, "header %s: %s\n", k, v)
+			}
+		}
+		fmt.Fprintf(w, "body: %s\n", orig.Data)
+		return nil
+	})
+	if err != nil {
+		return 1, fmt.Errorf("dlq show: %w", err)
+	}
+	return 0, nil
+}
+
+// redrive publishes the original of entry m to its subject under a new message id and,
+// once the stream acknowledged it, deletes the entry and records the action.
+func (d *dlq) redrive(ctx context.Context, m *jetstream.RawStreamMsg) error {
+	origin := m.Header.Get(events.HeaderDLQStream)
+	if !slices.Contains(redrivable, origin) {
+		return fmt.Errorf("an original of %s is not redriven (only %s): drop it once handled", orDash(origin), strings.Join(redrivable, ", "))
+	}
+	orig, err := platform.OpenDeadLetter(d.sealer, m.Header, m.Data)
+	if err != nil {
+		return fmt.Errorf("open: %w", err)
+	}
+	// The seal binds the origin stream; the subject must still be one of it and of the
+	// entry's tenant, or the entry is not what it says.
+	_, tenant, _ := events.SplitSubject(m.Subject)
+	if orig.Subject != m.Header.Get(events.HeaderDLQSubject) {
+		return fmt.Errorf("the sealed subject differs from %s", events.HeaderDLQSubject)
+	}
+	if _, t, err := events.SplitSubject(orig.Subject); err != nil || t != tenant {
+		return fmt.Errorf("the original's subject is not one of tenant %s", tenant)
+	}
+	msg := nats.NewMsg(orig.Subject)
+	msg.Data = orig.Data
+	msg.Header = nats.Header{}
+	for k, v := range orig.Header {
+		msg.Header[k] = append([]string(nil), v...)
+	}
+	was := msg.Header.Get(jetstream.MsgIDHeader)
+	if was == "" {
+		was = fmt.Sprintf("%s:%s", origin, m.Header.Get(events.HeaderDLQSequence))
+	}
+	msg.Header.Set(jetstream.MsgIDHeader, fmt.Sprintf("redrive:%d:%s", m.Sequence, was))
+	msg.Header.Set(events.HeaderRedriveOf, was)
+	pctx, cancel := context.WithTimeout(ctx, 10*time.Second)
+	ack, err := d.js.PublishMsg(pctx, msg)
+	cancel()
+	if err != nil {
+		return fmt.Errorf("publish to %s: %w (the entry stays)", orig.Subject, err)
+	}
+	if ack.Duplicate {
+		return fmt.Errorf("%s dropped the publish as a duplicate of %s %d (the entry stays)", ack.Stream, ack.Stream, ack.Sequence)
+	}
+	if ack.Stream != origin {
+		return fmt.Errorf("published to %s, stored on %s, not %s", orig.Subject, ack.Stream, origin)
+	}
+	if err := d.st.SecureDeleteMsg(ctx, m.Sequence); err != nil && !errors.Is(err, jetstream.ErrMsgNotFound) {
+		// Published: a second redrive is recognised by the consumer; the entry stays.
+		return fmt.Errorf("redriven to %s %d, but the entry was not deleted: %w", ack.Stream, ack.Sequence, err)
+	}
+	detail := fmt.Sprintf("%s %d (%s, consumer %s) redriven to %s %d", events.StreamDLQ, m.Sequence,
+		orig.Subject, orDash(m.Header.Get(events.HeaderDLQConsumer)), ack.Stream, ack.Sequence)
+	fmt.Fprintln(d.stdout, detail)
+	return d.record(ctx, "dlq.redrive", tenant, detail)
+}
+
+// drop deletes entry m, overwriting its stored bytes, and records the action.
+func (d *dlq) drop(ctx context.Context, m *jetstream.RawStreamMsg) error {
+	if err := d.st.SecureDeleteMsg(ctx, m.Sequence); err != nil {
+		return fmt.Errorf("delete %s %d: %w", events.StreamDLQ, m.Sequence, err)
+	}
+	_, tenant, _ := events.SplitSubject(m.Subject)
+	detail := fmt.Sprintf("%s %d (%s, consumer %s) dropped", events.StreamDLQ, m.Sequence,
+		orDash(m.Header.Get(events.HeaderDLQSubject)), orDash(m.Header.Get(events.HeaderDLQConsumer)))
+	fmt.Fprintln(d.stdout, detail)
+	return d.record(ctx, "dlq.drop", tenant, detail)
+}
+
+// record publishes the operator action of one entry, under the entry's tenant.
+func (d *dlq) record(ctx context.Context, action, tenant, detail string) error {
+	if !events.ValidTenant(tenant) {
+		tenant = systemTenant
+	}
+	if err := publishOperatorAction(ctx, d.js, action, tenant, detail); err != nil {
+		return fmt.Errorf("%w: %w", errNotAudited, notAudited(action, detail, err))
+	}
+	return nil
+}
+
+// parseSince reads --since: a time (RFC 3339) or how long ago (a duration).
+func parseSince(s string, now time.Time) (time.Time, error) {
+	if t, err := time.Parse(time.RFC3339, s); err == nil {
+		return t, nil
+	}
+	d, err := time.ParseDuration(s)
+	if err != nil || d < 0 {
+		return time.Time{}, fmt.Errorf("%q is neither an RFC 3339 time nor a duration", s)
+	}
+	return now.Add(-d), nil
+}
+
+func orDash(s string) string {
+	if s == "" {
+		return "-"
+	}
+	return s
+}

@@ -1,0 +1,259 @@
+package main
+
+import (
+	"context"
+	"encoding/json"
+	"fmt"
+	"strings"
+	"testing"
+	"time"
+
+	"github.com/nats-io/nats.go"
+	"github.com/nats-io/nats.go/jetstream"
+	"github.com/otpflow/otpflow/events"
+	"github.com/otpflow/otpflow/platform"
+	"github.com/otpflow/otpflow/platform/keys"
+	"github.com/otpflow/otpflow/platform/testenv"
+)
+
+// deadLetterOf writes the dead letter of orig (stored at stream/seq) to OTP_DLQ as a
+// consumer does (sealed whole under OTP_DLQ_KEY, the reason and origin in headers) and
+// returns the entry's sequence.
+func (w *world) deadLetterOf(t *testing.T, js jetstream.JetStream, consumer, stream string, seq uint64, orig *nats.Msg, rcpt, reason string) uint64 {
+	t.Helper()
+	sealer, err := platform.LoadDLQKey(w.getenv)
+	testenv.Must(t, err, "dlq key")
+	_, tenant, err := events.SplitSubject(orig.Subject)
+	testenv.Must(t, err, "subject")
+	sealed, err := sealer.SealDeadLetter(tenant, stream, seq, rcpt, events.DeadLetter{Subject: orig.Subject, Header: orig.Header, Data: orig.Data})
+	testenv.Must(t, err, "seal")
+	m := nats.NewMsg(events.TypeDLQ.Subject(tenant))
+	m.Data, err = json.Marshal(sealed)
+	testenv.Must(t, err, "marshal")
+	m.Header.Set(jetstream.MsgIDHeader, fmt.Sprintf("dlq:%s:%d", stream, seq))
+	m.Header.Set(events.HeaderDLQReason, reason)
+	m.Header.Set(events.HeaderDLQSubject, orig.Subject)
+	m.Header.Set(events.HeaderDLQConsumer, consumer)
+	m.Header.Set(events.HeaderDLQStream, stream)
+	m.Header.Set(events.HeaderDLQSequence, fmt.Sprint(seq))
+	m.Header.Set(events.HeaderDLQDelivered, "10")
+	if rcpt != "" {
+		m.Header.Set(events.HeaderRecipientHash, rcpt)
+	}
+	ack, err := js.PublishMsg(context.Background(), m)
+	testenv.Must(t, err, "publish dead letter")
+	return ack.Sequence
+}
+
+// stored is the last message on subject of stream, as a message to dead-letter.
+func stored(t *testing.T, js jetstream.JetStream, stream, subject string) (*nats.Msg, uint64) {
+	t.Helper()
+	st, err := js.Stream(context.Background(), stream)
+	testenv.Must(t, err, "stream %s", stream)
+	m, err := st.GetLastMsgForSubject(context.Background(), subject)
+	testenv.Must(t, err, "last of %s", subject)
+	return &nats.Msg{Subject: m.Subject, Header: m.Header, Data: m.Data}, m.Sequence
+}
+
+// TestDLQOperatorWorksDeadLetters: dead letters of every consumer are listed (one line
+// each, the recipient only as its hash), filtered, opened (with a warning), redriven and
+// dropped through the CLI against a running pipeline. A redrive of what was already
+// handled (a request, its dispatch job, its code) makes no second issuance, mail or audit
+// row; a redrive of what was never handled (a request whose original id the duplicate
+// window still holds, and a code) reaches its outcome: a mail, and a code that verifies.
+// An OTP_EVENTS original is refused and stays until dropped. Each redrive and drop is an
+// otp.operator_action without personal data, and OTP_DLQ ends empty.
+func TestDLQOperatorWorksDeadLetters(t *testing.T) {
+	w := newWorld(t)
+	a := newApp(t, w.nats.ClientURL())
+	ctx := context.Background()
+
+	// A request that was dead-lettered before the issuer handled it (its poison rule no
+	// longer applies): stored with an app's message id, then gone from the stream. The
+	// stream's duplicate window still remembers that id.
+	lost := nats.NewMsg("otp.requested.acme")
+	lost.Data = []byte(`{"request_id":"dl-2","recipient":"bea@example.com","purpose":"login"}`)
+	lost.Header.Set(jetstream.MsgIDHeader, "app:dl-2")
+	lostAck, err := a.js.PublishMsg(ctx, lost)
+	testenv.Must(t, err, "publish the lost request")
+	reqs, err := a.js.Stream(ctx, events.StreamRequests)
+	testenv.Must(t, err, "requests")
+	testenv.Must(t, reqs.SecureDeleteMsg(ctx, lostAck.Sequence), "delete the lost request")
+
+	w.runInProcess(t, &testenv.LogBuffer{})
+	// OTP_DISPATCH is a work queue: the job is gone once sent, so it is caught on the way.
+	jobs, err := a.nc.SubscribeSync("otp.dispatch.acme")
+	testenv.Must(t, err, "subscribe to jobs")
+	a.request(t, "acme", `{"request_id":"dl-1","recipient":"ana@example.com","purpose":"login"}`)
+	w.smtp.WaitFor(t, 1, 30*time.Second)
+	db := openDB(t, w.db)
+	testenv.Eventually(t, 30*time.Second, "dl-1 issued and delivered", func() bool { return len(auditTypes(t, db, "acme", "dl-1")) == 2 })
+
+	subjects, err := keys.ParseSubjects(w.env["OTP_SUBJECT_KEY"])
+	testenv.Must(t, err, "subject key")
+	ana, bea := subjects.Subject("acme", "ana@example.com"), subjects.Subject("acme", "bea@example.com")
+
+	// Dead letters of what was handled: dl-1's request, its dispatch job and its code.
+	req, reqSeq := stored(t, a.js, events.StreamRequests, "otp.requested.acme")
+	job, err := jobs.NextMsg(5 * time.Second)
+	testenv.Must(t, err, "the dispatch job")
+	jobSeq := uint64(1) // the first job of the stream
+	code, codeSeq := stored(t, a.js, events.StreamChallenges, "otp.challenge.acme")
+	issued, issuedSeq := stored(t, a.js, events.StreamEvents, "otp.issued.acme")
+	seqReq := w.deadLetterOf(t, a.js, events.ConsumerIssuer, events.StreamRequests, reqSeq, req, ana, "issuer: database refused it")
+	seqJob := w.deadLetterOf(t, a.js, events.ConsumerDispatcher, events.StreamDispatch, jobSeq, job, ana, "dispatcher: deliveries exhausted: timeout")
+	seqCode := w.deadLetterOf(t, a.js, events.ConsumerVerifier, events.StreamChallenges, codeSeq, code, ana, "verifier: projection refused it")
+	seqEvent := w.deadLetterOf(t, a.js, events.ConsumerAuditor, events.StreamEvents, issuedSeq, issued, ana, "auditor: cannot store")
+	// And of what never was: the lost request, and a code the verifier never saw.
+	seqLost := w.deadLetterOf(t, a.js, events.ConsumerIssuer, events.StreamRequests, lostAck.Sequence, lost, bea, "issuer: poison rule")
+	pepper, err := keys.ParsePepper(w.env["OTP_CODE_PEPPER"])
+	testenv.Must(t, err, "pepper")
+	const challengeID = "00000000-0000-4000-8000-00000000d103"
+	mac, err := pepper.MAC("p1", challengeID, "424242")
+	testenv.Must(t, err, "mac")
+	fresh, err := events.NewMsg(events.TypeChallenge, "acme", "challenge:"+challengeID+":1", "", events.Challenge{
+		ChallengeID: challengeID, Tenant: "acme", RequestID: "dl-3", CodeSeq: 1, CodeLength: 6, CodeHMAC: mac, PepperKeyID: "p1",
+		MaxAttempts: 5, RecipientHashes: subjects.SubjectHashes("acme", "cy@example.com"),
+		IssuedAt: time.Now().UTC(), ExpiresAt: time.Now().Add(10 * time.Minute).UTC()}, events.Envelope{Source: "issuer"})
+	testenv.Must(t, err, "challenge")
+	seqFresh := w.deadLetterOf(t, a.js, events.ConsumerVerifier, events.StreamChallenges, 1<<40, fresh, "", "verifier: database refused it")
+
+	// list: one line per entry, no address; the filters.
+	_, out := w.cli(t, "dlq", "list")
+	if lines := strings.Split(strings.TrimSpace(out), "\n"); len(lines) != 6 {
+		t.Fatalf("list: %d lines:\n%s", len(lines), out)
+	}
+	for _, want := range []string{fmt.Sprintf("%d\t", seqReq), "\tissuer\totp.requested.acme\t" + ana + "\tissuer: database refused it",
+		"\tdispatcher\totp.dispatch.acme\t", "\tverifier\totp.challenge.acme\t-\tverifier: database refused it"} {
+		if !strings.Contains(out, want) {
+			t.Errorf("list lacks %q:\n%s", want, out)
+		}
+	}
+	for _, pii := range []string{"ana@", "bea@", "cy@", "example.com"} {
+		if strings.Contains(out, pii) {
+			t.Errorf("list shows %q:\n%s", pii, out)
+		}
+	}
+	if _, out := w.cli(t, "dlq", "list", "--consumer", "issuer"); strings.Count(out, "\n") != 2 {
+		t.Errorf("list --consumer issuer:\n%s", out)
+	}
+	if _, out := w.cli(t, "dlq", "list", "--reason", "POISON"); strings.Count(out, "\n") != 1 || !strings.HasPrefix(out, fmt.Sprint(seqLost)+"\t") {
+		t.Errorf("list --reason POISON:\n%s", out)
+	}
+	if _, out := w.cli(t, "dlq", "list", "--since", "1h"); strings.Count(out, "\n") != 6 {
+		t.Errorf("list --since 1h:\n%s", out)
+	}
+	if _, out := w.cli(t, "dlq", "list", "--since", time.Now().Add(time.Hour).Format(time.RFC3339)); out != "" {
+		t.Errorf("list --since in an hour:\n%s", out)
+	}
+
+	// show: the original opened, after a warning.
+	_, out = w.cli(t, "dlq", "show", fmt.Sprint(seqLost))
+	if !strings.HasPrefix(out, "WARNING:") || !strings.Contains(out, "personal data") || !strings.Contains(out, "subject: otp.requested.acme\n") ||
+		!strings.Contains(out, "header Nats-Msg-Id: app:dl-2\n") || !strings.Contains(out, `body: {"request_id":"dl-2","recipient":"bea@example.com"`) {
+		t.Errorf("show:\n%s", out)
+	}
+
+	// An OTP_EVENTS original is refused and stays.
+	if c, err := run(ctx, []string{"dlq", "redrive", fmt.Sprint(seqEvent)}, w.getenv, &strings.Builder{}, &strings.Builder{}); c != 1 ||
+		err == nil || !strings.Contains(err.Error(), "an original of OTP_EVENTS is not redriven") {
+		t.Fatalf("redrive of an event: exit %d, %v", c, err)
+	}
+
+	// Redrive the rest: the issuer's two at once, then one by one.
+	if c, out := w.cli(t, "dlq", "redrive", "--all", "--consumer", "issuer"); c != 0 || strings.Count(out, "redriven to OTP_REQUESTS") != 2 {
+		t.Fatalf("redrive --all --consumer issuer: exit %d, %s", c, out)
+	}
+	for _, seq := range []uint64{seqJob, seqCode, seqFresh} {
+		if c, out := w.cli(t, "dlq", "redrive", fmt.Sprint(seq)); c != 0 {
+			t.Fatalf("redrive %d: exit %d, %s", seq, c, out)
+		}
+	}
+	if _, out := w.cli(t, "dlq", "list"); !strings.HasPrefix(out, fmt.Sprint(seqEvent)+"\t") || strings.Count(out, "\n") != 1 {
+		t.Fatalf("after the redrives, list:\n%s", out)
+	}
+	if c, out := w.cli(t, "dlq", "drop", fmt.Sprint(seqEvent)); c != 0 {
+		t.Fatalf("drop: exit %d, %s", c, out)
+	}
+	if _, out := w.cli(t, "dlq", "list"); out != "" {
+		t.Fatalf("after the drop, list:\n%s", out)
+	}
+
+	// The redriven request that was never handled ends in a mail; the redriven code verifies.
+	w.smtp.WaitFor(t, 2, 30*time.Second)
+	if got := mailsTo(w.smtp.Mails(), "bea@example.com"); len(got) != 1 {
+		t.Fatalf("mails to bea: %d", len(got))
+	}
+	testenv.Eventually(t, 30*time.Second, "dl-2 issued and delivered", func() bool { return len(auditTypes(t, db, "acme", "dl-2")) == 2 })
+	testenv.Eventually(t, 30*time.Second, "dl-3 verifies", func() bool {
+		return a.verify(t, "acme", "dl-3", "424242").Status == events.StatusVerified
+	})
+
+	// What was handled was not handled again: every consumer idle, then one issuance, one
+	// mail and one audit row each for dl-1, and no new dead letter.
+	idle(t, a.js, events.StreamRequests, events.ConsumerIssuer)
+	idle(t, a.js, events.StreamDispatch, events.ConsumerDispatcher)
+	idle(t, a.js, events.StreamChallenges, events.ConsumerVerifier)
+	idle(t, a.js, events.StreamEvents, events.ConsumerAuditor)
+	if got := mailsTo(w.smtp.Mails(), "ana@example.com"); len(got) != 1 {
+		t.Errorf("mails to ana: %d", len(got))
+	}
+	if got := auditTypes(t, db, "acme", "dl-1"); len(got) != 2 {
+		t.Errorf("dl-1 audited as %v", got)
+	}
+	var codes int
+	testenv.Must(t, db.QueryRow(ctx, `SELECT count(*) FROM issuer.codes c JOIN issuer.challenges h USING (challenge_id) WHERE h.request_id = 'dl-1'`).Scan(&codes), "codes")
+	if codes != 1 {
+		t.Errorf("dl-1 has %d codes", codes)
+	}
+	if _, out := w.cli(t, "dlq", "list"); out != "" {
+		t.Errorf("new dead letters:\n%s", out)
+	}
+
+	// Each redrive and drop is audited, without personal data.
+	var rows []operatorRow
+	testenv.Eventually(t, 30*time.Second, "the redrives audited", func() bool {
+		rows = operatorRows(t, w.db, "dlq.redrive")
+		return len(rows) == 5
+	})
+	testenv.Eventually(t, 30*time.Second, "the drop audited", func() bool { return len(operatorRows(t, w.db, "dlq.drop")) == 1 })
+	rows = append(rows, operatorRows(t, w.db, "dlq.drop")...)
+	for _, r := range rows {
+		if r.Tenant != "acme" || !strings.HasPrefix(r.Event.Detail, "OTP_DLQ ") || r.HasRecipientHash || r.Masked != "" {
+			t.Errorf("operator row %+v", r)
+		}
+		for _, pii := range []string{"ana@", "bea@", "cy@", "example.com", ana, bea} {
+			if strings.Contains(r.Payload, pii) {
+				t.Errorf("operator row holds %q: %s", pii, r.Payload)
+			}
+		}
+	}
+	if c, out := w.cli(t, "audit", "verify", "--db", w.auditDB); c != 0 {
+		t.Fatalf("audit verify: exit %d, %s", c, out)
+	}
+}
+
+// TestDLQCommandErrors: what the commands refuse before they connect.
+func TestDLQCommandErrors(t *testing.T) {
+	getenv := func(string) string { return "" }
+	for _, tc := range []struct {
+		name string
+		args []string
+		want string
+	}{
+		{"unknown", []string{"dlq", "purge"}, `unknown dlq command "purge"`},
+		{"show without sequence", []string{"dlq", "show"}, "which sequence"},
+		{"redrive without target", []string{"dlq", "redrive"}, "one sequence or --all"},
+		{"drop both", []string{"dlq", "drop", "3", "--all"}, "one sequence or --all"},
+		{"consumer without all", []string{"dlq", "redrive", "3", "--consumer", "issuer"}, "--consumer goes with --all"},
+		{"bad sequence", []string{"dlq", "drop", "x"}, "not a sequence"},
+		{"bad since", []string{"dlq", "list", "--since", "yesterday"}, "neither an RFC 3339 time nor a duration"},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			code, err := run(context.Background(), tc.args, getenv, &strings.Builder{}, &strings.Builder{})
+			if code != 2 || err == nil || !strings.Contains(err.Error(), tc.want) {
+				t.Fatalf("exit %d, %v; want 2 and %q", code, err, tc.want)
+			}
+		})
+	}
+}
