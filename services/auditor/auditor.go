@@ -17,6 +17,7 @@ import (
 	"time"
 
 	"github.com/cenkalti/backoff/v4"
+	"github.com/jackc/pgx/v5"
 	"github.com/jackc/pgx/v5/pgxpool"
 	"github.com/nats-io/nats.go"
 	"github.com/nats-io/nats.go/jetstream"
@@ -114,15 +115,7 @@ func New(cfg Config, pool *pgxpool.Pool, js jetstream.JetStream, log *slog.Logge
 		cfg.Alerts = DefaultThresholds()
 		s.cfg.Alerts = cfg.Alerts
 	}
-	s.alerts = newAlerter(cfg.Alerts, cfg.Subjects, reg)
-	s.alerts.publish = func(ctx context.Context, msgs []*nats.Msg) error {
-		err := platform.PublishAll(ctx, js, msgs)
-		if err != nil {
-			log.Warn("publish alerts", "err", err)
-		}
-		return err
-	}
-	s.alerts.lookup = s.lookupRecipient
+	s.alerts = newAlerter(cfg.Alerts, reg)
 	s.anchor = newAnchorState(&s.cfg, reg)
 	return s, nil
 }
@@ -392,14 +385,19 @@ func (s *Service) handleBatch(ctx context.Context, batch []*platform.Delivery) e
 		return nil
 	}
 	// The chain follows insertion order, so a batch that failed for a passing reason (the
-	// database restarting) is retried here, in order, instead of being put back behind
+	// database restarting, an alert the stream did not take) is retried here, in order, instead of being put back behind
 	// newer events; the consumer keeps it in progress meanwhile. Data the database refuses
 	// is no passing reason: the batch goes back to the consumer, which runs it one event at
 	// a time, so the rest is chained and the one it refuses ends in the DLQ.
 	b := backoff.WithContext(backoff.NewExponentialBackOff(backoff.WithInitialInterval(100*time.Millisecond),
 		backoff.WithMaxInterval(5*time.Second), backoff.WithMaxElapsedTime(0)), ctx)
+	var alerts []raisedAlert
 	err := backoff.RetryNotify(func() error {
-		w, err := s.cfg.Chain.Append(ctx, s.pool, rows)
+		alerts = nil
+		w, err := s.cfg.Chain.AppendThen(ctx, s.pool, rows, func(ctx context.Context, tx pgx.Tx, wrote []*Row) (err error) {
+			alerts, err = s.raiseAlerts(ctx, tx, wrote)
+			return err
+		})
 		if err == nil && w.Rows > 0 {
 			s.anchor.wrote(w)
 		}
@@ -419,6 +417,9 @@ func (s *Service) handleBatch(ctx context.Context, batch []*platform.Delivery) e
 		}
 		return fmt.Errorf("write %d audit rows: %w", len(good), err)
 	}
+	for _, a := range alerts { // committed with the rows
+		s.alerts.raised.WithLabelValues(a.rule).Inc()
+	}
 	// An erasure is done once its row is chained (every earlier row is there too) and
 	// before it is acknowledged: a failure retries the batch, whose rows are then skipped
 	// as already written, and the erasure again (finding nothing left).
@@ -430,6 +431,30 @@ func (s *Service) handleBatch(ctx context.Context, batch []*platform.Delivery) e
 		s.written.WithLabelValues(string(typ)).Inc()
 		d.Settle(platform.Ack())
 	}
-	s.alerts.observe(ctx, rows)
+	if n, err := s.alerts.prune(ctx, s.pool, rows); err != nil {
+		s.log.Warn("prune alert windows", "err", err)
+	} else if n > 0 {
+		s.log.Debug("pruned alert windows", "rows", n)
+	}
 	return nil
+}
+
+// raiseAlerts adds the rows just written in tx to the alert windows and publishes the
+// alerts they raise before tx commits, so that an alert recorded as raised has reached
+// the stream. A failed publish rolls the batch back to be written again; a publish whose
+// commit then fails is repeated under the same Nats-Msg-Id (rule, key and window start),
+// which the stream's duplicate window drops.
+func (s *Service) raiseAlerts(ctx context.Context, tx pgx.Tx, wrote []*Row) ([]raisedAlert, error) {
+	alerts, err := s.alerts.evaluate(ctx, tx, wrote)
+	if err != nil || len(alerts) == 0 {
+		return nil, err
+	}
+	msgs := make([]*nats.Msg, len(alerts))
+	for i, a := range alerts {
+		msgs[i] = a.msg
+	}
+	if err := platform.PublishAll(ctx, s.js, msgs); err != nil {
+		return nil, fmt.Errorf("publish alerts: %w", err)
+	}
+	return alerts, nil
 }
