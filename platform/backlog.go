@@ -18,7 +18,9 @@ import (
 // MaxAge: past it the stream deletes the message unprocessed. It reads only JetStream
 // (the consumer's ack floor and the next stored message's timestamp), so it sees a
 // consumer that is stuck as well as one that is slow. Any number of processes may run
-// it: their alerts about one message share an id, which the stream deduplicates.
+// it: their alerts about one message share an id, which the stream deduplicates, and
+// with a Gate they raise one alert per oldest message and at most one a minute between
+// them, restarts included.
 type BacklogWatch struct {
 	JS       jetstream.JetStream
 	Stream   string // e.g. events.StreamRequests
@@ -34,6 +36,10 @@ type BacklogWatch struct {
 	Log          *slog.Logger
 	// Reg, when set, gets the age gauge and the check counter.
 	Reg prometheus.Registerer
+	// Gate, when set, is where the processes running the watch record the alerts they
+	// raise. Nil, or while it fails (it may sit on the very database that holds the
+	// consumer up), each process keeps its own record, in memory.
+	Gate AlertGate
 
 	once    sync.Once
 	age     prometheus.Gauge
@@ -41,6 +47,19 @@ type BacklogWatch struct {
 	alerted uint64    // the oldest message last alerted about
 	lastAt  time.Time // when
 }
+
+// AlertGate is a record of raised alerts that several processes share. Raise raises rule
+// about key (for BacklogWatch: the oldest message) unless it was raised about key before,
+// or less than every ago about anything: it calls publish and records the alert, and
+// reports whether it did. Two processes never both raise; one whose publish fails records
+// nothing. A publish whose record then fails is repeated by the next Raise under the same
+// message id, which the stream drops.
+type AlertGate interface {
+	Raise(ctx context.Context, rule string, key uint64, every time.Duration, publish func(context.Context) error) (bool, error)
+}
+
+// alertEvery is the least time between two backlog alerts of one watch.
+const alertEvery = time.Minute
 
 // Backlog is what one check found.
 type Backlog struct {
@@ -90,8 +109,9 @@ func (w *BacklogWatch) Run(ctx context.Context) error {
 }
 
 // Check measures the backlog once, exports its age, and raises the alert when the age
-// reached AlertAt: once per oldest message, and at most once a minute. Run calls it; it
-// is not for concurrent use.
+// reached AlertAt: once per oldest message, and at most once a minute (across the
+// processes that share the Gate, or in this one). Run calls it; it is not for concurrent
+// use.
 func (w *BacklogWatch) Check(ctx context.Context) (Backlog, error) {
 	w.init()
 	ctx, cancel := context.WithTimeout(ctx, 5*time.Second)
@@ -102,7 +122,10 @@ func (w *BacklogWatch) Check(ctx context.Context) (Backlog, error) {
 	}
 	w.checks.Inc()
 	w.age.Set(b.Age.Seconds())
-	if b.Age < w.AlertAt || b.Oldest == w.alerted || time.Since(w.lastAt) < time.Minute {
+	if b.Age < w.AlertAt {
+		return b, nil
+	}
+	if w.Gate == nil && (b.Oldest == w.alerted || time.Since(w.lastAt) < alertEvery) {
 		return b, nil
 	}
 	now := time.Now().UTC()
@@ -115,8 +138,37 @@ func (w *BacklogWatch) Check(ctx context.Context) (Backlog, error) {
 	if err != nil {
 		return b, err
 	}
-	if _, err := w.JS.PublishMsg(ctx, m); err != nil {
-		return b, fmt.Errorf("publish alert: %w", err)
+	var published bool
+	var pubErr error
+	publish := func(ctx context.Context) error {
+		if _, pubErr = w.JS.PublishMsg(ctx, m); pubErr != nil {
+			return pubErr
+		}
+		published = true
+		return nil
+	}
+	if w.Gate != nil {
+		// Bounded, so that a record stuck on its database leaves time to publish alone.
+		gctx, cancel := context.WithTimeout(ctx, 2*time.Second)
+		raised, err := w.Gate.Raise(gctx, w.Rule, b.Oldest, alertEvery, publish)
+		cancel()
+		switch {
+		case pubErr != nil:
+			return b, fmt.Errorf("publish alert: %w", pubErr)
+		case err == nil && !raised:
+			return b, nil // raised already, by this process or another
+		case err != nil && !published:
+			// The record is out of reach: this process decides alone, as without one.
+			w.Log.Warn("backlog alert record", "stream", w.Stream, "consumer", w.Consumer, "err", err)
+			if b.Oldest == w.alerted || time.Since(w.lastAt) < alertEvery {
+				return b, nil
+			}
+		}
+	}
+	if !published {
+		if err := publish(ctx); err != nil {
+			return b, fmt.Errorf("publish alert: %w", err)
+		}
 	}
 	w.alerted, w.lastAt = b.Oldest, time.Now()
 	w.Log.Warn("backlog nears the stream's bound", "stream", w.Stream, "consumer", w.Consumer,

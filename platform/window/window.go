@@ -1,6 +1,7 @@
-// Package window is the sliding window of event times behind every "n events within d"
-// rule: the issuer's rate limits, the verifier's cap on failed verifications and the
-// auditor's alert rules. It is pure: callers load and store the stamps themselves.
+// Package window is the sliding window of event times behind the "n events within d"
+// limits: the issuer's rate limits and the verifier's cap on failed verifications. It is
+// pure: callers load and store the stamps themselves. (The auditor's alert rules count in
+// SQL, over rows of its schema that its replicas share: services/auditor/alerts.go.)
 package window
 
 import (

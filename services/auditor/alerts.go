@@ -10,10 +10,10 @@ import (
 	"sync"
 	"time"
 
+	"github.com/jackc/pgx/v5"
+	"github.com/jackc/pgx/v5/pgxpool"
 	"github.com/nats-io/nats.go"
 	"github.com/otpflow/otpflow/events"
-	"github.com/otpflow/otpflow/platform/keys"
-	"github.com/otpflow/otpflow/platform/window"
 	"github.com/prometheus/client_golang/prometheus"
 )
 
@@ -94,173 +94,425 @@ func ruleNames(th map[string]Threshold) []string {
 // alert lands on the audit stream, which erasure cannot reach: its detail names no
 // address and no IP, not even masked, and its id no unkeyed hash of one; the person or
 // client network it counted is named only by subject hash (Alert.SubjectHash).
+//
+// Its windows are not in memory: every batch adds its events to them in the database, in
+// the transaction that writes the batch and while it holds the chain head (evaluate), so
+// an auditor that restarts counts on where the last one stopped, and auditors sharing the
+// consumer take turns on one count and one record of the alerts raised.
 type alerter struct {
-	th       map[string]Threshold
-	subjects *keys.Subjects
-	publish  func(context.Context, []*nats.Msg) error
-	lookup   func(ctx context.Context, challengeID string) (recipient []byte)
-	raised   *prometheus.CounterVec
+	th     map[string]Threshold
+	raised *prometheus.CounterVec
+	// keep is how long alert state outlives the newest event: twice the longest window,
+	// so that events written a little out of time order (by several auditors) still find
+	// their window.
+	keep time.Duration
 
-	mu       sync.Mutex
-	windows  map[string]window.Stamps // rule|key -> event times
-	calls    map[string]providerCalls // provider -> recent calls
-	lastSent map[string]time.Time     // rule|key -> last alert
-	rcpts    map[string]rcpt          // challenge -> recipient
+	mu        sync.Mutex
+	lastPrune time.Time
 }
 
-// providerCalls are the recent calls to one provider: all of them, and the failed ones.
-type providerCalls struct {
-	all, failed window.Stamps
-}
+// pruneEvery is how often one auditor prunes the alert state.
+const pruneEvery = time.Minute
 
-// rcpt is the recipient of a challenge: hash keys the rule's windows (the audit log's
-// recipient hash), subject names it in the alert (its subject hash, when the event told).
-type rcpt struct {
-	hash    string
-	subject string
-	at      time.Time
-}
-
-func newAlerter(th map[string]Threshold, subjects *keys.Subjects, reg prometheus.Registerer) *alerter {
-	a := &alerter{th: th, subjects: subjects, windows: map[string]window.Stamps{}, calls: map[string]providerCalls{}, lastSent: map[string]time.Time{},
-		rcpts: map[string]rcpt{},
-		raised: prometheus.NewCounterVec(prometheus.CounterOpts{
-			Name: "otpflow_auditor_alerts_total", Help: "Anomaly alerts raised, by rule.",
-		}, []string{"rule"})}
+func newAlerter(th map[string]Threshold, reg prometheus.Registerer) *alerter {
+	a := &alerter{th: th, raised: prometheus.NewCounterVec(prometheus.CounterOpts{
+		Name: "otpflow_auditor_alerts_total", Help: "Anomaly alerts raised, by rule.",
+	}, []string{"rule"})}
+	for _, t := range th {
+		if t.Count > 0 {
+			a.keep = max(a.keep, 2*t.Window)
+		}
+	}
 	if reg != nil {
 		reg.MustRegister(a.raised)
 	}
 	return a
 }
 
-// observe feeds a committed batch of rows (in stream order) to the rules.
-func (a *alerter) observe(ctx context.Context, rows []*Row) {
-	var out []*nats.Msg
-	for _, r := range rows {
-		out = append(out, a.rowAlerts(ctx, r)...)
-	}
-	if len(out) > 0 && a.publish != nil {
-		_ = a.publish(ctx, out)
-	}
+// signal is what one event adds to one rule's window.
+type signal struct {
+	rule string
+	key  string // the window: tenant|subject hash, tenant, or provider
+	// digest is the SHA-256 of key: the window as the database knows it, and (its first
+	// 8 bytes) in the alert's id.
+	digest  []byte
+	tenant  string // of the alert
+	subject string // the alert's subject hash, if it counts one person or network
+	seq     uint64
+	at      time.Time
+	// n events (for the provider rule: calls), failed of them.
+	n, failed int
 }
 
-func (a *alerter) rowAlerts(ctx context.Context, r *Row) []*nats.Msg {
-	a.mu.Lock()
-	defer a.mu.Unlock()
-	var out []*nats.Msg
-	raise := func(rule, key, tenant, detail, subject string, value float64) {
-		t := a.th[rule]
-		k := rule + "|" + key
-		if last, ok := a.lastSent[k]; ok && r.OccurredAt.Sub(last) < t.Window {
-			return // one alert per key and window
-		}
-		a.lastSent[k] = r.OccurredAt
-		threshold := float64(t.Count)
-		if rule == RuleDeliveryFailureRatio {
-			threshold = t.Ratio
-		}
-		bucket := r.OccurredAt.Truncate(t.Window).Unix()
-		sum := sha256.Sum256([]byte(key))
-		id := fmt.Sprintf("alert:%s:%s:%d", rule, hex.EncodeToString(sum[:8]), bucket)
-		m, err := events.NewMsg(events.TypeAlert, tenant, id, "", events.Alert{Tenant: tenant, Rule: rule, Severity: "warning",
-			Detail: detail, Value: value, Threshold: threshold, RaisedAt: r.OccurredAt.UTC(), SubjectHash: subject}, events.Envelope{Source: "otpflow/auditor"})
-		if err == nil {
-			out = append(out, m)
-			a.raised.WithLabelValues(rule).Inc()
-		}
-	}
-	count := func(rule, key string) int {
-		t := a.th[rule]
-		if t.Count == 0 {
-			return -1
-		}
-		k := rule + "|" + key
-		a.windows[k] = a.windows[k].Add(r.OccurredAt).Trim(r.OccurredAt.Add(-t.Window))
-		return len(a.windows[k])
-	}
+// challengeRef is a challenge of a tenant.
+type challengeRef struct{ tenant, id string }
 
-	switch e := r.Event.(type) {
-	case events.Issued:
-		if e.ChallengeID != "" && r.RecipientHash != nil {
-			// The row's recipient hash is the person's subject hash (OTP_SUBJECT_KEY).
-			a.rcpts[e.ChallengeID] = rcpt{hash: string(r.RecipientHash), subject: string(r.RecipientHash), at: r.OccurredAt}
+// signals lists what rows add to the rules' windows, in row order. recipients are the
+// recipient hashes of the challenges the rows' failed verifications name.
+func (a *alerter) signals(rows []*Row, recipients map[challengeRef]string) []signal {
+	var out []signal
+	add := func(r *Row, rule, key, tenant, subject string, n, failed int) {
+		if a.th[rule].Count == 0 {
+			return // the rule is off
 		}
-		if client := r.PII["client_hash"]; client != "" {
-			// Counted per client network, as the issuer's limits count, by its subject
-			// hash (events.ClientNetwork under OTP_SUBJECT_KEY; ToRow hashes the IP of an
-			// event of an earlier release): the window's key ends up hashed in the alert's
-			// id, and an unkeyed hash of an IPv4 address is undone by trying them all.
-			if n := count(RuleRequestBurstIP, r.Tenant+"|"+client); n >= a.th[RuleRequestBurstIP].Count && n > 0 {
-				raise(RuleRequestBurstIP, r.Tenant+"|"+client, r.Tenant, fmt.Sprintf("%d codes issued for one client network within %v", n, a.th[RuleRequestBurstIP].Window), client, float64(n))
-			}
-		}
-	case events.VerifyFailed:
-		if n := count(RuleVerifyFailuresTenant, r.Tenant); n >= a.th[RuleVerifyFailuresTenant].Count && n > 0 {
-			raise(RuleVerifyFailuresTenant, r.Tenant, r.Tenant, fmt.Sprintf("%d failed verifications within %v", n, a.th[RuleVerifyFailuresTenant].Window), "", float64(n))
-		}
-		who, ok := a.rcpts[e.ChallengeID]
-		if !ok && e.ChallengeID != "" && a.lookup != nil {
-			a.mu.Unlock()
-			h := a.lookup(ctx, e.ChallengeID)
-			a.mu.Lock()
-			if h != nil {
-				// Found in the log after a restart, by its subject hash.
-				who, ok = rcpt{hash: string(h), subject: string(h), at: r.OccurredAt}, true
-				a.rcpts[e.ChallengeID] = who
-			}
-		}
-		if ok {
-			if n := count(RuleVerifyFailuresRecipient, r.Tenant+"|"+who.hash); n >= a.th[RuleVerifyFailuresRecipient].Count && n > 0 {
-				raise(RuleVerifyFailuresRecipient, r.Tenant+"|"+who.hash, r.Tenant, fmt.Sprintf("%d failed verifications for one recipient within %v", n, a.th[RuleVerifyFailuresRecipient].Window), who.subject, float64(n))
-			}
-		}
-	case events.Superseded:
-		if n := count(RuleSupersedeStorm, r.Tenant); n >= a.th[RuleSupersedeStorm].Count && n > 0 {
-			raise(RuleSupersedeStorm, r.Tenant, r.Tenant, fmt.Sprintf("%d challenges superseded within %v", n, a.th[RuleSupersedeStorm].Window), "", float64(n))
-		}
-	case events.Delivered:
-		a.countCalls(r.OccurredAt, e.ProviderAttempts, raise)
-	case events.DeliveryFailed:
-		a.countCalls(r.OccurredAt, e.ProviderAttempts, raise)
+		sum := sha256.Sum256([]byte(key))
+		out = append(out, signal{rule: rule, key: key, digest: sum[:], tenant: tenant, subject: subject,
+			seq: r.StreamSeq, at: r.OccurredAt, n: n, failed: failed})
 	}
-	// Keep the challenge map bounded.
-	for id, who := range a.rcpts {
-		if r.OccurredAt.Sub(who.at) > time.Hour {
-			delete(a.rcpts, id)
+	for _, r := range rows {
+		switch e := r.Event.(type) {
+		case events.Issued:
+			if client := r.PII["client_hash"]; client != "" {
+				// Counted per client network, as the issuer's limits count, by its subject
+				// hash (events.ClientNetwork under OTP_SUBJECT_KEY; ToRow hashes the IP of an
+				// event of an earlier release): the window's key ends up hashed in the alert's
+				// id, and an unkeyed hash of an IPv4 address is undone by trying them all.
+				add(r, RuleRequestBurstIP, r.Tenant+"|"+client, r.Tenant, client, 1, 0)
+			}
+		case events.VerifyFailed:
+			add(r, RuleVerifyFailuresTenant, r.Tenant, r.Tenant, "", 1, 0)
+			// The recipient is the one of the challenge's otp.issued row: its subject hash.
+			if who := recipients[challengeRef{r.Tenant, e.ChallengeID}]; who != "" {
+				add(r, RuleVerifyFailuresRecipient, r.Tenant+"|"+who, r.Tenant, who, 1, 0)
+			}
+		case events.Superseded:
+			add(r, RuleSupersedeStorm, r.Tenant, r.Tenant, "", 1, 0)
+		case events.Delivered:
+			for _, c := range providerCalls(e.ProviderAttempts) {
+				add(r, RuleDeliveryFailureRatio, c.provider, "_system", "", c.n, c.failed)
+			}
+		case events.DeliveryFailed:
+			for _, c := range providerCalls(e.ProviderAttempts) {
+				add(r, RuleDeliveryFailureRatio, c.provider, "_system", "", c.n, c.failed)
+			}
 		}
 	}
 	return out
 }
 
-// countCalls feeds the provider calls of one delivery to the failure-ratio rule. A call
-// failed unless it succeeded or the address was refused (that says nothing of the
-// provider's health).
-func (a *alerter) countCalls(at time.Time, attempts []events.ProviderAttempt, raise func(rule, key, tenant, detail, subject string, value float64)) {
-	t := a.th[RuleDeliveryFailureRatio]
-	cutoff := at.Add(-t.Window)
-	for _, c := range attempts {
-		if c.Provider == "" || t.Count == 0 {
-			continue
-		}
-		pc := a.calls[c.Provider]
-		pc.all = pc.all.Add(at).Trim(cutoff)
-		if c.Outcome != "ok" && c.Outcome != "permanent" {
-			pc.failed = pc.failed.Add(at)
-		}
-		pc.failed = pc.failed.Trim(cutoff)
-		a.calls[c.Provider] = pc
-		n, failed := len(pc.all), len(pc.failed)
-		if ratio := float64(failed) / float64(n); n >= t.Count && ratio >= t.Ratio {
-			raise(RuleDeliveryFailureRatio, c.Provider, "_system", fmt.Sprintf("provider %s failed %d of %d calls within %v", c.Provider, failed, n, t.Window), "", ratio)
-		}
-	}
+// providerCount is the calls of one delivery to one provider, and how many failed.
+type providerCount struct {
+	provider  string
+	n, failed int
 }
 
-// lookupRecipient finds the audit hash of a challenge's recipient in the log (after a
-// restart).
-func (s *Service) lookupRecipient(ctx context.Context, challengeID string) []byte {
-	var h []byte
-	_ = s.pool.QueryRow(ctx, `SELECT recipient_hash FROM audit.events WHERE challenge_id = $1 AND recipient_hash IS NOT NULL
-		ORDER BY stream_seq LIMIT 1`, challengeID).Scan(&h)
-	return h
+// providerCalls sums the calls of one delivery per provider, in the order they were made.
+// A call failed unless it succeeded or the address was refused (that says nothing of the
+// provider's health).
+func providerCalls(attempts []events.ProviderAttempt) []providerCount {
+	var out []providerCount
+	at := map[string]int{}
+	for _, c := range attempts {
+		if c.Provider == "" {
+			continue
+		}
+		i, ok := at[c.Provider]
+		if !ok {
+			i = len(out)
+			at[c.Provider] = i
+			out = append(out, providerCount{provider: c.Provider})
+		}
+		out[i].n++
+		if c.Outcome != "ok" && c.Outcome != "permanent" {
+			out[i].failed++
+		}
+	}
+	return out
+}
+
+// stamp is one event's count in a window.
+type stamp struct {
+	at        time.Time
+	n, failed int64
+}
+
+// alertWindow is one rule's window for one key as a batch sees it: the counts of the
+// stamps that stay in it for the whole batch (tail), the stamps that may leave it while
+// the batch's times move on (and the batch's own, as they are added), and the last alert.
+type alertWindow struct {
+	tailN, tailFailed int64
+	stamps            []stamp
+	last              time.Time
+}
+
+// count is what the window holds after cutoff.
+func (w *alertWindow) count(cutoff time.Time) (n, failed int64) {
+	n, failed = w.tailN, w.tailFailed
+	for _, s := range w.stamps {
+		if s.at.After(cutoff) {
+			n, failed = n+s.n, failed+s.failed
+		}
+	}
+	return n, failed
+}
+
+// raisedAlert is an alert a batch raised.
+type raisedAlert struct {
+	rule string
+	msg  *nats.Msg
+	// The row that records it: rule, window digest, window start, time and event.
+	digest []byte
+	start  time.Time
+	at     time.Time
+	seq    uint64
+}
+
+// evaluate adds the events of rows, just written in tx, to their windows and returns the
+// alerts they raise, recorded in tx. The caller holds the chain head (Chain.AppendThen):
+// the auditors of one log evaluate one batch at a time, each seeing what the ones before
+// it committed, so a window counts every event once whichever auditor wrote it, and one
+// alert per key and window is raised in all. An event counts in a window with the events
+// written before it that are no older than the window (the batch's earlier ones
+// included); the alert is raised by the event that makes the count, unless one was raised
+// for the key less than a window before.
+func (a *alerter) evaluate(ctx context.Context, tx pgx.Tx, rows []*Row) ([]raisedAlert, error) {
+	recipients, err := recipientsOf(ctx, tx, rows)
+	if err != nil {
+		return nil, err
+	}
+	sigs := a.signals(rows, recipients)
+	if len(sigs) == 0 {
+		return nil, nil
+	}
+	wins, err := a.windows(ctx, tx, sigs)
+	if err != nil {
+		return nil, fmt.Errorf("alert windows: %w", err)
+	}
+	var raised []raisedAlert
+	for i, s := range sigs {
+		t := a.th[s.rule]
+		w := wins[i]
+		w.stamps = append(w.stamps, stamp{at: s.at, n: int64(s.n), failed: int64(s.failed)})
+		n, failed := w.count(s.at.Add(-t.Window))
+		value, threshold := float64(n), float64(t.Count)
+		var detail string
+		switch s.rule {
+		case RuleDeliveryFailureRatio:
+			value, threshold = float64(failed)/float64(n), t.Ratio
+			if n < int64(t.Count) || value < t.Ratio {
+				continue
+			}
+			detail = fmt.Sprintf("provider %s failed %d of %d calls within %v", s.key, failed, n, t.Window)
+		default:
+			if n < int64(t.Count) {
+				continue
+			}
+			detail = fmt.Sprintf(ruleDetail[s.rule], n, t.Window)
+		}
+		if !w.last.IsZero() && s.at.Sub(w.last) < t.Window {
+			continue // one alert per key and window
+		}
+		w.last = s.at
+		start := s.at.Truncate(t.Window)
+		id := fmt.Sprintf("alert:%s:%s:%d", s.rule, hex.EncodeToString(s.digest[:8]), start.Unix())
+		m, err := events.NewMsg(events.TypeAlert, s.tenant, id, "", events.Alert{Tenant: s.tenant, Rule: s.rule, Severity: "warning",
+			Detail: detail, Value: value, Threshold: threshold, RaisedAt: s.at.UTC(), SubjectHash: s.subject}, events.Envelope{Source: "otpflow/auditor"})
+		if err != nil {
+			return nil, err
+		}
+		raised = append(raised, raisedAlert{rule: s.rule, msg: m, digest: s.digest, start: start, at: s.at, seq: s.seq})
+	}
+	if len(raised) == 0 {
+		return nil, nil
+	}
+	return record(ctx, tx, raised)
+}
+
+// windows reads the windows that sigs fall in, each once, and adds sigs to the stored
+// ones; it returns the window of each signal, in order. A window holds the stamps that
+// may leave it while the batch's times move on (after the earliest signal's cutoff, up to
+// the latest's) one by one, the newer ones as a sum, and the time of its last alert.
+func (a *alerter) windows(ctx context.Context, tx pgx.Tx, sigs []signal) ([]*alertWindow, error) {
+	type wkey struct{ rule, digest string }
+	idx := map[wkey]int{}
+	var wins []*alertWindow // in the order of the query's arguments
+	var rules []string
+	var digests [][]byte
+	var from, to []time.Time
+	of := make([]*alertWindow, len(sigs))
+	var add struct {
+		rules   []string
+		digests [][]byte
+		at      []time.Time
+		seqs    []int64
+		n, f    []int32
+	}
+	for i, s := range sigs {
+		cutoff := s.at.Add(-a.th[s.rule].Window)
+		k := wkey{s.rule, string(s.digest)}
+		j, ok := idx[k]
+		if !ok {
+			j = len(wins)
+			idx[k] = j
+			wins = append(wins, &alertWindow{})
+			rules, digests = append(rules, s.rule), append(digests, s.digest)
+			from, to = append(from, cutoff), append(to, cutoff)
+		}
+		of[i] = wins[j]
+		from[j], to[j] = minTime(from[j], cutoff), maxTime(to[j], cutoff)
+		add.rules, add.digests = append(add.rules, s.rule), append(add.digests, s.digest)
+		add.at, add.seqs = append(add.at, s.at), append(add.seqs, int64(s.seq))
+		add.n, add.f = append(add.n, int32(s.n)), append(add.f, int32(s.failed))
+	}
+	b := &pgx.Batch{}
+	b.Queue(`WITH q AS (SELECT * FROM unnest($1::text[], $2::bytea[], $3::timestamptz[], $4::timestamptz[]) WITH ORDINALITY AS q(rule, key, from_at, to_at, i))
+		SELECT q.i, s.at, s.n::bigint, s.failed::bigint FROM q JOIN audit.alert_stamps s
+		    ON s.rule = q.rule AND s.key = q.key AND s.at > q.from_at AND s.at <= q.to_at
+		UNION ALL
+		SELECT q.i, NULL, sum(s.n), sum(s.failed) FROM q JOIN audit.alert_stamps s
+		    ON s.rule = q.rule AND s.key = q.key AND s.at > q.to_at
+		GROUP BY q.i`, rules, digests, from, to).Query(func(rows pgx.Rows) error {
+		var i, n, failed int64
+		var at *time.Time
+		_, err := pgx.ForEachRow(rows, []any{&i, &at, &n, &failed}, func() error {
+			w := wins[i-1]
+			if at == nil {
+				w.tailN, w.tailFailed = n, failed
+			} else {
+				w.stamps = append(w.stamps, stamp{at: *at, n: n, failed: failed})
+			}
+			return nil
+		})
+		return err
+	})
+	b.Queue(`SELECT q.i, max(r.raised_at) FROM unnest($1::text[], $2::bytea[]) WITH ORDINALITY AS q(rule, key, i)
+		JOIN audit.alerts_raised r ON r.rule = q.rule AND r.key = q.key GROUP BY q.i`, rules, digests).Query(func(rows pgx.Rows) error {
+		var i int64
+		var last time.Time
+		_, err := pgx.ForEachRow(rows, []any{&i, &last}, func() error {
+			wins[i-1].last = last
+			return nil
+		})
+		return err
+	})
+	b.Queue(`INSERT INTO audit.alert_stamps (rule, key, at, stream_seq, n, failed)
+		SELECT * FROM unnest($1::text[], $2::bytea[], $3::timestamptz[], $4::bigint[], $5::int[], $6::int[])
+		ON CONFLICT DO NOTHING`, add.rules, add.digests, add.at, add.seqs, add.n, add.f)
+	if err := tx.SendBatch(ctx, b).Close(); err != nil {
+		return nil, err
+	}
+	return of, nil
+}
+
+// record writes a row per alert raised and returns the alerts it wrote. A row is per rule,
+// key and window start: should two writers ever both decide to raise one (they cannot
+// while the chain head serialises them), only the first row is kept, and only what was
+// kept is published.
+func record(ctx context.Context, tx pgx.Tx, raised []raisedAlert) ([]raisedAlert, error) {
+	rules, digests := make([]string, len(raised)), make([][]byte, len(raised))
+	starts, at, seqs := make([]time.Time, len(raised)), make([]time.Time, len(raised)), make([]int64, len(raised))
+	for i, r := range raised {
+		rules[i], digests[i], starts[i], at[i], seqs[i] = r.rule, r.digest, r.start, r.at, int64(r.seq)
+	}
+	kept, err := tx.Query(ctx, `INSERT INTO audit.alerts_raised (rule, key, window_start, raised_at, stream_seq)
+		SELECT * FROM unnest($1::text[], $2::bytea[], $3::timestamptz[], $4::timestamptz[], $5::bigint[])
+		ON CONFLICT DO NOTHING RETURNING rule, key, window_start`, rules, digests, starts, at, seqs)
+	if err != nil {
+		return nil, fmt.Errorf("record alerts: %w", err)
+	}
+	ours := map[string]bool{}
+	var rule string
+	var digest []byte
+	var start time.Time
+	if _, err := pgx.ForEachRow(kept, []any{&rule, &digest, &start}, func() error {
+		ours[claimKey(rule, digest, start)] = true
+		return nil
+	}); err != nil {
+		return nil, fmt.Errorf("record alerts: %w", err)
+	}
+	var out []raisedAlert
+	for _, r := range raised {
+		if ours[claimKey(r.rule, r.digest, r.start)] {
+			out = append(out, r)
+		}
+	}
+	return out, nil
+}
+
+func minTime(a, b time.Time) time.Time {
+	if b.Before(a) {
+		return b
+	}
+	return a
+}
+
+func maxTime(a, b time.Time) time.Time {
+	if b.After(a) {
+		return b
+	}
+	return a
+}
+
+// ruleDetail is the detail of each counting rule's alert: the count and the window.
+var ruleDetail = map[string]string{
+	RuleRequestBurstIP:          "%d codes issued for one client network within %v",
+	RuleVerifyFailuresTenant:    "%d failed verifications within %v",
+	RuleVerifyFailuresRecipient: "%d failed verifications for one recipient within %v",
+	RuleSupersedeStorm:          "%d challenges superseded within %v",
+}
+
+func claimKey(rule string, digest []byte, start time.Time) string {
+	return fmt.Sprintf("%s|%x|%d", rule, digest, start.UnixMicro())
+}
+
+// recipientsOf finds in the log the recipient hash of each challenge that the failed
+// verifications of rows name: the first row of the challenge that has one (its
+// otp.issued), whichever auditor wrote it, the rows of this batch included.
+func recipientsOf(ctx context.Context, tx pgx.Tx, rows []*Row) (map[challengeRef]string, error) {
+	var tenants, ids []string
+	seen := map[challengeRef]bool{}
+	for _, r := range rows {
+		e, ok := r.Event.(events.VerifyFailed)
+		if !ok || e.ChallengeID == "" || seen[challengeRef{r.Tenant, e.ChallengeID}] {
+			continue
+		}
+		seen[challengeRef{r.Tenant, e.ChallengeID}] = true
+		tenants, ids = append(tenants, r.Tenant), append(ids, e.ChallengeID)
+	}
+	if len(ids) == 0 {
+		return nil, nil
+	}
+	found, err := tx.Query(ctx, `SELECT DISTINCT ON (e.tenant, e.challenge_id) e.tenant, e.challenge_id, e.recipient_hash
+		FROM unnest($1::text[], $2::text[]) AS q(tenant, challenge_id)
+		JOIN audit.events e ON e.tenant = q.tenant AND e.challenge_id = q.challenge_id AND e.challenge_id <> ''
+		WHERE e.recipient_hash IS NOT NULL
+		ORDER BY e.tenant, e.challenge_id, e.stream_seq`, tenants, ids)
+	if err != nil {
+		return nil, fmt.Errorf("recipients of failed verifications: %w", err)
+	}
+	out := map[challengeRef]string{}
+	var tenant, id string
+	var hash []byte
+	if _, err := pgx.ForEachRow(found, []any{&tenant, &id, &hash}, func() error {
+		out[challengeRef{tenant, id}] = string(hash)
+		return nil
+	}); err != nil {
+		return nil, fmt.Errorf("recipients of failed verifications: %w", err)
+	}
+	return out, nil
+}
+
+// prune deletes, at most once per pruneEvery, the alert state no window reaches any more:
+// older than keep before the newest event of rows (never ahead of this process's clock,
+// so an event stamped in the future does not empty the windows).
+func (a *alerter) prune(ctx context.Context, pool *pgxpool.Pool, rows []*Row) (int64, error) {
+	a.mu.Lock()
+	if time.Since(a.lastPrune) < pruneEvery {
+		a.mu.Unlock()
+		return 0, nil
+	}
+	a.lastPrune = time.Now()
+	a.mu.Unlock()
+	var newest time.Time
+	for _, r := range rows {
+		if r.OccurredAt.After(newest) {
+			newest = r.OccurredAt
+		}
+	}
+	if now := time.Now(); newest.After(now) {
+		newest = now
+	}
+	var n int64
+	err := pool.QueryRow(ctx, `SELECT audit.prune_alerts($1)`, newest.Add(-a.keep)).Scan(&n)
+	return n, err
 }

@@ -17,6 +17,7 @@ import (
 	"time"
 	"unicode/utf8"
 
+	"github.com/jackc/pgx/v5"
 	"github.com/jackc/pgx/v5/pgxpool"
 	"github.com/nats-io/nats.go"
 	"github.com/nats-io/nats.go/jetstream"
@@ -114,15 +115,7 @@ func New(cfg Config, pool *pgxpool.Pool, js jetstream.JetStream, log *slog.Logge
 		cfg.Alerts = DefaultThresholds()
 		s.cfg.Alerts = cfg.Alerts
 	}
-	s.alerts = newAlerter(cfg.Alerts, cfg.Subjects, reg)
-	s.alerts.publish = func(ctx context.Context, msgs []*nats.Msg) error {
-		err := platform.PublishAll(ctx, js, msgs)
-		if err != nil {
-			log.Warn("publish alerts", "err", err)
-		}
-		return err
-	}
-	s.alerts.lookup = s.lookupRecipient
+	s.alerts = newAlerter(cfg.Alerts, reg)
 	s.anchor = newAnchorState(&s.cfg, reg)
 	return s, nil
 }
@@ -464,12 +457,21 @@ func (s *Service) handleBatch(ctx context.Context, batch []*platform.Delivery) e
 	if len(good) == 0 {
 		return nil
 	}
-	w, err := s.cfg.Chain.Append(ctx, s.pool, rows)
+	// The rows and the alerts they raise commit together (raiseAlerts). A failure goes
+	// back to the consumer, which is ordered (see above).
+	var alerts []raisedAlert
+	w, err := s.cfg.Chain.AppendThen(ctx, s.pool, rows, func(ctx context.Context, tx pgx.Tx, wrote []*Row) (err error) {
+		alerts, err = s.raiseAlerts(ctx, tx, wrote)
+		return err
+	})
 	if err != nil {
 		return fmt.Errorf("write %d audit rows: %w", len(good), err)
 	}
 	if w.Rows > 0 {
 		s.anchor.wrote(w)
+	}
+	for _, a := range alerts { // committed with the rows
+		s.alerts.raised.WithLabelValues(a.rule).Inc()
 	}
 	// An erasure is done once its row is chained (every earlier row is there too) and
 	// before it is acknowledged. One that waits for an earlier event goes back to the
@@ -480,8 +482,6 @@ func (s *Service) handleBatch(ctx context.Context, batch []*platform.Delivery) e
 	for _, r := range rows {
 		inBatch[r.StreamSeq] = true
 	}
-	var acked []*Row
-	defer func() { s.alerts.observe(ctx, acked) }()
 	for i, d := range good {
 		if err := s.eraseRow(ctx, rows[i], inBatch); errors.Is(err, errEarlierUnwritten) {
 			s.log.Warn("erasure waits for an earlier event", "seq", rows[i].StreamSeq, "err", err)
@@ -493,7 +493,31 @@ func (s *Service) handleBatch(ctx context.Context, batch []*platform.Delivery) e
 		typ, _, _ := events.SplitSubject(d.Subject())
 		s.written.WithLabelValues(string(typ)).Inc()
 		d.Settle(platform.Ack())
-		acked = append(acked, rows[i])
+	}
+	if n, err := s.alerts.prune(ctx, s.pool, rows); err != nil {
+		s.log.Warn("prune alert windows", "err", err)
+	} else if n > 0 {
+		s.log.Debug("pruned alert windows", "rows", n)
 	}
 	return nil
+}
+
+// raiseAlerts adds the rows just written in tx to the alert windows and publishes the
+// alerts they raise before tx commits, so that an alert recorded as raised has reached
+// the stream. A failed publish rolls the batch back to be written again; a publish whose
+// commit then fails is repeated under the same Nats-Msg-Id (rule, key and window start),
+// which the stream's duplicate window drops.
+func (s *Service) raiseAlerts(ctx context.Context, tx pgx.Tx, wrote []*Row) ([]raisedAlert, error) {
+	alerts, err := s.alerts.evaluate(ctx, tx, wrote)
+	if err != nil || len(alerts) == 0 {
+		return nil, err
+	}
+	msgs := make([]*nats.Msg, len(alerts))
+	for i, a := range alerts {
+		msgs[i] = a.msg
+	}
+	if err := platform.PublishAll(ctx, s.js, msgs); err != nil {
+		return nil, fmt.Errorf("publish alerts: %w", err)
+	}
+	return alerts, nil
 }

@@ -96,6 +96,15 @@ type Head struct {
 // chain key. The head is locked and moved by audit.lock_head and audit.advance_head: the
 // auditor's role may not update it, and the head never moves back.
 func (c *Chain) Append(ctx context.Context, pool *pgxpool.Pool, rows []*Row) (Written, error) {
+	return c.AppendThen(ctx, pool, rows, nil)
+}
+
+// AppendThen is Append, and then, when it wrote any row, runs then in the same
+// transaction with the rows it wrote (those not in the log before), while the head is
+// still locked: what then writes commits with the rows or not at all, and the writers of
+// one log run it one at a time, each after the last one's commit. An error from then
+// rolls the batch back.
+func (c *Chain) AppendThen(ctx context.Context, pool *pgxpool.Pool, rows []*Row, then func(ctx context.Context, tx pgx.Tx, wrote []*Row) error) (Written, error) {
 	var written Written
 	keyID := c.KeyID()
 	key, err := c.key(keyID)
@@ -132,6 +141,7 @@ func (c *Chain) Append(ctx context.Context, pool *pgxpool.Pool, rows []*Row) (Wr
 			return err
 		}
 		var copyRows [][]any
+		var wrote []*Row
 		for _, r := range rows {
 			if have[int64(r.StreamSeq)] {
 				continue
@@ -148,6 +158,7 @@ func (c *Chain) Append(ctx context.Context, pool *pgxpool.Pool, rows []*Row) (Wr
 			if r.PII != nil {
 				pii = r.PII
 			}
+			wrote = append(wrote, r)
 			copyRows = append(copyRows, []any{int64(r.StreamSeq), r.Subject, r.Type, r.Tenant, r.EventID, r.Source, r.OccurredAt,
 				r.RequestID, r.ChallengeID, r.RecipientHash, r.RecipientMasked, string(r.Payload),
 				r.ChainPos, r.PrevHash, r.RowHash, pii, r.PIISalt, r.PIIDigest, r.ChainKeyID})
@@ -161,8 +172,10 @@ func (c *Chain) Append(ctx context.Context, pool *pgxpool.Pool, rows []*Row) (Wr
 			return fmt.Errorf("copy audit rows: %w", err)
 		}
 		written.Rows = len(copyRows)
-		_, err = tx.Exec(ctx, `SELECT audit.advance_head($1, $2)`, pos, head)
-		return err
+		if _, err = tx.Exec(ctx, `SELECT audit.advance_head($1, $2)`, pos, head); err != nil || then == nil {
+			return err
+		}
+		return then(ctx, tx, wrote)
 	})
 	return written, err
 }

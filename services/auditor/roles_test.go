@@ -42,8 +42,9 @@ func intact(t *testing.T, pool *pgxpool.Pool, n int64) {
 
 // TestAuditorRoleCannotRewriteTheLog: the auditor's own role can neither change nor
 // remove a row, nor move or forge what the chain is checked against, nor switch off or
-// drop the trigger, nor use the old purge setting. Privileges refuse it (42501) before any
-// trigger runs.
+// drop the trigger, nor use the old purge setting, nor change or remove the alert state
+// it appends to (it prunes only through audit.prune_alerts). Privileges refuse it (42501)
+// before any trigger runs.
 func TestAuditorRoleCannotRewriteTheLog(t *testing.T) {
 	pool := seed(t, 8)
 	owner := platform.OwnerRole(strings.TrimSuffix(roleOf(t, pool), "auditor"))
@@ -58,6 +59,10 @@ func TestAuditorRoleCannotRewriteTheLog(t *testing.T) {
 		{"forge a purge checkpoint", `INSERT INTO audit.checkpoints (pos, hash) SELECT chain_pos, row_hash FROM audit.events WHERE chain_pos = 4`, "permission denied for table checkpoints"},
 		{"edit a checkpoint", `UPDATE audit.checkpoints SET pos = 1`, "permission denied for table checkpoints"},
 		{"delete checkpoints", `DELETE FROM audit.checkpoints`, "permission denied for table checkpoints"},
+		{"forget the alerts raised", `DELETE FROM audit.alerts_raised`, "permission denied for table alerts_raised"},
+		{"move an alert's time", `UPDATE audit.alerts_raised SET raised_at = now()`, "permission denied for table alerts_raised"},
+		{"rewrite an alert window", `UPDATE audit.alert_stamps SET n = 0`, "permission denied for table alert_stamps"},
+		{"empty the alert windows", `TRUNCATE audit.alert_stamps`, "permission denied for table alert_stamps"},
 		{"disable the trigger", `ALTER TABLE audit.events DISABLE TRIGGER ALL`, "must be owner of table events"},
 		{"drop the trigger", `DROP TRIGGER events_append_only ON audit.events`, "must be owner of relation events"},
 		{"replace the trigger function", `CREATE OR REPLACE FUNCTION audit.forbid_change() RETURNS trigger LANGUAGE plpgsql AS $$ BEGIN RETURN NEW; END $$`, "permission denied for schema audit"},
@@ -117,8 +122,9 @@ func TestChainHeadOnlyMovesForwardOverItsRows(t *testing.T) {
 }
 
 // TestAuditFunctionsNeedTheirGrant: the functions are closed to PUBLIC; a role that may
-// read the log but was granted no function cannot purge, erase, move the head or chain
-// rows, and chain_legacy refuses a log already chained, whoever calls it.
+// read the log but was granted no function cannot purge, erase, move the head, chain
+// rows or prune the alert windows, and chain_legacy refuses a log already chained,
+// whoever calls it.
 func TestAuditFunctionsNeedTheirGrant(t *testing.T) {
 	ctx := context.Background()
 	d := testenv.NewDB(t)
@@ -136,6 +142,7 @@ func TestAuditFunctionsNeedTheirGrant(t *testing.T) {
 		`SELECT audit.advance_head(9, '\x00')`,
 		`SELECT * FROM audit.lock_head()`,
 		`SELECT audit.chain_legacy('{}', '{}', '{}', '{}', '{}', 'c1')`,
+		`SELECT audit.prune_alerts(now())`,
 	} {
 		refused(t, rd, sql, "42501", "permission denied for function")
 	}

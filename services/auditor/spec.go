@@ -18,16 +18,18 @@ func Spec() platform.ServiceSpec {
 	return s
 }
 
-// Grants are all the auditor's role may do: read the log and append rows to it. Every
-// other change goes through a function that runs as the log's owner and checks what it is
-// asked (migrations/00004_roles.sql, 00005_erasure.sql); no UPDATE, DELETE or TRUNCATE
-// anywhere in audit. It erases only through audit.erase_subject, which reads whom to erase
-// from a chained erasure request; audit.erase (any hashes) is the owner's alone.
+// Grants are all the auditor's role may do: read the log and append rows to it, and to
+// the alert windows. Every other change goes through a function that runs as the log's
+// owner and checks what it is asked (migrations/00004_roles.sql, 00005_erasure.sql,
+// 00006_alert_windows.sql); no UPDATE, DELETE or TRUNCATE anywhere in audit. It erases
+// only through audit.erase_subject, which reads whom to erase from a chained erasure
+// request; audit.erase (any hashes) is the owner's alone. It prunes the alert windows
+// only through audit.prune_alerts, which touches nothing else.
 var Grants = []string{
 	"USAGE ON SCHEMA audit",
 	"SELECT ON ALL TABLES IN SCHEMA audit",
-	"INSERT ON audit.events",
+	"INSERT ON audit.events, audit.alert_stamps, audit.alerts_raised",
 	"EXECUTE ON FUNCTION audit.lock_head(), audit.advance_head(bigint, bytea), " +
 		"audit.chain_legacy(bigint[], bytea[], bytea[], bytea[], bytea[], text), " +
-		"audit.purge(bigint, bytea, text, bytea), audit.erase_subject(bigint)",
+		"audit.purge(bigint, bytea, text, bytea), audit.erase_subject(bigint), audit.prune_alerts(timestamptz)",
 }

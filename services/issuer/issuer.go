@@ -145,7 +145,8 @@ func (s *Service) Run(ctx context.Context) error {
 	// noticed as well as a slow one.
 	watch := &platform.BacklogWatch{JS: s.js, Stream: events.StreamRequests, Consumer: events.ConsumerIssuer,
 		Filter: events.IssuerConsumer.FilterSubject, Bound: s.cfg.Streams.RequestsAge(), AlertAt: s.cfg.LagAlert,
-		Every: s.cfg.LagCheckEvery, Rule: RuleRequestsBacklog, Source: "otpflow/issuer", Log: s.log, Reg: s.reg}
+		Every: s.cfg.LagCheckEvery, Rule: RuleRequestsBacklog, Source: "otpflow/issuer", Log: s.log, Reg: s.reg,
+		Gate: s.store}
 	g.Go(func() error { return watch.Run(gctx) })
 	// Healthy: a batch whose every request fails alone is blamed on the requests only
 	// while the database answers; otherwise the consumer waits for it.

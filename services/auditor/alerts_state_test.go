@@ -1,0 +1,234 @@
+package auditor
+
+import (
+	"context"
+	"encoding/json"
+	"fmt"
+	"io"
+	"sync"
+	"testing"
+	"time"
+
+	"github.com/jackc/pgx/v5/pgxpool"
+	"github.com/nats-io/nats.go/jetstream"
+	"github.com/otpflow/otpflow/events"
+	"github.com/otpflow/otpflow/platform"
+	"github.com/otpflow/otpflow/platform/testenv"
+	"github.com/prometheus/client_golang/prometheus"
+	"github.com/prometheus/client_golang/prometheus/testutil"
+)
+
+// stormRules turns every rule off but supersede_storm: count superseded challenges in one
+// tenant within a minute.
+func stormRules(count int) map[string]Threshold {
+	th := DefaultThresholds()
+	for rule, t := range th {
+		t.Count = 0
+		th[rule] = t
+	}
+	th[RuleSupersedeStorm] = Threshold{Count: count, Window: time.Minute}
+	return th
+}
+
+// alertRig is one database and one OTP_EVENTS that any number of auditors share, and the
+// events fed to them with event times of the test's choosing.
+type alertRig struct {
+	t    *testing.T
+	js   jetstream.JetStream
+	pool *pgxpool.Pool
+	th   map[string]Threshold
+	n    int
+	// base is a minute boundary half an hour ago: the events' times are set from it, so
+	// which window an alert falls in does not depend on when the test runs.
+	base time.Time
+}
+
+func newAlertRig(t *testing.T, th map[string]Threshold) *alertRig {
+	_, js := testenv.JetStream(t, testenv.NATS(t))
+	return &alertRig{t: t, js: js, pool: testenv.Postgres(t, Spec()), th: th,
+		base: time.Now().UTC().Truncate(time.Minute).Add(-30 * time.Minute)}
+}
+
+// auditor is a new auditor process on the rig's database and stream.
+func (r *alertRig) auditor() *Service {
+	svc, err := New(Config{RecipientKey: testKey, Chain: testChain, Subjects: testSubjects, DLQKey: testDLQ, Alerts: r.th},
+		r.pool, r.js, testenv.Logger(io.Discard), prometheus.NewRegistry())
+	testenv.Must(r.t, err, "auditor")
+	return svc
+}
+
+// supersede publishes an otp.superseded of tenant acme that happened at base+secs, and
+// returns its event id.
+func (r *alertRig) supersede(secs int) string {
+	r.n++
+	id := fmt.Sprintf("superseded:s%d", r.n)
+	m, err := events.NewMsg(events.TypeSuperseded, "acme", id, "", events.Superseded{ChallengeID: fmt.Sprintf("s%d", r.n),
+		RequestID: fmt.Sprintf("s%d", r.n), SupersededBy: fmt.Sprintf("s%d", r.n+1)},
+		events.Envelope{Source: "test", Time: r.base.Add(time.Duration(secs) * time.Second)})
+	testenv.Must(r.t, err, "msg")
+	_, err = r.js.PublishMsg(context.Background(), m)
+	testenv.Must(r.t, err, "publish")
+	return id
+}
+
+// written waits until the audit log holds the events with these ids.
+func (r *alertRig) written(ids ...string) {
+	r.t.Helper()
+	testenv.Eventually(r.t, 10*time.Second, fmt.Sprintf("%d events written", len(ids)), func() bool {
+		var n int
+		_ = r.pool.QueryRow(context.Background(), `SELECT count(*) FROM audit.events WHERE event_id = ANY($1)`, ids).Scan(&n)
+		return n == len(ids)
+	})
+}
+
+// settled waits until whatever the auditors raise for the events written so far is on
+// the stream: a marker event (one no rule counts) published now is written only after
+// every batch before it has been handled, alerts included.
+func (r *alertRig) settled() {
+	r.t.Helper()
+	r.n++
+	id := fmt.Sprintf("verified:m%d", r.n)
+	m, err := events.NewMsg(events.TypeVerified, "acme", id, "", jsonRaw(`{"challenge_id":"m","request_id":"m"}`), events.Envelope{Source: "test"})
+	testenv.Must(r.t, err, "msg")
+	_, err = r.js.PublishMsg(context.Background(), m)
+	testenv.Must(r.t, err, "publish")
+	r.written(id)
+}
+
+// alerts are the otp.alert messages on OTP_EVENTS.
+func (r *alertRig) alerts() []events.Alert {
+	var out []events.Alert
+	for _, m := range testenv.Messages(r.t, r.js, events.StreamEvents, events.TypeAlert.Wildcard()) {
+		var a events.Alert
+		testenv.Must(r.t, json.Unmarshal(m.Data, &a), "alert")
+		out = append(out, a)
+	}
+	return out
+}
+
+// TestAlertCountSurvivesARestart: five superseded challenges within a minute raise the
+// storm alert. The auditor sees three, stops; a new one (same database, same stream)
+// sees the other two: one alert, raised by the fifth. With windows in memory, the new
+// auditor counts two and raises nothing.
+func TestAlertCountSurvivesARestart(t *testing.T) {
+	r := newAlertRig(t, stormRules(5))
+	stop := testenv.Start(t, r.auditor().Run)
+	r.written(r.supersede(10), r.supersede(11), r.supersede(12))
+	if got := r.alerts(); len(got) != 0 {
+		t.Fatalf("alerts after three of five: %+v", got)
+	}
+	stop()
+
+	testenv.Start(t, r.auditor().Run)
+	r.written(r.supersede(13), r.supersede(14))
+	testenv.Eventually(t, 10*time.Second, "the storm alert", func() bool { return len(r.alerts()) > 0 })
+	r.settled()
+	got := r.alerts()
+	if len(got) != 1 || got[0].Rule != RuleSupersedeStorm || got[0].Value != 5 || !got[0].RaisedAt.Equal(r.base.Add(14*time.Second)) {
+		t.Fatalf("alerts %+v, want one supersede_storm of 5 raised by the fifth event", got)
+	}
+}
+
+// TestNoSecondAlertAfterARestart: an alert was raised at base+14s; after a restart, five
+// more superseded challenges at base+60s..64s make the count again, less than a window
+// after that alert but in the next window bucket (another alert id, so the stream's
+// duplicate window would not drop it): no second alert. With the last alert in memory, the
+// new auditor raises one.
+func TestNoSecondAlertAfterARestart(t *testing.T) {
+	r := newAlertRig(t, stormRules(5))
+	stop := testenv.Start(t, r.auditor().Run)
+	r.written(r.supersede(10), r.supersede(11), r.supersede(12), r.supersede(13), r.supersede(14))
+	testenv.Eventually(t, 10*time.Second, "the storm alert", func() bool { return len(r.alerts()) > 0 })
+	stop()
+
+	testenv.Start(t, r.auditor().Run)
+	r.written(r.supersede(60), r.supersede(61), r.supersede(62), r.supersede(63), r.supersede(64))
+	r.settled()
+	if got := r.alerts(); len(got) != 1 || !got[0].RaisedAt.Equal(r.base.Add(14*time.Second)) {
+		t.Fatalf("alerts %+v, want only the first, raised at base+14s", got)
+	}
+}
+
+// TestReplicasShareAlertWindows: two auditors share the database and the durable
+// consumer, and the events of one storm are split between them, handled at the same time
+// (each delivery alone, through the consumer's own batch path). Six of the eight make the
+// count and the three events past it could each raise the alert (the sixth lands on the
+// window bucket's edge): one alert, not zero (each auditor saw four) and not two.
+func TestReplicasShareAlertWindows(t *testing.T) {
+	r := newAlertRig(t, stormRules(6))
+	a, b := r.auditor(), r.auditor()
+	for secs := 55; secs < 63; secs++ {
+		r.supersede(secs)
+	}
+	ctx := context.Background()
+	cons, err := r.js.Consumer(ctx, events.StreamEvents, events.ConsumerAuditor)
+	testenv.Must(t, err, "the auditor's consumer")
+	var msgs []jetstream.Msg
+	testenv.Eventually(t, 10*time.Second, "eight deliveries", func() bool {
+		batch, err := cons.Fetch(8-len(msgs), jetstream.FetchMaxWait(time.Second))
+		testenv.Must(t, err, "fetch")
+		for m := range batch.Messages() {
+			msgs = append(msgs, m)
+		}
+		return len(msgs) == 8
+	})
+	c := platform.NewConsumer(cons, platform.ConsumeConfig{Name: events.ConsumerAuditor, JS: r.js,
+		DeadLetters: &platform.DeadLetters{Sealer: testDLQ}})
+	var wg sync.WaitGroup
+	for i, svc := range []*Service{a, b} {
+		wg.Go(func() {
+			for j := i; j < len(msgs); j += 2 {
+				c.Handle(ctx, []jetstream.Msg{msgs[j]}, svc.handleBatch)
+			}
+		})
+	}
+	wg.Wait()
+	var rows int
+	testenv.Must(t, r.pool.QueryRow(ctx, `SELECT count(*) FROM audit.events`).Scan(&rows), "rows")
+	if rows != 8 {
+		t.Fatalf("%d rows, want the 8 events", rows)
+	}
+	// Each handler has returned: whatever they raised is on the stream.
+	got := r.alerts()
+	if len(got) != 1 || got[0].Rule != RuleSupersedeStorm || got[0].Value < 6 {
+		t.Fatalf("alerts %+v, want one supersede_storm", got)
+	}
+	var raised float64
+	for _, svc := range []*Service{a, b} {
+		raised += testutil.ToFloat64(svc.alerts.raised.WithLabelValues(RuleSupersedeStorm))
+	}
+	if raised != 1 {
+		t.Fatalf("otpflow_auditor_alerts_total summed over both auditors = %v, want 1", raised)
+	}
+}
+
+// TestAlertStateIsPruned: the alert state older than twice the longest window before the
+// newest event goes, once a minute at most; the rest stays.
+func TestAlertStateIsPruned(t *testing.T) {
+	r := newAlertRig(t, stormRules(2))
+	stop := testenv.Start(t, r.auditor().Run)
+	// Two batches at least: the first prunes (with a cutoff before everything), the
+	// second, within the minute, does not.
+	r.written(r.supersede(10), r.supersede(11))
+	testenv.Eventually(t, 10*time.Second, "the storm alert", func() bool { return len(r.alerts()) > 0 })
+	r.written(r.supersede(200))
+	stop()
+	ctx := context.Background()
+	state := func() (stamps, raised int) {
+		testenv.Must(t, r.pool.QueryRow(ctx, `SELECT (SELECT count(*) FROM audit.alert_stamps), (SELECT count(*) FROM audit.alerts_raised)`).Scan(&stamps, &raised), "state")
+		return stamps, raised
+	}
+	if s, a := state(); s != 3 || a != 1 {
+		t.Fatalf("%d stamps, %d alerts raised; want 3 and 1", s, a)
+	}
+	al := r.auditor().alerts
+	// keep is two minutes: a newest event at base+200s+2m keeps only the stamp at base+200s.
+	n, err := al.prune(ctx, r.pool, []*Row{{OccurredAt: r.base.Add(200*time.Second + 2*time.Minute)}})
+	testenv.Must(t, err, "prune")
+	if s, a := state(); n != 3 || s != 1 || a != 0 {
+		t.Fatalf("pruned %d: %d stamps, %d alerts raised left; want 3 pruned, 1 and 0 left", n, s, a)
+	}
+	if n, err := al.prune(ctx, r.pool, []*Row{{OccurredAt: time.Now()}}); err != nil || n != 0 {
+		t.Fatalf("a second prune within a minute pruned %d (%v)", n, err)
+	}
+}
