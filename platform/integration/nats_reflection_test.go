@@ -38,19 +38,8 @@ func TestNATSPermissionsReplyReflection(t *testing.T) {
 
 	targets := []string{"otp.requested.globex", "otp.issued.globex", "otp.erasure_requested.globex",
 		"otp.verified.globex", "otp.dispatch.globex", "otp.challenge.globex"}
-	streams := []string{events.StreamRequests, events.StreamEvents, events.StreamDispatch, events.StreamChallenges}
 	stored := func() map[string]uint64 {
-		got := map[string]uint64{}
-		for _, name := range streams {
-			st, err := admin.js.Stream(ctx, name)
-			testenv.Must(t, err, "stream %s", name)
-			info, err := st.Info(ctx, jetstream.WithSubjectFilter("otp.*.globex"))
-			testenv.Must(t, err, "info %s", name)
-			for subj, n := range info.State.Subjects {
-				got[name+" "+subj] += n
-			}
-		}
-		return got
+		return storedOnGlobex(ctx, t, admin, events.StreamRequests, events.StreamEvents, events.StreamDispatch, events.StreamChallenges)
 	}
 	before := stored()
 
@@ -104,19 +93,9 @@ func TestNATSIdentitiesCannotAimDeliveries(t *testing.T) {
 	}
 	jsPublish(ctx, t, auditor, events.SubjectAuditCheckpoint)
 
-	streams := []string{events.StreamRequests, events.StreamEvents, events.StreamDispatch, events.StreamChallenges, events.StreamDLQ, events.StreamAudit}
 	stored := func() map[string]uint64 {
-		got := map[string]uint64{}
-		for _, name := range streams {
-			st, err := admin.js.Stream(ctx, name)
-			testenv.Must(t, err, "stream %s", name)
-			info, err := st.Info(ctx, jetstream.WithSubjectFilter("otp.*.globex"))
-			testenv.Must(t, err, "info %s", name)
-			for subj, n := range info.State.Subjects {
-				got[name+" "+subj] += n
-			}
-		}
-		return got
+		return storedOnGlobex(ctx, t, admin, events.StreamRequests, events.StreamEvents, events.StreamDispatch,
+			events.StreamChallenges, events.StreamDLQ, events.StreamAudit)
 	}
 	before := stored()
 
@@ -185,4 +164,21 @@ func TestNATSIdentitiesCannotAimDeliveries(t *testing.T) {
 		}
 	}
 	t.Logf("stored on otp.*.globex before %v, after %v", before, after)
+}
+
+// storedOnGlobex counts, as the admin sees them, the messages each of streams holds on
+// tenant globex's subjects (otp.*.globex), by "<stream> <subject>".
+func storedOnGlobex(ctx context.Context, t *testing.T, admin *identityConn, streams ...string) map[string]uint64 {
+	t.Helper()
+	got := map[string]uint64{}
+	for _, name := range streams {
+		st, err := admin.js.Stream(ctx, name)
+		testenv.Must(t, err, "stream %s", name)
+		info, err := st.Info(ctx, jetstream.WithSubjectFilter("otp.*.globex"))
+		testenv.Must(t, err, "info %s", name)
+		for subj, n := range info.State.Subjects {
+			got[name+" "+subj] += n
+		}
+	}
+	return got
 }
