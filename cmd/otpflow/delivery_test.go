@@ -88,8 +88,8 @@ func runPhase(t *testing.T, a *app, tenant string, n int) phase {
 }
 
 // TestPrimaryDownAllDeliveredViaSecondary: with SES answering 503 to everything, every
-// request is mailed by the SMTP relay, and issuance runs as fast as when SES is healthy
-// (both measured in this run): the issuer never waits on mail.
+// request is mailed by the SMTP relay. The rates of both phases are logged, not asserted
+// (speed belongs in benchmarks).
 func TestPrimaryDownAllDeliveredViaSecondary(t *testing.T) {
 	w := newWorld(t)
 	srv := w.useSES(t)
@@ -111,19 +111,17 @@ func TestPrimaryDownAllDeliveredViaSecondary(t *testing.T) {
 	if outage.providers["smtp"] != n {
 		t.Fatalf("outage phase went via %v, want all %d via smtp", outage.providers, n)
 	}
-	// Issuance does not depend on mail: a broad bound, so only a real coupling (the
-	// issuer waiting on providers) fails it on a busy two-core machine.
-	if outage.issuedPerSec < healthy.issuedPerSec/2 {
-		t.Fatalf("issuance slowed from %.0f/s to %.0f/s during the outage", healthy.issuedPerSec, outage.issuedPerSec)
-	}
+	// That issuance does not wait on mail is shown without a clock by
+	// TestBothProvidersDownThenBack: every request is issued while nothing can be mailed.
 	if got := len(w.smtp.Mails()); got != n {
 		t.Fatalf("SMTP got %d mails, want %d", got, n)
 	}
 }
 
-// TestBothProvidersDownThenBack: SES and the relay both refuse for 20 s. Nothing is lost,
-// each code is mailed at most once, none after its expiry; a code that expired during
-// the outage is reported as dispatch_expired instead.
+// TestBothProvidersDownThenBack: SES and the relay both refuse for 20 s. Every request is
+// issued meanwhile (the issuer never waits on mail). Nothing is lost, each code is mailed
+// at most once, none after its expiry; a code that expired during the outage is reported
+// as dispatch_expired instead.
 func TestBothProvidersDownThenBack(t *testing.T) {
 	t.Parallel()
 	w := newWorld(t)
@@ -146,7 +144,14 @@ func TestBothProvidersDownThenBack(t *testing.T) {
 		}
 		a.request(t, "acme", fmt.Sprintf(`{"request_id":"o-%d","recipient":"o%d@example.com","purpose":"login","ttl_seconds":%d}`, i, i, ttl))
 	}
-	time.Sleep(20 * time.Second)
+	// The issuer never waits on mail: every request is issued while nothing can be mailed.
+	testenv.Eventually(t, 20*time.Second, "every request issued during the outage", func() bool {
+		return count(t, a.js, "otp.issued.acme") == n
+	})
+	if got := count(t, a.js, "otp.delivered.acme"); got != 0 {
+		t.Fatalf("%d deliveries while both providers refuse", got)
+	}
+	time.Sleep(20 * time.Second) // the outage: both providers refuse for 20 s
 	if got := len(w.smtp.Mails()); got != 0 {
 		t.Fatalf("%d mails during the outage", got)
 	}
