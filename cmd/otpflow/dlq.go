@@ -32,12 +32,13 @@ commands:
            delete the entry, overwriting its stored bytes
 `
 
-// redrivable are the streams whose originals a redrive may publish again: each is read by
-// one consumer that recognises a message it already handled by the message's own key (the
-// issuer by tenant and request id, the dispatcher by challenge and code, the verifier by
-// challenge and code). An OTP_EVENTS original is not: the auditor keeps one row per stream
-// message, so a redriven event would be audited twice.
-var redrivable = []string{events.StreamRequests, events.StreamDispatch, events.StreamChallenges}
+// redrivable are the streams whose originals a redrive may publish again: OTP_REQUESTS,
+// whose issuer recognises a request it already handled. A dispatch job carries the sealed
+// code and a challenge its code's MAC: publishing them is the issuer's alone (whoever may
+// could supersede a live code or republish one with a later expiry), so the operator
+// drops them and the app asks again. An OTP_EVENTS original is not redriven either: the
+// auditor keeps one row per stream message, so a redriven event would be audited twice.
+var redrivable = []string{events.StreamRequests}
 
 // dlqCommand runs "otpflow dlq ..." and returns the exit code.
 func dlqCommand(ctx context.Context, args []string, getenv func(string) string, stdout, stderr io.Writer) (int, error) {
@@ -259,6 +260,11 @@ func (d *dlq) redrive(ctx context.Context, m *jetstream.RawStreamMsg) error {
 	if _, t, err := events.SplitSubject(orig.Subject); err != nil || t != tenant {
 		return fmt.Errorf("the original's subject is not one of tenant %s", tenant)
 	}
+	// And of the stream the entry names, before anything is published: an entry that
+	// claims OTP_REQUESTS but holds a challenge must not put one on OTP_CHALLENGES.
+	if !streamHolds(origin, orig.Subject) {
+		return fmt.Errorf("the original's subject %s is not one of %s (the entry stays)", orig.Subject, origin)
+	}
 	msg := nats.NewMsg(orig.Subject)
 	msg.Data = orig.Data
 	msg.Header = nats.Header{}
@@ -291,6 +297,21 @@ func (d *dlq) redrive(ctx context.Context, m *jetstream.RawStreamMsg) error {
 		orig.Subject, orDash(m.Header.Get(events.HeaderDLQConsumer)), ack.Stream, ack.Sequence)
 	fmt.Fprintln(d.stdout, detail)
 	return d.record(ctx, "dlq.redrive", tenant, detail)
+}
+
+// streamHolds reports whether stream's subjects (the contract's) take subject.
+func streamHolds(stream, subject string) bool {
+	for _, c := range events.StreamConfigs(events.StreamOptions{}) {
+		if c.Name != stream {
+			continue
+		}
+		for _, f := range c.Subjects {
+			if subjectMatches(f, subject) {
+				return true
+			}
+		}
+	}
+	return false
 }
 
 // drop deletes entry m, overwriting its stored bytes, and records the action.

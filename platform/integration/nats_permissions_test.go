@@ -149,10 +149,9 @@ func TestNATSPermissions(t *testing.T) {
 		}
 		jsPublish(ctx, t, operator, "otp.erasure_requested.acme")
 		jsPublish(ctx, t, operator, "otp.operator_action._system")
-		// What `otpflow dlq redrive` does: publish a dead letter's original again to the
-		// subject it came from (a stream of the three the issuer, dispatcher and verifier
-		// dead-letter), under a new id, then delete the entry.
-		for _, subject := range []string{"otp.requested.acme", "otp.dispatch.acme", "otp.challenge.acme", "otp.challenge_superseded.acme"} {
+		// What `otpflow dlq redrive` does: publish a dead request again under a new id,
+		// then delete the entry.
+		for _, subject := range []string{"otp.requested.acme"} {
 			m := nats.NewMsg(subject)
 			m.Data = []byte(`{}`)
 			m.Header.Set(jetstream.MsgIDHeader, "redrive:1:"+subject)
@@ -287,6 +286,9 @@ func TestNATSPermissions(t *testing.T) {
 			t.Parallel()
 			// It republishes requests, jobs and codes (dlq redrive), never an event or a
 			// dead letter.
+			denyPublish(t, operator, "otp.dispatch.acme")
+			denyPublish(t, operator, "otp.challenge.acme")
+			denyPublish(t, operator, "otp.challenge_superseded.acme")
 			denyPublish(t, operator, "otp.issued.acme")
 			denyPublish(t, operator, "otp.delivered.acme")
 			denyPublish(t, operator, "otp.dlq.acme")
