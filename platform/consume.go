@@ -80,6 +80,8 @@ type Consumer struct {
 	// durable is the durable consumer's name, which its dead letters carry.
 	durable string
 	beats   *heartbeats
+	// waiting are the deliveries pulled and not yet handed over (Run).
+	waiting deliverySet
 
 	settled, ignored, stuck, held, restarts *prometheus.CounterVec
 }
@@ -176,10 +178,20 @@ func (c *Consumer) Run(ctx context.Context, handle BatchHandler) error {
 	size, prefetch := c.cfg.BatchSize, c.cfg.Prefetch
 	// Room for everything Consume may have pulled while a batch is in hand, so the
 	// delivery callback (which also sees heartbeats) does not block.
-	buf := make(chan jetstream.Msg, 2*prefetch+1)
+	buf := make(chan *Delivery, 2*prefetch+1)
 	var stopErr atomic.Value // the error that ended the last Consume, if any
+	// A pulled message is kept in progress from the moment it arrives, not only once it is
+	// handed over: while a batch is held (a neighbour down), the messages pulled behind it
+	// wait here, and would otherwise spend their deliveries on the server meanwhile.
+	receive := func(m jetstream.Msg) {
+		if d := c.delivery(m); d != nil {
+			c.beats.add(d)
+			c.waiting.add(d)
+			buf <- d
+		}
+	}
 	consume := func() (jetstream.ConsumeContext, error) {
-		return c.cons.Consume(func(m jetstream.Msg) { buf <- m },
+		return c.cons.Consume(receive,
 			jetstream.PullMaxMessages(prefetch),
 			jetstream.PullExpiry(5*time.Second),
 			jetstream.ConsumeErrHandler(func(_ jetstream.ConsumeContext, err error) {
@@ -192,14 +204,17 @@ func (c *Consumer) Run(ctx context.Context, handle BatchHandler) error {
 		return fmt.Errorf("consume: %w", err)
 	}
 	work := context.WithoutCancel(ctx)
-	batch := make([]jetstream.Msg, 0, size)
+	batch := make([]*Delivery, 0, size)
 	flush := func() {
 		if len(batch) > 0 {
-			c.handleMsgs(work, ctx.Done(), batch, handle)
+			for _, d := range batch {
+				c.waiting.remove(d)
+			}
+			c.handle(work, ctx.Done(), batch, handle)
 			batch = batch[:0]
 		}
 	}
-	collect := func(first jetstream.Msg) {
+	collect := func(first *Delivery) {
 		batch = append(batch, first)
 		for len(batch) < size {
 			select {
@@ -270,22 +285,29 @@ func (c *Consumer) Handle(ctx context.Context, msgs []jetstream.Msg, handle Batc
 func (c *Consumer) handleMsgs(ctx context.Context, stop <-chan struct{}, msgs []jetstream.Msg, handle BatchHandler) {
 	batch := make([]*Delivery, 0, len(msgs))
 	for _, m := range msgs {
-		md, err := m.Metadata()
-		if err != nil {
-			// Not a JetStream delivery: nothing to hand over or to dead-letter.
-			c.log.Error("delivery without metadata; redelivering", "consumer", c.cfg.Name, "err", err)
-			_ = m.NakWithDelay(time.Second)
-			c.settled.WithLabelValues(c.cfg.Name, "retry").Inc()
-			continue
+		if d := c.delivery(m); d != nil {
+			c.beats.add(d)
+			batch = append(batch, d)
 		}
-		d := &Delivery{msg: m, c: c, meta: Meta{Stream: md.Stream, Sequence: md.Sequence.Stream,
-			NumDelivered: md.NumDelivered, Timestamp: md.Timestamp}}
-		c.beats.add(d)
-		batch = append(batch, d)
 	}
 	if len(batch) > 0 {
 		c.handle(ctx, stop, batch, handle)
 	}
+}
+
+// delivery is m as a Delivery of this consumer; nil (and m redelivered) when m is not a
+// JetStream delivery.
+func (c *Consumer) delivery(m jetstream.Msg) *Delivery {
+	md, err := m.Metadata()
+	if err != nil {
+		// Not a JetStream delivery: nothing to hand over or to dead-letter.
+		c.log.Error("delivery without metadata; redelivering", "consumer", c.cfg.Name, "err", err)
+		_ = m.NakWithDelay(time.Second)
+		c.settled.WithLabelValues(c.cfg.Name, "retry").Inc()
+		return nil
+	}
+	return &Delivery{msg: m, c: c, meta: Meta{Stream: md.Stream, Sequence: md.Sequence.Stream,
+		NumDelivered: md.NumDelivered, Timestamp: md.Timestamp}}
 }
 
 // handle runs the handler on batch and, if it fails, isolates the deliveries it failed
@@ -315,6 +337,9 @@ func (c *Consumer) handle(ctx context.Context, stop <-chan struct{}, batch []*De
 			"first_seq", pending[0].meta.Sequence, "retry_in", after, "err", pending[0].lastErr)
 		for _, d := range pending {
 			c.beats.add(d) // tried again, not forgotten: MaxInProgress starts over
+		}
+		for _, d := range c.waiting.all() {
+			c.beats.add(d) // and those pulled behind them, which wait for them
 		}
 		t := time.NewTimer(after)
 		select {

@@ -278,3 +278,34 @@ func (h *heartbeats) loop() {
 		}
 	}
 }
+
+// deliverySet is a set of deliveries safe for concurrent use.
+type deliverySet struct {
+	mu sync.Mutex
+	m  map[*Delivery]struct{}
+}
+
+func (s *deliverySet) add(d *Delivery) {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	if s.m == nil {
+		s.m = map[*Delivery]struct{}{}
+	}
+	s.m[d] = struct{}{}
+}
+
+func (s *deliverySet) remove(d *Delivery) {
+	s.mu.Lock()
+	delete(s.m, d)
+	s.mu.Unlock()
+}
+
+func (s *deliverySet) all() []*Delivery {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	out := make([]*Delivery, 0, len(s.m))
+	for d := range s.m {
+		out = append(out, d)
+	}
+	return out
+}

@@ -420,3 +420,84 @@ func TestConsumerPullsOnPastAMessageThatLooksLikeAStatus(t *testing.T) {
 	}
 	t.Logf("handled %v", seen)
 }
+
+// TestHoldKeepsThePulledMessagesBehindIt: while a batch is held (its neighbour down), the
+// consumer has already pulled the messages behind it. They wait in the process, and must
+// stay in progress meanwhile: an outage longer than AckWait × MaxDeliver must not spend
+// their deliveries on the server (they would be redelivered, or given up on while only
+// the process knew of them). Here AckWait is 1 s and MaxDeliver 3, and the outage lasts
+// well past 3 s.
+func TestHoldKeepsThePulledMessagesBehindIt(t *testing.T) {
+	e := newSettleEnv(t, jetstream.ConsumerConfig{AckWait: time.Second, MaxDeliver: 3})
+	e.publish(t, "blocker", "b", "c", "d", "e")
+	c := platform.NewConsumer(e.cons, platform.ConsumeConfig{Name: "settle_test", BatchSize: 1, Prefetch: 4,
+		MaxRetryDelay: time.Second, JS: e.js, Log: testenv.Logger(io.Discard), Reg: e.reg,
+		DeadLetters: &platform.DeadLetters{Sealer: e.dlq, Recipient: platform.RequestRecipient(e.subjects)}})
+	var down atomic.Bool
+	down.Store(true)
+	var mu sync.Mutex
+	handled := map[string]int{}
+	ctx, cancel := context.WithCancel(context.Background())
+	defer cancel()
+	ran := make(chan error, 1)
+	go func() {
+		ran <- c.Run(ctx, func(_ context.Context, batch []*platform.Delivery) error {
+			if down.Load() {
+				return fmt.Errorf("the store: %w", platform.ErrUnavailable)
+			}
+			mu.Lock()
+			defer mu.Unlock()
+			for _, d := range batch {
+				handled[string(d.Data())]++
+				d.Settle(platform.Ack())
+			}
+			return nil
+		})
+	}()
+	// The outage: held until the consumer has tried again for longer than AckWait ×
+	// MaxDeliver (held retries at most 1 s apart, the first after 1 s).
+	testenv.Eventually(t, 60*time.Second, "the batch held through six tries", func() bool {
+		return e.total(t, "otpflow_deliveries_held_retries_total") >= 6
+	})
+	info, err := e.cons.Info(t.Context())
+	testenv.Must(t, err, "consumer info")
+	if info.NumRedelivered != 0 || info.NumAckPending != 5 {
+		t.Fatalf("during the outage: %d redelivered, %d pending, want 0 and 5 (all kept in progress)", info.NumRedelivered, info.NumAckPending)
+	}
+	down.Store(false)
+	testenv.Eventually(t, 30*time.Second, "all handled", func() bool {
+		mu.Lock()
+		defer mu.Unlock()
+		return len(handled) == 5
+	})
+	testenv.Eventually(t, 30*time.Second, "all acknowledged", func() bool {
+		info, err := e.cons.Info(t.Context())
+		return err == nil && info.NumAckPending == 0 && info.AckFloor.Stream == 5
+	})
+	for body, n := range handled {
+		if n != 1 {
+			t.Errorf("%s handled %d times", body, n)
+		}
+	}
+	if n := e.total(t, "otpflow_deliveries_settled_total"); n != 5 {
+		t.Errorf("%v settled, want the 5 acks", n)
+	}
+	cancel()
+	testenv.Must(t, <-ran, "run")
+}
+
+// total sums every series of a metric.
+func (e *settleEnv) total(t *testing.T, name string) float64 {
+	t.Helper()
+	mfs, err := e.reg.Gather()
+	testenv.Must(t, err, "gather")
+	sum := 0.0
+	for _, mf := range mfs {
+		if mf.GetName() == name {
+			for _, m := range mf.GetMetric() {
+				sum += m.GetCounter().GetValue()
+			}
+		}
+	}
+	return sum
+}
