@@ -392,6 +392,18 @@ func (c *Consumer) isolate(ctx context.Context, pending []*Delivery, err error, 
 		}
 		d.lastErr = e
 		if failureOf(e) == failureRefused {
+			// A refusal can be a race: a unique key another process (a replica, the copy
+			// of a redelivery) took a moment before. One more try alone before the DLQ.
+			if e = handle(ctx, []*Delivery{d}); e == nil {
+				handled = true
+				continue
+			}
+			if d.isSettled() {
+				continue
+			}
+			d.lastErr = e
+		}
+		if failureOf(e) == failureRefused {
 			d.Settle(c.refused(d, e))
 			continue
 		}

@@ -12,6 +12,7 @@ import (
 	"testing"
 	"time"
 
+	"github.com/jackc/pgx/v5/pgconn"
 	"github.com/nats-io/nats.go"
 	"github.com/nats-io/nats.go/jetstream"
 	"github.com/otpflow/otpflow/events"
@@ -500,4 +501,51 @@ func (e *settleEnv) total(t *testing.T, name string) float64 {
 		}
 	}
 	return sum
+}
+
+// TestARefusalIsTriedOnceMoreAlone: a unique violation can be a race (a replica, or the
+// copy of a redelivery, inserted the same key a moment before), not bad data. A delivery
+// the database refuses is tried once more alone before it goes to the DLQ: one refused
+// once is handled; one refused every time is dead-lettered.
+func TestARefusalIsTriedOnceMoreAlone(t *testing.T) {
+	e := newSettleEnv(t, jetstream.ConsumerConfig{AckWait: 5 * time.Second, MaxDeliver: 3})
+	e.publish(t, "race", "bad", "fine")
+	c := e.consumer(3)
+	var mu sync.Mutex
+	tries, handled := map[string]int{}, map[string]bool{}
+	ctx, cancel := context.WithCancel(context.Background())
+	defer cancel()
+	ran := make(chan error, 1)
+	go func() {
+		ran <- c.Run(ctx, func(_ context.Context, batch []*platform.Delivery) error {
+			mu.Lock()
+			defer mu.Unlock()
+			for _, d := range batch {
+				body := string(d.Data())
+				tries[body]++
+				if body == "bad" || (body == "race" && tries[body] <= 2) { // in the batch, then alone
+					return &pgconn.PgError{Code: "23505", ConstraintName: "requests_pkey", Message: "duplicate key value"}
+				}
+			}
+			for _, d := range batch {
+				handled[string(d.Data())] = true
+				d.Settle(platform.Ack())
+			}
+			return nil
+		})
+	}()
+	testenv.Eventually(t, 30*time.Second, "race and fine handled, bad dead-lettered", func() bool {
+		mu.Lock()
+		defer mu.Unlock()
+		return handled["race"] && handled["fine"] && e.counter(t, "otpflow_deliveries_settled_total", "dead_letter") == 1
+	})
+	if handled["bad"] {
+		t.Fatal("bad data handled")
+	}
+	dl := testenv.Messages(t, e.js, events.StreamDLQ, "")
+	if len(dl) != 1 || e.opened(t, dl[0]) != "bad" {
+		t.Fatalf("dead letters: %d", len(dl))
+	}
+	cancel()
+	testenv.Must(t, <-ran, "run")
 }
