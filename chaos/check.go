@@ -246,9 +246,11 @@ func (c *check) checkMails() {
 	}
 	// What remains may be the sends a killed dispatcher had in flight, up to its bound.
 	if c.sc.InFlight != nil {
-		allowed := min(extras, c.sc.InFlight(c.e))
+		bound := c.sc.InFlight(c.e)
+		allowed := min(extras, bound)
 		c.row.InFlight += allowed
 		extras -= allowed
+		c.note("%d sends in flight at the kill (claimed, never recorded); %d codes mailed again after it", bound, allowed)
 	}
 	c.row.Duplicates = extras
 	if extras > 0 {
@@ -271,6 +273,13 @@ func (c *check) checkMails() {
 	if len(phantom) > 0 {
 		c.violate("%d mails for challenges never issued (e.g. %s)", len(phantom), first(phantom))
 	}
+	bySink := map[string]int{}
+	for _, ms := range c.mails {
+		for _, m := range ms {
+			bySink[m.Sink]++
+		}
+	}
+	c.note("mails: %d via SES, %d via SMTP", bySink["ses"], bySink["smtp"])
 	if len(resends) > 0 {
 		c.note("%d deliberate re-sends after an ambiguous answer (e.g. %s)", len(resends), first(resends))
 	}
@@ -317,9 +326,12 @@ func (c *check) ambiguousSends() (map[string]bool, error) {
 func (c *check) checkVerify(nc *nats.Conn) {
 	probes := c.prober.Probes()
 	var bad []string
-	lostReplies, notFound := 0, 0
+	lostReplies, notFound, retried := 0, 0, 0
 	var worst time.Duration
 	for _, p := range probes {
+		if p.ServiceErrors > 0 {
+			retried++
+		}
 		if p.NotFound > 0 {
 			notFound++
 			worst = max(worst, p.Done.Sub(p.At))
@@ -336,6 +348,9 @@ func (c *check) checkVerify(nc *nats.Conn) {
 	}
 	if notFound > 0 {
 		c.note("%d mailed codes were not_found at first: the verifier had not projected their challenge yet (for up to %s)", notFound, dur(worst))
+	}
+	if retried > 0 {
+		c.note("%d verifications answered \"500 internal error; retry\" at first, then verified on the app's retry", retried)
 	}
 	if lostReplies > 0 {
 		c.note("%d verifications answered already_used to the app's retry: the first try used the code and its reply was lost with the process", lostReplies)

@@ -56,6 +56,8 @@ type Env struct {
 	opsAddr     map[string]string
 	pool        *pgxpool.Pool
 	mailbox     mailbox
+	// inFlightAtKill is how many sends a killed dispatcher had in flight.
+	inFlightAtKill int
 }
 
 // NewEnv brings a whole deployment up and waits until every service is ready; it is

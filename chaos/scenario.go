@@ -26,7 +26,8 @@ type Scenario struct {
 	Settle time.Duration
 	Fault  Fault
 	// InFlight is how many codes the fault may mail twice by design: the sends a killed
-	// dispatcher had in flight (its OTP_DISPATCH_CONCURRENCY). Zero for every other fault.
+	// dispatcher had in flight (rows it claimed and never recorded, at most its
+	// OTP_DISPATCH_CONCURRENCY). Nil for every other fault.
 	InFlight func(e *Env) int
 }
 

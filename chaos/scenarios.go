@@ -1,6 +1,7 @@
 package chaos
 
 import (
+	"context"
 	"errors"
 	"fmt"
 	"time"
@@ -22,10 +23,11 @@ func Scenarios() []Scenario {
 		return Scenario{Name: name, Rate: 100, Pre: 10 * time.Second, Post: 20 * time.Second, Settle: 3 * time.Minute, Fault: f}
 	}
 	var out []Scenario
-	for _, s := range Services {
+	for _, s := range []string{"issuer", "dispatcher", "verifier", "auditor"} {
 		sc := long("kill -9 "+s, killEach(s))
 		if s == "dispatcher" {
-			sc.InFlight = func(e *Env) int { return e.Concurrency }
+			sc.Fault = killDispatcher
+			sc.InFlight = func(e *Env) int { return e.inFlightAtKill }
 		}
 		out = append(out, sc)
 	}
@@ -68,6 +70,24 @@ func killEach(service string) Fault {
 		logf("kill -9 %s", service)
 		return 1, e.Restart(service)
 	}
+}
+
+// killDispatcher kills the dispatcher with SIGKILL, counts the sends it had in flight
+// (delivery rows it claimed and never recorded: at most its OTP_DISPATCH_CONCURRENCY),
+// and starts it again.
+func killDispatcher(e *Env, logf func(string, ...any)) (int, error) {
+	logf("kill -9 dispatcher")
+	if err := e.Procs["dispatcher"].Kill(); err != nil {
+		return 1, err
+	}
+	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
+	defer cancel()
+	err := e.Pool().QueryRow(ctx, `SELECT count(*) FROM dispatcher.deliveries WHERE status = 'sending'`).Scan(&e.inFlightAtKill)
+	if err != nil {
+		return 1, fmt.Errorf("count the sends in flight: %w", err)
+	}
+	logf("%d sends in flight at the kill (bound: %d)", e.inFlightAtKill, e.Concurrency)
+	return 1, e.Procs["dispatcher"].Start()
 }
 
 // restartPostgres stops the cluster with a fast shutdown (sessions cut, open

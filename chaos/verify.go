@@ -9,19 +9,21 @@ import (
 	"time"
 
 	"github.com/nats-io/nats.go"
+	"github.com/nats-io/nats.go/micro"
 	"github.com/otpflow/otpflow/events"
 )
 
 // Verify asks otp.verify.<tenant> whether code is right for requestID, as an app does,
-// retrying while nobody answers or the verifier does not know the challenge yet (its
-// projection may lag), for at most patience. It returns the final status, and whether a
+// retrying while nobody answers, the service answers with an error it asks to retry, or
+// the verifier does not know the challenge yet (its projection may lag), for at most
+// patience. It returns the final status, and whether a
 // try went unanswered (a timeout: the verifier may have acted on it).
 func Verify(nc *nats.Conn, requestID, code string, patience time.Duration) (status events.VerifyStatus, unanswered bool, err error) {
-	status, unanswered, _, err = verify(nc, requestID, code, patience)
+	status, unanswered, _, _, err = verify(nc, requestID, code, patience)
 	return status, unanswered, err
 }
 
-func verify(nc *nats.Conn, requestID, code string, patience time.Duration) (status events.VerifyStatus, unanswered bool, notFound int, err error) {
+func verify(nc *nats.Conn, requestID, code string, patience time.Duration) (status events.VerifyStatus, unanswered bool, notFound, serviceErrors int, err error) {
 	body, _ := json.Marshal(map[string]string{"request_id": requestID, "code": code})
 	deadline := time.Now().Add(patience)
 	var last error
@@ -33,9 +35,19 @@ func verify(nc *nats.Conn, requestID, code string, patience time.Duration) (stat
 			time.Sleep(100 * time.Millisecond) // an app's retry pause
 			continue
 		}
+		if code := msg.Header.Get(micro.ErrorCodeHeader); code != "" {
+			// The service's error answer ("500 internal error; retry"): nothing was used.
+			last = fmt.Errorf("service error %s: %s", code, msg.Header.Get(micro.ErrorHeader))
+			if !strings.HasPrefix(code, "5") {
+				return "", unanswered, notFound, serviceErrors, last
+			}
+			serviceErrors++
+			time.Sleep(100 * time.Millisecond) // an app's retry pause
+			continue
+		}
 		var r events.VerifyReply
 		if err := json.Unmarshal(msg.Data, &r); err != nil {
-			return "", unanswered, notFound, fmt.Errorf("verify reply %q: %w", msg.Data, err)
+			return "", unanswered, notFound, serviceErrors, fmt.Errorf("verify reply %q: %w", msg.Data, err)
 		}
 		if r.Status == events.StatusNotFound {
 			notFound++
@@ -43,9 +55,9 @@ func verify(nc *nats.Conn, requestID, code string, patience time.Duration) (stat
 			time.Sleep(200 * time.Millisecond) // an app's retry pause
 			continue
 		}
-		return r.Status, unanswered, notFound, nil
+		return r.Status, unanswered, notFound, serviceErrors, nil
 	}
-	return "", unanswered, notFound, fmt.Errorf("no answer within %v: %w", patience, last)
+	return "", unanswered, notFound, serviceErrors, fmt.Errorf("no answer within %v: %w", patience, last)
 }
 
 // Probe is one verification the prober made.
@@ -58,7 +70,9 @@ type Probe struct {
 	// NotFound counts not_found answers before the final one: the verifier did not know
 	// the challenge of a code already mailed.
 	NotFound int
-	Err      error
+	// ServiceErrors counts error answers ("500 internal error; retry") before the final one.
+	ServiceErrors int
+	Err           error
 }
 
 // Prober verifies mailed codes while the load runs, starting one verification every
@@ -106,7 +120,7 @@ func (p *Prober) Start() {
 			go func() {
 				defer p.wg.Done()
 				pr := Probe{RequestID: id, At: time.Now()}
-				pr.Status, pr.Unanswered, pr.NotFound, pr.Err = verify(p.nc, id, code, 90*time.Second)
+				pr.Status, pr.Unanswered, pr.NotFound, pr.ServiceErrors, pr.Err = verify(p.nc, id, code, 90*time.Second)
 				pr.Done = time.Now()
 				p.mu.Lock()
 				p.probes = append(p.probes, pr)
