@@ -2,6 +2,7 @@ package chaos
 
 import (
 	"context"
+	"errors"
 	"fmt"
 	"net/http"
 	"net/url"
@@ -9,6 +10,7 @@ import (
 	"os/exec"
 	"path/filepath"
 	"strings"
+	"syscall"
 	"testing"
 	"time"
 
@@ -33,6 +35,9 @@ type Options struct {
 	NATSNodes int
 	// Env adds to or overrides the services' environment.
 	Env map[string]string
+	// NATSDisk, when set, gives the (single) NATS server a store on a file system of its
+	// own of this many bytes (a tmpfs; mounting one needs root), so the suite can fill it.
+	NATSDisk int64
 }
 
 // Env is one whole deployment on this machine: a private PostgreSQL cluster, NATS
@@ -58,7 +63,35 @@ type Env struct {
 	mailbox     mailbox
 	// inFlightAtKill is how many sends a killed dispatcher had in flight.
 	inFlightAtKill int
+	// disk is the NATS server's own file system (Options.NATSDisk), "" if none.
+	disk string
+	// lastAck is when the load last had a request acknowledged.
+	lastAck func() time.Time
 }
+
+// FillDisk fills the NATS server's file system (Options.NATSDisk) to the last byte.
+func (e *Env) FillDisk() error {
+	if e.disk == "" {
+		return errors.New("the NATS server has no disk of its own (Options.NATSDisk)")
+	}
+	f, err := os.Create(filepath.Join(e.disk, "filler"))
+	if err != nil {
+		return err
+	}
+	defer f.Close()
+	buf := make([]byte, 1<<20)
+	for {
+		if _, err := f.Write(buf); err != nil {
+			if errors.Is(err, syscall.ENOSPC) {
+				return nil
+			}
+			return err
+		}
+	}
+}
+
+// FreeDisk gives back what FillDisk took.
+func (e *Env) FreeDisk() error { return os.Remove(filepath.Join(e.disk, "filler")) }
 
 // NewEnv brings a whole deployment up and waits until every service is ready; it is
 // torn down at cleanup. OTP_CHAOS_KEEP=1 keeps its directory (logs, stores) for reading.
@@ -84,6 +117,14 @@ func NewEnv(tb testing.TB, bins Bins, o Options) *Env {
 	testenv.Must(tb, err, "pool")
 	tb.Cleanup(e.pool.Close)
 
+	if o.NATSDisk > 0 {
+		e.disk = filepath.Join(dir, "n1")
+		testenv.Must(tb, os.MkdirAll(e.disk, 0o755), "NATS disk")
+		if out, err := exec.Command("mount", "-t", "tmpfs", "-o", fmt.Sprintf("size=%d", o.NATSDisk), "tmpfs", e.disk).CombinedOutput(); err != nil {
+			tb.Skipf("a disk of NATS's own needs a tmpfs mount, which failed (root only): %v %s", err, out)
+		}
+		tb.Cleanup(func() { _ = exec.Command("umount", "-l", e.disk).Run() }) // runs after NATS is killed
+	}
 	e.NATS, err = StartNATS(bins, dir, o.NATSNodes)
 	testenv.Must(tb, err, "start NATS")
 	tb.Cleanup(func() {

@@ -63,6 +63,7 @@ type Load struct {
 	targets []*Request // Target requests not yet superseded
 	normals []*Request // Normal requests not yet repeated
 	tests   int
+	lastAck time.Time
 	wg      sync.WaitGroup
 	stop    chan struct{}
 	stopped chan struct{}
@@ -168,6 +169,7 @@ func (l *Load) publish(r *Request) {
 			if err == nil {
 				l.mu.Lock()
 				r.Acked, r.Seq = true, ack.Sequence
+				l.lastAck = time.Now()
 				l.mu.Unlock()
 				return
 			}
@@ -197,4 +199,11 @@ func (l *Load) kind(id string) Kind {
 		return r.Kind
 	}
 	return Repeat
+}
+
+// LastAck is when JetStream last acknowledged a request.
+func (l *Load) LastAck() time.Time {
+	l.mu.Lock()
+	defer l.mu.Unlock()
+	return l.lastAck
 }

@@ -42,6 +42,7 @@ func (sc Scenario) Run(t *testing.T, bins Bins) Row {
 	nc, js := e.Connect(t)
 	ledger := NewLedger(js)
 	load := NewLoad(js, sc.Rate)
+	e.lastAck = load.LastAck
 	prober := NewProber(nc, e, load, 100*time.Millisecond)
 
 	pollCtx, stopPolling := context.WithCancel(context.Background())

@@ -31,6 +31,8 @@ func Scenarios() []Scenario {
 		}
 		out = append(out, sc)
 	}
+	diskFull := long("NATS disk full for 15s, freed (nats-server restarted if stuck)", fillNATSDisk(15*time.Second))
+	diskFull.Options.NATSDisk = 512 << 20
 	cluster := long("NATS cluster: kill -9 the OTP_EVENTS leader", killStreamLeader(events.StreamEvents))
 	cluster.Options.NATSNodes = 3
 	return append(out,
@@ -41,6 +43,7 @@ func Scenarios() []Scenario {
 		long(fmt.Sprintf("SES and SMTP down %v", Outage), providersDown(Outage, "ses", "smtp")),
 		long("SES answers in 3s for 15s", slowSES(3*time.Second, 15*time.Second)),
 		long("SES hangs past its 5s timeout for 15s", hangSES(15*time.Second)),
+		diskFull,
 	)
 }
 
@@ -179,6 +182,42 @@ func streamNames() []string {
 		names = append(names, cfg.Name)
 	}
 	return names
+}
+
+// fillNATSDisk fills the single NATS server's disk for d, then frees it. If JetStream
+// still refuses the app's requests ten seconds later, it restarts nats-server (SIGTERM,
+// then start), as the runbook says, and counts that as a second fault.
+func fillNATSDisk(d time.Duration) Fault {
+	return func(e *Env, logf func(string, ...any)) (int, error) {
+		logf("NATS disk full")
+		if err := e.FillDisk(); err != nil {
+			return 1, err
+		}
+		time.Sleep(d) // the fault's length
+		logf("NATS disk freed")
+		freed := time.Now()
+		if err := e.FreeDisk(); err != nil {
+			return 1, err
+		}
+		if until(10*time.Second, func() error {
+			if e.lastAck().After(freed) {
+				return nil
+			}
+			return errors.New("no request acknowledged since the disk was freed")
+		}) == nil {
+			logf("JetStream took requests again %v after the disk was freed", time.Since(freed).Round(time.Millisecond))
+			return 1, nil
+		}
+		logf("JetStream still refuses requests 10s after the disk was freed: restarting nats-server")
+		s := e.NATS[0]
+		if err := s.Stop(); err != nil {
+			return 2, err
+		}
+		if err := s.Start(); err != nil {
+			return 2, err
+		}
+		return 2, WaitJetStream(s.URL(), time.Minute)
+	}
 }
 
 // providersDown closes the ports of the named providers ("ses", "smtp") for d, then
