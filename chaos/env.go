@@ -38,6 +38,9 @@ type Options struct {
 	// NATSDisk, when set, gives the (single) NATS server a store on a file system of its
 	// own of this many bytes (a tmpfs; mounting one needs root), so the suite can fill it.
 	NATSDisk int64
+	// SESAnswerDelay, when set, is how long each SES answer takes to come back after SES
+	// took the mail.
+	SESAnswerDelay time.Duration
 }
 
 // Env is one whole deployment on this machine: a private PostgreSQL cluster, NATS
@@ -142,6 +145,7 @@ func NewEnv(tb testing.TB, bins Bins, o Options) *Env {
 	u, err := url.Parse(e.SES.URL)
 	testenv.Must(tb, err, "SES URL")
 	e.SESWire = NewProxy(tb, u.Host)
+	e.SESWire.Delay(o.SESAnswerDelay)
 
 	e.env = map[string]string{
 		"PATH": os.Getenv("PATH"), "HOME": os.Getenv("HOME"),

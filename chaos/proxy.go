@@ -5,13 +5,14 @@ import (
 	"net"
 	"sync"
 	"testing"
+	"time"
 )
 
 // Proxy is a TCP relay on a fixed loopback port in front of a mail provider, so the
 // provider can fail the way a real one does on the wire: Down closes the port
-// (connections are refused, open ones cut), Up opens it again, and Hang passes every
-// request on but withholds every answer, so the provider acts on a send whose caller
-// never learns the outcome.
+// (connections are refused, open ones cut), Up opens it again, Hang passes every request
+// on but withholds every answer, so the provider acts on a send whose caller never learns
+// the outcome, and Delay makes every answer late.
 type Proxy struct {
 	Addr string
 
@@ -20,6 +21,7 @@ type Proxy struct {
 	ln     net.Listener
 	conns  map[net.Conn]bool
 	hang   bool
+	delay  time.Duration
 }
 
 // NewProxy relays a free loopback port to target and closes at cleanup.
@@ -67,10 +69,18 @@ func (p *Proxy) Hang(on bool) {
 	p.mu.Unlock()
 }
 
-func (p *Proxy) hanging() bool {
+// Delay holds back each answer by d on its way back: the provider has acted on the
+// request for d before its caller can know it.
+func (p *Proxy) Delay(d time.Duration) {
+	p.mu.Lock()
+	p.delay = d
+	p.mu.Unlock()
+}
+
+func (p *Proxy) answering() (hang bool, delay time.Duration) {
 	p.mu.Lock()
 	defer p.mu.Unlock()
-	return p.hang
+	return p.hang, p.delay
 }
 
 func (p *Proxy) serve(ln net.Listener) {
@@ -123,7 +133,9 @@ func (p *Proxy) relay(client net.Conn) {
 		buf := make([]byte, 32<<10)
 		for {
 			n, err := upstream.Read(buf)
-			if n > 0 && !p.hanging() {
+			hang, delay := p.answering()
+			if n > 0 && !hang {
+				time.Sleep(delay) // the fault: an answer late by delay
 				if _, werr := client.Write(buf[:n]); werr != nil {
 					break
 				}
