@@ -30,7 +30,7 @@ test:
 
 # The fault suite (chaos/, docs/reliability.md): every scenario against the real binaries
 # as processes, a nats-server built from the pinned module, and a private PostgreSQL
-# cluster; prints the table at the end. About half an hour. `make test` runs its short
+# cluster; prints the table at the end. About twelve minutes. `make test` runs its short
 # version. CHAOS_RUN picks scenarios by a regular expression on their names;
 # CHAOS_REPORT names a file for the table in Markdown.
 CHAOS_RUN ?=

@@ -58,7 +58,7 @@ func TestShort(t *testing.T) {
 // OTP_CHAOS_REPORT names a file to write the table to as Markdown.
 func TestChaos(t *testing.T) {
 	if os.Getenv("OTP_CHAOS") != "1" {
-		t.Skip("the whole fault suite takes about half an hour: make chaos (OTP_CHAOS=1)")
+		t.Skip("the whole fault suite takes about twelve minutes: make chaos (OTP_CHAOS=1)")
 	}
 	pick := regexp.MustCompile(os.Getenv("OTP_CHAOS_RUN"))
 	b := binaries(t)

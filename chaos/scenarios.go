@@ -35,12 +35,16 @@ func Scenarios() []Scenario {
 		}
 		out = append(out, sc)
 	}
+	// SES answers 50 ms after taking a mail (a real endpoint's latency), so the restart
+	// lands while sends are in flight: sent, and not yet recorded.
+	pgRestart := long("PostgreSQL restart (fast shutdown; SES answers in 50ms)", restartPostgres)
+	pgRestart.Options.SESAnswerDelay = 50 * time.Millisecond
 	diskFull := long("NATS disk full for 15s, freed (nats-server restarted if stuck)", fillNATSDisk(15*time.Second))
 	diskFull.Options.NATSDisk = 512 << 20
 	cluster := long("NATS cluster: kill -9 the OTP_EVENTS leader", killStreamLeader(events.StreamEvents))
 	cluster.Options.NATSNodes = 3
 	return append(out,
-		long("PostgreSQL restart (fast shutdown)", restartPostgres),
+		pgRestart,
 		long("NATS kill -9 and restart", killNATS),
 		cluster,
 		long(fmt.Sprintf("SES down %v, then up", Outage), providersDown(Outage, "ses")),
