@@ -1,5 +1,5 @@
 # otpflow: a go.work workspace; targets loop over its modules.
-MODULES := events platform platform/integration platform/testenv services/issuer services/dispatcher services/verifier services/auditor cmd/otpflow deploy deploy/prometheus
+MODULES := events platform platform/integration platform/testenv services/issuer services/dispatcher services/verifier services/auditor cmd/otpflow deploy deploy/prometheus chaos
 GO ?= go
 
 # Every target builds and tests with the patched toolchain (go1.26.8 has reachable net/http and
@@ -9,7 +9,7 @@ GO ?= go
 # carry the vulnerabilities `make vuln VULN_TOOLCHAIN=local` shows.
 export GOTOOLCHAIN := go1.27.3
 
-.PHONY: build run test test-short bench fuzz lint tidy clean vuln
+.PHONY: build run test test-short bench fuzz lint tidy clean vuln chaos
 
 # Stamp the git revision into the binaries (the verifier reports it as its version); go's
 # default stamps only a module at the repository's root. Off outside a git checkout.
@@ -27,6 +27,17 @@ run: build
 test:
 	@set -e; for m in $(MODULES); do echo "== $$m"; (cd $$m && $(GO) test -count=1 -timeout 10m ./...); done
 	@$(MAKE) --no-print-directory fuzz FUZZTIME=5s
+
+# The fault suite (chaos/, docs/reliability.md): every scenario against the real binaries
+# as processes, a nats-server built from the pinned module, and a private PostgreSQL
+# cluster; prints the table at the end. About twelve minutes. `make test` runs its short
+# version. CHAOS_RUN picks scenarios by a regular expression on their names;
+# CHAOS_REPORT names a file for the table in Markdown.
+CHAOS_RUN ?=
+CHAOS_REPORT ?=
+chaos:
+	cd chaos && OTP_CHAOS=1 OTP_CHAOS_RUN='$(CHAOS_RUN)' OTP_CHAOS_REPORT='$(if $(CHAOS_REPORT),$(abspath $(CHAOS_REPORT)))' \
+		$(GO) test -count=1 -timeout 90m -run '^TestChaos$$' -v .
 
 # Each fuzz target for a short while (go test -fuzz takes one target per run).
 FUZZTIME ?= 30s

@@ -60,3 +60,29 @@ func TestDatabaseIsFreshAndDroppedAtCleanup(t *testing.T) {
 		t.Errorf("database %q still exists after its test", name)
 	}
 }
+
+// TestPrivatePostgresRestarts: a private cluster keeps its port and its data across a
+// fast shutdown and a start, and a committed row survives.
+func TestPrivatePostgresRestarts(t *testing.T) {
+	pg := testenv.PrivatePostgres(t)
+	url := pg.CreateDatabase(t, "keep")
+	ctx := context.Background()
+	c, err := pgx.Connect(ctx, url)
+	testenv.Must(t, err, "connect")
+	_, err = c.Exec(ctx, `CREATE TABLE t (v int); INSERT INTO t VALUES (7)`)
+	testenv.Must(t, err, "write")
+	testenv.Must(t, pg.Stop("fast"), "stop")
+	if err := c.Ping(ctx); err == nil {
+		t.Fatal("a session survived a fast shutdown")
+	}
+	c.Close(ctx)
+	testenv.Must(t, pg.Start(), "start again")
+	c, err = pgx.Connect(ctx, url)
+	testenv.Must(t, err, "connect after the restart")
+	defer c.Close(ctx)
+	var v int
+	testenv.Must(t, c.QueryRow(ctx, `SELECT v FROM t`).Scan(&v), "read")
+	if v != 7 {
+		t.Fatalf("read %d after the restart, want 7", v)
+	}
+}
