@@ -33,9 +33,11 @@ commands:
 `
 
 // redrivable are the streams whose originals a redrive may publish again: each is read by
-// one consumer that recognises a message it already handled by the message's own key (the
-// issuer by tenant and request id, the dispatcher by challenge and code, the verifier by
-// challenge and code). An OTP_EVENTS original is not: the auditor keeps one row per stream
+// one consumer that recognises a message it already handled (the issuer a request by
+// tenant and request id, and a resend, whose request id every resend of the request shares,
+// by the message's identity: the Otp-Redrive-Of a redrive sets, else its Nats-Msg-Id, else
+// "OTP_REQUESTS:<sequence>", which is what a redrive names an id-less original; the
+// dispatcher and the verifier by challenge and code). An OTP_EVENTS original is not: the auditor keeps one row per stream
 // message, so a redriven event would be audited twice.
 var redrivable = []string{events.StreamRequests, events.StreamDispatch, events.StreamChallenges}
 
@@ -265,7 +267,12 @@ func (d *dlq) redrive(ctx context.Context, m *jetstream.RawStreamMsg) error {
 	for k, v := range orig.Header {
 		msg.Header[k] = append([]string(nil), v...)
 	}
-	was := msg.Header.Get(jetstream.MsgIDHeader)
+	// A redriven message that was dead-lettered again keeps naming the first original:
+	// the issuer recognises a resend by it.
+	was := msg.Header.Get(events.HeaderRedriveOf)
+	if was == "" {
+		was = msg.Header.Get(jetstream.MsgIDHeader)
+	}
 	if was == "" {
 		was = fmt.Sprintf("%s:%s", origin, m.Header.Get(events.HeaderDLQSequence))
 	}
