@@ -491,7 +491,10 @@ const (
 	// original (subject, headers, ce-id and body) under a new Nats-Msg-Id,
 	// "redrive:<dlq sequence>:<original id>", so the duplicate window cannot drop it; a
 	// consumer recognises the event by its own key (request id, challenge and code), as
-	// it recognises a redelivery.
+	// it recognises a redelivery, except a resend, which the issuer recognises by this
+	// header (else the Nats-Msg-Id, else "OTP_REQUESTS:<sequence>"). An original without
+	// a Nats-Msg-Id is named "<stream>:<sequence>" from its dead letter; a redriven
+	// message redriven again keeps the first original's name.
 	HeaderRedriveOf = "Otp-Redrive-Of"
 )
 

@@ -33,11 +33,15 @@ commands:
 `
 
 // redrivable are the streams whose originals a redrive may publish again: OTP_REQUESTS,
-// whose issuer recognises a request it already handled. A dispatch job carries the sealed
-// code and a challenge its code's MAC: publishing them is the issuer's alone (whoever may
-// could supersede a live code or republish one with a later expiry), so the operator
-// drops them and the app asks again. An OTP_EVENTS original is not redriven either: the
-// auditor keeps one row per stream message, so a redriven event would be audited twice.
+// whose issuer recognises a message it already handled (a request by tenant and request
+// id; a resend, whose request id every resend of the request shares, by the message's
+// identity: the Otp-Redrive-Of a redrive sets, else its Nats-Msg-Id, else
+// "OTP_REQUESTS:<sequence>", which is what a redrive names an id-less original). A
+// dispatch job carries the sealed code and a challenge its code's MAC: publishing them is
+// the issuer's alone (whoever may could supersede a live code or republish one with a
+// later expiry), so the operator drops them and the app asks again. An OTP_EVENTS
+// original is not redriven either: the auditor keeps one row per stream message, so a
+// redriven event would be audited twice.
 var redrivable = []string{events.StreamRequests}
 
 // dlqCommand runs "otpflow dlq ..." and returns the exit code.
@@ -271,7 +275,12 @@ func (d *dlq) redrive(ctx context.Context, m *jetstream.RawStreamMsg) error {
 	for k, v := range orig.Header {
 		msg.Header[k] = append([]string(nil), v...)
 	}
-	was := msg.Header.Get(jetstream.MsgIDHeader)
+	// A redriven message that was dead-lettered again keeps naming the first original:
+	// the issuer recognises a resend by it.
+	was := msg.Header.Get(events.HeaderRedriveOf)
+	if was == "" {
+		was = msg.Header.Get(jetstream.MsgIDHeader)
+	}
 	if was == "" {
 		was = fmt.Sprintf("%s:%s", origin, m.Header.Get(events.HeaderDLQSequence))
 	}

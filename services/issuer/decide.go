@@ -2,6 +2,8 @@ package issuer
 
 import (
 	"context"
+	"crypto/sha256"
+	"encoding/hex"
 	"fmt"
 	"strings"
 	"time"
@@ -12,6 +14,15 @@ import (
 )
 
 type key struct{ tenant, requestID string }
+
+// msgKey names one request message of a tenant by the SHA-256 (hex) of its identity
+// (messageIdentity): what a resend is recognised by.
+type msgKey struct{ tenant, hash string }
+
+func (r *request) msgKey() msgKey {
+	sum := sha256.Sum256([]byte(r.message))
+	return msgKey{r.tenant, hex.EncodeToString(sum[:])}
+}
 
 // rcptKey names one (tenant, recipient, purpose): the unit of cooldowns, hourly caps,
 // supersede and bursts. The recipient is its subject hash under the active key.
@@ -50,9 +61,12 @@ func (s *Service) issue(ctx context.Context, reqs []*request) ([]outbox.Entry, e
 // keysOf names the rows the decisions on reqs read and change.
 func (s *Service) keysOf(reqs []*request) batchKeys {
 	ks := batchKeys{challenges: map[key]bool{}, recipients: map[rcptKey][]string{}, logs: map[string][]string{},
-		windows: map[string]bool{}, clients: map[clientKey]clientRows{}}
+		windows: map[string]bool{}, clients: map[clientKey]clientRows{}, messages: map[msgKey]bool{}}
 	for _, r := range reqs {
 		ks.challenges[key{r.tenant, r.req.RequestID}] = true
+		if r.req.Resend {
+			ks.messages[r.msgKey()] = true
+		}
 		rk := r.rcptKey()
 		ks.recipients[rk] = r.subjects
 		ks.logs[rk.rate()] = r.rcptRates()
@@ -67,8 +81,41 @@ func (s *Service) keysOf(reqs []*request) batchKeys {
 
 // decide settles one request against the batch state and records its writes and the
 // messages to publish through the outbox in w.
+//
+// A resend is settled once per message: its request id names the challenge, which every
+// resend of it shares, so the message's identity is what tells a second handling of one
+// message (a redelivery after a lost ack or a database outage, a redrive from OTP_DLQ)
+// from a new resend. Whatever the first handling decided (a code, or a refusal such as
+// resend_cooldown) is recorded with it, and its events go through the outbox in the same
+// transaction; a second handling is a duplicate: acknowledged, nothing decided or sent.
 func (s *Service) decide(st *batchState, w *writes, r *request, now time.Time) error {
-	r.reject, r.outcome = nil, ""
+	r.reject, r.queued, r.outcome = nil, false, ""
+	if !r.req.Resend {
+		return s.settle(st, w, r, now)
+	}
+	mk := r.msgKey()
+	if st.handled[mk] {
+		r.outcome = "duplicate"
+		return nil
+	}
+	if err := s.settle(st, w, r, now); err != nil {
+		return err
+	}
+	st.handled[mk] = true
+	w.add(handledMessage{key: mk, recipient: r.rcptKey().recipient, at: now})
+	if r.reject != nil {
+		m, err := events.NewMsg(events.TypeRejected, r.tenant, fmt.Sprintf("rejected:%d", r.seq), "", r.reject, s.envelope(r, now))
+		if err != nil {
+			return err
+		}
+		w.publish(m)
+		r.queued = true
+	}
+	return nil
+}
+
+// settle decides one request, for decide.
+func (s *Service) settle(st *batchState, w *writes, r *request, now time.Time) error {
 	p := s.cfg.Policies.For(r.tenant)
 	refuse := func(reason events.RejectReason, limit, detail string, retryAfter time.Duration) {
 		secs := 0

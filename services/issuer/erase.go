@@ -9,7 +9,8 @@ import (
 )
 
 // Erase is the issuer's part of an erasure: the person's challenges (their sealed
-// address, session id and subject hash) and their codes are deleted, with the
+// address, session id and subject hash), their codes and the records of their resend
+// messages are deleted, with the
 // otp.challenge messages of theirs still in the outbox (a code HMAC and a session). A
 // later request with one of their request ids is a new request; one stored before the
 // erasure and still in flight is refused (reason erased), for which the person's subject
@@ -38,7 +39,12 @@ func (s *Service) Erase(ctx context.Context, req events.ErasureRequested) (int64
 		}
 		challenges, err := tx.Exec(ctx, `DELETE FROM issuer.challenges WHERE tenant = $1 AND recipient_key = ANY ($2)`,
 			req.Tenant, req.RecipientHashes)
-		n = outbox.RowsAffected() + codes.RowsAffected() + challenges.RowsAffected()
+		if err != nil {
+			return err
+		}
+		resends, err := tx.Exec(ctx, `DELETE FROM issuer.resend_messages WHERE tenant = $1 AND recipient_key = ANY ($2)`,
+			req.Tenant, req.RecipientHashes)
+		n = outbox.RowsAffected() + codes.RowsAffected() + challenges.RowsAffected() + resends.RowsAffected()
 		return err
 	})
 	return n, err

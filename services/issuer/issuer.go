@@ -173,8 +173,13 @@ type request struct {
 	// client is counted by events.ClientNetwork: spellings of one address and the
 	// addresses of one IPv6 /64 are one client.
 	subjects, clients []string
-	// Set by the decision: reject (publish otp.rejected, terminate) or accept.
+	// message is the identity of the message (messageIdentity): a resend is recognised
+	// by it, not by its request id.
+	message string
+	// Set by the decision: reject (publish otp.rejected, terminate) or accept. queued: the
+	// rejection went to the outbox with the decision, and is not published here.
 	reject  *events.Rejected
+	queued  bool
 	outcome string
 	// span is the request's "issue" span; ctx carries it. traceParent is what the
 	// messages published for the request carry: the span's, or without a tracer the
@@ -198,6 +203,7 @@ func (s *Service) handleBatch(ctx context.Context, batch []*platform.Delivery) e
 	var valid []*request
 	for _, d := range batch {
 		r := &request{msg: d, seq: d.Meta().Sequence, stored: d.Meta().Timestamp.UTC()}
+		r.message = messageIdentity(d.Headers(), r.seq)
 		r.ctx, r.span = d.StartSpan(ctx, s.cfg.Tracer, "issue")
 		defer r.span.End()
 		if r.traceParent = platform.TraceParent(r.ctx); r.traceParent == "" {
@@ -221,7 +227,7 @@ func (s *Service) handleBatch(ctx context.Context, batch []*platform.Delivery) e
 		s.log.Error("issue batch", "requests", len(valid), "err", issueErr)
 		issueErr = fmt.Errorf("issue: %w", issueErr)
 		for _, r := range valid {
-			r.outcome, r.reject = "", nil
+			r.outcome, r.reject, r.queued = "", nil, false
 			r.span.SetStatus(codes.Error, "issue failed")
 		}
 	} else if err := s.outbox.Publish(ctx, entries); err != nil {
@@ -231,7 +237,7 @@ func (s *Service) handleBatch(ctx context.Context, batch []*platform.Delivery) e
 
 	var rejected []*nats.Msg
 	for _, r := range reqs {
-		if r.reject == nil {
+		if r.reject == nil || r.queued {
 			continue
 		}
 		m, err := events.NewMsg(events.TypeRejected, rejectTenant(r), fmt.Sprintf("rejected:%d", r.seq), "", r.reject, s.envelope(r, now))
@@ -263,6 +269,24 @@ func (s *Service) handleBatch(ctx context.Context, batch []*platform.Delivery) e
 		}
 	}
 	return errors.Join(issueErr, pubErr)
+}
+
+// messageIdentity names the request message whatever its delivery: the original's
+// Nats-Msg-Id as a redrive from OTP_DLQ names it (events.HeaderRedriveOf), else its own
+// Nats-Msg-Id, else "OTP_REQUESTS:<stream sequence>". A redelivery carries the same
+// headers and sequence. A redrive of a message without a Nats-Msg-Id names it
+// "OTP_REQUESTS:<sequence>" (otpflow dlq redrive, from the dead letter's
+// Otp-Dlq-Sequence), the same identity; a redrive of a redriven message keeps the first
+// Otp-Redrive-Of. Two messages an app published under one Nats-Msg-Id are one message
+// (the stream drops the second within its duplicate window; after it, the issuer does).
+func messageIdentity(h nats.Header, seq uint64) string {
+	if id := h.Get(events.HeaderRedriveOf); id != "" {
+		return id
+	}
+	if id := h.Get(jetstream.MsgIDHeader); id != "" {
+		return id
+	}
+	return fmt.Sprintf("%s:%d", events.StreamRequests, seq)
 }
 
 func rejectTenant(r *request) string {

@@ -40,6 +40,8 @@ type batchKeys struct {
 	// clients maps each client of the batch to its hashes and its tenant's ip fanout
 	// window: the recipients it asked codes for within it are read.
 	clients map[clientKey]clientRows
+	// messages are the resend messages of the batch (decide): those already handled are read.
+	messages map[msgKey]bool
 }
 
 // clientKey names one client network of one tenant by its active hash.
@@ -80,6 +82,8 @@ type batchState struct {
 	ipSeen     map[clientKey]seenSet     // recipients seen in the fanout window
 	// erased is when each recipient of the batch was last erased (issuer.erasures).
 	erased map[rcptKey]time.Time
+	// handled are the resend messages of the batch already decided (issuer.resend_messages).
+	handled map[msgKey]bool
 }
 
 type rateWindow struct {
@@ -105,6 +109,21 @@ func (w *writes) publish(msgs ...*nats.Msg) { w.msgs = append(w.msgs, msgs...) }
 
 // A rowWrite is one row a decision writes: supersession, newChallenge, nextCode or codeRow.
 type rowWrite interface{ queue(b *pgx.Batch) }
+
+// handledMessage records that the resend message key was decided.
+type handledMessage struct {
+	key       msgKey
+	recipient string // the subject hash, for an erasure
+	at        time.Time
+}
+
+func (r handledMessage) queue(b *pgx.Batch) {
+	// No ON CONFLICT: a replica that decided the same message at the same time (a
+	// redelivery while the first handling still ran) fails its transaction, and its retry
+	// reads the row.
+	b.Queue(`INSERT INTO issuer.resend_messages (tenant, message_hash, recipient_key, handled_at) VALUES ($1, $2, $3, $4)`,
+		r.key.tenant, r.key.hash, r.recipient, r.at)
+}
 
 // supersession closes challengeID in favour of the challenge of request by.
 type supersession struct{ challengeID, by string }
@@ -209,7 +228,7 @@ func (st *store) clock(ctx context.Context, tx pgx.Tx) (time.Time, error) {
 func (st *store) lock(ctx context.Context, tx pgx.Tx, keys batchKeys, start time.Time) (*batchState, error) {
 	bs := &batchState{challenges: map[key]*challenge{}, logs: map[string]window.Stamps{}, logKeys: keys.logs,
 		windows: map[string]*rateWindow{}, active: map[rcptKey][]activeRef{}, recent: map[rcptKey]window.Stamps{},
-		ipSeen: map[clientKey]seenSet{}, erased: map[rcptKey]time.Time{}}
+		ipSeen: map[clientKey]seenSet{}, erased: map[rcptKey]time.Time{}, handled: map[msgKey]bool{}}
 	ks := make([]key, 0, len(keys.challenges))
 	for k := range keys.challenges {
 		bs.challenges[k] = nil
@@ -280,6 +299,25 @@ func (st *store) lock(ctx context.Context, tx pgx.Tx, keys batchKeys, start time
 		}
 		return rows.Err()
 	})
+	// Read after the challenges are locked: a replica that decided one of these messages
+	// on the same challenge has committed by now, and its row is seen.
+	var mt, mh []string
+	for k := range keys.messages {
+		mt, mh = append(mt, k.tenant), append(mh, k.hash)
+	}
+	if len(mt) > 0 {
+		b.Queue(`SELECT m.tenant, m.message_hash FROM issuer.resend_messages m
+			JOIN unnest($1::text[], $2::text[]) AS k(tenant, message_hash) USING (tenant, message_hash)`, mt, mh).Query(func(rows pgx.Rows) error {
+			for rows.Next() {
+				var k msgKey
+				if err := rows.Scan(&k.tenant, &k.hash); err != nil {
+					return err
+				}
+				bs.handled[k] = true
+			}
+			return rows.Err()
+		})
+	}
 	b.Queue(`INSERT INTO issuer.rate_log (key) SELECT k FROM unnest($1::text[]) AS k ORDER BY k ON CONFLICT DO NOTHING`, sortedLogs)
 	b.Queue(`SELECT key, stamps FROM issuer.rate_log WHERE key = ANY($1) ORDER BY key FOR UPDATE`, sortedLogs).Query(func(rows pgx.Rows) error {
 		for rows.Next() {
@@ -402,6 +440,7 @@ func (st *store) purge(ctx context.Context, retention time.Duration) (int64, err
 		{`DELETE FROM issuer.rate_window WHERE window_start < now() - $1::interval`, 24 * time.Hour},
 		{`DELETE FROM issuer.ip_recipients WHERE last_at < now() - $1::interval`, 24 * time.Hour},
 		{`DELETE FROM issuer.erasures WHERE erased_at < now() - $1::interval`, retention},
+		{`DELETE FROM issuer.resend_messages WHERE handled_at < now() - $1::interval`, retention},
 	} {
 		tag, err := st.pool.Exec(ctx, q.sql, q.age-st.skew())
 		if err != nil {
