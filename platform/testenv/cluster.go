@@ -16,7 +16,8 @@ import (
 )
 
 // Cluster starts n embedded NATS servers routed into one JetStream cluster, waits for
-// its meta leader, and shuts them down at cleanup. Streams on it can have n replicas.
+// its meta leader and for every node to be a current peer of it, and shuts them down at
+// cleanup. Streams on it can have n replicas.
 func Cluster(tb testing.TB, n int) []*server.Server {
 	tb.Helper()
 	ports := make([]int, n)
@@ -61,6 +62,21 @@ func Cluster(tb testing.TB, n int) []*server.Server {
 		defer cancel()
 		_, err := js.AccountInfo(ctx)
 		return err == nil
+	})
+	// Placement of an R<n> stream needs every peer online, with JetStream, and its
+	// statistics received by the meta leader; a leader alone is not enough.
+	Eventually(tb, 30*time.Second, "every node a current JetStream peer", func() bool {
+		for _, s := range servers {
+			if !s.JetStreamIsCurrent() {
+				return false
+			}
+		}
+		for _, s := range servers {
+			if s.JetStreamIsLeader() {
+				return len(s.JetStreamClusterPeers()) == n
+			}
+		}
+		return false
 	})
 	return servers
 }
