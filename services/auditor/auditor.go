@@ -85,7 +85,7 @@ type Service struct {
 	alerts  *alerter
 	anchor  *anchorState
 	// cons is the auditor's durable consumer once Run has bound it: an erasure waits for
-	// its acknowledgement floor (eraseChained).
+	// its acknowledgement floor (eraseRow).
 	cons jetstream.Consumer
 }
 
