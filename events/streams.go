@@ -1,8 +1,12 @@
 package events
 
 import (
+	"slices"
+	"strconv"
+	"strings"
 	"time"
 
+	"github.com/nats-io/nats.go"
 	"github.com/nats-io/nats.go/jetstream"
 )
 
@@ -78,6 +82,33 @@ type StreamOptions struct {
 	// DispatchMaxDeliver, when positive, is the dispatcher consumer's MaxDeliver in place
 	// of DispatcherConsumer's (ConsumerConfigs).
 	DispatchMaxDeliver int
+	// Tenants, when set, each get a request stream of their own (TenantRequestsStream)
+	// that captures otp.requested.<tenant>, and OTP_REQUESTS captures no subject: it
+	// sources those streams, and the issuer reads it as before (OTP_TENANT_STREAMS).
+	// JetStream checks a publish's Nats-Msg-Id and Nats-Expected-* headers against the
+	// whole stream it lands on; on a stream of its own a tenant can neither take another
+	// tenant's message id, learn whether one was used, nor read another's last message id,
+	// and can fill only its own stream. A tenant not listed then has nowhere to publish:
+	// NATS answers its publish with "no responders".
+	Tenants []string
+	// TenantRequestsMaxBytes bounds each tenant's request stream; past it the tenant's
+	// publishes are refused (DiscardNew) and every other tenant's still land
+	// (OTP_TENANT_REQUESTS_MAX_BYTES). Zero means DefaultTenantRequestsMaxBytes.
+	TenantRequestsMaxBytes int64
+}
+
+// DefaultTenantRequestsMaxBytes bounds a tenant's request stream unless
+// OTP_TENANT_REQUESTS_MAX_BYTES says otherwise: about a million requests of 1 KiB.
+const DefaultTenantRequestsMaxBytes = 1 << 30
+
+// TenantRequestsStream names tenant's request stream, "OTP_REQUESTS_<tenant>"
+// (StreamOptions.Tenants).
+func TenantRequestsStream(tenant string) string { return StreamRequests + "_" + tenant }
+
+// IsRequestsStream reports whether name is OTP_REQUESTS or a tenant's request stream.
+func IsRequestsStream(name string) bool {
+	t, ok := strings.CutPrefix(name, StreamRequests+"_")
+	return name == StreamRequests || ok && ValidTenant(t)
 }
 
 // RequestsAge is o.RequestsMaxAge or its default.
@@ -102,21 +133,7 @@ func StreamConfigs(o StreamOptions) []jetstream.StreamConfig {
 	for _, t := range ChallengeTypes {
 		challenges = append(challenges, t.Wildcard())
 	}
-	return []jetstream.StreamConfig{
-		{
-			Name:        StreamRequests,
-			Description: "otp.requested events published by upstream apps",
-			Subjects:    []string{TypeRequested.Wildcard()},
-			Retention:   jetstream.LimitsPolicy,
-			MaxAge:      o.RequestsAge(),
-			// JetStream refuses a window longer than MaxAge (only a test sets one that short).
-			Duplicates: min(DuplicateWindow, o.RequestsAge()),
-			Storage:    jetstream.FileStorage,
-			Replicas:   r,
-			// Apps publish here: one message can be no larger than a request needs (a
-			// request above MaxRequestedSize is still stored and rejected as too_large).
-			MaxMsgSize: RequestsMaxMsgSize,
-		},
+	return append(requestStreams(o, r), []jetstream.StreamConfig{
 		{
 			// A work queue: a job is deleted once a dispatcher acknowledges or terminates it.
 			// It holds the sealed code, so nothing sources or mirrors it.
@@ -186,7 +203,68 @@ func StreamConfigs(o StreamOptions) []jetstream.StreamConfig {
 			DenyPurge:   true,
 			Replicas:    r,
 		},
+	}...)
+}
+
+// requestStreams are OTP_REQUESTS and, when o names tenants, their request streams, which
+// it sources. Tenant streams come after OTP_REQUESTS: provisioning a deployment that
+// turns tenant streams on takes otp.requested.* off OTP_REQUESTS before a tenant's stream
+// claims otp.requested.<tenant> (two streams of an account may not share a subject).
+func requestStreams(o StreamOptions, r int) []jetstream.StreamConfig {
+	requests := jetstream.StreamConfig{
+		Name:        StreamRequests,
+		Description: "otp.requested events published by upstream apps",
+		Subjects:    []string{TypeRequested.Wildcard()},
+		Retention:   jetstream.LimitsPolicy,
+		MaxAge:      o.RequestsAge(),
+		// JetStream refuses a window longer than MaxAge (only a test sets one that short).
+		Duplicates: min(DuplicateWindow, o.RequestsAge()),
+		Storage:    jetstream.FileStorage,
+		Replicas:   r,
+		// Apps publish here: one message can be no larger than a request needs (a
+		// request above MaxRequestedSize is still stored and rejected as too_large).
+		MaxMsgSize: RequestsMaxMsgSize,
 	}
+	tenants := slices.Clone(o.Tenants)
+	slices.Sort(tenants)
+	tenants = slices.Compact(tenants)
+	if len(tenants) == 0 {
+		return []jetstream.StreamConfig{requests}
+	}
+	requests.Description = "otp.requested events of every tenant, sourced from the tenants' request streams"
+	requests.Subjects = nil
+	// No duplicate window: a stream that sources keeps none unless it is given one, and
+	// one here would compare the message ids of all tenants again. Each tenant's stream
+	// has its own; the issuer knows a message it handled (issuer.resend_messages, by
+	// tenant) if sourcing ever repeats one.
+	requests.Duplicates = 0
+	// The tenant streams bound each message; sourcing adds a Nats-Stream-Source header,
+	// so the same bound here would refuse a message its tenant's stream took and stall
+	// that tenant's source.
+	requests.MaxMsgSize = 0
+	maxBytes := o.TenantRequestsMaxBytes
+	if maxBytes <= 0 {
+		maxBytes = DefaultTenantRequestsMaxBytes
+	}
+	out := []jetstream.StreamConfig{requests}
+	for _, t := range tenants {
+		out[0].Sources = append(out[0].Sources, &jetstream.StreamSource{Name: TenantRequestsStream(t)})
+		out = append(out, jetstream.StreamConfig{
+			Name:        TenantRequestsStream(t),
+			Description: "otp.requested events of tenant " + t + ", sourced into " + StreamRequests,
+			Subjects:    []string{TypeRequested.Subject(t)},
+			Retention:   jetstream.LimitsPolicy,
+			MaxAge:      o.RequestsAge(),
+			Duplicates:  min(DuplicateWindow, o.RequestsAge()),
+			Storage:     jetstream.FileStorage,
+			Replicas:    r,
+			MaxMsgSize:  RequestsMaxMsgSize,
+			// A tenant that floods fills its own stream and is refused; the others are not.
+			MaxBytes: maxBytes,
+			Discard:  jetstream.DiscardNew,
+		})
+	}
+	return out
 }
 
 // RequestsMaxMsgSize bounds a message on OTP_REQUESTS, where upstream apps publish:
@@ -297,3 +375,32 @@ var (
 		MaxAckPending: 2000,
 	}
 )
+
+// HeaderStreamSource is the header JetStream sets on a message it sourced from another
+// stream: "<stream> <sequence> …" of the original (it replaces one a publisher set).
+const HeaderStreamSource = "Nats-Stream-Source"
+
+// RequestMessageIdentity names a request message on OTP_REQUESTS whatever its delivery,
+// so the issuer can tell a message it handled from a new one (a resend's request id is
+// shared by every resend of the request): the original's Nats-Msg-Id as a redrive from
+// OTP_DLQ names it (HeaderRedriveOf), else its own Nats-Msg-Id, else, for a message
+// OTP_REQUESTS sourced from a tenant's request stream, "<that stream>:<its sequence
+// there>" (the same if sourcing ever stored it twice), else "OTP_REQUESTS:<seq>". A
+// redelivery carries the same headers and sequence; `otpflow dlq redrive` names an
+// id-less original by this function of its headers and dead-lettered sequence, and a
+// redrive of a redriven message keeps the first Otp-Redrive-Of. Identities are compared
+// within a tenant only.
+func RequestMessageIdentity(h nats.Header, seq uint64) string {
+	if id := h.Get(HeaderRedriveOf); id != "" {
+		return id
+	}
+	if id := h.Get(jetstream.MsgIDHeader); id != "" {
+		return id
+	}
+	if f := strings.Fields(h.Get(HeaderStreamSource)); len(f) >= 2 && IsRequestsStream(f[0]) && f[0] != StreamRequests {
+		if n, err := strconv.ParseUint(f[1], 10, 64); err == nil && n > 0 {
+			return f[0] + ":" + f[1]
+		}
+	}
+	return StreamRequests + ":" + strconv.FormatUint(seq, 10)
+}

@@ -5,6 +5,7 @@ import (
 	"strconv"
 	"strings"
 	"time"
+	"unicode"
 
 	"github.com/otpflow/otpflow/events"
 )
@@ -41,6 +42,12 @@ type Common struct {
 	// RequestsMaxAge is how long OTP_REQUESTS keeps a request (OTP_REQUESTS_MAX_AGE,
 	// default 1h, from events.MinRequestsMaxAge to events.MaxRequestsMaxAge).
 	RequestsMaxAge time.Duration
+	// TenantStreams (OTP_TENANT_STREAMS: tenant names, separated by commas or spaces) each
+	// get a request stream of their own, which OTP_REQUESTS sources
+	// (events.StreamOptions.Tenants); provisioning applies it. TenantRequestsMaxBytes
+	// (OTP_TENANT_REQUESTS_MAX_BYTES) bounds each of them.
+	TenantStreams          []string
+	TenantRequestsMaxBytes int64
 	// DatabaseURL is OTP_DATABASE_URL; empty means the libpq environment and defaults.
 	DatabaseURL string
 	HTTPAddr    string // OTP_HTTP_ADDR; empty serves nothing
@@ -106,6 +113,19 @@ func LoadCommon(getenv Getenv) (Common, error) {
 	}
 	if c.RequestsMaxAge < events.MinRequestsMaxAge || c.RequestsMaxAge > events.MaxRequestsMaxAge {
 		return c, &ConfigError{"OTP_REQUESTS_MAX_AGE", fmt.Sprintf("must be from %v (the longest code lifetime) to %v", events.MinRequestsMaxAge, events.MaxRequestsMaxAge)}
+	}
+	for _, t := range strings.FieldsFunc(getenv("OTP_TENANT_STREAMS"), func(r rune) bool { return r == ',' || unicode.IsSpace(r) }) {
+		if !events.ValidTenant(t) {
+			return c, &ConfigError{"OTP_TENANT_STREAMS", fmt.Sprintf("%q is not a tenant name (1-64 of [A-Za-z0-9_-])", t)}
+		}
+		c.TenantStreams = append(c.TenantStreams, t)
+	}
+	if s := strings.TrimSpace(getenv("OTP_TENANT_REQUESTS_MAX_BYTES")); s != "" {
+		n, err := strconv.ParseInt(s, 10, 64)
+		if err != nil || n < events.RequestsMaxMsgSize {
+			return c, &ConfigError{"OTP_TENANT_REQUESTS_MAX_BYTES", fmt.Sprintf("must be a number of bytes, at least %d (one request)", events.RequestsMaxMsgSize)}
+		}
+		c.TenantRequestsMaxBytes = n
 	}
 	if c.ShutdownTimeout, err = DurationVar(getenv, "OTP_SHUTDOWN_TIMEOUT", 25*time.Second); err != nil {
 		return c, err

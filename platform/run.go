@@ -115,7 +115,8 @@ func (s ServiceSpec) connectedAsOwner(ctx context.Context, pool *pgxpool.Pool) (
 // Streams are the stream options of this deployment (OTP_NATS_REPLICAS,
 // OTP_REQUESTS_MAX_AGE).
 func (c Common) Streams() events.StreamOptions {
-	return events.StreamOptions{Replicas: c.Replicas, RequestsMaxAge: c.RequestsMaxAge}
+	return events.StreamOptions{Replicas: c.Replicas, RequestsMaxAge: c.RequestsMaxAge,
+		Tenants: c.TenantStreams, TenantRequestsMaxBytes: c.TenantRequestsMaxBytes}
 }
 
 // Main is a service binary's main: it runs spec configured by the environment until

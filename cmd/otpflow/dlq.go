@@ -277,13 +277,15 @@ func (d *dlq) redrive(ctx context.Context, m *jetstream.RawStreamMsg) error {
 	}
 	// A redriven message that was dead-lettered again keeps naming the first original:
 	// the issuer recognises a resend by it.
-	was := msg.Header.Get(events.HeaderRedriveOf)
-	if was == "" {
-		was = msg.Header.Get(jetstream.MsgIDHeader)
+	// An id-less original is named as the issuer names it (its tenant stream's sequence
+	// when OTP_REQUESTS sourced it, else its sequence there), the one identity for both.
+	seq, err := strconv.ParseUint(m.Header.Get(events.HeaderDLQSequence), 10, 64)
+	if err != nil {
+		return fmt.Errorf("%s %q is not a sequence (the entry stays)", events.HeaderDLQSequence, m.Header.Get(events.HeaderDLQSequence))
 	}
-	if was == "" {
-		was = fmt.Sprintf("%s:%s", origin, m.Header.Get(events.HeaderDLQSequence))
-	}
+	was := events.RequestMessageIdentity(msg.Header, seq)
+	// JetStream refuses a publish that carries the header it sets on what it sources.
+	msg.Header.Del(events.HeaderStreamSource)
 	msg.Header.Set(jetstream.MsgIDHeader, fmt.Sprintf("redrive:%d:%s", m.Sequence, was))
 	msg.Header.Set(events.HeaderRedriveOf, was)
 	pctx, cancel := context.WithTimeout(ctx, 10*time.Second)
@@ -295,7 +297,9 @@ func (d *dlq) redrive(ctx context.Context, m *jetstream.RawStreamMsg) error {
 	if ack.Duplicate {
 		return fmt.Errorf("%s dropped the publish as a duplicate of %s %d (the entry stays)", ack.Stream, ack.Stream, ack.Sequence)
 	}
-	if ack.Stream != origin {
+	// With tenant request streams (OTP_TENANT_STREAMS) a request lands on its tenant's,
+	// which OTP_REQUESTS sources.
+	if ack.Stream != origin && !(origin == events.StreamRequests && ack.Stream == events.TenantRequestsStream(tenant)) {
 		return fmt.Errorf("published to %s, stored on %s, not %s", orig.Subject, ack.Stream, origin)
 	}
 	if err := d.st.SecureDeleteMsg(ctx, m.Sequence); err != nil && !errors.Is(err, jetstream.ErrMsgNotFound) {

@@ -58,12 +58,25 @@ func eraseCommand(ctx context.Context, args []string, getenv func(string) string
 	defer nc.Close()
 
 	// The streams first: a request of theirs still waiting is not issued after the
-	// services have erased.
-	requests, err := deleteMatching(ctx, js, events.StreamRequests, events.TypeRequested.Subject(*tenant), func(m *jetstream.RawStreamMsg) bool {
-		return requestNames(m.Data, address)
-	})
+	// services have erased. The tenant's own request stream (OTP_TENANT_STREAMS) before
+	// OTP_REQUESTS, which sources it: a request not sourced yet is gone before it could be.
+	isRequest := func(m *jetstream.RawStreamMsg) bool { return requestNames(m.Data, address) }
+	own, err := deleteMatching(ctx, js, events.TenantRequestsStream(*tenant), events.TypeRequested.Subject(*tenant), isRequest)
+	if errors.Is(err, jetstream.ErrStreamNotFound) {
+		own, err = -1, nil
+	}
+	if err != nil {
+		return 1, fmt.Errorf("erase: %s: %w", events.TenantRequestsStream(*tenant), err)
+	}
+	requests, err := deleteMatching(ctx, js, events.StreamRequests, events.TypeRequested.Subject(*tenant), isRequest)
 	if err != nil {
 		return 1, fmt.Errorf("erase: %s: %w", events.StreamRequests, err)
+	}
+	if own >= 0 {
+		fmt.Fprintf(stdout, "deleted %d requests from %s\n", own, events.TenantRequestsStream(*tenant))
+		// The two hold copies of the same requests; one may still hold a request the
+		// other does not (not sourced yet, or aged out first).
+		requests = max(requests, own)
 	}
 	challenges, err := deleteMatching(ctx, js, events.StreamChallenges, events.TypeChallenge.Subject(*tenant), func(m *jetstream.RawStreamMsg) bool {
 		var c struct {

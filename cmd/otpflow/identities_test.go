@@ -3,6 +3,7 @@ package main
 import (
 	"bytes"
 	"context"
+	"fmt"
 	"maps"
 	"strings"
 	"testing"
@@ -10,6 +11,7 @@ import (
 
 	"github.com/nats-io/nats.go"
 	"github.com/nats-io/nats.go/jetstream"
+	"github.com/otpflow/otpflow/events"
 	"github.com/otpflow/otpflow/platform"
 	"github.com/otpflow/otpflow/platform/testenv"
 )
@@ -25,6 +27,9 @@ func TestPipelineUnderIdentities(t *testing.T) {
 	w := newWorldOn(t, d.Server)
 	w.env["OTP_NATS_URL"] = d.URL
 	w.env["OTP_NATS_TLS_CA"] = d.CA.File
+	// Each tenant of the template gets a request stream of its own (deploy/k8s's
+	// provisioning job sets the same).
+	w.env["OTP_TENANT_STREAMS"] = "acme,globex"
 	as := func(id string) func(string) string {
 		env := maps.Clone(w.env)
 		env["OTP_NATS_NKEY_FILE"] = d.Seeds[id]
@@ -56,6 +61,18 @@ func TestPipelineUnderIdentities(t *testing.T) {
 	testenv.Must(t, err, "acme publishes a request that looks like a status")
 	checkFlow(t, w, a, "acme", "ids-1", "ana@example.com")
 
+	// Another tenant's app takes the message id the CLI's request below will carry
+	// ("requested:<tenant>:<request id>"). On a stream shared by the tenants, JetStream
+	// would drop the CLI's request as a duplicate and no mail would come; each tenant's
+	// own request stream checks ids among its own messages only.
+	g := appAs(t, d, "globex")
+	claim := nats.NewMsg("otp.requested.globex")
+	claim.Header.Set(jetstream.MsgIDHeader, "requested:acme:ids-cli")
+	claim.Data = []byte(`{"request_id":"ids-claim","recipient":"claim@example.com","purpose":"login"}`)
+	if ack, err := g.js.PublishMsg(context.Background(), claim); err != nil || ack.Stream != "OTP_REQUESTS_globex" {
+		t.Fatalf("globex publishes its own request: %+v, %v", ack, err)
+	}
+
 	// The CLI's request and verify as the app's own user.
 	for _, args := range [][]string{{"request", "--tenant", "acme", "--request-id", "ids-cli", "--recipient", "cli@example.com"},
 		{"verify", "--tenant", "acme", "--request-id", "ids-none", "--code", "000000"}} {
@@ -75,6 +92,33 @@ func TestPipelineUnderIdentities(t *testing.T) {
 		return len(mailsTo(w.smtp.Mails(), "cli@example.com")) == 1
 	})
 
+	// A dead request, sourced from acme's stream without a message id, redriven by the
+	// operator: the publish lands on acme's own stream (not OTP_REQUESTS, which captures
+	// nothing now), is sourced, issued and mailed, named as the issuer named the original.
+	issuerConn := appAs(t, d, "issuer")
+	issuerJS, err := platform.NewJetStream(issuerConn.nc, testenv.DeployJSAPIPrefix)
+	testenv.Must(t, err, "jetstream as the issuer")
+	dead := nats.NewMsg("otp.requested.acme")
+	dead.Data = []byte(`{"request_id":"ids-dead","recipient":"dead@example.com","purpose":"login"}`)
+	dead.Header.Set(events.HeaderStreamSource, "OTP_REQUESTS_acme 977 > > otp.requested.acme")
+	entry := w.deadLetterOf(t, issuerJS, "issuer", "OTP_REQUESTS", 4242, dead, "", "issuer: database refused it")
+	out.Reset()
+	errOut.Reset()
+	code, err = run(context.Background(), []string{"dlq", "redrive", fmt.Sprint(entry)}, as("operator"), &out, &errOut)
+	if err != nil || code != 0 || !strings.Contains(out.String(), "redriven to OTP_REQUESTS_acme ") {
+		t.Fatalf("dlq redrive as the operator: exit %d, %v\n%s\n%s", code, err, out.String(), errOut.String())
+	}
+	testenv.Eventually(t, 30*time.Second, "the redriven request mailed", func() bool {
+		return len(mailsTo(w.smtp.Mails(), "dead@example.com")) == 1
+	})
+	redriven, err := issuerJS.Stream(context.Background(), "OTP_REQUESTS")
+	testenv.Must(t, err, "OTP_REQUESTS as the issuer")
+	last, err := redriven.GetLastMsgForSubject(context.Background(), "otp.requested.acme")
+	testenv.Must(t, err, "the redriven request on OTP_REQUESTS")
+	if got := last.Header.Get(events.HeaderRedriveOf); got != "OTP_REQUESTS_acme:977" {
+		t.Errorf("the redrive names the original %q, want the issuer's name for it, OTP_REQUESTS_acme:977", got)
+	}
+
 	out.Reset()
 	errOut.Reset()
 	code, err = run(context.Background(), []string{"erase", "--tenant", "acme", "--recipient", "ana@example.com"}, as("operator"), &out, &errOut)
@@ -82,7 +126,7 @@ func TestPipelineUnderIdentities(t *testing.T) {
 		t.Fatalf("erase as the operator: exit %d, %v\n%s\n%s\nservices:\n%s", code, err, out.String(), errOut.String(), logs.String())
 	}
 	t.Logf("otpflow erase as the operator:\n%s", out.String())
-	for _, want := range []string{"deleted 1 requests from OTP_REQUESTS, 1 codes from OTP_CHALLENGES", "issuer     erased", "dispatcher erased",
+	for _, want := range []string{"deleted 1 requests from OTP_REQUESTS_acme\n", "deleted 1 requests from OTP_REQUESTS, 1 codes from OTP_CHALLENGES", "issuer     erased", "dispatcher erased",
 		"verifier   erased", "auditor    erased"} {
 		if !strings.Contains(out.String(), want) {
 			t.Errorf("erase output lacks %q:\n%s", want, out.String())

@@ -5,11 +5,13 @@ import (
 	"errors"
 	"io"
 	"net"
+	"slices"
 	"strconv"
 	"strings"
 	"testing"
 	"time"
 
+	"github.com/nats-io/nats.go/jetstream"
 	"github.com/otpflow/otpflow/events"
 	"github.com/otpflow/otpflow/platform"
 	"github.com/otpflow/otpflow/platform/testenv"
@@ -17,16 +19,18 @@ import (
 
 func TestLoadCommonNamesTheBadVariable(t *testing.T) {
 	for name, env := range map[string]map[string]string{
-		"OTP_NATS_REPLICAS":         {"OTP_NATS_REPLICAS": "seven"},
-		"OTP_SHUTDOWN_TIMEOUT":      {"OTP_SHUTDOWN_TIMEOUT": "-1s"},
-		"OTP_CONNECT_TIMEOUT":       {"OTP_CONNECT_TIMEOUT": "soon"},
-		"OTP_LOG_LEVEL":             {"OTP_LOG_LEVEL": "loud"},
-		"OTP_NATS_TLS_CERT":         {"OTP_NATS_TLS_CERT": "/c.pem"},
-		"OTP_ENV":                   {"OTP_ENV": "staging"},
-		"OTP_ALLOW_TEST_RECIPIENTS": {"OTP_ALLOW_TEST_RECIPIENTS": "yes"},
-		"OTP_NATS_PLAINTEXT_OK":     {"OTP_NATS_PLAINTEXT_OK": "1"},
-		"OTP_REQUESTS_MAX_AGE":      {"OTP_REQUESTS_MAX_AGE": "30m"}, // shorter than the longest code lifetime
-		"OTP_REQUESTS_MAX_AGE ":     {"OTP_REQUESTS_MAX_AGE": "48h"},
+		"OTP_NATS_REPLICAS":             {"OTP_NATS_REPLICAS": "seven"},
+		"OTP_SHUTDOWN_TIMEOUT":          {"OTP_SHUTDOWN_TIMEOUT": "-1s"},
+		"OTP_CONNECT_TIMEOUT":           {"OTP_CONNECT_TIMEOUT": "soon"},
+		"OTP_LOG_LEVEL":                 {"OTP_LOG_LEVEL": "loud"},
+		"OTP_NATS_TLS_CERT":             {"OTP_NATS_TLS_CERT": "/c.pem"},
+		"OTP_ENV":                       {"OTP_ENV": "staging"},
+		"OTP_ALLOW_TEST_RECIPIENTS":     {"OTP_ALLOW_TEST_RECIPIENTS": "yes"},
+		"OTP_NATS_PLAINTEXT_OK":         {"OTP_NATS_PLAINTEXT_OK": "1"},
+		"OTP_REQUESTS_MAX_AGE":          {"OTP_REQUESTS_MAX_AGE": "30m"}, // shorter than the longest code lifetime
+		"OTP_REQUESTS_MAX_AGE ":         {"OTP_REQUESTS_MAX_AGE": "48h"},
+		"OTP_TENANT_STREAMS":            {"OTP_TENANT_STREAMS": "acme,otp.>"},
+		"OTP_TENANT_REQUESTS_MAX_BYTES": {"OTP_TENANT_REQUESTS_MAX_BYTES": "1000"}, // smaller than one request
 	} {
 		name = strings.TrimSpace(name)
 		_, err := platform.LoadCommon(func(k string) string { return env[k] })
@@ -113,5 +117,52 @@ func TestOpenWaitsForNATS(t *testing.T) {
 	c.NATSURL, c.ConnectTimeout = "nats://127.0.0.1:1", time.Second
 	if _, err := platform.Open(context.Background(), c, "test", testenv.Logger(io.Discard)); err == nil {
 		t.Fatal("connected to nothing")
+	}
+}
+
+// TestTenantStreamsSetting: OTP_TENANT_STREAMS names the tenants that get a request stream
+// of their own, in any order, separated by commas or spaces; provisioning then makes
+// OTP_REQUESTS source them, and each is bounded by OTP_TENANT_REQUESTS_MAX_BYTES.
+func TestTenantStreamsSetting(t *testing.T) {
+	env := map[string]string{"OTP_TENANT_STREAMS": " globex, acme  initech,acme", "OTP_TENANT_REQUESTS_MAX_BYTES": "1048576"}
+	c, err := platform.LoadCommon(func(k string) string { return env[k] })
+	testenv.Must(t, err, "load")
+	var got []string
+	var sources []string
+	for _, sc := range events.StreamConfigs(c.Streams()) {
+		if sc.Name == events.StreamRequests {
+			for _, s := range sc.Sources {
+				sources = append(sources, s.Name)
+			}
+			if len(sc.Subjects) != 0 || sc.Duplicates != 0 {
+				t.Errorf("OTP_REQUESTS with tenant streams: subjects %v, duplicate window %v", sc.Subjects, sc.Duplicates)
+			}
+			continue
+		}
+		if events.IsRequestsStream(sc.Name) {
+			got = append(got, sc.Name+" "+strings.Join(sc.Subjects, ","))
+			if sc.MaxBytes != 1<<20 || sc.Discard != jetstream.DiscardNew || sc.Duplicates != events.DuplicateWindow || sc.MaxMsgSize != events.RequestsMaxMsgSize {
+				t.Errorf("%s: %+v", sc.Name, sc)
+			}
+		}
+	}
+	want := []string{"OTP_REQUESTS_acme otp.requested.acme", "OTP_REQUESTS_globex otp.requested.globex", "OTP_REQUESTS_initech otp.requested.initech"}
+	if !slices.Equal(got, want) || !slices.Equal(sources, []string{"OTP_REQUESTS_acme", "OTP_REQUESTS_globex", "OTP_REQUESTS_initech"}) {
+		t.Fatalf("tenant streams %v sourced as %v, want %v", got, sources, want)
+	}
+	c, err = platform.LoadCommon(func(string) string { return "" })
+	testenv.Must(t, err, "load")
+	if cfgs := events.StreamConfigs(c.Streams()); cfgs[0].Name != events.StreamRequests || !slices.Equal(cfgs[0].Subjects, []string{"otp.requested.*"}) || len(cfgs[0].Sources) != 0 {
+		t.Fatalf("without OTP_TENANT_STREAMS OTP_REQUESTS is %+v", cfgs[0])
+	}
+	for _, name := range []string{events.StreamRequests, "OTP_REQUESTS_acme"} {
+		if !events.IsRequestsStream(name) {
+			t.Errorf("%s is not a request stream", name)
+		}
+	}
+	for _, name := range []string{"OTP_REQUESTS_", "OTP_REQUESTS_a.b", events.StreamEvents, "OTP_REQUESTSX"} {
+		if events.IsRequestsStream(name) {
+			t.Errorf("%s is a request stream", name)
+		}
 	}
 }

@@ -48,10 +48,10 @@ func TestNATSPermissions(t *testing.T) {
 	// The pipeline's first hops, each as its own identity.
 	t.Run("app acme", func(t *testing.T) {
 		ack := jsPublish(ctx, t, acme, "otp.requested.acme")
-		if ack.Stream != events.StreamRequests {
+		if ack.Stream != events.TenantRequestsStream("acme") {
 			t.Fatalf("acked by %s", ack.Stream)
 		}
-		// OTP_REQUESTS stores no message above what a request can need.
+		// The tenant's request stream stores no message above what a request can need.
 		if _, err := acme.js.Publish(ctx, "otp.requested.acme", make([]byte, events.RequestsMaxMsgSize+1)); err == nil || !strings.Contains(err.Error(), "maximum") {
 			t.Fatalf("a request of %d bytes: %v, want refused", events.RequestsMaxMsgSize+1, err)
 		}
@@ -132,12 +132,20 @@ func TestNATSPermissions(t *testing.T) {
 		if !strings.Contains(string(who.Data), d.Pubs["operator"]) {
 			t.Fatalf("$SYS.REQ.USER.INFO answered %s", who.Data)
 		}
-		// What `otpflow erase` does: read and delete one message of OTP_REQUESTS, ask for
-		// the erasure, read the answers in order, record the action.
+		// What `otpflow erase` does: read and delete one message of the tenant's request
+		// stream and of OTP_REQUESTS (which sources it), ask for the erasure, read the
+		// answers in order, record the action.
+		own, err := operator.js.Stream(ctx, events.TenantRequestsStream("acme"))
+		testenv.Must(t, err, "OTP_REQUESTS_acme info")
+		_, err = own.GetMsg(ctx, 1)
+		testenv.Must(t, err, "read a request of acme's stream")
+		testenv.Must(t, own.SecureDeleteMsg(ctx, 1), "erase a request of acme's stream")
 		st, err := operator.js.Stream(ctx, events.StreamRequests)
 		testenv.Must(t, err, "OTP_REQUESTS info")
-		_, err = st.GetMsg(ctx, 1)
-		testenv.Must(t, err, "read a request")
+		testenv.Eventually(t, 10*time.Second, "acme's request sourced into OTP_REQUESTS", func() bool {
+			_, err = st.GetMsg(ctx, 1)
+			return err == nil
+		})
 		testenv.Must(t, st.SecureDeleteMsg(ctx, 1), "erase a request")
 		dlq, err := operator.js.Stream(ctx, events.StreamDLQ)
 		testenv.Must(t, err, "OTP_DLQ info")
@@ -205,6 +213,8 @@ func TestNATSPermissions(t *testing.T) {
 			denyAPI(t, acme, "CONSUMER.CREATE.OTP_EVENTS.spy", `{"stream_name":"OTP_EVENTS","config":{"name":"spy","ack_policy":"none"}}`)
 			denyAPI(t, acme, "CONSUMER.MSG.NEXT.OTP_EVENTS.auditor", `{"batch":1}`)
 			denyAPI(t, acme, "STREAM.INFO.OTP_REQUESTS", `{}`)
+			denyAPI(t, acme, "STREAM.INFO.OTP_REQUESTS_acme", `{}`)
+			denyAPI(t, acme, "STREAM.MSG.GET.OTP_REQUESTS_globex", `{"seq":1}`)
 			denyAPI(t, acme, "INFO", ``)
 		})
 		t.Run(globex.id, func(t *testing.T) {
@@ -230,6 +240,8 @@ func TestNATSPermissions(t *testing.T) {
 			denyAPI(t, issuer, "CONSUMER.CREATE.OTP_REQUESTS.issuer", `{"stream_name":"OTP_REQUESTS","config":{"durable_name":"issuer","ack_policy":"none"}}`)
 			denyAPI(t, issuer, "CONSUMER.DELETE.OTP_REQUESTS.issuer", ``)
 			denyAPI(t, issuer, "STREAM.PURGE.OTP_REQUESTS", `{}`)
+			denyAPI(t, issuer, "STREAM.INFO.OTP_REQUESTS_acme", `{}`)
+			denyAPI(t, issuer, "STREAM.MSG.GET.OTP_REQUESTS_acme", `{"seq":1}`)
 			denyAPI(t, issuer, "STREAM.DELETE.OTP_REQUESTS", ``)
 		})
 		t.Run(dispatcher.id, func(t *testing.T) {
@@ -299,6 +311,9 @@ func TestNATSPermissions(t *testing.T) {
 			denyAPI(t, operator, "STREAM.INFO.OTP_DISPATCH", `{}`)
 			denyAPI(t, operator, "STREAM.CREATE.SCRATCH", `{"name":"SCRATCH","subjects":["scratch"]}`)
 			denyAPI(t, operator, "STREAM.PURGE.OTP_REQUESTS", `{}`)
+			denyAPI(t, operator, "STREAM.PURGE.OTP_REQUESTS_acme", `{}`)
+			denyAPI(t, operator, "STREAM.DELETE.OTP_REQUESTS_globex", ``)
+			denyAPI(t, operator, "STREAM.UPDATE.OTP_REQUESTS_acme", `{"name":"OTP_REQUESTS_acme","subjects":["otp.requested.acme"],"max_bytes":1}`)
 			denyAPI(t, operator, "STREAM.DELETE.OTP_DLQ", ``)
 			denyAPI(t, operator, "STREAM.MSG.DELETE.OTP_EVENTS", `{"seq":1}`)
 			denyAPI(t, operator, "CONSUMER.CREATE.OTP_EVENTS.auditor", `{"stream_name":"OTP_EVENTS","config":{"durable_name":"auditor","ack_policy":"none"}}`)

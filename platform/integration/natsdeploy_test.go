@@ -103,6 +103,8 @@ func provisionAsAdmin(t *testing.T, d *testenv.NATSDeployment) {
 	admin := connectAs(t, d, "admin")
 	ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
 	defer cancel()
-	_, err := platform.Provision(ctx, admin.js, events.StreamOptions{})
+	// The tenants of the template each with a request stream of their own, as
+	// deploy/k8s provisions them (OTP_TENANT_STREAMS).
+	_, err := platform.Provision(ctx, admin.js, events.StreamOptions{Tenants: []string{"acme", "globex"}})
 	testenv.Must(t, err, "provision")
 }

@@ -16,7 +16,7 @@ import (
 type key struct{ tenant, requestID string }
 
 // msgKey names one request message of a tenant by the SHA-256 (hex) of its identity
-// (messageIdentity): what a resend is recognised by.
+// (events.RequestMessageIdentity): what a resend is recognised by.
 type msgKey struct{ tenant, hash string }
 
 func (r *request) msgKey() msgKey {

@@ -173,7 +173,7 @@ type request struct {
 	// client is counted by events.ClientNetwork: spellings of one address and the
 	// addresses of one IPv6 /64 are one client.
 	subjects, clients []string
-	// message is the identity of the message (messageIdentity): a resend is recognised
+	// message is the identity of the message (events.RequestMessageIdentity): a resend is recognised
 	// by it, not by its request id.
 	message string
 	// Set by the decision: reject (publish otp.rejected, terminate) or accept. queued: the
@@ -203,7 +203,7 @@ func (s *Service) handleBatch(ctx context.Context, batch []*platform.Delivery) e
 	var valid []*request
 	for _, d := range batch {
 		r := &request{msg: d, seq: d.Meta().Sequence, stored: d.Meta().Timestamp.UTC()}
-		r.message = messageIdentity(d.Headers(), r.seq)
+		r.message = events.RequestMessageIdentity(d.Headers(), r.seq)
 		r.ctx, r.span = d.StartSpan(ctx, s.cfg.Tracer, "issue")
 		defer r.span.End()
 		if r.traceParent = platform.TraceParent(r.ctx); r.traceParent == "" {
@@ -269,24 +269,6 @@ func (s *Service) handleBatch(ctx context.Context, batch []*platform.Delivery) e
 		}
 	}
 	return errors.Join(issueErr, pubErr)
-}
-
-// messageIdentity names the request message whatever its delivery: the original's
-// Nats-Msg-Id as a redrive from OTP_DLQ names it (events.HeaderRedriveOf), else its own
-// Nats-Msg-Id, else "OTP_REQUESTS:<stream sequence>". A redelivery carries the same
-// headers and sequence. A redrive of a message without a Nats-Msg-Id names it
-// "OTP_REQUESTS:<sequence>" (otpflow dlq redrive, from the dead letter's
-// Otp-Dlq-Sequence), the same identity; a redrive of a redriven message keeps the first
-// Otp-Redrive-Of. Two messages an app published under one Nats-Msg-Id are one message
-// (the stream drops the second within its duplicate window; after it, the issuer does).
-func messageIdentity(h nats.Header, seq uint64) string {
-	if id := h.Get(events.HeaderRedriveOf); id != "" {
-		return id
-	}
-	if id := h.Get(jetstream.MsgIDHeader); id != "" {
-		return id
-	}
-	return fmt.Sprintf("%s:%d", events.StreamRequests, seq)
 }
 
 func rejectTenant(r *request) string {

@@ -1,0 +1,160 @@
+package platform_test
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"strings"
+	"testing"
+	"time"
+
+	"github.com/nats-io/nats.go"
+	"github.com/nats-io/nats.go/jetstream"
+	"github.com/otpflow/otpflow/events"
+	"github.com/otpflow/otpflow/platform"
+	"github.com/otpflow/otpflow/platform/testenv"
+)
+
+// TestTenantRequestStreams: JetStream checks a publish's Nats-Msg-Id and Nats-Expected-*
+// headers against the whole stream it lands on, whatever the subject. On the one shared
+// OTP_REQUESTS a tenant's app (globex) takes the message id another tenant's (acme's)
+// next request will carry, so acme's request is dropped as a duplicate, and reads acme's
+// last message id from a refused expectation: both attacks are done here and work. With
+// tenant request streams (OTP_TENANT_STREAMS) provisioned over the shared stream, the
+// same attacks fail, a tenant that floods is refused at its own bound while the other
+// still publishes, a tenant without a stream cannot publish, and OTP_REQUESTS, which the
+// issuer reads, holds every tenant's requests (the largest one a tenant may publish
+// too), each named by its tenant stream's sequence when it has no message id.
+func TestTenantRequestStreams(t *testing.T) {
+	js := bareJetStream(t)
+	ctx := t.Context()
+	_, err := platform.Provision(ctx, js, events.StreamOptions{})
+	testenv.Must(t, err, "provision the shared stream")
+
+	publish := func(tenant, id string, header nats.Header, body []byte) (*jetstream.PubAck, error) {
+		m := nats.NewMsg(events.TypeRequested.Subject(tenant))
+		m.Header = nats.Header{}
+		for k, v := range header {
+			m.Header[k] = v
+		}
+		if id != "" {
+			m.Header.Set(jetstream.MsgIDHeader, id)
+		}
+		m.Data = body
+		pctx, cancel := context.WithTimeout(ctx, 5*time.Second)
+		defer cancel()
+		return js.PublishMsg(pctx, m)
+	}
+	body := func(id string) []byte { return fmt.Appendf(nil, `{"request_id":%q,"recipient":"x@example.com","purpose":"login"}`, id) }
+	expectLast := func(id string) nats.Header { return nats.Header{jetstream.ExpectedLastMsgIDHeader: []string{id}} }
+
+	// On the shared stream the attacks work: this is what tenant streams are for.
+	_, err = publish("globex", "requested:acme:r1", nil, body("g1"))
+	testenv.Must(t, err, "globex publishes under acme's next id")
+	ack, err := publish("acme", "requested:acme:r1", nil, body("r1"))
+	testenv.Must(t, err, "acme publishes")
+	if !ack.Duplicate {
+		t.Fatal("on the shared stream acme's request was stored: the attack this test guards against no longer works there, so the rest proves nothing")
+	}
+	if _, err := publish("globex", "", expectLast("guess"), body("g2")); err == nil || !strings.Contains(err.Error(), "requested:acme:r1") {
+		t.Fatalf("on the shared stream a refused expectation named %v, not the stream's last id", err)
+	}
+
+	isolated := events.StreamOptions{Tenants: []string{"globex", "acme"}, TenantRequestsMaxBytes: 256 << 10}
+	plan, err := platform.Plan(ctx, js, isolated)
+	testenv.Must(t, err, "plan")
+	got := fmt.Sprint(plan)
+	for _, want := range []string{"update stream OTP_REQUESTS: ", "create stream OTP_REQUESTS_acme", "create stream OTP_REQUESTS_globex"} {
+		if !strings.Contains(got, want) {
+			t.Fatalf("plan from the shared stream to tenant streams lacks %q: %s", want, got)
+		}
+	}
+	_, err = platform.Provision(ctx, js, isolated)
+	testenv.Must(t, err, "provision tenant streams over the shared stream")
+	if plan, err := platform.Plan(ctx, js, isolated); err != nil || len(plan) != 0 {
+		t.Fatalf("after provisioning tenant streams the plan is %v, %v: the server holds something else than the contract", plan, err)
+	}
+
+	// The same attacks on tenant streams.
+	ack, err = publish("globex", "requested:acme:r2", nil, body("g3"))
+	testenv.Must(t, err, "globex publishes under acme's next id")
+	if ack.Stream != events.TenantRequestsStream("globex") {
+		t.Fatalf("globex's request landed on %s", ack.Stream)
+	}
+	ack, err = publish("acme", "requested:acme:r2", nil, body("r2"))
+	testenv.Must(t, err, "acme publishes")
+	if ack.Duplicate || ack.Stream != events.TenantRequestsStream("acme") {
+		t.Fatalf("acme's request: %+v; globex's message under the same id must not touch it", ack)
+	}
+	_, err = publish("globex", "globex-own", nil, body("g4"))
+	testenv.Must(t, err, "globex publishes")
+	_, err = publish("acme", "requested:acme:r3", nil, body("r3"))
+	testenv.Must(t, err, "acme publishes")
+	_, err = publish("globex", "", expectLast("guess"), body("g5"))
+	if err == nil || strings.Contains(err.Error(), "requested:acme") || !strings.Contains(err.Error(), "globex-own") {
+		t.Fatalf("a refused expectation answered %v: it must name globex's own last id and nothing of acme's", err)
+	}
+	// A tenant without a stream of its own has nowhere to publish.
+	if _, err := publish("initech", "", nil, body("i1")); err == nil {
+		t.Fatal("a tenant without a request stream published")
+	}
+
+	// The largest request a tenant may publish is sourced too: OTP_REQUESTS adds a header.
+	big := make([]byte, events.RequestsMaxMsgSize)
+	for i := range big {
+		big[i] = 'a'
+	}
+	bigAck, err := publish("acme", "", nil, big)
+	testenv.Must(t, err, "acme publishes its largest request")
+
+	// Globex floods: refused at its own bound; acme still publishes.
+	var refused error
+	for i := range 64 {
+		if _, refused = publish("globex", fmt.Sprintf("flood-%d", i), nil, make([]byte, 16<<10)); refused != nil {
+			break
+		}
+	}
+	var apiErr *jetstream.APIError
+	if !errors.As(refused, &apiErr) || !strings.Contains(refused.Error(), "maximum bytes exceeded") {
+		t.Fatalf("globex's flood ended with %v, not its stream's bound", refused)
+	}
+	last, err := publish("acme", "requested:acme:r4", nil, body("r4"))
+	testenv.Must(t, err, "acme publishes while globex's stream is full")
+
+	// OTP_REQUESTS holds every tenant's requests, as the issuer's consumer reads them.
+	cons, err := js.Consumer(ctx, events.StreamRequests, events.ConsumerIssuer)
+	testenv.Must(t, err, "the issuer's consumer")
+	seen := map[string]int{}
+	var bigIdentity string
+	testenv.Eventually(t, 30*time.Second, "acme's last request sourced into OTP_REQUESTS", func() bool {
+		batch, err := cons.FetchNoWait(500)
+		if err != nil {
+			return false
+		}
+		for m := range batch.Messages() {
+			md, _ := m.Metadata()
+			_, tenant, _ := events.SplitSubject(m.Subject())
+			id := m.Headers().Get(jetstream.MsgIDHeader)
+			seen[tenant+" "+id]++
+			if len(m.Data()) == len(big) {
+				bigIdentity = events.RequestMessageIdentity(m.Headers(), md.Sequence.Stream)
+			}
+			_ = m.Ack()
+		}
+		return seen["acme requested:acme:r4"] > 0
+	})
+	for _, want := range []string{"acme requested:acme:r2", "acme requested:acme:r3", "acme requested:acme:r4", "globex requested:acme:r2", "globex globex-own"} {
+		if seen[want] != 1 {
+			t.Errorf("OTP_REQUESTS holds %q %d times, want once (all: %v)", want, seen[want], seen)
+		}
+	}
+	if seen["acme requested:acme:r1"] != 0 {
+		t.Errorf("the request the shared stream dropped is on OTP_REQUESTS")
+	}
+	if want := fmt.Sprintf("%s:%d", events.TenantRequestsStream("acme"), bigAck.Sequence); bigIdentity != want {
+		t.Errorf("the id-less request sourced from acme's stream is named %q, want %q", bigIdentity, want)
+	}
+	if last.Stream != events.TenantRequestsStream("acme") {
+		t.Errorf("acme's request landed on %s", last.Stream)
+	}
+}
