@@ -45,6 +45,14 @@ func TestPipelineUnderIdentities(t *testing.T) {
 	if err != nil || code != 0 {
 		t.Fatalf("provision as the admin: exit %d, %v\n%s\n%s", code, err, out.String(), errOut.String())
 	}
+	// The issuer's consumer gives a message up after 2 deliveries 1 s apart here (the
+	// contract's 10 of 30 s would take minutes), so the look-alike below is dead-lettered
+	// within the test: through the advisory deploy/nats exports to the issuer.
+	adminJS := identityJS(t, d, "admin")
+	quick := events.IssuerConsumer
+	quick.AckWait, quick.MaxDeliver = time.Second, 2
+	_, err = platform.EnsureConsumer(context.Background(), adminJS, events.StreamRequests, quick)
+	testenv.Must(t, err, "tune the issuer's consumer")
 	logs := &testenv.LogBuffer{}
 	for _, s := range specs() {
 		getenv := as(s.Name)
@@ -95,9 +103,7 @@ func TestPipelineUnderIdentities(t *testing.T) {
 	// A dead request, sourced from acme's stream without a message id, redriven by the
 	// operator: the publish lands on acme's own stream (not OTP_REQUESTS, which captures
 	// nothing now), is sourced, issued and mailed, named as the issuer named the original.
-	issuerConn := appAs(t, d, "issuer")
-	issuerJS, err := platform.NewJetStream(issuerConn.nc, testenv.DeployJSAPIPrefix)
-	testenv.Must(t, err, "jetstream as the issuer")
+	issuerJS := identityJS(t, d, "issuer")
 	dead := nats.NewMsg("otp.requested.acme")
 	dead.Data = []byte(`{"request_id":"ids-dead","recipient":"dead@example.com","purpose":"login"}`)
 	dead.Header.Set(events.HeaderStreamSource, "OTP_REQUESTS_acme 977 > > otp.requested.acme")
@@ -118,6 +124,18 @@ func TestPipelineUnderIdentities(t *testing.T) {
 	if got := last.Header.Get(events.HeaderRedriveOf); got != "OTP_REQUESTS_acme:977" {
 		t.Errorf("the redrive names the original %q, want the issuer's name for it, OTP_REQUESTS_acme:977", got)
 	}
+
+	// The look-alike never reached the issuer's handler; given up by the server, it is
+	// dead-lettered by the issuer all the same.
+	operatorJS := identityJS(t, d, "operator")
+	testenv.Eventually(t, 30*time.Second, "the look-alike dead-lettered by the issuer", func() bool {
+		for _, m := range testenv.Messages(t, operatorJS, events.StreamDLQ, "otp.dlq.acme") {
+			if m.Header.Get(events.HeaderDLQConsumer) == "issuer" && strings.Contains(m.Header.Get(events.HeaderDLQReason), "Status header") {
+				return true
+			}
+		}
+		return false
+	})
 
 	out.Reset()
 	errOut.Reset()
@@ -159,4 +177,22 @@ func appAs(t *testing.T, d *testenv.NATSDeployment, tenant string) *app {
 	js, err := jetstream.New(nc)
 	testenv.Must(t, err, "jetstream")
 	return &app{nc: nc, js: js}
+}
+
+// identityJS is JetStream as identity id of deploy/nats (a service, the admin or the
+// operator), with its inbox prefix and the deployment's API prefix.
+func identityJS(t *testing.T, d *testenv.NATSDeployment, id string) jetstream.JetStream {
+	t.Helper()
+	inbox := ""
+	for _, i := range testenv.DeployIdentities {
+		if i.ID == id {
+			inbox = i.Inbox
+		}
+	}
+	nc, err := nats.Connect(d.URL, append([]nats.Option{nats.CustomInboxPrefix(inbox)}, platform.NATSCredentials(d.Common(id))...)...)
+	testenv.Must(t, err, "connect as %s", id)
+	t.Cleanup(nc.Close)
+	js, err := platform.NewJetStream(nc, testenv.DeployJSAPIPrefix)
+	testenv.Must(t, err, "jetstream as %s", id)
+	return js
 }

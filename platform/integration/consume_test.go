@@ -372,7 +372,8 @@ func TestConsumerPullsOnPastAMessageThatLooksLikeAStatus(t *testing.T) {
 
 	var mu sync.Mutex
 	var seen []string
-	c := e.consumer(1)
+	c := platform.NewConsumer(e.cons, platform.ConsumeConfig{Name: "settle_test", MaxRetryDelay: 200 * time.Millisecond, JS: e.js,
+		Log: testenv.Logger(io.Discard), Reg: e.reg, DeadLetterExhausted: true, DeadLetters: &platform.DeadLetters{Sealer: e.dlq}})
 	ctx, cancel := context.WithCancel(context.Background())
 	ran := make(chan error, 1)
 	go func() {
@@ -402,6 +403,22 @@ func TestConsumerPullsOnPastAMessageThatLooksLikeAStatus(t *testing.T) {
 		defer mu.Unlock()
 		return slices.Contains(seen, "e")
 	})
+	// The look-alikes never reached the handler; once the server gave each up after its
+	// deliveries, each is dead-lettered whole, with its consumer and why.
+	dl := testenv.WaitMessages(t, e.js, events.StreamDLQ, "otp.dlq.acme", 2, 30*time.Second)
+	var deadSeqs []string
+	for _, m := range dl {
+		orig := testenv.OpenDeadLetter(t, e.dlq, m)
+		if len(orig.Data) != 0 || orig.Header["Status"] == nil || m.Header.Get(events.HeaderDLQConsumer) != "settle_test" ||
+			!strings.Contains(m.Header.Get(events.HeaderDLQReason), "Status header") || m.Header.Get(events.HeaderDLQDelivered) != "2" {
+			t.Errorf("dead letter %v of %+v", m.Header, orig)
+		}
+		deadSeqs = append(deadSeqs, m.Header.Get(events.HeaderDLQSequence))
+	}
+	slices.Sort(deadSeqs)
+	if !slices.Equal(deadSeqs, []string{"3", "4"}) {
+		t.Errorf("dead-lettered sequences %v, want the look-alikes 3 and 4", deadSeqs)
+	}
 	cancel()
 	if err := <-ran; err != nil {
 		t.Fatalf("run: %v", err)

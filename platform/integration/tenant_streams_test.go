@@ -45,7 +45,9 @@ func TestTenantRequestStreams(t *testing.T) {
 		defer cancel()
 		return js.PublishMsg(pctx, m)
 	}
-	body := func(id string) []byte { return fmt.Appendf(nil, `{"request_id":%q,"recipient":"x@example.com","purpose":"login"}`, id) }
+	body := func(id string) []byte {
+		return fmt.Appendf(nil, `{"request_id":%q,"recipient":"x@example.com","purpose":"login"}`, id)
+	}
 	expectLast := func(id string) nats.Header { return nats.Header{jetstream.ExpectedLastMsgIDHeader: []string{id}} }
 
 	// On the shared stream the attacks work: this is what tenant streams are for.

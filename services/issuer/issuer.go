@@ -149,9 +149,12 @@ func (s *Service) Run(ctx context.Context) error {
 		Gate: s.store}
 	g.Go(func() error { return watch.Run(gctx) })
 	// Healthy: a batch whose every request fails alone is blamed on the requests only
-	// while the database answers; otherwise the consumer waits for it.
+	// while the database answers; otherwise the consumer waits for it. Apps publish here,
+	// and an app can publish a request the JetStream client never hands over (an empty
+	// body with a Status header): DeadLetterExhausted dead-letters it once the server
+	// gives it up.
 	c := platform.NewConsumer(cons, platform.ConsumeConfig{Name: events.ConsumerIssuer, BatchSize: s.cfg.BatchSize,
-		JS: s.js, Log: s.log, Reg: s.reg, Healthy: s.store.pool.Ping,
+		JS: s.js, Log: s.log, Reg: s.reg, Healthy: s.store.pool.Ping, DeadLetterExhausted: true,
 		DeadLetters: &platform.DeadLetters{Sealer: s.cfg.DLQKey, Recipient: platform.RequestRecipient(s.cfg.Subjects)}})
 	g.Go(func() error { return c.Run(gctx, s.handleBatch) })
 	g.Go(func() error {

@@ -1,0 +1,117 @@
+package platform
+
+import (
+	"context"
+	"encoding/json"
+	"errors"
+	"fmt"
+	"time"
+
+	"github.com/cenkalti/backoff/v4"
+	"github.com/nats-io/nats.go"
+	"github.com/nats-io/nats.go/jetstream"
+	"github.com/otpflow/otpflow/events"
+)
+
+// A message can spend its deliveries without the handler settling its last one: the
+// process handling it died, or the JetStream client never handed it over. The client
+// takes a message with an empty body and a Status header for a status of the server, and
+// an app can publish one: Run pulls on past it (see there), and the server gives it up
+// after MaxDeliver, telling so only in an advisory. With ConsumeConfig.DeadLetterExhausted
+// the consumer listens for that advisory, reads the message from its stream by sequence
+// and dead-letters it like any other, so nothing leaves a stream unseen.
+
+// MaxDeliveriesAdvisory is the subject on which the server tells that durable of stream
+// gave a message up after its MaxDeliver deliveries. deploy/nats exports it to the
+// services that use DeadLetterExhausted.
+func MaxDeliveriesAdvisory(stream, durable string) string {
+	return "$JS.EVENT.ADVISORY.CONSUMER.MAX_DELIVERIES." + stream + "." + durable
+}
+
+// maxDeliveries is the advisory's body (io.nats.jetstream.advisory.v1.max_deliver).
+type maxDeliveries struct {
+	Stream     string `json:"stream"`
+	Consumer   string `json:"consumer"`
+	StreamSeq  uint64 `json:"stream_seq"`
+	Deliveries uint64 `json:"deliveries"`
+}
+
+// exhaustedTimeout bounds the work on one advisory: reading the message and writing its
+// dead letter, retried while NATS does not answer.
+const exhaustedTimeout = 2 * time.Minute
+
+// watchExhausted subscribes to the advisories of c's durable, in a queue group, so one
+// process of the service handles each. It returns the subscription to drain on stop.
+func (c *Consumer) watchExhausted(ctx context.Context) (*nats.Subscription, error) {
+	info := c.cons.CachedInfo()
+	if info == nil {
+		return nil, errors.New("dead-letter exhausted messages: the consumer's info is unknown")
+	}
+	stream, durable := info.Stream, info.Name
+	work := context.WithoutCancel(ctx)
+	return c.cfg.JS.Conn().QueueSubscribe(MaxDeliveriesAdvisory(stream, durable), "otpflow-"+durable, func(m *nats.Msg) {
+		var a maxDeliveries
+		if err := json.Unmarshal(m.Data, &a); err != nil || a.Stream != stream || a.Consumer != durable || a.StreamSeq == 0 {
+			c.log.Warn("max deliveries advisory not understood", "consumer", c.cfg.Name, "body", string(m.Data))
+			return
+		}
+		go c.deadLetterExhausted(work, a)
+	})
+}
+
+// deadLetterExhausted reads the message a advisory names and dead-letters it. The dead
+// letter's id is the message's stream and sequence, the same as the handler's own would
+// have, so a message the handler dead-lettered too is one entry.
+func (c *Consumer) deadLetterExhausted(ctx context.Context, a maxDeliveries) {
+	ctx, cancel := context.WithTimeout(ctx, exhaustedTimeout)
+	defer cancel()
+	var m *jetstream.RawStreamMsg
+	err := backoff.Retry(func() error {
+		st, err := c.cfg.JS.Stream(ctx, a.Stream)
+		if err != nil {
+			return err
+		}
+		m, err = st.GetMsg(ctx, a.StreamSeq)
+		if errors.Is(err, jetstream.ErrMsgNotFound) {
+			return backoff.Permanent(err)
+		}
+		return err
+	}, backoff.WithContext(backoff.NewExponentialBackOff(backoff.WithMaxInterval(5*time.Second)), ctx))
+	if errors.Is(err, jetstream.ErrMsgNotFound) {
+		// Deleted (an erasure) or aged out since: nothing left to keep.
+		c.log.Warn("message given up after its deliveries is gone from its stream", "consumer", c.cfg.Name, "seq", a.StreamSeq)
+		return
+	}
+	if err != nil {
+		c.log.Error("message given up after its deliveries not dead-lettered: cannot read it", "consumer", c.cfg.Name, "seq", a.StreamSeq, "err", err)
+		return
+	}
+	reason := fmt.Sprintf("deliveries exhausted (%d) with none settled: the process handling the last one stopped", a.Deliveries)
+	if looksLikeStatus(m.Header, m.Data) {
+		reason = fmt.Sprintf("never handled: an empty message with a Status header (%q), which the client takes for a status of the server; given up after %d deliveries",
+			events.Reason(m.Header.Get("Status"), 16), a.Deliveries)
+	}
+	_, tenant, _ := events.SplitSubject(m.Subject)
+	dl, err := c.cfg.DeadLetters.sealDeadLetter(c.durable, tenant, m.Subject, m.Header, m.Data,
+		Meta{Stream: a.Stream, Sequence: a.StreamSeq, NumDelivered: a.Deliveries, Timestamp: m.Time}, reason)
+	if err != nil {
+		c.log.Error("message given up after its deliveries not dead-lettered", "consumer", c.cfg.Name, "seq", a.StreamSeq, "err", err)
+		return
+	}
+	err = backoff.Retry(func() error {
+		_, err := c.cfg.JS.PublishMsg(ctx, dl)
+		return err
+	}, backoff.WithContext(backoff.NewExponentialBackOff(backoff.WithMaxInterval(5*time.Second)), ctx))
+	if err != nil {
+		c.log.Error("message given up after its deliveries not dead-lettered", "consumer", c.cfg.Name, "seq", a.StreamSeq, "err", err)
+		return
+	}
+	c.settled.WithLabelValues(c.cfg.Name, "dead_letter").Inc()
+	c.log.Warn("message given up after its deliveries dead-lettered", "consumer", c.cfg.Name, "seq", a.StreamSeq, "reason", reason)
+}
+
+// looksLikeStatus reports whether a stored message is one the JetStream client takes for
+// a status of the server: no body, and a Status header.
+func looksLikeStatus(h nats.Header, data []byte) bool {
+	return len(data) == 0 && h.Get("Status") != ""
+}
