@@ -98,8 +98,10 @@ type StreamOptions struct {
 }
 
 // DefaultTenantRequestsMaxBytes bounds a tenant's request stream unless
-// OTP_TENANT_REQUESTS_MAX_BYTES says otherwise: about a million requests of 1 KiB.
-const DefaultTenantRequestsMaxBytes = 1 << 30
+// OTP_TENANT_REQUESTS_MAX_BYTES says otherwise: about 250,000 requests of 1 KiB. The
+// server sets a stream's MaxBytes aside from its max_file_store when it creates the
+// stream, on every replica: tenants × bound must fit.
+const DefaultTenantRequestsMaxBytes = 256 << 20
 
 // TenantRequestsStream names tenant's request stream, "OTP_REQUESTS_<tenant>"
 // (StreamOptions.Tenants).
@@ -268,8 +270,11 @@ func requestStreams(o StreamOptions, r int) []jetstream.StreamConfig {
 }
 
 // RequestsMaxMsgSize bounds a message on OTP_REQUESTS, where upstream apps publish:
-// headers and body, 8 times MaxRequestedSize.
-const RequestsMaxMsgSize = 64 << 10
+// headers and body, nearly 8 times MaxRequestedSize. It stays 1 KiB below the 64 KiB
+// JetStream allows a header block, so that a message a tenant's request stream took
+// still fits once sourcing adds its Nats-Stream-Source header (a header block past the
+// limit would be refused by OTP_REQUESTS, and stall that tenant's sourcing).
+const RequestsMaxMsgSize = 63 << 10
 
 // ErasureConsumer is the durable consumer through which service (issuer, dispatcher,
 // verifier) learns of erasures: otp.erasure_requested on OTP_EVENTS, from the start of
@@ -385,7 +390,8 @@ const HeaderStreamSource = "Nats-Stream-Source"
 // shared by every resend of the request): the original's Nats-Msg-Id as a redrive from
 // OTP_DLQ names it (HeaderRedriveOf), else its own Nats-Msg-Id, else, for a message
 // OTP_REQUESTS sourced from a tenant's request stream, "<that stream>:<its sequence
-// there>" (the same if sourcing ever stored it twice), else "OTP_REQUESTS:<seq>". A
+// there>:<that stream's identity>" (the same if sourcing ever stored it twice), else
+// "OTP_REQUESTS:<seq>". A
 // redelivery carries the same headers and sequence; `otpflow dlq redrive` names an
 // id-less original by this function of its headers and dead-lettered sequence, and a
 // redrive of a redriven message keeps the first Otp-Redrive-Of. Identities are compared
@@ -397,8 +403,13 @@ func RequestMessageIdentity(h nats.Header, seq uint64) string {
 	if id := h.Get(jetstream.MsgIDHeader); id != "" {
 		return id
 	}
+	// "<stream> <seq> <filter> <transform> <subject> [<stream's identity>]": the identity
+	// tells a stream deleted and made again, whose sequences start over, from the first.
 	if f := strings.Fields(h.Get(HeaderStreamSource)); len(f) >= 2 && IsRequestsStream(f[0]) && f[0] != StreamRequests {
 		if n, err := strconv.ParseUint(f[1], 10, 64); err == nil && n > 0 {
+			if len(f) >= 6 {
+				return f[0] + ":" + f[1] + ":" + f[5]
+			}
 			return f[0] + ":" + f[1]
 		}
 	}

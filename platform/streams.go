@@ -116,6 +116,9 @@ func (c Change) String() string {
 // events.ConsumerConfigs) with what the server holds, and returns what Provision would
 // change, in order: every stream before the consumers.
 func Plan(ctx context.Context, js jetstream.JetStream, o events.StreamOptions) ([]Change, error) {
+	if err := checkTenantStreams(ctx, js, o); err != nil {
+		return nil, err
+	}
 	var changes []Change
 	for _, want := range events.StreamConfigs(o) {
 		var info *jetstream.StreamInfo
@@ -232,15 +235,37 @@ func Provision(ctx context.Context, js jetstream.JetStream, o events.StreamOptio
 	if err != nil {
 		return nil, err
 	}
-	for _, cfg := range events.StreamConfigs(o) {
-		if !slices.ContainsFunc(changes, func(c Change) bool { return c.Consumer == "" && c.Stream == cfg.Name }) {
-			continue
-		}
+	changed := func(name string, create bool) bool {
+		return slices.ContainsFunc(changes, func(c Change) bool { return c.Consumer == "" && c.Stream == name && (c.Create || !create) })
+	}
+	put := func(cfg jetstream.StreamConfig) error {
 		if err := untilAnswered(ctx, func(ctx context.Context) error {
 			_, err := js.CreateOrUpdateStream(ctx, cfg)
 			return err
 		}); err != nil {
-			return nil, fmt.Errorf("provision stream %s: %w", cfg.Name, err)
+			return fmt.Errorf("provision stream %s: %w", cfg.Name, err)
+		}
+		return nil
+	}
+	// New tenant request streams first, capturing nothing of the contract yet: the
+	// server sets each one's MaxBytes aside when it makes it, and one it has no room for
+	// must fail while OTP_REQUESTS still captures every tenant's requests, not after it
+	// stopped (two streams may not capture one subject, so OTP_REQUESTS lets go of
+	// otp.requested.* before the tenant streams take their own).
+	for _, cfg := range events.StreamConfigs(o) {
+		if events.IsRequestsStream(cfg.Name) && cfg.Name != events.StreamRequests && changed(cfg.Name, true) {
+			staged := cfg
+			staged.Subjects = []string{"_otpflow.staged." + cfg.Name}
+			if err := put(staged); err != nil {
+				return nil, err
+			}
+		}
+	}
+	for _, cfg := range events.StreamConfigs(o) {
+		if changed(cfg.Name, false) {
+			if err := put(cfg); err != nil {
+				return nil, err
+			}
 		}
 	}
 	for _, sc := range events.ConsumerConfigs(o.DispatchMaxDeliver) {
@@ -311,4 +336,36 @@ func zero(v any) bool {
 		return len(v) == 0
 	}
 	return false
+}
+
+// checkTenantStreams refuses a plan that would leave a tenant's request stream
+// (events.TenantRequestsStream) on the server that OTP_REQUESTS no longer sources: it
+// would keep taking that tenant's requests, acknowledged, and nothing would read them.
+// Taking a tenant off OTP_TENANT_STREAMS (or turning tenant streams off) means deleting
+// its stream once OTP_REQUESTS holds what it held.
+func checkTenantStreams(ctx context.Context, js jetstream.JetStream, o events.StreamOptions) error {
+	want := map[string]bool{}
+	for _, cfg := range events.StreamConfigs(o) {
+		want[cfg.Name] = true
+	}
+	var left []string
+	err := untilAnswered(ctx, func(ctx context.Context) error {
+		left = left[:0]
+		names := js.StreamNames(ctx)
+		for name := range names.Name() {
+			if events.IsRequestsStream(name) && !want[name] {
+				left = append(left, name)
+			}
+		}
+		return names.Err()
+	})
+	if err != nil {
+		return fmt.Errorf("list streams: %w", err)
+	}
+	if len(left) > 0 {
+		slices.Sort(left)
+		return fmt.Errorf("%s would take requests that OTP_REQUESTS no longer sources (OTP_TENANT_STREAMS does not name their tenants): add the tenants back, or delete each stream once OTP_REQUESTS holds what it held",
+			strings.Join(left, ", "))
+	}
+	return nil
 }

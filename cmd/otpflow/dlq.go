@@ -269,6 +269,13 @@ func (d *dlq) redrive(ctx context.Context, m *jetstream.RawStreamMsg) error {
 	if !streamHolds(origin, orig.Subject) {
 		return fmt.Errorf("the original's subject %s is not one of %s (the entry stays)", orig.Subject, origin)
 	}
+	// Where the request will land: OTP_REQUESTS when it captures the subject, else the
+	// tenant's request stream when OTP_REQUESTS sources it (OTP_TENANT_STREAMS). A
+	// stream that takes it and is not sourced would acknowledge it to nobody.
+	landing, err := d.landing(ctx, origin, tenant, orig.Subject)
+	if err != nil {
+		return err
+	}
 	msg := nats.NewMsg(orig.Subject)
 	msg.Data = orig.Data
 	msg.Header = nats.Header{}
@@ -297,10 +304,8 @@ func (d *dlq) redrive(ctx context.Context, m *jetstream.RawStreamMsg) error {
 	if ack.Duplicate {
 		return fmt.Errorf("%s dropped the publish as a duplicate of %s %d (the entry stays)", ack.Stream, ack.Stream, ack.Sequence)
 	}
-	// With tenant request streams (OTP_TENANT_STREAMS) a request lands on its tenant's,
-	// which OTP_REQUESTS sources.
-	if ack.Stream != origin && !(origin == events.StreamRequests && ack.Stream == events.TenantRequestsStream(tenant)) {
-		return fmt.Errorf("published to %s, stored on %s, not %s", orig.Subject, ack.Stream, origin)
+	if ack.Stream != landing {
+		return fmt.Errorf("published to %s, stored on %s, not %s", orig.Subject, ack.Stream, landing)
 	}
 	if err := d.st.SecureDeleteMsg(ctx, m.Sequence); err != nil && !errors.Is(err, jetstream.ErrMsgNotFound) {
 		// Published: a second redrive is recognised by the consumer; the entry stays.
@@ -310,6 +315,31 @@ func (d *dlq) redrive(ctx context.Context, m *jetstream.RawStreamMsg) error {
 		orig.Subject, orDash(m.Header.Get(events.HeaderDLQConsumer)), ack.Stream, ack.Sequence)
 	fmt.Fprintln(d.stdout, detail)
 	return d.record(ctx, "dlq.redrive", tenant, detail)
+}
+
+// landing is the stream a redrive of subject (tenant's, from origin) must be stored on:
+// origin when it captures subject, else, for OTP_REQUESTS, the tenant's request stream
+// it sources. An error when neither holds: the entry stays.
+func (d *dlq) landing(ctx context.Context, origin, tenant, subject string) (string, error) {
+	st, err := d.js.Stream(ctx, origin)
+	if err != nil {
+		return "", fmt.Errorf("%s: %w (the entry stays)", origin, err)
+	}
+	cfg := st.CachedInfo().Config
+	for _, f := range cfg.Subjects {
+		if subjectMatches(f, subject) {
+			return origin, nil
+		}
+	}
+	if origin == events.StreamRequests {
+		own := events.TenantRequestsStream(tenant)
+		for _, src := range cfg.Sources {
+			if src != nil && src.Name == own && src.External == nil {
+				return own, nil
+			}
+		}
+	}
+	return "", fmt.Errorf("%s neither captures %s nor sources a request stream of tenant %s: the request would be read by nobody (the entry stays)", origin, subject, tenant)
 }
 
 // streamHolds reports whether stream's subjects (the contract's) take subject.

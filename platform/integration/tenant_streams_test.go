@@ -62,6 +62,15 @@ func TestTenantRequestStreams(t *testing.T) {
 		t.Fatalf("on the shared stream a refused expectation named %v, not the stream's last id", err)
 	}
 
+	// A bound the server has no room for (it sets each stream's MaxBytes aside when it
+	// makes it): provisioning fails, and OTP_REQUESTS still takes every tenant's requests.
+	if _, err := platform.Provision(ctx, js, events.StreamOptions{Tenants: []string{"acme", "globex"}, TenantRequestsMaxBytes: 1 << 40}); err == nil {
+		t.Fatal("tenant streams of 1 TiB each were provisioned on a test server")
+	}
+	if ack, err := publish("acme", "", nil, body("r0")); err != nil || ack.Stream != events.StreamRequests {
+		t.Fatalf("after a failed switch to tenant streams acme's request: %+v, %v", ack, err)
+	}
+
 	isolated := events.StreamOptions{Tenants: []string{"globex", "acme"}, TenantRequestsMaxBytes: 256 << 10}
 	plan, err := platform.Plan(ctx, js, isolated)
 	testenv.Must(t, err, "plan")
@@ -108,6 +117,11 @@ func TestTenantRequestStreams(t *testing.T) {
 	}
 	bigAck, err := publish("acme", "", nil, big)
 	testenv.Must(t, err, "acme publishes its largest request")
+	// And the largest header block: JetStream bounds a header block at 64 KiB, so the
+	// tenant stream's bound leaves room for the header sourcing adds.
+	pad := strings.Repeat("p", events.RequestsMaxMsgSize-40)
+	_, err = publish("acme", "", nats.Header{"X-Pad": []string{pad}}, nil)
+	testenv.Must(t, err, "acme publishes its largest header")
 
 	// Globex floods: refused at its own bound; acme still publishes.
 	var refused error
@@ -153,8 +167,21 @@ func TestTenantRequestStreams(t *testing.T) {
 	if seen["acme requested:acme:r1"] != 0 {
 		t.Errorf("the request the shared stream dropped is on OTP_REQUESTS")
 	}
-	if want := fmt.Sprintf("%s:%d", events.TenantRequestsStream("acme"), bigAck.Sequence); bigIdentity != want {
-		t.Errorf("the id-less request sourced from acme's stream is named %q, want %q", bigIdentity, want)
+	if want := fmt.Sprintf("%s:%d:", events.TenantRequestsStream("acme"), bigAck.Sequence); !strings.HasPrefix(bigIdentity, want) || len(bigIdentity) == len(want) {
+		t.Errorf("the id-less request sourced from acme's stream is named %q, want %q and the stream's identity", bigIdentity, want)
+	}
+
+	// A tenant taken off the list would leave its stream taking requests nobody reads:
+	// the plan is refused, naming it, until the stream is deleted.
+	for _, tenants := range [][]string{{"acme"}, nil} {
+		_, err := platform.Plan(ctx, js, events.StreamOptions{Tenants: tenants})
+		if err == nil || !strings.Contains(err.Error(), "OTP_REQUESTS_globex") {
+			t.Errorf("a plan for tenant streams %v: %v, want refused naming OTP_REQUESTS_globex", tenants, err)
+		}
+	}
+	testenv.Must(t, js.DeleteStream(ctx, events.TenantRequestsStream("globex")), "delete globex's stream")
+	if _, err := platform.Provision(ctx, js, events.StreamOptions{Tenants: []string{"acme"}}); err != nil {
+		t.Fatalf("provision without globex once its stream is gone: %v", err)
 	}
 	if last.Stream != events.TenantRequestsStream("acme") {
 		t.Errorf("acme's request landed on %s", last.Stream)
