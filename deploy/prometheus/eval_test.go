@@ -76,6 +76,12 @@ func TestAlertsFire(t *testing.T) {
 			want: []string{`{provider="ses"}`}},
 		{name: "a breaker open once, briefly", alert: "OtpProviderBreakerOpen", at: 20 * time.Minute, series: `
 			otpflow_dispatcher_breaker_state{` + disp + `, provider="ses"} 0 0 0 0 0 0 0 0 0 0 0 0 0 0 0 2 1 0 0 0 0 0 0`},
+		{name: "a tenant's sourcing stuck", alert: "OtpTenantRequestsNotSourced", at: 10 * time.Minute, series: `
+			otpflow_tenant_requests_unsourced_age_seconds{job="otpflow-issuer", instance="i1", tenant="acme"} 0 0 0 30 90 150 210 270 330 390 450 510
+			otpflow_tenant_requests_unsourced_age_seconds{job="otpflow-issuer", instance="i1", tenant="globex"} 0x12`,
+			want: []string{`{tenant="acme"}`}},
+		{name: "sourcing behind for a moment", alert: "OtpTenantRequestsNotSourced", at: 10 * time.Minute, series: `
+			otpflow_tenant_requests_unsourced_age_seconds{job="otpflow-issuer", instance="i1", tenant="acme"} 0 0 0 0 0 0 0 0 75 0 0 0`},
 		{name: "every breaker open", alert: "OtpAllProviderBreakersOpen", at: 10 * time.Minute, series: `
 			otpflow_dispatcher_breaker_state{` + disp + `, provider="ses"} 2x20
 			otpflow_dispatcher_breaker_state{` + disp + `, provider="smtp"} 2 1 2 1 2 1 2 1 2 1 2 1 2 1 2 1 2 1 2 1 2`,

@@ -73,6 +73,11 @@ func TestNATSPermissions(t *testing.T) {
 		fetchAck(t, cons, 2)
 		_, err = issuer.js.Stream(ctx, events.StreamRequests)
 		testenv.Must(t, err, "OTP_REQUESTS info (backlog watch)")
+		// Whether each tenant's requests reach OTP_REQUESTS (platform.SourceWatch).
+		ages, err := (&platform.SourceWatch{JS: issuer.js}).Check(ctx)
+		if err != nil || len(ages) != 2 {
+			t.Fatalf("the issuer's check of the tenant streams: %v, %v", ages, err)
+		}
 		jsPublish(ctx, t, issuer, "otp.dispatch.acme")
 		jsPublish(ctx, t, issuer, "otp.challenge.acme")
 		jsPublish(ctx, t, issuer, "otp.challenge_superseded.acme")
@@ -240,8 +245,8 @@ func TestNATSPermissions(t *testing.T) {
 			denyAPI(t, issuer, "CONSUMER.CREATE.OTP_REQUESTS.issuer", `{"stream_name":"OTP_REQUESTS","config":{"durable_name":"issuer","ack_policy":"none"}}`)
 			denyAPI(t, issuer, "CONSUMER.DELETE.OTP_REQUESTS.issuer", ``)
 			denyAPI(t, issuer, "STREAM.PURGE.OTP_REQUESTS", `{}`)
-			denyAPI(t, issuer, "STREAM.INFO.OTP_REQUESTS_acme", `{}`)
-			denyAPI(t, issuer, "STREAM.MSG.GET.OTP_REQUESTS_acme", `{"seq":1}`)
+			denyAPI(t, issuer, "STREAM.MSG.DELETE.OTP_REQUESTS_acme", `{"seq":1}`)
+			denyAPI(t, issuer, "STREAM.PURGE.OTP_REQUESTS_globex", `{}`)
 			denyAPI(t, issuer, "STREAM.DELETE.OTP_REQUESTS", ``)
 		})
 		t.Run(dispatcher.id, func(t *testing.T) {

@@ -1,9 +1,11 @@
 package platform_test
 
 import (
+	"bufio"
 	"context"
 	"errors"
 	"fmt"
+	"net"
 	"strings"
 	"testing"
 	"time"
@@ -186,4 +188,73 @@ func TestTenantRequestStreams(t *testing.T) {
 	if last.Stream != events.TenantRequestsStream("acme") {
 		t.Errorf("acme's request landed on %s", last.Stream)
 	}
+}
+
+// TestSourceWatchSeesAStuckTenant: a tenant's app that speaks the NATS protocol itself
+// publishes a request whose header block is a bare status line "100" (which nats.go
+// cannot write). Its stream stores it; OTP_REQUESTS takes it for flow control, and the
+// server retries it for as long as it lives, so every later request of that tenant waits,
+// acknowledged and unread, while the other tenant's go through. The source's own lag and
+// error say nothing; SourceWatch sees the tenant's oldest waiting request age. Deleting
+// that one message, as the runbook says, lets the rest through.
+func TestSourceWatchSeesAStuckTenant(t *testing.T) {
+	s := testenv.NATS(t)
+	nc, err := nats.Connect(s.ClientURL())
+	testenv.Must(t, err, "connect")
+	t.Cleanup(nc.Close)
+	js, err := jetstream.New(nc)
+	testenv.Must(t, err, "jetstream")
+	ctx := t.Context()
+	_, err = platform.Provision(ctx, js, events.StreamOptions{Tenants: []string{"acme", "globex"}, TenantRequestsMaxBytes: 1 << 20})
+	testenv.Must(t, err, "provision tenant streams")
+	watch := &platform.SourceWatch{JS: js}
+	request := func(tenant, id string) {
+		t.Helper()
+		_, err := js.Publish(ctx, events.TypeRequested.Subject(tenant), fmt.Appendf(nil, `{"request_id":%q,"recipient":"x@example.com","purpose":"login"}`, id))
+		testenv.Must(t, err, "publish %s", id)
+	}
+	request("acme", "a1")
+	request("globex", "g1")
+	testenv.Eventually(t, 10*time.Second, "both tenants sourced", func() bool {
+		ages, err := watch.Check(ctx)
+		return err == nil && len(ages) == 2 && ages["acme"] == 0 && ages["globex"] == 0
+	})
+
+	// The raw publish: HPUB with a header block the server stores as a status line.
+	conn, err := net.Dial("tcp", strings.TrimPrefix(s.ClientURL(), "nats://"))
+	testenv.Must(t, err, "dial")
+	t.Cleanup(func() { conn.Close() })
+	_, err = bufio.NewReader(conn).ReadString('\n') // INFO
+	testenv.Must(t, err, "read INFO")
+	hdr := "NATS/1.0 100 FlowControl Request\n\n"
+	_, err = fmt.Fprintf(conn, "CONNECT {\"verbose\":false,\"headers\":true,\"protocol\":1}\r\nHPUB otp.requested.acme %d %d\r\n%s\r\nPING\r\n", len(hdr), len(hdr), hdr)
+	testenv.Must(t, err, "raw publish")
+	own, err := js.Stream(ctx, events.TenantRequestsStream("acme"))
+	testenv.Must(t, err, "acme's stream")
+	testenv.Eventually(t, 10*time.Second, "the raw message stored on acme's stream", func() bool {
+		info, err := own.Info(ctx)
+		return err == nil && info.State.LastSeq == 2
+	})
+	request("acme", "a2")
+	request("globex", "g2")
+	testenv.Eventually(t, 20*time.Second, "acme's requests seen waiting while globex's go through", func() bool {
+		ages, err := watch.Check(ctx)
+		return err == nil && ages["acme"] >= 2*time.Second && ages["globex"] == 0
+	})
+	requests, err := js.Stream(ctx, events.StreamRequests)
+	testenv.Must(t, err, "OTP_REQUESTS")
+	if _, err := requests.GetLastMsgForSubject(ctx, "otp.requested.globex"); err != nil {
+		t.Fatalf("globex's request: %v", err)
+	}
+	if m, err := requests.GetLastMsgForSubject(ctx, "otp.requested.acme"); err != nil || !strings.Contains(string(m.Data), `"a1"`) {
+		t.Fatalf("acme's last request on OTP_REQUESTS should still be a1 (a2 waits): %v", err)
+	}
+
+	// The runbook's fix: delete the stuck message; a2 goes through.
+	testenv.Must(t, own.DeleteMsg(ctx, 2), "delete the stuck message")
+	testenv.Eventually(t, 30*time.Second, "acme's waiting request sourced once the stuck one is gone", func() bool {
+		m, err := requests.GetLastMsgForSubject(ctx, "otp.requested.acme")
+		ages, cerr := watch.Check(ctx)
+		return err == nil && strings.Contains(string(m.Data), `"a2"`) && cerr == nil && ages["acme"] == 0
+	})
 }

@@ -148,6 +148,9 @@ func (s *Service) Run(ctx context.Context) error {
 		Every: s.cfg.LagCheckEvery, Rule: RuleRequestsBacklog, Source: "otpflow/issuer", Log: s.log, Reg: s.reg,
 		Gate: s.store}
 	g.Go(func() error { return watch.Run(gctx) })
+	// With tenant request streams, whether each tenant's requests reach OTP_REQUESTS.
+	sources := &platform.SourceWatch{JS: s.js, Log: s.log, Reg: s.reg}
+	g.Go(func() error { return sources.Run(gctx) })
 	// Healthy: a batch whose every request fails alone is blamed on the requests only
 	// while the database answers; otherwise the consumer waits for it. Apps publish here,
 	// and an app can publish a request the JetStream client never hands over (an empty

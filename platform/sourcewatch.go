@@ -1,0 +1,151 @@
+package platform
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"log/slog"
+	"strconv"
+	"strings"
+	"sync"
+	"time"
+
+	"github.com/nats-io/nats.go/jetstream"
+	"github.com/otpflow/otpflow/events"
+	"github.com/prometheus/client_golang/prometheus"
+)
+
+// SourceWatch measures, for every tenant request stream OTP_REQUESTS sources
+// (OTP_TENANT_STREAMS), how long the oldest request stored there and not yet on
+// OTP_REQUESTS has waited. Sourcing takes milliseconds; a request that waits longer sits
+// behind one OTP_REQUESTS cannot store, which JetStream retries for as long as that one
+// lives, holding back every later request of the tenant, acknowledged to its app and
+// unread (deploy/nats/README.md: a raw client can publish such a message). The server's
+// own account of a source (its lag, its error) does not show it. The watch reads only
+// JetStream: the last copy of the tenant's requests on OTP_REQUESTS names the sequence it
+// was sourced from, and the tenant stream's next stored message after it is the oldest
+// one waiting. Alert rule TenantRequestsNotSourced reads the gauge.
+type SourceWatch struct {
+	JS jetstream.JetStream
+	// Every is the period of the check (default 15 s).
+	Every time.Duration
+	Log   *slog.Logger
+	// Reg, when set, gets the gauge.
+	Reg prometheus.Registerer
+
+	once  sync.Once
+	delay *prometheus.GaugeVec
+}
+
+// maxSkip bounds the deleted sequences a check steps over to find a tenant stream's next
+// stored message.
+const maxSkip = 1000
+
+func (w *SourceWatch) init() {
+	w.once.Do(func() {
+		w.delay = prometheus.NewGaugeVec(prometheus.GaugeOpts{Name: "otpflow_tenant_requests_unsourced_age_seconds",
+			Help: "How long the oldest request on a tenant's request stream not yet on OTP_REQUESTS has waited; 0 when none, by tenant."},
+			[]string{"tenant"})
+		if w.Reg != nil {
+			if err := w.Reg.Register(w.delay); err != nil {
+				var are prometheus.AlreadyRegisteredError
+				if errors.As(err, &are) {
+					w.delay = are.ExistingCollector.(*prometheus.GaugeVec)
+				}
+			}
+		}
+		if w.Log == nil {
+			w.Log = slog.New(slog.DiscardHandler)
+		}
+	})
+}
+
+// Run checks every Every until ctx ends. A check that fails is logged and tried again at
+// the next tick.
+func (w *SourceWatch) Run(ctx context.Context) error {
+	w.init()
+	every := w.Every
+	if every <= 0 {
+		every = 15 * time.Second
+	}
+	t := time.NewTicker(every)
+	defer t.Stop()
+	for {
+		if _, err := w.Check(ctx); err != nil && ctx.Err() == nil {
+			w.Log.Warn("tenant request sourcing not checked", "err", err)
+		}
+		select {
+		case <-ctx.Done():
+			return nil
+		case <-t.C:
+		}
+	}
+}
+
+// Check measures every tenant stream OTP_REQUESTS sources now, sets the gauge and
+// returns the ages by tenant (none when OTP_REQUESTS sources nothing).
+func (w *SourceWatch) Check(ctx context.Context) (map[string]time.Duration, error) {
+	w.init()
+	ctx, cancel := context.WithTimeout(ctx, 10*time.Second)
+	defer cancel()
+	requests, err := w.JS.Stream(ctx, events.StreamRequests)
+	if err != nil {
+		return nil, fmt.Errorf("%s: %w", events.StreamRequests, err)
+	}
+	ages := map[string]time.Duration{}
+	var errs []error
+	for _, src := range requests.CachedInfo().Config.Sources {
+		tenant, ok := strings.CutPrefix(src.Name, events.StreamRequests+"_")
+		if !ok || !events.IsRequestsStream(src.Name) {
+			continue
+		}
+		age, err := w.unsourced(ctx, requests, src.Name, tenant)
+		if err != nil {
+			errs = append(errs, fmt.Errorf("%s: %w", src.Name, err))
+			continue
+		}
+		ages[tenant] = age
+		w.delay.WithLabelValues(tenant).Set(age.Seconds())
+		if age > time.Minute {
+			w.Log.Error("requests of a tenant are not reaching OTP_REQUESTS", "tenant", tenant, "stream", src.Name, "oldest_waiting", age)
+		}
+	}
+	return ages, errors.Join(errs...)
+}
+
+// unsourced is the age of the oldest message of stream (tenant's) not yet on requests.
+func (w *SourceWatch) unsourced(ctx context.Context, requests jetstream.Stream, stream, tenant string) (time.Duration, error) {
+	own, err := w.JS.Stream(ctx, stream)
+	if err != nil {
+		return 0, err
+	}
+	state := own.CachedInfo().State
+	if state.Msgs == 0 {
+		return 0, nil
+	}
+	var sourced uint64
+	last, err := requests.GetLastMsgForSubject(ctx, events.TypeRequested.Subject(tenant))
+	switch {
+	case errors.Is(err, jetstream.ErrMsgNotFound):
+	case err != nil:
+		return 0, err
+	default:
+		if f := strings.Fields(last.Header.Get(events.HeaderStreamSource)); len(f) >= 2 && f[0] == stream {
+			sourced, _ = strconv.ParseUint(f[1], 10, 64)
+		}
+	}
+	if sourced >= state.LastSeq {
+		return 0, nil
+	}
+	for seq, n := max(sourced+1, state.FirstSeq), 0; seq <= state.LastSeq && n < maxSkip; seq, n = seq+1, n+1 {
+		m, err := own.GetMsg(ctx, seq)
+		if errors.Is(err, jetstream.ErrMsgNotFound) {
+			continue // deleted (an erasure)
+		}
+		if err != nil {
+			return 0, err
+		}
+		return max(time.Since(m.Time), 0), nil
+	}
+	return 0, nil
+}
