@@ -115,27 +115,39 @@ func (w *SourceWatch) Check(ctx context.Context) (map[string]time.Duration, erro
 
 // unsourced is the age of the oldest message of stream (tenant's) not yet on requests.
 func (w *SourceWatch) unsourced(ctx context.Context, requests jetstream.Stream, stream, tenant string) (time.Duration, error) {
-	own, err := w.JS.Stream(ctx, stream)
-	if err != nil {
+	_, next, err := nextUnsourced(ctx, w.JS, requests, stream, tenant)
+	if err != nil || next == nil {
 		return 0, err
+	}
+	return max(time.Since(next.Time), 0), nil
+}
+
+// nextUnsourced finds the oldest message of tenant's request stream (named stream) that
+// is not yet on requests (OTP_REQUESTS), nil when there is none, and the stream's last
+// sequence: the last copy of the tenant's requests on requests names the sequence it was
+// sourced from, and the next stored message after it is the one.
+func nextUnsourced(ctx context.Context, js jetstream.JetStream, requests jetstream.Stream, stream, tenant string) (uint64, *jetstream.RawStreamMsg, error) {
+	own, err := js.Stream(ctx, stream)
+	if err != nil {
+		return 0, nil, err
 	}
 	state := own.CachedInfo().State
 	if state.Msgs == 0 {
-		return 0, nil
+		return state.LastSeq, nil, nil
 	}
 	var sourced uint64
 	last, err := requests.GetLastMsgForSubject(ctx, events.TypeRequested.Subject(tenant))
 	switch {
 	case errors.Is(err, jetstream.ErrMsgNotFound):
 	case err != nil:
-		return 0, err
+		return 0, nil, err
 	default:
 		if f := strings.Fields(last.Header.Get(events.HeaderStreamSource)); len(f) >= 2 && f[0] == stream {
 			sourced, _ = strconv.ParseUint(f[1], 10, 64)
 		}
 	}
 	if sourced >= state.LastSeq {
-		return 0, nil
+		return state.LastSeq, nil, nil
 	}
 	for seq, n := max(sourced+1, state.FirstSeq), 0; seq <= state.LastSeq && n < maxSkip; seq, n = seq+1, n+1 {
 		m, err := own.GetMsg(ctx, seq)
@@ -143,9 +155,34 @@ func (w *SourceWatch) unsourced(ctx context.Context, requests jetstream.Stream, 
 			continue // deleted (an erasure)
 		}
 		if err != nil {
-			return 0, err
+			return 0, nil, err
 		}
-		return max(time.Since(m.Time), 0), nil
+		return state.LastSeq, m, nil
 	}
-	return 0, nil
+	return state.LastSeq, nil, nil
+}
+
+// AwaitSourced waits until OTP_REQUESTS has taken every message tenant's request stream
+// held up to sequence through (the ones deleted meanwhile aside), or ctx ends: for an
+// erasure, which deletes from the tenant's stream first and must also find on
+// OTP_REQUESTS the copies that were in transit.
+func AwaitSourced(ctx context.Context, js jetstream.JetStream, tenant string, through uint64) error {
+	requests, err := js.Stream(ctx, events.StreamRequests)
+	if err != nil {
+		return err
+	}
+	for {
+		_, next, err := nextUnsourced(ctx, js, requests, events.TenantRequestsStream(tenant), tenant)
+		if err == nil && (next == nil || next.Sequence > through) {
+			return nil
+		}
+		select {
+		case <-ctx.Done():
+			if err == nil {
+				err = fmt.Errorf("sequence %d of %s not on %s yet", next.Sequence, events.TenantRequestsStream(tenant), events.StreamRequests)
+			}
+			return errors.Join(err, ctx.Err())
+		case <-time.After(100 * time.Millisecond):
+		}
+	}
 }

@@ -61,18 +61,33 @@ func eraseCommand(ctx context.Context, args []string, getenv func(string) string
 	// services have erased. The tenant's own request stream (OTP_TENANT_STREAMS) before
 	// OTP_REQUESTS, which sources it: a request not sourced yet is gone before it could be.
 	isRequest := func(m *jetstream.RawStreamMsg) bool { return requestNames(m.Data, address) }
-	own, err := deleteMatching(ctx, js, events.TenantRequestsStream(*tenant), events.TypeRequested.Subject(*tenant), isRequest)
+	own, ownLast, err := deleteMatchingFrom(ctx, js, events.TenantRequestsStream(*tenant), events.TypeRequested.Subject(*tenant), 0, isRequest)
 	if errors.Is(err, jetstream.ErrStreamNotFound) {
 		own, err = -1, nil
 	}
 	if err != nil {
 		return 1, fmt.Errorf("erase: %s: %w", events.TenantRequestsStream(*tenant), err)
 	}
-	requests, err := deleteMatching(ctx, js, events.StreamRequests, events.TypeRequested.Subject(*tenant), isRequest)
+	requests, reqLast, err := deleteMatchingFrom(ctx, js, events.StreamRequests, events.TypeRequested.Subject(*tenant), 0, isRequest)
 	if err != nil {
 		return 1, fmt.Errorf("erase: %s: %w", events.StreamRequests, err)
 	}
 	if own >= 0 {
+		// A request sourced while the two were read may have reached OTP_REQUESTS after
+		// its pass: wait until OTP_REQUESTS holds what the tenant's stream held (sourcing
+		// keeps order), then read what it stored since.
+		wctx, cancel := context.WithTimeout(ctx, 10*time.Second)
+		err := platform.AwaitSourced(wctx, js, *tenant, ownLast)
+		cancel()
+		if err != nil {
+			fmt.Fprintf(stdout, "warning: %s is not all on %s yet (%v): a request of this person in transit may still be issued; run erase again later\n",
+				events.TenantRequestsStream(*tenant), events.StreamRequests, err)
+		}
+		late, _, err := deleteMatchingFrom(ctx, js, events.StreamRequests, events.TypeRequested.Subject(*tenant), reqLast+1, isRequest)
+		if err != nil {
+			return 1, fmt.Errorf("erase: %s: %w", events.StreamRequests, err)
+		}
+		requests += late
 		fmt.Fprintf(stdout, "deleted %d requests from %s\n", own, events.TenantRequestsStream(*tenant))
 		// The two hold copies of the same requests; one may still hold a request the
 		// other does not (not sourced yet, or aged out first).
@@ -177,35 +192,42 @@ func wholeAddress(s, address string) bool {
 // deleteMatching deletes, overwriting the stored bytes, every message of stream on filter
 // that match accepts, and returns how many it deleted. It reads the stream as it is now.
 func deleteMatching(ctx context.Context, js jetstream.JetStream, stream, filter string, match func(*jetstream.RawStreamMsg) bool) (int, error) {
+	n, _, err := deleteMatchingFrom(ctx, js, stream, filter, 0, match)
+	return n, err
+}
+
+// deleteMatchingFrom is deleteMatching from sequence from on; it also returns the
+// stream's last sequence when it began.
+func deleteMatchingFrom(ctx context.Context, js jetstream.JetStream, stream, filter string, from uint64, match func(*jetstream.RawStreamMsg) bool) (int, uint64, error) {
 	st, err := js.Stream(ctx, stream)
 	if err != nil {
-		return 0, err
+		return 0, 0, err
 	}
 	info, err := st.Info(ctx)
 	if err != nil {
-		return 0, err
+		return 0, 0, err
 	}
 	if info.State.Msgs == 0 {
-		return 0, nil
+		return 0, info.State.LastSeq, nil
 	}
-	n := 0
-	for seq := info.State.FirstSeq; seq <= info.State.LastSeq; seq++ {
+	n, last := 0, info.State.LastSeq
+	for seq := max(info.State.FirstSeq, from); seq <= last; seq++ {
 		m, err := st.GetMsg(ctx, seq)
 		if errors.Is(err, jetstream.ErrMsgNotFound) {
 			continue
 		}
 		if err != nil {
-			return n, fmt.Errorf("read sequence %d: %w", seq, err)
+			return n, last, fmt.Errorf("read sequence %d: %w", seq, err)
 		}
 		if filter != "" && !subjectMatches(filter, m.Subject) || !match(m) {
 			continue
 		}
 		if err := st.SecureDeleteMsg(ctx, seq); err != nil && !errors.Is(err, jetstream.ErrMsgNotFound) {
-			return n, fmt.Errorf("delete sequence %d: %w", seq, err)
+			return n, last, fmt.Errorf("delete sequence %d: %w", seq, err)
 		}
 		n++
 	}
-	return n, nil
+	return n, last, nil
 }
 
 // subjectMatches reports whether subject matches filter, whose tokens may be "*" or a

@@ -250,8 +250,20 @@ func TestSourceWatchSeesAStuckTenant(t *testing.T) {
 		t.Fatalf("acme's last request on OTP_REQUESTS should still be a1 (a2 waits): %v", err)
 	}
 
+	// An erasure waits for what the tenant's stream held to be on OTP_REQUESTS: here it
+	// cannot, and says which message is missing.
+	wctx, cancel := context.WithTimeout(ctx, time.Second)
+	err = platform.AwaitSourced(wctx, js, "acme", 3)
+	cancel()
+	if err == nil || !strings.Contains(err.Error(), "sequence 2 of OTP_REQUESTS_acme") {
+		t.Fatalf("waiting for acme's requests behind the stuck one: %v", err)
+	}
+
 	// The runbook's fix: delete the stuck message; a2 goes through.
 	testenv.Must(t, own.DeleteMsg(ctx, 2), "delete the stuck message")
+	wctx, cancel = context.WithTimeout(ctx, 30*time.Second)
+	testenv.Must(t, platform.AwaitSourced(wctx, js, "acme", 3), "acme's requests on OTP_REQUESTS once the stuck one is gone")
+	cancel()
 	testenv.Eventually(t, 30*time.Second, "acme's waiting request sourced once the stuck one is gone", func() bool {
 		m, err := requests.GetLastMsgForSubject(ctx, "otp.requested.acme")
 		ages, cerr := watch.Check(ctx)
