@@ -43,9 +43,14 @@ func Scenarios() []Scenario {
 	diskFull.Options.NATSDisk = 512 << 20
 	cluster := long("NATS cluster: kill -9 the OTP_EVENTS leader", killStreamLeader(events.StreamEvents))
 	cluster.Options.NATSNodes = 3
+	// The issue's worst measured run: a dispatcher, PostgreSQL and NATS down together.
+	together := long("kill -9 dispatcher, PostgreSQL fast stop, kill -9 NATS, together (SES answers in 50ms)", allDown)
+	together.Options.SESAnswerDelay = 50 * time.Millisecond
+	together.InFlight = func(e *Env) int { return e.inFlightAtKill }
 	return append(out,
 		pgRestart,
 		long("NATS kill -9 and restart", killNATS),
+		together,
 		cluster,
 		long(fmt.Sprintf("SES down %v, then up", Outage), providersDown(Outage, "ses")),
 		long(fmt.Sprintf("SES and SMTP down %v", Outage), providersDown(Outage, "ses", "smtp")),
@@ -109,6 +114,39 @@ func restartPostgres(e *Env, logf func(string, ...any)) (int, error) {
 		return 1, err
 	}
 	return 1, e.PG.Start()
+}
+
+// allDown kills the dispatcher with SIGKILL (counting the sends it had in flight), stops
+// PostgreSQL with a fast shutdown and kills NATS with SIGKILL, so all three are down at
+// once, then starts NATS, PostgreSQL and the dispatcher again.
+func allDown(e *Env, logf func(string, ...any)) (int, error) {
+	logf("kill -9 dispatcher")
+	if err := e.Procs["dispatcher"].Kill(); err != nil {
+		return 1, err
+	}
+	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
+	defer cancel()
+	if err := e.Pool().QueryRow(ctx, `SELECT count(*) FROM dispatcher.deliveries WHERE status = 'sending'`).Scan(&e.inFlightAtKill); err != nil {
+		return 1, fmt.Errorf("count the sends in flight: %w", err)
+	}
+	logf("%d sends in flight at the kill (bound: %d); pg_ctl stop -m fast; kill -9 nats-server", e.inFlightAtKill, e.Concurrency)
+	if err := e.PG.Stop("fast"); err != nil {
+		return 2, err
+	}
+	s := e.NATS[0]
+	if err := s.Kill(); err != nil {
+		return 3, err
+	}
+	if err := s.Start(); err != nil {
+		return 3, err
+	}
+	if err := WaitJetStream(s.URL(), time.Minute); err != nil {
+		return 3, err
+	}
+	if err := e.PG.Start(); err != nil {
+		return 3, err
+	}
+	return 3, e.Procs["dispatcher"].Start()
 }
 
 // killNATS kills the single server with SIGKILL and starts it again on its file store.
