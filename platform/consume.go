@@ -184,11 +184,11 @@ func registerCounterVec(reg prometheus.Registerer, v *prometheus.CounterVec) *pr
 func (c *Consumer) Run(ctx context.Context, handle BatchHandler) error {
 	size, prefetch := c.cfg.BatchSize, c.cfg.Prefetch
 	if c.cfg.DeadLetterExhausted {
-		sub, err := c.watchExhausted(ctx)
+		x, err := c.watchExhausted(ctx)
 		if err != nil {
 			return fmt.Errorf("consume: %w", err)
 		}
-		defer func() { _ = sub.Unsubscribe() }()
+		defer x.stop(10 * time.Second)
 	}
 	// Room for everything Consume may have pulled while a batch is in hand, so the
 	// delivery callback (which also sees heartbeats) does not block.

@@ -242,6 +242,18 @@ func (h *heartbeats) add(d *Delivery) {
 	}
 }
 
+// holds reports whether a delivery of stream sequence seq is open here.
+func (h *heartbeats) holds(seq uint64) bool {
+	h.mu.Lock()
+	defer h.mu.Unlock()
+	for d := range h.open {
+		if d.meta.Sequence == seq {
+			return true
+		}
+	}
+	return false
+}
+
 func (h *heartbeats) remove(d *Delivery) {
 	h.mu.Lock()
 	delete(h.open, d)

@@ -5,6 +5,7 @@ import (
 	"encoding/json"
 	"errors"
 	"fmt"
+	"sync"
 	"time"
 
 	"github.com/cenkalti/backoff/v4"
@@ -40,23 +41,88 @@ type maxDeliveries struct {
 // dead letter, retried while NATS does not answer.
 const exhaustedTimeout = 2 * time.Minute
 
+// exhaustedWorkers dead-letter given-up messages, from a queue of exhaustedQueue.
+const (
+	exhaustedWorkers = 4
+	exhaustedQueue   = 1024
+)
+
+// exhausted is the advisory watch of one Run: its subscription and the workers that
+// dead-letter what it hears.
+type exhausted struct {
+	sub   *nats.Subscription
+	queue chan maxDeliveries
+	wg    sync.WaitGroup
+	mu    sync.Mutex
+	seen  map[uint64]bool // sequences queued or done by this process
+}
+
+// stop unsubscribes and waits, at most wait, for the dead letters under way.
+func (x *exhausted) stop(wait time.Duration) {
+	_ = x.sub.Unsubscribe()
+	close(x.queue)
+	done := make(chan struct{})
+	go func() { x.wg.Wait(); close(done) }()
+	select {
+	case <-done:
+	case <-time.After(wait):
+	}
+}
+
 // watchExhausted subscribes to the advisories of c's durable, in a queue group, so one
-// process of the service handles each. It returns the subscription to drain on stop.
-func (c *Consumer) watchExhausted(ctx context.Context) (*nats.Subscription, error) {
+// process of the service handles each, and starts the workers. The advisory is core NATS:
+// one given while no process of the service listens is lost (the server then moved on).
+// In deploy/nats only the server can publish it (it is exported from the streams'
+// account, where no user logs in); where every client may publish anything (one account
+// without permissions), so may a forged one, as any event.
+func (c *Consumer) watchExhausted(ctx context.Context) (*exhausted, error) {
 	info := c.cons.CachedInfo()
 	if info == nil {
 		return nil, errors.New("dead-letter exhausted messages: the consumer's info is unknown")
 	}
 	stream, durable := info.Stream, info.Name
 	work := context.WithoutCancel(ctx)
-	return c.cfg.JS.Conn().QueueSubscribe(MaxDeliveriesAdvisory(stream, durable), "otpflow-"+durable, func(m *nats.Msg) {
+	x := &exhausted{queue: make(chan maxDeliveries, exhaustedQueue), seen: map[uint64]bool{}}
+	for range exhaustedWorkers {
+		x.wg.Add(1)
+		go func() {
+			defer x.wg.Done()
+			for a := range x.queue {
+				c.deadLetterExhausted(work, a)
+			}
+		}()
+	}
+	sub, err := c.cfg.JS.Conn().QueueSubscribe(MaxDeliveriesAdvisory(stream, durable), "otpflow-"+durable, func(m *nats.Msg) {
 		var a maxDeliveries
 		if err := json.Unmarshal(m.Data, &a); err != nil || a.Stream != stream || a.Consumer != durable || a.StreamSeq == 0 {
-			c.log.Warn("max deliveries advisory not understood", "consumer", c.cfg.Name, "body", string(m.Data))
+			c.log.Warn("max deliveries advisory not understood", "consumer", c.cfg.Name, "body", events.Reason(string(m.Data), 200))
 			return
 		}
-		go c.deadLetterExhausted(work, a)
+		// A delivery this process still holds was given up by the server while a stage
+		// works on it (its heartbeats lost): the stage settles it, or it comes back.
+		if c.beats.holds(a.StreamSeq) {
+			c.log.Warn("message given up by the server while this process holds it; left to its stage", "consumer", c.cfg.Name, "seq", a.StreamSeq)
+			return
+		}
+		x.mu.Lock()
+		dup := x.seen[a.StreamSeq]
+		x.seen[a.StreamSeq] = true
+		x.mu.Unlock()
+		if dup {
+			return
+		}
+		select {
+		case x.queue <- a:
+		default:
+			c.log.Error("message given up after its deliveries not dead-lettered: too many at once", "consumer", c.cfg.Name, "seq", a.StreamSeq)
+		}
 	})
+	if err != nil {
+		close(x.queue)
+		return nil, err
+	}
+	x.sub = sub
+	return x, nil
 }
 
 // deadLetterExhausted reads the message a advisory names and dead-letters it. The dead
@@ -88,8 +154,8 @@ func (c *Consumer) deadLetterExhausted(ctx context.Context, a maxDeliveries) {
 	}
 	reason := fmt.Sprintf("deliveries exhausted (%d) with none settled: the process handling the last one stopped", a.Deliveries)
 	if looksLikeStatus(m.Header, m.Data) {
-		reason = fmt.Sprintf("never handled: an empty message with a Status header (%q), which the client takes for a status of the server; given up after %d deliveries",
-			events.Reason(m.Header.Get("Status"), 16), a.Deliveries)
+		reason = fmt.Sprintf("never handled: an empty message with a Status header, which the client takes for a status of the server; given up after %d deliveries",
+			a.Deliveries)
 	}
 	_, tenant, _ := events.SplitSubject(m.Subject)
 	dl, err := c.cfg.DeadLetters.sealDeadLetter(c.durable, tenant, m.Subject, m.Header, m.Data,

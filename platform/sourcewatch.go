@@ -127,24 +127,9 @@ func (w *SourceWatch) unsourced(ctx context.Context, requests jetstream.Stream, 
 // sequence: the last copy of the tenant's requests on requests names the sequence it was
 // sourced from, and the next stored message after it is the one.
 func nextUnsourced(ctx context.Context, js jetstream.JetStream, requests jetstream.Stream, stream, tenant string) (uint64, *jetstream.RawStreamMsg, error) {
-	own, err := js.Stream(ctx, stream)
-	if err != nil {
-		return 0, nil, err
-	}
-	state := own.CachedInfo().State
-	if state.Msgs == 0 {
-		return state.LastSeq, nil, nil
-	}
-	var sourced uint64
-	last, err := requests.GetLastMsgForSubject(ctx, events.TypeRequested.Subject(tenant))
-	switch {
-	case errors.Is(err, jetstream.ErrMsgNotFound):
-	case err != nil:
-		return 0, nil, err
-	default:
-		if f := strings.Fields(last.Header.Get(events.HeaderStreamSource)); len(f) >= 2 && f[0] == stream {
-			sourced, _ = strconv.ParseUint(f[1], 10, 64)
-		}
+	sourced, state, own, err := sourcedThrough(ctx, js, requests, stream, tenant)
+	if err != nil || state.Msgs == 0 {
+		return state.LastSeq, nil, err
 	}
 	if sourced >= state.LastSeq {
 		return state.LastSeq, nil, nil
@@ -162,23 +147,89 @@ func nextUnsourced(ctx context.Context, js jetstream.JetStream, requests jetstre
 	return state.LastSeq, nil, nil
 }
 
+// sourcedThrough is the sequence of tenant's request stream (named stream) through which
+// OTP_REQUESTS has taken its messages, by the source header of the tenant's last copy on
+// requests, with the stream's state. A copy older than the stream (a stream deleted and
+// made again, whose sequences start over) counts for nothing. Without a copy (none yet,
+// or OTP_REQUESTS lost them: a purge) the messages stored after OTP_REQUESTS's last one
+// count as not taken.
+func sourcedThrough(ctx context.Context, js jetstream.JetStream, requests jetstream.Stream, stream, tenant string) (uint64, jetstream.StreamState, jetstream.Stream, error) {
+	own, err := js.Stream(ctx, stream)
+	if err != nil {
+		return 0, jetstream.StreamState{}, nil, err
+	}
+	info := own.CachedInfo()
+	state := info.State
+	last, err := requests.GetLastMsgForSubject(ctx, events.TypeRequested.Subject(tenant))
+	switch {
+	case errors.Is(err, jetstream.ErrMsgNotFound):
+		// A copy is stored after its original: what the tenant's stream stored after the
+		// last message OTP_REQUESTS stored was not taken. Found from the newest back.
+		after := requests.CachedInfo().State.LastTime
+		if state.Msgs == 0 || !state.LastTime.After(after) {
+			return state.LastSeq, state, own, nil
+		}
+		through := state.LastSeq - 1
+		for seq, n := state.LastSeq-1, 0; seq >= state.FirstSeq && seq > 0 && n < maxSkip; seq, n = seq-1, n+1 {
+			m, err := own.GetMsg(ctx, seq)
+			if errors.Is(err, jetstream.ErrMsgNotFound) {
+				continue
+			}
+			if err != nil {
+				return 0, state, own, err
+			}
+			if !m.Time.After(after) {
+				break
+			}
+			through = seq - 1
+		}
+		return through, state, own, nil
+	case err != nil:
+		return 0, state, own, err
+	}
+	if last.Time.Before(info.Created) {
+		return 0, state, own, nil
+	}
+	if f := strings.Fields(last.Header.Get(events.HeaderStreamSource)); len(f) >= 2 && f[0] == stream {
+		n, _ := strconv.ParseUint(f[1], 10, 64)
+		return n, state, own, nil
+	}
+	return 0, state, own, nil
+}
+
+// inTransitGrace is how long AwaitSourced allows a message deleted from a tenant's
+// stream to have been on its way to OTP_REQUESTS already (a copy in transit takes
+// milliseconds: sourcing runs inside the server).
+const inTransitGrace = 2 * time.Second
+
 // AwaitSourced waits until OTP_REQUESTS has taken every message tenant's request stream
 // held up to sequence through (the ones deleted meanwhile aside), or ctx ends: for an
 // erasure, which deletes from the tenant's stream first and must also find on
 // OTP_REQUESTS the copies that were in transit.
 func AwaitSourced(ctx context.Context, js jetstream.JetStream, tenant string, through uint64) error {
-	requests, err := js.Stream(ctx, events.StreamRequests)
-	if err != nil {
-		return err
-	}
+	start := time.Now()
 	for {
-		_, next, err := nextUnsourced(ctx, js, requests, events.TenantRequestsStream(tenant), tenant)
-		if err == nil && (next == nil || next.Sequence > through) {
+		requests, err := js.Stream(ctx, events.StreamRequests)
+		if err != nil {
+			return err
+		}
+		var next *jetstream.RawStreamMsg
+		var sourced uint64
+		sourced, _, _, err = sourcedThrough(ctx, js, requests, events.TenantRequestsStream(tenant), tenant)
+		if err == nil && sourced >= through {
+			return nil
+		}
+		if err == nil {
+			_, next, err = nextUnsourced(ctx, js, requests, events.TenantRequestsStream(tenant), tenant)
+		}
+		// Only deleted messages left before through: one may have been on its way when it
+		// was deleted; give it the grace, then take it as never sent.
+		if err == nil && (next == nil || next.Sequence > through) && time.Since(start) > inTransitGrace {
 			return nil
 		}
 		select {
 		case <-ctx.Done():
-			if err == nil {
+			if err == nil && next != nil {
 				err = fmt.Errorf("sequence %d of %s not on %s yet", next.Sequence, events.TenantRequestsStream(tenant), events.StreamRequests)
 			}
 			return errors.Join(err, ctx.Err())

@@ -220,15 +220,7 @@ func TestSourceWatchSeesAStuckTenant(t *testing.T) {
 		return err == nil && len(ages) == 2 && ages["acme"] == 0 && ages["globex"] == 0
 	})
 
-	// The raw publish: HPUB with a header block the server stores as a status line.
-	conn, err := net.Dial("tcp", strings.TrimPrefix(s.ClientURL(), "nats://"))
-	testenv.Must(t, err, "dial")
-	t.Cleanup(func() { conn.Close() })
-	_, err = bufio.NewReader(conn).ReadString('\n') // INFO
-	testenv.Must(t, err, "read INFO")
-	hdr := "NATS/1.0 100 FlowControl Request\n\n"
-	_, err = fmt.Fprintf(conn, "CONNECT {\"verbose\":false,\"headers\":true,\"protocol\":1}\r\nHPUB otp.requested.acme %d %d\r\n%s\r\nPING\r\n", len(hdr), len(hdr), hdr)
-	testenv.Must(t, err, "raw publish")
+	rawStatusLine(t, s.ClientURL(), "otp.requested.acme")
 	own, err := js.Stream(ctx, events.TenantRequestsStream("acme"))
 	testenv.Must(t, err, "acme's stream")
 	testenv.Eventually(t, 10*time.Second, "the raw message stored on acme's stream", func() bool {
@@ -269,4 +261,79 @@ func TestSourceWatchSeesAStuckTenant(t *testing.T) {
 		ages, cerr := watch.Check(ctx)
 		return err == nil && strings.Contains(string(m.Data), `"a2"`) && cerr == nil && ages["acme"] == 0
 	})
+}
+
+// rawStatusLine publishes on subject, over the NATS protocol itself, a message whose
+// header block is a bare status line "100" (HPUB; nats.go cannot write it): the server
+// stores it as it came.
+func rawStatusLine(t *testing.T, url, subject string) {
+	t.Helper()
+	conn, err := net.Dial("tcp", strings.TrimPrefix(url, "nats://"))
+	testenv.Must(t, err, "dial")
+	t.Cleanup(func() { conn.Close() })
+	r := bufio.NewReader(conn)
+	_, err = r.ReadString('\n') // INFO
+	testenv.Must(t, err, "read INFO")
+	hdr := "NATS/1.0 100 FlowControl Request\n\n"
+	_, err = fmt.Fprintf(conn, "CONNECT {\"verbose\":false,\"headers\":true,\"protocol\":1}\r\nHPUB %s %d %d\r\n%s\r\nPING\r\n", subject, len(hdr), len(hdr), hdr)
+	testenv.Must(t, err, "raw publish")
+	line, err := r.ReadString('\n') // PONG: the server has read the publish
+	if err != nil || !strings.HasPrefix(line, "PONG") {
+		t.Fatalf("raw publish: %q, %v", line, err)
+	}
+}
+
+// TestSourceWatchAfterAPurgeAndARecreatedStream: the watch and an erasure's wait read
+// where sourcing got to from the tenant's last copy on OTP_REQUESTS. With no copy left
+// (OTP_REQUESTS purged) they take the server's word that nothing is left to source, not
+// a stuck tenant; and a copy from a tenant stream that was deleted and made again (its
+// sequences start over) counts for nothing, so the new stream stuck at its first message
+// is seen.
+func TestSourceWatchAfterAPurgeAndARecreatedStream(t *testing.T) {
+	s := testenv.NATS(t)
+	nc, err := nats.Connect(s.ClientURL())
+	testenv.Must(t, err, "connect")
+	t.Cleanup(nc.Close)
+	js, err := jetstream.New(nc)
+	testenv.Must(t, err, "jetstream")
+	ctx := t.Context()
+	o := events.StreamOptions{Tenants: []string{"acme"}, TenantRequestsMaxBytes: 1 << 20}
+	_, err = platform.Provision(ctx, js, o)
+	testenv.Must(t, err, "provision")
+	for i := range 5 {
+		_, err := js.Publish(ctx, "otp.requested.acme", fmt.Appendf(nil, `{"request_id":"old%d","recipient":"x@example.com","purpose":"login"}`, i))
+		testenv.Must(t, err, "publish")
+	}
+	requests, err := js.Stream(ctx, events.StreamRequests)
+	testenv.Must(t, err, "OTP_REQUESTS")
+	testenv.Eventually(t, 10*time.Second, "the five sourced", func() bool {
+		m, err := requests.GetLastMsgForSubject(ctx, "otp.requested.acme")
+		return err == nil && strings.Contains(string(m.Data), "old4")
+	})
+	watch := &platform.SourceWatch{JS: js}
+
+	testenv.Must(t, requests.Purge(ctx), "purge OTP_REQUESTS")
+	if ages, err := watch.Check(ctx); err != nil || ages["acme"] != 0 {
+		t.Fatalf("after a purge of OTP_REQUESTS: %v, %v; want nothing waiting", ages, err)
+	}
+	wctx, cancel := context.WithTimeout(ctx, 10*time.Second)
+	testenv.Must(t, platform.AwaitSourced(wctx, js, "acme", 5), "wait for what acme's stream held after a purge")
+	cancel()
+
+	testenv.Must(t, js.DeleteStream(ctx, events.TenantRequestsStream("acme")), "delete acme's stream")
+	_, err = platform.Provision(ctx, js, o)
+	testenv.Must(t, err, "provision it again")
+	rawStatusLine(t, s.ClientURL(), "otp.requested.acme")
+	_, err = js.Publish(ctx, "otp.requested.acme", []byte(`{"request_id":"new1","recipient":"x@example.com","purpose":"login"}`))
+	testenv.Must(t, err, "publish")
+	testenv.Eventually(t, 20*time.Second, "the new stream seen stuck at its first message", func() bool {
+		ages, err := watch.Check(ctx)
+		return err == nil && ages["acme"] >= time.Second
+	})
+	wctx, cancel = context.WithTimeout(ctx, time.Second)
+	err = platform.AwaitSourced(wctx, js, "acme", 2)
+	cancel()
+	if err == nil || !strings.Contains(err.Error(), "sequence 1 of OTP_REQUESTS_acme") {
+		t.Fatalf("waiting for the new stream's requests: %v", err)
+	}
 }
