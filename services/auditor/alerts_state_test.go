@@ -232,3 +232,57 @@ func TestAlertStateIsPruned(t *testing.T) {
 		t.Fatalf("a second prune within a minute pruned %d (%v)", n, err)
 	}
 }
+
+// TestAnAlertThatCannotBePublishedHoldsItsEvents: OTP_EVENTS refuses the alert the fifth
+// superseded challenge raises (here: the stream is full and discards new messages), with
+// an answer no failure table lists. The events of that batch are not the cause: they are
+// held in order, tried again past the consumer's MaxDeliver (2 here), and never
+// dead-lettered; once the stream takes messages again, the rows and the alert land.
+func TestAnAlertThatCannotBePublishedHoldsItsEvents(t *testing.T) {
+	r := newAlertRig(t, stormRules(5))
+	ctx := context.Background()
+	quick := events.AuditorConsumer
+	quick.MaxDeliver = 2
+	_, err := platform.EnsureConsumer(ctx, r.js, events.StreamEvents, quick)
+	testenv.Must(t, err, "auditor consumer")
+	ids := []string{r.supersede(10), r.supersede(11), r.supersede(12), r.supersede(13), r.supersede(14)}
+	st, err := r.js.Stream(ctx, events.StreamEvents)
+	testenv.Must(t, err, "OTP_EVENTS")
+	open := st.CachedInfo().Config
+	full := open
+	full.MaxMsgs, full.Discard = int64(st.CachedInfo().State.Msgs), jetstream.DiscardNew
+	_, err = r.js.UpdateStream(ctx, full)
+	testenv.Must(t, err, "OTP_EVENTS full")
+
+	reg := prometheus.NewRegistry()
+	svc, err := New(Config{RecipientKey: testKey, Chain: testChain, Subjects: testSubjects, DLQKey: testDLQ, Alerts: r.th},
+		r.pool, r.js, testenv.Logger(io.Discard), reg)
+	testenv.Must(t, err, "auditor")
+	testenv.Start(t, svc.Run)
+	held := func() float64 {
+		mfs, _ := reg.Gather()
+		for _, mf := range mfs {
+			if mf.GetName() == "otpflow_deliveries_held_retries_total" {
+				return mf.GetMetric()[0].GetCounter().GetValue()
+			}
+		}
+		return 0
+	}
+	testenv.Eventually(t, 30*time.Second, "the batch held past its MaxDeliver", func() bool { return held() >= 4 })
+	if dl := testenv.Messages(t, r.js, events.StreamDLQ, ""); len(dl) != 0 {
+		t.Fatalf("%d events dead-lettered because an alert could not be published: %v", len(dl), dl[0].Header)
+	}
+
+	_, err = r.js.UpdateStream(ctx, open)
+	testenv.Must(t, err, "OTP_EVENTS takes messages again")
+	// At the held batch's next try: its delay has grown with its tries (up to 30 s).
+	testenv.Eventually(t, 45*time.Second, "the held events written", func() bool {
+		var n int
+		_ = r.pool.QueryRow(ctx, `SELECT count(*) FROM audit.events WHERE event_id = ANY($1)`, ids).Scan(&n)
+		return n == len(ids)
+	})
+	testenv.Eventually(t, 30*time.Second, "the storm alert", func() bool { return len(r.alerts()) == 1 })
+	if dl := testenv.Messages(t, r.js, events.StreamDLQ, ""); len(dl) != 0 {
+		t.Fatalf("%d dead letters", len(dl))
+	}
+}

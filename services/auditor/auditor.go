@@ -504,7 +504,8 @@ func (s *Service) handleBatch(ctx context.Context, batch []*platform.Delivery) e
 
 // raiseAlerts adds the rows just written in tx to the alert windows and publishes the
 // alerts they raise before tx commits, so that an alert recorded as raised has reached
-// the stream. A failed publish rolls the batch back to be written again; a publish whose
+// the stream. A failed publish rolls the batch back to be written again, held in order
+// as while a neighbour is down (ErrUnavailable); a publish whose
 // commit then fails is repeated under the same Nats-Msg-Id (rule, key and window start),
 // which the stream's duplicate window drops.
 func (s *Service) raiseAlerts(ctx context.Context, tx pgx.Tx, wrote []*Row) ([]raisedAlert, error) {
@@ -517,7 +518,9 @@ func (s *Service) raiseAlerts(ctx context.Context, tx pgx.Tx, wrote []*Row) ([]r
 		msgs[i] = a.msg
 	}
 	if err := platform.PublishAll(ctx, s.js, msgs); err != nil {
-		return nil, fmt.Errorf("publish alerts: %w", err)
+		// Never the events' fault, whatever JetStream answered: the batch is held in
+		// order until the alerts go out, not dead-lettered after its retries.
+		return nil, fmt.Errorf("publish alerts: %w: %w", platform.ErrUnavailable, err)
 	}
 	return alerts, nil
 }
