@@ -1,6 +1,7 @@
 package main
 
 import (
+	"bytes"
 	"context"
 	"encoding/json"
 	"fmt"
@@ -270,5 +271,34 @@ func TestDLQCommandErrors(t *testing.T) {
 				t.Fatalf("exit %d, %v; want 2 and %q", code, err, tc.want)
 			}
 		})
+	}
+}
+
+// TestDLQRedriveRefusesAStreamNobodyReads: with tenant request streams, a redrive lands on
+// the tenant's stream; one that OTP_REQUESTS does not source (left by hand, which
+// provisioning refuses to do) would take the request and acknowledge it to nobody. The
+// redrive is refused before anything is published, and the entry stays.
+func TestDLQRedriveRefusesAStreamNobodyReads(t *testing.T) {
+	w := newWorld(t)
+	a := newApp(t, w.nats.ClientURL())
+	ctx := context.Background()
+	_, err := platform.Provision(ctx, a.js, events.StreamOptions{Tenants: []string{"acme"}, TenantRequestsMaxBytes: 1 << 20})
+	testenv.Must(t, err, "tenant streams for acme")
+	_, err = a.js.CreateStream(ctx, jetstream.StreamConfig{Name: events.TenantRequestsStream("globex"), Subjects: []string{"otp.requested.globex"}})
+	testenv.Must(t, err, "a stream of globex that OTP_REQUESTS does not source")
+	lost := nats.NewMsg("otp.requested.globex")
+	lost.Data = []byte(`{"request_id":"dl-g","recipient":"gil@example.com","purpose":"login"}`)
+	seq := w.deadLetterOf(t, a.js, events.ConsumerIssuer, events.StreamRequests, 7, lost, "", "issuer: database refused it")
+
+	var out, errOut bytes.Buffer
+	code, err := run(ctx, []string{"dlq", "redrive", fmt.Sprint(seq)}, w.getenv, &out, &errOut)
+	if code == 0 || !strings.Contains(fmt.Sprint(err, out.String(), errOut.String()), "nor sources a request stream of tenant globex") {
+		t.Fatalf("redrive into a stream nobody reads: exit %d, %v\n%s\n%s", code, err, out.String(), errOut.String())
+	}
+	if msgs := testenv.Messages(t, a.js, events.TenantRequestsStream("globex"), ""); len(msgs) != 0 {
+		t.Fatalf("the redrive published %d messages onto a stream nobody reads", len(msgs))
+	}
+	if dl := testenv.Messages(t, a.js, events.StreamDLQ, "otp.dlq.globex"); len(dl) != 1 {
+		t.Fatalf("the entry is gone: %d left", len(dl))
 	}
 }
