@@ -268,7 +268,7 @@ func TestAnAlertThatCannotBePublishedHoldsItsEvents(t *testing.T) {
 		}
 		return 0
 	}
-	testenv.Eventually(t, 30*time.Second, "the batch held past its MaxDeliver", func() bool { return held() >= 4 })
+	testenv.Eventually(t, 30*time.Second, "the batch held past its MaxDeliver", func() bool { return held() >= 3 })
 	if dl := testenv.Messages(t, r.js, events.StreamDLQ, ""); len(dl) != 0 {
 		t.Fatalf("%d events dead-lettered because an alert could not be published: %v", len(dl), dl[0].Header)
 	}
