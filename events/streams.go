@@ -233,6 +233,7 @@ func requestStreams(o StreamOptions, r int) []jetstream.StreamConfig {
 	if len(tenants) == 0 {
 		return []jetstream.StreamConfig{requests}
 	}
+	shared := requests
 	requests.Description = "otp.requested events of every tenant, sourced from the tenants' request streams"
 	requests.Subjects = nil
 	// No duplicate window: a stream that sources keeps none unless it is given one, and
@@ -251,20 +252,14 @@ func requestStreams(o StreamOptions, r int) []jetstream.StreamConfig {
 	out := []jetstream.StreamConfig{requests}
 	for _, t := range tenants {
 		out[0].Sources = append(out[0].Sources, &jetstream.StreamSource{Name: TenantRequestsStream(t)})
-		out = append(out, jetstream.StreamConfig{
-			Name:        TenantRequestsStream(t),
-			Description: "otp.requested events of tenant " + t + ", sourced into " + StreamRequests,
-			Subjects:    []string{TypeRequested.Subject(t)},
-			Retention:   jetstream.LimitsPolicy,
-			MaxAge:      o.RequestsAge(),
-			Duplicates:  min(DuplicateWindow, o.RequestsAge()),
-			Storage:     jetstream.FileStorage,
-			Replicas:    r,
-			MaxMsgSize:  RequestsMaxMsgSize,
-			// A tenant that floods fills its own stream and is refused; the others are not.
-			MaxBytes: maxBytes,
-			Discard:  jetstream.DiscardNew,
-		})
+		// What the shared stream was, for one tenant: its own duplicate window and
+		// message bound, and a bound of its own (a tenant that floods fills its own
+		// stream and is refused; the others are not).
+		own := shared
+		own.Name, own.Subjects = TenantRequestsStream(t), []string{TypeRequested.Subject(t)}
+		own.Description = "otp.requested events of tenant " + t + ", sourced into " + StreamRequests
+		own.MaxBytes, own.Discard = maxBytes, jetstream.DiscardNew
+		out = append(out, own)
 	}
 	return out
 }

@@ -198,14 +198,9 @@ func TestTenantRequestStreams(t *testing.T) {
 // error say nothing; SourceWatch sees the tenant's oldest waiting request age. Deleting
 // that one message, as the runbook says, lets the rest through.
 func TestSourceWatchSeesAStuckTenant(t *testing.T) {
-	s := testenv.NATS(t)
-	nc, err := nats.Connect(s.ClientURL())
-	testenv.Must(t, err, "connect")
-	t.Cleanup(nc.Close)
-	js, err := jetstream.New(nc)
-	testenv.Must(t, err, "jetstream")
+	url, js := plainJetStream(t)
 	ctx := t.Context()
-	_, err = platform.Provision(ctx, js, events.StreamOptions{Tenants: []string{"acme", "globex"}, TenantRequestsMaxBytes: 1 << 20})
+	_, err := platform.Provision(ctx, js, events.StreamOptions{Tenants: []string{"acme", "globex"}, TenantRequestsMaxBytes: 1 << 20})
 	testenv.Must(t, err, "provision tenant streams")
 	watch := &platform.SourceWatch{JS: js}
 	request := func(tenant, id string) {
@@ -220,7 +215,7 @@ func TestSourceWatchSeesAStuckTenant(t *testing.T) {
 		return err == nil && len(ages) == 2 && ages["acme"] == 0 && ages["globex"] == 0
 	})
 
-	rawStatusLine(t, s.ClientURL(), "otp.requested.acme")
+	rawStatusLine(t, url, "otp.requested.acme")
 	own, err := js.Stream(ctx, events.TenantRequestsStream("acme"))
 	testenv.Must(t, err, "acme's stream")
 	testenv.Eventually(t, 10*time.Second, "the raw message stored on acme's stream", func() bool {
@@ -290,15 +285,10 @@ func rawStatusLine(t *testing.T, url, subject string) {
 // sequences start over) counts for nothing, so the new stream stuck at its first message
 // is seen.
 func TestSourceWatchAfterAPurgeAndARecreatedStream(t *testing.T) {
-	s := testenv.NATS(t)
-	nc, err := nats.Connect(s.ClientURL())
-	testenv.Must(t, err, "connect")
-	t.Cleanup(nc.Close)
-	js, err := jetstream.New(nc)
-	testenv.Must(t, err, "jetstream")
+	url, js := plainJetStream(t)
 	ctx := t.Context()
 	o := events.StreamOptions{Tenants: []string{"acme"}, TenantRequestsMaxBytes: 1 << 20}
-	_, err = platform.Provision(ctx, js, o)
+	_, err := platform.Provision(ctx, js, o)
 	testenv.Must(t, err, "provision")
 	for i := range 5 {
 		_, err := js.Publish(ctx, "otp.requested.acme", fmt.Appendf(nil, `{"request_id":"old%d","recipient":"x@example.com","purpose":"login"}`, i))
@@ -323,7 +313,7 @@ func TestSourceWatchAfterAPurgeAndARecreatedStream(t *testing.T) {
 	testenv.Must(t, js.DeleteStream(ctx, events.TenantRequestsStream("acme")), "delete acme's stream")
 	_, err = platform.Provision(ctx, js, o)
 	testenv.Must(t, err, "provision it again")
-	rawStatusLine(t, s.ClientURL(), "otp.requested.acme")
+	rawStatusLine(t, url, "otp.requested.acme")
 	_, err = js.Publish(ctx, "otp.requested.acme", []byte(`{"request_id":"new1","recipient":"x@example.com","purpose":"login"}`))
 	testenv.Must(t, err, "publish")
 	testenv.Eventually(t, 20*time.Second, "the new stream seen stuck at its first message", func() bool {
@@ -336,4 +326,17 @@ func TestSourceWatchAfterAPurgeAndARecreatedStream(t *testing.T) {
 	if err == nil || !strings.Contains(err.Error(), "sequence 1 of OTP_REQUESTS_acme") {
 		t.Fatalf("waiting for the new stream's requests: %v", err)
 	}
+}
+
+// plainJetStream is a NATS server of the test's own, with nothing provisioned, and a
+// client of it.
+func plainJetStream(t *testing.T) (string, jetstream.JetStream) {
+	t.Helper()
+	s := testenv.NATS(t)
+	nc, err := nats.Connect(s.ClientURL())
+	testenv.Must(t, err, "connect")
+	t.Cleanup(nc.Close)
+	js, err := jetstream.New(nc)
+	testenv.Must(t, err, "jetstream")
+	return s.ClientURL(), js
 }
