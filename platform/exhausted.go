@@ -20,7 +20,8 @@ import (
 // an app can publish one: Run pulls on past it (see there), and the server gives it up
 // after MaxDeliver, telling so only in an advisory. With ConsumeConfig.DeadLetterExhausted
 // the consumer listens for that advisory, reads the message from its stream by sequence
-// and dead-letters it like any other, so nothing leaves a stream unseen.
+// and dead-letters it like any other. The advisory is core NATS: one given while no
+// process of the service listens is lost, and the server has moved on past the message.
 
 // MaxDeliveriesAdvisory is the subject on which the server tells that durable of stream
 // gave a message up after its MaxDeliver deliveries. deploy/nats exports it to the
