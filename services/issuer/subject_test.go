@@ -1,8 +1,10 @@
 package issuer
 
 import (
+	"cmp"
 	"context"
 	"fmt"
+	"slices"
 	"strings"
 	"testing"
 	"time"
@@ -100,6 +102,10 @@ tenants:
 	h.request(t, `{"request_id":"f1b","recipient":"x1@example.com","purpose":"login","context":{"ip":"198.51.100.7"}}`) // seen under k1
 	h.request(t, `{"request_id":"m1","recipient":"KIM@example.com","purpose":"login","resend":true}`)
 	rejected := h.rejections(t, 4)
+	// In request order: within one batch, rejections decided in the issue transaction
+	// (the outbox) and the others are published apart, so the stream's order of two
+	// rejections of one batch is not the requests' order.
+	slices.SortFunc(rejected, func(a, b events.Rejected) int { return cmp.Compare(a.RequestSeq, b.RequestSeq) })
 	for i, want := range []struct{ id, reason, limit string }{
 		{"c3", "rate_limited", "recipient_cooldown"},
 		{"f3", "risk", "ip_fanout"},
