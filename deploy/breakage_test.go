@@ -15,6 +15,7 @@ func TestChecksCatchBreakage(t *testing.T) {
 		"compose":    func(f files) []error { return checkCompose(f, src) },
 		"dockerfile": checkDockerfile,
 		"k8s":        func(f files) []error { return checkKubernetes(f, src) },
+		"network":    checkNetwork,
 	}
 	for name, check := range checks {
 		if errs := check(f); len(errs) > 0 {
@@ -29,6 +30,7 @@ func TestChecksCatchBreakage(t *testing.T) {
 		configMap  = "k8s/configmap.yaml"
 		keda       = "k8s/keda.yaml"
 		job        = "k8s/provision-job.yaml"
+		netpol     = "k8s/network-policies.yaml"
 	)
 	for _, tc := range []struct {
 		name, check, file, old, new, want string
@@ -52,6 +54,15 @@ func TestChecksCatchBreakage(t *testing.T) {
 		{"dispatcher to a sandbox", "compose", compose, "OTP_PROVIDERS: smtp", "OTP_PROVIDERS: sandbox", "want smtp"},
 		{"dev secret not generated", "compose", compose, "${OTP_DLQ_KEY:?run sh deploy/dev-secrets.sh > deploy/.env}\n    ports:\n      - \"127.0.0.1:8083", "${OTP_DLQ_KEYS:?run sh deploy/dev-secrets.sh > deploy/.env}\n    ports:\n      - \"127.0.0.1:8083", "OTP_DLQ_KEYS"},
 		{"unpinned image", "compose", compose, "image: postgres:18-alpine", "image: postgres:latest", "postgres: image"},
+
+		// k8s/network-policies.yaml
+		{"no default deny", "network", netpol, "  podSelector: {}\n  policyTypes: [Ingress, Egress]", "  podSelector: {}\n  policyTypes: [Ingress]", "denies all ingress and egress"},
+		{"NATS on another port", "network", netpol, "{ protocol: TCP, port: 4222 }", "{ protocol: TCP, port: 4223 }", "may not reach NATS at nats:4222"},
+		{"PostgreSQL in another namespace", "network", netpol, "kubernetes.io/metadata.name: db", "kubernetes.io/metadata.name: postgres", "may not reach PostgreSQL at db:5432"},
+		{"no DNS", "network", netpol, "{ protocol: UDP, port: 53 }", "{ protocol: UDP, port: 5353 }", "may not ask kube-dns"},
+		{"every service leaves the cluster", "network", netpol, "      app.kubernetes.io/name: dispatcher\n  policyTypes: [Egress]", "      app.kubernetes.io/part-of: otpflow\n  policyTypes: [Egress]", "Deployment issuer: may leave the cluster"},
+		{"dispatcher cannot reach SES", "network", netpol, "{ protocol: TCP, port: 443 }", "{ protocol: TCP, port: 8443 }", "may not reach SES"},
+		{"metrics closed", "network", netpol, "kubernetes.io/metadata.name: monitoring", "kubernetes.io/metadata.name: prometheus", "not reachable from the monitoring namespace"},
 
 		// Dockerfile
 		{"toolchain drift", "dockerfile", dockerfile, "GOTOOLCHAIN=go1.27.3", "GOTOOLCHAIN=go1.26.8", "GOTOOLCHAIN"},
