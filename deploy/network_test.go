@@ -35,8 +35,8 @@ type policyRule struct {
 }
 
 type policyPeer struct {
-	NamespaceSelector *labelSelector `yaml:"namespaceSelector"`
-	PodSelector       *labelSelector `yaml:"podSelector"`
+	NamespaceSelector *labelSelector         `yaml:"namespaceSelector"`
+	PodSelector       *labelSelector         `yaml:"podSelector"`
 	IPBlock           *struct{ CIDR string } `yaml:"ipBlock"`
 }
 
