@@ -160,13 +160,19 @@ func (c *Consumer) givenUp(d *Delivery) {
 
 // registerCounterVec registers v, or returns the one registered before under its name.
 func registerCounterVec(reg prometheus.Registerer, v *prometheus.CounterVec) *prometheus.CounterVec {
+	return registerOnce(reg, v)
+}
+
+// registerOnce registers v, or returns the collector of its type registered before under
+// its name.
+func registerOnce[T prometheus.Collector](reg prometheus.Registerer, v T) T {
 	if reg == nil {
 		return v
 	}
 	if err := reg.Register(v); err != nil {
 		var are prometheus.AlreadyRegisteredError
 		if errors.As(err, &are) {
-			if existing, ok := are.ExistingCollector.(*prometheus.CounterVec); ok {
+			if existing, ok := are.ExistingCollector.(T); ok {
 				return existing
 			}
 		}

@@ -43,17 +43,9 @@ const maxSkip = 1000
 
 func (w *SourceWatch) init() {
 	w.once.Do(func() {
-		w.delay = prometheus.NewGaugeVec(prometheus.GaugeOpts{Name: "otpflow_tenant_requests_unsourced_age_seconds",
+		w.delay = registerOnce(w.Reg, prometheus.NewGaugeVec(prometheus.GaugeOpts{Name: "otpflow_tenant_requests_unsourced_age_seconds",
 			Help: "How long the oldest request on a tenant's request stream not yet on OTP_REQUESTS has waited; 0 when none, by tenant."},
-			[]string{"tenant"})
-		if w.Reg != nil {
-			if err := w.Reg.Register(w.delay); err != nil {
-				var are prometheus.AlreadyRegisteredError
-				if errors.As(err, &are) {
-					w.delay = are.ExistingCollector.(*prometheus.GaugeVec)
-				}
-			}
-		}
+			[]string{"tenant"}))
 		if w.Log == nil {
 			w.Log = slog.New(slog.DiscardHandler)
 		}
@@ -115,36 +107,31 @@ func (w *SourceWatch) Check(ctx context.Context) (map[string]time.Duration, erro
 
 // unsourced is the age of the oldest message of stream (tenant's) not yet on requests.
 func (w *SourceWatch) unsourced(ctx context.Context, requests jetstream.Stream, stream, tenant string) (time.Duration, error) {
-	_, next, err := nextUnsourced(ctx, w.JS, requests, stream, tenant)
+	sourced, state, own, err := sourcedThrough(ctx, w.JS, requests, stream, tenant)
+	if err != nil {
+		return 0, err
+	}
+	next, err := nextStored(ctx, own, state, sourced)
 	if err != nil || next == nil {
 		return 0, err
 	}
 	return max(time.Since(next.Time), 0), nil
 }
 
-// nextUnsourced finds the oldest message of tenant's request stream (named stream) that
-// is not yet on requests (OTP_REQUESTS), nil when there is none, and the stream's last
-// sequence: the last copy of the tenant's requests on requests names the sequence it was
-// sourced from, and the next stored message after it is the one.
-func nextUnsourced(ctx context.Context, js jetstream.JetStream, requests jetstream.Stream, stream, tenant string) (uint64, *jetstream.RawStreamMsg, error) {
-	sourced, state, own, err := sourcedThrough(ctx, js, requests, stream, tenant)
-	if err != nil || state.Msgs == 0 {
-		return state.LastSeq, nil, err
-	}
-	if sourced >= state.LastSeq {
-		return state.LastSeq, nil, nil
+// nextStored is the first message own (a tenant's request stream in state) still holds
+// after sequence sourced, nil when there is none: the oldest one not yet on OTP_REQUESTS.
+func nextStored(ctx context.Context, own jetstream.Stream, state jetstream.StreamState, sourced uint64) (*jetstream.RawStreamMsg, error) {
+	if state.Msgs == 0 || sourced >= state.LastSeq {
+		return nil, nil
 	}
 	for seq, n := max(sourced+1, state.FirstSeq), 0; seq <= state.LastSeq && n < maxSkip; seq, n = seq+1, n+1 {
 		m, err := own.GetMsg(ctx, seq)
 		if errors.Is(err, jetstream.ErrMsgNotFound) {
 			continue // deleted (an erasure)
 		}
-		if err != nil {
-			return 0, nil, err
-		}
-		return state.LastSeq, m, nil
+		return m, err
 	}
-	return state.LastSeq, nil, nil
+	return nil, nil
 }
 
 // sourcedThrough is the sequence of tenant's request stream (named stream) through which
@@ -214,13 +201,12 @@ func AwaitSourced(ctx context.Context, js jetstream.JetStream, tenant string, th
 			return err
 		}
 		var next *jetstream.RawStreamMsg
-		var sourced uint64
-		sourced, _, _, err = sourcedThrough(ctx, js, requests, events.TenantRequestsStream(tenant), tenant)
+		sourced, state, own, err := sourcedThrough(ctx, js, requests, events.TenantRequestsStream(tenant), tenant)
 		if err == nil && sourced >= through {
 			return nil
 		}
 		if err == nil {
-			_, next, err = nextUnsourced(ctx, js, requests, events.TenantRequestsStream(tenant), tenant)
+			next, err = nextStored(ctx, own, state, sourced)
 		}
 		// Only deleted messages left before through: one may have been on its way when it
 		// was deleted; give it the grace, then take it as never sent.
