@@ -102,15 +102,18 @@ func findAddress(s string, tok, end int) (start, stop int, ok bool) {
 
 // domainEnd returns where the domain that starts at s[i] ends, or i if none does: a run of
 // domain characters within the token (trailing dots excluded), or, right at the token's
-// end, an address literal such as [192.0.2.1].
+// end, an address literal such as [192.0.2.1] or [IPv6:2001:db8::1]: domain characters
+// and colons, at least one. (Nothing else between the brackets, so a literal never
+// holds what a first pass wrote: "[<address>]" is not one, and a second pass changes
+// nothing.)
 func domainEnd(s string, i, tokEnd int) int {
 	if i == tokEnd && i < len(s) && s[i] == '[' {
 		for j := i + 1; j < len(s); {
 			r, w := utf8.DecodeRuneInString(s[j:])
 			switch {
-			case r == ']':
+			case r == ']' && j > i+1:
 				return j + 1
-			case unicode.IsSpace(r) || unicode.IsControl(r) || r == '[':
+			case !inDomain(r) && r != ':':
 				return i
 			}
 			j += w
