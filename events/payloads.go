@@ -478,7 +478,8 @@ const (
 	// "otp.requested.acme": where a redrive publishes it again.
 	HeaderDLQSubject = "Otp-Dlq-Subject"
 	// HeaderDLQConsumer is the durable consumer that gave up on the original, e.g.
-	// "issuer": with HeaderDLQStream, whose message it was.
+	// "issuer", or "issuer_acme" for tenant acme's requests with tenant request streams
+	// (IssuerConsumers): with HeaderDLQStream, whose message it was.
 	HeaderDLQConsumer = "Otp-Dlq-Consumer"
 	// HeaderRecipientHash is the subject hash (OTP_SUBJECT_KEY, "id:base64url") of the
 	// person the original message is about, under the key active when it was

@@ -294,16 +294,20 @@ type StreamConsumer struct {
 	Config jetstream.ConsumerConfig
 }
 
-// ConsumerConfigs are every durable consumer of the contract, as provisioning creates
-// them: a service binds to its own and creates none. dispatchMaxDeliver, when positive,
-// replaces the dispatcher's MaxDeliver.
-func ConsumerConfigs(dispatchMaxDeliver int) []StreamConsumer {
+// ConsumerConfigs are every durable consumer of the contract for o, as provisioning
+// creates them: a service binds to its own and creates none. o.DispatchMaxDeliver, when
+// positive, replaces the dispatcher's MaxDeliver; o.Tenants gives the issuer a durable
+// per tenant (IssuerConsumers).
+func ConsumerConfigs(o StreamOptions) []StreamConsumer {
 	dc := DispatcherConsumer
-	if dispatchMaxDeliver > 0 {
-		dc.MaxDeliver = dispatchMaxDeliver
+	if o.DispatchMaxDeliver > 0 {
+		dc.MaxDeliver = o.DispatchMaxDeliver
 	}
-	return []StreamConsumer{
-		{StreamRequests, IssuerConsumer},
+	var out []StreamConsumer
+	for _, ic := range IssuerConsumers(o.Tenants) {
+		out = append(out, StreamConsumer{StreamRequests, ic})
+	}
+	return append(out, []StreamConsumer{
 		{StreamDispatch, dc},
 		{StreamChallenges, VerifierConsumer},
 		{StreamEvents, VerifierLegacyConsumer},
@@ -311,7 +315,43 @@ func ConsumerConfigs(dispatchMaxDeliver int) []StreamConsumer {
 		{StreamEvents, ErasureConsumer(ConsumerIssuer)},
 		{StreamEvents, ErasureConsumer(ConsumerDispatcher)},
 		{StreamEvents, ErasureConsumer(ConsumerVerifier)},
+	}...)
+}
+
+// IssuerConsumers are the issuer's durable consumers on OTP_REQUESTS: IssuerConsumer,
+// which reads every tenant's requests in the order they were stored, or, when tenants
+// have request streams of their own (StreamOptions.Tenants), one per tenant
+// (IssuerTenantConsumer), so that a tenant's backlog is read beside every other
+// tenant's requests rather than ahead of them.
+func IssuerConsumers(tenants []string) []jetstream.ConsumerConfig {
+	tenants = slices.Clone(tenants)
+	slices.Sort(tenants)
+	tenants = slices.Compact(tenants)
+	if len(tenants) == 0 {
+		return []jetstream.ConsumerConfig{IssuerConsumer}
 	}
+	out := make([]jetstream.ConsumerConfig, 0, len(tenants))
+	for _, t := range tenants {
+		out = append(out, IssuerTenantConsumer(t))
+	}
+	return out
+}
+
+// IssuerTenantConsumer is the issuer's durable for tenant's requests on OTP_REQUESTS,
+// "issuer_<tenant>": IssuerConsumer filtered on otp.requested.<tenant>.
+func IssuerTenantConsumer(tenant string) jetstream.ConsumerConfig {
+	c := IssuerConsumer
+	c.Durable = ConsumerIssuer + "_" + tenant
+	c.Description = "issuer: otp.requested." + tenant + " -> challenge"
+	c.FilterSubject = TypeRequested.Subject(tenant)
+	return c
+}
+
+// IsIssuerConsumer reports whether name is one of the issuer's durables on
+// OTP_REQUESTS: IssuerConsumer's or a tenant's (IssuerTenantConsumer).
+func IsIssuerConsumer(name string) bool {
+	t, ok := strings.CutPrefix(name, ConsumerIssuer+"_")
+	return name == ConsumerIssuer || ok && ValidTenant(t)
 }
 
 // Consumer configs of the four services. MaxDeliver is set on every one: a message that

@@ -78,9 +78,9 @@ func (w *BacklogWatch) init() {
 			Help: "How long the oldest message the consumer has not settled has waited on its stream; 0 when none.", ConstLabels: labels})
 		w.checks = prometheus.NewCounter(prometheus.CounterOpts{Name: "otpflow_consumer_backlog_checks_total",
 			Help: "Checks of the consumer's oldest unsettled message.", ConstLabels: labels})
-		if w.Reg != nil {
-			w.Reg.MustRegister(w.age, w.checks)
-		}
+		// A watch of a durable this process watched before (an issuer's tenant taken
+		// off and added back) finds its gauge and counter registered.
+		w.age, w.checks = registerOnce(w.Reg, w.age), registerOnce(w.Reg, w.checks)
 		if w.Every <= 0 {
 			w.Every = 10 * time.Second
 		}

@@ -66,7 +66,7 @@ func Bind(ctx context.Context, js jetstream.JetStream, stream string, cc jetstre
 	// them elsewhere, without a word.
 	if info := cons.CachedInfo(); info != nil {
 		var wrong []string
-		for _, f := range differ(info.Config, cc) {
+		for _, f := range differ(info.Config, startedAt(info.Config, cc)) {
 			if bindChecked[f.Name] {
 				wrong = append(wrong, fmt.Sprintf("%s %s, the contract's %s", f.Name, f.Have, f.Want))
 			}
@@ -84,12 +84,29 @@ func Bind(ctx context.Context, js jetstream.JetStream, stream string, cc jetstre
 var bindChecked = map[string]bool{"filter_subject": true, "filter_subjects": true, "ack_policy": true,
 	"deliver_subject": true, "deliver_group": true, "deliver_policy": true, "durable_name": true}
 
+// startedAt is want, a consumer of the contract that reads its stream from the start,
+// as provisioning created it from a sequence when it took over from other durables
+// (planIssuer): where a durable starts is fixed when it is made, and that start is not
+// drift.
+func startedAt(have, want jetstream.ConsumerConfig) jetstream.ConsumerConfig {
+	if want.DeliverPolicy == jetstream.DeliverAllPolicy && have.DeliverPolicy == jetstream.DeliverByStartSequencePolicy {
+		want.DeliverPolicy, want.OptStartSeq = have.DeliverPolicy, have.OptStartSeq
+	}
+	return want
+}
+
 // Change is one difference between the contract and the server: a stream or consumer to
-// create, or fields to update (old and new values, as JSON).
+// create, or fields to update (old and new values, as JSON), or a consumer to delete.
 type Change struct {
 	Stream, Consumer string // Consumer is empty for a stream
 	Create           bool
-	Fields           []FieldChange
+	// StartSeq, on a consumer to create, is the stream sequence it starts at: where the
+	// durables it takes over from left off (planIssuer). Zero: the stream's start.
+	StartSeq uint64
+	// Delete removes the consumer; Replaced names the durables that read what it read.
+	Delete   bool
+	Replaced []string
+	Fields   []FieldChange
 }
 
 // FieldChange is one field of a config that differs.
@@ -102,8 +119,13 @@ func (c Change) String() string {
 	if c.Consumer != "" {
 		what = "consumer " + c.Consumer + " on " + c.Stream
 	}
-	if c.Create {
+	switch {
+	case c.Create && c.StartSeq > 0:
+		return fmt.Sprintf("create %s from sequence %d, where the durables it takes over from left off", what, c.StartSeq)
+	case c.Create:
 		return "create " + what
+	case c.Delete:
+		return "delete " + what + " (read by " + strings.Join(c.Replaced, ", ") + " instead)"
 	}
 	parts := make([]string, len(c.Fields))
 	for i, f := range c.Fields {
@@ -143,7 +165,11 @@ func Plan(ctx context.Context, js jetstream.JetStream, o events.StreamOptions) (
 			changes = append(changes, Change{Stream: want.Name, Fields: fields})
 		}
 	}
-	for _, sc := range events.ConsumerConfigs(o.DispatchMaxDeliver) {
+	issuers, err := issuerDurables(ctx, js)
+	if err != nil {
+		return nil, err
+	}
+	for _, sc := range events.ConsumerConfigs(o) {
 		var info *jetstream.ConsumerInfo
 		err := untilAnswered(ctx, func(ctx context.Context) error {
 			c, err := js.Consumer(ctx, sc.Stream, sc.Config.Durable)
@@ -160,13 +186,21 @@ func Plan(ctx context.Context, js jetstream.JetStream, o events.StreamOptions) (
 		if err != nil {
 			return nil, fmt.Errorf("consumer %s on %s: %w", sc.Config.Durable, sc.Stream, err)
 		}
-		if info == nil {
-			changes = append(changes, Change{Stream: sc.Stream, Consumer: sc.Config.Durable, Create: true})
-		} else if fields := differ(info.Config, sc.Config); len(fields) > 0 {
-			changes = append(changes, Change{Stream: sc.Stream, Consumer: sc.Config.Durable, Fields: fields})
+		switch {
+		case info == nil:
+			changes = append(changes, Change{Stream: sc.Stream, Consumer: sc.Config.Durable, Create: true,
+				StartSeq: issuers.startFor(sc)})
+		default:
+			if fields := differ(info.Config, startedAt(info.Config, sc.Config)); len(fields) > 0 {
+				changes = append(changes, Change{Stream: sc.Stream, Consumer: sc.Config.Durable, Fields: fields})
+			}
 		}
 	}
-	return changes, nil
+	gone, err := issuers.retire(ctx, js, o)
+	if err != nil {
+		return nil, err
+	}
+	return append(changes, gone...), nil
 }
 
 // differ lists the fields of a config whose value on the server differs from the
@@ -268,12 +302,34 @@ func Provision(ctx context.Context, js jetstream.JetStream, o events.StreamOptio
 			}
 		}
 	}
-	for _, sc := range events.ConsumerConfigs(o.DispatchMaxDeliver) {
-		if !slices.ContainsFunc(changes, func(c Change) bool { return c.Consumer == sc.Config.Durable && c.Stream == sc.Stream }) {
+	for _, sc := range events.ConsumerConfigs(o) {
+		i := slices.IndexFunc(changes, func(c Change) bool { return c.Consumer == sc.Config.Durable && c.Stream == sc.Stream })
+		if i < 0 {
 			continue
 		}
-		if _, err := EnsureConsumer(ctx, js, sc.Stream, sc.Config); err != nil {
+		cfg := sc.Config
+		if changes[i].StartSeq > 0 {
+			cfg.DeliverPolicy, cfg.OptStartSeq = jetstream.DeliverByStartSequencePolicy, changes[i].StartSeq
+		}
+		if _, err := EnsureConsumer(ctx, js, sc.Stream, cfg); err != nil {
 			return nil, fmt.Errorf("provision %w", err)
+		}
+	}
+	// Last, once the durables that take over exist: the issuer's durables the plan
+	// retires.
+	for _, c := range changes {
+		if !c.Delete {
+			continue
+		}
+		err := untilAnswered(ctx, func(ctx context.Context) error {
+			err := js.DeleteConsumer(ctx, c.Stream, c.Consumer)
+			if errors.Is(err, jetstream.ErrConsumerNotFound) {
+				return nil
+			}
+			return err
+		})
+		if err != nil {
+			return nil, fmt.Errorf("provision: delete consumer %s on %s: %w", c.Consumer, c.Stream, err)
 		}
 	}
 	return changes, nil

@@ -53,7 +53,7 @@ func dlqCommand(ctx context.Context, args []string, getenv func(string) string, 
 	fs := flag.NewFlagSet("dlq "+args[0], flag.ContinueOnError)
 	fs.SetOutput(stderr)
 	server, dir := serverFlags(fs)
-	consumer := fs.String("consumer", "", "only the dead letters of this durable consumer (issuer, dispatcher, verifier, auditor, <service>-erasure)")
+	consumer := fs.String("consumer", "", "only the dead letters of this durable consumer (issuer, which takes issuer_<tenant> too, dispatcher, verifier, auditor, <service>-erasure)")
 	var reason, since *string
 	var all *bool
 	switch args[0] {
@@ -128,7 +128,7 @@ func dlqCommand(ctx context.Context, args []string, getenv func(string) string, 
 	case "list":
 		return 0, d.each(ctx, 0, func(m *jetstream.RawStreamMsg) error {
 			h := m.Header
-			if *consumer != "" && h.Get(events.HeaderDLQConsumer) != *consumer ||
+			if !ofConsumer(*consumer, h.Get(events.HeaderDLQConsumer)) ||
 				*reason != "" && !strings.Contains(strings.ToLower(h.Get(events.HeaderDLQReason)), strings.ToLower(*reason)) ||
 				!from.IsZero() && m.Time.Before(from) {
 				return nil
@@ -146,7 +146,7 @@ func dlqCommand(ctx context.Context, args []string, getenv func(string) string, 
 	}
 	failed := 0
 	err = d.each(ctx, seq, func(m *jetstream.RawStreamMsg) error {
-		if *consumer != "" && m.Header.Get(events.HeaderDLQConsumer) != *consumer {
+		if !ofConsumer(*consumer, m.Header.Get(events.HeaderDLQConsumer)) {
 			return nil
 		}
 		if err := act(ctx, m); err != nil {
@@ -397,4 +397,11 @@ func orDash(s string) string {
 		return "-"
 	}
 	return s
+}
+
+// ofConsumer reports whether a dead letter of durable consumer had passes --consumer
+// want: empty takes every one, and "issuer" takes the issuer's durable of every tenant
+// ("issuer_<tenant>", events.IssuerConsumers) as well as its own.
+func ofConsumer(want, had string) bool {
+	return want == "" || had == want || want == events.ConsumerIssuer && events.IsIssuerConsumer(had)
 }

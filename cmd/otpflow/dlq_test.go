@@ -302,3 +302,28 @@ func TestDLQRedriveRefusesAStreamNobodyReads(t *testing.T) {
 		t.Fatalf("the entry is gone: %d left", len(dl))
 	}
 }
+
+// TestDLQConsumerFilter: --consumer issuer takes the issuer's dead letters whichever of
+// its durables gave them up (one per tenant with tenant request streams), and nothing
+// else; any other name takes that durable alone.
+func TestDLQConsumerFilter(t *testing.T) {
+	for _, c := range []struct {
+		want, had string
+		ok        bool
+	}{
+		{"", "dispatcher", true},
+		{"issuer", "issuer", true},
+		{"issuer", "issuer_acme", true},
+		{"issuer", "issuer-erasure", false},
+		{"issuer", "issuer_", false},
+		{"issuer", "dispatcher", false},
+		{"issuer_acme", "issuer_acme", true},
+		{"issuer_acme", "issuer_globex", false},
+		{"issuer_acme", "issuer", false},
+		{"dispatcher", "dispatcher", true},
+	} {
+		if got := ofConsumer(c.want, c.had); got != c.ok {
+			t.Errorf("--consumer %q on a dead letter of %q: %v, want %v", c.want, c.had, got, c.ok)
+		}
+	}
+}

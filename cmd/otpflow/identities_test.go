@@ -49,11 +49,16 @@ func TestPipelineUnderIdentities(t *testing.T) {
 	// contract's 10 of 30 s would take minutes), so the look-alike below is dead-lettered
 	// within the test: through the advisory deploy/nats exports to the issuer.
 	adminJS := identityJS(t, d, "admin")
-	quick := events.IssuerConsumer
+	quick := events.IssuerTenantConsumer("acme")
 	quick.AckWait, quick.MaxDeliver = time.Second, 2
 	_, err = platform.EnsureConsumer(context.Background(), adminJS, events.StreamRequests, quick)
-	testenv.Must(t, err, "tune the issuer's consumer")
+	testenv.Must(t, err, "tune the issuer's consumer of acme")
 	logs := &testenv.LogBuffer{}
+	t.Cleanup(func() {
+		if t.Failed() {
+			t.Log(logs.String())
+		}
+	})
 	for _, s := range specs() {
 		getenv := as(s.Name)
 		testenv.Start(t, func(ctx context.Context) error { return platform.RunServices(ctx, getenv, logs, s) })
@@ -130,7 +135,7 @@ func TestPipelineUnderIdentities(t *testing.T) {
 	operatorJS := identityJS(t, d, "operator")
 	testenv.Eventually(t, 30*time.Second, "the look-alike dead-lettered by the issuer", func() bool {
 		for _, m := range testenv.Messages(t, operatorJS, events.StreamDLQ, "otp.dlq.acme") {
-			if m.Header.Get(events.HeaderDLQConsumer) == "issuer" && strings.Contains(m.Header.Get(events.HeaderDLQReason), "Status header") {
+			if m.Header.Get(events.HeaderDLQConsumer) == events.IssuerTenantConsumer("acme").Durable && strings.Contains(m.Header.Get(events.HeaderDLQReason), "Status header") {
 				return true
 			}
 		}

@@ -54,7 +54,7 @@ func TestProvisionCommand(t *testing.T) {
 	if !strings.Contains(out, "create consumer issuer on OTP_REQUESTS") || !strings.Contains(out, "migrated; schemas owned by "+d.Prefix+"owner") {
 		t.Fatalf("provision:\n%s", out)
 	}
-	for _, sc := range events.ConsumerConfigs(0) {
+	for _, sc := range events.ConsumerConfigs(events.StreamOptions{}) {
 		if _, err := js.Consumer(context.Background(), sc.Stream, sc.Config.Durable); err != nil {
 			t.Errorf("consumer %s on %s not provisioned: %v", sc.Config.Durable, sc.Stream, err)
 		}

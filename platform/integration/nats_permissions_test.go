@@ -68,9 +68,12 @@ func TestNATSPermissions(t *testing.T) {
 	})
 
 	t.Run("issuer", func(t *testing.T) {
-		cons, err := issuer.js.Consumer(ctx, events.StreamRequests, events.ConsumerIssuer)
-		testenv.Must(t, err, "bind to the issuer consumer")
-		fetchAck(t, cons, 2)
+		// A durable per tenant (events.IssuerConsumers), each holding its tenant's request.
+		for _, cc := range events.IssuerConsumers([]string{"acme", "globex"}) {
+			cons, err := issuer.js.Consumer(ctx, events.StreamRequests, cc.Durable)
+			testenv.Must(t, err, "bind to the issuer consumer %s", cc.Durable)
+			fetchAck(t, cons, 1)
+		}
 		_, err = issuer.js.Stream(ctx, events.StreamRequests)
 		testenv.Must(t, err, "OTP_REQUESTS info (backlog watch)")
 		// Whether each tenant's requests reach OTP_REQUESTS (platform.SourceWatch).
@@ -244,6 +247,9 @@ func TestNATSPermissions(t *testing.T) {
 			denyAPI(t, issuer, "STREAM.UPDATE.OTP_REQUESTS", `{"name":"OTP_REQUESTS","subjects":["otp.>"]}`)
 			denyAPI(t, issuer, "CONSUMER.CREATE.OTP_REQUESTS.issuer", `{"stream_name":"OTP_REQUESTS","config":{"durable_name":"issuer","ack_policy":"none"}}`)
 			denyAPI(t, issuer, "CONSUMER.DELETE.OTP_REQUESTS.issuer", ``)
+			denyAPI(t, issuer, "CONSUMER.CREATE.OTP_REQUESTS.issuer_acme", `{"stream_name":"OTP_REQUESTS","config":{"durable_name":"issuer_acme","ack_policy":"explicit","deliver_policy":"new","filter_subject":"otp.requested.acme"}}`)
+			denyAPI(t, issuer, "CONSUMER.DELETE.OTP_REQUESTS.issuer_globex", ``)
+			denyAPI(t, issuer, "CONSUMER.MSG.NEXT.OTP_REQUESTS.issuer_initech", `{"batch":1}`)
 			denyAPI(t, issuer, "STREAM.PURGE.OTP_REQUESTS", `{}`)
 			denyAPI(t, issuer, "STREAM.MSG.DELETE.OTP_REQUESTS_acme", `{"seq":1}`)
 			denyAPI(t, issuer, "STREAM.PURGE.OTP_REQUESTS_globex", `{}`)
@@ -328,6 +334,8 @@ func TestNATSPermissions(t *testing.T) {
 			denyAPI(t, operator, "CONSUMER.MSG.NEXT.OTP_EVENTS.issuer-erasure", `{"batch":1}`)
 			denyAPI(t, operator, "CONSUMER.MSG.NEXT.OTP_EVENTS.auditor", `{"batch":1}`)
 			denyAPI(t, operator, "CONSUMER.MSG.NEXT.OTP_REQUESTS.issuer", `{"batch":1}`)
+			denyAPI(t, operator, "CONSUMER.MSG.NEXT.OTP_REQUESTS.issuer_acme", `{"batch":1}`)
+			denyAPI(t, operator, "CONSUMER.DELETE.OTP_REQUESTS.issuer_globex", ``)
 			denyAPI(t, operator, "CONSUMER.INFO.OTP_DISPATCH.dispatcher", `{}`)
 		})
 		t.Run(system.id, func(t *testing.T) {

@@ -134,8 +134,8 @@ func TestNATSIdentitiesCannotAimDeliveries(t *testing.T) {
 		t.Logf("%s asked %s with the reply %s", c.id, subject, reply)
 	}
 
-	pull(issuer, events.StreamRequests, events.ConsumerIssuer, "otp.verified.globex")
-	pull(issuer, events.StreamRequests, events.ConsumerIssuer, "otp.requested.globex")
+	pull(issuer, events.StreamRequests, events.IssuerTenantConsumer("acme").Durable, "otp.verified.globex")
+	pull(issuer, events.StreamRequests, events.IssuerTenantConsumer("acme").Durable, "otp.requested.globex")
 	pull(dispatcher, events.StreamDispatch, events.ConsumerDispatcher, "otp.issued.globex")
 	pull(dispatcher, events.StreamDispatch, events.ConsumerDispatcher, "otp.requested.globex")
 	pull(verifier, events.StreamChallenges, events.ConsumerVerifier, "otp.challenge.globex")

@@ -147,7 +147,7 @@ func TestProvisionPlansAndApplies(t *testing.T) {
 	js := bareJetStream(t)
 	ctx := t.Context()
 	o := events.StreamOptions{}
-	want := len(events.StreamConfigs(o)) + len(events.ConsumerConfigs(0))
+	want := len(events.StreamConfigs(o)) + len(events.ConsumerConfigs(o))
 	plan, err := platform.Plan(ctx, js, o)
 	testenv.Must(t, err, "plan")
 	if len(plan) != want || !plan[0].Create || plan[0].String() != "create stream "+events.StreamRequests {

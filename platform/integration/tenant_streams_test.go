@@ -139,25 +139,29 @@ func TestTenantRequestStreams(t *testing.T) {
 	last, err := publish("acme", "requested:acme:r4", nil, body("r4"))
 	testenv.Must(t, err, "acme publishes while globex's stream is full")
 
-	// OTP_REQUESTS holds every tenant's requests, as the issuer's consumer reads them.
-	cons, err := js.Consumer(ctx, events.StreamRequests, events.ConsumerIssuer)
-	testenv.Must(t, err, "the issuer's consumer")
+	// OTP_REQUESTS holds every tenant's requests, as the issuer's consumers (one per
+	// tenant) read them.
+	var durables []jetstream.Consumer
+	for _, cc := range events.IssuerConsumers(isolated.Tenants) {
+		cons, err := js.Consumer(ctx, events.StreamRequests, cc.Durable)
+		testenv.Must(t, err, "the issuer's consumer %s", cc.Durable)
+		durables = append(durables, cons)
+	}
 	seen := map[string]int{}
 	var bigIdentity string
 	testenv.Eventually(t, 30*time.Second, "acme's last request sourced into OTP_REQUESTS", func() bool {
-		batch, err := cons.FetchNoWait(500)
-		if err != nil {
-			return false
-		}
-		for m := range batch.Messages() {
-			md, _ := m.Metadata()
-			_, tenant, _ := events.SplitSubject(m.Subject())
-			id := m.Headers().Get(jetstream.MsgIDHeader)
-			seen[tenant+" "+id]++
-			if len(m.Data()) == len(big) {
-				bigIdentity = events.RequestMessageIdentity(m.Headers(), md.Sequence.Stream)
+		for _, cons := range durables {
+			if !fetchRequests(cons, func(m jetstream.Msg) {
+				md, _ := m.Metadata()
+				_, tenant, _ := events.SplitSubject(m.Subject())
+				id := m.Headers().Get(jetstream.MsgIDHeader)
+				seen[tenant+" "+id]++
+				if len(m.Data()) == len(big) {
+					bigIdentity = events.RequestMessageIdentity(m.Headers(), md.Sequence.Stream)
+				}
+			}) {
+				return false
 			}
-			_ = m.Ack()
 		}
 		return seen["acme requested:acme:r4"] > 0
 	})
@@ -339,4 +343,18 @@ func plainJetStream(t *testing.T) (string, jetstream.JetStream) {
 	js, err := jetstream.New(nc)
 	testenv.Must(t, err, "jetstream")
 	return s.ClientURL(), js
+}
+
+// fetchRequests hands f what cons has to give now, acknowledging each; false when the
+// fetch failed.
+func fetchRequests(cons jetstream.Consumer, f func(jetstream.Msg)) bool {
+	batch, err := cons.FetchNoWait(500)
+	if err != nil {
+		return false
+	}
+	for m := range batch.Messages() {
+		f(m)
+		_ = m.Ack()
+	}
+	return true
 }

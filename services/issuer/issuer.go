@@ -63,6 +63,10 @@ type Config struct {
 	// measured (default 10s).
 	LagAlert      time.Duration
 	LagCheckEvery time.Duration
+	// ConsumersCheckEvery is how often the issuer reads again which durables it reads
+	// OTP_REQUESTS through (platform.IssuerConsumersNow; default 5s): a tenant
+	// provisioning added is read, and a durable it retired is let go, without a restart.
+	ConsumersCheckEvery time.Duration
 	// Tracer gets an "issue" span per request, whose traceparent the events and the
 	// dispatch job it publishes carry; nil records nothing.
 	Tracer trace.Tracer
@@ -89,9 +93,12 @@ func (c *Config) setDefaults() {
 	if c.LagCheckEvery <= 0 {
 		c.LagCheckEvery = 10 * time.Second
 	}
+	if c.ConsumersCheckEvery <= 0 {
+		c.ConsumersCheckEvery = 5 * time.Second
+	}
 }
 
-// Service is one issuer process. Any number may run; they share the durable consumer.
+// Service is one issuer process. Any number may run; they share the durable consumers.
 type Service struct {
 	cfg    Config
 	store  *store
@@ -131,35 +138,26 @@ func New(cfg Config, pool *pgxpool.Pool, js jetstream.JetStream, log *slog.Logge
 	return s, nil
 }
 
-// Run consumes otp.requested until ctx is cancelled, then finishes the batch in hand.
+// Run consumes otp.requested until ctx is cancelled, then finishes the batches in hand.
 func (s *Service) Run(ctx context.Context) error {
-	cons, err := platform.Bind(ctx, s.js, events.StreamRequests, events.IssuerConsumer)
+	// Every durable OTP_REQUESTS is provisioned with must be there at start.
+	want, err := platform.IssuerConsumersNow(ctx, s.js)
 	if err != nil {
 		return platform.SetupError(ctx, err)
 	}
-	s.log.Info("issuer consuming", "stream", events.StreamRequests, "consumer", events.ConsumerIssuer)
+	bound := make([]jetstream.Consumer, len(want))
+	for i, cc := range want {
+		if bound[i], err = platform.Bind(ctx, s.js, events.StreamRequests, cc); err != nil {
+			return platform.SetupError(ctx, err)
+		}
+	}
 	g, gctx := errgroup.WithContext(ctx)
 	g.Go(func() error { return s.outbox.Relay(gctx, 2*time.Second, 5*time.Second) })
 	g.Go(func() error { return platform.PurgeEvery(gctx, 10*time.Minute, s.log, s.Purge) })
-	// The watch runs beside the consumer, so that a consumer stuck on its database is
-	// noticed as well as a slow one.
-	watch := &platform.BacklogWatch{JS: s.js, Stream: events.StreamRequests, Consumer: events.ConsumerIssuer,
-		Filter: events.IssuerConsumer.FilterSubject, Bound: s.cfg.Streams.RequestsAge(), AlertAt: s.cfg.LagAlert,
-		Every: s.cfg.LagCheckEvery, Rule: RuleRequestsBacklog, Source: "otpflow/issuer", Log: s.log, Reg: s.reg,
-		Gate: s.store}
-	g.Go(func() error { return watch.Run(gctx) })
 	// With tenant request streams, whether each tenant's requests reach OTP_REQUESTS.
 	sources := &platform.SourceWatch{JS: s.js, Log: s.log, Reg: s.reg}
 	g.Go(func() error { return sources.Run(gctx) })
-	// Healthy: a batch whose every request fails alone is blamed on the requests only
-	// while the database answers; otherwise the consumer waits for it. Apps publish here,
-	// and an app can publish a request the JetStream client never hands over (an empty
-	// body with a Status header): DeadLetterExhausted dead-letters it once the server
-	// gives it up.
-	c := platform.NewConsumer(cons, platform.ConsumeConfig{Name: events.ConsumerIssuer, BatchSize: s.cfg.BatchSize,
-		JS: s.js, Log: s.log, Reg: s.reg, Healthy: s.store.pool.Ping, DeadLetterExhausted: true,
-		DeadLetters: &platform.DeadLetters{Sealer: s.cfg.DLQKey, Recipient: platform.RequestRecipient(s.cfg.Subjects)}})
-	g.Go(func() error { return c.Run(gctx, s.handleBatch) })
+	g.Go(func() error { return s.read(gctx, want, bound) })
 	g.Go(func() error {
 		return platform.RunErasures(gctx, s.js, platform.ErasureConfig{Service: "issuer", Streams: s.cfg.Streams,
 			Erase: s.Erase, DeadLetters: &platform.DeadLetters{Sealer: s.cfg.DLQKey}, Log: s.log, Reg: s.reg})
