@@ -1,6 +1,7 @@
 package platform
 
 import (
+	"cmp"
 	"context"
 	"errors"
 	"fmt"
@@ -108,7 +109,7 @@ func (s issuerSet) unread(ctx context.Context, js jetstream.JetStream, info *jet
 	reads := func(subject string) bool {
 		return slices.ContainsFunc(wanted, func(w jetstream.ConsumerConfig) bool {
 			have, exists := s[w.Durable]
-			return subjectMatches(w.FilterSubject, subject) && (!exists || have.AckFloor.Stream+1 <= from)
+			return SubjectMatches(w.FilterSubject, subject) && (!exists || have.AckFloor.Stream+1 <= from)
 		})
 	}
 	var left []string
@@ -118,7 +119,8 @@ func (s issuerSet) unread(ctx context.Context, js jetstream.JetStream, info *jet
 		if err != nil {
 			return err
 		}
-		si, err := st.Info(ctx, jetstream.WithSubjectFilter(info.Config.FilterSubject))
+		// A durable without a filter reads every request.
+		si, err := st.Info(ctx, jetstream.WithSubjectFilter(cmp.Or(info.Config.FilterSubject, events.TypeRequested.Wildcard())))
 		if err != nil {
 			return err
 		}
@@ -143,9 +145,9 @@ func (s issuerSet) unread(ctx context.Context, js jetstream.JetStream, info *jet
 	return left, nil
 }
 
-// subjectMatches reports whether NATS subject filter (tokens, '*' for one, '>' for the
+// SubjectMatches reports whether NATS subject filter (tokens, '*' for one, '>' for the
 // rest) takes subject.
-func subjectMatches(filter, subject string) bool {
+func SubjectMatches(filter, subject string) bool {
 	if filter == "" {
 		return true
 	}

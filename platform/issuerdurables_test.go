@@ -19,7 +19,7 @@ func TestSubjectMatches(t *testing.T) {
 		{"otp.>", "otp", false},
 		{"", "otp.requested.acme", true},
 	} {
-		if got := subjectMatches(c.filter, c.subject); got != c.ok {
+		if got := SubjectMatches(c.filter, c.subject); got != c.ok {
 			t.Errorf("%q takes %q: %v, want %v", c.filter, c.subject, got, c.ok)
 		}
 	}

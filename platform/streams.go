@@ -66,7 +66,7 @@ func Bind(ctx context.Context, js jetstream.JetStream, stream string, cc jetstre
 	// them elsewhere, without a word.
 	if info := cons.CachedInfo(); info != nil {
 		var wrong []string
-		for _, f := range differ(info.Config, startedAt(info.Config, cc)) {
+		for _, f := range differ(info.Config, startedAt(stream, info.Config, cc)) {
 			if bindChecked[f.Name] {
 				wrong = append(wrong, fmt.Sprintf("%s %s, the contract's %s", f.Name, f.Have, f.Want))
 			}
@@ -84,12 +84,14 @@ func Bind(ctx context.Context, js jetstream.JetStream, stream string, cc jetstre
 var bindChecked = map[string]bool{"filter_subject": true, "filter_subjects": true, "ack_policy": true,
 	"deliver_subject": true, "deliver_group": true, "deliver_policy": true, "durable_name": true}
 
-// startedAt is want, a consumer of the contract that reads its stream from the start,
-// as provisioning created it from a sequence when it took over from other durables
-// (planIssuer): where a durable starts is fixed when it is made, and that start is not
-// drift.
-func startedAt(have, want jetstream.ConsumerConfig) jetstream.ConsumerConfig {
-	if want.DeliverPolicy == jetstream.DeliverAllPolicy && have.DeliverPolicy == jetstream.DeliverByStartSequencePolicy {
+// startedAt is want, one of the issuer's durables on OTP_REQUESTS, which the contract
+// has read the stream from its start, as provisioning created it from a sequence when it
+// took over from the issuer's other durables (issuerSet.startFor): where a durable starts
+// is fixed when it is made, and that start is not drift. Every other consumer must start
+// where the contract says.
+func startedAt(stream string, have, want jetstream.ConsumerConfig) jetstream.ConsumerConfig {
+	if stream == events.StreamRequests && events.IsIssuerConsumer(want.Durable) &&
+		want.DeliverPolicy == jetstream.DeliverAllPolicy && have.DeliverPolicy == jetstream.DeliverByStartSequencePolicy {
 		want.DeliverPolicy, want.OptStartSeq = have.DeliverPolicy, have.OptStartSeq
 	}
 	return want
@@ -101,7 +103,7 @@ type Change struct {
 	Stream, Consumer string // Consumer is empty for a stream
 	Create           bool
 	// StartSeq, on a consumer to create, is the stream sequence it starts at: where the
-	// durables it takes over from left off (planIssuer). Zero: the stream's start.
+	// durables it takes over from left off (issuerSet.startFor). Zero: the stream's start.
 	StartSeq uint64
 	// Delete removes the consumer; Replaced names the durables that read what it read.
 	Delete   bool
@@ -191,7 +193,7 @@ func Plan(ctx context.Context, js jetstream.JetStream, o events.StreamOptions) (
 			changes = append(changes, Change{Stream: sc.Stream, Consumer: sc.Config.Durable, Create: true,
 				StartSeq: issuers.startFor(sc)})
 		default:
-			if fields := differ(info.Config, startedAt(info.Config, sc.Config)); len(fields) > 0 {
+			if fields := differ(info.Config, startedAt(sc.Stream, info.Config, sc.Config)); len(fields) > 0 {
 				changes = append(changes, Change{Stream: sc.Stream, Consumer: sc.Config.Durable, Fields: fields})
 			}
 		}

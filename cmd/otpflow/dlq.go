@@ -327,7 +327,7 @@ func (d *dlq) landing(ctx context.Context, origin, tenant, subject string) (stri
 	}
 	cfg := st.CachedInfo().Config
 	for _, f := range cfg.Subjects {
-		if subjectMatches(f, subject) {
+		if platform.SubjectMatches(f, subject) {
 			return origin, nil
 		}
 	}
@@ -349,7 +349,7 @@ func streamHolds(stream, subject string) bool {
 			continue
 		}
 		for _, f := range c.Subjects {
-			if subjectMatches(f, subject) {
+			if platform.SubjectMatches(f, subject) {
 				return true
 			}
 		}

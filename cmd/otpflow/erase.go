@@ -219,7 +219,7 @@ func deleteMatchingFrom(ctx context.Context, js jetstream.JetStream, stream, fil
 		if err != nil {
 			return n, last, fmt.Errorf("read sequence %d: %w", seq, err)
 		}
-		if filter != "" && !subjectMatches(filter, m.Subject) || !match(m) {
+		if filter != "" && !platform.SubjectMatches(filter, m.Subject) || !match(m) {
 			continue
 		}
 		if err := st.SecureDeleteMsg(ctx, seq); err != nil && !errors.Is(err, jetstream.ErrMsgNotFound) {
@@ -228,21 +228,6 @@ func deleteMatchingFrom(ctx context.Context, js jetstream.JetStream, stream, fil
 		n++
 	}
 	return n, last, nil
-}
-
-// subjectMatches reports whether subject matches filter, whose tokens may be "*" or a
-// final ">".
-func subjectMatches(filter, subject string) bool {
-	f, s := strings.Split(filter, "."), strings.Split(subject, ".")
-	for i, t := range f {
-		if t == ">" {
-			return len(s) > i
-		}
-		if i >= len(s) || (t != "*" && t != s[i]) {
-			return false
-		}
-	}
-	return len(f) == len(s)
 }
 
 // awaitErased reads otp.erased of req's tenant from OTP_EVENTS, from the request's
