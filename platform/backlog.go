@@ -31,9 +31,11 @@ type BacklogWatch struct {
 	Bound, AlertAt time.Duration
 	// Every is the period of the check (default 10 s).
 	Every time.Duration
-	// Rule names the alert; Source is its ce-source.
-	Rule, Source string
-	Log          *slog.Logger
+	// Rule names the alert; Source is its ce-source. Scope, when set, keeps this watch's
+	// record in the Gate apart from other watches of the same Rule (the issuer watches a
+	// durable per tenant: one tenant's alert must not hold another's back).
+	Rule, Source, Scope string
+	Log                 *slog.Logger
 	// Reg, when set, gets the age gauge and the check counter.
 	Reg prometheus.Registerer
 	// Gate, when set, is where the processes running the watch record the alerts they
@@ -108,6 +110,16 @@ func (w *BacklogWatch) Run(ctx context.Context) error {
 	}
 }
 
+// Forget takes the watch's gauge and counter out of the registry, once its durable is
+// gone: a gauge left at its last age would keep an alert on the consumer firing.
+func (w *BacklogWatch) Forget() {
+	w.init()
+	if w.Reg != nil {
+		w.Reg.Unregister(w.age)
+		w.Reg.Unregister(w.checks)
+	}
+}
+
 // Check measures the backlog once, exports its age, and raises the alert when the age
 // reached AlertAt: once per oldest message, and at most once a minute (across the
 // processes that share the Gate, or in this one). Run calls it; it is not for concurrent
@@ -150,7 +162,11 @@ func (w *BacklogWatch) Check(ctx context.Context) (Backlog, error) {
 	if w.Gate != nil {
 		// Bounded, so that a record stuck on its database leaves time to publish alone.
 		gctx, cancel := context.WithTimeout(ctx, 2*time.Second)
-		raised, err := w.Gate.Raise(gctx, w.Rule, b.Oldest, alertEvery, publish)
+		rule := w.Rule
+		if w.Scope != "" {
+			rule += "/" + w.Scope
+		}
+		raised, err := w.Gate.Raise(gctx, rule, b.Oldest, alertEvery, publish)
 		cancel()
 		switch {
 		case pubErr != nil:

@@ -91,6 +91,8 @@ type Consumer struct {
 	waiting deliverySet
 
 	settled, ignored, stuck, held, restarts *prometheus.CounterVec
+	// lag is the durable's lag collector registered in cfg.Reg, if any (Forget).
+	lag *ConsumerLag
 }
 
 // NewConsumer wraps cons. Its AckWait sets the heartbeat (a quarter of it) and its
@@ -107,6 +109,7 @@ func NewConsumer(cons jetstream.Consumer, cfg ConsumeConfig) *Consumer {
 		cfg.Log = slog.New(slog.DiscardHandler)
 	}
 	ackWait, maxDeliver, durable := 30*time.Second, 0, cfg.Name
+	var lag *ConsumerLag
 	if info := cons.CachedInfo(); info != nil {
 		if info.Config.AckWait > 0 {
 			ackWait = info.Config.AckWait
@@ -118,14 +121,14 @@ func NewConsumer(cons jetstream.Consumer, cfg ConsumeConfig) *Consumer {
 		if cfg.Reg != nil {
 			// Every durable consumer's lag, for the alerts and dashboards; a second
 			// Consumer on the same durable in one process finds it registered already.
-			_ = cfg.Reg.Register(NewConsumerLag(cons, info.Stream, info.Name))
+			lag = registerOnce(cfg.Reg, NewConsumerLag(cons, info.Stream, info.Name))
 		}
 	}
 	if cfg.MaxInProgress <= 0 {
 		cfg.MaxInProgress = 10 * ackWait
 	}
 	c := &Consumer{
-		cons: cons, cfg: cfg, log: cfg.Log, maxDeliver: maxDeliver, durable: durable,
+		cons: cons, cfg: cfg, log: cfg.Log, maxDeliver: maxDeliver, durable: durable, lag: lag,
 		settled: registerCounterVec(cfg.Reg, prometheus.NewCounterVec(prometheus.CounterOpts{
 			Name: "otpflow_deliveries_settled_total",
 			Help: "Deliveries settled, by consumer and outcome (ack, retry, terminate, dead_letter).",
@@ -149,6 +152,15 @@ func NewConsumer(cons jetstream.Consumer, cfg ConsumeConfig) *Consumer {
 	}
 	c.beats = &heartbeats{every: ackWait / 4, maxAge: cfg.MaxInProgress, open: map[*Delivery]time.Time{}, onStuck: c.givenUp}
 	return c
+}
+
+// Forget takes the durable's lag out of the registry, once the durable is gone (the
+// issuer's durable of a tenant provisioning retired): its lag can no longer be read, and
+// one metric that cannot be collected fails the whole scrape. The settle counters stay.
+func (c *Consumer) Forget() {
+	if c.lag != nil && c.cfg.Reg != nil {
+		c.cfg.Reg.Unregister(c.lag)
+	}
 }
 
 // givenUp records a delivery that stayed unsettled past MaxInProgress.
@@ -199,7 +211,9 @@ func (c *Consumer) Run(ctx context.Context, handle BatchHandler) error {
 	// Room for everything Consume may have pulled while a batch is in hand, so the
 	// delivery callback (which also sees heartbeats) does not block.
 	buf := make(chan *Delivery, 2*prefetch+1)
-	var stopErr atomic.Value // the error that ended the last Consume, if any
+	// The error that ended the last Consume, if any: errors of several types (a
+	// jetstream error, "no responders"), which an atomic.Value would refuse.
+	var stopErr atomic.Pointer[error]
 	// A pulled message is kept in progress from the moment it arrives, not only once it is
 	// handed over: while a batch is held (a neighbour down), the messages pulled behind it
 	// wait here, and would otherwise spend their deliveries on the server meanwhile.
@@ -215,7 +229,7 @@ func (c *Consumer) Run(ctx context.Context, handle BatchHandler) error {
 			jetstream.PullMaxMessages(prefetch),
 			jetstream.PullExpiry(5*time.Second),
 			jetstream.ConsumeErrHandler(func(_ jetstream.ConsumeContext, err error) {
-				stopErr.Store(err)
+				stopErr.Store(&err)
 			}),
 		)
 	}
@@ -274,7 +288,21 @@ func (c *Consumer) Run(ctx context.Context, handle BatchHandler) error {
 			// one: an app can publish that. Pull again, so no message stops a consumer;
 			// the server gives such a message up after MaxDeliver (it never reaches the
 			// handler) and, with DeadLetterExhausted, it is dead-lettered then.
-			cause, _ := stopErr.Load().(error)
+			var cause error
+			if p := stopErr.Load(); p != nil {
+				cause = *p
+			}
+			// The server's own word decides whether the durable is gone (provisioning
+			// deleted it): then this consumer ends, with an error that says so
+			// (jetstream.ErrConsumerNotFound), rather than pull from nothing.
+			if errors.Is(cause, jetstream.ErrConsumerDeleted) {
+				ictx, cancel := context.WithTimeout(ctx, 5*time.Second)
+				_, err := c.cons.Info(ictx)
+				cancel()
+				if errors.Is(err, jetstream.ErrConsumerNotFound) {
+					return fmt.Errorf("consume: durable %s: %w", c.durable, err)
+				}
+			}
 			restart = min(max(2*restart, 100*time.Millisecond), c.cfg.MaxRetryDelay)
 			c.restarts.WithLabelValues(c.cfg.Name).Inc()
 			c.log.Error("consumer stopped pulling; pulling again", "consumer", c.cfg.Name, "err", cause, "retry_in", restart)

@@ -5,6 +5,7 @@ import (
 	"context"
 	"errors"
 	"fmt"
+	"math"
 	"slices"
 	"strings"
 
@@ -15,19 +16,31 @@ import (
 
 // The issuer reads OTP_REQUESTS through one durable, or through one per tenant when
 // tenants have request streams of their own (events.IssuerConsumers). Turning tenant
-// streams on or off, or adding a tenant, changes that set: provisioning creates the new
-// durables where the ones they take over from left off, so that nothing unread is
-// skipped and an hour of requests already answered is not read again (each would be
-// refused as stale), and deletes a durable the contract no longer names only once the
-// new ones exist and would read everything it had not.
+// streams on or off, or adding a tenant, changes that set: provisioning creates each new
+// durable where the durables that read its subject before left off, so that nothing
+// unread is skipped and what they answered is not read again (a request answered an hour
+// ago would now be refused as stale), and deletes a durable the contract no longer names
+// only once the new ones exist and would read everything it had not. Names of the form
+// issuer_<tenant> on OTP_REQUESTS are the issuer's: provisioning deletes one that the
+// contract does not name.
 
-// issuerSet is the issuer's durables on OTP_REQUESTS as the server holds them, by name.
-type issuerSet map[string]*jetstream.ConsumerInfo
+// MetadataStartSeq is the consumer metadata key with which provisioning marks an
+// issuer durable it created at a sequence (issuerSet.startFor): the one start other than
+// the stream's start that a service binds to (startedAt).
+const MetadataStartSeq = "otpflow.start_seq"
 
-func issuerDurables(ctx context.Context, js jetstream.JetStream) (issuerSet, error) {
-	set := issuerSet{}
+// issuerSet is the issuer's durables on OTP_REQUESTS as the server holds them, by name,
+// and the stream's last sequence, read before them.
+type issuerSet struct {
+	durables map[string]*jetstream.ConsumerInfo
+	lastSeq  uint64
+}
+
+func issuerDurables(ctx context.Context, js jetstream.JetStream) (*issuerSet, error) {
+	set := &issuerSet{durables: map[string]*jetstream.ConsumerInfo{}}
 	err := untilAnswered(ctx, func(ctx context.Context) error {
-		clear(set)
+		clear(set.durables)
+		set.lastSeq = 0
 		st, err := js.Stream(ctx, events.StreamRequests)
 		if errors.Is(err, jetstream.ErrStreamNotFound) {
 			return nil
@@ -35,10 +48,11 @@ func issuerDurables(ctx context.Context, js jetstream.JetStream) (issuerSet, err
 		if err != nil {
 			return err
 		}
+		set.lastSeq = st.CachedInfo().State.LastSeq
 		list := st.ListConsumers(ctx)
 		for info := range list.Info() {
 			if events.IsIssuerConsumer(info.Name) {
-				set[info.Name] = info
+				set.durables[info.Name] = info
 			}
 		}
 		return list.Err()
@@ -49,20 +63,52 @@ func issuerDurables(ctx context.Context, js jetstream.JetStream) (issuerSet, err
 	return set, nil
 }
 
-// startFor is where a new durable of the issuer, sc, starts on OTP_REQUESTS: the lowest
-// sequence one of the issuer's durables has not acknowledged, or 0 (the stream's start)
-// when it has none yet or that is the first sequence. Earlier requests were answered.
-// Later ones that one durable acknowledged out of order are read again and recognised
-// (a challenge's request id, a resend's message identity), as after any redelivery.
-func (s issuerSet) startFor(sc events.StreamConsumer) uint64 {
-	if sc.Stream != events.StreamRequests || !events.IsIssuerConsumer(sc.Config.Durable) || len(s) == 0 {
+// filterOf is the subjects durable cfg reads: its filter, or every request.
+func filterOf(cfg jetstream.ConsumerConfig) string {
+	return cmp.Or(cfg.FilterSubject, events.TypeRequested.Wildcard())
+}
+
+// overlap reports whether two filters of OTP_REQUESTS take a subject in common (the
+// contract's: otp.requested.* and otp.requested.<tenant>).
+func overlap(a, b string) bool { return SubjectMatches(a, b) || SubjectMatches(b, a) }
+
+// position is the first sequence durable info has not read: past its acknowledgement
+// floor, or, when it has nothing pending and nothing unacknowledged, past the stream's
+// last message as it was before info was read, so that an idle tenant's durable, whose
+// floor stays at its own last request, does not hold a takeover back.
+func (s *issuerSet) position(info *jetstream.ConsumerInfo) uint64 {
+	if info.NumPending == 0 && info.NumAckPending == 0 {
+		return max(info.AckFloor.Stream, s.lastSeq) + 1
+	}
+	return info.AckFloor.Stream + 1
+}
+
+// startFor is where a new durable of the issuer, sc, starts on OTP_REQUESTS:
+//   - the stream's start (0) when the issuer has no durable at all (a new deployment,
+//     or one whose durable was deleted by hand: what it had answered is not known);
+//   - else the lowest position of the durables that read any of sc's subjects: requests
+//     before it were answered; later ones one of them acknowledged out of order, or
+//     answered while provisioning ran, are read again and recognised (a challenge's
+//     request id, a resend's message identity), as after any redelivery;
+//   - else, a tenant no durable reads, past the stream's last message before provisioning
+//     changed anything: none of its requests can be on OTP_REQUESTS before its stream is
+//     sourced, and older ones (a tenant that published on the shared stream) were
+//     answered, or their durable would not have been retired (retire).
+func (s *issuerSet) startFor(sc events.StreamConsumer) uint64 {
+	if sc.Stream != events.StreamRequests || !events.IsIssuerConsumer(sc.Config.Durable) || len(s.durables) == 0 {
 		return 0
 	}
 	var start uint64
-	for _, info := range s {
-		if next := info.AckFloor.Stream + 1; start == 0 || next < start {
-			start = next
+	for _, info := range s.durables {
+		if !overlap(filterOf(info.Config), filterOf(sc.Config)) {
+			continue
 		}
+		if p := s.position(info); start == 0 || p < start {
+			start = p
+		}
+	}
+	if start == 0 {
+		start = s.lastSeq + 1
 	}
 	if start <= 1 {
 		return 0
@@ -70,24 +116,37 @@ func (s issuerSet) startFor(sc events.StreamConsumer) uint64 {
 	return start
 }
 
+// configuredStart is the first sequence durable cfg was made to read from; for a start
+// that names no sequence (new messages, a time), none it is known to read.
+func configuredStart(cfg jetstream.ConsumerConfig) uint64 {
+	switch cfg.DeliverPolicy {
+	case jetstream.DeliverAllPolicy:
+		return 1
+	case jetstream.DeliverByStartSequencePolicy:
+		return cfg.OptStartSeq
+	}
+	return math.MaxUint64
+}
+
 // retire lists the issuer's durables o no longer names, to delete. One that still has
 // requests to read must leave none that the durables o names would not read (a tenant
 // taken off OTP_TENANT_STREAMS whose requests are still on OTP_REQUESTS): the plan is
-// refused, naming the tenants.
-func (s issuerSet) retire(ctx context.Context, js jetstream.JetStream, o events.StreamOptions) ([]Change, error) {
+// refused, naming their subjects. starts are the start sequences of the durables the plan
+// creates (0: the stream's start).
+func (s *issuerSet) retire(ctx context.Context, js jetstream.JetStream, o events.StreamOptions, starts map[string]uint64) ([]Change, error) {
 	wanted := events.IssuerConsumers(o.Tenants)
 	names := make([]string, len(wanted))
 	for i, w := range wanted {
 		names[i] = w.Durable
 	}
 	var out []Change
-	for _, name := range sortedKeys(s) {
+	for _, name := range sortedKeys(s.durables) {
 		if slices.Contains(names, name) {
 			continue
 		}
-		info := s[name]
+		info := s.durables[name]
 		if info.NumPending > 0 || info.NumAckPending > 0 {
-			left, err := s.unread(ctx, js, info, wanted)
+			left, err := s.unread(ctx, js, info, wanted, starts)
 			if err != nil {
 				return nil, err
 			}
@@ -102,14 +161,20 @@ func (s issuerSet) retire(ctx context.Context, js jetstream.JetStream, o events.
 }
 
 // unread lists the subjects of requests that durable info has not acknowledged and that
-// none of wanted would read: wanted reads a subject its filter takes, if it is new (it
-// starts no later than info, startFor) or has acknowledged no further than info.
-func (s issuerSet) unread(ctx context.Context, js jetstream.JetStream, info *jetstream.ConsumerInfo, wanted []jetstream.ConsumerConfig) ([]string, error) {
+// none of wanted would read: a wanted durable reads a subject its filter takes if it
+// starts no later than info's first unacknowledged request (one the plan creates at its
+// start in starts; one that exists where it was made to start, wherever it has got to).
+func (s *issuerSet) unread(ctx context.Context, js jetstream.JetStream, info *jetstream.ConsumerInfo, wanted []jetstream.ConsumerConfig, starts map[string]uint64) ([]string, error) {
 	from := info.AckFloor.Stream + 1
 	reads := func(subject string) bool {
 		return slices.ContainsFunc(wanted, func(w jetstream.ConsumerConfig) bool {
-			have, exists := s[w.Durable]
-			return SubjectMatches(w.FilterSubject, subject) && (!exists || have.AckFloor.Stream+1 <= from)
+			if !SubjectMatches(filterOf(w), subject) {
+				return false
+			}
+			if have, ok := s.durables[w.Durable]; ok {
+				return configuredStart(have.Config) <= from
+			}
+			return max(starts[w.Durable], 1) <= from
 		})
 	}
 	var left []string
@@ -119,8 +184,7 @@ func (s issuerSet) unread(ctx context.Context, js jetstream.JetStream, info *jet
 		if err != nil {
 			return err
 		}
-		// A durable without a filter reads every request.
-		si, err := st.Info(ctx, jetstream.WithSubjectFilter(cmp.Or(info.Config.FilterSubject, events.TypeRequested.Wildcard())))
+		si, err := st.Info(ctx, jetstream.WithSubjectFilter(filterOf(info.Config)))
 		if err != nil {
 			return err
 		}

@@ -2,6 +2,7 @@ package platform
 
 import (
 	"context"
+	"errors"
 	"time"
 
 	"github.com/nats-io/nats.go/jetstream"
@@ -40,7 +41,12 @@ func (c *ConsumerLag) Collect(ch chan<- prometheus.Metric) {
 	ctx, cancel := context.WithTimeout(context.Background(), 2*time.Second)
 	defer cancel()
 	info, err := c.cons.Info(ctx)
-	if err != nil {
+	switch {
+	case errors.Is(err, jetstream.ErrConsumerNotFound):
+		// Deleted (provisioning retired it) and not yet let go by its service: it has
+		// no lag, and one metric that cannot be collected would fail the whole scrape.
+		return
+	case err != nil:
 		ch <- prometheus.NewInvalidMetric(c.pending, err)
 		return
 	}

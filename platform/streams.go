@@ -7,6 +7,7 @@ import (
 	"fmt"
 	"reflect"
 	"slices"
+	"strconv"
 	"strings"
 	"time"
 
@@ -86,11 +87,12 @@ var bindChecked = map[string]bool{"filter_subject": true, "filter_subjects": tru
 
 // startedAt is want, one of the issuer's durables on OTP_REQUESTS, which the contract
 // has read the stream from its start, as provisioning created it from a sequence when it
-// took over from the issuer's other durables (issuerSet.startFor): where a durable starts
-// is fixed when it is made, and that start is not drift. Every other consumer must start
-// where the contract says.
+// took over from the issuer's other durables (issuerSet.startFor), marked with
+// MetadataStartSeq: where a durable starts is fixed when it is made, and that start is
+// not drift. Every other consumer, and one started elsewhere by hand, must start where
+// the contract says.
 func startedAt(stream string, have, want jetstream.ConsumerConfig) jetstream.ConsumerConfig {
-	if stream == events.StreamRequests && events.IsIssuerConsumer(want.Durable) &&
+	if stream == events.StreamRequests && events.IsIssuerConsumer(want.Durable) && have.Metadata[MetadataStartSeq] != "" &&
 		want.DeliverPolicy == jetstream.DeliverAllPolicy && have.DeliverPolicy == jetstream.DeliverByStartSequencePolicy {
 		want.DeliverPolicy, want.OptStartSeq = have.DeliverPolicy, have.OptStartSeq
 	}
@@ -171,6 +173,7 @@ func Plan(ctx context.Context, js jetstream.JetStream, o events.StreamOptions) (
 	if err != nil {
 		return nil, err
 	}
+	starts := map[string]uint64{}
 	for _, sc := range events.ConsumerConfigs(o) {
 		var info *jetstream.ConsumerInfo
 		err := untilAnswered(ctx, func(ctx context.Context) error {
@@ -188,17 +191,24 @@ func Plan(ctx context.Context, js jetstream.JetStream, o events.StreamOptions) (
 		if err != nil {
 			return nil, fmt.Errorf("consumer %s on %s: %w", sc.Config.Durable, sc.Stream, err)
 		}
-		switch {
-		case info == nil:
-			changes = append(changes, Change{Stream: sc.Stream, Consumer: sc.Config.Durable, Create: true,
-				StartSeq: issuers.startFor(sc)})
-		default:
-			if fields := differ(info.Config, startedAt(sc.Stream, info.Config, sc.Config)); len(fields) > 0 {
-				changes = append(changes, Change{Stream: sc.Stream, Consumer: sc.Config.Durable, Fields: fields})
+		if info == nil {
+			start := issuers.startFor(sc)
+			starts[sc.Config.Durable] = start
+			changes = append(changes, Change{Stream: sc.Stream, Consumer: sc.Config.Durable, Create: true, StartSeq: start})
+			continue
+		}
+		// An update keeps where the durable was made to start: the server cannot change
+		// that, and refuses an update that tries.
+		want := startedAt(sc.Stream, info.Config, sc.Config)
+		if fields := differ(info.Config, want); len(fields) > 0 {
+			var keep uint64
+			if want.DeliverPolicy == jetstream.DeliverByStartSequencePolicy {
+				keep = want.OptStartSeq
 			}
+			changes = append(changes, Change{Stream: sc.Stream, Consumer: sc.Config.Durable, Fields: fields, StartSeq: keep})
 		}
 	}
-	gone, err := issuers.retire(ctx, js, o)
+	gone, err := issuers.retire(ctx, js, o, starts)
 	if err != nil {
 		return nil, err
 	}
@@ -310,19 +320,29 @@ func Provision(ctx context.Context, js jetstream.JetStream, o events.StreamOptio
 			continue
 		}
 		cfg := sc.Config
-		if changes[i].StartSeq > 0 {
-			cfg.DeliverPolicy, cfg.OptStartSeq = jetstream.DeliverByStartSequencePolicy, changes[i].StartSeq
+		if start := changes[i].StartSeq; start > 0 {
+			cfg.DeliverPolicy, cfg.OptStartSeq = jetstream.DeliverByStartSequencePolicy, start
+			cfg.Metadata = map[string]string{MetadataStartSeq: strconv.FormatUint(start, 10)}
 		}
 		if _, err := EnsureConsumer(ctx, js, sc.Stream, cfg); err != nil {
 			return nil, fmt.Errorf("provision %w", err)
 		}
 	}
 	// Last, once the durables that take over exist: the issuer's durables the plan
-	// retires.
-	for _, c := range changes {
-		if !c.Delete {
-			continue
-		}
+	// retires, looked at again now (a request of a tenant no durable will read may have
+	// landed while the streams changed).
+	if !slices.ContainsFunc(changes, func(c Change) bool { return c.Delete }) {
+		return changes, nil
+	}
+	issuers, err := issuerDurables(ctx, js)
+	if err != nil {
+		return nil, fmt.Errorf("provision: %w", err)
+	}
+	gone, err := issuers.retire(ctx, js, o, nil)
+	if err != nil {
+		return nil, fmt.Errorf("provision: %w", err)
+	}
+	for _, c := range gone {
 		err := untilAnswered(ctx, func(ctx context.Context) error {
 			err := js.DeleteConsumer(ctx, c.Stream, c.Consumer)
 			if errors.Is(err, jetstream.ErrConsumerNotFound) {

@@ -566,3 +566,41 @@ func TestARefusalIsTriedOnceMoreAlone(t *testing.T) {
 	cancel()
 	testenv.Must(t, <-ran, "run")
 }
+
+// TestConsumerEndsWhenItsDurableIsDeleted: the durable a consumer reads is deleted under
+// it (as provisioning retires an issuer durable). The client takes that for a terminal
+// status, as it takes a stored look-alike (TestConsumerPullsOnPastAMessageThatLooksLikeAStatus,
+// where the consumer pulls on); here the server confirms the durable is gone, and Run
+// ends with an error that says so instead of pulling from nothing, while the durable's
+// lag leaves the scrape.
+func TestConsumerEndsWhenItsDurableIsDeleted(t *testing.T) {
+	e := newSettleEnv(t, jetstream.ConsumerConfig{AckWait: 5 * time.Second})
+	var handled atomic.Int64
+	c := e.consumer(1)
+	ended := make(chan error, 1)
+	ctx, cancel := context.WithCancel(t.Context())
+	defer cancel()
+	go func() {
+		ended <- c.Run(ctx, func(_ context.Context, batch []*platform.Delivery) error {
+			for _, d := range batch {
+				handled.Add(1)
+				d.Settle(platform.Ack())
+			}
+			return nil
+		})
+	}()
+	e.publish(t, "before")
+	testenv.Eventually(t, 10*time.Second, "the first message handled", func() bool { return handled.Load() == 1 })
+
+	testenv.Must(t, e.js.DeleteConsumer(t.Context(), "SETTLE", e.cons.CachedInfo().Name), "delete the durable")
+	select {
+	case err := <-ended:
+		if !errors.Is(err, jetstream.ErrConsumerNotFound) {
+			t.Fatalf("Run ended with %v, want the durable not found", err)
+		}
+	case <-time.After(20 * time.Second):
+		t.Fatal("Run goes on pulling from a durable that is gone")
+	}
+	_, err := e.reg.Gather()
+	testenv.Must(t, err, "gather once the durable is gone")
+}

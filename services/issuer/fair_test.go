@@ -1,8 +1,13 @@
 package issuer
 
 import (
+	"context"
+	"encoding/json"
 	"fmt"
 	"io"
+	"slices"
+	"strings"
+	"sync/atomic"
 	"testing"
 	"time"
 
@@ -11,6 +16,7 @@ import (
 	"github.com/otpflow/otpflow/platform"
 	"github.com/otpflow/otpflow/platform/keys"
 	"github.com/otpflow/otpflow/platform/testenv"
+	"github.com/prometheus/client_golang/prometheus"
 )
 
 // TestAFloodingTenantDoesNotDelayAnother: acme has a backlog of 4,000 requests on
@@ -103,4 +109,191 @@ func TestAFloodingTenantDoesNotDelayAnother(t *testing.T) {
 			acmeIssued++
 		}
 	}
+}
+
+// TestTheIssuerFollowsProvisioning: a running issuer, under steady requests, while
+// provisioning turns tenant streams on over the shared stream, takes a tenant off and
+// adds it back. It reads the durables that take over and lets go of the ones deleted
+// without stopping; every request gets exactly one code (none lost, none issued twice,
+// none refused), and its metrics can be collected throughout, with no series left for a
+// durable that is gone.
+func TestTheIssuerFollowsProvisioning(t *testing.T) {
+	ctx := t.Context()
+	nc, js := testenv.JetStream(t, testenv.NATS(t))
+	pepper, err := keys.ParsePepper(keys.Generate("p1", 32))
+	testenv.Must(t, err, "pepper")
+	sealer, err := keys.ParseSealer(keys.Generate("s1", 32))
+	testenv.Must(t, err, "sealer")
+	subjects, err := keys.ParseSubjects(keys.Generate("k1", 32))
+	testenv.Must(t, err, "subjects")
+	reg := prometheus.NewRegistry()
+	svc, err := New(Config{Pepper: pepper, Sealer: sealer, Subjects: subjects, DLQKey: testenv.DLQKey(t),
+		ConsumersCheckEvery: 100 * time.Millisecond, LagCheckEvery: 100 * time.Millisecond},
+		testenv.Postgres(t, Spec()), js, testenv.Logger(io.Discard), reg)
+	testenv.Must(t, err, "new issuer")
+	runCtx, stop := context.WithCancel(context.Background())
+	done := make(chan error, 1)
+	go func() { done <- svc.Run(runCtx) }()
+	t.Cleanup(func() { stop(); <-done })
+	running := func(when string) {
+		t.Helper()
+		select {
+		case err := <-done:
+			t.Fatalf("%s: the issuer stopped: %v", when, err)
+		default:
+		}
+	}
+
+	outcomes, err := nc.SubscribeSync("otp.*.*")
+	testenv.Must(t, err, "subscribe")
+	issued := map[string]int{}
+	var refused []string
+	// await reads events until every request in ids has its code.
+	await := func(ids []string) {
+		t.Helper()
+		deadline := time.Now().Add(30 * time.Second)
+		for _, id := range ids {
+			for issued[id] == 0 {
+				m, err := outcomes.NextMsg(time.Until(deadline))
+				testenv.Must(t, err, "the code of %s (issued %d, refused %v)", id, len(issued), refused)
+				switch {
+				case strings.HasPrefix(m.Subject, "otp.issued."):
+					issued[decodeField(t, m.Data, "request_id")]++
+				case strings.HasPrefix(m.Subject, "otp.rejected."):
+					refused = append(refused, string(m.Data))
+				}
+			}
+		}
+	}
+	// publish sends 20 requests of each tenant as an app does: a publish not
+	// acknowledged (no stream takes the subject while provisioning moves it) is sent again
+	// under the same message id.
+	var n atomic.Int64
+	publish := func(tenants ...string) ([]string, error) {
+		var ids []string
+		for range 20 {
+			for _, tenant := range tenants {
+				i := n.Add(1)
+				id := fmt.Sprintf("%s-%d", tenant, i)
+				body := fmt.Sprintf(`{"request_id":%q,"recipient":"u%d@%s.example","purpose":"login"}`, id, i, tenant)
+				var err error
+				for try := 0; try == 0 || err != nil && try < 100; try++ {
+					pctx, cancel := context.WithTimeout(ctx, time.Second)
+					_, err = js.Publish(pctx, "otp.requested."+tenant, []byte(body), jetstream.WithMsgID(id))
+					cancel()
+					if err != nil {
+						time.Sleep(50 * time.Millisecond) // an app's pause before it asks again
+					}
+				}
+				if err != nil {
+					return nil, fmt.Errorf("publish %s: %w", id, err)
+				}
+				ids = append(ids, id)
+			}
+		}
+		return ids, nil
+	}
+	burst := func(tenants ...string) []string {
+		t.Helper()
+		ids, err := publish(tenants...)
+		testenv.Must(t, err, "requests of %v", tenants)
+		return ids
+	}
+	// series lists the durables the backlog gauge has a series of; gathering fails if a
+	// metric cannot be collected.
+	series := func() []string {
+		t.Helper()
+		families, err := reg.Gather()
+		testenv.Must(t, err, "gather the issuer's metrics")
+		var out []string
+		for _, f := range families {
+			if f.GetName() != "otpflow_consumer_oldest_unsettled_age_seconds" {
+				continue
+			}
+			for _, m := range f.GetMetric() {
+				for _, l := range m.GetLabel() {
+					if l.GetName() == "consumer" {
+						out = append(out, l.GetValue())
+					}
+				}
+			}
+		}
+		slices.Sort(out)
+		return out
+	}
+	waitSeries := func(want ...string) {
+		t.Helper()
+		testenv.Eventually(t, 10*time.Second, "backlog series of "+strings.Join(want, ", "), func() bool {
+			return slices.Equal(series(), want)
+		})
+	}
+
+	await(burst("acme", "globex"))
+	waitSeries("issuer")
+
+	// Tenant streams on, with requests published while provisioning runs.
+	type published struct {
+		ids []string
+		err error
+	}
+	sent := make(chan published)
+	go func() {
+		var p published
+		for range 5 {
+			var ids []string
+			ids, p.err = publish("acme", "globex")
+			if p.ids = append(p.ids, ids...); p.err != nil {
+				break
+			}
+		}
+		sent <- p
+	}()
+	tenants := events.StreamOptions{Tenants: []string{"acme", "globex"}}
+	_, err = platform.Provision(ctx, js, tenants)
+	testenv.Must(t, err, "provision tenant streams")
+	p := <-sent
+	testenv.Must(t, p.err, "requests while provisioning ran")
+	await(append(p.ids, burst("acme", "globex")...))
+	waitSeries("issuer_acme", "issuer_globex")
+	running("after turning tenant streams on")
+
+	// globex taken off: its stream deleted once sourced, then provisioning retires its
+	// durable; then added back.
+	testenv.Eventually(t, 10*time.Second, "globex's requests all on OTP_REQUESTS", func() bool {
+		ages, err := (&platform.SourceWatch{JS: js}).Check(ctx)
+		return err == nil && ages["globex"] == 0
+	})
+	testenv.Must(t, js.DeleteStream(ctx, events.TenantRequestsStream("globex")), "delete globex's stream")
+	_, err = platform.Provision(ctx, js, events.StreamOptions{Tenants: []string{"acme"}})
+	testenv.Must(t, err, "provision without globex")
+	await(burst("acme"))
+	waitSeries("issuer_acme")
+	running("after taking globex off")
+	_, err = platform.Provision(ctx, js, tenants)
+	testenv.Must(t, err, "provision globex again")
+	testenv.Eventually(t, 10*time.Second, "globex's stream takes requests again", func() bool {
+		_, err := js.Publish(ctx, "otp.requested.globex", []byte(`{"request_id":"probe","recipient":"probe@globex.example","purpose":"login"}`))
+		return err == nil
+	})
+	await(append(burst("acme", "globex"), "probe"))
+	waitSeries("issuer_acme", "issuer_globex")
+	running("after adding globex back")
+
+	for id, k := range issued {
+		if k != 1 {
+			t.Errorf("%s was issued %d times", id, k)
+		}
+	}
+	if len(refused) > 0 {
+		t.Errorf("requests refused: %v", refused)
+	}
+}
+
+// decodeField reads one string field of a JSON event body.
+func decodeField(t *testing.T, data []byte, field string) string {
+	t.Helper()
+	var v map[string]any
+	testenv.Must(t, json.Unmarshal(data, &v), "decode %s", data)
+	s, _ := v[field].(string)
+	return s
 }

@@ -140,16 +140,14 @@ func New(cfg Config, pool *pgxpool.Pool, js jetstream.JetStream, log *slog.Logge
 
 // Run consumes otp.requested until ctx is cancelled, then finishes the batches in hand.
 func (s *Service) Run(ctx context.Context) error {
-	// Every durable OTP_REQUESTS is provisioned with must be there at start.
+	// The durables OTP_REQUESTS is provisioned with: at least one must be there at start.
 	want, err := platform.IssuerConsumersNow(ctx, s.js)
 	if err != nil {
 		return platform.SetupError(ctx, err)
 	}
-	bound := make([]jetstream.Consumer, len(want))
-	for i, cc := range want {
-		if bound[i], err = platform.Bind(ctx, s.js, events.StreamRequests, cc); err != nil {
-			return platform.SetupError(ctx, err)
-		}
+	bound, err := s.bindExisting(ctx, want)
+	if err != nil {
+		return platform.SetupError(ctx, err)
 	}
 	g, gctx := errgroup.WithContext(ctx)
 	g.Go(func() error { return s.outbox.Relay(gctx, 2*time.Second, 5*time.Second) })
@@ -157,7 +155,7 @@ func (s *Service) Run(ctx context.Context) error {
 	// With tenant request streams, whether each tenant's requests reach OTP_REQUESTS.
 	sources := &platform.SourceWatch{JS: s.js, Log: s.log, Reg: s.reg}
 	g.Go(func() error { return sources.Run(gctx) })
-	g.Go(func() error { return s.read(gctx, want, bound) })
+	g.Go(func() error { return s.read(gctx, bound) })
 	g.Go(func() error {
 		return platform.RunErasures(gctx, s.js, platform.ErasureConfig{Service: "issuer", Streams: s.cfg.Streams,
 			Erase: s.Erase, DeadLetters: &platform.DeadLetters{Sealer: s.cfg.DLQKey}, Log: s.log, Reg: s.reg})

@@ -2,9 +2,12 @@ package issuer
 
 import (
 	"context"
+	"errors"
 	"fmt"
+	"maps"
 	"slices"
 	"sync"
+	"sync/atomic"
 	"time"
 
 	"github.com/nats-io/nats.go/jetstream"
@@ -18,34 +21,86 @@ import (
 // its own loop with its own batches and transactions. A tenant that floods fills only
 // its own durable's backlog: every other tenant's requests are read beside it, not
 // behind it.
+//
+// Which durables those are is what OTP_REQUESTS sources, read again every
+// ConsumersCheckEvery, so provisioning a tenant, or turning tenant streams on or off,
+// needs no restart. While provisioning moves the issuer from one set of durables to the
+// next, the issuer reads every durable of either set that exists: the old ones until
+// provisioning deletes them, the new ones once it has made them.
+
+// boundConsumer is a durable of the issuer and its handle.
+type boundConsumer struct {
+	cc   jetstream.ConsumerConfig
+	cons jetstream.Consumer
+}
+
+// bindExisting binds each durable of want that exists. One missing (a provisioning not
+// done yet, or stopped halfway) is logged and bound later by read; none at all is the
+// *platform.MissingError of the first: OTP_REQUESTS has not been provisioned for the
+// issuer.
+func (s *Service) bindExisting(ctx context.Context, want []jetstream.ConsumerConfig) ([]boundConsumer, error) {
+	var bound []boundConsumer
+	var missing []error
+	for _, cc := range want {
+		cons, err := platform.Bind(ctx, s.js, events.StreamRequests, cc)
+		var me *platform.MissingError
+		switch {
+		case errors.As(err, &me):
+			missing = append(missing, err)
+		case err != nil:
+			return nil, err
+		default:
+			bound = append(bound, boundConsumer{cc, cons})
+		}
+	}
+	if len(bound) == 0 && len(missing) > 0 {
+		return nil, missing[0]
+	}
+	for _, err := range missing {
+		s.log.Error("a consumer OTP_REQUESTS is provisioned for is missing; reading the others, and it once it exists", "err", err)
+	}
+	return bound, nil
+}
 
 // reader is the loop of one durable.
 type reader struct {
 	stop context.CancelFunc
 	done chan struct{}
+	// gone: the durable no longer exists, and its metrics go with the loop.
+	gone atomic.Bool
 }
 
-// read reads every durable in want (bound to cons) until ctx ends, and every
-// ConsumersCheckEvery reads again which durables OTP_REQUESTS is provisioned with: it
-// starts reading one provisioning added (a new tenant, or the durables that take over
-// when tenant streams are turned on or off) and lets one go that provisioning retired,
-// once its batch in hand is done. A loop that fails ends the issuer.
-func (s *Service) read(ctx context.Context, want []jetstream.ConsumerConfig, cons []jetstream.Consumer) error {
+// read reads every durable in bound until ctx ends and, every ConsumersCheckEvery,
+// starts reading a durable OTP_REQUESTS is now provisioned with and lets one go that
+// provisioning deleted, once its batch in hand is done. A loop that fails ends the issuer.
+func (s *Service) read(ctx context.Context, bound []boundConsumer) error {
 	running := map[string]*reader{}
 	failed := make(chan error, 1)
 	var wg sync.WaitGroup
-	start := func(cc jetstream.ConsumerConfig, c jetstream.Consumer) {
+	start := func(b boundConsumer) {
 		rctx, stop := context.WithCancel(ctx)
 		r := &reader{stop: stop, done: make(chan struct{})}
-		running[cc.Durable] = r
-		s.log.Info("issuer consuming", "stream", events.StreamRequests, "consumer", cc.Durable)
+		running[b.cc.Durable] = r
+		s.log.Info("issuer consuming", "stream", events.StreamRequests, "consumer", b.cc.Durable)
 		wg.Go(func() {
 			defer close(r.done)
-			if err := s.readConsumer(rctx, cc, c); err != nil && rctx.Err() == nil {
-				select {
-				case failed <- fmt.Errorf("consumer %s: %w", cc.Durable, err):
-				default:
+			forget, err := s.readConsumer(rctx, b)
+			gone := r.gone.Load()
+			if err != nil && rctx.Err() == nil {
+				// Deleted under the loop (provisioning retired it): the next check
+				// binds it again if OTP_REQUESTS is still provisioned with it.
+				_, lookErr := s.js.Consumer(ctx, events.StreamRequests, b.cc.Durable)
+				if gone = errors.Is(lookErr, jetstream.ErrConsumerNotFound); gone {
+					s.log.Warn("a consumer of the issuer was deleted while read", "consumer", b.cc.Durable, "err", err)
+				} else {
+					select {
+					case failed <- fmt.Errorf("consumer %s: %w", b.cc.Durable, err):
+					default:
+					}
 				}
+			}
+			if gone {
+				forget()
 			}
 		})
 	}
@@ -55,8 +110,8 @@ func (s *Service) read(ctx context.Context, want []jetstream.ConsumerConfig, con
 		}
 		wg.Wait()
 	}()
-	for i, cc := range want {
-		start(cc, cons[i])
+	for _, b := range bound {
+		start(b)
 	}
 	t := time.NewTicker(s.cfg.ConsumersCheckEvery)
 	defer t.Stop()
@@ -68,57 +123,95 @@ func (s *Service) read(ctx context.Context, want []jetstream.ConsumerConfig, con
 			return err
 		case <-t.C:
 		}
-		check, cancel := context.WithTimeout(ctx, s.cfg.ConsumersCheckEvery+10*time.Second)
-		want, err := platform.IssuerConsumersNow(check, s.js)
-		cancel()
-		if err != nil {
-			if ctx.Err() == nil {
-				s.log.Warn("which consumers to read OTP_REQUESTS through not checked", "err", err)
-			}
-			continue
-		}
-		for _, cc := range want {
-			if running[cc.Durable] != nil {
-				continue
-			}
-			c, err := platform.Bind(ctx, s.js, events.StreamRequests, cc)
-			if err != nil {
-				// Provisioning makes a tenant's stream before its durable: the next
-				// check binds it.
-				s.log.Warn("a consumer OTP_REQUESTS is provisioned for cannot be read yet", "consumer", cc.Durable, "err", err)
-				continue
-			}
-			start(cc, c)
-		}
+		// A loop that ended on its own (its durable deleted under it) is started again
+		// below if the durable is still provisioned and back.
 		for name, r := range running {
-			if !slices.ContainsFunc(want, func(cc jetstream.ConsumerConfig) bool { return cc.Durable == name }) {
-				r.stop()
-				<-r.done
+			select {
+			case <-r.done:
 				delete(running, name)
-				s.log.Info("issuer no longer reads a retired consumer", "stream", events.StreamRequests, "consumer", name)
+			default:
 			}
+		}
+		check, cancel := context.WithTimeout(ctx, s.cfg.ConsumersCheckEvery+10*time.Second)
+		gone, err := s.checkConsumers(check, running, start)
+		cancel()
+		if err != nil && ctx.Err() == nil {
+			s.log.Warn("which consumers to read OTP_REQUESTS through not checked", "err", err)
+		}
+		// Let go of the deleted ones together: each finishes its batch in hand.
+		for _, name := range gone {
+			running[name].gone.Store(true)
+			running[name].stop()
+		}
+		for _, name := range gone {
+			<-running[name].done
+			delete(running, name)
+			s.log.Info("issuer no longer reads a consumer provisioning deleted", "stream", events.StreamRequests, "consumer", name)
 		}
 	}
 }
 
-// readConsumer handles the requests of durable cc until ctx ends, and watches its
-// backlog beside it, so that a consumer stuck on its database is noticed as well as a
-// slow one.
-func (s *Service) readConsumer(ctx context.Context, cc jetstream.ConsumerConfig, cons jetstream.Consumer) error {
+// checkConsumers starts a reader for each durable OTP_REQUESTS is provisioned with that
+// exists and has none, and returns the running ones provisioning no longer names that
+// the server no longer has.
+func (s *Service) checkConsumers(ctx context.Context, running map[string]*reader, start func(boundConsumer)) ([]string, error) {
+	want, err := platform.IssuerConsumersNow(ctx, s.js)
+	if err != nil {
+		return nil, err
+	}
+	var errs []error
+	for _, cc := range want {
+		if running[cc.Durable] != nil {
+			continue
+		}
+		cons, err := platform.Bind(ctx, s.js, events.StreamRequests, cc)
+		if err != nil {
+			// Provisioning makes a tenant's stream before its durable: a later check
+			// binds it.
+			errs = append(errs, err)
+			continue
+		}
+		start(boundConsumer{cc, cons})
+	}
+	var gone []string
+	for _, name := range slices.Sorted(maps.Keys(running)) {
+		if slices.ContainsFunc(want, func(cc jetstream.ConsumerConfig) bool { return cc.Durable == name }) {
+			continue
+		}
+		_, err := s.js.Consumer(ctx, events.StreamRequests, name)
+		switch {
+		case errors.Is(err, jetstream.ErrConsumerNotFound):
+			gone = append(gone, name)
+		case err != nil:
+			errs = append(errs, fmt.Errorf("consumer %s: %w", name, err))
+		}
+	}
+	return gone, errors.Join(errs...)
+}
+
+// readConsumer handles the requests of durable b until ctx ends, and watches its backlog
+// beside it, so that a consumer stuck on its database is noticed as well as a slow one.
+// forget takes the durable's metrics out of the registry, once it is gone.
+func (s *Service) readConsumer(ctx context.Context, b boundConsumer) (forget func(), err error) {
 	g, gctx := errgroup.WithContext(ctx)
-	watch := &platform.BacklogWatch{JS: s.js, Stream: events.StreamRequests, Consumer: cc.Durable,
-		Filter: cc.FilterSubject, Bound: s.cfg.Streams.RequestsAge(), AlertAt: s.cfg.LagAlert,
+	watch := &platform.BacklogWatch{JS: s.js, Stream: events.StreamRequests, Consumer: b.cc.Durable,
+		Filter: b.cc.FilterSubject, Bound: s.cfg.Streams.RequestsAge(), AlertAt: s.cfg.LagAlert,
 		Every: s.cfg.LagCheckEvery, Rule: RuleRequestsBacklog, Source: "otpflow/issuer", Log: s.log, Reg: s.reg,
 		Gate: s.store}
+	if b.cc.Durable != events.ConsumerIssuer {
+		// A tenant's backlog alert is raised apart from the others'.
+		watch.Scope = b.cc.Durable
+	}
 	g.Go(func() error { return watch.Run(gctx) })
 	// Healthy: a batch whose every request fails alone is blamed on the requests only
 	// while the database answers; otherwise the consumer waits for it. Apps publish here,
 	// and an app can publish a request the JetStream client never hands over (an empty
 	// body with a Status header): DeadLetterExhausted dead-letters it once the server
 	// gives it up.
-	c := platform.NewConsumer(cons, platform.ConsumeConfig{Name: cc.Durable, BatchSize: s.cfg.BatchSize,
+	c := platform.NewConsumer(b.cons, platform.ConsumeConfig{Name: b.cc.Durable, BatchSize: s.cfg.BatchSize,
 		JS: s.js, Log: s.log, Reg: s.reg, Healthy: s.store.pool.Ping, DeadLetterExhausted: true,
 		DeadLetters: &platform.DeadLetters{Sealer: s.cfg.DLQKey, Recipient: platform.RequestRecipient(s.cfg.Subjects)}})
 	g.Go(func() error { return c.Run(gctx, s.handleBatch) })
-	return g.Wait()
+	err = g.Wait()
+	return func() { c.Forget(); watch.Forget() }, err
 }
