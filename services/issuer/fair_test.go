@@ -58,16 +58,7 @@ func TestAFloodingTenantDoesNotDelayAnother(t *testing.T) {
 
 	issued, err := nc.SubscribeSync("otp.issued.>")
 	testenv.Must(t, err, "subscribe otp.issued")
-	pepper, err := keys.ParsePepper(keys.Generate("p1", 32))
-	testenv.Must(t, err, "pepper")
-	sealer, err := keys.ParseSealer(keys.Generate("s1", 32))
-	testenv.Must(t, err, "sealer")
-	subjects, err := keys.ParseSubjects(keys.Generate("k1", 32))
-	testenv.Must(t, err, "subjects")
-	svc, err := New(Config{Pepper: pepper, Sealer: sealer, Subjects: subjects, DLQKey: testenv.DLQKey(t),
-		ConsumersCheckEvery: 200 * time.Millisecond}, testenv.Postgres(t, Spec()), js, testenv.Logger(io.Discard), nil)
-	testenv.Must(t, err, "new issuer")
-	testenv.Start(t, svc.Run)
+	testenv.Start(t, newIssuer(t, js, nil, Config{ConsumersCheckEvery: 200 * time.Millisecond}).Run)
 
 	acmeIssued := 0
 	for {
@@ -120,17 +111,8 @@ func TestAFloodingTenantDoesNotDelayAnother(t *testing.T) {
 func TestTheIssuerFollowsProvisioning(t *testing.T) {
 	ctx := t.Context()
 	nc, js := testenv.JetStream(t, testenv.NATS(t))
-	pepper, err := keys.ParsePepper(keys.Generate("p1", 32))
-	testenv.Must(t, err, "pepper")
-	sealer, err := keys.ParseSealer(keys.Generate("s1", 32))
-	testenv.Must(t, err, "sealer")
-	subjects, err := keys.ParseSubjects(keys.Generate("k1", 32))
-	testenv.Must(t, err, "subjects")
 	reg := prometheus.NewRegistry()
-	svc, err := New(Config{Pepper: pepper, Sealer: sealer, Subjects: subjects, DLQKey: testenv.DLQKey(t),
-		ConsumersCheckEvery: 100 * time.Millisecond, LagCheckEvery: 100 * time.Millisecond},
-		testenv.Postgres(t, Spec()), js, testenv.Logger(io.Discard), reg)
-	testenv.Must(t, err, "new issuer")
+	svc := newIssuer(t, js, reg, Config{ConsumersCheckEvery: 100 * time.Millisecond, LagCheckEvery: 100 * time.Millisecond})
 	runCtx, stop := context.WithCancel(context.Background())
 	done := make(chan error, 1)
 	go func() { done <- svc.Run(runCtx) }()
@@ -296,4 +278,25 @@ func decodeField(t *testing.T, data []byte, field string) string {
 	testenv.Must(t, json.Unmarshal(data, &v), "decode %s", data)
 	s, _ := v[field].(string)
 	return s
+}
+
+// newIssuer is an issuer with new keys and a database of its own, cfg's timings, and its
+// metrics in reg (optional).
+func newIssuer(t *testing.T, js jetstream.JetStream, reg *prometheus.Registry, cfg Config) *Service {
+	t.Helper()
+	var err error
+	cfg.Pepper, err = keys.ParsePepper(keys.Generate("p1", 32))
+	testenv.Must(t, err, "pepper")
+	cfg.Sealer, err = keys.ParseSealer(keys.Generate("s1", 32))
+	testenv.Must(t, err, "sealer")
+	cfg.Subjects, err = keys.ParseSubjects(keys.Generate("k1", 32))
+	testenv.Must(t, err, "subjects")
+	cfg.DLQKey = testenv.DLQKey(t)
+	var r prometheus.Registerer
+	if reg != nil {
+		r = reg
+	}
+	svc, err := New(cfg, testenv.Postgres(t, Spec()), js, testenv.Logger(io.Discard), r)
+	testenv.Must(t, err, "new issuer")
+	return svc
 }
