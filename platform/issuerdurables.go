@@ -68,10 +68,6 @@ func filterOf(cfg jetstream.ConsumerConfig) string {
 	return cmp.Or(cfg.FilterSubject, events.TypeRequested.Wildcard())
 }
 
-// overlap reports whether two filters of OTP_REQUESTS take a subject in common (the
-// contract's: otp.requested.* and otp.requested.<tenant>).
-func overlap(a, b string) bool { return SubjectMatches(a, b) || SubjectMatches(b, a) }
-
 // position is the first sequence durable info has not read: past its acknowledgement
 // floor, or, when it has nothing pending and nothing unacknowledged, past the stream's
 // last message as it was before info was read, so that an idle tenant's durable, whose
@@ -83,37 +79,60 @@ func (s *issuerSet) position(info *jetstream.ConsumerInfo) uint64 {
 	return info.AckFloor.Stream + 1
 }
 
-// startFor is where a new durable of the issuer, sc, starts on OTP_REQUESTS:
-//   - the stream's start (0) when the issuer has no durable at all (a new deployment,
-//     or one whose durable was deleted by hand: what it had answered is not known);
-//   - else the lowest position of the durables that read any of sc's subjects: requests
-//     before it were answered; later ones one of them acknowledged out of order, or
-//     answered while provisioning ran, are read again and recognised (a challenge's
-//     request id, a resend's message identity), as after any redelivery;
-//   - else, a tenant no durable reads, past the stream's last message before provisioning
-//     changed anything: none of its requests can be on OTP_REQUESTS before its stream is
-//     sourced, and older ones (a tenant that published on the shared stream) were
-//     answered, or their durable would not have been retired (retire).
-func (s *issuerSet) startFor(sc events.StreamConsumer) uint64 {
+// startFor is where a new durable of the issuer, sc, starts on OTP_REQUESTS: the stream's
+// start (0) when the issuer has no durable at all (a new deployment, or one whose
+// durables were deleted by hand: what they answered is not known); else the lowest first
+// unread request over the subjects sc takes that the stream holds: for a subject some
+// existing durables take, the lowest of their positions; for one none takes, its first
+// message (nobody read it). Requests before the start were answered. Later ones a durable
+// acknowledged out of order, or answered while provisioning ran, are read again and
+// recognised (a challenge's request id, a resend's message identity), as after any
+// redelivery; the issuer decides one request at a time (store.issueBatch).
+func (s *issuerSet) startFor(ctx context.Context, js jetstream.JetStream, sc events.StreamConsumer) (uint64, error) {
 	if sc.Stream != events.StreamRequests || !events.IsIssuerConsumer(sc.Config.Durable) || len(s.durables) == 0 {
-		return 0
+		return 0, nil
 	}
-	var start uint64
-	for _, info := range s.durables {
-		if !overlap(filterOf(info.Config), filterOf(sc.Config)) {
-			continue
-		}
-		if p := s.position(info); start == 0 || p < start {
-			start = p
-		}
-	}
-	if start == 0 {
+	start := s.lastSeq + 1
+	err := untilAnswered(ctx, func(ctx context.Context) error {
 		start = s.lastSeq + 1
+		st, err := js.Stream(ctx, events.StreamRequests)
+		if err != nil {
+			return err
+		}
+		si, err := st.Info(ctx, jetstream.WithSubjectFilter(filterOf(sc.Config)))
+		if err != nil {
+			return err
+		}
+		for _, subject := range sortedKeys(si.State.Subjects) {
+			var first uint64
+			for _, info := range s.durables {
+				if SubjectMatches(filterOf(info.Config), subject) {
+					if p := s.position(info); first == 0 || p < first {
+						first = p
+					}
+				}
+			}
+			if first == 0 {
+				m, err := st.GetMsg(ctx, 1, jetstream.WithGetMsgSubject(subject))
+				if errors.Is(err, jetstream.ErrMsgNotFound) {
+					continue
+				}
+				if err != nil {
+					return err
+				}
+				first = m.Sequence
+			}
+			start = min(start, first)
+		}
+		return nil
+	})
+	if err != nil {
+		return 0, fmt.Errorf("where consumer %s on %s starts: %w", sc.Config.Durable, events.StreamRequests, err)
 	}
 	if start <= 1 {
-		return 0
+		return 0, nil
 	}
-	return start
+	return start, nil
 }
 
 // configuredStart is the first sequence durable cfg was made to read from; for a start
@@ -162,19 +181,19 @@ func (s *issuerSet) retire(ctx context.Context, js jetstream.JetStream, o events
 
 // unread lists the subjects of requests that durable info has not acknowledged and that
 // none of wanted would read: a wanted durable reads a subject its filter takes if it
-// starts no later than info's first unacknowledged request (one the plan creates at its
-// start in starts; one that exists where it was made to start, wherever it has got to).
+// starts no later than the first such request (one the plan creates at its start in
+// starts; one that exists where it was made to start, wherever it has got to).
 func (s *issuerSet) unread(ctx context.Context, js jetstream.JetStream, info *jetstream.ConsumerInfo, wanted []jetstream.ConsumerConfig, starts map[string]uint64) ([]string, error) {
 	from := info.AckFloor.Stream + 1
-	reads := func(subject string) bool {
+	reads := func(subject string, seq uint64) bool {
 		return slices.ContainsFunc(wanted, func(w jetstream.ConsumerConfig) bool {
 			if !SubjectMatches(filterOf(w), subject) {
 				return false
 			}
 			if have, ok := s.durables[w.Durable]; ok {
-				return configuredStart(have.Config) <= from
+				return configuredStart(have.Config) <= seq
 			}
-			return max(starts[w.Durable], 1) <= from
+			return max(starts[w.Durable], 1) <= seq
 		})
 	}
 	var left []string
@@ -189,15 +208,12 @@ func (s *issuerSet) unread(ctx context.Context, js jetstream.JetStream, info *je
 			return err
 		}
 		for _, subject := range sortedKeys(si.State.Subjects) {
-			if reads(subject) {
-				continue
-			}
-			_, err := st.GetMsg(ctx, from, jetstream.WithGetMsgSubject(subject))
+			m, err := st.GetMsg(ctx, from, jetstream.WithGetMsgSubject(subject))
 			switch {
 			case errors.Is(err, jetstream.ErrMsgNotFound):
 			case err != nil:
 				return err
-			default:
+			case !reads(subject, m.Sequence):
 				left = append(left, subject)
 			}
 		}
@@ -268,4 +284,40 @@ func IssuerConsumersNow(ctx context.Context, js jetstream.JetStream) ([]jetstrea
 		return nil, fmt.Errorf("the tenants %s sources: %w", events.StreamRequests, err)
 	}
 	return events.IssuerConsumers(tenants), nil
+}
+
+// IssuerLeftovers are the issuer's durables on OTP_REQUESTS that exist and that want
+// (what OTP_REQUESTS is provisioned with now) does not name: the ones provisioning is
+// taking the issuer off, which it deletes once they hold nothing unread that no other
+// durable reads. The issuer reads them until then.
+func IssuerLeftovers(ctx context.Context, js jetstream.JetStream, want []jetstream.ConsumerConfig) ([]jetstream.ConsumerConfig, error) {
+	var names []string
+	err := untilAnswered(ctx, func(ctx context.Context) error {
+		names = names[:0]
+		st, err := js.Stream(ctx, events.StreamRequests)
+		if err != nil {
+			return err
+		}
+		list := st.ConsumerNames(ctx)
+		for name := range list.Name() {
+			names = append(names, name)
+		}
+		return list.Err()
+	})
+	if err != nil {
+		return nil, fmt.Errorf("the consumers on %s: %w", events.StreamRequests, err)
+	}
+	slices.Sort(names)
+	var out []jetstream.ConsumerConfig
+	for _, name := range names {
+		if slices.ContainsFunc(want, func(cc jetstream.ConsumerConfig) bool { return cc.Durable == name }) {
+			continue
+		}
+		if name == events.ConsumerIssuer {
+			out = append(out, events.IssuerConsumer)
+		} else if t, ok := strings.CutPrefix(name, events.ConsumerIssuer+"_"); ok && events.ValidTenant(t) {
+			out = append(out, events.IssuerTenantConsumer(t))
+		}
+	}
+	return out, nil
 }

@@ -125,7 +125,7 @@ func (c Change) String() string {
 	}
 	switch {
 	case c.Create && c.StartSeq > 0:
-		return fmt.Sprintf("create %s from sequence %d, where the durables it takes over from left off", what, c.StartSeq)
+		return fmt.Sprintf("create %s from sequence %d, its subjects' first request not yet read", what, c.StartSeq)
 	case c.Create:
 		return "create " + what
 	case c.Delete:
@@ -192,7 +192,10 @@ func Plan(ctx context.Context, js jetstream.JetStream, o events.StreamOptions) (
 			return nil, fmt.Errorf("consumer %s on %s: %w", sc.Config.Durable, sc.Stream, err)
 		}
 		if info == nil {
-			start := issuers.startFor(sc)
+			start, err := issuers.startFor(ctx, js, sc)
+			if err != nil {
+				return nil, err
+			}
 			starts[sc.Config.Durable] = start
 			changes = append(changes, Change{Stream: sc.Stream, Consumer: sc.Config.Durable, Create: true, StartSeq: start})
 			continue

@@ -82,6 +82,12 @@ func TestAlertsFire(t *testing.T) {
 			want: []string{`{tenant="acme"}`}},
 		{name: "sourcing behind for a moment", alert: "OtpTenantRequestsNotSourced", at: 10 * time.Minute, series: `
 			otpflow_tenant_requests_unsourced_age_seconds{job="otpflow-issuer", instance="i1", tenant="acme"} 0 0 0 0 0 0 0 0 75 0 0 0`},
+		{name: "a tenant's durable not made", alert: "OtpIssuerConsumerMissing", at: 10 * time.Minute, series: `
+			otpflow_issuer_consumer_missing{job="otpflow-issuer", instance="i1", consumer="issuer_acme"} 0 0 0 0 0 0x8
+			otpflow_issuer_consumer_missing{job="otpflow-issuer", instance="i1", consumer="issuer_globex"} 0 0 0 0 1 1 1 1 1 1 1 1`,
+			want: []string{`{consumer="issuer_globex"}`}},
+		{name: "a durable missing while provisioning runs", alert: "OtpIssuerConsumerMissing", at: 10 * time.Minute, series: `
+			otpflow_issuer_consumer_missing{job="otpflow-issuer", instance="i1", consumer="issuer_globex"} 0 0 0 0 0 0 0 0 0 1 0 0`},
 		{name: "every breaker open", alert: "OtpAllProviderBreakersOpen", at: 10 * time.Minute, series: `
 			otpflow_dispatcher_breaker_state{` + disp + `, provider="ses"} 2x20
 			otpflow_dispatcher_breaker_state{` + disp + `, provider="smtp"} 2 1 2 1 2 1 2 1 2 1 2 1 2 1 2 1 2 1 2 1 2`,

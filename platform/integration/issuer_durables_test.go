@@ -78,8 +78,8 @@ func TestIssuerDurablesTakeOver(t *testing.T) {
 		}
 	}
 	want := []string{
-		"create consumer issuer_acme on OTP_REQUESTS from sequence 4, where the durables it takes over from left off",
-		"create consumer issuer_globex on OTP_REQUESTS from sequence 4, where the durables it takes over from left off",
+		"create consumer issuer_acme on OTP_REQUESTS from sequence 4, its subjects' first request not yet read",
+		"create consumer issuer_globex on OTP_REQUESTS from sequence 4, its subjects' first request not yet read",
 		"delete consumer issuer on OTP_REQUESTS (read by issuer_acme, issuer_globex instead)",
 	}
 	if !slices.Equal(lines, want) {
@@ -172,14 +172,74 @@ func TestIssuerDurablesTakeOver(t *testing.T) {
 		t.Fatal("globex's durable is still there")
 	}
 
-	// Tenant streams turned off again: the shared durable takes over where acme's left
-	// off, past everything on the stream (acme's durable has nothing left to read), and
-	// OTP_REQUESTS captures every tenant's requests itself once more.
+	// Tenant streams turned off again. acme's durable has nothing left to read; globex's
+	// requests were read by a durable that is gone, so no durable can say how far they
+	// were answered: the shared durable starts at globex's first request still stored, and
+	// reads again what was answered since (the issuer recognises it) rather than skip
+	// anything. OTP_REQUESTS captures every tenant's requests itself once more.
 	testenv.Must(t, js.DeleteStream(ctx, events.TenantRequestsStream("acme")), "delete acme's stream")
+	plan, err = platform.Plan(ctx, js, events.StreamOptions{})
+	testenv.Must(t, err, "plan the shared stream again")
+	if !slices.ContainsFunc(plan, func(c platform.Change) bool {
+		return c.String() == "create consumer issuer on OTP_REQUESTS from sequence 2, its subjects' first request not yet read"
+	}) {
+		t.Fatalf("the plan back to the shared durable: %v", plan)
+	}
 	_, err = platform.Provision(ctx, js, events.StreamOptions{})
 	testenv.Must(t, err, "provision the shared stream again")
 	publish("acme", "a5")
-	if got := read(events.ConsumerIssuer, 1); !slices.Equal(got, []string{"a5"}) {
-		t.Fatalf("the shared durable, back, read %v: a5 alone", got)
+	// (a3 and g3 were sourced from two streams, in either order.)
+	got = read(events.ConsumerIssuer, 9)
+	if slices.Sort(got); !slices.Equal(got, []string{"a1", "a2", "a3", "a5", "g0", "g1", "g2", "g3", "g4"}) {
+		t.Fatalf("the shared durable, back, read %v", got)
+	}
+}
+
+// TestANewTenantsRequestsAreReadAfterAHalfwayProvisioning: a tenant is added, and
+// provisioning stops after its stream is sourced, before its durable is made (a consumer
+// made by hand under that name cannot be changed). Its app publishes meanwhile, and its
+// requests land on OTP_REQUESTS. Run again, provisioning makes the durable from the
+// tenant's first request: none is skipped.
+func TestANewTenantsRequestsAreReadAfterAHalfwayProvisioning(t *testing.T) {
+	js := bareJetStream(t)
+	ctx := t.Context()
+	_, err := platform.Provision(ctx, js, events.StreamOptions{Tenants: []string{"acme"}})
+	testenv.Must(t, err, "provision acme")
+	for i := range 3 {
+		_, err := js.Publish(ctx, "otp.requested.acme", []byte(`{}`), jetstream.WithMsgID(fmt.Sprintf("a%d", i)))
+		testenv.Must(t, err, "publish")
+	}
+	bad := events.IssuerTenantConsumer("globex")
+	bad.AckPolicy = jetstream.AckNonePolicy
+	_, err = js.CreateConsumer(ctx, events.StreamRequests, bad)
+	testenv.Must(t, err, "a consumer made by hand")
+	both := events.StreamOptions{Tenants: []string{"acme", "globex"}}
+	if _, err := platform.Provision(ctx, js, both); err == nil {
+		t.Fatal("provisioning over the hand-made consumer went through")
+	}
+	var ids []string
+	for i := range 3 {
+		id := fmt.Sprintf("g%d", i)
+		_, err := js.Publish(ctx, "otp.requested.globex", []byte(`{}`), jetstream.WithMsgID(id))
+		testenv.Must(t, err, "globex publishes once its stream exists")
+		ids = append(ids, id)
+	}
+	testenv.Eventually(t, 10*time.Second, "globex's requests on OTP_REQUESTS", func() bool {
+		st, err := js.Stream(ctx, events.StreamRequests)
+		return err == nil && st.CachedInfo().State.Msgs == 6
+	})
+	testenv.Must(t, js.DeleteConsumer(ctx, events.StreamRequests, bad.Durable), "delete the hand-made consumer")
+	_, err = platform.Provision(ctx, js, both)
+	testenv.Must(t, err, "provision again")
+	cons, err := js.Consumer(ctx, events.StreamRequests, bad.Durable)
+	testenv.Must(t, err, "globex's durable")
+	batch, err := cons.Fetch(3, jetstream.FetchMaxWait(5*time.Second))
+	testenv.Must(t, err, "fetch")
+	var got []string
+	for m := range batch.Messages() {
+		got = append(got, m.Headers().Get(jetstream.MsgIDHeader))
+	}
+	if !slices.Equal(got, ids) {
+		t.Fatalf("globex's durable read %v, want %v", got, ids)
 	}
 }

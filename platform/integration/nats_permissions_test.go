@@ -69,10 +69,16 @@ func TestNATSPermissions(t *testing.T) {
 
 	t.Run("issuer", func(t *testing.T) {
 		// A durable per tenant (events.IssuerConsumers), each holding its tenant's request.
-		for _, cc := range events.IssuerConsumers([]string{"acme", "globex"}) {
+		want := events.IssuerConsumers([]string{"acme", "globex"})
+		for _, cc := range want {
 			cons, err := issuer.js.Consumer(ctx, events.StreamRequests, cc.Durable)
 			testenv.Must(t, err, "bind to the issuer consumer %s", cc.Durable)
 			fetchAck(t, cons, 1)
+		}
+		// The names of OTP_REQUESTS's consumers (durables provisioning takes it off).
+		left, err := platform.IssuerLeftovers(ctx, issuer.js, want[:1])
+		if err != nil || len(left) != 1 || left[0].Durable != "issuer_globex" {
+			t.Fatalf("the issuer's other durables: %v, %v", left, err)
 		}
 		_, err = issuer.js.Stream(ctx, events.StreamRequests)
 		testenv.Must(t, err, "OTP_REQUESTS info (backlog watch)")
@@ -221,6 +227,7 @@ func TestNATSPermissions(t *testing.T) {
 			denyAPI(t, acme, "CONSUMER.CREATE.OTP_EVENTS.spy", `{"stream_name":"OTP_EVENTS","config":{"name":"spy","ack_policy":"none"}}`)
 			denyAPI(t, acme, "CONSUMER.MSG.NEXT.OTP_EVENTS.auditor", `{"batch":1}`)
 			denyAPI(t, acme, "STREAM.INFO.OTP_REQUESTS", `{}`)
+			denyAPI(t, acme, "CONSUMER.NAMES.OTP_REQUESTS", `{}`)
 			denyAPI(t, acme, "STREAM.INFO.OTP_REQUESTS_acme", `{}`)
 			denyAPI(t, acme, "STREAM.MSG.GET.OTP_REQUESTS_globex", `{"seq":1}`)
 			denyAPI(t, acme, "INFO", ``)
@@ -265,6 +272,7 @@ func TestNATSPermissions(t *testing.T) {
 			denyAPI(t, dispatcher, "STREAM.MSG.GET.OTP_CHALLENGES", `{"seq":1}`)
 			denyAPI(t, dispatcher, "CONSUMER.MSG.NEXT.OTP_CHALLENGES.verifier", `{"batch":1}`)
 			denyAPI(t, dispatcher, "STREAM.INFO.OTP_REQUESTS", `{}`)
+			denyAPI(t, dispatcher, "CONSUMER.NAMES.OTP_REQUESTS", `{}`)
 			denyAPI(t, dispatcher, "STREAM.DELETE.OTP_DISPATCH", ``)
 			denyAPI(t, dispatcher, "CONSUMER.CREATE.OTP_DISPATCH.dispatcher", `{"stream_name":"OTP_DISPATCH","config":{"durable_name":"dispatcher","ack_policy":"none"}}`)
 			denyAPI(t, dispatcher, "CONSUMER.DELETE.OTP_DISPATCH.dispatcher", ``)

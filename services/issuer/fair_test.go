@@ -300,3 +300,64 @@ func newIssuer(t *testing.T, js jetstream.JetStream, reg *prometheus.Registry, c
 	testenv.Must(t, err, "new issuer")
 	return svc
 }
+
+// TestTheIssuerStartsWhileProvisioningIsHalfDone: provisioning has switched the streams
+// to tenant streams and made none of the tenants' durables yet (it stopped there, or is
+// still running) when an issuer starts. The issuer reads the shared durable, which still
+// holds and receives every request, and shows each missing durable; once provisioning
+// finishes it reads the tenants' durables, and shows none missing.
+func TestTheIssuerStartsWhileProvisioningIsHalfDone(t *testing.T) {
+	ctx := t.Context()
+	nc, js := testenv.JetStream(t, testenv.NATS(t))
+	tenants := events.StreamOptions{Tenants: []string{"acme", "globex"}}
+	// The streams step of provisioning alone: OTP_REQUESTS lets go of the subjects and
+	// sources the tenant streams, which take them.
+	for _, cfg := range events.StreamConfigs(tenants) {
+		if events.IsRequestsStream(cfg.Name) {
+			_, err := js.CreateOrUpdateStream(ctx, cfg)
+			testenv.Must(t, err, "stream %s", cfg.Name)
+		}
+	}
+	issued, err := nc.SubscribeSync("otp.issued.>")
+	testenv.Must(t, err, "subscribe")
+	reg := prometheus.NewRegistry()
+	testenv.Start(t, newIssuer(t, js, reg, Config{ConsumersCheckEvery: 100 * time.Millisecond}).Run)
+	missing := func() map[string]float64 {
+		t.Helper()
+		families, err := reg.Gather()
+		testenv.Must(t, err, "gather")
+		out := map[string]float64{}
+		for _, f := range families {
+			if f.GetName() == "otpflow_issuer_consumer_missing" {
+				for _, m := range f.GetMetric() {
+					out[m.GetLabel()[0].GetValue()] = m.GetGauge().GetValue()
+				}
+			}
+		}
+		return out
+	}
+	request := func(tenant, id string) {
+		t.Helper()
+		_, err := js.Publish(ctx, "otp.requested."+tenant, []byte(fmt.Sprintf(`{"request_id":%q,"recipient":"%s@%s.example","purpose":"login"}`, id, id, tenant)))
+		testenv.Must(t, err, "publish %s", id)
+		m, err := issued.NextMsg(20 * time.Second)
+		testenv.Must(t, err, "the code of %s", id)
+		if got := decodeField(t, m.Data, "request_id"); got != id {
+			t.Fatalf("issued %s, want %s", got, id)
+		}
+	}
+	request("acme", "a1")
+	request("globex", "g1")
+	if got := missing(); got["issuer_acme"] != 1 || got["issuer_globex"] != 1 {
+		t.Fatalf("missing durables shown: %v", got)
+	}
+
+	_, err = platform.Provision(ctx, js, tenants)
+	testenv.Must(t, err, "provisioning finishes")
+	testenv.Eventually(t, 10*time.Second, "no durable missing", func() bool {
+		got := missing()
+		return got["issuer_acme"] == 0 && got["issuer_globex"] == 0
+	})
+	request("acme", "a2")
+	request("globex", "g2")
+}

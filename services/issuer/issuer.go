@@ -111,6 +111,10 @@ type Service struct {
 
 	requests *prometheus.CounterVec
 	batch    prometheus.Histogram
+	// missing is 1 for a durable OTP_REQUESTS is provisioned with that the issuer cannot
+	// bind: its tenant's requests are not read (read.go).
+	missing      *prometheus.GaugeVec
+	missingShown map[string]bool // the series of missing, kept by the read loop alone
 }
 
 // New returns an issuer; Run starts it. The schema must be migrated.
@@ -129,11 +133,15 @@ func New(cfg Config, pool *pgxpool.Pool, js jetstream.JetStream, log *slog.Logge
 			Name: "otpflow_issuer_batch_size", Help: "Requests handled per transaction.",
 			Buckets: []float64{1, 2, 5, 10, 20, 50, 100, 200},
 		}),
+		missing: prometheus.NewGaugeVec(prometheus.GaugeOpts{
+			Name: "otpflow_issuer_consumer_missing",
+			Help: "1 for a durable consumer OTP_REQUESTS is provisioned with that the issuer cannot bind (its tenant's requests go unread), 0 once bound, by consumer.",
+		}, []string{"consumer"}),
 	}
 	// The store reads the skew when it reads the clock: tests set it after New.
 	s.store = &store{pool: pool, outbox: s.outbox, skew: s.skewBy}
 	if reg != nil {
-		reg.MustRegister(s.requests, s.batch)
+		reg.MustRegister(s.requests, s.batch, s.missing)
 	}
 	return s, nil
 }

@@ -34,17 +34,25 @@ type boundConsumer struct {
 	cons jetstream.Consumer
 }
 
-// bindExisting binds each durable of want that exists. One missing (a provisioning not
-// done yet, or stopped halfway) is logged and bound later by read; none at all is the
+// bindExisting binds each durable of want that exists, and the issuer's other durables
+// on OTP_REQUESTS (the ones provisioning is taking it off, platform.IssuerLeftovers). One
+// of want missing (a provisioning not done yet, or stopped halfway) is logged, shown by
+// otpflow_issuer_consumer_missing and bound later by read; none bound at all is the
 // *platform.MissingError of the first: OTP_REQUESTS has not been provisioned for the
 // issuer.
 func (s *Service) bindExisting(ctx context.Context, want []jetstream.ConsumerConfig) ([]boundConsumer, error) {
+	leftovers, err := platform.IssuerLeftovers(ctx, s.js, want)
+	if err != nil {
+		s.log.Warn("the issuer's other consumers on OTP_REQUESTS not listed; reading those it is provisioned with", "err", err)
+	}
 	var bound []boundConsumer
 	var missing []error
-	for _, cc := range want {
+	for i, cc := range append(slices.Clone(want), leftovers...) {
 		cons, err := platform.Bind(ctx, s.js, events.StreamRequests, cc)
 		var me *platform.MissingError
 		switch {
+		case errors.As(err, &me) && i >= len(want):
+			// A leftover deleted meanwhile.
 		case errors.As(err, &me):
 			missing = append(missing, err)
 		case err != nil:
@@ -53,6 +61,9 @@ func (s *Service) bindExisting(ctx context.Context, want []jetstream.ConsumerCon
 			bound = append(bound, boundConsumer{cc, cons})
 		}
 	}
+	s.showMissing(want, func(name string) bool {
+		return !slices.ContainsFunc(bound, func(b boundConsumer) bool { return b.cc.Durable == name })
+	})
 	if len(bound) == 0 && len(missing) > 0 {
 		return nil, missing[0]
 	}
@@ -87,10 +98,9 @@ func (s *Service) read(ctx context.Context, bound []boundConsumer) error {
 			forget, err := s.readConsumer(rctx, b)
 			gone := r.gone.Load()
 			if err != nil && rctx.Err() == nil {
-				// Deleted under the loop (provisioning retired it): the next check
-				// binds it again if OTP_REQUESTS is still provisioned with it.
-				_, lookErr := s.js.Consumer(ctx, events.StreamRequests, b.cc.Durable)
-				if gone = errors.Is(lookErr, jetstream.ErrConsumerNotFound); gone {
+				// Deleted under the loop (provisioning retired it; Run asked the
+				// server): the next check binds it again if it is back.
+				if gone = errors.Is(err, jetstream.ErrConsumerNotFound); gone {
 					s.log.Warn("a consumer of the issuer was deleted while read", "consumer", b.cc.Durable, "err", err)
 				} else {
 					select {
@@ -151,16 +161,21 @@ func (s *Service) read(ctx context.Context, bound []boundConsumer) error {
 	}
 }
 
-// checkConsumers starts a reader for each durable OTP_REQUESTS is provisioned with that
-// exists and has none, and returns the running ones provisioning no longer names that
-// the server no longer has.
+// checkConsumers starts a reader for each durable OTP_REQUESTS is provisioned with, and
+// each other durable of the issuer there (platform.IssuerLeftovers), that exists and has
+// none, and returns the running ones provisioning no longer names that the server no
+// longer has.
 func (s *Service) checkConsumers(ctx context.Context, running map[string]*reader, start func(boundConsumer)) ([]string, error) {
 	want, err := platform.IssuerConsumersNow(ctx, s.js)
 	if err != nil {
 		return nil, err
 	}
 	var errs []error
-	for _, cc := range want {
+	leftovers, err := platform.IssuerLeftovers(ctx, s.js, want)
+	if err != nil {
+		errs = append(errs, err)
+	}
+	for i, cc := range append(slices.Clone(want), leftovers...) {
 		if running[cc.Durable] != nil {
 			continue
 		}
@@ -168,11 +183,14 @@ func (s *Service) checkConsumers(ctx context.Context, running map[string]*reader
 		if err != nil {
 			// Provisioning makes a tenant's stream before its durable: a later check
 			// binds it.
-			errs = append(errs, err)
+			if i < len(want) {
+				errs = append(errs, err)
+			}
 			continue
 		}
 		start(boundConsumer{cc, cons})
 	}
+	s.showMissing(want, func(name string) bool { return running[name] == nil })
 	var gone []string
 	for _, name := range slices.Sorted(maps.Keys(running)) {
 		if slices.ContainsFunc(want, func(cc jetstream.ConsumerConfig) bool { return cc.Durable == name }) {
@@ -214,4 +232,25 @@ func (s *Service) readConsumer(ctx context.Context, b boundConsumer) (forget fun
 	g.Go(func() error { return c.Run(gctx, s.handleBatch) })
 	err = g.Wait()
 	return func() { c.Forget(); watch.Forget() }, err
+}
+
+// showMissing sets otpflow_issuer_consumer_missing for each durable of want (1 when
+// unbound says so) and drops the series of a durable no longer wanted, so that an alert
+// on it ends with the tenant.
+func (s *Service) showMissing(want []jetstream.ConsumerConfig, unbound func(name string) bool) {
+	shown := map[string]bool{}
+	for _, cc := range want {
+		v := 0.0
+		if unbound(cc.Durable) {
+			v = 1
+		}
+		s.missing.WithLabelValues(cc.Durable).Set(v)
+		shown[cc.Durable] = true
+	}
+	for name := range s.missingShown {
+		if !shown[name] {
+			s.missing.DeleteLabelValues(name)
+		}
+	}
+	s.missingShown = shown
 }

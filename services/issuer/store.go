@@ -271,6 +271,13 @@ func (st *store) lock(ctx context.Context, tx pgx.Tx, keys batchKeys, start time
 	// it exclusively, so it either comes before this batch (which then sees it) or after
 	// (and erases what the batch wrote).
 	platform.QueueErasureLocksShared(b, Schema, rt, rr)
+	// Then one lock per request (tenant, request id), in one order, before any row lock:
+	// two batches that hold the same request (a redelivery while the first handling
+	// runs, two durables of the issuer during a takeover, platform.Provision) decide it
+	// one after the other, the second finding the first's challenge, where both would
+	// find none and the second be refused by the rate limit the first just stamped.
+	b.Queue(`SELECT count(pg_advisory_xact_lock(k)) FROM (SELECT DISTINCT hashtextextended('otpflow/issuer/request/' || t || '/' || r, 0) AS k
+		FROM unnest($1::text[], $2::text[]) AS u(t, r) ORDER BY 1) l`, tenants, requestIDs)
 	b.Queue(`SELECT u.tenant, u.active, u.purpose, max(e.erased_at) FROM issuer.erasures e
 		JOIN unnest($1::text[], $2::text[], $3::text[], $4::text[]) AS u(tenant, h, purpose, active)
 			ON e.tenant = u.tenant AND e.recipient_key = u.h
