@@ -51,8 +51,10 @@ func (s *Service) bindExisting(ctx context.Context, want []jetstream.ConsumerCon
 		cons, err := platform.Bind(ctx, s.js, events.StreamRequests, cc)
 		var me *platform.MissingError
 		switch {
-		case errors.As(err, &me) && i >= len(want):
-			// A leftover deleted meanwhile.
+		case err != nil && i >= len(want):
+			// A leftover deleted meanwhile, or one that cannot be read (changed by
+			// hand, or no longer in the NATS permissions): the issuer reads the rest.
+			s.log.Warn("a consumer provisioning is taking the issuer off cannot be read", "consumer", cc.Durable, "err", err)
 		case errors.As(err, &me):
 			missing = append(missing, err)
 		case err != nil:
@@ -61,9 +63,11 @@ func (s *Service) bindExisting(ctx context.Context, want []jetstream.ConsumerCon
 			bound = append(bound, boundConsumer{cc, cons})
 		}
 	}
-	s.showMissing(want, func(name string) bool {
-		return !slices.ContainsFunc(bound, func(b boundConsumer) bool { return b.cc.Durable == name })
-	})
+	var filters []string
+	for _, b := range bound {
+		filters = append(filters, b.cc.FilterSubject)
+	}
+	s.showMissing(want, filters)
 	if len(bound) == 0 && len(missing) > 0 {
 		return nil, missing[0]
 	}
@@ -75,8 +79,9 @@ func (s *Service) bindExisting(ctx context.Context, want []jetstream.ConsumerCon
 
 // reader is the loop of one durable.
 type reader struct {
-	stop context.CancelFunc
-	done chan struct{}
+	filter string // the durable's filter subject
+	stop   context.CancelFunc
+	done   chan struct{}
 	// gone: the durable no longer exists, and its metrics go with the loop.
 	gone atomic.Bool
 }
@@ -90,7 +95,7 @@ func (s *Service) read(ctx context.Context, bound []boundConsumer) error {
 	var wg sync.WaitGroup
 	start := func(b boundConsumer) {
 		rctx, stop := context.WithCancel(ctx)
-		r := &reader{stop: stop, done: make(chan struct{})}
+		r := &reader{stop: stop, done: make(chan struct{}), filter: b.cc.FilterSubject}
 		running[b.cc.Durable] = r
 		s.log.Info("issuer consuming", "stream", events.StreamRequests, "consumer", b.cc.Durable)
 		wg.Go(func() {
@@ -190,7 +195,11 @@ func (s *Service) checkConsumers(ctx context.Context, running map[string]*reader
 		}
 		start(boundConsumer{cc, cons})
 	}
-	s.showMissing(want, func(name string) bool { return running[name] == nil })
+	var filters []string
+	for _, r := range running {
+		filters = append(filters, r.filter)
+	}
+	s.showMissing(want, filters)
 	var gone []string
 	for _, name := range slices.Sorted(maps.Keys(running)) {
 		if slices.ContainsFunc(want, func(cc jetstream.ConsumerConfig) bool { return cc.Durable == name }) {
@@ -234,15 +243,16 @@ func (s *Service) readConsumer(ctx context.Context, b boundConsumer) (forget fun
 	return func() { c.Forget(); watch.Forget() }, err
 }
 
-// showMissing sets otpflow_issuer_consumer_missing for each durable of want (1 when
-// unbound says so) and drops the series of a durable no longer wanted, so that an alert
-// on it ends with the tenant.
-func (s *Service) showMissing(want []jetstream.ConsumerConfig, unbound func(name string) bool) {
+// showMissing sets otpflow_issuer_consumer_missing for each durable of want: 1 when no
+// durable read (of filters) takes its subjects, so its tenant's requests go unread (while
+// provisioning moves the issuer, the shared durable still takes them all); it drops the
+// series of a durable no longer wanted, so that an alert on it ends with the tenant.
+func (s *Service) showMissing(want []jetstream.ConsumerConfig, filters []string) {
 	shown := map[string]bool{}
 	for _, cc := range want {
-		v := 0.0
-		if unbound(cc.Durable) {
-			v = 1
+		v := 1.0
+		if slices.ContainsFunc(filters, func(f string) bool { return platform.SubjectMatches(f, cc.FilterSubject) }) {
+			v = 0
 		}
 		s.missing.WithLabelValues(cc.Durable).Set(v)
 		shown[cc.Durable] = true
