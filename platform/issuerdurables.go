@@ -258,8 +258,11 @@ func sortedKeys[V any](m map[string]V) []string {
 // IssuerConsumersNow are the issuer's durables as OTP_REQUESTS is provisioned now:
 // events.IssuerConsumers of the tenants whose request streams it sources. The issuer
 // reads them from the server, not from its own settings, so that it reads what
-// provisioning made; a missing OTP_REQUESTS is a *MissingError.
+// provisioning made; a missing OTP_REQUESTS is a *MissingError. It waits for NATS at
+// most the setup timeout.
 func IssuerConsumersNow(ctx context.Context, js jetstream.JetStream) ([]jetstream.ConsumerConfig, error) {
+	ctx, cancel := context.WithTimeout(ctx, setupTimeout)
+	defer cancel()
 	var tenants []string
 	err := untilAnswered(ctx, func(ctx context.Context) error {
 		st, err := js.Stream(ctx, events.StreamRequests)

@@ -104,8 +104,9 @@ func startedAt(stream string, have, want jetstream.ConsumerConfig) jetstream.Con
 type Change struct {
 	Stream, Consumer string // Consumer is empty for a stream
 	Create           bool
-	// StartSeq, on a consumer to create, is the stream sequence it starts at: where the
-	// durables it takes over from left off (issuerSet.startFor). Zero: the stream's start.
+	// StartSeq is the stream sequence an issuer durable starts at: on one to create, its
+	// subjects' first request not yet read (issuerSet.startFor); on one to update, the
+	// start it was made with, which the update keeps. Zero: the stream's start.
 	StartSeq uint64
 	// Delete removes the consumer; Replaced names the durables that read what it read.
 	Delete   bool
