@@ -18,12 +18,13 @@ import (
 // The issuer reads OTP_REQUESTS through one durable, or through one per tenant when
 // tenants have request streams of their own (events.IssuerConsumers). Turning tenant
 // streams on or off, or adding a tenant, changes that set: provisioning creates each new
-// durable where the durables that read its subject before left off, so that nothing
-// unread is skipped and what they answered is not read again (a request answered an hour
-// ago would now be refused as stale), and deletes a durable the contract no longer names
-// only once the new ones exist and would read everything it had not. Names of the form
-// issuer_<tenant> on OTP_REQUESTS are the issuer's: provisioning deletes one that the
-// contract does not name.
+// durable at its subjects' first request not yet read (issuerSet.startFor), so that
+// nothing unread is skipped and, where a durable can say how far it read, what it
+// answered is not read again (a request answered an hour ago would now be refused as
+// stale), and deletes a durable the contract no longer names only once the new ones
+// exist and would read everything it had not. Names of the form issuer_<tenant> on
+// OTP_REQUESTS are the issuer's: provisioning deletes one that the contract does not
+// name.
 
 // MetadataStartSeq is the consumer metadata key with which provisioning marks an
 // issuer durable it created at a sequence (issuerSet.startFor): the one start other than
