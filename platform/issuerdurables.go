@@ -5,6 +5,7 @@ import (
 	"context"
 	"errors"
 	"fmt"
+	"maps"
 	"math"
 	"slices"
 	"strings"
@@ -105,7 +106,7 @@ func (s *issuerSet) startFor(ctx context.Context, js jetstream.JetStream, sc eve
 		if err != nil {
 			return err
 		}
-		for _, subject := range sortedKeys(si.State.Subjects) {
+		for _, subject := range slices.Sorted(maps.Keys(si.State.Subjects)) {
 			var first uint64
 			for _, info := range s.durables {
 				if SubjectMatches(filterOf(info.Config), subject) {
@@ -161,7 +162,7 @@ func (s *issuerSet) retire(ctx context.Context, js jetstream.JetStream, o events
 		names[i] = w.Durable
 	}
 	var out []Change
-	for _, name := range sortedKeys(s.durables) {
+	for _, name := range slices.Sorted(maps.Keys(s.durables)) {
 		if slices.Contains(names, name) {
 			continue
 		}
@@ -209,7 +210,7 @@ func (s *issuerSet) unread(ctx context.Context, js jetstream.JetStream, info *je
 		if err != nil {
 			return err
 		}
-		for _, subject := range sortedKeys(si.State.Subjects) {
+		for _, subject := range slices.Sorted(maps.Keys(si.State.Subjects)) {
 			m, err := st.GetMsg(ctx, from, jetstream.WithGetMsgSubject(subject))
 			switch {
 			case errors.Is(err, jetstream.ErrMsgNotFound):
@@ -245,15 +246,6 @@ func SubjectMatches(filter, subject string) bool {
 		}
 	}
 	return len(f) == len(s)
-}
-
-func sortedKeys[V any](m map[string]V) []string {
-	keys := make([]string, 0, len(m))
-	for k := range m {
-		keys = append(keys, k)
-	}
-	slices.Sort(keys)
-	return keys
 }
 
 // IssuerConsumersNow are the issuer's durables as OTP_REQUESTS is provisioned now:
