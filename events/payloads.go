@@ -1,6 +1,7 @@
 package events
 
 import (
+	"encoding/json"
 	"strconv"
 	"time"
 )
@@ -374,7 +375,45 @@ type OperatorAction struct {
 	// Detail is the outcome in a few words, e.g. "3 rows".
 	Detail string    `json:"detail"`
 	At     time.Time `json:"at"`
+	// Redrive is set on a "dlq.redrive" of an OTP_EVENTS dead letter (new in this
+	// release): the event it names is handled again by the consumer that gave it up.
+	Redrive *RedriveRef `json:"redrive,omitempty"`
 }
+
+// RedriveRef names the event a redrive asks a consumer to handle again. An OTP_EVENTS
+// dead letter is not published a second time: every reader of the stream would take the
+// copy for a new event (a second audit row). The redrive is this reference, on
+// otp.operator_action, and the consumer it names reads the original from the stream by
+// its sequence, checks that it is the event named, and handles it as it would have: the
+// auditor chains its row under the original's sequence once, however often it is asked.
+type RedriveRef struct {
+	// Stream and StreamSeq are where the original is stored ("OTP_EVENTS").
+	Stream    string `json:"stream"`
+	StreamSeq uint64 `json:"stream_seq"`
+	// EventID is the original's ce-id: a reference whose sequence holds another event is
+	// refused.
+	EventID string `json:"event_id"`
+	// Consumer is the durable consumer that gave the original up, e.g. "auditor".
+	Consumer string `json:"consumer"`
+	// DLQSeq is the sequence of the dead letter on OTP_DLQ the redrive took it from.
+	DLQSeq uint64 `json:"dlq_seq"`
+}
+
+// RedriveActionOf returns the reference an otp.operator_action body carries, or nil when it
+// is not a "dlq.redrive" with one.
+func RedriveActionOf(data []byte) *RedriveRef {
+	var a OperatorAction
+	if json.Unmarshal(data, &a) != nil || a.Action != ActionDLQRedrive || a.Redrive == nil {
+		return nil
+	}
+	return a.Redrive
+}
+
+// Operator actions of `otpflow dlq`.
+const (
+	ActionDLQRedrive = "dlq.redrive"
+	ActionDLQDrop    = "dlq.drop"
+)
 
 // OperatorIdentity is who ran an operator command, as the command saw itself: the OS user
 // and the host it ran on (both as the operator's machine reports them, so they attest

@@ -1,6 +1,7 @@
 package main
 
 import (
+	"bytes"
 	"context"
 	"errors"
 	"flag"
@@ -17,6 +18,7 @@ import (
 	"github.com/otpflow/otpflow/events"
 	"github.com/otpflow/otpflow/platform"
 	"github.com/otpflow/otpflow/platform/keys"
+	"github.com/otpflow/otpflow/services/auditor"
 )
 
 const dlqUsage = `usage: otpflow dlq <command> [flags]
@@ -27,22 +29,35 @@ commands:
            recipient hash, reason (no personal data)
   show     SEQ                 open one dead letter (OTP_DLQ_KEY): it may hold personal data
   redrive  SEQ | --all [--consumer C]
-           publish the original again under a new message id, then delete the entry
+           hand the original back to its consumer, then delete the entry: a request is
+           published again under a new message id; an event the auditor gave up is
+           named in an otp.operator_action the auditor chains it on; dispatch jobs,
+           codes and other consumers' events are refused (drop them)
   drop     SEQ | --all [--consumer C]
            delete the entry, overwriting its stored bytes
 `
 
-// redrivable are the streams whose originals a redrive may publish again: OTP_REQUESTS,
-// whose issuer recognises a message it already handled (a request by tenant and request
-// id; a resend, whose request id every resend of the request shares, by the message's
-// identity: the Otp-Redrive-Of a redrive sets, else its Nats-Msg-Id, else
-// "OTP_REQUESTS:<sequence>", which is what a redrive names an id-less original). A
-// dispatch job carries the sealed code and a challenge its code's MAC: publishing them is
-// the issuer's alone (whoever may could supersede a live code or republish one with a
-// later expiry), so the operator drops them and the app asks again. An OTP_EVENTS
-// original is not redriven either: the auditor keeps one row per stream message, so a
-// redriven event would be audited twice.
-var redrivable = []string{events.StreamRequests}
+// redrivable are the streams whose originals a redrive may hand back to their consumer.
+//
+// OTP_REQUESTS: the original is published again, and the issuer recognises a message it
+// already handled (a request by tenant and request id; a resend, whose request id every
+// resend of the request shares, by the message's identity: the Otp-Redrive-Of a redrive
+// sets, else its Nats-Msg-Id, else "OTP_REQUESTS:<sequence>", which is what a redrive
+// names an id-less original).
+//
+// OTP_EVENTS, the auditor's entries: the original is not published again (every reader
+// of the stream would take a copy for a new event, and the auditor would chain it
+// twice). The redrive is an otp.operator_action "dlq.redrive" naming the original by
+// stream sequence and ce-id (events.RedriveRef), on which the auditor chains the
+// original's row under its own sequence, once (services/auditor redrive.go). The other
+// readers of OTP_EVENTS keep nothing a redrive could mend: the verifier's projection of
+// a code (the code's lifetime is over long before), and an erasure consumer's request,
+// which `otpflow erase` asks again.
+//
+// A dispatch job carries the sealed code and a challenge its code's MAC: publishing them
+// is the issuer's alone (whoever may could supersede a live code or republish one with a
+// later expiry), so the operator drops them and the app asks again.
+var redrivable = []string{events.StreamRequests, events.StreamEvents}
 
 // dlqCommand runs "otpflow dlq ..." and returns the exit code.
 func dlqCommand(ctx context.Context, args []string, getenv func(string) string, stdout, stderr io.Writer) (int, error) {
@@ -251,6 +266,15 @@ func (d *dlq) redrive(ctx context.Context, m *jetstream.RawStreamMsg) error {
 	if !slices.Contains(redrivable, origin) {
 		return fmt.Errorf("an original of %s is not redriven (only %s): drop it once handled", orDash(origin), strings.Join(redrivable, ", "))
 	}
+	if origin == events.StreamEvents {
+		switch c := m.Header.Get(events.HeaderDLQConsumer); {
+		case c == events.ConsumerAuditor:
+		case strings.HasSuffix(c, "-erasure"):
+			return fmt.Errorf("an erasure consumer's entry is not redriven: run otpflow erase for the person again (an erasure may be asked again; dlq show names them), then drop it")
+		default:
+			return fmt.Errorf("an original of %s read by %s is not redriven (only the auditor's): drop it once handled", origin, orDash(c))
+		}
+	}
 	orig, err := platform.OpenDeadLetter(d.sealer, m.Header, m.Data)
 	if err != nil {
 		return fmt.Errorf("open: %w", err)
@@ -268,6 +292,9 @@ func (d *dlq) redrive(ctx context.Context, m *jetstream.RawStreamMsg) error {
 	// claims OTP_REQUESTS but holds a challenge must not put one on OTP_CHALLENGES.
 	if !streamHolds(origin, orig.Subject) {
 		return fmt.Errorf("the original's subject %s is not one of %s (the entry stays)", orig.Subject, origin)
+	}
+	if origin == events.StreamEvents {
+		return d.redriveEvent(ctx, m, orig, tenant)
 	}
 	// Where the request will land: OTP_REQUESTS when it captures the subject, else the
 	// tenant's request stream when OTP_REQUESTS sources it (OTP_TENANT_STREAMS). A
@@ -314,7 +341,49 @@ func (d *dlq) redrive(ctx context.Context, m *jetstream.RawStreamMsg) error {
 	detail := fmt.Sprintf("%s %d (%s, consumer %s) redriven to %s %d", events.StreamDLQ, m.Sequence,
 		orig.Subject, orDash(m.Header.Get(events.HeaderDLQConsumer)), ack.Stream, ack.Sequence)
 	fmt.Fprintln(d.stdout, detail)
-	return d.record(ctx, "dlq.redrive", tenant, detail)
+	return d.record(ctx, events.ActionDLQRedrive, tenant, detail)
+}
+
+// redriveEvent hands the auditor's entry m, whose opened original is orig, back to the
+// auditor: it checks that OTP_EVENTS still holds the original at its sequence and that
+// the auditor can now keep it, publishes the reference (events.RedriveRef) as the
+// operator action, and deletes the entry.
+func (d *dlq) redriveEvent(ctx context.Context, m *jetstream.RawStreamMsg, orig events.DeadLetter, tenant string) error {
+	seq, err := strconv.ParseUint(m.Header.Get(events.HeaderDLQSequence), 10, 64)
+	if err != nil || seq == 0 {
+		return fmt.Errorf("%s %q is not a sequence (the entry stays)", events.HeaderDLQSequence, m.Header.Get(events.HeaderDLQSequence))
+	}
+	var stored *jetstream.RawStreamMsg
+	if _, err := platform.ScanStream(ctx, d.js, events.StreamEvents, platform.Scan{From: seq}, func(s *jetstream.RawStreamMsg) error {
+		stored = s
+		return platform.ErrStopScan
+	}); err != nil {
+		return fmt.Errorf("read %s %d: %w (the entry stays)", events.StreamEvents, seq, err)
+	}
+	id := nats.Header(orig.Header).Get(events.HeaderID)
+	switch {
+	case stored == nil || stored.Sequence != seq:
+		return fmt.Errorf("%s no longer holds sequence %d: nothing to redrive; drop it", events.StreamEvents, seq)
+	case id == "" || stored.Subject != orig.Subject || stored.Header.Get(events.HeaderID) != id || !bytes.Equal(stored.Data, orig.Data):
+		return fmt.Errorf("%s %d is not the entry's original (the entry stays)", events.StreamEvents, seq)
+	}
+	if _, err := auditor.ToRow(nil, nil, stored.Sequence, stored.Time, stored.Subject, stored.Header, stored.Data); err != nil {
+		return fmt.Errorf("the auditor still cannot keep %s %d: %v; drop it (the entry stays)", events.StreamEvents, seq, err)
+	}
+	detail := fmt.Sprintf("%s %d (%s, consumer %s) redriven: %s %d", events.StreamDLQ, m.Sequence, orig.Subject,
+		events.ConsumerAuditor, events.StreamEvents, seq)
+	ack, err := publishOperatorActionAs(ctx, d.js, fmt.Sprintf("redrive:%d:%s", m.Sequence, id), events.OperatorAction{
+		Action: events.ActionDLQRedrive, Tenant: tenant, Detail: detail,
+		Redrive: &events.RedriveRef{Stream: events.StreamEvents, StreamSeq: seq, EventID: id, Consumer: events.ConsumerAuditor, DLQSeq: m.Sequence}})
+	if err != nil {
+		return fmt.Errorf("%w (the entry stays)", err)
+	}
+	if err := d.st.SecureDeleteMsg(ctx, m.Sequence); err != nil && !errors.Is(err, jetstream.ErrMsgNotFound) {
+		// A second redrive of it adds no row: the auditor chains a sequence once.
+		return fmt.Errorf("redriven (%s %d), but the entry was not deleted: %w", ack.Stream, ack.Sequence, err)
+	}
+	fmt.Fprintf(d.stdout, "%s, by %s %d\n", detail, ack.Stream, ack.Sequence)
+	return nil
 }
 
 // landing is the stream a redrive of subject (tenant's, from origin) must be stored on:
@@ -366,7 +435,7 @@ func (d *dlq) drop(ctx context.Context, m *jetstream.RawStreamMsg) error {
 	detail := fmt.Sprintf("%s %d (%s, consumer %s) dropped", events.StreamDLQ, m.Sequence,
 		orDash(m.Header.Get(events.HeaderDLQSubject)), orDash(m.Header.Get(events.HeaderDLQConsumer)))
 	fmt.Fprintln(d.stdout, detail)
-	return d.record(ctx, "dlq.drop", tenant, detail)
+	return d.record(ctx, events.ActionDLQDrop, tenant, detail)
 }
 
 // record publishes the operator action of one entry, under the entry's tenant.

@@ -59,11 +59,15 @@ func stored(t *testing.T, js jetstream.JetStream, stream, subject string) (*nats
 // TestDLQOperatorWorksDeadLetters: dead letters of every consumer are listed (one line
 // each, the recipient only as its hash), filtered, opened (with a warning), redriven and
 // dropped through the CLI against a running pipeline. A redrive of what was already
-// handled (a request, its dispatch job, its code) makes no second issuance, mail or audit
-// row; a redrive of what was never handled (a request whose original id the duplicate
-// window still holds, and a code) reaches its outcome: a mail, and a code that verifies.
-// An OTP_EVENTS original is refused and stays until dropped. Each redrive and drop is an
+// handled (a request, an event the auditor chained) makes no second issuance, mail or
+// audit row; a redrive of what was never handled (a request whose original id the
+// duplicate window still holds) reaches its outcome: a mail. What is not redriven — a
+// dispatch job, a code, an event of the verifier's projection or of an erasure
+// consumer, an entry whose original OTP_EVENTS no longer holds as sealed — is refused,
+// names what to do instead, and stays until dropped. Each redrive and drop is an
 // otp.operator_action without personal data, and OTP_DLQ ends empty.
+// (services/auditor TestARedriveChainsTheEventTheAuditorGaveUp redrives an event that
+// had no row.)
 func TestDLQOperatorWorksDeadLetters(t *testing.T) {
 	w := newWorld(t)
 	a := newApp(t, w.nats.ClientURL())
@@ -105,6 +109,13 @@ func TestDLQOperatorWorksDeadLetters(t *testing.T) {
 	seqJob := w.deadLetterOf(t, a.js, events.ConsumerDispatcher, events.StreamDispatch, jobSeq, job, ana, "dispatcher: deliveries exhausted: timeout")
 	seqCode := w.deadLetterOf(t, a.js, events.ConsumerVerifier, events.StreamChallenges, codeSeq, code, ana, "verifier: projection refused it")
 	seqEvent := w.deadLetterOf(t, a.js, events.ConsumerAuditor, events.StreamEvents, issuedSeq, issued, ana, "auditor: cannot store")
+	// Events no redrive mends: the verifier's projection's and an erasure consumer's, and
+	// an auditor's entry whose sealed original is not what OTP_EVENTS holds there.
+	seqProjected := w.deadLetterOf(t, a.js, events.ConsumerVerifier, events.StreamEvents, issuedSeq+1<<29, issued, ana, "verifier: refused")
+	seqErasure := w.deadLetterOf(t, a.js, events.ErasureConsumer(events.ConsumerDispatcher).Durable, events.StreamEvents, issuedSeq+1<<30, issued, ana, "dispatcher-erasure: refused")
+	altered := &nats.Msg{Subject: issued.Subject, Header: issued.Header, Data: bytes.Replace(issued.Data, []byte(`"dl-1"`), []byte(`"dl-X"`), 1)}
+	seqAltered := w.deadLetterOf(t, a.js, events.ConsumerAuditor, events.StreamEvents, issuedSeq+1<<31, altered, ana, "auditor: cannot store")
+	seqMoved := w.deadLetterOf(t, a.js, events.ConsumerAuditor, events.StreamEvents, issuedSeq+1, altered, ana, "auditor: cannot store")
 	// And of what never was: the lost request, and a code the verifier never saw.
 	seqLost := w.deadLetterOf(t, a.js, events.ConsumerIssuer, events.StreamRequests, lostAck.Sequence, lost, bea, "issuer: poison rule")
 	pepper, err := keys.ParsePepper(w.env["OTP_CODE_PEPPER"])
@@ -121,7 +132,7 @@ func TestDLQOperatorWorksDeadLetters(t *testing.T) {
 
 	// list: one line per entry, no address; the filters.
 	_, out := w.cli(t, "dlq", "list")
-	if lines := strings.Split(strings.TrimSpace(out), "\n"); len(lines) != 6 {
+	if lines := strings.Split(strings.TrimSpace(out), "\n"); len(lines) != 10 {
 		t.Fatalf("list: %d lines:\n%s", len(lines), out)
 	}
 	for _, want := range []string{fmt.Sprintf("%d\t", seqReq), "\tissuer\totp.requested.acme\t" + ana + "\tissuer: database refused it",
@@ -141,7 +152,7 @@ func TestDLQOperatorWorksDeadLetters(t *testing.T) {
 	if _, out := w.cli(t, "dlq", "list", "--reason", "POISON"); strings.Count(out, "\n") != 1 || !strings.HasPrefix(out, fmt.Sprint(seqLost)+"\t") {
 		t.Errorf("list --reason POISON:\n%s", out)
 	}
-	if _, out := w.cli(t, "dlq", "list", "--since", "1h"); strings.Count(out, "\n") != 6 {
+	if _, out := w.cli(t, "dlq", "list", "--since", "1h"); strings.Count(out, "\n") != 10 {
 		t.Errorf("list --since 1h:\n%s", out)
 	}
 	if _, out := w.cli(t, "dlq", "list", "--since", time.Now().Add(time.Hour).Format(time.RFC3339)); out != "" {
@@ -155,10 +166,26 @@ func TestDLQOperatorWorksDeadLetters(t *testing.T) {
 		t.Errorf("show:\n%s", out)
 	}
 
-	// An OTP_EVENTS original is refused and stays.
-	if c, err := run(ctx, []string{"dlq", "redrive", fmt.Sprint(seqEvent)}, w.getenv, &strings.Builder{}, &strings.Builder{}); c != 1 ||
-		err == nil || !strings.Contains(err.Error(), "an original of OTP_EVENTS is not redriven") {
-		t.Fatalf("redrive of an event: exit %d, %v", c, err)
+	// The auditor's event, which it has chained: the redrive is the operator's row, and
+	// no second row of the event.
+	if c, out := w.cli(t, "dlq", "redrive", fmt.Sprint(seqEvent)); c != 0 ||
+		!strings.Contains(out, fmt.Sprintf("otp.issued.acme, consumer auditor) redriven: OTP_EVENTS %d, by OTP_EVENTS ", issuedSeq)) {
+		t.Fatalf("redrive of the auditor's event: exit %d, %s", c, out)
+	}
+	// The events no redrive mends are refused, naming what to do, and stay.
+	for _, tc := range []struct {
+		seq  uint64
+		want string
+	}{
+		{seqProjected, "an original of OTP_EVENTS read by verifier is not redriven"},
+		{seqErasure, "run otpflow erase for the person again"},
+		{seqAltered, "no longer holds sequence"},
+		{seqMoved, "is not the entry's original"},
+	} {
+		if c, err := run(ctx, []string{"dlq", "redrive", fmt.Sprint(tc.seq)}, w.getenv, &strings.Builder{}, &strings.Builder{}); c != 1 ||
+			err == nil || !strings.Contains(err.Error(), tc.want) {
+			t.Fatalf("redrive of entry %d: exit %d, %v; want %q", tc.seq, c, err, tc.want)
+		}
 	}
 
 	// Redrive the issuer's two at once.
@@ -188,10 +215,10 @@ func TestDLQOperatorWorksDeadLetters(t *testing.T) {
 	if n := len(testenv.Messages(t, a.js, events.StreamChallenges, events.TypeChallengeSuperseded.Subject("acme"))); n != 0 {
 		t.Fatalf("the planted entry put %d supersessions on OTP_CHALLENGES", n)
 	}
-	if _, out := w.cli(t, "dlq", "list"); strings.Count(out, "\n") != 5 {
+	if _, out := w.cli(t, "dlq", "list"); strings.Count(out, "\n") != 8 {
 		t.Fatalf("after the redrives, list:\n%s", out)
 	}
-	if c, out := w.cli(t, "dlq", "drop", "--all"); c != 0 || strings.Count(out, "dropped") != 5 {
+	if c, out := w.cli(t, "dlq", "drop", "--all"); c != 0 || strings.Count(out, "dropped") != 8 {
 		t.Fatalf("drop --all: exit %d, %s", c, out)
 	}
 	if _, out := w.cli(t, "dlq", "list"); out != "" {
@@ -230,9 +257,9 @@ func TestDLQOperatorWorksDeadLetters(t *testing.T) {
 	var rows []operatorRow
 	testenv.Eventually(t, 30*time.Second, "the redrives audited", func() bool {
 		rows = operatorRows(t, w.db, "dlq.redrive")
-		return len(rows) == 2
+		return len(rows) == 3
 	})
-	testenv.Eventually(t, 30*time.Second, "the drops audited", func() bool { return len(operatorRows(t, w.db, "dlq.drop")) == 5 })
+	testenv.Eventually(t, 30*time.Second, "the drops audited", func() bool { return len(operatorRows(t, w.db, "dlq.drop")) == 8 })
 	rows = append(rows, operatorRows(t, w.db, "dlq.drop")...)
 	for _, r := range rows {
 		if r.Tenant != "acme" || !strings.HasPrefix(r.Event.Detail, "OTP_DLQ ") || r.HasRecipientHash || r.Masked != "" {

@@ -67,20 +67,28 @@ func natsUser(ctx context.Context, nc *nats.Conn) string {
 // publishOperatorAction publishes otp.operator_action.<tenant> for an action that was done.
 // detail must hold no personal data.
 func publishOperatorAction(ctx context.Context, js jetstream.JetStream, action, tenant, detail string) error {
-	nc := js.Conn()
-	ev := events.OperatorAction{Action: action, Identity: operatorIdentity(ctx, nc), Tenant: tenant, Detail: detail,
-		At: time.Now().UTC()}
-	msg, err := events.NewMsg(events.TypeOperatorAction, tenant, "operator_action:"+randomHex(12), "", ev,
-		events.Envelope{Source: "otpflow/cli", Time: ev.At})
+	_, err := publishOperatorActionAs(ctx, js, "operator_action:"+randomHex(12), events.OperatorAction{Action: action, Tenant: tenant, Detail: detail})
+	return err
+}
+
+// publishOperatorActionAs publishes ev, with who runs this command and the time filled
+// in, under message id id, and returns JetStream's acknowledgement.
+func publishOperatorActionAs(ctx context.Context, js jetstream.JetStream, id string, ev events.OperatorAction) (*jetstream.PubAck, error) {
+	ev.Identity, ev.At = operatorIdentity(ctx, js.Conn()), time.Now().UTC()
+	msg, err := events.NewMsg(events.TypeOperatorAction, ev.Tenant, id, "", ev, events.Envelope{Source: "otpflow/cli", Time: ev.At})
 	if err != nil {
-		return err
+		return nil, err
+	}
+	if ev.Redrive != nil {
+		msg.Header.Set(events.HeaderRedriveOf, ev.Redrive.EventID)
 	}
 	ctx, cancel := context.WithTimeout(ctx, 10*time.Second)
 	defer cancel()
-	if _, err := js.PublishMsg(ctx, msg); err != nil {
-		return fmt.Errorf("publish %s: %w", events.TypeOperatorAction, err)
+	ack, err := js.PublishMsg(ctx, msg)
+	if err != nil {
+		return nil, fmt.Errorf("publish %s: %w", events.TypeOperatorAction, err)
 	}
-	return nil
+	return ack, nil
 }
 
 // notAudited is the error of an operator command whose action was done but whose

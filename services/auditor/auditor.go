@@ -81,9 +81,10 @@ type Service struct {
 	log  *slog.Logger
 	reg  prometheus.Registerer
 
-	written *prometheus.CounterVec
-	alerts  *alerter
-	anchor  *anchorState
+	written  *prometheus.CounterVec
+	redrives *prometheus.CounterVec // redrive references, by outcome (redrive.go)
+	alerts   *alerter
+	anchor   *anchorState
 	// cons is the auditor's durable consumer once Run has bound it: an erasure waits for
 	// its acknowledgement floor (eraseRow).
 	cons jetstream.Consumer
@@ -107,9 +108,13 @@ func New(cfg Config, pool *pgxpool.Pool, js jetstream.JetStream, log *slog.Logge
 		written: prometheus.NewCounterVec(prometheus.CounterOpts{
 			Name: "otpflow_auditor_events_total", Help: "Events written to the audit log, by type.",
 		}, []string{"type"}),
+		redrives: prometheus.NewCounterVec(prometheus.CounterOpts{
+			Name: "otpflow_auditor_redrives_total",
+			Help: "Redrives of the auditor's dead letters, by outcome: chained (the original's row written), already_chained (it had its row), refused (not the event named, gone, or still not storable).",
+		}, []string{"outcome"}),
 	}
 	if reg != nil {
-		reg.MustRegister(s.written)
+		reg.MustRegister(s.written, s.redrives)
 	}
 	if cfg.Alerts == nil {
 		cfg.Alerts = DefaultThresholds()
@@ -438,6 +443,7 @@ func Mask(addr string) string { return events.MaskAddress(addr) }
 // goes there after its retries (the consumer's MaxDeliver).
 func (s *Service) handleBatch(ctx context.Context, batch []*platform.Delivery) error {
 	var rows []*Row
+	var data [][]byte
 	var good []*platform.Delivery
 	for _, d := range batch {
 		_, span := d.StartSpan(ctx, s.cfg.Tracer, "audit")
@@ -452,21 +458,36 @@ func (s *Service) handleBatch(ctx context.Context, batch []*platform.Delivery) e
 			continue
 		}
 		rows = append(rows, &row)
+		data = append(data, d.Data())
 		good = append(good, d)
 	}
 	if len(good) == 0 {
 		return nil
 	}
+	// A redrive of an event the auditor gave up brings the original's row (redrive.go).
+	chain, originals, err := s.withRedriven(ctx, rows, data)
+	if err != nil {
+		return err
+	}
 	// The rows and the alerts they raise commit together (raiseAlerts). A failure goes
 	// back to the consumer, which is ordered (see above).
 	var alerts []raisedAlert
-	w, err := s.cfg.Chain.AppendThen(ctx, s.pool, rows, func(ctx context.Context, tx pgx.Tx, wrote []*Row) (err error) {
+	chained := 0
+	w, err := s.cfg.Chain.AppendThen(ctx, s.pool, chain, func(ctx context.Context, tx pgx.Tx, wrote []*Row) (err error) {
+		chained = 0
+		for _, r := range wrote {
+			if originals[r] {
+				chained++
+			}
+		}
 		alerts, err = s.raiseAlerts(ctx, tx, wrote)
 		return err
 	})
 	if err != nil {
 		return fmt.Errorf("write %d audit rows: %w", len(good), err)
 	}
+	s.redrives.WithLabelValues("chained").Add(float64(chained))
+	s.redrives.WithLabelValues("already_chained").Add(float64(len(originals) - chained))
 	if w.Rows > 0 {
 		s.anchor.wrote(w)
 	}
