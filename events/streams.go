@@ -24,7 +24,37 @@ const (
 	// PostgreSQL, so that someone who can rewrite the audit tables cannot also rewrite
 	// what the chain was seen to hold.
 	StreamAudit = "OTP_AUDIT"
+	// StreamAdvisories keeps the server's advisories that a consumer of OTP_REQUESTS
+	// gave a message up after its MaxDeliver deliveries, so that the issuer dead-letters
+	// such a message even when the advisory came while no issuer was connected
+	// (IssuerExhaustedConsumer).
+	StreamAdvisories = "OTP_ADVISORIES"
 )
+
+// MaxDeliveriesAdvisory is the subject on which the server tells that durable of stream
+// gave a message up after its MaxDeliver deliveries ("*" for every durable).
+func MaxDeliveriesAdvisory(stream, durable string) string {
+	return "$JS.EVENT.ADVISORY.CONSUMER.MAX_DELIVERIES." + stream + "." + durable
+}
+
+// ConsumerIssuerExhausted reads OTP_ADVISORIES for the issuer (IssuerExhaustedConsumer).
+const ConsumerIssuerExhausted = "issuer-exhausted"
+
+// IssuerExhaustedConsumer is the issuer's durable on OTP_ADVISORIES: the advisories that
+// one of its durables on OTP_REQUESTS gave a message up after MaxDeliver with none of
+// its deliveries settled (the process died on the last, or the JetStream client never
+// handed the message over). The issuer reads the message by sequence and dead-letters it
+// (platform.RunExhausted).
+var IssuerExhaustedConsumer = jetstream.ConsumerConfig{
+	Durable:       ConsumerIssuerExhausted,
+	Description:   "issuer: dead-letter the requests given up after their deliveries",
+	FilterSubject: MaxDeliveriesAdvisory(StreamRequests, "*"),
+	AckPolicy:     jetstream.AckExplicitPolicy,
+	DeliverPolicy: jetstream.DeliverAllPolicy,
+	AckWait:       2 * time.Minute,
+	MaxDeliver:    50,
+	MaxAckPending: 100,
+}
 
 // SubjectAuditCheckpoint is where the auditor publishes an AuditCheckpoint, with the
 // position as Nats-Msg-Id.
@@ -189,6 +219,23 @@ func StreamConfigs(o StreamOptions) []jetstream.StreamConfig {
 			MaxAge:      30 * 24 * time.Hour,
 			Duplicates:  DuplicateWindow,
 			Storage:     jetstream.FileStorage,
+			// The operator lists it in order by batched direct gets (otpflow dlq list,
+			// platform.ScanStream), not one request per entry.
+			AllowDirect: true,
+			Replicas:    r,
+		},
+		{
+			// Advisories of the server's, not events: only the server publishes them, in
+			// the streams' account. Kept a week, far past any restart of the issuer.
+			Name:        StreamAdvisories,
+			Description: "advisories: messages of OTP_REQUESTS given up after their deliveries",
+			Subjects:    []string{MaxDeliveriesAdvisory(StreamRequests, "*")},
+			Retention:   jetstream.LimitsPolicy,
+			MaxAge:      7 * 24 * time.Hour,
+			MaxBytes:    64 << 20,
+			Discard:     jetstream.DiscardOld,
+			Duplicates:  DuplicateWindow,
+			Storage:     jetstream.FileStorage,
 			Replicas:    r,
 		},
 		{
@@ -315,6 +362,7 @@ func ConsumerConfigs(o StreamOptions) []StreamConsumer {
 		{StreamEvents, ErasureConsumer(ConsumerIssuer)},
 		{StreamEvents, ErasureConsumer(ConsumerDispatcher)},
 		{StreamEvents, ErasureConsumer(ConsumerVerifier)},
+		{StreamAdvisories, IssuerExhaustedConsumer},
 	}...)
 }
 

@@ -60,13 +60,6 @@ type ConsumeConfig struct {
 	// waits for the neighbour with the deliveries held. Without it, such failures are
 	// blamed on the messages.
 	Healthy func(context.Context) error
-	// DeadLetterExhausted dead-letters a message the server gave up on after MaxDeliver
-	// deliveries without the handler settling its last one (exhausted.go): one the client
-	// never handed over (an empty body with a Status header, which an app can publish),
-	// or one whose process stopped on its last delivery. The service's NATS identity must
-	// be able to subscribe to MaxDeliveriesAdvisory of its durable and read its stream's
-	// messages by sequence (deploy/nats gives the issuer both).
-	DeadLetterExhausted bool
 	// JS publishes dead letters; DeadLetters seals them. Without a DLQ key a dead letter
 	// is never written: the delivery is retried instead (ErrNoDLQKey).
 	JS          jetstream.JetStream
@@ -201,13 +194,6 @@ func registerOnce[T prometheus.Collector](reg prometheus.Registerer, v T) T {
 // that is down are put back at once.
 func (c *Consumer) Run(ctx context.Context, handle BatchHandler) error {
 	size, prefetch := c.cfg.BatchSize, c.cfg.Prefetch
-	if c.cfg.DeadLetterExhausted {
-		x, err := c.watchExhausted(ctx)
-		if err != nil {
-			return fmt.Errorf("consume: %w", err)
-		}
-		defer x.stop(10 * time.Second)
-	}
 	// Room for everything Consume may have pulled while a batch is in hand, so the
 	// delivery callback (which also sees heartbeats) does not block.
 	buf := make(chan *Delivery, 2*prefetch+1)
@@ -287,7 +273,7 @@ func (c *Consumer) Run(ctx context.Context, handle BatchHandler) error {
 			// stored message with an empty body and a Status header of its own looks like
 			// one: an app can publish that. Pull again, so no message stops a consumer;
 			// the server gives such a message up after MaxDeliver (it never reaches the
-			// handler) and, with DeadLetterExhausted, it is dead-lettered then.
+			// handler) and RunExhausted dead-letters it then.
 			var cause error
 			if p := stopErr.Load(); p != nil {
 				cause = *p

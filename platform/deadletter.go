@@ -155,3 +155,21 @@ func (c *Consumer) publishDeadLetter(ctx context.Context, d *Delivery, tenant, r
 	}
 	return nil
 }
+
+// PublishDeadLetterOf copies m, read from stream, to otp.dlq.<tenant>, sealed, as
+// consumer gives it up for reason: for a message a consumer holds no delivery of (read
+// by sequence). id is its Nats-Msg-Id: "dlq:<stream>:<seq>" as a delivery's, or more,
+// when the message was dead-lettered before and must be again within the duplicate
+// window.
+func PublishDeadLetterOf(ctx context.Context, js jetstream.JetStream, dls *DeadLetters, consumer, tenant, stream string, m *jetstream.RawStreamMsg, reason, id string) error {
+	dl, err := dls.sealDeadLetter(consumer, tenant, m.Subject, m.Header, m.Data,
+		Meta{Stream: stream, Sequence: m.Sequence, NumDelivered: 1, Timestamp: m.Time}, reason)
+	if err != nil {
+		return err
+	}
+	dl.Header.Set(jetstream.MsgIDHeader, id)
+	if _, err := js.PublishMsg(ctx, dl); err != nil {
+		return fmt.Errorf("dead-letter %s: %w", id, err)
+	}
+	return nil
+}

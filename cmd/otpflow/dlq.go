@@ -141,7 +141,7 @@ func dlqCommand(ctx context.Context, args []string, getenv func(string) string, 
 
 	switch args[0] {
 	case "list":
-		return 0, d.each(ctx, 0, func(m *jetstream.RawStreamMsg) error {
+		return 0, d.each(ctx, 0, from, func(m *jetstream.RawStreamMsg) error {
 			h := m.Header
 			if !ofConsumer(*consumer, h.Get(events.HeaderDLQConsumer)) ||
 				*reason != "" && !strings.Contains(strings.ToLower(h.Get(events.HeaderDLQReason)), strings.ToLower(*reason)) ||
@@ -160,7 +160,7 @@ func dlqCommand(ctx context.Context, args []string, getenv func(string) string, 
 		act = d.drop
 	}
 	failed := 0
-	err = d.each(ctx, seq, func(m *jetstream.RawStreamMsg) error {
+	err = d.each(ctx, seq, time.Time{}, func(m *jetstream.RawStreamMsg) error {
 		if !ofConsumer(*consumer, m.Header.Get(events.HeaderDLQConsumer)) {
 			return nil
 		}
@@ -194,9 +194,10 @@ type dlq struct {
 	stdout io.Writer
 }
 
-// each calls fn with the entry at seq, or with every entry in order when seq is 0. It
-// reads by sequence ($JS.API.STREAM.MSG.GET): OTP_DLQ does not allow direct gets.
-func (d *dlq) each(ctx context.Context, seq uint64, fn func(*jetstream.RawStreamMsg) error) error {
+// each calls fn with the entry at seq, or with every entry stored since from (all of
+// them when from is zero), in order, when seq is 0: one entry by sequence
+// ($JS.API.STREAM.MSG.GET), the rest by batched direct gets (platform.ScanStream).
+func (d *dlq) each(ctx context.Context, seq uint64, from time.Time, fn func(*jetstream.RawStreamMsg) error) error {
 	if seq != 0 {
 		m, err := d.st.GetMsg(ctx, seq)
 		if errors.Is(err, jetstream.ErrMsgNotFound) {
@@ -207,31 +208,13 @@ func (d *dlq) each(ctx context.Context, seq uint64, fn func(*jetstream.RawStream
 		}
 		return fn(m)
 	}
-	info, err := d.st.Info(ctx)
-	if err != nil {
-		return err
-	}
-	if info.State.Msgs == 0 {
-		return nil
-	}
-	for s := info.State.FirstSeq; s <= info.State.LastSeq; s++ {
-		m, err := d.st.GetMsg(ctx, s)
-		if errors.Is(err, jetstream.ErrMsgNotFound) {
-			continue // deleted (a redrive, a drop, an erasure)
-		}
-		if err != nil {
-			return fmt.Errorf("read %s %d: %w", events.StreamDLQ, s, err)
-		}
-		if err := fn(m); err != nil {
-			return err
-		}
-	}
-	return nil
+	_, err := platform.ScanStream(ctx, d.js, events.StreamDLQ, platform.Scan{Since: from}, fn)
+	return err
 }
 
 // show prints the entry at seq opened: the original's subject, headers and body.
 func (d *dlq) show(ctx context.Context, seq uint64) (int, error) {
-	err := d.each(ctx, seq, func(m *jetstream.RawStreamMsg) error {
+	err := d.each(ctx, seq, time.Time{}, func(m *jetstream.RawStreamMsg) error {
 		orig, err := platform.OpenDeadLetter(d.sealer, m.Header, m.Data)
 		if err != nil {
 			return fmt.Errorf("open %s %d: %w", events.StreamDLQ, seq, err)
@@ -353,18 +336,24 @@ func (d *dlq) redriveEvent(ctx context.Context, m *jetstream.RawStreamMsg, orig 
 	if err != nil || seq == 0 {
 		return fmt.Errorf("%s %q is not a sequence (the entry stays)", events.HeaderDLQSequence, m.Header.Get(events.HeaderDLQSequence))
 	}
-	var stored *jetstream.RawStreamMsg
-	if _, err := platform.ScanStream(ctx, d.js, events.StreamEvents, platform.Scan{From: seq}, func(s *jetstream.RawStreamMsg) error {
-		stored = s
-		return platform.ErrStopScan
-	}); err != nil {
-		return fmt.Errorf("read %s %d: %w (the entry stays)", events.StreamEvents, seq, err)
-	}
 	id := nats.Header(orig.Header).Get(events.HeaderID)
+	if id == "" {
+		return fmt.Errorf("the original has no %s, which the auditor names it by: not redriven; drop it (the entry stays)", events.HeaderID)
+	}
+	if typ, _, _ := events.SplitSubject(orig.Subject); typ == events.TypeErasureRequested {
+		return fmt.Errorf("an erasure request is not chained late: run otpflow erase for the person again (dlq show names them), then drop it")
+	}
+	st, err := d.js.Stream(ctx, events.StreamEvents)
+	if err != nil {
+		return fmt.Errorf("%s: %w (the entry stays)", events.StreamEvents, err)
+	}
+	stored, err := st.GetMsg(ctx, seq)
 	switch {
-	case stored == nil || stored.Sequence != seq:
+	case errors.Is(err, jetstream.ErrMsgNotFound):
 		return fmt.Errorf("%s no longer holds sequence %d: nothing to redrive; drop it", events.StreamEvents, seq)
-	case id == "" || stored.Subject != orig.Subject || stored.Header.Get(events.HeaderID) != id || !bytes.Equal(stored.Data, orig.Data):
+	case err != nil:
+		return fmt.Errorf("read %s %d: %w (the entry stays)", events.StreamEvents, seq, err)
+	case stored.Subject != orig.Subject || stored.Header.Get(events.HeaderID) != id || !bytes.Equal(stored.Data, orig.Data):
 		return fmt.Errorf("%s %d is not the entry's original (the entry stays)", events.StreamEvents, seq)
 	}
 	if _, err := auditor.ToRow(nil, nil, stored.Sequence, stored.Time, stored.Subject, stored.Header, stored.Data); err != nil {

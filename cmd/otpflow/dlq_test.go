@@ -22,6 +22,12 @@ import (
 // returns the entry's sequence.
 func (w *world) deadLetterOf(t *testing.T, js jetstream.JetStream, consumer, stream string, seq uint64, orig *nats.Msg, rcpt, reason string) uint64 {
 	t.Helper()
+	return w.deadLetterOfID(t, js, fmt.Sprintf("dlq:%s:%d", stream, seq), consumer, stream, seq, orig, rcpt, reason)
+}
+
+// deadLetterOfID is deadLetterOf under message id id (two entries of one original).
+func (w *world) deadLetterOfID(t *testing.T, js jetstream.JetStream, id, consumer, stream string, seq uint64, orig *nats.Msg, rcpt, reason string) uint64 {
+	t.Helper()
 	sealer, err := platform.LoadDLQKey(w.getenv)
 	testenv.Must(t, err, "dlq key")
 	_, tenant, err := events.SplitSubject(orig.Subject)
@@ -31,7 +37,7 @@ func (w *world) deadLetterOf(t *testing.T, js jetstream.JetStream, consumer, str
 	m := nats.NewMsg(events.TypeDLQ.Subject(tenant))
 	m.Data, err = json.Marshal(sealed)
 	testenv.Must(t, err, "marshal")
-	m.Header.Set(jetstream.MsgIDHeader, fmt.Sprintf("dlq:%s:%d", stream, seq))
+	m.Header.Set(jetstream.MsgIDHeader, id)
 	m.Header.Set(events.HeaderDLQReason, reason)
 	m.Header.Set(events.HeaderDLQSubject, orig.Subject)
 	m.Header.Set(events.HeaderDLQConsumer, consumer)
@@ -109,13 +115,47 @@ func TestDLQOperatorWorksDeadLetters(t *testing.T) {
 	seqJob := w.deadLetterOf(t, a.js, events.ConsumerDispatcher, events.StreamDispatch, jobSeq, job, ana, "dispatcher: deliveries exhausted: timeout")
 	seqCode := w.deadLetterOf(t, a.js, events.ConsumerVerifier, events.StreamChallenges, codeSeq, code, ana, "verifier: projection refused it")
 	seqEvent := w.deadLetterOf(t, a.js, events.ConsumerAuditor, events.StreamEvents, issuedSeq, issued, ana, "auditor: cannot store")
-	// Events no redrive mends: the verifier's projection's and an erasure consumer's, and
-	// an auditor's entry whose sealed original is not what OTP_EVENTS holds there.
+	// Events no redrive mends: the verifier's projection's and an erasure consumer's; an
+	// auditor's entry whose sealed original is not what OTP_EVENTS holds there (its body
+	// altered, or another event's sequence), one that OTP_EVENTS no longer holds, and an
+	// erasure request (asked again, not done late).
+	delivered, deliveredSeq := stored(t, a.js, events.StreamEvents, "otp.delivered.acme")
 	seqProjected := w.deadLetterOf(t, a.js, events.ConsumerVerifier, events.StreamEvents, issuedSeq+1<<29, issued, ana, "verifier: refused")
 	seqErasure := w.deadLetterOf(t, a.js, events.ErasureConsumer(events.ConsumerDispatcher).Durable, events.StreamEvents, issuedSeq+1<<30, issued, ana, "dispatcher-erasure: refused")
-	altered := &nats.Msg{Subject: issued.Subject, Header: issued.Header, Data: bytes.Replace(issued.Data, []byte(`"dl-1"`), []byte(`"dl-X"`), 1)}
-	seqAltered := w.deadLetterOf(t, a.js, events.ConsumerAuditor, events.StreamEvents, issuedSeq+1<<31, altered, ana, "auditor: cannot store")
-	seqMoved := w.deadLetterOf(t, a.js, events.ConsumerAuditor, events.StreamEvents, issuedSeq+1, altered, ana, "auditor: cannot store")
+	altered := &nats.Msg{Subject: delivered.Subject, Header: delivered.Header, Data: bytes.Replace(delivered.Data, []byte(`"dl-1"`), []byte(`"dl-X"`), 1)}
+	seqAltered := w.deadLetterOf(t, a.js, events.ConsumerAuditor, events.StreamEvents, deliveredSeq, altered, ana, "auditor: cannot store")
+	seqMoved := w.deadLetterOfID(t, a.js, "moved", events.ConsumerAuditor, events.StreamEvents, deliveredSeq, issued, ana, "auditor: cannot store")
+	seqGone := w.deadLetterOf(t, a.js, events.ConsumerAuditor, events.StreamEvents, issuedSeq+1<<31, issued, ana, "auditor: cannot store")
+	erasureReq, err := events.NewMsg(events.TypeErasureRequested, "acme", "erasure:dl", "", events.ErasureRequested{ErasureID: "5f0c8e1a-2b3d-4c5e-8f90-a1b2c3d4e5f6",
+		Tenant: "acme", RecipientHashes: []string{ana}, RequestedAt: time.Now().UTC()}, events.Envelope{Source: "otpflow/cli"})
+	testenv.Must(t, err, "erasure request")
+	seqErasureReq := w.deadLetterOf(t, a.js, events.ConsumerAuditor, events.StreamEvents, issuedSeq+1<<32, erasureReq, ana, "auditor: refused")
+	// And two the auditor gave up itself: one it cannot keep, and one the database
+	// refused (a constraint, removed once the dead letter is there: the cause fixed).
+	_, err = db.Exec(ctx, `ALTER TABLE audit.events ADD CONSTRAINT test_dl9 CHECK (request_id <> 'dl-9')`)
+	testenv.Must(t, err, "a constraint the event breaks")
+	for _, ev := range []struct{ id, body string }{{"undecodable", `{"challenge_id":`}, {"dl-9", `{"challenge_id":"c-9","tenant":"acme","request_id":"dl-9"}`}} {
+		m, err := events.NewMsg(events.TypeVerified, "acme", ev.id, "", json.RawMessage(`{}`), events.Envelope{Source: "test"})
+		testenv.Must(t, err, "event %s", ev.id)
+		m.Data = []byte(ev.body)
+		_, err = a.js.PublishMsg(ctx, m)
+		testenv.Must(t, err, "publish %s", ev.id)
+	}
+	var seqUndecodable, seqMissing uint64
+	testenv.Eventually(t, 30*time.Second, "the auditor's two dead letters", func() bool {
+		seqUndecodable, seqMissing = 0, 0
+		for _, m := range testenv.Messages(t, a.js, events.StreamDLQ, "") {
+			switch r := m.Header.Get(events.HeaderDLQReason); {
+			case strings.HasPrefix(r, "auditor: ") && strings.Contains(r, "test_dl9"):
+				seqMissing = m.Sequence
+			case m.Header.Get(events.HeaderDLQConsumer) == events.ConsumerAuditor && m.Header.Get(events.HeaderDLQDelivered) != "10":
+				seqUndecodable = m.Sequence
+			}
+		}
+		return seqUndecodable != 0 && seqMissing != 0
+	})
+	_, err = db.Exec(ctx, `ALTER TABLE audit.events DROP CONSTRAINT test_dl9`)
+	testenv.Must(t, err, "fix the cause")
 	// And of what never was: the lost request, and a code the verifier never saw.
 	seqLost := w.deadLetterOf(t, a.js, events.ConsumerIssuer, events.StreamRequests, lostAck.Sequence, lost, bea, "issuer: poison rule")
 	pepper, err := keys.ParsePepper(w.env["OTP_CODE_PEPPER"])
@@ -132,7 +172,7 @@ func TestDLQOperatorWorksDeadLetters(t *testing.T) {
 
 	// list: one line per entry, no address; the filters.
 	_, out := w.cli(t, "dlq", "list")
-	if lines := strings.Split(strings.TrimSpace(out), "\n"); len(lines) != 10 {
+	if lines := strings.Split(strings.TrimSpace(out), "\n"); len(lines) != 14 {
 		t.Fatalf("list: %d lines:\n%s", len(lines), out)
 	}
 	for _, want := range []string{fmt.Sprintf("%d\t", seqReq), "\tissuer\totp.requested.acme\t" + ana + "\tissuer: database refused it",
@@ -152,7 +192,7 @@ func TestDLQOperatorWorksDeadLetters(t *testing.T) {
 	if _, out := w.cli(t, "dlq", "list", "--reason", "POISON"); strings.Count(out, "\n") != 1 || !strings.HasPrefix(out, fmt.Sprint(seqLost)+"\t") {
 		t.Errorf("list --reason POISON:\n%s", out)
 	}
-	if _, out := w.cli(t, "dlq", "list", "--since", "1h"); strings.Count(out, "\n") != 10 {
+	if _, out := w.cli(t, "dlq", "list", "--since", "1h"); strings.Count(out, "\n") != 14 {
 		t.Errorf("list --since 1h:\n%s", out)
 	}
 	if _, out := w.cli(t, "dlq", "list", "--since", time.Now().Add(time.Hour).Format(time.RFC3339)); out != "" {
@@ -172,6 +212,12 @@ func TestDLQOperatorWorksDeadLetters(t *testing.T) {
 		!strings.Contains(out, fmt.Sprintf("otp.issued.acme, consumer auditor) redriven: OTP_EVENTS %d, by OTP_EVENTS ", issuedSeq)) {
 		t.Fatalf("redrive of the auditor's event: exit %d, %s", c, out)
 	}
+	// The event the database refused, now that it takes it: its row, under its own
+	// sequence, once.
+	if c, out := w.cli(t, "dlq", "redrive", fmt.Sprint(seqMissing)); c != 0 || !strings.Contains(out, "otp.verified.acme, consumer auditor) redriven") {
+		t.Fatalf("redrive of the event the auditor gave up: exit %d, %s", c, out)
+	}
+	testenv.Eventually(t, 30*time.Second, "the redriven event chained", func() bool { return len(auditTypes(t, db, "acme", "dl-9")) == 1 })
 	// The events no redrive mends are refused, naming what to do, and stay.
 	for _, tc := range []struct {
 		seq  uint64
@@ -179,8 +225,11 @@ func TestDLQOperatorWorksDeadLetters(t *testing.T) {
 	}{
 		{seqProjected, "an original of OTP_EVENTS read by verifier is not redriven"},
 		{seqErasure, "run otpflow erase for the person again"},
-		{seqAltered, "no longer holds sequence"},
+		{seqAltered, "is not the entry's original"},
 		{seqMoved, "is not the entry's original"},
+		{seqGone, "no longer holds sequence"},
+		{seqErasureReq, "an erasure request is not chained late"},
+		{seqUndecodable, "the auditor still cannot keep"},
 	} {
 		if c, err := run(ctx, []string{"dlq", "redrive", fmt.Sprint(tc.seq)}, w.getenv, &strings.Builder{}, &strings.Builder{}); c != 1 ||
 			err == nil || !strings.Contains(err.Error(), tc.want) {
@@ -215,10 +264,10 @@ func TestDLQOperatorWorksDeadLetters(t *testing.T) {
 	if n := len(testenv.Messages(t, a.js, events.StreamChallenges, events.TypeChallengeSuperseded.Subject("acme"))); n != 0 {
 		t.Fatalf("the planted entry put %d supersessions on OTP_CHALLENGES", n)
 	}
-	if _, out := w.cli(t, "dlq", "list"); strings.Count(out, "\n") != 8 {
+	if _, out := w.cli(t, "dlq", "list"); strings.Count(out, "\n") != 11 {
 		t.Fatalf("after the redrives, list:\n%s", out)
 	}
-	if c, out := w.cli(t, "dlq", "drop", "--all"); c != 0 || strings.Count(out, "dropped") != 8 {
+	if c, out := w.cli(t, "dlq", "drop", "--all"); c != 0 || strings.Count(out, "dropped") != 11 {
 		t.Fatalf("drop --all: exit %d, %s", c, out)
 	}
 	if _, out := w.cli(t, "dlq", "list"); out != "" {
@@ -257,9 +306,9 @@ func TestDLQOperatorWorksDeadLetters(t *testing.T) {
 	var rows []operatorRow
 	testenv.Eventually(t, 30*time.Second, "the redrives audited", func() bool {
 		rows = operatorRows(t, w.db, "dlq.redrive")
-		return len(rows) == 3
+		return len(rows) == 4
 	})
-	testenv.Eventually(t, 30*time.Second, "the drops audited", func() bool { return len(operatorRows(t, w.db, "dlq.drop")) == 8 })
+	testenv.Eventually(t, 30*time.Second, "the drops audited", func() bool { return len(operatorRows(t, w.db, "dlq.drop")) == 11 })
 	rows = append(rows, operatorRows(t, w.db, "dlq.drop")...)
 	for _, r := range rows {
 		if r.Tenant != "acme" || !strings.HasPrefix(r.Event.Detail, "OTP_DLQ ") || r.HasRecipientHash || r.Masked != "" {

@@ -113,6 +113,15 @@ func TestPipelineUnderIdentities(t *testing.T) {
 	dead.Data = []byte(`{"request_id":"ids-dead","recipient":"dead@example.com","purpose":"login"}`)
 	dead.Header.Set(events.HeaderStreamSource, "OTP_REQUESTS_acme 977 > > otp.requested.acme")
 	entry := w.deadLetterOf(t, issuerJS, "issuer", "OTP_REQUESTS", 4242, dead, "", "issuer: database refused it")
+	// The operator lists the dead letters (in order, by direct gets): this one last.
+	out.Reset()
+	errOut.Reset()
+	code, err = run(context.Background(), []string{"dlq", "list", "--consumer", "issuer"}, as("operator"), &out, &errOut)
+	listed := strings.Split(strings.TrimSpace(out.String()), "\n")
+	if err != nil || code != 0 || !strings.HasPrefix(listed[len(listed)-1], fmt.Sprint(entry)+"\t") ||
+		!strings.Contains(listed[len(listed)-1], "\tissuer\totp.requested.acme\t") {
+		t.Fatalf("dlq list as the operator: exit %d, %v\n%s\n%s", code, err, out.String(), errOut.String())
+	}
 	out.Reset()
 	errOut.Reset()
 	code, err = run(context.Background(), []string{"dlq", "redrive", fmt.Sprint(entry)}, as("operator"), &out, &errOut)

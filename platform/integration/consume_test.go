@@ -373,8 +373,9 @@ func TestConsumerPullsOnPastAMessageThatLooksLikeAStatus(t *testing.T) {
 	var mu sync.Mutex
 	var seen []string
 	c := platform.NewConsumer(e.cons, platform.ConsumeConfig{Name: "settle_test", MaxRetryDelay: 200 * time.Millisecond, JS: e.js,
-		Log: testenv.Logger(io.Discard), Reg: e.reg, DeadLetterExhausted: true, DeadLetters: &platform.DeadLetters{Sealer: e.dlq}})
+		Log: testenv.Logger(io.Discard), Reg: e.reg, DeadLetters: &platform.DeadLetters{Sealer: e.dlq}})
 	ctx, cancel := context.WithCancel(context.Background())
+	exhausted := e.runExhausted(t, ctx, c)
 	ran := make(chan error, 1)
 	go func() {
 		ran <- c.Run(ctx, func(_ context.Context, batch []*platform.Delivery) error {
@@ -423,6 +424,9 @@ func TestConsumerPullsOnPastAMessageThatLooksLikeAStatus(t *testing.T) {
 	if err := <-ran; err != nil {
 		t.Fatalf("run: %v", err)
 	}
+	if err := <-exhausted; err != nil {
+		t.Fatalf("run exhausted: %v", err)
+	}
 	mfs, err := e.reg.Gather()
 	testenv.Must(t, err, "gather")
 	restarts := 0.0
@@ -437,6 +441,95 @@ func TestConsumerPullsOnPastAMessageThatLooksLikeAStatus(t *testing.T) {
 		t.Fatalf("restarts counted: %v", restarts)
 	}
 	t.Logf("handled %v", seen)
+}
+
+// runExhausted has OTP_ADVISORIES keep SETTLE's max deliveries advisories too, as it keeps
+// OTP_REQUESTS's, and runs platform.RunExhausted for settle_test, whose live consumer, if
+// c is set, holds what it holds, until ctx ends; its error comes on the channel.
+func (e *settleEnv) runExhausted(t *testing.T, ctx context.Context, c *platform.Consumer) <-chan error {
+	t.Helper()
+	st, err := e.js.Stream(t.Context(), events.StreamAdvisories)
+	testenv.Must(t, err, "advisories")
+	cfg := st.CachedInfo().Config
+	if advisory := events.MaxDeliveriesAdvisory("SETTLE", "*"); !slices.Contains(cfg.Subjects, advisory) {
+		cfg.Subjects = append(cfg.Subjects, advisory)
+		_, err = e.js.UpdateStream(t.Context(), cfg)
+		testenv.Must(t, err, "capture SETTLE's advisories")
+	}
+	cc := events.IssuerExhaustedConsumer
+	cc.Durable, cc.FilterSubject, cc.AckWait = "settle-exhausted", events.MaxDeliveriesAdvisory("SETTLE", "*"), 2*time.Second
+	cons, err := e.js.CreateOrUpdateConsumer(t.Context(), events.StreamAdvisories, cc)
+	testenv.Must(t, err, "advisory consumer")
+	holds := func(string, uint64) bool { return false }
+	if c != nil {
+		holds = func(durable string, seq uint64) bool { return durable == "settle_test" && c.Holds(seq) }
+	}
+	done := make(chan error, 1)
+	go func() {
+		done <- platform.RunExhausted(ctx, cons, platform.ExhaustedConfig{Consumer: cc, Stream: "SETTLE",
+			Owns: func(d string) bool { return d == "settle_test" }, Holds: holds, JS: e.js,
+			DeadLetters: &platform.DeadLetters{Sealer: e.dlq}, Log: testenv.Logger(io.Discard), Reg: prometheus.NewRegistry()})
+	}()
+	return done
+}
+
+// TestAMessageGivenUpWhileNoServiceListensIsDeadLettered: the process handling a message
+// dies on each of its deliveries, and no process of the service is up when the server
+// gives the message up (on the next pull, which a process that is about to die, or one
+// without the watch, makes): the server's advisory is kept on OTP_ADVISORIES, and the
+// service, once back, dead-letters the message whole, with its consumer and why. An
+// advisory about another durable, and one about a message since deleted, are
+// acknowledged and leave no dead letter. (An advisory heard only on core NATS, by a
+// process that died before it wrote the dead letter, would have been lost.)
+func TestAMessageGivenUpWhileNoServiceListensIsDeadLettered(t *testing.T) {
+	e := newSettleEnv(t, jetstream.ConsumerConfig{AckWait: time.Second, MaxDeliver: 2})
+	// OTP_ADVISORIES takes SETTLE's advisories before anything is given up.
+	stop, cancel := context.WithCancel(t.Context())
+	cancel()
+	<-e.runExhausted(t, stop, nil)
+
+	e.publish(t, "dies-twice", "deleted")
+	other, err := e.js.CreateOrUpdateConsumer(t.Context(), "SETTLE", jetstream.ConsumerConfig{Durable: "other",
+		AckPolicy: jetstream.AckExplicitPolicy, AckWait: time.Second, MaxDeliver: 1, FilterSubject: "settle.acme"})
+	testenv.Must(t, err, "another durable")
+	// Each delivery taken and never settled, as by a process killed while it handled it.
+	// The server gives a message up when a client next pulls, here one whose process
+	// then dies before it dead-letters what it was told (or one with no watch at all).
+	for range 2 {
+		e.fetch(t, 2)
+	}
+	for _, c := range []jetstream.Consumer{e.cons, other, other} {
+		batch, err := c.Fetch(2, jetstream.FetchMaxWait(2*time.Second))
+		testenv.Must(t, err, "fetch")
+		for m := range batch.Messages() {
+			_ = m // not settled
+		}
+	}
+	st, err := e.js.Stream(t.Context(), "SETTLE")
+	testenv.Must(t, err, "settle")
+	testenv.Eventually(t, 30*time.Second, "the advisories kept while nobody listens", func() bool {
+		return len(testenv.Messages(t, e.js, events.StreamAdvisories, "")) == 4
+	})
+	testenv.Must(t, st.DeleteMsg(t.Context(), 2), "delete the second message")
+	if n := len(testenv.Messages(t, e.js, events.StreamDLQ, "")); n != 0 {
+		t.Fatalf("%d dead letters before the service is back", n)
+	}
+
+	ctx, stopRun := context.WithCancel(t.Context())
+	done := e.runExhausted(t, ctx, nil)
+	dl := testenv.WaitMessages(t, e.js, events.StreamDLQ, "otp.dlq.acme", 1, 30*time.Second)
+	if orig := testenv.OpenDeadLetter(t, e.dlq, dl[0]); string(orig.Data) != "dies-twice" || dl[0].Header.Get(events.HeaderDLQConsumer) != "settle_test" ||
+		!strings.Contains(dl[0].Header.Get(events.HeaderDLQReason), "deliveries exhausted (2) with none settled") || dl[0].Header.Get(events.HeaderDLQSequence) != "1" {
+		t.Errorf("dead letter %v of %q", dl[0].Header, orig.Data)
+	}
+	testenv.WaitDrained(t, e.js, events.StreamAdvisories, "settle-exhausted", 4, 30*time.Second)
+	if n := len(testenv.Messages(t, e.js, events.StreamDLQ, "")); n != 1 {
+		t.Errorf("%d dead letters, want the one of settle_test's live message", n)
+	}
+	stopRun()
+	if err := <-done; err != nil {
+		t.Fatalf("run exhausted: %v", err)
+	}
 }
 
 // TestHoldKeepsThePulledMessagesBehindIt: while a batch is held (its neighbour down), the

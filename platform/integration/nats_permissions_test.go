@@ -231,6 +231,9 @@ func TestNATSPermissions(t *testing.T) {
 			denyAPI(t, acme, "STREAM.INFO.OTP_REQUESTS_acme", `{}`)
 			denyAPI(t, acme, "STREAM.MSG.GET.OTP_REQUESTS_globex", `{"seq":1}`)
 			denyAPI(t, acme, "INFO", ``)
+			// Forge the server's word that a request was given up, to have it dead-lettered.
+			denyPublish(t, acme, "$JS.EVENT.ADVISORY.CONSUMER.MAX_DELIVERIES.OTP_REQUESTS.issuer_acme")
+			denyAPI(t, acme, "CONSUMER.MSG.NEXT.OTP_ADVISORIES.issuer-exhausted", `{"batch":1}`)
 		})
 		t.Run(globex.id, func(t *testing.T) {
 			t.Parallel()
@@ -261,6 +264,10 @@ func TestNATSPermissions(t *testing.T) {
 			denyAPI(t, issuer, "STREAM.MSG.DELETE.OTP_REQUESTS_acme", `{"seq":1}`)
 			denyAPI(t, issuer, "STREAM.PURGE.OTP_REQUESTS_globex", `{}`)
 			denyAPI(t, issuer, "STREAM.DELETE.OTP_REQUESTS", ``)
+			denySubscribe(t, issuer, "$JS.EVENT.ADVISORY.>")
+			denyPublish(t, issuer, "$JS.EVENT.ADVISORY.CONSUMER.MAX_DELIVERIES.OTP_REQUESTS.issuer")
+			denyAPI(t, issuer, "CONSUMER.DELETE.OTP_ADVISORIES.issuer-exhausted", ``)
+			denyAPI(t, issuer, "STREAM.PURGE.OTP_ADVISORIES", `{}`)
 		})
 		t.Run(dispatcher.id, func(t *testing.T) {
 			t.Parallel()
@@ -273,6 +280,7 @@ func TestNATSPermissions(t *testing.T) {
 			denyAPI(t, dispatcher, "CONSUMER.MSG.NEXT.OTP_CHALLENGES.verifier", `{"batch":1}`)
 			denyAPI(t, dispatcher, "STREAM.INFO.OTP_REQUESTS", `{}`)
 			denyAPI(t, dispatcher, "CONSUMER.NAMES.OTP_REQUESTS", `{}`)
+			denyAPI(t, dispatcher, "CONSUMER.MSG.NEXT.OTP_ADVISORIES.issuer-exhausted", `{"batch":1}`)
 			denyAPI(t, dispatcher, "STREAM.DELETE.OTP_DISPATCH", ``)
 			denyAPI(t, dispatcher, "CONSUMER.CREATE.OTP_DISPATCH.dispatcher", `{"stream_name":"OTP_DISPATCH","config":{"durable_name":"dispatcher","ack_policy":"none"}}`)
 			denyAPI(t, dispatcher, "CONSUMER.DELETE.OTP_DISPATCH.dispatcher", ``)

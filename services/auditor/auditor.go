@@ -110,7 +110,7 @@ func New(cfg Config, pool *pgxpool.Pool, js jetstream.JetStream, log *slog.Logge
 		}, []string{"type"}),
 		redrives: prometheus.NewCounterVec(prometheus.CounterOpts{
 			Name: "otpflow_auditor_redrives_total",
-			Help: "Redrives of the auditor's dead letters, by outcome: chained (the original's row written), already_chained (it had its row), refused (not the event named, gone, or still not storable).",
+			Help: "Redrives of the auditor's dead letters, by outcome: chained (the original's row written), already_chained (it had its row), refused (not the event named, gone, an erasure request, purged, still not storable, or refused by the database again and back in OTP_DLQ).",
 		}, []string{"outcome"}),
 	}
 	if reg != nil {
@@ -465,29 +465,21 @@ func (s *Service) handleBatch(ctx context.Context, batch []*platform.Delivery) e
 		return nil
 	}
 	// A redrive of an event the auditor gave up brings the original's row (redrive.go).
-	chain, originals, err := s.withRedriven(ctx, rows, data)
+	rb, err := s.prepareRedrives(ctx, rows, data)
 	if err != nil {
 		return err
 	}
-	// The rows and the alerts they raise commit together (raiseAlerts). A failure goes
-	// back to the consumer, which is ordered (see above).
-	var alerts []raisedAlert
-	chained := 0
-	w, err := s.cfg.Chain.AppendThen(ctx, s.pool, chain, func(ctx context.Context, tx pgx.Tx, wrote []*Row) (err error) {
-		chained = 0
-		for _, r := range wrote {
-			if originals[r] {
-				chained++
-			}
-		}
-		alerts, err = s.raiseAlerts(ctx, tx, wrote)
-		return err
-	})
+	w, wrote, alerts, err := s.appendBatch(ctx, rows, rb)
+	if _, refused := platform.RefusedByDatabase(err); refused && len(good) == 1 && rb.giveBack() {
+		// The event alone (the consumer runs a batch it cannot write one event at a
+		// time) is a redrive whose original the database refused again: the reference
+		// is chained alone, and the original goes back to OTP_DLQ.
+		w, wrote, alerts, err = s.appendBatch(ctx, rows, rb)
+	}
 	if err != nil {
 		return fmt.Errorf("write %d audit rows: %w", len(good), err)
 	}
-	s.redrives.WithLabelValues("chained").Add(float64(chained))
-	s.redrives.WithLabelValues("already_chained").Add(float64(len(originals) - chained))
+	s.redrivesSettled(rb, wrote)
 	if w.Rows > 0 {
 		s.anchor.wrote(w)
 	}
@@ -521,6 +513,31 @@ func (s *Service) handleBatch(ctx context.Context, batch []*platform.Delivery) e
 		s.log.Debug("pruned alert windows", "rows", n)
 	}
 	return nil
+}
+
+// appendBatch chains rows, with the originals their redrive references bring (rb), and
+// the alerts the rows raise, in one transaction (raiseAlerts). An original's row raises
+// no alert: its time is past, and the windows count forward.
+func (s *Service) appendBatch(ctx context.Context, rows []*Row, rb *redriveBatch) (Written, []*Row, []raisedAlert, error) {
+	var alerts []raisedAlert
+	var wrote []*Row
+	w, err := s.cfg.Chain.AppendAround(ctx, s.pool, rb.chain(rows), s.redriveBefore(rb), func(ctx context.Context, tx pgx.Tx, written []*Row) (err error) {
+		wrote = written
+		current := make([]*Row, 0, len(written))
+		for _, r := range written {
+			if rb.originals[r] == nil {
+				current = append(current, r)
+			}
+		}
+		if alerts, err = s.raiseAlerts(ctx, tx, current); err != nil {
+			return err
+		}
+		return s.redriveThen(ctx, rb)
+	})
+	if err != nil {
+		return Written{}, nil, nil, err
+	}
+	return w, wrote, alerts, nil
 }
 
 // raiseAlerts adds the rows just written in tx to the alert windows and publishes the

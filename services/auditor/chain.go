@@ -105,6 +105,16 @@ func (c *Chain) Append(ctx context.Context, pool *pgxpool.Pool, rows []*Row) (Wr
 // one log run it one at a time, each after the last one's commit. An error from then
 // rolls the batch back.
 func (c *Chain) AppendThen(ctx context.Context, pool *pgxpool.Pool, rows []*Row, then func(ctx context.Context, tx pgx.Tx, wrote []*Row) error) (Written, error) {
+	return c.AppendAround(ctx, pool, rows, nil, then)
+}
+
+// AppendAround is AppendThen, with before run first in the same transaction, once the
+// head is locked (so after every writer before it has committed, and before any after
+// it): it returns the rows to write in place of rows (it may leave some out or change
+// their erasable columns, which the chain holds only through their digest). Nil: rows.
+func (c *Chain) AppendAround(ctx context.Context, pool *pgxpool.Pool, rows []*Row,
+	before func(ctx context.Context, tx pgx.Tx, rows []*Row) ([]*Row, error),
+	then func(ctx context.Context, tx pgx.Tx, wrote []*Row) error) (Written, error) {
 	var written Written
 	keyID := c.KeyID()
 	key, err := c.key(keyID)
@@ -117,6 +127,13 @@ func (c *Chain) AppendThen(ctx context.Context, pool *pgxpool.Pool, rows []*Row,
 		var head []byte
 		if err := tx.QueryRow(ctx, `SELECT pos, hash FROM audit.lock_head()`).Scan(&pos, &head); err != nil {
 			return fmt.Errorf("chain head: %w", err)
+		}
+		rows := rows
+		if before != nil {
+			var err error
+			if rows, err = before(ctx, tx, rows); err != nil {
+				return err
+			}
 		}
 		seqs := make([]int64, len(rows))
 		for i, r := range rows {

@@ -1,9 +1,11 @@
 package auditor
 
 import (
+	"cmp"
 	"context"
 	"errors"
 	"fmt"
+	"slices"
 
 	"github.com/jackc/pgx/v5"
 	"github.com/nats-io/nats.go/jetstream"
@@ -11,27 +13,72 @@ import (
 	"github.com/otpflow/otpflow/platform"
 )
 
-// A redrive of the auditor's dead letter (`otpflow dlq redrive` of an OTP_EVENTS entry of
-// consumer "auditor") is an otp.operator_action "dlq.redrive" that names the event by its
-// stream sequence and ce-id (events.RedriveRef), not a copy of it: a copy would be a new
-// OTP_EVENTS message, audited a second time. The auditor chains the reference's own row,
-// and just before it the original's row, read from the stream under the original's own
-// sequence, so that the anchored verification, which asks every sequence for its row,
-// finds it there. A sequence that has its row already gets none: a redrive of what was
-// chained, or the same redrive redelivered, adds nothing but the operator's row.
+// A redrive of the auditor's dead letter (`otpflow dlq redrive`, an OTP_EVENTS entry of
+// consumer "auditor") reaches it as an otp.operator_action "dlq.redrive" that names the
+// event by its stream sequence and ce-id (events.RedriveRef), not a copy of it: a copy
+// would be a new OTP_EVENTS message, audited a second time. The auditor chains the
+// reference's own row, and just before it the original's row, read from the stream under
+// the original's own sequence, so that the anchored verification, which asks every
+// sequence for its row, finds it there. A sequence that has its row already gets none: a
+// redrive of what was chained, or the same redrive redelivered, adds nothing but the
+// operator's row.
+//
+// The original's row is what it would have been, had it been chained in its turn and
+// erased then: a person erased after the original's place in the stream (by subject
+// hash, or through one of their challenges) is left out of it, as a replay leaves them
+// out (Erasures). That is decided under the chain head's lock, so no erasure commits
+// between the decision and the row. What the original's row cannot do: raise an alert
+// (its time is past), or be an erasure request (its erasure would be done late and out
+// of order: the operator runs `otpflow erase` again). A sequence a purge has cut is not
+// chained again. When the database refuses the original again, the reference's row is
+// chained alone and the original goes back to OTP_DLQ.
 
-// redriveRefused is why a reference is not followed; the reference's row is chained all
-// the same (the operator asked), and the dead letter is gone, so it is logged and counted.
+// redriven is one original a reference brings.
+type redriven struct {
+	row *Row                    // the original's row
+	msg *jetstream.RawStreamMsg // the original
+	ref *Row                    // the reference's row
+}
+
+// redriveBatch is what a batch's redrive references bring: the originals to chain, and
+// the references not followed, with why (logged and counted once the batch commits).
+type redriveBatch struct {
+	originals map[*Row]*redriven
+	refused   map[*Row]string
+	again     []*redriven // refused by the database again: back to OTP_DLQ
+}
+
+// redriveRefused is why a reference is not followed; its row is chained all the same
+// (the operator asked).
 type redriveRefused struct{ why string }
 
 func (e *redriveRefused) Error() string { return e.why }
 
-// redriveOriginal returns the row of the original that r, a chained-to-be row, asks the
+// prepareRedrives finds the redrive references among rows (their bodies in data) that
+// name the auditor and reads each original from the stream. A stream that cannot be
+// read fails with platform.ErrUnavailable: the batch is held, not blamed.
+func (s *Service) prepareRedrives(ctx context.Context, rows []*Row, data [][]byte) (*redriveBatch, error) {
+	b := &redriveBatch{originals: map[*Row]*redriven{}, refused: map[*Row]string{}}
+	for i, r := range rows {
+		orig, err := s.redriveOriginal(ctx, r, data[i])
+		var refused *redriveRefused
+		switch {
+		case errors.As(err, &refused):
+			b.refused[r] = refused.why
+		case err != nil:
+			return nil, fmt.Errorf("%w: %w", platform.ErrUnavailable, err)
+		case orig != nil:
+			b.originals[orig.row] = orig
+		}
+	}
+	return b, nil
+}
+
+// redriveOriginal returns the original that r, a row about to be chained, asks the
 // auditor to chain, or nil when r is no redrive of the auditor's. It fails with a
-// *redriveRefused when the reference cannot be followed (not the named event, gone from
-// the stream, of another tenant, or still one the log cannot keep), and with another
-// error when the stream could not be read (the batch is tried again).
-func (s *Service) redriveOriginal(ctx context.Context, r *Row, data []byte) (*Row, error) {
+// *redriveRefused when the reference cannot be followed, and with another error when
+// the stream could not be read.
+func (s *Service) redriveOriginal(ctx context.Context, r *Row, data []byte) (*redriven, error) {
 	if r.Type != string(events.TypeOperatorAction) {
 		return nil, nil
 	}
@@ -42,96 +89,221 @@ func (s *Service) redriveOriginal(ctx context.Context, r *Row, data []byte) (*Ro
 	if ref.Stream != events.StreamEvents || ref.StreamSeq == 0 || ref.StreamSeq >= r.StreamSeq {
 		return nil, &redriveRefused{fmt.Sprintf("the redrive names %s %d, not an earlier %s event", ref.Stream, ref.StreamSeq, events.StreamEvents)}
 	}
-	var orig *jetstream.RawStreamMsg
-	_, err := platform.ScanStream(ctx, s.js, events.StreamEvents, platform.Scan{From: ref.StreamSeq}, func(m *jetstream.RawStreamMsg) error {
-		orig = m
-		return platform.ErrStopScan
-	})
+	st, err := s.js.Stream(ctx, events.StreamEvents)
+	if err != nil {
+		return nil, err
+	}
+	orig, err := st.GetMsg(ctx, ref.StreamSeq)
+	if errors.Is(err, jetstream.ErrMsgNotFound) {
+		return nil, &redriveRefused{fmt.Sprintf("%s no longer holds sequence %d", events.StreamEvents, ref.StreamSeq)}
+	}
 	if err != nil {
 		return nil, fmt.Errorf("read %s %d for a redrive: %w", events.StreamEvents, ref.StreamSeq, err)
-	}
-	if orig == nil || orig.Sequence != ref.StreamSeq {
-		return nil, &redriveRefused{fmt.Sprintf("%s no longer holds sequence %d", events.StreamEvents, ref.StreamSeq)}
 	}
 	if id := orig.Header.Get(events.HeaderID); id != ref.EventID {
 		return nil, &redriveRefused{fmt.Sprintf("%s %d is not event %q", events.StreamEvents, ref.StreamSeq, ref.EventID)}
 	}
 	row, err := ToRow(s.cfg.RecipientKey, s.cfg.Subjects, orig.Sequence, orig.Time, orig.Subject, orig.Header, orig.Data)
-	if err != nil {
+	switch {
+	case err != nil:
 		return nil, &redriveRefused{fmt.Sprintf("%s %d still cannot be kept: %v", events.StreamEvents, ref.StreamSeq, err)}
-	}
-	if row.Tenant != r.Tenant {
+	case row.Tenant != r.Tenant:
 		return nil, &redriveRefused{fmt.Sprintf("%s %d is not an event of tenant %s", events.StreamEvents, ref.StreamSeq, r.Tenant)}
+	case row.Type == string(events.TypeErasureRequested):
+		return nil, &redriveRefused{fmt.Sprintf("%s %d is an erasure request: not chained late (run otpflow erase again)", events.StreamEvents, ref.StreamSeq)}
 	}
-	if err := s.eraseRedriven(ctx, &row); err != nil {
-		return nil, err
-	}
-	return &row, nil
+	return &redriven{row: &row, msg: orig, ref: r}, nil
 }
 
-// eraseRedriven clears the personal data of row, an event chained late by a redrive, when
-// an erasure of its person was chained after its place in the stream: the row is written
-// as it would have been had it been chained in its turn and erased then (as a replay
-// rebuilds it, Erasures). Its person is found as the erasure finds them: by the subject
-// hash of the row (recipient or counted subject), or through its challenge, when a row of
-// that challenge was erased. The chain digest is kept; only the erasable columns go.
-func (s *Service) eraseRedriven(ctx context.Context, row *Row) error {
-	if row.RecipientHash == nil && row.PII == nil {
-		return nil // nothing to erase
+// chain returns rows with each original just before its reference, leaving out those
+// given back to OTP_DLQ.
+func (b *redriveBatch) chain(rows []*Row) []*Row {
+	out := make([]*Row, 0, len(rows)+len(b.originals))
+	for _, r := range rows {
+		for _, o := range b.originals {
+			if o.ref == r && !slices.Contains(b.again, o) {
+				out = append(out, o.row)
+			}
+		}
+		out = append(out, r)
 	}
-	rows, err := s.pool.Query(ctx, `SELECT stream_seq, subject, payload FROM audit.events
-		WHERE tenant = $1 AND type = $2 AND stream_seq > $3 AND chain_pos IS NOT NULL ORDER BY stream_seq`,
-		row.Tenant, string(events.TypeErasureRequested), int64(row.StreamSeq))
+	return out
+}
+
+// giveBack leaves the originals out of the batch, to go back to OTP_DLQ: the database
+// refused one of them again. It reports whether there were any.
+func (b *redriveBatch) giveBack() bool {
+	for _, o := range b.originals {
+		if !slices.Contains(b.again, o) {
+			b.again = append(b.again, o)
+		}
+	}
+	return len(b.again) > 0
+}
+
+// before is the batch's AppendAround step, under the chain head's lock: it leaves out an
+// original a purge has cut, and erases from the others what a later erasure took.
+func (s *Service) redriveBefore(b *redriveBatch) func(ctx context.Context, tx pgx.Tx, rows []*Row) ([]*Row, error) {
+	return func(ctx context.Context, tx pgx.Tx, rows []*Row) ([]*Row, error) {
+		if len(b.originals) == 0 {
+			return rows, nil
+		}
+		// What checkEvents asks for starts at the lowest sequence left after a purge:
+		// below it, the log keeps no row, and a redrive does not put one back.
+		var purgedBelow int64
+		if err := tx.QueryRow(ctx, `SELECT CASE WHEN EXISTS (SELECT 1 FROM audit.checkpoints)
+			THEN coalesce((SELECT min(stream_seq) FROM audit.events), 0) ELSE 0 END`).Scan(&purgedBelow); err != nil {
+			return nil, fmt.Errorf("purged sequences: %w", err)
+		}
+		out := rows[:0:0]
+		for _, r := range rows {
+			if o := b.originals[r]; o != nil && int64(r.StreamSeq) < purgedBelow {
+				b.refused[o.ref] = fmt.Sprintf("%s %d is before what a purge left of the log", events.StreamEvents, r.StreamSeq)
+				delete(b.originals, r)
+				continue
+			}
+			out = append(out, r)
+		}
+		if err := s.eraseRedriven(ctx, tx, b); err != nil {
+			return nil, err
+		}
+		return out, nil
+	}
+}
+
+// eraseRedriven clears the erasable columns of each original whose person an erasure
+// chained after it took, as a replay does (Erasures): by the original's own subject
+// hash, or through its challenge, when a row of that challenge (the log's, read again
+// from the stream, where the hash still is, or another original of the batch) names a
+// person erased after that row. The chain digest is kept.
+func (s *Service) eraseRedriven(ctx context.Context, tx pgx.Tx, b *redriveBatch) error {
+	type erasureRow struct {
+		seq     uint64
+		subject string
+		payload []byte
+	}
+	erasuresOf := map[string][]erasureRow{} // by tenant
+	for _, o := range b.originals {
+		if _, ok := erasuresOf[o.row.Tenant]; ok {
+			continue
+		}
+		rows, err := tx.Query(ctx, `SELECT stream_seq, subject, payload FROM audit.events
+			WHERE tenant = $1 AND type = $2 AND chain_pos IS NOT NULL ORDER BY stream_seq`,
+			o.row.Tenant, string(events.TypeErasureRequested))
+		if err != nil {
+			return fmt.Errorf("erasures: %w", err)
+		}
+		var list []erasureRow
+		var e erasureRow
+		var seq int64
+		if _, err := pgx.ForEachRow(rows, []any{&seq, &e.subject, &e.payload}, func() error {
+			e.seq = uint64(seq)
+			list = append(list, e)
+			return nil
+		}); err != nil {
+			return fmt.Errorf("erasures: %w", err)
+		}
+		erasuresOf[o.row.Tenant] = list
+	}
+	st, err := s.js.Stream(ctx, events.StreamEvents)
 	if err != nil {
-		return fmt.Errorf("erasures after %d: %w", row.StreamSeq, err)
+		return fmt.Errorf("%w: %w", platform.ErrUnavailable, err)
 	}
-	es := NewErasures()
-	var seq int64
-	var subject string
-	var payload []byte
-	if _, err := pgx.ForEachRow(rows, []any{&seq, &subject, &payload}, func() error {
-		_ = es.Add(uint64(seq), subject, payload) // a malformed request erased nobody live either
-		return nil
-	}); err != nil {
-		return fmt.Errorf("erasures after %d: %w", row.StreamSeq, err)
-	}
-	if es.Len() > 0 && es.Apply(row) {
-		return nil
-	}
-	if row.ChallengeID == "" || es.Len() == 0 {
-		return nil
-	}
-	var erased bool
-	if err := s.pool.QueryRow(ctx, `SELECT EXISTS (SELECT 1 FROM audit.events
-		WHERE tenant = $1 AND challenge_id = $2 AND erased_at IS NOT NULL)`, row.Tenant, row.ChallengeID).Scan(&erased); err != nil {
-		return fmt.Errorf("erased rows of challenge: %w", err)
-	}
-	if erased {
-		row.RecipientHash, row.RecipientMasked, row.PII, row.PIISalt = nil, "", nil, nil
+	for _, o := range b.originals {
+		list := erasuresOf[o.row.Tenant]
+		if len(list) == 0 {
+			continue
+		}
+		es := NewErasures()
+		for _, e := range list {
+			_ = es.Add(e.seq, e.subject, e.payload) // a malformed request erased nobody live either
+		}
+		// The rows of its challenge, in stream order, it among them: the log's, as their
+		// messages say (an erased row has lost its hash), and the batch's other originals.
+		group := []*Row{o.row}
+		if o.row.ChallengeID != "" {
+			seqs, err := challengeSeqs(ctx, tx, o.row.Tenant, o.row.ChallengeID)
+			if err != nil {
+				return err
+			}
+			for _, seq := range seqs {
+				m, err := st.GetMsg(ctx, seq)
+				if errors.Is(err, jetstream.ErrMsgNotFound) {
+					continue
+				}
+				if err != nil {
+					return fmt.Errorf("%w: read %s %d: %w", platform.ErrUnavailable, events.StreamEvents, seq, err)
+				}
+				if r, err := ToRow(s.cfg.RecipientKey, s.cfg.Subjects, m.Sequence, m.Time, m.Subject, m.Header, m.Data); err == nil {
+					group = append(group, &r)
+				}
+			}
+			for _, other := range b.originals {
+				if other != o && other.row.Tenant == o.row.Tenant && other.row.ChallengeID == o.row.ChallengeID {
+					copied := *other.row
+					group = append(group, &copied)
+				}
+			}
+		}
+		slices.SortFunc(group, func(a, b *Row) int { return cmp.Compare(a.StreamSeq, b.StreamSeq) })
+		for _, r := range group {
+			es.Apply(r) // o.row itself loses its personal data here, if it must
+		}
 	}
 	return nil
 }
 
-// withRedriven returns rows with the original of each redrive reference among them
-// (redriveOriginal) just before the reference's row, and those originals. A refused
-// reference is logged and counted; its row is chained alone.
-func (s *Service) withRedriven(ctx context.Context, rows []*Row, data [][]byte) ([]*Row, map[*Row]bool, error) {
-	out := make([]*Row, 0, len(rows))
-	originals := map[*Row]bool{}
-	for i, r := range rows {
-		orig, err := s.redriveOriginal(ctx, r, data[i])
-		var refused *redriveRefused
-		switch {
-		case errors.As(err, &refused):
-			s.log.Warn("redrive not followed", "seq", r.StreamSeq, "why", refused.why)
-			s.redrives.WithLabelValues("refused").Inc()
-		case err != nil:
-			return nil, nil, err
-		case orig != nil:
-			out = append(out, orig)
-			originals[orig] = true
-		}
-		out = append(out, r)
+// challengeSeqs are the stream sequences of the log's rows of a challenge.
+func challengeSeqs(ctx context.Context, tx pgx.Tx, tenant, challenge string) ([]uint64, error) {
+	rows, err := tx.Query(ctx, `SELECT stream_seq FROM audit.events WHERE tenant = $1 AND challenge_id = $2 ORDER BY stream_seq`, tenant, challenge)
+	if err != nil {
+		return nil, fmt.Errorf("rows of a challenge: %w", err)
 	}
-	return out, originals, nil
+	var out []uint64
+	var seq int64
+	_, err = pgx.ForEachRow(rows, []any{&seq}, func() error {
+		out = append(out, uint64(seq))
+		return nil
+	})
+	return out, err
+}
+
+// redriveThen is the batch's step after its rows are written, in the same transaction:
+// the originals given back go to OTP_DLQ before it commits (a repeat after a failed
+// commit is one entry: the same message id).
+func (s *Service) redriveThen(ctx context.Context, b *redriveBatch) error {
+	for _, o := range b.again {
+		_, tenant, _ := events.SplitSubject(o.msg.Subject)
+		reason := fmt.Sprintf("auditor: redriven (%s %d), and refused by the database again", events.StreamEvents, o.ref.StreamSeq)
+		id := fmt.Sprintf("dlq:%s:%d:redrive:%d", events.StreamEvents, o.msg.Sequence, o.ref.StreamSeq)
+		if err := platform.PublishDeadLetterOf(ctx, s.js, &platform.DeadLetters{Sealer: s.cfg.DLQKey, Recipient: platform.EventRecipient(s.cfg.Subjects)},
+			events.ConsumerAuditor, tenant, events.StreamEvents, o.msg, reason, id); err != nil {
+			return fmt.Errorf("%w: %w", platform.ErrUnavailable, err)
+		}
+	}
+	return nil
+}
+
+// settled logs and counts what the batch's redrives came to, once it committed: wrote
+// are the rows written.
+func (s *Service) redrivesSettled(b *redriveBatch, wrote []*Row) {
+	for ref, why := range b.refused {
+		s.log.Warn("redrive not followed", "seq", ref.StreamSeq, "why", why)
+		s.redrives.WithLabelValues("refused").Inc()
+	}
+	for _, o := range b.again {
+		s.log.Warn("redriven event refused by the database again; back in OTP_DLQ", "seq", o.msg.Sequence, "reference", o.ref.StreamSeq)
+		s.redrives.WithLabelValues("refused").Inc()
+	}
+	for _, o := range b.originals {
+		if slices.Contains(b.again, o) {
+			continue
+		}
+		if slices.Contains(wrote, o.row) {
+			s.redrives.WithLabelValues("chained").Inc()
+			s.written.WithLabelValues(o.row.Type).Inc()
+		} else {
+			s.redrives.WithLabelValues("already_chained").Inc()
+		}
+	}
 }

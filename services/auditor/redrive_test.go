@@ -7,6 +7,7 @@ import (
 	"time"
 
 	"github.com/google/uuid"
+	"github.com/nats-io/nats.go"
 	"github.com/nats-io/nats.go/jetstream"
 	"github.com/otpflow/otpflow/events"
 	"github.com/otpflow/otpflow/platform/testenv"
@@ -45,49 +46,74 @@ func redriveOutcomes(t *testing.T, reg *prometheus.Registry) map[string]float64 
 	return out
 }
 
-// TestARedriveChainsTheEventTheAuditorGaveUp: two events the database refused are
+// TestARedriveChainsTheEventTheAuditorGaveUp: events the database refused are
 // dead-lettered, and the anchored verification reports the first missing from the log.
-// The person of the second is then erased. Once the cause is fixed, the operator's
-// redrive references get each original chained under its own stream sequence, once:
+// A person is then erased. Once the cause is fixed, the operator's redrive references get
+// each original chained under its own stream sequence, once:
 //   - the first, and the log verifies against the stream again;
-//   - the second without its person's hash (it was erased after it, so the log must
-//     not learn it back);
+//   - the person's events without their personal data, as a replay rebuilds them: one
+//     with their hash; one that names only their challenge, whose row in the log was
+//     erased (its hash is read again from the stream); two of another challenge of
+//     theirs, the one with the hash redriven first;
 //   - a second redrive of the first, and a redrive of an event that was chained all
 //     along, add no row but their own;
-//   - a reference whose sequence holds another event (a stream recreated, its
-//     sequences reused) is refused, and one for another consumer is not the auditor's
-//     to follow. Whatever a reference names, the row is made from what the stream holds:
-//     an operator cannot get anything chained that is not an OTP_EVENTS message.
+//   - refused, with their own rows chained: a reference whose sequence holds another
+//     event (a stream recreated, its sequences reused), a dead-lettered erasure request
+//     (an erasure is asked again, not done late), and one for another consumer is not
+//     the auditor's to follow;
+//   - an event the database still refuses: the reference is chained, and the event is
+//     back on OTP_DLQ, not lost.
 //
-// Without the auditor's part the anchored verification keeps failing; without the
-// erasure check the erased hash is back in the log.
+// Whatever a reference names, the row is made from what the stream holds: an operator
+// cannot get anything chained that is not an OTP_EVENTS message.
 func TestARedriveChainsTheEventTheAuditorGaveUp(t *testing.T) {
 	js := poisonEnv(t, 3)
 	pool := testenv.Postgres(t, Spec())
-	_, err := testenv.Admin(t, pool).Exec(t.Context(),
-		`ALTER TABLE audit.events ADD CONSTRAINT test_poison CHECK (request_id NOT LIKE 'poison%')`)
+	_, err := testenv.Admin(t, pool).Exec(t.Context(), `
+		ALTER TABLE audit.events ADD CONSTRAINT test_poison CHECK (request_id NOT LIKE 'poison%');
+		ALTER TABLE audit.events ADD CONSTRAINT test_stubborn CHECK (request_id <> 'stubborn')`)
 	testenv.Must(t, err, "poison the database")
 
 	person := testSubjects.Subject("acme", "pia@example.com")
+	client := testSubjects.Client("acme", "203.0.113.7")
+	withPerson := func(req, challenge string) string {
+		return fmt.Sprintf(`{"challenge_id":%q,"tenant":"acme","request_id":%q,"recipient_hash":%q,"recipient_masked":"p***@example.com"}`,
+			challenge, req, person)
+	}
+	onlyClient := func(req, challenge string) string {
+		return fmt.Sprintf(`{"challenge_id":%q,"tenant":"acme","request_id":%q,"client_hash":%q}`, challenge, req, client)
+	}
 	good := publishVerified(t, js, "good-0", "")
 	seqA := publishVerified(t, js, "poison-a", "")
-	seqB := publishVerified(t, js, "poison-b", fmt.Sprintf(
-		`{"challenge_id":"c-b","tenant":"acme","request_id":"poison-b","recipient_hash":%q,"recipient_masked":"p***@example.com"}`, person))
+	seqB := publishVerified(t, js, "poison-b", withPerson("poison-b", "c-b"))
+	publishVerified(t, js, "good-p", withPerson("good-p", "c-p")) // chained, then erased
+	seqC := publishVerified(t, js, "poison-c", onlyClient("poison-c", "c-p"))
+	seqX1 := publishVerified(t, js, "poison-x1", withPerson("poison-x1", "c-x"))
+	seqX2 := publishVerified(t, js, "poison-x2", onlyClient("poison-x2", "c-x"))
+	seqS := publishVerified(t, js, "stubborn", "")
+	mkErasure := func(id string, hashes ...string) *nats.Msg {
+		m, err := events.NewMsg(events.TypeErasureRequested, "acme", "erasure:"+id, "", events.ErasureRequested{
+			ErasureID: uuid.NewString(), Tenant: "acme", RecipientHashes: hashes,
+			Identity: events.OperatorIdentity{User: "ops", Host: "h"}, RequestedAt: time.Now().UTC()}, events.Envelope{Source: "otpflow/cli"})
+		testenv.Must(t, err, "erasure")
+		return m
+	}
+	refusedErasure := mkErasure("refused", testSubjects.Subject("acme", "zed@example.com"))
+	refusedErasure.Data = []byte(strings.Replace(string(refusedErasure.Data), `{`, `{"request_id":"poison-e",`, 1))
+	ack, err := js.PublishMsg(t.Context(), refusedErasure)
+	testenv.Must(t, err, "publish an erasure the database refuses")
+	seqE := ack.Sequence
 	publishVerified(t, js, "good-1", "")
 	reg := startAuditor(t, js, pool)
-	testenv.WaitMessages(t, js, events.StreamDLQ, events.TypeDLQ.Wildcard(), 2, 30*time.Second)
+	testenv.WaitMessages(t, js, events.StreamDLQ, events.TypeDLQ.Wildcard(), 7, 30*time.Second)
 	rep, err := testChain.VerifyAnchored(t.Context(), pool, Anchors{JS: js})
 	testenv.Must(t, err, "verify anchored")
 	if rep.BrokenSeq != int64(seqA) {
 		t.Fatalf("before the redrive, anchored verification: %+v, want %d reported missing", rep, seqA)
 	}
 
-	// The person of the second is erased; then the cause is fixed.
-	erasure, err := events.NewMsg(events.TypeErasureRequested, "acme", "erasure:1", "", events.ErasureRequested{
-		ErasureID: uuid.NewString(), Tenant: "acme", RecipientHashes: []string{person},
-		Identity: events.OperatorIdentity{User: "ops", Host: "h"}, RequestedAt: time.Now().UTC()}, events.Envelope{Source: "otpflow/cli"})
-	testenv.Must(t, err, "erasure")
-	_, err = js.PublishMsg(t.Context(), erasure)
+	// The person is erased; then the cause is fixed (but for "stubborn").
+	_, err = js.PublishMsg(t.Context(), mkErasure("pia", person))
 	testenv.Must(t, err, "publish erasure")
 	testenv.Eventually(t, 30*time.Second, "the erasure answered", func() bool {
 		return len(testenv.Messages(t, js, events.StreamEvents, events.TypeErased.Wildcard())) == 1
@@ -97,10 +123,15 @@ func TestARedriveChainsTheEventTheAuditorGaveUp(t *testing.T) {
 
 	publishRedrive(t, js, 1, seqA, "poison-a", events.ConsumerAuditor)
 	publishRedrive(t, js, 2, seqB, "poison-b", events.ConsumerAuditor)
-	publishRedrive(t, js, 3, seqA, "poison-a", events.ConsumerAuditor)          // again
-	publishRedrive(t, js, 4, good, "good-0", events.ConsumerAuditor)            // chained all along
-	publishRedrive(t, js, 5, good, "poison-a", events.ConsumerAuditor)          // another event's sequence
-	last := publishRedrive(t, js, 6, seqA, "poison-a", events.ConsumerVerifier) // not the auditor's
+	publishRedrive(t, js, 3, seqC, "poison-c", events.ConsumerAuditor)
+	publishRedrive(t, js, 4, seqX1, "poison-x1", events.ConsumerAuditor)
+	publishRedrive(t, js, 5, seqX2, "poison-x2", events.ConsumerAuditor)
+	publishRedrive(t, js, 6, seqA, "poison-a", events.ConsumerAuditor) // again
+	publishRedrive(t, js, 7, good, "good-0", events.ConsumerAuditor)   // chained all along
+	publishRedrive(t, js, 8, good, "poison-a", events.ConsumerAuditor) // another event's sequence
+	publishRedrive(t, js, 9, seqE, "erasure:refused", events.ConsumerAuditor)
+	publishRedrive(t, js, 10, seqA, "poison-a", events.ConsumerVerifier) // not the auditor's
+	last := publishRedrive(t, js, 11, seqS, "stubborn", events.ConsumerAuditor)
 	testenv.WaitDrained(t, js, events.StreamEvents, events.ConsumerAuditor, last, 30*time.Second)
 
 	// Every sequence once, and the redriven ones under their own.
@@ -114,31 +145,95 @@ func TestARedriveChainsTheEventTheAuditorGaveUp(t *testing.T) {
 			t.Errorf("stream sequence %s has %s rows", seq, n)
 		}
 	}
-	if per[fmt.Sprint(seqA)] != "1" || per[fmt.Sprint(seqB)] != "1" {
-		t.Errorf("the redriven events' rows: %v (want %d and %d)", per, seqA, seqB)
+	for _, seq := range []uint64{seqA, seqB, seqC, seqX1, seqX2} {
+		if per[fmt.Sprint(seq)] != "1" {
+			t.Errorf("the redriven event at %d has no row: %v", seq, per)
+		}
 	}
-	if got := column(t, pool, fmt.Sprintf(`SELECT coalesce(convert_from(recipient_hash, 'UTF8'), '-') || ' ' || recipient_masked || ' ' || (pii_salt IS NULL)
-		FROM audit.events WHERE stream_seq = %d`, seqB)); len(got) != 1 || got[0] != "-  true" {
-		t.Errorf("the erased person's redriven row keeps %q", got)
+	for _, seq := range []uint64{seqE, seqS} {
+		if per[fmt.Sprint(seq)] != "" {
+			t.Errorf("the refused event at %d has a row", seq)
+		}
 	}
-	if got := column(t, pool, `SELECT count(*) FROM audit.events WHERE type = 'otp.operator_action'`); got[0] != "6" {
-		t.Errorf("%s operator rows, want the 6 redrives", got[0])
+	for _, seq := range []uint64{seqB, seqC, seqX1, seqX2} {
+		if got := column(t, pool, fmt.Sprintf(`SELECT coalesce(convert_from(recipient_hash, 'UTF8'), '-') || ' ' || recipient_masked || ' ' || coalesce(pii::text, '-')
+			FROM audit.events WHERE stream_seq = %d`, seq)); len(got) != 1 || got[0] != "-  -" {
+			t.Errorf("the erased person's redriven row at %d keeps %q", seq, got)
+		}
+	}
+	if got := column(t, pool, `SELECT count(*) FROM audit.events WHERE type = 'otp.operator_action'`); got[0] != "11" {
+		t.Errorf("%s operator rows, want the 11 redrives", got[0])
 	}
 	rep, err = testChain.Verify(t.Context(), pool)
 	testenv.Must(t, err, "verify")
 	if !rep.OK() {
 		t.Errorf("verify: %+v", rep)
 	}
+	// What is left missing is the event the database still refuses.
 	rep, err = testChain.VerifyAnchored(t.Context(), pool, Anchors{JS: js})
 	testenv.Must(t, err, "verify anchored")
-	if !rep.OK() {
-		t.Errorf("after the redrive, anchored verification: %+v", rep)
+	if rep.BrokenSeq != int64(seqS) {
+		t.Errorf("after the redrive, anchored verification: %+v, want only %d missing", rep, seqS)
 	}
-	want := map[string]float64{"chained": 2, "already_chained": 2, "refused": 1}
+	want := map[string]float64{"chained": 5, "already_chained": 2, "refused": 3}
 	if got := redriveOutcomes(t, reg); fmt.Sprint(got) != fmt.Sprint(want) {
 		t.Errorf("redrive outcomes %v, want %v", got, want)
 	}
-	if n := len(testenv.Messages(t, js, events.StreamDLQ, "")); n != 2 {
-		t.Errorf("%d dead letters, want the 2 the test left in place", n)
+	// The stubborn event is back on OTP_DLQ beside the 7 first dead letters the test
+	// left in place.
+	dls := testenv.Messages(t, js, events.StreamDLQ, "")
+	if len(dls) != 8 {
+		t.Fatalf("%d dead letters, want 8", len(dls))
+	}
+	back := dls[len(dls)-1]
+	if orig := testenv.OpenDeadLetter(t, testDLQ, back); nats.Header(orig.Header).Get(events.HeaderID) != "stubborn" ||
+		back.Header.Get(events.HeaderDLQSequence) != fmt.Sprint(seqS) || !strings.Contains(back.Header.Get(events.HeaderDLQReason), "refused by the database again") {
+		t.Errorf("the event refused again: %v", back.Header)
+	}
+}
+
+// TestARedriveDoesNotBringBackWhatAPurgeCut: an event the auditor gave up, older than what
+// a purge by age has since cut from the log, is not chained by a redrive: the log keeps
+// nothing from before the purge, and the anchored verification asks nothing from there.
+func TestARedriveDoesNotBringBackWhatAPurgeCut(t *testing.T) {
+	js := poisonEnv(t, 3)
+	pool := testenv.Postgres(t, Spec())
+	_, err := testenv.Admin(t, pool).Exec(t.Context(), `ALTER TABLE audit.events ADD CONSTRAINT test_poison CHECK (request_id NOT LIKE 'poison%')`)
+	testenv.Must(t, err, "poison the database")
+	old := time.Now().Add(-400 * 24 * time.Hour)
+	publishAt := func(id string, at time.Time) uint64 {
+		m, err := events.NewMsg(events.TypeVerified, "acme", id, "", jsonRaw(fmt.Sprintf(`{"challenge_id":"c-%s","request_id":%q}`, id, id)),
+			events.Envelope{Source: "test", Time: at})
+		testenv.Must(t, err, "msg %s", id)
+		ack, err := js.PublishMsg(t.Context(), m)
+		testenv.Must(t, err, "publish %s", id)
+		return ack.Sequence
+	}
+	publishAt("old-0", old)
+	seqOld := publishAt("poison-old", old)
+	publishAt("new-0", time.Now())
+	reg := startAuditor(t, js, pool)
+	testenv.WaitMessages(t, js, events.StreamDLQ, events.TypeDLQ.Wildcard(), 1, 30*time.Second)
+	testenv.Eventually(t, 30*time.Second, "the other two chained", func() bool { return len(chainedSeqs(t, pool)) == 2 })
+	n, err := testChain.Purge(t.Context(), pool, time.Now().Add(-365*24*time.Hour))
+	testenv.Must(t, err, "purge")
+	if n != 1 {
+		t.Fatalf("purged %d rows, want old-0's", n)
+	}
+	_, err = testenv.Admin(t, pool).Exec(t.Context(), `ALTER TABLE audit.events DROP CONSTRAINT test_poison`)
+	testenv.Must(t, err, "fix the cause")
+
+	last := publishRedrive(t, js, 1, seqOld, "poison-old", events.ConsumerAuditor)
+	testenv.WaitDrained(t, js, events.StreamEvents, events.ConsumerAuditor, last, 30*time.Second)
+	if got := column(t, pool, fmt.Sprintf(`SELECT count(*) FROM audit.events WHERE stream_seq = %d`, seqOld)); got[0] != "0" {
+		t.Errorf("the event from before the purge was chained by the redrive")
+	}
+	if got := redriveOutcomes(t, reg); got["refused"] != 1 || got["chained"] != 0 {
+		t.Errorf("redrive outcomes %v", got)
+	}
+	rep, err := testChain.VerifyAnchored(t.Context(), pool, Anchors{JS: js})
+	testenv.Must(t, err, "verify anchored")
+	if !rep.OK() {
+		t.Errorf("anchored verification: %+v", rep)
 	}
 }

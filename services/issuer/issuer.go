@@ -12,6 +12,7 @@ import (
 	"fmt"
 	"io/fs"
 	"log/slog"
+	"sync"
 	"time"
 
 	"github.com/jackc/pgx/v5/pgxpool"
@@ -115,6 +116,9 @@ type Service struct {
 	// bind: its tenant's requests are not read (read.go).
 	missing      *prometheus.GaugeVec
 	missingShown map[string]bool // the series of missing, kept by the read loop alone
+	// live are the consumers being read, by durable: a message the server gave up while
+	// one of them holds it is left to it (readExhausted).
+	live sync.Map
 }
 
 // New returns an issuer; Run starts it. The schema must be migrated.
@@ -135,7 +139,7 @@ func New(cfg Config, pool *pgxpool.Pool, js jetstream.JetStream, log *slog.Logge
 		}),
 		missing: prometheus.NewGaugeVec(prometheus.GaugeOpts{
 			Name: "otpflow_issuer_consumer_missing",
-			Help: "1 for a durable consumer OTP_REQUESTS is provisioned with that the issuer cannot bind (its tenant's requests go unread), 0 once bound, by consumer.",
+			Help: "1 for a durable consumer of the issuer that it cannot bind (issuer_<tenant>: its tenant's requests go unread; issuer-exhausted on OTP_ADVISORIES: given-up requests are not dead-lettered), 0 once bound, by consumer.",
 		}, []string{"consumer"}),
 	}
 	// The store reads the skew when it reads the clock: tests set it after New.
@@ -164,6 +168,7 @@ func (s *Service) Run(ctx context.Context) error {
 	sources := &platform.SourceWatch{JS: s.js, Log: s.log, Reg: s.reg}
 	g.Go(func() error { return sources.Run(gctx) })
 	g.Go(func() error { return s.read(gctx, bound) })
+	g.Go(func() error { return s.readExhausted(gctx) })
 	g.Go(func() error {
 		return platform.RunErasures(gctx, s.js, platform.ErasureConfig{Service: "issuer", Streams: s.cfg.Streams,
 			Erase: s.Erase, DeadLetters: &platform.DeadLetters{Sealer: s.cfg.DLQKey}, Log: s.log, Reg: s.reg})

@@ -206,3 +206,66 @@ func TestDatabaseOutageDeadLettersNothing(t *testing.T) {
 		t.Fatalf("%d dead letters", n)
 	}
 }
+
+// TestTheIssuerDeadLettersARequestItsClientNeverHandsOver: an app publishes a request the
+// JetStream client takes for a status of the server (an empty body and a Status header).
+// The issuer pulls on past it and issues the request after it. The server gives it up
+// after its deliveries; its advisory waits on OTP_ADVISORIES while the issuer's durable
+// there does not exist (a provisioning of an earlier release), which
+// otpflow_issuer_consumer_missing shows; once provisioning makes it, the issuer
+// dead-letters the request, with its consumer and why, without a restart.
+func TestTheIssuerDeadLettersARequestItsClientNeverHandsOver(t *testing.T) {
+	ctx := t.Context()
+	nc, js := testenv.JetStream(t, testenv.NATS(t))
+	cc := events.IssuerConsumer
+	cc.MaxDeliver, cc.AckWait = 2, time.Second
+	_, err := js.CreateOrUpdateConsumer(ctx, events.StreamRequests, cc)
+	testenv.Must(t, err, "a short redelivery")
+	testenv.Must(t, js.DeleteConsumer(ctx, events.StreamAdvisories, events.ConsumerIssuerExhausted), "as an earlier provisioning left it")
+	issued, err := nc.SubscribeSync(events.TypeIssued.Wildcard())
+	testenv.Must(t, err, "subscribe")
+	reg := prometheus.NewRegistry()
+	testenv.Start(t, newIssuer(t, js, reg, Config{ConsumersCheckEvery: 100 * time.Millisecond}).Run)
+	exhaustedMissing := func() float64 {
+		families, err := reg.Gather()
+		testenv.Must(t, err, "gather")
+		for _, f := range families {
+			for _, m := range f.GetMetric() {
+				if f.GetName() == "otpflow_issuer_consumer_missing" && m.GetLabel()[0].GetValue() == events.ConsumerIssuerExhausted {
+					return m.GetGauge().GetValue()
+				}
+			}
+		}
+		return -1
+	}
+
+	lookAlike := nats.NewMsg("otp.requested.acme")
+	lookAlike.Header.Set("Status", "400")
+	lookAlike.Header.Set("Description", "Bad Request")
+	ack, err := js.PublishMsg(ctx, lookAlike)
+	testenv.Must(t, err, "publish the look-alike")
+	_, err = js.Publish(ctx, "otp.requested.acme", []byte(`{"request_id":"after","recipient":"ana@example.com","purpose":"login"}`))
+	testenv.Must(t, err, "publish a request after it")
+	m, err := issued.NextMsg(20 * time.Second)
+	testenv.Must(t, err, "the request after the look-alike issued")
+	if got := decodeField(t, m.Data, "request_id"); got != "after" {
+		t.Fatalf("issued %s", got)
+	}
+	testenv.Eventually(t, 30*time.Second, "the server's advisory kept", func() bool {
+		return len(testenv.Messages(t, js, events.StreamAdvisories, "")) == 1
+	})
+	testenv.Eventually(t, 10*time.Second, "the missing durable shown", func() bool { return exhaustedMissing() == 1 })
+	if n := len(testenv.Messages(t, js, events.StreamDLQ, "")); n != 0 {
+		t.Fatalf("%d dead letters without the durable", n)
+	}
+
+	_, err = js.CreateOrUpdateConsumer(ctx, events.StreamAdvisories, events.IssuerExhaustedConsumer)
+	testenv.Must(t, err, "provisioning makes the durable")
+	dl := testenv.WaitMessages(t, js, events.StreamDLQ, "otp.dlq.acme", 1, 30*time.Second)
+	if h := dl[0].Header; h.Get(events.HeaderDLQConsumer) != events.ConsumerIssuer || h.Get(events.HeaderDLQSequence) != fmt.Sprint(ack.Sequence) ||
+		!strings.Contains(h.Get(events.HeaderDLQReason), "Status header") {
+		t.Errorf("dead letter %v", h)
+	}
+	testenv.Eventually(t, 10*time.Second, "the durable no longer missing", func() bool { return exhaustedMissing() == 0 })
+	testenv.WaitDrained(t, js, events.StreamAdvisories, events.ConsumerIssuerExhausted, 1, 10*time.Second)
+}

@@ -233,11 +233,12 @@ func (s *Service) readConsumer(ctx context.Context, b boundConsumer) (forget fun
 	// Healthy: a batch whose every request fails alone is blamed on the requests only
 	// while the database answers; otherwise the consumer waits for it. Apps publish here,
 	// and an app can publish a request the JetStream client never hands over (an empty
-	// body with a Status header): DeadLetterExhausted dead-letters it once the server
-	// gives it up.
+	// body with a Status header): readExhausted dead-letters it once the server gives it
+	// up.
 	c := platform.NewConsumer(b.cons, platform.ConsumeConfig{Name: b.cc.Durable, BatchSize: s.cfg.BatchSize,
-		JS: s.js, Log: s.log, Reg: s.reg, Healthy: s.store.pool.Ping, DeadLetterExhausted: true,
-		DeadLetters: &platform.DeadLetters{Sealer: s.cfg.DLQKey, Recipient: platform.RequestRecipient(s.cfg.Subjects)}})
+		JS: s.js, Log: s.log, Reg: s.reg, Healthy: s.store.pool.Ping, DeadLetters: s.deadLetters()})
+	s.live.Store(b.cc.Durable, c)
+	defer s.live.CompareAndDelete(b.cc.Durable, c)
 	g.Go(func() error { return c.Run(gctx, s.handleBatch) })
 	err = g.Wait()
 	return func() { c.Forget(); watch.Forget() }, err
@@ -263,4 +264,52 @@ func (s *Service) showMissing(want []jetstream.ConsumerConfig, filters []string)
 		}
 	}
 	s.missingShown = shown
+}
+
+// deadLetters is how the issuer writes its dead letters: sealed, with the request's
+// recipient hash.
+func (s *Service) deadLetters() *platform.DeadLetters {
+	return &platform.DeadLetters{Sealer: s.cfg.DLQKey, Recipient: platform.RequestRecipient(s.cfg.Subjects)}
+}
+
+// readExhausted dead-letters the requests one of the issuer's durables gave up after
+// their deliveries with none settled (platform.RunExhausted), through the issuer's durable
+// on OTP_ADVISORIES, which keeps the server's advisories while no issuer is connected.
+// Until that durable exists (a provisioning of an earlier release) the issuer runs
+// without it, shows it in otpflow_issuer_consumer_missing and binds it once it does.
+func (s *Service) readExhausted(ctx context.Context) error {
+	cc := events.IssuerExhaustedConsumer
+	cfg := platform.ExhaustedConfig{Consumer: cc, Stream: events.StreamRequests, Owns: events.IsIssuerConsumer,
+		Holds: func(durable string, seq uint64) bool {
+			c, ok := s.live.Load(durable)
+			return ok && c.(*platform.Consumer).Holds(seq)
+		},
+		JS: s.js, DeadLetters: s.deadLetters(), Log: s.log, Reg: s.reg}
+	logged := false
+	for {
+		cons, err := platform.Bind(ctx, s.js, events.StreamAdvisories, cc)
+		if err == nil {
+			s.missing.WithLabelValues(cc.Durable).Set(0)
+			logged = false
+			err = platform.RunExhausted(ctx, cons, cfg)
+		}
+		if ctx.Err() != nil {
+			return nil
+		}
+		var me *platform.MissingError
+		if !errors.As(err, &me) && !errors.Is(err, jetstream.ErrConsumerNotFound) && !errors.Is(err, jetstream.ErrStreamNotFound) {
+			return fmt.Errorf("consumer %s on %s: %w", cc.Durable, events.StreamAdvisories, err)
+		}
+		s.missing.WithLabelValues(cc.Durable).Set(1)
+		if !logged {
+			s.log.Error("the issuer's consumer on OTP_ADVISORIES is missing: a request given up after its deliveries is not dead-lettered until it is provisioned",
+				"consumer", cc.Durable, "err", err)
+			logged = true
+		}
+		select {
+		case <-ctx.Done():
+			return nil
+		case <-time.After(s.cfg.ConsumersCheckEvery):
+		}
+	}
 }
