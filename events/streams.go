@@ -24,10 +24,11 @@ const (
 	// PostgreSQL, so that someone who can rewrite the audit tables cannot also rewrite
 	// what the chain was seen to hold.
 	StreamAudit = "OTP_AUDIT"
-	// StreamAdvisories keeps the server's advisories that a consumer of OTP_REQUESTS
-	// gave a message up after its MaxDeliver deliveries, so that the issuer dead-letters
-	// such a message even when the advisory came while no issuer was connected
-	// (IssuerExhaustedConsumer).
+	// StreamAdvisories keeps the server's advisories that a consumer of OTP_REQUESTS or
+	// OTP_DISPATCH gave a message up after its MaxDeliver deliveries, so that the issuer
+	// dead-letters such a request, and the dispatcher runs such a job to its outcome, even
+	// when the advisory came while none was connected (IssuerExhaustedConsumer,
+	// DispatcherExhaustedConsumer).
 	StreamAdvisories = "OTP_ADVISORIES"
 )
 
@@ -37,8 +38,12 @@ func MaxDeliveriesAdvisory(stream, durable string) string {
 	return "$JS.EVENT.ADVISORY.CONSUMER.MAX_DELIVERIES." + stream + "." + durable
 }
 
-// ConsumerIssuerExhausted reads OTP_ADVISORIES for the issuer (IssuerExhaustedConsumer).
-const ConsumerIssuerExhausted = "issuer-exhausted"
+// ConsumerIssuerExhausted and ConsumerDispatcherExhausted read OTP_ADVISORIES for the
+// issuer and the dispatcher (IssuerExhaustedConsumer, DispatcherExhaustedConsumer).
+const (
+	ConsumerIssuerExhausted     = "issuer-exhausted"
+	ConsumerDispatcherExhausted = "dispatcher-exhausted"
+)
 
 // IssuerExhaustedConsumer is the issuer's durable on OTP_ADVISORIES: the advisories that
 // one of its durables on OTP_REQUESTS gave a message up after MaxDeliver with none of
@@ -49,6 +54,22 @@ var IssuerExhaustedConsumer = jetstream.ConsumerConfig{
 	Durable:       ConsumerIssuerExhausted,
 	Description:   "issuer: dead-letter the requests given up after their deliveries",
 	FilterSubject: MaxDeliveriesAdvisory(StreamRequests, "*"),
+	AckPolicy:     jetstream.AckExplicitPolicy,
+	DeliverPolicy: jetstream.DeliverAllPolicy,
+	AckWait:       2 * time.Minute,
+	MaxDeliver:    50,
+	MaxAckPending: 100,
+}
+
+// DispatcherExhaustedConsumer is the dispatcher's durable on OTP_ADVISORIES: the
+// advisories that its durable on OTP_DISPATCH gave a job up after MaxDeliver with none of
+// its deliveries settled (a dispatcher died on the last). The dispatcher reads the job by
+// sequence and runs it once more, as its last delivery, to its terminal event, then
+// deletes it from the work queue (platform.Consumer.Redelivered).
+var DispatcherExhaustedConsumer = jetstream.ConsumerConfig{
+	Durable:       ConsumerDispatcherExhausted,
+	Description:   "dispatcher: run the jobs given up after their deliveries to their outcome",
+	FilterSubject: MaxDeliveriesAdvisory(StreamDispatch, ConsumerDispatcher),
 	AckPolicy:     jetstream.AckExplicitPolicy,
 	DeliverPolicy: jetstream.DeliverAllPolicy,
 	AckWait:       2 * time.Minute,
@@ -228,8 +249,8 @@ func StreamConfigs(o StreamOptions) []jetstream.StreamConfig {
 			// Advisories of the server's, not events: only the server publishes them, in
 			// the streams' account. Kept a week, far past any restart of the issuer.
 			Name:        StreamAdvisories,
-			Description: "advisories: messages of OTP_REQUESTS given up after their deliveries",
-			Subjects:    []string{MaxDeliveriesAdvisory(StreamRequests, "*")},
+			Description: "advisories: messages of OTP_REQUESTS and OTP_DISPATCH given up after their deliveries",
+			Subjects:    []string{MaxDeliveriesAdvisory(StreamRequests, "*"), MaxDeliveriesAdvisory(StreamDispatch, "*")},
 			Retention:   jetstream.LimitsPolicy,
 			MaxAge:      7 * 24 * time.Hour,
 			MaxBytes:    64 << 20,
@@ -363,6 +384,7 @@ func ConsumerConfigs(o StreamOptions) []StreamConsumer {
 		{StreamEvents, ErasureConsumer(ConsumerDispatcher)},
 		{StreamEvents, ErasureConsumer(ConsumerVerifier)},
 		{StreamAdvisories, IssuerExhaustedConsumer},
+		{StreamAdvisories, DispatcherExhaustedConsumer},
 	}...)
 }
 

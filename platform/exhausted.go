@@ -6,6 +6,7 @@ import (
 	"errors"
 	"fmt"
 	"log/slog"
+	"time"
 
 	"github.com/nats-io/nats.go"
 	"github.com/nats-io/nats.go/jetstream"
@@ -43,6 +44,19 @@ type ExhaustedConfig struct {
 	// seq: the server gave it up while a stage works on it (its heartbeats lost), and the
 	// stage settles it. Nil: none does.
 	Holds func(durable string, seq uint64) bool
+	// Redeliver, when set, is handed each given-up message in place of its dead letter:
+	// m, read from its stream, given up after deliveries deliveries, and advisory, the
+	// advisory's delivery, which settling what Redeliver starts settles
+	// (Consumer.Redelivered). An error gives the advisory back, to be tried again.
+	Redeliver func(ctx context.Context, m *jetstream.RawStreamMsg, deliveries uint64, advisory *Delivery) error
+	// MaxInProgress bounds how long an advisory is kept in progress while what it
+	// handed over runs (ConsumeConfig.MaxInProgress).
+	MaxInProgress time.Duration
+	// Missing, when set, is told err while cfg.Consumer cannot be bound (a
+	// *MissingError: not provisioned, or deleted), and nil once it is; CheckEvery is how
+	// often it is tried again (default 5 s).
+	Missing    func(err error)
+	CheckEvery time.Duration
 	// JS reads the messages and publishes the dead letters; DeadLetters seals them.
 	JS          jetstream.JetStream
 	DeadLetters *DeadLetters
@@ -60,11 +74,44 @@ type ExhaustedConfig struct {
 // not understood is dead-lettered itself. In deploy/nats only the server can publish an
 // advisory there (no user logs into the streams' account); where every client may
 // publish anything (one account without permissions), so may a forged one, as any event.
-// cons is cfg.Consumer, bound (Bind); Run ends with an error wrapping
-// jetstream.ErrConsumerNotFound when it is deleted.
-func RunExhausted(ctx context.Context, cons jetstream.Consumer, cfg ExhaustedConfig) error {
+// Until cfg.Consumer exists (a provisioning of an earlier release), or after it was
+// deleted, it binds it again every cfg.CheckEvery, and tells cfg.Missing.
+func RunExhausted(ctx context.Context, cfg ExhaustedConfig) error {
+	every := cfg.CheckEvery
+	if every <= 0 {
+		every = 5 * time.Second
+	}
+	for {
+		cons, err := Bind(ctx, cfg.JS, events.StreamAdvisories, cfg.Consumer)
+		if err == nil {
+			if cfg.Missing != nil {
+				cfg.Missing(nil)
+			}
+			err = runExhausted(ctx, cons, cfg)
+		}
+		if ctx.Err() != nil {
+			return nil
+		}
+		var me *MissingError
+		if !errors.As(err, &me) && !errors.Is(err, jetstream.ErrConsumerNotFound) {
+			return fmt.Errorf("consumer %s on %s: %w", cfg.Consumer.Durable, events.StreamAdvisories, err)
+		}
+		if cfg.Missing != nil {
+			cfg.Missing(err)
+		}
+		select {
+		case <-ctx.Done():
+			return nil
+		case <-time.After(every):
+		}
+	}
+}
+
+// runExhausted is RunExhausted on cons, bound; it ends with an error wrapping
+// jetstream.ErrConsumerNotFound when cons is deleted.
+func runExhausted(ctx context.Context, cons jetstream.Consumer, cfg ExhaustedConfig) error {
 	c := NewConsumer(cons, ConsumeConfig{Name: cfg.Consumer.Durable, BatchSize: 10, JS: cfg.JS, Log: cfg.Log, Reg: cfg.Reg,
-		DeadLetters: cfg.DeadLetters})
+		DeadLetters: cfg.DeadLetters, MaxInProgress: cfg.MaxInProgress})
 	return c.Run(ctx, func(ctx context.Context, batch []*Delivery) error {
 		for _, d := range batch {
 			if err := c.exhausted(ctx, cfg, d); err != nil {
@@ -107,6 +154,10 @@ func (c *Consumer) exhausted(ctx context.Context, cfg ExhaustedConfig, d *Delive
 	if err != nil {
 		return fmt.Errorf("read %s %d: %w", a.Stream, a.StreamSeq, err)
 	}
+	if cfg.Redeliver != nil {
+		c.log.Warn("message given up after its deliveries with none settled; handing it over once more", "consumer", a.Consumer, "seq", a.StreamSeq)
+		return cfg.Redeliver(ctx, m, a.Deliveries, d)
+	}
 	reason := fmt.Sprintf("%s: deliveries exhausted (%d) with none settled: the process handling the last one stopped", a.Consumer, a.Deliveries)
 	if looksLikeStatus(m.Header, m.Data) {
 		reason = fmt.Sprintf("%s: never handled: an empty message with a Status header, which the client takes for a status of the server; given up after %d deliveries",
@@ -135,4 +186,63 @@ func (c *Consumer) Holds(seq uint64) bool { return c.beats.holds(seq) }
 // a status of the server: no body, and a Status header.
 func looksLikeStatus(h nats.Header, data []byte) bool {
 	return len(data) == 0 && h.Get("Status") != ""
+}
+
+// Redelivered returns a Delivery of m, a message of c's work-queue stream that the server
+// gave up after deliveries deliveries with none settled (a process died on the last),
+// as one more delivery, its last (NumDelivered past MaxDeliver): advisory is the
+// delivery of the server's advisory that told so (RunExhausted with
+// ExhaustedConfig.Redeliver). Settling it settles advisory: Ack, Terminate and a
+// DeadLetter delete m from its stream, as their acknowledgement would have on the work
+// queue, then acknowledge advisory; a Retry gives advisory back, to hand m over again
+// after the delay. Until then the advisory's consumer keeps advisory in progress.
+func (c *Consumer) Redelivered(m *jetstream.RawStreamMsg, stream string, deliveries uint64, advisory *Delivery) *Delivery {
+	sm := &storedMsg{m: m, stream: stream, js: c.cfg.JS, advisory: advisory,
+		md: &jetstream.MsgMetadata{Sequence: jetstream.SequencePair{Stream: m.Sequence}, NumDelivered: deliveries + 1,
+			Stream: stream, Consumer: c.durable, Timestamp: m.Time}}
+	return &Delivery{msg: sm, c: c, meta: Meta{Stream: stream, Sequence: m.Sequence, NumDelivered: deliveries + 1, Timestamp: m.Time}}
+}
+
+// storedMsg is a message read from its stream by sequence, settled through the advisory
+// that handed it over (Consumer.Redelivered).
+type storedMsg struct {
+	m        *jetstream.RawStreamMsg
+	stream   string
+	js       jetstream.JetStream
+	advisory *Delivery
+	md       *jetstream.MsgMetadata
+}
+
+func (s *storedMsg) Metadata() (*jetstream.MsgMetadata, error) { return s.md, nil }
+func (s *storedMsg) Data() []byte                              { return s.m.Data }
+func (s *storedMsg) Headers() nats.Header                      { return s.m.Header }
+func (s *storedMsg) Subject() string                           { return s.m.Subject }
+func (s *storedMsg) Reply() string                             { return "" }
+func (s *storedMsg) InProgress() error                         { return nil } // the advisory's consumer keeps it
+func (s *storedMsg) Nak() error                                { return s.NakWithDelay(time.Second) }
+func (s *storedMsg) Term() error                               { return s.Ack() }
+func (s *storedMsg) TermWithReason(string) error               { return s.Ack() }
+func (s *storedMsg) DoubleAck(context.Context) error           { return s.Ack() }
+
+// NakWithDelay gives the advisory back: m is handed over again after delay.
+func (s *storedMsg) NakWithDelay(delay time.Duration) error {
+	s.advisory.Settle(Retry(delay))
+	return nil
+}
+
+// Ack deletes m from its stream, then acknowledges the advisory. If the delete fails, the
+// advisory comes back and m is handed over again (its outcome is then found settled).
+func (s *storedMsg) Ack() error {
+	ctx, cancel := context.WithTimeout(context.Background(), PublishTimeout)
+	defer cancel()
+	st, err := s.js.Stream(ctx, s.stream)
+	if err == nil {
+		err = st.DeleteMsg(ctx, s.m.Sequence)
+	}
+	if err != nil && !errors.Is(err, jetstream.ErrMsgNotFound) {
+		s.advisory.Settle(Retry(deadLetterRetry))
+		return fmt.Errorf("delete %s %d: %w", s.stream, s.m.Sequence, err)
+	}
+	s.advisory.Settle(Ack())
+	return nil
 }

@@ -458,7 +458,7 @@ func (e *settleEnv) runExhausted(t *testing.T, ctx context.Context, c *platform.
 	}
 	cc := events.IssuerExhaustedConsumer
 	cc.Durable, cc.FilterSubject, cc.AckWait = "settle-exhausted", events.MaxDeliveriesAdvisory("SETTLE", "*"), 2*time.Second
-	cons, err := e.js.CreateOrUpdateConsumer(t.Context(), events.StreamAdvisories, cc)
+	_, err = e.js.CreateOrUpdateConsumer(t.Context(), events.StreamAdvisories, cc)
 	testenv.Must(t, err, "advisory consumer")
 	holds := func(string, uint64) bool { return false }
 	if c != nil {
@@ -466,7 +466,7 @@ func (e *settleEnv) runExhausted(t *testing.T, ctx context.Context, c *platform.
 	}
 	done := make(chan error, 1)
 	go func() {
-		done <- platform.RunExhausted(ctx, cons, platform.ExhaustedConfig{Consumer: cc, Stream: "SETTLE",
+		done <- platform.RunExhausted(ctx, platform.ExhaustedConfig{Consumer: cc, Stream: "SETTLE",
 			Owns: func(d string) bool { return d == "settle_test" }, Holds: holds, JS: e.js,
 			DeadLetters: &platform.DeadLetters{Sealer: e.dlq}, Log: testenv.Logger(io.Discard), Reg: prometheus.NewRegistry()})
 	}()

@@ -268,6 +268,7 @@ func TestNATSPermissions(t *testing.T) {
 			denyPublish(t, issuer, "$JS.EVENT.ADVISORY.CONSUMER.MAX_DELIVERIES.OTP_REQUESTS.issuer")
 			denyAPI(t, issuer, "CONSUMER.DELETE.OTP_ADVISORIES.issuer-exhausted", ``)
 			denyAPI(t, issuer, "STREAM.PURGE.OTP_ADVISORIES", `{}`)
+			denyAPI(t, issuer, "CONSUMER.MSG.NEXT.OTP_ADVISORIES.dispatcher-exhausted", `{"batch":1}`)
 		})
 		t.Run(dispatcher.id, func(t *testing.T) {
 			t.Parallel()
@@ -281,6 +282,9 @@ func TestNATSPermissions(t *testing.T) {
 			denyAPI(t, dispatcher, "STREAM.INFO.OTP_REQUESTS", `{}`)
 			denyAPI(t, dispatcher, "CONSUMER.NAMES.OTP_REQUESTS", `{}`)
 			denyAPI(t, dispatcher, "CONSUMER.MSG.NEXT.OTP_ADVISORIES.issuer-exhausted", `{"batch":1}`)
+			denyAPI(t, dispatcher, "STREAM.PURGE.OTP_DISPATCH", `{}`)
+			denyAPI(t, dispatcher, "STREAM.MSG.DELETE.OTP_EVENTS", `{"seq":1}`)
+			denyAPI(t, dispatcher, "CONSUMER.DELETE.OTP_ADVISORIES.dispatcher-exhausted", ``)
 			denyAPI(t, dispatcher, "STREAM.DELETE.OTP_DISPATCH", ``)
 			denyAPI(t, dispatcher, "CONSUMER.CREATE.OTP_DISPATCH.dispatcher", `{"stream_name":"OTP_DISPATCH","config":{"durable_name":"dispatcher","ack_policy":"none"}}`)
 			denyAPI(t, dispatcher, "CONSUMER.DELETE.OTP_DISPATCH.dispatcher", ``)

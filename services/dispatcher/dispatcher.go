@@ -200,15 +200,47 @@ func (s *Service) Run(ctx context.Context) error {
 		BatchSize: s.cfg.Concurrency, Prefetch: s.cfg.Concurrency, JS: s.js, Log: s.log, Reg: s.reg,
 		MaxInProgress: events.MaxCodeTTL + 2*s.cfg.Lease,
 		DeadLetters:   &platform.DeadLetters{Sealer: s.cfg.DLQKey, Recipient: s.jobRecipient}})
+	exhausted := make(chan error, 1)
+	go func() { exhausted <- s.readExhausted(runCtx, c, results) }()
 	err = c.Run(runCtx, func(ctx context.Context, batch []*platform.Delivery) error {
 		return s.admit(ctx, batch, results)
 	})
+	stopRun()
+	err = errors.Join(err, <-exhausted)
 	s.stopKeeping()
 	s.inflight.Wait()
 	close(results)
 	<-recorded
 	stopPurge()
 	return errors.Join(err, <-erasures)
+}
+
+// readExhausted runs, through the dispatcher's durable on OTP_ADVISORIES, each job its
+// durable on OTP_DISPATCH gave up after its deliveries with none settled (a dispatcher
+// died on its last delivery) once more, as its last delivery, to its terminal event
+// (platform.Consumer.Redelivered): claimed as any delivery is, so a send another process
+// may still have in flight is waited for until its lease ends, and then sent again, as
+// after any crash. A job this process holds is left to its stage. Until the durable
+// exists (a provisioning of an earlier release) the dispatcher runs without it, saying so.
+func (s *Service) readExhausted(ctx context.Context, live *platform.Consumer, results chan<- *job) error {
+	cc := events.DispatcherExhaustedConsumer
+	logged := false
+	return platform.RunExhausted(ctx, platform.ExhaustedConfig{Consumer: cc, Stream: events.StreamDispatch,
+		Owns:  func(durable string) bool { return durable == events.ConsumerDispatcher },
+		Holds: func(_ string, seq uint64) bool { return live.Holds(seq) },
+		Redeliver: func(ctx context.Context, m *jetstream.RawStreamMsg, deliveries uint64, advisory *platform.Delivery) error {
+			s.jobs.WithLabelValues("exhausted").Inc()
+			return s.admit(ctx, []*platform.Delivery{live.Redelivered(m, events.StreamDispatch, deliveries, advisory)}, results)
+		},
+		MaxInProgress: events.MaxCodeTTL + 2*s.cfg.Lease,
+		Missing: func(err error) {
+			if err != nil && !logged {
+				s.log.Error("the dispatcher's consumer on OTP_ADVISORIES is missing: a job given up after its deliveries is not run to its outcome until it is provisioned",
+					"consumer", cc.Durable, "err", err)
+			}
+			logged = err != nil
+		},
+		JS: s.js, DeadLetters: &platform.DeadLetters{Sealer: s.cfg.DLQKey, Recipient: s.jobRecipient}, Log: s.log, Reg: s.reg})
 }
 
 // Purge deletes delivery rows of codes that expired more than retention ago: past every

@@ -67,10 +67,24 @@ func newHarnessConfig(t *testing.T, cfg Config, chain func(smtp mailer.Provider)
 // URL route makes of the real one (a proxy's); nil connects directly.
 func newHarnessRoute(t *testing.T, cfg Config, chain func(smtp mailer.Provider) []mailer.Provider, route func(url string) string) *harness {
 	t.Helper()
+	h := buildHarness(t, cfg, chain, route, 0)
+	testenv.Start(t, h.svc.Run)
+	return h
+}
+
+// buildHarness is newHarnessRoute without starting the dispatcher; ackWait, when set,
+// replaces the consumer's AckWait.
+func buildHarness(t *testing.T, cfg Config, chain func(smtp mailer.Provider) []mailer.Provider, route func(url string) string, ackWait time.Duration) *harness {
+	t.Helper()
 	_, js := testenv.JetStream(t, testenv.NATS(t))
-	if cfg.MaxDeliver > 0 { // provisioned so, as OTP_DISPATCH_MAX_DELIVER does
+	if cfg.MaxDeliver > 0 || ackWait > 0 { // provisioned so, as OTP_DISPATCH_MAX_DELIVER does
 		cc := events.DispatcherConsumer
-		cc.MaxDeliver = cfg.MaxDeliver
+		if cfg.MaxDeliver > 0 {
+			cc.MaxDeliver = cfg.MaxDeliver
+		}
+		if ackWait > 0 {
+			cc.AckWait = ackWait
+		}
 		_, err := platform.EnsureConsumer(context.Background(), js, events.StreamDispatch, cc)
 		testenv.Must(t, err, "dispatcher consumer")
 	}
@@ -94,7 +108,6 @@ func newHarnessRoute(t *testing.T, cfg Config, chain func(smtp mailer.Provider) 
 	log, reg := &testenv.LogBuffer{}, prometheus.NewRegistry()
 	svc, err := New(cfg, pool, js, testenv.Logger(log), reg)
 	testenv.Must(t, err, "new dispatcher")
-	testenv.Start(t, svc.Run)
 	return &harness{js: js, sealer: sealer, smtp: srv, svc: svc, pool: pool, log: log, reg: reg, subjects: subjects, dlq: cfg.DLQKey}
 }
 

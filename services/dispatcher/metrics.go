@@ -41,7 +41,7 @@ func newMetrics(reg prometheus.Registerer) metrics {
 			Buckets: []float64{0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300},
 		}),
 		jobs: prometheus.NewCounterVec(prometheus.CounterOpts{
-			Name: "otpflow_dispatcher_jobs_total", Help: "Dispatch job deliveries settled, by result.",
+			Name: "otpflow_dispatcher_jobs_total", Help: "Dispatch job deliveries settled, by result; exhausted: a job the server gave up after its deliveries with none settled, run again here.",
 		}, []string{"result"}),
 		fallbacks: prometheus.NewCounterVec(prometheus.CounterOpts{
 			Name: "otpflow_dispatcher_fallbacks_total", Help: "Mails sent by a later provider after the first failed.",

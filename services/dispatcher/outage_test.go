@@ -413,3 +413,54 @@ func TestCompletionNeverOverwritesASettledRow(t *testing.T) {
 		t.Fatalf("rows %q, want %q", got, want)
 	}
 }
+
+// TestAJobWhoseDispatcherDiedOnItsLastDeliveryReachesItsOutcome: a dispatcher takes a
+// job's only delivery, claims it and dies mid-send (its claim is left with a lease, and no
+// process of the dispatcher is up). The server gives the job up when a dispatcher next
+// pulls; its advisory waits on OTP_ADVISORIES, and the dispatcher runs the job once more
+// as its last delivery: it waits out the dead claim's lease, sends (the one re-send a
+// crash mid-send costs, with the same code), records it, publishes otp.delivered and
+// deletes the job from the work queue. Nothing is dead-lettered, nothing left. Without
+// it, the job would stay in OTP_DISPATCH with no outcome.
+func TestAJobWhoseDispatcherDiedOnItsLastDeliveryReachesItsOutcome(t *testing.T) {
+	ctx := context.Background()
+	h := buildHarness(t, Config{MaxDeliver: 1, Lease: 3 * time.Second}, smtpOnly, nil, 2*time.Second)
+	c := challenge(61)
+	h.publish(t, c, "last@example.com", "616161", time.Now().Add(5*time.Minute), "last1")
+	// The dying dispatcher: it takes the delivery, claims the job, and is gone.
+	cons, err := h.js.Consumer(ctx, events.StreamDispatch, events.ConsumerDispatcher)
+	testenv.Must(t, err, "consumer")
+	batch, err := cons.Fetch(1, jetstream.FetchMaxWait(5*time.Second))
+	testenv.Must(t, err, "fetch")
+	for m := range batch.Messages() {
+		_ = m // never settled
+	}
+	_, err = h.pool.Exec(ctx, `INSERT INTO dispatcher.deliveries (challenge_id, code_seq, tenant, request_id, status, attempts, expires_at,
+		claimed_at, lease_until) VALUES ($1, 1, 'acme', 'r', 'sending', 1, now() + interval '5 minutes', now(), now() + interval '3 seconds')`, c)
+	testenv.Must(t, err, "the dead dispatcher's claim")
+
+	testenv.Start(t, h.svc.Run)
+	d := decode[events.Delivered](t, testenv.WaitMessages(t, h.js, events.StreamEvents, "otp.delivered.acme", 1, 30*time.Second)[0])
+	if d.ChallengeID != c || d.CodeSeq != 1 {
+		t.Fatalf("delivered %+v", d)
+	}
+	testenv.Eventually(t, 10*time.Second, "the job to leave the work queue", func() bool {
+		return len(testenv.Messages(t, h.js, events.StreamDispatch, "")) == 0
+	})
+	testenv.WaitDrained(t, h.js, events.StreamAdvisories, events.ConsumerDispatcherExhausted, 1, 10*time.Second)
+	if mails := h.smtp.Mails(); len(mails) != 1 || !strings.Contains(string(mails[0].Data), "616161") {
+		t.Fatalf("%d mails", len(mails))
+	}
+	var status string
+	var attempts int
+	testenv.Must(t, h.pool.QueryRow(ctx, `SELECT status, attempts FROM dispatcher.deliveries WHERE challenge_id = $1`, c).Scan(&status, &attempts), "row")
+	if status != statusSent || attempts != 2 {
+		t.Errorf("row %s after %d attempts, want sent after the dead one's and this one", status, attempts)
+	}
+	if n := len(testenv.Messages(t, h.js, events.StreamDLQ, "")); n != 0 {
+		t.Errorf("%d dead letters", n)
+	}
+	if n := len(testenv.Messages(t, h.js, events.StreamEvents, "otp.>")); n != 1 {
+		t.Errorf("%d events, want the one otp.delivered", n)
+	}
+}

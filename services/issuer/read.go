@@ -279,37 +279,25 @@ func (s *Service) deadLetters() *platform.DeadLetters {
 // without it, shows it in otpflow_issuer_consumer_missing and binds it once it does.
 func (s *Service) readExhausted(ctx context.Context) error {
 	cc := events.IssuerExhaustedConsumer
-	cfg := platform.ExhaustedConfig{Consumer: cc, Stream: events.StreamRequests, Owns: events.IsIssuerConsumer,
+	logged := false
+	return platform.RunExhausted(ctx, platform.ExhaustedConfig{Consumer: cc, Stream: events.StreamRequests, Owns: events.IsIssuerConsumer,
 		Holds: func(durable string, seq uint64) bool {
 			c, ok := s.live.Load(durable)
 			return ok && c.(*platform.Consumer).Holds(seq)
 		},
-		JS: s.js, DeadLetters: s.deadLetters(), Log: s.log, Reg: s.reg}
-	logged := false
-	for {
-		cons, err := platform.Bind(ctx, s.js, events.StreamAdvisories, cc)
-		if err == nil {
-			s.missing.WithLabelValues(cc.Durable).Set(0)
-			logged = false
-			err = platform.RunExhausted(ctx, cons, cfg)
-		}
-		if ctx.Err() != nil {
-			return nil
-		}
-		var me *platform.MissingError
-		if !errors.As(err, &me) && !errors.Is(err, jetstream.ErrConsumerNotFound) && !errors.Is(err, jetstream.ErrStreamNotFound) {
-			return fmt.Errorf("consumer %s on %s: %w", cc.Durable, events.StreamAdvisories, err)
-		}
-		s.missing.WithLabelValues(cc.Durable).Set(1)
-		if !logged {
-			s.log.Error("the issuer's consumer on OTP_ADVISORIES is missing: a request given up after its deliveries is not dead-lettered until it is provisioned",
-				"consumer", cc.Durable, "err", err)
-			logged = true
-		}
-		select {
-		case <-ctx.Done():
-			return nil
-		case <-time.After(s.cfg.ConsumersCheckEvery):
-		}
-	}
+		Missing: func(err error) {
+			if err == nil {
+				s.missing.WithLabelValues(cc.Durable).Set(0)
+				logged = false
+				return
+			}
+			s.missing.WithLabelValues(cc.Durable).Set(1)
+			if !logged {
+				s.log.Error("the issuer's consumer on OTP_ADVISORIES is missing: a request given up after its deliveries is not dead-lettered until it is provisioned",
+					"consumer", cc.Durable, "err", err)
+				logged = true
+			}
+		},
+		CheckEvery: s.cfg.ConsumersCheckEvery,
+		JS:         s.js, DeadLetters: s.deadLetters(), Log: s.log, Reg: s.reg})
 }
