@@ -7,6 +7,8 @@ import (
 	"io"
 	"log/slog"
 	"net"
+	"runtime/debug"
+	"strings"
 	"sync/atomic"
 	"time"
 
@@ -185,6 +187,26 @@ func registerOnce[T prometheus.Collector](reg prometheus.Registerer, v T) T {
 	return v
 }
 
+// ErrHandlerPanicked marks a batch whose handler panicked: the panic is taken for the
+// batch's failure, so a message that crashes its handler is isolated, retried and
+// dead-lettered after its deliveries like any that fails, instead of taking the process
+// down on every delivery until the server gives it up unrecorded.
+var ErrHandlerPanicked = errors.New("the handler panicked")
+
+// recovering is handle with a panic turned into an error wrapping ErrHandlerPanicked.
+func (c *Consumer) recovering(handle BatchHandler) BatchHandler {
+	return func(ctx context.Context, batch []*Delivery) (err error) {
+		defer func() {
+			if p := recover(); p != nil {
+				c.log.Error("handler panicked", "consumer", c.cfg.Name, "deliveries", len(batch), "panic", fmt.Sprint(p),
+					"stack", string(debug.Stack()))
+				err = fmt.Errorf("%w: %v", ErrHandlerPanicked, p)
+			}
+		}()
+		return handle(ctx, batch)
+	}
+}
+
 // Run pulls and hands the handler batches of up to BatchSize deliveries: the first
 // waiting message plus whatever else has already arrived, so a quiet stream gets batches
 // of one with no added latency and a busy one gets full batches. At most Prefetch
@@ -193,6 +215,7 @@ func registerOnce[T prometheus.Collector](reg prometheus.Registerer, v T) T {
 // their AckWait unless their stage settles them, and deliveries held for a neighbour
 // that is down are put back at once.
 func (c *Consumer) Run(ctx context.Context, handle BatchHandler) error {
+	handle = c.recovering(handle)
 	size, prefetch := c.cfg.BatchSize, c.cfg.Prefetch
 	// Room for everything Consume may have pulled while a batch is in hand, so the
 	// delivery callback (which also sees heartbeats) does not block.
@@ -313,7 +336,7 @@ func (c *Consumer) Run(ctx context.Context, handle BatchHandler) error {
 // held while a neighbour is down, once they succeed or ctx is done; deliveries the
 // handler passed on stay in progress until settled.
 func (c *Consumer) Handle(ctx context.Context, msgs []jetstream.Msg, handle BatchHandler) {
-	c.handleMsgs(ctx, ctx.Done(), msgs, handle)
+	c.handleMsgs(ctx, ctx.Done(), msgs, c.recovering(handle))
 }
 
 func (c *Consumer) handleMsgs(ctx context.Context, stop <-chan struct{}, msgs []jetstream.Msg, handle BatchHandler) {
@@ -551,7 +574,7 @@ func (c *Consumer) triesAllowed() uint64 {
 // so it is not silently dropped by MaxDeliver.
 func (c *Consumer) failed(d *Delivery, n uint64, err error) Outcome {
 	if (c.maxDeliver > 0 && n >= uint64(c.maxDeliver)) || (c.cfg.Ordered && n >= c.triesAllowed()) {
-		_, tenant, _ := events.SplitSubject(d.Subject())
+		tenant := tenantOf(d.Subject())
 		return DeadLetter(tenant, fmt.Sprintf("%s: failed %d times: %v", c.cfg.Name, n, err))
 	}
 	c.log.Error("delivery failed; retrying", "consumer", c.cfg.Name, "seq", d.meta.Sequence, "delivered", n, "err", err)
@@ -561,7 +584,7 @@ func (c *Consumer) failed(d *Delivery, n uint64, err error) Outcome {
 // refused is the outcome of a delivery whose data the database refuses: a dead letter
 // naming the SQLSTATE, never the refused value.
 func (c *Consumer) refused(d *Delivery, err error) Outcome {
-	_, tenant, _ := events.SplitSubject(d.Subject())
+	tenant := tenantOf(d.Subject())
 	reason := err.Error()
 	if r, ok := RefusedByDatabase(err); ok {
 		reason = r.Error()
@@ -575,8 +598,18 @@ func (c *Consumer) refused(d *Delivery, err error) Outcome {
 // failure it was held for.
 func (c *Consumer) givenBack(d *Delivery) Outcome {
 	if c.maxDeliver > 0 && d.meta.NumDelivered >= uint64(c.maxDeliver) {
-		_, tenant, _ := events.SplitSubject(d.Subject())
+		tenant := tenantOf(d.Subject())
 		return DeadLetter(tenant, fmt.Sprintf("%s: still failing on its last delivery when the consumer stopped: %v", c.cfg.Name, d.lastErr))
 	}
 	return Retry(time.Second)
+}
+
+// tenantOf is the tenant token of subject, or "" (a dead letter's "_unknown") for one of
+// the server's own ("$JS.EVENT.ADVISORY…"), whose last token names a durable.
+func tenantOf(subject string) string {
+	if strings.HasPrefix(subject, "$") {
+		return ""
+	}
+	_, tenant, _ := events.SplitSubject(subject)
+	return tenant
 }

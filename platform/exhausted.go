@@ -52,9 +52,9 @@ type ExhaustedConfig struct {
 	// MaxInProgress bounds how long an advisory is kept in progress while what it
 	// handed over runs (ConsumeConfig.MaxInProgress).
 	MaxInProgress time.Duration
-	// Missing, when set, is told err while cfg.Consumer cannot be bound (a
-	// *MissingError: not provisioned, or deleted), and nil once it is; CheckEvery is how
-	// often it is tried again (default 5 s).
+	// Missing, when set, is told err while cfg.Consumer cannot be bound or read (a
+	// *MissingError when it is not provisioned, or deleted), and nil once it is bound;
+	// CheckEvery is how often it is tried again (default 5 s).
 	Missing    func(err error)
 	CheckEvery time.Duration
 	// JS reads the messages and publishes the dead letters; DeadLetters seals them.
@@ -74,8 +74,9 @@ type ExhaustedConfig struct {
 // not understood is dead-lettered itself. In deploy/nats only the server can publish an
 // advisory there (no user logs into the streams' account); where every client may
 // publish anything (one account without permissions), so may a forged one, as any event.
-// Until cfg.Consumer exists (a provisioning of an earlier release), or after it was
-// deleted, it binds it again every cfg.CheckEvery, and tells cfg.Missing.
+// Until cfg.Consumer can be bound and read (a provisioning, or NATS permissions, of an
+// earlier release; deleted; NATS away), it tries again every cfg.CheckEvery, telling
+// cfg.Missing, and returns only when ctx ends.
 func RunExhausted(ctx context.Context, cfg ExhaustedConfig) error {
 	every := cfg.CheckEvery
 	if every <= 0 {
@@ -92,10 +93,9 @@ func RunExhausted(ctx context.Context, cfg ExhaustedConfig) error {
 		if ctx.Err() != nil {
 			return nil
 		}
-		var me *MissingError
-		if !errors.As(err, &me) && !errors.Is(err, jetstream.ErrConsumerNotFound) {
-			return fmt.Errorf("consumer %s on %s: %w", cfg.Consumer.Durable, events.StreamAdvisories, err)
-		}
+		// Whatever kept it from reading (not provisioned yet, deleted, not in the NATS
+		// permissions yet during a rollout, NATS away past the setup timeout), the
+		// service goes on without it and tries again.
 		if cfg.Missing != nil {
 			cfg.Missing(err)
 		}
@@ -136,15 +136,14 @@ func (c *Consumer) exhausted(ctx context.Context, cfg ExhaustedConfig, d *Delive
 		return nil
 	}
 	if cfg.Holds != nil && cfg.Holds(a.Consumer, a.StreamSeq) {
+		// Given up while a stage here works on it (its heartbeats lost): the stage
+		// settles it. (Should the stage then give it back, on shutdown or past
+		// MaxInProgress, the server delivers it no more and nothing here sees it again.)
 		c.log.Warn("message given up by the server while this process holds it; left to its stage", "consumer", a.Consumer, "seq", a.StreamSeq)
 		d.Settle(Ack())
 		return nil
 	}
-	st, err := cfg.JS.Stream(ctx, a.Stream)
-	if err != nil {
-		return fmt.Errorf("%s: %w", a.Stream, err)
-	}
-	m, err := st.GetMsg(ctx, a.StreamSeq)
+	m, err := GetMsg(ctx, cfg.JS, a.Stream, a.StreamSeq)
 	if errors.Is(err, jetstream.ErrMsgNotFound) {
 		// Deleted (an erasure) or aged out since: nothing left to keep.
 		c.log.Warn("message given up after its deliveries is gone from its stream", "consumer", a.Consumer, "seq", a.StreamSeq)

@@ -218,6 +218,26 @@ func leaderNext(ctx context.Context, js jetstream.JetStream, stream, filter stri
 		delete(req, "seq")
 		req["start_time"] = since
 	}
+	return leaderGet(ctx, js, stream, seq, req)
+}
+
+// GetMsg reads the message at seq of stream from the stream's leader
+// ($JS.API.STREAM.MSG.GET): its answer names the message's subject, sequence and time in
+// fields of its own, which a publisher cannot forge (a direct get, which
+// jetstream.Stream.GetMsg makes on a stream that allows them, takes them from headers
+// appended to the message's own, and nats.go reads the first: one the publisher put
+// there), and is current (a replica answering a direct get may be behind, and say "not
+// found"). jetstream.ErrMsgNotFound when the stream holds no message there.
+func GetMsg(ctx context.Context, js jetstream.JetStream, stream string, seq uint64) (*jetstream.RawStreamMsg, error) {
+	m, err := leaderGet(ctx, js, stream, seq, map[string]any{"seq": seq})
+	if err == nil && m == nil {
+		return nil, jetstream.ErrMsgNotFound
+	}
+	return m, err
+}
+
+// leaderGet asks the stream's leader for the message req names; nil when there is none.
+func leaderGet(ctx context.Context, js jetstream.JetStream, stream string, seq uint64, req map[string]any) (*jetstream.RawStreamMsg, error) {
 	body, _ := json.Marshal(req)
 	rctx, cancel := context.WithTimeout(ctx, 5*time.Second)
 	defer cancel()

@@ -199,7 +199,7 @@ type dlq struct {
 // ($JS.API.STREAM.MSG.GET), the rest by batched direct gets (platform.ScanStream).
 func (d *dlq) each(ctx context.Context, seq uint64, from time.Time, fn func(*jetstream.RawStreamMsg) error) error {
 	if seq != 0 {
-		m, err := d.st.GetMsg(ctx, seq)
+		m, err := platform.GetMsg(ctx, d.js, events.StreamDLQ, seq)
 		if errors.Is(err, jetstream.ErrMsgNotFound) {
 			return fmt.Errorf("%s has no entry %d", events.StreamDLQ, seq)
 		}
@@ -207,6 +207,29 @@ func (d *dlq) each(ctx context.Context, seq uint64, from time.Time, fn func(*jet
 			return fmt.Errorf("read %s %d: %w", events.StreamDLQ, seq, err)
 		}
 		return fn(m)
+	}
+	if !d.st.CachedInfo().Config.AllowDirect {
+		// Provisioned by an earlier release: one request per sequence.
+		info, err := d.st.Info(ctx)
+		if err != nil || info.State.Msgs == 0 {
+			return err
+		}
+		for s := info.State.FirstSeq; s <= info.State.LastSeq; s++ {
+			m, err := platform.GetMsg(ctx, d.js, events.StreamDLQ, s)
+			if errors.Is(err, jetstream.ErrMsgNotFound) {
+				continue
+			}
+			if err != nil {
+				return fmt.Errorf("read %s %d: %w", events.StreamDLQ, s, err)
+			}
+			if !from.IsZero() && m.Time.Before(from) {
+				continue
+			}
+			if err := fn(m); err != nil {
+				return err
+			}
+		}
+		return nil
 	}
 	_, err := platform.ScanStream(ctx, d.js, events.StreamDLQ, platform.Scan{Since: from}, fn)
 	return err
@@ -343,11 +366,8 @@ func (d *dlq) redriveEvent(ctx context.Context, m *jetstream.RawStreamMsg, orig 
 	if typ, _, _ := events.SplitSubject(orig.Subject); typ == events.TypeErasureRequested {
 		return fmt.Errorf("an erasure request is not chained late: run otpflow erase for the person again (dlq show names them), then drop it")
 	}
-	st, err := d.js.Stream(ctx, events.StreamEvents)
-	if err != nil {
-		return fmt.Errorf("%s: %w (the entry stays)", events.StreamEvents, err)
-	}
-	stored, err := st.GetMsg(ctx, seq)
+	// From the leader, whose answer a stored message cannot forge (platform.GetMsg).
+	stored, err := platform.GetMsg(ctx, d.js, events.StreamEvents, seq)
 	switch {
 	case errors.Is(err, jetstream.ErrMsgNotFound):
 		return fmt.Errorf("%s no longer holds sequence %d: nothing to redrive; drop it", events.StreamEvents, seq)

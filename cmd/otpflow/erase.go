@@ -212,7 +212,9 @@ func deleteMatchingFrom(ctx context.Context, js jetstream.JetStream, stream, fil
 	}
 	n, last := 0, info.State.LastSeq
 	for seq := max(info.State.FirstSeq, from); seq <= last; seq++ {
-		m, err := st.GetMsg(ctx, seq)
+		// From the leader: a replica behind it (OTP_DLQ allows direct gets) would say
+		// "not found" of what it has not stored yet.
+		m, err := platform.GetMsg(ctx, js, stream, seq)
 		if errors.Is(err, jetstream.ErrMsgNotFound) {
 			continue
 		}

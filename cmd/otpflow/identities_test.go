@@ -47,7 +47,8 @@ func TestPipelineUnderIdentities(t *testing.T) {
 	}
 	// The issuer's consumer gives a message up after 2 deliveries 1 s apart here (the
 	// contract's 10 of 30 s would take minutes), so the look-alike below is dead-lettered
-	// within the test: through the advisory deploy/nats exports to the issuer.
+	// within the test: from the server's advisory, kept on OTP_ADVISORIES, through the
+	// issuer's durable there, as deploy/nats grants it.
 	adminJS := identityJS(t, d, "admin")
 	quick := events.IssuerTenantConsumer("acme")
 	quick.AckWait, quick.MaxDeliver = time.Second, 2

@@ -289,6 +289,39 @@ func TestFailedBatchIsolatesPoison(t *testing.T) {
 	}
 }
 
+// TestAHandlerThatPanicsIsAFailure: a message on which the handler panics (a bug a
+// message can reach) does not take the process down on every delivery until the server
+// gives it up unrecorded: the panic fails its batch, the rest of the batch is handled,
+// and on its last delivery the message is dead-lettered, saying the handler panicked.
+func TestAHandlerThatPanicsIsAFailure(t *testing.T) {
+	e := newSettleEnv(t, jetstream.ConsumerConfig{AckWait: 5 * time.Second, MaxDeliver: 2})
+	e.publish(t, "a", "boom", "b")
+	c := e.consumer(3)
+	handler := func(_ context.Context, batch []*platform.Delivery) error {
+		for _, d := range batch {
+			if string(d.Data()) == "boom" {
+				panic("index out of range")
+			}
+		}
+		for _, d := range batch {
+			d.Settle(platform.Ack())
+		}
+		return nil
+	}
+	c.Handle(t.Context(), e.fetch(t, 3), handler)
+	if got := e.counter(t, "otpflow_deliveries_settled_total", "ack"); got != 2 {
+		t.Errorf("acks %v, want the 2 others", got)
+	}
+	c.Handle(t.Context(), e.fetch(t, 1), handler)
+	dl := testenv.WaitMessages(t, e.js, events.StreamDLQ, "otp.dlq.acme", 1, 10*time.Second)
+	if e.opened(t, dl[0]) != "boom" || !strings.Contains(dl[0].Header.Get(events.HeaderDLQReason), "the handler panicked: index out of range") {
+		t.Errorf("dead letter %q %v", e.opened(t, dl[0]), dl[0].Header)
+	}
+	if info := e.waitSettled(t); info.NumAckPending != 0 {
+		t.Errorf("left %+v", info)
+	}
+}
+
 // TestOutcomesCountedAndApplied: each outcome is applied as JetStream knows it and
 // counted under its own label; a dead letter carries its reason with addresses redacted.
 func TestOutcomesCountedAndApplied(t *testing.T) {

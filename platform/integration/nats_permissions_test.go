@@ -231,7 +231,8 @@ func TestNATSPermissions(t *testing.T) {
 			denyAPI(t, acme, "STREAM.INFO.OTP_REQUESTS_acme", `{}`)
 			denyAPI(t, acme, "STREAM.MSG.GET.OTP_REQUESTS_globex", `{"seq":1}`)
 			denyAPI(t, acme, "INFO", ``)
-			// Forge the server's word that a request was given up, to have it dead-lettered.
+			// Forge the server's word that a request was given up, to have it dead-lettered:
+			// refused in its own account, and nothing it publishes reaches the streams'.
 			denyPublish(t, acme, "$JS.EVENT.ADVISORY.CONSUMER.MAX_DELIVERIES.OTP_REQUESTS.issuer_acme")
 			denyAPI(t, acme, "CONSUMER.MSG.NEXT.OTP_ADVISORIES.issuer-exhausted", `{"batch":1}`)
 		})

@@ -233,9 +233,11 @@ func (c *Chain) checkEvents(ctx context.Context, pool *pgxpool.Pool, js jetstrea
 	upTo = max(upTo, uint64(maxSeq))
 	var from int64
 	if rep.PurgedTo > 0 {
-		if err := pool.QueryRow(ctx, `SELECT coalesce(min(stream_seq), 0) FROM audit.events`).Scan(&from); err != nil {
+		_, floor, err := purgeFloor(ctx, pool)
+		if err != nil {
 			return err
 		}
+		from = int64(floor)
 	}
 	if upTo == 0 || (from > 0 && uint64(from) > upTo) {
 		return nil

@@ -30,14 +30,18 @@ import (
 // between the decision and the row. What the original's row cannot do: raise an alert
 // (its time is past), or be an erasure request (its erasure would be done late and out
 // of order: the operator runs `otpflow erase` again). A sequence a purge has cut is not
-// chained again. When the database refuses the original again, the reference's row is
-// chained alone and the original goes back to OTP_DLQ.
+// chained again, nor one the auditor has not given up yet (above its acknowledgement
+// floor: still on its way, or held behind an earlier event). A reference not followed
+// for one of these reasons, or because the database refuses the original again, has its
+// row chained alone, and the original goes back to OTP_DLQ with why, so that a redrive
+// never loses what it took from there.
 
 // redriven is one original a reference brings.
 type redriven struct {
 	row *Row                    // the original's row
 	msg *jetstream.RawStreamMsg // the original
 	ref *Row                    // the reference's row
+	why string                  // why it goes back to OTP_DLQ, when it does
 }
 
 // redriveBatch is what a batch's redrive references bring: the originals to chain, and
@@ -45,12 +49,15 @@ type redriven struct {
 type redriveBatch struct {
 	originals map[*Row]*redriven
 	refused   map[*Row]string
-	again     []*redriven // refused by the database again: back to OTP_DLQ
+	again     []*redriven // not chained after all: back to OTP_DLQ, with why
 }
 
 // redriveRefused is why a reference is not followed; its row is chained all the same
-// (the operator asked).
-type redriveRefused struct{ why string }
+// (the operator asked). back: the original was found, and goes back to OTP_DLQ.
+type redriveRefused struct {
+	why  string
+	back bool
+}
 
 func (e *redriveRefused) Error() string { return e.why }
 
@@ -63,6 +70,9 @@ func (s *Service) prepareRedrives(ctx context.Context, rows []*Row, data [][]byt
 		orig, err := s.redriveOriginal(ctx, r, data[i])
 		var refused *redriveRefused
 		switch {
+		case errors.As(err, &refused) && refused.back:
+			orig.why = refused.why
+			b.again = append(b.again, orig)
 		case errors.As(err, &refused):
 			b.refused[r] = refused.why
 		case err != nil:
@@ -87,32 +97,47 @@ func (s *Service) redriveOriginal(ctx context.Context, r *Row, data []byte) (*re
 		return nil, nil
 	}
 	if ref.Stream != events.StreamEvents || ref.StreamSeq == 0 || ref.StreamSeq >= r.StreamSeq {
-		return nil, &redriveRefused{fmt.Sprintf("the redrive names %s %d, not an earlier %s event", ref.Stream, ref.StreamSeq, events.StreamEvents)}
+		return nil, &redriveRefused{why: fmt.Sprintf("the redrive names %s %d, not an earlier %s event", ref.Stream, ref.StreamSeq, events.StreamEvents)}
 	}
-	st, err := s.js.Stream(ctx, events.StreamEvents)
-	if err != nil {
-		return nil, err
-	}
-	orig, err := st.GetMsg(ctx, ref.StreamSeq)
+	// From the leader, whose answer names the sequence and subject in fields a stored
+	// message cannot forge (platform.GetMsg); and it must be the one asked for.
+	orig, err := platform.GetMsg(ctx, s.js, events.StreamEvents, ref.StreamSeq)
 	if errors.Is(err, jetstream.ErrMsgNotFound) {
-		return nil, &redriveRefused{fmt.Sprintf("%s no longer holds sequence %d", events.StreamEvents, ref.StreamSeq)}
+		return nil, &redriveRefused{why: fmt.Sprintf("%s no longer holds sequence %d", events.StreamEvents, ref.StreamSeq)}
 	}
 	if err != nil {
 		return nil, fmt.Errorf("read %s %d for a redrive: %w", events.StreamEvents, ref.StreamSeq, err)
 	}
-	if id := orig.Header.Get(events.HeaderID); id != ref.EventID {
-		return nil, &redriveRefused{fmt.Sprintf("%s %d is not event %q", events.StreamEvents, ref.StreamSeq, ref.EventID)}
+	if orig.Sequence != ref.StreamSeq {
+		return nil, &redriveRefused{why: fmt.Sprintf("%s answered sequence %d for %d", events.StreamEvents, orig.Sequence, ref.StreamSeq)}
 	}
+	if id := orig.Header.Get(events.HeaderID); id != ref.EventID {
+		return nil, &redriveRefused{why: fmt.Sprintf("%s %d is not event %q", events.StreamEvents, ref.StreamSeq, ref.EventID)}
+	}
+	if _, tenant, _ := events.SplitSubject(orig.Subject); tenant != r.Tenant {
+		return nil, &redriveRefused{why: fmt.Sprintf("%s %d is not an event of tenant %s", events.StreamEvents, ref.StreamSeq, r.Tenant)}
+	}
+	back := &redriven{msg: orig, ref: r}
 	row, err := ToRow(s.cfg.RecipientKey, s.cfg.Subjects, orig.Sequence, orig.Time, orig.Subject, orig.Header, orig.Data)
 	switch {
 	case err != nil:
-		return nil, &redriveRefused{fmt.Sprintf("%s %d still cannot be kept: %v", events.StreamEvents, ref.StreamSeq, err)}
-	case row.Tenant != r.Tenant:
-		return nil, &redriveRefused{fmt.Sprintf("%s %d is not an event of tenant %s", events.StreamEvents, ref.StreamSeq, r.Tenant)}
+		return back, &redriveRefused{why: fmt.Sprintf("still cannot be kept: %v", err), back: true}
 	case row.Type == string(events.TypeErasureRequested):
-		return nil, &redriveRefused{fmt.Sprintf("%s %d is an erasure request: not chained late (run otpflow erase again)", events.StreamEvents, ref.StreamSeq)}
+		return back, &redriveRefused{why: "an erasure request is not chained late (run otpflow erase again)", back: true}
 	}
-	return &redriven{row: &row, msg: orig, ref: r}, nil
+	if s.cons != nil {
+		// Only what the auditor has given up: an event still on its way to it (another
+		// auditor's batch) is chained in its turn, with its alerts.
+		info, err := s.cons.Info(ctx)
+		if err != nil {
+			return nil, fmt.Errorf("consumer info: %w", err)
+		}
+		if ref.StreamSeq > info.AckFloor.Stream {
+			return back, &redriveRefused{why: fmt.Sprintf("not given up by the auditor yet (its acknowledgement floor is %d)", info.AckFloor.Stream), back: true}
+		}
+	}
+	back.row = &row
+	return back, nil
 }
 
 // chain returns rows with each original just before its reference, leaving out those
@@ -133,12 +158,15 @@ func (b *redriveBatch) chain(rows []*Row) []*Row {
 // giveBack leaves the originals out of the batch, to go back to OTP_DLQ: the database
 // refused one of them again. It reports whether there were any.
 func (b *redriveBatch) giveBack() bool {
+	n := 0
 	for _, o := range b.originals {
 		if !slices.Contains(b.again, o) {
+			o.why = "refused by the database again"
 			b.again = append(b.again, o)
+			n++
 		}
 	}
-	return len(b.again) > 0
+	return n > 0
 }
 
 // before is the batch's AppendAround step, under the chain head's lock: it leaves out an
@@ -148,17 +176,17 @@ func (s *Service) redriveBefore(b *redriveBatch) func(ctx context.Context, tx pg
 		if len(b.originals) == 0 {
 			return rows, nil
 		}
-		// What checkEvents asks for starts at the lowest sequence left after a purge:
+		// What checkEvents asks for starts where a purge left the log (purgeFloor):
 		// below it, the log keeps no row, and a redrive does not put one back.
-		var purgedBelow int64
-		if err := tx.QueryRow(ctx, `SELECT CASE WHEN EXISTS (SELECT 1 FROM audit.checkpoints)
-			THEN coalesce((SELECT min(stream_seq) FROM audit.events), 0) ELSE 0 END`).Scan(&purgedBelow); err != nil {
-			return nil, fmt.Errorf("purged sequences: %w", err)
+		purged, floor, err := purgeFloor(ctx, tx)
+		if err != nil {
+			return nil, err
 		}
 		out := rows[:0:0]
 		for _, r := range rows {
-			if o := b.originals[r]; o != nil && int64(r.StreamSeq) < purgedBelow {
-				b.refused[o.ref] = fmt.Sprintf("%s %d is before what a purge left of the log", events.StreamEvents, r.StreamSeq)
+			if o := b.originals[r]; o != nil && purged && (floor == 0 || r.StreamSeq < floor) {
+				o.why = "before what a purge left of the log: drop it"
+				b.again = append(b.again, o)
 				delete(b.originals, r)
 				continue
 			}
@@ -205,10 +233,6 @@ func (s *Service) eraseRedriven(ctx context.Context, tx pgx.Tx, b *redriveBatch)
 		}
 		erasuresOf[o.row.Tenant] = list
 	}
-	st, err := s.js.Stream(ctx, events.StreamEvents)
-	if err != nil {
-		return fmt.Errorf("%w: %w", platform.ErrUnavailable, err)
-	}
 	for _, o := range b.originals {
 		list := erasuresOf[o.row.Tenant]
 		if len(list) == 0 {
@@ -227,7 +251,7 @@ func (s *Service) eraseRedriven(ctx context.Context, tx pgx.Tx, b *redriveBatch)
 				return err
 			}
 			for _, seq := range seqs {
-				m, err := st.GetMsg(ctx, seq)
+				m, err := platform.GetMsg(ctx, s.js, events.StreamEvents, seq)
 				if errors.Is(err, jetstream.ErrMsgNotFound) {
 					continue
 				}
@@ -274,7 +298,7 @@ func challengeSeqs(ctx context.Context, tx pgx.Tx, tenant, challenge string) ([]
 func (s *Service) redriveThen(ctx context.Context, b *redriveBatch) error {
 	for _, o := range b.again {
 		_, tenant, _ := events.SplitSubject(o.msg.Subject)
-		reason := fmt.Sprintf("auditor: redriven (%s %d), and refused by the database again", events.StreamEvents, o.ref.StreamSeq)
+		reason := fmt.Sprintf("auditor: redriven (%s %d), not chained: %s", events.StreamEvents, o.ref.StreamSeq, o.why)
 		id := fmt.Sprintf("dlq:%s:%d:redrive:%d", events.StreamEvents, o.msg.Sequence, o.ref.StreamSeq)
 		if err := platform.PublishDeadLetterOf(ctx, s.js, &platform.DeadLetters{Sealer: s.cfg.DLQKey, Recipient: platform.EventRecipient(s.cfg.Subjects)},
 			events.ConsumerAuditor, tenant, events.StreamEvents, o.msg, reason, id); err != nil {
@@ -292,7 +316,7 @@ func (s *Service) redrivesSettled(b *redriveBatch, wrote []*Row) {
 		s.redrives.WithLabelValues("refused").Inc()
 	}
 	for _, o := range b.again {
-		s.log.Warn("redriven event refused by the database again; back in OTP_DLQ", "seq", o.msg.Sequence, "reference", o.ref.StreamSeq)
+		s.log.Warn("redriven event not chained; back in OTP_DLQ", "seq", o.msg.Sequence, "reference", o.ref.StreamSeq, "why", o.why)
 		s.redrives.WithLabelValues("refused").Inc()
 	}
 	for _, o := range b.originals {
@@ -305,5 +329,39 @@ func (s *Service) redrivesSettled(b *redriveBatch, wrote []*Row) {
 		} else {
 			s.redrives.WithLabelValues("already_chained").Inc()
 		}
+	}
+}
+
+// querier is a pool or a transaction.
+type querier interface {
+	QueryRow(ctx context.Context, sql string, args ...any) pgx.Row
+}
+
+// purgeFloor reports whether the log was ever purged and, if so, the lowest stream
+// sequence it is still asked to hold (0 when it holds no row): the lowest of its rows,
+// leaving out originals a redrive chained late, each just before its reference's row,
+// which a purge of the rows around them leaves behind. Below it the stream's events were
+// purged from the log, or never written.
+func purgeFloor(ctx context.Context, q querier) (purged bool, floor uint64, err error) {
+	if err := q.QueryRow(ctx, `SELECT EXISTS (SELECT 1 FROM audit.checkpoints)`).Scan(&purged); err != nil || !purged {
+		return false, 0, err
+	}
+	var prev int64 = -1
+	for {
+		var seq int64
+		var redriven bool
+		err := q.QueryRow(ctx, `SELECT e.stream_seq, EXISTS (SELECT 1 FROM audit.events r
+				WHERE r.chain_pos = e.chain_pos + 1 AND r.type = $2 AND r.payload->'redrive'->>'stream_seq' = e.stream_seq::text)
+			FROM audit.events e WHERE e.stream_seq > $1 ORDER BY e.stream_seq LIMIT 1`, prev, string(events.TypeOperatorAction)).Scan(&seq, &redriven)
+		if errors.Is(err, pgx.ErrNoRows) {
+			return true, 0, nil
+		}
+		if err != nil {
+			return true, 0, fmt.Errorf("purged sequences: %w", err)
+		}
+		if !redriven {
+			return true, uint64(seq), nil
+		}
+		prev = seq
 	}
 }

@@ -179,16 +179,20 @@ func TestARedriveChainsTheEventTheAuditorGaveUp(t *testing.T) {
 	if got := redriveOutcomes(t, reg); fmt.Sprint(got) != fmt.Sprint(want) {
 		t.Errorf("redrive outcomes %v, want %v", got, want)
 	}
-	// The stubborn event is back on OTP_DLQ beside the 7 first dead letters the test
-	// left in place.
+	// The erasure request and the stubborn event are back on OTP_DLQ, with why, beside
+	// the 7 first dead letters the test left in place: a redrive loses nothing.
 	dls := testenv.Messages(t, js, events.StreamDLQ, "")
-	if len(dls) != 8 {
-		t.Fatalf("%d dead letters, want 8", len(dls))
+	if len(dls) != 9 {
+		t.Fatalf("%d dead letters, want 9", len(dls))
 	}
-	back := dls[len(dls)-1]
-	if orig := testenv.OpenDeadLetter(t, testDLQ, back); nats.Header(orig.Header).Get(events.HeaderID) != "stubborn" ||
-		back.Header.Get(events.HeaderDLQSequence) != fmt.Sprint(seqS) || !strings.Contains(back.Header.Get(events.HeaderDLQReason), "refused by the database again") {
-		t.Errorf("the event refused again: %v", back.Header)
+	for i, want := range []struct {
+		id, seq, reason string
+	}{{"erasure:refused", fmt.Sprint(seqE), "an erasure request is not chained late"}, {"stubborn", fmt.Sprint(seqS), "refused by the database again"}} {
+		back := dls[7+i]
+		if orig := testenv.OpenDeadLetter(t, testDLQ, back); nats.Header(orig.Header).Get(events.HeaderID) != want.id ||
+			back.Header.Get(events.HeaderDLQSequence) != want.seq || !strings.Contains(back.Header.Get(events.HeaderDLQReason), want.reason) {
+			t.Errorf("back on OTP_DLQ: %v, want %s", back.Header, want.id)
+		}
 	}
 }
 
@@ -235,5 +239,58 @@ func TestARedriveDoesNotBringBackWhatAPurgeCut(t *testing.T) {
 	testenv.Must(t, err, "verify anchored")
 	if !rep.OK() {
 		t.Errorf("anchored verification: %+v", rep)
+	}
+}
+
+// TestARedrivenRowOutlivesAPurgeOfItsNeighbours: an old event is redriven, so its row is
+// chained after newer ones; a purge by age then cuts the old rows chained before the new,
+// and leaves the redriven one. The anchored verification still asks the stream only for
+// what the purge left (it does not take the redriven row's low sequence for where the log
+// starts, which would report the purged neighbours deleted), and a redrive of an event
+// from before the purge is refused.
+func TestARedrivenRowOutlivesAPurgeOfItsNeighbours(t *testing.T) {
+	js := poisonEnv(t, 3)
+	pool := testenv.Postgres(t, Spec())
+	_, err := testenv.Admin(t, pool).Exec(t.Context(), `ALTER TABLE audit.events ADD CONSTRAINT test_poison CHECK (request_id NOT LIKE 'poison%')`)
+	testenv.Must(t, err, "poison the database")
+	old := time.Now().Add(-400 * 24 * time.Hour)
+	publishAt := func(id string, at time.Time) uint64 {
+		m, err := events.NewMsg(events.TypeVerified, "acme", id, "", jsonRaw(fmt.Sprintf(`{"challenge_id":"c-%s","request_id":%q}`, id, id)),
+			events.Envelope{Source: "test", Time: at})
+		testenv.Must(t, err, "msg %s", id)
+		ack, err := js.PublishMsg(t.Context(), m)
+		testenv.Must(t, err, "publish %s", id)
+		return ack.Sequence
+	}
+	publishAt("old-0", old)
+	seqPoison := publishAt("poison-1", old)
+	publishAt("old-2", old)
+	seqOld3 := publishAt("poison-3", old)
+	publishAt("new-4", time.Now())
+	reg := startAuditor(t, js, pool)
+	testenv.WaitMessages(t, js, events.StreamDLQ, events.TypeDLQ.Wildcard(), 2, 30*time.Second)
+	testenv.Eventually(t, 30*time.Second, "the other three chained", func() bool { return len(chainedSeqs(t, pool)) == 3 })
+	_, err = testenv.Admin(t, pool).Exec(t.Context(), `ALTER TABLE audit.events DROP CONSTRAINT test_poison`)
+	testenv.Must(t, err, "fix the cause")
+	last := publishRedrive(t, js, 1, seqPoison, "poison-1", events.ConsumerAuditor)
+	testenv.WaitDrained(t, js, events.StreamEvents, events.ConsumerAuditor, last, 30*time.Second)
+
+	n, err := testChain.Purge(t.Context(), pool, time.Now().Add(-365*24*time.Hour))
+	testenv.Must(t, err, "purge")
+	if got := chainedSeqs(t, pool); n != 2 || len(got) != 3 || got[1] != seqPoison {
+		t.Fatalf("purged %d rows, left %v: want old-0 and old-2 gone, the redriven row after new-4", n, got)
+	}
+	rep, err := testChain.VerifyAnchored(t.Context(), pool, Anchors{JS: js})
+	testenv.Must(t, err, "verify anchored")
+	if !rep.OK() {
+		t.Errorf("anchored verification after the purge: %+v", rep)
+	}
+	last = publishRedrive(t, js, 2, seqOld3, "poison-3", events.ConsumerAuditor)
+	testenv.WaitDrained(t, js, events.StreamEvents, events.ConsumerAuditor, last, 30*time.Second)
+	if got := column(t, pool, fmt.Sprintf(`SELECT count(*) FROM audit.events WHERE stream_seq = %d`, seqOld3)); got[0] != "0" {
+		t.Errorf("the event from before the purge was chained by a redrive")
+	}
+	if got := redriveOutcomes(t, reg); got["chained"] != 1 || got["refused"] != 1 {
+		t.Errorf("redrive outcomes %v", got)
 	}
 }

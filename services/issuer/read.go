@@ -293,7 +293,7 @@ func (s *Service) readExhausted(ctx context.Context) error {
 			}
 			s.missing.WithLabelValues(cc.Durable).Set(1)
 			if !logged {
-				s.log.Error("the issuer's consumer on OTP_ADVISORIES is missing: a request given up after its deliveries is not dead-lettered until it is provisioned",
+				s.log.Error("the issuer's consumer on OTP_ADVISORIES is missing or cannot be read: a request given up after its deliveries is not dead-lettered until it is (provision, and the NATS permissions)",
 					"consumer", cc.Durable, "err", err)
 				logged = true
 			}
