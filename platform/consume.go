@@ -62,6 +62,11 @@ type ConsumeConfig struct {
 	// waits for the neighbour with the deliveries held. Without it, such failures are
 	// blamed on the messages.
 	Healthy func(context.Context) error
+	// NoRecover lets a panic of the handler take the process down, as Go does, instead
+	// of failing the batch (ErrHandlerPanicked): for a handler that holds what a panic
+	// would leak (the dispatcher's send slots and claims). After MaxDeliver such crashes
+	// the server gives the message up (platform.RunExhausted).
+	NoRecover bool
 	// JS publishes dead letters; DeadLetters seals them. Without a DLQ key a dead letter
 	// is never written: the delivery is retried instead (ErrNoDLQKey).
 	JS          jetstream.JetStream
@@ -215,7 +220,9 @@ func (c *Consumer) recovering(handle BatchHandler) BatchHandler {
 // their AckWait unless their stage settles them, and deliveries held for a neighbour
 // that is down are put back at once.
 func (c *Consumer) Run(ctx context.Context, handle BatchHandler) error {
-	handle = c.recovering(handle)
+	if !c.cfg.NoRecover {
+		handle = c.recovering(handle)
+	}
 	size, prefetch := c.cfg.BatchSize, c.cfg.Prefetch
 	// Room for everything Consume may have pulled while a batch is in hand, so the
 	// delivery callback (which also sees heartbeats) does not block.
@@ -336,7 +343,10 @@ func (c *Consumer) Run(ctx context.Context, handle BatchHandler) error {
 // held while a neighbour is down, once they succeed or ctx is done; deliveries the
 // handler passed on stay in progress until settled.
 func (c *Consumer) Handle(ctx context.Context, msgs []jetstream.Msg, handle BatchHandler) {
-	c.handleMsgs(ctx, ctx.Done(), msgs, c.recovering(handle))
+	if !c.cfg.NoRecover {
+		handle = c.recovering(handle)
+	}
+	c.handleMsgs(ctx, ctx.Done(), msgs, handle)
 }
 
 func (c *Consumer) handleMsgs(ctx context.Context, stop <-chan struct{}, msgs []jetstream.Msg, handle BatchHandler) {

@@ -110,8 +110,14 @@ func RunExhausted(ctx context.Context, cfg ExhaustedConfig) error {
 // runExhausted is RunExhausted on cons, bound; it ends with an error wrapping
 // jetstream.ErrConsumerNotFound when cons is deleted.
 func runExhausted(ctx context.Context, cons jetstream.Consumer, cfg ExhaustedConfig) error {
-	c := NewConsumer(cons, ConsumeConfig{Name: cfg.Consumer.Durable, BatchSize: 10, JS: cfg.JS, Log: cfg.Log, Reg: cfg.Reg,
-		DeadLetters: cfg.DeadLetters, MaxInProgress: cfg.MaxInProgress})
+	size := 10
+	if cfg.Redeliver != nil {
+		// One at a time: a handover started is settled by the service's stages, and must
+		// not be run again because an advisory after it in the batch failed.
+		size = 1
+	}
+	c := NewConsumer(cons, ConsumeConfig{Name: cfg.Consumer.Durable, BatchSize: size, JS: cfg.JS, Log: cfg.Log, Reg: cfg.Reg,
+		DeadLetters: cfg.DeadLetters, MaxInProgress: cfg.MaxInProgress, NoRecover: cfg.Redeliver != nil})
 	return c.Run(ctx, func(ctx context.Context, batch []*Delivery) error {
 		for _, d := range batch {
 			if err := c.exhausted(ctx, cfg, d); err != nil {
@@ -200,6 +206,13 @@ func (c *Consumer) Redelivered(m *jetstream.RawStreamMsg, stream string, deliver
 		md: &jetstream.MsgMetadata{Sequence: jetstream.SequencePair{Stream: m.Sequence}, NumDelivered: deliveries + 1,
 			Stream: stream, Consumer: c.durable, Timestamp: m.Time}}
 	return &Delivery{msg: sm, c: c, meta: Meta{Stream: stream, Sequence: m.Sequence, NumDelivered: deliveries + 1, Timestamp: m.Time}}
+}
+
+// HandedOverAgain reports whether d came from Redelivered: a Retry of it gives its
+// advisory back, so a service that stops may hand it back rather than give it up.
+func (d *Delivery) HandedOverAgain() bool {
+	_, ok := d.msg.(*storedMsg)
+	return ok
 }
 
 // storedMsg is a message read from its stream by sequence, settled through the advisory

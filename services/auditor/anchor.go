@@ -211,8 +211,8 @@ func newestCheckpoints(ctx context.Context, js jetstream.JetStream, n int) ([]ev
 	return cps, nil
 }
 
-// checkEvents finds OTP_EVENTS messages without a row: from the stream sequence of the
-// table's first row (the stream's first message when nothing was purged) up to the later
+// checkEvents finds OTP_EVENTS messages without a row: from the one after the last a
+// purge cut (purgeFloor; the stream's first message when nothing was purged) up to the later
 // of upTo and the auditor consumer's acknowledged floor. A message the auditor could not
 // decode went to the DLQ instead and has no row by design.
 func (c *Chain) checkEvents(ctx context.Context, pool *pgxpool.Pool, js jetstream.JetStream, upTo uint64, rep *Report) error {

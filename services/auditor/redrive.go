@@ -338,30 +338,28 @@ type querier interface {
 }
 
 // purgeFloor reports whether the log was ever purged and, if so, the lowest stream
-// sequence it is still asked to hold (0 when it holds no row): the lowest of its rows,
-// leaving out originals a redrive chained late, each just before its reference's row,
-// which a purge of the rows around them leaves behind. Below it the stream's events were
-// purged from the log, or never written.
+// sequence it is still asked to hold: the one after the highest a purge cut (the purge
+// records it, migrations/00007_purged_seq.sql). For checkpoints of earlier releases,
+// which lack it, the lowest sequence of the rows left, leaving out originals a redrive
+// chained late, each just before its reference's row (0 when no row is left).
 func purgeFloor(ctx context.Context, q querier) (purged bool, floor uint64, err error) {
-	if err := q.QueryRow(ctx, `SELECT EXISTS (SELECT 1 FROM audit.checkpoints)`).Scan(&purged); err != nil || !purged {
+	var to *int64
+	if err := q.QueryRow(ctx, `SELECT EXISTS (SELECT 1 FROM audit.checkpoints), (SELECT max(purged_to_seq) FROM audit.checkpoints)`).Scan(&purged, &to); err != nil || !purged {
 		return false, 0, err
 	}
-	var prev int64 = -1
-	for {
-		var seq int64
-		var redriven bool
-		err := q.QueryRow(ctx, `SELECT e.stream_seq, EXISTS (SELECT 1 FROM audit.events r
-				WHERE r.chain_pos = e.chain_pos + 1 AND r.type = $2 AND r.payload->'redrive'->>'stream_seq' = e.stream_seq::text)
-			FROM audit.events e WHERE e.stream_seq > $1 ORDER BY e.stream_seq LIMIT 1`, prev, string(events.TypeOperatorAction)).Scan(&seq, &redriven)
-		if errors.Is(err, pgx.ErrNoRows) {
-			return true, 0, nil
-		}
-		if err != nil {
-			return true, 0, fmt.Errorf("purged sequences: %w", err)
-		}
-		if !redriven {
-			return true, uint64(seq), nil
-		}
-		prev = seq
+	if to != nil {
+		return true, uint64(*to) + 1, nil
 	}
+	var seq *int64
+	err = q.QueryRow(ctx, `SELECT min(e.stream_seq) FROM audit.events e WHERE NOT EXISTS (SELECT 1 FROM audit.events r
+			WHERE r.chain_pos = e.chain_pos + 1 AND r.type = $1 AND r.payload->>'action' = 'dlq.redrive'
+			  AND r.payload->'redrive'->>'consumer' = 'auditor' AND r.payload->'redrive'->>'stream_seq' = e.stream_seq::text)`,
+		string(events.TypeOperatorAction)).Scan(&seq)
+	if err != nil {
+		return true, 0, fmt.Errorf("purged sequences: %w", err)
+	}
+	if seq == nil {
+		return true, 0, nil
+	}
+	return true, uint64(*seq), nil
 }

@@ -14,6 +14,7 @@ import (
 	"context"
 	"embed"
 	"errors"
+	"fmt"
 	"io/fs"
 	"log/slog"
 	"sync"
@@ -198,8 +199,8 @@ func (s *Service) Run(ctx context.Context) error {
 	// perhaps mailed again) before its code expired.
 	c := platform.NewConsumer(cons, platform.ConsumeConfig{Name: events.ConsumerDispatcher,
 		BatchSize: s.cfg.Concurrency, Prefetch: s.cfg.Concurrency, JS: s.js, Log: s.log, Reg: s.reg,
-		MaxInProgress: events.MaxCodeTTL + 2*s.cfg.Lease,
-		DeadLetters:   &platform.DeadLetters{Sealer: s.cfg.DLQKey, Recipient: s.jobRecipient}})
+		MaxInProgress: events.MaxCodeTTL + 2*s.cfg.Lease, NoRecover: true,
+		DeadLetters: &platform.DeadLetters{Sealer: s.cfg.DLQKey, Recipient: s.jobRecipient}})
 	exhausted := make(chan error, 1)
 	go func() { exhausted <- s.readExhausted(runCtx, c, results) }()
 	err = c.Run(runCtx, func(ctx context.Context, batch []*platform.Delivery) error {
@@ -229,8 +230,24 @@ func (s *Service) readExhausted(ctx context.Context, live *platform.Consumer, re
 		Owns:  func(durable string) bool { return durable == events.ConsumerDispatcher },
 		Holds: func(_ string, seq uint64) bool { return live.Holds(seq) },
 		Redeliver: func(ctx context.Context, m *jetstream.RawStreamMsg, deliveries uint64, advisory *platform.Delivery) error {
+			d := live.Redelivered(m, events.StreamDispatch, deliveries, advisory)
+			if n := advisory.Meta().NumDelivered; n > maxHandovers {
+				// Handed over this often and never settled: each handover died (a job
+				// that crashes its dispatcher?). Each cost a re-send after its lease; no
+				// more: the job goes to OTP_DLQ.
+				s.jobs.WithLabelValues("dead_lettered").Inc()
+				_, tenant, _ := events.SplitSubject(m.Subject)
+				d.Settle(platform.DeadLetter(tenant, fmt.Sprintf("%s: given up after its deliveries, and handed over again %d times with none settled",
+					events.ConsumerDispatcher, n-1)))
+				return nil
+			}
 			s.jobs.WithLabelValues("exhausted").Inc()
-			return s.admit(ctx, []*platform.Delivery{live.Redelivered(m, events.StreamDispatch, deliveries, advisory)}, results)
+			if err := s.admit(ctx, []*platform.Delivery{d}, results); err != nil {
+				// A claim the database refuses: the job goes to OTP_DLQ, as on any
+				// delivery, and not the advisory.
+				d.Settle(platform.Failed(err))
+			}
+			return nil
 		},
 		MaxInProgress: events.MaxCodeTTL + 2*s.cfg.Lease,
 		Missing: func(err error) {
@@ -242,6 +259,10 @@ func (s *Service) readExhausted(ctx context.Context, live *platform.Consumer, re
 		},
 		JS: s.js, DeadLetters: &platform.DeadLetters{Sealer: s.cfg.DLQKey, Recipient: s.jobRecipient}, Log: s.log, Reg: s.reg})
 }
+
+// maxHandovers caps how often a job given up after its deliveries is handed over again
+// (readExhausted): each handover that dies re-sends after its lease.
+const maxHandovers = 3
 
 // Purge deletes delivery rows of codes that expired more than retention ago: past every
 // redelivery, nothing can ask for them again.

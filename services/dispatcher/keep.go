@@ -120,9 +120,20 @@ func (s *Service) stopKeeping() {
 	}
 }
 
-// abandon dead-letters a job on its last delivery that this process cannot finish; a
-// redrive from OTP_DLQ runs it again.
+// abandon dead-letters a job on its last delivery that this process cannot finish (a
+// dispatch job is not redriven: the app asks again). A job handed over again from OTP_ADVISORIES
+// (readExhausted) that this process stops before finishing is handed back instead: its
+// advisory comes back to a dispatcher.
 func (s *Service) abandon(j *job, why string) {
+	s.mu.Lock()
+	stopping := s.stopping
+	s.mu.Unlock()
+	if stopping && j.d.HandedOverAgain() {
+		s.log.Warn("job handed back to its advisory", "challenge_id", j.job.ChallengeID, "code_seq", j.job.CodeSeq, "why", events.Reason(why, 200))
+		j.span.End()
+		j.d.Settle(platform.Retry(time.Second))
+		return
+	}
 	s.log.Error("job abandoned on its last delivery", "challenge_id", j.job.ChallengeID, "code_seq", j.job.CodeSeq, "why", events.Reason(why, 200))
 	s.jobs.WithLabelValues("dead_lettered").Inc()
 	j.span.SetStatus(codes.Error, "abandoned")

@@ -464,3 +464,38 @@ func TestAJobWhoseDispatcherDiedOnItsLastDeliveryReachesItsOutcome(t *testing.T)
 		t.Errorf("%d events, want the one otp.delivered", n)
 	}
 }
+
+// TestAHandedOverJobTheDatabaseRefusesGoesToTheDLQ: a job whose dispatcher died on its
+// only delivery is handed over again from its advisory, and the database refuses its
+// claim (a constraint): the job goes to OTP_DLQ, sealed, naming the dispatcher and the
+// refusal, and leaves the work queue; the advisory is acknowledged, not dead-lettered in
+// its place.
+func TestAHandedOverJobTheDatabaseRefusesGoesToTheDLQ(t *testing.T) {
+	ctx := context.Background()
+	h := buildHarness(t, Config{MaxDeliver: 1, Lease: 3 * time.Second}, smtpOnly, nil, 2*time.Second)
+	c := challenge(62)
+	_, err := testenv.Admin(t, h.pool).Exec(ctx, `ALTER TABLE dispatcher.deliveries ADD CONSTRAINT test_refuse CHECK (request_id <> 'r-`+c+`')`)
+	testenv.Must(t, err, "a constraint the claim breaks")
+	h.publish(t, c, "refused@example.com", "626262", time.Now().Add(5*time.Minute), "refused1")
+	cons, err := h.js.Consumer(ctx, events.StreamDispatch, events.ConsumerDispatcher)
+	testenv.Must(t, err, "consumer")
+	batch, err := cons.Fetch(1, jetstream.FetchMaxWait(5*time.Second))
+	testenv.Must(t, err, "fetch")
+	for m := range batch.Messages() {
+		_ = m // the dying dispatcher's delivery, never settled
+	}
+
+	testenv.Start(t, h.svc.Run)
+	dl := testenv.WaitMessages(t, h.js, events.StreamDLQ, "", 1, 30*time.Second)
+	if dl[0].Subject != "otp.dlq.acme" || dl[0].Header.Get(events.HeaderDLQConsumer) != events.ConsumerDispatcher ||
+		dl[0].Header.Get(events.HeaderDLQStream) != events.StreamDispatch || !strings.Contains(dl[0].Header.Get(events.HeaderDLQReason), "test_refuse") {
+		t.Fatalf("dead letter %s %v", dl[0].Subject, dl[0].Header)
+	}
+	testenv.Eventually(t, 10*time.Second, "the job to leave the work queue", func() bool {
+		return len(testenv.Messages(t, h.js, events.StreamDispatch, "")) == 0
+	})
+	testenv.WaitDrained(t, h.js, events.StreamAdvisories, events.ConsumerDispatcherExhausted, 1, 10*time.Second)
+	if n := len(testenv.Messages(t, h.js, events.StreamDLQ, "")); n != 1 || len(h.smtp.Mails()) != 0 {
+		t.Errorf("%d dead letters, %d mails", n, len(h.smtp.Mails()))
+	}
+}
