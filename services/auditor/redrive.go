@@ -263,9 +263,13 @@ func (s *Service) eraseRedriven(ctx context.Context, tx pgx.Tx, b *redriveBatch)
 				}
 			}
 			for _, other := range b.originals {
-				if other != o && other.row.Tenant == o.row.Tenant && other.row.ChallengeID == o.row.ChallengeID {
-					copied := *other.row
-					group = append(group, &copied)
+				if other == o || other.row.Tenant != o.row.Tenant || other.row.ChallengeID != o.row.ChallengeID {
+					continue
+				}
+				// As its message says: its row may have lost its hash to this loop already.
+				m := other.msg
+				if r, err := ToRow(s.cfg.RecipientKey, s.cfg.Subjects, m.Sequence, m.Time, m.Subject, m.Header, m.Data); err == nil {
+					group = append(group, &r)
 				}
 			}
 		}

@@ -29,6 +29,18 @@ func publishRedrive(t *testing.T, js jetstream.JetStream, n int, seq uint64, id,
 	return ack.Sequence
 }
 
+// publishVerifiedAt publishes an otp.verified of request id with event time at, id its
+// event id, and returns its stream sequence.
+func publishVerifiedAt(t *testing.T, js jetstream.JetStream, id string, at time.Time) uint64 {
+	t.Helper()
+	m, err := events.NewMsg(events.TypeVerified, "acme", id, "", jsonRaw(fmt.Sprintf(`{"challenge_id":"c-%s","request_id":%q}`, id, id)),
+		events.Envelope{Source: "test", Time: at})
+	testenv.Must(t, err, "msg %s", id)
+	ack, err := js.PublishMsg(t.Context(), m)
+	testenv.Must(t, err, "publish %s", id)
+	return ack.Sequence
+}
+
 // redriveOutcomes reads otpflow_auditor_redrives_total by outcome.
 func redriveOutcomes(t *testing.T, reg *prometheus.Registry) map[string]float64 {
 	t.Helper()
@@ -206,14 +218,7 @@ func TestARedriveDoesNotBringBackWhatAPurgeCut(t *testing.T) {
 	_, err := testenv.Admin(t, pool).Exec(t.Context(), `ALTER TABLE audit.events ADD CONSTRAINT test_poison CHECK (request_id NOT LIKE 'poison%')`)
 	testenv.Must(t, err, "poison the database")
 	old := time.Now().Add(-400 * 24 * time.Hour)
-	publishAt := func(id string, at time.Time) uint64 {
-		m, err := events.NewMsg(events.TypeVerified, "acme", id, "", jsonRaw(fmt.Sprintf(`{"challenge_id":"c-%s","request_id":%q}`, id, id)),
-			events.Envelope{Source: "test", Time: at})
-		testenv.Must(t, err, "msg %s", id)
-		ack, err := js.PublishMsg(t.Context(), m)
-		testenv.Must(t, err, "publish %s", id)
-		return ack.Sequence
-	}
+	publishAt := func(id string, at time.Time) uint64 { return publishVerifiedAt(t, js, id, at) }
 	publishAt("old-0", old)
 	seqOld := publishAt("poison-old", old)
 	publishAt("old-2", old)
@@ -256,14 +261,7 @@ func TestARedrivenRowOutlivesAPurgeOfItsNeighbours(t *testing.T) {
 	_, err := testenv.Admin(t, pool).Exec(t.Context(), `ALTER TABLE audit.events ADD CONSTRAINT test_poison CHECK (request_id NOT LIKE 'poison%')`)
 	testenv.Must(t, err, "poison the database")
 	old := time.Now().Add(-400 * 24 * time.Hour)
-	publishAt := func(id string, at time.Time) uint64 {
-		m, err := events.NewMsg(events.TypeVerified, "acme", id, "", jsonRaw(fmt.Sprintf(`{"challenge_id":"c-%s","request_id":%q}`, id, id)),
-			events.Envelope{Source: "test", Time: at})
-		testenv.Must(t, err, "msg %s", id)
-		ack, err := js.PublishMsg(t.Context(), m)
-		testenv.Must(t, err, "publish %s", id)
-		return ack.Sequence
-	}
+	publishAt := func(id string, at time.Time) uint64 { return publishVerifiedAt(t, js, id, at) }
 	publishAt("old-0", old)
 	seqPoison := publishAt("poison-1", old)
 	publishAt("old-2", old)

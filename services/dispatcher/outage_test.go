@@ -428,14 +428,8 @@ func TestAJobWhoseDispatcherDiedOnItsLastDeliveryReachesItsOutcome(t *testing.T)
 	c := challenge(61)
 	h.publish(t, c, "last@example.com", "616161", time.Now().Add(5*time.Minute), "last1")
 	// The dying dispatcher: it takes the delivery, claims the job, and is gone.
-	cons, err := h.js.Consumer(ctx, events.StreamDispatch, events.ConsumerDispatcher)
-	testenv.Must(t, err, "consumer")
-	batch, err := cons.Fetch(1, jetstream.FetchMaxWait(5*time.Second))
-	testenv.Must(t, err, "fetch")
-	for m := range batch.Messages() {
-		_ = m // never settled
-	}
-	_, err = h.pool.Exec(ctx, `INSERT INTO dispatcher.deliveries (challenge_id, code_seq, tenant, request_id, status, attempts, expires_at,
+	h.takeAndDie(t)
+	_, err := h.pool.Exec(ctx, `INSERT INTO dispatcher.deliveries (challenge_id, code_seq, tenant, request_id, status, attempts, expires_at,
 		claimed_at, lease_until) VALUES ($1, 1, 'acme', 'r', 'sending', 1, now() + interval '5 minutes', now(), now() + interval '3 seconds')`, c)
 	testenv.Must(t, err, "the dead dispatcher's claim")
 
@@ -477,13 +471,7 @@ func TestAHandedOverJobTheDatabaseRefusesGoesToTheDLQ(t *testing.T) {
 	_, err := testenv.Admin(t, h.pool).Exec(ctx, `ALTER TABLE dispatcher.deliveries ADD CONSTRAINT test_refuse CHECK (request_id <> 'r-`+c+`')`)
 	testenv.Must(t, err, "a constraint the claim breaks")
 	h.publish(t, c, "refused@example.com", "626262", time.Now().Add(5*time.Minute), "refused1")
-	cons, err := h.js.Consumer(ctx, events.StreamDispatch, events.ConsumerDispatcher)
-	testenv.Must(t, err, "consumer")
-	batch, err := cons.Fetch(1, jetstream.FetchMaxWait(5*time.Second))
-	testenv.Must(t, err, "fetch")
-	for m := range batch.Messages() {
-		_ = m // the dying dispatcher's delivery, never settled
-	}
+	h.takeAndDie(t)
 
 	testenv.Start(t, h.svc.Run)
 	dl := testenv.WaitMessages(t, h.js, events.StreamDLQ, "", 1, 30*time.Second)
@@ -497,5 +485,21 @@ func TestAHandedOverJobTheDatabaseRefusesGoesToTheDLQ(t *testing.T) {
 	testenv.WaitDrained(t, h.js, events.StreamAdvisories, events.ConsumerDispatcherExhausted, 1, 10*time.Second)
 	if n := len(testenv.Messages(t, h.js, events.StreamDLQ, "")); n != 1 || len(h.smtp.Mails()) != 0 {
 		t.Errorf("%d dead letters, %d mails", n, len(h.smtp.Mails()))
+	}
+}
+
+// takeAndDie is a dispatcher that takes a job's delivery and dies: never settled.
+func (h *harness) takeAndDie(t *testing.T) {
+	t.Helper()
+	cons, err := h.js.Consumer(t.Context(), events.StreamDispatch, events.ConsumerDispatcher)
+	testenv.Must(t, err, "consumer")
+	batch, err := cons.Fetch(1, jetstream.FetchMaxWait(5*time.Second))
+	testenv.Must(t, err, "fetch")
+	n := 0
+	for range batch.Messages() {
+		n++
+	}
+	if n != 1 {
+		t.Fatalf("the dying dispatcher took %d jobs", n)
 	}
 }
