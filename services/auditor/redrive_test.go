@@ -7,6 +7,7 @@ import (
 	"time"
 
 	"github.com/google/uuid"
+	"github.com/jackc/pgx/v5/pgxpool"
 	"github.com/nats-io/nats.go"
 	"github.com/nats-io/nats.go/jetstream"
 	"github.com/otpflow/otpflow/events"
@@ -39,6 +40,24 @@ func publishVerifiedAt(t *testing.T, js jetstream.JetStream, id string, at time.
 	ack, err := js.PublishMsg(t.Context(), m)
 	testenv.Must(t, err, "publish %s", id)
 	return ack.Sequence
+}
+
+// poisonedLog is poisonEnv's stream and a log whose database refuses every event of a
+// request id starting with "poison" (fixCause lifts it).
+func poisonedLog(t *testing.T) (jetstream.JetStream, *pgxpool.Pool) {
+	t.Helper()
+	js := poisonEnv(t, 3)
+	pool := testenv.Postgres(t, Spec())
+	_, err := testenv.Admin(t, pool).Exec(t.Context(), `ALTER TABLE audit.events ADD CONSTRAINT test_poison CHECK (request_id NOT LIKE 'poison%')`)
+	testenv.Must(t, err, "poison the database")
+	return js, pool
+}
+
+// fixCause lifts poisonedLog's refusal.
+func fixCause(t *testing.T, pool *pgxpool.Pool) {
+	t.Helper()
+	_, err := testenv.Admin(t, pool).Exec(t.Context(), `ALTER TABLE audit.events DROP CONSTRAINT test_poison`)
+	testenv.Must(t, err, "fix the cause")
 }
 
 // redriveOutcomes reads otpflow_auditor_redrives_total by outcome.
@@ -130,8 +149,7 @@ func TestARedriveChainsTheEventTheAuditorGaveUp(t *testing.T) {
 	testenv.Eventually(t, 30*time.Second, "the erasure answered", func() bool {
 		return len(testenv.Messages(t, js, events.StreamEvents, events.TypeErased.Wildcard())) == 1
 	})
-	_, err = testenv.Admin(t, pool).Exec(t.Context(), `ALTER TABLE audit.events DROP CONSTRAINT test_poison`)
-	testenv.Must(t, err, "fix the cause")
+	fixCause(t, pool)
 
 	publishRedrive(t, js, 1, seqA, "poison-a", events.ConsumerAuditor)
 	publishRedrive(t, js, 2, seqB, "poison-b", events.ConsumerAuditor)
@@ -213,10 +231,7 @@ func TestARedriveChainsTheEventTheAuditorGaveUp(t *testing.T) {
 // redrive: the log keeps nothing from before there, and the anchored verification asks
 // nothing from there.
 func TestARedriveDoesNotBringBackWhatAPurgeCut(t *testing.T) {
-	js := poisonEnv(t, 3)
-	pool := testenv.Postgres(t, Spec())
-	_, err := testenv.Admin(t, pool).Exec(t.Context(), `ALTER TABLE audit.events ADD CONSTRAINT test_poison CHECK (request_id NOT LIKE 'poison%')`)
-	testenv.Must(t, err, "poison the database")
+	js, pool := poisonedLog(t)
 	old := time.Now().Add(-400 * 24 * time.Hour)
 	publishAt := func(id string, at time.Time) uint64 { return publishVerifiedAt(t, js, id, at) }
 	publishAt("old-0", old)
@@ -231,8 +246,7 @@ func TestARedriveDoesNotBringBackWhatAPurgeCut(t *testing.T) {
 	if n != 2 {
 		t.Fatalf("purged %d rows, want old-0's and old-2's", n)
 	}
-	_, err = testenv.Admin(t, pool).Exec(t.Context(), `ALTER TABLE audit.events DROP CONSTRAINT test_poison`)
-	testenv.Must(t, err, "fix the cause")
+	fixCause(t, pool)
 
 	last := publishRedrive(t, js, 1, seqOld, "poison-old", events.ConsumerAuditor)
 	testenv.WaitDrained(t, js, events.StreamEvents, events.ConsumerAuditor, last, 30*time.Second)
@@ -256,10 +270,7 @@ func TestARedriveDoesNotBringBackWhatAPurgeCut(t *testing.T) {
 // log starts, which would report the purged neighbours deleted), and an event the auditor
 // gave up just after the last one the purge cut is still chained by a redrive.
 func TestARedrivenRowOutlivesAPurgeOfItsNeighbours(t *testing.T) {
-	js := poisonEnv(t, 3)
-	pool := testenv.Postgres(t, Spec())
-	_, err := testenv.Admin(t, pool).Exec(t.Context(), `ALTER TABLE audit.events ADD CONSTRAINT test_poison CHECK (request_id NOT LIKE 'poison%')`)
-	testenv.Must(t, err, "poison the database")
+	js, pool := poisonedLog(t)
 	old := time.Now().Add(-400 * 24 * time.Hour)
 	publishAt := func(id string, at time.Time) uint64 { return publishVerifiedAt(t, js, id, at) }
 	publishAt("old-0", old)
@@ -270,8 +281,7 @@ func TestARedrivenRowOutlivesAPurgeOfItsNeighbours(t *testing.T) {
 	reg := startAuditor(t, js, pool)
 	testenv.WaitMessages(t, js, events.StreamDLQ, events.TypeDLQ.Wildcard(), 2, 30*time.Second)
 	testenv.Eventually(t, 30*time.Second, "the other three chained", func() bool { return len(chainedSeqs(t, pool)) == 3 })
-	_, err = testenv.Admin(t, pool).Exec(t.Context(), `ALTER TABLE audit.events DROP CONSTRAINT test_poison`)
-	testenv.Must(t, err, "fix the cause")
+	fixCause(t, pool)
 	last := publishRedrive(t, js, 1, seqPoison, "poison-1", events.ConsumerAuditor)
 	testenv.WaitDrained(t, js, events.StreamEvents, events.ConsumerAuditor, last, 30*time.Second)
 
