@@ -66,6 +66,10 @@ type Common struct {
 	// NATSPlaintextOK (OTP_NATS_PLAINTEXT_OK) accepts NATS without TLS to a remote
 	// server in production, for meshes that encrypt below NATS.
 	NATSPlaintextOK bool
+	// Pprof (OTP_PPROF) serves Go's profiles under /debug/pprof/ on the ops endpoint, for
+	// load runs (otpflow bench -profile). Production refuses it: the endpoint has no
+	// authentication, and a profile shows the process's internals.
+	Pprof bool
 }
 
 // The values of OTP_ENV.
@@ -104,6 +108,12 @@ func LoadCommon(getenv Getenv) (Common, error) {
 	}
 	if c.NATSPlaintextOK, err = BoolVar(getenv, "OTP_NATS_PLAINTEXT_OK"); err != nil {
 		return c, err
+	}
+	if c.Pprof, err = BoolVar(getenv, "OTP_PPROF"); err != nil {
+		return c, err
+	}
+	if c.Pprof && c.Production() {
+		return c, &ProductionError{"OTP_PPROF", "serves profiles on the ops endpoint, which has no authentication; profile a staging copy"}
 	}
 	if c.Replicas, err = IntVar(getenv, "OTP_NATS_REPLICAS", 1, 1, 5); err != nil {
 		return c, err

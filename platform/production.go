@@ -58,6 +58,9 @@ func CheckProviders(providers []string) error {
 	if slices.Contains(providers, "sandbox") {
 		return &ProductionError{"OTP_PROVIDERS", "contains sandbox, which writes mail to a local folder"}
 	}
+	if slices.Contains(providers, "null") {
+		return &ProductionError{"OTP_PROVIDERS", "contains null, which mails nothing and hands every code in clear text to a load generator"}
+	}
 	return nil
 }
 

@@ -209,7 +209,11 @@ func RunServices(ctx context.Context, getenv Getenv, logw io.Writer, specs ...Se
 	if len(specs) > 1 {
 		opsLog = NewLogger(logw, common.LogLevel, "otpflow")
 	}
-	return serve(ctx, common, OpsHandler(reg, checks), opsLog, runs)
+	ops := OpsHandler(reg, checks)
+	if common.Pprof {
+		ops = WithPprof(ops)
+	}
+	return serve(ctx, common, ops, opsLog, runs)
 }
 
 // serve runs every run function and, when OTP_HTTP_ADDR is set, the ops endpoint, until

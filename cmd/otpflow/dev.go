@@ -181,26 +181,32 @@ func devDatabase(ctx context.Context, dir string, getenv func(string) string, st
 // ensureDevDB creates otpflow_dev on the libpq-default server (anew if reset) and
 // returns a connection string for it.
 func ensureDevDB(ctx context.Context, reset bool) (string, error) {
+	return ensureDB(ctx, devDB, reset)
+}
+
+// ensureDB creates the database name on the libpq-default server (anew if reset) and
+// returns a connection string for it.
+func ensureDB(ctx context.Context, name string, reset bool) (string, error) {
 	c, err := pgx.Connect(ctx, "")
 	if err != nil {
 		return "", err
 	}
 	defer c.Close(ctx)
 	if reset {
-		if _, err := c.Exec(ctx, "DROP DATABASE IF EXISTS "+devDB+" WITH (FORCE)"); err != nil {
-			return "", fmt.Errorf("reset %s: %w", devDB, err)
+		if _, err := c.Exec(ctx, "DROP DATABASE IF EXISTS "+name+" WITH (FORCE)"); err != nil {
+			return "", fmt.Errorf("reset %s: %w", name, err)
 		}
 	}
 	var exists bool
-	if err := c.QueryRow(ctx, "SELECT EXISTS (SELECT 1 FROM pg_database WHERE datname = $1)", devDB).Scan(&exists); err != nil {
+	if err := c.QueryRow(ctx, "SELECT EXISTS (SELECT 1 FROM pg_database WHERE datname = $1)", name).Scan(&exists); err != nil {
 		return "", err
 	}
 	if !exists {
-		if _, err := c.Exec(ctx, "CREATE DATABASE "+devDB); err != nil {
-			return "", fmt.Errorf("create %s: %w", devDB, err)
+		if _, err := c.Exec(ctx, "CREATE DATABASE "+name); err != nil {
+			return "", fmt.Errorf("create %s: %w", name, err)
 		}
 	}
-	return "dbname=" + devDB, nil
+	return "dbname=" + name, nil
 }
 
 func answers(ctx context.Context, url string) bool {

@@ -146,8 +146,6 @@ func (a *app) verify(t *testing.T, tenant, requestID, code string) events.Verify
 	return r
 }
 
-var sixDigits = regexp.MustCompile(`\b(\d{6})\b`)
-
 // codeOf returns the code of a mail, read from its body (text and HTML part), and checks
 // that the subject does not carry it: subjects show on lock screens and in provider logs.
 func codeOf(t *testing.T, m testenv.Mail) string {

@@ -28,6 +28,7 @@ commands:
   provision create or update the streams and consumers, and migrate the database (an admin's job)
   erase     erase one person of a tenant from every service, stream and the audit log
   dlq       list, show, redrive and drop the dead letters of OTP_DLQ
+  bench     run the services from bin/ as processes and load them as an app does: throughput, latency, losses, CPU, memory
 
 run "otpflow <command> -h" for the flags of a command.
 `
@@ -85,6 +86,8 @@ func run(ctx context.Context, args []string, getenv func(string) string, stdout,
 			return 0, nil
 		}
 		return code, err
+	case "bench":
+		err = benchCommand(ctx, args[1:], getenv, stdout, stderr)
 	case "help", "-h", "--help":
 		fmt.Fprint(stdout, usage)
 		return 0, nil

@@ -86,6 +86,8 @@ func TestProductionRefusesAtStart(t *testing.T) {
 				map[string]string{"OTP_DATABASE_URL": "host=" + farHost + " user=otpflow sslmode=disable"}, "OTP_ENV=production: OTP_DATABASE_URL"},
 			tc{"libpq environment: PGHOST remote, PGSSLMODE=disable", bin,
 				map[string]string{"OTP_DATABASE_URL": "", "PGHOST": farHost, "PGSSLMODE": "disable"}, "OTP_ENV=production: PGSSLMODE"},
+			tc{"profiles on the ops endpoint", bin, map[string]string{"OTP_PPROF": "true"}, "OTP_ENV=production: OTP_PPROF"},
+			tc{"profiles off (control)", bin, map[string]string{"OTP_PPROF": "false"}, pastChecks},
 		)
 		if bin == "auditor" {
 			continue // it does not read OTP_TENANTS_FILE
@@ -106,6 +108,8 @@ func TestProductionRefusesAtStart(t *testing.T) {
 	cases = append(cases,
 		tc{"sandbox provider", "dispatcher", map[string]string{"OTP_PROVIDERS": "sandbox", "OTP_SANDBOX_MAILDIR": t.TempDir()}, "OTP_ENV=production: OTP_PROVIDERS"},
 		tc{"sandbox as the fallback", "dispatcher", map[string]string{"OTP_PROVIDERS": "smtp,sandbox", "OTP_SANDBOX_MAILDIR": t.TempDir()}, "OTP_ENV=production: OTP_PROVIDERS"},
+		tc{"null provider (the bench's)", "dispatcher", map[string]string{"OTP_PROVIDERS": "null", "OTP_NULL_SINK_ADDR": "127.0.0.1:9"}, "OTP_ENV=production: OTP_PROVIDERS"},
+		tc{"null as the fallback", "dispatcher", map[string]string{"OTP_PROVIDERS": "smtp,null"}, "OTP_ENV=production: OTP_PROVIDERS"},
 		tc{"SMTP tls=none to a remote relay", "dispatcher", map[string]string{"OTP_SMTP_URL": "smtp://" + farHost + ":25?tls=none"}, "OTP_ENV=production: OTP_SMTP_URL"},
 		tc{"SMTP starttls to a remote relay (control)", "dispatcher", map[string]string{"OTP_SMTP_URL": "smtp://" + farHost + ":587?tls=starttls"}, pastChecks},
 		tc{"SES endpoint http:// to a remote host", "dispatcher", map[string]string{"OTP_PROVIDERS": "ses", "OTP_SES_REGION": "eu-west-1",

@@ -87,6 +87,8 @@ func TestCheckProviders(t *testing.T) {
 		{"ses and smtp", []string{"ses", "smtp"}, ""},
 		{"sandbox alone", []string{"sandbox"}, "OTP_PROVIDERS"},
 		{"sandbox as the fallback", []string{"ses", "sandbox"}, "OTP_PROVIDERS"},
+		{"null alone", []string{"null"}, "OTP_PROVIDERS"},
+		{"null as the fallback", []string{"smtp", "null"}, "OTP_PROVIDERS"},
 	} {
 		wantRefusal(t, tc.name, platform.CheckProviders(tc.chain), tc.refused)
 	}

@@ -3,6 +3,7 @@ package dispatcher
 import (
 	"context"
 	"fmt"
+	"net"
 	"net/mail"
 	"strconv"
 	"strings"
@@ -13,6 +14,7 @@ import (
 	"github.com/otpflow/otpflow/platform/policy"
 	"github.com/otpflow/otpflow/services/dispatcher/maildir"
 	"github.com/otpflow/otpflow/services/dispatcher/mailer"
+	"github.com/otpflow/otpflow/services/dispatcher/nullsink"
 	"github.com/otpflow/otpflow/services/dispatcher/ses"
 	"github.com/otpflow/otpflow/services/dispatcher/smtp"
 )
@@ -143,8 +145,21 @@ func LoadConfig(getenv platform.Getenv, common platform.Common) (Config, error) 
 			}
 			cfg.Guards["sandbox"] = mailer.GuardConfig{RetryBudget: budget, BreakerTimeout: breakerTimeout}
 			cfg.Providers = append(cfg.Providers, p)
+		case "null":
+			delay, err := platform.DurationVar(getenv, "OTP_NULL_SEND_DELAY", 0)
+			if err != nil {
+				return Config{}, err
+			}
+			addr := strings.TrimSpace(getenv("OTP_NULL_SINK_ADDR"))
+			if addr != "" {
+				if _, _, err := net.SplitHostPort(addr); err != nil {
+					return Config{}, &platform.ConfigError{Var: "OTP_NULL_SINK_ADDR", Msg: "must be host:port of the collector"}
+				}
+			}
+			cfg.Guards["null"] = mailer.GuardConfig{RetryBudget: budget, BreakerTimeout: breakerTimeout}
+			cfg.Providers = append(cfg.Providers, nullsink.New(nullsink.Config{Addr: addr, Delay: delay}))
 		default:
-			return Config{}, &platform.ConfigError{Var: "OTP_PROVIDERS", Msg: fmt.Sprintf("unknown provider %q; the providers are ses, smtp and sandbox", name)}
+			return Config{}, &platform.ConfigError{Var: "OTP_PROVIDERS", Msg: fmt.Sprintf("unknown provider %q; the providers are ses, smtp, sandbox and null", name)}
 		}
 	}
 	return cfg, nil
