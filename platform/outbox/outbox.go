@@ -20,6 +20,7 @@ import (
 	"encoding/json"
 	"fmt"
 	"log/slog"
+	"slices"
 	"time"
 
 	"github.com/jackc/pgx/v5"
@@ -43,29 +44,41 @@ type Outbox struct {
 	Log   *slog.Logger
 }
 
-// Add writes msgs in tx and returns their entries, to be published after the commit.
+// Add writes msgs in tx, in one statement, and returns their entries, to be published
+// after the commit.
 func (o *Outbox) Add(ctx context.Context, tx pgx.Tx, msgs ...*nats.Msg) ([]Entry, error) {
 	if len(msgs) == 0 {
 		return nil, nil
 	}
-	b := &pgx.Batch{}
-	for _, m := range msgs {
+	subjects, headers, data := make([]string, len(msgs)), make([]string, len(msgs)), make([][]byte, len(msgs))
+	for i, m := range msgs {
 		h, err := json.Marshal(m.Header)
 		if err != nil {
 			return nil, err
 		}
-		b.Queue("INSERT INTO "+o.Table+" (subject, header, data) VALUES ($1, $2, $3) RETURNING id", m.Subject, h, m.Data)
+		subjects[i], headers[i], data[i] = m.Subject, string(h), m.Data
 	}
-	res := tx.SendBatch(ctx, b)
-	defer res.Close()
+	// The rows are inserted in the order of msgs, so their ids (from the table's
+	// sequence) ascend in that order, whatever other transactions draw in between.
+	rows, err := tx.Query(ctx, "INSERT INTO "+o.Table+` (subject, header, data)
+		SELECT s, h::jsonb, d FROM unnest($1::text[], $2::text[], $3::bytea[]) WITH ORDINALITY AS u(s, h, d, n) ORDER BY n
+		RETURNING id`, subjects, headers, data)
+	if err != nil {
+		return nil, fmt.Errorf("outbox add: %w", err)
+	}
+	ids, err := pgx.CollectRows(rows, pgx.RowTo[int64])
+	if err != nil {
+		return nil, fmt.Errorf("outbox add: %w", err)
+	}
+	if len(ids) != len(msgs) {
+		return nil, fmt.Errorf("outbox add: %d rows for %d messages", len(ids), len(msgs))
+	}
+	slices.Sort(ids)
 	entries := make([]Entry, len(msgs))
 	for i, m := range msgs {
-		if err := res.QueryRow().Scan(&entries[i].ID); err != nil {
-			return nil, fmt.Errorf("outbox add: %w", err)
-		}
-		entries[i].Msg = m
+		entries[i] = Entry{ID: ids[i], Msg: m}
 	}
-	return entries, res.Close()
+	return entries, nil
 }
 
 // Publish publishes entries and deletes them from the table. On error the rows that

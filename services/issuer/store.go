@@ -410,27 +410,129 @@ func sortedKeys[V any](m map[string]V) []string {
 	return out
 }
 
-// writeBatch queues the rows of w in order, then the rate-limit rows it changed, as the
-// batch state holds them now.
+// writeBatch queues the writes of w as a handful of set-based statements, whatever the
+// batch's size: every new challenge in one INSERT, then the updates of existing
+// challenges (supersessions and next codes) in the order decided, then every code in one
+// INSERT (after its challenge: codes reference it), then the rate-limit rows it changed,
+// as the batch state holds them now. An update may touch a challenge inserted earlier in
+// the batch, never one inserted later, so the inserts going first keeps the decided order.
 func (st *store) writeBatch(bs *batchState, w *writes) *pgx.Batch {
 	b := &pgx.Batch{}
+	var ch challengeColumns
+	var codes codeColumns
+	var rest []rowWrite
 	for _, r := range w.rows {
+		switch r := r.(type) {
+		case newChallenge:
+			ch.add(r)
+		case codeRow:
+			codes.add(r)
+		default:
+			rest = append(rest, r)
+		}
+	}
+	ch.queue(b)
+	for _, r := range rest {
 		r.queue(b)
 	}
-	for k := range w.logs {
+	codes.queue(b)
+	if len(w.logs) > 0 {
 		// The union goes back under every hash: a replica that knows only some of the
 		// keys still reads the whole state.
-		b.Queue(`UPDATE issuer.rate_log SET stamps = $2 WHERE key = ANY($1)`, bs.logKeys[k], []time.Time(bs.logs[k].Trim(bs.now.Add(-horizon))))
+		var keys, stamps []string
+		for _, k := range sortedKeys(w.logs) {
+			text := timestampArray(bs.logs[k].Trim(bs.now.Add(-horizon)))
+			for _, key := range bs.logKeys[k] {
+				keys, stamps = append(keys, key), append(stamps, text)
+			}
+		}
+		b.Queue(`UPDATE issuer.rate_log l SET stamps = u.stamps::timestamptz[] FROM unnest($1::text[], $2::text[]) AS u(key, stamps)
+			WHERE l.key = u.key`, keys, stamps)
 	}
-	for k := range w.windows {
-		win := bs.windows[k]
-		b.Queue(`UPDATE issuer.rate_window SET window_start = $2, count = $3 WHERE key = $1`, k, win.start, win.count)
+	if len(w.windows) > 0 {
+		keys := sortedKeys(w.windows)
+		starts, counts := make([]time.Time, len(keys)), make([]int64, len(keys))
+		for i, k := range keys {
+			starts[i], counts[i] = bs.windows[k].start, int64(bs.windows[k].count)
+		}
+		b.Queue(`UPDATE issuer.rate_window w SET window_start = u.start, count = u.count
+			FROM unnest($1::text[], $2::timestamptz[], $3::int8[]) AS u(key, start, count) WHERE w.key = u.key`, keys, starts, counts)
 	}
 	for _, c := range w.clients {
 		b.Queue(`INSERT INTO issuer.ip_recipients (tenant, ip_hash, recipient_hash, last_at) VALUES ($1, $2, $3, $4)
 			ON CONFLICT (tenant, ip_hash, recipient_hash) DO UPDATE SET last_at = EXCLUDED.last_at`, c.tenant, c.ipHash, c.recipientHash, bs.now)
 	}
 	return b
+}
+
+// challengeColumns are new challenge rows, column by column, for one INSERT.
+type challengeColumns struct {
+	tenant, requestID, id, sealKeyID, recipient, purpose, locale, sessionID []string
+	sealed                                                                  [][]byte
+	codeCount                                                               []int64
+	createdAt, expiresAt                                                    []time.Time
+	test                                                                    []bool
+}
+
+func (c *challengeColumns) add(r newChallenge) {
+	c.tenant, c.requestID, c.id = append(c.tenant, r.tenant), append(c.requestID, r.requestID), append(c.id, r.id)
+	c.sealed, c.sealKeyID, c.recipient = append(c.sealed, r.sealed), append(c.sealKeyID, r.sealKeyID), append(c.recipient, r.recipient)
+	c.purpose, c.locale, c.sessionID = append(c.purpose, r.purpose), append(c.locale, r.locale), append(c.sessionID, r.sessionID)
+	c.codeCount, c.createdAt, c.expiresAt = append(c.codeCount, int64(r.codeCount)), append(c.createdAt, r.createdAt), append(c.expiresAt, r.expiresAt)
+	c.test = append(c.test, r.test)
+}
+
+func (c *challengeColumns) queue(b *pgx.Batch) {
+	if len(c.id) == 0 {
+		return
+	}
+	b.Queue(`INSERT INTO issuer.challenges (tenant, request_id, challenge_id, recipient_sealed, recipient_seal_key_id,
+			recipient_key, purpose, locale, session_id, code_count, last_code_at, expires_at, created_at, test)
+		SELECT t, r, id::uuid, sealed, sk, rk, p, l, sid, n, at, exp, at, test
+		FROM unnest($1::text[], $2::text[], $3::text[], $4::bytea[], $5::text[], $6::text[], $7::text[], $8::text[], $9::text[],
+			$10::int8[], $11::timestamptz[], $12::timestamptz[], $13::bool[]) AS u(t, r, id, sealed, sk, rk, p, l, sid, n, at, exp, test)`,
+		c.tenant, c.requestID, c.id, c.sealed, c.sealKeyID, c.recipient, c.purpose, c.locale, c.sessionID,
+		c.codeCount, c.createdAt, c.expiresAt, c.test)
+}
+
+// codeColumns are code rows, column by column, for one INSERT.
+type codeColumns struct {
+	challengeID, pepperID []string
+	seq                   []int64
+	hmac                  [][]byte
+	issuedAt, expiresAt   []time.Time
+}
+
+func (c *codeColumns) add(r codeRow) {
+	c.challengeID, c.seq, c.hmac = append(c.challengeID, r.challengeID), append(c.seq, int64(r.seq)), append(c.hmac, r.hmac)
+	c.pepperID, c.issuedAt, c.expiresAt = append(c.pepperID, r.pepperID), append(c.issuedAt, r.issuedAt), append(c.expiresAt, r.expiresAt)
+}
+
+func (c *codeColumns) queue(b *pgx.Batch) {
+	if len(c.challengeID) == 0 {
+		return
+	}
+	b.Queue(`INSERT INTO issuer.codes (challenge_id, code_seq, code_hmac, pepper_key_id, issued_at, expires_at)
+		SELECT id::uuid, seq, mac, pk, at, exp
+		FROM unnest($1::text[], $2::int8[], $3::bytea[], $4::text[], $5::timestamptz[], $6::timestamptz[]) AS u(id, seq, mac, pk, at, exp)`,
+		c.challengeID, c.seq, c.hmac, c.pepperID, c.issuedAt, c.expiresAt)
+}
+
+// timestampArray is ts as a PostgreSQL array literal of timestamptz, for a parameter of
+// an unnest of text (arrays of arrays must be rectangular; these are not).
+func timestampArray(ts []time.Time) string {
+	var sb strings.Builder
+	sb.WriteByte('{')
+	for i, t := range ts {
+		if i > 0 {
+			sb.WriteByte(',')
+		}
+		sb.WriteByte('"')
+		sb.WriteString(t.UTC().Format("2006-01-02 15:04:05.999999Z07:00"))
+		sb.WriteByte('"')
+	}
+	sb.WriteByte('}')
+	return sb.String()
 }
 
 // purge deletes challenges whose last code expired more than retention ago, with their
