@@ -16,6 +16,7 @@ import (
 	"sync/atomic"
 	"time"
 
+	"github.com/jackc/pgx/v5"
 	"github.com/nats-io/nats.go"
 	"github.com/nats-io/nats.go/jetstream"
 	"github.com/nats-io/nats.go/micro"
@@ -78,8 +79,12 @@ type benchResult struct {
 	Services        map[string]benchUsage `json:"services"`
 	// Bench is this process: the load generator, the sink and, unless OTP_NATS_URL is
 	// set, the embedded NATS server.
-	Bench    benchUsage `json:"bench"`
-	Profiles string     `json:"profiles,omitempty"`
+	Bench benchUsage `json:"bench"`
+	// DatabaseCPU is the CPU seconds PostgreSQL spent in the load, by the role of each
+	// backend ("other": the server's own processes, and backends gone by the end), when
+	// the server runs on this machine.
+	DatabaseCPU map[string]float64 `json:"database_cpu_s,omitempty"`
+	Profiles    string             `json:"profiles,omitempty"`
 }
 
 type benchLatency struct {
@@ -344,6 +349,7 @@ func benchCommand(ctx context.Context, args []string, getenv func(string) string
 		p.cpu0, _, _ = procUsage(p.cmd.Process.Pid)
 	}
 	self0, _, _ := procUsage(os.Getpid())
+	pg0 := postgresCPU()
 	var profiling sync.WaitGroup
 	var profileErr atomic.Pointer[error]
 	if o.profile != "" {
@@ -409,6 +415,7 @@ func benchCommand(ctx context.Context, args []string, getenv func(string) string
 		cpu, rss, _ := procUsage(p.cmd.Process.Pid)
 		res.Services[p.name] = benchUsage{CPUSeconds: round(cpu-p.cpu0, 2), PeakRSSMB: round(rss, 1)}
 	}
+	res.DatabaseCPU = databaseCPU(ctx, merged, pg0)
 	self1, selfRSS, _ := procUsage(os.Getpid())
 	res.Bench = benchUsage{CPUSeconds: round(self1-self0, 2), PeakRSSMB: round(selfRSS, 1)}
 	profiling.Wait() // a profile longer than the load ends when its seconds do
@@ -460,6 +467,40 @@ func benchCommand(ctx context.Context, args []string, getenv func(string) string
 	}
 	printBench(stdout, res)
 	return nil
+}
+
+// databaseCPU attributes the CPU PostgreSQL's processes used since before (by pid) to
+// the roles of the backends, as pg_stat_activity names them now.
+func databaseCPU(ctx context.Context, getenv func(string) string, before map[int]float64) map[string]float64 {
+	after := postgresCPU()
+	if len(after) == 0 {
+		return nil
+	}
+	roles := map[int]string{}
+	if c, err := pgx.Connect(ctx, getenv("OTP_DATABASE_URL")); err == nil {
+		rows, err := c.Query(ctx, `SELECT pid, coalesce(usename, '') FROM pg_stat_activity WHERE datname = current_database()`)
+		if err == nil {
+			var pid int32
+			var role string
+			_, _ = pgx.ForEachRow(rows, []any{&pid, &role}, func() error {
+				roles[int(pid)] = role
+				return nil
+			})
+		}
+		c.Close(ctx)
+	}
+	out := map[string]float64{}
+	for pid, cpu := range after {
+		role := roles[pid]
+		if role == "" {
+			role = "other"
+		}
+		out[role] += cpu - before[pid]
+	}
+	for r, v := range out {
+		out[r] = round(v, 2)
+	}
+	return out
 }
 
 // benchDB is the database the bench makes anew on the libpq-default server.
@@ -826,6 +867,14 @@ func printBench(w io.Writer, r benchResult) {
 		fmt.Fprintf(w, "%-13s %.2f CPU s, peak RSS %.1f MB\n", n, u.CPUSeconds, u.PeakRSSMB)
 	}
 	fmt.Fprintf(w, "%-13s %.2f CPU s, peak RSS %.1f MB\n", "bench", r.Bench.CPUSeconds, r.Bench.PeakRSSMB)
+	roles := make([]string, 0, len(r.DatabaseCPU))
+	for role := range r.DatabaseCPU {
+		roles = append(roles, role)
+	}
+	slices.Sort(roles)
+	for _, role := range roles {
+		fmt.Fprintf(w, "postgres      %.2f CPU s as %s\n", r.DatabaseCPU[role], role)
+	}
 	if r.Profiles != "" {
 		fmt.Fprintf(w, "profiles      %s\n", r.Profiles)
 	}

@@ -215,3 +215,24 @@ func defaultBinDir() string {
 
 // errStalled: no request reached an outcome for the settle time.
 var errStalled = errors.New("stalled")
+
+// postgresCPU reads the CPU seconds of every process named postgres on this machine
+// (nothing when the server runs elsewhere), by pid.
+func postgresCPU() map[int]float64 {
+	out := map[int]float64{}
+	dirs, _ := os.ReadDir("/proc")
+	for _, d := range dirs {
+		pid, err := strconv.Atoi(d.Name())
+		if err != nil {
+			continue
+		}
+		comm, err := os.ReadFile(fmt.Sprintf("/proc/%d/comm", pid))
+		if err != nil || strings.TrimSpace(string(comm)) != "postgres" {
+			continue
+		}
+		if cpu, _, ok := procUsage(pid); ok {
+			out[pid] = cpu
+		}
+	}
+	return out
+}

@@ -321,7 +321,10 @@ func (a *alerter) evaluate(ctx context.Context, tx pgx.Tx, rows []*Row) ([]raise
 // windows reads the windows that sigs fall in, each once, and adds sigs to the stored
 // ones; it returns the window of each signal, in order. A window holds the stamps that
 // may leave it while the batch's times move on (after the earliest signal's cutoff, up to
-// the latest's) one by one, the newer ones as a sum, and the time of its last alert.
+// the latest's) one by one, the newer ones as a sum, and the time of its last alert. The
+// sum reads the stamps of the second the latest cutoff falls in and, after it, the
+// per-second sums of audit.alert_buckets: a handful of rows per window second, however
+// many events the window holds.
 func (a *alerter) windows(ctx context.Context, tx pgx.Tx, sigs []signal) ([]*alertWindow, error) {
 	type wkey struct{ rule, digest string }
 	idx := map[wkey]int{}
@@ -359,9 +362,13 @@ func (a *alerter) windows(ctx context.Context, tx pgx.Tx, sigs []signal) ([]*ale
 		SELECT q.i, s.at, s.n::bigint, s.failed::bigint FROM q JOIN audit.alert_stamps s
 		    ON s.rule = q.rule AND s.key = q.key AND s.at > q.from_at AND s.at <= q.to_at
 		UNION ALL
-		SELECT q.i, NULL, sum(s.n), sum(s.failed) FROM q JOIN audit.alert_stamps s
-		    ON s.rule = q.rule AND s.key = q.key AND s.at > q.to_at
-		GROUP BY q.i`, rules, digests, from, to).Query(func(rows pgx.Rows) error {
+		SELECT t.i, NULL, sum(t.n), sum(t.failed) FROM (
+		    SELECT q.i, s.n::bigint AS n, s.failed::bigint AS failed FROM q JOIN audit.alert_stamps s
+		        ON s.rule = q.rule AND s.key = q.key AND s.at > q.to_at AND s.at < date_trunc('second', q.to_at) + interval '1 second'
+		    UNION ALL
+		    SELECT q.i, b.n, b.failed FROM q JOIN audit.alert_buckets b
+		        ON b.rule = q.rule AND b.key = q.key AND b.at_second >= date_trunc('second', q.to_at) + interval '1 second'
+		) t GROUP BY t.i`, rules, digests, from, to).Query(func(rows pgx.Rows) error {
 		var i, n, failed int64
 		var at *time.Time
 		_, err := pgx.ForEachRow(rows, []any{&i, &at, &n, &failed}, func() error {

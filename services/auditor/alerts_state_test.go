@@ -60,11 +60,16 @@ func (r *alertRig) auditor() *Service {
 // supersede publishes an otp.superseded of tenant acme that happened at base+secs, and
 // returns its event id.
 func (r *alertRig) supersede(secs int) string {
+	return r.supersedeAt(time.Duration(secs) * time.Second)
+}
+
+// supersedeAt is supersede at base+at.
+func (r *alertRig) supersedeAt(at time.Duration) string {
 	r.n++
 	id := fmt.Sprintf("superseded:s%d", r.n)
 	m, err := events.NewMsg(events.TypeSuperseded, "acme", id, "", events.Superseded{ChallengeID: fmt.Sprintf("s%d", r.n),
 		RequestID: fmt.Sprintf("s%d", r.n), SupersededBy: fmt.Sprintf("s%d", r.n+1)},
-		events.Envelope{Source: "test", Time: r.base.Add(time.Duration(secs) * time.Second)})
+		events.Envelope{Source: "test", Time: r.base.Add(at)})
 	testenv.Must(r.t, err, "msg")
 	_, err = r.js.PublishMsg(context.Background(), m)
 	testenv.Must(r.t, err, "publish")
@@ -126,6 +131,32 @@ func TestAlertCountSurvivesARestart(t *testing.T) {
 	got := r.alerts()
 	if len(got) != 1 || got[0].Rule != RuleSupersedeStorm || got[0].Value != 5 || !got[0].RaisedAt.Equal(r.base.Add(14*time.Second)) {
 		t.Fatalf("alerts %+v, want one supersede_storm of 5 raised by the fifth event", got)
+	}
+}
+
+// TestAlertWindowsAreExactToTheStamp: a window's older part is read as per-second sums
+// (audit.alert_buckets), except the second it starts in, read stamp by stamp. Four
+// superseded challenges at 10.2 s, 10.7 s, 11.3 s and 40 s; then two at 70.5 s and 70.6 s.
+// The one at 70.5 s counts 10.7, 11.3, 40 and itself: 4 of 5, no alert (counting the whole
+// second 10 would make it 5). The one at 70.6 s counts 5: the alert is its. Without the
+// per-second sums, or without the stamps of the window's first second, the count falls
+// short and no alert comes.
+func TestAlertWindowsAreExactToTheStamp(t *testing.T) {
+	r := newAlertRig(t, stormRules(5))
+	testenv.Start(t, r.auditor().Run)
+	ms := time.Millisecond
+	r.written(r.supersedeAt(10200*ms), r.supersedeAt(10700*ms), r.supersedeAt(11300*ms), r.supersedeAt(40*time.Second))
+	r.written(r.supersedeAt(70500*ms), r.supersedeAt(70600*ms))
+	r.settled()
+	got := r.alerts()
+	if len(got) != 1 || got[0].Value != 5 || !got[0].RaisedAt.Equal(r.base.Add(70600*ms)) {
+		t.Fatalf("alerts %+v, want one supersede_storm of 5 raised at base+70.6s", got)
+	}
+	var buckets, sum int64
+	testenv.Must(t, r.pool.QueryRow(context.Background(), `SELECT count(*), coalesce(sum(n), 0) FROM audit.alert_buckets WHERE rule = $1`,
+		RuleSupersedeStorm).Scan(&buckets, &sum), "buckets")
+	if buckets != 4 || sum != 6 {
+		t.Errorf("%d per-second sums of %d stamps, want 4 seconds (10, 11, 40, 70) holding the 6", buckets, sum)
 	}
 }
 
@@ -214,19 +245,21 @@ func TestAlertStateIsPruned(t *testing.T) {
 	r.written(r.supersede(200))
 	stop()
 	ctx := context.Background()
+	var buckets int
 	state := func() (stamps, raised int) {
-		testenv.Must(t, r.pool.QueryRow(ctx, `SELECT (SELECT count(*) FROM audit.alert_stamps), (SELECT count(*) FROM audit.alerts_raised)`).Scan(&stamps, &raised), "state")
+		testenv.Must(t, r.pool.QueryRow(ctx, `SELECT (SELECT count(*) FROM audit.alert_stamps), (SELECT count(*) FROM audit.alerts_raised),
+			(SELECT count(*) FROM audit.alert_buckets)`).Scan(&stamps, &raised, &buckets), "state")
 		return stamps, raised
 	}
-	if s, a := state(); s != 3 || a != 1 {
-		t.Fatalf("%d stamps, %d alerts raised; want 3 and 1", s, a)
+	if s, a := state(); s != 3 || a != 1 || buckets != 3 {
+		t.Fatalf("%d stamps, %d alerts raised, %d per-second sums; want 3, 1 and 3", s, a, buckets)
 	}
 	al := r.auditor().alerts
 	// keep is two minutes: a newest event at base+200s+2m keeps only the stamp at base+200s.
 	n, err := al.prune(ctx, r.pool, []*Row{{OccurredAt: r.base.Add(200*time.Second + 2*time.Minute)}})
 	testenv.Must(t, err, "prune")
-	if s, a := state(); n != 3 || s != 1 || a != 0 {
-		t.Fatalf("pruned %d: %d stamps, %d alerts raised left; want 3 pruned, 1 and 0 left", n, s, a)
+	if s, a := state(); n != 3 || s != 1 || a != 0 || buckets != 1 {
+		t.Fatalf("pruned %d: %d stamps, %d alerts raised, %d per-second sums left; want 3 pruned, 1, 0 and 1 left", n, s, a, buckets)
 	}
 	if n, err := al.prune(ctx, r.pool, []*Row{{OccurredAt: time.Now()}}); err != nil || n != 0 {
 		t.Fatalf("a second prune within a minute pruned %d (%v)", n, err)
