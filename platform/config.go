@@ -50,8 +50,13 @@ type Common struct {
 	TenantRequestsMaxBytes int64
 	// DatabaseURL is OTP_DATABASE_URL; empty means the libpq environment and defaults.
 	DatabaseURL string
-	HTTPAddr    string // OTP_HTTP_ADDR; empty serves nothing
-	LogLevel    string // OTP_LOG_LEVEL: debug, info, warn, error
+	// DBMaxConns (OTP_DB_MAX_CONNS, default 16) bounds the service's PostgreSQL pool,
+	// unless DatabaseURL sets pool_max_conns. pgx's own default (4 on a 2-core machine)
+	// held the verifier to 4 verifications at a time and the dispatcher's 16 sends to 4
+	// claims and records at a time.
+	DBMaxConns int
+	HTTPAddr   string // OTP_HTTP_ADDR; empty serves nothing
+	LogLevel   string // OTP_LOG_LEVEL: debug, info, warn, error
 	// ShutdownTimeout bounds the drain on SIGTERM (OTP_SHUTDOWN_TIMEOUT, default 25s).
 	ShutdownTimeout time.Duration
 	// ConnectTimeout bounds the wait for PostgreSQL and NATS at start
@@ -80,6 +85,9 @@ const (
 
 // Production reports whether OTP_ENV=production.
 func (c Common) Production() bool { return c.Env == EnvProduction }
+
+// DefaultDBMaxConns is each service's PostgreSQL pool size when OTP_DB_MAX_CONNS is unset.
+const DefaultDBMaxConns = 16
 
 // DefaultNATSURL is used when OTP_NATS_URL is unset.
 const DefaultNATSURL = "nats://127.0.0.1:4222"
@@ -114,6 +122,9 @@ func LoadCommon(getenv Getenv) (Common, error) {
 	}
 	if c.Pprof && c.Production() {
 		return c, &ProductionError{"OTP_PPROF", "serves profiles on the ops endpoint, which has no authentication; profile a staging copy"}
+	}
+	if c.DBMaxConns, err = IntVar(getenv, "OTP_DB_MAX_CONNS", DefaultDBMaxConns, 1, 1000); err != nil {
+		return c, err
 	}
 	if c.Replicas, err = IntVar(getenv, "OTP_NATS_REPLICAS", 1, 1, 5); err != nil {
 		return c, err

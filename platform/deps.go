@@ -38,7 +38,7 @@ func Open(ctx context.Context, c Common, svc string, log *slog.Logger) (*Deps, e
 		}
 	}
 	pool, err := retryConnect(ctx, c.ConnectTimeout, log, "PostgreSQL", func() (*pgxpool.Pool, error) {
-		return OpenPostgres(ctx, c.DatabaseURL)
+		return OpenPostgresPool(ctx, c.DatabaseURL, c.DBMaxConns)
 	})
 	if err != nil {
 		return nil, err

@@ -23,9 +23,19 @@ import (
 // OpenPostgres opens a pool on url; an empty url means the libpq environment (PGHOST,
 // PGUSER, ...) and its defaults.
 func OpenPostgres(ctx context.Context, url string) (*pgxpool.Pool, error) {
+	return OpenPostgresPool(ctx, url, 0)
+}
+
+// OpenPostgresPool is OpenPostgres with a pool of up to maxConns connections, unless url
+// sets pool_max_conns itself; 0 keeps pgx's default (4, or the number of CPUs when more).
+// The pool opens connections as they are needed, so an idle service holds few.
+func OpenPostgresPool(ctx context.Context, url string, maxConns int) (*pgxpool.Pool, error) {
 	cfg, err := pgxpool.ParseConfig(url)
 	if err != nil {
 		return nil, &ConfigError{"OTP_DATABASE_URL", "not a PostgreSQL URL or DSN"}
+	}
+	if maxConns > 0 && !strings.Contains(url, "pool_max_conns") {
+		cfg.MaxConns = int32(maxConns)
 	}
 	pool, err := pgxpool.NewWithConfig(ctx, cfg)
 	if err != nil {

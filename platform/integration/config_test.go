@@ -31,6 +31,8 @@ func TestLoadCommonNamesTheBadVariable(t *testing.T) {
 		"OTP_REQUESTS_MAX_AGE ":         {"OTP_REQUESTS_MAX_AGE": "48h"},
 		"OTP_TENANT_STREAMS":            {"OTP_TENANT_STREAMS": "acme,otp.>"},
 		"OTP_TENANT_REQUESTS_MAX_BYTES": {"OTP_TENANT_REQUESTS_MAX_BYTES": "1000"}, // smaller than one request
+		"OTP_DB_MAX_CONNS":              {"OTP_DB_MAX_CONNS": "0"},
+		"OTP_PPROF":                     {"OTP_PPROF": "on"},
 	} {
 		name = strings.TrimSpace(name)
 		_, err := platform.LoadCommon(func(k string) string { return env[k] })
@@ -164,5 +166,33 @@ func TestTenantStreamsSetting(t *testing.T) {
 		if events.IsRequestsStream(name) {
 			t.Errorf("%s is a request stream", name)
 		}
+	}
+}
+
+// TestServicePoolSize: a service's pool holds up to 16 connections by default (pgx's
+// own default, 4 on a 2-core machine, let the verifier verify 4 codes at a time),
+// OTP_DB_MAX_CONNS sets it, and pool_max_conns in the URL wins over both.
+func TestServicePoolSize(t *testing.T) {
+	url := testenv.AdminDatabaseURL()
+	sep := "?"
+	if strings.Contains(url, "?") {
+		sep = "&"
+	}
+	for _, tc := range []struct {
+		env  map[string]string
+		want int32
+	}{
+		{map[string]string{"OTP_DATABASE_URL": url}, 16},
+		{map[string]string{"OTP_DATABASE_URL": url, "OTP_DB_MAX_CONNS": "40"}, 40},
+		{map[string]string{"OTP_DATABASE_URL": url + sep + "pool_max_conns=3", "OTP_DB_MAX_CONNS": "40"}, 3},
+	} {
+		c, err := platform.LoadCommon(func(k string) string { return tc.env[k] })
+		testenv.Must(t, err, "LoadCommon")
+		pool, err := platform.OpenPostgresPool(context.Background(), c.DatabaseURL, c.DBMaxConns)
+		testenv.Must(t, err, "open")
+		if got := pool.Config().MaxConns; got != tc.want {
+			t.Errorf("%v: pool of %d, want %d", tc.env, got, tc.want)
+		}
+		pool.Close()
 	}
 }
