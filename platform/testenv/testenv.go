@@ -119,6 +119,9 @@ type SMTPServer struct {
 	accept func(Mail)
 	delay  time.Duration
 	open   int // sessions not yet logged out
+	// sessions counts every connection the server took; conns holds the open ones.
+	sessions int
+	conns    map[*smtp.Conn]bool
 }
 
 // SetReject makes the server call f for every RCPT TO; a non-nil error refuses the
@@ -198,16 +201,43 @@ func (s *SMTPServer) Open() int {
 	return s.open
 }
 
+// Sessions is the number of connections the server took since it started.
+func (s *SMTPServer) Sessions() int {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	return s.sessions
+}
+
+// DropConnections closes every open client connection without a word, as a relay does to
+// connections it finds idle too long.
+func (s *SMTPServer) DropConnections() {
+	s.mu.Lock()
+	conns := make([]*smtp.Conn, 0, len(s.conns))
+	for c := range s.conns {
+		conns = append(conns, c)
+	}
+	s.mu.Unlock()
+	for _, c := range conns {
+		_ = c.Conn().Close()
+	}
+}
+
 // NewSession implements smtp.Backend.
-func (s *SMTPServer) NewSession(*smtp.Conn) (smtp.Session, error) {
+func (s *SMTPServer) NewSession(c *smtp.Conn) (smtp.Session, error) {
 	s.mu.Lock()
 	s.open++
+	s.sessions++
+	if s.conns == nil {
+		s.conns = map[*smtp.Conn]bool{}
+	}
+	s.conns[c] = true
 	s.mu.Unlock()
-	return &session{srv: s}, nil
+	return &session{srv: s, conn: c}, nil
 }
 
 type session struct {
 	srv  *SMTPServer
+	conn *smtp.Conn
 	from string
 	to   []string
 }
@@ -216,6 +246,7 @@ func (ss *session) Reset() { ss.from, ss.to = "", nil }
 func (ss *session) Logout() error {
 	ss.srv.mu.Lock()
 	ss.srv.open--
+	delete(ss.srv.conns, ss.conn)
 	ss.srv.mu.Unlock()
 	return nil
 }

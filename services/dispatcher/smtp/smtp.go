@@ -14,6 +14,7 @@ import (
 
 	"github.com/otpflow/otpflow/services/dispatcher/mailer"
 	gomail "github.com/wneessen/go-mail"
+	gosmtp "github.com/wneessen/go-mail/smtp"
 )
 
 // TLS modes of OTP_SMTP_URL.
@@ -32,16 +33,28 @@ type Config struct {
 	Password string
 	// Timeout bounds one whole send; default 10s.
 	Timeout time.Duration
+	// Pool is how many idle connections the provider keeps open to the relay for the next
+	// sends (the URL's pool parameter, default DefaultPool; 0: a connection per message).
+	Pool int
 }
 
-// ParseURL parses smtp://[user:pass@]host:port[?tls=starttls|implicit|none]. Errors never
-// quote the password.
+// Connection reuse. A connection is reused for at most MaxPerConn messages and only if it
+// was idle for less than MaxIdle: relays close idle connections (RFC 5321 asks them to
+// wait 5 minutes; many wait less) and some cap the messages per connection.
+const (
+	DefaultPool = 16
+	MaxPerConn  = 100
+	MaxIdle     = 30 * time.Second
+)
+
+// ParseURL parses smtp://[user:pass@]host:port[?tls=starttls|implicit|none][&pool=N]. Errors
+// never quote the password.
 func ParseURL(raw string) (Config, error) {
 	u, err := url.Parse(raw)
 	if err != nil || u.Scheme != "smtp" || u.Hostname() == "" {
-		return Config{}, errors.New("must look like smtp://[user:pass@]host:port[?tls=starttls|implicit|none]")
+		return Config{}, errors.New("must look like smtp://[user:pass@]host:port[?tls=starttls|implicit|none][&pool=N]")
 	}
-	c := Config{Host: u.Hostname(), TLS: TLSStartTLS, Timeout: 10 * time.Second}
+	c := Config{Host: u.Hostname(), TLS: TLSStartTLS, Timeout: 10 * time.Second, Pool: DefaultPool}
 	if t := u.Query().Get("tls"); t != "" {
 		c.TLS = t
 	}
@@ -58,6 +71,11 @@ func ParseURL(raw string) (Config, error) {
 			return Config{}, errors.New("port must be 1-65535")
 		}
 	}
+	if q := u.Query(); q.Has("pool") {
+		if c.Pool, err = strconv.Atoi(q.Get("pool")); err != nil || c.Pool < 0 || c.Pool > 1000 {
+			return Config{}, errors.New("pool must be a number of connections from 0 to 1000")
+		}
+	}
 	if u.User != nil {
 		c.Username = u.User.Username()
 		c.Password, _ = u.User.Password()
@@ -65,9 +83,21 @@ func ParseURL(raw string) (Config, error) {
 	return c, nil
 }
 
-// Provider is the "smtp" provider.
+// Provider is the "smtp" provider. It keeps up to Config.Pool connections to the relay
+// open between sends, so a send costs one SMTP transaction (MAIL, RCPT, DATA) instead of
+// a TCP connect, the greeting, EHLO, STARTTLS and AUTH besides.
 type Provider struct {
-	cfg Config
+	cfg  Config
+	idle chan *conn
+}
+
+// conn is one open connection to the relay, with the go-mail client that dialled it (a
+// client per connection: go-mail keeps per-dial state in its client).
+type conn struct {
+	mail  *gomail.Client
+	smtp  *gosmtp.Client
+	sent  int
+	since time.Time // idle since
 }
 
 // New returns an SMTP provider.
@@ -75,13 +105,16 @@ func New(cfg Config) *Provider {
 	if cfg.Timeout == 0 {
 		cfg.Timeout = 10 * time.Second
 	}
-	return &Provider{cfg: cfg}
+	return &Provider{cfg: cfg, idle: make(chan *conn, cfg.Pool)}
 }
 
 // Name implements mailer.Provider.
 func (p *Provider) Name() string { return "smtp" }
 
-// Send implements mailer.Provider: one connection per message.
+// Send implements mailer.Provider, over an idle connection when there is one. A reused
+// connection the relay has closed meanwhile fails before the message is handed over
+// (at MAIL FROM, without a reply): the message is then sent once more on a new
+// connection, as the relay never saw it.
 func (p *Provider) Send(ctx context.Context, m *mailer.Message) (mailer.Receipt, error) {
 	msg, err := mailer.Compose(m)
 	if err != nil {
@@ -98,6 +131,80 @@ func (p *Provider) Send(ctx context.Context, m *mailer.Message) (mailer.Receipt,
 	if timeout <= 0 {
 		return mailer.Receipt{}, &mailer.SendError{Provider: p.Name(), Class: mailer.Transient, Err: context.DeadlineExceeded}
 	}
+	ctx, cancel := context.WithTimeout(ctx, p.cfg.Timeout)
+	defer cancel()
+	for {
+		c, reused := p.take()
+		if c == nil {
+			if c, err = p.dial(ctx, timeout); err != nil {
+				return mailer.Receipt{}, &mailer.SendError{Provider: p.Name(), Class: Classify(err), Err: err}
+			}
+		}
+		if err = c.smtp.UpdateDeadline(timeout); err == nil {
+			err = c.mail.SendWithSMTPClient(c.smtp, msg)
+		}
+		if err == nil {
+			c.sent++
+			p.put(c)
+			return mailer.Receipt{MessageID: msg.GetMessageID()}, nil
+		}
+		// After a failure the connection's state is unknown: it is not reused.
+		_ = c.smtp.Close()
+		if reused && neverHandedOver(err) && ctx.Err() == nil {
+			continue
+		}
+		return mailer.Receipt{}, &mailer.SendError{Provider: p.Name(), Class: Classify(err), Err: err}
+	}
+}
+
+// neverHandedOver reports whether err ended a send before the relay could have taken the
+// message: the connection failed (no reply at all) at its check or at MAIL FROM.
+func neverHandedOver(err error) bool {
+	var se *gomail.SendError
+	return errors.As(err, &se) && se.ErrorCode() == 0 && (se.Reason == gomail.ErrConnCheck || se.Reason == gomail.ErrSMTPMailFrom)
+}
+
+// take returns an idle connection fit for one more message, or nil; it closes the ones
+// that are not.
+func (p *Provider) take() (*conn, bool) {
+	for {
+		select {
+		case c := <-p.idle:
+			if c.sent >= MaxPerConn || time.Since(c.since) > MaxIdle {
+				p.quit(c)
+				continue
+			}
+			return c, true
+		default:
+			return nil, false
+		}
+	}
+}
+
+// put keeps c for a later send, or closes it when it has served its messages or the pool
+// is full.
+func (p *Provider) put(c *conn) {
+	if c.sent >= MaxPerConn {
+		p.quit(c)
+		return
+	}
+	c.since = time.Now()
+	select {
+	case p.idle <- c:
+	default:
+		p.quit(c)
+	}
+}
+
+// quit ends c with QUIT, waiting at most a second for the relay's answer.
+func (p *Provider) quit(c *conn) {
+	_ = c.smtp.UpdateDeadline(time.Second)
+	_ = c.mail.CloseWithSMTPClient(c.smtp)
+	_ = c.smtp.Close()
+}
+
+// dial opens a connection: TCP (or TLS), EHLO, STARTTLS and AUTH as configured.
+func (p *Provider) dial(ctx context.Context, timeout time.Duration) (*conn, error) {
 	opts := []gomail.Option{gomail.WithPort(p.cfg.Port), gomail.WithTimeout(timeout)}
 	switch p.cfg.TLS {
 	case TLSStartTLS:
@@ -111,16 +218,27 @@ func (p *Provider) Send(ctx context.Context, m *mailer.Message) (mailer.Receipt,
 		opts = append(opts, gomail.WithSMTPAuth(gomail.SMTPAuthAutoDiscover),
 			gomail.WithUsername(p.cfg.Username), gomail.WithPassword(p.cfg.Password))
 	}
-	client, err := gomail.NewClient(p.cfg.Host, opts...)
+	mc, err := gomail.NewClient(p.cfg.Host, opts...)
 	if err != nil {
-		return mailer.Receipt{}, &mailer.SendError{Provider: p.Name(), Class: mailer.ProviderDown, Err: err}
+		return nil, err
 	}
-	ctx, cancel := context.WithTimeout(ctx, p.cfg.Timeout)
-	defer cancel()
-	if err := client.DialAndSendWithContext(ctx, msg); err != nil {
-		return mailer.Receipt{}, &mailer.SendError{Provider: p.Name(), Class: Classify(err), Err: err}
+	sc, err := mc.DialToSMTPClientWithContext(ctx)
+	if err != nil {
+		return nil, fmt.Errorf("dial failed: %w", err) // as go-mail's DialAndSend words it: Classify reads the text
 	}
-	return mailer.Receipt{MessageID: msg.GetMessageID()}, nil
+	return &conn{mail: mc, smtp: sc}, nil
+}
+
+// Close ends the idle connections.
+func (p *Provider) Close() error {
+	for {
+		select {
+		case c := <-p.idle:
+			p.quit(c)
+		default:
+			return nil
+		}
+	}
 }
 
 // Classify maps an SMTP send error to a failure class (RFC 5321 reply codes; SES's SMTP
@@ -184,5 +302,5 @@ func classifyNet(err error) mailer.Class {
 
 // String describes the relay without its password.
 func (c Config) String() string {
-	return fmt.Sprintf("smtp://%s:%d?tls=%s", c.Host, c.Port, c.TLS)
+	return fmt.Sprintf("smtp://%s:%d?tls=%s&pool=%d", c.Host, c.Port, c.TLS, c.Pool)
 }

@@ -3,8 +3,11 @@ package smtp_test
 import (
 	"context"
 	"errors"
+	"fmt"
 	"strings"
+	"sync"
 	"testing"
+	"time"
 
 	gosmtp "github.com/emersion/go-smtp"
 	"github.com/otpflow/otpflow/platform/testenv"
@@ -62,10 +65,13 @@ func TestParseURL(t *testing.T) {
 	if strings.Contains(c.String(), "secret") {
 		t.Fatal("String leaks the password")
 	}
-	if c, _ := smtp.ParseURL("smtp://relay.example?tls=implicit"); c.Port != 465 {
-		t.Fatalf("implicit default port = %d", c.Port)
+	if c, _ := smtp.ParseURL("smtp://relay.example?tls=implicit"); c.Port != 465 || c.Pool != smtp.DefaultPool {
+		t.Fatalf("implicit default port = %d, pool %d", c.Port, c.Pool)
 	}
-	for _, bad := range []string{"http://x", "smtp://", "smtp://h?tls=maybe", "smtp://h:99999"} {
+	if c, _ := smtp.ParseURL("smtp://relay.example?tls=none&pool=0"); c.Pool != 0 {
+		t.Fatalf("pool=0 read as %d", c.Pool)
+	}
+	for _, bad := range []string{"http://x", "smtp://", "smtp://h?tls=maybe", "smtp://h:99999", "smtp://h?pool=-1", "smtp://h?pool=many"} {
 		if _, err := smtp.ParseURL(bad); err == nil {
 			t.Errorf("%s accepted", bad)
 		}
@@ -109,5 +115,79 @@ func TestErrorTextNamesNoRecipient(t *testing.T) {
 	_, err = smtp.New(cfg).Send(context.Background(), message("ana@@example.com"))
 	if mailer.ClassOf(err) != mailer.Permanent || strings.Contains(err.Error(), "ana") {
 		t.Fatalf("unparsable recipient: %v", err)
+	}
+}
+
+// TestConnectionsAreReused: sends share open connections to the relay. 60 messages, 6 at a
+// time, take at most 6 connections (one each, without reuse); a connection serves at most
+// MaxPerConn messages; pool=0 goes back to a connection per message.
+func TestConnectionsAreReused(t *testing.T) {
+	srv := testenv.StartSMTP(t)
+	cfg, err := smtp.ParseURL(srv.URL())
+	testenv.Must(t, err, "url")
+	p := smtp.New(cfg)
+	defer p.Close()
+	sendAll := func(p *smtp.Provider, n, parallel int) {
+		t.Helper()
+		work := make(chan int)
+		var wg sync.WaitGroup
+		for range parallel {
+			wg.Go(func() {
+				for i := range work {
+					if _, err := p.Send(context.Background(), message(fmt.Sprintf("u%d@example.com", i))); err != nil {
+						t.Errorf("send %d: %v", i, err)
+					}
+				}
+			})
+		}
+		for i := range n {
+			work <- i
+		}
+		close(work)
+		wg.Wait()
+	}
+	sendAll(p, 60, 6)
+	if got := len(srv.Mails()); got != 60 {
+		t.Fatalf("%d mails, want 60", got)
+	}
+	if n := srv.Sessions(); n < 1 || n > 6 {
+		t.Errorf("%d connections for 60 mails 6 at a time, want at most 6", n)
+	}
+	fresh := smtp.New(cfg)
+	defer fresh.Close()
+	before := srv.Sessions()
+	sendAll(fresh, smtp.MaxPerConn+1, 1)
+	if n := srv.Sessions() - before; n != 2 {
+		t.Errorf("%d new connections for %d mails one at a time, want 2 (at most %d per connection)", n, smtp.MaxPerConn+1, smtp.MaxPerConn)
+	}
+
+	cfg.Pool = 0
+	single := smtp.New(cfg)
+	before = srv.Sessions()
+	sendAll(single, 5, 1)
+	if n := srv.Sessions() - before; n != 5 {
+		t.Errorf("pool=0: %d connections for 5 mails, want 5", n)
+	}
+}
+
+// TestAConnectionTheRelayDroppedIsReplaced: the relay closes an idle connection; the next
+// send finds it dead before handing the message over and sends it, once, on a new one.
+func TestAConnectionTheRelayDroppedIsReplaced(t *testing.T) {
+	srv := testenv.StartSMTP(t)
+	cfg, err := smtp.ParseURL(srv.URL())
+	testenv.Must(t, err, "url")
+	p := smtp.New(cfg)
+	defer p.Close()
+	if _, err := p.Send(context.Background(), message("ana@example.com")); err != nil {
+		t.Fatal(err)
+	}
+	srv.DropConnections()
+	testenv.Eventually(t, 5*time.Second, "the relay to drop the connection", func() bool { return srv.Open() == 0 })
+	if _, err := p.Send(context.Background(), message("bea@example.com")); err != nil {
+		t.Fatalf("send after the relay dropped the connection: %v", err)
+	}
+	mails := srv.Mails()
+	if len(mails) != 2 || mails[1].To[0] != "bea@example.com" || srv.Sessions() != 2 {
+		t.Fatalf("%d mails over %d connections, want 2 over 2: %+v", len(mails), srv.Sessions(), mails)
 	}
 }
