@@ -7,7 +7,8 @@ import (
 	"log/slog"
 	"net"
 	"net/http"
-	"net/http/pprof"
+	"runtime/pprof"
+	"strconv"
 	"time"
 
 	"github.com/prometheus/client_golang/prometheus"
@@ -51,14 +52,43 @@ func OpsHandler(reg prometheus.Gatherer, checks map[string]Check) http.Handler {
 	return mux
 }
 
-// WithPprof serves Go's profiles under /debug/pprof/ beside h (OTP_PPROF).
+// WithPprof serves Go's profiles beside h (OTP_PPROF): /debug/pprof/profile?seconds=N
+// (CPU, default 30 s, at most 120) and /debug/pprof/<name> for runtime/pprof's named
+// profiles (allocs, heap, goroutine, mutex, block, threadcreate). Written here rather than
+// imported from net/http/pprof, whose init registers the handlers on
+// http.DefaultServeMux in every binary that imports it.
 func WithPprof(h http.Handler) http.Handler {
 	mux := http.NewServeMux()
-	mux.HandleFunc("/debug/pprof/", pprof.Index)
-	mux.HandleFunc("/debug/pprof/cmdline", pprof.Cmdline)
-	mux.HandleFunc("/debug/pprof/profile", pprof.Profile)
-	mux.HandleFunc("/debug/pprof/symbol", pprof.Symbol)
-	mux.HandleFunc("/debug/pprof/trace", pprof.Trace)
+	mux.HandleFunc("GET /debug/pprof/profile", func(w http.ResponseWriter, r *http.Request) {
+		secs := 30
+		if v := r.URL.Query().Get("seconds"); v != "" {
+			n, err := strconv.Atoi(v)
+			if err != nil || n < 1 || n > 120 {
+				http.Error(w, "seconds must be from 1 to 120", http.StatusBadRequest)
+				return
+			}
+			secs = n
+		}
+		w.Header().Set("Content-Type", "application/octet-stream")
+		if err := pprof.StartCPUProfile(w); err != nil {
+			http.Error(w, err.Error(), http.StatusConflict) // another profile is running
+			return
+		}
+		select {
+		case <-time.After(time.Duration(secs) * time.Second):
+		case <-r.Context().Done():
+		}
+		pprof.StopCPUProfile()
+	})
+	mux.HandleFunc("GET /debug/pprof/{name}", func(w http.ResponseWriter, r *http.Request) {
+		p := pprof.Lookup(r.PathValue("name"))
+		if p == nil {
+			http.NotFound(w, r)
+			return
+		}
+		w.Header().Set("Content-Type", "application/octet-stream")
+		_ = p.WriteTo(w, 0)
+	})
 	mux.Handle("/", h)
 	return mux
 }

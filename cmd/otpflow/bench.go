@@ -7,6 +7,7 @@ import (
 	"flag"
 	"fmt"
 	"io"
+	neturl "net/url"
 	"os"
 	"path/filepath"
 	"slices"
@@ -73,6 +74,10 @@ type benchResult struct {
 	// LatencyMS is request stored on OTP_REQUESTS (its stream timestamp) → the provider's
 	// success answer, per delivered code.
 	LatencyMS benchLatency `json:"latency_ms"`
+	// LatencyEnd says where latency_ms ends: provider_answer (the null sink's clock as
+	// it accepted the mail) or delivered_event (otp.delivered's delivered_at, stamped
+	// once the dispatcher recorded the send: the other sinks).
+	LatencyEnd string `json:"latency_end"`
 	// IssueLatencyMS is its first part: request stored → the issuer's clock as it issued
 	// the code (otp.issued's issued_at); the rest is dispatch and the provider.
 	IssueLatencyMS  benchLatency          `json:"issue_latency_ms"`
@@ -126,7 +131,10 @@ func benchFlags(fs *flag.FlagSet) *benchOptions {
 	return o
 }
 
-func (o *benchOptions) check() error {
+func (o *benchOptions) check(getenv func(string) string) error {
+	if strings.TrimSpace(getenv("OTP_ENV")) == platform.EnvProduction {
+		return errors.New("OTP_ENV=production: bench runs its own services with new keys and the null provider; run it against a NATS server and a database of its own")
+	}
 	switch {
 	case o.requests < 1:
 		return errors.New("-requests must be at least 1")
@@ -160,7 +168,7 @@ func (o *benchOptions) check() error {
 
 // benchCommand runs the whole pipeline as separate processes and drives it as an upstream
 // app does, then reports throughput, latency, losses and each process's CPU and memory.
-func benchCommand(ctx context.Context, args []string, getenv func(string) string, stdout, stderr io.Writer) error {
+func benchCommand(ctx context.Context, args []string, getenv func(string) string, stdout, stderr io.Writer) (err error) {
 	fs := flag.NewFlagSet("bench", flag.ContinueOnError)
 	fs.SetOutput(stderr)
 	o := benchFlags(fs)
@@ -170,7 +178,7 @@ func benchCommand(ctx context.Context, args []string, getenv func(string) string
 	if fs.NArg() > 0 {
 		return fmt.Errorf("bench takes no arguments, got %q", fs.Args())
 	}
-	if err := o.check(); err != nil {
+	if err := o.check(getenv); err != nil {
 		return err
 	}
 	if o.bin == "" {
@@ -184,7 +192,13 @@ func benchCommand(ctx context.Context, args []string, getenv func(string) string
 		if err != nil {
 			return err
 		}
-		defer os.RemoveAll(tmp)
+		defer func() {
+			if err != nil {
+				fmt.Fprintf(stderr, "bench: the services' logs are kept in %s\n", filepath.Join(tmp, "logs"))
+				return
+			}
+			os.RemoveAll(tmp)
+		}()
 		o.dir = tmp
 	}
 	dir, err := filepath.Abs(o.dir)
@@ -240,7 +254,7 @@ func benchCommand(ctx context.Context, args []string, getenv func(string) string
 		env["OTP_SANDBOX_MAILDIR"] = filepath.Join(dir, "mail")
 	default:
 		env["OTP_PROVIDERS"] = "smtp"
-		env["OTP_SMTP_URL"] = o.sink
+		env["OTP_SMTP_URL"] = localSMTP(o.sink)
 	}
 
 	// PostgreSQL: OTP_DATABASE_URL, else a database of the bench's own, made anew.
@@ -283,6 +297,11 @@ func benchCommand(ctx context.Context, args []string, getenv func(string) string
 		return err
 	}
 	defer nc.Close()
+	if getenv("OTP_NATS_URL") != "" {
+		if err := natsInUse(ctx, js); err != nil {
+			return err
+		}
+	}
 	if err := provisionStreams(ctx, js, common.Streams(), io.Discard); err != nil {
 		return err
 	}
@@ -332,7 +351,7 @@ func benchCommand(ctx context.Context, args []string, getenv func(string) string
 	if err != nil {
 		return fmt.Errorf("read OTP_EVENTS: %w", err)
 	}
-	cc, err := watch.Consume(func(m jetstream.Msg) { warm.add(m); load.add(m) })
+	cc, err := watch.Consume(func(m jetstream.Msg) { warm.addMsg(m); load.addMsg(m) })
 	if err != nil {
 		return fmt.Errorf("read OTP_EVENTS: %w", err)
 	}
@@ -343,7 +362,7 @@ func benchCommand(ctx context.Context, args []string, getenv func(string) string
 		if _, _, err := publishLoad(ctx, js, o.tenant, warm.prefix, o.warmup, 0, nil); err != nil {
 			return err
 		}
-		if err := awaitSettled(ctx, warm, o.warmup, o.settle); err != nil {
+		if err := awaitSettled(ctx, warm, o.warmup, o.settle, procs); err != nil {
 			return fmt.Errorf("warm-up: %w", err)
 		}
 	}
@@ -411,7 +430,7 @@ func benchCommand(ctx context.Context, args []string, getenv func(string) string
 	})
 	err = <-pubErr
 	if err == nil {
-		err = awaitSettled(ctx, load, accepted, o.settle)
+		err = awaitSettled(ctx, load, accepted, o.settle, procs)
 		if errors.Is(err, errStalled) {
 			progress("no outcome for %v; counting the rest as lost", o.settle)
 			err = nil
@@ -426,7 +445,10 @@ func benchCommand(ctx context.Context, args []string, getenv func(string) string
 	res := benchResult{Requests: o.requests, Rate: o.rate, Sink: sinkName(o.sink), Dispatchers: o.dispatchers, Concurrency: dispatchConcurrency(merged),
 		Accepted: accepted, Services: map[string]benchUsage{}}
 	for _, p := range procs {
-		cpu, rss, _ := procUsage(p.cmd.Process.Pid)
+		cpu, rss, ok := procUsage(p.cmd.Process.Pid)
+		if !ok {
+			return fmt.Errorf("%s is gone (%v):\n%s", p.name, p.waitErr, p.logTail())
+		}
 		res.Services[p.name] = benchUsage{CPUSeconds: round(cpu-p.cpu0, 2), PeakRSSMB: round(rss, 1)}
 	}
 	res.DatabaseCPU = databaseCPU(ctx, merged, pg0)
@@ -441,6 +463,16 @@ func benchCommand(ctx context.Context, args []string, getenv func(string) string
 		}
 	}
 
+	if collector != nil {
+		// What the null provider wrote before its jobs were reported may still be on
+		// its way through the collector.
+		for wait := time.Now().Add(5 * time.Second); time.Now().Before(wait); time.Sleep(20 * time.Millisecond) {
+			tick()
+			if load.unmailed() == 0 {
+				break
+			}
+		}
+	}
 	if o.sink == "maildir" {
 		if err := load.feedMaildir(filepath.Join(dir, "mail")); err != nil {
 			return err
@@ -448,6 +480,10 @@ func benchCommand(ctx context.Context, args []string, getenv func(string) string
 	}
 	tick()
 	load.summarise(&res, pubDone.Sub(loadStart), o.sink != "null" && o.sink != "maildir")
+	res.LatencyEnd = "delivered_event"
+	if o.sink == "null" {
+		res.LatencyEnd = "provider_answer"
+	}
 
 	if o.verify {
 		var verifierProc *benchProc
@@ -530,6 +566,40 @@ func analyze(ctx context.Context, url string) error {
 	return nil
 }
 
+// localSMTP is sink with tls=none added when it names no TLS mode and a loopback relay
+// (Mailpit and its kind speak no TLS); a remote relay keeps the provider's default,
+// STARTTLS.
+func localSMTP(sink string) string {
+	u, err := neturl.Parse(sink)
+	if err != nil || u.Query().Has("tls") || !platform.IsLocalHost(u.Hostname()) {
+		return sink
+	}
+	q := u.Query()
+	q.Set("tls", "none")
+	u.RawQuery = q.Encode()
+	return u.String()
+}
+
+// natsInUse refuses a NATS server where another pipeline's services pull from the
+// durables the bench's would share: they would take each other's work (and the bench's
+// dispatcher, codes it cannot open).
+func natsInUse(ctx context.Context, js jetstream.JetStream) error {
+	for _, sc := range []struct{ stream, consumer string }{
+		{events.StreamDispatch, events.ConsumerDispatcher}, {events.StreamEvents, events.ConsumerAuditor},
+		{events.StreamChallenges, events.ConsumerVerifier},
+	} {
+		c, err := js.Consumer(ctx, sc.stream, sc.consumer)
+		if err != nil {
+			continue // not provisioned yet: nobody reads it
+		}
+		info, err := c.Info(ctx)
+		if err == nil && info.NumWaiting > 0 {
+			return fmt.Errorf("another pipeline reads %s on %s at OTP_NATS_URL (%d pull requests waiting): bench needs a NATS server of its own", sc.consumer, sc.stream, info.NumWaiting)
+		}
+	}
+	return nil
+}
+
 // benchDB is the database the bench makes anew on the libpq-default server.
 const benchDB = "otpflow_bench"
 
@@ -573,6 +643,8 @@ func publishLoad(ctx context.Context, js jetstream.JetStream, tenant, prefix str
 			select {
 			case <-p.ack.Ok():
 			case err = <-p.ack.Err():
+			case <-time.After(30 * time.Second):
+				err = errors.New("no acknowledgement within 30s") // sent again below
 			case <-ctx.Done():
 				err = ctx.Err()
 			}
@@ -608,7 +680,21 @@ func publishLoad(ctx context.Context, js jetstream.JetStream, tenant, prefix str
 		body, _ := json.Marshal(events.Requested{RequestID: id, Recipient: fmt.Sprintf("u%d.%s@bench.example", i, prefix), Purpose: "login"})
 		msg := &nats.Msg{Subject: subject, Data: body, Header: nats.Header{jetstream.MsgIDHeader: []string{id}}}
 		var ack jetstream.PubAckFuture
-		ack, err = js.PublishMsgAsync(msg)
+		for {
+			ack, err = js.PublishMsgAsync(msg)
+			if !errors.Is(err, jetstream.ErrTooManyStalledMsgs) {
+				break
+			}
+			// As many unacknowledged as the client allows: wait for the stream to catch up.
+			select {
+			case <-js.PublishAsyncComplete():
+			case <-time.After(time.Second):
+			case <-ctx.Done():
+			}
+			if ctx.Err() != nil {
+				break
+			}
+		}
 		if err != nil {
 			break
 		}
@@ -626,7 +712,7 @@ func publishLoad(ctx context.Context, js jetstream.JetStream, tenant, prefix str
 
 // awaitSettled waits until want requests of l have an outcome, or none comes for settle
 // (errStalled).
-func awaitSettled(ctx context.Context, l *benchLedger, want int, settle time.Duration) error {
+func awaitSettled(ctx context.Context, l *benchLedger, want int, settle time.Duration, procs []*benchProc) error {
 	_, _, last := l.counts()
 	lastChange := time.Now()
 	t := time.NewTicker(20 * time.Millisecond)
@@ -640,6 +726,13 @@ func awaitSettled(ctx context.Context, l *benchLedger, want int, settle time.Dur
 			last, lastChange = settled, time.Now()
 		} else if time.Since(lastChange) > settle {
 			return fmt.Errorf("%w: %d of %d requests reached an outcome", errStalled, settled, want)
+		}
+		for _, p := range procs {
+			select {
+			case <-p.exited:
+				return fmt.Errorf("%s exited during the run (%v):\n%s", p.name, p.waitErr, p.logTail())
+			default:
+			}
 		}
 		select {
 		case <-ctx.Done():
@@ -670,22 +763,28 @@ func (l *benchLedger) summarise(res *benchResult, publishFor time.Duration, sink
 			if !sinkBlind && c.mailed == 0 {
 				res.Lost++ // the provider said yes and nothing arrived
 			}
+			// The end: the provider's answer where the sink tells it (the null sink),
+			// else otp.delivered's delivered_at, which the dispatcher stamps once the
+			// send is recorded (a record batch later).
+			end := c.deliveredAt
+			if !c.mailedAt.IsZero() {
+				end = c.mailedAt
+			}
 			if !c.requestedAt.IsZero() {
-				lat = append(lat, float64(c.deliveredAt.Sub(c.requestedAt))/float64(time.Millisecond))
+				lat = append(lat, float64(end.Sub(c.requestedAt))/float64(time.Millisecond))
 				issueLat = append(issueLat, float64(c.issuedAt.Sub(c.requestedAt))/float64(time.Millisecond))
 				if first.IsZero() || c.requestedAt.Before(first) {
 					first = c.requestedAt
 				}
 			}
-			if c.deliveredAt.After(lastAnswer) {
-				lastAnswer = c.deliveredAt
+			if end.After(lastAnswer) {
+				lastAnswer = end
 			}
 		}
-		if c.mailed > 1 {
-			dups += c.mailed - 1
-		}
+		// A code mailed, or reported delivered, more than once.
+		dups += max(c.mailed-1, c.deliveredEvents-1, 0)
 	}
-	res.Duplicates = max(dups, l.extraDeliv)
+	res.Duplicates = dups
 	res.Lost += max(0, res.Accepted-settled)
 	res.LatencyMS, res.IssueLatencyMS = percentiles(lat), percentiles(issueLat)
 	if !first.IsZero() && lastAnswer.After(first) {
@@ -718,6 +817,11 @@ func benchVerify(ctx context.Context, nc *nats.Conn, js jetstream.JetStream, o *
 	// The verifier answers not_found for a challenge it has not projected yet: start when
 	// its projection has caught up, as the users of a real app would (their mail comes later).
 	if err := awaitCaughtUp(ctx, js, events.StreamChallenges, events.ConsumerVerifier, time.Minute); err != nil {
+		return err
+	}
+	// The auditor may still be chaining the load's events: let it finish, so the phase
+	// measures verification, not verification beside the load's tail.
+	if err := awaitCaughtUp(ctx, js, events.StreamEvents, events.ConsumerAuditor, 5*time.Minute); err != nil {
 		return err
 	}
 	// The verifier's tables were empty when the warm-up's statistics were taken.

@@ -32,7 +32,6 @@ type benchLedger struct {
 	settled    int                   // requests with a final outcome
 	issued     int
 	delivered  int
-	extraDeliv int // otp.delivered events beyond one per code
 	firstIssue time.Time
 	lastIssue  time.Time
 	unmatched  []benchMail
@@ -48,6 +47,10 @@ type benchCode struct {
 	outcome     string    // delivered, delivery_failed, dispatch_expired
 	code        string    // from the sink
 	mailed      int       // times the sink received it
+	// mailedAt is when the sink took it first, by the null provider's clock: the
+	// provider's answer (zero for the other sinks).
+	mailedAt        time.Time
+	deliveredEvents int // otp.delivered events of the code
 }
 
 type benchPayload struct {
@@ -63,14 +66,17 @@ func newBenchLedger(prefix string) *benchLedger {
 	return &benchLedger{prefix: prefix, challenges: map[string]*benchCode{}, requests: map[string]*benchCode{}, rejected: map[string]string{}}
 }
 
-// add takes one OTP_EVENTS message.
-func (l *benchLedger) add(m jetstream.Msg) {
-	typ, _, err := events.SplitSubject(m.Subject())
+// addMsg takes one OTP_EVENTS message.
+func (l *benchLedger) addMsg(m jetstream.Msg) { l.add(m.Subject(), m.Data()) }
+
+// add takes one OTP_EVENTS message's subject and body.
+func (l *benchLedger) add(subject string, data []byte) {
+	typ, _, err := events.SplitSubject(subject)
 	if err != nil {
 		return
 	}
 	var p benchPayload
-	if json.Unmarshal(m.Data(), &p) != nil || !strings.HasPrefix(p.RequestID, l.prefix) {
+	if json.Unmarshal(data, &p) != nil || !strings.HasPrefix(p.RequestID, l.prefix) {
 		return
 	}
 	l.mu.Lock()
@@ -92,10 +98,10 @@ func (l *benchLedger) add(m jetstream.Msg) {
 		}
 	case events.TypeDelivered, events.TypeDeliveryFailed, events.TypeDispatchExpired:
 		c := l.code(p.RequestID)
+		if typ == events.TypeDelivered {
+			c.deliveredEvents++
+		}
 		if c.outcome != "" {
-			if typ == events.TypeDelivered {
-				l.extraDeliv++
-			}
 			return
 		}
 		c.outcome = strings.TrimPrefix(string(typ), "otp.")
@@ -130,10 +136,10 @@ func (l *benchLedger) counts() (issued, delivered, settled int) {
 
 // mailed records a mail the sink received for challenge with code; match ties it to its
 // request once the ledger has read the challenge's otp.issued.
-func (l *benchLedger) mailed(challengeID, code string) {
+func (l *benchLedger) mailed(challengeID, code string, at time.Time) {
 	l.mu.Lock()
 	defer l.mu.Unlock()
-	l.unmatched = append(l.unmatched, benchMail{challengeID, code})
+	l.unmatched = append(l.unmatched, benchMail{challengeID, code, at})
 }
 
 // match ties the mails received so far to their codes. A mail of a challenge the ledger
@@ -152,12 +158,18 @@ func (l *benchLedger) match() {
 		if c.code == "" {
 			c.code = m.code
 		}
+		if !m.at.IsZero() && (c.mailedAt.IsZero() || m.at.Before(c.mailedAt)) {
+			c.mailedAt = m.at
+		}
 	}
 	clear(l.unmatched[len(kept):])
 	l.unmatched = kept
 }
 
-type benchMail struct{ challengeID, code string }
+type benchMail struct {
+	challengeID, code string
+	at                time.Time
+}
 
 // sinkCollector takes what the null provider hands over: one JSON line per accepted
 // message, on one connection per dispatcher.
@@ -222,7 +234,7 @@ func (c *sinkCollector) close() {
 func (l *benchLedger) feedNullSink(c *sinkCollector) {
 	for _, h := range c.take() {
 		challenge, _, _ := strings.Cut(h.ID, ":")
-		l.mailed(challenge, codeInText(h.Text))
+		l.mailed(challenge, codeInText(h.Text), h.At)
 	}
 }
 
@@ -240,7 +252,7 @@ func (l *benchLedger) feedMaildir(dir string) error {
 		msg, err := mail.ReadMessage(f)
 		if err == nil {
 			body, _ := io.ReadAll(quotedprintable.NewReader(msg.Body))
-			l.mailed(msg.Header.Get("X-Otp-Challenge-Id"), codeInText(string(body)))
+			l.mailed(msg.Header.Get("X-Otp-Challenge-Id"), codeInText(string(body)), time.Time{})
 		}
 		f.Close()
 	}
@@ -256,4 +268,17 @@ func codeInText(text string) string {
 		return m[1]
 	}
 	return ""
+}
+
+// unmailed counts the codes reported delivered that the sink has not shown yet.
+func (l *benchLedger) unmailed() int {
+	l.mu.Lock()
+	defer l.mu.Unlock()
+	n := 0
+	for _, c := range l.requests {
+		if c.outcome == "delivered" && c.mailed == 0 {
+			n++
+		}
+	}
+	return n
 }

@@ -48,6 +48,7 @@ func startBenchProc(binDir, binary, name, logDir string, env map[string]string) 
 	}
 	p.cmd.Env = append(p.cmd.Env, "OTP_HTTP_ADDR="+addr)
 	p.cmd.Stdout, p.cmd.Stderr = logf, logf
+	dieWithParent(p.cmd)
 	if err := p.cmd.Start(); err != nil {
 		logf.Close()
 		return nil, fmt.Errorf("start %s: %w", name, err)

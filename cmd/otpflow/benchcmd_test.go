@@ -4,11 +4,15 @@ import (
 	"bytes"
 	"context"
 	"encoding/json"
+	"io"
 	"os"
 	"path/filepath"
+	"strings"
 	"testing"
 	"time"
 
+	"github.com/nats-io/nats.go/jetstream"
+	"github.com/otpflow/otpflow/events"
 	"github.com/otpflow/otpflow/platform/testenv"
 )
 
@@ -91,47 +95,97 @@ func runBench(t *testing.T, getenv func(string) string, args ...string) benchRes
 	return res
 }
 
-// TestBenchCountsLossesAndDuplicates feeds the ledger what a broken pipeline would:
-// a request stored with no outcome, a code reported delivered that never reached the
-// sink, a code mailed twice, and a second otp.delivered for one code.
+// TestBenchCountsLossesAndDuplicates feeds the ledger, as OTP_EVENTS and the null sink
+// would, what a broken pipeline produces: a request stored with no outcome, a code
+// reported delivered that never reached the sink, a code mailed twice, another code
+// reported delivered twice, and a mail for a challenge the ledger learns of only later.
 func TestBenchCountsLossesAndDuplicates(t *testing.T) {
 	l := newBenchLedger("x")
 	at := time.Date(2026, 1, 1, 0, 0, 0, 0, time.UTC)
-	code := func(req, challenge, outcome string, mailed int) {
-		c := l.code(req)
-		c.challengeID, c.outcome, c.mailed = challenge, outcome, mailed
-		c.requestedAt, c.deliveredAt = at, at.Add(10*time.Millisecond)
-		l.challenges[challenge] = c
-		if outcome != "" {
-			l.settled++
-		}
-		if outcome == "delivered" {
-			l.delivered++
-		}
-		l.issued++
+	event := func(typ events.Type, v any) {
+		b, err := json.Marshal(v)
+		testenv.Must(t, err, "marshal")
+		l.add(string(typ)+".bench", b)
 	}
-	code("x1", "c1", "delivered", 1)
-	code("x2", "c2", "delivered", 0) // the provider said yes; nothing arrived
-	code("x3", "c3", "delivered", 2) // mailed twice
-	code("x4", "c4", "", 0)          // no outcome
-	code("x5", "c5", "delivery_failed", 0)
-	l.rejected["x6"] = "invalid_recipient"
+	issue := func(req, challenge string) {
+		event(events.TypeIssued, events.Issued{ChallengeID: challenge, Tenant: "bench", RequestID: req, CodeSeq: 1, RequestedAt: at, IssuedAt: at.Add(time.Millisecond)})
+	}
+	deliver := func(req, challenge string) {
+		event(events.TypeDelivered, events.Delivered{ChallengeID: challenge, Tenant: "bench", RequestID: req, CodeSeq: 1, DeliveredAt: at.Add(50 * time.Millisecond)})
+	}
+	mail := func(challenge string) { l.mailed(challenge, "123456", at.Add(10*time.Millisecond)) }
 
-	var res benchResult
-	res.Accepted = 7 // x7: stored, never issued nor rejected
+	mail("c1") // before its otp.issued: matched once the ledger knows c1
+	issue("x1", "c1")
+	deliver("x1", "c1")
+	issue("x2", "c2")
+	deliver("x2", "c2") // the provider said yes; nothing arrived
+	issue("x3", "c3")
+	deliver("x3", "c3")
+	mail("c3")
+	mail("c3") // mailed twice
+	issue("x4", "c4")
+	deliver("x4", "c4")
+	deliver("x4", "c4") // reported twice
+	mail("c4")
+	issue("x5", "c5") // no outcome
+	issue("x6", "c6")
+	event(events.TypeDeliveryFailed, events.DeliveryFailed{ChallengeID: "c6", Tenant: "bench", RequestID: "x6", CodeSeq: 1, Reason: "x"})
+	event(events.TypeRejected, events.Rejected{Tenant: "bench", RequestID: "x7", Reason: events.ReasonInvalidRecipient})
+	event(events.TypeIssued, events.Issued{ChallengeID: "o1", Tenant: "bench", RequestID: "other-run", CodeSeq: 1}) // not this run's
+	l.match()
+
+	res := benchResult{Accepted: 8} // x8: stored, never issued nor rejected
 	l.summarise(&res, time.Second, false)
-	if res.Lost != 3 || res.Duplicates != 1 || res.Failed != 1 || res.Rejected != 1 || res.Delivered != 3 {
-		t.Errorf("seeing the sink: lost %d (want 3), duplicates %d (want 1), failed %d, rejected %d, delivered %d", res.Lost, res.Duplicates, res.Failed, res.Rejected, res.Delivered)
+	if res.Issued != 6 || res.Delivered != 4 || res.Failed != 1 || res.Rejected != 1 {
+		t.Errorf("issued %d, delivered %d, failed %d, rejected %d; want 6, 4, 1, 1", res.Issued, res.Delivered, res.Failed, res.Rejected)
 	}
-	// Blind to the sink (a remote relay), only the events count; a second otp.delivered
-	// for one code is a duplicate.
-	l.extraDeliv = 2
-	res = benchResult{Accepted: 7}
+	if res.Lost != 3 || res.Duplicates != 2 {
+		t.Errorf("seeing the sink: lost %d (want 3: x2, x5, x8), duplicates %d (want 2: c3 mailed twice, c4 reported twice)", res.Lost, res.Duplicates)
+	}
+	// The null sink's clock ends a mailed code's latency; c2, never mailed, ends at its event.
+	if res.LatencyMS.P50 != 10 || res.LatencyMS.Max != 50 {
+		t.Errorf("latency %+v, want p50 10 ms (the sink's answer), max 50 ms", res.LatencyMS)
+	}
+	// Blind to the sink (a remote relay), only the events count.
+	res = benchResult{Accepted: 8}
 	l.summarise(&res, time.Second, true)
 	if res.Lost != 2 || res.Duplicates != 2 {
 		t.Errorf("blind to the sink: lost %d (want 2), duplicates %d (want 2)", res.Lost, res.Duplicates)
 	}
-	if res.LatencyMS.P50 != 10 || res.LatencyMS.Max != 10 {
-		t.Errorf("latency %+v, want 10 ms", res.LatencyMS)
+}
+
+// TestBenchKeepsOffALivePipeline: the bench's services use new keys and the null
+// provider, so it refuses to run in production, or on a NATS server where another
+// pipeline's dispatcher is pulling jobs (the bench's would take them, and hand the codes
+// it could open to the bench instead of mailing them).
+func TestBenchKeepsOffALivePipeline(t *testing.T) {
+	var stderr bytes.Buffer
+	_, err := run(context.Background(), []string{"bench", "-bin", t.TempDir()}, func(k string) string {
+		return map[string]string{"OTP_ENV": "production"}[k]
+	}, io.Discard, &stderr)
+	if err == nil || !strings.Contains(err.Error(), "OTP_ENV=production") {
+		t.Errorf("bench with OTP_ENV=production: %v", err)
 	}
+
+	ns := testenv.NATS(t)
+	nc, js := testenv.JetStream(t, ns)
+	ctx := context.Background()
+	testenv.Must(t, provisionStreams(ctx, js, events.StreamOptions{}, io.Discard), "provision")
+	if err := natsInUse(ctx, js); err != nil {
+		t.Fatalf("a server nobody pulls from: %v", err)
+	}
+	cons, err := js.Consumer(ctx, events.StreamDispatch, events.ConsumerDispatcher)
+	testenv.Must(t, err, "dispatcher durable")
+	pulling := make(chan struct{})
+	go func() {
+		defer close(pulling)
+		_, _ = cons.Fetch(1, jetstream.FetchMaxWait(5*time.Second)) // another pipeline's dispatcher, waiting for jobs
+	}()
+	testenv.Eventually(t, 5*time.Second, "the bench to see the other dispatcher", func() bool {
+		err := natsInUse(ctx, js)
+		return err != nil && strings.Contains(err.Error(), "another pipeline reads dispatcher")
+	})
+	nc.Close()
+	<-pulling
 }

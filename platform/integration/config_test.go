@@ -5,6 +5,8 @@ import (
 	"errors"
 	"io"
 	"net"
+	"net/http"
+	"net/http/httptest"
 	"slices"
 	"strconv"
 	"strings"
@@ -194,5 +196,26 @@ func TestServicePoolSize(t *testing.T) {
 			t.Errorf("%v: pool of %d, want %d", tc.env, got, tc.want)
 		}
 		pool.Close()
+	}
+}
+
+// TestProfilesOnlyWhenAsked: the ops endpoint serves Go's profiles only with OTP_PPROF
+// (WithPprof), and then beside /metrics.
+func TestProfilesOnlyWhenAsked(t *testing.T) {
+	ops := platform.OpsHandler(platform.NewRegistry(), nil)
+	get := func(h http.Handler, path string) int {
+		rec := httptest.NewRecorder()
+		h.ServeHTTP(rec, httptest.NewRequest(http.MethodGet, path, nil))
+		return rec.Code
+	}
+	if code := get(ops, "/debug/pprof/allocs"); code != http.StatusNotFound {
+		t.Errorf("profiles without OTP_PPROF: %d", code)
+	}
+	with := platform.WithPprof(ops)
+	for path, want := range map[string]int{"/debug/pprof/allocs": 200, "/debug/pprof/goroutine": 200, "/debug/pprof/profile?seconds=1": 200,
+		"/debug/pprof/profile?seconds=999": 400, "/debug/pprof/nothing": 404, "/metrics": 200} {
+		if code := get(with, path); code != want {
+			t.Errorf("GET %s: %d, want %d", path, code, want)
+		}
 	}
 }

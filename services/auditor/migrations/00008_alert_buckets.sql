@@ -11,6 +11,10 @@
 -- nothing, and an auditor of an earlier release that writes only stamps keeps the sums
 -- right as well. The auditor's role cannot write alert_buckets itself: the trigger runs as
 -- the schema's owner (same search_path rule as every SECURITY DEFINER function).
+-- No stamp may be written between the backfill's snapshot and the trigger's creation (an
+-- auditor of the earlier release writes stamps through a rolling upgrade): the lock holds
+-- writers off until this migration commits, and they then go through the trigger.
+LOCK TABLE audit.alert_stamps IN SHARE ROW EXCLUSIVE MODE;
 CREATE TABLE audit.alert_buckets (
     rule      text        NOT NULL,
     key       bytea       NOT NULL,

@@ -13,7 +13,6 @@ import (
 	"fmt"
 	"net"
 	"strconv"
-	"sync"
 	"sync/atomic"
 	"time"
 
@@ -42,15 +41,21 @@ type Config struct {
 
 // Provider is the "null" provider.
 type Provider struct {
-	cfg  Config
-	seq  atomic.Uint64
-	mu   sync.Mutex
+	cfg Config
+	seq atomic.Uint64
+	// turn is held (one token) by the send that writes to the collector: a lock a send
+	// can give up waiting for when its context ends.
+	turn chan struct{}
 	conn net.Conn
 	w    *bufio.Writer
 }
 
 // New returns a null provider. It does not dial until the first send.
-func New(cfg Config) *Provider { return &Provider{cfg: cfg} }
+func New(cfg Config) *Provider {
+	p := &Provider{cfg: cfg, turn: make(chan struct{}, 1)}
+	p.turn <- struct{}{}
+	return p
+}
 
 // Name implements mailer.Provider.
 func (p *Provider) Name() string { return "null" }
@@ -77,7 +82,11 @@ func (p *Provider) Send(ctx context.Context, m *mailer.Message) (mailer.Receipt,
 		return mailer.Receipt{}, &mailer.SendError{Provider: p.Name(), Class: mailer.Permanent, Err: err}
 	}
 	if err := p.hand(ctx, append(line, '\n')); err != nil {
-		return mailer.Receipt{}, &mailer.SendError{Provider: p.Name(), Class: mailer.ProviderDown, Err: err}
+		class := mailer.ProviderDown
+		if ctx.Err() != nil {
+			class = mailer.Transient // out of time, not a broken collector
+		}
+		return mailer.Receipt{}, &mailer.SendError{Provider: p.Name(), Class: class, Err: err}
 	}
 	return mailer.Receipt{MessageID: id}, nil
 }
@@ -85,8 +94,12 @@ func (p *Provider) Send(ctx context.Context, m *mailer.Message) (mailer.Receipt,
 // hand writes one line on the collector connection, dialling it first if needed. A
 // failed write drops the connection; the next send dials again.
 func (p *Provider) hand(ctx context.Context, line []byte) error {
-	p.mu.Lock()
-	defer p.mu.Unlock()
+	select {
+	case <-p.turn:
+	case <-ctx.Done():
+		return ctx.Err()
+	}
+	defer func() { p.turn <- struct{}{} }()
 	if p.conn == nil {
 		var d net.Dialer
 		dctx, cancel := context.WithTimeout(ctx, 5*time.Second)
@@ -97,7 +110,11 @@ func (p *Provider) hand(ctx context.Context, line []byte) error {
 		}
 		p.conn, p.w = conn, bufio.NewWriter(conn)
 	}
-	_ = p.conn.SetWriteDeadline(time.Now().Add(5 * time.Second))
+	deadline := time.Now().Add(5 * time.Second)
+	if d, ok := ctx.Deadline(); ok && d.Before(deadline) {
+		deadline = d
+	}
+	_ = p.conn.SetWriteDeadline(deadline)
 	_, err := p.w.Write(line)
 	if err == nil {
 		err = p.w.Flush()
@@ -112,8 +129,8 @@ func (p *Provider) hand(ctx context.Context, line []byte) error {
 
 // Close closes the collector connection.
 func (p *Provider) Close() error {
-	p.mu.Lock()
-	defer p.mu.Unlock()
+	<-p.turn
+	defer func() { p.turn <- struct{}{} }()
 	if p.conn == nil {
 		return nil
 	}

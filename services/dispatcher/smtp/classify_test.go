@@ -7,6 +7,7 @@ import (
 	"net"
 	"net/textproto"
 	"strings"
+	"sync/atomic"
 	"testing"
 	"time"
 
@@ -18,6 +19,10 @@ import (
 // drops the connection, "hang" never answers.
 type script struct {
 	greeting, auth, mail, rcpt, data, final string
+	// rset answers RSET; final2 answers the final dot of a connection's second and later
+	// messages (empty: as final). datas, when set, counts the messages that reached DATA.
+	rset, final2 string
+	datas        *atomic.Int32
 }
 
 // scripted runs an SMTP peer that follows sc, for the failures a well-behaved server does
@@ -61,6 +66,7 @@ func converse(conn net.Conn, sc script) {
 	if !say(sc.greeting, "220 localhost ESMTP ready") {
 		return
 	}
+	messages := 0
 	for {
 		line, err := r.ReadString('\n')
 		if err != nil {
@@ -83,6 +89,9 @@ func converse(conn net.Conn, sc script) {
 			ok = say(sc.rcpt, "250 ok")
 		case "DATA":
 			if ok = say(sc.data, "354 go ahead"); ok && (sc.data == "" || strings.HasPrefix(sc.data, "354")) {
+				if sc.datas != nil {
+					sc.datas.Add(1)
+				}
 				for {
 					l, err := r.ReadString('\n')
 					if err != nil {
@@ -92,8 +101,15 @@ func converse(conn net.Conn, sc script) {
 						break
 					}
 				}
-				ok = say(sc.final, "250 queued as 1")
+				messages++
+				final := sc.final
+				if messages > 1 && sc.final2 != "" {
+					final = sc.final2
+				}
+				ok = say(final, "250 queued as 1")
 			}
+		case "RSET":
+			ok = say(sc.rset, "250 ok")
 		case "QUIT":
 			say("221 bye", "")
 			return

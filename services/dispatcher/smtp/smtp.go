@@ -91,10 +91,8 @@ type Provider struct {
 	idle chan *conn
 }
 
-// conn is one open connection to the relay, with the go-mail client that dialled it (a
-// client per connection: go-mail keeps per-dial state in its client).
+// conn is one open connection to the relay.
 type conn struct {
-	mail  *gomail.Client
 	smtp  *gosmtp.Client
 	sent  int
 	since time.Time // idle since
@@ -112,66 +110,87 @@ func New(cfg Config) *Provider {
 func (p *Provider) Name() string { return "smtp" }
 
 // Send implements mailer.Provider, over an idle connection when there is one. A reused
-// connection the relay has closed meanwhile fails before the message is handed over
-// (at MAIL FROM, without a reply): the message is then sent once more on a new
-// connection, as the relay never saw it.
+// connection the relay has closed meanwhile fails before the message is handed over (no
+// answer to the NOOP that checks it, or none, or 421, at MAIL FROM): the message is then
+// sent once more, on a new connection, as the relay never saw it. Nothing that reached
+// DATA is sent again here.
 func (p *Provider) Send(ctx context.Context, m *mailer.Message) (mailer.Receipt, error) {
 	msg, err := mailer.Compose(m)
 	if err != nil {
 		return mailer.Receipt{}, &mailer.SendError{Provider: p.Name(), Class: mailer.Permanent, Err: err}
 	}
-	// go-mail does not watch ctx once connected: it sets the connection's deadline to
-	// its timeout at the dial and again before the message. Half the time left to ctx's
-	// deadline for each keeps the whole exchange inside it, so a slow relay is never
-	// handed a mail after the caller's deadline (for a code, its expiry).
-	timeout := p.cfg.Timeout
-	if d, ok := ctx.Deadline(); ok {
-		timeout = min(timeout, time.Until(d)/2)
-	}
-	if timeout <= 0 {
-		return mailer.Receipt{}, &mailer.SendError{Provider: p.Name(), Class: mailer.Transient, Err: context.DeadlineExceeded}
-	}
 	ctx, cancel := context.WithTimeout(ctx, p.cfg.Timeout)
 	defer cancel()
+	fresh := false // the retry must dial
 	for {
-		c, reused := p.take()
+		// go-mail does not watch ctx once connected: it sets the connection's deadline
+		// to its timeout at the dial and again before the message. Half the time left to
+		// ctx's deadline for each keeps the whole exchange inside it, so a slow relay is
+		// never handed a mail after the caller's deadline (for a code, its expiry).
+		timeout := p.cfg.Timeout
+		if d, ok := ctx.Deadline(); ok {
+			timeout = min(timeout, time.Until(d)/2)
+		}
+		if timeout <= 0 {
+			return mailer.Receipt{}, &mailer.SendError{Provider: p.Name(), Class: mailer.Transient, Err: context.DeadlineExceeded}
+		}
+		var c *conn
+		reused := false
+		if !fresh {
+			c, reused = p.take()
+		}
 		if c == nil {
 			if c, err = p.dial(ctx, timeout); err != nil {
 				return mailer.Receipt{}, &mailer.SendError{Provider: p.Name(), Class: Classify(err), Err: err}
 			}
 		}
-		if err = c.smtp.UpdateDeadline(timeout); err == nil {
-			err = c.mail.SendWithSMTPClient(c.smtp, msg)
-		}
+		// The deadline of this send, not of the one that dialled the connection: go-mail
+		// sets the connection's deadline from the client that sends.
+		sender, err := gomail.NewClient(p.cfg.Host, p.options(timeout)...)
 		if err == nil {
+			err = sender.SendWithSMTPClient(c.smtp, msg)
+		}
+		switch {
+		case err == nil:
 			c.sent++
 			p.put(c)
+			return mailer.Receipt{MessageID: msg.GetMessageID()}, nil
+		case msg.IsDelivered():
+			// The relay answered 250 to the final dot and then failed the RSET that
+			// follows (a relay that hangs up after its last message): sent.
+			_ = c.smtp.Close()
 			return mailer.Receipt{MessageID: msg.GetMessageID()}, nil
 		}
 		// After a failure the connection's state is unknown: it is not reused.
 		_ = c.smtp.Close()
-		if reused && neverHandedOver(err) && ctx.Err() == nil {
+		if reused && !fresh && neverHandedOver(err) && ctx.Err() == nil {
+			fresh = true
 			continue
 		}
 		return mailer.Receipt{}, &mailer.SendError{Provider: p.Name(), Class: Classify(err), Err: err}
 	}
 }
 
-// neverHandedOver reports whether err ended a send before the relay could have taken the
-// message: the connection failed (no reply at all) at its check or at MAIL FROM.
+// neverHandedOver reports whether err ended a send on a reused connection before the relay
+// could have taken the message: the connection failed its check, or MAIL FROM got no
+// reply or 421 (the relay closing the connection).
 func neverHandedOver(err error) bool {
 	var se *gomail.SendError
-	return errors.As(err, &se) && se.ErrorCode() == 0 && (se.Reason == gomail.ErrConnCheck || se.Reason == gomail.ErrSMTPMailFrom)
+	if !errors.As(err, &se) {
+		return false
+	}
+	code := se.ErrorCode()
+	return se.Reason == gomail.ErrConnCheck && code == 0 || se.Reason == gomail.ErrSMTPMailFrom && (code == 0 || code == 421)
 }
 
-// take returns an idle connection fit for one more message, or nil; it closes the ones
-// that are not.
+// take returns an idle connection fit for one more message, or nil; it drops the ones
+// that are not (without QUIT: one the relay or a NAT forgot would hold the send up).
 func (p *Provider) take() (*conn, bool) {
 	for {
 		select {
 		case c := <-p.idle:
 			if c.sent >= MaxPerConn || time.Since(c.since) > MaxIdle {
-				p.quit(c)
+				_ = c.smtp.Close()
 				continue
 			}
 			return c, true
@@ -181,30 +200,29 @@ func (p *Provider) take() (*conn, bool) {
 	}
 }
 
-// put keeps c for a later send, or closes it when it has served its messages or the pool
-// is full.
+// put keeps c for a later send, or ends it (QUIT, in the background) when it has served
+// its messages or the pool is full.
 func (p *Provider) put(c *conn) {
-	if c.sent >= MaxPerConn {
-		p.quit(c)
-		return
+	if c.sent < MaxPerConn {
+		c.since = time.Now()
+		select {
+		case p.idle <- c:
+			return
+		default:
+		}
 	}
-	c.since = time.Now()
-	select {
-	case p.idle <- c:
-	default:
-		p.quit(c)
-	}
+	go p.quit(c)
 }
 
 // quit ends c with QUIT, waiting at most a second for the relay's answer.
 func (p *Provider) quit(c *conn) {
 	_ = c.smtp.UpdateDeadline(time.Second)
-	_ = c.mail.CloseWithSMTPClient(c.smtp)
+	_ = c.smtp.Quit()
 	_ = c.smtp.Close()
 }
 
-// dial opens a connection: TCP (or TLS), EHLO, STARTTLS and AUTH as configured.
-func (p *Provider) dial(ctx context.Context, timeout time.Duration) (*conn, error) {
+// options are go-mail's options for the relay, with timeout as the connection deadline.
+func (p *Provider) options(timeout time.Duration) []gomail.Option {
 	opts := []gomail.Option{gomail.WithPort(p.cfg.Port), gomail.WithTimeout(timeout)}
 	switch p.cfg.TLS {
 	case TLSStartTLS:
@@ -218,7 +236,12 @@ func (p *Provider) dial(ctx context.Context, timeout time.Duration) (*conn, erro
 		opts = append(opts, gomail.WithSMTPAuth(gomail.SMTPAuthAutoDiscover),
 			gomail.WithUsername(p.cfg.Username), gomail.WithPassword(p.cfg.Password))
 	}
-	mc, err := gomail.NewClient(p.cfg.Host, opts...)
+	return opts
+}
+
+// dial opens a connection: TCP (or TLS), EHLO, STARTTLS and AUTH as configured.
+func (p *Provider) dial(ctx context.Context, timeout time.Duration) (*conn, error) {
+	mc, err := gomail.NewClient(p.cfg.Host, p.options(timeout)...)
 	if err != nil {
 		return nil, err
 	}
@@ -226,7 +249,7 @@ func (p *Provider) dial(ctx context.Context, timeout time.Duration) (*conn, erro
 	if err != nil {
 		return nil, fmt.Errorf("dial failed: %w", err) // as go-mail's DialAndSend words it: Classify reads the text
 	}
-	return &conn{mail: mc, smtp: sc}, nil
+	return &conn{smtp: sc}, nil
 }
 
 // Close ends the idle connections.

@@ -6,6 +6,7 @@ import (
 	"fmt"
 	"strings"
 	"sync"
+	"sync/atomic"
 	"testing"
 	"time"
 
@@ -189,5 +190,79 @@ func TestAConnectionTheRelayDroppedIsReplaced(t *testing.T) {
 	mails := srv.Mails()
 	if len(mails) != 2 || mails[1].To[0] != "bea@example.com" || srv.Sessions() != 2 {
 		t.Fatalf("%d mails over %d connections, want 2 over 2: %+v", len(mails), srv.Sessions(), mails)
+	}
+}
+
+// TestAReusedConnectionKeepsEachSendsDeadline: a connection is dialled by one send and
+// reused by others, each with its own deadline. A send with 1 s left on a connection
+// opened with 10 s must not wait 2 s for a slow relay (the mail would go out after the
+// code's expiry); a send with 10 s on a connection opened with 400 ms must not give up
+// after 200 ms (it would report a mail the relay took as ambiguous, and it would be sent
+// again).
+func TestAReusedConnectionKeepsEachSendsDeadline(t *testing.T) {
+	srv := testenv.StartSMTP(t)
+	cfg, err := smtp.ParseURL(srv.URL())
+	testenv.Must(t, err, "url")
+	p := smtp.New(cfg)
+	defer p.Close()
+	if _, err := p.Send(context.Background(), message("ana@example.com")); err != nil {
+		t.Fatal(err)
+	}
+	srv.SetDelay(2 * time.Second)
+	ctx, cancel := context.WithTimeout(context.Background(), time.Second)
+	_, err = p.Send(ctx, message("bea@example.com"))
+	cancel()
+	if err == nil {
+		t.Fatal("a send with 1 s left waited out a relay taking 2 s and succeeded")
+	}
+
+	short := smtp.New(cfg)
+	defer short.Close()
+	srv.SetDelay(0)
+	ctx, cancel = context.WithTimeout(context.Background(), 400*time.Millisecond)
+	_, err = short.Send(ctx, message("cem@example.com"))
+	cancel()
+	testenv.Must(t, err, "send with 400ms")
+	srv.SetDelay(300 * time.Millisecond)
+	if _, err := short.Send(context.Background(), message("dan@example.com")); err != nil {
+		t.Fatalf("a send with 10 s on a connection dialled with 400 ms: %v", err)
+	}
+	if srv.Sessions() != 2 { // one per provider: the short one's was reused with its new deadline
+		t.Errorf("%d connections, want 2", srv.Sessions())
+	}
+}
+
+// TestAMailTheRelayTookIsNotSentAgain: the relay answers 250 to the final dot and hangs up
+// on the RSET that follows: the send succeeded, and the message went over once.
+func TestAMailTheRelayTookIsNotSentAgain(t *testing.T) {
+	var datas atomic.Int32
+	cfg := scripted(t, script{rset: "close", datas: &datas})
+	cfg.Pool = smtp.DefaultPool
+	p := smtp.New(cfg)
+	if _, err := p.Send(context.Background(), message("ana@example.com")); err != nil {
+		t.Fatalf("a mail the relay accepted: %v", err)
+	}
+	if n := datas.Load(); n != 1 {
+		t.Errorf("%d transactions reached DATA, want 1", n)
+	}
+}
+
+// TestNothingPastDataIsSentTwice: on a reused connection, a message whose final answer
+// never comes is ambiguous and is not sent again on a new connection (only a connection
+// that fails before MAIL FROM is answered is).
+func TestNothingPastDataIsSentTwice(t *testing.T) {
+	var datas atomic.Int32
+	cfg := scripted(t, script{final2: "close", datas: &datas})
+	cfg.Pool = smtp.DefaultPool
+	p := smtp.New(cfg)
+	if _, err := p.Send(context.Background(), message("ana@example.com")); err != nil {
+		t.Fatal(err)
+	}
+	_, err := p.Send(context.Background(), message("bea@example.com"))
+	if c := mailer.ClassOf(err); c != mailer.Ambiguous {
+		t.Fatalf("reply to the final dot lost on a reused connection: %v, want ambiguous", err)
+	}
+	if n := datas.Load(); n != 2 {
+		t.Errorf("%d transactions reached DATA, want 2 (no re-send)", n)
 	}
 }
