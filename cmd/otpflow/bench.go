@@ -282,10 +282,8 @@ func benchCommand(ctx context.Context, args []string, getenv func(string) string
 		return err
 	}
 	env["OTP_DATABASE_URL"] = dbURL
-	for _, s := range specs() {
-		if env[platform.DatabaseURLVar(s.Name)], err = platform.RoleURL(dbURL, platform.ServiceRole(prefix, s.Name)); err != nil {
-			return err
-		}
+	if err := setRoleURLs(env, dbURL, prefix); err != nil {
+		return err
 	}
 	merged := overlay(getenv, env)
 	common, err := platform.LoadCommon(merged)

@@ -73,10 +73,8 @@ func devCommand(ctx context.Context, args []string, getenv func(string) string, 
 	if err := migrateAll(ctx, migrateURL, prefix, stderr); err != nil {
 		return err
 	}
-	for _, s := range specs() {
-		if env[platform.DatabaseURLVar(s.Name)], err = platform.RoleURL(dbURL, platform.ServiceRole(prefix, s.Name)); err != nil {
-			return err
-		}
+	if err := setRoleURLs(env, dbURL, prefix); err != nil {
+		return err
 	}
 	auditorDB := filepath.Join(abs, devAuditorDB)
 	if err := os.WriteFile(auditorDB, []byte(env[platform.DatabaseURLVar("auditor")]+"\n"), 0o600); err != nil {
@@ -130,6 +128,18 @@ try it:
   bin/otpflow verify -tenant demo -request-id r1 -code <code>
 `, url, redact(dbURL), prefix, merged("OTP_SANDBOX_MAILDIR"), merged("OTP_HTTP_ADDR"), merged("OTP_SANDBOX_MAILDIR"))
 	return runPipeline(ctx, merged, stderr)
+}
+
+// setRoleURLs sets each service's database URL in env: dbURL as the service's own role.
+func setRoleURLs(env map[string]string, dbURL, prefix string) error {
+	for _, s := range specs() {
+		u, err := platform.RoleURL(dbURL, platform.ServiceRole(prefix, s.Name))
+		if err != nil {
+			return err
+		}
+		env[platform.DatabaseURLVar(s.Name)] = u
+	}
+	return nil
 }
 
 func startNATS(storeDir string, port int) (*server.Server, error) {
