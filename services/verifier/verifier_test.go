@@ -44,20 +44,20 @@ type clock struct {
 func (c *clock) now() time.Time  { c.mu.Lock(); defer c.mu.Unlock(); return c.t }
 func (c *clock) set(t time.Time) { c.mu.Lock(); c.t = t; c.mu.Unlock() }
 
-func newHarness(t *testing.T) *harness {
+func newHarness(t testing.TB) *harness {
 	t.Helper()
 	return newPolicyHarness(t, "", nil)
 }
 
 // newPolicyHarness runs a verifier with the tenant policy file doc; beforeProject, when
 // set, runs before each projected batch.
-func newPolicyHarness(t *testing.T, doc string, beforeProject func()) *harness {
+func newPolicyHarness(t testing.TB, doc string, beforeProject func()) *harness {
 	t.Helper()
 	return newConfigHarness(t, doc, beforeProject, nil)
 }
 
 // newConfigHarness is newPolicyHarness with tune, when set, adjusting the Config.
-func newConfigHarness(t *testing.T, doc string, beforeProject func(), tune func(*Config)) *harness {
+func newConfigHarness(t testing.TB, doc string, beforeProject func(), tune func(*Config)) *harness {
 	t.Helper()
 	nc, js := testenv.JetStream(t, testenv.NATS(t))
 	pool := testenv.Postgres(t, Spec())
@@ -72,7 +72,7 @@ func newConfigHarness(t *testing.T, doc string, beforeProject func(), tune func(
 
 // replica starts one more verifier process on the harness's NATS and database (the
 // first one when h.svc is nil) and waits until it serves.
-func (h *harness) replica(t *testing.T, doc string, beforeProject func(), tune func(*Config)) (*Service, *clock) {
+func (h *harness) replica(t testing.TB, doc string, beforeProject func(), tune func(*Config)) (*Service, *clock) {
 	t.Helper()
 	policies, err := policy.Parse([]byte(doc))
 	testenv.Must(t, err, "policy")
@@ -95,7 +95,7 @@ func (h *harness) replica(t *testing.T, doc string, beforeProject func(), tune f
 }
 
 // issue publishes an otp.challenge for code and waits until the verifier projected it.
-func (h *harness) issue(t *testing.T, challenge, requestID string, seq int, code, session string, expires time.Time) {
+func (h *harness) issue(t testing.TB, challenge, requestID string, seq int, code, session string, expires time.Time) {
 	t.Helper()
 	h.publishIssued(t, issue{ChallengeID: challenge, RequestID: requestID, CodeSeq: seq, Recipient: "ana@example.com",
 		SessionID: session, ExpiresAt: expires}, code)
@@ -114,7 +114,7 @@ type issue struct {
 
 // publishIssued fills e's defaults, the MAC of code and the recipient's subject hashes,
 // and publishes it as otp.challenge on OTP_CHALLENGES, as the issuer does.
-func (h *harness) publishIssued(t *testing.T, e issue, code string) {
+func (h *harness) publishIssued(t testing.TB, e issue, code string) {
 	t.Helper()
 	mac, err := h.pepper.MAC("p1", e.ChallengeID, code)
 	testenv.Must(t, err, "mac")
@@ -131,7 +131,7 @@ func (h *harness) publishIssued(t *testing.T, e issue, code string) {
 	testenv.Must(t, err, "publish challenge")
 }
 
-func (h *harness) waitProjected(t *testing.T, challenge string, seq int) {
+func (h *harness) waitProjected(t testing.TB, challenge string, seq int) {
 	t.Helper()
 	testenv.Eventually(t, 10*time.Second, "projection", func() bool {
 		var n int
@@ -140,7 +140,7 @@ func (h *harness) waitProjected(t *testing.T, challenge string, seq int) {
 	})
 }
 
-func (h *harness) verify(t *testing.T, requestID, code, session string) events.VerifyReply {
+func (h *harness) verify(t testing.TB, requestID, code, session string) events.VerifyReply {
 	t.Helper()
 	body, _ := json.Marshal(events.VerifyRequest{RequestID: requestID, Code: code, Context: events.VerifyContext{SessionID: session}})
 	msg, err := h.nc.Request("otp.verify.acme", body, 5*time.Second)
