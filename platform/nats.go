@@ -86,15 +86,15 @@ func CheckJSAPIPrefix(prefix string) error {
 }
 
 // NewJetStream is the JetStream API on nc under prefix (Common.NATSJSAPIPrefix; empty is
-// the default $JS.API).
-func NewJetStream(nc *nats.Conn, prefix string) (jetstream.JetStream, error) {
+// the default $JS.API), with opts.
+func NewJetStream(nc *nats.Conn, prefix string, opts ...jetstream.JetStreamOpt) (jetstream.JetStream, error) {
 	if prefix == "" || strings.TrimSuffix(prefix, ".") == strings.TrimSuffix(DefaultJSAPIPrefix, ".") {
-		return jetstream.New(nc)
+		return jetstream.New(nc, opts...)
 	}
 	if err := CheckJSAPIPrefix(prefix); err != nil {
 		return nil, err
 	}
-	return jetstream.NewWithAPIPrefix(nc, strings.TrimSuffix(prefix, "."))
+	return jetstream.NewWithAPIPrefix(nc, strings.TrimSuffix(prefix, "."), opts...)
 }
 
 // NATSCredentials are the options of OTP_NATS_CREDS, OTP_NATS_NKEY_FILE, OTP_NATS_TLS_CA,

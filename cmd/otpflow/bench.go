@@ -188,11 +188,11 @@ func benchCommand(ctx context.Context, args []string, getenv func(string) string
 		return err
 	}
 	if o.dir == "" {
-		tmp, err := os.MkdirTemp("", "otpflow-bench-")
-		if err != nil {
+		var tmp string
+		if tmp, err = os.MkdirTemp("", "otpflow-bench-"); err != nil {
 			return err
 		}
-		defer func() {
+		defer func() { // err is the command's result
 			if err != nil {
 				fmt.Fprintf(stderr, "bench: the services' logs are kept in %s\n", filepath.Join(tmp, "logs"))
 				return
@@ -295,6 +295,12 @@ func benchCommand(ctx context.Context, args []string, getenv func(string) string
 		return err
 	}
 	defer nc.Close()
+	// The load's publishes: an acknowledgement lost on the way is given up after 30 s
+	// (the publish is then sent again) and stops counting against the client's limit.
+	pubJS, err := platform.NewJetStream(nc, common.NATSJSAPIPrefix, jetstream.WithPublishAsyncTimeout(30*time.Second))
+	if err != nil {
+		return err
+	}
 	if getenv("OTP_NATS_URL") != "" {
 		if err := natsInUse(ctx, js); err != nil {
 			return err
@@ -357,7 +363,7 @@ func benchCommand(ctx context.Context, args []string, getenv func(string) string
 
 	if o.warmup > 0 {
 		progress("warm-up: %d requests", o.warmup)
-		if _, _, err := publishLoad(ctx, js, o.tenant, warm.prefix, o.warmup, 0, nil); err != nil {
+		if _, _, err := publishLoad(ctx, pubJS, o.tenant, warm.prefix, o.warmup, 0, nil); err != nil {
 			return err
 		}
 		if err := awaitSettled(ctx, warm, o.warmup, o.settle, procs); err != nil {
@@ -406,7 +412,7 @@ func benchCommand(ctx context.Context, args []string, getenv func(string) string
 	var accepted int
 	var pubDone time.Time
 	go func() {
-		n, done, err := publishLoad(ctx, js, o.tenant, load.prefix, o.requests, o.rate, &published)
+		n, done, err := publishLoad(ctx, pubJS, o.tenant, load.prefix, o.requests, o.rate, &published)
 		accepted, pubDone = n, done
 		pubErr <- err
 	}()
@@ -443,11 +449,13 @@ func benchCommand(ctx context.Context, args []string, getenv func(string) string
 	res := benchResult{Requests: o.requests, Rate: o.rate, Sink: sinkName(o.sink), Dispatchers: o.dispatchers, Concurrency: dispatchConcurrency(merged),
 		Accepted: accepted, Services: map[string]benchUsage{}}
 	for _, p := range procs {
-		cpu, rss, ok := procUsage(p.cmd.Process.Pid)
-		if !ok {
+		select {
+		case <-p.exited:
 			return fmt.Errorf("%s is gone (%v):\n%s", p.name, p.waitErr, p.logTail())
+		default:
 		}
-		res.Services[p.name] = benchUsage{CPUSeconds: round(cpu-p.cpu0, 2), PeakRSSMB: round(rss, 1)}
+		cpu, rss, _ := procUsage(p.cmd.Process.Pid) // zero where /proc does not say
+		res.Services[p.name] = benchUsage{CPUSeconds: round(max(cpu-p.cpu0, 0), 2), PeakRSSMB: round(rss, 1)}
 	}
 	res.DatabaseCPU = databaseCPU(ctx, merged, pg0)
 	self1, selfRSS, _ := procUsage(os.Getpid())
@@ -641,8 +649,6 @@ func publishLoad(ctx context.Context, js jetstream.JetStream, tenant, prefix str
 			select {
 			case <-p.ack.Ok():
 			case err = <-p.ack.Err():
-			case <-time.After(30 * time.Second):
-				err = errors.New("no acknowledgement within 30s") // sent again below
 			case <-ctx.Done():
 				err = ctx.Err()
 			}

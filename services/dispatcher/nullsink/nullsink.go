@@ -77,11 +77,7 @@ func (p *Provider) Send(ctx context.Context, m *mailer.Message) (mailer.Receipt,
 	if p.cfg.Addr == "" {
 		return mailer.Receipt{MessageID: id}, nil
 	}
-	line, err := json.Marshal(Handed{ID: m.ID, MessageID: id, To: m.To, Text: m.Text, At: time.Now()})
-	if err != nil {
-		return mailer.Receipt{}, &mailer.SendError{Provider: p.Name(), Class: mailer.Permanent, Err: err}
-	}
-	if err := p.hand(ctx, append(line, '\n')); err != nil {
+	if err := p.hand(ctx, Handed{ID: m.ID, MessageID: id, To: m.To, Text: m.Text}); err != nil {
 		class := mailer.ProviderDown
 		if ctx.Err() != nil {
 			class = mailer.Transient // out of time, not a broken collector
@@ -93,13 +89,19 @@ func (p *Provider) Send(ctx context.Context, m *mailer.Message) (mailer.Receipt,
 
 // hand writes one line on the collector connection, dialling it first if needed. A
 // failed write drops the connection; the next send dials again.
-func (p *Provider) hand(ctx context.Context, line []byte) error {
+func (p *Provider) hand(ctx context.Context, h Handed) error {
 	select {
 	case <-p.turn:
 	case <-ctx.Done():
 		return ctx.Err()
 	}
 	defer func() { p.turn <- struct{}{} }()
+	h.At = time.Now() // the answer: this is when the provider takes the message
+	line, err := json.Marshal(h)
+	if err != nil {
+		return err
+	}
+	line = append(line, '\n')
 	if p.conn == nil {
 		var d net.Dialer
 		dctx, cancel := context.WithTimeout(ctx, 5*time.Second)
@@ -115,7 +117,7 @@ func (p *Provider) hand(ctx context.Context, line []byte) error {
 		deadline = d
 	}
 	_ = p.conn.SetWriteDeadline(deadline)
-	_, err := p.w.Write(line)
+	_, err = p.w.Write(line)
 	if err == nil {
 		err = p.w.Flush()
 	}

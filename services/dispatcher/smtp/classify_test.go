@@ -23,6 +23,12 @@ type script struct {
 	// messages (empty: as final). datas, when set, counts the messages that reached DATA.
 	rset, final2 string
 	datas        *atomic.Int32
+	// delay holds replies back, by what they answer: "greeting" or a verb ("EHLO",
+	// "MAIL", ...); dots, when set, counts the messages whose final dot came; ended, when
+	// set, gets a value each time a conversation ends.
+	delay map[string]time.Duration
+	dots  *atomic.Int32
+	ended chan struct{}
 }
 
 // scripted runs an SMTP peer that follows sc, for the failures a well-behaved server does
@@ -49,8 +55,13 @@ func scripted(t *testing.T, sc script) smtp.Config {
 
 func converse(conn net.Conn, sc script) {
 	defer conn.Close()
+	if sc.ended != nil {
+		defer func() { sc.ended <- struct{}{} }()
+	}
 	r := bufio.NewReader(conn)
+	verb := "greeting"
 	say := func(reply, def string) bool {
+		time.Sleep(sc.delay[verb])
 		switch reply {
 		case "close":
 			return false
@@ -72,7 +83,7 @@ func converse(conn net.Conn, sc script) {
 		if err != nil {
 			return
 		}
-		verb := strings.ToUpper(strings.Fields(line + " x")[0])
+		verb = strings.ToUpper(strings.Fields(line + " x")[0])
 		ok := true
 		switch verb {
 		case "EHLO", "HELO":
@@ -102,6 +113,9 @@ func converse(conn net.Conn, sc script) {
 					}
 				}
 				messages++
+				if sc.dots != nil {
+					sc.dots.Add(1)
+				}
 				final := sc.final
 				if messages > 1 && sc.final2 != "" {
 					final = sc.final2

@@ -10,6 +10,7 @@ import (
 	"net/url"
 	"strconv"
 	"strings"
+	"sync/atomic"
 	"time"
 
 	"github.com/otpflow/otpflow/services/dispatcher/mailer"
@@ -93,9 +94,12 @@ type Provider struct {
 
 // conn is one open connection to the relay.
 type conn struct {
-	smtp  *gosmtp.Client
-	sent  int
-	since time.Time // idle since
+	smtp *gosmtp.Client
+	// capped is the TCP connection under it, whose deadlines never pass the current
+	// send's (nil with tls=implicit, dialled by go-mail's own TLS dialer).
+	capped *cappedConn
+	sent   int
+	since  time.Time // idle since
 }
 
 // New returns an SMTP provider.
@@ -134,21 +138,31 @@ func (p *Provider) Send(ctx context.Context, m *mailer.Message) (mailer.Receipt,
 		if timeout <= 0 {
 			return mailer.Receipt{}, &mailer.SendError{Provider: p.Name(), Class: mailer.Transient, Err: context.DeadlineExceeded}
 		}
+		// No socket operation of this send may pass its deadline, whatever go-mail sets
+		// between the phases of the exchange (it sets a fresh timeout at the connect,
+		// after the greeting and before the message).
+		hard, _ := ctx.Deadline()
 		var c *conn
 		reused := false
 		if !fresh {
 			c, reused = p.take()
 		}
 		if c == nil {
-			if c, err = p.dial(ctx, timeout); err != nil {
+			if c, err = p.dial(ctx, timeout, hard); err != nil {
 				return mailer.Receipt{}, &mailer.SendError{Provider: p.Name(), Class: Classify(err), Err: err}
 			}
+		} else if c.capped != nil {
+			c.capped.limit(hard)
 		}
-		// The deadline of this send, not of the one that dialled the connection: go-mail
-		// sets the connection's deadline from the client that sends.
-		sender, err := gomail.NewClient(p.cfg.Host, p.options(timeout)...)
-		if err == nil {
-			err = sender.SendWithSMTPClient(c.smtp, msg)
+		// The deadline of this send, not of the one before on this connection: set it
+		// now, and go-mail sets it again from the client that sends. No NOOP before the
+		// message: a connection the relay dropped fails at MAIL FROM, before anything is
+		// handed over, and is retried below.
+		if err = c.smtp.UpdateDeadline(timeout); err == nil {
+			var sender *gomail.Client
+			if sender, err = gomail.NewClient(p.cfg.Host, append(p.options(timeout), gomail.WithoutNoop())...); err == nil {
+				err = sender.SendWithSMTPClient(c.smtp, msg)
+			}
 		}
 		switch {
 		case err == nil:
@@ -216,6 +230,9 @@ func (p *Provider) put(c *conn) {
 
 // quit ends c with QUIT, waiting at most a second for the relay's answer.
 func (p *Provider) quit(c *conn) {
+	if c.capped != nil {
+		c.capped.limit(time.Time{}) // the last send's deadline no longer applies
+	}
 	_ = c.smtp.UpdateDeadline(time.Second)
 	_ = c.smtp.Quit()
 	_ = c.smtp.Close()
@@ -239,18 +256,66 @@ func (p *Provider) options(timeout time.Duration) []gomail.Option {
 	return opts
 }
 
-// dial opens a connection: TCP (or TLS), EHLO, STARTTLS and AUTH as configured.
-func (p *Provider) dial(ctx context.Context, timeout time.Duration) (*conn, error) {
-	mc, err := gomail.NewClient(p.cfg.Host, p.options(timeout)...)
+// dial opens a connection: TCP (or TLS), EHLO, STARTTLS and AUTH as configured, none of
+// it past hard (when set). A handshake that fails closes the connection.
+func (p *Provider) dial(ctx context.Context, timeout time.Duration, hard time.Time) (*conn, error) {
+	opts := p.options(timeout)
+	var capped *cappedConn
+	if p.cfg.TLS != TLSImplicit {
+		// go-mail's own TLS dialer does implicit TLS; plain and STARTTLS connections go
+		// through a dialler whose connection caps every deadline (STARTTLS wraps it).
+		opts = append(opts, gomail.WithDialContextFunc(func(ctx context.Context, network, addr string) (net.Conn, error) {
+			var d net.Dialer
+			raw, err := d.DialContext(ctx, network, addr)
+			if err != nil {
+				return nil, err
+			}
+			capped = &cappedConn{Conn: raw}
+			capped.limit(hard)
+			return capped, nil
+		}))
+	}
+	mc, err := gomail.NewClient(p.cfg.Host, opts...)
 	if err != nil {
 		return nil, err
 	}
 	sc, err := mc.DialToSMTPClientWithContext(ctx)
 	if err != nil {
+		if capped != nil {
+			_ = capped.Close()
+		}
 		return nil, fmt.Errorf("dial failed: %w", err) // as go-mail's DialAndSend words it: Classify reads the text
 	}
-	return &conn{smtp: sc}, nil
+	return &conn{smtp: sc, capped: capped}, nil
 }
+
+// cappedConn is a connection whose read and write deadlines never pass a limit: the
+// deadline of the send that uses it.
+type cappedConn struct {
+	net.Conn
+	max atomic.Int64 // unix nanoseconds; 0: no limit
+}
+
+// limit sets the latest deadline the connection accepts (zero: none) and applies it.
+func (c *cappedConn) limit(t time.Time) {
+	if t.IsZero() {
+		c.max.Store(0)
+		return
+	}
+	c.max.Store(t.UnixNano())
+	_ = c.Conn.SetDeadline(t)
+}
+
+func (c *cappedConn) capped(t time.Time) time.Time {
+	if m := c.max.Load(); m != 0 && (t.IsZero() || t.UnixNano() > m) {
+		return time.Unix(0, m)
+	}
+	return t
+}
+
+func (c *cappedConn) SetDeadline(t time.Time) error      { return c.Conn.SetDeadline(c.capped(t)) }
+func (c *cappedConn) SetReadDeadline(t time.Time) error  { return c.Conn.SetReadDeadline(c.capped(t)) }
+func (c *cappedConn) SetWriteDeadline(t time.Time) error { return c.Conn.SetWriteDeadline(c.capped(t)) }
 
 // Close ends the idle connections.
 func (p *Provider) Close() error {

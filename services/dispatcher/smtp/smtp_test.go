@@ -266,3 +266,31 @@ func TestNothingPastDataIsSentTwice(t *testing.T) {
 		t.Errorf("%d transactions reached DATA, want 2 (no re-send)", n)
 	}
 }
+
+// TestASlowRelayIsNeverHandedAMailAfterTheDeadline: go-mail gives each phase of the
+// exchange a fresh timeout (the connect, the greeting, the message), so a relay slow in
+// each could take the mail after the caller's deadline. The greeting and EHLO take 0.9 s
+// each and MAIL FROM 0.3 s; the send has 2 s, so each phase gets 1 s and all of them fit,
+// but MAIL FROM's answer comes at 2.1 s: the send must give up at its deadline, and the
+// relay must never see the message's final dot.
+func TestASlowRelayIsNeverHandedAMailAfterTheDeadline(t *testing.T) {
+	var dots atomic.Int32
+	ended := make(chan struct{}, 1)
+	cfg := scripted(t, script{dots: &dots, ended: ended,
+		delay: map[string]time.Duration{"greeting": 900 * time.Millisecond, "EHLO": 900 * time.Millisecond, "MAIL": 300 * time.Millisecond}})
+	cfg.Timeout = 10 * time.Second
+	p := smtp.New(cfg)
+	ctx, cancel := context.WithTimeout(context.Background(), 2*time.Second)
+	defer cancel()
+	if _, err := p.Send(ctx, message("ana@example.com")); err == nil {
+		t.Fatal("a relay that answered MAIL FROM after the deadline was handed the mail")
+	}
+	select { // the relay reads what the client wrote until the client hangs up
+	case <-ended:
+	case <-time.After(30 * time.Second):
+		t.Fatal("the client never hung up")
+	}
+	if n := dots.Load(); n != 0 {
+		t.Errorf("the relay received %d message(s) after the send's deadline", n)
+	}
+}
