@@ -263,7 +263,7 @@ func benchCommand(ctx context.Context, args []string, getenv func(string) string
 		if !answers(ctx, "") {
 			return errors.New("no PostgreSQL answers at the libpq defaults; set OTP_DATABASE_URL")
 		}
-		if dbURL, err = freshDatabase(ctx, benchDB); err != nil {
+		if dbURL, err = ensureDB(ctx, benchDB, true); err != nil { // made anew: runs compare
 			return err
 		}
 	}
@@ -608,11 +608,6 @@ func natsInUse(ctx context.Context, js jetstream.JetStream) error {
 
 // benchDB is the database the bench makes anew on the libpq-default server.
 const benchDB = "otpflow_bench"
-
-// freshDatabase drops and creates name on the libpq-default server.
-func freshDatabase(ctx context.Context, name string) (string, error) {
-	return ensureDB(ctx, name, true)
-}
 
 // benchKeys are new keys for one run, each taken from the environment when it sets it.
 func benchKeys(getenv func(string) string) map[string]string {

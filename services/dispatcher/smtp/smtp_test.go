@@ -123,11 +123,7 @@ func TestErrorTextNamesNoRecipient(t *testing.T) {
 // time, take at most 6 connections (one each, without reuse); a connection serves at most
 // MaxPerConn messages; pool=0 goes back to a connection per message.
 func TestConnectionsAreReused(t *testing.T) {
-	srv := testenv.StartSMTP(t)
-	cfg, err := smtp.ParseURL(srv.URL())
-	testenv.Must(t, err, "url")
-	p := smtp.New(cfg)
-	defer p.Close()
+	srv, cfg, p := pooledRelay(t)
 	sendAll := func(p *smtp.Provider, n, parallel int) {
 		t.Helper()
 		work := make(chan int)
@@ -174,11 +170,7 @@ func TestConnectionsAreReused(t *testing.T) {
 // TestAConnectionTheRelayDroppedIsReplaced: the relay closes an idle connection; the next
 // send finds it dead before handing the message over and sends it, once, on a new one.
 func TestAConnectionTheRelayDroppedIsReplaced(t *testing.T) {
-	srv := testenv.StartSMTP(t)
-	cfg, err := smtp.ParseURL(srv.URL())
-	testenv.Must(t, err, "url")
-	p := smtp.New(cfg)
-	defer p.Close()
+	srv, _, p := pooledRelay(t)
 	if _, err := p.Send(context.Background(), message("ana@example.com")); err != nil {
 		t.Fatal(err)
 	}
@@ -200,11 +192,7 @@ func TestAConnectionTheRelayDroppedIsReplaced(t *testing.T) {
 // after 200 ms (it would report a mail the relay took as ambiguous, and it would be sent
 // again).
 func TestAReusedConnectionKeepsEachSendsDeadline(t *testing.T) {
-	srv := testenv.StartSMTP(t)
-	cfg, err := smtp.ParseURL(srv.URL())
-	testenv.Must(t, err, "url")
-	p := smtp.New(cfg)
-	defer p.Close()
+	srv, cfg, p := pooledRelay(t)
 	if _, err := p.Send(context.Background(), message("ana@example.com")); err != nil {
 		t.Fatal(err)
 	}
@@ -293,4 +281,16 @@ func TestASlowRelayIsNeverHandedAMailAfterTheDeadline(t *testing.T) {
 	if n := dots.Load(); n != 0 {
 		t.Errorf("the relay received %d message(s) after the send's deadline", n)
 	}
+}
+
+// pooledRelay is an SMTP test server and a provider with the default pool in front of it,
+// closed at the test's end.
+func pooledRelay(t *testing.T) (*testenv.SMTPServer, smtp.Config, *smtp.Provider) {
+	t.Helper()
+	srv := testenv.StartSMTP(t)
+	cfg, err := smtp.ParseURL(srv.URL())
+	testenv.Must(t, err, "url")
+	p := smtp.New(cfg)
+	t.Cleanup(func() { p.Close() })
+	return srv, cfg, p
 }
