@@ -198,7 +198,7 @@ func TestAReusedConnectionKeepsEachSendsDeadline(t *testing.T) {
 	}
 	srv.SetDelay(2 * time.Second)
 	ctx, cancel := context.WithTimeout(context.Background(), time.Second)
-	_, err = p.Send(ctx, message("bea@example.com"))
+	_, err := p.Send(ctx, message("bea@example.com"))
 	cancel()
 	if err == nil {
 		t.Fatal("a send with 1 s left waited out a relay taking 2 s and succeeded")
