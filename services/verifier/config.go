@@ -37,6 +37,10 @@ type Config struct {
 	Retention time.Duration
 	// Concurrency bounds verify requests handled at once per process; default 64.
 	Concurrency int
+	// VerifyTransactions bounds the verify transactions in flight at once per process,
+	// each committing a group of up to VerifyGroupSize verifies; defaults 4 and 64.
+	VerifyTransactions int
+	VerifyGroupSize    int
 	BatchSize   int
 	Streams     events.StreamOptions
 	// DLQKey seals the events the projection dead-letters (OTP_DLQ_KEY); required.

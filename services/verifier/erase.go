@@ -24,6 +24,12 @@ func (s *Service) Erase(ctx context.Context, req events.ErasureRequested) (int64
 		if err := platform.RecordErasure(ctx, tx, Schema, req); err != nil {
 			return err
 		}
+		// The person's challenges locked first, in the order verify groups lock them,
+		// so the deletes below never wait on a group crosswise.
+		if _, err := tx.Exec(ctx, `SELECT 1 FROM verifier.challenges WHERE tenant = $1 AND recipient_keys && $2::text[]
+			ORDER BY request_id COLLATE "C" FOR UPDATE`, req.Tenant, req.RecipientHashes); err != nil {
+			return err
+		}
 		codes, err := tx.Exec(ctx, `DELETE FROM verifier.codes WHERE challenge_id IN
 			(SELECT challenge_id FROM verifier.challenges WHERE tenant = $1 AND recipient_keys && $2::text[])`, req.Tenant, req.RecipientHashes)
 		if err != nil {

@@ -2,7 +2,6 @@ package verifier
 
 import (
 	"bytes"
-	"context"
 	"crypto/sha256"
 	"math"
 	"slices"
@@ -47,24 +46,11 @@ func limitKey(name string) []byte {
 	return k[:]
 }
 
-// checkLimits counts one verify call against each limit that applies, in one statement
-// (so the count holds across replicas), and returns the longest wait among the limits it
-// exceeds: 0 means the call may proceed. The count is a sliding window estimated from two
-// fixed windows, on the database clock. Refused calls count too: a client that keeps
-// hammering stays refused.
-func (s *Service) checkLimits(ctx context.Context, tenant, ip string) (retryAfter int, reason string, err error) {
-	ls, err := s.limits(tenant, ip)
-	if err != nil || len(ls) == 0 {
-		return 0, "", err
-	}
-	keys := make([][]byte, len(ls))
-	for i, l := range ls {
-		keys[i] = l.key
-	}
-	counts, err := s.store.countLimits(ctx, keys)
-	if err != nil {
-		return 0, "", err
-	}
+// judgeLimits decides one call on its counts (store.countLimits; one per limit that
+// applies) and returns the longest wait among the limits it exceeds: 0 means the call
+// may proceed. The count is a sliding window estimated from two fixed windows, on the
+// database clock. Refused calls count too: a client that keeps hammering stays refused.
+func judgeLimits(ls []limit, counts []limitCount) (retryAfter int, reason string) {
 	for _, c := range counts {
 		i := slices.IndexFunc(ls, func(l limit) bool { return bytes.Equal(l.key, c.key) })
 		if i < 0 {
@@ -74,7 +60,7 @@ func (s *Service) checkLimits(ctx context.Context, tenant, ip string) (retryAfte
 			retryAfter, reason = wait, ls[i].name
 		}
 	}
-	return retryAfter, reason, nil
+	return retryAfter, reason
 }
 
 // slidingWait decides one call against a sliding-window limit of allowed calls per window,

@@ -1,18 +1,24 @@
 package verifier
 
 import (
+	"bytes"
+	"cmp"
 	"context"
 	"errors"
+	"fmt"
 	"slices"
+	"strings"
 	"time"
 
 	"github.com/jackc/pgx/v5"
+	"github.com/jackc/pgx/v5/pgconn"
 	"github.com/jackc/pgx/v5/pgxpool"
 	"github.com/nats-io/nats.go"
 	"github.com/otpflow/otpflow/events"
 	"github.com/otpflow/otpflow/platform"
 	"github.com/otpflow/otpflow/platform/outbox"
 	"github.com/otpflow/otpflow/platform/window"
+	"github.com/prometheus/client_golang/prometheus"
 )
 
 // Statuses of a projected challenge. Only an active challenge can still be verified.
@@ -29,6 +35,9 @@ const (
 type store struct {
 	pool   *pgxpool.Pool
 	outbox *outbox.Outbox
+	// groupRetries counts verify transactions run again after a deadlock or a
+	// serialization failure.
+	groupRetries prometheus.Counter
 }
 
 // challenge is a projected challenge as a verify finds it, its row locked.
@@ -67,63 +76,218 @@ type decision struct {
 	events []*nats.Msg
 }
 
-// verifyRule decides one verify. now is the database clock, read once the challenge's row
-// lock was taken: a verify that waited for the lock is judged at the time it runs. c is
-// nil when no challenge is projected for the request. recent reads the challenge's n
-// newest codes, newest first, in the same transaction.
+// verifyRule decides one verify. now is the database clock, read once the group's
+// challenge row locks were taken: a verify that waited for a lock is judged at the time it
+// runs. c is nil when no challenge is projected for the request; it is the challenge as
+// the verifies before this one in the group left it. recent reads the challenge's n newest
+// codes, newest first, in the same transaction.
 type verifyRule func(now time.Time, c *challenge, recent func(n int) ([]code, error)) (decision, error)
 
-// verify runs rule for the challenge of (tenant, requestID) in one transaction that holds
-// the challenge's row lock, so concurrent attempts are counted exactly, and writes what it
-// decided: the challenge's attempts and status, the recipient's failure stamps and the
-// events, whose outbox entries it returns for publishing after the commit. A request
-// with no projected challenge fails with errNotProjected, unless answerMissing: then rule
-// runs with a nil challenge.
-func (st *store) verify(ctx context.Context, tenant, requestID string, answerMissing bool, rule verifyRule) ([]outbox.Entry, error) {
+// verifyItem is one verify of a group: the request it is for, its rule, and what the
+// group made of it.
+type verifyItem struct {
+	tenant, requestID string
+	// answerMissing runs rule with a nil challenge when none is projected; otherwise the
+	// item is left notProjected.
+	answerMissing bool
+	// recent is how many codes rule will likely read; they are read with the locks.
+	recent int
+	rule   verifyRule
+
+	notProjected bool
+	// err is rule's error: the item's decision was dropped, the rest of the group stands.
+	err error
+}
+
+// challengeRef names a challenge as a verify does.
+type challengeRef struct{ tenant, requestID string }
+
+// failureRef names one row of a recipient's failure stamps.
+type failureRef struct{ tenant, key string }
+
+// verifyGroup runs the rules of items, in their order, in one transaction, and writes what
+// they decided: the challenges' attempts and statuses, the recipients' failure stamps and
+// the events, whose outbox entries it returns for publishing after the commit. One commit
+// for many verifies is what lets verification keep up with issuance.
+//
+// Attempts stay exact: the transaction holds the row lock of every challenge of the group
+// and of every failure row of their recipients, and runs the rules one after the other
+// against the state the ones before left, so two verifies of one challenge in one group
+// count like two in a row. Locks are taken in one order: challenges by (tenant,
+// request_id), then failure rows by (tenant, key), both bytewise, so two groups never wait
+// on each other crosswise; the projection and the erasure take challenge rows in that
+// order too. A transaction PostgreSQL still aborts as a deadlock or a serialization
+// failure (a purge, an operator's statement) is run again, up to three times.
+func (st *store) verifyGroup(ctx context.Context, items []*verifyItem) ([]outbox.Entry, error) {
+	for attempt := 1; ; attempt++ {
+		entries, err := st.verifyGroupOnce(ctx, items)
+		var pgErr *pgconn.PgError
+		if err == nil || attempt == 3 || !errors.As(err, &pgErr) || (pgErr.Code != "40P01" && pgErr.Code != "40001") {
+			return entries, err
+		}
+		st.groupRetries.Inc()
+	}
+}
+
+func (st *store) verifyGroupOnce(ctx context.Context, items []*verifyItem) ([]outbox.Entry, error) {
+	refs := make([]challengeRef, 0, len(items))
+	want := map[challengeRef]int{} // codes to read per challenge
+	for _, it := range items {
+		it.notProjected, it.err = false, nil
+		r := challengeRef{it.tenant, it.requestID}
+		if _, ok := want[r]; !ok {
+			refs = append(refs, r)
+		}
+		want[r] = max(want[r], it.recent)
+	}
+	slices.SortFunc(refs, func(a, b challengeRef) int {
+		return cmp.Or(strings.Compare(a.tenant, b.tenant), strings.Compare(a.requestID, b.requestID))
+	})
 	var entries []outbox.Entry
 	err := pgx.BeginFunc(ctx, st.pool, func(tx pgx.Tx) error {
-		c := &challenge{}
-		err := tx.QueryRow(ctx, `SELECT challenge_id::text, attempts, max_attempts, status, session_id, recipient_keys, test,
-				coalesce((SELECT k.trace_parent FROM verifier.codes k WHERE k.challenge_id = c.challenge_id ORDER BY k.code_seq DESC LIMIT 1), '')
-			FROM verifier.challenges c WHERE tenant = $1 AND request_id = $2 FOR UPDATE OF c`, tenant, requestID).
-			Scan(&c.id, &c.attempts, &c.maxAttempts, &c.status, &c.sessionID, &c.recipientKeys, &c.test, &c.traceParent)
-		switch {
-		case errors.Is(err, pgx.ErrNoRows) && !answerMissing:
-			return errNotProjected
-		case errors.Is(err, pgx.ErrNoRows):
-			c = nil
-		case err != nil:
-			return err
+		// The challenges' row locks, in order, then the clock: one round trip.
+		states := map[challengeRef]*challenge{}
+		b := &pgx.Batch{}
+		for _, r := range refs {
+			b.Queue(`SELECT challenge_id::text, attempts, max_attempts, status, session_id, recipient_keys, test,
+					coalesce((SELECT k.trace_parent FROM verifier.codes k WHERE k.challenge_id = c.challenge_id ORDER BY k.code_seq DESC LIMIT 1), '')
+				FROM verifier.challenges c WHERE tenant = $1 AND request_id = $2 FOR UPDATE OF c`, r.tenant, r.requestID).
+				QueryRow(func(row pgx.Row) error {
+					c := &challenge{}
+					err := row.Scan(&c.id, &c.attempts, &c.maxAttempts, &c.status, &c.sessionID, &c.recipientKeys, &c.test, &c.traceParent)
+					if errors.Is(err, pgx.ErrNoRows) {
+						return nil
+					}
+					states[r] = c
+					return err
+				})
 		}
 		var now time.Time
-		if err := tx.QueryRow(ctx, `SELECT clock_timestamp()`).Scan(&now); err != nil {
+		b.Queue(`SELECT clock_timestamp()`).QueryRow(func(row pgx.Row) error { return row.Scan(&now) })
+		if err := tx.SendBatch(ctx, b).Close(); err != nil {
 			return err
 		}
 		now = now.UTC()
-		if c != nil && c.status == statusActive && len(c.recipientKeys) > 0 {
-			if c.failures, err = lockFailures(ctx, tx, tenant, c.recipientKeys); err != nil {
+
+		// The failure rows of the active challenges' recipients, created if need be and
+		// locked in order, and the codes of the active challenges: one round trip.
+		var frefs []failureRef
+		for _, r := range refs {
+			if c := states[r]; c != nil && c.status == statusActive {
+				for _, k := range c.recipientKeys {
+					frefs = append(frefs, failureRef{r.tenant, k})
+				}
+			}
+		}
+		slices.SortFunc(frefs, func(a, b failureRef) int {
+			return cmp.Or(strings.Compare(a.tenant, b.tenant), strings.Compare(a.key, b.key))
+		})
+		frefs = slices.Compact(frefs)
+		stamps := map[failureRef]window.Stamps{}
+		codes := map[string][]code{}
+		b = &pgx.Batch{}
+		if len(frefs) > 0 {
+			ts, ks := make([]string, len(frefs)), make([]string, len(frefs))
+			for i, f := range frefs {
+				ts[i], ks[i] = f.tenant, f.key
+			}
+			b.Queue(`INSERT INTO verifier.recipient_failures (tenant, recipient_key)
+				SELECT t, k FROM unnest($1::text[], $2::text[]) WITH ORDINALITY AS u(t, k, i) ORDER BY i ON CONFLICT DO NOTHING`, ts, ks)
+			for _, f := range frefs {
+				b.Queue(`SELECT stamps FROM verifier.recipient_failures WHERE tenant = $1 AND recipient_key = $2 FOR UPDATE`,
+					f.tenant, f.key).QueryRow(func(row pgx.Row) error {
+					var s []time.Time
+					err := row.Scan(&s)
+					if errors.Is(err, pgx.ErrNoRows) {
+						return nil // purged since the insert: the state is empty
+					}
+					stamps[f] = s
+					return err
+				})
+			}
+		}
+		for _, r := range refs {
+			if c := states[r]; c != nil && c.status == statusActive && want[r] > 0 {
+				queueRecentCodes(b, c.id, want[r], func(cs []code) { codes[c.id] = cs })
+			}
+		}
+		if b.Len() > 0 {
+			if err := tx.SendBatch(ctx, b).Close(); err != nil {
 				return err
 			}
 		}
-		d, err := rule(now, c, func(n int) ([]code, error) { return recentCodes(ctx, tx, c.id, n) })
-		if err != nil {
-			return err
+
+		// The rules, one after the other, each against the state the ones before left.
+		dirty := map[string]*challenge{}
+		dirtyFailures := map[failureRef]bool{}
+		var msgs []*nats.Msg
+		for _, it := range items {
+			c := states[challengeRef{it.tenant, it.requestID}]
+			if c == nil && !it.answerMissing {
+				it.notProjected = true
+				continue
+			}
+			var view *challenge
+			if c != nil {
+				v := *c
+				v.failures = nil
+				if v.status == statusActive {
+					// A recipient is known here only by its subject hashes (OTP_SUBJECT_KEY),
+					// one per key of the ring when its challenge was projected; the cap decides
+					// on the merge of the rows under every hash and writes the whole state back
+					// under each, so it holds across a key rotation, also while verifiers with
+					// the old and the new ring run side by side.
+					for _, k := range v.recipientKeys {
+						v.failures = window.Merge(v.failures, stamps[failureRef{it.tenant, k}])
+					}
+				}
+				view = &v
+			}
+			d, err := it.rule(now, view, func(n int) ([]code, error) {
+				if have := codes[view.id]; n <= want[challengeRef{it.tenant, it.requestID}] {
+					return have[:min(n, len(have))], nil
+				}
+				return recentCodes(ctx, tx, view.id, n)
+			})
+			if err != nil {
+				it.err = err
+				continue
+			}
+			if c != nil && d.status != "" {
+				c.attempts, c.status = d.attempts, d.status
+				dirty[c.id] = c
+			}
+			if c != nil && len(c.recipientKeys) > 0 && d.failures != nil {
+				for _, k := range c.recipientKeys {
+					f := failureRef{it.tenant, k}
+					stamps[f] = slices.Clone(d.failures)
+					dirtyFailures[f] = true
+				}
+			}
+			msgs = append(msgs, d.events...)
 		}
-		if c != nil && d.status != "" {
-			if _, err := tx.Exec(ctx, `UPDATE verifier.challenges SET attempts = $2, status = $3, updated_at = now()
-				WHERE challenge_id = $1`, c.id, d.attempts, d.status); err != nil {
+
+		// What they decided, written in one round trip, then the events' outbox rows.
+		b = &pgx.Batch{}
+		for _, r := range refs {
+			if c := states[r]; c != nil && dirty[c.id] != nil {
+				b.Queue(`UPDATE verifier.challenges SET attempts = $2, status = $3, updated_at = now() WHERE challenge_id = $1`,
+					c.id, c.attempts, c.status)
+			}
+		}
+		for _, f := range frefs {
+			if dirtyFailures[f] {
+				b.Queue(`UPDATE verifier.recipient_failures SET stamps = $3 WHERE tenant = $1 AND recipient_key = $2`,
+					f.tenant, f.key, []time.Time(stamps[f]))
+			}
+		}
+		if b.Len() > 0 {
+			if err := tx.SendBatch(ctx, b).Close(); err != nil {
 				return err
 			}
 		}
-		if c != nil && len(c.recipientKeys) > 0 && d.failures != nil {
-			// The whole state under every hash: a verifier that knows only some of the
-			// keys still reads all of it.
-			if _, err := tx.Exec(ctx, `UPDATE verifier.recipient_failures SET stamps = $3 WHERE tenant = $1 AND recipient_key = ANY($2)`,
-				tenant, c.recipientKeys, []time.Time(d.failures)); err != nil {
-				return err
-			}
-		}
-		entries, err = st.outbox.Add(ctx, tx, d.events...)
+		var err error
+		entries, err = st.outbox.Add(ctx, tx, msgs...)
 		return err
 	})
 	if err != nil {
@@ -132,46 +296,30 @@ func (st *store) verify(ctx context.Context, tenant, requestID string, answerMis
 	return entries, nil
 }
 
-// lockFailures returns the failure stamps of a recipient, read under each of its hashes
-// and merged, creating its rows if needed, and holds their locks (in key order): verifies
-// for one recipient are serialised, so the failure cap is exact, also across a rotation.
-func lockFailures(ctx context.Context, tx pgx.Tx, tenant string, recipientKeys []string) (window.Stamps, error) {
-	ks := slices.Sorted(slices.Values(recipientKeys))
-	if _, err := tx.Exec(ctx, `INSERT INTO verifier.recipient_failures (tenant, recipient_key)
-		SELECT $1, k FROM unnest($2::text[]) AS k ORDER BY k ON CONFLICT DO NOTHING`, tenant, ks); err != nil {
-		return nil, err
-	}
-	rows, err := tx.Query(ctx, `SELECT stamps FROM verifier.recipient_failures WHERE tenant = $1 AND recipient_key = ANY($2)
-		ORDER BY recipient_key FOR UPDATE`, tenant, ks)
-	if err != nil {
-		return nil, err
-	}
-	all, err := pgx.CollectRows(rows, pgx.RowTo[[]time.Time])
-	if err != nil {
-		return nil, err
-	}
-	// A recipient is known here only by its subject hashes (OTP_SUBJECT_KEY), one per key
-	// of the ring when its challenge was projected; the cap decides on the merge of the
-	// rows under every hash and writes the whole state back under each, so it holds across
-	// a key rotation, also while verifiers with the old and the new ring run side by side.
-	var merged window.Stamps
-	for _, stamps := range all {
-		merged = window.Merge(merged, stamps)
-	}
-	return merged, nil
+const recentCodesSQL = `SELECT code_seq, code_hmac, pepper_key_id, expires_at FROM verifier.codes
+	WHERE challenge_id = $1 ORDER BY code_seq DESC LIMIT $2`
+
+func scanCode(r pgx.CollectableRow) (code, error) {
+	var c code
+	return c, r.Scan(&c.seq, &c.mac, &c.keyID, &c.expires)
+}
+
+// queueRecentCodes queues on b the read of a challenge's n newest codes, newest first.
+func queueRecentCodes(b *pgx.Batch, challengeID string, n int, got func([]code)) {
+	b.Queue(recentCodesSQL, challengeID, n).Query(func(rows pgx.Rows) error {
+		cs, err := pgx.CollectRows(rows, scanCode)
+		got(cs)
+		return err
+	})
 }
 
 // recentCodes returns the n newest codes of a challenge, newest first.
 func recentCodes(ctx context.Context, tx pgx.Tx, challengeID string, n int) ([]code, error) {
-	rows, err := tx.Query(ctx, `SELECT code_seq, code_hmac, pepper_key_id, expires_at FROM verifier.codes
-		WHERE challenge_id = $1 ORDER BY code_seq DESC LIMIT $2`, challengeID, n)
+	rows, err := tx.Query(ctx, recentCodesSQL, challengeID, n)
 	if err != nil {
 		return nil, err
 	}
-	return pgx.CollectRows(rows, func(r pgx.CollectableRow) (code, error) {
-		var c code
-		return c, r.Scan(&c.seq, &c.mac, &c.keyID, &c.expires)
-	})
+	return pgx.CollectRows(rows, scanCode)
 }
 
 // project writes a batch of checked events in one transaction. A code whose challenge id
@@ -198,7 +346,14 @@ func (st *store) project(ctx context.Context, items []*projection) error {
 	if len(lh) > 0 {
 		platform.QueueErasureLocksShared(b, Schema, lt, lh)
 	}
-	for _, p := range items {
+	// Challenge rows are written in the order verify groups lock them, (tenant,
+	// request_id) bytewise, so a batch and a group never wait on each other crosswise;
+	// the events of one request keep their order.
+	ordered := slices.Clone(items)
+	slices.SortStableFunc(ordered, func(a, b *projection) int {
+		return cmp.Or(strings.Compare(a.tenant, b.tenant), strings.Compare(a.requestID(), b.requestID()))
+	})
+	for _, p := range ordered {
 		p.refused, p.erased = nil, false
 		switch {
 		case p.challenge != nil:
@@ -274,22 +429,44 @@ type limitCount struct {
 	elapsed        time.Duration
 }
 
-// countLimits counts one verify call against each of keys in one statement, so the count
-// holds across replicas; fixed windows of a minute start on the database clock.
-func (st *store) countLimits(ctx context.Context, keys [][]byte) ([]limitCount, error) {
+// countLimits counts verify calls, in their order, each against its keys (sorted
+// bytewise), in one statement, so the counts hold across replicas; fixed windows of a
+// minute start on the database clock. It returns each call's counts as if the calls had
+// been counted one after the other: the i-th call of the group for a key sees the hits
+// of the ones before it and its own.
+func (st *store) countLimits(ctx context.Context, calls [][][]byte) ([][]limitCount, error) {
+	n := map[string]int{}
+	var keys [][]byte
+	for _, ks := range calls {
+		for _, k := range ks {
+			if n[string(k)] == 0 {
+				keys = append(keys, k)
+			}
+			n[string(k)]++
+		}
+	}
+	if len(keys) == 0 {
+		return make([][]limitCount, len(calls)), nil
+	}
+	// One order for every caller: two groups never wait on each other's rows crosswise.
+	slices.SortFunc(keys, bytes.Compare)
+	hits := make([]int32, len(keys))
+	for i, k := range keys {
+		hits[i] = int32(n[string(k)])
+	}
 	rows, err := st.pool.Query(ctx, `INSERT INTO verifier.verify_limits AS l (key, window_start, hits, prev_hits)
-		SELECT k, date_trunc('minute', now()), 1, 0 FROM unnest($1::bytea[]) WITH ORDINALITY AS u(k, i) ORDER BY i
+		SELECT k, date_trunc('minute', now()), n, 0 FROM unnest($1::bytea[], $2::int[]) WITH ORDINALITY AS u(k, n, i) ORDER BY i
 		ON CONFLICT (key) DO UPDATE SET
 			prev_hits = CASE WHEN l.window_start = EXCLUDED.window_start THEN l.prev_hits
 			                 WHEN l.window_start = EXCLUDED.window_start - interval '1 minute' THEN l.hits
 			                 ELSE 0 END,
-			hits = CASE WHEN l.window_start = EXCLUDED.window_start THEN l.hits + 1 ELSE 1 END,
+			hits = CASE WHEN l.window_start = EXCLUDED.window_start THEN l.hits + EXCLUDED.hits ELSE EXCLUDED.hits END,
 			window_start = EXCLUDED.window_start
-		RETURNING key, hits, prev_hits, extract(epoch FROM now() - window_start)::float8`, keys)
+		RETURNING key, hits, prev_hits, extract(epoch FROM now() - window_start)::float8`, keys, hits)
 	if err != nil {
 		return nil, err
 	}
-	return pgx.CollectRows(rows, func(r pgx.CollectableRow) (limitCount, error) {
+	totals, err := pgx.CollectRows(rows, func(r pgx.CollectableRow) (limitCount, error) {
 		var (
 			c              limitCount
 			elapsedSeconds float64
@@ -298,6 +475,27 @@ func (st *store) countLimits(ctx context.Context, keys [][]byte) ([]limitCount, 
 		c.elapsed = time.Duration(elapsedSeconds * float64(time.Second))
 		return c, err
 	})
+	if err != nil {
+		return nil, err
+	}
+	total := map[string]limitCount{}
+	for _, c := range totals {
+		total[string(c.key)] = c
+	}
+	seen := map[string]int{}
+	out := make([][]limitCount, len(calls))
+	for i, ks := range calls {
+		for _, k := range ks {
+			t, ok := total[string(k)]
+			if !ok {
+				return nil, fmt.Errorf("verify limits: no count for a key")
+			}
+			seen[string(k)]++
+			t.hits += seen[string(k)] - n[string(k)]
+			out[i] = append(out[i], t)
+		}
+	}
+	return out, nil
 }
 
 // purge deletes challenges whose newest code expired, or that were used, locked or
@@ -331,13 +529,17 @@ func (st *store) purge(ctx context.Context, retention time.Duration) (int64, err
 	if err != nil {
 		return total, err
 	}
-	tag, err := st.pool.Exec(ctx, `DELETE FROM verifier.recipient_failures
-		WHERE coalesce(stamps[array_upper(stamps, 1)], '-infinity') < now() - interval '1 hour'`)
+	// Rows a verify holds are left for the next purge: a purge never waits on a verify
+	// group's locks, so it cannot deadlock with one.
+	tag, err := st.pool.Exec(ctx, `DELETE FROM verifier.recipient_failures WHERE (tenant, recipient_key) IN
+		(SELECT tenant, recipient_key FROM verifier.recipient_failures
+		 WHERE coalesce(stamps[array_upper(stamps, 1)], '-infinity') < now() - interval '1 hour' FOR UPDATE SKIP LOCKED)`)
 	if err != nil {
 		return total, err
 	}
 	total += tag.RowsAffected()
-	tag, err = st.pool.Exec(ctx, `DELETE FROM verifier.verify_limits WHERE window_start < now() - interval '2 minutes'`)
+	tag, err = st.pool.Exec(ctx, `DELETE FROM verifier.verify_limits WHERE key IN
+		(SELECT key FROM verifier.verify_limits WHERE window_start < now() - interval '2 minutes' FOR UPDATE SKIP LOCKED)`)
 	if err != nil {
 		return total, err
 	}

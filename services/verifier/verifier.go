@@ -59,6 +59,8 @@ type Service struct {
 	challenges jetstream.Stream
 	// fenceSlots holds one token per verify waiting for the projection (MaxFenceWaits).
 	fenceSlots chan struct{}
+	// groups commits verifies together (group.go).
+	groups *verifyGroups
 	// beforeProject runs before each projected batch (tests use it to slow the projection).
 	beforeProject func()
 
@@ -92,6 +94,12 @@ func New(cfg Config, pool *pgxpool.Pool, nc *nats.Conn, js jetstream.JetStream, 
 	if cfg.MaxFenceWaits < 1 {
 		cfg.MaxFenceWaits = 16
 	}
+	if cfg.VerifyTransactions < 1 {
+		cfg.VerifyTransactions = defaultVerifyTransactions
+	}
+	if cfg.VerifyGroupSize < 1 {
+		cfg.VerifyGroupSize = defaultVerifyGroupSize
+	}
 	if cfg.VerifyIPPerMinute == 0 {
 		cfg.VerifyIPPerMinute = DefaultVerifyIPPerMinute
 	}
@@ -112,9 +120,13 @@ func New(cfg Config, pool *pgxpool.Pool, nc *nats.Conn, js jetstream.JetStream, 
 		}),
 	}
 	s.outbox = &outbox.Outbox{Table: Schema + ".outbox", Pool: pool, JS: js, Log: log}
-	s.store = &store{pool: pool, outbox: s.outbox}
+	s.store = &store{pool: pool, outbox: s.outbox, groupRetries: prometheus.NewCounter(prometheus.CounterOpts{
+		Name: "otpflow_verifier_verify_group_retries_total",
+		Help: "Verify transactions run again after PostgreSQL aborted them as a deadlock or a serialization failure.",
+	})}
+	s.groups = newVerifyGroups(cfg.VerifyTransactions, cfg.VerifyGroupSize, s.runGroup)
 	if reg != nil {
-		reg.MustRegister(s.verifies, s.projected, s.deadLettered, s.fenceSkipped)
+		reg.MustRegister(s.verifies, s.projected, s.deadLettered, s.fenceSkipped, s.groups.size, s.store.groupRetries)
 	}
 	return s, nil
 }
@@ -177,6 +189,7 @@ func (s *Service) Run(ctx context.Context) error {
 		<-gctx.Done()
 		err := svc.Stop() // unsubscribes; requests in flight finish below
 		inflight.Wait()
+		s.groups.wait() // their events published before the connection closes
 		return err
 	})
 	return g.Wait()

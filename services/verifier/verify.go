@@ -14,21 +14,19 @@ import (
 	"go.opentelemetry.io/otel/trace"
 )
 
-// Verify checks code for (tenant, request_id) in one transaction that holds the
-// challenge's row lock, so concurrent attempts are counted exactly. A call over the
+// Verify checks code for (tenant, request_id) in a transaction that holds the
+// challenge's row lock, so concurrent attempts are counted exactly; verifies that arrive
+// together share the transaction (group.go). A call over the
 // tenant's or the client IP's verify limit is answered rate_limited before the challenge
 // is read, so it costs no attempt. A request the projection does not know yet waits
 // until the projection has caught up with the stream (read-your-writes), at most
 // FenceWait and at most MaxFenceWaits at once, then answers.
 func (s *Service) Verify(ctx context.Context, tenant string, req events.VerifyRequest) (events.VerifyReply, error) {
-	retryAfter, reason, err := s.checkLimits(ctx, tenant, req.Context.IP)
+	ls, err := s.limits(tenant, req.Context.IP)
 	if err != nil {
 		return events.VerifyReply{}, fmt.Errorf("verify limits: %w", err)
 	}
-	if retryAfter > 0 {
-		return events.VerifyReply{Status: events.StatusRateLimited, Reason: reason, RetryAfterSeconds: retryAfter}, nil
-	}
-	reply, err := s.verifyOnce(ctx, tenant, req, false)
+	reply, err := s.verifyOnce(ctx, &verifyCall{ctx: ctx, tenant: tenant, req: req, limits: ls})
 	if !errors.Is(err, errNotProjected) {
 		return reply, err
 	}
@@ -42,45 +40,24 @@ func (s *Service) Verify(ctx context.Context, tenant string, req events.VerifyRe
 	default:
 		s.fenceSkipped.Inc()
 	}
-	return s.verifyOnce(ctx, tenant, req, true)
+	return s.verifyOnce(ctx, &verifyCall{ctx: ctx, tenant: tenant, req: req, final: true})
 }
 
-// verifyOnce runs the verify rule in the store's transaction and publishes the events it
-// decided once they are committed. final answers a request the projection does not know
-// (not_found) instead of failing with errNotProjected.
-func (s *Service) verifyOnce(ctx context.Context, tenant string, req events.VerifyRequest, final bool) (events.VerifyReply, error) {
-	var d decision
-	var issuance string // the traceparent of the code's otp.challenge
-	entries, err := s.store.verify(ctx, tenant, req.RequestID, final,
-		func(now time.Time, c *challenge, recent func(n int) ([]code, error)) (decision, error) {
-			var err error
-			if c != nil {
-				issuance = c.traceParent
-			}
-			d, err = s.decide(tenant, req, now, c, recent)
-			// What the verify decided is published in its trace (the caller's).
-			if tp := platform.TraceParent(ctx); tp != "" {
-				for _, m := range d.events {
-					if m != nil {
-						m.Header.Set(events.HeaderTraceParent, tp)
-					}
-				}
-			}
-			return d, err
-		})
-	if err != nil {
-		return events.VerifyReply{}, err
+// verifyOnce runs one call in a verify group (group.go), which counts its limits, runs the
+// verify rule in the store's transaction and publishes the events it decided once they
+// are committed.
+func (s *Service) verifyOnce(ctx context.Context, c *verifyCall) (events.VerifyReply, error) {
+	s.groups.do(c)
+	if c.err != nil {
+		return events.VerifyReply{}, c.err
 	}
 	// The verify's span continues the app's trace; it links to the issuance's, in the
 	// trace of the request that asked for the code.
-	if sc := platform.ParseTraceParent(issuance); sc.IsValid() {
+	if sc := platform.ParseTraceParent(c.issuance); sc.IsValid() {
 		trace.SpanFromContext(ctx).AddLink(trace.Link{SpanContext: sc,
 			Attributes: []attribute.KeyValue{attribute.String("otpflow.link", "issuance")}})
 	}
-	if err := s.outbox.Publish(ctx, entries); err != nil {
-		s.log.Warn("publish verify events; the outbox relay will retry", "err", err)
-	}
-	return d.reply, nil
+	return c.reply, nil
 }
 
 // fence waits until the projection has acknowledged the tenant's last otp.challenge on

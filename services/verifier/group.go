@@ -1,0 +1,253 @@
+package verifier
+
+import (
+	"context"
+	"sync"
+	"time"
+
+	"github.com/otpflow/otpflow/events"
+	"github.com/otpflow/otpflow/platform"
+	"github.com/otpflow/otpflow/platform/outbox"
+	"github.com/prometheus/client_golang/prometheus"
+)
+
+// Verifies are committed in groups. A verify queues its call; a caller that finds one
+// of the process's VerifyTransactions slots free takes every call queued (up to
+// VerifyGroupSize) and runs them as one group: one statement for their verify limits,
+// one transaction for their rules, one publish. Nothing waits for a group to fill: a
+// verify that arrives while the slots are busy joins the next group, so at low load a
+// group is one verify and under load a verify waits for at most the transaction ahead of
+// it, while the database commits once per group instead of three times per verify.
+
+// Defaults of the verify groups.
+const (
+	defaultVerifyTransactions = 4
+	defaultVerifyGroupSize    = 64
+	// verifyGroupTimeout bounds one group's statements, transaction and publish.
+	verifyGroupTimeout = 30 * time.Second
+)
+
+// verifyCall is one verify waiting for its group.
+type verifyCall struct {
+	ctx    context.Context
+	tenant string
+	req    events.VerifyRequest
+	// limits are counted before the verify (the call's first pass only).
+	limits []limit
+	// final answers a request the projection does not know (not_found).
+	final bool
+
+	reply events.VerifyReply
+	// issuance is the traceparent of the code's otp.challenge.
+	issuance string
+	err      error
+	done     chan struct{}
+}
+
+// verifyGroups is the queue of verify calls and the slots of the transactions that run
+// them.
+type verifyGroups struct {
+	mu    sync.Mutex
+	queue []*verifyCall
+	slots chan struct{}
+	max   int
+	// run answers a group's calls, closing each one's done, and returns what is left to
+	// do (publishing), if anything.
+	run  func([]*verifyCall) (after func())
+	size prometheus.Histogram
+	// publishing are the groups still publishing.
+	publishing sync.WaitGroup
+}
+
+func newVerifyGroups(transactions, size int, run func([]*verifyCall) (after func())) *verifyGroups {
+	return &verifyGroups{slots: make(chan struct{}, transactions), max: size, run: run,
+		size: prometheus.NewHistogram(prometheus.HistogramOpts{
+			Name:    "otpflow_verifier_verify_group_size",
+			Help:    "Verify calls committed together in one transaction.",
+			Buckets: []float64{1, 2, 4, 8, 16, 32, 64, 128},
+		})}
+}
+
+// do queues c and returns once its group has answered it. The caller runs groups itself
+// while a slot is free and calls are queued, its own or others'.
+func (g *verifyGroups) do(c *verifyCall) {
+	c.done = make(chan struct{})
+	g.mu.Lock()
+	g.queue = append(g.queue, c)
+	g.mu.Unlock()
+	for {
+		select {
+		case <-c.done:
+			return
+		case g.slots <- struct{}{}:
+		}
+		g.mu.Lock()
+		n := min(len(g.queue), g.max)
+		group := make([]*verifyCall, n)
+		copy(group, g.queue)
+		g.queue = append(g.queue[:0:0], g.queue[n:]...)
+		g.mu.Unlock()
+		if n == 0 {
+			// c is in a group another caller runs.
+			<-g.slots
+			<-c.done
+			return
+		}
+		g.size.Observe(float64(n))
+		if after := g.run(group); after != nil {
+			// The calls are answered; the group's slot is held until its events are
+			// published, which bounds the publishes in flight.
+			g.publishing.Go(func() {
+				defer func() { <-g.slots }()
+				after()
+			})
+			continue
+		}
+		<-g.slots
+	}
+}
+
+// wait returns once every group answered so far has published its events.
+func (g *verifyGroups) wait() { g.publishing.Wait() }
+
+// queued is how many calls wait for a group (tests read it).
+func (g *verifyGroups) queued() int {
+	g.mu.Lock()
+	defer g.mu.Unlock()
+	return len(g.queue)
+}
+
+// runGroup answers a group of calls: it counts their verify limits in one statement,
+// runs the verifies within the limits in one transaction (store.verifyGroup), answers
+// every call, and returns the publishing of the events they decided, committed by then:
+// an app has its answer without waiting for the stream, and the events follow at once
+// (or from the outbox relay, should the process die first).
+func (s *Service) runGroup(calls []*verifyCall) (after func()) {
+	answered := false
+	defer func() {
+		if !answered {
+			for _, c := range calls {
+				close(c.done)
+			}
+		}
+	}()
+	ctx, cancel := context.WithTimeout(context.Background(), verifyGroupTimeout)
+	live := calls[:0:0]
+	for _, c := range calls {
+		if err := c.ctx.Err(); err != nil {
+			c.err = err // the caller gave up while it waited
+			continue
+		}
+		live = append(live, c)
+	}
+
+	// Verify limits: a call over one is answered rate_limited before its challenge is
+	// read, so it costs no attempt.
+	var counted []*verifyCall
+	var keys [][][]byte
+	for _, c := range live {
+		if len(c.limits) > 0 {
+			ks := make([][]byte, len(c.limits))
+			for i, l := range c.limits {
+				ks[i] = l.key
+			}
+			counted, keys = append(counted, c), append(keys, ks)
+		}
+	}
+	limited := map[*verifyCall]bool{}
+	if len(counted) > 0 {
+		counts, err := s.store.countLimits(ctx, keys)
+		for i, c := range counted {
+			if err != nil {
+				c.err, limited[c] = err, true
+				continue
+			}
+			if wait, reason := judgeLimits(c.limits, counts[i]); wait > 0 {
+				c.reply = events.VerifyReply{Status: events.StatusRateLimited, Reason: reason, RetryAfterSeconds: wait}
+				limited[c] = true
+			}
+		}
+	}
+
+	var items []*verifyItem
+	var owners []*verifyCall
+	for _, c := range live {
+		if !limited[c] {
+			items, owners = append(items, s.item(c)), append(owners, c)
+		}
+	}
+	var entries []outbox.Entry
+	if len(items) > 0 {
+		var err error
+		entries, err = s.store.verifyGroup(ctx, items)
+		switch {
+		case err != nil && len(items) > 1:
+			// A failure the retries did not cure may be one call's doing: each call
+			// alone, so the others are still answered.
+			s.log.Warn("verify group failed; verifying its calls one by one", "calls", len(items), "err", err)
+			entries = nil
+			for i, it := range items {
+				e, err := s.store.verifyGroup(ctx, []*verifyItem{it})
+				if err != nil {
+					owners[i].err = err
+					continue
+				}
+				s.answer(owners[i], it)
+				entries = append(entries, e...)
+			}
+		case err != nil:
+			owners[0].err = err
+		default:
+			for i, it := range items {
+				s.answer(owners[i], it)
+			}
+		}
+	}
+	answered = true
+	for _, c := range calls {
+		close(c.done)
+	}
+	if len(entries) == 0 {
+		cancel()
+		return nil
+	}
+	return func() {
+		defer cancel()
+		if err := s.outbox.Publish(ctx, entries); err != nil {
+			s.log.Warn("publish verify events; the outbox relay will retry", "err", err)
+		}
+	}
+}
+
+// item is the store's view of a call: the verify rule, run in the group's transaction.
+func (s *Service) item(c *verifyCall) *verifyItem {
+	return &verifyItem{tenant: c.tenant, requestID: c.req.RequestID, answerMissing: c.final,
+		recent: s.cfg.Policies.For(c.tenant).RecentCodes,
+		rule: func(now time.Time, ch *challenge, recent func(n int) ([]code, error)) (decision, error) {
+			c.issuance = ""
+			if ch != nil {
+				c.issuance = ch.traceParent
+			}
+			d, err := s.decide(c.tenant, c.req, now, ch, recent)
+			// What the verify decided is published in its trace (the caller's).
+			if tp := platform.TraceParent(c.ctx); tp != "" {
+				for _, m := range d.events {
+					if m != nil {
+						m.Header.Set(events.HeaderTraceParent, tp)
+					}
+				}
+			}
+			c.reply = d.reply
+			return d, err
+		}}
+}
+
+// answer gives a call its item's outcome.
+func (s *Service) answer(c *verifyCall, it *verifyItem) {
+	switch {
+	case it.err != nil:
+		c.err = it.err
+	case it.notProjected:
+		c.err = errNotProjected
+	}
+}

@@ -1,0 +1,266 @@
+package verifier
+
+import (
+	"context"
+	"encoding/json"
+	"testing"
+	"time"
+
+	"github.com/jackc/pgx/v5"
+	"github.com/otpflow/otpflow/events"
+	"github.com/otpflow/otpflow/platform/testenv"
+	"github.com/prometheus/client_golang/prometheus/testutil"
+	dto "github.com/prometheus/client_model/go"
+)
+
+// groupHarness is a verifier with one verify transaction at a time, and a way to hold it
+// so that the verifies made meanwhile queue, in the order made, and then commit as one
+// group.
+type groupHarness struct {
+	*harness
+	t       *testing.T
+	release func()
+}
+
+func newGroupHarness(t *testing.T, doc string, tune func(*Config)) *groupHarness {
+	h := newConfigHarness(t, doc, nil, func(c *Config) {
+		c.VerifyTransactions = 1
+		if tune != nil {
+			tune(c)
+		}
+	})
+	h.publishIssued(t, issue{ChallengeID: ch(999), RequestID: "blocker", CodeSeq: 1, Recipient: "blocker@example.com",
+		ExpiresAt: time.Now().Add(time.Hour)}, "999999")
+	h.waitProjected(t, ch(999), 1)
+	return &groupHarness{harness: h, t: t}
+}
+
+// groups reads the group-size histogram: groups run and verifies in them.
+func (g *groupHarness) groups() (count uint64, verifies float64) {
+	var m dto.Metric
+	testenv.Must(g.t, g.svc.groups.size.Write(&m), "group sizes")
+	return m.GetHistogram().GetSampleCount(), m.GetHistogram().GetSampleSum()
+}
+
+// hold takes the one verify transaction: a test transaction locks the blocker
+// challenge's row and a verify of it starts, and waits for the lock.
+func (g *groupHarness) hold() {
+	t := g.t
+	tx, err := g.pool.Begin(t.Context())
+	testenv.Must(t, err, "begin")
+	_, err = tx.Exec(t.Context(), `SELECT 1 FROM verifier.challenges WHERE request_id = 'blocker' FOR UPDATE`)
+	testenv.Must(t, err, "lock the blocker")
+	before, _ := g.groups()
+	done := make(chan events.VerifyReply, 1)
+	go func() { done <- g.verify(t, "blocker", "999999", "") }()
+	testenv.Eventually(t, 10*time.Second, "the blocker's group running", func() bool {
+		n, _ := g.groups()
+		return n == before+1
+	})
+	g.release = func() {
+		testenv.Must(t, tx.Rollback(context.Background()), "release the blocker")
+		if r := <-done; r.Status != events.StatusVerified {
+			t.Errorf("blocker: %+v", r)
+		}
+	}
+}
+
+// queue makes a verify call that waits for the group held and returns where its reply
+// will come.
+func (g *groupHarness) queue(requestID, code, ip string) <-chan events.VerifyReply {
+	t := g.t
+	before := g.svc.groups.queued()
+	out := make(chan events.VerifyReply, 1)
+	go func() {
+		body, _ := json.Marshal(events.VerifyRequest{RequestID: requestID, Code: code, Context: events.VerifyContext{IP: ip}})
+		msg, err := g.nc.Request("otp.verify.acme", body, 30*time.Second)
+		var r events.VerifyReply
+		if err == nil {
+			err = json.Unmarshal(msg.Data, &r)
+		}
+		if err != nil {
+			t.Errorf("verify %s: %v", requestID, err)
+		}
+		out <- r
+	}()
+	testenv.Eventually(t, 10*time.Second, "the call queued", func() bool { return g.svc.groups.queued() == before+1 })
+	return out
+}
+
+// want is a verify call and what it must be answered.
+type want struct {
+	requestID, code string
+	status          events.VerifyStatus
+	remaining       int
+}
+
+// runGroup holds the transaction, queues calls in order, releases, and checks that
+// they were committed together, as one group, and each answered as wanted.
+func (g *groupHarness) runGroup(ip string, calls []want) {
+	t := g.t
+	g.hold()
+	replies := make([]<-chan events.VerifyReply, len(calls))
+	for i, c := range calls {
+		replies[i] = g.queue(c.requestID, c.code, ip)
+	}
+	before, verifies := g.groups()
+	g.release()
+	for i, c := range calls {
+		r := <-replies[i]
+		if r.Status != c.status || (c.status == events.StatusInvalidCode && r.AttemptsRemaining != c.remaining) {
+			t.Errorf("call %d (%s %s): %+v, want %s with %d remaining", i, c.requestID, c.code, r, c.status, c.remaining)
+		}
+	}
+	after, verifiesAfter := g.groups()
+	if after != before+1 || verifiesAfter-verifies != float64(len(calls)) {
+		t.Fatalf("%d groups with %v verifies after the blocker's, want 1 group of %d", after-before, verifiesAfter-verifies, len(calls))
+	}
+}
+
+func (g *groupHarness) state(challenge string) (int, string) {
+	var attempts int
+	var status string
+	testenv.Must(g.t, g.pool.QueryRow(context.Background(), `SELECT attempts, status FROM verifier.challenges WHERE challenge_id = $1`,
+		challenge).Scan(&attempts, &status), "read %s", challenge)
+	return attempts, status
+}
+
+// TestAGroupCountsAttemptsExactly: the attack of TestConcurrentWrongGuessesCountExactly
+// with every guess in one transaction. Guesses at one challenge in one group count like
+// guesses in a row: each sees the attempts the ones before it used, a code verifies at
+// most once, a challenge locks once, and the right code after the lock is refused.
+func TestAGroupCountsAttemptsExactly(t *testing.T) {
+	g := newGroupHarness(t, "", nil)
+	exp := time.Now().Add(time.Hour)
+	g.publishIssued(t, issue{ChallengeID: ch(1), RequestID: "r1", CodeSeq: 1, Recipient: "one@example.com", ExpiresAt: exp}, "111111")
+	g.publishIssued(t, issue{ChallengeID: ch(2), RequestID: "r2", CodeSeq: 1, Recipient: "two@example.com", ExpiresAt: exp}, "222222")
+	g.waitProjected(t, ch(1), 1)
+	g.waitProjected(t, ch(2), 1)
+
+	g.runGroup("", []want{
+		{"r1", "000000", events.StatusInvalidCode, 4},
+		{"r2", "000000", events.StatusInvalidCode, 4},
+		{"r1", "000001", events.StatusInvalidCode, 3},
+		{"r1", "111111", events.StatusVerified, 0},
+		{"r1", "111111", events.StatusAlreadyUsed, 0}, // a replay in the same transaction
+		{"r2", "000002", events.StatusInvalidCode, 3},
+		{"r2", "000003", events.StatusInvalidCode, 2},
+		{"r2", "000004", events.StatusInvalidCode, 1},
+		{"r2", "000005", events.StatusInvalidCode, 0},
+		{"r2", "222222", events.StatusLocked, 0}, // the right code, one past the limit
+	})
+	if a, s := g.state(ch(1)); a != 3 || s != statusVerified {
+		t.Errorf("r1: %d attempts, %s; want 3, verified", a, s)
+	}
+	if a, s := g.state(ch(2)); a != 5 || s != statusLocked {
+		t.Errorf("r2: %d attempts, %s; want 5, locked", a, s)
+	}
+	testenv.WaitMessages(t, g.js, events.StreamEvents, "otp.locked.acme", 1, 10*time.Second)
+	testenv.WaitMessages(t, g.js, events.StreamEvents, "otp.verified.acme", 2, 10*time.Second) // r1 and the blocker
+	if n := len(testenv.Messages(t, g.js, events.StreamEvents, "otp.locked.acme")); n != 1 {
+		t.Errorf("%d otp.locked, want 1", n)
+	}
+	if n := len(testenv.Messages(t, g.js, events.StreamEvents, "otp.verified.acme")); n != 2 {
+		t.Errorf("%d otp.verified, want 2", n)
+	}
+	testenv.WaitMessages(t, g.js, events.StreamEvents, "otp.verify_failed.acme", 9, 10*time.Second)
+	testenv.Eventually(t, 10*time.Second, "the outbox emptied by the group's publish", func() bool {
+		var n int
+		_ = g.pool.QueryRow(t.Context(), `SELECT count(*) FROM verifier.outbox`).Scan(&n)
+		return n == 0
+	})
+}
+
+// TestAGroupKeepsTheRecipientFailureCap: guesses spread over two challenges of one
+// person in one group add up against the person's cap, as they do in a row.
+func TestAGroupKeepsTheRecipientFailureCap(t *testing.T) {
+	g := newGroupHarness(t, `
+tenants:
+  acme:
+    rate_limits: {recipient_failures_per_hour: 3}
+    risk: {recipient_failures: {failures: 0}}
+`, nil)
+	exp := time.Now().Add(time.Hour)
+	g.publishIssued(t, issue{ChallengeID: ch(1), RequestID: "a", CodeSeq: 1, Recipient: "ana@example.com", ExpiresAt: exp}, "111111")
+	g.publishIssued(t, issue{ChallengeID: ch(2), RequestID: "b", CodeSeq: 1, Recipient: "ana@example.com", ExpiresAt: exp}, "222222")
+	g.publishIssued(t, issue{ChallengeID: ch(3), RequestID: "c", CodeSeq: 1, Recipient: "bo@example.com", ExpiresAt: exp}, "333333")
+	for i := 1; i <= 3; i++ {
+		g.waitProjected(t, ch(i), 1)
+	}
+	g.runGroup("", []want{
+		{"a", "000000", events.StatusInvalidCode, 4},
+		{"b", "000000", events.StatusInvalidCode, 4},
+		{"c", "000000", events.StatusInvalidCode, 4}, // another person
+		{"a", "000001", events.StatusInvalidCode, 3},
+		{"b", "222222", events.StatusLocked, 0}, // three failures for ana before it
+		{"c", "333333", events.StatusVerified, 0},
+	})
+	var stamps int
+	testenv.Must(t, g.pool.QueryRow(t.Context(), `SELECT max(cardinality(stamps)) FROM verifier.recipient_failures`).Scan(&stamps), "stamps")
+	if stamps != 3 {
+		t.Errorf("the fullest failure row holds %d stamps, want ana's 3", stamps)
+	}
+}
+
+// TestAGroupCountsVerifyLimitsInOrder: an IP's calls in one group are counted one after
+// the other: those within the limit go on, the rest are refused without costing an
+// attempt.
+func TestAGroupCountsVerifyLimitsInOrder(t *testing.T) {
+	g := newGroupHarness(t, "", func(c *Config) { c.VerifyIPPerMinute = 3 })
+	g.publishIssued(t, issue{ChallengeID: ch(1), RequestID: "r1", CodeSeq: 1, Recipient: "one@example.com",
+		ExpiresAt: time.Now().Add(time.Hour)}, "111111")
+	g.waitProjected(t, ch(1), 1)
+	g.runGroup("203.0.113.7", []want{
+		{"r1", "000000", events.StatusInvalidCode, 4},
+		{"r1", "000001", events.StatusInvalidCode, 3},
+		{"r1", "000002", events.StatusInvalidCode, 2},
+		{"r1", "111111", events.StatusRateLimited, 0},
+		{"r1", "111111", events.StatusRateLimited, 0},
+	})
+	if a, s := g.state(ch(1)); a != 3 || s != statusActive {
+		t.Errorf("r1: %d attempts, %s; want 3, active", a, s)
+	}
+}
+
+// TestADeadlockedGroupIsRunAgain: another transaction takes a group's challenge rows
+// crosswise, PostgreSQL aborts the group's transaction as the deadlock, and the group is
+// run again and answers every call.
+func TestADeadlockedGroupIsRunAgain(t *testing.T) {
+	g := newGroupHarness(t, "", nil)
+	exp := time.Now().Add(time.Hour)
+	g.publishIssued(t, issue{ChallengeID: ch(1), RequestID: "ra", CodeSeq: 1, Recipient: "one@example.com", ExpiresAt: exp}, "111111")
+	g.publishIssued(t, issue{ChallengeID: ch(2), RequestID: "rb", CodeSeq: 1, Recipient: "two@example.com", ExpiresAt: exp}, "222222")
+	g.waitProjected(t, ch(1), 1)
+	g.waitProjected(t, ch(2), 1)
+	admin := testenv.Admin(t, g.pool)
+
+	g.hold()
+	ra, rb := g.queue("ra", "111111", ""), g.queue("rb", "222222", "")
+	// The other transaction holds rb; it will wait for ra, which the group locks first.
+	// Its own deadlock check comes late, so the group's finds the cycle.
+	other, err := admin.BeginTx(t.Context(), pgx.TxOptions{})
+	testenv.Must(t, err, "begin")
+	defer other.Rollback(context.Background())
+	_, err = other.Exec(t.Context(), `SET LOCAL deadlock_timeout = '60s'`)
+	testenv.Must(t, err, "deadlock_timeout")
+	_, err = other.Exec(t.Context(), `SELECT 1 FROM verifier.challenges WHERE request_id = 'rb' FOR UPDATE`)
+	testenv.Must(t, err, "lock rb")
+	g.release()
+	testenv.Eventually(t, 10*time.Second, "the group waiting for rb", func() bool {
+		var n int
+		_ = admin.QueryRow(t.Context(), `SELECT count(*) FROM pg_stat_activity
+			WHERE wait_event_type = 'Lock' AND query LIKE '%FROM verifier.challenges c WHERE tenant%'`).Scan(&n)
+		return n == 1
+	})
+	_, err = other.Exec(t.Context(), `SELECT 1 FROM verifier.challenges WHERE request_id = 'ra' FOR UPDATE`)
+	testenv.Must(t, err, "lock ra after the group's transaction was aborted")
+	testenv.Must(t, other.Commit(t.Context()), "commit")
+	for name, r := range map[string]<-chan events.VerifyReply{"ra": ra, "rb": rb} {
+		if got := <-r; got.Status != events.StatusVerified {
+			t.Errorf("%s: %+v, want verified", name, got)
+		}
+	}
+	if n := testutil.ToFloat64(g.svc.store.groupRetries); n != 1 {
+		t.Errorf("%v group retries, want 1", n)
+	}
+}
