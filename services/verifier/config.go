@@ -41,8 +41,8 @@ type Config struct {
 	// each committing a group of up to VerifyGroupSize verifies; defaults 4 and 64.
 	VerifyTransactions int
 	VerifyGroupSize    int
-	BatchSize   int
-	Streams     events.StreamOptions
+	BatchSize          int
+	Streams            events.StreamOptions
 	// DLQKey seals the events the projection dead-letters (OTP_DLQ_KEY); required.
 	DLQKey *keys.Sealer
 	// Tracer gets a "verify" span per request, continuing the app's traceparent and
