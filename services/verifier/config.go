@@ -37,14 +37,18 @@ type Config struct {
 	Retention time.Duration
 	// Concurrency bounds verify requests handled at once per process; default 64.
 	Concurrency int
-	// VerifyTransactions bounds the verify transactions in flight at once per process,
-	// each committing a group of up to VerifyGroupSize verifies; defaults 4 and 64.
+	// VerifyTransactions bounds the verify transactions in flight at once per process
+	// (OTP_VERIFY_TRANSACTIONS, default 4), each committing a group of up to
+	// VerifyGroupSize verifies (OTP_VERIFY_GROUP_SIZE, default 64; 1 turns grouping off).
 	VerifyTransactions int
 	VerifyGroupSize    int
 	BatchSize          int
 	Streams            events.StreamOptions
 	// DLQKey seals the events the projection dead-letters (OTP_DLQ_KEY); required.
 	DLQKey *keys.Sealer
+	// relayAge is the age of an outbox entry the relay publishes (tests lengthen it);
+	// default 5s.
+	relayAge time.Duration
 	// Tracer gets a "verify" span per request, continuing the app's traceparent and
 	// linked to the issuance; nil records nothing.
 	Tracer trace.Tracer
@@ -88,11 +92,20 @@ func LoadConfig(getenv platform.Getenv, common platform.Common) (Config, error) 
 	if err != nil {
 		return Config{}, err
 	}
+	transactions, err := platform.IntVar(getenv, "OTP_VERIFY_TRANSACTIONS", defaultVerifyTransactions, 1, 64)
+	if err != nil {
+		return Config{}, err
+	}
+	groupSize, err := platform.IntVar(getenv, "OTP_VERIFY_GROUP_SIZE", defaultVerifyGroupSize, 1, 1000)
+	if err != nil {
+		return Config{}, err
+	}
 	// The production rules of the tenants file (test recipients, a guesser's odds).
 	if err := platform.CheckPolicies(common, policies); err != nil {
 		return Config{}, err
 	}
 	return Config{Pepper: pepper, Subjects: subjects, Policies: policies, Retention: retention,
 		VerifyIPPerMinute: ipPerMinute, VerifyTenantPerMinute: tenantPerMinute,
+		VerifyTransactions: transactions, VerifyGroupSize: groupSize,
 		Streams: common.Streams(), DLQKey: dlq}, nil
 }

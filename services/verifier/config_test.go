@@ -14,13 +14,19 @@ func TestLoadConfigVerifyLimits(t *testing.T) {
 		name       string
 		env        map[string]string
 		ip, tenant int
-		badVar     string
+		// group: OTP_VERIFY_TRANSACTIONS and OTP_VERIFY_GROUP_SIZE, when the case sets them.
+		group  [2]int
+		badVar string
 	}{
 		{name: "defaults", ip: DefaultVerifyIPPerMinute, tenant: 0},
 		{name: "set", env: map[string]string{"OTP_VERIFY_IP_PER_MINUTE": "30", "OTP_VERIFY_TENANT_PER_MINUTE": "6000"}, ip: 30, tenant: 6000},
 		{name: "0 turns the IP limit off", env: map[string]string{"OTP_VERIFY_IP_PER_MINUTE": "0"}, ip: -1},
 		{name: "malformed", env: map[string]string{"OTP_VERIFY_IP_PER_MINUTE": "lots"}, badVar: "OTP_VERIFY_IP_PER_MINUTE"},
 		{name: "negative", env: map[string]string{"OTP_VERIFY_TENANT_PER_MINUTE": "-1"}, badVar: "OTP_VERIFY_TENANT_PER_MINUTE"},
+		{name: "groups by default", ip: DefaultVerifyIPPerMinute, group: [2]int{defaultVerifyTransactions, defaultVerifyGroupSize}},
+		{name: "groups set", env: map[string]string{"OTP_VERIFY_TRANSACTIONS": "8", "OTP_VERIFY_GROUP_SIZE": "1"}, ip: DefaultVerifyIPPerMinute, group: [2]int{8, 1}},
+		{name: "no transactions", env: map[string]string{"OTP_VERIFY_TRANSACTIONS": "0"}, badVar: "OTP_VERIFY_TRANSACTIONS"},
+		{name: "huge groups", env: map[string]string{"OTP_VERIFY_GROUP_SIZE": "5000"}, badVar: "OTP_VERIFY_GROUP_SIZE"},
 	} {
 		t.Run(tc.name, func(t *testing.T) {
 			getenv := func(k string) string {
@@ -45,6 +51,8 @@ func TestLoadConfigVerifyLimits(t *testing.T) {
 				t.Fatal(err)
 			case cfg.VerifyIPPerMinute != tc.ip || cfg.VerifyTenantPerMinute != tc.tenant:
 				t.Fatalf("ip %d tenant %d, want %d %d", cfg.VerifyIPPerMinute, cfg.VerifyTenantPerMinute, tc.ip, tc.tenant)
+			case tc.group != [2]int{} && (cfg.VerifyTransactions != tc.group[0] || cfg.VerifyGroupSize != tc.group[1]):
+				t.Fatalf("groups %d × %d, want %v", cfg.VerifyTransactions, cfg.VerifyGroupSize, tc.group)
 			}
 		})
 	}

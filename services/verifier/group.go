@@ -2,6 +2,8 @@ package verifier
 
 import (
 	"context"
+	"errors"
+	"fmt"
 	"sync"
 	"time"
 
@@ -51,20 +53,29 @@ type verifyGroups struct {
 	queue []*verifyCall
 	slots chan struct{}
 	max   int
-	// run answers a group's calls, closing each one's done, and returns what is left to
-	// do (publishing), if anything.
-	run  func([]*verifyCall) (after func())
-	size prometheus.Histogram
-	// publishing are the groups still publishing.
-	publishing sync.WaitGroup
+	// run answers a group's calls, closing each one's done, and returns the outbox
+	// entries of the events they decided, committed and still to publish.
+	run func([]*verifyCall) []outbox.Entry
+	// publish sends a group's events; at most cap(publishSlots) at once: past that, the
+	// events are left to the outbox relay, and a slow stream never holds a verify.
+	publish      func([]outbox.Entry)
+	publishSlots chan struct{}
+	publishing   sync.WaitGroup
+	size         prometheus.Histogram
+	leftToRelay  prometheus.Counter
 }
 
-func newVerifyGroups(transactions, size int, run func([]*verifyCall) (after func())) *verifyGroups {
-	return &verifyGroups{slots: make(chan struct{}, transactions), max: size, run: run,
+func newVerifyGroups(transactions, size int, run func([]*verifyCall) []outbox.Entry, publish func([]outbox.Entry)) *verifyGroups {
+	return &verifyGroups{slots: make(chan struct{}, transactions), max: size, run: run, publish: publish,
+		publishSlots: make(chan struct{}, 2*transactions),
 		size: prometheus.NewHistogram(prometheus.HistogramOpts{
 			Name:    "otpflow_verifier_verify_group_size",
 			Help:    "Verify calls committed together in one transaction.",
 			Buckets: []float64{1, 2, 4, 8, 16, 32, 64, 128},
+		}),
+		leftToRelay: prometheus.NewCounter(prometheus.CounterOpts{
+			Name: "otpflow_verifier_verify_events_left_to_relay_total",
+			Help: "Verify groups whose events were left to the outbox relay, the publishes in flight being at their bound.",
 		})}
 }
 
@@ -94,16 +105,20 @@ func (g *verifyGroups) do(c *verifyCall) {
 			return
 		}
 		g.size.Observe(float64(n))
-		if after := g.run(group); after != nil {
-			// The calls are answered; the group's slot is held until its events are
-			// published, which bounds the publishes in flight.
-			g.publishing.Go(func() {
-				defer func() { <-g.slots }()
-				after()
-			})
+		entries := g.run(group)
+		<-g.slots
+		if len(entries) == 0 {
 			continue
 		}
-		<-g.slots
+		select {
+		case g.publishSlots <- struct{}{}:
+			g.publishing.Go(func() {
+				defer func() { <-g.publishSlots }()
+				g.publish(entries)
+			})
+		default:
+			g.leftToRelay.Inc()
+		}
 	}
 }
 
@@ -119,19 +134,17 @@ func (g *verifyGroups) queued() int {
 
 // runGroup answers a group of calls: it counts their verify limits in one statement,
 // runs the verifies within the limits in one transaction (store.verifyGroup), answers
-// every call, and returns the publishing of the events they decided, committed by then:
-// an app has its answer without waiting for the stream, and the events follow at once
-// (or from the outbox relay, should the process die first).
-func (s *Service) runGroup(calls []*verifyCall) (after func()) {
-	answered := false
+// every call, and returns the outbox entries of the events they decided, committed by
+// then: an app has its answer without waiting for the stream, and the events follow at
+// once (or from the outbox relay, should the process die first).
+func (s *Service) runGroup(calls []*verifyCall) []outbox.Entry {
 	defer func() {
-		if !answered {
-			for _, c := range calls {
-				close(c.done)
-			}
+		for _, c := range calls {
+			close(c.done)
 		}
 	}()
 	ctx, cancel := context.WithTimeout(context.Background(), verifyGroupTimeout)
+	defer cancel()
 	live := calls[:0:0]
 	for _, c := range calls {
 		if err := c.ctx.Err(); err != nil {
@@ -159,7 +172,7 @@ func (s *Service) runGroup(calls []*verifyCall) (after func()) {
 		counts, err := s.store.countLimits(ctx, keys)
 		for i, c := range counted {
 			if err != nil {
-				c.err, limited[c] = err, true
+				c.err, limited[c] = fmt.Errorf("verify limits: %w", err), true
 				continue
 			}
 			if wait, reason := judgeLimits(c.limits, counts[i]); wait > 0 {
@@ -176,46 +189,42 @@ func (s *Service) runGroup(calls []*verifyCall) (after func()) {
 			items, owners = append(items, s.item(c)), append(owners, c)
 		}
 	}
-	var entries []outbox.Entry
-	if len(items) > 0 {
-		var err error
-		entries, err = s.store.verifyGroup(ctx, items)
-		switch {
-		case err != nil && len(items) > 1:
-			// A failure the retries did not cure may be one call's doing: each call
-			// alone, so the others are still answered.
-			s.log.Warn("verify group failed; verifying its calls one by one", "calls", len(items), "err", err)
-			entries = nil
-			for i, it := range items {
-				e, err := s.store.verifyGroup(ctx, []*verifyItem{it})
-				if err != nil {
-					owners[i].err = err
-					continue
-				}
-				s.answer(owners[i], it)
-				entries = append(entries, e...)
-			}
-		case err != nil:
-			owners[0].err = err
-		default:
-			for i, it := range items {
-				s.answer(owners[i], it)
-			}
-		}
-	}
-	answered = true
-	for _, c := range calls {
-		close(c.done)
-	}
-	if len(entries) == 0 {
-		cancel()
+	if len(items) == 0 {
 		return nil
 	}
-	return func() {
-		defer cancel()
-		if err := s.outbox.Publish(ctx, entries); err != nil {
-			s.log.Warn("publish verify events; the outbox relay will retry", "err", err)
+	entries, err := s.store.verifyGroup(ctx, items)
+	var before *errBeforeCommit
+	switch {
+	case err == nil:
+		for i, it := range items {
+			s.answer(owners[i], it)
 		}
+		return entries
+	case len(items) > 1 && errors.As(err, &before):
+		// Nothing of the group was written, and the failure may be one call's doing (a
+		// row held elsewhere past the lock timeout, a row the database refuses): each
+		// call alone, with time of its own, so the others are still answered.
+		s.log.Warn("verify group failed; verifying its calls one by one", "calls", len(items), "err", err)
+		entries = nil
+		for i, it := range items {
+			ctx, cancel := context.WithTimeout(context.Background(), verifyGroupTimeout)
+			e, err := s.store.verifyGroup(ctx, []*verifyItem{it})
+			cancel()
+			if err != nil {
+				owners[i].err = err
+				continue
+			}
+			s.answer(owners[i], it)
+			entries = append(entries, e...)
+		}
+		return entries
+	default:
+		// Failed, or its COMMIT's outcome is unknown: running the calls again could
+		// count their attempts twice. The callers retry.
+		for _, c := range owners {
+			c.err = err
+		}
+		return nil
 	}
 }
 
@@ -249,5 +258,14 @@ func (s *Service) answer(c *verifyCall, it *verifyItem) {
 		c.err = it.err
 	case it.notProjected:
 		c.err = errNotProjected
+	}
+}
+
+// publishGroup sends a group's committed events; the outbox relay retries what fails.
+func (s *Service) publishGroup(entries []outbox.Entry) {
+	ctx, cancel := context.WithTimeout(context.Background(), verifyGroupTimeout)
+	defer cancel()
+	if err := s.outbox.Publish(ctx, entries); err != nil {
+		s.log.Warn("publish verify events; the outbox relay will retry", "err", err)
 	}
 }

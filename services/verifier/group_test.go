@@ -3,6 +3,7 @@ package verifier
 import (
 	"context"
 	"encoding/json"
+	"errors"
 	"testing"
 	"time"
 
@@ -25,6 +26,9 @@ type groupHarness struct {
 func newGroupHarness(t *testing.T, doc string, tune func(*Config)) *groupHarness {
 	h := newConfigHarness(t, doc, nil, func(c *Config) {
 		c.VerifyTransactions = 1
+		// The outbox relay stays out of it: events a group decides reach the stream by
+		// the group's own publish, or not at all.
+		c.relayAge = time.Hour
 		if tune != nil {
 			tune(c)
 		}
@@ -75,7 +79,10 @@ func (g *groupHarness) queue(requestID, code, ip string) <-chan events.VerifyRep
 		body, _ := json.Marshal(events.VerifyRequest{RequestID: requestID, Code: code, Context: events.VerifyContext{IP: ip}})
 		msg, err := g.nc.Request("otp.verify.acme", body, 30*time.Second)
 		var r events.VerifyReply
-		if err == nil {
+		switch {
+		case err == nil && msg.Header.Get("Nats-Service-Error-Code") != "":
+			r.Status = statusServiceError
+		case err == nil:
 			err = json.Unmarshal(msg.Data, &r)
 		}
 		if err != nil {
@@ -86,6 +93,9 @@ func (g *groupHarness) queue(requestID, code, ip string) <-chan events.VerifyRep
 	testenv.Eventually(t, 10*time.Second, "the call queued", func() bool { return g.svc.groups.queued() == before+1 })
 	return out
 }
+
+// statusServiceError stands for a micro error reply (an internal error; retry) in a test.
+const statusServiceError events.VerifyStatus = "service_error"
 
 // want is a verify call and what it must be answered.
 type want struct {
@@ -262,5 +272,159 @@ func TestADeadlockedGroupIsRunAgain(t *testing.T) {
 	}
 	if n := testutil.ToFloat64(g.svc.store.groupRetries); n != 1 {
 		t.Errorf("%v group retries, want 1", n)
+	}
+}
+
+// TestARowHeldElsewhereDoesNotStallItsGroup: another transaction holds one challenge's
+// row. The group it is in gives up on the lock after groupLockTimeout, and its calls run
+// one by one: the others are answered, the held one fails (and is answered when its
+// caller retries), and nothing is counted twice.
+func TestARowHeldElsewhereDoesNotStallItsGroup(t *testing.T) {
+	g := newGroupHarness(t, "", nil)
+	exp := time.Now().Add(time.Hour)
+	g.publishIssued(t, issue{ChallengeID: ch(1), RequestID: "held", CodeSeq: 1, Recipient: "one@example.com", ExpiresAt: exp}, "111111")
+	g.publishIssued(t, issue{ChallengeID: ch(2), RequestID: "free", CodeSeq: 1, Recipient: "two@example.com", ExpiresAt: exp}, "222222")
+	g.waitProjected(t, ch(1), 1)
+	g.waitProjected(t, ch(2), 1)
+	other, err := testenv.Admin(t, g.pool).Begin(t.Context())
+	testenv.Must(t, err, "begin")
+	defer other.Rollback(context.Background())
+	_, err = other.Exec(t.Context(), `SELECT 1 FROM verifier.challenges WHERE request_id = 'held' FOR UPDATE`)
+	testenv.Must(t, err, "hold the row")
+
+	g.hold()
+	held, free := g.queue("held", "111111", ""), g.queue("free", "000000", "")
+	g.release()
+	if r := <-free; r.Status != events.StatusInvalidCode || r.AttemptsRemaining != 4 {
+		t.Errorf("free: %+v, want invalid_code with 4 remaining", r)
+	}
+	if r := <-held; r.Status != statusServiceError {
+		t.Errorf("held: %+v, want an internal error to retry", r)
+	}
+	testenv.Must(t, other.Rollback(t.Context()), "let go")
+	if r := g.verify(t, "held", "111111", ""); r.Status != events.StatusVerified {
+		t.Errorf("held, retried: %+v", r)
+	}
+	if a, _ := g.state(ch(1)); a != 1 {
+		t.Errorf("held: %d attempts, want 1", a)
+	}
+	if a, _ := g.state(ch(2)); a != 1 {
+		t.Errorf("free: %d attempts, want 1 (counted once, not again when its group was split)", a)
+	}
+}
+
+// TestAGroupARowRefusesIsSplit: the database refuses one call's write (a trigger stands
+// for any refusal); the group is rolled back and its calls run one by one, so only that
+// call fails.
+func TestAGroupARowRefusesIsSplit(t *testing.T) {
+	g := newGroupHarness(t, "", nil)
+	exp := time.Now().Add(time.Hour)
+	g.publishIssued(t, issue{ChallengeID: ch(1), RequestID: "stubborn", CodeSeq: 1, Recipient: "one@example.com", ExpiresAt: exp}, "111111")
+	g.publishIssued(t, issue{ChallengeID: ch(2), RequestID: "fine", CodeSeq: 1, Recipient: "two@example.com", ExpiresAt: exp}, "222222")
+	g.waitProjected(t, ch(1), 1)
+	g.waitProjected(t, ch(2), 1)
+	_, err := testenv.Admin(t, g.pool).Exec(t.Context(), `
+		CREATE FUNCTION verifier.test_refuse() RETURNS trigger LANGUAGE plpgsql AS $$
+		BEGIN
+			IF NEW.request_id = 'stubborn' THEN RAISE EXCEPTION 'a refused row'; END IF;
+			RETURN NEW;
+		END $$;
+		CREATE TRIGGER test_refuse BEFORE UPDATE ON verifier.challenges FOR EACH ROW EXECUTE FUNCTION verifier.test_refuse()`)
+	testenv.Must(t, err, "refuse one row")
+	g.runGroupSplit([]want{
+		{"stubborn", "111111", statusServiceError, 0},
+		{"fine", "222222", events.StatusVerified, 0},
+	})
+	if a, s := g.state(ch(2)); a != 1 || s != statusVerified {
+		t.Errorf("fine: %d attempts, %s", a, s)
+	}
+	if a, s := g.state(ch(1)); a != 0 || s != statusActive {
+		t.Errorf("stubborn: %d attempts, %s; want it untouched", a, s)
+	}
+}
+
+// runGroupSplit is runGroup for a group that is split: one group, then its calls alone.
+func (g *groupHarness) runGroupSplit(calls []want) {
+	t := g.t
+	g.hold()
+	replies := make([]<-chan events.VerifyReply, len(calls))
+	for i, c := range calls {
+		replies[i] = g.queue(c.requestID, c.code, "")
+	}
+	g.release()
+	for i, c := range calls {
+		if r := <-replies[i]; r.Status != c.status {
+			t.Errorf("call %d (%s): %+v, want %s", i, c.requestID, r, c.status)
+		}
+	}
+}
+
+// TestACallGivenUpWhileQueuedCostsNothing: a caller that gives up while its call waits for
+// a group gets its context's error, and its guess is not counted.
+func TestACallGivenUpWhileQueuedCostsNothing(t *testing.T) {
+	g := newGroupHarness(t, "", nil)
+	g.publishIssued(t, issue{ChallengeID: ch(1), RequestID: "r1", CodeSeq: 1, Recipient: "one@example.com",
+		ExpiresAt: time.Now().Add(time.Hour)}, "111111")
+	g.waitProjected(t, ch(1), 1)
+	g.hold()
+	ctx, cancel := context.WithCancel(t.Context())
+	errs := make(chan error, 1)
+	go func() {
+		_, err := g.svc.Verify(ctx, "acme", events.VerifyRequest{RequestID: "r1", Code: "000000"})
+		errs <- err
+	}()
+	testenv.Eventually(t, 10*time.Second, "the call queued", func() bool { return g.svc.groups.queued() == 1 })
+	cancel()
+	g.release()
+	if err := <-errs; !errors.Is(err, context.Canceled) {
+		t.Errorf("err %v, want context.Canceled", err)
+	}
+	if a, _ := g.state(ch(1)); a != 0 {
+		t.Errorf("%d attempts, want 0", a)
+	}
+}
+
+// TestAPurgedFailureRowIsStillCounted: a purge deletes a recipient's stale failure row
+// while a verify waits for it. The verify still records its failure, under a row it
+// holds, so the cap keeps counting from the first guess of an attack.
+func TestAPurgedFailureRowIsStillCounted(t *testing.T) {
+	h := newPolicyHarness(t, `
+tenants:
+  acme:
+    rate_limits: {recipient_failures_per_hour: 3}
+    risk: {recipient_failures: {failures: 0}}
+`, nil)
+	h.publishIssued(t, issue{ChallengeID: ch(1), RequestID: "p1", CodeSeq: 1, Recipient: "ana@example.com", ExpiresAt: time.Now().Add(time.Hour)}, "111111")
+	h.waitProjected(t, ch(1), 1)
+	var keys []string
+	testenv.Must(t, h.pool.QueryRow(t.Context(), `SELECT recipient_keys FROM verifier.challenges WHERE request_id = 'p1'`).Scan(&keys), "keys")
+	_, err := h.pool.Exec(t.Context(), `INSERT INTO verifier.recipient_failures (tenant, recipient_key, stamps)
+		SELECT 'acme', k, ARRAY[now() - interval '2 hours'] FROM unnest($1::text[]) k`, keys)
+	testenv.Must(t, err, "a stale failure row")
+	admin := testenv.Admin(t, h.pool)
+	purge, err := admin.Begin(t.Context())
+	testenv.Must(t, err, "begin")
+	defer purge.Rollback(context.Background())
+	_, err = purge.Exec(t.Context(), `SELECT 1 FROM verifier.recipient_failures
+		WHERE coalesce(stamps[array_upper(stamps, 1)], '-infinity') < now() - interval '1 hour' FOR UPDATE SKIP LOCKED`)
+	testenv.Must(t, err, "the purge's lock")
+	done := make(chan events.VerifyReply, 1)
+	go func() { done <- h.verify(t, "p1", "000000", "") }()
+	testenv.Eventually(t, 10*time.Second, "the verify waiting for the failure row", func() bool {
+		var n int
+		_ = admin.QueryRow(t.Context(), `SELECT count(*) FROM pg_stat_activity
+			WHERE wait_event_type = 'Lock' AND query LIKE '%INTO verifier.recipient_failures AS f%'`).Scan(&n)
+		return n == 1
+	})
+	_, err = purge.Exec(t.Context(), `DELETE FROM verifier.recipient_failures`)
+	testenv.Must(t, err, "the purge's delete")
+	testenv.Must(t, purge.Commit(t.Context()), "commit")
+	if r := <-done; r.Status != events.StatusInvalidCode {
+		t.Fatalf("guess: %+v", r)
+	}
+	var stamps int
+	testenv.Must(t, h.pool.QueryRow(t.Context(), `SELECT coalesce(max(cardinality(stamps)), 0) FROM verifier.recipient_failures`).Scan(&stamps), "stamps")
+	if stamps != 1 {
+		t.Errorf("the failure row holds %d stamps after the guess, want 1", stamps)
 	}
 }

@@ -31,17 +31,6 @@ type projection struct {
 	traceParent string
 }
 
-// requestID is the request the event is about ("" for neither kind).
-func (p *projection) requestID() string {
-	switch {
-	case p.challenge != nil:
-		return p.challenge.RequestID
-	case p.superseded != nil:
-		return p.superseded.RequestID
-	}
-	return ""
-}
-
 // failureRisk: a new challenge for a recipient with at least failures failed
 // verifications within window (on earlier challenges) gets at most maxAttempts attempts.
 type failureRisk struct {

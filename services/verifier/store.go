@@ -118,6 +118,10 @@ type failureRef struct{ tenant, key string }
 // on each other crosswise; the projection and the erasure take challenge rows in that
 // order too. A transaction PostgreSQL still aborts as a deadlock or a serialization
 // failure (a purge, an operator's statement) is run again, up to three times.
+//
+// A row another transaction holds is waited for at most groupLockTimeout: then the group
+// fails (with the rest, an errBeforeCommit) and its calls are run one by one, so one held
+// row does not stall the verifies of other challenges.
 func (st *store) verifyGroup(ctx context.Context, items []*verifyItem) ([]outbox.Entry, error) {
 	for attempt := 1; ; attempt++ {
 		entries, err := st.verifyGroupOnce(ctx, items)
@@ -145,155 +149,179 @@ func (st *store) verifyGroupOnce(ctx context.Context, items []*verifyItem) ([]ou
 	})
 	var entries []outbox.Entry
 	err := pgx.BeginFunc(ctx, st.pool, func(tx pgx.Tx) error {
-		// The challenges' row locks, in order, then the clock: one round trip.
-		states := map[challengeRef]*challenge{}
-		b := &pgx.Batch{}
-		for _, r := range refs {
-			b.Queue(`SELECT challenge_id::text, attempts, max_attempts, status, session_id, recipient_keys, test,
-					coalesce((SELECT k.trace_parent FROM verifier.codes k WHERE k.challenge_id = c.challenge_id ORDER BY k.code_seq DESC LIMIT 1), '')
-				FROM verifier.challenges c WHERE tenant = $1 AND request_id = $2 FOR UPDATE OF c`, r.tenant, r.requestID).
-				QueryRow(func(row pgx.Row) error {
-					c := &challenge{}
-					err := row.Scan(&c.id, &c.attempts, &c.maxAttempts, &c.status, &c.sessionID, &c.recipientKeys, &c.test, &c.traceParent)
-					if errors.Is(err, pgx.ErrNoRows) {
-						return nil
-					}
-					states[r] = c
-					return err
-				})
+		err := st.verifyInTx(ctx, tx, items, refs, want, &entries)
+		if err != nil {
+			return &errBeforeCommit{err}
 		}
-		var now time.Time
-		b.Queue(`SELECT clock_timestamp()`).QueryRow(func(row pgx.Row) error { return row.Scan(&now) })
-		if err := tx.SendBatch(ctx, b).Close(); err != nil {
-			return err
-		}
-		now = now.UTC()
-
-		// The failure rows of the active challenges' recipients, created if need be and
-		// locked in order, and the codes of the active challenges: one round trip.
-		var frefs []failureRef
-		for _, r := range refs {
-			if c := states[r]; c != nil && c.status == statusActive {
-				for _, k := range c.recipientKeys {
-					frefs = append(frefs, failureRef{r.tenant, k})
-				}
-			}
-		}
-		slices.SortFunc(frefs, func(a, b failureRef) int {
-			return cmp.Or(strings.Compare(a.tenant, b.tenant), strings.Compare(a.key, b.key))
-		})
-		frefs = slices.Compact(frefs)
-		stamps := map[failureRef]window.Stamps{}
-		codes := map[string][]code{}
-		b = &pgx.Batch{}
-		if len(frefs) > 0 {
-			ts, ks := make([]string, len(frefs)), make([]string, len(frefs))
-			for i, f := range frefs {
-				ts[i], ks[i] = f.tenant, f.key
-			}
-			b.Queue(`INSERT INTO verifier.recipient_failures (tenant, recipient_key)
-				SELECT t, k FROM unnest($1::text[], $2::text[]) WITH ORDINALITY AS u(t, k, i) ORDER BY i ON CONFLICT DO NOTHING`, ts, ks)
-			for _, f := range frefs {
-				b.Queue(`SELECT stamps FROM verifier.recipient_failures WHERE tenant = $1 AND recipient_key = $2 FOR UPDATE`,
-					f.tenant, f.key).QueryRow(func(row pgx.Row) error {
-					var s []time.Time
-					err := row.Scan(&s)
-					if errors.Is(err, pgx.ErrNoRows) {
-						return nil // purged since the insert: the state is empty
-					}
-					stamps[f] = s
-					return err
-				})
-			}
-		}
-		for _, r := range refs {
-			if c := states[r]; c != nil && c.status == statusActive && want[r] > 0 {
-				queueRecentCodes(b, c.id, want[r], func(cs []code) { codes[c.id] = cs })
-			}
-		}
-		if b.Len() > 0 {
-			if err := tx.SendBatch(ctx, b).Close(); err != nil {
-				return err
-			}
-		}
-
-		// The rules, one after the other, each against the state the ones before left.
-		dirty := map[string]*challenge{}
-		dirtyFailures := map[failureRef]bool{}
-		var msgs []*nats.Msg
-		for _, it := range items {
-			c := states[challengeRef{it.tenant, it.requestID}]
-			if c == nil && !it.answerMissing {
-				it.notProjected = true
-				continue
-			}
-			var view *challenge
-			if c != nil {
-				v := *c
-				v.failures = nil
-				if v.status == statusActive {
-					// A recipient is known here only by its subject hashes (OTP_SUBJECT_KEY),
-					// one per key of the ring when its challenge was projected; the cap decides
-					// on the merge of the rows under every hash and writes the whole state back
-					// under each, so it holds across a key rotation, also while verifiers with
-					// the old and the new ring run side by side.
-					for _, k := range v.recipientKeys {
-						v.failures = window.Merge(v.failures, stamps[failureRef{it.tenant, k}])
-					}
-				}
-				view = &v
-			}
-			d, err := it.rule(now, view, func(n int) ([]code, error) {
-				if have := codes[view.id]; n <= want[challengeRef{it.tenant, it.requestID}] {
-					return have[:min(n, len(have))], nil
-				}
-				return recentCodes(ctx, tx, view.id, n)
-			})
-			if err != nil {
-				it.err = err
-				continue
-			}
-			if c != nil && d.status != "" {
-				c.attempts, c.status = d.attempts, d.status
-				dirty[c.id] = c
-			}
-			if c != nil && len(c.recipientKeys) > 0 && d.failures != nil {
-				for _, k := range c.recipientKeys {
-					f := failureRef{it.tenant, k}
-					stamps[f] = slices.Clone(d.failures)
-					dirtyFailures[f] = true
-				}
-			}
-			msgs = append(msgs, d.events...)
-		}
-
-		// What they decided, written in one round trip, then the events' outbox rows.
-		b = &pgx.Batch{}
-		for _, r := range refs {
-			if c := states[r]; c != nil && dirty[c.id] != nil {
-				b.Queue(`UPDATE verifier.challenges SET attempts = $2, status = $3, updated_at = now() WHERE challenge_id = $1`,
-					c.id, c.attempts, c.status)
-			}
-		}
-		for _, f := range frefs {
-			if dirtyFailures[f] {
-				b.Queue(`UPDATE verifier.recipient_failures SET stamps = $3 WHERE tenant = $1 AND recipient_key = $2`,
-					f.tenant, f.key, []time.Time(stamps[f]))
-			}
-		}
-		if b.Len() > 0 {
-			if err := tx.SendBatch(ctx, b).Close(); err != nil {
-				return err
-			}
-		}
-		var err error
-		entries, err = st.outbox.Add(ctx, tx, msgs...)
-		return err
+		return nil
 	})
 	if err != nil {
 		return nil, err
 	}
 	return entries, nil
+}
+
+// groupLockTimeout bounds a verify group's wait for one row lock.
+const groupLockTimeout = "2s"
+
+// errBeforeCommit is a verify group's failure before its COMMIT was sent: nothing of it
+// was written, so its calls may run again.
+type errBeforeCommit struct{ err error }
+
+func (e *errBeforeCommit) Error() string { return e.err.Error() }
+func (e *errBeforeCommit) Unwrap() error { return e.err }
+
+// verifyInTx is verifyGroupOnce's transaction.
+func (st *store) verifyInTx(ctx context.Context, tx pgx.Tx, items []*verifyItem, refs []challengeRef, want map[challengeRef]int,
+	entries *[]outbox.Entry) error {
+	// The challenges' row locks, in order, then the clock: one round trip.
+	states := map[challengeRef]*challenge{}
+	b := &pgx.Batch{}
+	b.Queue(`SET LOCAL lock_timeout = '` + groupLockTimeout + `'`)
+	for _, r := range refs {
+		b.Queue(`SELECT challenge_id::text, attempts, max_attempts, status, session_id, recipient_keys, test,
+				coalesce((SELECT k.trace_parent FROM verifier.codes k WHERE k.challenge_id = c.challenge_id ORDER BY k.code_seq DESC LIMIT 1), '')
+			FROM verifier.challenges c WHERE tenant = $1 AND request_id = $2 FOR UPDATE OF c`, r.tenant, r.requestID).
+			QueryRow(func(row pgx.Row) error {
+				c := &challenge{}
+				err := row.Scan(&c.id, &c.attempts, &c.maxAttempts, &c.status, &c.sessionID, &c.recipientKeys, &c.test, &c.traceParent)
+				if errors.Is(err, pgx.ErrNoRows) {
+					return nil
+				}
+				states[r] = c
+				return err
+			})
+	}
+	var now time.Time
+	b.Queue(`SELECT clock_timestamp()`).QueryRow(func(row pgx.Row) error { return row.Scan(&now) })
+	if err := tx.SendBatch(ctx, b).Close(); err != nil {
+		return err
+	}
+	now = now.UTC()
+
+	// The failure rows of the active challenges' recipients, created if need be and
+	// locked in order, and the codes of the active challenges: one round trip.
+	var frefs []failureRef
+	for _, r := range refs {
+		if c := states[r]; c != nil && c.status == statusActive {
+			for _, k := range c.recipientKeys {
+				frefs = append(frefs, failureRef{r.tenant, k})
+			}
+		}
+	}
+	slices.SortFunc(frefs, func(a, b failureRef) int {
+		return cmp.Or(strings.Compare(a.tenant, b.tenant), strings.Compare(a.key, b.key))
+	})
+	frefs = slices.Compact(frefs)
+	stamps := map[failureRef]window.Stamps{}
+	codes := map[string][]code{}
+	b = &pgx.Batch{}
+	if len(frefs) > 0 {
+		ts, ks := make([]string, len(frefs)), make([]string, len(frefs))
+		for i, f := range frefs {
+			ts[i], ks[i] = f.tenant, f.key
+		}
+		// Insert or lock, in one statement and in order: a row is created if missing
+		// and locked if not, also when a purge deletes it meanwhile (the insert then
+		// goes through), so every verify of the recipient waits for this one.
+		b.Queue(`INSERT INTO verifier.recipient_failures AS f (tenant, recipient_key)
+			SELECT t, k FROM unnest($1::text[], $2::text[]) WITH ORDINALITY AS u(t, k, i) ORDER BY i
+			ON CONFLICT (tenant, recipient_key) DO UPDATE SET stamps = f.stamps
+			RETURNING tenant, recipient_key, stamps`, ts, ks).Query(func(rows pgx.Rows) error {
+			for rows.Next() {
+				var f failureRef
+				var st []time.Time
+				if err := rows.Scan(&f.tenant, &f.key, &st); err != nil {
+					return err
+				}
+				stamps[f] = st
+			}
+			return rows.Err()
+		})
+	}
+	for _, r := range refs {
+		if c := states[r]; c != nil && c.status == statusActive && want[r] > 0 {
+			queueRecentCodes(b, c.id, want[r], func(cs []code) { codes[c.id] = cs })
+		}
+	}
+	if b.Len() > 0 {
+		if err := tx.SendBatch(ctx, b).Close(); err != nil {
+			return err
+		}
+	}
+
+	// The rules, one after the other, each against the state the ones before left.
+	dirty := map[string]*challenge{}
+	dirtyFailures := map[failureRef]bool{}
+	var msgs []*nats.Msg
+	for _, it := range items {
+		c := states[challengeRef{it.tenant, it.requestID}]
+		if c == nil && !it.answerMissing {
+			it.notProjected = true
+			continue
+		}
+		var view *challenge
+		if c != nil {
+			v := *c
+			v.failures = nil
+			if v.status == statusActive {
+				// A recipient is known here only by its subject hashes (OTP_SUBJECT_KEY),
+				// one per key of the ring when its challenge was projected; the cap decides
+				// on the merge of the rows under every hash and writes the whole state back
+				// under each, so it holds across a key rotation, also while verifiers with
+				// the old and the new ring run side by side.
+				for _, k := range v.recipientKeys {
+					v.failures = window.Merge(v.failures, stamps[failureRef{it.tenant, k}])
+				}
+			}
+			view = &v
+		}
+		d, err := it.rule(now, view, func(n int) ([]code, error) {
+			if have := codes[view.id]; n <= want[challengeRef{it.tenant, it.requestID}] {
+				return have[:min(n, len(have))], nil
+			}
+			return recentCodes(ctx, tx, view.id, n)
+		})
+		if err != nil {
+			it.err = err
+			continue
+		}
+		if c != nil && d.status != "" {
+			c.attempts, c.status = d.attempts, d.status
+			dirty[c.id] = c
+		}
+		if c != nil && len(c.recipientKeys) > 0 && d.failures != nil {
+			for _, k := range c.recipientKeys {
+				f := failureRef{it.tenant, k}
+				stamps[f] = slices.Clone(d.failures)
+				dirtyFailures[f] = true
+			}
+		}
+		msgs = append(msgs, d.events...)
+	}
+
+	// What they decided, written in one round trip, then the events' outbox rows.
+	b = &pgx.Batch{}
+	for _, r := range refs {
+		if c := states[r]; c != nil && dirty[c.id] != nil {
+			b.Queue(`UPDATE verifier.challenges SET attempts = $2, status = $3, updated_at = now() WHERE challenge_id = $1`,
+				c.id, c.attempts, c.status)
+		}
+	}
+	for _, f := range frefs {
+		if dirtyFailures[f] {
+			b.Queue(`UPDATE verifier.recipient_failures SET stamps = $3 WHERE tenant = $1 AND recipient_key = $2`,
+				f.tenant, f.key, []time.Time(stamps[f]))
+		}
+	}
+	if b.Len() > 0 {
+		if err := tx.SendBatch(ctx, b).Close(); err != nil {
+			return err
+		}
+	}
+	var err error
+	*entries, err = st.outbox.Add(ctx, tx, msgs...)
+	return err
 }
 
 const recentCodesSQL = `SELECT code_seq, code_hmac, pepper_key_id, expires_at FROM verifier.codes
@@ -346,18 +374,16 @@ func (st *store) project(ctx context.Context, items []*projection) error {
 	if len(lh) > 0 {
 		platform.QueueErasureLocksShared(b, Schema, lt, lh)
 	}
-	// Challenge rows are written in the order verify groups lock them, (tenant,
-	// request_id) bytewise, so a batch and a group never wait on each other crosswise;
-	// the events of one request keep their order.
-	ordered := slices.Clone(items)
-	slices.SortStableFunc(ordered, func(a, b *projection) int {
-		return cmp.Or(strings.Compare(a.tenant, b.tenant), strings.Compare(a.requestID(), b.requestID()))
-	})
-	for _, p := range ordered {
+	// Rows are inserted in the stream's order (the first event to name a challenge id
+	// holds it); the updates of existing challenge rows, which take their row locks,
+	// come after, in the order verify groups lock them, (tenant, request_id) bytewise, so
+	// a batch and a group never wait on each other crosswise.
+	var updates []rowUpdate
+	for _, p := range items {
 		p.refused, p.erased = nil, false
 		switch {
 		case p.challenge != nil:
-			queueChallenge(b, p)
+			updates = queueChallenge(b, p, updates)
 		case p.superseded != nil:
 			// Scoped to the subject's tenant and the request: an event can only close a
 			// challenge it names exactly. A challenge id or request id that another
@@ -365,10 +391,18 @@ func (st *store) project(ctx context.Context, items []*projection) error {
 			e := p.superseded
 			b.Queue(`INSERT INTO verifier.challenges (tenant, request_id, challenge_id, max_attempts, status)
 				VALUES ($2, $3, $1, 0, 'superseded') ON CONFLICT DO NOTHING`, e.ChallengeID, p.tenant, e.RequestID)
-			b.Queue(`UPDATE verifier.challenges SET status = 'superseded', updated_at = now()
-				WHERE challenge_id = $1 AND tenant = $2 AND request_id = $3 AND status = 'active'`,
-				e.ChallengeID, p.tenant, e.RequestID)
+			updates = append(updates, rowUpdate{challengeRef{p.tenant, e.RequestID}, func(b *pgx.Batch) {
+				b.Queue(`UPDATE verifier.challenges SET status = 'superseded', updated_at = now()
+					WHERE challenge_id = $1 AND tenant = $2 AND request_id = $3 AND status = 'active'`,
+					e.ChallengeID, p.tenant, e.RequestID)
+			}})
 		}
+	}
+	slices.SortStableFunc(updates, func(a, b rowUpdate) int {
+		return cmp.Or(strings.Compare(a.ref.tenant, b.ref.tenant), strings.Compare(a.ref.requestID, b.ref.requestID))
+	})
+	for _, u := range updates {
+		u.queue(b)
 	}
 	if b.Len() == 0 {
 		return nil
@@ -376,7 +410,16 @@ func (st *store) project(ctx context.Context, items []*projection) error {
 	return pgx.BeginFunc(ctx, st.pool, func(tx pgx.Tx) error { return tx.SendBatch(ctx, b).Close() })
 }
 
-func queueChallenge(b *pgx.Batch, p *projection) {
+// rowUpdate is an update of a projected challenge row, queued once the batch's inserts
+// are.
+type rowUpdate struct {
+	ref   challengeRef
+	queue func(*pgx.Batch)
+}
+
+// queueChallenge queues the inserts of a code's event on b and returns updates with its
+// row updates added.
+func queueChallenge(b *pgx.Batch, p *projection, updates []rowUpdate) []rowUpdate {
 	tenant, e := p.tenant, p.challenge
 	// A code of a person erased after it was issued is dropped (verifier.erasures).
 	const erased = `EXISTS (SELECT 1 FROM verifier.erasures x WHERE x.tenant = $1 AND x.recipient_key = ANY ($2::text[]) AND x.erased_at >= $3)`
@@ -408,7 +451,8 @@ func queueChallenge(b *pgx.Batch, p *projection) {
 	// The recipient_failures risk rule, its window measured on the database clock. Each
 	// hash's row holds the whole state as its writer saw it: the fullest counts.
 	if rf := p.failureRisk; rf.failures > 0 {
-		b.Queue(`UPDATE verifier.challenges c SET max_attempts = LEAST(c.max_attempts, $3),
+		updates = append(updates, rowUpdate{challengeRef{tenant, e.RequestID}, func(b *pgx.Batch) {
+			b.Queue(`UPDATE verifier.challenges c SET max_attempts = LEAST(c.max_attempts, $3),
 				risk = array_append(c.risk, 'recipient_failures')
 			WHERE c.challenge_id = $1 AND c.tenant = $5 AND c.request_id = $6
 				AND c.attempts = 0 AND NOT ('recipient_failures' = ANY (c.risk))
@@ -416,8 +460,10 @@ func queueChallenge(b *pgx.Batch, p *projection) {
 						WHERE s.t > now() - $2::bigint * interval '1 microsecond')), 0)
 					FROM verifier.recipient_failures f
 					WHERE f.tenant = c.tenant AND f.recipient_key = ANY (c.recipient_keys)) >= $4`,
-			e.ChallengeID, rf.window.Microseconds(), rf.maxAttempts, rf.failures, tenant, e.RequestID)
+				e.ChallengeID, rf.window.Microseconds(), rf.maxAttempts, rf.failures, tenant, e.RequestID)
+		}})
 	}
+	return updates
 }
 
 // limitCount is one verify limit's count once a call is counted: hits in the current

@@ -91,6 +91,9 @@ func New(cfg Config, pool *pgxpool.Pool, nc *nats.Conn, js jetstream.JetStream, 
 	if cfg.Retention == 0 {
 		cfg.Retention = platform.Retention
 	}
+	if cfg.relayAge == 0 {
+		cfg.relayAge = 5 * time.Second
+	}
 	if cfg.MaxFenceWaits < 1 {
 		cfg.MaxFenceWaits = 16
 	}
@@ -124,9 +127,9 @@ func New(cfg Config, pool *pgxpool.Pool, nc *nats.Conn, js jetstream.JetStream, 
 		Name: "otpflow_verifier_verify_group_retries_total",
 		Help: "Verify transactions run again after PostgreSQL aborted them as a deadlock or a serialization failure.",
 	})}
-	s.groups = newVerifyGroups(cfg.VerifyTransactions, cfg.VerifyGroupSize, s.runGroup)
+	s.groups = newVerifyGroups(cfg.VerifyTransactions, cfg.VerifyGroupSize, s.runGroup, s.publishGroup)
 	if reg != nil {
-		reg.MustRegister(s.verifies, s.projected, s.deadLettered, s.fenceSkipped, s.groups.size, s.store.groupRetries)
+		reg.MustRegister(s.verifies, s.projected, s.deadLettered, s.fenceSkipped, s.groups.size, s.groups.leftToRelay, s.store.groupRetries)
 	}
 	return s, nil
 }
@@ -170,7 +173,7 @@ func (s *Service) Run(ctx context.Context) error {
 	s.log.Info("verifier serving", "subject", events.TypeVerify.Wildcard())
 
 	g, gctx := errgroup.WithContext(ctx)
-	g.Go(func() error { return s.outbox.Relay(gctx, 2*time.Second, 5*time.Second) })
+	g.Go(func() error { return s.outbox.Relay(gctx, 2*time.Second, s.cfg.relayAge) })
 	g.Go(func() error { return platform.PurgeEvery(gctx, 10*time.Minute, s.log, s.Purge) })
 	dead := &platform.DeadLetters{Sealer: s.cfg.DLQKey, Recipient: platform.EventRecipient(s.cfg.Subjects)}
 	// Healthy: a batch whose every event fails alone is blamed on the events only while
