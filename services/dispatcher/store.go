@@ -56,8 +56,8 @@ type claim struct {
 // the database clock, read once the rows are locked (a wait for another dispatcher's locks
 // must not make it stale). The claims decide returns are written in the same transaction,
 // each with a lease until the database clock plus lease. Each step is one statement for
-// the whole batch; rows are locked in key order, as complete locks them, so two batches
-// never wait on each other crosswise.
+// the whole batch; rows are locked, and new rows inserted, in key order, as complete locks
+// them, so two batches never wait on each other crosswise.
 func (st *store) claim(ctx context.Context, keys []deliveryKey, lease time.Duration,
 	decide func(local, now time.Time, rows []deliveryRow) []claim) error {
 	ids, seqs := keyArrays(keys)
@@ -110,8 +110,8 @@ func (st *store) claim(ctx context.Context, keys []deliveryKey, lease time.Durat
 			writes.Queue(`INSERT INTO dispatcher.deliveries (challenge_id, code_seq, tenant, request_id, status, attempts,
 					expires_at, claimed_at, lease_until)
 				SELECT c, s, t, r, 'sending', 1, e, $6, $7
-				FROM unnest($1::uuid[], $2::int[], $3::text[], $4::text[], $5::timestamptz[]) WITH ORDINALITY AS u(c, s, t, r, e, i)
-				ORDER BY i`, ids, seqs, tenants, requests, expires, now, now.Add(lease))
+				FROM unnest($1::uuid[], $2::int[], $3::text[], $4::text[], $5::timestamptz[]) AS u(c, s, t, r, e)
+				ORDER BY c, s`, ids, seqs, tenants, requests, expires, now, now.Add(lease))
 		}
 		if len(again) > 0 {
 			keys := make([]deliveryKey, len(again))

@@ -46,6 +46,9 @@ type Config struct {
 	Streams            events.StreamOptions
 	// DLQKey seals the events the projection dead-letters (OTP_DLQ_KEY); required.
 	DLQKey *keys.Sealer
+	// lockTimeout bounds a verify group's wait for a row lock (tests lengthen it);
+	// default 2s.
+	lockTimeout time.Duration
 	// relayAge is the age of an outbox entry the relay publishes (tests lengthen it);
 	// default 5s.
 	relayAge time.Duration

@@ -4,9 +4,11 @@ import (
 	"context"
 	"errors"
 	"fmt"
+	"strings"
 	"sync"
 	"time"
 
+	"github.com/jackc/pgx/v5/pgconn"
 	"github.com/otpflow/otpflow/events"
 	"github.com/otpflow/otpflow/platform"
 	"github.com/otpflow/otpflow/platform/outbox"
@@ -122,7 +124,8 @@ func (g *verifyGroups) do(c *verifyCall) {
 	}
 }
 
-// wait returns once every group answered so far has published its events.
+// wait returns once every publish begun so far has ended (events left to the relay are
+// not waited for).
 func (g *verifyGroups) wait() { g.publishing.Wait() }
 
 // queued is how many calls wait for a group (tests read it).
@@ -192,24 +195,30 @@ func (s *Service) runGroup(calls []*verifyCall) []outbox.Entry {
 	if len(items) == 0 {
 		return nil
 	}
-	entries, err := s.store.verifyGroup(ctx, items)
-	var before *errBeforeCommit
+	// A group of several waits for a row lock at most lockTimeout; a verify alone waits
+	// as the old single verify did, bounded by the group's deadline.
+	lockTimeout := time.Duration(0)
+	if len(items) > 1 {
+		lockTimeout = s.cfg.lockTimeout
+	}
+	entries, err := s.store.verifyGroup(ctx, items, lockTimeout)
 	switch {
 	case err == nil:
 		for i, it := range items {
 			s.answer(owners[i], it)
 		}
 		return entries
-	case len(items) > 1 && errors.As(err, &before):
+	case len(items) > 1 && oneCallsDoing(err):
 		// Nothing of the group was written, and the failure may be one call's doing (a
 		// row held elsewhere past the lock timeout, a row the database refuses): each
-		// call alone, with time of its own, so the others are still answered.
+		// call alone, within one more deadline for them all, so the others are still
+		// answered.
 		s.log.Warn("verify group failed; verifying its calls one by one", "calls", len(items), "err", err)
+		ctx, cancel := context.WithTimeout(context.Background(), verifyGroupTimeout)
+		defer cancel()
 		entries = nil
 		for i, it := range items {
-			ctx, cancel := context.WithTimeout(context.Background(), verifyGroupTimeout)
-			e, err := s.store.verifyGroup(ctx, []*verifyItem{it})
-			cancel()
+			e, err := s.store.verifyGroup(ctx, []*verifyItem{it}, s.cfg.lockTimeout)
 			if err != nil {
 				owners[i].err = err
 				continue
@@ -226,6 +235,24 @@ func (s *Service) runGroup(calls []*verifyCall) []outbox.Entry {
 		}
 		return nil
 	}
+}
+
+// oneCallsDoing tells a group's failure that may come from one of its calls, before the
+// group's commit: a row lock held elsewhere past the lock timeout (55P03), data the
+// database refuses (classes 22, 23, 54) or an exception a trigger raised (class P0). A
+// lost connection, a deadline or a failed commit is every call's, and splitting the group
+// would only stretch the wait or, after a commit of unknown outcome, count its attempts
+// twice.
+func oneCallsDoing(err error) bool {
+	var before *errBeforeCommit
+	var pgErr *pgconn.PgError
+	if !errors.As(err, &before) || !errors.As(err, &pgErr) {
+		return false
+	}
+	if _, refused := platform.RefusedByDatabase(err); refused {
+		return true
+	}
+	return pgErr.Code == "55P03" || strings.HasPrefix(pgErr.Code, "P0")
 }
 
 // item is the store's view of a call: the verify rule, run in the group's transaction.

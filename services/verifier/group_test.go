@@ -29,6 +29,8 @@ func newGroupHarness(t *testing.T, doc string, tune func(*Config)) *groupHarness
 		// The outbox relay stays out of it: events a group decides reach the stream by
 		// the group's own publish, or not at all.
 		c.relayAge = time.Hour
+		// Only the test of a held row waits the lock timeout out.
+		c.lockTimeout = time.Minute
 		if tune != nil {
 			tune(c)
 		}
@@ -280,7 +282,7 @@ func TestADeadlockedGroupIsRunAgain(t *testing.T) {
 // one by one: the others are answered, the held one fails (and is answered when its
 // caller retries), and nothing is counted twice.
 func TestARowHeldElsewhereDoesNotStallItsGroup(t *testing.T) {
-	g := newGroupHarness(t, "", nil)
+	g := newGroupHarness(t, "", func(c *Config) { c.lockTimeout = 2 * time.Second })
 	exp := time.Now().Add(time.Hour)
 	g.publishIssued(t, issue{ChallengeID: ch(1), RequestID: "held", CodeSeq: 1, Recipient: "one@example.com", ExpiresAt: exp}, "111111")
 	g.publishIssued(t, issue{ChallengeID: ch(2), RequestID: "free", CodeSeq: 1, Recipient: "two@example.com", ExpiresAt: exp}, "222222")
@@ -413,7 +415,7 @@ tenants:
 	testenv.Eventually(t, 10*time.Second, "the verify waiting for the failure row", func() bool {
 		var n int
 		_ = admin.QueryRow(t.Context(), `SELECT count(*) FROM pg_stat_activity
-			WHERE wait_event_type = 'Lock' AND query LIKE '%INTO verifier.recipient_failures AS f%'`).Scan(&n)
+			WHERE wait_event_type = 'Lock' AND query LIKE '%verifier.recipient_failures%'`).Scan(&n)
 		return n == 1
 	})
 	_, err = purge.Exec(t.Context(), `DELETE FROM verifier.recipient_failures`)
@@ -426,5 +428,34 @@ tenants:
 	testenv.Must(t, h.pool.QueryRow(t.Context(), `SELECT coalesce(max(cardinality(stamps)), 0) FROM verifier.recipient_failures`).Scan(&stamps), "stamps")
 	if stamps != 1 {
 		t.Errorf("the failure row holds %d stamps after the guess, want 1", stamps)
+	}
+}
+
+// TestAGroupWhoseCommitFailsIsNotRunAgain: the database refuses a group at its COMMIT (a
+// deferred constraint trigger stands for any failure there, a lost connection among
+// them, where the outcome may be unknown). The calls are answered with an internal error
+// to retry, and none is run again on its own: a commit that did land would count it twice.
+func TestAGroupWhoseCommitFailsIsNotRunAgain(t *testing.T) {
+	g := newGroupHarness(t, "", nil)
+	exp := time.Now().Add(time.Hour)
+	g.publishIssued(t, issue{ChallengeID: ch(1), RequestID: "atcommit", CodeSeq: 1, Recipient: "one@example.com", ExpiresAt: exp}, "111111")
+	g.publishIssued(t, issue{ChallengeID: ch(2), RequestID: "fine", CodeSeq: 1, Recipient: "two@example.com", ExpiresAt: exp}, "222222")
+	g.waitProjected(t, ch(1), 1)
+	g.waitProjected(t, ch(2), 1)
+	_, err := testenv.Admin(t, g.pool).Exec(t.Context(), `
+		CREATE FUNCTION verifier.test_at_commit() RETURNS trigger LANGUAGE plpgsql AS $$
+		BEGIN
+			IF NEW.request_id = 'atcommit' THEN RAISE EXCEPTION 'refused at commit'; END IF;
+			RETURN NEW;
+		END $$;
+		CREATE CONSTRAINT TRIGGER test_at_commit AFTER UPDATE ON verifier.challenges
+			DEFERRABLE INITIALLY DEFERRED FOR EACH ROW EXECUTE FUNCTION verifier.test_at_commit()`)
+	testenv.Must(t, err, "refuse at commit")
+	g.runGroupSplit([]want{
+		{"atcommit", "000000", statusServiceError, 0},
+		{"fine", "222222", statusServiceError, 0},
+	})
+	if a, s := g.state(ch(2)); a != 0 || s != statusActive {
+		t.Errorf("fine: %d attempts, %s; want it untouched (not run again alone)", a, s)
 	}
 }

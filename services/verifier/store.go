@@ -119,12 +119,13 @@ type failureRef struct{ tenant, key string }
 // order too. A transaction PostgreSQL still aborts as a deadlock or a serialization
 // failure (a purge, an operator's statement) is run again, up to three times.
 //
-// A row another transaction holds is waited for at most groupLockTimeout: then the group
-// fails (with the rest, an errBeforeCommit) and its calls are run one by one, so one held
-// row does not stall the verifies of other challenges.
-func (st *store) verifyGroup(ctx context.Context, items []*verifyItem) ([]outbox.Entry, error) {
+// With lockTimeout > 0, a row another transaction holds is waited for at most that long:
+// then the group fails before its commit (errBeforeCommit, over SQLSTATE 55P03) and the
+// caller can run its calls one by one, so one held row does not stall the verifies of
+// other challenges. 0 waits as long as ctx allows.
+func (st *store) verifyGroup(ctx context.Context, items []*verifyItem, lockTimeout time.Duration) ([]outbox.Entry, error) {
 	for attempt := 1; ; attempt++ {
-		entries, err := st.verifyGroupOnce(ctx, items)
+		entries, err := st.verifyGroupOnce(ctx, items, lockTimeout)
 		var pgErr *pgconn.PgError
 		if err == nil || attempt == 3 || !errors.As(err, &pgErr) || (pgErr.Code != "40P01" && pgErr.Code != "40001") {
 			return entries, err
@@ -133,7 +134,7 @@ func (st *store) verifyGroup(ctx context.Context, items []*verifyItem) ([]outbox
 	}
 }
 
-func (st *store) verifyGroupOnce(ctx context.Context, items []*verifyItem) ([]outbox.Entry, error) {
+func (st *store) verifyGroupOnce(ctx context.Context, items []*verifyItem, lockTimeout time.Duration) ([]outbox.Entry, error) {
 	refs := make([]challengeRef, 0, len(items))
 	want := map[challengeRef]int{} // codes to read per challenge
 	for _, it := range items {
@@ -149,7 +150,7 @@ func (st *store) verifyGroupOnce(ctx context.Context, items []*verifyItem) ([]ou
 	})
 	var entries []outbox.Entry
 	err := pgx.BeginFunc(ctx, st.pool, func(tx pgx.Tx) error {
-		err := st.verifyInTx(ctx, tx, items, refs, want, &entries)
+		err := st.verifyInTx(ctx, tx, items, refs, want, lockTimeout, &entries)
 		if err != nil {
 			return &errBeforeCommit{err}
 		}
@@ -161,9 +162,6 @@ func (st *store) verifyGroupOnce(ctx context.Context, items []*verifyItem) ([]ou
 	return entries, nil
 }
 
-// groupLockTimeout bounds a verify group's wait for one row lock.
-const groupLockTimeout = "2s"
-
 // errBeforeCommit is a verify group's failure before its COMMIT was sent: nothing of it
 // was written, so its calls may run again.
 type errBeforeCommit struct{ err error }
@@ -173,11 +171,13 @@ func (e *errBeforeCommit) Unwrap() error { return e.err }
 
 // verifyInTx is verifyGroupOnce's transaction.
 func (st *store) verifyInTx(ctx context.Context, tx pgx.Tx, items []*verifyItem, refs []challengeRef, want map[challengeRef]int,
-	entries *[]outbox.Entry) error {
+	lockTimeout time.Duration, entries *[]outbox.Entry) error {
 	// The challenges' row locks, in order, then the clock: one round trip.
 	states := map[challengeRef]*challenge{}
 	b := &pgx.Batch{}
-	b.Queue(`SET LOCAL lock_timeout = '` + groupLockTimeout + `'`)
+	if lockTimeout > 0 {
+		b.Queue(fmt.Sprintf(`SET LOCAL lock_timeout = %d`, lockTimeout.Milliseconds()))
+	}
 	for _, r := range refs {
 		b.Queue(`SELECT challenge_id::text, attempts, max_attempts, status, session_id, recipient_keys, test,
 				coalesce((SELECT k.trace_parent FROM verifier.codes k WHERE k.challenge_id = c.challenge_id ORDER BY k.code_seq DESC LIMIT 1), '')
@@ -222,22 +222,26 @@ func (st *store) verifyInTx(ctx context.Context, tx pgx.Tx, items []*verifyItem,
 			ts[i], ks[i] = f.tenant, f.key
 		}
 		// Insert or lock, in one statement and in order: a row is created if missing
-		// and locked if not, also when a purge deletes it meanwhile (the insert then
-		// goes through), so every verify of the recipient waits for this one.
+		// and locked if not (DO UPDATE locks every conflicting row; WHERE false writes
+		// none), also when a purge deletes it meanwhile (the insert then goes through),
+		// so every verify of the recipient waits for this one. Then the rows, all held
+		// by now, are read.
 		b.Queue(`INSERT INTO verifier.recipient_failures AS f (tenant, recipient_key)
 			SELECT t, k FROM unnest($1::text[], $2::text[]) WITH ORDINALITY AS u(t, k, i) ORDER BY i
-			ON CONFLICT (tenant, recipient_key) DO UPDATE SET stamps = f.stamps
-			RETURNING tenant, recipient_key, stamps`, ts, ks).Query(func(rows pgx.Rows) error {
-			for rows.Next() {
-				var f failureRef
-				var st []time.Time
-				if err := rows.Scan(&f.tenant, &f.key, &st); err != nil {
-					return err
+			ON CONFLICT (tenant, recipient_key) DO UPDATE SET stamps = f.stamps WHERE false`, ts, ks)
+		b.Queue(`SELECT f.tenant, f.recipient_key, f.stamps FROM verifier.recipient_failures f
+			JOIN unnest($1::text[], $2::text[]) AS u(t, k) ON f.tenant = u.t AND f.recipient_key = u.k`, ts, ks).
+			Query(func(rows pgx.Rows) error {
+				for rows.Next() {
+					var f failureRef
+					var st []time.Time
+					if err := rows.Scan(&f.tenant, &f.key, &st); err != nil {
+						return err
+					}
+					stamps[f] = st
 				}
-				stamps[f] = st
-			}
-			return rows.Err()
-		})
+				return rows.Err()
+			})
 	}
 	for _, r := range refs {
 		if c := states[r]; c != nil && c.status == statusActive && want[r] > 0 {

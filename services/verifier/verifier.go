@@ -91,6 +91,9 @@ func New(cfg Config, pool *pgxpool.Pool, nc *nats.Conn, js jetstream.JetStream, 
 	if cfg.Retention == 0 {
 		cfg.Retention = platform.Retention
 	}
+	if cfg.lockTimeout == 0 {
+		cfg.lockTimeout = 2 * time.Second
+	}
 	if cfg.relayAge == 0 {
 		cfg.relayAge = 5 * time.Second
 	}
