@@ -10,7 +10,7 @@ import (
 )
 
 // TestClaimAndCompleteKeepEachKeysRow: claim and complete work on a whole batch in one
-// statement each, with keys in any order; each key still gets its own row. The batch
+// transaction each, with keys in any order; each key gets its own row. The batch
 // mixes a new job, a row settled before, a sending row whose lease ran out and one still
 // leased, in an order that is not the rows' own; then completions of every kind, one of
 // them for a row another worker settled meanwhile.
