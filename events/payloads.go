@@ -342,6 +342,57 @@ type Locked struct {
 	Test        bool      `json:"test,omitempty"`
 }
 
+// FeedbackKind is what a mail provider learned of a sent code after it accepted it.
+type FeedbackKind string
+
+// The feedback kinds.
+const (
+	// FeedbackMailboxDelivered: the recipient's mail server took the mail.
+	FeedbackMailboxDelivered FeedbackKind = "mailbox_delivered"
+	// FeedbackBounced: the recipient's mail server refused it (BounceType says for good or not).
+	FeedbackBounced FeedbackKind = "bounced"
+	// FeedbackComplained: the recipient marked it as spam.
+	FeedbackComplained FeedbackKind = "complained"
+	// FeedbackRejected: the provider took it and then did not send it (a virus, a
+	// rendering failure).
+	FeedbackRejected FeedbackKind = "rejected"
+	// FeedbackDelayed: the provider could not hand it over yet and keeps trying.
+	FeedbackDelayed FeedbackKind = "delayed"
+)
+
+// Feedback is the body of otp.feedback.<tenant>: what the mail provider reported about a
+// mail after it accepted it (an SES event notification), tied to the code it carried by
+// the message tags the dispatcher set. The recipient is named only by RecipientHash, the
+// subject hash the code was issued under; Diagnostic is the provider's text with every
+// address and IP redacted. The id is "feedback:<provider>:<notification id>".
+type Feedback struct {
+	Tenant      string       `json:"tenant"`
+	ChallengeID string       `json:"challenge_id"`
+	CodeSeq     int          `json:"code_seq"`
+	Kind        FeedbackKind `json:"kind"`
+	// RecipientHash is the subject hash (OTP_SUBJECT_KEY, "id:base64url") the dispatcher
+	// tagged the mail with: a complaint that comes weeks later still finds its person.
+	RecipientHash     string `json:"recipient_hash,omitempty"`
+	Provider          string `json:"provider"`
+	ProviderMessageID string `json:"provider_message_id"`
+	// BounceType is Permanent, Transient or Undetermined; BounceSubType the provider's
+	// finer reason (General, NoEmail, Suppressed, MailboxFull, ...).
+	BounceType    string `json:"bounce_type,omitempty"`
+	BounceSubType string `json:"bounce_sub_type,omitempty"`
+	// ComplaintType is the feedback report's type (abuse, fraud, ...), when it has one.
+	ComplaintType string `json:"complaint_type,omitempty"`
+	// DelayType is the provider's reason for a delay (MailboxFull, TransientCommunicationFailure, ...).
+	DelayType string `json:"delay_type,omitempty"`
+	// Diagnostic is the receiving server's or the provider's text: the SMTP status and
+	// diagnostic code of a bounce or a delay, the reason of a rejection.
+	Diagnostic string `json:"diagnostic,omitempty"`
+	// SentAt is when the provider took the mail; OccurredAt when the reported event
+	// happened; ReceivedAt when otpflow read the notification.
+	SentAt     time.Time `json:"sent_at"`
+	OccurredAt time.Time `json:"occurred_at"`
+	ReceivedAt time.Time `json:"received_at"`
+}
+
 // Alert is the body of otp.alert.<tenant>: an anomaly rule fired. Rules about the whole
 // deployment use the tenant "_system". Detail is for people and never names an address
 // or an IP, not even masked: the person or client network a rule counted is named only

@@ -30,6 +30,7 @@ var publicPayloads = map[string]any{
 	"otp.verify_failed":     events.VerifyFailed{},
 	"otp.locked":            events.Locked{},
 	"otp.alert":             events.Alert{},
+	"otp.feedback":          events.Feedback{},
 	"otp.operator_action":   events.OperatorAction{},
 	"otp.erasure_requested": events.ErasureRequested{},
 	"otp.erased":            events.Erased{},

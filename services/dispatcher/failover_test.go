@@ -141,6 +141,10 @@ func TestAmbiguousSendIsResentOnceWithTheSameCode(t *testing.T) {
 		t.Fatalf("delivered %+v with %d SES mails, want a confirmed re-send", d, len(mails))
 	}
 	for _, m := range mails {
+		// The tags SES reports back with its event notifications name the code.
+		if m.Tags["tenant"] != "acme" || m.Tags["challenge_id"] != challenge(11) || m.Tags["code_seq"] != "1" {
+			t.Fatalf("tags %v", m.Tags)
+		}
 		if !strings.Contains(m.Text, "424242") {
 			t.Fatalf("the re-send carries another code: %q", m.Text)
 		}

@@ -4,10 +4,12 @@ import (
 	"context"
 	"errors"
 	"fmt"
+	"strconv"
 	"time"
 
 	"github.com/otpflow/otpflow/events"
 	"github.com/otpflow/otpflow/services/dispatcher/mailer"
+	"github.com/otpflow/otpflow/services/dispatcher/sesfeedback"
 	"go.opentelemetry.io/otel/trace"
 )
 
@@ -108,7 +110,10 @@ func (s *Service) send(ctx context.Context, j *job) result {
 		From: from, To: dj.Recipient, Subject: subject, Text: text, HTML: html,
 		ID:      fmt.Sprintf("%s:%d", dj.ChallengeID, dj.CodeSeq),
 		Headers: map[string]string{"X-Otp-Challenge-Id": dj.ChallengeID, "X-Otp-Tenant": dj.Tenant},
-		Tags:    map[string]string{"tenant": dj.Tenant, "purpose": dj.Purpose, "challenge_id": dj.ChallengeID},
+		// The tags SES reports back with every event notification of the mail
+		// (sesfeedback): they tie a bounce or a complaint to its code.
+		Tags: map[string]string{sesfeedback.TagTenant: dj.Tenant, "purpose": dj.Purpose, sesfeedback.TagChallenge: dj.ChallengeID,
+			sesfeedback.TagCodeSeq: strconv.Itoa(dj.CodeSeq)},
 	}
 	ctx, calls := withCallLog(ctx)
 	sent, err := s.chain.Send(ctx, m)

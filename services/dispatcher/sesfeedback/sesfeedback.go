@@ -1,0 +1,322 @@
+// Package sesfeedback reads the event notifications Amazon SES publishes for a
+// configuration set (Bounce, Complaint, Delivery, Reject, DeliveryDelay, Rendering
+// Failure) as they arrive in an SQS queue subscribed to the SNS topic the configuration
+// set publishes to, with or without SNS's raw message delivery. Parse turns one
+// queue message body into the otp.feedback event of the code the mail carried, found by
+// the message tags the dispatcher's SES provider sets (tenant, challenge id, code
+// sequence and the recipient's subject hash). It is pure: no network, no clock.
+package sesfeedback
+
+import (
+	"encoding/json"
+	"errors"
+	"fmt"
+	"strconv"
+	"strings"
+	"time"
+
+	"github.com/otpflow/otpflow/events"
+)
+
+// The message tags the dispatcher sets on an SES send and Parse reads back. SES takes
+// only [0-9A-Za-z_-] in a tag value, so the recipient's subject hash ("<key id>:<hash>")
+// travels as two tags, the key id and the hash.
+const (
+	TagTenant        = "tenant"
+	TagChallenge     = "challenge_id"
+	TagCodeSeq       = "code_seq"
+	TagRecipientKey  = "recipient_key"
+	TagRecipientHash = "recipient_hash"
+)
+
+// maxBody bounds a queue message body; SQS's own limit is 256 KiB.
+const maxBody = 256 << 10
+
+// Reasons of an Error: what is wrong with a notification.
+const (
+	ReasonMalformed    = "malformed"     // not the JSON of an SNS notification or an SES event
+	ReasonNotEvent     = "not_an_event"  // an SNS message of another type (SubscriptionConfirmation, ...)
+	ReasonUnknownType  = "unknown_type"  // an SES event type this version does not know
+	ReasonNotOurs      = "not_ours"      // no otpflow tags: a mail some other sender sent with the configuration set
+	ReasonBadTag       = "bad_tag"       // an otpflow tag whose value cannot be ours
+	ReasonMissingField = "missing_field" // a field SES always sends for the type is missing
+)
+
+// Error is a notification Parse refuses, with the reason (one of the Reason constants)
+// and a detail that quotes nothing of the body but field names and types.
+type Error struct {
+	Reason string
+	Detail string
+}
+
+func (e *Error) Error() string { return "ses notification " + e.Reason + ": " + e.Detail }
+
+// ErrIgnored is a notification of a type otpflow has no use for (Send, Open, Click,
+// Subscription): the caller drops it without dead-lettering it.
+var ErrIgnored = errors.New("ses notification of a type otpflow does not use")
+
+// Notification is what Parse makes of one queue message: the event to publish and the
+// id to publish it under.
+type Notification struct {
+	// ID is the notification's own id (the SNS MessageId, or the SES feedback id when
+	// the body is a raw SES event): a redelivered queue message gives the same one.
+	ID    string
+	Event events.Feedback
+}
+
+// MsgID is the Nats-Msg-Id of the otp.feedback event, so a notification read twice is
+// stored once.
+func (n Notification) MsgID() string { return "feedback:ses:" + n.ID }
+
+// snsEnvelope is an SNS message as SQS holds it without raw message delivery.
+type snsEnvelope struct {
+	Type      string `json:"Type"`
+	MessageID string `json:"MessageId"`
+	Message   string `json:"Message"`
+}
+
+// sesEvent is an SES event record; notificationType is its name without event
+// publishing.
+type sesEvent struct {
+	EventType        string `json:"eventType"`
+	NotificationType string `json:"notificationType"`
+	Mail             *struct {
+		Timestamp time.Time           `json:"timestamp"`
+		MessageID string              `json:"messageId"`
+		Tags      map[string][]string `json:"tags"`
+	} `json:"mail"`
+	Bounce *struct {
+		BounceType        string `json:"bounceType"`
+		BounceSubType     string `json:"bounceSubType"`
+		BouncedRecipients []struct {
+			Status         string `json:"status"`
+			DiagnosticCode string `json:"diagnosticCode"`
+		} `json:"bouncedRecipients"`
+		Timestamp  time.Time `json:"timestamp"`
+		FeedbackID string    `json:"feedbackId"`
+	} `json:"bounce"`
+	Complaint *struct {
+		ComplaintFeedbackType string    `json:"complaintFeedbackType"`
+		ComplaintSubType      string    `json:"complaintSubType"`
+		Timestamp             time.Time `json:"timestamp"`
+		FeedbackID            string    `json:"feedbackId"`
+	} `json:"complaint"`
+	Delivery *struct {
+		Timestamp    time.Time `json:"timestamp"`
+		SMTPResponse string    `json:"smtpResponse"`
+	} `json:"delivery"`
+	Reject *struct {
+		Reason string `json:"reason"`
+	} `json:"reject"`
+	Failure *struct {
+		ErrorMessage string `json:"errorMessage"`
+	} `json:"failure"`
+	DeliveryDelay *struct {
+		DelayType         string    `json:"delayType"`
+		Timestamp         time.Time `json:"timestamp"`
+		DelayedRecipients []struct {
+			Status         string `json:"status"`
+			DiagnosticCode string `json:"diagnosticCode"`
+		} `json:"delayedRecipients"`
+	} `json:"deliveryDelay"`
+}
+
+// Parse reads one queue message body. It returns ErrIgnored for a notification type
+// otpflow has no use for and an *Error for one it refuses; every refusal is safe to
+// dead-letter as it is (the detail quotes no value). received is when the queue gave it.
+func Parse(body []byte, received time.Time) (Notification, error) {
+	if len(body) > maxBody {
+		return Notification{}, &Error{ReasonMalformed, fmt.Sprintf("body of %d bytes, more than %d", len(body), maxBody)}
+	}
+	var n Notification
+	record := body
+	var env snsEnvelope
+	if err := json.Unmarshal(body, &env); err != nil {
+		return n, &Error{ReasonMalformed, "body is not a JSON object"}
+	}
+	if env.Type != "" {
+		// An SNS envelope: the SES record is its Message, a JSON string.
+		if env.Type != "Notification" {
+			return n, &Error{ReasonNotEvent, "SNS message of type " + quoteToken(env.Type)}
+		}
+		if env.MessageID == "" || env.Message == "" {
+			return n, &Error{ReasonMissingField, "SNS notification without MessageId or Message"}
+		}
+		n.ID, record = env.MessageID, []byte(env.Message)
+	}
+	var e sesEvent
+	if err := json.Unmarshal(record, &e); err != nil {
+		return n, &Error{ReasonMalformed, "SES record is not a JSON object of the documented shape"}
+	}
+	typ := e.EventType
+	if typ == "" {
+		typ = e.NotificationType
+	}
+	if e.Mail == nil || e.Mail.MessageID == "" {
+		if typ == "" {
+			return n, &Error{ReasonMalformed, "neither an SNS notification nor an SES event"}
+		}
+		return n, &Error{ReasonMissingField, "mail.messageId"}
+	}
+	f := events.Feedback{Provider: "ses", ProviderMessageID: e.Mail.MessageID, SentAt: e.Mail.Timestamp.UTC(), ReceivedAt: received.UTC()}
+	var feedbackID string
+	switch typ {
+	case "Bounce":
+		if e.Bounce == nil {
+			return n, &Error{ReasonMissingField, "bounce"}
+		}
+		b := e.Bounce
+		f.Kind, f.BounceType, f.BounceSubType, f.OccurredAt, feedbackID = events.FeedbackBounced, token(b.BounceType), token(b.BounceSubType), b.Timestamp, b.FeedbackID
+		if len(b.BouncedRecipients) > 0 {
+			f.Diagnostic = diagnostic(b.BouncedRecipients[0].Status, b.BouncedRecipients[0].DiagnosticCode)
+		}
+	case "Complaint":
+		if e.Complaint == nil {
+			return n, &Error{ReasonMissingField, "complaint"}
+		}
+		c := e.Complaint
+		f.Kind, f.ComplaintType, f.OccurredAt, feedbackID = events.FeedbackComplained, token(c.ComplaintFeedbackType), c.Timestamp, c.FeedbackID
+		if c.ComplaintSubType != "" {
+			f.Diagnostic = events.Reason("complaint sub-type "+c.ComplaintSubType, 500)
+		}
+	case "Delivery":
+		if e.Delivery == nil {
+			return n, &Error{ReasonMissingField, "delivery"}
+		}
+		f.Kind, f.OccurredAt, f.Diagnostic = events.FeedbackMailboxDelivered, e.Delivery.Timestamp, diagnostic("", e.Delivery.SMTPResponse)
+	case "Reject":
+		f.Kind, f.OccurredAt = events.FeedbackRejected, e.Mail.Timestamp
+		if e.Reject != nil {
+			f.Diagnostic = diagnostic("", e.Reject.Reason)
+		}
+	case "Rendering Failure":
+		f.Kind, f.OccurredAt, f.Diagnostic = events.FeedbackRejected, e.Mail.Timestamp, "rendering failure"
+		if e.Failure != nil {
+			f.Diagnostic = diagnostic("rendering failure:", e.Failure.ErrorMessage)
+		}
+	case "DeliveryDelay":
+		if e.DeliveryDelay == nil {
+			return n, &Error{ReasonMissingField, "deliveryDelay"}
+		}
+		d := e.DeliveryDelay
+		f.Kind, f.DelayType, f.OccurredAt = events.FeedbackDelayed, token(d.DelayType), d.Timestamp
+		if len(d.DelayedRecipients) > 0 {
+			f.Diagnostic = diagnostic(d.DelayedRecipients[0].Status, d.DelayedRecipients[0].DiagnosticCode)
+		}
+	case "Send", "Open", "Click", "Subscription", "AmazonSnsSubscriptionSucceeded":
+		return n, ErrIgnored
+	case "":
+		return n, &Error{ReasonMissingField, "eventType"}
+	default:
+		return n, &Error{ReasonUnknownType, "event type " + quoteToken(typ)}
+	}
+	if f.OccurredAt.IsZero() {
+		f.OccurredAt = f.SentAt
+	}
+	f.OccurredAt = f.OccurredAt.UTC()
+	if err := readTags(e.Mail.Tags, &f); err != nil {
+		return n, err
+	}
+	if n.ID == "" {
+		// A raw SES record: its feedback id, or the message id and the event type,
+		// which one mail reports once each (but for delays, which carry their time).
+		n.ID = feedbackID
+		if n.ID == "" {
+			n.ID = e.Mail.MessageID + ":" + strings.ReplaceAll(typ, " ", "") + ":" + strconv.FormatInt(f.OccurredAt.UnixMilli(), 10)
+		}
+	}
+	if !idPattern(n.ID) {
+		return n, &Error{ReasonBadTag, "notification id is not a token"}
+	}
+	n.Event = f
+	return n, nil
+}
+
+// readTags fills the code's identity from the message tags: the tenant, the challenge id
+// and the code sequence, required, and the recipient's subject hash, when set.
+func readTags(tags map[string][]string, f *events.Feedback) error {
+	get := func(k string) string {
+		if v := tags[k]; len(v) > 0 {
+			return v[0]
+		}
+		return ""
+	}
+	tenant, challenge, seq := get(TagTenant), get(TagChallenge), get(TagCodeSeq)
+	hash := ""
+	if k, h := get(TagRecipientKey), get(TagRecipientHash); k != "" || h != "" {
+		hash = k + ":" + h
+	}
+	if tenant == "" && challenge == "" {
+		return &Error{ReasonNotOurs, "no tenant or challenge_id tag"}
+	}
+	switch {
+	case !events.ValidTenant(tenant):
+		return &Error{ReasonBadTag, "tenant tag is not a tenant"}
+	case !events.IsUUID(challenge):
+		return &Error{ReasonBadTag, "challenge_id tag is not a UUID"}
+	}
+	n, err := strconv.Atoi(seq)
+	if err != nil || n < 1 || n > 1000 {
+		return &Error{ReasonBadTag, "code_seq tag is not a code sequence"}
+	}
+	if hash != "" && !hashPattern(hash) {
+		return &Error{ReasonBadTag, "recipient_hash tag is not a subject hash"}
+	}
+	f.Tenant, f.ChallengeID, f.CodeSeq, f.RecipientHash = tenant, challenge, n, hash
+	return nil
+}
+
+// diagnostic is a status and the receiving server's text, made fit to leave the
+// service: every address and IP redacted, at most 500 bytes.
+func diagnostic(status, text string) string {
+	return events.Reason(strings.TrimSpace(strings.TrimSpace(status)+" "+strings.TrimSpace(text)), 500)
+}
+
+// token keeps a short word of SES's vocabulary (Permanent, MailboxFull) and drops
+// anything else.
+func token(s string) string {
+	if len(s) > 64 {
+		return ""
+	}
+	for _, r := range s {
+		if !(r >= 'a' && r <= 'z' || r >= 'A' && r <= 'Z' || r >= '0' && r <= '9' || r == '_' || r == '-' || r == ' ') {
+			return ""
+		}
+	}
+	return s
+}
+
+// quoteToken names an unknown type in an error without quoting arbitrary text.
+func quoteToken(s string) string {
+	if t := token(s); t != "" {
+		return fmt.Sprintf("%q", t)
+	}
+	return "(not a word)"
+}
+
+// idPattern is a notification id that can go into a Nats-Msg-Id.
+func idPattern(s string) bool {
+	if s == "" || len(s) > 200 {
+		return false
+	}
+	for _, r := range s {
+		if !(r >= 'a' && r <= 'z' || r >= 'A' && r <= 'Z' || r >= '0' && r <= '9' || strings.ContainsRune("-_:.", r)) {
+			return false
+		}
+	}
+	return true
+}
+
+// hashPattern is a subject hash as keys.Subjects writes it: "<key id>:<base64url>".
+func hashPattern(s string) bool {
+	id, h, ok := strings.Cut(s, ":")
+	if !ok || id == "" || len(id) > 32 || len(h) < 16 || len(h) > 64 {
+		return false
+	}
+	for _, r := range id + h {
+		if !(r >= 'a' && r <= 'z' || r >= 'A' && r <= 'Z' || r >= '0' && r <= '9' || r == '-' || r == '_') {
+			return false
+		}
+	}
+	return true
+}
