@@ -183,7 +183,7 @@ func TestGoldenCoversEveryWireType(t *testing.T) {
 			t.Errorf("DecodeEventOf(%s) = %#v, want %#v", typ, got, want)
 		}
 	}
-	if _, err := events.DecodeEventOf("otp.feedback", []byte(`{}`)); !errors.Is(err, events.ErrUnknownType) {
+	if _, err := events.DecodeEventOf("otp.teleported", []byte(`{}`)); !errors.Is(err, events.ErrUnknownType) {
 		t.Errorf("an unknown type decoded: %v", err)
 	}
 }

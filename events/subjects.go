@@ -25,7 +25,9 @@ const (
 	TypeVerifyFailed    Type = "otp.verify_failed"
 	TypeLocked          Type = "otp.locked"
 	TypeAlert           Type = "otp.alert"
-	TypeOperatorAction  Type = "otp.operator_action"
+	// TypeFeedback is what a mail provider reported about a mail after it accepted it.
+	TypeFeedback       Type = "otp.feedback"
+	TypeOperatorAction Type = "otp.operator_action"
 	// TypeErasureRequested asks every service to erase one person; TypeErased is each
 	// service's answer that it has.
 	TypeErasureRequested Type = "otp.erasure_requested"
@@ -43,7 +45,7 @@ const (
 var EventTypes = []Type{
 	TypeIssued, TypeRejected, TypeSuperseded, TypeDelivered, TypeDeliveryFailed,
 	TypeDispatchExpired, TypeVerified, TypeVerifyFailed, TypeLocked, TypeAlert, TypeOperatorAction,
-	TypeErasureRequested, TypeErased,
+	TypeErasureRequested, TypeErased, TypeFeedback,
 }
 
 // ChallengeTypes are the types stored on the OTP_CHALLENGES stream, the verifier's own:
@@ -88,6 +90,8 @@ func DecodeEventOf(t Type, data []byte) (any, error) {
 		return decodeAs[ErasureRequested](data)
 	case TypeErased:
 		return decodeAs[Erased](data)
+	case TypeFeedback:
+		return decodeAs[Feedback](data)
 	}
 	return nil, fmt.Errorf("%w: %s", ErrUnknownType, t)
 }

@@ -106,6 +106,7 @@ func TestNATSPermissions(t *testing.T) {
 		jsPublish(ctx, t, dispatcher, "otp.delivered.acme")
 		jsPublish(ctx, t, dispatcher, "otp.delivery_failed.acme")
 		jsPublish(ctx, t, dispatcher, "otp.dispatch_expired.acme")
+		jsPublish(ctx, t, dispatcher, "otp.feedback.acme") // SES feedback (OTP_SES_FEEDBACK_QUEUE_URL)
 		jsPublish(ctx, t, dispatcher, "otp.erased.acme")
 
 	})
@@ -246,6 +247,7 @@ func TestNATSPermissions(t *testing.T) {
 			t.Parallel()
 			denyPublish(t, issuer, "otp.verified.acme")
 			denyPublish(t, issuer, "otp.delivered.acme")
+			denyPublish(t, issuer, "otp.feedback.acme") // a forged bounce would suppress a person
 			denyPublish(t, issuer, "otp.requested.acme")
 			denyPublish(t, issuer, "otp.erasure_requested.acme")
 			denySubscribe(t, issuer, "otp.>")

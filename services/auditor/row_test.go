@@ -27,7 +27,7 @@ var rowCases = []struct {
 	{"locked", "otp.locked.acme", `{"challenge_id":"c-1","tenant":"acme","request_id":"r-1","attempts":5,"locked_at":"2026-11-26T10:06:00Z"}`},
 	{"alert", "otp.alert._system", `{"tenant":"_system","rule":"delivery_failure_ratio","severity":"warning","detail":"provider ses failed 3 of 4 calls","value":0.75,"threshold":0.5,"raised_at":"2026-11-26T10:06:00Z"}`},
 	{"known type, unknown fields", "otp.verified.acme", `{"challenge_id":"c-2","tenant":"acme","request_id":"r-2","code_seq":1,"attempts":1,"verified_at":"2026-11-26T10:05:00Z","method":"passkey","big":12345678901234567890,"nested":{"b":[1,2.50,"x"],"a":null}}`},
-	{"unknown type", "otp.feedback.acme", `{"challenge_id":"c-3","request_id":"r-3","recipient":"bo@example.com","client_ip":"198.51.100.1","kind":"complaint","score":0.1,"at":"2026-11-26T10:08:00Z"}`},
+	{"unknown type", "otp.opened.acme", `{"challenge_id":"c-3","request_id":"r-3","recipient":"bo@example.com","client_ip":"198.51.100.1","kind":"complaint","score":0.1,"at":"2026-11-26T10:08:00Z"}`},
 }
 
 // TestRowFormatIsStable pins the audit row of each case: its payload and the chain hashes.
@@ -74,5 +74,5 @@ var rowFormat = []string{
 	`locked|r-1|c-1|||{"attempts":5,"challenge_id":"c-1","locked_at":"2026-11-26T10:06:00Z","request_id":"r-1","tenant":"acme"}|map[]|cd0d1a3fd2edbe1837674710ca9d1c04978c1dc67693f2601689e3d734bf5592`,
 	`alert|||||{"detail":"provider ses failed 3 of 4 calls","raised_at":"2026-11-26T10:06:00Z","rule":"delivery_failure_ratio","severity":"warning","tenant":"_system","threshold":0.5,"value":0.75}|map[]|bfd9ad643c31352984d57d6c1ca534b965246a8b0e2a23463396bc6a30582506`,
 	`known type, unknown fields|r-2|c-2|||{"attempts":1,"big":12345678901234567890,"challenge_id":"c-2","code_seq":1,"method":"passkey","nested":{"a":null,"b":[1,2.5,"x"]},"request_id":"r-2","tenant":"acme","verified_at":"2026-11-26T10:05:00Z"}|map[]|4e551ed358929cc098a268cce53762d9e9a3e36473aa376b6876ddb9cc095180`,
-	`unknown type|r-3|c-3|b***@example.com|6b313a68615464444c734e39474157586f2d374b68676e58307a694a506c5f7236524a36754e2d56346c69665930|{"at":"2026-11-26T10:08:00Z","challenge_id":"c-3","kind":"complaint","request_id":"r-3","score":0.1}|map[client_hash:k1:2PUWoJq0JF93h9q7vCD5PhFMS-jLa2FD-6PGL-uXJzw]|ea5730efb1cb70ec08f7ce721b4c7e043fef5af918aa6ceb4bd1999c76678214`,
+	`unknown type|r-3|c-3|b***@example.com|6b313a68615464444c734e39474157586f2d374b68676e58307a694a506c5f7236524a36754e2d56346c69665930|{"at":"2026-11-26T10:08:00Z","challenge_id":"c-3","kind":"complaint","request_id":"r-3","score":0.1}|map[client_hash:k1:2PUWoJq0JF93h9q7vCD5PhFMS-jLa2FD-6PGL-uXJzw]|430a3acf6dc913fa8e7609414f7435747ad964de454bbd4a1186c56b86d7e7d2`,
 }

@@ -29,9 +29,9 @@ func TestUnknownEventsAndFieldsSurvive(t *testing.T) {
 	info, err := st.Info(ctx)
 	testenv.Must(t, err, "stream info")
 	cfg := info.Config
-	cfg.Subjects = append(cfg.Subjects, "otp.feedback.*")
+	cfg.Subjects = append(cfg.Subjects, "otp.opened.*")
 	_, err = js.UpdateStream(ctx, cfg)
-	testenv.Must(t, err, "add otp.feedback.*")
+	testenv.Must(t, err, "add otp.opened.*")
 
 	bodies := []struct {
 		typ  events.Type
@@ -39,7 +39,7 @@ func TestUnknownEventsAndFieldsSurvive(t *testing.T) {
 	}{
 		{events.TypeIssued, `{"challenge_id":"c-1","tenant":"acme","request_id":"r-1","code_seq":1,"recipient":"ana@example.com","purpose":"login","max_attempts":5,"client_ip":"203.0.113.7","issued_at":"2026-11-26T10:02:00Z","expires_at":"2026-11-26T10:07:00Z"}`},
 		{events.TypeVerified, `{"challenge_id":"c-1","tenant":"acme","request_id":"r-1","code_seq":1,"attempts":1,"verified_at":"2026-11-26T10:03:00Z","method":"passkey","device":{"id":12345678901234567890,"tags":["a","b"]}}`},
-		{"otp.feedback", `{"challenge_id":"c-1","request_id":"r-1","recipient":"ana@example.com","session_id":"s-9","kind":"complaint","source":{"feedback_id":"f-1"}}`},
+		{"otp.opened", `{"challenge_id":"c-1","request_id":"r-1","recipient":"ana@example.com","session_id":"s-9","kind":"complaint","source":{"feedback_id":"f-1"}}`},
 	}
 	for i, b := range bodies {
 		m, err := events.NewMsg(b.typ, "acme", fmt.Sprintf("e-%d", i), "", jsonRaw(b.body), events.Envelope{Source: "newer"})
@@ -62,7 +62,7 @@ func TestUnknownEventsAndFieldsSurvive(t *testing.T) {
 	}
 	for _, want := range []string{`"kind": "complaint"`, `"feedback_id": "f-1"`} {
 		if !strings.Contains(got[2], want) {
-			t.Errorf("otp.feedback row lost %s: %s", want, got[2])
+			t.Errorf("otp.opened row lost %s: %s", want, got[2])
 		}
 	}
 	for _, p := range got {
@@ -74,8 +74,8 @@ func TestUnknownEventsAndFieldsSurvive(t *testing.T) {
 	var typ, pii, masked, hash string
 	testenv.Must(t, live.QueryRow(ctx, `SELECT type, recipient_masked, coalesce(pii::text, ''), convert_from(recipient_hash, 'UTF8')
 		FROM audit.events WHERE stream_seq = 3`).Scan(&typ, &masked, &pii, &hash), "feedback row")
-	if typ != "otp.feedback" || masked != "a***@example.com" || pii != "" || hash != testSubjects.Subject("acme", "ana@example.com") {
-		t.Errorf("otp.feedback row: type %q, masked %q, pii %q, hash %q", typ, masked, pii, hash)
+	if typ != "otp.opened" || masked != "a***@example.com" || pii != "" || hash != testSubjects.Subject("acme", "ana@example.com") {
+		t.Errorf("otp.opened row: type %q, masked %q, pii %q, hash %q", typ, masked, pii, hash)
 	}
 	if rep, err := testChain.Verify(ctx, live); err != nil || !rep.OK() || rep.Rows != 3 {
 		t.Fatalf("verify: %+v, %v", rep, err)
@@ -86,7 +86,7 @@ func TestUnknownEventsAndFieldsSurvive(t *testing.T) {
 	for _, s := range steps {
 		sums = append(sums, s.Summary)
 	}
-	if len(steps) != 3 || sums[1] != "verified with code 1 after 1 attempts" || sums[2] != "otp.feedback" {
+	if len(steps) != 3 || sums[1] != "verified with code 1 after 1 attempts" || sums[2] != "otp.opened" {
 		t.Errorf("trail: %q", sums)
 	}
 

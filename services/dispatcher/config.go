@@ -16,6 +16,7 @@ import (
 	"github.com/otpflow/otpflow/services/dispatcher/mailer"
 	"github.com/otpflow/otpflow/services/dispatcher/nullsink"
 	"github.com/otpflow/otpflow/services/dispatcher/ses"
+	"github.com/otpflow/otpflow/services/dispatcher/sesfeedback"
 	"github.com/otpflow/otpflow/services/dispatcher/smtp"
 )
 
@@ -71,6 +72,30 @@ func LoadConfig(getenv platform.Getenv, common platform.Common) (Config, error) 
 	guard := func(rateVar string) (mailer.GuardConfig, error) {
 		r, err := floatVar(getenv, rateVar)
 		return mailer.GuardConfig{RetryBudget: budget, BreakerTimeout: breakerTimeout, Rate: r}, err
+	}
+	if url := strings.TrimSpace(getenv("OTP_SES_FEEDBACK_QUEUE_URL")); url != "" {
+		if !strings.HasPrefix(url, "https://") && !strings.HasPrefix(url, "http://") {
+			return Config{}, &platform.ConfigError{Var: "OTP_SES_FEEDBACK_QUEUE_URL", Msg: "must be the queue's URL, https://sqs.<region>.amazonaws.com/<account>/<name>"}
+		}
+		if common.Production() {
+			// The notifications name people and the queue's requests are signed: no clear text.
+			if err := platform.CheckSESEndpointFrom("OTP_SQS_ENDPOINT", getenv("OTP_SQS_ENDPOINT")); err != nil {
+				return Config{}, err
+			}
+			if err := platform.CheckSESEndpointFrom("OTP_SES_FEEDBACK_QUEUE_URL", url); err != nil {
+				return Config{}, err
+			}
+		}
+		client, err := sesfeedback.NewSQSClient(context.Background(), getenv("OTP_SES_REGION"), getenv("OTP_SQS_ENDPOINT"))
+		if err != nil {
+			return Config{}, &platform.ConfigError{Var: "OTP_SES_FEEDBACK_QUEUE_URL", Msg: err.Error()}
+		}
+		if ep := client.Options().BaseEndpoint; common.Production() && ep != nil && getenv("OTP_SQS_ENDPOINT") == "" {
+			if err := platform.CheckSESEndpointFrom("AWS_ENDPOINT_URL_SQS (or AWS_ENDPOINT_URL, or endpoint_url in the AWS config)", *ep); err != nil {
+				return Config{}, err
+			}
+		}
+		cfg.FeedbackQueue, cfg.FeedbackQueueURL = client, url
 	}
 	names := strings.TrimSpace(getenv("OTP_PROVIDERS"))
 	if names == "" {

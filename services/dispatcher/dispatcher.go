@@ -46,6 +46,10 @@ func Migrations() fs.FS {
 // Config is the dispatcher's configuration.
 type Config struct {
 	Sealer *keys.Sealer
+	// FeedbackQueue reads the SES event notifications of FeedbackQueueURL
+	// (OTP_SES_FEEDBACK_QUEUE_URL, feedback.go); nil: none are read.
+	FeedbackQueue    FeedbackQueue
+	FeedbackQueueURL string
 	// Providers in failover order (OTP_PROVIDERS). Each is wrapped in a mailer.Guard with
 	// the policy Guards names for it.
 	Providers []mailer.Provider
@@ -185,6 +189,10 @@ func (s *Service) Run(ctx context.Context) error {
 		}
 		erasures <- err
 	}()
+
+	if s.cfg.FeedbackQueue != nil {
+		go func() { _ = s.readFeedback(purgeCtx) }()
+	}
 
 	results := make(chan *job, 4*s.cfg.Concurrency)
 	s.results = results

@@ -24,6 +24,9 @@ type metrics struct {
 	ambiguous prometheus.Counter
 	// recordRetries counts failed attempts to record results (record.go).
 	recordRetries prometheus.Counter
+	// feedbackReads counts SES notifications read, by the kind of their otp.feedback,
+	// ignored, dead_lettered or receive_failed (feedback.go).
+	feedbackReads *prometheus.CounterVec
 }
 
 func newMetrics(reg prometheus.Registerer) metrics {
@@ -56,9 +59,13 @@ func newMetrics(reg prometheus.Registerer) metrics {
 			Name: "otpflow_dispatcher_record_retries_total",
 			Help: "Failed attempts to record send results; the jobs are kept in progress and the record retried.",
 		}),
+		feedbackReads: prometheus.NewCounterVec(prometheus.CounterOpts{
+			Name: "otpflow_dispatcher_feedback_total",
+			Help: "SES event notifications read from OTP_SES_FEEDBACK_QUEUE_URL: by feedback kind, or ignored, dead_lettered, receive_failed.",
+		}, []string{"result"}),
 	}
 	if reg != nil {
-		reg.MustRegister(m.sends, m.latency, m.delivered, m.jobs, m.fallbacks, m.breaker, m.ambiguous, m.recordRetries)
+		reg.MustRegister(m.sends, m.latency, m.delivered, m.jobs, m.fallbacks, m.breaker, m.ambiguous, m.recordRetries, m.feedbackReads)
 	}
 	return m
 }

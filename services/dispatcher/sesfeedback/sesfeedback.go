@@ -4,10 +4,11 @@
 // set publishes to, with or without SNS's raw message delivery. Parse turns one
 // queue message body into the otp.feedback event of the code the mail carried, found by
 // the message tags the dispatcher's SES provider sets (tenant, challenge id, code
-// sequence and the recipient's subject hash). It is pure: no network, no clock.
+// sequence and the recipient's subject hash). Parse is pure: no network, no clock.
 package sesfeedback
 
 import (
+	"context"
 	"encoding/json"
 	"errors"
 	"fmt"
@@ -15,6 +16,9 @@ import (
 	"strings"
 	"time"
 
+	"github.com/aws/aws-sdk-go-v2/aws"
+	awsconfig "github.com/aws/aws-sdk-go-v2/config"
+	"github.com/aws/aws-sdk-go-v2/service/sqs"
 	"github.com/otpflow/otpflow/events"
 )
 
@@ -319,4 +323,26 @@ func hashPattern(s string) bool {
 		}
 	}
 	return true
+}
+
+// NewSQSClient builds the SQS client that reads the feedback queue: credentials from the
+// standard AWS chain, region (OTP_SES_REGION, else AWS_REGION), and endpoint, when set, an
+// emulator or a VPC endpoint (OTP_SQS_ENDPOINT).
+func NewSQSClient(ctx context.Context, region, endpoint string) (*sqs.Client, error) {
+	var opts []func(*awsconfig.LoadOptions) error
+	if region != "" {
+		opts = append(opts, awsconfig.WithRegion(region))
+	}
+	cfg, err := awsconfig.LoadDefaultConfig(ctx, opts...)
+	if err != nil {
+		return nil, fmt.Errorf("load AWS config: %w", err)
+	}
+	if cfg.Region == "" {
+		return nil, errors.New("no region: set OTP_SES_REGION or AWS_REGION")
+	}
+	return sqs.NewFromConfig(cfg, func(o *sqs.Options) {
+		if endpoint != "" {
+			o.BaseEndpoint = aws.String(endpoint)
+		}
+	}), nil
 }

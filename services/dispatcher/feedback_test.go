@@ -1,0 +1,137 @@
+package dispatcher
+
+import (
+	"context"
+	"encoding/json"
+	"slices"
+	"strings"
+	"testing"
+	"time"
+
+	"github.com/otpflow/otpflow/events"
+	"github.com/otpflow/otpflow/platform/testenv"
+	"github.com/otpflow/otpflow/services/dispatcher/mailer"
+	"github.com/otpflow/otpflow/services/dispatcher/ses/sestest"
+	"github.com/otpflow/otpflow/services/dispatcher/sesfeedback"
+	"github.com/otpflow/otpflow/services/dispatcher/sesfeedback/sqstest"
+)
+
+// sesNotification is the SNS notification SES publishes for a bounce of the mail e, as an
+// SQS queue subscribed to the topic holds it: the record names the mail by the message id
+// SES gave it and carries the mail's tags.
+func sesNotification(t *testing.T, snsID string, e sestest.Email) string {
+	t.Helper()
+	tags := map[string][]string{"ses:configuration-set": {"otp"}}
+	for k, v := range e.Tags {
+		tags[k] = []string{v}
+	}
+	record, err := json.Marshal(map[string]any{"eventType": "Bounce",
+		"bounce": map[string]any{"bounceType": "Permanent", "bounceSubType": "General", "timestamp": "2026-12-01T10:00:01.000Z",
+			"feedbackId": "fb-1", "bouncedRecipients": []map[string]any{{"emailAddress": e.To[0], "status": "5.1.1",
+				"diagnosticCode": "smtp; 550 5.1.1 <" + e.To[0] + ">: user unknown"}}},
+		"mail": map[string]any{"timestamp": "2026-12-01T10:00:00.000Z", "messageId": e.MessageID, "destination": e.To, "tags": tags}})
+	testenv.Must(t, err, "record")
+	body, err := json.Marshal(map[string]any{"Type": "Notification", "MessageId": snsID, "TopicArn": "arn:aws:sns:eu-west-1:123456789012:otp",
+		"Message": string(record), "Timestamp": "2026-12-01T10:00:02.000Z"})
+	testenv.Must(t, err, "notification")
+	return string(body)
+}
+
+// TestSESFeedbackBecomesOtpFeedback: a code goes out through SES (the wire protocol, the
+// real SDK) with its tags; SES's bounce notification for that mail, read from an SQS queue
+// (the JSON protocol, the real SDK), becomes otp.feedback tied to the code and its
+// person's subject hash, and leaves the queue. The same notification read again is stored
+// once; one otpflow cannot read goes to OTP_DLQ, sealed, with its reason; one of a type
+// otpflow does not use is dropped. None is left in the queue.
+func TestSESFeedbackBecomesOtpFeedback(t *testing.T) {
+	srv := sestest.New(t)
+	queue := sqstest.New(t)
+	t.Setenv("AWS_ACCESS_KEY_ID", "test")
+	t.Setenv("AWS_SECRET_ACCESS_KEY", "test")
+	client, err := sesfeedback.NewSQSClient(context.Background(), "eu-west-1", queue.URL())
+	testenv.Must(t, err, "sqs client")
+	h := sesFirstConfig(t, srv, Config{Guards: map[string]mailer.GuardConfig{"ses": {}},
+		FeedbackQueue: client, FeedbackQueueURL: queue.QueueURL("otp-feedback")})
+
+	const rcpt = "gone@example.com"
+	h.publish(t, challenge(71), rcpt, "717171", time.Now().Add(5*time.Minute), "fb1")
+	if d := h.deliveredVia(t, 1); d.Provider != "ses" {
+		t.Fatalf("delivered %+v", d)
+	}
+	mail := srv.Emails()[0]
+	hash := h.subjects.Subject("acme", rcpt)
+	if got := mail.Tags["recipient_key"] + ":" + mail.Tags["recipient_hash"]; got != hash {
+		t.Fatalf("the mail's recipient tags say %q, want the subject hash %q", got, hash)
+	}
+
+	queue.Send("otp-feedback", sesNotification(t, "sns-1", mail))
+	got := testenv.WaitMessages(t, h.js, events.StreamEvents, "otp.feedback.acme", 1, 30*time.Second)
+	f := decode[events.Feedback](t, got[0])
+	if f.Kind != events.FeedbackBounced || f.ChallengeID != challenge(71) || f.CodeSeq != 1 || f.RecipientHash != hash ||
+		f.ProviderMessageID != mail.MessageID || f.BounceType != "Permanent" || !strings.Contains(f.Diagnostic, "<address>") {
+		t.Fatalf("feedback %+v", f)
+	}
+	if strings.Contains(string(got[0].Data), rcpt) {
+		t.Fatalf("otp.feedback quotes the address: %s", got[0].Data)
+	}
+
+	// Read again (SQS is at least once), a body otpflow cannot read, an Open.
+	queue.Send("otp-feedback", sesNotification(t, "sns-1", mail))
+	queue.Send("otp-feedback", `{"Type":"Notification","MessageId":"sns-2","Message":"bounce for `+rcpt+`"}`)
+	queue.Send("otp-feedback", strings.Replace(sesNotification(t, "sns-3", mail), `\"eventType\":\"Bounce\"`, `\"eventType\":\"Open\"`, 1))
+	testenv.Eventually(t, 30*time.Second, "the queue emptied", func() bool { return queue.Len("otp-feedback") == 0 })
+	dead := testenv.WaitMessages(t, h.js, events.StreamDLQ, "otp.dlq._unknown", 1, 10*time.Second)
+	if r := dead[0].Header.Get(events.HeaderDLQReason); !strings.Contains(r, sesfeedback.ReasonMalformed) {
+		t.Fatalf("dead letter reason %q", r)
+	}
+	if strings.Contains(string(dead[0].Data), rcpt) {
+		t.Fatalf("the dead letter is not sealed: %s", dead[0].Data)
+	}
+	if n := len(testenv.Messages(t, h.js, events.StreamEvents, "otp.feedback.acme")); n != 1 {
+		t.Fatalf("%d otp.feedback events, want the one", n)
+	}
+	if queue.Deleted() != 4 {
+		t.Fatalf("%d notifications deleted, want 4", queue.Deleted())
+	}
+}
+
+// TestAFeedbackNotStoredComesBack: while OTP_EVENTS takes no otp.feedback (its subject
+// taken off the stream stands for any failure to store), a notification is not deleted; it
+// comes back when its visibility timeout ends, and once the stream takes the event again
+// it is stored once and deleted.
+func TestAFeedbackNotStoredComesBack(t *testing.T) {
+	srv := sestest.New(t)
+	queue := sqstest.New(t)
+	queue.DefaultVisibility = time.Second
+	t.Setenv("AWS_ACCESS_KEY_ID", "test")
+	t.Setenv("AWS_SECRET_ACCESS_KEY", "test")
+	client, err := sesfeedback.NewSQSClient(context.Background(), "eu-west-1", queue.URL())
+	testenv.Must(t, err, "sqs client")
+	h := sesFirstConfig(t, srv, Config{Guards: map[string]mailer.GuardConfig{"ses": {}},
+		FeedbackQueue: client, FeedbackQueueURL: queue.QueueURL("otp-feedback")})
+	h.publish(t, challenge(72), "late@example.com", "727272", time.Now().Add(5*time.Minute), "fb2")
+	h.deliveredVia(t, 1)
+
+	ctx := context.Background()
+	stream, err := h.js.Stream(ctx, events.StreamEvents)
+	testenv.Must(t, err, "stream")
+	info, err := stream.Info(ctx)
+	testenv.Must(t, err, "stream info")
+	full := info.Config
+	cut := full
+	cut.Subjects = slices.DeleteFunc(slices.Clone(full.Subjects), func(s string) bool { return s == events.TypeFeedback.Wildcard() })
+	_, err = h.js.UpdateStream(ctx, cut)
+	testenv.Must(t, err, "take otp.feedback off the stream")
+
+	id := queue.Send("otp-feedback", sesNotification(t, "sns-late", srv.Emails()[0]))
+	testenv.Eventually(t, 20*time.Second, "the notification read twice, stored never", func() bool { return queue.Receives("otp-feedback", id) >= 2 })
+	if queue.Deleted() != 0 || queue.Len("otp-feedback") != 1 {
+		t.Fatalf("a notification whose event was not stored was deleted (%d deleted)", queue.Deleted())
+	}
+	_, err = h.js.UpdateStream(ctx, full)
+	testenv.Must(t, err, "give otp.feedback back")
+	testenv.Eventually(t, 20*time.Second, "the notification stored and deleted", func() bool { return queue.Len("otp-feedback") == 0 })
+	if n := len(testenv.Messages(t, h.js, events.StreamEvents, "otp.feedback.acme")); n != 1 {
+		t.Fatalf("%d otp.feedback events, want 1", n)
+	}
+}
