@@ -476,8 +476,10 @@ func checkProduction(where, binary string, vars map[string]envValue, fail func(s
 			fail("%s: OTP_SMTP_URL %q is plaintext", where, s)
 		}
 	}
-	if s := lit("OTP_SES_ENDPOINT"); s != "" && !strings.HasPrefix(s, "https://") {
-		fail("%s: OTP_SES_ENDPOINT %q is not https://", where, s)
+	for _, v := range []string{"OTP_SES_ENDPOINT", "OTP_SES_FEEDBACK_QUEUE_URL", "OTP_SQS_ENDPOINT"} {
+		if s := lit(v); s != "" && !strings.HasPrefix(s, "https://") {
+			fail("%s: %s %q is not https://", where, v, s)
+		}
 	}
 }
 

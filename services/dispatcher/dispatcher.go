@@ -190,9 +190,14 @@ func (s *Service) Run(ctx context.Context) error {
 		erasures <- err
 	}()
 
+	var feedback sync.WaitGroup
 	if s.cfg.FeedbackQueue != nil {
-		go func() { _ = s.readFeedback(purgeCtx) }()
+		feedback.Go(func() { s.readFeedback(purgeCtx) })
 	}
+	defer func() {
+		stopPurge() // ends the reader
+		feedback.Wait()
+	}()
 
 	results := make(chan *job, 4*s.cfg.Concurrency)
 	s.results = results

@@ -3,6 +3,7 @@ package dispatcher
 import (
 	"context"
 	"errors"
+	"fmt"
 	"strings"
 	"time"
 
@@ -31,59 +32,82 @@ const (
 // readFeedback reads the SES event notifications of OTP_SES_FEEDBACK_QUEUE_URL until ctx
 // ends. Each becomes otp.feedback.<tenant> on OTP_EVENTS (sesfeedback.Parse), published
 // with the notification's own id, so one read twice is stored once; a type otpflow has no
-// use for is dropped; one it refuses goes to OTP_DLQ, sealed, with the reason. A message
-// is deleted from the queue only once its event or its dead letter is stored: one whose
-// publish failed comes back when its visibility timeout ends, and is tried again.
-func (s *Service) readFeedback(ctx context.Context) error {
+// use for, or a mail it did not send, is dropped; one it refuses goes to OTP_DLQ, sealed,
+// with the reason. A message is deleted from the queue only once its event or its dead
+// letter is stored. When storing fails, the rest of the batch is left to come back after
+// its visibility timeout and the reader pauses, longer each time, so an outage of NATS
+// costs receives, not notifications (the queue's own redrive policy should allow many).
+func (s *Service) readFeedback(ctx context.Context) {
 	q, url := s.cfg.FeedbackQueue, s.cfg.FeedbackQueueURL
 	s.log.Info("reading SES feedback", "queue", url)
 	pause := time.Second
+	wait := func() {
+		select {
+		case <-ctx.Done():
+		case <-time.After(pause):
+		}
+		pause = min(2*pause, feedbackRetryMax)
+	}
 	for ctx.Err() == nil {
 		out, err := q.ReceiveMessage(ctx, &sqs.ReceiveMessageInput{QueueUrl: aws.String(url), MaxNumberOfMessages: 10,
-			WaitTimeSeconds: feedbackWait, MessageSystemAttributeNames: []sqstypes.MessageSystemAttributeName{
-				sqstypes.MessageSystemAttributeNameApproximateReceiveCount}})
+			WaitTimeSeconds: feedbackWait})
 		if err != nil {
 			if ctx.Err() != nil {
-				break
+				return
 			}
 			s.feedbackReads.WithLabelValues("receive_failed").Inc()
 			s.log.Warn("receive SES feedback; retrying", "retry_in", pause, "err", err)
-			select {
-			case <-ctx.Done():
-			case <-time.After(pause):
+			wait()
+			continue
+		}
+		stored := true
+		for _, m := range out.Messages {
+			if stored = s.handleFeedback(ctx, m); !stored {
+				break
 			}
-			pause = min(2*pause, feedbackRetryMax)
+		}
+		if !stored {
+			wait()
 			continue
 		}
 		pause = time.Second
-		for _, m := range out.Messages {
-			s.handleFeedback(ctx, m)
-		}
 	}
-	return nil
 }
 
-// handleFeedback stores one notification, or its dead letter, then deletes it.
-func (s *Service) handleFeedback(ctx context.Context, m sqstypes.Message) {
+// feedbackDLQMax bounds the body a dead letter of the queue keeps.
+const feedbackDLQMax = 64 << 10
+
+// handleFeedback stores one notification (or its dead letter, or nothing for one to drop),
+// then deletes it from the queue. It reports false when it could not store it: the
+// message stays in the queue and comes back.
+func (s *Service) handleFeedback(ctx context.Context, m sqstypes.Message) bool {
 	body := aws.ToString(m.Body)
 	n, err := sesfeedback.Parse([]byte(body), s.now())
 	var refused *sesfeedback.Error
 	switch {
 	case errors.Is(err, sesfeedback.ErrIgnored):
 		s.feedbackReads.WithLabelValues("ignored").Inc()
+	case errors.Is(err, sesfeedback.ErrNotOurs):
+		s.feedbackReads.WithLabelValues("not_ours").Inc()
 	case errors.As(err, &refused):
 		id := "dlq:sqs:" + feedbackToken(aws.ToString(m.MessageId))
-		raw := &jetstream.RawStreamMsg{Subject: "sqs." + queueName(s.cfg.FeedbackQueueURL), Data: []byte(body), Time: s.now()}
+		data := []byte(body)
+		reason := "ses feedback: " + refused.Error()
+		if len(data) > feedbackDLQMax {
+			data, reason = data[:feedbackDLQMax], reason+fmt.Sprintf(" (body cut to %d of %d bytes)", feedbackDLQMax, len(body))
+		}
+		raw := &jetstream.RawStreamMsg{Subject: "sqs." + queueName(s.cfg.FeedbackQueueURL), Data: data, Time: s.now()}
 		if err := platform.PublishDeadLetterOf(ctx, s.js, &platform.DeadLetters{Sealer: s.cfg.DLQKey}, events.ConsumerDispatcher+"-feedback",
-			"_unknown", "SQS", raw, "ses feedback: "+refused.Error(), id); err != nil {
+			"_unknown", "SQS", raw, reason, id); err != nil {
+			s.feedbackReads.WithLabelValues("store_failed").Inc()
 			s.log.Warn("dead-letter an SES notification; it will come back", "err", err)
-			return
+			return false
 		}
 		s.feedbackReads.WithLabelValues("dead_lettered").Inc()
 		s.log.Warn("SES notification dead-lettered", "reason", refused.Reason, "detail", refused.Detail)
 	case err != nil:
 		s.log.Error("read an SES notification", "err", err)
-		return
+		return false
 	default:
 		msg, err := events.NewMsg(events.TypeFeedback, n.Event.Tenant, n.MsgID(), n.Event.ChallengeID, n.Event,
 			events.Envelope{Source: "otpflow/dispatcher", Time: s.now()})
@@ -91,16 +115,23 @@ func (s *Service) handleFeedback(ctx context.Context, m sqstypes.Message) {
 			_, err = s.js.PublishMsg(ctx, msg)
 		}
 		if err != nil {
+			s.feedbackReads.WithLabelValues("store_failed").Inc()
 			s.log.Warn("publish otp.feedback; the notification will come back", "err", err)
-			return
+			return false
 		}
 		s.feedbackReads.WithLabelValues(string(n.Event.Kind)).Inc()
 	}
-	if _, err := s.cfg.FeedbackQueue.DeleteMessage(ctx, &sqs.DeleteMessageInput{QueueUrl: aws.String(s.cfg.FeedbackQueueURL),
+	// Stored: the delete runs even while the process stops, or the notification would be
+	// stored again after the stream's duplicate window.
+	dctx, cancel := context.WithTimeout(context.WithoutCancel(ctx), 10*time.Second)
+	defer cancel()
+	if _, err := s.cfg.FeedbackQueue.DeleteMessage(dctx, &sqs.DeleteMessageInput{QueueUrl: aws.String(s.cfg.FeedbackQueueURL),
 		ReceiptHandle: m.ReceiptHandle}); err != nil {
 		// It comes back and is stored again under the same id: the stream drops it.
+		s.feedbackReads.WithLabelValues("delete_failed").Inc()
 		s.log.Warn("delete an SES notification from its queue", "err", err)
 	}
+	return true
 }
 
 // queueName is the last element of a queue URL.
@@ -116,13 +147,13 @@ func feedbackToken(s string) string {
 	}, s)
 }
 
-// recipientTags are the tags of a mail's recipient: its subject hash under the active
-// key, as two tags (SES takes no ':' in a tag value).
+// recipientTags adds the tags of a mail's recipient: its subject hash under the active
+// key (sesfeedback.RecipientTags).
 func (s *Service) recipientTags(tenant, recipient string, tags map[string]string) {
 	if s.cfg.Subjects == nil {
 		return
 	}
-	if id, h, ok := strings.Cut(s.cfg.Subjects.Subject(tenant, recipient), ":"); ok {
-		tags[sesfeedback.TagRecipientKey], tags[sesfeedback.TagRecipientHash] = id, h
+	for k, v := range sesfeedback.RecipientTags(s.cfg.Subjects.Subject(tenant, recipient)) {
+		tags[k] = v
 	}
 }

@@ -37,6 +37,24 @@ func sesNotification(t *testing.T, snsID string, e sestest.Email) string {
 	return string(body)
 }
 
+// feedbackHarness runs a dispatcher that sends through an SES wire server and reads its
+// feedback from the queue "otp-feedback" of an SQS wire server, both with the real SDKs;
+// visibility, when set, is the queue's visibility timeout.
+func feedbackHarness(t *testing.T, visibility time.Duration) (*sestest.Server, *sqstest.Server, *harness) {
+	t.Helper()
+	srv, queue := sestest.New(t), sqstest.New(t)
+	if visibility > 0 {
+		queue.DefaultVisibility = visibility
+	}
+	t.Setenv("AWS_ACCESS_KEY_ID", "test")
+	t.Setenv("AWS_SECRET_ACCESS_KEY", "test")
+	client, err := sesfeedback.NewSQSClient(context.Background(), "eu-west-1", queue.URL())
+	testenv.Must(t, err, "sqs client")
+	h := sesFirstConfig(t, srv, Config{Guards: map[string]mailer.GuardConfig{"ses": {}},
+		FeedbackQueue: client, FeedbackQueueURL: queue.QueueURL("otp-feedback")})
+	return srv, queue, h
+}
+
 // TestSESFeedbackBecomesOtpFeedback: a code goes out through SES (the wire protocol, the
 // real SDK) with its tags; SES's bounce notification for that mail, read from an SQS queue
 // (the JSON protocol, the real SDK), becomes otp.feedback tied to the code and its
@@ -44,14 +62,7 @@ func sesNotification(t *testing.T, snsID string, e sestest.Email) string {
 // once; one otpflow cannot read goes to OTP_DLQ, sealed, with its reason; one of a type
 // otpflow does not use is dropped. None is left in the queue.
 func TestSESFeedbackBecomesOtpFeedback(t *testing.T) {
-	srv := sestest.New(t)
-	queue := sqstest.New(t)
-	t.Setenv("AWS_ACCESS_KEY_ID", "test")
-	t.Setenv("AWS_SECRET_ACCESS_KEY", "test")
-	client, err := sesfeedback.NewSQSClient(context.Background(), "eu-west-1", queue.URL())
-	testenv.Must(t, err, "sqs client")
-	h := sesFirstConfig(t, srv, Config{Guards: map[string]mailer.GuardConfig{"ses": {}},
-		FeedbackQueue: client, FeedbackQueueURL: queue.QueueURL("otp-feedback")})
+	srv, queue, h := feedbackHarness(t, 0)
 
 	const rcpt = "gone@example.com"
 	h.publish(t, challenge(71), rcpt, "717171", time.Now().Add(5*time.Minute), "fb1")
@@ -60,8 +71,8 @@ func TestSESFeedbackBecomesOtpFeedback(t *testing.T) {
 	}
 	mail := srv.Emails()[0]
 	hash := h.subjects.Subject("acme", rcpt)
-	if got := mail.Tags["recipient_key"] + ":" + mail.Tags["recipient_hash"]; got != hash {
-		t.Fatalf("the mail's recipient tags say %q, want the subject hash %q", got, hash)
+	if want := sesfeedback.RecipientTags(hash); mail.Tags["recipient_key"] != want["recipient_key"] || mail.Tags["recipient_hash"] != want["recipient_hash"] {
+		t.Fatalf("the mail's recipient tags %v, want those of the subject hash %q", mail.Tags, hash)
 	}
 
 	queue.Send("otp-feedback", sesNotification(t, "sns-1", mail))
@@ -81,6 +92,9 @@ func TestSESFeedbackBecomesOtpFeedback(t *testing.T) {
 	queue.Send("otp-feedback", strings.Replace(sesNotification(t, "sns-3", mail), `\"eventType\":\"Bounce\"`, `\"eventType\":\"Open\"`, 1))
 	testenv.Eventually(t, 30*time.Second, "the queue emptied", func() bool { return queue.Len("otp-feedback") == 0 })
 	dead := testenv.WaitMessages(t, h.js, events.StreamDLQ, "otp.dlq._unknown", 1, 10*time.Second)
+	if n := len(testenv.Messages(t, h.js, events.StreamDLQ, "otp.dlq.>")); n != 1 {
+		t.Fatalf("%d dead letters, want only the unreadable one's", n)
+	}
 	if r := dead[0].Header.Get(events.HeaderDLQReason); !strings.Contains(r, sesfeedback.ReasonMalformed) {
 		t.Fatalf("dead letter reason %q", r)
 	}
@@ -100,15 +114,7 @@ func TestSESFeedbackBecomesOtpFeedback(t *testing.T) {
 // comes back when its visibility timeout ends, and once the stream takes the event again
 // it is stored once and deleted.
 func TestAFeedbackNotStoredComesBack(t *testing.T) {
-	srv := sestest.New(t)
-	queue := sqstest.New(t)
-	queue.DefaultVisibility = time.Second
-	t.Setenv("AWS_ACCESS_KEY_ID", "test")
-	t.Setenv("AWS_SECRET_ACCESS_KEY", "test")
-	client, err := sesfeedback.NewSQSClient(context.Background(), "eu-west-1", queue.URL())
-	testenv.Must(t, err, "sqs client")
-	h := sesFirstConfig(t, srv, Config{Guards: map[string]mailer.GuardConfig{"ses": {}},
-		FeedbackQueue: client, FeedbackQueueURL: queue.QueueURL("otp-feedback")})
+	srv, queue, h := feedbackHarness(t, time.Second)
 	h.publish(t, challenge(72), "late@example.com", "727272", time.Now().Add(5*time.Minute), "fb2")
 	h.deliveredVia(t, 1)
 

@@ -129,6 +129,33 @@ func (g *groupHarness) runGroup(ip string, calls []want) {
 	}
 }
 
+// issueTwo projects two challenges of two people: ch(1) for request a with code 111111
+// and ch(2) for request b with code 222222.
+func (g *groupHarness) issueTwo(a, b string) {
+	exp := time.Now().Add(time.Hour)
+	g.publishIssued(g.t, issue{ChallengeID: ch(1), RequestID: a, CodeSeq: 1, Recipient: "one@example.com", ExpiresAt: exp}, "111111")
+	g.publishIssued(g.t, issue{ChallengeID: ch(2), RequestID: b, CodeSeq: 1, Recipient: "two@example.com", ExpiresAt: exp}, "222222")
+	g.waitProjected(g.t, ch(1), 1)
+	g.waitProjected(g.t, ch(2), 1)
+}
+
+// refuse makes the database raise an exception for writes to requestID's challenge row:
+// at the write, or, with atCommit, at the commit (a deferred constraint trigger).
+func (g *groupHarness) refuse(requestID string, atCommit bool) {
+	trigger := `CREATE TRIGGER test_refuse BEFORE UPDATE ON verifier.challenges`
+	if atCommit {
+		trigger = `CREATE CONSTRAINT TRIGGER test_refuse AFTER UPDATE ON verifier.challenges DEFERRABLE INITIALLY DEFERRED`
+	}
+	_, err := testenv.Admin(g.t, g.pool).Exec(g.t.Context(), `
+		CREATE FUNCTION verifier.test_refuse() RETURNS trigger LANGUAGE plpgsql AS $$
+		BEGIN
+			IF NEW.request_id = '`+requestID+`' THEN RAISE EXCEPTION 'a refused row'; END IF;
+			RETURN NEW;
+		END $$;
+		`+trigger+` FOR EACH ROW EXECUTE FUNCTION verifier.test_refuse()`)
+	testenv.Must(g.t, err, "refuse %s", requestID)
+}
+
 func (g *groupHarness) state(challenge string) (int, string) {
 	var attempts int
 	var status string
@@ -143,11 +170,7 @@ func (g *groupHarness) state(challenge string) (int, string) {
 // most once, a challenge locks once, and the right code after the lock is refused.
 func TestAGroupCountsAttemptsExactly(t *testing.T) {
 	g := newGroupHarness(t, "", nil)
-	exp := time.Now().Add(time.Hour)
-	g.publishIssued(t, issue{ChallengeID: ch(1), RequestID: "r1", CodeSeq: 1, Recipient: "one@example.com", ExpiresAt: exp}, "111111")
-	g.publishIssued(t, issue{ChallengeID: ch(2), RequestID: "r2", CodeSeq: 1, Recipient: "two@example.com", ExpiresAt: exp}, "222222")
-	g.waitProjected(t, ch(1), 1)
-	g.waitProjected(t, ch(2), 1)
+	g.issueTwo("r1", "r2")
 
 	g.runGroup("", []want{
 		{"r1", "000000", events.StatusInvalidCode, 4},
@@ -239,11 +262,7 @@ func TestAGroupCountsVerifyLimitsInOrder(t *testing.T) {
 // run again and answers every call.
 func TestADeadlockedGroupIsRunAgain(t *testing.T) {
 	g := newGroupHarness(t, "", nil)
-	exp := time.Now().Add(time.Hour)
-	g.publishIssued(t, issue{ChallengeID: ch(1), RequestID: "ra", CodeSeq: 1, Recipient: "one@example.com", ExpiresAt: exp}, "111111")
-	g.publishIssued(t, issue{ChallengeID: ch(2), RequestID: "rb", CodeSeq: 1, Recipient: "two@example.com", ExpiresAt: exp}, "222222")
-	g.waitProjected(t, ch(1), 1)
-	g.waitProjected(t, ch(2), 1)
+	g.issueTwo("ra", "rb")
 	admin := testenv.Admin(t, g.pool)
 
 	g.hold()
@@ -283,11 +302,7 @@ func TestADeadlockedGroupIsRunAgain(t *testing.T) {
 // caller retries), and nothing is counted twice.
 func TestARowHeldElsewhereDoesNotStallItsGroup(t *testing.T) {
 	g := newGroupHarness(t, "", func(c *Config) { c.lockTimeout = 2 * time.Second })
-	exp := time.Now().Add(time.Hour)
-	g.publishIssued(t, issue{ChallengeID: ch(1), RequestID: "held", CodeSeq: 1, Recipient: "one@example.com", ExpiresAt: exp}, "111111")
-	g.publishIssued(t, issue{ChallengeID: ch(2), RequestID: "free", CodeSeq: 1, Recipient: "two@example.com", ExpiresAt: exp}, "222222")
-	g.waitProjected(t, ch(1), 1)
-	g.waitProjected(t, ch(2), 1)
+	g.issueTwo("held", "free")
 	other, err := testenv.Admin(t, g.pool).Begin(t.Context())
 	testenv.Must(t, err, "begin")
 	defer other.Rollback(context.Background())
@@ -320,19 +335,8 @@ func TestARowHeldElsewhereDoesNotStallItsGroup(t *testing.T) {
 // call fails.
 func TestAGroupARowRefusesIsSplit(t *testing.T) {
 	g := newGroupHarness(t, "", nil)
-	exp := time.Now().Add(time.Hour)
-	g.publishIssued(t, issue{ChallengeID: ch(1), RequestID: "stubborn", CodeSeq: 1, Recipient: "one@example.com", ExpiresAt: exp}, "111111")
-	g.publishIssued(t, issue{ChallengeID: ch(2), RequestID: "fine", CodeSeq: 1, Recipient: "two@example.com", ExpiresAt: exp}, "222222")
-	g.waitProjected(t, ch(1), 1)
-	g.waitProjected(t, ch(2), 1)
-	_, err := testenv.Admin(t, g.pool).Exec(t.Context(), `
-		CREATE FUNCTION verifier.test_refuse() RETURNS trigger LANGUAGE plpgsql AS $$
-		BEGIN
-			IF NEW.request_id = 'stubborn' THEN RAISE EXCEPTION 'a refused row'; END IF;
-			RETURN NEW;
-		END $$;
-		CREATE TRIGGER test_refuse BEFORE UPDATE ON verifier.challenges FOR EACH ROW EXECUTE FUNCTION verifier.test_refuse()`)
-	testenv.Must(t, err, "refuse one row")
+	g.issueTwo("stubborn", "fine")
+	g.refuse("stubborn", false)
 	g.runGroupSplit([]want{
 		{"stubborn", "111111", statusServiceError, 0},
 		{"fine", "222222", events.StatusVerified, 0},
@@ -437,20 +441,8 @@ tenants:
 // to retry, and none is run again on its own: a commit that did land would count it twice.
 func TestAGroupWhoseCommitFailsIsNotRunAgain(t *testing.T) {
 	g := newGroupHarness(t, "", nil)
-	exp := time.Now().Add(time.Hour)
-	g.publishIssued(t, issue{ChallengeID: ch(1), RequestID: "atcommit", CodeSeq: 1, Recipient: "one@example.com", ExpiresAt: exp}, "111111")
-	g.publishIssued(t, issue{ChallengeID: ch(2), RequestID: "fine", CodeSeq: 1, Recipient: "two@example.com", ExpiresAt: exp}, "222222")
-	g.waitProjected(t, ch(1), 1)
-	g.waitProjected(t, ch(2), 1)
-	_, err := testenv.Admin(t, g.pool).Exec(t.Context(), `
-		CREATE FUNCTION verifier.test_at_commit() RETURNS trigger LANGUAGE plpgsql AS $$
-		BEGIN
-			IF NEW.request_id = 'atcommit' THEN RAISE EXCEPTION 'refused at commit'; END IF;
-			RETURN NEW;
-		END $$;
-		CREATE CONSTRAINT TRIGGER test_at_commit AFTER UPDATE ON verifier.challenges
-			DEFERRABLE INITIALLY DEFERRED FOR EACH ROW EXECUTE FUNCTION verifier.test_at_commit()`)
-	testenv.Must(t, err, "refuse at commit")
+	g.issueTwo("atcommit", "fine")
+	g.refuse("atcommit", true)
 	g.runGroupSplit([]want{
 		{"atcommit", "000000", statusServiceError, 0},
 		{"fine", "222222", statusServiceError, 0},

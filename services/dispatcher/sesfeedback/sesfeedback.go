@@ -9,6 +9,7 @@ package sesfeedback
 
 import (
 	"context"
+	"encoding/base64"
 	"encoding/json"
 	"errors"
 	"fmt"
@@ -24,7 +25,8 @@ import (
 
 // The message tags the dispatcher sets on an SES send and Parse reads back. SES takes
 // only [0-9A-Za-z_-] in a tag value, so the recipient's subject hash ("<key id>:<hash>")
-// travels as two tags, the key id and the hash.
+// travels as two tags (RecipientTags): the key id in unpadded base64url (a key id may
+// hold '.') and the hash, base64url already.
 const (
 	TagTenant        = "tenant"
 	TagChallenge     = "challenge_id"
@@ -41,7 +43,6 @@ const (
 	ReasonMalformed    = "malformed"     // not the JSON of an SNS notification or an SES event
 	ReasonNotEvent     = "not_an_event"  // an SNS message of another type (SubscriptionConfirmation, ...)
 	ReasonUnknownType  = "unknown_type"  // an SES event type this version does not know
-	ReasonNotOurs      = "not_ours"      // no otpflow tags: a mail some other sender sent with the configuration set
 	ReasonBadTag       = "bad_tag"       // an otpflow tag whose value cannot be ours
 	ReasonMissingField = "missing_field" // a field SES always sends for the type is missing
 )
@@ -58,6 +59,22 @@ func (e *Error) Error() string { return "ses notification " + e.Reason + ": " + 
 // ErrIgnored is a notification of a type otpflow has no use for (Send, Open, Click,
 // Subscription): the caller drops it without dead-lettering it.
 var ErrIgnored = errors.New("ses notification of a type otpflow does not use")
+
+// ErrNotOurs is a notification of a mail without otpflow's tags: another sender's on a
+// shared configuration set, or an identity's feedback notification (which carries no
+// tags). The caller drops it: it names nobody otpflow knows, and keeping it would keep
+// another sender's recipients.
+var ErrNotOurs = errors.New("ses notification of a mail otpflow did not send")
+
+// RecipientTags are the tags that carry a subject hash ("<key id>:<hash>") through SES;
+// none for a value that is not one.
+func RecipientTags(subjectHash string) map[string]string {
+	id, h, ok := strings.Cut(subjectHash, ":")
+	if !ok || !hashPattern(subjectHash) {
+		return nil
+	}
+	return map[string]string{TagRecipientKey: base64.RawURLEncoding.EncodeToString([]byte(id)), TagRecipientHash: h}
+}
 
 // Notification is what Parse makes of one queue message: the event to publish and the
 // id to publish it under.
@@ -156,6 +173,10 @@ func Parse(body []byte, received time.Time) (Notification, error) {
 	if typ == "" {
 		typ = e.NotificationType
 	}
+	switch typ {
+	case "Send", "Open", "Click", "Subscription", "AmazonSnsSubscriptionSucceeded":
+		return n, ErrIgnored
+	}
 	if e.Mail == nil || e.Mail.MessageID == "" {
 		if typ == "" {
 			return n, &Error{ReasonMalformed, "neither an SNS notification nor an SES event"}
@@ -207,8 +228,6 @@ func Parse(body []byte, received time.Time) (Notification, error) {
 		if len(d.DelayedRecipients) > 0 {
 			f.Diagnostic = diagnostic(d.DelayedRecipients[0].Status, d.DelayedRecipients[0].DiagnosticCode)
 		}
-	case "Send", "Open", "Click", "Subscription", "AmazonSnsSubscriptionSucceeded":
-		return n, ErrIgnored
 	case "":
 		return n, &Error{ReasonMissingField, "eventType"}
 	default:
@@ -248,10 +267,14 @@ func readTags(tags map[string][]string, f *events.Feedback) error {
 	tenant, challenge, seq := get(TagTenant), get(TagChallenge), get(TagCodeSeq)
 	hash := ""
 	if k, h := get(TagRecipientKey), get(TagRecipientHash); k != "" || h != "" {
-		hash = k + ":" + h
+		id, err := base64.RawURLEncoding.DecodeString(k)
+		if err != nil {
+			return &Error{ReasonBadTag, "recipient_key tag is not base64url"}
+		}
+		hash = string(id) + ":" + h
 	}
 	if tenant == "" && challenge == "" {
-		return &Error{ReasonNotOurs, "no tenant or challenge_id tag"}
+		return ErrNotOurs
 	}
 	switch {
 	case !events.ValidTenant(tenant):
@@ -317,7 +340,12 @@ func hashPattern(s string) bool {
 	if !ok || id == "" || len(id) > 32 || len(h) < 16 || len(h) > 64 {
 		return false
 	}
-	for _, r := range id + h {
+	for _, r := range id {
+		if !(r >= 'a' && r <= 'z' || r >= 'A' && r <= 'Z' || r >= '0' && r <= '9' || r == '-' || r == '_' || r == '.') {
+			return false
+		}
+	}
+	for _, r := range h {
 		if !(r >= 'a' && r <= 'z' || r >= 'A' && r <= 'Z' || r >= '0' && r <= '9' || r == '-' || r == '_') {
 			return false
 		}

@@ -22,7 +22,7 @@ var received = time.Date(2026, 12, 1, 10, 0, 3, 0, time.UTC)
 func tags() map[string][]string {
 	return map[string][]string{"ses:configuration-set": {"otp"}, "ses:source-ip": {"192.0.2.1"},
 		"tenant": {"acme"}, "purpose": {"login"}, "challenge_id": {challenge}, "code_seq": {"2"},
-		"recipient_key": {"k1"}, "recipient_hash": {keyHash}}
+		"recipient_key": {"azE"}, "recipient_hash": {keyHash}}
 }
 
 // record is an SES event record of eventType with the type's own object, in the shape
@@ -107,7 +107,7 @@ func TestParseEveryKind(t *testing.T) {
 	} {
 		t.Run(tc.name, func(t *testing.T) {
 			want := tc.want
-			want.Tenant, want.ChallengeID, want.CodeSeq, want.RecipientHash = "acme", challenge, 2, "k1:"+keyHash
+			want.Tenant, want.ChallengeID, want.CodeSeq, want.RecipientHash = "acme", challenge, 2, "k1:"+keyHash // "azE" is "k1"
 			want.Provider, want.ProviderMessageID, want.SentAt, want.ReceivedAt = "ses", "0100018c1d2e3f40-5a6b7c8d-example-000000", sent, received
 			for _, body := range [][]byte{viaSNS(t, record(tc.eventType, tc.own, tags())), raw(t, record(tc.eventType, tc.own, tags()))} {
 				n, err := Parse(body, received)
@@ -157,7 +157,8 @@ func TestRefusedNotificationsSayWhy(t *testing.T) {
 	for _, k := range []string{"tenant", "challenge_id", "code_seq", "recipient_key", "recipient_hash"} {
 		delete(noTags, k)
 	}
-	badTenant, badChallenge, badSeq, badHash := tags(), tags(), tags(), tags()
+	badTenant, badChallenge, badSeq, badHash, badKey := tags(), tags(), tags(), tags(), tags()
+	badKey["recipient_key"] = []string{"k.1"}
 	badTenant["tenant"] = []string{"acme.>"}
 	badChallenge["challenge_id"] = []string{"ana@example.com"}
 	badSeq["code_seq"] = []string{"0"}
@@ -175,12 +176,12 @@ func TestRefusedNotificationsSayWhy(t *testing.T) {
 		{"an unknown type", viaSNS(t, record("Teleported", nil, tags())), ReasonUnknownType},
 		{"a bounce without its object", viaSNS(t, record("Bounce", nil, tags())), ReasonMissingField},
 		{"no mail", []byte(`{"eventType":"Bounce"}`), ReasonMissingField},
-		{"another sender's mail", viaSNS(t, record("Bounce", bounce, noTags)), ReasonNotOurs},
 		{"a forged tenant", viaSNS(t, record("Bounce", bounce, badTenant)), ReasonBadTag},
 		{"a challenge id that is not one", viaSNS(t, record("Bounce", bounce, badChallenge)), ReasonBadTag},
 		{"a code sequence that is not one", viaSNS(t, record("Bounce", bounce, badSeq)), ReasonBadTag},
 		{"a hash that is not one", viaSNS(t, record("Bounce", bounce, badHash)), ReasonBadTag},
-		{"too big", append([]byte(`{"Type":"Notification","Message":"`), make([]byte, maxBody)...), ReasonMalformed},
+		{"too big", []byte(`{"Type":"Notification","MessageId":"m","Message":"` + strings.Repeat("x", maxBody) + `"}`), ReasonMalformed},
+		{"a recipient key that is not base64url", viaSNS(t, record("Bounce", bounce, badKey)), ReasonBadTag},
 	} {
 		t.Run(tc.name, func(t *testing.T) {
 			_, err := Parse(tc.body, received)
@@ -197,6 +198,14 @@ func TestRefusedNotificationsSayWhy(t *testing.T) {
 		if _, err := Parse(viaSNS(t, record(typ, nil, tags())), received); !errors.Is(err, ErrIgnored) {
 			t.Errorf("%s: %v, want ErrIgnored", typ, err)
 		}
+	}
+	if _, err := Parse([]byte(`{"eventType":"AmazonSnsSubscriptionSucceeded","subscription":{}}`), received); !errors.Is(err, ErrIgnored) {
+		t.Errorf("subscription succeeded: %v, want ErrIgnored", err)
+	}
+	// Another sender's mail on a shared configuration set, or an identity's feedback
+	// notification (no tags): dropped, not kept in OTP_DLQ with that sender's recipients.
+	if _, err := Parse(viaSNS(t, record("Bounce", bounce, noTags)), received); !errors.Is(err, ErrNotOurs) {
+		t.Errorf("another sender's mail: %v, want ErrNotOurs", err)
 	}
 }
 
@@ -228,4 +237,36 @@ func FuzzParse(f *testing.F) {
 			t.Fatalf("diagnostic names an address: %q", ev.Diagnostic)
 		}
 	})
+}
+
+// TestRecipientTagsRoundTrip: a subject hash goes through SES's tags (only [0-9A-Za-z_-])
+// and comes back whole, whatever key id the ring uses; key ids that differ only where SES
+// would replace a character stay apart.
+func TestRecipientTagsRoundTrip(t *testing.T) {
+	seen := map[string]string{}
+	for _, id := range []string{"k1", "2026.11", "k.1", "k_1", "a-b_c.d", strings.Repeat("z", 32)} {
+		hash := id + ":" + keyHash
+		tg := RecipientTags(hash)
+		for _, v := range tg {
+			if strings.Trim(v, "0123456789ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz_-") != "" {
+				t.Fatalf("%s: tag value %q holds a character SES refuses", id, v)
+			}
+		}
+		if other, ok := seen[tg[TagRecipientKey]]; ok {
+			t.Fatalf("key ids %q and %q share a tag", id, other)
+		}
+		seen[tg[TagRecipientKey]] = id
+		all := tags()
+		all[TagRecipientKey], all[TagRecipientHash] = []string{tg[TagRecipientKey]}, []string{tg[TagRecipientHash]}
+		n, err := Parse(viaSNS(t, record("Bounce", bounce, all)), received)
+		if err != nil {
+			t.Fatal(err)
+		}
+		if n.Event.RecipientHash != hash {
+			t.Errorf("%s: came back as %q", hash, n.Event.RecipientHash)
+		}
+	}
+	if RecipientTags("not a hash") != nil {
+		t.Error("tags for a value that is not a subject hash")
+	}
 }
