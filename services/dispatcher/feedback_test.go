@@ -101,6 +101,9 @@ func TestSESFeedbackBecomesOtpFeedback(t *testing.T) {
 	if strings.Contains(string(dead[0].Data), rcpt) {
 		t.Fatalf("the dead letter is not sealed: %s", dead[0].Data)
 	}
+	if orig := testenv.OpenDeadLetter(t, h.dlq, dead[0]); !strings.Contains(string(orig.Data), "bounce for "+rcpt) || orig.Subject != "sqs.otp-feedback" {
+		t.Fatalf("the dead letter holds %s: %q", orig.Subject, orig.Data)
+	}
 	if n := len(testenv.Messages(t, h.js, events.StreamEvents, "otp.feedback.acme")); n != 1 {
 		t.Fatalf("%d otp.feedback events, want the one", n)
 	}
@@ -139,5 +142,22 @@ func TestAFeedbackNotStoredComesBack(t *testing.T) {
 	testenv.Eventually(t, 20*time.Second, "the notification stored and deleted", func() bool { return queue.Len("otp-feedback") == 0 })
 	if n := len(testenv.Messages(t, h.js, events.StreamEvents, "otp.feedback.acme")); n != 1 {
 		t.Fatalf("%d otp.feedback events, want 1", n)
+	}
+}
+
+// TestABigUnreadableNotificationIsKeptCut: a queue message too big to seal into OTP_DLQ
+// whole (SQS takes up to 1 MiB, NATS messages are smaller) is dead-lettered with its body
+// cut, and the reason says so; it does not come back forever.
+func TestABigUnreadableNotificationIsKeptCut(t *testing.T) {
+	_, queue, h := feedbackHarness(t, 0)
+	body := `{"Type":"Notification","MessageId":"big","Message":"` + strings.Repeat("x", 600<<10) + `"}`
+	queue.Send("otp-feedback", body)
+	testenv.Eventually(t, 30*time.Second, "the queue emptied", func() bool { return queue.Len("otp-feedback") == 0 })
+	dead := testenv.WaitMessages(t, h.js, events.StreamDLQ, "otp.dlq._unknown", 1, 10*time.Second)
+	if r := dead[0].Header.Get(events.HeaderDLQReason); !strings.Contains(r, "cut to 65536 of 614454 bytes") {
+		t.Fatalf("reason %q", r)
+	}
+	if orig := testenv.OpenDeadLetter(t, h.dlq, dead[0]); len(orig.Data) != feedbackDLQMax || string(orig.Data) != body[:feedbackDLQMax] {
+		t.Fatalf("kept %d bytes", len(orig.Data))
 	}
 }
