@@ -45,7 +45,8 @@ fuzz:
 	@set -e; for f in FuzzDecodeRequested FuzzDecodeVerifyRequest FuzzDecodeDispatch FuzzRedactAddresses; do \
 		echo "== fuzz $$f ($(FUZZTIME))"; (cd events && $(GO) test -run '^$$' -fuzz "^$$f$$" -fuzztime $(FUZZTIME) .); done
 	@echo "== fuzz FuzzDecodeErasure ($(FUZZTIME))"; cd platform/integration && $(GO) test -run '^$$' -fuzz '^FuzzDecodeErasure$$' -fuzztime $(FUZZTIME) .
-	@echo "== fuzz FuzzParse, SES notifications ($(FUZZTIME))"; cd services/dispatcher/sesfeedback && $(GO) test -run '^$$' -fuzz '^FuzzParse$$' -fuzztime $(FUZZTIME) .
+	@set -e; for f in FuzzParse FuzzDiagnostic; do \
+		echo "== fuzz $$f, SES notifications ($(FUZZTIME))"; (cd services/dispatcher/sesfeedback && $(GO) test -run '^$$' -fuzz "^$$f$$" -fuzztime $(FUZZTIME) .); done
 
 bench:
 	@set -e; for m in $(MODULES); do (cd $$m && $(GO) test -run '^$$' -bench . -benchmem ./...); done

@@ -3,6 +3,7 @@ package sesfeedback
 import (
 	"encoding/json"
 	"errors"
+	"regexp"
 	"strings"
 	"testing"
 	"time"
@@ -269,4 +270,38 @@ func TestRecipientTagsRoundTrip(t *testing.T) {
 	if RecipientTags("not a hash") != nil {
 		t.Error("tags for a value that is not a subject hash")
 	}
+}
+
+var (
+	plainLocal  = regexp.MustCompile(`^[A-Za-z0-9!#$%&'*+/=?^_{|}~-]+(\.[A-Za-z0-9!#$%&'*+/=?^_{|}~-]+)*$`)
+	plainDomain = regexp.MustCompile(`^[A-Za-z0-9]([A-Za-z0-9-]*[A-Za-z0-9])?(\.[A-Za-z0-9]([A-Za-z0-9-]*[A-Za-z0-9])?)+$`)
+)
+
+// FuzzDiagnostic: whatever the receiving server says in a bounce, with the recipient's
+// address anywhere in it, the event Parse makes of it names no address and no IP.
+func FuzzDiagnostic(f *testing.F) {
+	f.Add("ana", "example.com", "smtp; 550 5.1.1 <ana@example.com>: user unknown", "5.1.1")
+	f.Add("a.b+c", "mx.example.org", "452 4.2.2 mailbox of a.b+c@mx.example.org full, from 198.51.100.7", "4.2.2")
+	f.Add("x", "y.z", "\"x\"@y.z said no; see [2001:db8::1]", "")
+	f.Fuzz(func(t *testing.T, local, domain, diag, status string) {
+		// A recipient otpflow mails: a plain local part, a domain of dotted labels.
+		if !plainLocal.MatchString(local) || !plainDomain.MatchString(domain) {
+			return
+		}
+		addr := local + "@" + domain
+		b := map[string]any{"bounce": map[string]any{"bounceType": "Permanent", "bounceSubType": "General", "timestamp": "2026-12-01T10:00:01Z",
+			"feedbackId": "fb", "bouncedRecipients": []map[string]any{{"emailAddress": addr, "status": status,
+				"diagnosticCode": diag + " " + addr}}}}
+		n, err := Parse(viaSNS(t, record("Bounce", b, tags())), received)
+		if err != nil {
+			return // a record the parser refuses quotes nothing
+		}
+		out, _ := json.Marshal(n.Event)
+		if strings.Contains(string(out), addr) {
+			t.Fatalf("the event names %q: %s", addr, out)
+		}
+		if events.RedactIPs(n.Event.Diagnostic) != n.Event.Diagnostic {
+			t.Fatalf("the diagnostic names an IP: %q", n.Event.Diagnostic)
+		}
+	})
 }
