@@ -70,7 +70,7 @@ var ErrNotOurs = errors.New("ses notification of a mail otpflow did not send")
 // none for a value that is not one.
 func RecipientTags(subjectHash string) map[string]string {
 	id, h, ok := strings.Cut(subjectHash, ":")
-	if !ok || !hashPattern(subjectHash) {
+	if !ok || !events.IsSubjectHash(subjectHash) {
 		return nil
 	}
 	return map[string]string{TagRecipientKey: base64.RawURLEncoding.EncodeToString([]byte(id)), TagRecipientHash: h}
@@ -286,7 +286,7 @@ func readTags(tags map[string][]string, f *events.Feedback) error {
 	if err != nil || n < 1 || n > 1000 {
 		return &Error{ReasonBadTag, "code_seq tag is not a code sequence"}
 	}
-	if hash != "" && !hashPattern(hash) {
+	if hash != "" && !events.IsSubjectHash(hash) {
 		return &Error{ReasonBadTag, "recipient_hash tag is not a subject hash"}
 	}
 	f.Tenant, f.ChallengeID, f.CodeSeq, f.RecipientHash = tenant, challenge, n, hash
@@ -328,25 +328,6 @@ func idPattern(s string) bool {
 	}
 	for _, r := range s {
 		if !(r >= 'a' && r <= 'z' || r >= 'A' && r <= 'Z' || r >= '0' && r <= '9' || strings.ContainsRune("-_:.", r)) {
-			return false
-		}
-	}
-	return true
-}
-
-// hashPattern is a subject hash as keys.Subjects writes it: "<key id>:<base64url>".
-func hashPattern(s string) bool {
-	id, h, ok := strings.Cut(s, ":")
-	if !ok || id == "" || len(id) > 32 || len(h) < 16 || len(h) > 64 {
-		return false
-	}
-	for _, r := range id {
-		if !(r >= 'a' && r <= 'z' || r >= 'A' && r <= 'Z' || r >= '0' && r <= '9' || r == '-' || r == '_' || r == '.') {
-			return false
-		}
-	}
-	for _, r := range h {
-		if !(r >= 'a' && r <= 'z' || r >= 'A' && r <= 'Z' || r >= '0' && r <= '9' || r == '-' || r == '_') {
 			return false
 		}
 	}
