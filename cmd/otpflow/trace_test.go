@@ -154,7 +154,8 @@ func TestOneTraceAcrossTheServices(t *testing.T) {
 	// otp.verified is published in the verify's trace, and the auditor chains each event in
 	// the span of its publisher: the issuance, the delivery and the verify.
 	verifyTP := "00-" + verifyTrace + "-" + verify.SpanContext().SpanID().String() + "-01"
-	if m := testenv.Messages(t, a.js, events.StreamEvents, "otp.verified.acme"); len(m) != 1 || m[0].Header.Get(events.HeaderTraceParent) != verifyTP {
+	// The reply comes at the commit and the event is published after it, so wait for it.
+	if m := testenv.WaitMessages(t, a.js, events.StreamEvents, "otp.verified.acme", 1, 10*time.Second); len(m) != 1 || m[0].Header.Get(events.HeaderTraceParent) != verifyTP {
 		t.Errorf("otp.verified: want traceparent %s, got %v", verifyTP, m)
 	}
 	audited := func(parent trace.SpanContext) bool {
