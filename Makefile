@@ -42,7 +42,7 @@ chaos:
 # Each fuzz target for a short while (go test -fuzz takes one target per run).
 FUZZTIME ?= 30s
 fuzz:
-	@set -e; for f in FuzzDecodeRequested FuzzDecodeVerifyRequest FuzzDecodeDispatch FuzzRedactAddresses; do \
+	@set -e; for f in FuzzDecodeRequested FuzzDecodeVerifyRequest FuzzDecodeStatusRequest FuzzDecodeDispatch FuzzRedactAddresses; do \
 		echo "== fuzz $$f ($(FUZZTIME))"; (cd events && $(GO) test -run '^$$' -fuzz "^$$f$$" -fuzztime $(FUZZTIME) .); done
 	@echo "== fuzz FuzzDecodeErasure ($(FUZZTIME))"; cd platform/integration && $(GO) test -run '^$$' -fuzz '^FuzzDecodeErasure$$' -fuzztime $(FUZZTIME) .
 	@set -e; for f in FuzzParse FuzzDiagnostic; do \

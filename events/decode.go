@@ -256,6 +256,21 @@ func DecodeVerifyRequest(data []byte) (VerifyRequest, error) {
 	return r, nil
 }
 
+// DecodeStatusRequest strictly decodes and validates an otp.status request body.
+func DecodeStatusRequest(data []byte) (StatusRequest, error) {
+	var r StatusRequest
+	if err := decodeStrict(data, MaxVerifyRequestSize, &r); err != nil {
+		return StatusRequest{}, err
+	}
+	switch {
+	case r.RequestID == "":
+		return StatusRequest{}, invalid(ReasonMissingField, "request_id", "required")
+	case !requestIDPattern.MatchString(r.RequestID):
+		return StatusRequest{}, invalid(ReasonInvalidField, "request_id", "must be 1-128 visible ASCII characters")
+	}
+	return r, nil
+}
+
 // checkText refuses text that is not UTF-8 or that carries CR, LF or NUL.
 func checkText(field, s string) error {
 	if strings.ContainsAny(s, "\r\n") {

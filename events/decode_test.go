@@ -154,6 +154,26 @@ func FuzzDecodeVerifyRequest(f *testing.F) {
 	})
 }
 
+// FuzzDecodeStatusRequest: any input decodes or fails with a *ValidationError.
+func FuzzDecodeStatusRequest(f *testing.F) {
+	f.Add([]byte(`{"request_id":"r1"}`))
+	f.Add([]byte(`{"request_id":"r 1"}`))
+	f.Add([]byte(`{"request_id":"r1","code":"1"}`))
+	f.Fuzz(func(t *testing.T, data []byte) {
+		r, err := events.DecodeStatusRequest(data)
+		if err != nil {
+			var ve *events.ValidationError
+			if !errors.As(err, &ve) {
+				t.Fatalf("untyped error %T: %v", err, err)
+			}
+			return
+		}
+		if r.RequestID == "" || len(r.RequestID) > 128 || strings.ContainsAny(r.RequestID, " \r\n\x00") {
+			t.Fatalf("accepted invalid request %+v", r)
+		}
+	})
+}
+
 // TestCanonicalAddress: one form for every key, hash and comparison, so that changing
 // the case of an address or padding it never makes a second person.
 func TestCanonicalAddress(t *testing.T) {

@@ -197,6 +197,12 @@ const (
 	// OTP_REQUESTS stored the request: it was in flight when the erasure was asked, and
 	// the erasure wins. A request stored after the erasure is served as any other.
 	ReasonErased RejectReason = "erased"
+	// ReasonSuppressed refuses a request for a recipient on the tenant's suppression
+	// list: an earlier code to the address bounced for good or was reported as spam
+	// (otp.feedback), or an operator put it there (otpflow suppression add). Mailing it
+	// again would only hurt the sender's reputation; the app should ask for another
+	// address. Limit names why it is listed (bounced, complained, operator).
+	ReasonSuppressed RejectReason = "suppressed"
 )
 
 // Rejected is the body of otp.rejected.<tenant> on OTP_EVENTS: a request was refused and
@@ -205,13 +211,13 @@ const (
 type Rejected struct {
 	Tenant            string       `json:"tenant"`
 	RequestID         string       `json:"request_id,omitempty"`
-	Reason            RejectReason `json:"reason" jsonschema:"enum=malformed_json,enum=too_large,enum=unknown_field,enum=missing_field,enum=invalid_field,enum=header_injection,enum=invalid_recipient,enum=invalid_tenant,enum=rate_limited,enum=challenge_closed,enum=risk,enum=policy,enum=challenge_mismatch,enum=stale,enum=erased"`
+	Reason            RejectReason `json:"reason" jsonschema:"enum=malformed_json,enum=too_large,enum=unknown_field,enum=missing_field,enum=invalid_field,enum=header_injection,enum=invalid_recipient,enum=invalid_tenant,enum=rate_limited,enum=challenge_closed,enum=risk,enum=policy,enum=challenge_mismatch,enum=stale,enum=erased,enum=suppressed"`
 	Field             string       `json:"field,omitempty"`
 	Detail            string       `json:"detail"`
 	RetryAfterSeconds int          `json:"retry_after_seconds,omitempty"`
 	// Limit names the rate limit or risk rule that refused a request: recipient_cooldown,
 	// recipient_per_hour, ip_per_minute, tenant_per_minute, resend_cooldown, max_sends,
-	// ip_fanout.
+	// ip_fanout; for suppressed, why the recipient is listed: bounced, complained, operator.
 	Limit      string    `json:"limit,omitempty"`
 	RequestSeq uint64    `json:"request_seq,omitempty"`
 	RejectedAt time.Time `json:"rejected_at"`
@@ -550,6 +556,79 @@ type VerifyReply struct {
 	Reason            string       `json:"reason,omitempty"`
 	// RetryAfterSeconds comes with rate_limited: when the caller may try again.
 	RetryAfterSeconds int `json:"retry_after_seconds,omitempty"`
+}
+
+// RequestState is what became of a request, as otp.status answers it. The values are part
+// of the contract; only ever added to.
+type RequestState string
+
+// Request states.
+const (
+	// StatePending: a code was issued and is on its way to a provider.
+	StatePending RequestState = "pending"
+	// StateSent: a provider accepted the mail (otp.delivered).
+	StateSent RequestState = "sent"
+	// StateMailboxDelivered: the recipient's mail server took it (provider feedback).
+	StateMailboxDelivered RequestState = "mailbox_delivered"
+	// StateDelayed: the provider could not hand it over yet and keeps trying.
+	StateDelayed RequestState = "delayed"
+	// StateBounced: the recipient's mail server refused it; the app should ask for
+	// another address when Detail.BounceType is Permanent.
+	StateBounced RequestState = "bounced"
+	// StateComplained: the recipient reported the mail as spam.
+	StateComplained RequestState = "complained"
+	// StateFailed: the mail could not be sent (otp.delivery_failed), or the provider
+	// dropped it after taking it (feedback kind rejected).
+	StateFailed RequestState = "failed"
+	// StateDispatchExpired: the code expired before any provider took the mail.
+	StateDispatchExpired RequestState = "dispatch_expired"
+	// StateExpired: the code's lifetime is over and it was never verified.
+	StateExpired RequestState = "expired"
+	// StateVerified, StateLocked, StateSuperseded: the challenge is closed.
+	StateVerified   RequestState = "verified"
+	StateLocked     RequestState = "locked"
+	StateSuperseded RequestState = "superseded"
+	// StateRejected: the request was refused and no challenge was made; Reason says why.
+	StateRejected RequestState = "rejected"
+)
+
+// StatusRequest is the request body of otp.status.<tenant> (NATS request/reply): what
+// became of the request an app published as otp.requested. Decode it with
+// DecodeStatusRequest.
+type StatusRequest struct {
+	RequestID string `json:"request_id" jsonschema:"minLength=1,maxLength=128"`
+}
+
+// StatusReply is the reply of otp.status.<tenant>. Found is false for a request id the
+// projection has no record of (not yet processed, never sent, or purged after
+// OTP_RETENTION); State is then empty. A bad request is answered with Error set.
+type StatusReply struct {
+	RequestID string       `json:"request_id"`
+	Found     bool         `json:"found"`
+	State     RequestState `json:"state,omitempty" jsonschema:"enum=pending,enum=sent,enum=mailbox_delivered,enum=delayed,enum=bounced,enum=complained,enum=failed,enum=dispatch_expired,enum=expired,enum=verified,enum=locked,enum=superseded,enum=rejected"`
+	// At is when the request reached State (for expired, when the code expired).
+	At time.Time `json:"at,omitzero"`
+	// Reason is the reject reason of a rejected request; Detail says more about a
+	// state: the bounce type and sub-type, the failure reason, the reject detail.
+	Reason RejectReason `json:"reason,omitempty"`
+	Detail string       `json:"detail,omitempty"`
+	// CodeSeq is the challenge's latest code, ExpiresAt when it expires.
+	CodeSeq   int       `json:"code_seq,omitempty"`
+	ExpiresAt time.Time `json:"expires_at,omitzero"`
+	// LastRefusal is the latest refused request for a challenge that lives on (a resend
+	// too soon, a mismatched recipient, a suppressed address): reported beside the
+	// challenge's state, never instead of it.
+	LastRefusal *StatusRefusal `json:"last_refusal,omitempty"`
+	// Error explains a request that could not be answered (bad_request: a malformed
+	// body; internal: try again).
+	Error string `json:"error,omitempty"`
+}
+
+// StatusRefusal is a refused request beside a live challenge.
+type StatusRefusal struct {
+	Reason RejectReason `json:"reason"`
+	Detail string       `json:"detail,omitempty"`
+	At     time.Time    `json:"at"`
 }
 
 // DLQ headers. A dead letter on otp.dlq.<tenant> carries only these headers (and

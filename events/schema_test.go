@@ -20,6 +20,8 @@ var publicPayloads = map[string]any{
 	"otp.requested":         events.Requested{},
 	"otp.verify.request":    events.VerifyRequest{},
 	"otp.verify.reply":      events.VerifyReply{},
+	"otp.status.request":    events.StatusRequest{},
+	"otp.status.reply":      events.StatusReply{},
 	"otp.issued":            events.Issued{},
 	"otp.rejected":          events.Rejected{},
 	"otp.superseded":        events.Superseded{},

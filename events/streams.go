@@ -356,6 +356,46 @@ func ErasureConsumer(service string) jetstream.ConsumerConfig {
 	}
 }
 
+// IssuerFeedbackConsumer is the issuer's durable on OTP_EVENTS for otp.feedback: a
+// permanent bounce or a complaint puts the recipient on the tenant's suppression list.
+// From the start of the stream, so feedback stored while the issuer was down is not lost.
+var IssuerFeedbackConsumer = jetstream.ConsumerConfig{
+	Durable:       ConsumerIssuer + "-feedback",
+	Description:   "issuer: suppress recipients on otp.feedback",
+	FilterSubject: TypeFeedback.Wildcard(),
+	AckPolicy:     jetstream.AckExplicitPolicy,
+	DeliverPolicy: jetstream.DeliverAllPolicy,
+	AckWait:       30 * time.Second,
+	MaxDeliver:    50,
+	MaxAckPending: 500,
+}
+
+// StatusTypes are the OTP_EVENTS types the verifier's status projection reads
+// (VerifierStatusConsumer): what became of each request.
+var StatusTypes = []Type{TypeIssued, TypeRejected, TypeSuperseded, TypeDelivered, TypeDeliveryFailed,
+	TypeDispatchExpired, TypeVerified, TypeLocked, TypeFeedback, TypeErasureRequested}
+
+// VerifierStatusConsumer is the verifier's durable on OTP_EVENTS for the status
+// projection that otp.status answers from.
+var VerifierStatusConsumer = jetstream.ConsumerConfig{
+	Durable:        ConsumerVerifier + "-status",
+	Description:    "verifier: projection of request states for otp.status",
+	FilterSubjects: wildcards(StatusTypes),
+	AckPolicy:      jetstream.AckExplicitPolicy,
+	DeliverPolicy:  jetstream.DeliverAllPolicy,
+	AckWait:        30 * time.Second,
+	MaxDeliver:     50,
+	MaxAckPending:  2000,
+}
+
+func wildcards(types []Type) []string {
+	out := make([]string, len(types))
+	for i, t := range types {
+		out[i] = t.Wildcard()
+	}
+	return out
+}
+
 // StreamConsumer is one durable consumer of the contract and the stream it reads.
 type StreamConsumer struct {
 	Stream string
@@ -383,6 +423,8 @@ func ConsumerConfigs(o StreamOptions) []StreamConsumer {
 		{StreamEvents, ErasureConsumer(ConsumerIssuer)},
 		{StreamEvents, ErasureConsumer(ConsumerDispatcher)},
 		{StreamEvents, ErasureConsumer(ConsumerVerifier)},
+		{StreamEvents, IssuerFeedbackConsumer},
+		{StreamEvents, VerifierStatusConsumer},
 		{StreamAdvisories, IssuerExhaustedConsumer},
 		{StreamAdvisories, DispatcherExhaustedConsumer},
 	}...)

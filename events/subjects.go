@@ -38,6 +38,9 @@ const (
 	TypeChallengeSuperseded Type = "otp.challenge_superseded"
 	// TypeVerify is the request/reply subject prefix of the verify service.
 	TypeVerify Type = "otp.verify"
+	// TypeStatus is the request/reply subject prefix of the status service: what became
+	// of a request (StatusRequest, StatusReply).
+	TypeStatus Type = "otp.status"
 )
 
 // EventTypes are the types stored on the OTP_EVENTS stream, the audit stream. Adding one:
