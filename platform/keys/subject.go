@@ -35,6 +35,7 @@ func ParseSubjects(value string) (*Subjects, error) {
 const (
 	subjectDomain = "otpflow/subject/v1"
 	clientDomain  = "otpflow/client/v1"
+	tagDomain     = "otpflow/mail-tags/v1"
 )
 
 // ActiveID is the id of the key new hashes are made under.
@@ -71,6 +72,25 @@ func (s *Subjects) MatchesSubject(hash, tenant, address string) bool {
 		return false
 	}
 	return hmac.Equal([]byte(hash), []byte(s.hash(id, subjectDomain, tenant, events.CanonicalAddress(address))))
+}
+
+// TagMAC authenticates value, the identity a sent mail carries in its provider tags
+// (tenant, challenge, code and recipient), under the active key: "id:base64url(HMAC)".
+// A provider's notification that reports the tags back is believed only if its MAC
+// verifies (VerifyTagMAC), so whoever can write to the notification queue still cannot
+// name an arbitrary person or code.
+func (s *Subjects) TagMAC(tenant, value string) string {
+	return s.hash(s.ring.active, tagDomain, tenant, value)
+}
+
+// VerifyTagMAC reports whether mac is TagMAC(tenant, value) under a key the ring still
+// holds.
+func (s *Subjects) VerifyTagMAC(mac, tenant, value string) bool {
+	id, _, ok := strings.Cut(mac, ":")
+	if !ok || s.ring.keys[id] == nil {
+		return false
+	}
+	return hmac.Equal([]byte(mac), []byte(s.hash(id, tagDomain, tenant, value)))
 }
 
 func (s *Subjects) all(domain, tenant, value string) []string {

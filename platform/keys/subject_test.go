@@ -66,3 +66,38 @@ func TestSubjectHashes(t *testing.T) {
 		t.Error("a 16-byte subject key was accepted")
 	}
 }
+
+// TestTagMAC: a mail's tag MAC verifies under the ring that made it, also after a
+// rotation, and for nothing else: another value, another tenant, a subject hash of the
+// same text (another domain), or a key the ring no longer holds.
+func TestTagMAC(t *testing.T) {
+	old := keys.Generate("k1", 32)
+	s1, err := keys.ParseSubjects(old)
+	if err != nil {
+		t.Fatal(err)
+	}
+	rotated, err := keys.ParseSubjects(keys.Generate("k2", 32) + "," + old)
+	if err != nil {
+		t.Fatal(err)
+	}
+	dropped, err := keys.ParseSubjects(keys.Generate("k2", 32))
+	if err != nil {
+		t.Fatal(err)
+	}
+	mac := s1.TagMAC("acme", "v")
+	if !s1.VerifyTagMAC(mac, "acme", "v") || !rotated.VerifyTagMAC(mac, "acme", "v") {
+		t.Fatal("a MAC does not verify under its own ring")
+	}
+	for name, ok := range map[string]bool{
+		"another value":     s1.VerifyTagMAC(mac, "acme", "w"),
+		"another tenant":    s1.VerifyTagMAC(mac, "globex", "v"),
+		"a subject hash":    s1.VerifyTagMAC(s1.Subject("acme", "v"), "acme", "v"),
+		"a key dropped":     dropped.VerifyTagMAC(mac, "acme", "v"),
+		"no key id":         s1.VerifyTagMAC(strings.TrimPrefix(mac, "k1:"), "acme", "v"),
+		"another key's MAC": s1.VerifyTagMAC(rotated.TagMAC("acme", "v"), "acme", "v"),
+	} {
+		if ok {
+			t.Errorf("%s: verified", name)
+		}
+	}
+}

@@ -83,6 +83,9 @@ const feedbackDLQMax = 64 << 10
 func (s *Service) handleFeedback(ctx context.Context, m sqstypes.Message) bool {
 	body := aws.ToString(m.Body)
 	n, err := sesfeedback.Parse([]byte(body), s.now())
+	if err == nil {
+		err = s.authentic(n)
+	}
 	var refused *sesfeedback.Error
 	switch {
 	case errors.Is(err, sesfeedback.ErrIgnored):
@@ -147,13 +150,30 @@ func feedbackToken(s string) string {
 	}, s)
 }
 
-// recipientTags adds the tags of a mail's recipient: its subject hash under the active
-// key (sesfeedback.RecipientTags).
-func (s *Service) recipientTags(tenant, recipient string, tags map[string]string) {
+// recipientTags adds the tags of a mail's recipient, its subject hash under the active
+// key (sesfeedback.RecipientTags), and the MAC of its identity tags (sesfeedback.MACTags).
+func (s *Service) recipientTags(tenant, challenge string, codeSeq int, recipient string, tags map[string]string) {
 	if s.cfg.Subjects == nil {
 		return
 	}
-	for k, v := range sesfeedback.RecipientTags(s.cfg.Subjects.Subject(tenant, recipient)) {
-		tags[k] = v
+	hash := s.cfg.Subjects.Subject(tenant, recipient)
+	mac := s.cfg.Subjects.TagMAC(tenant, sesfeedback.SignedValue(tenant, challenge, codeSeq, hash))
+	for _, t := range []map[string]string{sesfeedback.RecipientTags(hash), sesfeedback.MACTags(mac)} {
+		for k, v := range t {
+			tags[k] = v
+		}
 	}
+}
+
+// authentic reports whether a notification's tags are the dispatcher's own: with a
+// subject key, only a mail whose tags carry a MAC under it names a code and a person.
+// Without one, the dispatcher set no MAC, and takes the tags as they come.
+func (s *Service) authentic(n sesfeedback.Notification) error {
+	if s.cfg.Subjects == nil {
+		return nil
+	}
+	if n.MAC == "" || !s.cfg.Subjects.VerifyTagMAC(n.MAC, n.Event.Tenant, n.Signed) {
+		return &sesfeedback.Error{Reason: sesfeedback.ReasonBadTag, Detail: "the mail's tags carry no valid otpflow MAC"}
+	}
+	return nil
 }

@@ -3,6 +3,8 @@ package dispatcher
 import (
 	"context"
 	"encoding/json"
+	"fmt"
+	"maps"
 	"slices"
 	"strings"
 	"testing"
@@ -159,5 +161,60 @@ func TestABigUnreadableNotificationIsKeptCut(t *testing.T) {
 	}
 	if orig := testenv.OpenDeadLetter(t, h.dlq, dead[0]); len(orig.Data) != feedbackDLQMax || string(orig.Data) != body[:feedbackDLQMax] {
 		t.Fatalf("kept %d bytes", len(orig.Data))
+	}
+}
+
+// TestForgedFeedbackIsRefused is the attack of whoever can write to the feedback queue (or
+// its SNS topic) and has read the audit stream, where subject hashes are: they take a real
+// notification of their own mail and rewrite its tags to name another person's hash, another
+// challenge, another code, or drop the MAC, to get that person suppressed or a code marked
+// bounced. Each forgery is dead-lettered with reason bad_tag and makes no otp.feedback; the
+// genuine notification still does.
+func TestForgedFeedbackIsRefused(t *testing.T) {
+	srv, queue, h := feedbackHarness(t, 0)
+	h.publish(t, challenge(73), "attacker@example.com", "737373", time.Now().Add(5*time.Minute), "fb3")
+	h.deliveredVia(t, 1)
+	mail := srv.Emails()[0]
+	if mail.Tags[sesfeedback.TagMAC] == "" {
+		t.Fatalf("the mail carries no MAC tag: %v", mail.Tags)
+	}
+
+	victim := sesfeedback.RecipientTags(h.subjects.Subject("acme", "victim@example.com"))
+	forge := func(change func(tags map[string]string)) sestest.Email {
+		e := mail
+		e.Tags = maps.Clone(mail.Tags)
+		change(e.Tags)
+		return e
+	}
+	forgeries := map[string]sestest.Email{
+		"another person": forge(func(tags map[string]string) {
+			tags[sesfeedback.TagRecipientHash] = victim[sesfeedback.TagRecipientHash]
+		}),
+		"another challenge": forge(func(tags map[string]string) { tags[sesfeedback.TagChallenge] = challenge(74) }),
+		"another code":      forge(func(tags map[string]string) { tags[sesfeedback.TagCodeSeq] = "2" }),
+		"another tenant":    forge(func(tags map[string]string) { tags[sesfeedback.TagTenant] = "globex" }),
+		"no MAC":            forge(func(tags map[string]string) { delete(tags, sesfeedback.TagMAC) }),
+		"a made-up MAC":     forge(func(tags map[string]string) { tags[sesfeedback.TagMAC] = strings.Repeat("A", 43) }),
+	}
+	i := 0
+	for _, e := range forgeries {
+		i++
+		queue.Send("otp-feedback", sesNotification(t, fmt.Sprintf("forged-%d", i), e))
+	}
+	testenv.Eventually(t, 30*time.Second, "the forgeries read", func() bool { return queue.Len("otp-feedback") == 0 })
+	dead := testenv.WaitMessages(t, h.js, events.StreamDLQ, "otp.dlq._unknown", len(forgeries), 10*time.Second)
+	for _, d := range dead {
+		if r := d.Header.Get(events.HeaderDLQReason); !strings.Contains(r, sesfeedback.ReasonBadTag) {
+			t.Errorf("dead letter reason %q, want %s", r, sesfeedback.ReasonBadTag)
+		}
+	}
+	if n := len(testenv.Messages(t, h.js, events.StreamEvents, "otp.feedback.>")); n != 0 {
+		t.Fatalf("%d otp.feedback events from forged notifications", n)
+	}
+
+	queue.Send("otp-feedback", sesNotification(t, "genuine", mail))
+	got := testenv.WaitMessages(t, h.js, events.StreamEvents, "otp.feedback.acme", 1, 30*time.Second)
+	if f := decode[events.Feedback](t, got[0]); f.ChallengeID != challenge(73) || f.RecipientHash != h.subjects.Subject("acme", "attacker@example.com") {
+		t.Fatalf("feedback %+v", f)
 	}
 }

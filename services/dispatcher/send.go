@@ -115,7 +115,7 @@ func (s *Service) send(ctx context.Context, j *job) result {
 		Tags: map[string]string{sesfeedback.TagTenant: dj.Tenant, "purpose": dj.Purpose, sesfeedback.TagChallenge: dj.ChallengeID,
 			sesfeedback.TagCodeSeq: strconv.Itoa(dj.CodeSeq)},
 	}
-	s.recipientTags(dj.Tenant, dj.Recipient, m.Tags)
+	s.recipientTags(dj.Tenant, dj.ChallengeID, dj.CodeSeq, dj.Recipient, m.Tags)
 	ctx, calls := withCallLog(ctx)
 	sent, err := s.chain.Send(ctx, m)
 	res := result{calls: calls.list()}

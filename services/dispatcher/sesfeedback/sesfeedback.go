@@ -33,7 +33,26 @@ const (
 	TagCodeSeq       = "code_seq"
 	TagRecipientKey  = "recipient_key"
 	TagRecipientHash = "recipient_hash"
+	// TagMAC authenticates the tags above: the MAC (keys.Subjects.TagMAC, without its key
+	// id, which is the recipient_key's) of SignedValue.
+	TagMAC = "otpflow_mac"
 )
+
+// SignedValue is what TagMAC authenticates: the tenant, challenge, code sequence and
+// recipient hash of a mail, NUL-separated.
+func SignedValue(tenant, challenge string, codeSeq int, recipientHash string) string {
+	return strings.Join([]string{tenant, challenge, strconv.Itoa(codeSeq), recipientHash}, "\x00")
+}
+
+// MACTags are the tags of a mail's identity tags' MAC, mac being "<key id>:<mac>" under
+// the key of its recipient hash; none for a value that is not one.
+func MACTags(mac string) map[string]string {
+	_, m, ok := strings.Cut(mac, ":")
+	if !ok || m == "" {
+		return nil
+	}
+	return map[string]string{TagMAC: m}
+}
 
 // maxBody bounds a queue message body; SQS's own limit is 256 KiB.
 const maxBody = 256 << 10
@@ -83,6 +102,10 @@ type Notification struct {
 	// the body is a raw SES event): a redelivered queue message gives the same one.
 	ID    string
 	Event events.Feedback
+	// MAC is the mail's tag MAC, "<key id>:<mac>" under the recipient_key's key, empty
+	// when the mail carried none; Signed is the value it must authenticate
+	// (SignedValue). The caller verifies it (keys.Subjects.VerifyTagMAC).
+	MAC, Signed string
 }
 
 // MsgID is the Nats-Msg-Id of the otp.feedback event, so a notification read twice is
@@ -240,6 +263,11 @@ func Parse(body []byte, received time.Time) (Notification, error) {
 	if err := readTags(e.Mail.Tags, &f); err != nil {
 		return n, err
 	}
+	if m := firstTag(e.Mail.Tags, TagMAC); m != "" && f.RecipientHash != "" {
+		id, _, _ := strings.Cut(f.RecipientHash, ":")
+		n.MAC = id + ":" + m
+	}
+	n.Signed = SignedValue(f.Tenant, f.ChallengeID, f.CodeSeq, f.RecipientHash)
 	if n.ID == "" {
 		// A raw SES record: its feedback id, or the message id and the event type,
 		// which one mail reports once each (but for delays, which carry their time).
@@ -258,12 +286,7 @@ func Parse(body []byte, received time.Time) (Notification, error) {
 // readTags fills the code's identity from the message tags: the tenant, the challenge id
 // and the code sequence, required, and the recipient's subject hash, when set.
 func readTags(tags map[string][]string, f *events.Feedback) error {
-	get := func(k string) string {
-		if v := tags[k]; len(v) > 0 {
-			return v[0]
-		}
-		return ""
-	}
+	get := func(k string) string { return firstTag(tags, k) }
 	tenant, challenge, seq := get(TagTenant), get(TagChallenge), get(TagCodeSeq)
 	hash := ""
 	if k, h := get(TagRecipientKey), get(TagRecipientHash); k != "" || h != "" {
@@ -291,6 +314,13 @@ func readTags(tags map[string][]string, f *events.Feedback) error {
 	}
 	f.Tenant, f.ChallengeID, f.CodeSeq, f.RecipientHash = tenant, challenge, n, hash
 	return nil
+}
+
+func firstTag(tags map[string][]string, k string) string {
+	if v := tags[k]; len(v) > 0 {
+		return v[0]
+	}
+	return ""
 }
 
 // diagnostic is a status and the receiving server's text, made fit to leave the
