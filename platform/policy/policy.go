@@ -55,6 +55,21 @@ type Policy struct {
 	// CodeInSubject lets the subject carry the code. Off by default: subjects show on lock
 	// screens, in notification previews and in provider event logs.
 	CodeInSubject bool `yaml:"code_in_subject"`
+	// Suppression keeps codes from recipients whose mail bounced for good or who
+	// complained.
+	Suppression Suppression `yaml:"suppression"`
+}
+
+// Suppression is the tenant's use of the suppression list: a permanent bounce or a
+// complaint (otp.feedback) lists the recipient, and a request for a listed recipient is
+// refused with reason suppressed.
+type Suppression struct {
+	// Disabled lists nobody from feedback and refuses nobody, the operator's entries
+	// included; they are kept, and count again once it is turned back on.
+	Disabled bool `yaml:"disabled"`
+	// Expiry lifts an entry made from feedback this long after the bounce or the
+	// complaint; zero (the default) keeps it until an operator removes it.
+	Expiry time.Duration `yaml:"expiry"`
 }
 
 // RateLimits hold across issuer replicas (their state is in PostgreSQL). Zero turns one off.
@@ -249,6 +264,8 @@ func (p *Policy) Validate() error {
 		return errors.New("cooldowns must not be negative")
 	case p.RateLimits.RecipientPerHour < 0 || p.RateLimits.IPPerMinute < 0 || p.RateLimits.TenantPerMinute < 0 || p.RateLimits.RecipientFailuresPerHour < 0:
 		return errors.New("rate limits must not be negative")
+	case p.Suppression.Expiry < 0:
+		return errors.New("suppression.expiry must not be negative")
 	case p.Locale != "" && !localePattern.MatchString(p.Locale):
 		return errors.New("locale must be a language tag such as en or pt-BR")
 	}

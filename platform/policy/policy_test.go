@@ -117,6 +117,8 @@ func TestParseRefusesMalformed(t *testing.T) {
 		"bad test address":                  "tenants:\n  acme:\n    test_recipients:\n      qa: \"123456\"\n",
 		"missing templates":                 "tenants:\n  acme:\n    template_dir: /does/not/exist\n",
 		"negative limit":                    "defaults:\n  rate_limits:\n    ip_per_minute: -1\n",
+		"negative suppression expiry":       "tenants:\n  acme:\n    suppression:\n      expiry: -1h\n",
+		"unknown suppression key":           "tenants:\n  acme:\n    suppression:\n      off: true\n",
 	} {
 		if _, err := policy.Parse([]byte(doc)); err == nil {
 			t.Errorf("%s: accepted", name)
@@ -125,6 +127,24 @@ func TestParseRefusesMalformed(t *testing.T) {
 		} else if !strings.HasPrefix(err.Error(), "tenants file") {
 			t.Errorf("%s: error %q does not say where", name, err)
 		}
+	}
+}
+
+// TestSuppressionPolicy: suppression is on, with entries kept for ever, unless a tenant
+// turns it off or sets an expiry; one tenant's setting is not another's.
+func TestSuppressionPolicy(t *testing.T) {
+	s, err := policy.Parse([]byte("tenants:\n  acme:\n    suppression:\n      expiry: 720h\n  beta:\n    suppression:\n      disabled: true\n  gamma: {}\n"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	if p := s.For("acme").Suppression; p.Disabled || p.Expiry != 720*time.Hour {
+		t.Errorf("acme suppression %+v", p)
+	}
+	if p := s.For("beta").Suppression; !p.Disabled || p.Expiry != 0 {
+		t.Errorf("beta suppression %+v", p)
+	}
+	if p := s.For("gamma").Suppression; p.Disabled || p.Expiry != 0 {
+		t.Errorf("gamma suppression %+v, want the default: on, for ever", p)
 	}
 }
 

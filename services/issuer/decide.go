@@ -184,6 +184,12 @@ func (s *Service) settle(st *batchState, w *writes, r *request, now time.Time) e
 		refuse(events.ReasonErased, "", "the recipient was erased after this request was made", 0)
 		return nil
 	}
+	// A recipient whose mail bounced for good or who complained is mailed no more: a
+	// new challenge and a resend alike.
+	if sp, ok := st.suppressed[rk]; ok && !isTest && !p.Suppression.Disabled && sp.activeAt(now) {
+		refuse(events.ReasonSuppressed, sp.reason, "the recipient is on the suppression list ("+sp.reason+"); ask for another address", 0)
+		return nil
+	}
 	if c != nil {
 		// A resend goes to the address the challenge was created with, stored sealed.
 		if err := s.openRecipient(c); err != nil {

@@ -10,7 +10,7 @@ import (
 
 // Erase is the issuer's part of an erasure: the person's challenges (their sealed
 // address, session id and subject hash), their codes and the records of their resend
-// messages are deleted, with the
+// messages and their suppression list entries are deleted, with the
 // otp.challenge messages of theirs still in the outbox (a code HMAC and a session). A
 // later request with one of their request ids is a new request; one stored before the
 // erasure and still in flight is refused (reason erased), for which the person's subject
@@ -44,7 +44,12 @@ func (s *Service) Erase(ctx context.Context, req events.ErasureRequested) (int64
 		}
 		resends, err := tx.Exec(ctx, `DELETE FROM issuer.resend_messages WHERE tenant = $1 AND recipient_key = ANY ($2)`,
 			req.Tenant, req.RecipientHashes)
-		n = outbox.RowsAffected() + codes.RowsAffected() + challenges.RowsAffected() + resends.RowsAffected()
+		if err != nil {
+			return err
+		}
+		suppressions, err := tx.Exec(ctx, `DELETE FROM issuer.suppressions WHERE tenant = $1 AND recipient_key = ANY ($2)`,
+			req.Tenant, req.RecipientHashes)
+		n = outbox.RowsAffected() + codes.RowsAffected() + challenges.RowsAffected() + resends.RowsAffected() + suppressions.RowsAffected()
 		return err
 	})
 	return n, err

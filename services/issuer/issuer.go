@@ -116,6 +116,8 @@ type Service struct {
 	// bind: its tenant's requests are not read (read.go).
 	missing      *prometheus.GaugeVec
 	missingShown map[string]bool // the series of missing, kept by the read loop alone
+	// suppressed counts recipients listed from feedback, by reason.
+	suppressed *prometheus.CounterVec
 	// live are the consumers being read, by durable: a message the server gave up while
 	// one of them holds it is left to it (readExhausted).
 	live sync.Map
@@ -141,11 +143,14 @@ func New(cfg Config, pool *pgxpool.Pool, js jetstream.JetStream, log *slog.Logge
 			Name: "otpflow_issuer_consumer_missing",
 			Help: "1 for a durable consumer of the issuer that it cannot bind (issuer_<tenant>: its tenant's requests go unread; issuer-exhausted on OTP_ADVISORIES: given-up requests are not dead-lettered), 0 once bound, by consumer.",
 		}, []string{"consumer"}),
+		suppressed: prometheus.NewCounterVec(prometheus.CounterOpts{
+			Name: "otpflow_issuer_suppressed_total", Help: "Recipients put on a suppression list from otp.feedback, by reason (bounced, complained).",
+		}, []string{"reason"}),
 	}
 	// The store reads the skew when it reads the clock: tests set it after New.
 	s.store = &store{pool: pool, outbox: s.outbox, skew: s.skewBy}
 	if reg != nil {
-		reg.MustRegister(s.requests, s.batch, s.missing)
+		reg.MustRegister(s.requests, s.batch, s.missing, s.suppressed)
 	}
 	return s, nil
 }
@@ -169,6 +174,7 @@ func (s *Service) Run(ctx context.Context) error {
 	g.Go(func() error { return sources.Run(gctx) })
 	g.Go(func() error { return s.read(gctx, bound) })
 	g.Go(func() error { return s.readExhausted(gctx) })
+	g.Go(func() error { return s.runFeedback(gctx) })
 	g.Go(func() error {
 		return platform.RunErasures(gctx, s.js, platform.ErasureConfig{Service: "issuer", Streams: s.cfg.Streams,
 			Erase: s.Erase, DeadLetters: &platform.DeadLetters{Sealer: s.cfg.DLQKey}, Log: s.log, Reg: s.reg})
