@@ -16,6 +16,7 @@ func TestChecksCatchBreakage(t *testing.T) {
 		"dockerfile": checkDockerfile,
 		"k8s":        func(f files) []error { return checkKubernetes(f, src) },
 		"network":    checkNetwork,
+		"aws":        checkAWS,
 	}
 	for name, check := range checks {
 		if errs := check(f); len(errs) > 0 {
@@ -31,6 +32,9 @@ func TestChecksCatchBreakage(t *testing.T) {
 		keda       = "k8s/keda.yaml"
 		job        = "k8s/provision-job.yaml"
 		netpol     = "k8s/network-policies.yaml"
+		iamPolicy  = "aws/dispatcher-policy.json"
+		queuePol   = "aws/feedback-queue-policy.json"
+		eventDest  = "aws/ses-event-destination.json"
 	)
 	for _, tc := range []struct {
 		name, check, file, old, new, want string
@@ -54,6 +58,17 @@ func TestChecksCatchBreakage(t *testing.T) {
 		{"dispatcher to a sandbox", "compose", compose, "OTP_PROVIDERS: smtp", "OTP_PROVIDERS: sandbox", "want smtp"},
 		{"dev secret not generated", "compose", compose, "${OTP_DLQ_KEY:?run sh deploy/dev-secrets.sh > deploy/.env}\n    ports:\n      - \"127.0.0.1:8083", "${OTP_DLQ_KEYS:?run sh deploy/dev-secrets.sh > deploy/.env}\n    ports:\n      - \"127.0.0.1:8083", "OTP_DLQ_KEYS"},
 		{"unpinned image", "compose", compose, "image: postgres:18-alpine", "image: postgres:latest", "postgres: image"},
+
+		// aws/
+		{"dispatcher may write feedback", "aws", iamPolicy, `["sqs:ReceiveMessage", "sqs:DeleteMessage"]`, `["sqs:ReceiveMessage", "sqs:DeleteMessage", "sqs:SendMessage"]`, "sqs:SendMessage"},
+		{"dispatcher reads any queue", "aws", iamPolicy, `"arn:aws:sqs:eu-west-1:111122223333:otpflow-ses-feedback"`, `"arn:aws:sqs:eu-west-1:111122223333:*"`, "wildcard"},
+		{"dispatcher reads another queue", "aws", iamPolicy, `"arn:aws:sqs:eu-west-1:111122223333:otpflow-ses-feedback"`, `"arn:aws:sqs:eu-west-1:111122223333:other"`, "the feedback queue"},
+		{"any topic writes the queue", "aws", queuePol, `,
+      "Condition": {"ArnEquals": {"aws:SourceArn": "arn:aws:sns:eu-west-1:111122223333:otpflow-ses-feedback"}}`, "", "aws:SourceArn"},
+		{"anyone writes the queue", "aws", queuePol, `{"Service": "sns.amazonaws.com"}`, `{"AWS": "*"}`, "principal"},
+		{"bounces not published", "aws", eventDest, `"BOUNCE", `, "", "event types"},
+		{"another configuration set", "aws", eventDest, `"ConfigurationSetName": "otp"`, `"ConfigurationSetName": "marketing"`, "configuration set"},
+		{"queue URL not the policy's queue", "aws", dispatcher, "111122223333/otpflow-ses-feedback", "111122223333/otpflow-feedback", "the feedback queue"},
 
 		// k8s/network-policies.yaml
 		{"no default deny", "network", netpol, "  podSelector: {}\n  policyTypes: [Ingress, Egress]", "  podSelector: {}\n  policyTypes: [Ingress]", "denies all ingress and egress"},
@@ -96,9 +111,8 @@ func TestChecksCatchBreakage(t *testing.T) {
 		{"rollout surge left to the default", "k8s", dispatcher, "  strategy:\n    rollingUpdate:\n      maxUnavailable: 1\n      maxSurge: 0\n", "", "maxSurge 3"},
 		{"sandbox provider", "k8s", dispatcher, "value: ses,smtp", "value: ses,sandbox", "sandbox"},
 		{"plaintext SES", "k8s", dispatcher, "            - name: OTP_SES_REGION", "            - name: OTP_SES_ENDPOINT\n              value: http://ses.internal\n            - name: OTP_SES_REGION", "OTP_SES_ENDPOINT"},
-		{"plaintext SES feedback queue", "k8s", dispatcher, "            - name: OTP_SES_REGION",
-			"            - name: OTP_SES_FEEDBACK_QUEUE_URL\n              value: http://sqs.internal/123456789012/otp-feedback\n            - name: OTP_SES_REGION",
-			"OTP_SES_FEEDBACK_QUEUE_URL"},
+		{"plaintext SES feedback queue", "k8s", dispatcher, "value: https://sqs.eu-west-1.amazonaws.com/111122223333/otpflow-ses-feedback",
+			"value: http://sqs.internal/123456789012/otp-feedback", "OTP_SES_FEEDBACK_QUEUE_URL"},
 		{"container port off OTP_HTTP_ADDR", "k8s", configMap, `OTP_HTTP_ADDR: ":8080"`, `OTP_HTTP_ADDR: ":9090"`, "OTP_HTTP_ADDR \":9090\""},
 		{"liveness on readyz", "k8s", issuer, "          livenessProbe:\n            httpGet:\n              path: /healthz", "          livenessProbe:\n            httpGet:\n              path: /readyz", "livenessProbe asks /readyz"},
 		{"readiness missing", "k8s", issuer, "          readinessProbe:\n            httpGet:\n              path: /readyz\n              port: http\n            periodSeconds: 5\n            failureThreshold: 2\n", "", "no readinessProbe"},

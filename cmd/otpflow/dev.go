@@ -81,6 +81,11 @@ func devCommand(ctx context.Context, args []string, getenv func(string) string, 
 		return err
 	}
 	defer os.Remove(auditorDB)
+	issuerDB := filepath.Join(abs, devIssuerDB)
+	if err := os.WriteFile(issuerDB, []byte(env[platform.DatabaseURLVar("issuer")]+"\n"), 0o600); err != nil {
+		return err
+	}
+	defer os.Remove(issuerDB)
 	mail := filepath.Join(abs, "mail")
 	env["OTP_NATS_URL"] = url
 	env["OTP_DATABASE_URL"] = dbURL

@@ -28,6 +28,7 @@ commands:
   provision create or update the streams and consumers, and migrate the database (an admin's job)
   erase     erase one person of a tenant from every service, stream and the audit log
   dlq       list, show, redrive and drop the dead letters of OTP_DLQ
+  suppression list, add and remove the recipients a tenant no longer mails (bounced, complained)
   bench     run the services from bin/ as processes and load them as an app does: throughput, latency, losses, CPU, memory
 
 run "otpflow <command> -h" for the flags of a command.
@@ -82,6 +83,12 @@ func run(ctx context.Context, args []string, getenv func(string) string, stdout,
 		return code, err
 	case "dlq":
 		code, err := dlqCommand(ctx, args[1:], getenv, stdout, stderr)
+		if errors.Is(err, flag.ErrHelp) {
+			return 0, nil
+		}
+		return code, err
+	case "suppression":
+		code, err := suppressionCommand(ctx, args[1:], getenv, stdout, stderr)
 		if errors.Is(err, flag.ErrHelp) {
 			return 0, nil
 		}
