@@ -34,6 +34,13 @@ func TestAlertsFire(t *testing.T) {
 	}
 	exported := exportedMetrics(t)
 	disp := `job="otpflow-dispatcher", instance="d1"`
+	aud := `job="otpflow-auditor", instance="a1"`
+	sent := func(tenant, provider string) string {
+		return `otpflow_auditor_mails_sent_total{` + aud + `, tenant="` + tenant + `", provider="` + provider + `"}`
+	}
+	feedback := func(tenant, kind, bounceType string) string {
+		return `otpflow_auditor_feedback_total{` + aud + `, tenant="` + tenant + `", provider="ses", kind="` + kind + `", bounce_type="` + bounceType + `"}`
+	}
 	fires := map[string]bool{}
 	for _, c := range []alertCase{
 		{name: "all services up", alert: "OtpServiceDown", at: 10 * time.Minute, series: `
@@ -95,6 +102,38 @@ func TestAlertsFire(t *testing.T) {
 		{name: "one breaker of two open", alert: "OtpAllProviderBreakersOpen", at: 10 * time.Minute, series: `
 			otpflow_dispatcher_breaker_state{` + disp + `, provider="ses"} 2x20
 			otpflow_dispatcher_breaker_state{` + disp + `, provider="smtp"} 0x20`},
+
+		// 600 mails an hour through SES for acme and globex, 3,000 through SMTP for acme.
+		{name: "a tenant's permanent bounces at 10 %", alert: "OtpTenantBounceRateHigh", at: 75 * time.Minute, series: `
+			` + sent("acme", "ses") + ` 0+10x80
+			` + sent("acme", "smtp") + ` 0+50x80
+			` + sent("globex", "ses") + ` 0+10x80
+			` + feedback("acme", "bounced", "permanent") + ` 0+1x80
+			` + feedback("acme", "mailbox_delivered", "") + ` 0+9x80`,
+			want: []string{`{provider="ses", tenant="acme"}`}},
+		{name: "transient, undetermined and suppressed bounces do not count", alert: "OtpTenantBounceRateHigh", at: 75 * time.Minute, series: `
+			` + sent("acme", "ses") + ` 0+10x80
+			` + feedback("acme", "bounced", "transient") + ` 0+2x80
+			` + feedback("acme", "bounced", "undetermined") + ` 0+1x80
+			` + feedback("acme", "bounced", "suppressed") + ` 0+1x80`},
+		{name: "permanent bounces at 4 %", alert: "OtpTenantBounceRateHigh", at: 75 * time.Minute, series: `
+			` + sent("acme", "ses") + ` 0+25x80
+			` + feedback("acme", "bounced", "permanent") + ` 0+1x80`},
+		{name: "60 mails an hour, every one bounced", alert: "OtpTenantBounceRateHigh", at: 75 * time.Minute, series: `
+			` + sent("quiet", "ses") + ` 0+1x80
+			` + feedback("quiet", "bounced", "permanent") + ` 0+1x80`},
+		{name: "a tenant's complaints at 0.2 %", alert: "OtpTenantComplaintRateHigh", at: 75 * time.Minute, series: `
+			` + sent("acme", "ses") + ` 0+500x80
+			` + sent("globex", "ses") + ` 0+2000x80
+			` + feedback("acme", "complained", "") + ` 0+1x80
+			` + feedback("globex", "complained", "") + ` 0+1x80`,
+			want: []string{`{provider="ses", tenant="acme"}`}},
+		{name: "600 mails an hour, 60 complaints", alert: "OtpTenantComplaintRateHigh", at: 75 * time.Minute, series: `
+			` + sent("quiet", "ses") + ` 0+10x80
+			` + feedback("quiet", "complained", "") + ` 0+1x80`},
+		{name: "bounces are no complaints", alert: "OtpTenantComplaintRateHigh", at: 75 * time.Minute, series: `
+			` + sent("acme", "ses") + ` 0+500x80
+			` + feedback("acme", "bounced", "permanent") + ` 0+10x80`},
 
 		{name: "a dispatcher backlog that does not drain", alert: "OtpConsumerLagHigh", at: 20 * time.Minute, series: `
 			otpflow_consumer_pending_messages{` + disp + `, stream="OTP_DISPATCH", consumer="dispatcher"} 0 0 0 0 0 5000+100x20

@@ -24,10 +24,12 @@ const (
 	RuleDeliveryFailureRatio    = "delivery_failure_ratio"    // share of failed calls to one provider
 	RuleRequestBurstIP          = "request_burst_ip"          // codes issued for one client IP
 	RuleSupersedeStorm          = "supersede_storm"           // superseded challenges in one tenant
+	RuleBounceRate              = "bounce_rate"               // share of one tenant's mails that bounced for good
+	RuleComplaintRate           = "complaint_rate"            // share of one tenant's mails marked as spam
 )
 
-// Threshold is one alert rule: Count events within Window (for the ratio rule: a share
-// of at least Ratio among at least Count calls).
+// Threshold is one alert rule: Count events within Window (for a ratio rule: a share of
+// at least Ratio among at least Count calls or mails sent).
 type Threshold struct {
 	Count  int
 	Window time.Duration
@@ -42,11 +44,19 @@ func DefaultThresholds() map[string]Threshold {
 		RuleDeliveryFailureRatio:    {Count: 20, Window: 5 * time.Minute, Ratio: 0.5},
 		RuleRequestBurstIP:          {Count: 30, Window: time.Minute},
 		RuleSupersedeStorm:          {Count: 100, Window: time.Minute},
+		// The sender's reputation, well below where SES suspends an account (about 10 %
+		// bounces, 0.5 % complaints) and at the rates where it puts one under review. A
+		// rate is judged once the tenant sent Count mails through the provider within the
+		// hour: 5 bounces among 100, or one complaint among 1,000 (below that, one
+		// complaint alone is over 0.1 %: the rule would say "any complaint").
+		RuleBounceRate:    {Count: 100, Window: time.Hour, Ratio: 0.05},
+		RuleComplaintRate: {Count: 1000, Window: time.Hour, Ratio: 0.001},
 	}
 }
 
 // ParseThresholds reads OTP_ALERT_RULES: "rule=count/window[/ratio],...", overriding the
-// defaults; a count of 0 turns a rule off.
+// defaults; a count of 0 turns a rule off, and a ratio rule given without a ratio keeps
+// its default one.
 func ParseThresholds(s string) (map[string]Threshold, error) {
 	th := DefaultThresholds()
 	for _, part := range strings.Split(s, ",") {
@@ -74,8 +84,8 @@ func ParseThresholds(s string) (map[string]Threshold, error) {
 			if t.Ratio, err = strconv.ParseFloat(fields[2], 64); err != nil || t.Ratio <= 0 || t.Ratio > 1 {
 				return nil, fmt.Errorf("alert rule %s: bad ratio", name)
 			}
-		} else if name == RuleDeliveryFailureRatio {
-			t.Ratio = DefaultThresholds()[name].Ratio
+		} else {
+			t.Ratio = DefaultThresholds()[name].Ratio // a ratio rule keeps its default share
 		}
 		th[name] = t
 	}
@@ -138,9 +148,11 @@ type signal struct {
 	digest  []byte
 	tenant  string // of the alert
 	subject string // the alert's subject hash, if it counts one person or network
-	seq     uint64
-	at      time.Time
-	// n events (for the provider rule: calls), failed of them.
+	// provider is the mail provider a ratio rule counts the calls or mails of.
+	provider string
+	seq      uint64
+	at       time.Time
+	// n events (for the ratio rules: calls, or mails sent), failed of them.
 	n, failed int
 }
 
@@ -151,13 +163,21 @@ type challengeRef struct{ tenant, id string }
 // recipient hashes of the challenges the rows' failed verifications name.
 func (a *alerter) signals(rows []*Row, recipients map[challengeRef]string) []signal {
 	var out []signal
-	add := func(r *Row, rule, key, tenant, subject string, n, failed int) {
-		if a.th[rule].Count == 0 {
+	push := func(r *Row, s signal) {
+		if a.th[s.rule].Count == 0 {
 			return // the rule is off
 		}
-		sum := sha256.Sum256([]byte(key))
-		out = append(out, signal{rule: rule, key: key, digest: sum[:], tenant: tenant, subject: subject,
-			seq: r.StreamSeq, at: r.OccurredAt, n: n, failed: failed})
+		sum := sha256.Sum256([]byte(s.key))
+		s.digest, s.seq, s.at = sum[:], r.StreamSeq, r.OccurredAt
+		out = append(out, s)
+	}
+	// add counts one event in a counting rule's window.
+	add := func(r *Row, rule, key, tenant, subject string) {
+		push(r, signal{rule: rule, key: key, tenant: tenant, subject: subject, n: 1})
+	}
+	// ratio adds to a ratio rule's window: n calls or mails of provider, failed of them.
+	ratio := func(r *Row, rule, key, tenant, provider string, n, failed int) {
+		push(r, signal{rule: rule, key: key, tenant: tenant, provider: provider, n: n, failed: failed})
 	}
 	for _, r := range rows {
 		switch e := r.Event.(type) {
@@ -167,28 +187,62 @@ func (a *alerter) signals(rows []*Row, recipients map[challengeRef]string) []sig
 				// hash (events.ClientNetwork under OTP_SUBJECT_KEY; ToRow hashes the IP of an
 				// event of an earlier release): the window's key ends up hashed in the alert's
 				// id, and an unkeyed hash of an IPv4 address is undone by trying them all.
-				add(r, RuleRequestBurstIP, r.Tenant+"|"+client, r.Tenant, client, 1, 0)
+				add(r, RuleRequestBurstIP, r.Tenant+"|"+client, r.Tenant, client)
 			}
 		case events.VerifyFailed:
-			add(r, RuleVerifyFailuresTenant, r.Tenant, r.Tenant, "", 1, 0)
+			add(r, RuleVerifyFailuresTenant, r.Tenant, r.Tenant, "")
 			// The recipient is the one of the challenge's otp.issued row: its subject hash.
 			if who := recipients[challengeRef{r.Tenant, e.ChallengeID}]; who != "" {
-				add(r, RuleVerifyFailuresRecipient, r.Tenant+"|"+who, r.Tenant, who, 1, 0)
+				add(r, RuleVerifyFailuresRecipient, r.Tenant+"|"+who, r.Tenant, who)
 			}
 		case events.Superseded:
-			add(r, RuleSupersedeStorm, r.Tenant, r.Tenant, "", 1, 0)
+			add(r, RuleSupersedeStorm, r.Tenant, r.Tenant, "")
 		case events.Delivered:
 			for _, c := range providerCalls(e.ProviderAttempts) {
-				add(r, RuleDeliveryFailureRatio, c.provider, "_system", "", c.n, c.failed)
+				ratio(r, RuleDeliveryFailureRatio, c.provider, "_system", c.provider, c.n, c.failed)
+			}
+			// A mail sent: what the tenant's bounces and complaints through this provider
+			// are a share of.
+			if e.Provider != "" {
+				ratio(r, RuleBounceRate, r.Tenant+"|"+e.Provider, r.Tenant, e.Provider, 1, 0)
+				ratio(r, RuleComplaintRate, r.Tenant+"|"+e.Provider, r.Tenant, e.Provider, 1, 0)
 			}
 		case events.DeliveryFailed:
 			for _, c := range providerCalls(e.ProviderAttempts) {
-				add(r, RuleDeliveryFailureRatio, c.provider, "_system", "", c.n, c.failed)
+				ratio(r, RuleDeliveryFailureRatio, c.provider, "_system", c.provider, c.n, c.failed)
+			}
+		case events.Feedback:
+			if rule := reputationRule(e); rule != "" && e.Provider != "" {
+				ratio(r, rule, r.Tenant+"|"+e.Provider, r.Tenant, e.Provider, 0, 1)
 			}
 		}
 	}
 	return out
 }
+
+// reputationRule is the rule a feedback counts against, if any. A bounce counts when it
+// is permanent, as SES counts hard bounces in an account's bounce rate: a transient one
+// (a full mailbox, a server that answered "later") and an undetermined one count toward
+// nothing, nor does a permanent one SES reports for an address on the account's own
+// suppression list (it never sent that mail, and leaves it out of its rate). A complaint
+// always counts.
+func reputationRule(f events.Feedback) string {
+	switch {
+	case f.Kind == events.FeedbackBounced && strings.EqualFold(f.BounceType, bouncePermanent) &&
+		!strings.EqualFold(f.BounceSubType, bounceOnSuppressionList):
+		return RuleBounceRate
+	case f.Kind == events.FeedbackComplained:
+		return RuleComplaintRate
+	}
+	return ""
+}
+
+// SES's words for a hard bounce, and for one it reports without sending because the
+// address is on the account's suppression list (events.Feedback.BounceType, BounceSubType).
+const (
+	bouncePermanent         = "Permanent"
+	bounceOnSuppressionList = "OnAccountSuppressionList"
+)
 
 // providerCount is the calls of one delivery to one provider, and how many failed.
 type providerCount struct {
@@ -287,12 +341,17 @@ func (a *alerter) evaluate(ctx context.Context, tx pgx.Tx, rows []*Row) ([]raise
 		value, threshold := float64(n), float64(t.Count)
 		var detail string
 		switch s.rule {
-		case RuleDeliveryFailureRatio:
-			value, threshold = float64(failed)/float64(n), t.Ratio
-			if n < int64(t.Count) || value < t.Ratio {
+		case RuleDeliveryFailureRatio, RuleBounceRate, RuleComplaintRate:
+			// At least Count calls or mails sent before the share is judged: so a feedback
+			// that comes before any mail of the window (n is 0) raises nothing either.
+			if n < int64(t.Count) {
 				continue
 			}
-			detail = fmt.Sprintf("provider %s failed %d of %d calls within %v", s.key, failed, n, t.Window)
+			value, threshold = float64(failed)/float64(n), t.Ratio
+			if value < t.Ratio {
+				continue
+			}
+			detail = fmt.Sprintf(ruleDetail[s.rule], s.provider, failed, n, t.Window)
 		default:
 			if n < int64(t.Count) {
 				continue
@@ -450,8 +509,13 @@ func maxTime(a, b time.Time) time.Time {
 	return a
 }
 
-// ruleDetail is the detail of each counting rule's alert: the count and the window.
+// ruleDetail is the detail of each rule's alert: the count and the window (for a ratio
+// rule: the provider, the failed calls or the mails bounced or complained of, the calls or
+// mails sent, and the window). None names an address.
 var ruleDetail = map[string]string{
+	RuleDeliveryFailureRatio:    "provider %s failed %d of %d calls within %v",
+	RuleBounceRate:              "provider %s: %d permanent bounces among %d mails sent within %v",
+	RuleComplaintRate:           "provider %s: %d spam complaints among %d mails sent within %v",
 	RuleRequestBurstIP:          "%d codes issued for one client network within %v",
 	RuleVerifyFailuresTenant:    "%d failed verifications within %v",
 	RuleVerifyFailuresRecipient: "%d failed verifications for one recipient within %v",

@@ -84,7 +84,9 @@ type Service struct {
 	written  *prometheus.CounterVec
 	redrives *prometheus.CounterVec // redrive references, by outcome (redrive.go)
 	alerts   *alerter
-	anchor   *anchorState
+	// reputation counts the mails sent and their feedback, by tenant (reputation.go).
+	reputation *reputation
+	anchor     *anchorState
 	// cons is the auditor's durable consumer once Run has bound it: an erasure waits for
 	// its acknowledgement floor (eraseRow).
 	cons jetstream.Consumer
@@ -121,6 +123,7 @@ func New(cfg Config, pool *pgxpool.Pool, js jetstream.JetStream, log *slog.Logge
 		s.cfg.Alerts = cfg.Alerts
 	}
 	s.alerts = newAlerter(cfg.Alerts, reg)
+	s.reputation = newReputation(reg)
 	s.anchor = newAnchorState(&s.cfg, reg)
 	return s, nil
 }
@@ -480,6 +483,7 @@ func (s *Service) handleBatch(ctx context.Context, batch []*platform.Delivery) e
 		return fmt.Errorf("write %d audit rows: %w", len(good), err)
 	}
 	s.redrivesSettled(rb, wrote)
+	s.reputation.wrote(wrote)
 	if w.Rows > 0 {
 		s.anchor.wrote(w)
 	}
