@@ -358,13 +358,16 @@ func ErasureConsumer(service string) jetstream.ConsumerConfig {
 
 // IssuerFeedbackConsumer is the issuer's durable on OTP_EVENTS for otp.feedback: a
 // permanent bounce or a complaint puts the recipient on the tenant's suppression list.
-// From the start of the stream, so feedback stored while the issuer was down is not lost.
+// It starts at the feedback stored after provisioning made it, never at the start of the
+// stream: feedback older than the issuer's erasure records could list a person erased
+// since, or one an operator took off the list. Once made, it keeps its place, so feedback
+// stored while the issuer is down is read when it returns.
 var IssuerFeedbackConsumer = jetstream.ConsumerConfig{
 	Durable:       ConsumerIssuer + "-feedback",
 	Description:   "issuer: suppress recipients on otp.feedback",
 	FilterSubject: TypeFeedback.Wildcard(),
 	AckPolicy:     jetstream.AckExplicitPolicy,
-	DeliverPolicy: jetstream.DeliverAllPolicy,
+	DeliverPolicy: jetstream.DeliverNewPolicy,
 	AckWait:       30 * time.Second,
 	MaxDeliver:    50,
 	MaxAckPending: 500,

@@ -22,10 +22,13 @@ import (
 const suppressionUsage = `usage: otpflow suppression <list|add|remove> [flags]
 
   list    a tenant's suppressed recipients (by subject hash), newest first; --recipient
-          shows one person's entries
+          or --hash shows one person's entries
   add     suppress a recipient by hand (reason operator): their requests are refused
-          with reason suppressed; --for bounds it (default: until removed)
-  remove  take a recipient off the list (a bounce or complaint entry, or an operator's)
+          with reason suppressed; --for bounds it (default: until removed). An entry
+          that already lasts as long is left as it is
+  remove  take a recipient off the list (--recipient or --hash), or every entry of a
+          --reason and/or made --since a time (after a false alarm: a broken DKIM
+          record makes every mail bounce)
 
 A recipient is named by address and found by its subject hashes (OTP_SUBJECT_KEY). The
 database is the issuer's: --db, else OTP_DATABASE_URL (as the issuer role), else the one
@@ -48,8 +51,11 @@ func suppressionCommand(ctx context.Context, args []string, getenv func(string) 
 	var (
 		db        = fs.String("db", "", "PostgreSQL URL of the issuer's database, as the issuer role (default OTP_DATABASE_URL, else the one otpflow dev runs)")
 		tenant    = fs.String("tenant", "", "the tenant (required)")
-		recipient = fs.String("recipient", "", "the recipient's address (required for add and remove)")
-		forTime   = fs.Duration("for", 0, "add: how long the entry lasts (0: until removed)")
+		recipient = fs.String("recipient", "", "the recipient's address")
+		hash      = fs.String("hash", "", "the recipient's subject hash (\"id:base64url\"), as list and the audit show it")
+		reason    = fs.String("reason", "", "remove: every entry of this reason (bounced, complained, operator)")
+		since     = fs.String("since", "", "remove: every entry made at or after this time (RFC 3339)")
+		forTime   = fs.Duration("for", 0, "add: how long the entry lasts (0: until removed), on the database's clock")
 		limit     = fs.Int("limit", 100, "list: at most this many entries (0: all)")
 		asJSON    = fs.Bool("json", false, "list: one JSON object per line")
 	)
@@ -60,14 +66,31 @@ func suppressionCommand(ctx context.Context, args []string, getenv func(string) 
 	if !events.ValidTenant(*tenant) {
 		return 2, fmt.Errorf("suppression %s: --tenant must be a tenant id", cmd)
 	}
-	if cmd != "list" && *recipient == "" {
-		return 2, fmt.Errorf("suppression %s: --recipient is required", cmd)
+	switch {
+	case *recipient != "" && *hash != "":
+		return 2, fmt.Errorf("suppression %s: --recipient or --hash, not both", cmd)
+	case *hash != "" && !events.IsSubjectHash(*hash):
+		return 2, fmt.Errorf("suppression %s: --hash is not a subject hash (\"id:base64url\")", cmd)
+	case cmd == "add" && *recipient == "" && *hash == "":
+		return 2, errors.New("suppression add: --recipient or --hash is required")
+	case cmd == "remove" && *recipient == "" && *hash == "" && *reason == "" && *since == "":
+		return 2, errors.New("suppression remove: name the entries: --recipient, --hash, --reason or --since")
+	case *reason != "" && *reason != issuer.SuppressedBounced && *reason != issuer.SuppressedComplained && *reason != issuer.SuppressedOperator:
+		return 2, fmt.Errorf("suppression %s: --reason must be bounced, complained or operator", cmd)
+	}
+	var sinceTime time.Time
+	if *since != "" {
+		t, err := time.Parse(time.RFC3339, *since)
+		if err != nil {
+			return 2, fmt.Errorf("suppression %s: --since: %w", cmd, err)
+		}
+		sinceTime = t
 	}
 	if *forTime < 0 {
 		return 2, fmt.Errorf("suppression %s: --for must not be negative", cmd)
 	}
 	var hashes []string
-	var subjects *keys.Subjects
+	var subjects *keys.Subjects // set when the recipient is named by address
 	if *recipient != "" {
 		s, err := keys.ParseSubjects(getenv("OTP_SUBJECT_KEY"))
 		if err != nil {
@@ -77,6 +100,9 @@ func suppressionCommand(ctx context.Context, args []string, getenv func(string) 
 			return 2, fmt.Errorf("suppression %s: --recipient is not an address otpflow would mail: %w", cmd, err)
 		}
 		subjects, hashes = s, s.SubjectHashes(*tenant, *recipient)
+	}
+	if *hash != "" {
+		hashes = []string{*hash}
 	}
 	pool, err := openIssuerDB(ctx, *db, getenv, *dir)
 	if err != nil {
@@ -95,9 +121,12 @@ func suppressionCommand(ctx context.Context, args []string, getenv func(string) 
 				fmt.Fprintln(stdout, string(b))
 				continue
 			}
-			until := "for ever"
-			if s.ExpiresAt != nil {
+			until := "until removed"
+			switch {
+			case s.ExpiresAt != nil:
 				until = "until " + s.ExpiresAt.UTC().Format(time.RFC3339)
+			case s.Reason != issuer.SuppressedOperator:
+				until = "by the tenant's suppression.expiry"
 			}
 			fmt.Fprintf(stdout, "%s  %-10s  %s  %s  %s\n", s.CreatedAt.UTC().Format(time.RFC3339), s.Reason, s.RecipientHash, until, s.Source)
 		}
@@ -116,22 +145,29 @@ func suppressionCommand(ctx context.Context, args []string, getenv func(string) 
 	var outcome string
 	switch cmd {
 	case "add":
-		var until *time.Time
-		outcome = "added until removed"
-		if *forTime > 0 {
-			u := time.Now().Add(*forTime).UTC()
-			until, outcome = &u, "added for "+forTime.String()
+		target := *hash
+		if subjects != nil {
+			target = subjects.Subject(*tenant, *recipient)
 		}
 		source := "operator_action:" + randomHex(12)
-		if err := issuer.Suppress(ctx, pool, *tenant, subjects.Subject(*tenant, *recipient), source, until); err != nil {
+		added, err := issuer.Suppress(ctx, pool, *tenant, target, source, *forTime)
+		if err != nil {
 			return 1, fmt.Errorf("suppression add: %w", err)
+		}
+		if !added {
+			fmt.Fprintln(stdout, "already suppressed for at least as long: left as it is")
+			return 0, nil
+		}
+		outcome = "added until removed"
+		if *forTime > 0 {
+			outcome = "added for " + forTime.String()
 		}
 		fmt.Fprintln(stdout, outcome)
 		if _, err := publishOperatorActionAs(ctx, js, source, events.OperatorAction{Action: "suppression.add", Tenant: *tenant, Detail: outcome}); err != nil {
 			return 1, notAudited("suppression add", outcome, err)
 		}
 	case "remove":
-		removed, err := issuer.Unsuppress(ctx, pool, *tenant, hashes)
+		removed, err := issuer.Unsuppress(ctx, pool, *tenant, issuer.Unlist{Hashes: hashes, Reason: *reason, Since: sinceTime})
 		if errors.Is(err, issuer.ErrNotSuppressed) {
 			fmt.Fprintln(stdout, "not suppressed: nothing removed")
 			return 1, nil
@@ -139,11 +175,17 @@ func suppressionCommand(ctx context.Context, args []string, getenv func(string) 
 		if err != nil {
 			return 1, fmt.Errorf("suppression remove: %w", err)
 		}
-		reasons := make([]string, len(removed))
-		for i, s := range removed {
-			reasons[i] = s.Reason
+		counts := map[string]int{}
+		for _, s := range removed {
+			counts[s.Reason]++
 		}
-		outcome = fmt.Sprintf("removed %d entries (%s)", len(removed), strings.Join(reasons, ", "))
+		var parts []string
+		for _, r := range []string{issuer.SuppressedBounced, issuer.SuppressedComplained, issuer.SuppressedOperator} {
+			if counts[r] > 0 {
+				parts = append(parts, fmt.Sprintf("%d %s", counts[r], r))
+			}
+		}
+		outcome = fmt.Sprintf("removed %d entries (%s)", len(removed), strings.Join(parts, ", "))
 		fmt.Fprintln(stdout, outcome)
 		if err := publishOperatorAction(ctx, js, "suppression.remove", *tenant, outcome); err != nil {
 			return 1, notAudited("suppression remove", outcome, err)

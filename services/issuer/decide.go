@@ -186,9 +186,11 @@ func (s *Service) settle(st *batchState, w *writes, r *request, now time.Time) e
 	}
 	// A recipient whose mail bounced for good or who complained is mailed no more: a
 	// new challenge and a resend alike.
-	if sp, ok := st.suppressed[rk]; ok && !isTest && !p.Suppression.Disabled && sp.activeAt(now) {
-		refuse(events.ReasonSuppressed, sp.reason, "the recipient is on the suppression list ("+sp.reason+"); ask for another address", 0)
-		return nil
+	for _, sp := range st.suppressed[rk] {
+		if !isTest && !p.Suppression.Disabled && sp.activeAt(now, p.Suppression.Expiry) {
+			refuse(events.ReasonSuppressed, sp.reason, "the recipient is on the suppression list ("+sp.reason+"); ask for another address", 0)
+			return nil
+		}
 	}
 	if c != nil {
 		// A resend goes to the address the challenge was created with, stored sealed.

@@ -82,10 +82,10 @@ type batchState struct {
 	ipSeen     map[clientKey]seenSet     // recipients seen in the fanout window
 	// erased is when each recipient of the batch was last erased (issuer.erasures).
 	erased map[rcptKey]time.Time
-	// suppressed are the batch's recipients on the suppression list, with their entry
-	// (issuer.suppressions), expired entries included: the decision judges them on its
-	// clock.
-	suppressed map[rcptKey]suppression
+	// suppressed are the batch's recipients on the suppression list, with their entries
+	// under every key (issuer.suppressions), lapsed ones included: the decision judges
+	// them on its clock and the tenant's expiry.
+	suppressed map[rcptKey][]suppression
 	// handled are the resend messages of the batch already decided (issuer.resend_messages).
 	handled map[msgKey]bool
 }
@@ -232,7 +232,7 @@ func (st *store) clock(ctx context.Context, tx pgx.Tx) (time.Time, error) {
 func (st *store) lock(ctx context.Context, tx pgx.Tx, keys batchKeys, start time.Time) (*batchState, error) {
 	bs := &batchState{challenges: map[key]*challenge{}, logs: map[string]window.Stamps{}, logKeys: keys.logs,
 		windows: map[string]*rateWindow{}, active: map[rcptKey][]activeRef{}, recent: map[rcptKey]window.Stamps{},
-		ipSeen: map[clientKey]seenSet{}, erased: map[rcptKey]time.Time{}, suppressed: map[rcptKey]suppression{}, handled: map[msgKey]bool{}}
+		ipSeen: map[clientKey]seenSet{}, erased: map[rcptKey]time.Time{}, suppressed: map[rcptKey][]suppression{}, handled: map[msgKey]bool{}}
 	ks := make([]key, 0, len(keys.challenges))
 	for k := range keys.challenges {
 		bs.challenges[k] = nil
@@ -296,23 +296,32 @@ func (st *store) lock(ctx context.Context, tx pgx.Tx, keys batchKeys, start time
 		}
 		return rows.Err()
 	})
-	// The entry that lasts longest, of any hash of the recipient.
-	b.Queue(`SELECT DISTINCT ON (u.tenant, u.active, u.purpose) u.tenant, u.active, u.purpose, s.reason, s.expires_at
+	// An entry found under an older key of the ring is copied under the active one, so
+	// that it outlives the old key: once the ring drops that key, nothing would find it.
+	b.Queue(`INSERT INTO issuer.suppressions (tenant, recipient_key, reason, challenge_id, source, created_at, expires_at)
+		SELECT DISTINCT ON (u.tenant, u.active) u.tenant, u.active, s.reason, s.challenge_id, s.source, s.created_at, s.expires_at
+		FROM issuer.suppressions s
+		JOIN unnest($1::text[], $2::text[], $3::text[]) AS u(tenant, h, active) ON s.tenant = u.tenant AND s.recipient_key = u.h
+		WHERE u.h <> u.active
+		ORDER BY u.tenant, u.active, s.created_at DESC
+		ON CONFLICT (tenant, recipient_key) DO NOTHING`, rt, rr, ra)
+	// Every entry of any hash of the recipient: the decision judges them on its clock and
+	// the tenant's expiry.
+	b.Queue(`SELECT u.tenant, u.active, u.purpose, s.reason, s.created_at, s.expires_at
 		FROM issuer.suppressions s
 		JOIN unnest($1::text[], $2::text[], $3::text[], $4::text[]) AS u(tenant, h, purpose, active)
-			ON s.tenant = u.tenant AND s.recipient_key = u.h
-		ORDER BY u.tenant, u.active, u.purpose, s.expires_at DESC NULLS FIRST`, rt, rr, rp, ra).Query(func(rows pgx.Rows) error {
+			ON s.tenant = u.tenant AND s.recipient_key = u.h`, rt, rr, rp, ra).Query(func(rows pgx.Rows) error {
 		for rows.Next() {
 			var rk rcptKey
 			var sp suppression
 			var until *time.Time
-			if err := rows.Scan(&rk.tenant, &rk.recipient, &rk.purpose, &sp.reason, &until); err != nil {
+			if err := rows.Scan(&rk.tenant, &rk.recipient, &rk.purpose, &sp.reason, &sp.since, &until); err != nil {
 				return err
 			}
 			if until != nil {
 				sp.until = *until
 			}
-			bs.suppressed[rk] = sp
+			bs.suppressed[rk] = append(bs.suppressed[rk], sp)
 		}
 		return rows.Err()
 	})
@@ -574,7 +583,9 @@ func (st *store) purge(ctx context.Context, retention time.Duration) (int64, err
 		{`DELETE FROM issuer.ip_recipients WHERE last_at < now() - $1::interval`, 24 * time.Hour},
 		{`DELETE FROM issuer.erasures WHERE erased_at < now() - $1::interval`, retention},
 		{`DELETE FROM issuer.resend_messages WHERE handled_at < now() - $1::interval`, retention},
-		{`DELETE FROM issuer.suppressions WHERE expires_at < now() - $1::interval`, 0},
+		// An operator's entry that lapsed; an entry from feedback lapses by the tenant's
+		// expiry as it stands when a request comes, and stays until removed or erased.
+		{`DELETE FROM issuer.suppressions WHERE reason = 'operator' AND expires_at < now() - $1::interval`, 0},
 	} {
 		tag, err := st.pool.Exec(ctx, q.sql, q.age-st.skew())
 		if err != nil {

@@ -9,7 +9,9 @@ import (
 
 	"github.com/google/uuid"
 	"github.com/otpflow/otpflow/events"
+	"github.com/otpflow/otpflow/platform"
 	"github.com/otpflow/otpflow/platform/keys"
+	"github.com/otpflow/otpflow/platform/policy"
 	"github.com/otpflow/otpflow/platform/testenv"
 )
 
@@ -134,16 +136,22 @@ func TestBounceAndComplaintSuppressTheRecipient(t *testing.T) {
 		t.Fatalf("%d codes issued in acme, want 4", n)
 	}
 
-	// A rotation: the entry, under the old key, still refuses her.
-	h.start(t, keys.Generate("k2", 32)+","+h.subjectKey)
+	// A rotation: the entry, under the old key, still refuses her, and is copied under
+	// the new one, so that it outlives the old key once the ring drops it.
+	k1, k2 := h.subjectKey, keys.Generate("k2", 32)
+	h.start(t, k2+","+k1)
 	h.requestOf(t, "acme", "r-ana3", "ana@example.com", false)
 	wantSuppressed(t, h.outcome(t, "acme", "r-ana3"), "r-ana3", SuppressedBounced)
+	h.start(t, k2)
+	h.requestOf(t, "acme", "r-ana3b", "ana@example.com", false)
+	wantSuppressed(t, h.outcome(t, "acme", "r-ana3b"), "r-ana3b", SuppressedBounced)
+	h.start(t, k2+","+k1) // the old key back, for the erasure below to find both
 
 	// Her erasure takes her entry with the rest of her.
 	_, err := h.svc.Erase(context.Background(), events.ErasureRequested{Tenant: "acme", RecipientHashes: h.subjects.SubjectHashes("acme", "ana@example.com")})
 	testenv.Must(t, err, "erase")
 	if n := h.suppressions(t); n != 1 {
-		t.Fatalf("%d entries after ana's erasure, want cy's alone", n)
+		t.Fatalf("%d entries after ana's erasure (under both keys), want cy's alone", n)
 	}
 	h.requestOf(t, "acme", "r-ana4", "ana@example.com", false)
 	if rej := h.outcome(t, "acme", "r-ana4"); rej != nil {
@@ -170,16 +178,32 @@ func TestFeedbackOfAnErasedPersonListsNobody(t *testing.T) {
 	}
 }
 
+// feedbackRead waits until the issuer has read every otp.feedback on the stream.
+func (h *harness) feedbackRead(t *testing.T) {
+	t.Helper()
+	testenv.Eventually(t, 10*time.Second, "the feedback read", func() bool {
+		c, err := h.js.Consumer(context.Background(), events.StreamEvents, events.IssuerFeedbackConsumer.Durable)
+		testenv.Must(t, err, "consumer")
+		ci, err := c.Info(context.Background())
+		testenv.Must(t, err, "consumer info")
+		return ci.NumPending == 0 && ci.NumAckPending == 0
+	})
+}
+
 // TestSuppressionPolicyAndOperators: a tenant whose policy turns suppression off lists
-// nobody and refuses nobody; one with an expiry refuses until the entry lapses. An
-// operator's entry refuses with limit operator, outlives feedback that would expire
-// sooner, and taking it off serves the recipient again.
+// nobody and refuses nobody; with an expiry, an entry refuses until it lapses, and a
+// change of the expiry reaches the entries already made. An operator's entry refuses with
+// limit operator; feedback does not replace one for ever, nor does an operator's shorter
+// one; a lapsed operator's entry is purged; and removal by recipient or in bulk by reason
+// serves the recipients again.
 func TestSuppressionPolicyAndOperators(t *testing.T) {
-	h := newPolicyHarness(t, "tenants:\n  globex:\n    suppression:\n      disabled: true\n  initech:\n    suppression:\n      expiry: 1h\n")
+	const initechFor1h = "tenants:\n  globex:\n    suppression:\n      disabled: true\n  initech:\n    suppression:\n      expiry: 1h\n"
+	h := newPolicyHarness(t, initechFor1h)
+	ctx := context.Background()
 	h.feedback(t, "g", "globex", "hal@example.com", events.FeedbackBounced, "Permanent")
 	// A bounce 58 minutes ago: its entry lapses in two.
 	h.feedbackAt(t, "i", "initech", "ivy@example.com", events.FeedbackBounced, "Permanent", time.Now().UTC().Add(-58*time.Minute))
-	testenv.Eventually(t, 10*time.Second, "ivy listed", func() bool { return h.suppressions(t) >= 1 })
+	h.feedbackRead(t)
 	h.requestOf(t, "globex", "r-hal", "hal@example.com", false)
 	if rej := h.outcome(t, "globex", "r-hal"); rej != nil {
 		t.Fatalf("globex (suppression off): %+v", rej)
@@ -191,31 +215,62 @@ func TestSuppressionPolicyAndOperators(t *testing.T) {
 	if rej := h.outcome(t, "initech", "r-ivy2"); rej != nil {
 		t.Fatalf("initech after the entry's expiry: %+v", rej)
 	}
-	if n, err := h.svc.Purge(context.Background()); err != nil || n == 0 || h.suppressions(t) != 0 {
-		t.Fatalf("purge: %d rows, %v; %d entries left, want the lapsed one purged", n, err, h.suppressions(t))
-	}
+	// The tenant drops its expiry: the entry, still there, refuses again.
+	var err error
+	h.policies, err = policy.Parse([]byte("tenants:\n  initech: {}\n"))
+	testenv.Must(t, err, "policy")
+	h.start(t, h.subjectKey)
+	h.requestOf(t, "initech", "r-ivy3", "ivy@example.com", true)
+	h.requestOf(t, "initech", "r-ivy4", "ivy@example.com", false)
+	wantSuppressed(t, h.outcome(t, "initech", "r-ivy4"), "r-ivy4", SuppressedBounced)
 
-	ctx := context.Background()
 	jon := h.subjects.Subject("acme", "jon@example.com")
-	testenv.Must(t, Suppress(ctx, h.pool, "acme", jon, "operator_action:test", nil), "suppress")
+	if added, err := Suppress(ctx, h.pool, "acme", jon, "operator_action:test", 0); err != nil || !added {
+		t.Fatalf("suppress: %v %v", added, err)
+	}
 	h.feedback(t, "j", "acme", "jon@example.com", events.FeedbackBounced, "Permanent")
+	h.feedbackRead(t)
+	if added, err := Suppress(ctx, h.pool, "acme", jon, "operator_action:shorter", time.Hour); err != nil || added {
+		t.Fatalf("a shorter operator entry over one for ever: added %v, %v", added, err)
+	}
 	h.requestOf(t, "acme", "r-jon", "jon@example.com", false)
 	wantSuppressed(t, h.outcome(t, "acme", "r-jon"), "r-jon", SuppressedOperator)
 	list, err := ListSuppressions(ctx, h.pool, "acme", nil, 0)
 	testenv.Must(t, err, "list")
-	if len(list) != 1 || list[0].Reason != SuppressedOperator || list[0].RecipientHash != jon || list[0].ExpiresAt != nil {
-		t.Fatalf("list %+v", list)
+	if len(list) != 1 || list[0].Reason != SuppressedOperator || list[0].RecipientHash != jon || list[0].ExpiresAt != nil || list[0].Source != "operator_action:test" {
+		t.Fatalf("list %+v, want jon's operator entry for ever, untouched", list)
 	}
-	if _, err := Unsuppress(ctx, h.pool, "acme", h.subjects.SubjectHashes("acme", "jon@example.com")); err != nil {
+	if _, err := Unsuppress(ctx, h.pool, "acme", Unlist{Hashes: h.subjects.SubjectHashes("acme", "jon@example.com")}); err != nil {
 		t.Fatal(err)
 	}
-	if _, err := Unsuppress(ctx, h.pool, "acme", h.subjects.SubjectHashes("acme", "jon@example.com")); err != ErrNotSuppressed {
+	if _, err := Unsuppress(ctx, h.pool, "acme", Unlist{Hashes: h.subjects.SubjectHashes("acme", "jon@example.com")}); err != ErrNotSuppressed {
 		t.Fatalf("a second remove: %v, want ErrNotSuppressed", err)
+	}
+	if _, err := Unsuppress(ctx, h.pool, "acme", Unlist{}); err == nil {
+		t.Fatal("a remove naming nothing removed the whole list")
 	}
 	// A refusal stamps no cooldown: served at once.
 	h.requestOf(t, "acme", "r-jon2", "jon@example.com", false)
 	if rej := h.outcome(t, "acme", "r-jon2"); rej != nil {
 		t.Fatalf("jon once removed: %+v", rej)
+	}
+
+	// An operator's entry that lapsed is purged; feedback entries are not.
+	_, err = Suppress(ctx, h.pool, "acme", h.subjects.Subject("acme", "kay@example.com"), "operator_action:brief", time.Microsecond)
+	testenv.Must(t, err, "suppress kay")
+	before := h.suppressions(t)
+	if n, err := h.svc.Purge(ctx); err != nil || n == 0 || h.suppressions(t) != before-1 {
+		t.Fatalf("purge: %d rows, %v; %d entries left of %d, want kay's gone", n, err, h.suppressions(t), before)
+	}
+
+	// After a false alarm (every mail bounced for a while), the bounces go in bulk.
+	h.feedback(t, "l", "acme", "lou@example.com", events.FeedbackBounced, "Permanent")
+	h.feedback(t, "m", "acme", "max@example.com", events.FeedbackComplained, "")
+	h.feedbackRead(t)
+	removed, err := Unsuppress(ctx, h.pool, "acme", Unlist{Reason: SuppressedBounced, Since: time.Now().Add(-time.Minute)})
+	testenv.Must(t, err, "bulk remove")
+	if len(removed) != 1 || removed[0].RecipientHash != h.subjects.Subject("acme", "lou@example.com") {
+		t.Fatalf("bulk remove %+v, want lou's bounce alone", removed)
 	}
 }
 
@@ -237,4 +292,34 @@ func TestMalformedFeedbackIsDeadLettered(t *testing.T) {
 		t.Fatalf("dead letter reasons %q", reasons)
 	}
 	testenv.Eventually(t, 10*time.Second, "kim and lea listed", func() bool { return h.suppressions(t) == 2 })
+}
+
+// TestFeedbackWaitsForAnErasureInProgress: feedback stored before a person's erasure, read
+// while the erasure's transaction is open (it has recorded the erasure and deleted their
+// entries, and not committed), waits for it on the person's erasure lock and then lists
+// nobody. Without the lock it would insert beside the uncommitted erasure and survive it.
+func TestFeedbackWaitsForAnErasureInProgress(t *testing.T) {
+	h := newHarness(t)
+	h.stop()
+	h.feedback(t, "1", "acme", "ned@example.com", events.FeedbackComplained, "")
+	ctx := context.Background()
+	tx, err := h.pool.Begin(ctx)
+	testenv.Must(t, err, "begin")
+	defer tx.Rollback(ctx)
+	testenv.Must(t, platform.RecordErasure(ctx, tx, Schema, events.ErasureRequested{ErasureID: uuid.NewString(), Tenant: "acme",
+		RecipientHashes: h.subjects.SubjectHashes("acme", "ned@example.com")}), "record the erasure")
+	_, err = tx.Exec(ctx, `DELETE FROM issuer.suppressions WHERE tenant = 'acme'`)
+	testenv.Must(t, err, "erase the entries")
+
+	h.start(t, h.subjectKey)
+	testenv.Eventually(t, 10*time.Second, "the feedback waiting on the erasure lock", func() bool {
+		var n int
+		testenv.Must(t, h.pool.QueryRow(ctx, `SELECT count(*) FROM pg_locks WHERE locktype = 'advisory' AND NOT granted`).Scan(&n), "locks")
+		return n > 0
+	})
+	testenv.Must(t, tx.Commit(ctx), "commit the erasure")
+	h.feedbackRead(t)
+	if n := h.suppressions(t); n != 0 {
+		t.Fatalf("%d entries: the feedback listed a person erased while it waited", n)
+	}
 }
