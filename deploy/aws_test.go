@@ -10,18 +10,48 @@ import (
 	"testing"
 )
 
-// iamPolicy is an IAM policy document, as far as the checks read it. Action, Resource and
-// a condition's values may each be a string or a list.
+// iamPolicy is an IAM policy document. It is decoded strictly: an element the checks do
+// not read (NotAction, NotResource, NotPrincipal, which turn a grant inside out) fails the
+// check rather than pass unseen. Action, Resource and a condition's values may each be a
+// string or a list; Principal is "*" or a map.
 type iamPolicy struct {
 	Version   string
-	Statement []struct {
-		Sid       string
-		Effect    string
-		Principal map[string]stringList
-		Action    stringList
-		Resource  stringList
-		Condition map[string]map[string]stringList
+	Statement []iamStatement
+}
+
+type iamStatement struct {
+	Sid       string
+	Effect    string
+	Principal principal
+	Action    stringList
+	Resource  stringList
+	Condition map[string]map[string]stringList
+}
+
+// principal is a statement's Principal: Any for "*", else by kind ("Service", "AWS").
+type principal struct {
+	Any   bool
+	Kinds map[string]stringList
+}
+
+func (p *principal) UnmarshalJSON(b []byte) error {
+	var s string
+	if json.Unmarshal(b, &s) == nil {
+		if s != "*" {
+			return fmt.Errorf("principal %q", s)
+		}
+		p.Any = true
+		return nil
 	}
+	return json.Unmarshal(b, &p.Kinds)
+}
+
+func parsePolicy(text string) (iamPolicy, error) {
+	var p iamPolicy
+	dec := json.NewDecoder(strings.NewReader(text))
+	dec.DisallowUnknownFields()
+	err := dec.Decode(&p)
+	return p, err
 }
 
 type stringList []string
@@ -92,16 +122,19 @@ func checkAWS(f files) []error {
 	}
 
 	policy := func(name string) iamPolicy {
-		var p iamPolicy
-		if err := json.Unmarshal([]byte(f[name]), &p); err != nil {
+		p, err := parsePolicy(f[name])
+		if err != nil {
 			fail("%s: %v", name, err)
 		}
 		if p.Version != "2012-10-17" {
 			fail("%s: Version %q", name, p.Version)
 		}
 		for _, s := range p.Statement {
-			if s.Effect != "Allow" {
+			if s.Effect != "Allow" && s.Effect != "Deny" {
 				fail("%s: %s: Effect %q", name, s.Sid, s.Effect)
+			}
+			if s.Effect == "Allow" && s.Principal.Any {
+				fail("%s: %s: allows any principal", name, s.Sid)
 			}
 			for _, v := range append(slices.Clone(s.Action), s.Resource...) {
 				if strings.Contains(v, "*") {
@@ -110,6 +143,16 @@ func checkAWS(f files) []error {
 			}
 		}
 		return p
+	}
+	// statement finds the statement of effect on action alone.
+	statement := func(name string, p iamPolicy, effect, action string) *iamStatement {
+		for i, s := range p.Statement {
+			if s.Effect == effect && slices.Equal(s.Action, stringList{action}) {
+				return &p.Statement[i]
+			}
+		}
+		fail("%s: no %s statement on %s", name, effect, action)
+		return nil
 	}
 
 	grants := map[string][]string{} // action → resources
@@ -132,25 +175,65 @@ func checkAWS(f files) []error {
 			fail("aws/dispatcher-policy.json: %s on %v, want the feedback queue %s alone", a, grants[a], queueARN)
 		}
 	}
-	if want := fmt.Sprintf("arn:aws:ses:%s:%s:configuration-set/%s", region, account, configSet); !slices.Contains(grants["ses:SendEmail"], want) {
-		fail("aws/dispatcher-policy.json: ses:SendEmail does not name the configuration set %s", want)
-	}
-
-	q := policy("aws/feedback-queue-policy.json")
-	if len(q.Statement) != 1 {
-		fail("aws/feedback-queue-policy.json: %d statements, want the topic's alone", len(q.Statement))
+	configSetARN := fmt.Sprintf("arn:aws:ses:%s:%s:configuration-set/%s", region, account, configSet)
+	from := regexp.MustCompile(`- name: OTP_MAIL_FROM\n\s+value: .*@([a-z0-9.-]+)>`).FindStringSubmatch(f["k8s/dispatcher.yaml"])
+	if from == nil {
+		fail("k8s/dispatcher.yaml: OTP_MAIL_FROM names no sending domain")
 		return errs
 	}
-	s := q.Statement[0]
-	switch {
-	case !slices.Equal(s.Action, stringList{"sqs:SendMessage"}):
-		fail("aws/feedback-queue-policy.json: actions %v, want sqs:SendMessage alone", s.Action)
-	case !slices.Equal(s.Resource, stringList{queueARN}):
-		fail("aws/feedback-queue-policy.json: resource %v, want %s", s.Resource, queueARN)
-	case !slices.Equal(s.Principal["Service"], stringList{"sns.amazonaws.com"}) || len(s.Principal) != 1:
-		fail("aws/feedback-queue-policy.json: principal %v, want the SNS service alone", s.Principal)
-	case !slices.Equal(s.Condition["ArnEquals"]["aws:SourceArn"], stringList{topicARN}):
-		fail("aws/feedback-queue-policy.json: no aws:SourceArn condition on the feedback topic %s: any topic could write feedback", topicARN)
+	if got, want := slices.Sorted(slices.Values(grants["ses:SendEmail"])),
+		[]string{configSetARN, fmt.Sprintf("arn:aws:ses:%s:%s:identity/%s", region, account, from[1])}; !slices.Equal(got, want) {
+		fail("aws/dispatcher-policy.json: ses:SendEmail on %v, want the sending identity and the configuration set alone %v", got, want)
+	}
+
+	// The queue: the topic may write to it, and nobody else, even a principal of the
+	// account whose own policy allows sqs:SendMessage (a queue policy only adds grants;
+	// the Deny is what takes them away).
+	const queuePolicy = "aws/feedback-queue-policy.json"
+	q := policy(queuePolicy)
+	if len(q.Statement) != 2 {
+		fail("%s: %d statements, want the topic's Allow and everyone else's Deny", queuePolicy, len(q.Statement))
+	}
+	if s := statement(queuePolicy, q, "Allow", "sqs:SendMessage"); s != nil {
+		switch {
+		case !slices.Equal(s.Resource, stringList{queueARN}):
+			fail("%s: Allow on %v, want %s", queuePolicy, s.Resource, queueARN)
+		case len(s.Principal.Kinds) != 1 || !slices.Equal(s.Principal.Kinds["Service"], stringList{"sns.amazonaws.com"}):
+			fail("%s: Allow to %v, want the SNS service alone", queuePolicy, s.Principal)
+		case !slices.Equal(s.Condition["ArnEquals"]["aws:SourceArn"], stringList{topicARN}):
+			fail("%s: no aws:SourceArn condition on the feedback topic %s: any topic could write feedback", queuePolicy, topicARN)
+		}
+	}
+	if s := statement(queuePolicy, q, "Deny", "sqs:SendMessage"); s != nil &&
+		(!s.Principal.Any || !slices.Equal(s.Resource, stringList{queueARN}) || !slices.Equal(s.Condition["ArnNotEquals"]["aws:SourceArn"], stringList{topicARN})) {
+		fail("%s: the Deny must cover every principal whose aws:SourceArn is not the topic %s", queuePolicy, topicARN)
+	}
+
+	// The topic: SES of this account, from the configuration set, publishes; nobody else;
+	// and only the queue subscribes, so no other reader sees the notifications.
+	const topicPolicy = "aws/sns-topic-policy.json"
+	tp := policy(topicPolicy)
+	if len(tp.Statement) != 3 {
+		fail("%s: %d statements, want SES's Allow and the two Denies", topicPolicy, len(tp.Statement))
+	}
+	if s := statement(topicPolicy, tp, "Allow", "sns:Publish"); s != nil {
+		switch {
+		case !slices.Equal(s.Resource, stringList{topicARN}):
+			fail("%s: Allow on %v, want %s", topicPolicy, s.Resource, topicARN)
+		case len(s.Principal.Kinds) != 1 || !slices.Equal(s.Principal.Kinds["Service"], stringList{"ses.amazonaws.com"}):
+			fail("%s: Allow to %v, want the SES service alone", topicPolicy, s.Principal)
+		case !slices.Equal(s.Condition["StringEquals"]["aws:SourceAccount"], stringList{account}) ||
+			!slices.Equal(s.Condition["ArnEquals"]["aws:SourceArn"], stringList{configSetARN}):
+			fail("%s: SES may publish for another account or configuration set: want aws:SourceAccount %s and aws:SourceArn %s", topicPolicy, account, configSetARN)
+		}
+	}
+	if s := statement(topicPolicy, tp, "Deny", "sns:Publish"); s != nil &&
+		(!s.Principal.Any || !slices.Equal(s.Resource, stringList{topicARN}) || !slices.Equal(s.Condition["ArnNotEquals"]["aws:SourceArn"], stringList{configSetARN})) {
+		fail("%s: the Deny of sns:Publish must cover every principal whose aws:SourceArn is not %s", topicPolicy, configSetARN)
+	}
+	if s := statement(topicPolicy, tp, "Deny", "sns:Subscribe"); s != nil &&
+		(!s.Principal.Any || !slices.Equal(s.Resource, stringList{topicARN}) || !slices.Equal(s.Condition["StringNotEquals"]["sns:Endpoint"], stringList{queueARN})) {
+		fail("%s: the Deny of sns:Subscribe must cover every endpoint but the queue %s", topicPolicy, queueARN)
 	}
 	return errs
 }

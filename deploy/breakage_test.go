@@ -35,6 +35,7 @@ func TestChecksCatchBreakage(t *testing.T) {
 		iamPolicy  = "aws/dispatcher-policy.json"
 		queuePol   = "aws/feedback-queue-policy.json"
 		eventDest  = "aws/ses-event-destination.json"
+		topicPol   = "aws/sns-topic-policy.json"
 	)
 	for _, tc := range []struct {
 		name, check, file, old, new, want string
@@ -65,7 +66,15 @@ func TestChecksCatchBreakage(t *testing.T) {
 		{"dispatcher reads another queue", "aws", iamPolicy, `"arn:aws:sqs:eu-west-1:111122223333:otpflow-ses-feedback"`, `"arn:aws:sqs:eu-west-1:111122223333:other"`, "the feedback queue"},
 		{"any topic writes the queue", "aws", queuePol, `,
       "Condition": {"ArnEquals": {"aws:SourceArn": "arn:aws:sns:eu-west-1:111122223333:otpflow-ses-feedback"}}`, "", "aws:SourceArn"},
-		{"anyone writes the queue", "aws", queuePol, `{"Service": "sns.amazonaws.com"}`, `{"AWS": "*"}`, "principal"},
+		{"anyone writes the queue", "aws", queuePol, `{"Service": "sns.amazonaws.com"}`, `{"AWS": "*"}`, "the SNS service alone"},
+		{"account principals write the queue", "aws", queuePol, `"Effect": "Deny"`, `"Effect": "Allow"`, "allows any principal"},
+		{"an inside-out grant", "aws", iamPolicy, `"Action": ["sqs:ReceiveMessage", "sqs:DeleteMessage"]`, `"NotAction": ["sqs:SendMessage"]`, "NotAction"},
+		{"mail from another identity", "aws", iamPolicy, `"arn:aws:ses:eu-west-1:111122223333:identity/acme.example",`, `"arn:aws:ses:eu-west-1:111122223333:identity/acme.example", "arn:aws:ses:eu-west-1:111122223333:identity/other.example",`, "sending identity"},
+		{"anyone publishes to the topic", "aws", topicPol, `"Sid": "NobodyElsePublishes",
+      "Effect": "Deny"`, `"Sid": "NobodyElsePublishes",
+      "Effect": "Allow"`, "allows any principal"},
+		{"SES of any account publishes", "aws", topicPol, `"StringEquals": {"aws:SourceAccount": "111122223333"},`, `"StringEquals": {"aws:SourceAccount": "444455556666"},`, "another account"},
+		{"anyone subscribes", "aws", topicPol, `"StringNotEquals": {"sns:Endpoint": "arn:aws:sqs:eu-west-1:111122223333:otpflow-ses-feedback"}`, `"StringNotEquals": {"sns:Protocol": "sqs"}`, "sns:Subscribe"},
 		{"bounces not published", "aws", eventDest, `"BOUNCE", `, "", "event types"},
 		{"another configuration set", "aws", eventDest, `"ConfigurationSetName": "otp"`, `"ConfigurationSetName": "marketing"`, "configuration set"},
 		{"queue URL not the policy's queue", "aws", dispatcher, "111122223333/otpflow-ses-feedback", "111122223333/otpflow-feedback", "the feedback queue"},

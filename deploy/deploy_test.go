@@ -21,7 +21,7 @@ func loadFiles(tb testing.TB) files {
 	tb.Helper()
 	f := files{}
 	paths := []string{"Dockerfile", "compose.yaml", "README.md", "dev-secrets.sh", "../Makefile", "../go.work",
-		"aws/dispatcher-policy.json", "aws/feedback-queue-policy.json", "aws/ses-event-destination.json"}
+		"aws/dispatcher-policy.json", "aws/feedback-queue-policy.json", "aws/sns-topic-policy.json", "aws/ses-event-destination.json"}
 	k8s, err := filepath.Glob("k8s/*.yaml")
 	if err != nil {
 		tb.Fatal(err)
