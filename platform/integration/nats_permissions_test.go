@@ -35,14 +35,18 @@ func TestNATSPermissions(t *testing.T) {
 	operator, admin := connectAs(t, d, "operator"), connectAs(t, d, "admin")
 	system := connectAs(t, d, "system")
 
-	// The verifier serves otp.verify.* as the micro service does.
+	// The verifier serves otp.verify.* and otp.status.* as the micro service does.
 	svc, err := micro.AddService(verifier.nc, micro.Config{Name: "otp-verifier", Version: "0.0.0"})
 	testenv.Must(t, err, "verify service")
 	testenv.Must(t, svc.AddEndpoint("verify", micro.HandlerFunc(func(r micro.Request) {
 		_ = r.Respond([]byte(`{"status":"not_found","subject":"` + r.Subject() + `"}`))
 	}), micro.WithEndpointSubject(events.TypeVerify.Wildcard())), "verify endpoint")
+	testenv.Must(t, svc.AddEndpoint("status", micro.HandlerFunc(func(r micro.Request) {
+		_ = r.Respond([]byte(`{"request_id":"r1","found":false,"subject":"` + r.Subject() + `"}`))
+	}), micro.WithEndpointSubject(events.TypeStatus.Wildcard())), "status endpoint")
 	t.Cleanup(func() { _ = svc.Stop() })
 	must(t, verifier.noViolation(events.TypeVerify.Wildcard()))
+	must(t, verifier.noViolation(events.TypeStatus.Wildcard()))
 	must(t, verifier.noViolation("$SRV.PING"))
 
 	// The pipeline's first hops, each as its own identity.
@@ -60,11 +64,21 @@ func TestNATSPermissions(t *testing.T) {
 		if !strings.Contains(string(reply.Data), `"subject":"otp.verify.acme"`) || !strings.HasPrefix(reply.Subject, "_INBOX_acme.") {
 			t.Fatalf("reply %q on %s", reply.Data, reply.Subject)
 		}
+		reply, err = acme.nc.Request("otp.status.acme", []byte(`{"request_id":"r1"}`), 2*time.Second)
+		testenv.Must(t, err, "acme asks otp.status.acme")
+		if !strings.Contains(string(reply.Data), `"subject":"otp.status.acme"`) || !strings.HasPrefix(reply.Subject, "_INBOX_acme.") {
+			t.Fatalf("status reply %q on %s", reply.Data, reply.Subject)
+		}
 	})
 	t.Run("app globex", func(t *testing.T) {
 		jsPublish(ctx, t, globex, "otp.requested.globex")
 		_, err := globex.nc.Request("otp.verify.globex", []byte(`{}`), 2*time.Second)
 		testenv.Must(t, err, "globex asks otp.verify.globex")
+		reply, err := globex.nc.Request("otp.status.globex", []byte(`{"request_id":"r1"}`), 2*time.Second)
+		testenv.Must(t, err, "globex asks otp.status.globex")
+		if !strings.Contains(string(reply.Data), `"subject":"otp.status.globex"`) {
+			t.Fatalf("status reply %q", reply.Data)
+		}
 	})
 
 	t.Run("issuer", func(t *testing.T) {
@@ -111,6 +125,13 @@ func TestNATSPermissions(t *testing.T) {
 
 	})
 
+	// The issuer suppresses recipients on the feedback the dispatcher just published.
+	t.Run("issuer feedback", func(t *testing.T) {
+		cons, err := issuer.js.Consumer(ctx, events.StreamEvents, events.IssuerFeedbackConsumer.Durable)
+		testenv.Must(t, err, "bind to issuer-feedback")
+		fetchAck(t, cons, 1)
+	})
+
 	t.Run("verifier", func(t *testing.T) {
 		cons, err := verifier.js.Consumer(ctx, events.StreamChallenges, events.ConsumerVerifier)
 		testenv.Must(t, err, "bind to the verifier consumer")
@@ -121,6 +142,10 @@ func TestNATSPermissions(t *testing.T) {
 		testenv.Must(t, err, "last challenge of acme")
 		_, err = verifier.js.Consumer(ctx, events.StreamEvents, events.ConsumerVerifier)
 		testenv.Must(t, err, "bind to the legacy verifier consumer")
+		// The status projection reads what the issuer and the dispatcher published.
+		status, err := verifier.js.Consumer(ctx, events.StreamEvents, events.VerifierStatusConsumer.Durable)
+		testenv.Must(t, err, "bind to verifier-status")
+		fetchAck(t, status, 2)
 		jsPublish(ctx, t, verifier, "otp.verified.acme")
 		jsPublish(ctx, t, verifier, "otp.verify_failed.acme")
 		jsPublish(ctx, t, verifier, "otp.locked.acme")
@@ -222,11 +247,14 @@ func TestNATSPermissions(t *testing.T) {
 			denySubscribe(t, acme, "_INBOX.>")
 			denySubscribe(t, acme, "_INBOX_globex.>")
 			denySubscribe(t, acme, "otp.verify.*")
+			denySubscribe(t, acme, "otp.status.*")
 			denyRequest(t, acme, "otp.verify.globex")
+			denyRequest(t, acme, "otp.status.globex")
 			denyAPI(t, acme, "STREAM.INFO.OTP_EVENTS", `{}`)
 			denyAPI(t, acme, "STREAM.MSG.GET.OTP_EVENTS", `{"seq":1}`)
 			denyAPI(t, acme, "CONSUMER.CREATE.OTP_EVENTS.spy", `{"stream_name":"OTP_EVENTS","config":{"name":"spy","ack_policy":"none"}}`)
 			denyAPI(t, acme, "CONSUMER.MSG.NEXT.OTP_EVENTS.auditor", `{"batch":1}`)
+			denyAPI(t, acme, "CONSUMER.MSG.NEXT.OTP_EVENTS.verifier-status", `{"batch":1}`)
 			denyAPI(t, acme, "STREAM.INFO.OTP_REQUESTS", `{}`)
 			denyAPI(t, acme, "CONSUMER.NAMES.OTP_REQUESTS", `{}`)
 			denyAPI(t, acme, "STREAM.INFO.OTP_REQUESTS_acme", `{}`)
@@ -241,6 +269,7 @@ func TestNATSPermissions(t *testing.T) {
 			t.Parallel()
 			denyPublish(t, globex, "otp.requested.acme")
 			denyRequest(t, globex, "otp.verify.acme")
+			denyRequest(t, globex, "otp.status.acme")
 			denySubscribe(t, globex, "_INBOX_acme.>")
 		})
 		t.Run(issuer.id, func(t *testing.T) {
@@ -252,6 +281,9 @@ func TestNATSPermissions(t *testing.T) {
 			denyPublish(t, issuer, "otp.erasure_requested.acme")
 			denySubscribe(t, issuer, "otp.>")
 			denySubscribe(t, issuer, "otp.verify.*")
+			denySubscribe(t, issuer, "otp.status.*")
+			denyAPI(t, issuer, "CONSUMER.MSG.NEXT.OTP_EVENTS.verifier-status", `{"batch":1}`)
+			denyAPI(t, issuer, "CONSUMER.DELETE.OTP_EVENTS.issuer-feedback", ``)
 			denyAPI(t, issuer, "STREAM.INFO.OTP_DISPATCH", `{}`)
 			denyAPI(t, issuer, "CONSUMER.INFO.OTP_DISPATCH.dispatcher", `{}`)
 			denyAPI(t, issuer, "CONSUMER.MSG.NEXT.OTP_DISPATCH.dispatcher", `{"batch":1}`)
@@ -282,6 +314,11 @@ func TestNATSPermissions(t *testing.T) {
 			denyAPI(t, dispatcher, "STREAM.INFO.OTP_CHALLENGES", `{}`)
 			denyAPI(t, dispatcher, "STREAM.MSG.GET.OTP_CHALLENGES", `{"seq":1}`)
 			denyAPI(t, dispatcher, "CONSUMER.MSG.NEXT.OTP_CHALLENGES.verifier", `{"batch":1}`)
+			// It publishes the feedback; taking it off the issuer's durable would keep a
+			// bounced address unsuppressed.
+			denyAPI(t, dispatcher, "CONSUMER.MSG.NEXT.OTP_EVENTS.issuer-feedback", `{"batch":1}`)
+			denyAPI(t, dispatcher, "CONSUMER.INFO.OTP_EVENTS.issuer-feedback", `{}`)
+			denyAPI(t, dispatcher, "CONSUMER.MSG.NEXT.OTP_EVENTS.verifier-status", `{"batch":1}`)
 			denyAPI(t, dispatcher, "STREAM.INFO.OTP_REQUESTS", `{}`)
 			denyAPI(t, dispatcher, "CONSUMER.NAMES.OTP_REQUESTS", `{}`)
 			denyAPI(t, dispatcher, "CONSUMER.MSG.NEXT.OTP_ADVISORIES.issuer-exhausted", `{"batch":1}`)
@@ -306,6 +343,9 @@ func TestNATSPermissions(t *testing.T) {
 			denyAPI(t, verifier, "CONSUMER.CREATE.OTP_CHALLENGES.verifier", `{"stream_name":"OTP_CHALLENGES","config":{"durable_name":"verifier","ack_policy":"none"}}`)
 			denyAPI(t, verifier, "STREAM.MSG.DELETE.OTP_CHALLENGES", `{"seq":1}`)
 			denyAPI(t, verifier, "CONSUMER.DELETE.OTP_CHALLENGES.verifier", ``)
+			denyAPI(t, verifier, "CONSUMER.MSG.NEXT.OTP_EVENTS.issuer-feedback", `{"batch":1}`)
+			denyAPI(t, verifier, "CONSUMER.DELETE.OTP_EVENTS.verifier-status", ``)
+			denyAPI(t, verifier, "CONSUMER.CREATE.OTP_EVENTS.verifier-status", `{"stream_name":"OTP_EVENTS","config":{"durable_name":"verifier-status","ack_policy":"none"}}`)
 			denyAPI(t, verifier, "STREAM.DELETE.OTP_CHALLENGES", ``)
 			denyAPI(t, verifier, "STREAM.CREATE.SCRATCH", `{"name":"SCRATCH","subjects":["scratch"]}`)
 		})
@@ -322,6 +362,8 @@ func TestNATSPermissions(t *testing.T) {
 			denyAPI(t, auditor, "CONSUMER.DELETE.OTP_EVENTS.auditor", ``)
 			denyAPI(t, auditor, "CONSUMER.DELETE.OTP_EVENTS.issuer-erasure", ``)
 			denyAPI(t, auditor, "CONSUMER.MSG.NEXT.OTP_EVENTS.verifier", `{"batch":1}`)
+			denyAPI(t, auditor, "CONSUMER.MSG.NEXT.OTP_EVENTS.verifier-status", `{"batch":1}`)
+			denyAPI(t, auditor, "CONSUMER.MSG.NEXT.OTP_EVENTS.issuer-feedback", `{"batch":1}`)
 			denyAPI(t, auditor, "CONSUMER.CREATE.OTP_EVENTS.spy", `{"stream_name":"OTP_EVENTS","config":{"name":"spy","ack_policy":"none","deliver_subject":"otp.verified.globex"}}`)
 			denyAPI(t, auditor, "CONSUMER.CREATE.OTP_EVENTS", `{"stream_name":"OTP_EVENTS","config":{"name":"spy","ack_policy":"none","deliver_subject":"otp.verified.globex"}}`)
 			denyAPI(t, auditor, "CONSUMER.DELETE.OTP_EVENTS.spy", ``)
@@ -341,6 +383,7 @@ func TestNATSPermissions(t *testing.T) {
 			denyPublish(t, operator, "otp.verified.acme")
 			denyPublish(t, operator, "otp.erased.acme")
 			denyRequest(t, operator, "otp.verify.acme")
+			denyRequest(t, operator, "otp.status.acme")
 			denySubscribe(t, operator, "otp.>")
 			denyAPI(t, operator, "STREAM.INFO.OTP_DISPATCH", `{}`)
 			denyAPI(t, operator, "STREAM.CREATE.SCRATCH", `{"name":"SCRATCH","subjects":["scratch"]}`)
@@ -356,6 +399,8 @@ func TestNATSPermissions(t *testing.T) {
 			denyAPI(t, operator, "CONSUMER.CREATE.OTP_EVENTS", `{"stream_name":"OTP_EVENTS","config":{"name":"spy","ack_policy":"none","deliver_subject":"otp.verified.globex"}}`)
 			denyAPI(t, operator, "CONSUMER.MSG.NEXT.OTP_EVENTS.issuer-erasure", `{"batch":1}`)
 			denyAPI(t, operator, "CONSUMER.MSG.NEXT.OTP_EVENTS.auditor", `{"batch":1}`)
+			denyAPI(t, operator, "CONSUMER.MSG.NEXT.OTP_EVENTS.issuer-feedback", `{"batch":1}`)
+			denyAPI(t, operator, "CONSUMER.MSG.NEXT.OTP_EVENTS.verifier-status", `{"batch":1}`)
 			denyAPI(t, operator, "CONSUMER.MSG.NEXT.OTP_REQUESTS.issuer", `{"batch":1}`)
 			denyAPI(t, operator, "CONSUMER.MSG.NEXT.OTP_REQUESTS.issuer_acme", `{"batch":1}`)
 			denyAPI(t, operator, "CONSUMER.DELETE.OTP_REQUESTS.issuer_globex", ``)
@@ -377,6 +422,7 @@ func TestNATSPermissions(t *testing.T) {
 			denyPublish(t, admin, "otp.erasure_requested.acme")
 			denyPublish(t, admin, "scratch.x")
 			denyRequest(t, admin, "otp.verify.acme")
+			denyRequest(t, admin, "otp.status.acme")
 			denySubscribe(t, admin, "otp.>")
 			denySubscribe(t, admin, ">")
 		})

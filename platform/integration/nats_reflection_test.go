@@ -13,7 +13,7 @@ import (
 )
 
 // TestNATSPermissionsReplyReflection: a tenant app chooses the reply subject of what it
-// publishes, and the answer (the JetStream publish acknowledgement, the verifier's reply)
+// publishes, and the answer (the JetStream publish acknowledgement, the verifier's replies)
 // is published onto it by someone else. Subject permissions cannot stop that, so each app
 // lives in its own account and reaches OTPFLOW only through service imports: the answer
 // goes back into the app's account, never onto an OTPFLOW subject a stream stores. The
@@ -33,6 +33,9 @@ func TestNATSPermissionsReplyReflection(t *testing.T) {
 	testenv.Must(t, svc.AddEndpoint("verify", micro.HandlerFunc(func(r micro.Request) {
 		_ = r.RespondJSON(events.VerifyReply{Status: "not_found"})
 	}), micro.WithEndpointSubject(events.TypeVerify.Wildcard())), "verify endpoint")
+	testenv.Must(t, svc.AddEndpoint("status", micro.HandlerFunc(func(r micro.Request) {
+		_ = r.RespondJSON(events.StatusReply{RequestID: "x"})
+	}), micro.WithEndpointSubject(events.TypeStatus.Wildcard())), "status endpoint")
 	t.Cleanup(func() { _ = svc.Stop() })
 	testenv.Must(t, verifier.nc.Flush(), "the verify service's subscription reached the server")
 
@@ -51,6 +54,7 @@ func TestNATSPermissionsReplyReflection(t *testing.T) {
 	for _, reply := range targets {
 		send("otp.requested.acme", reply) // the stream's acknowledgement
 		send("otp.verify.acme", reply)    // the verifier's reply
+		send("otp.status.acme", reply)    // and its status reply
 	}
 	// Each of the above is answered; wait until an answer of the same kind arrived where
 	// acme may listen, so the reflected ones have been delivered too.
@@ -59,6 +63,9 @@ func TestNATSPermissionsReplyReflection(t *testing.T) {
 	}
 	if _, err := acme.nc.Request("otp.verify.acme", []byte(`{}`), 2*time.Second); err != nil {
 		t.Fatalf("acme asks otp.verify.acme: %v", err)
+	}
+	if _, err := acme.nc.Request("otp.status.acme", []byte(`{}`), 2*time.Second); err != nil {
+		t.Fatalf("acme asks otp.status.acme: %v", err)
 	}
 	after := stored()
 	for k, n := range after {

@@ -52,6 +52,9 @@ type Config struct {
 	// relayAge is the age of an outbox entry the relay publishes (tests lengthen it);
 	// default 5s.
 	relayAge time.Duration
+	// orphanDelay caps the delay before feedback about a challenge the status projection
+	// does not hold is delivered again (statusOrphanDeliveries; tests shorten it); default 8s.
+	orphanDelay time.Duration
 	// Tracer gets a "verify" span per request, continuing the app's traceparent and
 	// linked to the issuance; nil records nothing.
 	Tracer trace.Tracer

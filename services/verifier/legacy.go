@@ -20,3 +20,17 @@ func (s *Service) legacyChallenge(tenant string, e events.Issued) (events.Challe
 		SessionID: e.SessionID, RecipientHashes: s.cfg.Subjects.SubjectHashes(tenant, e.Recipient), Resend: e.Resend,
 		IssuedAt: e.IssuedAt, ExpiresAt: e.ExpiresAt, Test: e.Test, Risk: e.Risk}, nil
 }
+
+// legacyRecipientKey is the recipient of an otp.issued of an earlier release, which
+// carried the address rather than its subject hash, as its hash under the verifier's
+// active key (the status projection's recipient_key; an erasure names the person under
+// every key of the ring). Empty when the event carries neither.
+func (s *Service) legacyRecipientKey(tenant string, e events.Issued) (string, error) {
+	if e.Recipient == "" {
+		return "", nil
+	}
+	if len(e.Recipient) > maxRecipient {
+		return "", field("recipient", "longer than %d bytes", maxRecipient)
+	}
+	return s.cfg.Subjects.Subject(tenant, e.Recipient), nil
+}

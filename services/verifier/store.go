@@ -549,8 +549,9 @@ func (st *store) countLimits(ctx context.Context, calls [][][]byte) ([][]limitCo
 
 // purge deletes challenges whose newest code expired, or that were used, locked or
 // superseded, more than retention ago, with their codes; failure stamps older than an
-// hour; and verify-limit windows that no longer count. Every cutoff is on the database
-// clock.
+// hour; verify-limit windows that no longer count; and the status rows and erased
+// challenges of the status projection older than retention (purgeStatus). Every cutoff
+// is on the database clock.
 func (st *store) purge(ctx context.Context, retention time.Duration) (int64, error) {
 	var total int64
 	err := pgx.BeginFunc(ctx, st.pool, func(tx pgx.Tx) error {
@@ -595,7 +596,12 @@ func (st *store) purge(ctx context.Context, retention time.Duration) (int64, err
 	total += tag.RowsAffected()
 	tag, err = st.pool.Exec(ctx, `DELETE FROM verifier.erasures WHERE erased_at < now() - $1::bigint * interval '1 microsecond'`,
 		retention.Microseconds())
-	return total + tag.RowsAffected(), err
+	if err != nil {
+		return total, err
+	}
+	total += tag.RowsAffected()
+	n, err := st.purgeStatus(ctx, retention)
+	return total + n, err
 }
 
 // errNotProjected means the challenge is not in the projection (yet).

@@ -1,11 +1,14 @@
 // Package verifier answers otp.verify.<tenant>: it projects its own stream,
 // OTP_CHALLENGES (otp.challenge, otp.challenge_superseded), into its own schema and checks
-// presented codes against the stored HMACs, counting attempts exactly.
+// presented codes against the stored HMACs, counting attempts exactly. Beside it, it
+// answers otp.status.<tenant>, what became of a request, from its projection of
+// OTP_EVENTS (status.go).
 package verifier
 
 import (
 	"context"
 	"embed"
+	"encoding/json"
 	"errors"
 	"fmt"
 	"io/fs"
@@ -65,6 +68,8 @@ type Service struct {
 	beforeProject func()
 
 	verifies     *prometheus.CounterVec
+	statuses     *prometheus.CounterVec
+	statusEvents *prometheus.CounterVec
 	projected    prometheus.Counter
 	deadLettered prometheus.Counter
 	fenceSkipped prometheus.Counter
@@ -97,6 +102,9 @@ func New(cfg Config, pool *pgxpool.Pool, nc *nats.Conn, js jetstream.JetStream, 
 	if cfg.relayAge == 0 {
 		cfg.relayAge = 5 * time.Second
 	}
+	if cfg.orphanDelay == 0 {
+		cfg.orphanDelay = 8 * time.Second
+	}
 	if cfg.MaxFenceWaits < 1 {
 		cfg.MaxFenceWaits = 16
 	}
@@ -115,6 +123,14 @@ func New(cfg Config, pool *pgxpool.Pool, nc *nats.Conn, js jetstream.JetStream, 
 		verifies: prometheus.NewCounterVec(prometheus.CounterOpts{
 			Name: "otpflow_verifier_verifications_total", Help: "Verify calls by reply status.",
 		}, []string{"status"}),
+		statuses: prometheus.NewCounterVec(prometheus.CounterOpts{
+			Name: "otpflow_verifier_status_requests_total",
+			Help: "Status calls by outcome: the state answered, not_found, bad_request or internal_error.",
+		}, []string{"outcome"}),
+		statusEvents: prometheus.NewCounterVec(prometheus.CounterOpts{
+			Name: "otpflow_verifier_status_events_total",
+			Help: "OTP_EVENTS events the status projection settled, by outcome: projected (applied, whether or not they changed a request's state), retried (feedback about a challenge not projected yet) or dead_letter (malformed, another request's challenge); those the database refused or that kept failing are in otpflow_deliveries_settled_total{consumer=\"verifier-status\"}.",
+		}, []string{"outcome"}),
 		projected: prometheus.NewCounter(prometheus.CounterOpts{
 			Name: "otpflow_verifier_projected_events_total", Help: "Challenge and supersession events projected.",
 		}),
@@ -132,12 +148,13 @@ func New(cfg Config, pool *pgxpool.Pool, nc *nats.Conn, js jetstream.JetStream, 
 	})}
 	s.groups = newVerifyGroups(cfg.VerifyTransactions, cfg.VerifyGroupSize, s.runGroup, s.publishGroup)
 	if reg != nil {
-		reg.MustRegister(s.verifies, s.projected, s.deadLettered, s.fenceSkipped, s.groups.size, s.groups.leftToRelay, s.store.groupRetries)
+		reg.MustRegister(s.verifies, s.statuses, s.statusEvents, s.projected, s.deadLettered, s.fenceSkipped, s.groups.size, s.groups.leftToRelay, s.store.groupRetries)
 	}
 	return s, nil
 }
 
-// Run serves verify requests and keeps the projection current until ctx is cancelled.
+// Run serves verify and status requests and keeps both projections current until ctx is
+// cancelled.
 func (s *Service) Run(ctx context.Context) error {
 	cons, err := platform.Bind(ctx, s.js, events.StreamChallenges, events.VerifierConsumer)
 	if err != nil {
@@ -150,6 +167,10 @@ func (s *Service) Run(ctx context.Context) error {
 	if err != nil {
 		return platform.SetupError(ctx, err)
 	}
+	status, err := platform.Bind(ctx, s.js, events.StreamEvents, events.VerifierStatusConsumer)
+	if err != nil {
+		return platform.SetupError(ctx, err)
+	}
 	if s.challenges, err = s.js.Stream(ctx, events.StreamChallenges); err != nil {
 		return platform.SetupError(ctx, err)
 	}
@@ -157,23 +178,30 @@ func (s *Service) Run(ctx context.Context) error {
 	var inflight sync.WaitGroup
 	sem := make(chan struct{}, s.cfg.Concurrency)
 	svc, err := micro.AddService(s.nc, micro.Config{
-		Name: "otp-verifier", Version: Version(), Description: "verifies one-time passcodes",
+		Name: "otp-verifier", Version: Version(), Description: "verifies one-time passcodes and tells what became of a request",
 	})
 	if err != nil {
 		return fmt.Errorf("verify service: %w", err)
 	}
-	err = svc.AddEndpoint("verify", micro.HandlerFunc(func(req micro.Request) {
-		sem <- struct{}{}
-		inflight.Add(1)
-		go func() {
-			defer func() { <-sem; inflight.Done() }()
-			s.serve(context.WithoutCancel(ctx), req)
-		}()
-	}), micro.WithEndpointSubject(events.TypeVerify.Wildcard()))
-	if err != nil {
+	// Both endpoints share the Concurrency slots: each request runs in a goroutine of its
+	// own, at most that many at once, and all finish before the connection drains.
+	handle := func(serve func(context.Context, micro.Request)) micro.Handler {
+		return micro.HandlerFunc(func(req micro.Request) {
+			sem <- struct{}{}
+			inflight.Add(1)
+			go func() {
+				defer func() { <-sem; inflight.Done() }()
+				serve(context.WithoutCancel(ctx), req)
+			}()
+		})
+	}
+	if err := svc.AddEndpoint("verify", handle(s.serve), micro.WithEndpointSubject(events.TypeVerify.Wildcard())); err != nil {
 		return fmt.Errorf("verify endpoint: %w", err)
 	}
-	s.log.Info("verifier serving", "subject", events.TypeVerify.Wildcard())
+	if err := svc.AddEndpoint("status", handle(s.serveStatus), micro.WithEndpointSubject(events.TypeStatus.Wildcard())); err != nil {
+		return fmt.Errorf("status endpoint: %w", err)
+	}
+	s.log.Info("verifier serving", "subjects", []string{events.TypeVerify.Wildcard(), events.TypeStatus.Wildcard()})
 
 	g, gctx := errgroup.WithContext(ctx)
 	g.Go(func() error { return s.outbox.Relay(gctx, 2*time.Second, s.cfg.relayAge) })
@@ -187,6 +215,9 @@ func (s *Service) Run(ctx context.Context) error {
 	lc := platform.NewConsumer(legacy, platform.ConsumeConfig{Name: events.ConsumerVerifier + "-" + events.StreamEvents,
 		BatchSize: s.cfg.BatchSize, JS: s.js, Log: s.log, Reg: s.reg, DeadLetters: dead, Healthy: s.store.pool.Ping})
 	g.Go(func() error { return lc.Run(gctx, s.project) })
+	sc := platform.NewConsumer(status, platform.ConsumeConfig{Name: events.VerifierStatusConsumer.Durable, BatchSize: s.cfg.BatchSize,
+		JS: s.js, Log: s.log, Reg: s.reg, DeadLetters: dead, Healthy: s.store.pool.Ping})
+	g.Go(func() error { return sc.Run(gctx, s.projectStatus) })
 	g.Go(func() error {
 		return platform.RunErasures(gctx, s.js, platform.ErasureConfig{Service: "verifier", Streams: s.cfg.Streams,
 			Erase: s.Erase, DeadLetters: &platform.DeadLetters{Sealer: s.cfg.DLQKey}, Log: s.log, Reg: s.reg})
@@ -235,8 +266,58 @@ func (s *Service) serve(ctx context.Context, req micro.Request) {
 
 // Purge deletes challenges whose newest code expired, or that were used, locked or
 // superseded, more than the retention ago, with their codes; failure stamps older than
-// an hour; and verify-limit windows that no longer count. Every cutoff is on the
-// database clock.
+// an hour; verify-limit windows that no longer count; and request states (otp.status)
+// not written for the retention. Every cutoff is on the database clock.
 func (s *Service) Purge(ctx context.Context) (int64, error) {
 	return s.store.purge(ctx, s.cfg.Retention)
+}
+
+// statusTimeout bounds a status call's read: an app asks again rather than hold a slot.
+const statusTimeout = 5 * time.Second
+
+// serveStatus answers one status request. Every answer is a StatusReply: a malformed one
+// gets Error "bad_request: …"; a database failure Error "internal", as a micro error reply
+// (headers Nats-Service-Error and Nats-Service-Error-Code: 500), the caller should retry.
+// The tenant is the subject's: an app can only be answered about its own requests.
+func (s *Service) serveStatus(ctx context.Context, req micro.Request) {
+	ctx, span := s.cfg.Tracer.Start(platform.ContextFrom(ctx, nats.Header(req.Headers())), "status",
+		trace.WithSpanKind(trace.SpanKindServer), trace.WithAttributes(attribute.String("rpc.system", "nats-micro"),
+			attribute.String("messaging.destination.name", req.Subject())))
+	defer span.End()
+	_, tenant, err := events.SplitSubject(req.Subject())
+	var sr events.StatusRequest
+	if err == nil {
+		sr, err = events.DecodeStatusRequest(req.Data())
+	}
+	if err != nil {
+		s.statuses.WithLabelValues("bad_request").Inc()
+		s.respondStatus(req, events.StatusReply{RequestID: sr.RequestID, Error: "bad_request: " + err.Error()})
+		return
+	}
+	ctx, cancel := context.WithTimeout(ctx, statusTimeout)
+	defer cancel()
+	reply, err := s.Status(ctx, tenant, sr.RequestID)
+	if err != nil {
+		s.log.Error("status", "tenant", tenant, "request_id", sr.RequestID, "err", err)
+		s.statuses.WithLabelValues("internal_error").Inc()
+		span.SetStatus(codes.Error, "internal error")
+		body, _ := json.Marshal(events.StatusReply{RequestID: sr.RequestID, Error: "internal"})
+		if err := req.Error("500", "internal error; retry", body); err != nil {
+			s.log.Warn("status reply", "err", err)
+		}
+		return
+	}
+	outcome := string(reply.State)
+	if !reply.Found {
+		outcome = "not_found"
+	}
+	s.statuses.WithLabelValues(outcome).Inc()
+	span.SetAttributes(attribute.String("otpflow.tenant", tenant), attribute.String("otpflow.status.state", outcome))
+	s.respondStatus(req, reply)
+}
+
+func (s *Service) respondStatus(req micro.Request, reply events.StatusReply) {
+	if err := req.RespondJSON(reply); err != nil {
+		s.log.Warn("status reply", "err", err)
+	}
 }

@@ -1,0 +1,308 @@
+package verifier
+
+import (
+	"context"
+	"fmt"
+	"strings"
+	"time"
+	"unicode/utf8"
+
+	"github.com/otpflow/otpflow/events"
+	"github.com/otpflow/otpflow/platform"
+)
+
+// projectStatus is the status projection's batch handler (status.go has the rules): it
+// checks each event like the challenge projection does (project), dead-letters the
+// malformed ones with the reason and applies the rest in one transaction. If the
+// transaction fails, the consumer hands each event over on its own (platform.BatchHandler).
+func (s *Service) projectStatus(ctx context.Context, batch []*platform.Delivery) error {
+	items := make([]*statusEvent, 0, len(batch))
+	for _, d := range batch {
+		e, err := s.checkStatusEvent(d)
+		if err != nil {
+			s.statusDeadLetter(d, err)
+			continue
+		}
+		items = append(items, e)
+	}
+	if len(items) == 0 {
+		return nil
+	}
+	if err := s.store.projectStatus(ctx, items, s.cfg.Retention); err != nil {
+		return fmt.Errorf("project %d status events: %w", len(items), err)
+	}
+	for _, e := range items {
+		switch n := e.msg.Meta().NumDelivered; {
+		case e.refused != nil:
+			s.statusDeadLetter(e.msg, e.refused)
+		case e.orphan && n < statusOrphanDeliveries:
+			s.statusEvents.WithLabelValues("retried").Inc()
+			e.msg.Settle(platform.Retry(platform.RetryDelay(n, s.cfg.orphanDelay)))
+		default:
+			if e.orphan {
+				s.log.Info("feedback about a request the status projection does not hold", "subject", e.msg.Subject(),
+					"challenge_id", e.challengeID)
+			}
+			s.statusEvents.WithLabelValues("projected").Inc()
+			e.msg.Settle(platform.Ack())
+		}
+	}
+	return nil
+}
+
+// statusOrphanDeliveries is how often feedback about a challenge no row holds is
+// delivered before it is dropped: the otp.issued and otp.delivered before it in the stream
+// may be in a batch another replica has not committed yet, and feedback, which names no
+// request, cannot make the row. Delivered again after 1, 2, 4 and 8 s (Config.orphanDelay
+// caps the delay), then acknowledged: it is about a request the projection never held or
+// no longer holds (purged after OTP_RETENTION, a complaint weeks later).
+const statusOrphanDeliveries = 5
+
+func (s *Service) statusDeadLetter(d *platform.Delivery, reason error) {
+	_, tenant, _ := events.SplitSubject(d.Subject())
+	s.statusEvents.WithLabelValues("dead_letter").Inc()
+	s.log.Warn("dead-letter status event", "subject", d.Subject(), "reason", reason)
+	d.Settle(platform.DeadLetter(tenant, events.VerifierStatusConsumer.Durable+": "+reason.Error()))
+}
+
+// Bounds of what the status projection keeps.
+const (
+	maxStatusDetail = 500
+	maxRejectReason = 64
+)
+
+// checkStatusEvent decodes d and validates it against its subject, like the challenge
+// projection does (check): a malformed event is an error, dead-lettered with it.
+func (s *Service) checkStatusEvent(d *platform.Delivery) (*statusEvent, error) {
+	typ, tenant, err := events.SplitSubject(d.Subject())
+	if err != nil {
+		return nil, err
+	}
+	e := &statusEvent{msg: d, tenant: tenant}
+	switch typ {
+	case events.TypeIssued:
+		var v events.Issued
+		if err := events.DecodeEvent(d.Data(), &v); err != nil {
+			return nil, err
+		}
+		key, err := s.statusRecipientKey(tenant, v)
+		if err != nil {
+			return nil, err
+		}
+		e.kind, e.requestID, e.challengeID, e.codeSeq, e.recipientKey = statusIssued, v.RequestID, v.ChallengeID, v.CodeSeq, key
+		e.at, e.expiresAt = stamp(v.IssuedAt), stamp(v.ExpiresAt)
+		err = firstError(checkCommon(tenant, v.Tenant, v.ChallengeID, v.RequestID), checkCodeSeq(v.CodeSeq, 1),
+			required("issued_at", v.IssuedAt), required("expires_at", v.ExpiresAt))
+		return e, err
+	case events.TypeRejected:
+		var v events.Rejected
+		if err := events.DecodeEvent(d.Data(), &v); err != nil {
+			return nil, err
+		}
+		if v.Tenant != tenant {
+			return nil, &events.ValidationError{Reason: events.ReasonInvalidTenant, Field: "tenant", Detail: "differs from the subject's tenant"}
+		}
+		if err := firstError(required("rejected_at", v.RejectedAt), required("reason", v.Reason)); err != nil {
+			return nil, err
+		}
+		if len(v.Reason) > maxRejectReason {
+			return nil, field("reason", "longer than %d bytes", maxRejectReason)
+		}
+		if err := text("reason", string(v.Reason)); err != nil {
+			return nil, err
+		}
+		// A request refused for its tenant or its request id cannot be asked about: the
+		// status request names both, valid.
+		e.skip = tenant == invalidTenant || !validRequestID(v.RequestID)
+		e.kind, e.requestID, e.reason, e.detail, e.at = statusRejected, v.RequestID, v.Reason, clean(v.Detail), stamp(v.RejectedAt)
+		return e, nil
+	case events.TypeDelivered:
+		var v events.Delivered
+		if err := events.DecodeEvent(d.Data(), &v); err != nil {
+			return nil, err
+		}
+		e.kind, e.requestID, e.challengeID, e.codeSeq, e.state, e.at = statusProgress, v.RequestID, v.ChallengeID, v.CodeSeq, events.StateSent, stamp(v.DeliveredAt)
+		if v.Unconfirmed {
+			e.detail = "unconfirmed"
+		}
+		return e, firstError(checkCommon(tenant, v.Tenant, v.ChallengeID, v.RequestID), checkCodeSeq(v.CodeSeq, 1), required("delivered_at", v.DeliveredAt))
+	case events.TypeDeliveryFailed:
+		var v events.DeliveryFailed
+		if err := events.DecodeEvent(d.Data(), &v); err != nil {
+			return nil, err
+		}
+		e.kind, e.requestID, e.challengeID, e.codeSeq, e.state, e.at, e.detail = statusProgress, v.RequestID, v.ChallengeID, v.CodeSeq, events.StateFailed, stamp(v.FailedAt), clean(v.Reason)
+		return e, firstError(checkCommon(tenant, v.Tenant, v.ChallengeID, v.RequestID), checkCodeSeq(v.CodeSeq, 1), required("failed_at", v.FailedAt))
+	case events.TypeDispatchExpired:
+		var v events.DispatchExpired
+		if err := events.DecodeEvent(d.Data(), &v); err != nil {
+			return nil, err
+		}
+		e.kind, e.requestID, e.challengeID, e.codeSeq, e.state, e.at = statusProgress, v.RequestID, v.ChallengeID, v.CodeSeq, events.StateDispatchExpired, stamp(v.ExpiredAt)
+		return e, firstError(checkCommon(tenant, v.Tenant, v.ChallengeID, v.RequestID), checkCodeSeq(v.CodeSeq, 1), required("expired_at", v.ExpiredAt))
+	case events.TypeFeedback:
+		var v events.Feedback
+		if err := events.DecodeEvent(d.Data(), &v); err != nil {
+			return nil, err
+		}
+		at := v.OccurredAt
+		if at.IsZero() {
+			at = v.ReceivedAt
+		}
+		state, detail, err := feedbackState(v)
+		e.kind, e.challengeID, e.codeSeq, e.state, e.at, e.detail = statusProgress, v.ChallengeID, v.CodeSeq, state, stamp(at), detail
+		switch {
+		case v.Tenant != tenant:
+			return nil, &events.ValidationError{Reason: events.ReasonInvalidTenant, Field: "tenant", Detail: "differs from the subject's tenant"}
+		case !events.IsUUID(v.ChallengeID):
+			return nil, field("challenge_id", "must be a lowercase UUID")
+		}
+		return e, firstError(err, checkCodeSeq(v.CodeSeq, 1), required("occurred_at", at))
+	case events.TypeVerified:
+		var v events.Verified
+		if err := events.DecodeEvent(d.Data(), &v); err != nil {
+			return nil, err
+		}
+		e.kind, e.requestID, e.challengeID, e.codeSeq, e.state, e.at = statusClosed, v.RequestID, v.ChallengeID, v.CodeSeq, events.StateVerified, stamp(v.VerifiedAt)
+		return e, firstError(checkCommon(tenant, v.Tenant, v.ChallengeID, v.RequestID), checkCodeSeq(v.CodeSeq, 0), required("verified_at", v.VerifiedAt))
+	case events.TypeLocked:
+		var v events.Locked
+		if err := events.DecodeEvent(d.Data(), &v); err != nil {
+			return nil, err
+		}
+		e.kind, e.requestID, e.challengeID, e.state, e.at = statusClosed, v.RequestID, v.ChallengeID, events.StateLocked, stamp(v.LockedAt)
+		return e, firstError(checkCommon(tenant, v.Tenant, v.ChallengeID, v.RequestID), required("locked_at", v.LockedAt))
+	case events.TypeSuperseded:
+		var v events.Superseded
+		if err := events.DecodeEvent(d.Data(), &v); err != nil {
+			return nil, err
+		}
+		e.kind, e.requestID, e.challengeID, e.state, e.at = statusClosed, v.RequestID, v.ChallengeID, events.StateSuperseded, stamp(v.SupersededAt)
+		return e, firstError(checkCommon(tenant, v.Tenant, v.ChallengeID, v.RequestID), required("superseded_at", v.SupersededAt))
+	case events.TypeErasureRequested:
+		// Checked as the erasure consumers check it.
+		v, err := platform.DecodeErasure(d.Subject(), d.Data())
+		if err != nil {
+			return nil, err
+		}
+		e.kind, e.hashes = statusErasure, v.RecipientHashes
+		return e, nil
+	}
+	return nil, field("subject", "the status projection does not read %s", typ)
+}
+
+// invalidTenant is the subject tenant of a request refused for its tenant (the issuer's
+// rejectTenant).
+const invalidTenant = "_invalid"
+
+// feedbackState maps a provider's feedback to the state of the code it was about.
+func feedbackState(v events.Feedback) (events.RequestState, string, error) {
+	switch v.Kind {
+	case events.FeedbackMailboxDelivered:
+		return events.StateMailboxDelivered, "", nil
+	case events.FeedbackDelayed:
+		return events.StateDelayed, clean(v.DelayType), nil
+	case events.FeedbackBounced:
+		detail := v.BounceType
+		if v.BounceSubType != "" {
+			detail += "/" + v.BounceSubType
+		}
+		return events.StateBounced, clean(detail), nil
+	case events.FeedbackComplained:
+		return events.StateComplained, clean(v.ComplaintType), nil
+	case events.FeedbackRejected:
+		if d := clean(v.Diagnostic); d != "" {
+			return events.StateFailed, d, nil
+		}
+		return events.StateFailed, "provider rejected", nil
+	}
+	return "", "", field("kind", "unknown feedback kind %q", clip(string(v.Kind), 32))
+}
+
+// statusRecipientKey is the subject hash an otp.issued names its recipient by; for one of
+// an earlier release, which carried the address, its hash under the verifier's active key
+// (legacyRecipientKey).
+func (s *Service) statusRecipientKey(tenant string, v events.Issued) (string, error) {
+	key := v.RecipientHash
+	if key == "" {
+		var err error
+		if key, err = s.legacyRecipientKey(tenant, v); err != nil || key == "" {
+			return "", err
+		}
+	}
+	return key, checkRecipientKey("recipient_hash", key)
+}
+
+func checkRecipientKey(name, h string) error {
+	if h == "" || len(h) > maxRecipientHash {
+		return field(name, "each must be 1 to %d bytes", maxRecipientHash)
+	}
+	return text(name, h)
+}
+
+func checkCodeSeq(n, least int) error {
+	if n < least || n > maxCodeSeq {
+		return field("code_seq", "must be from %d to %d", least, maxCodeSeq)
+	}
+	return nil
+}
+
+// required refuses a missing time or text.
+func required[T interface{ ~string | time.Time }](name string, v T) error {
+	var zero T
+	if v == zero {
+		return &events.ValidationError{Reason: events.ReasonMissingField, Field: name, Detail: "required"}
+	}
+	return nil
+}
+
+func firstError(errs ...error) error {
+	for _, err := range errs {
+		if err != nil {
+			return err
+		}
+	}
+	return nil
+}
+
+// stamp is t as PostgreSQL keeps it: UTC, to the microsecond. The rules compare event
+// times with stored ones; they must agree on a redelivery.
+func stamp(t time.Time) time.Time { return t.UTC().Truncate(time.Microsecond) }
+
+// validRequestID: what events.DecodeStatusRequest accepts, 1 to 128 visible ASCII
+// characters.
+func validRequestID(s string) bool {
+	if s == "" || len(s) > maxRequestID {
+		return false
+	}
+	for i := 0; i < len(s); i++ {
+		if s[i] < '!' || s[i] > '~' {
+			return false
+		}
+	}
+	return true
+}
+
+// clean makes provider and refusal text fit a detail: control characters (NUL, line
+// breaks) as spaces, invalid UTF-8 dropped, at most maxStatusDetail bytes.
+func clean(s string) string {
+	s = strings.ToValidUTF8(s, "")
+	s = strings.Map(func(r rune) rune {
+		if r < ' ' || r == 0x7f {
+			return ' '
+		}
+		return r
+	}, s)
+	return clip(strings.TrimSpace(s), maxStatusDetail)
+}
+
+// clip cuts s to at most n bytes on a rune boundary.
+func clip(s string, n int) string {
+	if len(s) <= n {
+		return s
+	}
+	for n > 0 && !utf8.RuneStart(s[n]) {
+		n--
+	}
+	return s[:n]
+}
