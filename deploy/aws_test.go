@@ -119,6 +119,8 @@ func checkAWS(f files) []error {
 		fail("aws/ses-event-destination.json: event types %v, want %v", types, feedbackEventTypes)
 	case !strings.HasPrefix(topicARN, fmt.Sprintf("arn:aws:sns:%s:%s:", region, account)):
 		fail("aws/ses-event-destination.json: topic %q is not in %s of %s", topicARN, region, account)
+	case env("OTP_SES_FEEDBACK_TOPIC_ARN") != topicARN:
+		fail("k8s/dispatcher.yaml: OTP_SES_FEEDBACK_TOPIC_ARN is not the event destination's topic %s: every signed notification would be refused", topicARN)
 	}
 
 	policy := func(name string) iamPolicy {

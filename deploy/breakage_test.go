@@ -77,6 +77,7 @@ func TestChecksCatchBreakage(t *testing.T) {
 		{"anyone subscribes", "aws", topicPol, `"StringNotEquals": {"sns:Endpoint": "arn:aws:sqs:eu-west-1:111122223333:otpflow-ses-feedback"}`, `"StringNotEquals": {"sns:Protocol": "sqs"}`, "sns:Subscribe"},
 		{"bounces not published", "aws", eventDest, `"BOUNCE", `, "", "event types"},
 		{"another configuration set", "aws", eventDest, `"ConfigurationSetName": "otp"`, `"ConfigurationSetName": "marketing"`, "configuration set"},
+		{"topic ARN not the destination's", "aws", dispatcher, "value: arn:aws:sns:eu-west-1:111122223333:otpflow-ses-feedback", "value: arn:aws:sns:eu-west-1:111122223333:other", "OTP_SES_FEEDBACK_TOPIC_ARN"},
 		{"queue URL not the policy's queue", "aws", dispatcher, "111122223333/otpflow-ses-feedback", "111122223333/otpflow-feedback", "the feedback queue"},
 
 		// k8s/network-policies.yaml

@@ -632,7 +632,7 @@ type StatusRefusal struct {
 }
 
 // DLQ headers. A dead letter on otp.dlq.<tenant> carries only these headers (and
-// Nats-Msg-Id "dlq:<stream>:<seq>"); the original message — subject, headers and body —
+// Nats-Msg-Id "dlq:<stream>:<seq>", on OTP_EVENTS "dlq:OTP_EVENTS:<seq>:<consumer>"); the original message — subject, headers and body —
 // travels sealed in its body (SealedDeadLetter).
 const (
 	// HeaderDLQReason says why the message was dead-lettered: free text, addresses and IP

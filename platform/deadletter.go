@@ -112,9 +112,7 @@ func (dls *DeadLetters) sealDeadLetter(consumer, tenant, subject string, header 
 	dl := nats.NewMsg(events.TypeDLQ.Subject(tenant))
 	dl.Data = body
 	dl.Header = nats.Header{}
-	// Its id is the origin's stream and sequence, so a repeated dead letter of the same
-	// message is dropped by the stream.
-	dl.Header.Set(jetstream.MsgIDHeader, fmt.Sprintf("dlq:%s:%d", md.Stream, md.Sequence))
+	dl.Header.Set(jetstream.MsgIDHeader, DeadLetterID(md.Stream, md.Sequence, consumer))
 	// The reason may quote a provider or a decoder: no address or IP leaves in it.
 	dl.Header.Set(events.HeaderDLQReason, events.Reason(reason, 1000))
 	dl.Header.Set(events.HeaderDLQSubject, subject)
@@ -156,9 +154,22 @@ func (c *Consumer) publishDeadLetter(ctx context.Context, d *Delivery, tenant, r
 	return nil
 }
 
+// DeadLetterID is the Nats-Msg-Id of the dead letter of message seq of stream as consumer
+// gives it up: "dlq:<stream>:<seq>", so a repeated dead letter of the same message is
+// dropped by the stream. On OTP_EVENTS, which several services' durables read, it ends in
+// ":<consumer>": a poison event that two readers give up gets a dead letter of each, so the
+// one that matters (the auditor's, which a redrive mends) is never dropped as a repeat of
+// another reader's.
+func DeadLetterID(stream string, seq uint64, consumer string) string {
+	if stream == events.StreamEvents {
+		return fmt.Sprintf("dlq:%s:%d:%s", stream, seq, consumer)
+	}
+	return fmt.Sprintf("dlq:%s:%d", stream, seq)
+}
+
 // PublishDeadLetterOf copies m, read from stream, to otp.dlq.<tenant>, sealed, as
 // consumer gives it up for reason: for a message a consumer holds no delivery of (read
-// by sequence). id is its Nats-Msg-Id: "dlq:<stream>:<seq>" as a delivery's, or more,
+// by sequence). id is its Nats-Msg-Id: DeadLetterID as a delivery's, or more,
 // when the message was dead-lettered before and must be again within the duplicate
 // window.
 func PublishDeadLetterOf(ctx context.Context, js jetstream.JetStream, dls *DeadLetters, consumer, tenant, stream string, m *jetstream.RawStreamMsg, reason, id string) error {

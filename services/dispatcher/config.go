@@ -96,6 +96,19 @@ func LoadConfig(getenv platform.Getenv, common platform.Common) (Config, error) 
 			}
 		}
 		cfg.FeedbackQueue, cfg.FeedbackQueueURL = client, url
+		// The tags' MAC (OTP_SUBJECT_KEY, required above in any env) says which mail a
+		// notification is about; the SNS signature, what happened to it.
+		switch topic := strings.TrimSpace(getenv("OTP_SES_FEEDBACK_TOPIC_ARN")); {
+		case topic != "":
+			if cfg.FeedbackSignatures, err = sesfeedback.NewVerifier(topic, sesfeedback.HTTPSFetch(nil)); err != nil {
+				return Config{}, &platform.ConfigError{Var: "OTP_SES_FEEDBACK_TOPIC_ARN", Msg: err.Error()}
+			}
+		case common.Production():
+			return Config{}, &platform.ProductionError{Setting: "OTP_SES_FEEDBACK_TOPIC_ARN", Reason: "is not set, and OTP_SES_FEEDBACK_QUEUE_URL is: " +
+				"name the SNS topic of the configuration set's event destination, so that only notifications SNS signed for it are taken"}
+		}
+	} else if strings.TrimSpace(getenv("OTP_SES_FEEDBACK_TOPIC_ARN")) != "" {
+		return Config{}, &platform.ConfigError{Var: "OTP_SES_FEEDBACK_TOPIC_ARN", Msg: "set without OTP_SES_FEEDBACK_QUEUE_URL, the queue subscribed to the topic"}
 	}
 	names := strings.TrimSpace(getenv("OTP_PROVIDERS"))
 	if names == "" {

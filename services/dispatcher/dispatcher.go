@@ -27,6 +27,7 @@ import (
 	"github.com/otpflow/otpflow/platform/keys"
 	"github.com/otpflow/otpflow/platform/policy"
 	"github.com/otpflow/otpflow/services/dispatcher/mailer"
+	"github.com/otpflow/otpflow/services/dispatcher/sesfeedback"
 	"github.com/prometheus/client_golang/prometheus"
 	"go.opentelemetry.io/otel/trace"
 )
@@ -50,6 +51,10 @@ type Config struct {
 	// (OTP_SES_FEEDBACK_QUEUE_URL, feedback.go); nil: none are read.
 	FeedbackQueue    FeedbackQueue
 	FeedbackQueueURL string
+	// FeedbackSignatures takes only notifications SNS signed for the configuration set's
+	// topic (OTP_SES_FEEDBACK_TOPIC_ARN); required in production. Nil: notifications are
+	// taken unsigned (a local emulator), with a warning at start.
+	FeedbackSignatures *sesfeedback.Verifier
 	// Providers in failover order (OTP_PROVIDERS). Each is wrapped in a mailer.Guard with
 	// the policy Guards names for it.
 	Providers []mailer.Provider

@@ -30,16 +30,23 @@ const (
 )
 
 // readFeedback reads the SES event notifications of OTP_SES_FEEDBACK_QUEUE_URL until ctx
-// ends. Each becomes otp.feedback.<tenant> on OTP_EVENTS (sesfeedback.Parse), published
-// with the notification's own id, so one read twice is stored once; a type otpflow has no
-// use for, or a mail it did not send, is dropped; one it refuses goes to OTP_DLQ, sealed,
-// with the reason. A message is deleted from the queue only once its event or its dead
-// letter is stored. When storing fails, the rest of the batch is left to come back after
-// its visibility timeout and the reader pauses, longer each time, so an outage of NATS
-// costs receives, not notifications (the queue's own redrive policy should allow many).
+// ends. With OTP_SES_FEEDBACK_TOPIC_ARN, only those SNS signed for that topic are taken
+// (sesfeedback.Verifier). Each becomes otp.feedback.<tenant> on OTP_EVENTS
+// (sesfeedback.Parse), published with the notification's own id, so one read twice is
+// stored once; a type otpflow has no use for, or a mail it did not send, is dropped; one
+// it refuses goes to OTP_DLQ, sealed, its addresses redacted, with the reason. A message
+// is deleted from the queue only once its event or its dead letter is stored. When
+// storing fails (or the signing certificate cannot be fetched), the rest of the batch is
+// left to come back after its visibility timeout and the reader pauses, longer each time,
+// so an outage of NATS costs receives, not notifications (the queue's own redrive policy
+// should allow many).
 func (s *Service) readFeedback(ctx context.Context) {
 	q, url := s.cfg.FeedbackQueue, s.cfg.FeedbackQueueURL
 	s.log.Info("reading SES feedback", "queue", url)
+	if s.cfg.FeedbackSignatures == nil {
+		s.log.Warn("SES feedback: SNS signatures are not checked (OTP_SES_FEEDBACK_TOPIC_ARN is not set): whoever can write " +
+			"to the queue and has seen one notification of a mail can report that mail bounced or complained; set it outside a local emulator")
+	}
 	pause := time.Second
 	wait := func() {
 		select {
@@ -78,11 +85,18 @@ func (s *Service) readFeedback(ctx context.Context) {
 const feedbackDLQMax = 64 << 10
 
 // handleFeedback stores one notification (or its dead letter, or nothing for one to drop),
-// then deletes it from the queue. It reports false when it could not store it: the
-// message stays in the queue and comes back.
+// then deletes it from the queue. It reports false when it could not store it (or could
+// not fetch the certificate to verify it): the message stays in the queue and comes back.
 func (s *Service) handleFeedback(ctx context.Context, m sqstypes.Message) bool {
 	body := aws.ToString(m.Body)
-	n, err := sesfeedback.Parse([]byte(body), s.now())
+	var n sesfeedback.Notification
+	var err error
+	if v := s.cfg.FeedbackSignatures; v != nil {
+		err = v.Verify(ctx, []byte(body), s.now())
+	}
+	if err == nil {
+		n, err = sesfeedback.Parse([]byte(body), s.now())
+	}
 	if err == nil {
 		err = s.authentic(n)
 	}
@@ -94,10 +108,11 @@ func (s *Service) handleFeedback(ctx context.Context, m sqstypes.Message) bool {
 		s.feedbackReads.WithLabelValues("not_ours").Inc()
 	case errors.As(err, &refused):
 		id := "dlq:sqs:" + feedbackToken(aws.ToString(m.MessageId))
-		data := []byte(body)
+		// Kept under tenant _unknown, where an erasure cannot find it: no addresses.
+		data := sesfeedback.Redact([]byte(body))
 		reason := "ses feedback: " + refused.Error()
-		if len(data) > feedbackDLQMax {
-			data, reason = data[:feedbackDLQMax], reason+fmt.Sprintf(" (body cut to %d of %d bytes)", feedbackDLQMax, len(body))
+		if size := len(data); size > feedbackDLQMax {
+			data, reason = data[:feedbackDLQMax], reason+fmt.Sprintf(" (body cut to %d of %d bytes)", feedbackDLQMax, size)
 		}
 		raw := &jetstream.RawStreamMsg{Subject: "sqs." + queueName(s.cfg.FeedbackQueueURL), Data: data, Time: s.now()}
 		if err := platform.PublishDeadLetterOf(ctx, s.js, &platform.DeadLetters{Sealer: s.cfg.DLQKey}, events.ConsumerDispatcher+"-feedback",
@@ -109,7 +124,9 @@ func (s *Service) handleFeedback(ctx context.Context, m sqstypes.Message) bool {
 		s.feedbackReads.WithLabelValues("dead_lettered").Inc()
 		s.log.Warn("SES notification dead-lettered", "reason", refused.Reason, "detail", refused.Detail)
 	case err != nil:
-		s.log.Error("read an SES notification", "err", err)
+		// Not a refusal: the signing certificate could not be fetched. Try again later.
+		s.feedbackReads.WithLabelValues("cert_failed").Inc()
+		s.log.Error("verify an SES notification; it will come back", "err", err)
 		return false
 	default:
 		msg, err := events.NewMsg(events.TypeFeedback, n.Event.Tenant, n.MsgID(), n.Event.ChallengeID, n.Event,
@@ -165,14 +182,11 @@ func (s *Service) recipientTags(tenant, challenge string, codeSeq int, recipient
 	}
 }
 
-// authentic reports whether a notification's tags are the dispatcher's own: with a
-// subject key, only a mail whose tags carry a MAC under it names a code and a person.
-// Without one, the dispatcher set no MAC, and takes the tags as they come.
+// authentic reports whether a notification's tags are the dispatcher's own: only a mail
+// whose tags carry a MAC under the subject key names a code and a person. Without a
+// subject key (which New and LoadConfig refuse) nothing is authentic.
 func (s *Service) authentic(n sesfeedback.Notification) error {
-	if s.cfg.Subjects == nil {
-		return nil
-	}
-	if n.MAC == "" || !s.cfg.Subjects.VerifyTagMAC(n.MAC, n.Event.Tenant, n.Signed) {
+	if s.cfg.Subjects == nil || n.MAC == "" || !s.cfg.Subjects.VerifyTagMAC(n.MAC, n.Event.Tenant, n.Signed) {
 		return &sesfeedback.Error{Reason: sesfeedback.ReasonBadTag, Detail: "the mail's tags carry no valid otpflow MAC"}
 	}
 	return nil

@@ -19,30 +19,53 @@ import (
 )
 
 // sesNotification is the SNS notification SES publishes for a bounce of the mail e, as an
-// SQS queue subscribed to the topic holds it: the record names the mail by the message id
-// SES gave it and carries the mail's tags.
+// SQS queue subscribed to the topic holds it, unsigned (as a local emulator gives it).
 func sesNotification(t *testing.T, snsID string, e sestest.Email) string {
 	t.Helper()
-	tags := map[string][]string{"ses:configuration-set": {"otp"}}
-	for k, v := range e.Tags {
-		tags[k] = []string{v}
-	}
-	record, err := json.Marshal(map[string]any{"eventType": "Bounce",
-		"bounce": map[string]any{"bounceType": "Permanent", "bounceSubType": "General", "timestamp": "2026-12-01T10:00:01.000Z",
-			"feedbackId": "fb-1", "bouncedRecipients": []map[string]any{{"emailAddress": e.To[0], "status": "5.1.1",
-				"diagnosticCode": "smtp; 550 5.1.1 <" + e.To[0] + ">: user unknown"}}},
-		"mail": map[string]any{"timestamp": "2026-12-01T10:00:00.000Z", "messageId": e.MessageID, "destination": e.To, "tags": tags}})
-	testenv.Must(t, err, "record")
-	body, err := json.Marshal(map[string]any{"Type": "Notification", "MessageId": snsID, "TopicArn": "arn:aws:sns:eu-west-1:123456789012:otp",
-		"Message": string(record), "Timestamp": "2026-12-01T10:00:02.000Z"})
+	body, err := json.Marshal(map[string]any{"Type": "Notification", "MessageId": snsID, "TopicArn": feedbackTopic,
+		"Message": sesRecord(t, "Bounce", e), "Timestamp": "2026-12-01T10:00:02.000Z"})
 	testenv.Must(t, err, "notification")
 	return string(body)
 }
 
+// feedbackTopic is the SNS topic of the configuration set's event destination.
+const feedbackTopic = "arn:aws:sns:eu-west-1:123456789012:otp"
+
+// sesRecord is the SES event record of eventType (Bounce, Complaint or Delivery) for the
+// mail e: it names the mail by the message id SES gave it, carries the mail's tags, and
+// names the recipient where SES does.
+func sesRecord(t *testing.T, eventType string, e sestest.Email) string {
+	t.Helper()
+	tags := map[string][]string{"ses:configuration-set": {"otp"}, "ses:source-ip": {"198.51.100.7"}}
+	for k, v := range e.Tags {
+		tags[k] = []string{v}
+	}
+	r := map[string]any{"eventType": eventType, "mail": map[string]any{"timestamp": "2026-12-01T10:00:00.000Z", "messageId": e.MessageID,
+		"destination": e.To, "commonHeaders": map[string]any{"to": e.To}, "tags": tags}}
+	switch eventType {
+	case "Bounce":
+		r["bounce"] = map[string]any{"bounceType": "Permanent", "bounceSubType": "General", "timestamp": "2026-12-01T10:00:01.000Z",
+			"feedbackId": "fb-1", "bouncedRecipients": []map[string]any{{"emailAddress": e.To[0], "status": "5.1.1",
+				"diagnosticCode": "smtp; 550 5.1.1 <" + e.To[0] + ">: user unknown"}}}
+	case "Complaint":
+		r["complaint"] = map[string]any{"complainedRecipients": []map[string]any{{"emailAddress": e.To[0]}},
+			"timestamp": "2026-12-01T10:00:01.000Z", "feedbackId": "fb-complaint", "complaintFeedbackType": "abuse"}
+	case "Delivery":
+		r["delivery"] = map[string]any{"timestamp": "2026-12-01T10:00:00.900Z", "recipients": e.To,
+			"smtpResponse": "250 2.6.0 Message received", "remoteMtaIp": "198.51.100.7"}
+	default:
+		t.Fatalf("no record of type %s", eventType)
+	}
+	b, err := json.Marshal(r)
+	testenv.Must(t, err, "record")
+	return string(b)
+}
+
 // feedbackHarness runs a dispatcher that sends through an SES wire server and reads its
 // feedback from the queue "otp-feedback" of an SQS wire server, both with the real SDKs;
-// visibility, when set, is the queue's visibility timeout.
-func feedbackHarness(t *testing.T, visibility time.Duration) (*sestest.Server, *sqstest.Server, *harness) {
+// visibility, when set, is the queue's visibility timeout; signatures, when set, checks
+// the notifications (OTP_SES_FEEDBACK_TOPIC_ARN).
+func feedbackHarness(t *testing.T, visibility time.Duration, signatures *sesfeedback.Verifier) (*sestest.Server, *sqstest.Server, *harness) {
 	t.Helper()
 	srv, queue := sestest.New(t), sqstest.New(t)
 	if visibility > 0 {
@@ -53,7 +76,7 @@ func feedbackHarness(t *testing.T, visibility time.Duration) (*sestest.Server, *
 	client, err := sesfeedback.NewSQSClient(context.Background(), "eu-west-1", queue.URL())
 	testenv.Must(t, err, "sqs client")
 	h := sesFirstConfig(t, srv, Config{Guards: map[string]mailer.GuardConfig{"ses": {}},
-		FeedbackQueue: client, FeedbackQueueURL: queue.QueueURL("otp-feedback")})
+		FeedbackQueue: client, FeedbackQueueURL: queue.QueueURL("otp-feedback"), FeedbackSignatures: signatures})
 	return srv, queue, h
 }
 
@@ -61,10 +84,12 @@ func feedbackHarness(t *testing.T, visibility time.Duration) (*sestest.Server, *
 // real SDK) with its tags; SES's bounce notification for that mail, read from an SQS queue
 // (the JSON protocol, the real SDK), becomes otp.feedback tied to the code and its
 // person's subject hash, and leaves the queue. The same notification read again is stored
-// once; one otpflow cannot read goes to OTP_DLQ, sealed, with its reason; one of a type
-// otpflow does not use is dropped. None is left in the queue.
+// once; one otpflow cannot read goes to OTP_DLQ, sealed, with its reason and its
+// addresses redacted (it is kept under _unknown, where an erasure cannot reach it); one
+// of a type otpflow does not use is dropped. None is left in the queue. Without
+// OTP_SES_FEEDBACK_TOPIC_ARN, unsigned notifications are taken, with a warning.
 func TestSESFeedbackBecomesOtpFeedback(t *testing.T) {
-	srv, queue, h := feedbackHarness(t, 0)
+	srv, queue, h := feedbackHarness(t, 0, nil)
 
 	const rcpt = "gone@example.com"
 	h.publish(t, challenge(71), rcpt, "717171", time.Now().Add(5*time.Minute), "fb1")
@@ -103,7 +128,8 @@ func TestSESFeedbackBecomesOtpFeedback(t *testing.T) {
 	if strings.Contains(string(dead[0].Data), rcpt) {
 		t.Fatalf("the dead letter is not sealed: %s", dead[0].Data)
 	}
-	if orig := testenv.OpenDeadLetter(t, h.dlq, dead[0]); !strings.Contains(string(orig.Data), "bounce for "+rcpt) || orig.Subject != "sqs.otp-feedback" {
+	if orig := testenv.OpenDeadLetter(t, h.dlq, dead[0]); !strings.Contains(string(orig.Data), "bounce for <address>") ||
+		strings.Contains(string(orig.Data), rcpt) || orig.Subject != "sqs.otp-feedback" {
 		t.Fatalf("the dead letter holds %s: %q", orig.Subject, orig.Data)
 	}
 	if n := len(testenv.Messages(t, h.js, events.StreamEvents, "otp.feedback.acme")); n != 1 {
@@ -112,6 +138,9 @@ func TestSESFeedbackBecomesOtpFeedback(t *testing.T) {
 	if queue.Deleted() != 4 {
 		t.Fatalf("%d notifications deleted, want 4", queue.Deleted())
 	}
+	if !strings.Contains(h.log.String(), "SNS signatures are not checked") {
+		t.Error("no warning that SNS signatures are not checked")
+	}
 }
 
 // TestAFeedbackNotStoredComesBack: while OTP_EVENTS takes no otp.feedback (its subject
@@ -119,7 +148,7 @@ func TestSESFeedbackBecomesOtpFeedback(t *testing.T) {
 // comes back when its visibility timeout ends, and once the stream takes the event again
 // it is stored once and deleted.
 func TestAFeedbackNotStoredComesBack(t *testing.T) {
-	srv, queue, h := feedbackHarness(t, time.Second)
+	srv, queue, h := feedbackHarness(t, time.Second, nil)
 	h.publish(t, challenge(72), "late@example.com", "727272", time.Now().Add(5*time.Minute), "fb2")
 	h.deliveredVia(t, 1)
 
@@ -151,7 +180,7 @@ func TestAFeedbackNotStoredComesBack(t *testing.T) {
 // whole (SQS takes up to 1 MiB, NATS messages are smaller) is dead-lettered with its body
 // cut, and the reason says so; it does not come back forever.
 func TestABigUnreadableNotificationIsKeptCut(t *testing.T) {
-	_, queue, h := feedbackHarness(t, 0)
+	_, queue, h := feedbackHarness(t, 0, nil)
 	body := `{"Type":"Notification","MessageId":"big","Message":"` + strings.Repeat("x", 600<<10) + `"}`
 	queue.Send("otp-feedback", body)
 	testenv.Eventually(t, 30*time.Second, "the queue emptied", func() bool { return queue.Len("otp-feedback") == 0 })
@@ -171,7 +200,7 @@ func TestABigUnreadableNotificationIsKeptCut(t *testing.T) {
 // bounced. Each forgery is dead-lettered with reason bad_tag and makes no otp.feedback; the
 // genuine notification still does.
 func TestForgedFeedbackIsRefused(t *testing.T) {
-	srv, queue, h := feedbackHarness(t, 0)
+	srv, queue, h := feedbackHarness(t, 0, nil)
 	h.publish(t, challenge(73), "attacker@example.com", "737373", time.Now().Add(5*time.Minute), "fb3")
 	h.deliveredVia(t, 1)
 	mail := srv.Emails()[0]

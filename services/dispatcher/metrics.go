@@ -61,7 +61,7 @@ func newMetrics(reg prometheus.Registerer) metrics {
 		}),
 		feedbackReads: prometheus.NewCounterVec(prometheus.CounterOpts{
 			Name: "otpflow_dispatcher_feedback_total",
-			Help: "SES event notifications read from OTP_SES_FEEDBACK_QUEUE_URL: by feedback kind, or ignored, dead_lettered, receive_failed.",
+			Help: "SES event notifications read from OTP_SES_FEEDBACK_QUEUE_URL: by feedback kind, or ignored, not_ours, dead_lettered, store_failed, delete_failed, receive_failed, cert_failed.",
 		}, []string{"result"}),
 	}
 	if reg != nil {

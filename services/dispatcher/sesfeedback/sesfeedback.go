@@ -5,6 +5,10 @@
 // queue message body into the otp.feedback event of the code the mail carried, found by
 // the message tags the dispatcher's SES provider sets (tenant, challenge id, code
 // sequence and the recipient's subject hash). Parse is pure: no network, no clock.
+//
+// The tags' MAC says which mail a notification is about, not what happened to it: a
+// Verifier (sns.go) checks, before Parse, that Amazon SNS signed the notification as it
+// stands, for the configuration set's topic, recently.
 package sesfeedback
 
 import (
@@ -64,6 +68,12 @@ const (
 	ReasonUnknownType  = "unknown_type"  // an SES event type this version does not know
 	ReasonBadTag       = "bad_tag"       // an otpflow tag whose value cannot be ours
 	ReasonMissingField = "missing_field" // a field SES always sends for the type is missing
+
+	// The Verifier's (sns.go), when OTP_SES_FEEDBACK_TOPIC_ARN names the topic.
+	ReasonUnsigned     = "unsigned"      // no SNS signature: a raw SES record (raw message delivery), or an envelope without one
+	ReasonBadSignature = "bad_signature" // an SNS signature that does not verify, or a certificate that is not SNS's to sign with
+	ReasonWrongTopic   = "wrong_topic"   // signed by SNS, but for another topic than the configured one
+	ReasonStale        = "stale"         // an SNS Timestamp older than MaxAge, or ahead of the clock by more than MaxSkew
 )
 
 // Error is a notification Parse refuses, with the reason (one of the Reason constants)
@@ -112,11 +122,20 @@ type Notification struct {
 // stored once.
 func (n Notification) MsgID() string { return "feedback:ses:" + n.ID }
 
-// snsEnvelope is an SNS message as SQS holds it without raw message delivery.
+// snsEnvelope is an SNS message as SQS holds it without raw message delivery. Parse and
+// the Verifier decode a body into this one type, so the Message the Verifier checked is
+// the Message Parse reads, whatever the body does with duplicate or oddly cased names.
 type snsEnvelope struct {
 	Type      string `json:"Type"`
 	MessageID string `json:"MessageId"`
 	Message   string `json:"Message"`
+	// Subject is nil when absent: it is in the string to sign only when present.
+	Subject          *string `json:"Subject"`
+	Timestamp        string  `json:"Timestamp"`
+	TopicArn         string  `json:"TopicArn"`
+	SignatureVersion string  `json:"SignatureVersion"`
+	Signature        string  `json:"Signature"`
+	SigningCertURL   string  `json:"SigningCertURL"`
 }
 
 // sesEvent is an SES event record; notificationType is its name without event
@@ -169,14 +188,11 @@ type sesEvent struct {
 // otpflow has no use for and an *Error for one it refuses; every refusal is safe to
 // dead-letter as it is (the detail quotes no value). received is when the queue gave it.
 func Parse(body []byte, received time.Time) (Notification, error) {
-	if len(body) > maxBody {
-		return Notification{}, &Error{ReasonMalformed, fmt.Sprintf("body of %d bytes, more than %d", len(body), maxBody)}
-	}
 	var n Notification
 	record := body
-	var env snsEnvelope
-	if err := json.Unmarshal(body, &env); err != nil {
-		return n, &Error{ReasonMalformed, "body is not a JSON object"}
+	env, err := decodeEnvelope(body)
+	if err != nil {
+		return n, err
 	}
 	if env.Type != "" {
 		// An SNS envelope: the SES record is its Message, a JSON string.
@@ -281,6 +297,19 @@ func Parse(body []byte, received time.Time) (Notification, error) {
 	}
 	n.Event = f
 	return n, nil
+}
+
+// decodeEnvelope reads a queue message body as an SNS envelope; a raw SES record gives
+// one without a Type.
+func decodeEnvelope(body []byte) (snsEnvelope, error) {
+	var env snsEnvelope
+	if len(body) > maxBody {
+		return env, &Error{ReasonMalformed, fmt.Sprintf("body of %d bytes, more than %d", len(body), maxBody)}
+	}
+	if err := json.Unmarshal(body, &env); err != nil {
+		return env, &Error{ReasonMalformed, "body is not a JSON object"}
+	}
+	return env, nil
 }
 
 // readTags fills the code's identity from the message tags: the tenant, the challenge id
