@@ -275,6 +275,8 @@ func (d *dlq) redrive(ctx context.Context, m *jetstream.RawStreamMsg) error {
 	if origin == events.StreamEvents {
 		switch c := m.Header.Get(events.HeaderDLQConsumer); {
 		case c == events.ConsumerAuditor:
+		case c == events.VerifierStatusConsumer.Durable:
+			return fmt.Errorf("the status projection's entry is not redriven: otp.status answers from the request's other events, and its row goes with the retention; drop it once read")
 		case strings.HasSuffix(c, "-erasure"):
 			return fmt.Errorf("an erasure consumer's entry is not redriven: run otpflow erase for the person again (an erasure may be asked again; dlq show names them), then drop it")
 		default:
