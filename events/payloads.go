@@ -619,8 +619,9 @@ type StatusReply struct {
 	// too soon, a mismatched recipient, a suppressed address): reported beside the
 	// challenge's state, never instead of it.
 	LastRefusal *StatusRefusal `json:"last_refusal,omitempty"`
-	// Error explains a request that could not be answered (bad_request: a malformed
-	// body; internal: try again).
+	// Error explains a request that could not be answered: bad_request (a malformed
+	// body), busy (every status slot in use; try again), rate_limited (the tenant's
+	// status calls over OTP_STATUS_TENANT_PER_MINUTE), internal (try again).
 	Error string `json:"error,omitempty"`
 }
 

@@ -37,6 +37,15 @@ type Config struct {
 	Retention time.Duration
 	// Concurrency bounds verify requests handled at once per process; default 64.
 	Concurrency int
+	// StatusConcurrency bounds status requests handled at once per process, apart from
+	// verify's; a status request over it is answered busy at once. Default a quarter of
+	// Concurrency, at least 4, and at most a quarter of the database pool's connections
+	// (at least 1).
+	StatusConcurrency int
+	// StatusTenantPerMinute paces each tenant's status requests per process, a second's
+	// worth at once (OTP_STATUS_TENANT_PER_MINUTE); over it a request is answered
+	// rate_limited. 0 means the default 6000; a negative value turns it off.
+	StatusTenantPerMinute int
 	// VerifyTransactions bounds the verify transactions in flight at once per process
 	// (OTP_VERIFY_TRANSACTIONS, default 4), each committing a group of up to
 	// VerifyGroupSize verifies (OTP_VERIFY_GROUP_SIZE, default 64; 1 turns grouping off).
@@ -53,8 +62,12 @@ type Config struct {
 	// default 5s.
 	relayAge time.Duration
 	// orphanDelay caps the delay before feedback about a challenge the status projection
-	// does not hold is delivered again (statusOrphanDeliveries; tests shorten it); default 8s.
+	// does not hold is delivered again (statusOrphanDeliveries; tests shorten it); default
+	// a minute (defaultOrphanDelay).
 	orphanDelay time.Duration
+	// beforeStatus, when set, runs in each status call that holds a slot, before its
+	// read (tests hold the slots with it).
+	beforeStatus func()
 	// Tracer gets a "verify" span per request, continuing the app's traceparent and
 	// linked to the issuance; nil records nothing.
 	Tracer trace.Tracer
@@ -62,6 +75,10 @@ type Config struct {
 
 // DefaultVerifyIPPerMinute is the per-IP verify limit when none is configured.
 const DefaultVerifyIPPerMinute = 60
+
+// DefaultStatusTenantPerMinute is the per-tenant status pace of a process when none is
+// configured: 100 a second.
+const DefaultStatusTenantPerMinute = 6000
 
 // LoadConfig reads the verifier's settings from the environment. With OTP_ENV=production
 // it refuses a tenants file that production refuses (platform.CheckPolicies).
@@ -98,6 +115,13 @@ func LoadConfig(getenv platform.Getenv, common platform.Common) (Config, error) 
 	if err != nil {
 		return Config{}, err
 	}
+	statusPerMinute, err := platform.IntVar(getenv, "OTP_STATUS_TENANT_PER_MINUTE", DefaultStatusTenantPerMinute, 0, 100_000_000)
+	if err != nil {
+		return Config{}, err
+	}
+	if statusPerMinute == 0 {
+		statusPerMinute = -1
+	}
 	transactions, err := platform.IntVar(getenv, "OTP_VERIFY_TRANSACTIONS", defaultVerifyTransactions, 1, 64)
 	if err != nil {
 		return Config{}, err
@@ -111,7 +135,7 @@ func LoadConfig(getenv platform.Getenv, common platform.Common) (Config, error) 
 		return Config{}, err
 	}
 	return Config{Pepper: pepper, Subjects: subjects, Policies: policies, Retention: retention,
-		VerifyIPPerMinute: ipPerMinute, VerifyTenantPerMinute: tenantPerMinute,
+		VerifyIPPerMinute: ipPerMinute, VerifyTenantPerMinute: tenantPerMinute, StatusTenantPerMinute: statusPerMinute,
 		VerifyTransactions: transactions, VerifyGroupSize: groupSize,
 		Streams: common.Streams(), DLQKey: dlq}, nil
 }

@@ -57,3 +57,34 @@ func TestLoadConfigVerifyLimits(t *testing.T) {
 		})
 	}
 }
+
+func TestLoadConfigStatusPace(t *testing.T) {
+	pepper, subjectKey, dlqKey := keys.Generate("p1", 32), keys.Generate("k1", 32), keys.Generate("d1", 32)
+	for _, tc := range []struct {
+		name, value string
+		want        int
+		bad         bool
+	}{
+		{name: "default", want: DefaultStatusTenantPerMinute},
+		{name: "set", value: "120", want: 120},
+		{name: "0 turns it off", value: "0", want: -1},
+		{name: "negative", value: "-5", bad: true},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			env := map[string]string{"OTP_CODE_PEPPER": pepper, "OTP_SUBJECT_KEY": subjectKey, "OTP_DLQ_KEY": dlqKey,
+				"OTP_STATUS_TENANT_PER_MINUTE": tc.value}
+			cfg, err := LoadConfig(func(k string) string { return env[k] }, platform.Common{Replicas: 1})
+			var ce *platform.ConfigError
+			switch {
+			case tc.bad:
+				if !errors.As(err, &ce) || ce.Var != "OTP_STATUS_TENANT_PER_MINUTE" {
+					t.Fatalf("err %v, want a ConfigError naming OTP_STATUS_TENANT_PER_MINUTE", err)
+				}
+			case err != nil:
+				t.Fatal(err)
+			case cfg.StatusTenantPerMinute != tc.want:
+				t.Fatalf("status pace %d, want %d", cfg.StatusTenantPerMinute, tc.want)
+			}
+		})
+	}
+}

@@ -18,10 +18,11 @@ import (
 // order, and a delivery can be projected before the issuance it follows.
 //   - A code's state only moves forward: pending < sent < delayed < mailbox_delivered <
 //     {bounced, complained, failed, dispatch_expired} < {verified, locked, superseded}
-//     (stateRank). A newer code of the challenge (a resend) starts over at its own state;
-//     an event of an older code changes nothing.
+//     (stateRank). Of two events of one rank the later one is the code's state; at one
+//     time, the one stateTie puts first (progressWins). A newer code of the challenge (a
+//     resend) starts over at its own state; an event of an older code changes nothing.
 //   - Verified, locked and superseded close the challenge: nothing after changes the
-//     state. Of two closes the earlier one is what happened.
+//     state. Of two closes the earlier one is what happened (at one time, by stateTie).
 //   - A refusal (otp.rejected) makes the row only when the request has none: a request
 //     refused and never issued. Beside a challenge it is the last refusal, reported with
 //     the state, never instead of it; a refusal from before the current code was issued
@@ -30,9 +31,9 @@ import (
 //     otp.issued carried, and remembers their challenges so that none of their later
 //     events makes the row again.
 //   - Every event that names a request can make its row; feedback names only its
-//     challenge, so feedback about a challenge no row holds yet is delivered again a few
-//     times (the issuance and delivery before it may be in another replica's batch) and
-//     then dropped (statusOrphanDeliveries).
+//     challenge, so feedback about a challenge no row holds yet is delivered again for
+//     about five minutes (the issuance and delivery before it may be in another replica's
+//     batch, or in one that failed) and then dropped (statusOrphanDeliveries).
 
 // statusKind is what an event does to a request's row.
 type statusKind uint8
@@ -130,6 +131,43 @@ func stateRank(s events.RequestState) int {
 
 func isClosed(s events.RequestState) bool { return stateRank(s) == 6 }
 
+// stateTie orders the states of one rank reached at the same time, so that which of two
+// such events commits first does not decide the row (replicas commit batches in either
+// order): the outcome that tells the app more wins, a bounce over a complaint over a
+// failure to hand the mail over over a dispatch that ran out of time; of two closes,
+// verified over locked over superseded.
+func stateTie(s events.RequestState) int {
+	switch s {
+	case events.StateDispatchExpired, events.StateSuperseded:
+		return 1
+	case events.StateFailed, events.StateLocked:
+		return 2
+	case events.StateComplained, events.StateVerified:
+		return 3
+	case events.StateBounced:
+		return 4
+	}
+	return 0
+}
+
+// progressWins reports whether progress event e of the row's code replaces the row's
+// state: a higher rank; of the same rank (two outcomes of the mail, or two bounces) the
+// later event; at the same time the state stateTie puts first, then the greater detail.
+// Every order of a code's events ends in the same state, and the event the row holds
+// changes nothing when it comes again.
+func progressWins(r *statusRow, e *statusEvent) bool {
+	if a, b := stateRank(e.state), stateRank(r.state); a != b {
+		return a > b
+	}
+	if !e.at.Equal(r.stateAt) {
+		return e.at.After(r.stateAt)
+	}
+	if a, b := stateTie(e.state), stateTie(r.state); a != b {
+		return a > b
+	}
+	return e.detail > r.detail
+}
+
 // dropRefusalBefore forgets a refusal made before t: it was of an earlier attempt, not
 // beside the code issued at t.
 func (r *statusRow) dropRefusalBefore(t time.Time) {
@@ -200,11 +238,11 @@ func applyStatus(r *statusRow, e *statusEvent) *statusRow {
 		case isClosed(n.state) || e.codeSeq < n.codeSeq:
 		case e.codeSeq > n.codeSeq: // a newer code whose otp.issued is still to come
 			n.codeSeq, n.state, n.stateAt, n.detail, n.issuedAt, n.expiresAt = e.codeSeq, e.state, e.at, e.detail, time.Time{}, time.Time{}
-		case stateRank(e.state) > stateRank(n.state):
+		case progressWins(&n, e):
 			n.state, n.stateAt, n.detail = e.state, e.at, e.detail
 		}
 	case statusClosed:
-		if !isClosed(n.state) || e.at.Before(n.stateAt) {
+		if !isClosed(n.state) || e.at.Before(n.stateAt) || (e.at.Equal(n.stateAt) && stateTie(e.state) > stateTie(n.state)) {
 			n.state, n.stateAt, n.detail = e.state, e.at, ""
 		}
 		n.codeSeq = max(n.codeSeq, e.codeSeq)

@@ -12,6 +12,7 @@ import (
 	"github.com/nats-io/nats.go/jetstream"
 	"github.com/nats-io/nats.go/micro"
 	"github.com/otpflow/otpflow/events"
+	"github.com/otpflow/otpflow/platform"
 	"github.com/otpflow/otpflow/platform/testenv"
 	"github.com/prometheus/client_golang/prometheus/testutil"
 )
@@ -72,11 +73,18 @@ func (f *statusFeed) delivered(c reqCode, at time.Time, unconfirmed bool) {
 		ProviderMessageID: "m-" + c.challenge, Attempts: 1, Unconfirmed: unconfirmed, DeliveredAt: at})
 }
 
+// deliveryFailed publishes the dispatcher's giving up on code c: SES refused it for reason.
 func (f *statusFeed) deliveryFailed(c reqCode, reason string, at time.Time) {
 	f.t.Helper()
-	f.publish(events.TypeDeliveryFailed, c.tenant, fmt.Sprintf("delivery_failed:%s:%d", c.challenge, c.seq), c.challenge,
-		events.DeliveryFailed{ChallengeID: c.challenge, Tenant: c.tenant, RequestID: c.request, CodeSeq: c.seq,
-			Reason: reason, Permanent: true, Attempts: 1, FailedAt: at})
+	f.deliveryFailedAs(c, events.DeliveryFailed{Provider: "ses", Reason: reason, Permanent: true, FailedAt: at})
+}
+
+// deliveryFailedAs publishes otp.delivery_failed for code c with v's provider, reason,
+// permanence and time.
+func (f *statusFeed) deliveryFailedAs(c reqCode, v events.DeliveryFailed) {
+	f.t.Helper()
+	v.ChallengeID, v.Tenant, v.RequestID, v.CodeSeq, v.Attempts = c.challenge, c.tenant, c.request, c.seq, 1
+	f.publish(events.TypeDeliveryFailed, c.tenant, fmt.Sprintf("delivery_failed:%s:%d", c.challenge, c.seq), c.challenge, v)
 }
 
 func (f *statusFeed) dispatchExpired(c reqCode, at time.Time) {
@@ -220,15 +228,15 @@ func TestStatusEveryState(t *testing.T) {
 			f.feedback(c, events.FeedbackComplained, at(2), events.Feedback{ComplaintType: "abuse"})
 		}, wantState{state: events.StateComplained, at: at(2), detail: "abuse", seq: 1}},
 		{"failed to send", func(c reqCode) { f.deliveryFailed(c, "permanent: 554 message rejected", at(1)) },
-			wantState{state: events.StateFailed, at: at(1), detail: "permanent: 554 message rejected", seq: 1}},
+			wantState{state: events.StateFailed, at: at(1), detail: "permanent (ses)", seq: 1}},
 		{"failed after the provider took it", func(c reqCode) {
 			f.delivered(c, at(1), false)
 			f.feedback(c, events.FeedbackRejected, at(2), events.Feedback{})
-		}, wantState{state: events.StateFailed, at: at(2), detail: "provider rejected", seq: 1}},
+		}, wantState{state: events.StateFailed, at: at(2), detail: "rejected by the provider", seq: 1}},
 		{"failed with a diagnostic", func(c reqCode) {
 			f.delivered(c, at(1), false)
 			f.feedback(c, events.FeedbackRejected, at(2), events.Feedback{Diagnostic: "Bad content\r\nvirus"})
-		}, wantState{state: events.StateFailed, at: at(2), detail: "Bad content  virus", seq: 1}},
+		}, wantState{state: events.StateFailed, at: at(2), detail: "rejected by the provider", seq: 1}},
 		{"dispatch_expired", func(c reqCode) { f.dispatchExpired(c, at(1)) },
 			wantState{state: events.StateDispatchExpired, at: at(1), seq: 1}},
 		{"verified", func(c reqCode) { f.delivered(c, at(1), false); f.verified(c, at(3)) },
@@ -495,7 +503,7 @@ func TestStatusTenantIsolation(t *testing.T) {
 	checkState(t, h.status(t, "acme", "acme-only"), wantState{state: events.StateSent, at: now.Add(time.Second), seq: 1})
 	checkState(t, h.status(t, "acme", "same-id"), wantState{state: events.StatePending, at: now, seq: 1})
 	checkState(t, h.status(t, "globex", "same-id"), wantState{state: events.StateFailed, at: now.Add(time.Second),
-		detail: "permanent: no such domain", seq: 1})
+		detail: "permanent (ses)", seq: 1})
 }
 
 // TestStatusBadRequests: a malformed request, or one for a subject whose tenant is not
@@ -770,6 +778,8 @@ func TestStatusRulesIgnoreOrder(t *testing.T) {
 		}
 		return e
 	}
+	// withDetail is e with detail d.
+	withDetail := func(e *statusEvent, d string) *statusEvent { e.detail = d; return e }
 	for _, tc := range []struct {
 		name   string
 		events []*statusEvent
@@ -797,6 +807,27 @@ func TestStatusRulesIgnoreOrder(t *testing.T) {
 			statusRow{tenant: "acme", requestID: "r", challengeID: c1, recipientKey: "k1:ana", codeSeq: 1, state: events.StateSent,
 				stateAt: at(1), issuedAt: at(0), expiresAt: at(300), refusalReason: events.ReasonRateLimited,
 				refusalDetail: "resend_cooldown", refusalAt: at(2)}},
+		// Outcomes of one rank (and one outcome twice): the latest is the code's state,
+		// whichever replica's batch commits first.
+		{"outcomes of one rank", []*statusEvent{ev(statusIssued, 1, "", 0), ev(statusProgress, 1, events.StateSent, 1),
+			withDetail(ev(statusProgress, 1, events.StateFailed, 3), "transient (smtp)"),
+			withDetail(ev(statusProgress, 1, events.StateBounced, 4), "Transient/MailboxFull"),
+			withDetail(ev(statusProgress, 1, events.StateComplained, 5), "abuse"),
+			withDetail(ev(statusProgress, 1, events.StateBounced, 6), "Permanent/General")},
+			statusRow{tenant: "acme", requestID: "r", challengeID: c1, recipientKey: "k1:ana", codeSeq: 1, state: events.StateBounced,
+				stateAt: at(6), detail: "Permanent/General", issuedAt: at(0), expiresAt: at(300)}},
+		// At one time, the fixed order of the states decides, then the detail.
+		{"outcomes at one time", []*statusEvent{ev(statusIssued, 1, "", 0),
+			ev(statusProgress, 1, events.StateDispatchExpired, 4), withDetail(ev(statusProgress, 1, events.StateFailed, 4), "permanent (ses)"),
+			withDetail(ev(statusProgress, 1, events.StateComplained, 4), "abuse"),
+			withDetail(ev(statusProgress, 1, events.StateBounced, 4), "Permanent/General"),
+			withDetail(ev(statusProgress, 1, events.StateBounced, 4), "Permanent/NoEmail")},
+			statusRow{tenant: "acme", requestID: "r", challengeID: c1, recipientKey: "k1:ana", codeSeq: 1, state: events.StateBounced,
+				stateAt: at(4), detail: "Permanent/NoEmail", issuedAt: at(0), expiresAt: at(300)}},
+		{"closes at one time", []*statusEvent{ev(statusIssued, 1, "", 0), ev(statusClosed, 1, events.StateSuperseded, 3),
+			ev(statusClosed, 1, events.StateLocked, 3), ev(statusClosed, 1, events.StateVerified, 3)},
+			statusRow{tenant: "acme", requestID: "r", challengeID: c1, recipientKey: "k1:ana", codeSeq: 1, state: events.StateVerified,
+				stateAt: at(3), issuedAt: at(0), expiresAt: at(300)}},
 	} {
 		t.Run(tc.name, func(t *testing.T) {
 			orders := 0
@@ -858,7 +889,7 @@ func orderName(es []*statusEvent) string {
 // TestStatusFeedbackBeforeItsRequest: feedback names only its challenge. Projected before
 // the events that make its request's row (another replica's batch), it is delivered again
 // and then applied; about a challenge no row will ever hold, it is acknowledged after its
-// tries and makes nothing.
+// tries (their delays shortened here), counted as dropped, and makes nothing.
 func TestStatusFeedbackBeforeItsRequest(t *testing.T) {
 	t.Run("applied once its request is", func(t *testing.T) {
 		h := newHarness(t)
@@ -886,10 +917,332 @@ func TestStatusFeedbackBeforeItsRequest(t *testing.T) {
 		if n := testutil.ToFloat64(h.svc.statusEvents.WithLabelValues("retried")); n != statusOrphanDeliveries-1 {
 			t.Errorf("delivered again %v times, want %d", n, statusOrphanDeliveries-1)
 		}
+		if n := testutil.ToFloat64(h.svc.statusEvents.WithLabelValues("orphan_dropped")); n != 1 {
+			t.Errorf("otpflow_verifier_status_events_total{outcome=orphan_dropped} = %v, want 1", n)
+		}
 		var rows int
 		testenv.Must(t, h.pool.QueryRow(t.Context(), `SELECT count(*) FROM verifier.request_status`).Scan(&rows), "rows")
 		if rows != 0 {
 			t.Errorf("%d rows from feedback about nothing", rows)
 		}
 	})
+}
+
+// TestStatusOrphanRetriesOutlastARedelivery: feedback whose challenge no row holds is
+// delivered again for longer than the issuance before it can take to come back when its
+// batch failed or its replica crashed (the durable's AckWait, then the consumer's longest
+// retry delay, platform.ConsumeConfig's default 30 s), several times over, and within
+// the durable's MaxDeliver.
+func TestStatusOrphanRetriesOutlastARedelivery(t *testing.T) {
+	var total time.Duration
+	for n := uint64(1); n < statusOrphanDeliveries; n++ {
+		total += platform.RetryDelay(n, defaultOrphanDelay)
+	}
+	comeBack := events.VerifierStatusConsumer.AckWait + 30*time.Second
+	if total < 4*comeBack || total > 10*time.Minute {
+		t.Errorf("orphan feedback retried for %v, want at least %v (and within 10 min)", total, 4*comeBack)
+	}
+	if limit := events.VerifierStatusConsumer.MaxDeliver; statusOrphanDeliveries >= limit {
+		t.Errorf("%d deliveries of orphan feedback, the durable allows %d", statusOrphanDeliveries, limit)
+	}
+	t.Logf("orphan feedback delivered %d times over %v", statusOrphanDeliveries, total)
+}
+
+// TestStatusNeverHoldsVerify: otp.status has slots of its own and never waits for one.
+// With every status slot held by a call whose read has not finished, the calls beyond
+// them, as many as verify's slots, are answered busy at once (code 503), and a verify is
+// answered: status calls cannot take its slots.
+func TestStatusNeverHoldsVerify(t *testing.T) {
+	const verifySlots, statusSlots = 4, 2
+	held, release := make(chan struct{}, 2*verifySlots), make(chan struct{})
+	h := newConfigHarness(t, "", nil, func(c *Config) {
+		c.Concurrency, c.StatusConcurrency = verifySlots, statusSlots
+		c.beforeStatus = func() { held <- struct{}{}; <-release }
+	})
+	t.Cleanup(func() { close(release) }) // before the service stops (cleanups run last first)
+	h.issue(t, ch(1), "v1", 1, "123456", "", time.Now().Add(5*time.Minute))
+
+	replies := make(chan *nats.Msg, verifySlots)
+	for range verifySlots {
+		go func() {
+			m, err := h.nc.Request("otp.status.acme", []byte(`{"request_id":"r1"}`), 30*time.Second)
+			if err != nil {
+				m = &nats.Msg{Data: []byte(err.Error())}
+			}
+			replies <- m
+		}()
+	}
+	for range statusSlots {
+		select {
+		case <-held:
+		case <-time.After(10 * time.Second):
+			t.Fatal("the status slots were not taken")
+		}
+	}
+	for range verifySlots - statusSlots {
+		select {
+		case m := <-replies:
+			var r events.StatusReply
+			if err := json.Unmarshal(m.Data, &r); err != nil || r.Error != "busy" || m.Header.Get(micro.ErrorCodeHeader) != "503" {
+				t.Fatalf("a status call beyond the slots: %q (headers %v), want busy with code 503", m.Data, m.Header)
+			}
+		case <-time.After(10 * time.Second):
+			t.Fatal("a status call beyond the slots was not answered: it waits for a slot")
+		}
+	}
+	if r := h.verify(t, "v1", "123456", ""); r.Status != events.StatusVerified {
+		t.Fatalf("verify while status holds its slots: %+v", r)
+	}
+	if len(held) != 0 {
+		t.Fatalf("%d more status calls ran than there are status slots", len(held))
+	}
+	if n := testutil.ToFloat64(h.svc.statuses.WithLabelValues("busy")); n != verifySlots-statusSlots {
+		t.Errorf("otpflow_verifier_status_requests_total{outcome=busy} = %v, want %d", n, verifySlots-statusSlots)
+	}
+}
+
+// TestStatusTenantPace: a tenant's status calls beyond its pace are answered
+// rate_limited (code 429) without a read; another tenant's are answered.
+func TestStatusTenantPace(t *testing.T) {
+	h := newConfigHarness(t, "", nil, func(c *Config) { c.StatusTenantPerMinute = 1 }) // one at once, the next in a minute
+	if r := h.status(t, "acme", "r1"); r.Found {
+		t.Fatalf("first call: %+v", r)
+	}
+	m := h.askStatus(t, "acme", []byte(`{"request_id":"r1"}`))
+	var r events.StatusReply
+	testenv.Must(t, json.Unmarshal(m.Data, &r), "reply %q", m.Data)
+	if r.Error != "rate_limited" || m.Header.Get(micro.ErrorCodeHeader) != "429" {
+		t.Errorf("acme's second call: %+v (headers %v), want rate_limited with code 429", r, m.Header)
+	}
+	if r := h.status(t, "globex", "r1"); r.Found {
+		t.Errorf("globex's call: %+v", r)
+	}
+	if n := testutil.ToFloat64(h.svc.statuses.WithLabelValues("rate_limited")); n != 1 {
+		t.Errorf("otpflow_verifier_status_requests_total{outcome=rate_limited} = %v, want 1", n)
+	}
+}
+
+// TestStatusEraseIsImmediate: Service.Erase, which verifier-erasure runs before otp.erased
+// answers, deletes the person's status rows in its own transaction, whether or not the
+// status projection ever reads the erasure (here it never does: no otp.erasure_requested
+// is published): rows named by the person's subject hash, and a row a delivery made
+// before its issuance, found by the person's challenge. It remembers the person's
+// challenges, those of the status rows and those only the challenge projection holds, so
+// copies of their events projected later (a relay, a redelivery) make no row again.
+// Another person's row stays.
+func TestStatusEraseIsImmediate(t *testing.T) {
+	h := newHarness(t)
+	f := h.statusFeed(t)
+	now := time.Now().UTC()
+	exp := now.Add(10 * time.Minute)
+	ana, bob := reqCode{"acme", ch(1), "ana-1", 1}, reqCode{"acme", ch(2), "bob-1", 1}
+	f.issued(ana, "ana@example.com", now, exp)
+	f.delivered(ana, now.Add(time.Second), false)
+	f.issued(bob, "bob@example.com", now, exp)
+	// Ana's code whose otp.delivered was projected, its otp.issued not yet: the row holds
+	// no subject hash.
+	early := reqCode{"acme", ch(3), "ana-early", 1}
+	h.publishIssued(t, issue{ChallengeID: early.challenge, RequestID: early.request, CodeSeq: 1, Recipient: "ana@example.com",
+		ExpiresAt: exp}, "123456")
+	h.waitProjected(t, early.challenge, 1)
+	f.delivered(early, now.Add(time.Second), false)
+	// Ana's code the status projection has seen nothing of yet.
+	unseen := reqCode{"acme", ch(4), "ana-unseen", 1}
+	h.publishIssued(t, issue{ChallengeID: unseen.challenge, RequestID: unseen.request, CodeSeq: 1, Recipient: "ana@example.com",
+		ExpiresAt: exp}, "654321")
+	h.waitProjected(t, unseen.challenge, 1)
+	f.drained()
+	for _, r := range []string{"ana-1", "ana-early", "bob-1"} {
+		if !h.status(t, "acme", r).Found {
+			t.Fatalf("%s not projected", r)
+		}
+	}
+
+	n, err := h.svc.Erase(t.Context(), events.ErasureRequested{ErasureID: "aaaaaaaa-0000-4000-8000-000000000004", Tenant: "acme",
+		RecipientHashes: h.subjects.SubjectHashes("acme", "ana@example.com"), RequestedAt: now})
+	testenv.Must(t, err, "erase")
+	for _, r := range []string{"ana-1", "ana-early"} {
+		if got := h.status(t, "acme", r); got.Found {
+			t.Errorf("%s right after the erasure: %+v, want not found", r, got)
+		}
+	}
+	if !h.status(t, "acme", "bob-1").Found {
+		t.Errorf("the erasure took bob's request")
+	}
+	if n != 6 { // 2 status rows, 2 codes, 2 challenges
+		t.Errorf("erased %d rows, want 6", n)
+	}
+
+	// Copies of ana's events, under new message ids: her deliveries and a verification,
+	// then her issuance.
+	f.prefix = "again:"
+	anaRows := func(after string) {
+		t.Helper()
+		f.drained()
+		var rows []string
+		r, err := h.pool.Query(t.Context(), `SELECT request_id FROM verifier.request_status WHERE request_id LIKE 'ana-%' ORDER BY 1`)
+		testenv.Must(t, err, "rows")
+		for r.Next() {
+			var id string
+			testenv.Must(t, r.Scan(&id), "row")
+			rows = append(rows, id)
+		}
+		if len(rows) != 0 {
+			t.Errorf("rows of the erased person after copies of %s: %v", after, rows)
+		}
+	}
+	f.delivered(ana, now.Add(time.Second), false)
+	f.delivered(early, now.Add(time.Second), false)
+	f.delivered(unseen, now.Add(time.Second), false)
+	f.verified(unseen, now.Add(2*time.Second))
+	anaRows("her deliveries")
+	f.issued(ana, "ana@example.com", now, exp)
+	anaRows("her issuance")
+}
+
+// TestStatusSkipsHistory: the durable's first start reads OTP_EVENTS from its beginning
+// (kept 400 days): an event the stream stored before the retention cutoff is
+// acknowledged unread, so an old event this release cannot decode is not dead-lettered.
+// The cutoff is on the database clock: with the process clock a day ahead, a current
+// malformed event is still read, and dead-lettered.
+func TestStatusSkipsHistory(t *testing.T) {
+	h := newHarness(t)
+	f := h.statusFeed(t)
+	h.clock.set(time.Now().Add(25 * time.Hour))
+	f.publish(events.TypeVerified, "acme", "verified:current-not-json", "", json.RawMessage(`"verified"`))
+	f.drained()
+	statusDeadLetters := func() int {
+		n := 0
+		for _, m := range testenv.Messages(t, h.js, events.StreamDLQ, events.TypeDLQ.Wildcard()) {
+			if m.Header.Get(events.HeaderDLQConsumer) == events.VerifierStatusConsumer.Durable {
+				n++
+			}
+		}
+		return n
+	}
+	if n := statusDeadLetters(); n != 1 {
+		t.Fatalf("%d dead letters of a current malformed event, want 1", n)
+	}
+
+	// The projection down while an event is stored, and up again once the event is older
+	// than the retention (a second, here) on the database clock.
+	h.stops[0]()
+	f.publish(events.TypeVerified, "acme", "verified:old-not-json", "", json.RawMessage(`"verified"`))
+	st, err := h.js.Stream(t.Context(), events.StreamEvents)
+	testenv.Must(t, err, "stream")
+	m, err := st.GetMsg(t.Context(), f.last)
+	testenv.Must(t, err, "stored event")
+	testenv.Eventually(t, 10*time.Second, "the event older than the retention on the database clock", func() bool {
+		return h.dbNow(t).After(m.Time.Add(time.Second))
+	})
+	h.svc, h.clock = h.replica(t, "", nil, func(c *Config) { c.Retention = time.Second })
+	f.drained()
+	if n := statusDeadLetters(); n != 1 {
+		t.Errorf("%d dead letters after the old malformed event, want 1: it was read", n)
+	}
+	if n := testutil.ToFloat64(h.svc.statusEvents.WithLabelValues("before_retention")); n != 1 {
+		t.Errorf("otpflow_verifier_status_events_total{outcome=before_retention} = %v, want 1", n)
+	}
+}
+
+// TestStatusFailureDetailIsClassified: an app is told how a delivery failed, permanent or
+// transient and with which provider, never the provider's text (SDK and SMTP errors name
+// accounts, resources and relay hosts); a code the provider took and then refused is
+// "rejected by the provider", without its diagnostic. None of that text is stored.
+func TestStatusFailureDetailIsClassified(t *testing.T) {
+	h := newHarness(t)
+	f := h.statusFeed(t)
+	now := time.Now().UTC()
+	exp := now.Add(10 * time.Minute)
+	secrets := []string{"123456789012", "arn:aws", "relay.corp.internal", "AccessDenied"}
+	cases := []struct {
+		name   string
+		event  func(c reqCode)
+		detail string
+	}{
+		{"permanent", func(c reqCode) {
+			f.deliveryFailedAs(c, events.DeliveryFailed{Provider: "ses", Permanent: true, FailedAt: now,
+				Reason: "operation error SESv2: SendEmail, AccessDeniedException: arn:aws:iam::123456789012:user/otp is not authorized"})
+		}, "permanent (ses)"},
+		{"transient", func(c reqCode) {
+			f.deliveryFailedAs(c, events.DeliveryFailed{Provider: "smtp", FailedAt: now,
+				Reason: events.DeliveryReasonExhausted + ": dial tcp relay.corp.internal:587: connection refused"})
+		}, "transient (smtp)"},
+		{"provider not a name", func(c reqCode) {
+			f.deliveryFailedAs(c, events.DeliveryFailed{Provider: "relay.corp.internal", Permanent: true, FailedAt: now,
+				Reason: "550 relay.corp.internal says no"})
+		}, "permanent"},
+		{"rejected after it was taken", func(c reqCode) {
+			f.delivered(c, now, false)
+			f.feedback(c, events.FeedbackRejected, now.Add(time.Second), events.Feedback{
+				Diagnostic: "554 relay.corp.internal: arn:aws:ses:eu-west-1:123456789012:identity/example.com rejected"})
+		}, "rejected by the provider"},
+	}
+	for i, tc := range cases {
+		c := reqCode{"acme", ch(i + 1), strings.ReplaceAll(tc.name, " ", "-"), 1}
+		f.issued(c, "ana@example.com", now, exp)
+		tc.event(c)
+	}
+	f.drained()
+	for _, tc := range cases {
+		t.Run(tc.name, func(t *testing.T) {
+			r := h.status(t, "acme", strings.ReplaceAll(tc.name, " ", "-"))
+			if r.State != events.StateFailed || r.Detail != tc.detail {
+				t.Errorf("%s %q, want failed %q", r.State, r.Detail, tc.detail)
+			}
+		})
+	}
+	dump, _ := testenv.DumpSchema(t, h.pool, Schema)
+	testenv.AssertNoPlaintext(t, dump, secrets...)
+}
+
+// TestStatusPurgeInBatches: the purge deletes old status rows and erased challenges in
+// statements of a bounded size (shortened here), until none is left; the lookups of the
+// erasure and of the purge have their indexes.
+func TestStatusPurgeInBatches(t *testing.T) {
+	h := newHarness(t)
+	h.svc.store.purgeBatch = 3 // read only by Purge, called below
+	admin := testenv.Admin(t, h.pool)
+	_, err := admin.Exec(t.Context(), `INSERT INTO verifier.request_status (tenant, request_id, challenge_id, state, state_at, updated_at)
+		SELECT 'acme', 'old-' || i, gen_random_uuid(), 'sent', now(), now() - interval '25 hours' FROM generate_series(1, 7) AS i
+		UNION ALL SELECT 'acme', 'fresh-' || i, gen_random_uuid(), 'sent', now(), now() FROM generate_series(1, 2) AS i`)
+	testenv.Must(t, err, "status rows")
+	_, err = admin.Exec(t.Context(), `INSERT INTO verifier.request_status_erased (challenge_id, erased_at)
+		SELECT gen_random_uuid(), now() - interval '25 hours' FROM generate_series(1, 7)
+		UNION ALL SELECT gen_random_uuid(), now()`)
+	testenv.Must(t, err, "erased challenges")
+	// Each statement's deletions of status rows, as the database saw them.
+	_, err = admin.Exec(t.Context(), `CREATE TABLE public.purge_log (at timestamptz DEFAULT clock_timestamp(), n bigint);
+		CREATE FUNCTION public.log_purge() RETURNS trigger LANGUAGE plpgsql SECURITY DEFINER AS
+			$$ BEGIN INSERT INTO public.purge_log (n) SELECT count(*) FROM old; RETURN NULL; END $$;
+		CREATE TRIGGER log_purge AFTER DELETE ON verifier.request_status REFERENCING OLD TABLE AS old
+			FOR EACH STATEMENT EXECUTE FUNCTION public.log_purge()`)
+	testenv.Must(t, err, "statement log")
+	_, err = h.svc.Purge(t.Context())
+	testenv.Must(t, err, "purge")
+	var statements []int64
+	testenv.Must(t, admin.QueryRow(t.Context(), `SELECT coalesce(array_agg(n ORDER BY at), '{}') FROM public.purge_log`).Scan(&statements), "log")
+	if fmt.Sprint(statements) != "[3 3 1]" {
+		t.Errorf("status rows deleted per statement %v, want [3 3 1]", statements)
+	}
+	var rows, erased int
+	testenv.Must(t, h.pool.QueryRow(t.Context(), `SELECT (SELECT count(*) FROM verifier.request_status),
+		(SELECT count(*) FROM verifier.request_status_erased)`).Scan(&rows, &erased), "count")
+	if rows != 2 || erased != 1 {
+		t.Errorf("after the purge %d status rows and %d erased challenges, want the 2 and 1 fresh ones", rows, erased)
+	}
+
+	defs := map[string]bool{}
+	idx, err := h.pool.Query(t.Context(), `SELECT tablename || ' ' || substring(indexdef from '\(.*\)$') FROM pg_indexes WHERE schemaname = 'verifier'`)
+	testenv.Must(t, err, "indexes")
+	for idx.Next() {
+		var d string
+		testenv.Must(t, idx.Scan(&d), "index")
+		defs[d] = true
+	}
+	for _, want := range []string{"request_status (tenant, recipient_key)", "request_status (updated_at)", "request_status_erased (erased_at)"} {
+		if !defs[want] {
+			t.Errorf("no index %s; have %v", want, defs)
+		}
+	}
 }

@@ -3,6 +3,7 @@ package verifier
 import (
 	"context"
 	"fmt"
+	"slices"
 	"strings"
 	"time"
 	"unicode/utf8"
@@ -12,12 +13,25 @@ import (
 )
 
 // projectStatus is the status projection's batch handler (status.go has the rules): it
-// checks each event like the challenge projection does (project), dead-letters the
+// acknowledges unread the events the stream stored before the retention cutoff, checks
+// each other event like the challenge projection does (project), dead-letters the
 // malformed ones with the reason and applies the rest in one transaction. If the
 // transaction fails, the consumer hands each event over on its own (platform.BatchHandler).
 func (s *Service) projectStatus(ctx context.Context, batch []*platform.Delivery) error {
+	cutoff, err := s.statusHistoryCutoff(ctx, batch)
+	if err != nil {
+		return fmt.Errorf("status history cutoff: %w", err)
+	}
 	items := make([]*statusEvent, 0, len(batch))
 	for _, d := range batch {
+		if d.Meta().Timestamp.Before(cutoff) {
+			// History the purge would delete (the durable's first start reads the
+			// stream's whole life): not decoded, so an old event this release cannot
+			// read is not dead-lettered.
+			s.statusEvents.WithLabelValues("before_retention").Inc()
+			d.Settle(platform.Ack())
+			continue
+		}
 		e, err := s.checkStatusEvent(d)
 		if err != nil {
 			s.statusDeadLetter(d, err)
@@ -38,11 +52,12 @@ func (s *Service) projectStatus(ctx context.Context, batch []*platform.Delivery)
 		case e.orphan && n < statusOrphanDeliveries:
 			s.statusEvents.WithLabelValues("retried").Inc()
 			e.msg.Settle(platform.Retry(platform.RetryDelay(n, s.cfg.orphanDelay)))
+		case e.orphan:
+			s.log.Warn("feedback dropped: no status row holds its challenge", "subject", e.msg.Subject(),
+				"challenge_id", e.challengeID, "deliveries", n)
+			s.statusEvents.WithLabelValues("orphan_dropped").Inc()
+			e.msg.Settle(platform.Ack())
 		default:
-			if e.orphan {
-				s.log.Info("feedback about a request the status projection does not hold", "subject", e.msg.Subject(),
-					"challenge_id", e.challengeID)
-			}
 			s.statusEvents.WithLabelValues("projected").Inc()
 			e.msg.Settle(platform.Ack())
 		}
@@ -52,11 +67,34 @@ func (s *Service) projectStatus(ctx context.Context, batch []*platform.Delivery)
 
 // statusOrphanDeliveries is how often feedback about a challenge no row holds is
 // delivered before it is dropped: the otp.issued and otp.delivered before it in the stream
-// may be in a batch another replica has not committed yet, and feedback, which names no
-// request, cannot make the row. Delivered again after 1, 2, 4 and 8 s (Config.orphanDelay
-// caps the delay), then acknowledged: it is about a request the projection never held or
-// no longer holds (purged after OTP_RETENTION, a complaint weeks later).
-const statusOrphanDeliveries = 5
+// may be in a batch another replica has not committed yet, in one that failed and comes
+// back after its AckWait (30 s) or its retry delay (up to 30 s), or in the hands of a
+// replica that crashed; feedback, which names no request, cannot make the row. Delivered
+// again after 1, 2, 4, … s, doubling up to a minute (Config.orphanDelay caps the delay),
+// about five minutes in all and well within the durable's MaxDeliver (50), then
+// acknowledged and counted (orphan_dropped): it is about a request the projection never
+// held or no longer holds (purged after OTP_RETENTION, a complaint weeks later). Each
+// such event holds one of the durable's MaxAckPending (2,000) for those minutes.
+const statusOrphanDeliveries = 11
+
+// defaultOrphanDelay is Config.orphanDelay's default.
+const defaultOrphanDelay = time.Minute
+
+// statusHistoryCutoff is the stream time before which batch's events are acknowledged
+// unread: the retention cutoff on the database clock, like every cutoff, so a process
+// clock ahead, by a day even, drops no current event. The database clock is read, once,
+// only for a batch holding an event stored more than half the retention ago by the
+// process clock (the first start, a long outage); otherwise the cutoff is the zero time.
+// (A process clock behind by more than half the retention reads such history as before:
+// it is checked, and makes no row, as the rules do not make rows older than retention.)
+func (s *Service) statusHistoryCutoff(ctx context.Context, batch []*platform.Delivery) (time.Time, error) {
+	suspect := s.now().Add(-s.cfg.Retention / 2)
+	if !slices.ContainsFunc(batch, func(d *platform.Delivery) bool { return d.Meta().Timestamp.Before(suspect) }) {
+		return time.Time{}, nil
+	}
+	now, err := s.store.clock(ctx)
+	return now.Add(-s.cfg.Retention), err
+}
 
 func (s *Service) statusDeadLetter(d *platform.Delivery, reason error) {
 	_, tenant, _ := events.SplitSubject(d.Subject())
@@ -131,7 +169,7 @@ func (s *Service) checkStatusEvent(d *platform.Delivery) (*statusEvent, error) {
 		if err := events.DecodeEvent(d.Data(), &v); err != nil {
 			return nil, err
 		}
-		e.kind, e.requestID, e.challengeID, e.codeSeq, e.state, e.at, e.detail = statusProgress, v.RequestID, v.ChallengeID, v.CodeSeq, events.StateFailed, stamp(v.FailedAt), clean(v.Reason)
+		e.kind, e.requestID, e.challengeID, e.codeSeq, e.state, e.at, e.detail = statusProgress, v.RequestID, v.ChallengeID, v.CodeSeq, events.StateFailed, stamp(v.FailedAt), failureDetail(v)
 		return e, firstError(checkCommon(tenant, v.Tenant, v.ChallengeID, v.RequestID), checkCodeSeq(v.CodeSeq, 1), required("failed_at", v.FailedAt))
 	case events.TypeDispatchExpired:
 		var v events.DispatchExpired
@@ -211,12 +249,44 @@ func feedbackState(v events.Feedback) (events.RequestState, string, error) {
 	case events.FeedbackComplained:
 		return events.StateComplained, clean(v.ComplaintType), nil
 	case events.FeedbackRejected:
-		if d := clean(v.Diagnostic); d != "" {
-			return events.StateFailed, d, nil
-		}
-		return events.StateFailed, "provider rejected", nil
+		// Never the diagnostic: the provider's text can name its account and hosts.
+		return events.StateFailed, feedbackRejectedDetail, nil
 	}
 	return "", "", field("kind", "unknown feedback kind %q", clip(string(v.Kind), 32))
+}
+
+// feedbackRejectedDetail is the detail of a code the provider took and then refused to
+// send (otp.feedback kind rejected).
+const feedbackRejectedDetail = "rejected by the provider"
+
+// failureDetail is the detail of a code the dispatcher gave up on (otp.delivery_failed):
+// how it failed, "permanent" (the provider refused it) or "transient" (deliveries ran
+// out while the providers kept failing), and the provider's name when it is one. Never
+// the reason: SDK and SMTP errors carry account ids, resource names and relay hosts,
+// which are the operator's, not the app's.
+func failureDetail(v events.DeliveryFailed) string {
+	d := "transient"
+	if v.Permanent {
+		d = "permanent"
+	}
+	if providerName(v.Provider) {
+		d += " (" + v.Provider + ")"
+	}
+	return d
+}
+
+// providerName reports whether p looks like a provider's name ("ses", "smtp"), not text:
+// 1 to 32 lowercase letters, digits, '-' and '_'.
+func providerName(p string) bool {
+	if p == "" || len(p) > 32 {
+		return false
+	}
+	for i := 0; i < len(p); i++ {
+		if c := p[i]; (c < 'a' || c > 'z') && (c < '0' || c > '9') && c != '-' && c != '_' {
+			return false
+		}
+	}
+	return true
 }
 
 // statusRecipientKey is the subject hash an otp.issued names its recipient by; for one of

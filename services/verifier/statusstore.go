@@ -127,7 +127,7 @@ func projectStatusInTx(ctx context.Context, tx pgx.Tx, items []*statusEvent, ret
 			UNION ALL SELECT c.tenant, c.request_id FROM verifier.request_status c WHERE c.challenge_id = ANY ($3::uuid[])`
 	args := []any{kt, kr, ids}
 	if hasErasure {
-		// Only with an erasure in the batch: recipient_key has no index (erasures are rare).
+		// Only with an erasure in the batch (index request_status_recipient).
 		rowsSQL += `
 			UNION ALL SELECT p.tenant, p.request_id FROM verifier.request_status p
 				JOIN unnest($4::text[], $5::text[]) AS x(t, k) ON p.tenant = x.t AND p.recipient_key = x.k`
@@ -359,19 +359,48 @@ func (st *store) requestStatus(ctx context.Context, tenant, requestID string) (*
 	return r, now.UTC(), err
 }
 
+// clock reads the database clock.
+func (st *store) clock(ctx context.Context) (time.Time, error) {
+	var now time.Time
+	err := st.pool.QueryRow(ctx, `SELECT now()`).Scan(&now)
+	return now.UTC(), err
+}
+
+// statusPurgeBatch is the most rows one purge statement deletes: a purge after a day of
+// full load, or after the purge was down, deletes millions of rows in statements that
+// each hold their locks and their WAL only briefly.
+const statusPurgeBatch = 5000
+
 // purgeStatus deletes the status rows not written for retention, and the erased
-// challenges remembered as long. Rows the projection holds are left for the next purge.
+// challenges remembered as long, in statements of at most st.purgeBatch rows (default
+// statusPurgeBatch, each its own transaction) until none is left. Rows the projection
+// holds are left for the next purge.
 func (st *store) purgeStatus(ctx context.Context, retention time.Duration) (int64, error) {
-	tag, err := st.pool.Exec(ctx, `DELETE FROM verifier.request_status WHERE (tenant, request_id) IN
-		(SELECT tenant, request_id FROM verifier.request_status
-		 WHERE updated_at < now() - $1::bigint * interval '1 microsecond' FOR UPDATE SKIP LOCKED)`, retention.Microseconds())
-	if err != nil {
-		return 0, err
+	size := st.purgeBatch
+	if size < 1 {
+		size = statusPurgeBatch
 	}
-	n := tag.RowsAffected()
-	tag, err = st.pool.Exec(ctx, `DELETE FROM verifier.request_status_erased WHERE erased_at < now() - $1::bigint * interval '1 microsecond'`,
-		retention.Microseconds())
-	return n + tag.RowsAffected(), err
+	var total int64
+	for _, sql := range []string{
+		`DELETE FROM verifier.request_status WHERE (tenant, request_id) IN
+			(SELECT tenant, request_id FROM verifier.request_status
+			 WHERE updated_at < now() - $1::bigint * interval '1 microsecond' LIMIT $2 FOR UPDATE SKIP LOCKED)`,
+		`DELETE FROM verifier.request_status_erased WHERE challenge_id IN
+			(SELECT challenge_id FROM verifier.request_status_erased
+			 WHERE erased_at < now() - $1::bigint * interval '1 microsecond' LIMIT $2 FOR UPDATE SKIP LOCKED)`,
+	} {
+		for {
+			tag, err := st.pool.Exec(ctx, sql, retention.Microseconds(), size)
+			if err != nil {
+				return total, err
+			}
+			total += tag.RowsAffected()
+			if tag.RowsAffected() < int64(size) {
+				break
+			}
+		}
+	}
+	return total, nil
 }
 
 // Status answers otp.status for tenant's request: its row's state, expired when its code's

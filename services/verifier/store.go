@@ -38,6 +38,9 @@ type store struct {
 	// groupRetries counts verify transactions run again after a deadlock or a
 	// serialization failure.
 	groupRetries prometheus.Counter
+	// purgeBatch bounds the rows of one status purge statement (tests shorten it);
+	// default statusPurgeBatch.
+	purgeBatch int
 }
 
 // challenge is a projected challenge as a verify finds it, its row locked.

@@ -54,8 +54,10 @@ type Service struct {
 	reg    prometheus.Registerer
 	outbox *outbox.Outbox
 	// now is the process clock. It only stamps the CloudEvents time of published
-	// events; every expiry, window and stamp is decided on the database clock, so
-	// replicas with drifting clocks agree with each other and with the issuer's rows.
+	// events and tells the status projection when a batch may hold history worth the
+	// database clock's look (statusHistoryCutoff); every expiry, window, stamp and cutoff
+	// is decided on the database clock, so replicas with drifting clocks agree with each
+	// other and with the issuer's rows.
 	now  func() time.Time
 	cons jetstream.Consumer
 	// challenges is OTP_CHALLENGES, which the read-your-writes fence reads.
@@ -66,6 +68,10 @@ type Service struct {
 	groups *verifyGroups
 	// beforeProject runs before each projected batch (tests use it to slow the projection).
 	beforeProject func()
+	// statusSlots holds one token per status call running (StatusConcurrency);
+	// statusRates paces each tenant's status calls (StatusTenantPerMinute; nil: off).
+	statusSlots chan struct{}
+	statusRates *tenantRates
 
 	verifies     *prometheus.CounterVec
 	statuses     *prometheus.CounterVec
@@ -82,6 +88,14 @@ func New(cfg Config, pool *pgxpool.Pool, nc *nats.Conn, js jetstream.JetStream, 
 	}
 	if cfg.Concurrency < 1 {
 		cfg.Concurrency = 64
+	}
+	if cfg.StatusConcurrency < 1 {
+		// A quarter of verify's, and never more than a quarter of the database pool,
+		// whose connections verify needs too.
+		cfg.StatusConcurrency = min(max(cfg.Concurrency/4, 4), max(int(pool.Config().MaxConns)/4, 1))
+	}
+	if cfg.StatusTenantPerMinute == 0 {
+		cfg.StatusTenantPerMinute = DefaultStatusTenantPerMinute
 	}
 	cfg.Tracer = platform.Tracer(cfg.Tracer)
 	if cfg.BatchSize < 1 {
@@ -103,7 +117,7 @@ func New(cfg Config, pool *pgxpool.Pool, nc *nats.Conn, js jetstream.JetStream, 
 		cfg.relayAge = 5 * time.Second
 	}
 	if cfg.orphanDelay == 0 {
-		cfg.orphanDelay = 8 * time.Second
+		cfg.orphanDelay = defaultOrphanDelay
 	}
 	if cfg.MaxFenceWaits < 1 {
 		cfg.MaxFenceWaits = 16
@@ -119,17 +133,18 @@ func New(cfg Config, pool *pgxpool.Pool, nc *nats.Conn, js jetstream.JetStream, 
 	}
 	s := &Service{
 		cfg: cfg, nc: nc, js: js, log: log, reg: reg, now: time.Now,
-		fenceSlots: make(chan struct{}, cfg.MaxFenceWaits),
+		fenceSlots:  make(chan struct{}, cfg.MaxFenceWaits),
+		statusSlots: make(chan struct{}, cfg.StatusConcurrency), statusRates: newTenantRates(cfg.StatusTenantPerMinute),
 		verifies: prometheus.NewCounterVec(prometheus.CounterOpts{
 			Name: "otpflow_verifier_verifications_total", Help: "Verify calls by reply status.",
 		}, []string{"status"}),
 		statuses: prometheus.NewCounterVec(prometheus.CounterOpts{
 			Name: "otpflow_verifier_status_requests_total",
-			Help: "Status calls by outcome: the state answered, not_found, bad_request or internal_error.",
+			Help: "Status calls by outcome: the state answered, not_found, bad_request, internal_error, busy (every status slot taken) or rate_limited (the tenant over StatusTenantPerMinute).",
 		}, []string{"outcome"}),
 		statusEvents: prometheus.NewCounterVec(prometheus.CounterOpts{
 			Name: "otpflow_verifier_status_events_total",
-			Help: "OTP_EVENTS events the status projection settled, by outcome: projected (applied, whether or not they changed a request's state), retried (feedback about a challenge not projected yet) or dead_letter (malformed, another request's challenge); those the database refused or that kept failing are in otpflow_deliveries_settled_total{consumer=\"verifier-status\"}.",
+			Help: "OTP_EVENTS events the status projection settled, by outcome: projected (applied, whether or not they changed a request's state), retried (feedback about a challenge not projected yet), orphan_dropped (such feedback given up after its retries), before_retention (stored before the retention cutoff, acknowledged unread) or dead_letter (malformed, another request's challenge); those the database refused or that kept failing are in otpflow_deliveries_settled_total{consumer=\"verifier-status\"}.",
 		}, []string{"outcome"}),
 		projected: prometheus.NewCounter(prometheus.CounterOpts{
 			Name: "otpflow_verifier_projected_events_total", Help: "Challenge and supersession events projected.",
@@ -176,29 +191,40 @@ func (s *Service) Run(ctx context.Context) error {
 	}
 	s.cons = cons
 	var inflight sync.WaitGroup
-	sem := make(chan struct{}, s.cfg.Concurrency)
+	verifySlots := make(chan struct{}, s.cfg.Concurrency)
 	svc, err := micro.AddService(s.nc, micro.Config{
 		Name: "otp-verifier", Version: Version(), Description: "verifies one-time passcodes and tells what became of a request",
 	})
 	if err != nil {
 		return fmt.Errorf("verify service: %w", err)
 	}
-	// Both endpoints share the Concurrency slots: each request runs in a goroutine of its
-	// own, at most that many at once, and all finish before the connection drains.
-	handle := func(serve func(context.Context, micro.Request)) micro.Handler {
-		return micro.HandlerFunc(func(req micro.Request) {
-			sem <- struct{}{}
-			inflight.Add(1)
-			go func() {
-				defer func() { <-sem; inflight.Done() }()
-				serve(context.WithoutCancel(ctx), req)
-			}()
-		})
-	}
-	if err := svc.AddEndpoint("verify", handle(s.serve), micro.WithEndpointSubject(events.TypeVerify.Wildcard())); err != nil {
+	// Each request runs in a goroutine of its own, and all finish before the connection
+	// drains. Verifies take one of the Concurrency slots, waiting for one in the
+	// subscription's callback. Status calls have slots of their own (StatusConcurrency)
+	// and never wait for one (admitStatus), so no number of status calls, however slow
+	// their reads, holds a verify back.
+	verifyHandler := micro.HandlerFunc(func(req micro.Request) {
+		verifySlots <- struct{}{}
+		inflight.Add(1)
+		go func() {
+			defer func() { <-verifySlots; inflight.Done() }()
+			s.serve(context.WithoutCancel(ctx), req)
+		}()
+	})
+	statusHandler := micro.HandlerFunc(func(req micro.Request) {
+		if !s.admitStatus(req) {
+			return
+		}
+		inflight.Add(1)
+		go func() {
+			defer inflight.Done()
+			s.serveStatus(context.WithoutCancel(ctx), req, func() { <-s.statusSlots })
+		}()
+	})
+	if err := svc.AddEndpoint("verify", verifyHandler, micro.WithEndpointSubject(events.TypeVerify.Wildcard())); err != nil {
 		return fmt.Errorf("verify endpoint: %w", err)
 	}
-	if err := svc.AddEndpoint("status", handle(s.serveStatus), micro.WithEndpointSubject(events.TypeStatus.Wildcard())); err != nil {
+	if err := svc.AddEndpoint("status", statusHandler, micro.WithEndpointSubject(events.TypeStatus.Wildcard())); err != nil {
 		return fmt.Errorf("status endpoint: %w", err)
 	}
 	s.log.Info("verifier serving", "subjects", []string{events.TypeVerify.Wildcard(), events.TypeStatus.Wildcard()})
@@ -272,18 +298,26 @@ func (s *Service) Purge(ctx context.Context) (int64, error) {
 	return s.store.purge(ctx, s.cfg.Retention)
 }
 
-// statusTimeout bounds a status call's read: an app asks again rather than hold a slot.
-const statusTimeout = 5 * time.Second
+// statusTimeout bounds a status call's read (a primary-key lookup): an app asks again
+// rather than hold a slot, and a connection verify may need.
+const statusTimeout = time.Second
 
-// serveStatus answers one status request. Every answer is a StatusReply: a malformed one
-// gets Error "bad_request: …"; a database failure Error "internal", as a micro error reply
-// (headers Nats-Service-Error and Nats-Service-Error-Code: 500), the caller should retry.
-// The tenant is the subject's: an app can only be answered about its own requests.
-func (s *Service) serveStatus(ctx context.Context, req micro.Request) {
+// serveStatus answers one status request, holding a status slot that release gives back
+// before the answer goes out (so an app that asks again at once finds it free). Every
+// answer is a StatusReply: a malformed one gets Error "bad_request: …"; a database failure
+// Error "internal", as a micro error reply (headers Nats-Service-Error and
+// Nats-Service-Error-Code: 500), the caller should retry. The tenant is the subject's: an
+// app can only be answered about its own requests.
+func (s *Service) serveStatus(ctx context.Context, req micro.Request, release func()) {
+	release = sync.OnceFunc(release)
+	defer release()
 	ctx, span := s.cfg.Tracer.Start(platform.ContextFrom(ctx, nats.Header(req.Headers())), "status",
 		trace.WithSpanKind(trace.SpanKindServer), trace.WithAttributes(attribute.String("rpc.system", "nats-micro"),
 			attribute.String("messaging.destination.name", req.Subject())))
 	defer span.End()
+	if s.cfg.beforeStatus != nil {
+		s.cfg.beforeStatus()
+	}
 	_, tenant, err := events.SplitSubject(req.Subject())
 	var sr events.StatusRequest
 	if err == nil {
@@ -291,12 +325,14 @@ func (s *Service) serveStatus(ctx context.Context, req micro.Request) {
 	}
 	if err != nil {
 		s.statuses.WithLabelValues("bad_request").Inc()
+		release()
 		s.respondStatus(req, events.StatusReply{RequestID: sr.RequestID, Error: "bad_request: " + err.Error()})
 		return
 	}
 	ctx, cancel := context.WithTimeout(ctx, statusTimeout)
 	defer cancel()
 	reply, err := s.Status(ctx, tenant, sr.RequestID)
+	release()
 	if err != nil {
 		s.log.Error("status", "tenant", tenant, "request_id", sr.RequestID, "err", err)
 		s.statuses.WithLabelValues("internal_error").Inc()

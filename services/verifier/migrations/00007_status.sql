@@ -41,3 +41,10 @@ CREATE TABLE verifier.request_status_erased (
     challenge_id uuid        PRIMARY KEY,
     erased_at    timestamptz NOT NULL DEFAULT now()
 );
+
+-- An erasure finds a person's rows by the subject hash (Erase, and the projection's own
+-- otp.erasure_requested); the purge finds the rows not written for OTP_RETENTION, and the
+-- erased challenges remembered as long.
+CREATE INDEX request_status_recipient ON verifier.request_status (tenant, recipient_key);
+CREATE INDEX request_status_updated ON verifier.request_status (updated_at);
+CREATE INDEX request_status_erased_at ON verifier.request_status_erased (erased_at);
