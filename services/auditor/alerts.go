@@ -112,9 +112,9 @@ func ruleNames(th map[string]Threshold) []string {
 type alerter struct {
 	th     map[string]Threshold
 	raised *prometheus.CounterVec
-	// keep is how long alert state outlives the newest event: twice the longest window,
-	// so that events written a little out of time order (by several auditors) still find
-	// their window.
+	// keep is how long the alerts raised outlive the newest event: twice the longest
+	// window. A rule's stamps are kept twice its own window (prune), so that events
+	// written a little out of time order (by several auditors) still find their window.
 	keep time.Duration
 
 	mu        sync.Mutex
@@ -202,8 +202,9 @@ func (a *alerter) signals(rows []*Row, recipients map[challengeRef]string) []sig
 				ratio(r, RuleDeliveryFailureRatio, c.provider, "_system", c.provider, c.n, c.failed)
 			}
 			// A mail sent: what the tenant's bounces and complaints through this provider
-			// are a share of.
-			if e.Provider != "" {
+			// are a share of. Only through a provider that reports them: the relays and
+			// the null sink never will, and a stamp per mail of theirs would only be kept.
+			if reportsFeedback[e.Provider] {
 				ratio(r, RuleBounceRate, r.Tenant+"|"+e.Provider, r.Tenant, e.Provider, 1, 0)
 				ratio(r, RuleComplaintRate, r.Tenant+"|"+e.Provider, r.Tenant, e.Provider, 1, 0)
 			}
@@ -219,6 +220,10 @@ func (a *alerter) signals(rows []*Row, recipients map[challengeRef]string) []sig
 	}
 	return out
 }
+
+// reportsFeedback are the providers whose mails get otp.feedback (SES, through its event
+// notifications): the only ones the reputation rules count mails of.
+var reportsFeedback = map[string]bool{"ses": true}
 
 // reputationRule is the rule a feedback counts against, if any. A bounce counts when it
 // is permanent, as SES counts hard bounces in an account's bounce rate: a transient one
@@ -583,7 +588,19 @@ func (a *alerter) prune(ctx context.Context, pool *pgxpool.Pool, rows []*Row) (i
 	if now := time.Now(); newest.After(now) {
 		newest = now
 	}
-	var n int64
-	err := pool.QueryRow(ctx, `SELECT audit.prune_alerts($1)`, newest.Add(-a.keep)).Scan(&n)
-	return n, err
+	// Each enabled rule's state twice its own window; then the alerts raised, and what
+	// rules no longer enabled left, twice the longest.
+	var rules []string
+	var cutoffs []time.Time
+	for name, t := range a.th {
+		if t.Count > 0 {
+			rules, cutoffs = append(rules, name), append(cutoffs, newest.Add(-2*t.Window))
+		}
+	}
+	var byRule, rest int64
+	if err := pool.QueryRow(ctx, `SELECT audit.prune_alert_rules($1, $2)`, rules, cutoffs).Scan(&byRule); err != nil {
+		return 0, err
+	}
+	err := pool.QueryRow(ctx, `SELECT audit.prune_alerts($1)`, newest.Add(-a.keep)).Scan(&rest)
+	return byRule + rest, err
 }

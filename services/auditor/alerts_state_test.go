@@ -5,6 +5,7 @@ import (
 	"encoding/json"
 	"fmt"
 	"io"
+	"strings"
 	"sync"
 	"testing"
 	"time"
@@ -263,6 +264,37 @@ func TestAlertStateIsPruned(t *testing.T) {
 	}
 	if n, err := al.prune(ctx, r.pool, []*Row{{OccurredAt: time.Now()}}); err != nil || n != 0 {
 		t.Fatalf("a second prune within a minute pruned %d (%v)", n, err)
+	}
+}
+
+// TestEachRuleIsPrunedByItsOwnWindow: a rule's alert state is kept twice its own window,
+// not twice the longest of any rule: the per-mail stamps of delivery_failure_ratio (5
+// minutes) go long before the hour of bounce_rate is over, whose stamps of the same age
+// stay.
+func TestEachRuleIsPrunedByItsOwnWindow(t *testing.T) {
+	th := stormRules(0)
+	th[RuleDeliveryFailureRatio] = Threshold{Count: 20, Window: 5 * time.Minute, Ratio: 0.5}
+	th[RuleBounceRate] = Threshold{Count: 100, Window: time.Hour, Ratio: 0.05}
+	r := newAlertRig(t, th)
+	ctx := context.Background()
+	for i, rule := range []string{RuleDeliveryFailureRatio, RuleBounceRate} {
+		_, err := r.pool.Exec(ctx, `INSERT INTO audit.alert_stamps (rule, key, at, stream_seq, n) VALUES ($1, '\x01', $2, $3, 1)`,
+			rule, r.base, i+1)
+		testenv.Must(t, err, "stamp")
+	}
+	// Twenty minutes on: past twice the five minutes, within twice the hour.
+	n, err := r.auditor().alerts.prune(ctx, r.pool, []*Row{{OccurredAt: r.base.Add(20 * time.Minute)}})
+	testenv.Must(t, err, "prune")
+	var left []string
+	rows, err := r.pool.Query(ctx, `SELECT rule FROM audit.alert_stamps UNION ALL SELECT 'sum:' || rule FROM audit.alert_buckets ORDER BY 1`)
+	testenv.Must(t, err, "read")
+	for rows.Next() {
+		var rule string
+		testenv.Must(t, rows.Scan(&rule), "scan")
+		left = append(left, rule)
+	}
+	if n != 1 || strings.Join(left, ",") != RuleBounceRate+",sum:"+RuleBounceRate {
+		t.Fatalf("pruned %d, left %v; want delivery_failure_ratio's stamp and sum gone, bounce_rate's kept", n, left)
 	}
 }
 

@@ -24,12 +24,13 @@ func Spec() platform.ServiceSpec {
 // 00006_alert_windows.sql); no UPDATE, DELETE or TRUNCATE anywhere in audit. It erases
 // only through audit.erase_subject, which reads whom to erase from a chained erasure
 // request; audit.erase (any hashes) is the owner's alone. It prunes the alert windows
-// only through audit.prune_alerts, which touches nothing else.
+// only through audit.prune_alerts and audit.prune_alert_rules, which touch nothing else.
 var Grants = []string{
 	"USAGE ON SCHEMA audit",
 	"SELECT ON ALL TABLES IN SCHEMA audit",
 	"INSERT ON audit.events, audit.alert_stamps, audit.alerts_raised",
 	"EXECUTE ON FUNCTION audit.lock_head(), audit.advance_head(bigint, bytea), " +
 		"audit.chain_legacy(bigint[], bytea[], bytea[], bytea[], bytea[], text), " +
-		"audit.purge(bigint, bytea, text, bytea), audit.erase_subject(bigint), audit.prune_alerts(timestamptz)",
+		"audit.purge(bigint, bytea, text, bytea), audit.erase_subject(bigint), audit.prune_alerts(timestamptz), " +
+		"audit.prune_alert_rules(text[], timestamptz[])",
 }

@@ -122,19 +122,26 @@ func projectStatusInTx(ctx context.Context, tx pgx.Tx, items []*statusEvent, ret
 	}
 	var now time.Time
 	b.Queue(`SELECT now()`).QueryRow(func(row pgx.Row) error { return row.Scan(&now) })
-	rowsSQL := `SELECT ` + statusColumns + ` FROM verifier.request_status s WHERE (s.tenant, s.request_id) IN (
-			SELECT t, r FROM unnest($1::text[], $2::text[]) AS u(t, r)
-			UNION ALL SELECT c.tenant, c.request_id FROM verifier.request_status c WHERE c.challenge_id = ANY ($3::uuid[])`
+	// The keys first, in lock order; then each row by its primary key, locked, one after
+	// the other. A join of the keys with the table would be planned as a scan of the
+	// whole table whenever its statistics lag its growth (a table that doubles in a
+	// minute), once per batch; a lookup by primary key per key never is.
+	rowsSQL := `SELECT x.* FROM (
+			SELECT t, r FROM (
+				SELECT t, r FROM unnest($1::text[], $2::text[]) AS u(t, r)
+				UNION ALL SELECT c.tenant, c.request_id FROM verifier.request_status c WHERE c.challenge_id = ANY ($3::uuid[])`
 	args := []any{kt, kr, ids}
 	if hasErasure {
 		// Only with an erasure in the batch (index request_status_recipient).
 		rowsSQL += `
-			UNION ALL SELECT p.tenant, p.request_id FROM verifier.request_status p
-				JOIN unnest($4::text[], $5::text[]) AS x(t, k) ON p.tenant = x.t AND p.recipient_key = x.k`
+				UNION ALL SELECT p.tenant, p.request_id FROM verifier.request_status p
+					JOIN unnest($4::text[], $5::text[]) AS x(t, k) ON p.tenant = x.t AND p.recipient_key = x.k`
 		args = append(args, et, eh)
 	}
-	rowsSQL += `)
-		ORDER BY s.tenant COLLATE "C", s.request_id COLLATE "C" FOR UPDATE OF s`
+	rowsSQL += `) k0
+			GROUP BY t, r ORDER BY t COLLATE "C", r COLLATE "C") k
+		CROSS JOIN LATERAL (SELECT ` + statusColumns + ` FROM verifier.request_status s
+			WHERE s.tenant = k.t AND s.request_id = k.r FOR UPDATE) x`
 	loaded := map[statusKey]*statusRow{}
 	b.Queue(rowsSQL, args...).Query(func(rows pgx.Rows) error {
 		for rows.Next() {
@@ -296,31 +303,44 @@ func (p *statusApply) write(ctx context.Context, tx pgx.Tx) error {
 		keys = append(keys, k)
 	}
 	slices.SortFunc(keys, compareStatusKeys)
-	b := &pgx.Batch{}
+	// Set-based: one statement per kind of change, whatever the batch's size, the rows in
+	// key order (the order they were locked in).
+	var delT, delR []string
+	var upd, ins statusColumnsOf
 	for _, k := range keys {
-		if p.loaded[k] != nil && p.rows[k] == nil {
-			b.Queue(`DELETE FROM verifier.request_status WHERE tenant = $1 AND request_id = $2`, k.tenant, k.requestID)
+		l, r := p.loaded[k], p.rows[k]
+		switch {
+		case l != nil && r == nil:
+			delT, delR = append(delT, k.tenant), append(delR, k.requestID)
+		case l != nil && !l.same(r):
+			upd.add(r)
+		case l == nil && r != nil:
+			ins.add(r)
 		}
 	}
-	for _, k := range keys {
-		if l, r := p.loaded[k], p.rows[k]; l != nil && r != nil && !l.same(r) {
-			b.Queue(`UPDATE verifier.request_status SET challenge_id = $3, recipient_key = $4, code_seq = $5, state = $6,
-				state_at = $7, detail = $8, reason = $9, issued_at = $10, expires_at = $11, last_refusal_reason = $12,
-				last_refusal_detail = $13, last_refusal_at = $14, updated_at = now()
-				WHERE tenant = $1 AND request_id = $2`, statusArgs(r)...)
-		}
+	b := &pgx.Batch{}
+	if len(delT) > 0 {
+		b.Queue(`DELETE FROM verifier.request_status s USING unnest($1::text[], $2::text[]) AS u(t, r)
+			WHERE s.tenant = u.t AND s.request_id = u.r`, delT, delR)
+	}
+	if upd.n() > 0 {
+		b.Queue(`UPDATE verifier.request_status s SET challenge_id = u.challenge_id, recipient_key = u.recipient_key,
+				code_seq = u.code_seq, state = u.state, state_at = u.state_at, detail = u.detail, reason = u.reason,
+				issued_at = u.issued_at, expires_at = u.expires_at, last_refusal_reason = u.lr_reason,
+				last_refusal_detail = u.lr_detail, last_refusal_at = u.lr_at, updated_at = now()
+			FROM `+statusUnnest+`
+			WHERE s.tenant = u.tenant AND s.request_id = u.request_id`, upd.args()...)
 	}
 	raced := false
-	for _, k := range keys {
-		if r := p.rows[k]; p.loaded[k] == nil && r != nil {
-			b.Queue(`INSERT INTO verifier.request_status (tenant, request_id, challenge_id, recipient_key, code_seq, state,
+	if ins.n() > 0 {
+		want := ins.n()
+		b.Queue(`INSERT INTO verifier.request_status (tenant, request_id, challenge_id, recipient_key, code_seq, state,
 				state_at, detail, reason, issued_at, expires_at, last_refusal_reason, last_refusal_detail, last_refusal_at)
-				VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14) ON CONFLICT DO NOTHING`, statusArgs(r)...).
-				Exec(func(tag pgconn.CommandTag) error {
-					raced = raced || tag.RowsAffected() == 0
-					return nil
-				})
-		}
+			SELECT * FROM `+statusUnnest+` ON CONFLICT DO NOTHING`, ins.args()...).
+			Exec(func(tag pgconn.CommandTag) error {
+				raced = tag.RowsAffected() != int64(want)
+				return nil
+			})
 	}
 	if len(p.newly) > 0 {
 		ids := make([]string, 0, len(p.newly))
@@ -342,10 +362,35 @@ func (p *statusApply) write(ctx context.Context, tx pgx.Tx) error {
 	return nil
 }
 
-func statusArgs(r *statusRow) []any {
-	return []any{r.tenant, r.requestID, nullUUID(r.challengeID), r.recipientKey, r.codeSeq, string(r.state), r.stateAt,
-		r.detail, string(r.reason), nullTime(r.issuedAt), nullTime(r.expiresAt), string(r.refusalReason), r.refusalDetail,
-		nullTime(r.refusalAt)}
+// statusUnnest turns the arrays of statusColumnsOf.args into rows named as the table's.
+const statusUnnest = `unnest($1::text[], $2::text[], $3::uuid[], $4::text[], $5::int[], $6::text[], $7::timestamptz[],
+		$8::text[], $9::text[], $10::timestamptz[], $11::timestamptz[], $12::text[], $13::text[], $14::timestamptz[])
+	AS u(tenant, request_id, challenge_id, recipient_key, code_seq, state, state_at, detail, reason, issued_at,
+		expires_at, lr_reason, lr_detail, lr_at)`
+
+// statusColumnsOf are rows to write, column by column (statusArgs' order).
+type statusColumnsOf struct {
+	tenant, requestID, recipientKey, state, detail, reason, lrReason, lrDetail []string
+	challengeID                                                                []*string
+	codeSeq                                                                    []int32
+	stateAt                                                                    []time.Time
+	issuedAt, expiresAt, lrAt                                                  []*time.Time
+}
+
+func (c *statusColumnsOf) n() int { return len(c.tenant) }
+
+func (c *statusColumnsOf) add(r *statusRow) {
+	c.tenant, c.requestID = append(c.tenant, r.tenant), append(c.requestID, r.requestID)
+	c.challengeID, c.recipientKey = append(c.challengeID, nullUUID(r.challengeID)), append(c.recipientKey, r.recipientKey)
+	c.codeSeq, c.state, c.stateAt = append(c.codeSeq, int32(r.codeSeq)), append(c.state, string(r.state)), append(c.stateAt, r.stateAt)
+	c.detail, c.reason = append(c.detail, r.detail), append(c.reason, string(r.reason))
+	c.issuedAt, c.expiresAt = append(c.issuedAt, nullTime(r.issuedAt)), append(c.expiresAt, nullTime(r.expiresAt))
+	c.lrReason, c.lrDetail, c.lrAt = append(c.lrReason, string(r.refusalReason)), append(c.lrDetail, r.refusalDetail), append(c.lrAt, nullTime(r.refusalAt))
+}
+
+func (c *statusColumnsOf) args() []any {
+	return []any{c.tenant, c.requestID, c.challengeID, c.recipientKey, c.codeSeq, c.state, c.stateAt, c.detail, c.reason,
+		c.issuedAt, c.expiresAt, c.lrReason, c.lrDetail, c.lrAt}
 }
 
 // requestStatus reads a request's row and the database's clock; nil when it has none.
