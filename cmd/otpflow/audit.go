@@ -59,11 +59,17 @@ func auditCommand(ctx context.Context, args []string, getenv func(string) string
 // openAudit connects to the audit log at url: --db, else OTP_DATABASE_URL, else the
 // auditor role's URL that a running "otpflow dev" wrote to dir.
 func openAudit(ctx context.Context, url string, getenv func(string) string, dir string) (*pgxpool.Pool, error) {
+	return openRoleDB(ctx, url, getenv, filepath.Join(dir, devAuditorDB))
+}
+
+// openRoleDB connects as a service's role: url, else OTP_DATABASE_URL, else the URL a
+// running "otpflow dev" wrote to devFile.
+func openRoleDB(ctx context.Context, url string, getenv func(string) string, devFile string) (*pgxpool.Pool, error) {
 	if url == "" {
 		url = getenv("OTP_DATABASE_URL")
 	}
 	if url == "" {
-		if b, err := os.ReadFile(filepath.Join(dir, devAuditorDB)); err == nil {
+		if b, err := os.ReadFile(devFile); err == nil {
 			url = strings.TrimSpace(string(b))
 		}
 	}

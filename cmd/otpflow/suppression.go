@@ -7,7 +7,6 @@ import (
 	"flag"
 	"fmt"
 	"io"
-	"os"
 	"path/filepath"
 	"strings"
 	"time"
@@ -201,13 +200,5 @@ const devIssuerDB = "issuer.db"
 // openIssuerDB connects to the issuer's database at url: --db, else OTP_DATABASE_URL, else
 // the issuer role's URL that a running "otpflow dev" wrote to dir.
 func openIssuerDB(ctx context.Context, url string, getenv func(string) string, dir string) (*pgxpool.Pool, error) {
-	if url == "" {
-		url = getenv("OTP_DATABASE_URL")
-	}
-	if url == "" {
-		if b, err := os.ReadFile(filepath.Join(dir, devIssuerDB)); err == nil {
-			url = strings.TrimSpace(string(b))
-		}
-	}
-	return platform.OpenPostgres(ctx, url)
+	return openRoleDB(ctx, url, getenv, filepath.Join(dir, devIssuerDB))
 }
