@@ -47,7 +47,8 @@ func (s *Service) Erase(ctx context.Context, req events.ErasureRequested) (int64
 		if err != nil {
 			return err
 		}
-		suppressions, err := tx.Exec(ctx, `DELETE FROM issuer.suppressions WHERE tenant = $1 AND recipient_key = ANY ($2)`,
+		suppressions, err := tx.Exec(ctx, `WITH r AS (DELETE FROM issuer.suppression_removals WHERE tenant = $1 AND recipient_key = ANY ($2))
+			DELETE FROM issuer.suppressions WHERE tenant = $1 AND recipient_key = ANY ($2)`,
 			req.Tenant, req.RecipientHashes)
 		n = outbox.RowsAffected() + codes.RowsAffected() + challenges.RowsAffected() + resends.RowsAffected() + suppressions.RowsAffected()
 		return err

@@ -586,6 +586,7 @@ func (st *store) purge(ctx context.Context, retention time.Duration) (int64, err
 		// An operator's entry that lapsed; an entry from feedback lapses by the tenant's
 		// expiry as it stands when a request comes, and stays until removed or erased.
 		{`DELETE FROM issuer.suppressions WHERE reason = 'operator' AND expires_at < now() - $1::interval`, 0},
+		{`DELETE FROM issuer.suppression_removals WHERE removed_at < now() - $1::interval`, 30 * 24 * time.Hour},
 	} {
 		tag, err := st.pool.Exec(ctx, q.sql, q.age-st.skew())
 		if err != nil {

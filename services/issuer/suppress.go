@@ -136,10 +136,13 @@ func (s *Service) handleFeedback(ctx context.Context, d *platform.Delivery) erro
 		// OTP_EVENTS stored it) lists nobody: the erasure wins, as it does for a request
 		// in flight. A later bounce or complaint restarts the entry's clock; an operator's
 		// entry for ever is left as it is.
+		// Nor does a bounce or complaint from before an operator took the person off the
+		// list: the operator has seen it.
 		tag, err := tx.Exec(ctx, `INSERT INTO issuer.suppressions AS s
 				(tenant, recipient_key, reason, challenge_id, source, created_at, expires_at)
 			SELECT $1, $2, $3, $4, $5, $6, NULL
 			WHERE NOT EXISTS (SELECT 1 FROM issuer.erasures e WHERE e.tenant = $1 AND e.recipient_key = $2 AND e.erased_at >= $7)
+			  AND NOT EXISTS (SELECT 1 FROM issuer.suppression_removals r WHERE r.tenant = $1 AND r.recipient_key = $2 AND r.removed_at >= $6)
 			ON CONFLICT (tenant, recipient_key) DO UPDATE SET
 				reason = EXCLUDED.reason, challenge_id = EXCLUDED.challenge_id, source = EXCLUDED.source,
 				created_at = EXCLUDED.created_at, expires_at = NULL
@@ -236,10 +239,17 @@ func Unsuppress(ctx context.Context, pool *pgxpool.Pool, tenant string, u Unlist
 	if !u.Since.IsZero() {
 		since = &u.Since
 	}
-	rows, err := pool.Query(ctx, `DELETE FROM issuer.suppressions WHERE tenant = $1
+	// The removal is remembered by hash (issuer.suppression_removals), so that feedback
+	// about what happened before it does not list the person again.
+	rows, err := pool.Query(ctx, `WITH gone AS (DELETE FROM issuer.suppressions WHERE tenant = $1
 			AND (coalesce(cardinality($2::text[]), 0) = 0 OR recipient_key = ANY ($2))
 			AND ($3 = '' OR reason = $3) AND ($4::timestamptz IS NULL OR created_at >= $4)
-		RETURNING tenant, recipient_key, reason, coalesce(challenge_id::text, ''), source, created_at, expires_at`,
+		RETURNING tenant, recipient_key, reason, challenge_id, source, created_at, expires_at),
+		kept AS (INSERT INTO issuer.suppression_removals (tenant, recipient_key, removed_at)
+			SELECT tenant, recipient_key, now() FROM gone
+			UNION SELECT $1, h, now() FROM unnest($2::text[]) AS h
+			ON CONFLICT (tenant, recipient_key) DO UPDATE SET removed_at = EXCLUDED.removed_at)
+		SELECT tenant, recipient_key, reason, coalesce(challenge_id::text, ''), source, created_at, expires_at FROM gone`,
 		tenant, u.Hashes, u.Reason, since)
 	if err != nil {
 		return nil, err

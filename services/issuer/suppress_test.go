@@ -194,8 +194,9 @@ func (h *harness) feedbackRead(t *testing.T) {
 // nobody and refuses nobody; with an expiry, an entry refuses until it lapses, and a
 // change of the expiry reaches the entries already made. An operator's entry refuses with
 // limit operator; feedback does not replace one for ever, nor does an operator's shorter
-// one; a lapsed operator's entry is purged; and removal by recipient or in bulk by reason
-// serves the recipients again.
+// one; a lapsed operator's entry is purged; removal by recipient or in bulk by reason
+// serves the recipients again, and a bounce from before a removal (a notification sent
+// to the queue again) does not list the person again, while a later one does.
 func TestSuppressionPolicyAndOperators(t *testing.T) {
 	const initechFor1h = "tenants:\n  globex:\n    suppression:\n      disabled: true\n  initech:\n    suppression:\n      expiry: 1h\n"
 	h := newPolicyHarness(t, initechFor1h)
@@ -249,6 +250,14 @@ func TestSuppressionPolicyAndOperators(t *testing.T) {
 	if _, err := Unsuppress(ctx, h.pool, "acme", Unlist{}); err == nil {
 		t.Fatal("a remove naming nothing removed the whole list")
 	}
+	// The attack of whoever can send to the feedback queue: a genuine notification of
+	// jon's old bounce, sent again after the operator took him off. It happened before
+	// the removal, so it lists him no more.
+	h.feedbackAt(t, "j-replayed", "acme", "jon@example.com", events.FeedbackBounced, "Permanent", time.Now().UTC().Add(-time.Minute))
+	h.feedbackRead(t)
+	if list, err := ListSuppressions(ctx, h.pool, "acme", h.subjects.SubjectHashes("acme", "jon@example.com"), 0); err != nil || len(list) != 0 {
+		t.Fatalf("jon after a replayed bounce: %+v, %v; want him off the list", list, err)
+	}
 	// A refusal stamps no cooldown: served at once.
 	h.requestOf(t, "acme", "r-jon2", "jon@example.com", false)
 	if rej := h.outcome(t, "acme", "r-jon2"); rej != nil {
@@ -271,6 +280,14 @@ func TestSuppressionPolicyAndOperators(t *testing.T) {
 	testenv.Must(t, err, "bulk remove")
 	if len(removed) != 1 || removed[0].RecipientHash != h.subjects.Subject("acme", "lou@example.com") {
 		t.Fatalf("bulk remove %+v, want lou's bounce alone", removed)
+	}
+
+	// A bounce that happens after the removal lists him again.
+	h.feedbackAt(t, "j-later", "acme", "jon@example.com", events.FeedbackBounced, "Permanent", time.Now().UTC().Add(time.Second))
+	h.feedbackRead(t)
+	if list, err := ListSuppressions(ctx, h.pool, "acme", h.subjects.SubjectHashes("acme", "jon@example.com"), 0); err != nil ||
+		len(list) != 1 || list[0].Reason != SuppressedBounced {
+		t.Fatalf("jon after a new bounce: %+v, %v; want him listed as bounced", list, err)
 	}
 }
 
