@@ -117,12 +117,24 @@ func (s *Service) checkStatusEvent(d *platform.Delivery) (*statusEvent, error) {
 		return nil, err
 	}
 	e := &statusEvent{msg: d, tenant: tenant}
-	switch typ {
-	case events.TypeIssued:
-		var v events.Issued
-		if err := events.DecodeEvent(d.Data(), &v); err != nil {
+	if typ == events.TypeErasureRequested {
+		// Checked as the erasure consumers check it.
+		v, err := platform.DecodeErasure(d.Subject(), d.Data())
+		if err != nil {
 			return nil, err
 		}
+		e.kind, e.hashes = statusErasure, v.RecipientHashes
+		return e, nil
+	}
+	if !slices.Contains(events.StatusTypes, typ) {
+		return nil, field("subject", "the status projection does not read %s", typ)
+	}
+	ev, err := events.DecodeEventOf(typ, d.Data())
+	if err != nil {
+		return nil, err
+	}
+	switch v := ev.(type) {
+	case events.Issued:
 		key, err := s.statusRecipientKey(tenant, v)
 		if err != nil {
 			return nil, err
@@ -132,11 +144,7 @@ func (s *Service) checkStatusEvent(d *platform.Delivery) (*statusEvent, error) {
 		err = firstError(checkCommon(tenant, v.Tenant, v.ChallengeID, v.RequestID), checkCodeSeq(v.CodeSeq, 1),
 			required("issued_at", v.IssuedAt), required("expires_at", v.ExpiresAt))
 		return e, err
-	case events.TypeRejected:
-		var v events.Rejected
-		if err := events.DecodeEvent(d.Data(), &v); err != nil {
-			return nil, err
-		}
+	case events.Rejected:
 		if v.Tenant != tenant {
 			return nil, &events.ValidationError{Reason: events.ReasonInvalidTenant, Field: "tenant", Detail: "differs from the subject's tenant"}
 		}
@@ -154,35 +162,19 @@ func (s *Service) checkStatusEvent(d *platform.Delivery) (*statusEvent, error) {
 		e.skip = tenant == invalidTenant || !validRequestID(v.RequestID)
 		e.kind, e.requestID, e.reason, e.detail, e.at = statusRejected, v.RequestID, v.Reason, clean(v.Detail), stamp(v.RejectedAt)
 		return e, nil
-	case events.TypeDelivered:
-		var v events.Delivered
-		if err := events.DecodeEvent(d.Data(), &v); err != nil {
-			return nil, err
-		}
+	case events.Delivered:
 		e.kind, e.requestID, e.challengeID, e.codeSeq, e.state, e.at = statusProgress, v.RequestID, v.ChallengeID, v.CodeSeq, events.StateSent, stamp(v.DeliveredAt)
 		if v.Unconfirmed {
 			e.detail = "unconfirmed"
 		}
 		return e, firstError(checkCommon(tenant, v.Tenant, v.ChallengeID, v.RequestID), checkCodeSeq(v.CodeSeq, 1), required("delivered_at", v.DeliveredAt))
-	case events.TypeDeliveryFailed:
-		var v events.DeliveryFailed
-		if err := events.DecodeEvent(d.Data(), &v); err != nil {
-			return nil, err
-		}
+	case events.DeliveryFailed:
 		e.kind, e.requestID, e.challengeID, e.codeSeq, e.state, e.at, e.detail = statusProgress, v.RequestID, v.ChallengeID, v.CodeSeq, events.StateFailed, stamp(v.FailedAt), failureDetail(v)
 		return e, firstError(checkCommon(tenant, v.Tenant, v.ChallengeID, v.RequestID), checkCodeSeq(v.CodeSeq, 1), required("failed_at", v.FailedAt))
-	case events.TypeDispatchExpired:
-		var v events.DispatchExpired
-		if err := events.DecodeEvent(d.Data(), &v); err != nil {
-			return nil, err
-		}
+	case events.DispatchExpired:
 		e.kind, e.requestID, e.challengeID, e.codeSeq, e.state, e.at = statusProgress, v.RequestID, v.ChallengeID, v.CodeSeq, events.StateDispatchExpired, stamp(v.ExpiredAt)
 		return e, firstError(checkCommon(tenant, v.Tenant, v.ChallengeID, v.RequestID), checkCodeSeq(v.CodeSeq, 1), required("expired_at", v.ExpiredAt))
-	case events.TypeFeedback:
-		var v events.Feedback
-		if err := events.DecodeEvent(d.Data(), &v); err != nil {
-			return nil, err
-		}
+	case events.Feedback:
 		at := v.OccurredAt
 		if at.IsZero() {
 			at = v.ReceivedAt
@@ -196,35 +188,15 @@ func (s *Service) checkStatusEvent(d *platform.Delivery) (*statusEvent, error) {
 			return nil, field("challenge_id", "must be a lowercase UUID")
 		}
 		return e, firstError(err, checkCodeSeq(v.CodeSeq, 1), required("occurred_at", at))
-	case events.TypeVerified:
-		var v events.Verified
-		if err := events.DecodeEvent(d.Data(), &v); err != nil {
-			return nil, err
-		}
+	case events.Verified:
 		e.kind, e.requestID, e.challengeID, e.codeSeq, e.state, e.at = statusClosed, v.RequestID, v.ChallengeID, v.CodeSeq, events.StateVerified, stamp(v.VerifiedAt)
 		return e, firstError(checkCommon(tenant, v.Tenant, v.ChallengeID, v.RequestID), checkCodeSeq(v.CodeSeq, 0), required("verified_at", v.VerifiedAt))
-	case events.TypeLocked:
-		var v events.Locked
-		if err := events.DecodeEvent(d.Data(), &v); err != nil {
-			return nil, err
-		}
+	case events.Locked:
 		e.kind, e.requestID, e.challengeID, e.state, e.at = statusClosed, v.RequestID, v.ChallengeID, events.StateLocked, stamp(v.LockedAt)
 		return e, firstError(checkCommon(tenant, v.Tenant, v.ChallengeID, v.RequestID), required("locked_at", v.LockedAt))
-	case events.TypeSuperseded:
-		var v events.Superseded
-		if err := events.DecodeEvent(d.Data(), &v); err != nil {
-			return nil, err
-		}
+	case events.Superseded:
 		e.kind, e.requestID, e.challengeID, e.state, e.at = statusClosed, v.RequestID, v.ChallengeID, events.StateSuperseded, stamp(v.SupersededAt)
 		return e, firstError(checkCommon(tenant, v.Tenant, v.ChallengeID, v.RequestID), required("superseded_at", v.SupersededAt))
-	case events.TypeErasureRequested:
-		// Checked as the erasure consumers check it.
-		v, err := platform.DecodeErasure(d.Subject(), d.Data())
-		if err != nil {
-			return nil, err
-		}
-		e.kind, e.hashes = statusErasure, v.RecipientHashes
-		return e, nil
 	}
 	return nil, field("subject", "the status projection does not read %s", typ)
 }
