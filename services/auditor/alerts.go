@@ -422,17 +422,7 @@ func (a *alerter) windows(ctx context.Context, tx pgx.Tx, sigs []signal) ([]*ale
 		add.n, add.f = append(add.n, int32(s.n)), append(add.f, int32(s.failed))
 	}
 	b := &pgx.Batch{}
-	b.Queue(`WITH q AS (SELECT * FROM unnest($1::text[], $2::bytea[], $3::timestamptz[], $4::timestamptz[]) WITH ORDINALITY AS q(rule, key, from_at, to_at, i))
-		SELECT q.i, s.at, s.n::bigint, s.failed::bigint FROM q JOIN audit.alert_stamps s
-		    ON s.rule = q.rule AND s.key = q.key AND s.at > q.from_at AND s.at <= q.to_at
-		UNION ALL
-		SELECT t.i, NULL, sum(t.n), sum(t.failed) FROM (
-		    SELECT q.i, s.n::bigint AS n, s.failed::bigint AS failed FROM q JOIN audit.alert_stamps s
-		        ON s.rule = q.rule AND s.key = q.key AND s.at > q.to_at AND s.at < date_trunc('second', q.to_at) + interval '1 second'
-		    UNION ALL
-		    SELECT q.i, b.n, b.failed FROM q JOIN audit.alert_buckets b
-		        ON b.rule = q.rule AND b.key = q.key AND b.at_second >= date_trunc('second', q.to_at) + interval '1 second'
-		) t GROUP BY t.i`, rules, digests, from, to).Query(func(rows pgx.Rows) error {
+	b.Queue(windowsSQL, rules, digests, from, to).Query(func(rows pgx.Rows) error {
 		var i, n, failed int64
 		var at *time.Time
 		_, err := pgx.ForEachRow(rows, []any{&i, &at, &n, &failed}, func() error {
@@ -464,6 +454,27 @@ func (a *alerter) windows(ctx context.Context, tx pgx.Tx, sigs []signal) ([]*ale
 	}
 	return of, nil
 }
+
+// windowsSQL reads windows: for each (rule, key, from, to), the stamps in (from, to] one by
+// one, then one row (at NULL) with the sums after to: the stamps up to the end of to's
+// second, and the per-second sums after it. Each part is a LATERAL subquery, so it is a
+// range scan of an index per window whatever plan PostgreSQL caches for the prepared
+// statement (OFFSET 0 keeps the first from being flattened into a join): a join of the arguments with the tables was cached as a generic
+// plan that hashed the whole of audit.alert_stamps (a stamp per provider call in the
+// last window) on every batch (TestAlertWindowsUseTheKey).
+const windowsSQL = `WITH q AS (SELECT * FROM unnest($1::text[], $2::bytea[], $3::timestamptz[], $4::timestamptz[]) WITH ORDINALITY AS q(rule, key, from_at, to_at, i))
+		SELECT q.i, s.at, s.n::bigint, s.failed::bigint FROM q CROSS JOIN LATERAL (
+		    SELECT s.at, s.n, s.failed FROM audit.alert_stamps s
+		    WHERE s.rule = q.rule AND s.key = q.key AND s.at > q.from_at AND s.at <= q.to_at OFFSET 0) s
+		UNION ALL
+		SELECT q.i, NULL, coalesce(s.n, 0) + coalesce(b.n, 0), coalesce(s.failed, 0) + coalesce(b.failed, 0) FROM q
+		CROSS JOIN LATERAL (
+		    SELECT sum(s.n)::bigint AS n, sum(s.failed)::bigint AS failed FROM audit.alert_stamps s
+		    WHERE s.rule = q.rule AND s.key = q.key AND s.at > q.to_at AND s.at < date_trunc('second', q.to_at) + interval '1 second') s
+		CROSS JOIN LATERAL (
+		    SELECT sum(b.n)::bigint AS n, sum(b.failed)::bigint AS failed FROM audit.alert_buckets b
+		    WHERE b.rule = q.rule AND b.key = q.key AND b.at_second >= date_trunc('second', q.to_at) + interval '1 second') b
+		WHERE s.n IS NOT NULL OR b.n IS NOT NULL`
 
 // record writes a row per alert raised and returns the alerts it wrote. A row is per rule,
 // key and window start: should two writers ever both decide to raise one (they cannot

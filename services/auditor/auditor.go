@@ -184,6 +184,10 @@ type Row struct {
 	PrevHash   []byte
 	RowHash    []byte
 	ChainKeyID string // the chain key RowHash was made with
+
+	// payloadCanonical says Payload is already canonical (ToRow made it), so hashing it
+	// need not encode it again; a payload read back from PostgreSQL's jsonb is not.
+	payloadCanonical bool
 }
 
 // Fields no audit row keeps, whatever the event: what verifies a code, and the session.
@@ -293,6 +297,9 @@ func ToRow(key []byte, subjects *keys.Subjects, seq uint64, stored time.Time, su
 	if r.Payload, err = json.Marshal(body); err != nil {
 		return Row{}, err
 	}
+	// json.Marshal sorts a map's keys and writes the numbers storedBody kept as they
+	// were: the payload is already in the form canonical gives (TestPayloadIsCanonical).
+	r.payloadCanonical = true
 	if err := storable(&r, body); err != nil {
 		return Row{}, err
 	}
@@ -362,20 +369,41 @@ func unstorableField(path string, v any) string {
 // fields. Integers keep every digit (an unknown field may hold more than a float64 does);
 // other numbers read as float64, in the form PostgreSQL's jsonb gives back, as always.
 func storedBody(data []byte) (map[string]any, error) {
+	var decodeErr error
+	if len(data) <= events.MaxEventSize {
+		dec := json.NewDecoder(bytes.NewReader(data))
+		dec.UseNumber()
+		var body map[string]any
+		switch err := dec.Decode(&body); {
+		case err != nil:
+			decodeErr = err
+		case !onlyJSONSpace(data[dec.InputOffset():]):
+			decodeErr = errors.New("data after the JSON object")
+		default:
+			for k, v := range body {
+				body[k] = storedNumbers(v)
+			}
+			return body, nil
+		}
+	}
+	// Not one JSON object, or too large: events.DecodeEvent says why, in the reasons
+	// every consumer gives. The messages that are fine are decoded once.
 	var check map[string]json.RawMessage
-	if err := events.DecodeEvent(data, &check); err != nil { // one object, the size limit
+	if err := events.DecodeEvent(data, &check); err != nil {
 		return nil, err
 	}
-	dec := json.NewDecoder(bytes.NewReader(data))
-	dec.UseNumber()
-	var body map[string]any
-	if err := dec.Decode(&body); err != nil {
-		return nil, err
+	return nil, decodeErr
+}
+
+// onlyJSONSpace reports whether b holds nothing but JSON's whitespace: what may follow
+// the one value of a message.
+func onlyJSONSpace(b []byte) bool {
+	for _, c := range b {
+		if c != ' ' && c != '\t' && c != '\n' && c != '\r' {
+			return false
+		}
 	}
-	for k, v := range body {
-		body[k] = storedNumbers(v)
-	}
-	return body, nil
+	return true
 }
 
 // storedNumbers keeps integers as written and turns other numbers into float64.

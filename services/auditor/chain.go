@@ -56,9 +56,12 @@ func rowHash(key, prev []byte, r *Row) ([]byte, error) {
 
 // rowContent is the canonical content of a row that its hash covers.
 func rowContent(r *Row) ([]byte, error) {
-	payload, err := canonical(r.Payload)
-	if err != nil {
-		return nil, fmt.Errorf("canonical payload: %w", err)
+	payload := r.Payload
+	if !r.payloadCanonical {
+		var err error
+		if payload, err = canonical(r.Payload); err != nil {
+			return nil, fmt.Errorf("canonical payload: %w", err)
+		}
 	}
 	return json.Marshal(struct {
 		Seq         uint64          `json:"seq"`

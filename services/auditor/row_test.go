@@ -1,11 +1,16 @@
 package auditor
 
 import (
+	"bytes"
 	"encoding/hex"
+	"encoding/json"
+	"errors"
 	"fmt"
 	"strings"
 	"testing"
 	"time"
+
+	"github.com/otpflow/otpflow/events"
 )
 
 // rowCases are events as producers of earlier, this and later releases write them: every known
@@ -75,4 +80,63 @@ var rowFormat = []string{
 	`alert|||||{"detail":"provider ses failed 3 of 4 calls","raised_at":"2026-11-26T10:06:00Z","rule":"delivery_failure_ratio","severity":"warning","tenant":"_system","threshold":0.5,"value":0.75}|map[]|bfd9ad643c31352984d57d6c1ca534b965246a8b0e2a23463396bc6a30582506`,
 	`known type, unknown fields|r-2|c-2|||{"attempts":1,"big":12345678901234567890,"challenge_id":"c-2","code_seq":1,"method":"passkey","nested":{"a":null,"b":[1,2.5,"x"]},"request_id":"r-2","tenant":"acme","verified_at":"2026-11-26T10:05:00Z"}|map[]|4e551ed358929cc098a268cce53762d9e9a3e36473aa376b6876ddb9cc095180`,
 	`unknown type|r-3|c-3|b***@example.com|6b313a68615464444c734e39474157586f2d374b68676e58307a694a506c5f7236524a36754e2d56346c69665930|{"at":"2026-11-26T10:08:00Z","challenge_id":"c-3","kind":"complaint","request_id":"r-3","score":0.1}|map[client_hash:k1:2PUWoJq0JF93h9q7vCD5PhFMS-jLa2FD-6PGL-uXJzw]|430a3acf6dc913fa8e7609414f7435747ad964de454bbd4a1186c56b86d7e7d2`,
+}
+
+// FuzzToRow holds ToRow to what the chain relies on, for any message body: no panic;
+// storedBody refuses a body exactly when the two decodes it made before refuse it
+// (events.DecodeEvent, then the decode that keeps integers); and the payload of a row is
+// already canonical, so rowContent may hash it without encoding it again.
+func FuzzToRow(f *testing.F) {
+	for _, tc := range rowCases {
+		f.Add(tc.subject, tc.body)
+	}
+	for _, body := range []string{`{"a":1} `, "{\"a\":1}\n\t\r", `{"a":1} x`, `{"a":1}{"b":2}`, `{"a":1}` + "\f", `null`, `[1]`, `"x"`,
+		``, ` `, `{"b":1e400}`, `{"b":-0.0,"c":1E2,"d":0.1e-7}`, `{"x":"<&>\u2028","y":"\ud800"}`, "{\"z\":\"\xff\"}",
+		`{"A":{"c":1,"b":[{"z":1,"a":2}]},"a":true}`, `{"request_id":1,"Request_Id":"x"}`} {
+		f.Add("otp.verified.acme", body)
+	}
+	f.Fuzz(func(t *testing.T, subject, body string) {
+		_, err := storedBody([]byte(body))
+		if werr := twoDecodes([]byte(body)); (err == nil) != (werr == nil) {
+			t.Fatalf("storedBody(%q): %v; the two decodes: %v", body, err, werr)
+		}
+		r, err := ToRow(testKey, testSubjects, 7, time.Unix(0, 0), subject, nil, []byte(body))
+		if err != nil {
+			return
+		}
+		if !r.payloadCanonical {
+			t.Fatalf("ToRow(%q) did not mark its payload canonical", body)
+		}
+		c, err := canonical(r.Payload)
+		if err != nil {
+			t.Fatalf("payload %s: %v", r.Payload, err)
+		}
+		if string(c) != string(r.Payload) {
+			t.Fatalf("payload %s is not canonical: %s", r.Payload, c)
+		}
+	})
+}
+
+// twoDecodes is how storedBody decided a body was one JSON object before it decoded it
+// once: events.DecodeEvent into a map, then the decode that keeps integers.
+func twoDecodes(data []byte) error {
+	var check map[string]json.RawMessage
+	if err := events.DecodeEvent(data, &check); err != nil {
+		return err
+	}
+	dec := json.NewDecoder(bytes.NewReader(data))
+	dec.UseNumber()
+	var body map[string]any
+	return dec.Decode(&body)
+}
+
+// TestTooLargeBodyIsRefusedAsTooLarge: the one-decode path still gives the size limit's
+// reason.
+func TestTooLargeBodyIsRefusedAsTooLarge(t *testing.T) {
+	body := `{"pad":"` + strings.Repeat("x", events.MaxEventSize) + `"}`
+	_, err := ToRow(testKey, testSubjects, 1, time.Unix(0, 0), "otp.verified.acme", nil, []byte(body))
+	var v *events.ValidationError
+	if !errors.As(err, &v) || v.Reason != events.ReasonTooLarge {
+		t.Fatalf("got %v, want a %s validation error", err, events.ReasonTooLarge)
+	}
 }
