@@ -39,6 +39,12 @@ type ConsumeConfig struct {
 	// most pulled ahead of the handler (default 2×BatchSize). Pulled messages wait with
 	// their AckWait running, so a consumer whose handler can be slow keeps Prefetch small.
 	BatchSize, Prefetch int
+	// Linger is how long a batch that is not full waits for more deliveries before it is
+	// handed over (default 0: at once, with what has arrived). For a projection whose
+	// cost is mostly per batch (a transaction, a statement per kind of row), not for a
+	// stage someone waits on: it adds up to Linger to each delivery's latency when the
+	// stream is quiet, and nothing when batches fill.
+	Linger time.Duration
 	// MaxRetryDelay caps the redelivery delay of a delivery that failed, and the wait
 	// between two tries of deliveries held in place (default 30 s).
 	MaxRetryDelay time.Duration
@@ -213,8 +219,9 @@ func (c *Consumer) recovering(handle BatchHandler) BatchHandler {
 }
 
 // Run pulls and hands the handler batches of up to BatchSize deliveries: the first
-// waiting message plus whatever else has already arrived, so a quiet stream gets batches
-// of one with no added latency and a busy one gets full batches. At most Prefetch
+// waiting message plus whatever else has already arrived (or arrives within Linger), so a
+// quiet stream gets batches of one with no added latency (Linger 0) and a busy one gets
+// full batches. At most Prefetch
 // messages are pulled ahead. On cancel it stops pulling, hands over the messages it
 // already holds and returns; deliveries still unsettled then are redelivered after
 // their AckWait unless their stage settles them, and deliveries held for a neighbour
@@ -264,15 +271,40 @@ func (c *Consumer) Run(ctx context.Context, handle BatchHandler) error {
 			batch = batch[:0]
 		}
 	}
+	var linger *time.Timer
 	collect := func(first *Delivery) {
 		batch = append(batch, first)
+		waiting := false
 		for len(batch) < size {
 			select {
 			case m := <-buf:
 				batch = append(batch, m)
+				continue
 			default:
+			}
+			if c.cfg.Linger <= 0 || ctx.Err() != nil {
 				return
 			}
+			if !waiting {
+				waiting = true
+				if linger == nil {
+					linger = time.NewTimer(c.cfg.Linger)
+				} else {
+					linger.Reset(c.cfg.Linger)
+				}
+			}
+			select {
+			case m := <-buf:
+				batch = append(batch, m)
+			case <-linger.C:
+				return
+			case <-ctx.Done():
+				linger.Stop()
+				return
+			}
+		}
+		if waiting {
+			linger.Stop()
 		}
 	}
 	drain := func() {

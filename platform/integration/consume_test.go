@@ -730,3 +730,49 @@ func TestConsumerEndsWhenItsDurableIsDeleted(t *testing.T) {
 	_, err := e.reg.Gather()
 	testenv.Must(t, err, "gather once the durable is gone")
 }
+
+// TestLingerFillsTheBatch: with Linger, a delivery that arrives alone waits for the ones
+// that follow it, and the batch goes when it is full, not when the linger ends (a minute
+// here); without Linger, it would go alone at once. A batch that never fills goes after
+// its linger.
+func TestLingerFillsTheBatch(t *testing.T) {
+	for _, tc := range []struct {
+		name    string
+		linger  time.Duration
+		publish int
+	}{{"fills", time.Minute, 4}, {"goes after the linger", 50 * time.Millisecond, 1}} {
+		t.Run(tc.name, func(t *testing.T) {
+			e := newSettleEnv(t, jetstream.ConsumerConfig{AckWait: 5 * time.Minute})
+			c := platform.NewConsumer(e.cons, platform.ConsumeConfig{Name: "settle_test", BatchSize: 4, Linger: tc.linger,
+				JS: e.js, Log: testenv.Logger(io.Discard), Reg: e.reg})
+			var mu sync.Mutex
+			var sizes []int
+			testenv.Start(t, func(ctx context.Context) error {
+				return c.Run(ctx, func(_ context.Context, batch []*platform.Delivery) error {
+					mu.Lock()
+					sizes = append(sizes, len(batch))
+					mu.Unlock()
+					for _, d := range batch {
+						d.Settle(platform.Ack())
+					}
+					return nil
+				})
+			})
+			e.publish(t, "1")
+			// The first is pulled (pending its ack) before the others are published.
+			testenv.Eventually(t, 10*time.Second, "the first message delivered", func() bool {
+				info, err := e.cons.Info(t.Context())
+				return err == nil && info.Delivered.Consumer == 1
+			})
+			for i := 2; i <= tc.publish; i++ {
+				e.publish(t, fmt.Sprint(i))
+			}
+			e.waitSettled(t)
+			mu.Lock()
+			defer mu.Unlock()
+			if !slices.Equal(sizes, []int{tc.publish}) {
+				t.Errorf("batches of %v, want one of %d", sizes, tc.publish)
+			}
+		})
+	}
+}
