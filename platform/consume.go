@@ -271,10 +271,17 @@ func (c *Consumer) Run(ctx context.Context, handle BatchHandler) error {
 			batch = batch[:0]
 		}
 	}
+	// collect makes a batch of first and what follows it: what has arrived, and with
+	// wait, what arrives within Linger, until the batch is full.
 	var linger *time.Timer
-	collect := func(first *Delivery) {
+	collect := func(first *Delivery, wait bool) {
 		batch = append(batch, first)
-		waiting := false
+		started := false
+		defer func() {
+			if started {
+				linger.Stop()
+			}
+		}()
 		for len(batch) < size {
 			select {
 			case m := <-buf:
@@ -282,11 +289,11 @@ func (c *Consumer) Run(ctx context.Context, handle BatchHandler) error {
 				continue
 			default:
 			}
-			if c.cfg.Linger <= 0 || ctx.Err() != nil {
+			if !wait || c.cfg.Linger <= 0 || ctx.Err() != nil {
 				return
 			}
-			if !waiting {
-				waiting = true
+			if !started {
+				started = true
 				if linger == nil {
 					linger = time.NewTimer(c.cfg.Linger)
 				} else {
@@ -299,19 +306,15 @@ func (c *Consumer) Run(ctx context.Context, handle BatchHandler) error {
 			case <-linger.C:
 				return
 			case <-ctx.Done():
-				linger.Stop()
 				return
 			}
-		}
-		if waiting {
-			linger.Stop()
 		}
 	}
 	drain := func() {
 		for {
 			select {
 			case m := <-buf:
-				collect(m)
+				collect(m, false) // nothing more is coming
 				flush()
 			default:
 				return
@@ -364,7 +367,7 @@ func (c *Consumer) Run(ctx context.Context, handle BatchHandler) error {
 			}
 		case m := <-buf:
 			restart = 0
-			collect(m)
+			collect(m, true)
 			flush()
 		}
 	}

@@ -121,8 +121,10 @@ func (c Common) Streams() events.StreamOptions {
 
 // Main is a service binary's main: it runs spec configured by the environment until
 // SIGINT or SIGTERM and it has drained; an error is one line on stderr, "name: ...", and
-// exit status 1.
+// exit status 1. The garbage collector gets DefaultGOGC and DefaultMemoryLimit unless
+// GOGC or GOMEMLIMIT is set.
 func Main(spec ServiceSpec) {
+	gcDefaults(os.Getenv)
 	ctx, stop := signal.NotifyContext(context.Background(), os.Interrupt, syscall.SIGTERM)
 	err := RunService(ctx, spec, os.Getenv, os.Stderr)
 	stop()

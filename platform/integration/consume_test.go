@@ -776,3 +776,46 @@ func TestLingerFillsTheBatch(t *testing.T) {
 		})
 	}
 }
+
+// TestLingerEndsOnShutdown: a service stopped while a batch lingers (for a minute here)
+// hands the batch over and returns, rather than wait the linger out.
+func TestLingerEndsOnShutdown(t *testing.T) {
+	e := newSettleEnv(t, jetstream.ConsumerConfig{AckWait: 5 * time.Minute})
+	c := platform.NewConsumer(e.cons, platform.ConsumeConfig{Name: "settle_test", BatchSize: 4, Linger: time.Minute,
+		JS: e.js, Log: testenv.Logger(io.Discard), Reg: e.reg})
+	var handled atomic.Int64
+	ctx, cancel := context.WithCancel(t.Context())
+	defer cancel()
+	done := make(chan error, 1)
+	go func() {
+		done <- c.Run(ctx, func(_ context.Context, batch []*platform.Delivery) error {
+			handled.Add(int64(len(batch)))
+			for _, d := range batch {
+				d.Settle(platform.Ack())
+			}
+			return nil
+		})
+	}()
+	e.publish(t, "1")
+	testenv.Eventually(t, 10*time.Second, "the message delivered", func() bool {
+		info, err := e.cons.Info(t.Context())
+		return err == nil && info.Delivered.Consumer == 1
+	})
+	if handled.Load() != 0 {
+		t.Fatal("the batch did not linger")
+	}
+	cancel()
+	var err error
+	testenv.Eventually(t, 10*time.Second, "Run returned", func() bool {
+		select {
+		case err = <-done:
+			return true
+		default:
+			return false
+		}
+	})
+	testenv.Must(t, err, "run")
+	if handled.Load() != 1 {
+		t.Errorf("%d deliveries handed over at shutdown, want the 1 that lingered", handled.Load())
+	}
+}

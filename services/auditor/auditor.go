@@ -309,7 +309,7 @@ func ToRow(key []byte, subjects *keys.Subjects, seq uint64, stored time.Time, su
 		return Row{}, err
 	}
 	// json.Marshal sorts a map's keys and writes the numbers storedBody kept as they
-	// were: the payload is already in the form canonical gives (TestPayloadIsCanonical).
+	// were: the payload is already in the form canonical gives (FuzzToRow).
 	r.payloadCanonical = true
 	if err := storable(&r, body); err != nil {
 		return Row{}, err

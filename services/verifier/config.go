@@ -52,10 +52,11 @@ type Config struct {
 	VerifyTransactions int
 	VerifyGroupSize    int
 	BatchSize          int
-	// ProjectionLinger is how long a projection's batch that is not full waits for more
-	// events (platform.ConsumeConfig.Linger): default DefaultProjectionLinger; negative,
-	// none. Verifications never wait on it.
-	ProjectionLinger time.Duration
+	// StatusLinger is how long a batch of the status projection that is not full waits
+	// for more events (platform.ConsumeConfig.Linger): default DefaultStatusLinger;
+	// negative, none. The challenge projection never lingers: a verify that comes before
+	// its code is projected waits for it (verify.go, the fence).
+	StatusLinger time.Duration
 	Streams            events.StreamOptions
 	// DLQKey seals the events the projection dead-letters (OTP_DLQ_KEY); required.
 	DLQKey *keys.Sealer
@@ -84,9 +85,10 @@ const DefaultVerifyIPPerMinute = 60
 // configured: 100 a second.
 const DefaultStatusTenantPerMinute = 6000
 
-// DefaultProjectionLinger is Config.ProjectionLinger's default: at 1,000 events a second,
-// batches of about 20 instead of a handful (docs/performance.md).
-const DefaultProjectionLinger = 20 * time.Millisecond
+// DefaultStatusLinger is Config.StatusLinger's default: at 1,000 events a second, batches
+// of about 20 instead of a handful (docs/performance.md), and a state answered at most
+// that much later.
+const DefaultStatusLinger = 20 * time.Millisecond
 
 // LoadConfig reads the verifier's settings from the environment. With OTP_ENV=production
 // it refuses a tenants file that production refuses (platform.CheckPolicies).

@@ -101,8 +101,8 @@ func New(cfg Config, pool *pgxpool.Pool, nc *nats.Conn, js jetstream.JetStream, 
 	if cfg.BatchSize < 1 {
 		cfg.BatchSize = 100
 	}
-	if cfg.ProjectionLinger == 0 {
-		cfg.ProjectionLinger = DefaultProjectionLinger
+	if cfg.StatusLinger == 0 {
+		cfg.StatusLinger = DefaultStatusLinger
 	}
 	if cfg.Policies == nil {
 		cfg.Policies = policy.Defaults()
@@ -239,13 +239,13 @@ func (s *Service) Run(ctx context.Context) error {
 	// Healthy: a batch whose every event fails alone is blamed on the events only while
 	// the database answers; otherwise the consumer waits for it.
 	c := platform.NewConsumer(cons, platform.ConsumeConfig{Name: events.ConsumerVerifier, BatchSize: s.cfg.BatchSize,
-		Linger: s.cfg.ProjectionLinger, JS: s.js, Log: s.log, Reg: s.reg, DeadLetters: dead, Healthy: s.store.pool.Ping})
+		JS: s.js, Log: s.log, Reg: s.reg, DeadLetters: dead, Healthy: s.store.pool.Ping})
 	g.Go(func() error { return c.Run(gctx, s.project) })
 	lc := platform.NewConsumer(legacy, platform.ConsumeConfig{Name: events.ConsumerVerifier + "-" + events.StreamEvents,
-		BatchSize: s.cfg.BatchSize, Linger: s.cfg.ProjectionLinger, JS: s.js, Log: s.log, Reg: s.reg, DeadLetters: dead, Healthy: s.store.pool.Ping})
+		BatchSize: s.cfg.BatchSize, JS: s.js, Log: s.log, Reg: s.reg, DeadLetters: dead, Healthy: s.store.pool.Ping})
 	g.Go(func() error { return lc.Run(gctx, s.project) })
 	sc := platform.NewConsumer(status, platform.ConsumeConfig{Name: events.VerifierStatusConsumer.Durable, BatchSize: s.cfg.BatchSize,
-		Linger: s.cfg.ProjectionLinger, JS: s.js, Log: s.log, Reg: s.reg, DeadLetters: dead, Healthy: s.store.pool.Ping})
+		Linger: s.cfg.StatusLinger, JS: s.js, Log: s.log, Reg: s.reg, DeadLetters: dead, Healthy: s.store.pool.Ping})
 	g.Go(func() error { return sc.Run(gctx, s.projectStatus) })
 	g.Go(func() error {
 		return platform.RunErasures(gctx, s.js, platform.ErasureConfig{Service: "verifier", Streams: s.cfg.Streams,
