@@ -57,7 +57,7 @@ type Config struct {
 	// negative, none. The challenge projection never lingers: a verify that comes before
 	// its code is projected waits for it (verify.go, the fence).
 	StatusLinger time.Duration
-	Streams            events.StreamOptions
+	Streams      events.StreamOptions
 	// DLQKey seals the events the projection dead-letters (OTP_DLQ_KEY); required.
 	DLQKey *keys.Sealer
 	// lockTimeout bounds a verify group's wait for a row lock (tests lengthen it);
