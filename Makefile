@@ -45,6 +45,7 @@ fuzz:
 	@set -e; for f in FuzzDecodeRequested FuzzDecodeVerifyRequest FuzzDecodeStatusRequest FuzzDecodeDispatch FuzzRedactAddresses; do \
 		echo "== fuzz $$f ($(FUZZTIME))"; (cd events && $(GO) test -run '^$$' -fuzz "^$$f$$" -fuzztime $(FUZZTIME) .); done
 	@echo "== fuzz FuzzDecodeErasure ($(FUZZTIME))"; cd platform/integration && $(GO) test -run '^$$' -fuzz '^FuzzDecodeErasure$$' -fuzztime $(FUZZTIME) .
+	@echo "== fuzz FuzzToRow, audit rows ($(FUZZTIME))"; cd services/auditor && $(GO) test -run '^$$' -fuzz '^FuzzToRow$$' -fuzztime $(FUZZTIME) .
 	@set -e; for f in FuzzParse FuzzDiagnostic FuzzVerify; do \
 		echo "== fuzz $$f, SES notifications ($(FUZZTIME))"; (cd services/dispatcher/sesfeedback && $(GO) test -run '^$$' -fuzz "^$$f$$" -fuzztime $(FUZZTIME) .); done
 
