@@ -128,6 +128,7 @@ func TestChecksCatchBreakage(t *testing.T) {
 		{"readiness missing", "k8s", issuer, "          readinessProbe:\n            httpGet:\n              path: /readyz\n              port: http\n            periodSeconds: 5\n            failureThreshold: 2\n", "", "no readinessProbe"},
 		{"probe on no port", "k8s", issuer, "              path: /readyz\n              port: http", "              path: /readyz\n              port: metrics", "port metrics"},
 		{"no memory limit", "k8s", issuer, "            limits:\n              cpu: \"1\"\n              memory: 256Mi", "            limits:\n              cpu: \"1\"", "memory limit"},
+		{"a memory request below the default GOMEMLIMIT", "k8s", issuer, "              memory: 160Mi", "              memory: 64Mi", "below the 160Mi"},
 		{"no cpu request", "k8s", issuer, "            requests:\n              cpu: 100m\n", "            requests:\n", "cpu request"},
 		{"writable root", "k8s", issuer, "readOnlyRootFilesystem: true", "readOnlyRootFilesystem: false", "writable"},
 		{"root pod", "k8s", issuer, "runAsNonRoot: true", "runAsNonRoot: false", "non-root"},

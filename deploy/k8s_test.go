@@ -16,8 +16,20 @@ import (
 	"strings"
 	"testing"
 
+	"github.com/otpflow/otpflow/platform"
 	"go.yaml.in/yaml/v3"
 )
+
+// mebibytes reads a Kubernetes memory quantity written in Mi or Gi.
+func mebibytes(q string) (int64, error) {
+	for suffix, scale := range map[string]int64{"Mi": 1, "Gi": 1024} {
+		if n, ok := strings.CutSuffix(q, suffix); ok {
+			v, err := strconv.ParseInt(n, 10, 64)
+			return v * scale, err
+		}
+	}
+	return 0, errors.New("quantity " + strconv.Quote(q) + ": write it in Mi or Gi")
+}
 
 // intOrString is a Kubernetes IntOrString (a port by number or name, a PDB count).
 type intOrString string
@@ -289,6 +301,19 @@ func checkKubernetes(f files, src *code) []error {
 		}
 		if _, ok := c.Resources.Limits["memory"]; !ok {
 			fail("%s: no memory limit", where)
+		}
+		// The binary's heap may grow to platform.DefaultMemoryLimit (GOGC=400 within it,
+		// unless the pod sets GOGC or GOMEMLIMIT): the request covers it and the runtime's
+		// own memory beside it, so a node is never overcommitted by the design.
+		req, rerr := mebibytes(c.Resources.Requests["memory"])
+		limit, lerr := mebibytes(c.Resources.Limits["memory"])
+		switch want := int64(platform.DefaultMemoryLimit>>20) + 32; {
+		case rerr != nil || lerr != nil:
+			fail("%s: memory: %v", where, errors.Join(rerr, lerr))
+		case req < want:
+			fail("%s: memory request %dMi, below the %dMi the default GOMEMLIMIT lets the process use", where, req, want)
+		case limit < req:
+			fail("%s: memory limit %dMi below the request %dMi", where, limit, req)
 		}
 	}
 
