@@ -4,6 +4,7 @@ import (
 	"errors"
 	"testing"
 
+	"github.com/otpflow/otpflow/events"
 	"github.com/otpflow/otpflow/platform"
 	"github.com/otpflow/otpflow/platform/keys"
 )
@@ -86,5 +87,22 @@ func TestLoadConfigStatusPace(t *testing.T) {
 				t.Fatalf("status pace %d, want %d", cfg.StatusTenantPerMinute, tc.want)
 			}
 		})
+	}
+}
+
+// TestOnlyTheStatusProjectionLingers: the challenge projections hand their batches over
+// at once, since a verify may be waiting for its code (the fence); the status projection
+// waits DefaultStatusLinger for fuller batches.
+func TestOnlyTheStatusProjectionLingers(t *testing.T) {
+	s := &Service{cfg: Config{StatusLinger: DefaultStatusLinger, BatchSize: 100}, store: &store{}}
+	challenges, legacy, status := s.consumeConfigs()
+	if challenges.Linger != 0 || legacy.Linger != 0 {
+		t.Errorf("the challenge projections linger %v and %v, want none", challenges.Linger, legacy.Linger)
+	}
+	if status.Linger != DefaultStatusLinger || status.Name != events.VerifierStatusConsumer.Durable {
+		t.Errorf("status consumer %q lingers %v, want %v", status.Name, status.Linger, DefaultStatusLinger)
+	}
+	if challenges.Name != events.ConsumerVerifier || challenges.BatchSize != 100 || challenges.Healthy == nil || challenges.DeadLetters == nil {
+		t.Errorf("challenge consumer %+v", challenges)
 	}
 }

@@ -235,17 +235,12 @@ func (s *Service) Run(ctx context.Context) error {
 	g, gctx := errgroup.WithContext(ctx)
 	g.Go(func() error { return s.outbox.Relay(gctx, 2*time.Second, s.cfg.relayAge) })
 	g.Go(func() error { return platform.PurgeEvery(gctx, 10*time.Minute, s.log, s.Purge) })
-	dead := &platform.DeadLetters{Sealer: s.cfg.DLQKey, Recipient: platform.EventRecipient(s.cfg.Subjects)}
-	// Healthy: a batch whose every event fails alone is blamed on the events only while
-	// the database answers; otherwise the consumer waits for it.
-	c := platform.NewConsumer(cons, platform.ConsumeConfig{Name: events.ConsumerVerifier, BatchSize: s.cfg.BatchSize,
-		JS: s.js, Log: s.log, Reg: s.reg, DeadLetters: dead, Healthy: s.store.pool.Ping})
+	cc, lcc, scc := s.consumeConfigs()
+	c := platform.NewConsumer(cons, cc)
 	g.Go(func() error { return c.Run(gctx, s.project) })
-	lc := platform.NewConsumer(legacy, platform.ConsumeConfig{Name: events.ConsumerVerifier + "-" + events.StreamEvents,
-		BatchSize: s.cfg.BatchSize, JS: s.js, Log: s.log, Reg: s.reg, DeadLetters: dead, Healthy: s.store.pool.Ping})
+	lc := platform.NewConsumer(legacy, lcc)
 	g.Go(func() error { return lc.Run(gctx, s.project) })
-	sc := platform.NewConsumer(status, platform.ConsumeConfig{Name: events.VerifierStatusConsumer.Durable, BatchSize: s.cfg.BatchSize,
-		Linger: s.cfg.StatusLinger, JS: s.js, Log: s.log, Reg: s.reg, DeadLetters: dead, Healthy: s.store.pool.Ping})
+	sc := platform.NewConsumer(status, scc)
 	g.Go(func() error { return sc.Run(gctx, s.projectStatus) })
 	g.Go(func() error {
 		return platform.RunErasures(gctx, s.js, platform.ErasureConfig{Service: "verifier", Streams: s.cfg.Streams,
@@ -359,4 +354,21 @@ func (s *Service) respondStatus(req micro.Request, reply events.StatusReply) {
 	if err := req.RespondJSON(reply); err != nil {
 		s.log.Warn("status reply", "err", err)
 	}
+}
+
+// consumeConfigs are the settings of the verifier's three consumers: the challenge
+// projection (OTP_CHALLENGES), the projection of earlier releases' otp.issued
+// (OTP_EVENTS) and the status projection. Healthy: a batch whose every event fails alone
+// is blamed on the events only while the database answers; otherwise the consumer waits
+// for it. Only the status projection lingers: a verify that comes before its code is
+// projected waits for the challenge projection (verify.go, the fence).
+func (s *Service) consumeConfigs() (challenges, legacy, status platform.ConsumeConfig) {
+	dead := &platform.DeadLetters{Sealer: s.cfg.DLQKey, Recipient: platform.EventRecipient(s.cfg.Subjects)}
+	base := platform.ConsumeConfig{BatchSize: s.cfg.BatchSize, JS: s.js, Log: s.log, Reg: s.reg, DeadLetters: dead,
+		Healthy: s.store.pool.Ping}
+	challenges, legacy, status = base, base, base
+	challenges.Name = events.ConsumerVerifier
+	legacy.Name = events.ConsumerVerifier + "-" + events.StreamEvents
+	status.Name, status.Linger = events.VerifierStatusConsumer.Durable, s.cfg.StatusLinger
+	return challenges, legacy, status
 }
