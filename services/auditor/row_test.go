@@ -140,3 +140,33 @@ func TestTooLargeBodyIsRefusedAsTooLarge(t *testing.T) {
 		t.Fatalf("got %v, want a %s validation error", err, events.ReasonTooLarge)
 	}
 }
+
+// BenchmarkToRow is the auditor's per-event work before PostgreSQL: an otp.issued and an
+// otp.delivered made into rows and chained (ToRow and rowHash), as a batch does.
+func BenchmarkToRow(b *testing.B) {
+	var issued, delivered string
+	for _, tc := range rowCases {
+		switch tc.name {
+		case "issued":
+			issued = tc.body
+		case "delivered":
+			delivered = tc.body
+		}
+	}
+	header := map[string][]string{"Ce-Id": {"e-1"}, "Ce-Source": {"bench"}, "Ce-Time": {"2026-11-26T10:02:00.123456789Z"}}
+	stored := time.Date(2026, 11, 26, 10, 9, 0, 0, time.UTC)
+	key, prev := testChain.ring.Key("c1"), make([]byte, 32)
+	b.SetBytes(int64(len(issued) + len(delivered)))
+	b.ReportAllocs()
+	for i := 0; b.Loop(); i++ {
+		for _, ev := range [...]struct{ subject, body string }{{"otp.issued.acme", issued}, {"otp.delivered.acme", delivered}} {
+			r, err := ToRow(testKey, testSubjects, uint64(i+1), stored, ev.subject, header, []byte(ev.body))
+			if err != nil {
+				b.Fatal(err)
+			}
+			if prev, err = rowHash(key, prev, &r); err != nil {
+				b.Fatal(err)
+			}
+		}
+	}
+}
