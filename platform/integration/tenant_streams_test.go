@@ -5,6 +5,7 @@ import (
 	"context"
 	"errors"
 	"fmt"
+	"maps"
 	"net"
 	"strings"
 	"testing"
@@ -72,6 +73,12 @@ func TestTenantRequestStreams(t *testing.T) {
 	if ack, err := publish("acme", "", nil, body("r0")); err != nil || ack.Stream != events.StreamRequests {
 		t.Fatalf("after a failed switch to tenant streams acme's request: %+v, %v", ack, err)
 	}
+
+	// What OTP_REQUESTS holds of each tenant before the switch, read below with the rest.
+	shared, err := js.Stream(ctx, events.StreamRequests)
+	testenv.Must(t, err, "OTP_REQUESTS")
+	before, err := shared.Info(ctx, jetstream.WithSubjectFilter(events.TypeRequested.Subject("*")))
+	testenv.Must(t, err, "OTP_REQUESTS before the switch")
 
 	isolated := events.StreamOptions{Tenants: []string{"globex", "acme"}, TenantRequestsMaxBytes: 256 << 10}
 	plan, err := platform.Plan(ctx, js, isolated)
@@ -147,15 +154,30 @@ func TestTenantRequestStreams(t *testing.T) {
 		testenv.Must(t, err, "the issuer's consumer %s", cc.Durable)
 		durables = append(durables, cons)
 	}
+	// Each tenant stream is sourced on its own, so acme's last request can be on
+	// OTP_REQUESTS before all of globex's are: read until every request of each tenant
+	// (those of the shared stream, and all its own stream holds) has been read and its
+	// acknowledgement taken, so that no durable has anything left for the provisioning
+	// below to find.
+	held := map[string]uint64{}
+	for _, tenant := range isolated.Tenants {
+		st, err := js.Stream(ctx, events.TenantRequestsStream(tenant))
+		testenv.Must(t, err, "%s's stream", tenant)
+		info, err := st.Info(ctx)
+		testenv.Must(t, err, "%s's stream", tenant)
+		held[tenant] = before.State.Subjects[events.TypeRequested.Subject(tenant)] + info.State.Msgs
+	}
 	seen := map[string]int{}
+	read := map[string]uint64{}
 	var bigIdentity string
-	testenv.Eventually(t, 30*time.Second, "acme's last request sourced into OTP_REQUESTS", func() bool {
+	testenv.Eventually(t, 30*time.Second, "every tenant's requests sourced into OTP_REQUESTS and read", func() bool {
 		for _, cons := range durables {
 			if !fetchRequests(cons, func(m jetstream.Msg) {
 				md, _ := m.Metadata()
 				_, tenant, _ := events.SplitSubject(m.Subject())
 				id := m.Headers().Get(jetstream.MsgIDHeader)
 				seen[tenant+" "+id]++
+				read[tenant]++
 				if len(m.Data()) == len(big) {
 					bigIdentity = events.RequestMessageIdentity(m.Headers(), md.Sequence.Stream)
 				}
@@ -163,7 +185,7 @@ func TestTenantRequestStreams(t *testing.T) {
 				return false
 			}
 		}
-		return seen["acme requested:acme:r4"] > 0
+		return maps.Equal(read, held)
 	})
 	for _, want := range []string{"acme requested:acme:r2", "acme requested:acme:r3", "acme requested:acme:r4", "globex requested:acme:r2", "globex globex-own"} {
 		if seen[want] != 1 {
@@ -345,8 +367,9 @@ func plainJetStream(t *testing.T) (string, jetstream.JetStream) {
 	return s.ClientURL(), js
 }
 
-// fetchRequests hands f what cons has to give now, acknowledging each; false when the
-// fetch failed.
+// fetchRequests hands f what cons has to give now, acknowledging each and waiting for
+// the server to take the acknowledgement; false when the fetch or an acknowledgement
+// failed.
 func fetchRequests(cons jetstream.Consumer, f func(jetstream.Msg)) bool {
 	batch, err := cons.FetchNoWait(500)
 	if err != nil {
@@ -354,7 +377,9 @@ func fetchRequests(cons jetstream.Consumer, f func(jetstream.Msg)) bool {
 	}
 	for m := range batch.Messages() {
 		f(m)
-		_ = m.Ack()
+		if m.DoubleAck(context.Background()) != nil {
+			return false
+		}
 	}
-	return true
+	return batch.Error() == nil
 }
