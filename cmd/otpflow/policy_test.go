@@ -36,7 +36,7 @@ tenants:
 	if mails[1].From != "login@acme.example" {
 		t.Fatalf("tenant sender not used: %q", mails[1].From)
 	}
-	a.supersessionProjected(t, "acme", 1)
+	a.supersessionOnStream(t, "acme", 1)
 	if r := a.verify(t, "acme", "s1", first); r.Status != events.StatusSuperseded {
 		t.Fatalf("older challenge: %+v, want superseded", r)
 	}

@@ -3,11 +3,15 @@
 package verifier
 
 import (
+	"encoding/json"
+	"sync/atomic"
 	"testing"
 	"time"
 
+	"github.com/nats-io/nats.go/micro"
 	"github.com/otpflow/otpflow/events"
 	"github.com/otpflow/otpflow/platform/testenv"
+	"github.com/prometheus/client_golang/prometheus/testutil"
 )
 
 // supersede publishes the supersession of challenge (request requestID) on OTP_CHALLENGES,
@@ -128,5 +132,96 @@ func TestIssuedOfEarlierReleasesStillVerifies(t *testing.T) {
 	testenv.Must(t, h.pool.QueryRow(t.Context(), `SELECT recipient_keys FROM verifier.challenges WHERE challenge_id = $1`, ch(210)).Scan(&keysOf), "keys")
 	if len(keysOf) != 1 || keysOf[0] != h.subjects.Subject("acme", "ana@example.com") {
 		t.Fatalf("recipient keys %q", keysOf)
+	}
+}
+
+// TestSupersededCodeNeverVerifiesWhileTheProjectionLags: a user asks for a code, then
+// for another; the issuer supersedes the first. Someone who holds the first code (read
+// over the user's shoulder, or from a mailbox the user has since left) verifies it
+// before the verifier has projected the supersession. The verify must not succeed: it
+// waits for the projection, fails (an error the app retries) if the projection does not
+// come within FenceWait, and answers superseded once it has. Nothing the failed verify
+// did is written. A wrong guess meanwhile is answered at once, and the newer code
+// verifies.
+func TestSupersededCodeNeverVerifiesWhileTheProjectionLags(t *testing.T) {
+	const fenceWait = 2 * time.Second
+	var stalled, holding atomic.Bool
+	release := make(chan struct{})
+	h := newConfigHarness(t, "", func() {
+		if stalled.Load() {
+			holding.Store(true)
+			<-release
+		}
+	}, func(c *Config) { c.FenceWait = fenceWait })
+	t.Cleanup(func() {
+		if stalled.Load() {
+			close(release) // before the verifier stops
+		}
+	})
+	exp := time.Now().Add(5 * time.Minute)
+	h.issue(t, ch(300), "old", 1, "111111", "", exp)
+
+	// The issuer's next request for the same recipient: the newer code and the
+	// supersession of the old one, which the projection does not reach.
+	stalled.Store(true)
+	h.publishIssued(t, issue{ChallengeID: ch(301), RequestID: "new", CodeSeq: 1, Recipient: "ana@example.com", ExpiresAt: exp}, "222222")
+	h.supersede(t, ch(300), "old", "new")
+	testenv.Eventually(t, 10*time.Second, "the projection to stall", holding.Load)
+
+	verify := func(requestID, code string) (events.VerifyReply, string) {
+		t.Helper()
+		body, _ := json.Marshal(events.VerifyRequest{RequestID: requestID, Code: code})
+		msg, err := h.nc.Request("otp.verify.acme", body, 3*fenceWait)
+		testenv.Must(t, err, "verify %s", requestID)
+		if e := msg.Header.Get(micro.ErrorCodeHeader); e != "" {
+			return events.VerifyReply{}, e
+		}
+		var r events.VerifyReply
+		testenv.Must(t, json.Unmarshal(msg.Data, &r), "reply %q", msg.Data)
+		return r, ""
+	}
+
+	// A wrong guess does not wait for the supersession: it would not succeed anyway.
+	start := time.Now()
+	if r, e := verify("old", "999999"); e != "" || r.Status != events.StatusInvalidCode {
+		t.Fatalf("a wrong guess while the supersession is not projected: %+v, error %q", r, e)
+	}
+	if took := time.Since(start); took >= fenceWait {
+		t.Errorf("a wrong guess took %v: it waited for the supersession", took)
+	}
+
+	// The old code while the projection stalls: refused with an error, not verified.
+	r, e := verify("old", "111111")
+	if r.Status == events.StatusVerified || e != "500" {
+		t.Fatalf("the superseded code while its supersession is not projected: %+v, error %q; want an error", r, e)
+	}
+	var status string
+	var attempts int
+	testenv.Must(t, h.pool.QueryRow(t.Context(), `SELECT status, attempts FROM verifier.challenges WHERE challenge_id = $1`, ch(300)).Scan(&status, &attempts), "the old challenge")
+	if status != statusActive || attempts != 1 {
+		t.Fatalf("the refused verify wrote to the old challenge: status %s, %d attempts (the wrong guess made 1)", status, attempts)
+	}
+	if n := testutil.ToFloat64(h.svc.supersessionWaits.WithLabelValues("timeout")); n != 1 {
+		t.Errorf("supersession waits that timed out: %v, want 1", n)
+	}
+
+	// Again, and the projection catches up while the verify waits: superseded.
+	answered := make(chan events.VerifyReply, 1)
+	go func() {
+		r, _ := verify("old", "111111")
+		answered <- r
+	}()
+	testenv.Eventually(t, 10*time.Second, "the verify to wait for the supersession", func() bool {
+		h.svc.floor.mu.Lock()
+		defer h.svc.floor.mu.Unlock()
+		return h.svc.floor.waiters == 1
+	})
+	stalled.Store(false)
+	close(release)
+	if r := <-answered; r.Status != events.StatusSuperseded {
+		t.Fatalf("the superseded code once its supersession is projected: %+v, want superseded", r)
+	}
+	if r, e := verify("new", "222222"); r.Status != events.StatusVerified {
+		t.Fatalf("the newer code: %+v, error %q", r, e)
 	}
 }

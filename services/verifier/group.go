@@ -4,6 +4,7 @@ import (
 	"context"
 	"errors"
 	"fmt"
+	"slices"
 	"strings"
 	"sync"
 	"time"
@@ -40,6 +41,12 @@ type verifyCall struct {
 	limits []limit
 	// final answers a request the projection does not know (not_found).
 	final bool
+	// fenced: the projection has passed every supersession of the tenant published
+	// before the call came (fence.go); a call that is not may not succeed.
+	fenced bool
+	// superseded is the sequence of the tenant's last otp.challenge_superseded, read when
+	// the call's group began (0: none).
+	superseded uint64
 
 	reply events.VerifyReply
 	// issuance is the traceparent of the code's otp.challenge.
@@ -157,6 +164,17 @@ func (s *Service) runGroup(calls []*verifyCall) []outbox.Entry {
 		live = append(live, c)
 	}
 
+	// The tenants' last supersessions are read from the stream while the limits are
+	// counted.
+	var tenants []string
+	for _, c := range live {
+		if !c.fenced && !slices.Contains(tenants, c.tenant) {
+			tenants = append(tenants, c.tenant)
+		}
+	}
+	supersessionsRead := make(chan map[string]supersessions, 1)
+	go func() { supersessionsRead <- s.supersessionsProjected(ctx, tenants) }()
+
 	// Verify limits: a call over one is answered rate_limited before its challenge is
 	// read, so it costs no attempt.
 	var counted []*verifyCall
@@ -182,6 +200,13 @@ func (s *Service) runGroup(calls []*verifyCall) []outbox.Entry {
 				c.reply = events.VerifyReply{Status: events.StatusRateLimited, Reason: reason, RetryAfterSeconds: wait}
 				limited[c] = true
 			}
+		}
+	}
+
+	sup := <-supersessionsRead
+	for _, c := range live {
+		if !c.fenced {
+			c.superseded, c.fenced = sup[c.tenant].last, sup[c.tenant].projected
 		}
 	}
 
@@ -265,6 +290,11 @@ func (s *Service) item(c *verifyCall) *verifyItem {
 				c.issuance = ch.traceParent
 			}
 			d, err := s.decide(c.tenant, c.req, now, ch, recent)
+			if err == nil && d.reply.Status == events.StatusVerified && !c.fenced {
+				// The challenge may be superseded by an event the projection has not
+				// applied yet: nothing is written, and Verify waits for it.
+				return decision{}, errSupersessionPending
+			}
 			// What the verify decided is published in its trace (the caller's).
 			if tp := platform.TraceParent(c.ctx); tp != "" {
 				for _, m := range d.events {

@@ -62,6 +62,9 @@ type Service struct {
 	cons jetstream.Consumer
 	// challenges is OTP_CHALLENGES, which the read-your-writes fence reads.
 	challenges jetstream.Stream
+	// floor follows the challenge projection's acknowledgement floor (fence.go); nil
+	// until Run.
+	floor *floorWatch
 	// fenceSlots holds one token per verify waiting for the projection (MaxFenceWaits).
 	fenceSlots chan struct{}
 	// groups commits verifies together (group.go).
@@ -79,6 +82,9 @@ type Service struct {
 	projected    prometheus.Counter
 	deadLettered prometheus.Counter
 	fenceSkipped prometheus.Counter
+	// supersessionWaits counts verifies that would succeed and waited for the projection
+	// of a supersession, by outcome (projected, timeout).
+	supersessionWaits *prometheus.CounterVec
 }
 
 // New returns a verifier; Run starts it. The schema must be migrated.
@@ -158,6 +164,10 @@ func New(cfg Config, pool *pgxpool.Pool, nc *nats.Conn, js jetstream.JetStream, 
 		fenceSkipped: prometheus.NewCounter(prometheus.CounterOpts{
 			Name: "otpflow_verifier_fence_skipped_total", Help: "Verifies of unknown requests answered without waiting for the projection, all MaxFenceWaits slots being busy.",
 		}),
+		supersessionWaits: prometheus.NewCounterVec(prometheus.CounterOpts{
+			Name: "otpflow_verifier_supersession_waits_total",
+			Help: "Verifies that would succeed and waited for the projection of a supersession of their tenant, by outcome: projected (then answered), timeout (failed after FenceWait; the app retries).",
+		}, []string{"outcome"}),
 	}
 	s.outbox = &outbox.Outbox{Table: Schema + ".outbox", Pool: pool, JS: js, Log: log}
 	s.store = &store{pool: pool, outbox: s.outbox, groupRetries: prometheus.NewCounter(prometheus.CounterOpts{
@@ -166,7 +176,7 @@ func New(cfg Config, pool *pgxpool.Pool, nc *nats.Conn, js jetstream.JetStream, 
 	})}
 	s.groups = newVerifyGroups(cfg.VerifyTransactions, cfg.VerifyGroupSize, s.runGroup, s.publishGroup)
 	if reg != nil {
-		reg.MustRegister(s.verifies, s.statuses, s.statusEvents, s.projected, s.deadLettered, s.fenceSkipped, s.groups.size, s.groups.leftToRelay, s.store.groupRetries)
+		reg.MustRegister(s.verifies, s.statuses, s.statusEvents, s.projected, s.deadLettered, s.fenceSkipped, s.supersessionWaits, s.groups.size, s.groups.leftToRelay, s.store.groupRetries)
 	}
 	return s, nil
 }
@@ -193,6 +203,13 @@ func (s *Service) Run(ctx context.Context) error {
 		return platform.SetupError(ctx, err)
 	}
 	s.cons = cons
+	s.floor = newFloorWatch(func(ctx context.Context) (uint64, error) {
+		info, err := cons.Info(ctx)
+		if err != nil {
+			return 0, err
+		}
+		return info.AckFloor.Stream, nil
+	})
 	var inflight sync.WaitGroup
 	verifySlots := make(chan struct{}, s.cfg.Concurrency)
 	svc, err := micro.AddService(s.nc, micro.Config{

@@ -7,7 +7,6 @@ import (
 	"time"
 
 	"github.com/nats-io/nats.go"
-	"github.com/nats-io/nats.go/jetstream"
 	"github.com/otpflow/otpflow/events"
 	"github.com/otpflow/otpflow/platform"
 	"go.opentelemetry.io/otel/attribute"
@@ -18,29 +17,48 @@ import (
 // challenge's row lock, so concurrent attempts are counted exactly; verifies that arrive
 // together share the transaction (group.go). A call over the
 // tenant's or the client IP's verify limit is answered rate_limited before the challenge
-// is read, so it costs no attempt. A request the projection does not know yet waits
-// until the projection has caught up with the stream (read-your-writes), at most
-// FenceWait and at most MaxFenceWaits at once, then answers.
+// is read, so it costs no attempt. Two fences (fence.go) keep the projection's lag from
+// showing: a request the projection does not know yet waits until the projection has
+// caught up with the stream (read-your-writes), at most FenceWait and at most
+// MaxFenceWaits at once, then answers; a verify that would succeed while a supersession
+// of the tenant is not projected yet waits for it, at most FenceWait, and fails if it is
+// still not projected then: a superseded code never verifies.
 func (s *Service) Verify(ctx context.Context, tenant string, req events.VerifyRequest) (events.VerifyReply, error) {
 	ls, err := s.limits(tenant, req.Context.IP)
 	if err != nil {
 		return events.VerifyReply{}, fmt.Errorf("verify limits: %w", err)
 	}
-	reply, err := s.verifyOnce(ctx, &verifyCall{ctx: ctx, tenant: tenant, req: req, limits: ls})
-	if !errors.Is(err, errNotProjected) {
-		return reply, err
-	}
-	select {
-	case s.fenceSlots <- struct{}{}:
-		ferr := s.fence(ctx, tenant)
-		<-s.fenceSlots
-		if ferr != nil {
-			s.log.Warn("read-your-writes fence", "tenant", tenant, "err", ferr)
+	call := &verifyCall{ctx: ctx, tenant: tenant, req: req, limits: ls}
+	reply, err := s.verifyOnce(ctx, call)
+	if errors.Is(err, errNotProjected) {
+		select {
+		case s.fenceSlots <- struct{}{}:
+			ferr := s.fence(ctx, events.TypeChallenge, tenant)
+			<-s.fenceSlots
+			if ferr != nil {
+				s.log.Warn("read-your-writes fence", "tenant", tenant, "err", ferr)
+			}
+		default:
+			s.fenceSkipped.Inc()
 		}
-	default:
-		s.fenceSkipped.Inc()
+		call = &verifyCall{ctx: ctx, tenant: tenant, req: req, final: true}
+		reply, err = s.verifyOnce(ctx, call)
 	}
-	return s.verifyOnce(ctx, &verifyCall{ctx: ctx, tenant: tenant, req: req, final: true})
+	if errors.Is(err, errSupersessionPending) {
+		// Only a verify that would succeed waits here, and at most once: it needs the
+		// code, so no flood of guesses can fill this wait.
+		wctx, cancel := context.WithTimeout(ctx, s.cfg.FenceWait)
+		ferr := s.floor.wait(wctx, call.superseded)
+		cancel()
+		if ferr != nil {
+			s.supersessionWaits.WithLabelValues("timeout").Inc()
+			return events.VerifyReply{}, fmt.Errorf("verify of %s waited %v for the projection of sequence %d of %s: %w",
+				req.RequestID, s.cfg.FenceWait, call.superseded, events.StreamChallenges, ferr)
+		}
+		s.supersessionWaits.WithLabelValues("projected").Inc()
+		reply, err = s.verifyOnce(ctx, &verifyCall{ctx: ctx, tenant: tenant, req: req, final: true, fenced: true})
+	}
+	return reply, err
 }
 
 // verifyOnce runs one call in a verify group (group.go), which counts its limits, runs the
@@ -58,38 +76,6 @@ func (s *Service) verifyOnce(ctx context.Context, c *verifyCall) (events.VerifyR
 			Attributes: []attribute.KeyValue{attribute.String("otpflow.link", "issuance")}})
 	}
 	return c.reply, nil
-}
-
-// fence waits until the projection has acknowledged the tenant's last otp.challenge on
-// OTP_CHALLENGES. Both reads go to leaders (the stream does not allow direct gets), so they are
-// read-after-write coherent on a replicated stream too.
-func (s *Service) fence(ctx context.Context, tenant string) error {
-	if s.challenges == nil || s.cons == nil {
-		return nil
-	}
-	ctx, cancel := context.WithTimeout(ctx, s.cfg.FenceWait)
-	defer cancel()
-	last, err := s.challenges.GetLastMsgForSubject(ctx, events.TypeChallenge.Subject(tenant))
-	if errors.Is(err, jetstream.ErrMsgNotFound) {
-		return nil // the tenant never had a challenge
-	}
-	if err != nil {
-		return err
-	}
-	for {
-		info, err := s.cons.Info(ctx)
-		if err != nil {
-			return err
-		}
-		if info.AckFloor.Stream >= last.Sequence {
-			return nil
-		}
-		select {
-		case <-ctx.Done():
-			return ctx.Err()
-		case <-time.After(10 * time.Millisecond):
-		}
-	}
 }
 
 // decide is the verify rule for one presented code, at now on the database clock, against
