@@ -138,21 +138,19 @@ func TestIssuedOfEarlierReleasesStillVerifies(t *testing.T) {
 // TestSupersededCodeNeverVerifiesWhileTheProjectionLags: a user asks for a code, then
 // for another; the issuer supersedes the first. Someone who holds the first code (read
 // over the user's shoulder, or from a mailbox the user has since left) verifies it
-// before the verifier has projected the supersession. The verify must not succeed: it
-// waits for the projection, fails (an error the app retries) if the projection does not
-// come within FenceWait, and answers superseded once it has. Nothing the failed verify
-// did is written. A wrong guess meanwhile is answered at once, and the newer code
-// verifies.
+// before the verifier has projected the supersession. The verify answers superseded at
+// once, from the stream, and writes nothing, as does a guess; other challenges are
+// answered as ever. When the stream cannot be read, a verify that would succeed fails
+// (an error the app retries) and writes nothing, while a wrong guess is still answered.
 func TestSupersededCodeNeverVerifiesWhileTheProjectionLags(t *testing.T) {
-	const fenceWait = 2 * time.Second
 	var stalled, holding atomic.Bool
 	release := make(chan struct{})
-	h := newConfigHarness(t, "", func() {
+	h := newPolicyHarness(t, "", func() {
 		if stalled.Load() {
 			holding.Store(true)
 			<-release
 		}
-	}, func(c *Config) { c.FenceWait = fenceWait })
+	})
 	t.Cleanup(func() {
 		if stalled.Load() {
 			close(release) // before the verifier stops
@@ -160,9 +158,11 @@ func TestSupersededCodeNeverVerifiesWhileTheProjectionLags(t *testing.T) {
 	})
 	exp := time.Now().Add(5 * time.Minute)
 	h.issue(t, ch(300), "old", 1, "111111", "", exp)
+	h.publishIssued(t, issue{ChallengeID: ch(302), RequestID: "other", CodeSeq: 1, Recipient: "bo@example.com", ExpiresAt: exp}, "333333")
+	h.waitProjected(t, ch(302), 1)
 
-	// The issuer's next request for the same recipient: the newer code and the
-	// supersession of the old one, which the projection does not reach.
+	// The issuer's next request for ana: the newer code and the supersession of the old
+	// one, which the projection does not reach.
 	stalled.Store(true)
 	h.publishIssued(t, issue{ChallengeID: ch(301), RequestID: "new", CodeSeq: 1, Recipient: "ana@example.com", ExpiresAt: exp}, "222222")
 	h.supersede(t, ch(300), "old", "new")
@@ -171,7 +171,7 @@ func TestSupersededCodeNeverVerifiesWhileTheProjectionLags(t *testing.T) {
 	verify := func(requestID, code string) (events.VerifyReply, string) {
 		t.Helper()
 		body, _ := json.Marshal(events.VerifyRequest{RequestID: requestID, Code: code})
-		msg, err := h.nc.Request("otp.verify.acme", body, 3*fenceWait)
+		msg, err := h.nc.Request("otp.verify.acme", body, 10*time.Second)
 		testenv.Must(t, err, "verify %s", requestID)
 		if e := msg.Header.Get(micro.ErrorCodeHeader); e != "" {
 			return events.VerifyReply{}, e
@@ -180,48 +180,62 @@ func TestSupersededCodeNeverVerifiesWhileTheProjectionLags(t *testing.T) {
 		testenv.Must(t, json.Unmarshal(msg.Data, &r), "reply %q", msg.Data)
 		return r, ""
 	}
-
-	// A wrong guess does not wait for the supersession: it would not succeed anyway.
-	start := time.Now()
-	if r, e := verify("old", "999999"); e != "" || r.Status != events.StatusInvalidCode {
-		t.Fatalf("a wrong guess while the supersession is not projected: %+v, error %q", r, e)
-	}
-	if took := time.Since(start); took >= fenceWait {
-		t.Errorf("a wrong guess took %v: it waited for the supersession", took)
+	row := func(challenge string) (status string, attempts int) {
+		t.Helper()
+		testenv.Must(t, h.pool.QueryRow(t.Context(), `SELECT status, attempts FROM verifier.challenges WHERE challenge_id = $1`, challenge).Scan(&status, &attempts), "challenge %s", challenge)
+		return status, attempts
 	}
 
-	// The old code while the projection stalls: refused with an error, not verified.
-	r, e := verify("old", "111111")
-	if r.Status == events.StatusVerified || e != "500" {
-		t.Fatalf("the superseded code while its supersession is not projected: %+v, error %q; want an error", r, e)
+	if r, e := verify("old", "111111"); e != "" || r.Status != events.StatusSuperseded {
+		t.Fatalf("the superseded code while its supersession is not projected: %+v, error %q; want superseded", r, e)
 	}
-	var status string
-	var attempts int
-	testenv.Must(t, h.pool.QueryRow(t.Context(), `SELECT status, attempts FROM verifier.challenges WHERE challenge_id = $1`, ch(300)).Scan(&status, &attempts), "the old challenge")
-	if status != statusActive || attempts != 1 {
-		t.Fatalf("the refused verify wrote to the old challenge: status %s, %d attempts (the wrong guess made 1)", status, attempts)
+	if r, e := verify("old", "999999"); e != "" || r.Status != events.StatusSuperseded {
+		t.Fatalf("a wrong guess while the supersession is not projected: %+v, error %q; want superseded", r, e)
 	}
-	if n := testutil.ToFloat64(h.svc.supersessionWaits.WithLabelValues("timeout")); n != 1 {
-		t.Errorf("supersession waits that timed out: %v, want 1", n)
+	if status, attempts := row(ch(300)); status != statusActive || attempts != 0 {
+		t.Fatalf("the old challenge after the verifies: status %s, %d attempts; want still active (the projection stalls), no attempt counted", status, attempts)
+	}
+	if n := testutil.ToFloat64(h.svc.supersededAhead); n != 2 {
+		t.Errorf("verifies answered superseded ahead of the projection: %v, want 2", n)
+	}
+	if r, e := verify("other", "000000"); e != "" || r.Status != events.StatusInvalidCode {
+		t.Fatalf("another request's wrong guess: %+v, error %q", r, e)
 	}
 
-	// Again, and the projection catches up while the verify waits: superseded.
-	answered := make(chan events.VerifyReply, 1)
-	go func() {
-		r, _ := verify("old", "111111")
-		answered <- r
-	}()
-	testenv.Eventually(t, 10*time.Second, "the verify to wait for the supersession", func() bool {
-		h.svc.floor.mu.Lock()
-		defer h.svc.floor.mu.Unlock()
-		return h.svc.floor.waiters == 1
-	})
+	// The projection catches up: the old code is superseded in the database, the newer one
+	// verifies.
 	stalled.Store(false)
 	close(release)
-	if r := <-answered; r.Status != events.StatusSuperseded {
-		t.Fatalf("the superseded code once its supersession is projected: %+v, want superseded", r)
+	testenv.Eventually(t, 10*time.Second, "the supersession projected", func() bool {
+		status, _ := row(ch(300))
+		return status == statusSuperseded
+	})
+	if r, e := verify("old", "111111"); r.Status != events.StatusSuperseded {
+		t.Fatalf("the superseded code once projected: %+v, error %q", r, e)
 	}
 	if r, e := verify("new", "222222"); r.Status != events.StatusVerified {
 		t.Fatalf("the newer code: %+v, error %q", r, e)
+	}
+	// The index lets go of what the projection has applied (once it has read the
+	// projection's floor again).
+	testenv.Eventually(t, 10*time.Second, "the index to drop the applied supersession", func() bool {
+		_, err := h.svc.supersessions(t.Context(), "acme", nil)
+		ts := h.svc.index.tenants["acme"]
+		ts.mu.Lock()
+		defer ts.mu.Unlock()
+		return err == nil && len(ts.ahead) == 0
+	})
+
+	// The stream cannot be read: whether a supersession closes a challenge is not known,
+	// so the right code fails and writes nothing; a wrong guess is answered.
+	testenv.Must(t, h.js.DeleteStream(t.Context(), events.StreamChallenges), "delete %s", events.StreamChallenges)
+	if r, e := verify("other", "333333"); e != "500" {
+		t.Fatalf("the right code while the stream cannot be read: %+v, error %q; want an error", r, e)
+	}
+	if r, e := verify("other", "000000"); e != "" || r.Status != events.StatusInvalidCode {
+		t.Fatalf("a wrong guess while the stream cannot be read: %+v, error %q", r, e)
+	}
+	if status, attempts := row(ch(302)); status != statusActive || attempts != 2 {
+		t.Fatalf("the other challenge: status %s, %d attempts; want active with the 2 wrong guesses' attempts", status, attempts)
 	}
 }

@@ -4,7 +4,6 @@ import (
 	"context"
 	"errors"
 	"fmt"
-	"slices"
 	"strings"
 	"sync"
 	"time"
@@ -41,12 +40,11 @@ type verifyCall struct {
 	limits []limit
 	// final answers a request the projection does not know (not_found).
 	final bool
-	// fenced: the projection has passed every supersession of the tenant published
-	// before the call came (fence.go); a call that is not may not succeed.
-	fenced bool
-	// superseded is the sequence of the tenant's last otp.challenge_superseded, read when
-	// the call's group began (0: none).
-	superseded uint64
+	// sup are the supersessions of the call's request on the stream that the projection
+	// may not have applied, read when its group began (fence.go); supErr, when that read
+	// failed: the call may then not succeed.
+	sup    superseded
+	supErr error
 
 	reply events.VerifyReply
 	// issuance is the traceparent of the code's otp.challenge.
@@ -164,16 +162,13 @@ func (s *Service) runGroup(calls []*verifyCall) []outbox.Entry {
 		live = append(live, c)
 	}
 
-	// The tenants' last supersessions are read from the stream while the limits are
-	// counted.
-	var tenants []string
-	for _, c := range live {
-		if !c.fenced && !slices.Contains(tenants, c.tenant) {
-			tenants = append(tenants, c.tenant)
-		}
-	}
-	supersessionsRead := make(chan map[string]supersessions, 1)
-	go func() { supersessionsRead <- s.supersessionsProjected(ctx, tenants) }()
+	// The supersessions the projection may not have applied yet are read from the stream
+	// while the limits are counted.
+	supersessionsRead := make(chan struct{})
+	go func() {
+		defer close(supersessionsRead)
+		s.readSupersessions(ctx, live)
+	}()
 
 	// Verify limits: a call over one is answered rate_limited before its challenge is
 	// read, so it costs no attempt.
@@ -203,12 +198,7 @@ func (s *Service) runGroup(calls []*verifyCall) []outbox.Entry {
 		}
 	}
 
-	sup := <-supersessionsRead
-	for _, c := range live {
-		if !c.fenced {
-			c.superseded, c.fenced = sup[c.tenant].last, sup[c.tenant].projected
-		}
-	}
+	<-supersessionsRead
 
 	var items []*verifyItem
 	var owners []*verifyCall
@@ -289,11 +279,17 @@ func (s *Service) item(c *verifyCall) *verifyItem {
 			if ch != nil {
 				c.issuance = ch.traceParent
 			}
+			if ch != nil && ch.status == statusActive && c.sup.closes(c.req.RequestID, ch.id) {
+				// Superseded on the stream, not yet in the projection.
+				v := *ch
+				v.status, ch = statusSuperseded, &v
+				s.supersededAhead.Inc()
+			}
 			d, err := s.decide(c.tenant, c.req, now, ch, recent)
-			if err == nil && d.reply.Status == events.StatusVerified && !c.fenced {
-				// The challenge may be superseded by an event the projection has not
-				// applied yet: nothing is written, and Verify waits for it.
-				return decision{}, errSupersessionPending
+			if err == nil && d.reply.Status == events.StatusVerified && c.supErr != nil {
+				// Whether a supersession closes the challenge is not known: nothing is
+				// written, and the call fails.
+				return decision{}, c.supErr
 			}
 			// What the verify decided is published in its trace (the caller's).
 			if tp := platform.TraceParent(c.ctx); tp != "" {
@@ -306,6 +302,31 @@ func (s *Service) item(c *verifyCall) *verifyItem {
 			c.reply = d.reply
 			return d, err
 		}}
+}
+
+// readSupersessions gives each call the supersessions of its request that the
+// projection may not have applied (fence.go), the tenants read at once.
+func (s *Service) readSupersessions(ctx context.Context, calls []*verifyCall) {
+	requests := map[string][]string{}
+	for _, c := range calls {
+		requests[c.tenant] = append(requests[c.tenant], c.req.RequestID)
+	}
+	var wg sync.WaitGroup
+	for tenant, ids := range requests {
+		wg.Go(func() {
+			sup, err := s.supersessions(ctx, tenant, ids)
+			if err != nil {
+				s.log.Warn("supersessions on the stream; successful verifies of the tenant fail", "tenant", tenant, "err", err)
+				err = fmt.Errorf("%w: %w", errSupersessionsUnknown, err)
+			}
+			for _, c := range calls {
+				if c.tenant == tenant {
+					c.sup, c.supErr = sup, err
+				}
+			}
+		})
+	}
+	wg.Wait()
 }
 
 // answer gives a call its item's outcome.

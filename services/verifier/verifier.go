@@ -82,9 +82,10 @@ type Service struct {
 	projected    prometheus.Counter
 	deadLettered prometheus.Counter
 	fenceSkipped prometheus.Counter
-	// supersessionWaits counts verifies that would succeed and waited for the projection
-	// of a supersession, by outcome (projected, timeout).
-	supersessionWaits *prometheus.CounterVec
+	// index holds the supersessions on OTP_CHALLENGES the projection may not have
+	// applied yet (fence.go).
+	index           supersessionIndex
+	supersededAhead prometheus.Counter
 }
 
 // New returns a verifier; Run starts it. The schema must be migrated.
@@ -164,10 +165,11 @@ func New(cfg Config, pool *pgxpool.Pool, nc *nats.Conn, js jetstream.JetStream, 
 		fenceSkipped: prometheus.NewCounter(prometheus.CounterOpts{
 			Name: "otpflow_verifier_fence_skipped_total", Help: "Verifies of unknown requests answered without waiting for the projection, all MaxFenceWaits slots being busy.",
 		}),
-		supersessionWaits: prometheus.NewCounterVec(prometheus.CounterOpts{
-			Name: "otpflow_verifier_supersession_waits_total",
-			Help: "Verifies that would succeed and waited for the projection of a supersession of their tenant, by outcome: projected (then answered), timeout (failed after FenceWait; the app retries).",
-		}, []string{"outcome"}),
+		supersededAhead: prometheus.NewCounter(prometheus.CounterOpts{
+			Name: "otpflow_verifier_superseded_ahead_of_projection_total",
+			Help: "Verifies answered superseded from a supersession on OTP_CHALLENGES that the projection had not applied yet.",
+		}),
+		index: supersessionIndex{tenants: map[string]*tenantSupersessions{}},
 	}
 	s.outbox = &outbox.Outbox{Table: Schema + ".outbox", Pool: pool, JS: js, Log: log}
 	s.store = &store{pool: pool, outbox: s.outbox, groupRetries: prometheus.NewCounter(prometheus.CounterOpts{
@@ -176,7 +178,7 @@ func New(cfg Config, pool *pgxpool.Pool, nc *nats.Conn, js jetstream.JetStream, 
 	})}
 	s.groups = newVerifyGroups(cfg.VerifyTransactions, cfg.VerifyGroupSize, s.runGroup, s.publishGroup)
 	if reg != nil {
-		reg.MustRegister(s.verifies, s.statuses, s.statusEvents, s.projected, s.deadLettered, s.fenceSkipped, s.supersessionWaits, s.groups.size, s.groups.leftToRelay, s.store.groupRetries)
+		reg.MustRegister(s.verifies, s.statuses, s.statusEvents, s.projected, s.deadLettered, s.fenceSkipped, s.supersededAhead, s.groups.size, s.groups.leftToRelay, s.store.groupRetries)
 	}
 	return s, nil
 }

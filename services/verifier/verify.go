@@ -17,48 +17,31 @@ import (
 // challenge's row lock, so concurrent attempts are counted exactly; verifies that arrive
 // together share the transaction (group.go). A call over the
 // tenant's or the client IP's verify limit is answered rate_limited before the challenge
-// is read, so it costs no attempt. Two fences (fence.go) keep the projection's lag from
-// showing: a request the projection does not know yet waits until the projection has
-// caught up with the stream (read-your-writes), at most FenceWait and at most
-// MaxFenceWaits at once, then answers; a verify that would succeed while a supersession
-// of the tenant is not projected yet waits for it, at most FenceWait, and fails if it is
-// still not projected then: a superseded code never verifies.
+// is read, so it costs no attempt. The projection's lag does not show (fence.go): a
+// request the projection does not know yet waits until the projection has caught up with
+// the stream (read-your-writes), at most FenceWait and at most MaxFenceWaits at once,
+// then answers; a challenge whose supersession is on the stream answers superseded, also
+// before the projection has applied it.
 func (s *Service) Verify(ctx context.Context, tenant string, req events.VerifyRequest) (events.VerifyReply, error) {
 	ls, err := s.limits(tenant, req.Context.IP)
 	if err != nil {
 		return events.VerifyReply{}, fmt.Errorf("verify limits: %w", err)
 	}
-	call := &verifyCall{ctx: ctx, tenant: tenant, req: req, limits: ls}
-	reply, err := s.verifyOnce(ctx, call)
-	if errors.Is(err, errNotProjected) {
-		select {
-		case s.fenceSlots <- struct{}{}:
-			ferr := s.fence(ctx, events.TypeChallenge, tenant)
-			<-s.fenceSlots
-			if ferr != nil {
-				s.log.Warn("read-your-writes fence", "tenant", tenant, "err", ferr)
-			}
-		default:
-			s.fenceSkipped.Inc()
-		}
-		call = &verifyCall{ctx: ctx, tenant: tenant, req: req, final: true}
-		reply, err = s.verifyOnce(ctx, call)
+	reply, err := s.verifyOnce(ctx, &verifyCall{ctx: ctx, tenant: tenant, req: req, limits: ls})
+	if !errors.Is(err, errNotProjected) {
+		return reply, err
 	}
-	if errors.Is(err, errSupersessionPending) {
-		// Only a verify that would succeed waits here, and at most once: it needs the
-		// code, so no flood of guesses can fill this wait.
-		wctx, cancel := context.WithTimeout(ctx, s.cfg.FenceWait)
-		ferr := s.floor.wait(wctx, call.superseded)
-		cancel()
+	select {
+	case s.fenceSlots <- struct{}{}:
+		ferr := s.fence(ctx, tenant)
+		<-s.fenceSlots
 		if ferr != nil {
-			s.supersessionWaits.WithLabelValues("timeout").Inc()
-			return events.VerifyReply{}, fmt.Errorf("verify of %s waited %v for the projection of sequence %d of %s: %w",
-				req.RequestID, s.cfg.FenceWait, call.superseded, events.StreamChallenges, ferr)
+			s.log.Warn("read-your-writes fence", "tenant", tenant, "err", ferr)
 		}
-		s.supersessionWaits.WithLabelValues("projected").Inc()
-		reply, err = s.verifyOnce(ctx, &verifyCall{ctx: ctx, tenant: tenant, req: req, final: true, fenced: true})
+	default:
+		s.fenceSkipped.Inc()
 	}
-	return reply, err
+	return s.verifyOnce(ctx, &verifyCall{ctx: ctx, tenant: tenant, req: req, final: true})
 }
 
 // verifyOnce runs one call in a verify group (group.go), which counts its limits, runs the
