@@ -42,6 +42,14 @@ type Outbox struct {
 	Pool  *pgxpool.Pool
 	JS    jetstream.JetStream
 	Log   *slog.Logger
+	// First, when set, takes the subjects whose entries a Publish sends, and has the
+	// stream acknowledge, before it sends the others; if one of them fails, the others
+	// wait for the relay, which publishes in the same way. Entries are relayed in the
+	// order they were added, so what a transaction added before an entry is on its stream
+	// before it, also when the relay publishes them. The issuer publishes the verifier's
+	// stream first: a code's otp.challenge, and the supersessions its request makes, are
+	// stored before the job that mails the code.
+	First func(subject string) bool
 }
 
 // Add writes msgs in tx, in one statement, and returns their entries, to be published
@@ -84,6 +92,27 @@ func (o *Outbox) Add(ctx context.Context, tx pgx.Tx, msgs ...*nats.Msg) ([]Entry
 // Publish publishes entries and deletes them from the table. On error the rows that
 // remain are published again by a later Publish or by Relay.
 func (o *Outbox) Publish(ctx context.Context, entries []Entry) error {
+	if o.First != nil {
+		var first, rest []Entry
+		for _, e := range entries {
+			if o.First(e.Msg.Subject) {
+				first = append(first, e)
+			} else {
+				rest = append(rest, e)
+			}
+		}
+		if len(first) > 0 && len(rest) > 0 {
+			if err := o.publish(ctx, first); err != nil {
+				return err
+			}
+			entries = rest
+		}
+	}
+	return o.publish(ctx, entries)
+}
+
+// publish sends entries at once and deletes them once the streams have them all.
+func (o *Outbox) publish(ctx context.Context, entries []Entry) error {
 	if len(entries) == 0 {
 		return nil
 	}
