@@ -12,6 +12,7 @@ import (
 	"fmt"
 	"io/fs"
 	"log/slog"
+	"slices"
 	"sync"
 	"time"
 
@@ -131,7 +132,10 @@ func New(cfg Config, pool *pgxpool.Pool, js jetstream.JetStream, log *slog.Logge
 	cfg.setDefaults()
 	s := &Service{
 		cfg: cfg, js: js, log: log, reg: reg,
-		outbox: &outbox.Outbox{Table: Schema + ".outbox", Pool: pool, JS: js, Log: log},
+		// The verifier's stream first: a code's otp.challenge, and the supersession of the
+		// code it replaces, are stored before the job that mails it, so the verifier
+		// knows both by the time the code can be read (services/verifier/fence.go).
+		outbox: &outbox.Outbox{Table: Schema + ".outbox", Pool: pool, JS: js, Log: log, First: challengeSubject},
 		requests: prometheus.NewCounterVec(prometheus.CounterOpts{
 			Name: "otpflow_issuer_requests_total", Help: "otp.requested messages handled, by outcome.",
 		}, []string{"outcome"}),
@@ -327,4 +331,10 @@ func (s *Service) skewBy() time.Duration {
 		return 0
 	}
 	return s.skew()
+}
+
+// challengeSubject tells the subjects of OTP_CHALLENGES, the verifier's stream.
+func challengeSubject(subject string) bool {
+	typ, _, err := events.SplitSubject(subject)
+	return err == nil && slices.Contains(events.ChallengeTypes, typ)
 }

@@ -19,9 +19,8 @@ type Config struct {
 	// Policies per tenant (OTP_TENANTS_FILE): recent codes that verify, the per-recipient
 	// failure cap, the recipient_failures risk rule.
 	Policies *policy.Set
-	// FenceWait bounds how long a verify waits for the projection to catch up with the
-	// stream: one for an unknown request (read-your-writes), one that would succeed for
-	// the tenant's last supersession (fence.go); default 1s.
+	// FenceWait bounds how long a verify for an unknown request waits for the projection
+	// to catch up with the stream (read-your-writes, fence.go); default 1s.
 	FenceWait time.Duration
 	// MaxFenceWaits bounds the verifies of one process that wait for the projection at
 	// once; a verify for an unknown request over it answers from the projection as it is
