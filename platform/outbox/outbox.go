@@ -18,6 +18,7 @@ package outbox
 import (
 	"context"
 	"encoding/json"
+	"errors"
 	"fmt"
 	"log/slog"
 	"slices"
@@ -102,27 +103,39 @@ func (o *Outbox) Publish(ctx context.Context, entries []Entry) error {
 			}
 		}
 		if len(first) > 0 && len(rest) > 0 {
-			if err := o.publish(ctx, first); err != nil {
+			if err := platform.PublishAll(ctx, o.JS, messages(first)); err != nil {
 				return err
 			}
-			entries = rest
+			if err := platform.PublishAll(ctx, o.JS, messages(rest)); err != nil {
+				// The first ones are stored: only the rest is left to the relay.
+				return errors.Join(err, o.delete(ctx, first))
+			}
+			return o.delete(ctx, entries)
 		}
 	}
-	return o.publish(ctx, entries)
-}
-
-// publish sends entries at once and deletes them once the streams have them all.
-func (o *Outbox) publish(ctx context.Context, entries []Entry) error {
 	if len(entries) == 0 {
 		return nil
 	}
+	if err := platform.PublishAll(ctx, o.JS, messages(entries)); err != nil {
+		return err
+	}
+	return o.delete(ctx, entries)
+}
+
+// messages are the entries' messages.
+func messages(entries []Entry) []*nats.Msg {
 	msgs := make([]*nats.Msg, len(entries))
+	for i, e := range entries {
+		msgs[i] = e.Msg
+	}
+	return msgs
+}
+
+// delete removes published entries from the table.
+func (o *Outbox) delete(ctx context.Context, entries []Entry) error {
 	ids := make([]int64, len(entries))
 	for i, e := range entries {
-		msgs[i], ids[i] = e.Msg, e.ID
-	}
-	if err := platform.PublishAll(ctx, o.JS, msgs); err != nil {
-		return err
+		ids[i] = e.ID
 	}
 	if _, err := o.Pool.Exec(ctx, "DELETE FROM "+o.Table+" WHERE id = ANY($1)", ids); err != nil {
 		return fmt.Errorf("outbox delete: %w", err)

@@ -158,6 +158,8 @@ func TestSupersededCodeNeverVerifiesWhileTheProjectionLags(t *testing.T) {
 	})
 	exp := time.Now().Add(5 * time.Minute)
 	h.issue(t, ch(300), "old", 1, "111111", "", exp)
+	h.publishIssued(t, issue{ChallengeID: ch(303), RequestID: "old-cy", CodeSeq: 1, Recipient: "cy@example.com", ExpiresAt: exp}, "444444")
+	h.waitProjected(t, ch(303), 1)
 	h.publishIssued(t, issue{ChallengeID: ch(302), RequestID: "other", CodeSeq: 1, Recipient: "bo@example.com", ExpiresAt: exp}, "333333")
 	h.waitProjected(t, ch(302), 1)
 
@@ -166,6 +168,8 @@ func TestSupersededCodeNeverVerifiesWhileTheProjectionLags(t *testing.T) {
 	stalled.Store(true)
 	h.publishIssued(t, issue{ChallengeID: ch(301), RequestID: "new", CodeSeq: 1, Recipient: "ana@example.com", ExpiresAt: exp}, "222222")
 	h.supersede(t, ch(300), "old", "new")
+	// And cy's, superseded by a request of cy's the test leaves out.
+	h.supersede(t, ch(303), "old-cy", "new-cy")
 	testenv.Eventually(t, 10*time.Second, "the projection to stall", holding.Load)
 
 	verify := func(requestID, code string) (events.VerifyReply, string) {
@@ -192,11 +196,17 @@ func TestSupersededCodeNeverVerifiesWhileTheProjectionLags(t *testing.T) {
 	if r, e := verify("old", "999999"); e != "" || r.Status != events.StatusSuperseded {
 		t.Fatalf("a wrong guess while the supersession is not projected: %+v, error %q; want superseded", r, e)
 	}
+	if r, e := verify("old-cy", "444444"); e != "" || r.Status != events.StatusSuperseded {
+		t.Fatalf("cy's superseded code, the tenant's last supersession: %+v, error %q; want superseded", r, e)
+	}
+	if r, e := verify("old", "111111"); e != "" || r.Status != events.StatusSuperseded {
+		t.Fatalf("ana's superseded code once the index has read cy's: %+v, error %q; want superseded", r, e)
+	}
 	if status, attempts := row(ch(300)); status != statusActive || attempts != 0 {
 		t.Fatalf("the old challenge after the verifies: status %s, %d attempts; want still active (the projection stalls), no attempt counted", status, attempts)
 	}
-	if n := testutil.ToFloat64(h.svc.supersededAhead); n != 2 {
-		t.Errorf("verifies answered superseded ahead of the projection: %v, want 2", n)
+	if n := testutil.ToFloat64(h.svc.supersededAhead); n != 4 {
+		t.Errorf("verifies answered superseded ahead of the projection: %v, want 4", n)
 	}
 	if r, e := verify("other", "000000"); e != "" || r.Status != events.StatusInvalidCode {
 		t.Fatalf("another request's wrong guess: %+v, error %q", r, e)
@@ -219,11 +229,13 @@ func TestSupersededCodeNeverVerifiesWhileTheProjectionLags(t *testing.T) {
 	// The index lets go of what the projection has applied (once it has read the
 	// projection's floor again).
 	testenv.Eventually(t, 10*time.Second, "the index to drop the applied supersession", func() bool {
-		_, err := h.svc.supersessions(t.Context(), "acme", nil)
+		_, err := h.svc.supersessions(t.Context(), "acme", nil, h.svc.floor.known())
+		h.svc.index.mu.Lock()
 		ts := h.svc.index.tenants["acme"]
-		ts.mu.Lock()
-		defer ts.mu.Unlock()
-		return err == nil && len(ts.ahead) == 0
+		h.svc.index.mu.Unlock()
+		ts.reading <- struct{}{}
+		defer func() { <-ts.reading }()
+		return err == nil && len(ts.ahead) == 0 && len(ts.byRequest) == 0
 	})
 
 	// The stream cannot be read: whether a supersession closes a challenge is not known,

@@ -44,9 +44,9 @@ const fenceRead = 5 * time.Millisecond
 // one read of the consumer's info at a time, shared by every verify that needs it.
 type floorWatch struct {
 	read func(context.Context) (uint64, error)
-	// reading is held while the floor is read, so reads are one at a time and the floor
-	// is always the latest read's.
-	reading sync.Mutex
+	// reading holds a token while the floor is read, so reads are one at a time and the
+	// floor is always the latest read's.
+	reading chan struct{}
 
 	mu      sync.Mutex
 	floor   uint64
@@ -59,23 +59,53 @@ type floorWatch struct {
 }
 
 func newFloorWatch(read func(context.Context) (uint64, error)) *floorWatch {
-	return &floorWatch{read: read, moved: make(chan struct{})}
+	return &floorWatch{read: read, moved: make(chan struct{}), reading: make(chan struct{}, 1)}
 }
 
-// recent is the floor as read at most age ago, read now if it was not.
+// recent is the floor as read at most age ago, read now if it was not. If it cannot be
+// read now, the last floor read answers: it is still true, only lower. An error means
+// none was ever read.
 func (w *floorWatch) recent(ctx context.Context, age time.Duration) (uint64, error) {
-	w.reading.Lock()
-	defer w.reading.Unlock()
+	select {
+	case w.reading <- struct{}{}:
+	case <-ctx.Done():
+		return w.lastRead(ctx.Err())
+	}
+	defer func() { <-w.reading }()
 	w.mu.Lock()
-	floor, fresh := w.floor, !w.readAt.IsZero() && time.Since(w.readAt) <= age && w.err == nil
+	floor, fresh := w.floor, !w.readAt.IsZero() && time.Since(w.readAt) <= age
 	w.mu.Unlock()
 	if fresh {
 		return floor, nil
 	}
-	return w.readNow(ctx)
+	if floor, err := w.readNow(ctx); err == nil {
+		return floor, nil
+	} else {
+		return w.lastRead(err)
+	}
 }
 
-// readNow reads the floor; w.reading must be held.
+// known is the last floor read (0 before the first): still true, if lower than now.
+func (w *floorWatch) known() uint64 {
+	if w == nil {
+		return 0
+	}
+	w.mu.Lock()
+	defer w.mu.Unlock()
+	return w.floor
+}
+
+// lastRead is the last floor read, or err if none was.
+func (w *floorWatch) lastRead(err error) (uint64, error) {
+	w.mu.Lock()
+	defer w.mu.Unlock()
+	if w.readAt.IsZero() {
+		return 0, err
+	}
+	return w.floor, nil
+}
+
+// readNow reads the floor; the caller holds w.reading.
 func (w *floorWatch) readNow(ctx context.Context) (uint64, error) {
 	floor, err := w.read(ctx)
 	w.mu.Lock()
@@ -131,9 +161,9 @@ func (w *floorWatch) wait(ctx context.Context, seq uint64) error {
 func (w *floorWatch) poll() {
 	for {
 		ctx, cancel := context.WithTimeout(context.Background(), time.Second)
-		w.reading.Lock()
+		w.reading <- struct{}{}
 		_, _ = w.readNow(ctx)
-		w.reading.Unlock()
+		<-w.reading
 		cancel()
 		w.mu.Lock()
 		close(w.moved)
@@ -166,9 +196,32 @@ func (s *Service) fence(ctx context.Context, tenant string) error {
 	return s.floor.wait(ctx, last.Sequence)
 }
 
-// floorAge is how old a floor the supersession index prunes with may be: a staler one
-// only keeps supersessions the projection has applied a little longer.
-const floorAge = 100 * time.Millisecond
+// floorEvery is how often the projection's floor is read for the supersession index: a
+// staler one only keeps supersessions the projection has applied a little longer.
+const floorEvery = 100 * time.Millisecond
+
+// follow reads the projection's floor every floorEvery until ctx is cancelled.
+func (w *floorWatch) follow(ctx context.Context) error {
+	t := time.NewTicker(floorEvery)
+	defer t.Stop()
+	for {
+		select {
+		case <-ctx.Done():
+			return nil
+		case <-t.C:
+			_, _ = w.recent(ctx, floorEvery/2)
+		}
+	}
+}
+
+// supersessionRead bounds a verify group's read of the supersessions: past it, the
+// group goes on without them, and its verifies that would succeed fail.
+const supersessionRead = time.Second
+
+// maxAhead bounds the supersessions the index holds for one tenant (while the
+// projection's floor is held up, they pile up): past it, the tenant's verifies that
+// would succeed fail until the floor moves.
+const maxAhead = 100_000
 
 // supersessionIndex holds, per tenant, the supersessions on OTP_CHALLENGES the
 // projection may not have applied yet.
@@ -179,20 +232,25 @@ type supersessionIndex struct {
 
 // tenantSupersessions is one tenant's part of the index.
 type tenantSupersessions struct {
-	// mu is held while the stream is read, so the groups of a tenant read it once.
-	mu sync.Mutex
+	// reading holds a token while the stream is read, so the groups of a tenant read it
+	// once, each waiting for it no longer than its deadline.
+	reading chan struct{}
 	// read: every otp.challenge_superseded of the tenant up to this sequence is known.
 	read uint64
-	// ahead are the supersessions past the projection's floor, by the request id they
-	// name.
-	ahead map[string][]aheadSupersession
+	// ahead are the supersessions past the projection's floor, in stream order (their
+	// sequences and read times grow), and byRequest the challenge ids they close by the
+	// request id they name.
+	ahead     []aheadSupersession
+	byRequest map[string][]string
 }
 
 // aheadSupersession is a supersession the projection may not have applied.
 type aheadSupersession struct {
-	challengeID string
-	seq         uint64
-	stored      time.Time
+	requestID, challengeID string
+	seq                    uint64
+	// readAt is when the index read it, on the process clock: no earlier than it was
+	// stored.
+	readAt time.Time
 }
 
 // superseded tells whether a supersession the index holds closes challenge id of
@@ -200,32 +258,32 @@ type aheadSupersession struct {
 type superseded map[string][]string
 
 func (sup superseded) closes(requestID, challengeID string) bool {
-	for _, id := range sup[requestID] {
-		if id == challengeID {
-			return true
-		}
-	}
-	return false
+	return slices.Contains(sup[requestID], challengeID)
 }
 
 // supersessions reads what the stream holds of the tenant's supersessions past what the
 // index knows, one read of the tenant's last supersession and one of each newer one, and
-// answers those of requestIDs that are past the projection's floor (those at or below it
-// are in the database).
-func (s *Service) supersessions(ctx context.Context, tenant string, requestIDs []string) (superseded, error) {
+// answers those of requestIDs that are past floor, a floor of the projection read before
+// the caller reads the challenges (those at or below it are in the database). An error
+// means the answer may lack one.
+func (s *Service) supersessions(ctx context.Context, tenant string, requestIDs []string, floor uint64) (superseded, error) {
 	if s.challenges == nil || s.floor == nil {
 		return nil, nil // not running: nothing to read
 	}
 	s.index.mu.Lock()
 	ts := s.index.tenants[tenant]
 	if ts == nil {
-		ts = &tenantSupersessions{ahead: map[string][]aheadSupersession{}}
+		ts = &tenantSupersessions{reading: make(chan struct{}, 1), byRequest: map[string][]string{}}
 		s.index.tenants[tenant] = ts
 	}
 	s.index.mu.Unlock()
 
-	ts.mu.Lock()
-	defer ts.mu.Unlock()
+	select {
+	case ts.reading <- struct{}{}:
+	case <-ctx.Done():
+		return nil, fmt.Errorf("waiting for another read of %s's supersessions: %w", tenant, ctx.Err())
+	}
+	defer func() { <-ts.reading }()
 	subject := events.TypeChallengeSuperseded.Subject(tenant)
 	var last uint64
 	switch m, err := s.challenges.GetLastMsgForSubject(ctx, subject); {
@@ -235,21 +293,39 @@ func (s *Service) supersessions(ctx context.Context, tenant string, requestIDs [
 	default:
 		last = m.Sequence
 	}
-	floor, err := s.floor.recent(ctx, floorAge)
-	if err != nil {
-		return nil, fmt.Errorf("the projection's floor: %w", err)
-	}
 	if last < ts.read {
 		// The stream was made again: its sequences start over.
-		ts.read, ts.ahead = 0, map[string][]aheadSupersession{}
+		ts.read, ts.ahead, ts.byRequest = 0, nil, map[string][]string{}
 	}
-	for from := max(ts.read, floor) + 1; from <= last; {
-		m, err := s.challenges.GetMsg(ctx, from, jetstream.WithGetMsgSubject(subject))
+	if err := ts.readPast(ctx, s.challenges, subject, tenant, max(ts.read, floor), last); err != nil {
+		return nil, err
+	}
+	ts.prune(floor, time.Now().Add(-events.MaxCodeTTL-time.Minute))
+	if len(ts.ahead) > maxAhead {
+		return nil, fmt.Errorf("%d supersessions of %s past the projection's floor, more than %d", len(ts.ahead), tenant, maxAhead)
+	}
+	var sup superseded
+	for _, r := range requestIDs {
+		if ids := ts.byRequest[r]; len(ids) > 0 {
+			if sup == nil {
+				sup = superseded{}
+			}
+			sup[r] = slices.Clone(ids)
+		}
+	}
+	return sup, nil
+}
+
+// readPast reads the tenant's supersessions after sequence from, up to last, keeping
+// what it read should a read fail.
+func (ts *tenantSupersessions) readPast(ctx context.Context, st jetstream.Stream, subject, tenant string, from, last uint64) error {
+	for from < last {
+		m, err := st.GetMsg(ctx, from+1, jetstream.WithGetMsgSubject(subject))
 		if errors.Is(err, jetstream.ErrMsgNotFound) {
 			break // removed since (the stream's limits): it closed an expired challenge
 		}
 		if err != nil {
-			return nil, fmt.Errorf("supersession %d of %s: %w", from, tenant, err)
+			return fmt.Errorf("the supersessions of %s after sequence %d: %w", tenant, from, err)
 		}
 		if m.Sequence > last {
 			break
@@ -258,30 +334,34 @@ func (s *Service) supersessions(ctx context.Context, tenant string, requestIDs [
 		// applies; here it closes nothing either.
 		var e events.Superseded
 		if events.DecodeEvent(m.Data, &e) == nil && checkCommon(tenant, e.Tenant, e.ChallengeID, e.RequestID) == nil {
-			ts.ahead[e.RequestID] = append(ts.ahead[e.RequestID], aheadSupersession{challengeID: e.ChallengeID, seq: m.Sequence, stored: m.Time})
+			ts.ahead = append(ts.ahead, aheadSupersession{requestID: e.RequestID, challengeID: e.ChallengeID, seq: m.Sequence, readAt: time.Now()})
+			ts.byRequest[e.RequestID] = append(ts.byRequest[e.RequestID], e.ChallengeID)
 		}
-		from = m.Sequence + 1
+		from = m.Sequence
+		ts.read = max(ts.read, from)
 	}
 	ts.read = max(ts.read, last)
-	// Applied, or older than any code it could close: a code lives at most MaxCodeTTL
-	// after its challenge's supersession, and a minute covers the clocks' skew.
-	expired := time.Now().Add(-events.MaxCodeTTL - time.Minute)
-	for r, as := range ts.ahead {
-		as = slices.DeleteFunc(as, func(a aheadSupersession) bool { return a.seq <= floor || a.stored.Before(expired) })
-		if len(as) == 0 {
-			delete(ts.ahead, r)
+	return nil
+}
+
+// prune lets go of the supersessions the projection has applied (at or below floor)
+// and of those read before expired, older than any code they could close (a code lives
+// at most MaxCodeTTL after its challenge's supersession; the extra minute covers the
+// clocks' skew).
+func (ts *tenantSupersessions) prune(floor uint64, expired time.Time) {
+	n := 0
+	for n < len(ts.ahead) && (ts.ahead[n].seq <= floor || ts.ahead[n].readAt.Before(expired)) {
+		a := ts.ahead[n]
+		ids := ts.byRequest[a.requestID]
+		if i := slices.Index(ids, a.challengeID); i >= 0 {
+			ids = slices.Delete(ids, i, i+1)
+		}
+		if len(ids) == 0 {
+			delete(ts.byRequest, a.requestID)
 		} else {
-			ts.ahead[r] = as
+			ts.byRequest[a.requestID] = ids
 		}
+		n++
 	}
-	var sup superseded
-	for _, r := range requestIDs {
-		for _, a := range ts.ahead[r] {
-			if sup == nil {
-				sup = superseded{}
-			}
-			sup[r] = append(sup[r], a.challengeID)
-		}
-	}
-	return sup, nil
+	ts.ahead = slices.Delete(ts.ahead, 0, n)
 }

@@ -45,6 +45,8 @@ type verifyCall struct {
 	// failed: the call may then not succeed.
 	sup    superseded
 	supErr error
+	// ahead: the call was answered superseded from sup.
+	ahead bool
 
 	reply events.VerifyReply
 	// issuance is the traceparent of the code's otp.challenge.
@@ -163,11 +165,15 @@ func (s *Service) runGroup(calls []*verifyCall) []outbox.Entry {
 	}
 
 	// The supersessions the projection may not have applied yet are read from the stream
-	// while the limits are counted.
+	// while the limits are counted and the challenges locked and read; a rule waits for
+	// them. The floor they are measured against was read before the group began, so
+	// before its transaction reads a challenge: what is at or below it is in the rows the
+	// transaction reads.
+	floor := s.floor.known()
 	supersessionsRead := make(chan struct{})
 	go func() {
 		defer close(supersessionsRead)
-		s.readSupersessions(ctx, live)
+		s.readSupersessions(ctx, live, floor)
 	}()
 
 	// Verify limits: a call over one is answered rate_limited before its challenge is
@@ -198,13 +204,11 @@ func (s *Service) runGroup(calls []*verifyCall) []outbox.Entry {
 		}
 	}
 
-	<-supersessionsRead
-
 	var items []*verifyItem
 	var owners []*verifyCall
 	for _, c := range live {
 		if !limited[c] {
-			items, owners = append(items, s.item(c)), append(owners, c)
+			items, owners = append(items, s.item(c, supersessionsRead)), append(owners, c)
 		}
 	}
 	if len(items) == 0 {
@@ -270,8 +274,9 @@ func oneCallsDoing(err error) bool {
 	return pgErr.Code == "55P03" || strings.HasPrefix(pgErr.Code, "P0")
 }
 
-// item is the store's view of a call: the verify rule, run in the group's transaction.
-func (s *Service) item(c *verifyCall) *verifyItem {
+// item is the store's view of a call: the verify rule, run in the group's transaction
+// once the supersessions are read (closed read).
+func (s *Service) item(c *verifyCall, read <-chan struct{}) *verifyItem {
 	return &verifyItem{tenant: c.tenant, requestID: c.req.RequestID, answerMissing: c.final,
 		recent: s.cfg.Policies.For(c.tenant).RecentCodes,
 		rule: func(now time.Time, ch *challenge, recent func(n int) ([]code, error)) (decision, error) {
@@ -279,11 +284,12 @@ func (s *Service) item(c *verifyCall) *verifyItem {
 			if ch != nil {
 				c.issuance = ch.traceParent
 			}
-			if ch != nil && ch.status == statusActive && c.sup.closes(c.req.RequestID, ch.id) {
+			<-read
+			c.ahead = ch != nil && ch.status == statusActive && c.sup.closes(c.req.RequestID, ch.id)
+			if c.ahead {
 				// Superseded on the stream, not yet in the projection.
 				v := *ch
 				v.status, ch = statusSuperseded, &v
-				s.supersededAhead.Inc()
 			}
 			d, err := s.decide(c.tenant, c.req, now, ch, recent)
 			if err == nil && d.reply.Status == events.StatusVerified && c.supErr != nil {
@@ -305,8 +311,11 @@ func (s *Service) item(c *verifyCall) *verifyItem {
 }
 
 // readSupersessions gives each call the supersessions of its request that the
-// projection may not have applied (fence.go), the tenants read at once.
-func (s *Service) readSupersessions(ctx context.Context, calls []*verifyCall) {
+// projection may not have applied (fence.go), the tenants read at once, within
+// supersessionRead.
+func (s *Service) readSupersessions(ctx context.Context, calls []*verifyCall, floor uint64) {
+	ctx, cancel := context.WithTimeout(ctx, supersessionRead)
+	defer cancel()
 	requests := map[string][]string{}
 	for _, c := range calls {
 		requests[c.tenant] = append(requests[c.tenant], c.req.RequestID)
@@ -314,7 +323,7 @@ func (s *Service) readSupersessions(ctx context.Context, calls []*verifyCall) {
 	var wg sync.WaitGroup
 	for tenant, ids := range requests {
 		wg.Go(func() {
-			sup, err := s.supersessions(ctx, tenant, ids)
+			sup, err := s.supersessions(ctx, tenant, ids, floor)
 			if err != nil {
 				s.log.Warn("supersessions on the stream; successful verifies of the tenant fail", "tenant", tenant, "err", err)
 				err = fmt.Errorf("%w: %w", errSupersessionsUnknown, err)
@@ -336,6 +345,8 @@ func (s *Service) answer(c *verifyCall, it *verifyItem) {
 		c.err = it.err
 	case it.notProjected:
 		c.err = errNotProjected
+	case c.ahead:
+		s.supersededAhead.Inc()
 	}
 }
 

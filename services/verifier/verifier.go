@@ -212,6 +212,11 @@ func (s *Service) Run(ctx context.Context) error {
 		}
 		return info.AckFloor.Stream, nil
 	})
+	// The supersession index reads the stream past the floor: a first floor before any
+	// verify, or the first would read every supersession there is.
+	if _, err := s.floor.recent(ctx, 0); err != nil {
+		return platform.SetupError(ctx, fmt.Errorf("the challenge projection's floor: %w", err))
+	}
 	var inflight sync.WaitGroup
 	verifySlots := make(chan struct{}, s.cfg.Concurrency)
 	svc, err := micro.AddService(s.nc, micro.Config{
@@ -254,6 +259,7 @@ func (s *Service) Run(ctx context.Context) error {
 	g, gctx := errgroup.WithContext(ctx)
 	g.Go(func() error { return s.outbox.Relay(gctx, 2*time.Second, s.cfg.relayAge) })
 	g.Go(func() error { return platform.PurgeEvery(gctx, 10*time.Minute, s.log, s.Purge) })
+	g.Go(func() error { return s.floor.follow(gctx) })
 	cc, lcc, scc := s.consumeConfigs()
 	c := platform.NewConsumer(cons, cc)
 	g.Go(func() error { return c.Run(gctx, s.project) })
