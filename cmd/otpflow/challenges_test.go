@@ -29,7 +29,7 @@ func (a *app) verifyInSession(t *testing.T, tenant, requestID, code, session str
 
 // supersessionOnStream waits until the tenant's n-th otp.challenge_superseded is on
 // OTP_CHALLENGES, not for the verifier to project it: from then on the older code must
-// answer superseded, however far the projection lags (the verifier's supersession fence).
+// answer superseded, however far the projection lags (the verifier's supersession index).
 func (a *app) supersessionOnStream(t *testing.T, tenant string, n int) {
 	t.Helper()
 	testenv.WaitMessages(t, a.js, events.StreamChallenges, events.TypeChallengeSuperseded.Subject(tenant), n, 30*time.Second)
