@@ -107,8 +107,11 @@ func (o *Outbox) Publish(ctx context.Context, entries []Entry) error {
 				return err
 			}
 			if err := platform.PublishAll(ctx, o.JS, messages(rest)); err != nil {
-				// The first ones are stored: only the rest is left to the relay.
-				return errors.Join(err, o.delete(ctx, first))
+				// The first ones are stored: only the rest is left to the relay (also when
+				// ctx ended the publish).
+				dctx, cancel := context.WithTimeout(context.WithoutCancel(ctx), 5*time.Second)
+				defer cancel()
+				return errors.Join(err, o.delete(dctx, first))
 			}
 			return o.delete(ctx, entries)
 		}

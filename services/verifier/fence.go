@@ -30,8 +30,9 @@ import (
 // Both read the stream's leader (the stream does not allow direct gets), so they are
 // read-after-write coherent on a replicated stream too. The projection acknowledges an
 // event once its batch is committed, so what is at or below the floor is in the
-// database a verify's transaction reads, or was refused by the projection (dead-lettered
-// as malformed, or naming another request's challenge).
+// database a verify's transaction reads, or was refused by the projection: malformed
+// (dead-lettered), naming another request's challenge (closes nothing), or dead-lettered
+// after its deliveries ran out (the one gap: services/verifier/README.md).
 
 // errSupersessionsUnknown: the stream could not be read for the tenant's supersessions,
 // so a verify that would succeed fails (nothing of it is written; the app asks again).
@@ -41,7 +42,8 @@ var errSupersessionsUnknown = errors.New("the supersessions on " + events.Stream
 const fenceRead = 5 * time.Millisecond
 
 // floorWatch follows the acknowledgement floor of the challenge projection's durable:
-// one read of the consumer's info at a time, shared by every verify that needs it.
+// one read of the consumer's info at a time, shared by the verifies waiting in the fence
+// and by the supersession index.
 type floorWatch struct {
 	read func(context.Context) (uint64, error)
 	// reading holds a token while the floor is read, so reads are one at a time and the
@@ -123,7 +125,7 @@ func (w *floorWatch) readNow(ctx context.Context) (uint64, error) {
 // read's, if it failed). One poller reads the floor while anyone waits.
 func (w *floorWatch) wait(ctx context.Context, seq uint64) error {
 	w.mu.Lock()
-	if w.floor >= seq && w.err == nil {
+	if w.floor >= seq {
 		// A floor, once read, stays true: the durable has acknowledged up to it.
 		w.mu.Unlock()
 		return nil
@@ -150,7 +152,7 @@ func (w *floorWatch) wait(ctx context.Context, seq uint64) error {
 		case <-moved:
 		}
 		w.mu.Lock()
-		if w.floor >= seq && w.err == nil {
+		if w.floor >= seq {
 			w.mu.Unlock()
 			return nil
 		}
@@ -160,11 +162,11 @@ func (w *floorWatch) wait(ctx context.Context, seq uint64) error {
 // poll reads the floor while anyone waits for it.
 func (w *floorWatch) poll() {
 	for {
-		ctx, cancel := context.WithTimeout(context.Background(), time.Second)
 		w.reading <- struct{}{}
+		ctx, cancel := context.WithTimeout(context.Background(), time.Second)
 		_, _ = w.readNow(ctx)
-		<-w.reading
 		cancel()
+		<-w.reading
 		w.mu.Lock()
 		close(w.moved)
 		w.moved = make(chan struct{})
@@ -209,7 +211,9 @@ func (w *floorWatch) follow(ctx context.Context) error {
 		case <-ctx.Done():
 			return nil
 		case <-t.C:
-			_, _ = w.recent(ctx, floorEvery/2)
+			rctx, cancel := context.WithTimeout(ctx, time.Second)
+			_, _ = w.recent(rctx, floorEvery/2)
+			cancel()
 		}
 	}
 }
@@ -289,7 +293,8 @@ func (s *Service) supersessions(ctx context.Context, tenant string, requestIDs [
 	switch m, err := s.challenges.GetLastMsgForSubject(ctx, subject); {
 	case errors.Is(err, jetstream.ErrMsgNotFound):
 	case err != nil:
-		return nil, fmt.Errorf("the last supersession of %s: %w", tenant, err)
+		// What the index holds still closes challenges; what it lacks is unknown.
+		return ts.of(requestIDs), fmt.Errorf("the last supersession of %s: %w", tenant, err)
 	default:
 		last = m.Sequence
 	}
@@ -297,13 +302,13 @@ func (s *Service) supersessions(ctx context.Context, tenant string, requestIDs [
 		// The stream was made again: its sequences start over.
 		ts.read, ts.ahead, ts.byRequest = 0, nil, map[string][]string{}
 	}
-	if err := ts.readPast(ctx, s.challenges, subject, tenant, max(ts.read, floor), last); err != nil {
-		return nil, err
-	}
 	ts.prune(floor, time.Now().Add(-events.MaxCodeTTL-time.Minute))
-	if len(ts.ahead) > maxAhead {
-		return nil, fmt.Errorf("%d supersessions of %s past the projection's floor, more than %d", len(ts.ahead), tenant, maxAhead)
-	}
+	err := ts.readPast(ctx, s.challenges, subject, tenant, max(ts.read, floor), last)
+	return ts.of(requestIDs), err
+}
+
+// of is what the index holds of requestIDs.
+func (ts *tenantSupersessions) of(requestIDs []string) superseded {
 	var sup superseded
 	for _, r := range requestIDs {
 		if ids := ts.byRequest[r]; len(ids) > 0 {
@@ -313,13 +318,16 @@ func (s *Service) supersessions(ctx context.Context, tenant string, requestIDs [
 			sup[r] = slices.Clone(ids)
 		}
 	}
-	return sup, nil
+	return sup
 }
 
 // readPast reads the tenant's supersessions after sequence from, up to last, keeping
-// what it read should a read fail.
+// what it read should a read fail, and no more than maxAhead.
 func (ts *tenantSupersessions) readPast(ctx context.Context, st jetstream.Stream, subject, tenant string, from, last uint64) error {
 	for from < last {
+		if len(ts.ahead) >= maxAhead {
+			return fmt.Errorf("%d supersessions of %s past the projection's floor: no more are read until it moves", len(ts.ahead), tenant)
+		}
 		m, err := st.GetMsg(ctx, from+1, jetstream.WithGetMsgSubject(subject))
 		if errors.Is(err, jetstream.ErrMsgNotFound) {
 			break // removed since (the stream's limits): it closed an expired challenge

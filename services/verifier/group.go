@@ -165,16 +165,22 @@ func (s *Service) runGroup(calls []*verifyCall) []outbox.Entry {
 	}
 
 	// The supersessions the projection may not have applied yet are read from the stream
-	// while the limits are counted and the challenges locked and read; a rule waits for
-	// them. The floor they are measured against was read before the group began, so
-	// before its transaction reads a challenge: what is at or below it is in the rows the
-	// transaction reads.
+	// while the limits are counted and the challenges locked and read; the rule of an
+	// active challenge waits for them (holding the group's row locks, at most
+	// supersessionRead). What is at or below a floor of the projection is in the rows the
+	// transaction reads: the projection acknowledges a supersession once it has committed
+	// it, and writes it under the challenge's row lock, which the transaction holds when
+	// the rule runs; so the floor read before the group began, and any newer one another
+	// group prunes the shared index with, left nothing out of what the rule sees.
 	floor := s.floor.known()
+	rctx, rcancel := context.WithTimeout(ctx, supersessionRead)
 	supersessionsRead := make(chan struct{})
 	go func() {
 		defer close(supersessionsRead)
-		s.readSupersessions(ctx, live, floor)
+		s.readSupersessions(rctx, live, floor)
 	}()
+	// A group that ends early ends its read, and nothing writes to its calls after.
+	defer func() { rcancel(); <-supersessionsRead }()
 
 	// Verify limits: a call over one is answered rate_limited before its challenge is
 	// read, so it costs no attempt.
@@ -284,8 +290,12 @@ func (s *Service) item(c *verifyCall, read <-chan struct{}) *verifyItem {
 			if ch != nil {
 				c.issuance = ch.traceParent
 			}
-			<-read
-			c.ahead = ch != nil && ch.status == statusActive && c.sup.closes(c.req.RequestID, ch.id)
+			c.ahead = false
+			if ch != nil && ch.status == statusActive {
+				// Only an active challenge can be superseded, or verify.
+				<-read
+				c.ahead = c.sup.closes(c.req.RequestID, ch.id)
+			}
 			if c.ahead {
 				// Superseded on the stream, not yet in the projection.
 				v := *ch
@@ -311,11 +321,9 @@ func (s *Service) item(c *verifyCall, read <-chan struct{}) *verifyItem {
 }
 
 // readSupersessions gives each call the supersessions of its request that the
-// projection may not have applied (fence.go), the tenants read at once, within
-// supersessionRead.
+// projection may not have applied past floor (fence.go), the tenants read at once, within
+// ctx (supersessionRead).
 func (s *Service) readSupersessions(ctx context.Context, calls []*verifyCall, floor uint64) {
-	ctx, cancel := context.WithTimeout(ctx, supersessionRead)
-	defer cancel()
 	requests := map[string][]string{}
 	for _, c := range calls {
 		requests[c.tenant] = append(requests[c.tenant], c.req.RequestID)
@@ -325,7 +333,9 @@ func (s *Service) readSupersessions(ctx context.Context, calls []*verifyCall, fl
 		wg.Go(func() {
 			sup, err := s.supersessions(ctx, tenant, ids, floor)
 			if err != nil {
-				s.log.Warn("supersessions on the stream; successful verifies of the tenant fail", "tenant", tenant, "err", err)
+				if !errors.Is(ctx.Err(), context.Canceled) { // not a group that ended first
+					s.log.Warn("supersessions on the stream; successful verifies of the tenant fail", "tenant", tenant, "err", err)
+				}
 				err = fmt.Errorf("%w: %w", errSupersessionsUnknown, err)
 			}
 			for _, c := range calls {
