@@ -219,7 +219,8 @@ func (w *floorWatch) follow(ctx context.Context) error {
 }
 
 // supersessionRead bounds a verify group's read of the supersessions: past it, the
-// group goes on without them, and its verifies that would succeed fail.
+// group goes on with what the index held (or nothing, if it could not have it), and its
+// verifies that would succeed fail.
 const supersessionRead = time.Second
 
 // maxAhead bounds the supersessions the index holds for one tenant (while the

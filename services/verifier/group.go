@@ -280,8 +280,8 @@ func oneCallsDoing(err error) bool {
 	return pgErr.Code == "55P03" || strings.HasPrefix(pgErr.Code, "P0")
 }
 
-// item is the store's view of a call: the verify rule, run in the group's transaction
-// once the supersessions are read (closed read).
+// item is the store's view of a call: the verify rule, run in the group's transaction;
+// for an active challenge, once the supersessions are read (closed read).
 func (s *Service) item(c *verifyCall, read <-chan struct{}) *verifyItem {
 	return &verifyItem{tenant: c.tenant, requestID: c.req.RequestID, answerMissing: c.final,
 		recent: s.cfg.Policies.For(c.tenant).RecentCodes,
@@ -291,10 +291,11 @@ func (s *Service) item(c *verifyCall, read <-chan struct{}) *verifyItem {
 				c.issuance = ch.traceParent
 			}
 			c.ahead = false
+			var unknown error // whether a supersession closes the challenge
 			if ch != nil && ch.status == statusActive {
 				// Only an active challenge can be superseded, or verify.
 				<-read
-				c.ahead = c.sup.closes(c.req.RequestID, ch.id)
+				c.ahead, unknown = c.sup.closes(c.req.RequestID, ch.id), c.supErr
 			}
 			if c.ahead {
 				// Superseded on the stream, not yet in the projection.
@@ -302,10 +303,13 @@ func (s *Service) item(c *verifyCall, read <-chan struct{}) *verifyItem {
 				v.status, ch = statusSuperseded, &v
 			}
 			d, err := s.decide(c.tenant, c.req, now, ch, recent)
-			if err == nil && d.reply.Status == events.StatusVerified && c.supErr != nil {
+			if err == nil && d.reply.Status == events.StatusVerified && (unknown != nil || ch == nil || ch.status != statusActive) {
+				if unknown == nil {
+					unknown = errors.New("verified a challenge that is not active")
+				}
 				// Whether a supersession closes the challenge is not known: nothing is
 				// written, and the call fails.
-				return decision{}, c.supErr
+				return decision{}, unknown
 			}
 			// What the verify decided is published in its trace (the caller's).
 			if tp := platform.TraceParent(c.ctx); tp != "" {
@@ -333,7 +337,7 @@ func (s *Service) readSupersessions(ctx context.Context, calls []*verifyCall, fl
 		wg.Go(func() {
 			sup, err := s.supersessions(ctx, tenant, ids, floor)
 			if err != nil {
-				if !errors.Is(ctx.Err(), context.Canceled) { // not a group that ended first
+				if !errors.Is(err, context.Canceled) { // not a group that ended first
 					s.log.Warn("supersessions on the stream; successful verifies of the tenant fail", "tenant", tenant, "err", err)
 				}
 				err = fmt.Errorf("%w: %w", errSupersessionsUnknown, err)
