@@ -233,6 +233,8 @@ const maxAhead = 100_000
 type supersessionIndex struct {
 	mu      sync.Mutex
 	tenants map[string]*tenantSupersessions
+	// most bounds the supersessions held per tenant (0: maxAhead; tests lower it).
+	most int
 }
 
 // tenantSupersessions is one tenant's part of the index.
@@ -304,7 +306,11 @@ func (s *Service) supersessions(ctx context.Context, tenant string, requestIDs [
 		ts.read, ts.ahead, ts.byRequest = 0, nil, map[string][]string{}
 	}
 	ts.prune(floor, time.Now().Add(-events.MaxCodeTTL-time.Minute))
-	err := ts.readPast(ctx, s.challenges, subject, tenant, max(ts.read, floor), last)
+	most := s.index.most
+	if most == 0 {
+		most = maxAhead
+	}
+	err := ts.readPast(ctx, s.challenges, subject, tenant, max(ts.read, floor), last, most)
 	return ts.of(requestIDs), err
 }
 
@@ -323,10 +329,10 @@ func (ts *tenantSupersessions) of(requestIDs []string) superseded {
 }
 
 // readPast reads the tenant's supersessions after sequence from, up to last, keeping
-// what it read should a read fail, and no more than maxAhead.
-func (ts *tenantSupersessions) readPast(ctx context.Context, st jetstream.Stream, subject, tenant string, from, last uint64) error {
+// what it read should a read fail, and no more than most.
+func (ts *tenantSupersessions) readPast(ctx context.Context, st jetstream.Stream, subject, tenant string, from, last uint64, most int) error {
 	for from < last {
-		if len(ts.ahead) >= maxAhead {
+		if len(ts.ahead) >= most {
 			return fmt.Errorf("%d supersessions of %s past the projection's floor: no more are read until it moves", len(ts.ahead), tenant)
 		}
 		m, err := st.GetMsg(ctx, from+1, jetstream.WithGetMsgSubject(subject))

@@ -9,6 +9,7 @@ import (
 	"testing"
 	"time"
 
+	"github.com/otpflow/otpflow/events"
 	"github.com/otpflow/otpflow/platform/testenv"
 )
 
@@ -74,5 +75,69 @@ func TestFloorWatchReadsOnceForAllWaiters(t *testing.T) {
 	err := w.wait(ctx, 20)
 	if !errors.Is(err, context.DeadlineExceeded) || err == nil || !strings.Contains(err.Error(), "no responders") {
 		t.Errorf("a wait while the floor cannot be read: %v", err)
+	}
+}
+
+// TestIndexReadsPastTheFloorWithinItsBound: the index reads a tenant's supersessions
+// from a real stream past the floor, skips what the projection would refuse, stops at
+// its bound with an error while still answering what it holds, and reads on from where
+// it stopped once the floor has moved.
+func TestIndexReadsPastTheFloorWithinItsBound(t *testing.T) {
+	_, js := testenv.JetStream(t, testenv.NATS(t))
+	ctx := t.Context()
+	st, err := js.Stream(ctx, events.StreamChallenges)
+	testenv.Must(t, err, "stream")
+	publish := func(request, challenge string, body []byte) uint64 {
+		t.Helper()
+		if body == nil {
+			m, err := events.NewMsg(events.TypeChallengeSuperseded, "acme", "challenge_superseded:"+challenge, challenge,
+				events.Superseded{ChallengeID: challenge, Tenant: "acme", RequestID: request, SupersededBy: "later", SupersededAt: time.Now().UTC()},
+				events.Envelope{Source: "test"})
+			testenv.Must(t, err, "msg")
+			body = m.Data
+		}
+		ack, err := js.Publish(ctx, events.TypeChallengeSuperseded.Subject("acme"), body)
+		testenv.Must(t, err, "publish")
+		return ack.Sequence
+	}
+	first := publish("r1", ch(1), nil)
+	publish("bad", "", []byte(`{"tenant":"acme"}`)) // refused by the projection: closes nothing
+	publish("r2", ch(2), nil)
+	publish("r3", ch(3), nil)
+
+	s := &Service{challenges: st, floor: newFloorWatch(func(context.Context) (uint64, error) { return 0, nil }),
+		index: supersessionIndex{tenants: map[string]*tenantSupersessions{}, most: 2}}
+	all := []string{"r1", "r2", "r3", "bad"}
+	sup, err := s.supersessions(ctx, "acme", all, first-1)
+	if err == nil || !sup.closes("r1", ch(1)) || !sup.closes("r2", ch(2)) || sup.closes("r3", ch(3)) || len(sup["bad"]) != 0 {
+		t.Fatalf("at the bound of 2: %v, %v; want r1 and r2 held and an error", sup, err)
+	}
+	// The projection has applied r1: the index lets it go and reads r3.
+	sup, err = s.supersessions(ctx, "acme", all, first)
+	if err != nil || sup.closes("r1", ch(1)) || !sup.closes("r2", ch(2)) || !sup.closes("r3", ch(3)) {
+		t.Fatalf("once the floor passed r1: %v, %v; want r2 and r3", sup, err)
+	}
+}
+
+// TestAFloorOnceReadAnswersWaitsWhateverFollows: a floor read stays true, so a wait at
+// or below it returns at once, also while the floor cannot be read.
+func TestAFloorOnceReadAnswersWaitsWhateverFollows(t *testing.T) {
+	var failing atomic.Bool
+	w := newFloorWatch(func(context.Context) (uint64, error) {
+		if failing.Load() {
+			return 0, errors.New("consumer info: no responders")
+		}
+		return 10, nil
+	})
+	_, err := w.recent(t.Context(), 0)
+	testenv.Must(t, err, "first read")
+	failing.Store(true)
+	if floor, err := w.recent(t.Context(), 0); err != nil || floor != 10 {
+		t.Errorf("a failed read after a good one: %d, %v; want the last floor read", floor, err)
+	}
+	ctx, cancel := context.WithTimeout(t.Context(), 5*time.Second)
+	defer cancel()
+	if err := w.wait(ctx, 10); err != nil {
+		t.Errorf("a wait at the floor while it cannot be read: %v", err)
 	}
 }
