@@ -188,14 +188,24 @@ func (s *Service) fence(ctx context.Context, tenant string) error {
 	}
 	ctx, cancel := context.WithTimeout(ctx, s.cfg.FenceWait)
 	defer cancel()
-	last, err := s.challenges.GetLastMsgForSubject(ctx, events.TypeChallenge.Subject(tenant))
-	if errors.Is(err, jetstream.ErrMsgNotFound) {
-		return nil // the tenant never had a challenge
-	}
-	if err != nil {
+	last, err := s.lastSequence(ctx, events.TypeChallenge.Subject(tenant))
+	if err != nil || last == 0 { // 0: the tenant never had a challenge
 		return err
 	}
-	return s.floor.wait(ctx, last.Sequence)
+	return s.floor.wait(ctx, last)
+}
+
+// lastSequence is the sequence of the last message of subject on OTP_CHALLENGES, 0 if
+// there is none.
+func (s *Service) lastSequence(ctx context.Context, subject string) (uint64, error) {
+	m, err := s.challenges.GetLastMsgForSubject(ctx, subject)
+	if errors.Is(err, jetstream.ErrMsgNotFound) {
+		return 0, nil
+	}
+	if err != nil {
+		return 0, err
+	}
+	return m.Sequence, nil
 }
 
 // floorEvery is how often the projection's floor is read for the supersession index: a
@@ -233,7 +243,7 @@ const maxAhead = 100_000
 type supersessionIndex struct {
 	mu      sync.Mutex
 	tenants map[string]*tenantSupersessions
-	// most bounds the supersessions held per tenant (0: maxAhead; tests lower it).
+	// most bounds the supersessions held per tenant (maxAhead; tests lower it).
 	most int
 }
 
@@ -292,25 +302,17 @@ func (s *Service) supersessions(ctx context.Context, tenant string, requestIDs [
 	}
 	defer func() { <-ts.reading }()
 	subject := events.TypeChallengeSuperseded.Subject(tenant)
-	var last uint64
-	switch m, err := s.challenges.GetLastMsgForSubject(ctx, subject); {
-	case errors.Is(err, jetstream.ErrMsgNotFound):
-	case err != nil:
+	last, err := s.lastSequence(ctx, subject)
+	if err != nil {
 		// What the index holds still closes challenges; what it lacks is unknown.
 		return ts.of(requestIDs), fmt.Errorf("the last supersession of %s: %w", tenant, err)
-	default:
-		last = m.Sequence
 	}
 	if last < ts.read {
 		// The stream was made again: its sequences start over.
 		ts.read, ts.ahead, ts.byRequest = 0, nil, map[string][]string{}
 	}
 	ts.prune(floor, time.Now().Add(-events.MaxCodeTTL-time.Minute))
-	most := s.index.most
-	if most == 0 {
-		most = maxAhead
-	}
-	err := ts.readPast(ctx, s.challenges, subject, tenant, max(ts.read, floor), last, most)
+	err = ts.readPast(ctx, s.challenges, subject, tenant, max(ts.read, floor), last, s.index.most)
 	return ts.of(requestIDs), err
 }
 

@@ -169,7 +169,7 @@ func New(cfg Config, pool *pgxpool.Pool, nc *nats.Conn, js jetstream.JetStream, 
 			Name: "otpflow_verifier_superseded_ahead_of_projection_total",
 			Help: "Verifies answered superseded from a supersession on OTP_CHALLENGES that the projection had not applied yet.",
 		}),
-		index: supersessionIndex{tenants: map[string]*tenantSupersessions{}},
+		index: supersessionIndex{tenants: map[string]*tenantSupersessions{}, most: maxAhead},
 	}
 	s.outbox = &outbox.Outbox{Table: Schema + ".outbox", Pool: pool, JS: js, Log: log}
 	s.store = &store{pool: pool, outbox: s.outbox, groupRetries: prometheus.NewCounter(prometheus.CounterOpts{
