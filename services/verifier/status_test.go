@@ -726,6 +726,13 @@ func TestStatusPurge(t *testing.T) {
 	old, fresh := reqCode{"acme", ch(1), "old", 1}, reqCode{"acme", ch(2), "fresh", 1}
 	f.issued(old, "ana@example.com", now, now.Add(time.Minute))
 	f.issued(fresh, "bob@example.com", now, now.Add(time.Minute))
+	// Made long ago and written since (late feedback), and two rows of an earlier
+	// release, made before created_at existed: one not written for the retention.
+	revived, legacyOld, legacyFresh := reqCode{"acme", ch(6), "revived", 1}, reqCode{"acme", ch(7), "legacy-old", 1},
+		reqCode{"acme", ch(8), "legacy-fresh", 1}
+	f.issued(revived, "eve@example.com", now, now.Add(time.Minute))
+	f.issued(legacyOld, "fay@example.com", now, now.Add(time.Minute))
+	f.issued(legacyFresh, "gus@example.com", now, now.Add(time.Minute))
 	f.erasure("acme", "carl@example.com", "aaaaaaaa-0000-4000-8000-000000000003")
 	history := reqCode{"acme", ch(5), "history", 1}
 	f.issued(history, "dan@example.com", now.Add(-25*time.Hour), now.Add(-25*time.Hour+5*time.Minute))
@@ -735,15 +742,20 @@ func TestStatusPurge(t *testing.T) {
 		t.Errorf("events older than the retention made rows")
 	}
 	admin := testenv.Admin(t, h.pool)
-	_, err := admin.Exec(t.Context(), `UPDATE verifier.request_status SET updated_at = now() - interval '25 hours' WHERE request_id = 'old'`)
-	testenv.Must(t, err, "age a row")
+	_, err := admin.Exec(t.Context(), `UPDATE verifier.request_status SET
+		created_at = CASE WHEN request_id IN ('old', 'revived') THEN now() - interval '25 hours' END,
+		updated_at = CASE WHEN request_id IN ('old', 'legacy-old') THEN now() - interval '25 hours' ELSE updated_at END
+		WHERE request_id IN ('old', 'revived', 'legacy-old', 'legacy-fresh')`)
+	testenv.Must(t, err, "age the rows")
 	_, err = admin.Exec(t.Context(), `INSERT INTO verifier.request_status_erased (challenge_id, erased_at) VALUES ($1, now() - interval '25 hours'), ($2, now())`,
 		ch(3), ch(4))
 	testenv.Must(t, err, "erased challenges")
 	_, err = h.svc.Purge(t.Context())
 	testenv.Must(t, err, "purge")
-	if h.status(t, "acme", "old").Found || !h.status(t, "acme", "fresh").Found {
-		t.Errorf("after the purge: old found %v, fresh found %v; want false, true", h.status(t, "acme", "old").Found, h.status(t, "acme", "fresh").Found)
+	for request, want := range map[string]bool{"old": false, "fresh": true, "revived": true, "legacy-old": false, "legacy-fresh": true} {
+		if got := h.status(t, "acme", request).Found; got != want {
+			t.Errorf("after the purge: %s found %v, want %v", request, got, want)
+		}
 	}
 	var ids []string
 	rows, err := h.pool.Query(t.Context(), `SELECT challenge_id::text FROM verifier.request_status_erased ORDER BY 1`)
@@ -1196,6 +1208,59 @@ func TestStatusFailureDetailIsClassified(t *testing.T) {
 	testenv.AssertNoPlaintext(t, dump, secrets...)
 }
 
+// TestStatusUpdatesAreHeapOnly: as a request's code is sent and then verified, its
+// status row is updated in place (heap-only, HOT), writing no index entry: no indexed
+// column changes, and the row's page has room for its next versions (migration 00008).
+// Counted by PostgreSQL's statistics of the table. With updated_at indexed, as before,
+// none of the updates is heap-only; with full pages, few are.
+func TestStatusUpdatesAreHeapOnly(t *testing.T) {
+	h := newHarness(t)
+	f := h.statusFeed(t)
+	admin := testenv.Admin(t, h.pool)
+	counts := func() (updates, heapOnly int64) {
+		testenv.Must(t, admin.QueryRow(t.Context(), `SELECT n_tup_upd, n_tup_hot_upd FROM pg_stat_user_tables
+			WHERE relid = 'verifier.request_status'::regclass`).Scan(&updates, &heapOnly), "table statistics")
+		return updates, heapOnly
+	}
+	updates0, heapOnly0 := counts()
+	// Enough rows for several pages, so that a page's room is what decides.
+	const n = 600
+	now := time.Now().UTC()
+	codes := make([]reqCode, n)
+	for i := range codes {
+		codes[i] = reqCode{"acme", fmt.Sprintf("dddddddd-dddd-4ddd-8ddd-%012d", i), fmt.Sprintf("hot-%d", i), 1}
+		f.issued(codes[i], fmt.Sprintf("user-%d@example.com", i), now, now.Add(5*time.Minute))
+	}
+	f.drained()
+	for _, c := range codes {
+		f.delivered(c, now, false)
+	}
+	f.drained()
+	for _, c := range codes {
+		f.verified(c, now)
+	}
+	f.drained()
+	if got := h.status(t, "acme", codes[n-1].request); got.State != events.StateVerified {
+		t.Fatalf("the last request's state %q, want verified", got.State)
+	}
+	// A backend reports its counts to the statistics within seconds of its transactions.
+	var updates, heapOnly int64
+	for deadline := time.Now().Add(30 * time.Second); ; {
+		u, hot := counts()
+		updates, heapOnly = u-updates0, hot-heapOnly0
+		if updates >= 2*n {
+			break
+		}
+		if time.Now().After(deadline) {
+			t.Fatalf("the statistics count %d updates of request_status, want %d", updates, 2*n)
+		}
+		time.Sleep(100 * time.Millisecond)
+	}
+	if heapOnly*10 < updates*9 {
+		t.Errorf("%d of %d updates of request_status were heap-only, want at least 90 %%", heapOnly, updates)
+	}
+}
+
 // TestStatusPurgeInBatches: the purge deletes old status rows and erased challenges in
 // statements of a bounded size (shortened here), until none is left; the lookups of the
 // erasure and of the purge have their indexes.
@@ -1203,9 +1268,9 @@ func TestStatusPurgeInBatches(t *testing.T) {
 	h := newHarness(t)
 	h.svc.store.purgeBatch = 3 // read only by Purge, called below
 	admin := testenv.Admin(t, h.pool)
-	_, err := admin.Exec(t.Context(), `INSERT INTO verifier.request_status (tenant, request_id, challenge_id, state, state_at, updated_at)
-		SELECT 'acme', 'old-' || i, gen_random_uuid(), 'sent', now(), now() - interval '25 hours' FROM generate_series(1, 7) AS i
-		UNION ALL SELECT 'acme', 'fresh-' || i, gen_random_uuid(), 'sent', now(), now() FROM generate_series(1, 2) AS i`)
+	_, err := admin.Exec(t.Context(), `INSERT INTO verifier.request_status (tenant, request_id, challenge_id, state, state_at, created_at, updated_at)
+		SELECT 'acme', 'old-' || i, gen_random_uuid(), 'sent', now(), now() - interval '26 hours', now() - interval '25 hours' FROM generate_series(1, 7) AS i
+		UNION ALL SELECT 'acme', 'fresh-' || i, gen_random_uuid(), 'sent', now(), now(), now() FROM generate_series(1, 2) AS i`)
 	testenv.Must(t, err, "status rows")
 	_, err = admin.Exec(t.Context(), `INSERT INTO verifier.request_status_erased (challenge_id, erased_at)
 		SELECT gen_random_uuid(), now() - interval '25 hours' FROM generate_series(1, 7)
@@ -1240,7 +1305,7 @@ func TestStatusPurgeInBatches(t *testing.T) {
 		testenv.Must(t, idx.Scan(&d), "index")
 		defs[d] = true
 	}
-	for _, want := range []string{"request_status (tenant, recipient_key)", "request_status (updated_at)", "request_status_erased (erased_at)"} {
+	for _, want := range []string{"request_status (tenant, recipient_key)", "request_status (created_at)", "request_status_erased (erased_at)"} {
 		if !defs[want] {
 			t.Errorf("no index %s; have %v", want, defs)
 		}

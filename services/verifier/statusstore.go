@@ -427,9 +427,13 @@ func (st *store) purgeStatus(ctx context.Context, retention time.Duration) (int6
 	}
 	var total int64
 	for _, sql := range []string{
+		// By created_at, indexed and never changed, so that updates stay heap-only
+		// (migration 00008); a row is written first when it is made, so a row not written
+		// for retention was made before it. NULL: made before created_at existed.
 		`DELETE FROM verifier.request_status WHERE (tenant, request_id) IN
 			(SELECT tenant, request_id FROM verifier.request_status
-			 WHERE updated_at < now() - $1::bigint * interval '1 microsecond' LIMIT $2 FOR UPDATE SKIP LOCKED)`,
+			 WHERE (created_at < now() - $1::bigint * interval '1 microsecond' OR created_at IS NULL)
+			   AND updated_at < now() - $1::bigint * interval '1 microsecond' LIMIT $2 FOR UPDATE SKIP LOCKED)`,
 		`DELETE FROM verifier.request_status_erased WHERE challenge_id IN
 			(SELECT challenge_id FROM verifier.request_status_erased
 			 WHERE erased_at < now() - $1::bigint * interval '1 microsecond' LIMIT $2 FOR UPDATE SKIP LOCKED)`,
