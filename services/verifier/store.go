@@ -364,56 +364,99 @@ func recentCodes(ctx context.Context, tx pgx.Tx, challengeID string, n int) ([]c
 // projected it writes the challenge as superseded, and the challenge's codes, projected
 // later, join it closed. So no order of delivery, redelivery or relay lets a superseded
 // code verify.
+//
+// The writes are set-based, a statement per kind of row whatever the batch's size: the
+// erasure locks, the challenge rows, then the codes, in one round trip; then, in a
+// second, the updates of existing challenge rows, which take their row locks.
 func (st *store) project(ctx context.Context, items []*projection) error {
-	b := &pgx.Batch{}
-	// First, before any row lock, a shared lock on the recipient hashes of every code: an
-	// erasure takes them exclusively, so it comes wholly before this batch (which then
-	// drops the person's codes) or after (and deletes what the batch wrote).
-	var lt, lh []string
-	for _, p := range items {
-		if p.challenge != nil {
-			for _, h := range p.challenge.RecipientHashes {
-				lt, lh = append(lt, p.tenant), append(lh, h)
-			}
-		}
-	}
-	if len(lh) > 0 {
-		platform.QueueErasureLocksShared(b, Schema, lt, lh)
-	}
-	// Rows are inserted in the stream's order (the first event to name a challenge id
-	// holds it); the updates of existing challenge rows, which take their row locks,
-	// come after, in the order verify groups lock them, (tenant, request_id) bytewise, so
-	// a batch and a group never wait on each other crosswise.
-	var updates []rowUpdate
+	var (
+		lt, lh []string // the erasure locks: tenant and subject hash of every code
+		rows   challengeRows
+		codes  codeRows
+		sups   []*projection
+	)
 	for _, p := range items {
 		p.refused, p.erased = nil, false
 		switch {
 		case p.challenge != nil:
-			updates = queueChallenge(b, p, updates)
+			for _, h := range p.challenge.RecipientHashes {
+				lt, lh = append(lt, p.tenant), append(lh, h)
+			}
+			rows.addChallenge(p)
+			codes.add(p)
 		case p.superseded != nil:
+			rows.addSuperseded(p)
+			sups = append(sups, p)
+		}
+	}
+	if rows.n() == 0 {
+		return nil
+	}
+	return pgx.BeginFunc(ctx, st.pool, func(tx pgx.Tx) error {
+		b := &pgx.Batch{}
+		// First, before any row lock, a shared lock on the recipient hashes of every code:
+		// an erasure takes them exclusively, so it comes wholly before this batch (which
+		// then drops the person's codes) or after (and deletes what the batch wrote).
+		if len(lh) > 0 {
+			platform.QueueErasureLocksShared(b, Schema, lt, lh)
+		}
+		// Rows are inserted in the stream's order: the first event to name a challenge id
+		// holds it.
+		b.Queue(insertChallengesSQL, rows.args()...)
+		var risky []*projection
+		if codes.n() > 0 {
+			b.Queue(insertCodesSQL, codes.args()...).Query(func(r pgx.Rows) error {
+				for r.Next() {
+					var n int
+					var own, gone, risk bool
+					if err := r.Scan(&n, &own, &gone, &risk); err != nil {
+						return err
+					}
+					p := codes.items[n-1]
+					switch {
+					case gone:
+						p.erased = true
+					case !own:
+						p.refused = errChallengeOwned
+					case risk:
+						risky = append(risky, p)
+					}
+				}
+				return r.Err()
+			})
+		}
+		if err := tx.SendBatch(ctx, b).Close(); err != nil {
+			return err
+		}
+		// The updates of existing challenge rows, in the order verify groups lock them,
+		// (tenant, request_id) bytewise, so a batch and a group never wait on each other
+		// crosswise.
+		var updates []rowUpdate
+		for _, p := range sups {
 			// Scoped to the subject's tenant and the request: an event can only close a
-			// challenge it names exactly. A challenge id or request id that another
-			// challenge holds conflicts, and nothing is written.
+			// challenge it names exactly.
 			e := p.superseded
-			b.Queue(`INSERT INTO verifier.challenges (tenant, request_id, challenge_id, max_attempts, status)
-				VALUES ($2, $3, $1, 0, 'superseded') ON CONFLICT DO NOTHING`, e.ChallengeID, p.tenant, e.RequestID)
 			updates = append(updates, rowUpdate{challengeRef{p.tenant, e.RequestID}, func(b *pgx.Batch) {
 				b.Queue(`UPDATE verifier.challenges SET status = 'superseded', updated_at = now()
 					WHERE challenge_id = $1 AND tenant = $2 AND request_id = $3 AND status = 'active'`,
 					e.ChallengeID, p.tenant, e.RequestID)
 			}})
 		}
-	}
-	slices.SortStableFunc(updates, func(a, b rowUpdate) int {
-		return cmp.Or(strings.Compare(a.ref.tenant, b.ref.tenant), strings.Compare(a.ref.requestID, b.ref.requestID))
+		for _, p := range risky {
+			updates = append(updates, riskUpdate(p))
+		}
+		if len(updates) == 0 {
+			return nil
+		}
+		slices.SortStableFunc(updates, func(a, b rowUpdate) int {
+			return cmp.Or(strings.Compare(a.ref.tenant, b.ref.tenant), strings.Compare(a.ref.requestID, b.ref.requestID))
+		})
+		b = &pgx.Batch{}
+		for _, u := range updates {
+			u.queue(b)
+		}
+		return tx.SendBatch(ctx, b).Close()
 	})
-	for _, u := range updates {
-		u.queue(b)
-	}
-	if b.Len() == 0 {
-		return nil
-	}
-	return pgx.BeginFunc(ctx, st.pool, func(tx pgx.Tx) error { return tx.SendBatch(ctx, b).Close() })
 }
 
 // rowUpdate is an update of a projected challenge row, queued once the batch's inserts
@@ -423,42 +466,54 @@ type rowUpdate struct {
 	queue func(*pgx.Batch)
 }
 
-// queueChallenge queues the inserts of a code's event on b and returns updates with its
-// row updates added.
-func queueChallenge(b *pgx.Batch, p *projection, updates []rowUpdate) []rowUpdate {
-	tenant, e := p.tenant, p.challenge
-	// A code of a person erased after it was issued is dropped (verifier.erasures).
-	const erased = `EXISTS (SELECT 1 FROM verifier.erasures x WHERE x.tenant = $1 AND x.recipient_key = ANY ($2::text[]) AND x.erased_at >= $3)`
-	hashes := append([]string{}, e.RecipientHashes...)
-	b.Queue(`INSERT INTO verifier.challenges (tenant, request_id, challenge_id, max_attempts, session_id, recipient_keys, test, risk)
-		SELECT $1, $4, $5, $6, $7, $2, $8, $9 WHERE NOT `+erased+` ON CONFLICT DO NOTHING`, tenant, hashes, e.IssuedAt,
-		e.RequestID, e.ChallengeID, e.MaxAttempts, e.SessionID, e.Test, append([]string{}, e.Risk...))
-	// A code joins its challenge only if the challenge is this event's own (tenant,
-	// request_id, challenge_id); otherwise nothing is written and the event is refused.
-	b.Queue(`WITH gone AS (SELECT `+erased+` AS erased),
-			c AS (SELECT challenge_id FROM verifier.challenges, gone WHERE NOT gone.erased AND challenge_id = $4 AND tenant = $1 AND request_id = $9),
-			ins AS (INSERT INTO verifier.codes (challenge_id, code_seq, code_hmac, pepper_key_id, expires_at, issued_at, trace_parent)
-				SELECT challenge_id, $5, $6, $7, $8, $3, $10 FROM c ON CONFLICT DO NOTHING)
-		SELECT EXISTS (SELECT 1 FROM c), (SELECT erased FROM gone)`,
-		tenant, hashes, e.IssuedAt, e.ChallengeID, e.CodeSeq, e.CodeHMAC, e.PepperKeyID, e.ExpiresAt, e.RequestID, p.traceParent).
-		QueryRow(func(row pgx.Row) error {
-			var own, gone bool
-			if err := row.Scan(&own, &gone); err != nil {
-				return err
-			}
-			switch {
-			case gone:
-				p.erased = true
-			case !own:
-				p.refused = errChallengeOwned
-			}
-			return nil
-		})
-	// The recipient_failures risk rule, its window measured on the database clock. Each
-	// hash's row holds the whole state as its writer saw it: the fullest counts.
-	if rf := p.failureRisk; rf.failures > 0 {
-		updates = append(updates, rowUpdate{challengeRef{tenant, e.RequestID}, func(b *pgx.Batch) {
-			b.Queue(`UPDATE verifier.challenges c SET max_attempts = LEAST(c.max_attempts, $3),
+// insertChallengesSQL makes the challenge rows of challengeRows.args, in their order; a
+// code's challenge is not made for a person erased after the code was issued
+// (verifier.erasures). A challenge id or a request that another row holds makes
+// nothing.
+const insertChallengesSQL = `INSERT INTO verifier.challenges (tenant, request_id, challenge_id, max_attempts, session_id,
+		recipient_keys, test, risk, status)
+	SELECT u.t, u.r, u.c, u.m, u.s, ($10::text[])[u.kf:u.kt], u.test, ($11::text[])[u.rf:u.rt], u.st
+	FROM unnest($1::text[], $2::text[], $3::uuid[], $4::int[], $5::text[], $6::bool[], $7::text[], $8::timestamptz[],
+			$9::int[], $12::int[], $13::int[], $14::int[])
+		WITH ORDINALITY AS u(t, r, c, m, s, test, st, issued, kf, kt, rf, rt, n)
+	WHERE NOT EXISTS (SELECT 1 FROM verifier.erasures x
+		WHERE x.tenant = u.t AND x.recipient_key = ANY (($10::text[])[u.kf:u.kt]) AND x.erased_at >= u.issued)
+	ORDER BY u.n
+	ON CONFLICT DO NOTHING`
+
+// insertCodesSQL adds the codes of codeRows.args to their challenges and answers, for
+// each by its position: whether its challenge is the event's own (tenant, request_id,
+// challenge_id), else nothing is written; whether the person was erased after it was
+// issued; and whether the recipient_failures risk rule may apply to its challenge (not
+// applied yet, no attempt, enough failures: checked again, under the row's lock, by its
+// update, riskUpdate).
+const insertCodesSQL = `WITH u AS (
+		SELECT * FROM unnest($1::text[], $2::uuid[], $3::text[], $4::int[], $5::bytea[], $6::text[], $7::timestamptz[],
+				$8::timestamptz[], $9::text[], $10::int[], $11::int[], $13::int[], $14::bigint[])
+			WITH ORDINALITY AS u(t, c, r, seq, hmac, pk, exp, issued, tp, kf, kt, failures, window_us, n)),
+	g AS (SELECT u.*, EXISTS (SELECT 1 FROM verifier.erasures x
+			WHERE x.tenant = u.t AND x.recipient_key = ANY (($12::text[])[u.kf:u.kt]) AND x.erased_at >= u.issued) AS erased
+		FROM u),
+	o AS (SELECT g.*, ch.challenge_id AS own, ch.attempts = 0 AND NOT ('recipient_failures' = ANY (ch.risk)) AS open FROM g
+		LEFT JOIN verifier.challenges ch ON NOT g.erased AND ch.challenge_id = g.c AND ch.tenant = g.t AND ch.request_id = g.r),
+	ins AS (INSERT INTO verifier.codes (challenge_id, code_seq, code_hmac, pepper_key_id, expires_at, issued_at, trace_parent)
+		SELECT own, seq, hmac, pk, exp, issued, tp FROM o WHERE own IS NOT NULL ORDER BY n ON CONFLICT DO NOTHING)
+	SELECT n, own IS NOT NULL, erased, own IS NOT NULL AND failures > 0 AND open
+		AND (SELECT coalesce(max((SELECT count(*) FROM unnest(f.stamps) AS s(t)
+				WHERE s.t > now() - window_us * interval '1 microsecond')), 0)
+			FROM verifier.recipient_failures f
+			WHERE f.tenant = o.t AND f.recipient_key = ANY (($12::text[])[o.kf:o.kt])) >= failures
+	FROM o ORDER BY n`
+
+// riskUpdate is the recipient_failures risk rule of a challenge's first code, its window
+// measured on the database clock. Each hash's row holds the whole state as its writer
+// saw it: the fullest counts. insertCodesSQL queues it only for a challenge whose
+// recipient had as many failures then; a failure recorded in between counts or not, as
+// one recorded while the update runs.
+func riskUpdate(p *projection) rowUpdate {
+	tenant, e, rf := p.tenant, p.challenge, p.failureRisk
+	return rowUpdate{challengeRef{tenant, e.RequestID}, func(b *pgx.Batch) {
+		b.Queue(`UPDATE verifier.challenges c SET max_attempts = LEAST(c.max_attempts, $3),
 				risk = array_append(c.risk, 'recipient_failures')
 			WHERE c.challenge_id = $1 AND c.tenant = $5 AND c.request_id = $6
 				AND c.attempts = 0 AND NOT ('recipient_failures' = ANY (c.risk))
@@ -466,10 +521,96 @@ func queueChallenge(b *pgx.Batch, p *projection, updates []rowUpdate) []rowUpdat
 						WHERE s.t > now() - $2::bigint * interval '1 microsecond')), 0)
 					FROM verifier.recipient_failures f
 					WHERE f.tenant = c.tenant AND f.recipient_key = ANY (c.recipient_keys)) >= $4`,
-				e.ChallengeID, rf.window.Microseconds(), rf.maxAttempts, rf.failures, tenant, e.RequestID)
-		}})
+			e.ChallengeID, rf.window.Microseconds(), rf.maxAttempts, rf.failures, tenant, e.RequestID)
+	}}
+}
+
+// span is a row's part of a flat array, 1-based and inclusive: from > to is empty. A
+// statement's rows each hold an array (recipient hashes, risk labels) as a slice of one
+// flat parameter, as unnest cannot take an array of arrays of different lengths.
+func span(flat *[]string, add []string) (from, to int32) {
+	from = int32(len(*flat)) + 1
+	*flat = append(*flat, add...)
+	return from, int32(len(*flat))
+}
+
+// challengeRows are the challenge rows of a batch, column by column, in the stream's
+// order: a code's challenge (active), or a supersession's (superseded, with no code and
+// no attempt yet).
+type challengeRows struct {
+	tenant, requestID, challengeID, sessionID, status []string
+	maxAttempts                                       []int32
+	test                                              []bool
+	issuedAt                                          []*time.Time
+	keysFrom, keysTo, riskFrom, riskTo                []int32
+	keys, risk                                        []string
+}
+
+func (c *challengeRows) n() int { return len(c.tenant) }
+
+func (c *challengeRows) addChallenge(p *projection) {
+	e := p.challenge
+	c.add(p.tenant, e.RequestID, e.ChallengeID, e.SessionID, "active", int32(e.MaxAttempts), e.Test, &e.IssuedAt,
+		e.RecipientHashes, e.Risk)
+}
+
+func (c *challengeRows) addSuperseded(p *projection) {
+	e := p.superseded
+	c.add(p.tenant, e.RequestID, e.ChallengeID, "", "superseded", 0, false, nil, nil, nil)
+}
+
+func (c *challengeRows) add(tenant, requestID, challengeID, sessionID, status string, maxAttempts int32, test bool,
+	issuedAt *time.Time, keys, risk []string) {
+	c.tenant, c.requestID, c.challengeID = append(c.tenant, tenant), append(c.requestID, requestID), append(c.challengeID, challengeID)
+	c.sessionID, c.status = append(c.sessionID, sessionID), append(c.status, status)
+	c.maxAttempts, c.test, c.issuedAt = append(c.maxAttempts, maxAttempts), append(c.test, test), append(c.issuedAt, issuedAt)
+	kf, kt := span(&c.keys, keys)
+	rf, rt := span(&c.risk, risk)
+	c.keysFrom, c.keysTo, c.riskFrom, c.riskTo = append(c.keysFrom, kf), append(c.keysTo, kt), append(c.riskFrom, rf), append(c.riskTo, rt)
+}
+
+// args are insertChallengesSQL's. The flat arrays are never NULL: a slice of NULL is
+// NULL, where a row with no hash or label holds an empty array.
+func (c *challengeRows) args() []any {
+	return []any{c.tenant, c.requestID, c.challengeID, c.maxAttempts, c.sessionID, c.test, c.status, c.issuedAt,
+		c.keysFrom, nonNil(c.keys), nonNil(c.risk), c.keysTo, c.riskFrom, c.riskTo}
+}
+
+func nonNil(s []string) []string {
+	if s == nil {
+		return []string{}
 	}
-	return updates
+	return s
+}
+
+// codeRows are the codes of a batch, column by column, in the stream's order.
+type codeRows struct {
+	items                                        []*projection
+	tenant, challengeID, requestID, keyID, trace []string
+	seq, keysFrom, keysTo, failures              []int32
+	hmac                                         [][]byte
+	expiresAt, issuedAt                          []time.Time
+	windowMicros                                 []int64
+	keys                                         []string
+}
+
+func (c *codeRows) n() int { return len(c.items) }
+
+func (c *codeRows) add(p *projection) {
+	e := p.challenge
+	c.items = append(c.items, p)
+	c.tenant, c.challengeID, c.requestID = append(c.tenant, p.tenant), append(c.challengeID, e.ChallengeID), append(c.requestID, e.RequestID)
+	c.seq, c.hmac, c.keyID = append(c.seq, int32(e.CodeSeq)), append(c.hmac, e.CodeHMAC), append(c.keyID, e.PepperKeyID)
+	c.expiresAt, c.issuedAt, c.trace = append(c.expiresAt, e.ExpiresAt), append(c.issuedAt, e.IssuedAt), append(c.trace, p.traceParent)
+	kf, kt := span(&c.keys, e.RecipientHashes)
+	c.keysFrom, c.keysTo = append(c.keysFrom, kf), append(c.keysTo, kt)
+	c.failures, c.windowMicros = append(c.failures, int32(p.failureRisk.failures)), append(c.windowMicros, p.failureRisk.window.Microseconds())
+}
+
+// args are insertCodesSQL's.
+func (c *codeRows) args() []any {
+	return []any{c.tenant, c.challengeID, c.requestID, c.seq, c.hmac, c.keyID, c.expiresAt, c.issuedAt, c.trace,
+		c.keysFrom, c.keysTo, nonNil(c.keys), c.failures, c.windowMicros}
 }
 
 // limitCount is one verify limit's count once a call is counted: hits in the current
