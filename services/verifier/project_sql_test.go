@@ -4,6 +4,7 @@ import (
 	"context"
 	"fmt"
 	"slices"
+	"strings"
 	"sync"
 	"testing"
 	"time"
@@ -137,4 +138,159 @@ func TestProjectionWritesABatchSetBased(t *testing.T) {
 	if got := counter.take(); fmt.Sprint(got) != "[3 3]" {
 		t.Errorf("statements per round trip of the redelivery %v, want [3 3]", got)
 	}
+
+	// One batch of the cases the statements decide per row, in the stream's order.
+	_, err = admin.Exec(t.Context(), `INSERT INTO verifier.erasures (tenant, recipient_key, erased_at)
+		VALUES ('acme', 'k1:gone-req', now() + interval '1 minute');
+		INSERT INTO verifier.recipient_failures (tenant, recipient_key, stamps) VALUES ('acme', 'k1:req-4', ARRAY[now()]);
+		UPDATE verifier.challenges SET attempts = 1 WHERE request_id = 'req-4'`)
+	testenv.Must(t, err, "an erasure, a tried challenge")
+	code := func(challenge, request string, seq int) *projection {
+		c := challengeFor(t, pepper, "acme", challenge, request, seq, "654321")
+		return &projection{tenant: "acme", challenge: &c}
+	}
+	const x, y, late = "aaaaaaaa-aaaa-4aaa-8aaa-000000000001", "aaaaaaaa-aaaa-4aaa-8aaa-000000000002", "aaaaaaaa-aaaa-4aaa-8aaa-000000000003"
+	holds := code(x, "dup-req", 1)
+	otherChallenge := code(y, "dup-req", 1) // the request is held by x
+	otherRequest := code(x, "other-req", 1) // x is held by dup-req
+	supersededFirst := &projection{tenant: "acme", superseded: &events.Superseded{Tenant: "acme", ChallengeID: late, RequestID: "late-req"}}
+	lateCode := code(late, "late-req", 1)
+	gone := code("aaaaaaaa-aaaa-4aaa-8aaa-000000000004", "gone-req", 1)
+	tried := code(fmt.Sprintf("cccccccc-cccc-4ccc-8ccc-%012d", 4), "req-4", 2)
+	tried.failureRisk = risk
+	batch := []*projection{holds, otherChallenge, otherRequest, supersededFirst, lateCode, gone, tried}
+	testenv.Must(t, st.project(t.Context(), batch), "project the cases")
+	// The supersession's update only: the tried challenge has an attempt, so the rule
+	// that cuts attempts no longer applies to it.
+	if got := counter.take(); fmt.Sprint(got) != "[3 1]" {
+		t.Errorf("statements per round trip of the cases %v, want [3 1]", got)
+	}
+	for name, c := range map[string]struct {
+		p       *projection
+		refused bool
+		erased  bool
+	}{
+		"the first code of a request": {holds, false, false}, "another challenge of the request": {otherChallenge, true, false},
+		"the challenge for another request": {otherRequest, true, false}, "a supersession before its code": {supersededFirst, false, false},
+		"the code after its supersession": {lateCode, false, false}, "a code of an erased person": {gone, false, true},
+		"a new code of a tried challenge": {tried, false, false},
+	} {
+		if (c.p.refused != nil) != c.refused || c.p.erased != c.erased {
+			t.Errorf("%s: refused %v, erased %v; want refused %v, erased %v", name, c.p.refused, c.p.erased, c.refused, c.erased)
+		}
+	}
+	var cases []string
+	rows, err = admin.Query(t.Context(), `SELECT c.request_id || ' ' || c.challenge_id || ' ' || c.status || ' ' || c.max_attempts || ' ' ||
+			(SELECT count(*) FROM verifier.codes k WHERE k.challenge_id = c.challenge_id)
+		FROM verifier.challenges c WHERE c.request_id IN ('dup-req', 'other-req', 'late-req', 'gone-req', 'req-4') ORDER BY 1`)
+	testenv.Must(t, err, "rows")
+	for rows.Next() {
+		var c string
+		testenv.Must(t, rows.Scan(&c), "scan")
+		cases = append(cases, c)
+	}
+	testenv.Must(t, rows.Err(), "rows")
+	want := []string{"dup-req " + x + " active 5 1", "late-req " + late + " superseded 0 1",
+		"req-4 cccccccc-cccc-4ccc-8ccc-000000000004 active 5 2"}
+	if fmt.Sprint(cases) != fmt.Sprint(want) {
+		t.Errorf("rows after the cases:\n%s\nwant\n%s", strings.Join(cases, "\n"), strings.Join(want, "\n"))
+	}
 }
+
+// TestVerifyGroupReadsAndWritesSetBased: a verify group takes its challenges' locks, reads
+// their newest codes and writes their new states with a statement each, whatever the
+// group's size: locks and the clock, then the failure rows and the codes, then the
+// updates, in three round trips. Each rule sees its own challenge and codes, newest first,
+// as many as it asked for, and the state the rules before it in the group left.
+func TestVerifyGroupReadsAndWritesSetBased(t *testing.T) {
+	d := testenv.NewDB(t)
+	d.Migrate(t, Spec())
+	cfg, err := pgxpool.ParseConfig(d.RoleURL(Spec().Name))
+	testenv.Must(t, err, "pool config")
+	counter := &batchCounter{}
+	cfg.ConnConfig.Tracer = counter
+	pool, err := pgxpool.NewWithConfig(t.Context(), cfg)
+	testenv.Must(t, err, "pool")
+	t.Cleanup(pool.Close)
+	pepper, err := keys.ParsePepper(keys.Generate("p1", 32))
+	testenv.Must(t, err, "pepper")
+	st := &store{pool: pool}
+
+	// 20 challenges of 3 codes each.
+	const n = 20
+	var items []*projection
+	for i := range n {
+		for seq := 1; seq <= 3; seq++ {
+			c := challengeFor(t, pepper, "acme", fmt.Sprintf("cccccccc-cccc-4ccc-8ccc-%012d", i), fmt.Sprintf("req-%02d", i), seq, "123456")
+			items = append(items, &projection{tenant: "acme", challenge: &c})
+		}
+	}
+	testenv.Must(t, st.project(t.Context(), items), "project")
+	counter.take()
+
+	// The group: every challenge once, in reverse order, the first one twice more, and a
+	// request with no challenge.
+	type seen struct {
+		id       string
+		attempts int
+		codes    []int
+	}
+	var got []seen
+	var group []*verifyItem
+	add := func(request string, recent int) {
+		group = append(group, &verifyItem{tenant: "acme", requestID: request, recent: recent,
+			rule: func(now time.Time, c *challenge, codes func(int) ([]code, error)) (decision, error) {
+				cs, err := codes(recent)
+				if err != nil {
+					return decision{}, err
+				}
+				s := seen{id: c.id, attempts: c.attempts}
+				for _, k := range cs {
+					s.codes = append(s.codes, k.seq)
+				}
+				got = append(got, s)
+				return decision{status: statusActive, attempts: c.attempts + 1}, nil
+			}})
+	}
+	for i := n - 1; i >= 0; i-- {
+		add(fmt.Sprintf("req-%02d", i), 1+i%3)
+	}
+	add("req-00", 3)
+	add("req-00", 2)
+	group = append(group, &verifyItem{tenant: "acme", requestID: "req-none", recent: 3,
+		rule: func(time.Time, *challenge, func(int) ([]code, error)) (decision, error) {
+			t.Errorf("the rule of a request with no challenge ran")
+			return decision{}, nil
+		}})
+	entries, err := st.verifyGroup(t.Context(), group, 0)
+	testenv.Must(t, err, "verify group")
+	if len(entries) != 0 {
+		t.Errorf("%d outbox entries, want none", len(entries))
+	}
+	if got := counter.take(); fmt.Sprint(got) != "[2 2 1]" {
+		t.Errorf("statements per round trip %v, want [2 2 1]", got)
+	}
+	if !group[len(group)-1].notProjected {
+		t.Errorf("the request with no challenge is not reported unprojected")
+	}
+	if len(got) != n+2 {
+		t.Fatalf("%d rules ran, want %d", len(got), n+2)
+	}
+	for k, s := range got[:n] {
+		i := n - 1 - k
+		want := seen{id: fmt.Sprintf("cccccccc-cccc-4ccc-8ccc-%012d", i), codes: []int{3, 2, 1}[:1+i%3]}
+		if fmt.Sprint(s) != fmt.Sprint(want) {
+			t.Errorf("rule %d saw %v, want %v", k, s, want)
+		}
+	}
+	if fmt.Sprint(got[n:]) != fmt.Sprint([]seen{{ch0, 1, []int{3, 2, 1}}, {ch0, 2, []int{3, 2}}}) {
+		t.Errorf("the later verifies of req-00 saw %v", got[n:])
+	}
+	var attempts []int
+	testenv.Must(t, pool.QueryRow(t.Context(), `SELECT array_agg(attempts ORDER BY request_id) FROM verifier.challenges`).Scan(&attempts), "attempts")
+	if want := fmt.Sprint(append([]int{3}, slices.Repeat([]int{1}, n-1)...)); fmt.Sprint(attempts) != want {
+		t.Errorf("attempts after the group %v, want %s", attempts, want)
+	}
+}
+
+const ch0 = "cccccccc-cccc-4ccc-8ccc-000000000000"

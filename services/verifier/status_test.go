@@ -8,6 +8,7 @@ import (
 	"testing"
 	"time"
 
+	"github.com/jackc/pgx/v5"
 	"github.com/nats-io/nats.go"
 	"github.com/nats-io/nats.go/jetstream"
 	"github.com/nats-io/nats.go/micro"
@@ -743,7 +744,7 @@ func TestStatusPurge(t *testing.T) {
 	}
 	admin := testenv.Admin(t, h.pool)
 	_, err := admin.Exec(t.Context(), `UPDATE verifier.request_status SET
-		created_at = CASE WHEN request_id IN ('old', 'revived') THEN now() - interval '25 hours' END,
+		created_at = CASE WHEN request_id IN ('old', 'revived') THEN now() - interval '25 hours' ELSE '-infinity' END,
 		updated_at = CASE WHEN request_id IN ('old', 'legacy-old') THEN now() - interval '25 hours' ELSE updated_at END
 		WHERE request_id IN ('old', 'revived', 'legacy-old', 'legacy-fresh')`)
 	testenv.Must(t, err, "age the rows")
@@ -1210,54 +1211,103 @@ func TestStatusFailureDetailIsClassified(t *testing.T) {
 
 // TestStatusUpdatesAreHeapOnly: as a request's code is sent and then verified, its
 // status row is updated in place (heap-only, HOT), writing no index entry: no indexed
-// column changes, and the row's page has room for its next versions (migration 00008).
-// Counted by PostgreSQL's statistics of the table. With updated_at indexed, as before,
-// none of the updates is heap-only; with full pages, few are.
+// column changes, and the row's page has room for its next version (migrations 00008 and
+// 00009). Each step is one batch of 600 requests, one transaction: the most a page's rows
+// can be written again at once. Counted by PostgreSQL's statistics of each transaction.
+// With updated_at indexed, as before, no update is heap-only; with full pages, few are.
 func TestStatusUpdatesAreHeapOnly(t *testing.T) {
-	h := newHarness(t)
-	f := h.statusFeed(t)
-	admin := testenv.Admin(t, h.pool)
-	counts := func() (updates, heapOnly int64) {
-		testenv.Must(t, admin.QueryRow(t.Context(), `SELECT n_tup_upd, n_tup_hot_upd FROM pg_stat_user_tables
-			WHERE relid = 'verifier.request_status'::regclass`).Scan(&updates, &heapOnly), "table statistics")
-		return updates, heapOnly
-	}
-	updates0, heapOnly0 := counts()
-	// Enough rows for several pages, so that a page's room is what decides.
+	pool := testenv.Postgres(t, Spec())
+	conn, err := pool.Acquire(t.Context())
+	testenv.Must(t, err, "connection")
+	defer conn.Release()
 	const n = 600
-	now := time.Now().UTC()
-	codes := make([]reqCode, n)
-	for i := range codes {
-		codes[i] = reqCode{"acme", fmt.Sprintf("dddddddd-dddd-4ddd-8ddd-%012d", i), fmt.Sprintf("hot-%d", i), 1}
-		f.issued(codes[i], fmt.Sprintf("user-%d@example.com", i), now, now.Add(5*time.Minute))
-	}
-	f.drained()
-	for _, c := range codes {
-		f.delivered(c, now, false)
-	}
-	f.drained()
-	for _, c := range codes {
-		f.verified(c, now)
-	}
-	f.drained()
-	if got := h.status(t, "acme", codes[n-1].request); got.State != events.StateVerified {
-		t.Fatalf("the last request's state %q, want verified", got.State)
-	}
-	// A backend reports its counts to the statistics within seconds of its transactions.
-	var updates, heapOnly int64
-	for deadline := time.Now().Add(30 * time.Second); ; {
-		u, hot := counts()
-		updates, heapOnly = u-updates0, hot-heapOnly0
-		if updates >= 2*n {
-			break
+	now := time.Now().UTC().Truncate(time.Microsecond)
+	step := func(name string, event func(i int) *statusEvent) (updates, heapOnly int64) {
+		t.Helper()
+		items := make([]*statusEvent, n)
+		for i := range items {
+			items[i] = event(i)
 		}
-		if time.Now().After(deadline) {
-			t.Fatalf("the statistics count %d updates of request_status, want %d", updates, 2*n)
+		tx, err := conn.Begin(t.Context())
+		testenv.Must(t, err, "begin")
+		defer func() { _ = tx.Rollback(context.Background()) }()
+		// The backend's counts not yet reported, this transaction's among them: the
+		// difference is this transaction's.
+		counts := func() (updates, heapOnly int64) {
+			testenv.Must(t, tx.QueryRow(t.Context(), `SELECT coalesce(n_tup_upd, 0), coalesce(n_tup_hot_upd, 0)
+				FROM pg_stat_xact_user_tables WHERE relid = 'verifier.request_status'::regclass`).Scan(&updates, &heapOnly),
+				"%s: statistics", name)
+			return updates, heapOnly
 		}
-		time.Sleep(100 * time.Millisecond)
+		updates0, heapOnly0 := counts()
+		testenv.Must(t, projectStatusInTx(t.Context(), tx, items, 24*time.Hour), "%s: project", name)
+		updates, heapOnly = counts()
+		testenv.Must(t, tx.Commit(t.Context()), "%s: commit", name)
+		return updates - updates0, heapOnly - heapOnly0
 	}
-	if heapOnly*10 < updates*9 {
-		t.Errorf("%d of %d updates of request_status were heap-only, want at least 90 %%", heapOnly, updates)
+	id := func(i int) (string, string) {
+		return fmt.Sprintf("dddddddd-dddd-4ddd-8ddd-%012d", i), fmt.Sprintf("hot-%d", i)
+	}
+	step("issued", func(i int) *statusEvent {
+		c, r := id(i)
+		return &statusEvent{tenant: "acme", kind: statusIssued, requestID: r, challengeID: c, codeSeq: 1, at: now,
+			expiresAt: now.Add(5 * time.Minute), recipientKey: fmt.Sprintf("id:%043d", i)}
+	})
+	for _, s := range []struct {
+		name  string
+		kind  statusKind
+		state events.RequestState
+	}{{"sent", statusProgress, events.StateSent}, {"verified", statusClosed, events.StateVerified}} {
+		updates, heapOnly := step(s.name, func(i int) *statusEvent {
+			c, r := id(i)
+			return &statusEvent{tenant: "acme", kind: s.kind, requestID: r, challengeID: c, codeSeq: 1, state: s.state, at: now}
+		})
+		if updates != n {
+			t.Errorf("%s: %d updates, want %d", s.name, updates, n)
+		}
+		if heapOnly*10 < updates*9 {
+			t.Errorf("%s: %d of %d updates were heap-only, want at least 90 %%", s.name, heapOnly, updates)
+		}
+		t.Logf("%s: %d of %d updates heap-only", s.name, heapOnly, updates)
+	}
+	var state string
+	testenv.Must(t, pool.QueryRow(t.Context(), `SELECT state FROM verifier.request_status WHERE request_id = 'hot-599'`).Scan(&state), "state")
+	if state != string(events.StateVerified) {
+		t.Errorf("the last request's state %q, want verified", state)
+	}
+}
+
+// TestStatusPurgeScansItsIndex: each purge statement finds its rows by a range scan of
+// request_status_created, which stops at the statement's limit, and deletes them by key:
+// no plan, custom or generic (what a prepared statement comes to), reads the whole table.
+func TestStatusPurgeScansItsIndex(t *testing.T) {
+	pool := testenv.Postgres(t, Spec())
+	admin := testenv.Admin(t, pool)
+	_, err := admin.Exec(t.Context(), `INSERT INTO verifier.request_status (tenant, request_id, challenge_id, state, state_at, created_at, updated_at)
+		SELECT 'acme', 'r-' || i, gen_random_uuid(), 'sent', now(), now() - i * interval '1 second', now() - i * interval '1 second'
+		FROM generate_series(1, 20000) AS i;
+		ANALYZE verifier.request_status`)
+	testenv.Must(t, err, "rows")
+	for i, mode := range []string{"force_custom_plan", "force_generic_plan"} {
+		plan := func() string {
+			tx, err := admin.Begin(t.Context())
+			testenv.Must(t, err, "begin")
+			defer func() { _ = tx.Rollback(context.Background()) }()
+			_, err = tx.Exec(t.Context(), `SET LOCAL plan_cache_mode = `+mode)
+			testenv.Must(t, err, "plan cache mode")
+			name := fmt.Sprintf("purge_status_%d", i)
+			_, err = tx.Exec(t.Context(), `PREPARE `+name+` (bigint, int) AS `+purgeStatusSQL)
+			testenv.Must(t, err, "prepare")
+			rows, err := tx.Query(t.Context(), `EXPLAIN EXECUTE `+name+` (86400000000, 5000)`)
+			testenv.Must(t, err, "explain")
+			lines, err := pgx.CollectRows(rows, pgx.RowTo[string])
+			testenv.Must(t, err, "plan")
+			return strings.Join(lines, "\n")
+		}()
+		if !strings.Contains(plan, "Index Scan using request_status_created") || strings.Contains(plan, "Seq Scan") ||
+			strings.Contains(plan, "Bitmap") {
+			t.Errorf("%s: the purge does not stop at its limit on request_status_created:\n%s", mode, plan)
+		}
 	}
 }
 

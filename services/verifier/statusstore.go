@@ -416,6 +416,18 @@ func (st *store) clock(ctx context.Context) (time.Time, error) {
 // each hold their locks and their WAL only briefly.
 const statusPurgeBatch = 5000
 
+// purgeStatusSQL deletes up to $2 status rows not written for $1 µs, found by created_at,
+// indexed and never changed, so that updates stay heap-only (migrations 00008, 00009): a
+// row not written for the retention was made before it, give or take the moments
+// between two transactions' clocks ('-infinity': made before created_at existed). The
+// index range scan stops at the limit, and the rows it locked are deleted where they
+// are (ctid): a join on the key could be planned as a scan of the whole table. A row
+// written since its lock was taken is left for the next purge.
+const purgeStatusSQL = `DELETE FROM verifier.request_status WHERE ctid = ANY (ARRAY(
+	SELECT ctid FROM verifier.request_status
+	WHERE created_at < now() - $1::bigint * interval '1 microsecond'
+	  AND updated_at < now() - $1::bigint * interval '1 microsecond' LIMIT $2 FOR UPDATE SKIP LOCKED))`
+
 // purgeStatus deletes the status rows not written for retention, and the erased
 // challenges remembered as long, in statements of at most st.purgeBatch rows (default
 // statusPurgeBatch, each its own transaction) until none is left. Rows the projection
@@ -427,13 +439,7 @@ func (st *store) purgeStatus(ctx context.Context, retention time.Duration) (int6
 	}
 	var total int64
 	for _, sql := range []string{
-		// By created_at, indexed and never changed, so that updates stay heap-only
-		// (migration 00008); a row is written first when it is made, so a row not written
-		// for retention was made before it. NULL: made before created_at existed.
-		`DELETE FROM verifier.request_status WHERE (tenant, request_id) IN
-			(SELECT tenant, request_id FROM verifier.request_status
-			 WHERE (created_at < now() - $1::bigint * interval '1 microsecond' OR created_at IS NULL)
-			   AND updated_at < now() - $1::bigint * interval '1 microsecond' LIMIT $2 FOR UPDATE SKIP LOCKED)`,
+		purgeStatusSQL,
 		`DELETE FROM verifier.request_status_erased WHERE challenge_id IN
 			(SELECT challenge_id FROM verifier.request_status_erased
 			 WHERE erased_at < now() - $1::bigint * interval '1 microsecond' LIMIT $2 FOR UPDATE SKIP LOCKED)`,

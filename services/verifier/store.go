@@ -175,26 +175,29 @@ func (e *errBeforeCommit) Unwrap() error { return e.err }
 // verifyInTx is verifyGroupOnce's transaction.
 func (st *store) verifyInTx(ctx context.Context, tx pgx.Tx, items []*verifyItem, refs []challengeRef, want map[challengeRef]int,
 	lockTimeout time.Duration, entries *[]outbox.Entry) error {
-	// The challenges' row locks, in order, then the clock: one round trip.
+	// The challenges' row locks, in order, then the clock: one round trip. The rows are
+	// read and locked one after the other in the order of refs, each by its key.
 	states := map[challengeRef]*challenge{}
 	b := &pgx.Batch{}
 	if lockTimeout > 0 {
 		b.Queue(fmt.Sprintf(`SET LOCAL lock_timeout = %d`, lockTimeout.Milliseconds()))
 	}
-	for _, r := range refs {
-		b.Queue(`SELECT challenge_id::text, attempts, max_attempts, status, session_id, recipient_keys, test,
-				coalesce((SELECT k.trace_parent FROM verifier.codes k WHERE k.challenge_id = c.challenge_id ORDER BY k.code_seq DESC LIMIT 1), '')
-			FROM verifier.challenges c WHERE tenant = $1 AND request_id = $2 FOR UPDATE OF c`, r.tenant, r.requestID).
-			QueryRow(func(row pgx.Row) error {
-				c := &challenge{}
-				err := row.Scan(&c.id, &c.attempts, &c.maxAttempts, &c.status, &c.sessionID, &c.recipientKeys, &c.test, &c.traceParent)
-				if errors.Is(err, pgx.ErrNoRows) {
-					return nil
-				}
-				states[r] = c
-				return err
-			})
+	ts, rs := make([]string, len(refs)), make([]string, len(refs))
+	for i, r := range refs {
+		ts[i], rs[i] = r.tenant, r.requestID
 	}
+	b.Queue(lockChallengesSQL, ts, rs).Query(func(rows pgx.Rows) error {
+		for rows.Next() {
+			var i int
+			c := &challenge{}
+			if err := rows.Scan(&i, &c.id, &c.attempts, &c.maxAttempts, &c.status, &c.sessionID, &c.recipientKeys, &c.test,
+				&c.traceParent); err != nil {
+				return err
+			}
+			states[refs[i-1]] = c
+		}
+		return rows.Err()
+	})
 	var now time.Time
 	b.Queue(`SELECT clock_timestamp()`).QueryRow(func(row pgx.Row) error { return row.Scan(&now) })
 	if err := tx.SendBatch(ctx, b).Close(); err != nil {
@@ -245,10 +248,25 @@ func (st *store) verifyInTx(ctx context.Context, tx pgx.Tx, items []*verifyItem,
 			return rows.Err()
 		})
 	}
+	var ids []string
+	var ns []int32
 	for _, r := range refs {
 		if c := states[r]; c != nil && c.status == statusActive && want[r] > 0 {
-			queueRecentCodes(b, c.id, want[r], func(cs []code) { codes[c.id] = cs })
+			ids, ns = append(ids, c.id), append(ns, int32(want[r]))
 		}
+	}
+	if len(ids) > 0 {
+		b.Queue(recentCodesOfSQL, ids, ns).Query(func(rows pgx.Rows) error {
+			for rows.Next() {
+				var i int
+				var c code
+				if err := rows.Scan(&i, &c.seq, &c.mac, &c.keyID, &c.expires); err != nil {
+					return err
+				}
+				codes[ids[i-1]] = append(codes[ids[i-1]], c)
+			}
+			return rows.Err()
+		})
 	}
 	if b.Len() > 0 {
 		if err := tx.SendBatch(ctx, b).Close(); err != nil {
@@ -308,11 +326,18 @@ func (st *store) verifyInTx(ctx context.Context, tx pgx.Tx, items []*verifyItem,
 
 	// What they decided, written in one round trip, then the events' outbox rows.
 	b = &pgx.Batch{}
+	var uids, ustatus []string
+	var uattempts []int32
 	for _, r := range refs {
 		if c := states[r]; c != nil && dirty[c.id] != nil {
-			b.Queue(`UPDATE verifier.challenges SET attempts = $2, status = $3, updated_at = now() WHERE challenge_id = $1`,
-				c.id, c.attempts, c.status)
+			uids, uattempts, ustatus = append(uids, c.id), append(uattempts, int32(c.attempts)), append(ustatus, c.status)
 		}
+	}
+	if len(uids) > 0 {
+		// The rows are locked already: one statement for them all.
+		b.Queue(`UPDATE verifier.challenges c SET attempts = u.attempts, status = u.status, updated_at = now()
+			FROM unnest($1::uuid[], $2::int[], $3::text[]) AS u(id, attempts, status) WHERE c.challenge_id = u.id`,
+			uids, uattempts, ustatus)
 	}
 	for _, f := range frefs {
 		if dirtyFailures[f] {
@@ -330,21 +355,30 @@ func (st *store) verifyInTx(ctx context.Context, tx pgx.Tx, items []*verifyItem,
 	return err
 }
 
+// lockChallengesSQL reads and locks the challenge rows of ($1 tenants, $2 request ids),
+// one after the other in their order, each by its primary key, with the traceparent of
+// its newest code; each row comes with its key's position (1-based). A join of the keys
+// with the table could be planned as a scan, locking in the table's order.
+const lockChallengesSQL = `SELECT x.* FROM (SELECT t, r, i FROM unnest($1::text[], $2::text[]) WITH ORDINALITY AS u(t, r, i) ORDER BY i) k
+	CROSS JOIN LATERAL (SELECT k.i, c.challenge_id::text, c.attempts, c.max_attempts, c.status, c.session_id, c.recipient_keys, c.test,
+			coalesce((SELECT d.trace_parent FROM verifier.codes d WHERE d.challenge_id = c.challenge_id
+				ORDER BY d.code_seq DESC LIMIT 1), '')
+		FROM verifier.challenges c WHERE c.tenant = k.t AND c.request_id = k.r FOR UPDATE OF c) x`
+
+// recentCodesOfSQL reads, for each challenge of $1, its $2 newest codes, newest first,
+// each with its challenge's position (1-based).
+const recentCodesOfSQL = `SELECT q.i, d.code_seq, d.code_hmac, d.pepper_key_id, d.expires_at
+	FROM unnest($1::uuid[], $2::int[]) WITH ORDINALITY AS q(id, n, i)
+	CROSS JOIN LATERAL (SELECT code_seq, code_hmac, pepper_key_id, expires_at FROM verifier.codes
+		WHERE challenge_id = q.id ORDER BY code_seq DESC LIMIT q.n) d
+	ORDER BY q.i, d.code_seq DESC`
+
 const recentCodesSQL = `SELECT code_seq, code_hmac, pepper_key_id, expires_at FROM verifier.codes
 	WHERE challenge_id = $1 ORDER BY code_seq DESC LIMIT $2`
 
 func scanCode(r pgx.CollectableRow) (code, error) {
 	var c code
 	return c, r.Scan(&c.seq, &c.mac, &c.keyID, &c.expires)
-}
-
-// queueRecentCodes queues on b the read of a challenge's n newest codes, newest first.
-func queueRecentCodes(b *pgx.Batch, challengeID string, n int, got func([]code)) {
-	b.Queue(recentCodesSQL, challengeID, n).Query(func(rows pgx.Rows) error {
-		cs, err := pgx.CollectRows(rows, scanCode)
-		got(cs)
-		return err
-	})
 }
 
 // recentCodes returns the n newest codes of a challenge, newest first.
@@ -485,16 +519,17 @@ const insertChallengesSQL = `INSERT INTO verifier.challenges (tenant, request_id
 // each by its position: whether its challenge is the event's own (tenant, request_id,
 // challenge_id), else nothing is written; whether the person was erased after it was
 // issued; and whether the recipient_failures risk rule may apply to its challenge (not
-// applied yet, no attempt, enough failures: checked again, under the row's lock, by its
-// update, riskUpdate).
+// applied yet, no attempt, enough failures of the recipient keys of its row: the
+// update's own test, riskUpdate, which checks it again under the row's lock).
 const insertCodesSQL = `WITH u AS (
 		SELECT * FROM unnest($1::text[], $2::uuid[], $3::text[], $4::int[], $5::bytea[], $6::text[], $7::timestamptz[],
-				$8::timestamptz[], $9::text[], $10::int[], $11::int[], $13::int[], $14::bigint[])
+				$8::timestamptz[], $9::text[], $10::int[], $11::int[], $13::bigint[], $14::bigint[])
 			WITH ORDINALITY AS u(t, c, r, seq, hmac, pk, exp, issued, tp, kf, kt, failures, window_us, n)),
 	g AS (SELECT u.*, EXISTS (SELECT 1 FROM verifier.erasures x
 			WHERE x.tenant = u.t AND x.recipient_key = ANY (($12::text[])[u.kf:u.kt]) AND x.erased_at >= u.issued) AS erased
 		FROM u),
-	o AS (SELECT g.*, ch.challenge_id AS own, ch.attempts = 0 AND NOT ('recipient_failures' = ANY (ch.risk)) AS open FROM g
+	o AS (SELECT g.*, ch.challenge_id AS own, ch.recipient_keys AS row_keys,
+			ch.attempts = 0 AND NOT ('recipient_failures' = ANY (ch.risk)) AS open FROM g
 		LEFT JOIN verifier.challenges ch ON NOT g.erased AND ch.challenge_id = g.c AND ch.tenant = g.t AND ch.request_id = g.r),
 	ins AS (INSERT INTO verifier.codes (challenge_id, code_seq, code_hmac, pepper_key_id, expires_at, issued_at, trace_parent)
 		SELECT own, seq, hmac, pk, exp, issued, tp FROM o WHERE own IS NOT NULL ORDER BY n ON CONFLICT DO NOTHING)
@@ -502,7 +537,7 @@ const insertCodesSQL = `WITH u AS (
 		AND (SELECT coalesce(max((SELECT count(*) FROM unnest(f.stamps) AS s(t)
 				WHERE s.t > now() - window_us * interval '1 microsecond')), 0)
 			FROM verifier.recipient_failures f
-			WHERE f.tenant = o.t AND f.recipient_key = ANY (($12::text[])[o.kf:o.kt])) >= failures
+			WHERE f.tenant = o.t AND f.recipient_key = ANY (o.row_keys)) >= failures
 	FROM o ORDER BY n`
 
 // riskUpdate is the recipient_failures risk rule of a challenge's first code, its window
@@ -587,7 +622,8 @@ func nonNil(s []string) []string {
 type codeRows struct {
 	items                                        []*projection
 	tenant, challengeID, requestID, keyID, trace []string
-	seq, keysFrom, keysTo, failures              []int32
+	seq, keysFrom, keysTo                        []int32
+	failures                                     []int64
 	hmac                                         [][]byte
 	expiresAt, issuedAt                          []time.Time
 	windowMicros                                 []int64
@@ -604,7 +640,7 @@ func (c *codeRows) add(p *projection) {
 	c.expiresAt, c.issuedAt, c.trace = append(c.expiresAt, e.ExpiresAt), append(c.issuedAt, e.IssuedAt), append(c.trace, p.traceParent)
 	kf, kt := span(&c.keys, e.RecipientHashes)
 	c.keysFrom, c.keysTo = append(c.keysFrom, kf), append(c.keysTo, kt)
-	c.failures, c.windowMicros = append(c.failures, int32(p.failureRisk.failures)), append(c.windowMicros, p.failureRisk.window.Microseconds())
+	c.failures, c.windowMicros = append(c.failures, int64(p.failureRisk.failures)), append(c.windowMicros, p.failureRisk.window.Microseconds())
 }
 
 // args are insertCodesSQL's.
