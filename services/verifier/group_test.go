@@ -280,7 +280,7 @@ func TestADeadlockedGroupIsRunAgain(t *testing.T) {
 	testenv.Eventually(t, 10*time.Second, "the group waiting for rb", func() bool {
 		var n int
 		_ = admin.QueryRow(t.Context(), `SELECT count(*) FROM pg_stat_activity
-			WHERE wait_event_type = 'Lock' AND query LIKE '%FROM verifier.challenges c WHERE c.tenant = k.t%'`).Scan(&n)
+			WHERE datname = current_database() AND wait_event_type = 'Lock' AND query LIKE '%FROM verifier.challenges c WHERE tenant%'`).Scan(&n)
 		return n == 1
 	})
 	_, err = other.Exec(t.Context(), `SELECT 1 FROM verifier.challenges WHERE request_id = 'ra' FOR UPDATE`)
@@ -419,7 +419,7 @@ tenants:
 	testenv.Eventually(t, 10*time.Second, "the verify waiting for the failure row", func() bool {
 		var n int
 		_ = admin.QueryRow(t.Context(), `SELECT count(*) FROM pg_stat_activity
-			WHERE wait_event_type = 'Lock' AND query LIKE '%verifier.recipient_failures%'`).Scan(&n)
+			WHERE datname = current_database() AND wait_event_type = 'Lock' AND query LIKE '%verifier.recipient_failures%'`).Scan(&n)
 		return n == 1
 	})
 	_, err = purge.Exec(t.Context(), `DELETE FROM verifier.recipient_failures`)

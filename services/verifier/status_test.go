@@ -1278,8 +1278,9 @@ func TestStatusUpdatesAreHeapOnly(t *testing.T) {
 }
 
 // TestStatusPurgeScansItsIndex: each purge statement finds its rows by a range scan of
-// request_status_created, which stops at the statement's limit, and deletes them by key:
-// no plan, custom or generic (what a prepared statement comes to), reads the whole table.
+// request_status_created, which stops at the statement's limit, and deletes them where
+// they are (ctid): no plan, custom or generic (what a prepared statement comes to), reads
+// the whole table.
 func TestStatusPurgeScansItsIndex(t *testing.T) {
 	pool := testenv.Postgres(t, Spec())
 	admin := testenv.Admin(t, pool)
@@ -1304,7 +1305,8 @@ func TestStatusPurgeScansItsIndex(t *testing.T) {
 			testenv.Must(t, err, "plan")
 			return strings.Join(lines, "\n")
 		}()
-		if !strings.Contains(plan, "Index Scan using request_status_created") || strings.Contains(plan, "Seq Scan") ||
+		if !strings.Contains(plan, "Index Scan using request_status_created") || !strings.Contains(plan, "Tid Scan") ||
+			strings.Contains(plan, "Seq Scan") ||
 			strings.Contains(plan, "Bitmap") {
 			t.Errorf("%s: the purge does not stop at its limit on request_status_created:\n%s", mode, plan)
 		}

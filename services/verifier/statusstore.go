@@ -422,7 +422,8 @@ const statusPurgeBatch = 5000
 // between two transactions' clocks ('-infinity': made before created_at existed). The
 // index range scan stops at the limit, and the rows it locked are deleted where they
 // are (ctid): a join on the key could be planned as a scan of the whole table. A row
-// written since its lock was taken is left for the next purge.
+// written after the statement began and before its lock was taken is left for the next
+// purge.
 const purgeStatusSQL = `DELETE FROM verifier.request_status WHERE ctid = ANY (ARRAY(
 	SELECT ctid FROM verifier.request_status
 	WHERE created_at < now() - $1::bigint * interval '1 microsecond'

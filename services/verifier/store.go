@@ -175,29 +175,26 @@ func (e *errBeforeCommit) Unwrap() error { return e.err }
 // verifyInTx is verifyGroupOnce's transaction.
 func (st *store) verifyInTx(ctx context.Context, tx pgx.Tx, items []*verifyItem, refs []challengeRef, want map[challengeRef]int,
 	lockTimeout time.Duration, entries *[]outbox.Entry) error {
-	// The challenges' row locks, in order, then the clock: one round trip. The rows are
-	// read and locked one after the other in the order of refs, each by its key.
+	// The challenges' row locks, in order, then the clock: one round trip.
 	states := map[challengeRef]*challenge{}
 	b := &pgx.Batch{}
 	if lockTimeout > 0 {
 		b.Queue(fmt.Sprintf(`SET LOCAL lock_timeout = %d`, lockTimeout.Milliseconds()))
 	}
-	ts, rs := make([]string, len(refs)), make([]string, len(refs))
-	for i, r := range refs {
-		ts[i], rs[i] = r.tenant, r.requestID
-	}
-	b.Queue(lockChallengesSQL, ts, rs).Query(func(rows pgx.Rows) error {
-		for rows.Next() {
-			var i int
-			c := &challenge{}
-			if err := rows.Scan(&i, &c.id, &c.attempts, &c.maxAttempts, &c.status, &c.sessionID, &c.recipientKeys, &c.test,
-				&c.traceParent); err != nil {
+	for _, r := range refs {
+		b.Queue(`SELECT challenge_id::text, attempts, max_attempts, status, session_id, recipient_keys, test,
+				coalesce((SELECT k.trace_parent FROM verifier.codes k WHERE k.challenge_id = c.challenge_id ORDER BY k.code_seq DESC LIMIT 1), '')
+			FROM verifier.challenges c WHERE tenant = $1 AND request_id = $2 FOR UPDATE OF c`, r.tenant, r.requestID).
+			QueryRow(func(row pgx.Row) error {
+				c := &challenge{}
+				err := row.Scan(&c.id, &c.attempts, &c.maxAttempts, &c.status, &c.sessionID, &c.recipientKeys, &c.test, &c.traceParent)
+				if errors.Is(err, pgx.ErrNoRows) {
+					return nil
+				}
+				states[r] = c
 				return err
-			}
-			states[refs[i-1]] = c
-		}
-		return rows.Err()
-	})
+			})
+	}
 	var now time.Time
 	b.Queue(`SELECT clock_timestamp()`).QueryRow(func(row pgx.Row) error { return row.Scan(&now) })
 	if err := tx.SendBatch(ctx, b).Close(); err != nil {
@@ -248,25 +245,10 @@ func (st *store) verifyInTx(ctx context.Context, tx pgx.Tx, items []*verifyItem,
 			return rows.Err()
 		})
 	}
-	var ids []string
-	var ns []int32
 	for _, r := range refs {
 		if c := states[r]; c != nil && c.status == statusActive && want[r] > 0 {
-			ids, ns = append(ids, c.id), append(ns, int32(want[r]))
+			queueRecentCodes(b, c.id, want[r], func(cs []code) { codes[c.id] = cs })
 		}
-	}
-	if len(ids) > 0 {
-		b.Queue(recentCodesOfSQL, ids, ns).Query(func(rows pgx.Rows) error {
-			for rows.Next() {
-				var i int
-				var c code
-				if err := rows.Scan(&i, &c.seq, &c.mac, &c.keyID, &c.expires); err != nil {
-					return err
-				}
-				codes[ids[i-1]] = append(codes[ids[i-1]], c)
-			}
-			return rows.Err()
-		})
 	}
 	if b.Len() > 0 {
 		if err := tx.SendBatch(ctx, b).Close(); err != nil {
@@ -326,18 +308,11 @@ func (st *store) verifyInTx(ctx context.Context, tx pgx.Tx, items []*verifyItem,
 
 	// What they decided, written in one round trip, then the events' outbox rows.
 	b = &pgx.Batch{}
-	var uids, ustatus []string
-	var uattempts []int32
 	for _, r := range refs {
 		if c := states[r]; c != nil && dirty[c.id] != nil {
-			uids, uattempts, ustatus = append(uids, c.id), append(uattempts, int32(c.attempts)), append(ustatus, c.status)
+			b.Queue(`UPDATE verifier.challenges SET attempts = $2, status = $3, updated_at = now() WHERE challenge_id = $1`,
+				c.id, c.attempts, c.status)
 		}
-	}
-	if len(uids) > 0 {
-		// The rows are locked already: one statement for them all.
-		b.Queue(`UPDATE verifier.challenges c SET attempts = u.attempts, status = u.status, updated_at = now()
-			FROM unnest($1::uuid[], $2::int[], $3::text[]) AS u(id, attempts, status) WHERE c.challenge_id = u.id`,
-			uids, uattempts, ustatus)
 	}
 	for _, f := range frefs {
 		if dirtyFailures[f] {
@@ -355,30 +330,21 @@ func (st *store) verifyInTx(ctx context.Context, tx pgx.Tx, items []*verifyItem,
 	return err
 }
 
-// lockChallengesSQL reads and locks the challenge rows of ($1 tenants, $2 request ids),
-// one after the other in their order, each by its primary key, with the traceparent of
-// its newest code; each row comes with its key's position (1-based). A join of the keys
-// with the table could be planned as a scan, locking in the table's order.
-const lockChallengesSQL = `SELECT x.* FROM (SELECT t, r, i FROM unnest($1::text[], $2::text[]) WITH ORDINALITY AS u(t, r, i) ORDER BY i) k
-	CROSS JOIN LATERAL (SELECT k.i, c.challenge_id::text, c.attempts, c.max_attempts, c.status, c.session_id, c.recipient_keys, c.test,
-			coalesce((SELECT d.trace_parent FROM verifier.codes d WHERE d.challenge_id = c.challenge_id
-				ORDER BY d.code_seq DESC LIMIT 1), '')
-		FROM verifier.challenges c WHERE c.tenant = k.t AND c.request_id = k.r FOR UPDATE OF c) x`
-
-// recentCodesOfSQL reads, for each challenge of $1, its $2 newest codes, newest first,
-// each with its challenge's position (1-based).
-const recentCodesOfSQL = `SELECT q.i, d.code_seq, d.code_hmac, d.pepper_key_id, d.expires_at
-	FROM unnest($1::uuid[], $2::int[]) WITH ORDINALITY AS q(id, n, i)
-	CROSS JOIN LATERAL (SELECT code_seq, code_hmac, pepper_key_id, expires_at FROM verifier.codes
-		WHERE challenge_id = q.id ORDER BY code_seq DESC LIMIT q.n) d
-	ORDER BY q.i, d.code_seq DESC`
-
 const recentCodesSQL = `SELECT code_seq, code_hmac, pepper_key_id, expires_at FROM verifier.codes
 	WHERE challenge_id = $1 ORDER BY code_seq DESC LIMIT $2`
 
 func scanCode(r pgx.CollectableRow) (code, error) {
 	var c code
 	return c, r.Scan(&c.seq, &c.mac, &c.keyID, &c.expires)
+}
+
+// queueRecentCodes queues on b the read of a challenge's n newest codes, newest first.
+func queueRecentCodes(b *pgx.Batch, challengeID string, n int, got func([]code)) {
+	b.Queue(recentCodesSQL, challengeID, n).Query(func(rows pgx.Rows) error {
+		cs, err := pgx.CollectRows(rows, scanCode)
+		got(cs)
+		return err
+	})
 }
 
 // recentCodes returns the n newest codes of a challenge, newest first.

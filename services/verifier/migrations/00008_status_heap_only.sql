@@ -11,9 +11,10 @@
 -- made before it. Rows made before this migration read '-infinity', a constant default,
 -- so the table is not rewritten. Pages are filled to half, so that when a batch writes
 -- every row of a page again, each new version fits beside the old; the setting applies
--- to pages written from now on. Every statement here changes only the catalog: the
--- table's lock is held for moments, and not waited for longer than 10 s.
+-- to pages written from now on. Both statements change only the catalog, under the
+-- table's lock (the first takes it whole), held for moments and waited for at most 10 s:
+-- then the migration fails, changes nothing, and can be run again.
 SET LOCAL lock_timeout = '10s';
-ALTER TABLE verifier.request_status SET (fillfactor = 50);
-ALTER TABLE verifier.request_status ADD COLUMN created_at timestamptz NOT NULL DEFAULT '-infinity';
-ALTER TABLE verifier.request_status ALTER COLUMN created_at SET DEFAULT now();
+ALTER TABLE verifier.request_status ADD COLUMN created_at timestamptz NOT NULL DEFAULT '-infinity',
+    ALTER COLUMN created_at SET DEFAULT now(),
+    SET (fillfactor = 50);
