@@ -108,7 +108,7 @@ func New(cfg Config, pool *pgxpool.Pool, js jetstream.JetStream, log *slog.Logge
 		return nil, errors.New("auditor: a subject key and a DLQ key are required")
 	}
 	if cfg.BatchSize < 1 {
-		cfg.BatchSize = 200
+		cfg.BatchSize = DefaultBatchSize
 	}
 	if cfg.Linger == 0 {
 		cfg.Linger = DefaultLinger
@@ -164,6 +164,9 @@ func (s *Service) Run(ctx context.Context) error {
 // DefaultLinger is Config.Linger's default: at 1,000 events a second, batches of about
 // 20 instead of a handful (docs/performance.md).
 const DefaultLinger = 20 * time.Millisecond
+
+// DefaultBatchSize is Config.BatchSize's default: the events chained in one transaction.
+const DefaultBatchSize = 200
 
 // Row is one audit log row.
 type Row struct {

@@ -20,6 +20,9 @@ import (
 	"github.com/otpflow/otpflow/services/dispatcher/smtp"
 )
 
+// DefaultConcurrency is Config.Concurrency's default (OTP_DISPATCH_CONCURRENCY).
+const DefaultConcurrency = 16
+
 // LoadConfig reads the dispatcher's settings and builds the provider chain of
 // OTP_PROVIDERS. A missing or malformed setting is an error that names its variable.
 func LoadConfig(getenv platform.Getenv, common platform.Common) (Config, error) {
@@ -47,7 +50,7 @@ func LoadConfig(getenv platform.Getenv, common platform.Common) (Config, error) 
 	if _, err := mail.ParseAddress(from); err != nil || strings.ContainsAny(from, "\r\n") {
 		return Config{}, &platform.ConfigError{Var: "OTP_MAIL_FROM", Msg: "must be an address such as Acme <no-reply@acme.example>"}
 	}
-	concurrency, err := platform.IntVar(getenv, "OTP_DISPATCH_CONCURRENCY", 16, 1, 1000)
+	concurrency, err := platform.IntVar(getenv, "OTP_DISPATCH_CONCURRENCY", DefaultConcurrency, 1, 1000)
 	if err != nil {
 		return Config{}, err
 	}

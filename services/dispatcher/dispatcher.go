@@ -63,7 +63,8 @@ type Config struct {
 	// is configured; the local bucket is set to 80% of it.
 	RateSources map[string]func(context.Context) (float64, error)
 	From        string
-	// Concurrency is the number of sends in flight per process (OTP_DISPATCH_CONCURRENCY).
+	// Concurrency is the number of sends in flight per process (OTP_DISPATCH_CONCURRENCY;
+	// default DefaultConcurrency), and the batch its consumer hands over.
 	Concurrency int
 	// TemplateDir holds tenant overrides: <dir>/<tenant>/<locale>/{subject.txt,body.txt,body.html}.
 	TemplateDir string
@@ -116,7 +117,7 @@ func New(cfg Config, pool *pgxpool.Pool, js jetstream.JetStream, log *slog.Logge
 		return nil, errors.New("dispatcher: seal key, subject key, DLQ key, providers and sender are required")
 	}
 	if cfg.Concurrency < 1 {
-		cfg.Concurrency = 16
+		cfg.Concurrency = DefaultConcurrency
 	}
 	cfg.Tracer = platform.Tracer(cfg.Tracer)
 	if cfg.Lease == 0 {

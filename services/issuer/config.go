@@ -22,7 +22,7 @@ func LoadConfig(getenv platform.Getenv, common platform.Common) (Config, error) 
 	if err != nil {
 		return Config{}, &platform.ConfigError{Var: "OTP_SUBJECT_KEY", Msg: err.Error()}
 	}
-	batch, err := platform.IntVar(getenv, "OTP_ISSUER_BATCH", 100, 1, 1000)
+	batch, err := platform.IntVar(getenv, "OTP_ISSUER_BATCH", DefaultBatchSize, 1, 1000)
 	if err != nil {
 		return Config{}, err
 	}

@@ -52,7 +52,7 @@ type Config struct {
 	Subjects *keys.Subjects
 	// Policies per tenant (OTP_TENANTS_FILE); nil gives every tenant the defaults.
 	Policies  *policy.Set
-	BatchSize int // requests per transaction; default 100
+	BatchSize int // requests per transaction; default DefaultBatchSize
 	// Retention keeps settled challenges this long after their last code expired
 	// (OTP_RETENTION, default 24h).
 	Retention time.Duration
@@ -79,12 +79,15 @@ type Config struct {
 // requests are deleted unanswered.
 const RuleRequestsBacklog = "requests_backlog_age"
 
+// DefaultBatchSize is Config.BatchSize's default (OTP_ISSUER_BATCH).
+const DefaultBatchSize = 100
+
 func (c *Config) setDefaults() {
 	if c.Policies == nil {
 		c.Policies = policy.Defaults()
 	}
 	if c.BatchSize == 0 {
-		c.BatchSize = 100
+		c.BatchSize = DefaultBatchSize
 	}
 	if c.Retention == 0 {
 		c.Retention = platform.Retention

@@ -90,6 +90,10 @@ const DefaultStatusTenantPerMinute = 6000
 // that much later.
 const DefaultStatusLinger = 20 * time.Millisecond
 
+// DefaultBatchSize is Config.BatchSize's default: the messages each projection handles
+// in one transaction.
+const DefaultBatchSize = 100
+
 // LoadConfig reads the verifier's settings from the environment. With OTP_ENV=production
 // it refuses a tenants file that production refuses (platform.CheckPolicies).
 func LoadConfig(getenv platform.Getenv, common platform.Common) (Config, error) {

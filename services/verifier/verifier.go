@@ -106,7 +106,7 @@ func New(cfg Config, pool *pgxpool.Pool, nc *nats.Conn, js jetstream.JetStream, 
 	}
 	cfg.Tracer = platform.Tracer(cfg.Tracer)
 	if cfg.BatchSize < 1 {
-		cfg.BatchSize = 100
+		cfg.BatchSize = DefaultBatchSize
 	}
 	if cfg.StatusLinger == 0 {
 		cfg.StatusLinger = DefaultStatusLinger
