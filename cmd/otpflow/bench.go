@@ -10,6 +10,7 @@ import (
 	neturl "net/url"
 	"os"
 	"path/filepath"
+	"runtime/pprof"
 	"slices"
 	"strconv"
 	"strings"
@@ -45,6 +46,7 @@ type benchOptions struct {
 	verifyRate    int
 	profile       string
 	profileFor    int // seconds
+	natsOnly      bool
 	adminURL      string
 }
 
@@ -126,8 +128,9 @@ func benchFlags(fs *flag.FlagSet) *benchOptions {
 	fs.DurationVar(&o.sendDelay, "send-delay", 0, "null sink: how long each send takes (a slow provider)")
 	fs.IntVar(&o.verifyClients, "verify-clients", 32, "concurrent verify clients")
 	fs.IntVar(&o.verifyRate, "verify-rate", 0, "verifies per second; 0: as fast as the clients go")
-	fs.StringVar(&o.profile, "profile", "", "folder for pprof CPU and allocation profiles of each service, taken under load")
+	fs.StringVar(&o.profile, "profile", "", "folder for pprof CPU and allocation profiles of each service, taken under load, and this process's CPU profile (bench.cpu.pprof; nats-only.cpu.pprof with -nats-only)")
 	fs.IntVar(&o.profileFor, "profile-seconds", 20, "length of each CPU profile in seconds")
+	fs.BoolVar(&o.natsOnly, "nats-only", false, "measure NATS alone instead: each code's messages moved through the contract's streams and durable consumers as the services move them, on a server of its own embedded here (not OTP_NATS_URL), with no service, database, mail or warm-up; takes -requests, -rate, -tenant, -settle, -profile, -profile-seconds and -json")
 	return o
 }
 
@@ -163,6 +166,9 @@ func (o *benchOptions) check(getenv func(string) string) error {
 	if o.sendDelay != 0 && o.sink != "null" {
 		return errors.New("-send-delay is for the null sink")
 	}
+	if o.natsOnly && (o.verify || o.sink != "null" || o.sendDelay != 0 || o.dispatchers != 1 || o.concurrency != 0 || o.bin != "" || o.dir != "") {
+		return errors.New("-nats-only runs no service, on a NATS server of its own: it takes -requests, -rate, -tenant, -settle, -profile, -profile-seconds and -json")
+	}
 	return nil
 }
 
@@ -180,6 +186,9 @@ func benchCommand(ctx context.Context, args []string, getenv func(string) string
 	}
 	if err := o.check(getenv); err != nil {
 		return err
+	}
+	if o.natsOnly {
+		return benchNATSOnly(ctx, o, stdout, stderr)
 	}
 	if o.bin == "" {
 		o.bin = defaultBinDir()
@@ -398,6 +407,13 @@ func benchCommand(ctx context.Context, args []string, getenv func(string) string
 				}
 			})
 		}
+		// This process too: the load generator, the sink's collector, the event reader
+		// and, unless OTP_NATS_URL names another, the NATS server share the box.
+		profiling.Go(func() {
+			if err := profileSelf(ctx, filepath.Join(o.profile, "bench.cpu.pprof"), time.Duration(o.profileFor)*time.Second); err != nil {
+				profileErr.Store(&err)
+			}
+		})
 	}
 	progress("load: %d requests at %s, sink %s, %d dispatcher(s)", o.requests, rateText(o.rate), o.sink, o.dispatchers)
 	tick := func() {
@@ -1014,4 +1030,22 @@ func printBench(w io.Writer, r benchResult) {
 	if r.Profiles != "" {
 		fmt.Fprintf(w, "profiles      %s\n", r.Profiles)
 	}
+}
+
+// profileSelf saves this process's CPU profile over d, or until ctx ends.
+func profileSelf(ctx context.Context, path string, d time.Duration) error {
+	f, err := os.Create(path)
+	if err != nil {
+		return err
+	}
+	if err := pprof.StartCPUProfile(f); err != nil {
+		f.Close()
+		return fmt.Errorf("bench CPU profile: %w", err)
+	}
+	select {
+	case <-time.After(d):
+	case <-ctx.Done():
+	}
+	pprof.StopCPUProfile()
+	return f.Close()
 }

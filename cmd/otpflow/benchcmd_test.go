@@ -5,12 +5,19 @@ import (
 	"context"
 	"encoding/json"
 	"io"
+	"maps"
+	"math"
 	"os"
 	"path/filepath"
+	"runtime"
+	"slices"
+	"strconv"
 	"strings"
 	"testing"
 	"time"
 
+	"github.com/nats-io/nats-server/v2/server"
+	"github.com/nats-io/nats.go"
 	"github.com/nats-io/nats.go/jetstream"
 	"github.com/otpflow/otpflow/events"
 	"github.com/otpflow/otpflow/platform/testenv"
@@ -27,7 +34,8 @@ func TestBenchDrivesThePipeline(t *testing.T) {
 	getenv := func(k string) string { return env[k] }
 	profiles := t.TempDir()
 
-	res := runBench(t, getenv, "-bin", bin, "-dir", t.TempDir(), "-requests", "300", "-warmup", "20", "-verify", "-verify-clients", "8",
+	dir := t.TempDir()
+	res := runBench(t, getenv, "-bin", bin, "-dir", dir, "-requests", "300", "-warmup", "20", "-verify", "-verify-clients", "8",
 		"-dispatchers", "2", "-profile", profiles, "-profile-seconds", "1")
 	if res.Requests != 300 || res.Accepted != 300 || res.Issued != 300 || res.Delivered != 300 || res.Lost != 0 || res.Duplicates != 0 || res.Rejected != 0 || res.Failed != 0 {
 		t.Errorf("outcome: %+v", res)
@@ -57,11 +65,13 @@ func TestBenchDrivesThePipeline(t *testing.T) {
 	if len(res.Services) != 5 || cpu <= 0 {
 		t.Errorf("services %v", res.Services)
 	}
-	for _, f := range []string{"issuer.cpu.pprof", "dispatcher-2.cpu.pprof", "auditor.allocs.pprof", "verifier.verify.cpu.pprof"} {
+	for _, f := range []string{"issuer.cpu.pprof", "dispatcher-2.cpu.pprof", "auditor.allocs.pprof", "verifier.verify.cpu.pprof", "bench.cpu.pprof"} {
 		if st, err := os.Stat(filepath.Join(profiles, f)); err != nil || st.Size() == 0 {
 			t.Errorf("profile %s: %v", f, err)
 		}
 	}
+	// What -nats-only publishes in place of the services is their messages' size.
+	natsOnlySizes(t, filepath.Join(dir, "nats"), "bench")
 }
 
 // TestBenchReadsTheMaildir runs the bench into the sandbox Maildir: the codes are read
@@ -188,4 +198,183 @@ func TestBenchKeepsOffALivePipeline(t *testing.T) {
 	})
 	nc.Close()
 	<-pulling
+}
+
+// TestBenchNATSOnlyMovesEveryCode runs NATS alone: each durable consumer of the contract
+// that a code's messages reach acknowledges as many messages as the contract routes to it
+// (derived from the contract's streams and filters, not from the stages), the streams
+// store a code's five messages, and the app reads each code's otp.delivered once.
+func TestBenchNATSOnlyMovesEveryCode(t *testing.T) {
+	if runtime.GOOS != "linux" {
+		t.Skip("-nats-only reads its CPU from /proc")
+	}
+	const n = 700
+	ctx, cancel := context.WithTimeout(context.Background(), 2*time.Minute)
+	defer cancel()
+	profiles := t.TempDir()
+	var stdout, stderr bytes.Buffer
+	code, err := run(ctx, []string{"bench", "-nats-only", "-json", "-requests", strconv.Itoa(n), "-profile", profiles, "-profile-seconds", "1"},
+		func(string) string { return "" }, &stdout, &stderr)
+	if err != nil || code != 0 {
+		t.Fatalf("bench -nats-only: exit %d, %v\n%s", code, err, stderr.String())
+	}
+	var res natsOnlyResult
+	dec := json.NewDecoder(&stdout)
+	dec.DisallowUnknownFields()
+	testenv.Must(t, dec.Decode(&res), "bench -nats-only -json output %q", stdout.String())
+	if res.Mode != "nats-only" || res.Requests != n || res.Delivered != n || res.Lost != 0 || res.Duplicates != 0 || !res.Drained {
+		t.Errorf("outcome: %+v", res)
+	}
+
+	// What the contract routes to each durable: the subjects of one code's messages that
+	// its stream stores and its filter takes.
+	const tenant = "bench"
+	code1 := []string{events.TypeRequested.Subject(tenant), events.TypeChallenge.Subject(tenant), events.TypeIssued.Subject(tenant),
+		events.TypeDispatch.Subject(tenant), events.TypeDelivered.Subject(tenant)}
+	streamOf := map[string]string{}
+	for _, sc := range events.StreamConfigs(events.StreamOptions{}) {
+		for _, subj := range code1 {
+			for _, f := range sc.Subjects {
+				if server.SubjectMatchesFilter(subj, f) {
+					streamOf[subj] = sc.Name
+				}
+			}
+		}
+	}
+	if len(streamOf) != len(code1) {
+		t.Fatalf("streams of a code's subjects: %v", streamOf)
+	}
+	want := map[string]int{}
+	for _, c := range events.ConsumerConfigs(events.StreamOptions{}) {
+		filters := slices.Clone(c.Config.FilterSubjects)
+		if c.Config.FilterSubject != "" {
+			filters = append(filters, c.Config.FilterSubject)
+		}
+		per := 0
+		for _, subj := range code1 {
+			if streamOf[subj] != c.Stream {
+				continue
+			}
+			if len(filters) == 0 || slices.ContainsFunc(filters, func(f string) bool { return server.SubjectMatchesFilter(subj, f) }) {
+				per++
+			}
+		}
+		if per > 0 {
+			want[c.Stream+"/"+c.Config.Durable] = per * n
+		}
+	}
+	if !maps.Equal(res.Handled, want) {
+		t.Errorf("acknowledged per consumer %v, want %v", res.Handled, want)
+	}
+	readers := 2 // the app's: otp.issued and otp.delivered
+	for _, v := range want {
+		readers += v / n
+	}
+	if res.StoredPerCode != float64(len(code1)) || res.DeliveredPerCode != float64(readers) {
+		t.Errorf("a code: %v messages stored, %v read; want %d and %d", res.StoredPerCode, res.DeliveredPerCode, len(code1), readers)
+	}
+	if !(res.CodesPerSec > 0 && res.DurationS > 0 && res.CPUSeconds > 0 && res.CPUMSPerCode > 0 && res.Cores > 0) ||
+		math.Abs(res.BoxCodesPerSec-float64(res.Cores)*1000/res.CPUMSPerCode) > 1 {
+		t.Errorf("figures: %+v", res)
+	}
+	if st, err := os.Stat(filepath.Join(profiles, "nats-only.cpu.pprof")); err != nil || st.Size() == 0 {
+		t.Errorf("profile: %v", err)
+	}
+
+	// It runs no service: what only the pipeline has is refused.
+	for _, args := range [][]string{{"-verify"}, {"-sink", "maildir"}, {"-dispatchers", "2"}, {"-send-delay", "1ms"}, {"-bin", "bin"}} {
+		_, err := run(ctx, append([]string{"bench", "-nats-only"}, args...), func(string) string { return "" }, io.Discard, io.Discard)
+		if err == nil || !strings.Contains(err.Error(), "-nats-only runs no service") {
+			t.Errorf("bench -nats-only %v: %v; want it refused", args, err)
+		}
+	}
+}
+
+// TestNATSOnlyMessagesAreEachCodes: each code's messages are valid JSON, hold none of the
+// placeholders, and share no id, hash or random part with another code's, so that
+// OTP_EVENTS's compression sees what it would in service; a redelivered request makes
+// the same ids again, and a job names its code's request in otp.delivered.
+func TestNATSOnlyMessagesAreEachCodes(t *testing.T) {
+	tpl, err := newNATSTemplates("bench")
+	testenv.Must(t, err, "templates")
+	a, b := tpl.issuedCode("aaaaaaaan0000001"), tpl.issuedCode("bbbbbbbbn0000002")
+	if again := tpl.issuedCode("aaaaaaaan0000001"); again.id != a.id {
+		t.Errorf("a request issued again has id %s, first %s", again.id, a.id)
+	}
+	for _, m := range []*nats.Msg{tpl.challenge, tpl.issued, tpl.dispatch} {
+		ma, mb := tpl.as(m, "k", a), tpl.as(m, "k", b)
+		if !json.Valid(ma.Data) || !json.Valid(mb.Data) {
+			t.Errorf("%s: not JSON: %s", m.Subject, ma.Data)
+		}
+		for _, p := range tpl.placeholders() {
+			if bytes.Contains(ma.Data, []byte(p)) {
+				t.Errorf("%s keeps placeholder %q", m.Subject, p)
+			}
+		}
+		for i, v := range a.values {
+			if i != 3 && i != 4 && bytes.Contains(ma.Data, []byte(v)) && bytes.Contains(mb.Data, []byte(v)) { // times may agree
+				t.Errorf("%s: two codes share %q", m.Subject, v)
+			}
+		}
+		if ma.Header.Get(jetstream.MsgIDHeader) == mb.Header.Get(jetstream.MsgIDHeader) {
+			t.Errorf("%s: two codes under one message id", m.Subject)
+		}
+	}
+	c, ok := tpl.deliveredCode(b.id)
+	if !ok {
+		t.Fatal("the code issued is not known to the dispatcher stage")
+	}
+	var d events.Delivered
+	testenv.Must(t, json.Unmarshal(tpl.as(tpl.delivered, "delivered", c).Data, &d), "otp.delivered")
+	if d.ChallengeID != b.id || d.RequestID != "bbbbbbbbn0000002" {
+		t.Errorf("otp.delivered of code %s: %+v", b.id, d)
+	}
+	if _, ok := tpl.deliveredCode("00000000-1111-4000-8000-000000000000"); ok {
+		t.Error("a job of no code issued is taken")
+	}
+}
+
+// natsOnlySizes checks the stand-ins of -nats-only against what the pipeline stored in
+// the NATS store under dir: each message's payload and headers within 10 % of the
+// services' own.
+func natsOnlySizes(t *testing.T, dir, tenant string) {
+	t.Helper()
+	s := testenv.NATSAt(t, dir, -1)
+	nc, err := nats.Connect(s.ClientURL())
+	testenv.Must(t, err, "connect")
+	defer nc.Close()
+	js, err := jetstream.New(nc)
+	testenv.Must(t, err, "jetstream")
+	tpl, err := newNATSTemplates(tenant)
+	testenv.Must(t, err, "templates")
+	c := tpl.issuedCode("0123abcdr0000042")
+	for stream, m := range map[string]*nats.Msg{events.StreamChallenges: tpl.challenge, events.StreamEvents: tpl.issued} {
+		compareSize(t, js, stream, m.Subject, tpl.as(m, "k", c))
+	}
+	dc, _ := tpl.deliveredCode(c.id)
+	compareSize(t, js, events.StreamEvents, tpl.delivered.Subject, tpl.as(tpl.delivered, "delivered", dc))
+}
+
+func compareSize(t *testing.T, js jetstream.JetStream, stream, subject string, standIn *nats.Msg) {
+	t.Helper()
+	st, err := js.Stream(context.Background(), stream)
+	testenv.Must(t, err, "stream %s", stream)
+	real, err := st.GetLastMsgForSubject(context.Background(), subject)
+	testenv.Must(t, err, "the last %s", subject)
+	hdr := func(h nats.Header) (n int) {
+		for k, vs := range h {
+			if strings.HasPrefix(k, "Nats-") && k != jetstream.MsgIDHeader {
+				continue // the server's own, on a read
+			}
+			for _, v := range vs {
+				n += len(k) + len(v)
+			}
+		}
+		return n
+	}
+	for what, pair := range map[string][2]int{"payload": {len(standIn.Data), len(real.Data)}, "headers": {hdr(standIn.Header), hdr(real.Header)}} {
+		if d := math.Abs(float64(pair[0]-pair[1])) / float64(pair[1]); d > 0.10 {
+			t.Errorf("%s %s: the stand-in's %d bytes, the pipeline's %d", subject, what, pair[0], pair[1])
+		}
+	}
 }
