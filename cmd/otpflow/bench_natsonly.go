@@ -359,7 +359,7 @@ func benchNATSOnly(ctx context.Context, o *benchOptions, stdout, stderr io.Write
 	}
 
 	// The app's reader: otp.issued and otp.delivered from OTP_EVENTS, as the bench reads
-	// them; a code is its challenge id.
+	// them; a code is its challenge id, which follows from its request.
 	delivered := events.TypeDelivered.Subject(o.tenant)
 	var seenMu sync.Mutex
 	seen := map[string]int{}
@@ -476,7 +476,15 @@ func benchNATSOnly(ctx context.Context, o *benchOptions, stdout, stderr io.Write
 	progressAt, moved := time.Now(), int64(-1)
 	tick := time.NewTicker(20 * time.Millisecond)
 	defer tick.Stop()
+	shown := time.Now()
 	for {
+		if time.Since(shown) >= time.Second {
+			seenMu.Lock()
+			n := len(seen)
+			seenMu.Unlock()
+			progress("%5.0fs delivered %d/%d", time.Since(start).Seconds(), n, o.requests)
+			shown = time.Now()
+		}
 		sum := read.Load()
 		for i := range handled {
 			sum += handled[i].Load()

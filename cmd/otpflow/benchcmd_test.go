@@ -88,6 +88,12 @@ func TestBenchReadsTheMaildir(t *testing.T) {
 
 func runBench(t *testing.T, getenv func(string) string, args ...string) benchResult {
 	t.Helper()
+	return runBenchAs[benchResult](t, getenv, args...)
+}
+
+// runBenchAs runs bench -json with args and decodes the one object it prints as T.
+func runBenchAs[T any](t *testing.T, getenv func(string) string, args ...string) T {
+	t.Helper()
 	ctx, cancel := context.WithTimeout(context.Background(), 3*time.Minute)
 	defer cancel()
 	var stdout, stderr bytes.Buffer
@@ -95,7 +101,7 @@ func runBench(t *testing.T, getenv func(string) string, args ...string) benchRes
 	if err != nil || code != 0 {
 		t.Fatalf("bench: exit %d, %v\n%s", code, err, stderr.String())
 	}
-	var res benchResult
+	var res T
 	dec := json.NewDecoder(&stdout)
 	dec.DisallowUnknownFields()
 	testenv.Must(t, dec.Decode(&res), "bench -json output %q", stdout.String())
@@ -209,19 +215,9 @@ func TestBenchNATSOnlyMovesEveryCode(t *testing.T) {
 		t.Skip("-nats-only reads its CPU from /proc")
 	}
 	const n = 700
-	ctx, cancel := context.WithTimeout(context.Background(), 2*time.Minute)
-	defer cancel()
 	profiles := t.TempDir()
-	var stdout, stderr bytes.Buffer
-	code, err := run(ctx, []string{"bench", "-nats-only", "-json", "-requests", strconv.Itoa(n), "-profile", profiles, "-profile-seconds", "1"},
-		func(string) string { return "" }, &stdout, &stderr)
-	if err != nil || code != 0 {
-		t.Fatalf("bench -nats-only: exit %d, %v\n%s", code, err, stderr.String())
-	}
-	var res natsOnlyResult
-	dec := json.NewDecoder(&stdout)
-	dec.DisallowUnknownFields()
-	testenv.Must(t, dec.Decode(&res), "bench -nats-only -json output %q", stdout.String())
+	res := runBenchAs[natsOnlyResult](t, func(string) string { return "" },
+		"-nats-only", "-requests", strconv.Itoa(n), "-profile", profiles, "-profile-seconds", "1")
 	if res.Mode != "nats-only" || res.Requests != n || res.Delivered != n || res.Lost != 0 || res.Duplicates != 0 || !res.Drained {
 		t.Errorf("outcome: %+v", res)
 	}
@@ -283,7 +279,7 @@ func TestBenchNATSOnlyMovesEveryCode(t *testing.T) {
 
 	// It runs no service: what only the pipeline has is refused.
 	for _, args := range [][]string{{"-verify"}, {"-sink", "maildir"}, {"-dispatchers", "2"}, {"-send-delay", "1ms"}, {"-bin", "bin"}} {
-		_, err := run(ctx, append([]string{"bench", "-nats-only"}, args...), func(string) string { return "" }, io.Discard, io.Discard)
+		_, err := run(context.Background(), append([]string{"bench", "-nats-only"}, args...), func(string) string { return "" }, io.Discard, io.Discard)
 		if err == nil || !strings.Contains(err.Error(), "-nats-only runs no service") {
 			t.Errorf("bench -nats-only %v: %v; want it refused", args, err)
 		}
