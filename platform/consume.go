@@ -169,6 +169,10 @@ func (c *Consumer) Forget() {
 	}
 }
 
+// Waiting is how many deliveries Run has pulled and not yet handed to its handler: those
+// a batch lingers for, or that wait behind the batch in hand.
+func (c *Consumer) Waiting() int { return c.waiting.len() }
+
 // givenUp records a delivery that stayed unsettled past MaxInProgress.
 func (c *Consumer) givenUp(d *Delivery) {
 	c.stuck.WithLabelValues(c.cfg.Name).Inc()

@@ -312,6 +312,12 @@ func (s *deliverySet) remove(d *Delivery) {
 	s.mu.Unlock()
 }
 
+func (s *deliverySet) len() int {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	return len(s.m)
+}
+
 func (s *deliverySet) all() []*Delivery {
 	s.mu.Lock()
 	defer s.mu.Unlock()
