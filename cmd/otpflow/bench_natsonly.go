@@ -83,6 +83,9 @@ type natsStage struct {
 	publish func(ctx context.Context, js jetstream.JetStream, batch []*platform.Delivery) error
 }
 
+// natsStagesOf is natsStages; a test puts a failing stage in its place.
+var natsStagesOf = natsStages
+
 // natsStages are the services' consumers on a code's path with their default batch
 // sizes and lingers: the issuer publishes a code's challenge, then (its outbox's First)
 // its otp.issued and sealed dispatch job; the dispatcher an otp.delivered per job.
@@ -389,7 +392,7 @@ func benchNATSOnly(ctx context.Context, o *benchOptions, stdout, stderr io.Write
 	}
 	defer cc.Stop()
 
-	stages := natsStages(tpl)
+	stages := natsStagesOf(tpl)
 	handled := make([]atomic.Int64, len(stages))
 	cons := make([]jetstream.Consumer, len(stages))
 	run, stop := context.WithCancel(ctx)

@@ -4,6 +4,7 @@ import (
 	"bytes"
 	"context"
 	"encoding/json"
+	"errors"
 	"io"
 	"maps"
 	"math"
@@ -20,6 +21,7 @@ import (
 	"github.com/nats-io/nats.go"
 	"github.com/nats-io/nats.go/jetstream"
 	"github.com/otpflow/otpflow/events"
+	"github.com/otpflow/otpflow/platform"
 	"github.com/otpflow/otpflow/platform/testenv"
 )
 
@@ -283,6 +285,39 @@ func TestBenchNATSOnlyMovesEveryCode(t *testing.T) {
 		if err == nil || !strings.Contains(err.Error(), "-nats-only runs no service") {
 			t.Errorf("bench -nats-only %v: %v; want it refused", args, err)
 		}
+	}
+}
+
+// TestBenchNATSOnlyEndsOnAFailingStage: a stage whose publish fails ends the run with
+// its error at once, rather than being retried until -settle and counted as lost.
+func TestBenchNATSOnlyEndsOnAFailingStage(t *testing.T) {
+	if runtime.GOOS != "linux" {
+		t.Skip("-nats-only reads its CPU from /proc")
+	}
+	broken := errors.New("the dispatcher stage cannot publish")
+	orig := natsStagesOf
+	t.Cleanup(func() { natsStagesOf = orig })
+	natsStagesOf = func(tpl *natsTemplates) []natsStage {
+		stages := orig(tpl)
+		for i := range stages {
+			if stages[i].service == "dispatcher" {
+				stages[i].publish = func(context.Context, jetstream.JetStream, []*platform.Delivery) error { return broken }
+			}
+		}
+		return stages
+	}
+	start := time.Now()
+	var stdout, stderr bytes.Buffer
+	_, err := run(t.Context(), []string{"bench", "-nats-only", "-json", "-requests", "200", "-settle", "2m"},
+		func(string) string { return "" }, &stdout, &stderr)
+	if !errors.Is(err, broken) {
+		t.Fatalf("bench -nats-only with a failing stage: %v, want its error\n%s", err, stderr.String())
+	}
+	if stdout.Len() != 0 {
+		t.Errorf("a failed run printed a result: %s", stdout.String())
+	}
+	if d := time.Since(start); d > time.Minute {
+		t.Errorf("the run took %v to end: it waited for -settle", d)
 	}
 }
 
