@@ -3,11 +3,13 @@ package main
 import (
 	"context"
 	"encoding/json"
+	"errors"
 	"fmt"
 	"io"
 	"mime/quotedprintable"
 	"net/mail"
 	"regexp"
+	"slices"
 	"strings"
 	"testing"
 	"time"
@@ -220,15 +222,36 @@ func auditTypes(t *testing.T, db *pgxpool.Pool, tenant, requestID string) []stri
 	return out
 }
 
-// idle waits until the consumer has handed out and settled everything on its stream.
+// idle waits until the consumer has handed out and settled everything its stream held for
+// it when idle was called. Nothing pending alone is not enough: the server counts a stored
+// message into a consumer's pending asynchronously, so right after a publish a consumer
+// can show nothing pending for a message it has not yet seen; the last message of its
+// filter must also be behind its ack floor.
 func idle(t *testing.T, js jetstream.JetStream, stream, consumer string) {
 	t.Helper()
-	testenv.Eventually(t, 30*time.Second, consumer+" to be idle", func() bool {
-		c, err := js.Consumer(context.Background(), stream, consumer)
-		if err != nil {
-			return false
+	ctx := context.Background()
+	c, err := js.Consumer(ctx, stream, consumer)
+	testenv.Must(t, err, "consumer %s on %s", consumer, stream)
+	st, err := js.Stream(ctx, stream)
+	testenv.Must(t, err, "stream %s", stream)
+	cfg := c.CachedInfo().Config
+	filters := cfg.FilterSubjects
+	if cfg.FilterSubject != "" {
+		filters = append(slices.Clone(filters), cfg.FilterSubject)
+	}
+	if len(filters) == 0 {
+		filters = st.CachedInfo().Config.Subjects
+	}
+	var last uint64
+	for _, f := range filters {
+		if m, err := st.GetLastMsgForSubject(ctx, f); err == nil {
+			last = max(last, m.Sequence)
+		} else if !errors.Is(err, jetstream.ErrMsgNotFound) {
+			t.Fatalf("the last message of %s on %s: %v", f, stream, err)
 		}
-		info, err := c.Info(context.Background())
-		return err == nil && info.NumPending == 0 && info.NumAckPending == 0
+	}
+	testenv.Eventually(t, 30*time.Second, consumer+" to be idle", func() bool {
+		info, err := c.Info(ctx)
+		return err == nil && info.NumPending == 0 && info.NumAckPending == 0 && info.AckFloor.Stream >= last
 	})
 }
